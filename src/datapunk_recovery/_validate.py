@@ -1,0 +1,54 @@
+"""Validation of configuration values, shared by every configuration dataclass.
+
+Each check names the field and the value it refused, so that a bad setting is
+found from the message alone.  Booleans are refused where numbers are wanted:
+``True`` is an ``int`` to Python, never a sensible delay or count.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["check_count", "check_fraction", "check_seconds", "check_number"]
+
+
+def _type_error(owner: str, name: str, want: str, value: Any) -> TypeError:
+    return TypeError(f"{owner}.{name}: expected {want}, got {value!r} ({type(value).__name__})")
+
+
+def check_number(owner: str, name: str, value: Any, *, minimum: float = 0.0) -> float:
+    """A finite real number >= ``minimum``, returned as ``float``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _type_error(owner, name, "a number", value)
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}.{name}: must be finite, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}.{name}: must be >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def check_seconds(owner: str, name: str, value: Any, *, positive: bool = False) -> float:
+    """A duration in seconds: finite, not negative (strictly positive if asked)."""
+    seconds = check_number(owner, name, value)
+    if positive and seconds <= 0:
+        raise ValueError(f"{owner}.{name}: must be > 0 seconds, got {value!r}")
+    return seconds
+
+
+def check_count(owner: str, name: str, value: Any, *, minimum: int = 1) -> int:
+    """A whole number >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(owner, name, "an integer", value)
+    if value < minimum:
+        raise ValueError(f"{owner}.{name}: must be >= {minimum}, got {value!r}")
+    return value
+
+
+def check_fraction(owner: str, name: str, value: Any, *, allow_zero: bool = True) -> float:
+    """A number in [0, 1] (or (0, 1] when ``allow_zero`` is false)."""
+    fraction = check_number(owner, name, value)
+    if fraction > 1.0 or (not allow_zero and fraction == 0.0):
+        low = "0" if allow_zero else "0 (exclusive)"
+        raise ValueError(f"{owner}.{name}: must be between {low} and 1, got {value!r}")
+    return fraction

@@ -1,0 +1,51 @@
+"""The ``datapunk-recovery`` command line: a thin dispatcher over ``commands/``.
+
+Each subcommand lives in its own module under :mod:`datapunk_recovery.commands`
+and is imported only when the parser is built, so heavy optional libraries
+(rich, matplotlib) load only for the command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+from . import __version__
+
+__all__ = ["main"]
+
+#: Subcommand name -> module under datapunk_recovery.commands.
+COMMANDS: Final[dict[str, str]] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="datapunk-recovery",
+        description="Failure recovery for calls between services.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"datapunk_recovery.commands.{module_name}")
+        doc = (module.__doc__ or name).strip().splitlines()[0]
+        command = sub.add_parser(name, help=doc, description=module.__doc__)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    code: int = args._run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

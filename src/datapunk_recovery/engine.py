@@ -1,0 +1,838 @@
+"""The retry engine: one engine, two faces (a decorator and a block form).
+
+``@retry`` wraps sync and async functions and keeps their signature;
+``for attempt in retrying(...): with attempt: ...`` (or ``async for``) retries
+a block.  Both are driven by the same per-call state, :class:`_Call`, which
+holds every decision: retry or not, how long to wait, when to give up.
+
+The happy path (the call succeeds at once, no deadline, nobody listening)
+builds no object, takes no lock and reads the clock once.  The first failure
+moves the call onto the slow path, where the rest is accounted.
+
+On giving up, the last exception is re-raised as itself, with a note
+(PEP 678) saying how many attempts were made over how long and why the engine
+stopped.  Cancellation (anything that is not an ``Exception``) passes through
+untouched: never retried, never counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import random
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
+
+from . import _runtime, clock
+from ._context import CURRENT
+from .backoff import RetryConfig, server_delay
+from .budget import RetryGate
+from .errors import (
+    DeadlineExceeded,
+    ErrorCategory,
+    RecoveryError,
+    RetryExhausted,
+    classify,
+    final_reason,
+    mark_final,
+)
+from .events import (
+    AttemptFinished,
+    CallFinished,
+    EventBus,
+    GaveUp,
+    GiveUpReason,
+    HintIgnored,
+    RetryScheduled,
+    emit,
+    global_bus,
+)
+from .policy import RetryPolicy
+from .stats import OperationStats, Statistics
+
+__all__ = ["AttemptContext", "Retried", "Retrying", "current_attempt", "retry", "retrying"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+On = type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool] | None
+"""What to retry: exception types, a predicate, or ``None`` for the classifier."""
+
+ResultPredicate = Callable[[Any], bool]
+PolicySpec = RetryConfig | RetryPolicy | None
+
+_FINAL_MARK = "_datapunk_recovery_final"
+
+
+def current_attempt() -> int:
+    """The attempt number (1 for the first) of the innermost retrying call running now."""
+    ctx = CURRENT.get()
+    return 1 if ctx is None else ctx[1]
+
+
+class _Engine:
+    """The compiled settings of one operation, shared by all its calls."""
+
+    __slots__ = (
+        "budget",
+        "bus",
+        "config",
+        "count_retry",
+        "name",
+        "on_pred",
+        "on_types",
+        "per_category",
+        "policy",
+        "retry_if_result",
+        "rng",
+        "slow",
+        "stats",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        policy: PolicySpec,
+        on: On,
+        retry_if_result: ResultPredicate | None,
+        budget: RetryGate | None,
+        rng: random.Random | None,
+        stats: OperationStats | None = None,
+        bus: EventBus | None = None,
+    ) -> None:
+        self.name = name
+        self.policy = RetryPolicy.of(policy)
+        self.config = self.policy.default
+        self.per_category = self.policy.per_category or None
+        self.on_types: tuple[type[BaseException], ...] | None = None
+        self.on_pred: Callable[[BaseException], bool] | None = None
+        if isinstance(on, type) and issubclass(on, BaseException):
+            self.on_types = (on,)
+        elif isinstance(on, tuple):
+            if not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
+                raise TypeError(f"retry on=: expected exception types, got {on!r}")
+            self.on_types = on
+        elif on is not None:
+            if not callable(on):
+                raise TypeError(f"retry on=: expected types, a predicate or None, got {on!r}")
+            self.on_pred = cast(Callable[[BaseException], bool], on)
+        if retry_if_result is not None and not callable(retry_if_result):
+            raise TypeError(
+                f"retry retry_if_result=: expected a predicate, got {retry_if_result!r}"
+            )
+        if budget is not None and not isinstance(budget, RetryGate):
+            raise TypeError(f"retry budget=: expected a RetryGate, got {budget!r}")
+        self.retry_if_result = retry_if_result
+        self.budget = budget
+        self.rng = rng
+        self.stats = stats if stats is not None else OperationStats()
+        self.count_retry = self.stats.retry_counter()
+        self.bus = bus if bus is not None else EventBus()
+        # Anything that needs accounting on every call leaves the fast path.
+        self.slow = (
+            self.policy.default.deadline is not None
+            or retry_if_result is not None
+            or budget is not None
+        )
+
+    def observed(self) -> bool:
+        return bool(global_bus._subscribers) or bool(self.bus._subscribers)
+
+    def deadline_at(self, start: float) -> float | None:
+        own = self.policy.default.deadline
+        at = None if own is None else start + own
+        ctx = CURRENT.get()
+        if ctx is not None and ctx[0] is not None and (at is None or ctx[0] < at):
+            at = ctx[0]
+        return at
+
+    def emit_first_try(self, start: float) -> None:
+        """Report a first-try success that happened on the fast path."""
+        at = clock.now()
+        emit(
+            AttemptFinished(
+                operation=self.name, at=at, attempt=1, duration=at - start, succeeded=True
+            ),
+            self.bus,
+        )
+        emit(
+            CallFinished(
+                operation=self.name, at=at, attempts=1, elapsed=at - start, succeeded=True
+            ),
+            self.bus,
+        )
+
+
+class _Call:
+    """The state of one call that needs more than the fast path."""
+
+    __slots__ = (
+        "attempt",
+        "attempt_start",
+        "deadline_at",
+        "engine",
+        "iters",
+        "start",
+        "start_is_failure",
+    )
+
+    def __init__(
+        self,
+        engine: _Engine,
+        start: float,
+        deadline_at: float | None,
+        start_is_failure: bool,
+    ) -> None:
+        self.engine = engine
+        self.start = start
+        # True when the fast path, which reads no clock, handed over at the
+        # first failure: elapsed times then count from that failure.
+        self.start_is_failure = start_is_failure
+        self.attempt_start = start
+        self.deadline_at = deadline_at
+        self.attempt = 1
+        self.iters: dict[int, Iterator[float]] | None = None
+
+    def succeeded(self) -> None:
+        e = self.engine
+        if e.budget is not None:
+            e.budget.on_attempt(True)
+        if self.attempt == 1:
+            e.stats.first_try_success()
+            if e.observed():
+                e.emit_first_try(self.start)
+            return
+        e.stats.succeeded_after_failure()
+        if e.observed():
+            at = clock.now()
+            emit(
+                AttemptFinished(
+                    operation=e.name,
+                    at=at,
+                    attempt=self.attempt,
+                    duration=at - self.attempt_start,
+                    succeeded=True,
+                ),
+                e.bus,
+            )
+            emit(
+                CallFinished(
+                    operation=e.name,
+                    at=at,
+                    attempts=self.attempt,
+                    elapsed=at - self.start,
+                    succeeded=True,
+                ),
+                e.bus,
+            )
+
+    def failed(self, exc: Exception) -> float | None:
+        """Decide after a failed attempt: the delay before the next one, or ``None`` to give up."""
+        e = self.engine
+        now = clock.now()
+        verdict = classify(exc)
+        if e.on_types is not None:
+            retry = isinstance(exc, e.on_types)
+        elif e.on_pred is not None:
+            retry = bool(e.on_pred(exc))
+        else:
+            retry = verdict.retryable
+        # Exceptions keep attributes in __dict__; reading it beats a failing getattr.
+        forbidden = _FINAL_MARK in exc.__dict__ or (
+            isinstance(exc, RecoveryError) and exc.do_not_retry_above
+        )
+        observed = bool(global_bus._subscribers) or bool(e.bus._subscribers)
+        if observed:
+            emit(
+                AttemptFinished(
+                    operation=e.name,
+                    at=now,
+                    attempt=self.attempt,
+                    duration=now - self.attempt_start,
+                    succeeded=False,
+                    error_type=type(exc).__name__,
+                    category=verdict.category,
+                ),
+                e.bus,
+            )
+        if e.budget is not None:
+            e.budget.on_attempt(False)
+        if forbidden or not retry:
+            why = (
+                f"an inner layer forbade retrying ({final_reason(exc)})"
+                if forbidden
+                else (f"{type(exc).__name__} is not retryable")
+            )
+            return self._give_up(exc, GiveUpReason.NON_RETRYABLE, now, why, self.attempt > 1)
+        per_category = e.per_category
+        config = e.config if per_category is None else per_category.get(verdict.category, e.config)
+        return self._schedule(exc, config, verdict.delay_hint, now, verdict.category, observed)
+
+    def rejected(self, result: object) -> float | None:
+        """Decide after a result the caller rejected (``retry_if_result``)."""
+        e = self.engine
+        now = clock.now()
+        observed = e.observed()
+        if observed:
+            emit(
+                AttemptFinished(
+                    operation=e.name,
+                    at=now,
+                    attempt=self.attempt,
+                    duration=now - self.attempt_start,
+                    succeeded=False,
+                    error_type="rejected result",
+                ),
+                e.bus,
+            )
+        if e.budget is not None:
+            e.budget.on_attempt(False)
+        return self._schedule(None, e.policy.default, None, now, ErrorCategory.UNKNOWN, observed)
+
+    def _schedule(
+        self,
+        exc: Exception | None,
+        config: RetryConfig,
+        hint: float | None,
+        now: float,
+        category: ErrorCategory,
+        observed: bool,
+    ) -> float | None:
+        e = self.engine
+        n = self.attempt
+        if config.max_attempts is not None and n >= config.max_attempts:
+            return self._give_up(
+                exc, GiveUpReason.ATTEMPTS, now, f"max_attempts={config.max_attempts} reached"
+            )
+        if config.base_delay == 0.0:  # every jitter kind then waits zero
+            delay = 0.0
+        elif config.stateful:
+            delay = self._stateful_delay(config)
+        else:
+            delay = config._jittered(n, e.rng)
+        from_server = False
+        remaining = None if self.deadline_at is None else self.deadline_at - now
+        if hint is not None:
+            decision = server_delay(delay, hint, config, remaining)
+            if decision.ignored:
+                if observed:
+                    emit(
+                        HintIgnored(
+                            operation=e.name,
+                            at=now,
+                            value=_safe_repr(hint),
+                            reason="server delay is not a finite number >= 0",
+                        ),
+                        e.bus,
+                    )
+            elif decision.give_up:
+                limit = (
+                    "the time left"
+                    if decision.delay <= config.max_server_delay
+                    else f"max_server_delay={config.max_server_delay:g} s"
+                )
+                return self._give_up(
+                    exc,
+                    GiveUpReason.SERVER_DELAY_TOO_LONG,
+                    now,
+                    f"the server asked to wait {decision.delay:.3f} s, more than {limit}",
+                )
+            else:
+                delay, from_server = decision.delay, decision.from_server
+        if remaining is not None and (remaining <= 0.0 or (delay > 0.0 and delay >= remaining)):
+            return self._give_up(
+                exc,
+                GiveUpReason.DEADLINE,
+                now,
+                f"the next wait ({delay:.3f} s) would end past the deadline "
+                f"({max(remaining, 0.0):.3f} s left)",
+            )
+        if e.budget is not None and not e.budget.allow_retry():
+            if exc is not None:
+                mark_final(exc, "retry budget exhausted")
+            return self._give_up(exc, GiveUpReason.BUDGET, now, "the retry budget refused")
+        if observed:
+            error_type = type(exc).__name__ if exc is not None else "rejected result"
+            emit(
+                RetryScheduled(
+                    operation=e.name,
+                    at=now,
+                    retry=n,
+                    delay=delay,
+                    from_server=from_server,
+                    category=category,
+                    error_type=error_type,
+                ),
+                e.bus,
+            )
+        e.count_retry()
+        self.attempt = n + 1
+        return delay
+
+    def _stateful_delay(self, config: RetryConfig) -> float:
+        # The decorrelated kinds: one iterator per configuration within a call.
+        if self.iters is None:
+            self.iters = {}
+        it = self.iters.get(id(config))
+        if it is None:
+            # Never runs dry: the attempt count is checked before each delay.
+            it = self.iters[id(config)] = config.delays(self.engine.rng)
+        return next(it)
+
+    def _give_up(
+        self,
+        exc: BaseException | None,
+        reason: GiveUpReason,
+        now: float,
+        why: str,
+        note: bool = True,
+    ) -> float | None:
+        """Account the end of the call; returns None so callers can ``return`` it."""
+        e = self.engine
+        elapsed = now - self.start
+        e.stats.gave_up(reason)
+        if exc is not None and note:
+            plural = "s" if self.attempt != 1 else ""
+            span = "after the first failure" if self.start_is_failure else "in all"
+            exc.add_note(
+                f"datapunk-recovery: {e.name!r} gave up after {self.attempt} "
+                f"attempt{plural}, {elapsed:.3f} s {span}: {why}"
+            )
+        if e.observed():
+            kind = type(exc).__name__ if exc is not None else "rejected result"
+            emit(
+                GaveUp(
+                    operation=e.name,
+                    at=now,
+                    attempts=self.attempt,
+                    elapsed=elapsed,
+                    reason=reason,
+                    error_type=kind,
+                ),
+                e.bus,
+            )
+            emit(
+                CallFinished(
+                    operation=e.name,
+                    at=now,
+                    attempts=self.attempt,
+                    elapsed=elapsed,
+                    succeeded=False,
+                ),
+                e.bus,
+            )
+        return None
+
+    def deadline_passed(self, last: BaseException | None, during: bool = False) -> BaseException:
+        """The error to raise when the deadline passed before (or during) an attempt."""
+        if during or last is None:
+            when = "during" if during else "before"
+            last = DeadlineExceeded(
+                f"{self.engine.name!r}: the deadline passed {when} attempt {self.attempt}"
+            )
+        self._give_up(last, GiveUpReason.DEADLINE, clock.now(), "the deadline passed")
+        return last
+
+    def exhausted(self, result: object) -> RetryExhausted:
+        """The error to raise when every attempt returned a rejected result."""
+        error = RetryExhausted(
+            f"{self.engine.name!r}: every attempt returned a rejected result",
+            last_result=result,
+            attempts=self.attempt,
+        )
+        error.__notes__ = [
+            f"datapunk-recovery: {self.attempt} attempts over {clock.now() - self.start:.3f} s"
+        ]
+        return error
+
+
+def _new_call(e: _Engine, start: float | None) -> _Call:
+    if start is None:
+        # Handed over by the fast path at its first failure, which it takes
+        # only without any deadline.
+        return _Call(e, clock.now(), None, True)
+    return _Call(e, start, e.deadline_at(start), False)
+
+
+def _safe_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# ---------------------------------------------------------------------------
+# Running a call: sync and async loops over the same _Call decisions.
+
+
+def _run_sync(
+    e: _Engine,
+    fn: Callable[..., T],
+    args: Any,
+    kwargs: Any,
+    start: float | None,
+    error: Exception | None,
+) -> T:
+    """Run ``fn`` until it succeeds or the engine gives up; ``error`` is a first failure."""
+    call = _new_call(e, start)
+    deadline_at = call.deadline_at
+    try:
+        if error is not None:
+            delay = call.failed(error)
+            if delay is None:
+                raise error
+            _runtime.sleep_sync(delay)
+        check = e.retry_if_result
+        while True:
+            if deadline_at is not None and clock.now() >= deadline_at:
+                raise call.deadline_passed(error) from None
+            token = CURRENT.set((deadline_at, call.attempt))
+            call.attempt_start = clock.now()
+            try:
+                result = fn(*args, **kwargs)
+                ok = True
+            except Exception as exc:
+                error, ok = exc, False
+            finally:
+                CURRENT.reset(token)
+            if ok:
+                if check is None or not check(result):
+                    call.succeeded()
+                    return result
+                delay = call.rejected(result)
+                if delay is None:
+                    raise call.exhausted(result)
+            else:
+                assert error is not None
+                delay = call.failed(error)
+                if delay is None:
+                    raise error
+            _runtime.sleep_sync(delay)
+    finally:
+        # The last error's traceback points at this frame: break the cycle.
+        error = None
+
+
+async def _run_async(
+    e: _Engine,
+    fn: Callable[..., Awaitable[T]],
+    args: Any,
+    kwargs: Any,
+    start: float | None,
+    error: Exception | None,
+) -> T:
+    """The async twin of :func:`_run_sync`; a deadline cancels the running attempt."""
+    call = _new_call(e, start)
+    deadline_at = call.deadline_at
+    try:
+        if error is not None:
+            delay = call.failed(error)
+            if delay is None:
+                raise error
+            await _runtime.sleep_async(delay)
+        check = e.retry_if_result
+        while True:
+            if deadline_at is not None and clock.now() >= deadline_at:
+                raise call.deadline_passed(error) from None
+            token = CURRENT.set((deadline_at, call.attempt))
+            call.attempt_start = clock.now()
+            try:
+                if deadline_at is None:
+                    result = await fn(*args, **kwargs)
+                else:
+                    timed_out, got = await _runtime.call_within(
+                        fn, args, kwargs, deadline_at - call.attempt_start
+                    )
+                    if timed_out:
+                        raise call.deadline_passed(error, during=True) from error
+                    result = cast(T, got)
+                ok = True
+            except DeadlineExceeded:
+                raise
+            except Exception as exc:
+                error, ok = exc, False
+            finally:
+                CURRENT.reset(token)
+            if ok:
+                if check is None or not check(result):
+                    call.succeeded()
+                    return result
+                delay = call.rejected(result)
+                if delay is None:
+                    raise call.exhausted(result)
+            else:
+                assert error is not None
+                delay = call.failed(error)
+                if delay is None:
+                    raise error
+            await _runtime.sleep_async(delay)
+    finally:
+        error = None
+
+
+# ---------------------------------------------------------------------------
+# The decorator face.
+
+
+class Retried(Protocol[P, R]):
+    """A function wrapped by :func:`retry`: same signature, plus a few handles."""
+
+    operation: str
+    events: EventBus
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+    def statistics(self) -> Statistics:
+        """The operation's counters now."""
+        ...
+
+    def retry_with(
+        self,
+        config: PolicySpec = None,
+        *,
+        on: On = None,
+        retry_if_result: ResultPredicate | None = None,
+        **changes: Any,
+    ) -> Retried[P, R]:
+        """The same function with other retry settings, for one call site."""
+        ...
+
+
+def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
+    """Build the wrapper for ``fn``: the fast path inline, the rest in ``_run_*``."""
+    # Everything the fast path touches is bound to a local of the closure.
+    slow = e.slow
+    get_context = CURRENT.get
+    first_try = e.stats.first_try_counter()
+    gbus, lbus = global_bus, e.bus
+
+    if inspect.iscoroutinefunction(fn):
+        afn = cast(Callable[..., Coroutine[Any, Any, Any]], fn)
+
+        @functools.wraps(fn)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            if slow or get_context() is not None or gbus._subscribers or lbus._subscribers:
+                return await _run_async(e, afn, args, kwargs, clock.now(), None)
+            try:
+                result = await afn(*args, **kwargs)
+            except Exception as exc:
+                error = exc
+            else:
+                first_try()
+                return result
+            return await _run_async(e, afn, args, kwargs, None, error)
+
+        wrapper: Any = async_wrapper
+    else:
+
+        @functools.wraps(fn)
+        def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+            if slow or get_context() is not None or gbus._subscribers or lbus._subscribers:
+                return _run_sync(e, fn, args, kwargs, clock.now(), None)
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as exc:
+                error = exc
+            else:
+                first_try()
+                return result
+            return _run_sync(e, fn, args, kwargs, None, error)
+
+        wrapper = sync_wrapper
+
+    def retry_with(
+        config: PolicySpec = None,
+        *,
+        on: On = None,
+        retry_if_result: ResultPredicate | None = None,
+        **changes: Any,
+    ) -> Any:
+        policy = e.policy if config is None else RetryPolicy.of(config)
+        if changes:
+            try:
+                default = dataclasses.replace(policy.default, **changes)
+            except TypeError as exc:
+                raise TypeError(f"retry_with: {exc}") from None
+            policy = RetryPolicy(default, policy.per_category)
+        on_spec: On = on if on is not None else (e.on_types or e.on_pred)
+        check = retry_if_result if retry_if_result is not None else e.retry_if_result
+        engine = _Engine(e.name, policy, on_spec, check, e.budget, e.rng, e.stats, e.bus)
+        return _wrap(fn, engine)
+
+    wrapper.operation = e.name
+    wrapper.events = e.bus
+    wrapper.statistics = e.stats.snapshot
+    wrapper.retry_with = retry_with
+    return wrapper
+
+
+def _operation_name(fn: Callable[..., Any]) -> str:
+    module = getattr(fn, "__module__", None) or ""
+    qualname = getattr(fn, "__qualname__", None) or repr(fn)
+    return f"{module}.{qualname}" if module else qualname
+
+
+@overload
+def retry(fn: Callable[P, R], /) -> Retried[P, R]: ...
+
+
+@overload
+def retry(
+    config: PolicySpec = None,
+    /,
+    *,
+    on: On = None,
+    retry_if_result: ResultPredicate | None = None,
+    name: str | None = None,
+    budget: RetryGate | None = None,
+    rng: random.Random | None = None,
+) -> Callable[[Callable[P, R]], Retried[P, R]]: ...
+
+
+def retry(
+    config: Any = None,
+    /,
+    *,
+    on: On = None,
+    retry_if_result: ResultPredicate | None = None,
+    name: str | None = None,
+    budget: RetryGate | None = None,
+    rng: random.Random | None = None,
+) -> Any:
+    """Retry a sync or async function.
+
+    ``config`` is a :class:`RetryConfig` or a :class:`RetryPolicy` (defaults:
+    3 attempts, full jitter from 0.1 s up to 10 s).  ``on`` chooses what to
+    retry: exception types, a predicate, or ``None`` for what :func:`classify`
+    calls retryable (so a bare ``@retry`` is always bounded and never retries
+    a bug).  ``retry_if_result`` retries a returned value it accepts (an HTTP
+    503 returned, not raised); when attempts run out it raises
+    :class:`RetryExhausted` holding the last result.  ``name`` names the
+    operation in events and statistics (default: the function's qualified
+    name).  ``budget`` is asked before every retry.  ``rng`` makes the jitter
+    reproducible.
+    """
+    if callable(config) and not isinstance(config, RetryConfig | RetryPolicy):
+        fn = config
+        return _wrap(fn, _Engine(_operation_name(fn), None, None, None, None, None))
+
+    policy = RetryPolicy.of(config)
+
+    def decorate(fn: Callable[P, R]) -> Retried[P, R]:
+        engine = _Engine(name or _operation_name(fn), policy, on, retry_if_result, budget, rng)
+        return cast(Retried[P, R], _wrap(fn, engine))
+
+    return decorate
+
+
+# ---------------------------------------------------------------------------
+# The block face.
+
+
+class AttemptContext:
+    """One attempt of a :func:`retrying` loop; use it as ``with attempt:``.
+
+    A retryable failure inside the block is swallowed and the loop goes on
+    after the delay; any other ends the loop by propagating.  The block form
+    checks the deadline between attempts only (it cannot cancel a block).
+    """
+
+    __slots__ = ("_owner", "number")
+
+    def __init__(self, owner: Retrying, number: int) -> None:
+        self._owner = owner
+        self.number = number
+
+    def __enter__(self) -> AttemptContext:
+        self._owner._enter(self)
+        return self
+
+    def __exit__(self, et: object, exc: BaseException | None, tb: object) -> bool:
+        return self._owner._exit(exc)
+
+
+class Retrying:
+    """The iterator behind :func:`retrying`; iterate it once, sync or async."""
+
+    __slots__ = ("_call", "_delay", "_done", "_engine", "_error", "_token")
+
+    def __init__(self, engine: _Engine) -> None:
+        self._engine = engine
+        self._call: _Call | None = None
+        self._delay = 0.0
+        self._done = False
+        self._error: Exception | None = None
+        self._token: Any = None
+
+    def _next_attempt(self) -> AttemptContext:
+        call = self._call
+        if call is None:
+            start = clock.now()
+            call = self._call = _new_call(self._engine, start)
+        if call.deadline_at is not None and clock.now() >= call.deadline_at:
+            self._done = True
+            raise call.deadline_passed(self._error)
+        return AttemptContext(self, call.attempt)
+
+    def __iter__(self) -> Retrying:
+        return self
+
+    def __next__(self) -> AttemptContext:
+        if self._done:
+            raise StopIteration
+        if self._call is not None:
+            _runtime.sleep_sync(self._delay)
+        return self._next_attempt()
+
+    def __aiter__(self) -> Retrying:
+        return self
+
+    async def __anext__(self) -> AttemptContext:
+        if self._done:
+            raise StopAsyncIteration
+        if self._call is not None:
+            await _runtime.sleep_async(self._delay)
+        return self._next_attempt()
+
+    def _enter(self, attempt: AttemptContext) -> None:
+        call = self._call
+        assert call is not None
+        self._token = CURRENT.set((call.deadline_at, attempt.number))
+        call.attempt_start = clock.now()
+
+    def _exit(self, exc: BaseException | None) -> bool:
+        call = self._call
+        assert call is not None
+        if self._token is not None:
+            CURRENT.reset(self._token)
+            self._token = None
+        if exc is None:
+            self._done = True
+            call.succeeded()
+            return False
+        if not isinstance(exc, Exception):  # cancellation and exit: untouched
+            self._done = True
+            return False
+        delay = call.failed(exc)
+        if delay is None:
+            self._done = True
+            return False
+        self._error = exc
+        self._delay = delay
+        return True
+
+
+def retrying(
+    config: PolicySpec = None,
+    *,
+    on: On = None,
+    name: str = "retrying",
+    budget: RetryGate | None = None,
+    rng: random.Random | None = None,
+) -> Retrying:
+    """Retry a block: ``for attempt in retrying(): with attempt: ...``.
+
+    Same settings as :func:`retry` (without ``retry_if_result``); works as a
+    sync iterator (sleeping the thread) and an async one (``async for``).
+    """
+    return Retrying(_Engine(name, config, on, None, budget, rng))

@@ -1,0 +1,132 @@
+"""Shared test configuration: real servers, fault proxy, markers, hypothesis, anyio."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from hypothesis import settings
+
+# Make ``tests.harness`` importable whatever the import mode / entry point.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from tests.harness import PostgresServer, RedisServer, ThreadedProxy  # noqa: E402
+from tests.harness.servers import _ManagedServer  # noqa: E402
+
+S = TypeVar("S", bound=_ManagedServer)
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# ---------------------------------------------------------------------------
+# hypothesis
+# ---------------------------------------------------------------------------
+settings.register_profile("ci", deadline=None, max_examples=50, derandomize=True, print_blob=True)
+settings.register_profile("dev", deadline=None, max_examples=50)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if IN_CI else "dev"))
+
+
+# ---------------------------------------------------------------------------
+# markers
+# ---------------------------------------------------------------------------
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "drill: fault drill against real servers (each must finish within 20 s)"
+    )
+    config.addinivalue_line("markers", "soak: long-running soak test")
+
+
+# ---------------------------------------------------------------------------
+# anyio: every @pytest.mark.anyio test runs on asyncio AND trio by default.
+# An asyncio-only module overrides it:
+#     @pytest.fixture
+#     def anyio_backend() -> str:
+#         return "asyncio"
+# ---------------------------------------------------------------------------
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    backend: str = request.param
+    return backend
+
+
+# ---------------------------------------------------------------------------
+# real servers (started lazily, once per session)
+# ---------------------------------------------------------------------------
+_STARTED: list[_ManagedServer] = []
+
+
+def _start(factory: Callable[[], S], what: str) -> S:
+    """Start a server; if impossible: fail under CI=true, skip otherwise."""
+    server: S | None = None
+    error: str | None = None
+    try:
+        server = factory()
+        server.start()
+    except Exception as exc:  # any start failure becomes a skip (a failure under CI)
+        error = f"{what} unavailable: {type(exc).__name__}: {exc}"
+        if server is not None:
+            server.close()
+    if error is not None or server is None:
+        msg = error or f"{what} unavailable"
+        if IN_CI:
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+    _STARTED.append(server)
+    return server
+
+
+def _finish(server: _ManagedServer) -> None:
+    if server in _STARTED:
+        _STARTED.remove(server)
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """Real redis-server for the session. ``.url`` = ``redis://127.0.0.1:PORT/0``."""
+    server = _start(RedisServer, "redis-server")
+    yield server
+    _finish(server)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """Real PostgreSQL for the session. ``.dsn`` (superuser, trust) / ``.app_dsn`` (scram)."""
+    server = _start(PostgresServer, "PostgreSQL")
+    yield server
+    _finish(server)
+
+
+@pytest.fixture(autouse=True)
+def _servers_back_up() -> Iterator[None]:
+    """After each test, bring back any session server a drill stopped, killed or paused."""
+    yield
+    for server in list(_STARTED):
+        server.ensure_running()
+
+
+@pytest.fixture
+def make_proxy() -> Iterator[Callable[[tuple[str, int]], ThreadedProxy]]:
+    """Factory for started ``ThreadedProxy`` instances, all stopped after the test.
+
+    Works from sync, asyncio and trio tests::
+
+        def test_x(make_proxy, redis_server):
+            proxy = make_proxy(redis_server.address)
+            url = f"redis://127.0.0.1:{proxy.port}/0"
+    """
+    proxies: list[ThreadedProxy] = []
+
+    def factory(target: tuple[str, int]) -> ThreadedProxy:
+        proxy = ThreadedProxy(target).start()
+        proxies.append(proxy)
+        return proxy
+
+    yield factory
+    for proxy in proxies:
+        proxy.stop()
