@@ -478,6 +478,7 @@ async def test_an_async_attempt_is_cancelled_when_the_deadline_passes() -> None:
 async def test_cancellation_propagates_at_once_and_is_never_retried(where: str) -> None:
     calls = 0
     in_attempt = anyio.Event()
+    raised = anyio.Event()
 
     @retry(
         RetryConfig(base_delay=60.0, max_delay=60.0, jitter=Jitter.NONE, max_attempts=5),
@@ -489,16 +490,15 @@ async def test_cancellation_propagates_at_once_and_is_never_retried(where: str) 
         if where == "attempt":
             in_attempt.set()
             await anyio.sleep_forever()
-        raise ConnectionError  # then the engine sleeps 60 s
+        raised.set()
+        raise ConnectionError  # then the engine sleeps 60 s, with no checkpoint before
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(work)
         if where == "attempt":
             await in_attempt.wait()
         else:
-            while calls == 0:
-                await anyio.sleep(0)
-            await anyio.sleep(0)
+            await raised.wait()
         tg.cancel_scope.cancel()
     assert calls == 1
     stats = work.statistics()

@@ -231,7 +231,6 @@ class _Call:
     def failed(self, exc: Exception) -> float | None:
         """Decide after a failed attempt: the delay before the next one, or ``None`` to give up."""
         e = self.engine
-        now = clock.now()
         verdict = classify(exc)
         if e.on_types is not None:
             retry = isinstance(exc, e.on_types)
@@ -245,6 +244,7 @@ class _Call:
         )
         observed = bool(global_bus._subscribers) or bool(e.bus._subscribers)
         if observed:
+            now = clock.now()
             emit(
                 AttemptFinished(
                     operation=e.name,
@@ -265,17 +265,17 @@ class _Call:
                 if forbidden
                 else (f"{type(exc).__name__} is not retryable")
             )
-            return self._give_up(exc, GiveUpReason.NON_RETRYABLE, now, why, self.attempt > 1)
+            return self._give_up(exc, GiveUpReason.NON_RETRYABLE, why, self.attempt > 1)
         per_category = e.per_category
         config = e.config if per_category is None else per_category.get(verdict.category, e.config)
-        return self._schedule(exc, config, verdict.delay_hint, now, verdict.category, observed)
+        return self._schedule(exc, config, verdict.delay_hint, verdict.category, observed)
 
     def rejected(self, result: object) -> float | None:
         """Decide after a result the caller rejected (``retry_if_result``)."""
         e = self.engine
-        now = clock.now()
         observed = e.observed()
         if observed:
+            now = clock.now()
             emit(
                 AttemptFinished(
                     operation=e.name,
@@ -289,14 +289,13 @@ class _Call:
             )
         if e.budget is not None:
             e.budget.on_attempt(False)
-        return self._schedule(None, e.policy.default, None, now, ErrorCategory.UNKNOWN, observed)
+        return self._schedule(None, e.config, None, ErrorCategory.UNKNOWN, observed)
 
     def _schedule(
         self,
         exc: Exception | None,
         config: RetryConfig,
         hint: float | None,
-        now: float,
         category: ErrorCategory,
         observed: bool,
     ) -> float | None:
@@ -304,7 +303,7 @@ class _Call:
         n = self.attempt
         if config.max_attempts is not None and n >= config.max_attempts:
             return self._give_up(
-                exc, GiveUpReason.ATTEMPTS, now, f"max_attempts={config.max_attempts} reached"
+                exc, GiveUpReason.ATTEMPTS, f"max_attempts={config.max_attempts} reached"
             )
         if config.base_delay == 0.0:  # every jitter kind then waits zero
             delay = 0.0
@@ -313,6 +312,8 @@ class _Call:
         else:
             delay = config._jittered(n, e.rng)
         from_server = False
+        # The clock is read only when something needs the time.
+        now = clock.now() if observed or self.deadline_at is not None else 0.0
         remaining = None if self.deadline_at is None else self.deadline_at - now
         if hint is not None:
             decision = server_delay(delay, hint, config, remaining)
@@ -336,7 +337,6 @@ class _Call:
                 return self._give_up(
                     exc,
                     GiveUpReason.SERVER_DELAY_TOO_LONG,
-                    now,
                     f"the server asked to wait {decision.delay:.3f} s, more than {limit}",
                 )
             else:
@@ -345,14 +345,13 @@ class _Call:
             return self._give_up(
                 exc,
                 GiveUpReason.DEADLINE,
-                now,
                 f"the next wait ({delay:.3f} s) would end past the deadline "
                 f"({max(remaining, 0.0):.3f} s left)",
             )
         if e.budget is not None and not e.budget.allow_retry():
             if exc is not None:
                 mark_final(exc, "retry budget exhausted")
-            return self._give_up(exc, GiveUpReason.BUDGET, now, "the retry budget refused")
+            return self._give_up(exc, GiveUpReason.BUDGET, "the retry budget refused")
         if observed:
             error_type = type(exc).__name__ if exc is not None else "rejected result"
             emit(
@@ -385,12 +384,12 @@ class _Call:
         self,
         exc: BaseException | None,
         reason: GiveUpReason,
-        now: float,
         why: str,
         note: bool = True,
     ) -> float | None:
         """Account the end of the call; returns None so callers can ``return`` it."""
         e = self.engine
+        now = clock.now()
         elapsed = now - self.start
         e.stats.gave_up(reason)
         if exc is not None and note:
@@ -432,7 +431,7 @@ class _Call:
             last = DeadlineExceeded(
                 f"{self.engine.name!r}: the deadline passed {when} attempt {self.attempt}"
             )
-        self._give_up(last, GiveUpReason.DEADLINE, clock.now(), "the deadline passed")
+        self._give_up(last, GiveUpReason.DEADLINE, "the deadline passed")
         return last
 
     def exhausted(self, result: object) -> RetryExhausted:
@@ -481,13 +480,15 @@ def _run_sync(
             delay = call.failed(error)
             if delay is None:
                 raise error
-            _runtime.sleep_sync(delay)
+            if delay:
+                _runtime.sleep_sync(delay)
         check = e.retry_if_result
         while True:
             if deadline_at is not None and clock.now() >= deadline_at:
                 raise call.deadline_passed(error) from None
             token = CURRENT.set((deadline_at, call.attempt))
-            call.attempt_start = clock.now()
+            if global_bus._subscribers or e.bus._subscribers:  # durations: for listeners
+                call.attempt_start = clock.now()
             try:
                 result = fn(*args, **kwargs)
                 ok = True
@@ -507,7 +508,8 @@ def _run_sync(
                 delay = call.failed(error)
                 if delay is None:
                     raise error
-            _runtime.sleep_sync(delay)
+            if delay:
+                _runtime.sleep_sync(delay)
     finally:
         # The last error's traceback points at this frame: break the cycle.
         error = None
@@ -529,13 +531,15 @@ async def _run_async(
             delay = call.failed(error)
             if delay is None:
                 raise error
-            await _runtime.sleep_async(delay)
+            if delay:
+                await _runtime.sleep_async(delay)
         check = e.retry_if_result
         while True:
             if deadline_at is not None and clock.now() >= deadline_at:
                 raise call.deadline_passed(error) from None
             token = CURRENT.set((deadline_at, call.attempt))
-            call.attempt_start = clock.now()
+            if global_bus._subscribers or e.bus._subscribers:  # durations: for listeners
+                call.attempt_start = clock.now()
             try:
                 if deadline_at is None:
                     result = await fn(*args, **kwargs)
@@ -565,7 +569,8 @@ async def _run_async(
                 delay = call.failed(error)
                 if delay is None:
                     raise error
-            await _runtime.sleep_async(delay)
+            if delay:
+                await _runtime.sleep_async(delay)
     finally:
         error = None
 

@@ -1,0 +1,70 @@
+"""The event model: immutable events, buses, and the global subscription."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from datapunk_recovery import CallFinished, EventBus, GaveUp, GiveUpReason, subscribe
+from datapunk_recovery.events import emit, global_bus, listening
+
+
+def test_events_are_immutable_and_carry_a_stable_name() -> None:
+    event = CallFinished(operation="op", at=1.0, attempts=2, elapsed=0.5, succeeded=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.attempts = 3  # type: ignore[misc]
+    assert (event.name, event.area, event.outcome) == ("retry.call", "retry", "failure_after_retry")
+
+
+@pytest.mark.parametrize(
+    ("attempts", "succeeded", "outcome"),
+    [
+        (1, True, "success"),
+        (3, True, "success_after_retry"),
+        (1, False, "failure"),
+        (2, False, "failure_after_retry"),
+    ],
+)
+def test_call_outcomes_use_resilience4j_kinds(attempts: int, succeeded: bool, outcome: str) -> None:
+    event = CallFinished(
+        operation="op", at=0.0, attempts=attempts, elapsed=0.0, succeeded=succeeded
+    )
+    assert event.outcome == outcome
+
+
+def test_an_event_reaches_its_bus_then_the_global_one() -> None:
+    order: list[str] = []
+    bus = EventBus()
+    bus.subscribe(lambda e: order.append("local"))
+    unsubscribe = subscribe(lambda e: order.append("global"))
+    try:
+        assert listening(bus) and listening()
+        emit(
+            GaveUp(
+                operation="op",
+                at=0.0,
+                attempts=3,
+                elapsed=1.0,
+                reason=GiveUpReason.ATTEMPTS,
+                error_type="ConnectionError",
+            ),
+            bus,
+        )
+    finally:
+        unsubscribe()
+    assert order == ["local", "global"]
+    assert not listening()
+
+
+def test_unsubscribing_twice_is_harmless() -> None:
+    bus = EventBus()
+    unsubscribe = bus.subscribe(print)
+    unsubscribe()
+    unsubscribe()
+    assert not bus.active
+
+
+def test_subscribers_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="subscriber"):
+        global_bus.subscribe(42)  # type: ignore[arg-type]
