@@ -13,6 +13,11 @@ from typing import Any
 __all__ = ["check_count", "check_fraction", "check_seconds", "check_number"]
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 def _type_error(owner: str, name: str, want: str, value: Any) -> TypeError:
     return TypeError(f"{owner}.{name}: expected {want}, got {value!r} ({type(value).__name__})")
 
@@ -21,11 +26,15 @@ def check_number(owner: str, name: str, value: Any, *, minimum: float = 0.0) -> 
     """A finite real number >= ``minimum``, returned as ``float``."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _type_error(owner, name, "a number", value)
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        raise ValueError(f"{owner}.{name}: must be finite, got {_short(value)}") from None
+    if not math.isfinite(number):
         raise ValueError(f"{owner}.{name}: must be finite, got {value!r}")
-    if value < minimum:
+    if number < minimum:
         raise ValueError(f"{owner}.{name}: must be >= {minimum:g}, got {value!r}")
-    return float(value)
+    return number
 
 
 def check_seconds(owner: str, name: str, value: Any, *, positive: bool = False) -> float:

@@ -228,9 +228,13 @@ def server_delay(
     """
     if hint is None:
         return ServerDelay(computed, False)
-    if isinstance(hint, bool) or not isinstance(hint, int | float) or not math.isfinite(hint):
+    if isinstance(hint, bool) or not isinstance(hint, int | float):
         return ServerDelay(computed, False, ignored=True)
-    if hint < 0:
+    try:
+        hint = float(hint)
+    except OverflowError:  # an int too large for a float: absurd, so give up
+        return ServerDelay(math.inf, True, give_up=True)
+    if not math.isfinite(hint) or hint < 0:
         return ServerDelay(computed, False, ignored=True)
     if hint > config.max_server_delay or (remaining is not None and hint > remaining):
         return ServerDelay(float(hint), True, give_up=True)

@@ -265,10 +265,13 @@ def classify(exc: BaseException) -> Classification:
     if isinstance(exc, ConnectionError):
         return _remember(kind, _NETWORK)
     if isinstance(exc, OSError):  # the errno decides, not the type: nothing to remember
+        code = exc.errno
+        if not isinstance(code, int):  # anything can be stored there
+            return _OS_OTHER
         if isinstance(exc, socket.gaierror):
-            return _NETWORK if exc.errno == _EAI_AGAIN else _OS_OTHER
-        if exc.errno in _TRANSIENT_ERRNOS:
-            return _NETWORK if exc.errno != errno.ETIMEDOUT else _TIMEOUT
+            return _NETWORK if code == _EAI_AGAIN else _OS_OTHER
+        if code in _TRANSIENT_ERRNOS:
+            return _NETWORK if code != errno.ETIMEDOUT else _TIMEOUT
         return _OS_OTHER
     return _remember(kind, _UNKNOWN)
 
