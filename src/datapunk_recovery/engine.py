@@ -80,6 +80,7 @@ class _Engine:
         "bus",
         "config",
         "count_retry",
+        "count_slow_success",
         "name",
         "on_pred",
         "on_types",
@@ -129,6 +130,7 @@ class _Engine:
         self.rng = rng
         self.stats = stats if stats is not None else OperationStats()
         self.count_retry = self.stats.retry_counter()
+        self.count_slow_success = self.stats.slow_success_counter()
         self.bus = bus if bus is not None else EventBus()
         # Anything that needs accounting on every call leaves the fast path.
         self.slow = (
@@ -204,8 +206,8 @@ class _Call:
             if e.observed():
                 e.emit_first_try(self.start)
             return
-        e.stats.succeeded_after_failure()
-        if e.observed():
+        e.count_slow_success()
+        if global_bus._subscribers or e.bus._subscribers:
             at = clock.now()
             emit(
                 AttemptFinished(
@@ -228,21 +230,31 @@ class _Call:
                 e.bus,
             )
 
-    def failed(self, exc: Exception) -> float | None:
-        """Decide after a failed attempt: the delay before the next one, or ``None`` to give up."""
+    def failed(self, exc: Exception | None) -> float | None:
+        """Decide after a failed attempt (``exc``) or a rejected result (``None``).
+
+        Returns the delay before the next attempt, or ``None`` to give up.  One
+        method for both, because this is the failure path's whole cost.
+        """
         e = self.engine
-        verdict = classify(exc)
-        if e.on_types is not None:
-            retry = isinstance(exc, e.on_types)
-        elif e.on_pred is not None:
-            retry = bool(e.on_pred(exc))
+        observed = global_bus._subscribers or e.bus._subscribers
+        config = e.config
+        if exc is None:
+            category, hint, retry, forbidden = ErrorCategory.UNKNOWN, None, True, False
         else:
-            retry = verdict.retryable
-        # Exceptions keep attributes in __dict__; reading it beats a failing getattr.
-        forbidden = _FINAL_MARK in exc.__dict__ or (
-            isinstance(exc, RecoveryError) and exc.do_not_retry_above
-        )
-        observed = bool(global_bus._subscribers) or bool(e.bus._subscribers)
+            verdict = classify(exc)
+            category, hint = verdict.category, verdict.delay_hint
+            if e.on_types is not None:
+                retry = isinstance(exc, e.on_types)
+            elif e.on_pred is not None:
+                retry = bool(e.on_pred(exc))
+            else:
+                retry = verdict.retryable
+            forbidden = getattr(exc, _FINAL_MARK, None) is not None or (
+                isinstance(exc, RecoveryError) and exc.do_not_retry_above
+            )
+            if e.per_category is not None:
+                config = e.per_category.get(category, config)
         if observed:
             now = clock.now()
             emit(
@@ -252,54 +264,21 @@ class _Call:
                     attempt=self.attempt,
                     duration=now - self.attempt_start,
                     succeeded=False,
-                    error_type=type(exc).__name__,
-                    category=verdict.category,
+                    error_type=_error_type(exc),
+                    category=category,
                 ),
                 e.bus,
             )
         if e.budget is not None:
             e.budget.on_attempt(False)
         if forbidden or not retry:
+            assert exc is not None
             why = (
                 f"an inner layer forbade retrying ({final_reason(exc)})"
                 if forbidden
-                else (f"{type(exc).__name__} is not retryable")
+                else f"{type(exc).__name__} is not retryable"
             )
             return self._give_up(exc, GiveUpReason.NON_RETRYABLE, why, self.attempt > 1)
-        per_category = e.per_category
-        config = e.config if per_category is None else per_category.get(verdict.category, e.config)
-        return self._schedule(exc, config, verdict.delay_hint, verdict.category, observed)
-
-    def rejected(self, result: object) -> float | None:
-        """Decide after a result the caller rejected (``retry_if_result``)."""
-        e = self.engine
-        observed = e.observed()
-        if observed:
-            now = clock.now()
-            emit(
-                AttemptFinished(
-                    operation=e.name,
-                    at=now,
-                    attempt=self.attempt,
-                    duration=now - self.attempt_start,
-                    succeeded=False,
-                    error_type="rejected result",
-                ),
-                e.bus,
-            )
-        if e.budget is not None:
-            e.budget.on_attempt(False)
-        return self._schedule(None, e.config, None, ErrorCategory.UNKNOWN, observed)
-
-    def _schedule(
-        self,
-        exc: Exception | None,
-        config: RetryConfig,
-        hint: float | None,
-        category: ErrorCategory,
-        observed: bool,
-    ) -> float | None:
-        e = self.engine
         n = self.attempt
         if config.max_attempts is not None and n >= config.max_attempts:
             return self._give_up(
@@ -353,7 +332,6 @@ class _Call:
                 mark_final(exc, "retry budget exhausted")
             return self._give_up(exc, GiveUpReason.BUDGET, "the retry budget refused")
         if observed:
-            error_type = type(exc).__name__ if exc is not None else "rejected result"
             emit(
                 RetryScheduled(
                     operation=e.name,
@@ -362,7 +340,7 @@ class _Call:
                     delay=delay,
                     from_server=from_server,
                     category=category,
-                    error_type=error_type,
+                    error_type=_error_type(exc),
                 ),
                 e.bus,
             )
@@ -400,7 +378,6 @@ class _Call:
                 f"attempt{plural}, {elapsed:.3f} s {span}: {why}"
             )
         if e.observed():
-            kind = type(exc).__name__ if exc is not None else "rejected result"
             emit(
                 GaveUp(
                     operation=e.name,
@@ -408,7 +385,7 @@ class _Call:
                     attempts=self.attempt,
                     elapsed=elapsed,
                     reason=reason,
-                    error_type=kind,
+                    error_type=_error_type(exc),
                 ),
                 e.bus,
             )
@@ -453,6 +430,10 @@ def _new_call(e: _Engine, start: float | None) -> _Call:
         # only without any deadline.
         return _Call(e, clock.now(), None, True)
     return _Call(e, start, e.deadline_at(start), False)
+
+
+def _error_type(exc: BaseException | None) -> str:
+    return "rejected result" if exc is None else type(exc).__name__
 
 
 def _safe_repr(value: object) -> str:
@@ -500,7 +481,7 @@ def _run_sync(
                 if check is None or not check(result):
                     call.succeeded()
                     return result
-                delay = call.rejected(result)
+                delay = call.failed(None)
                 if delay is None:
                     raise call.exhausted(result)
             else:
@@ -561,7 +542,7 @@ async def _run_async(
                 if check is None or not check(result):
                     call.succeeded()
                     return result
-                delay = call.rejected(result)
+                delay = call.failed(None)
                 if delay is None:
                     raise call.exhausted(result)
             else:

@@ -66,9 +66,9 @@ class OperationStats:
         """The bound counter of retries (attempts beyond a call's first)."""
         return self._retries.__next__
 
-    def succeeded_after_failure(self) -> None:
-        """Count a call that succeeded after at least one failed attempt."""
-        next(self._slow_successes)
+    def slow_success_counter(self) -> Callable[[], int]:
+        """The bound counter of calls that succeeded after at least one failed attempt."""
+        return self._slow_successes.__next__
 
     def gave_up(self, reason: GiveUpReason | None) -> None:
         """Count a failed call, by the reason the engine stopped."""
