@@ -396,4 +396,3 @@ class RatioBudget:
             self._epochs = [-1] * self._n
             self._attempts = [0] * self._n
             self._retries = [0] * self._n
-

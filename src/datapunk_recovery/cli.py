@@ -18,7 +18,7 @@ from . import __version__
 __all__ = ["main"]
 
 #: Subcommand name -> module under datapunk_recovery.commands.
-COMMANDS: Final[dict[str, str]] = {}
+COMMANDS: Final[dict[str, str]] = {"simulate": "simulate", "demo": "demo", "check": "check"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,314 @@
+"""Circuit-breaker overhead beside pybreaker, aiobreaker, purgatory and circuitbreaker.
+
+Groups (ns per call; ``bare`` is the undecorated call, the baseline):
+
+- ``breaker-closed-sync`` / ``breaker-closed-async``: a call through a closed
+  breaker with each library's default, consecutive-failure configuration
+  (threshold 5, open 30 s).  Ours as ``call()`` (``datapunk``) and as a
+  decorator (``datapunk_deco``).
+- ``breaker-policies-sync`` / ``breaker-policies-async``: our other trip
+  policies, closed, as decorators: failure rate over a count window, over a
+  time window, slow-call rate (which reads the clock twice a call), a custom
+  policy, and the default with a listener subscribed (events built).
+- ``breaker-open-sync`` / ``breaker-open-async``: refusing a call while open
+  (raise and catch the library's open error).
+- ``breaker-redis-async`` (only with ``DATAPUNK_BENCH_REDIS_URL`` set): a call
+  through a closed breaker whose state lives in Redis (cached read, the
+  outcome written in the background).
+
+Sync calls are timed in a plain loop; async calls in a loop inside one
+coroutine on a running asyncio event loop.
+
+Run: ``python benchmarks/bench_breaker.py --fast -o breaker.json`` then
+``python benchmarks/report.py breaker.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import aiobreaker
+import circuitbreaker
+import purgatory
+import pybreaker
+import pyperf
+
+from datapunk_recovery import events
+from datapunk_recovery.breaker import BreakerConfig, CircuitBreaker
+from datapunk_recovery.errors import CircuitOpenError
+
+
+def _sync_loop(fn: Callable[[], Any]) -> Callable[[int], float]:
+    def run(loops: int) -> float:
+        rng = range(loops)
+        t0 = time.perf_counter()
+        for _ in rng:
+            fn()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def _async_loop(make: Callable[[], Callable[[], Awaitable[Any]]]) -> Callable[[int], float]:
+    def run(loops: int) -> float:
+        async def body() -> float:
+            fn = make()  # made inside the loop: some libraries bind to it
+            await fn()
+            rng = range(loops)
+            t0 = time.perf_counter()
+            for _ in rng:
+                await fn()
+            return time.perf_counter() - t0
+
+        return asyncio.run(body())
+
+    return run
+
+
+def _refusing_sync(fn: Callable[[], Any], error: type[BaseException]) -> Callable[[], None]:
+    def call() -> None:
+        try:  # noqa: SIM105 - contextlib.suppress would add its own cost to what is measured
+            fn()
+        except error:
+            pass
+
+    return call
+
+
+def _refusing_async(
+    fn: Callable[[], Awaitable[Any]], error: type[BaseException]
+) -> Callable[[], Awaitable[None]]:
+    async def call() -> None:
+        try:  # noqa: SIM105 - as above
+            await fn()
+        except error:
+            pass
+
+    return call
+
+
+def ok() -> int:
+    return 1
+
+
+async def aok() -> int:
+    return 1
+
+
+def boom() -> int:
+    raise ConnectionError
+
+
+async def aboom() -> int:
+    raise ConnectionError
+
+
+class EveryNth:
+    """A custom trip policy: trips after n failures in total (never, here)."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def record(self, failed: bool, slow: bool, duration: float | None, now: float) -> bool:
+        self.failures += failed
+        return self.failures >= 1000
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+POLICIES: dict[str, BreakerConfig] = {
+    "rate_count": BreakerConfig(consecutive_failures=None, failure_rate_threshold=0.5),
+    "rate_time": BreakerConfig(
+        consecutive_failures=None, failure_rate_threshold=0.5, window="time"
+    ),
+    "slow_rate": BreakerConfig(slow_call_rate_threshold=0.5, slow_call_duration=1.0),
+    "custom": BreakerConfig(consecutive_failures=None, trip_policy=EveryNth),
+}
+
+
+# ---------------------------------------------------------------------------
+# closed, sync
+
+
+def closed_sync() -> dict[str, Callable[[], Any]]:
+    ours = CircuitBreaker("bench")
+    pb = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=30)
+    ab = aiobreaker.CircuitBreaker(fail_max=5, timeout_duration=timedelta(seconds=30))
+    pf = purgatory.SyncCircuitBreakerFactory(default_threshold=5, default_ttl=30)
+    return {
+        "bare": ok,
+        "datapunk": lambda: ours.call(ok),
+        "datapunk_deco": ours(ok),
+        "pybreaker": lambda: pb.call(ok),
+        "aiobreaker": lambda: ab.call(ok),
+        "purgatory": pf("bench")(ok),
+        "circuitbreaker": circuitbreaker.circuit(failure_threshold=5, recovery_timeout=30)(ok),
+    }
+
+
+def closed_async() -> dict[str, Callable[[], Callable[[], Awaitable[Any]]]]:
+    def ours_call() -> Callable[[], Awaitable[Any]]:
+        b = CircuitBreaker("bench")
+        return lambda: b.call_async(aok)
+
+    def aiob() -> Callable[[], Awaitable[Any]]:
+        b = aiobreaker.CircuitBreaker(fail_max=5, timeout_duration=timedelta(seconds=30))
+        return lambda: b.call_async(aok)
+
+    def purg() -> Callable[[], Awaitable[Any]]:
+        f = purgatory.AsyncCircuitBreakerFactory(default_threshold=5, default_ttl=30)
+        return f("bench")(aok)  # type: ignore[no-any-return]
+
+    return {
+        "bare": lambda: aok,
+        "datapunk": ours_call,
+        "datapunk_deco": lambda: CircuitBreaker("bench")(aok),
+        "aiobreaker": aiob,
+        "purgatory": purg,
+        "circuitbreaker": lambda: circuitbreaker.circuit(failure_threshold=5, recovery_timeout=30)(
+            aok
+        ),
+    }
+
+
+# ---------------------------------------------------------------------------
+# our trip policies
+
+
+def policies_sync() -> dict[str, Callable[[], Any]]:
+    cases: dict[str, Callable[[], Any]] = {
+        "bare": ok,
+        "datapunk": CircuitBreaker("bench")(ok),
+    }
+    for name, config in POLICIES.items():
+        cases[name] = CircuitBreaker("bench", config)(ok)
+    listened = CircuitBreaker("listened")
+    listened.events.subscribe(lambda event: None)
+    cases["listening"] = listened(ok)
+    return cases
+
+
+def policies_async() -> dict[str, Callable[[], Callable[[], Awaitable[Any]]]]:
+    cases: dict[str, Callable[[], Callable[[], Awaitable[Any]]]] = {
+        "bare": lambda: aok,
+        "datapunk": lambda: CircuitBreaker("bench")(aok),
+    }
+    for name, config in POLICIES.items():
+        cases[name] = lambda config=config: CircuitBreaker("bench", config)(aok)  # type: ignore[misc]
+
+    def listening() -> Callable[[], Awaitable[Any]]:
+        b = CircuitBreaker("listened")
+        b.events.subscribe(lambda event: None)
+        return b(aok)
+
+    cases["listening"] = listening
+    return cases
+
+
+# ---------------------------------------------------------------------------
+# open: refusing
+
+
+def _open_ours(config: BreakerConfig | None = None) -> CircuitBreaker:
+    b = CircuitBreaker("bench", config)
+    for _ in range(5):
+        with contextlib.suppress(ConnectionError):
+            b.call(boom)
+    return b
+
+
+def open_sync() -> dict[str, Callable[[], Any]]:
+    ours = _open_ours()
+    pb = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=30)
+    ab = aiobreaker.CircuitBreaker(fail_max=5, timeout_duration=timedelta(seconds=30))
+    pf = purgatory.SyncCircuitBreakerFactory(default_threshold=5, default_ttl=30)
+    pg = pf("bench")(boom)
+    cb = circuitbreaker.circuit(failure_threshold=5, recovery_timeout=30)(boom)
+    for _ in range(6):
+        for fn in (lambda: pb.call(boom), lambda: ab.call(boom), pg, cb):
+            with contextlib.suppress(Exception):
+                fn()
+    return {
+        "bare": _refusing_sync(boom, ConnectionError),
+        "datapunk": _refusing_sync(lambda: ours.call(ok), CircuitOpenError),
+        "pybreaker": _refusing_sync(lambda: pb.call(ok), pybreaker.CircuitBreakerError),
+        "aiobreaker": _refusing_sync(lambda: ab.call(ok), aiobreaker.CircuitBreakerError),
+        "purgatory": _refusing_sync(pg, Exception),
+        "circuitbreaker": _refusing_sync(cb, circuitbreaker.CircuitBreakerError),
+    }
+
+
+def open_async() -> dict[str, Callable[[], Callable[[], Awaitable[Any]]]]:
+    def ours() -> Callable[[], Awaitable[Any]]:
+        b = _open_ours()
+        return _refusing_async(lambda: b.call_async(aok), CircuitOpenError)
+
+    def aiob() -> Callable[[], Awaitable[Any]]:
+        b = aiobreaker.CircuitBreaker(fail_max=5, timeout_duration=timedelta(seconds=30))
+        for _ in range(6):
+            with contextlib.suppress(Exception):
+                b._state._handle_error(ConnectionError())  # open it without awaiting
+        return _refusing_async(lambda: b.call_async(aok), aiobreaker.CircuitBreakerError)
+
+    def circ() -> Callable[[], Awaitable[Any]]:
+        cb = circuitbreaker.circuit(failure_threshold=5, recovery_timeout=30)(aboom)
+        return _refusing_async(cb, Exception)
+
+    return {
+        "bare": lambda: _refusing_async(aboom, ConnectionError),
+        "datapunk": ours,
+        "aiobreaker": aiob,
+        "circuitbreaker": circ,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Redis
+
+
+def redis_async(url: str) -> dict[str, Callable[[], Callable[[], Awaitable[Any]]]]:
+    from datapunk_recovery.stores.redis import RedisStore
+
+    def ours() -> Callable[[], Awaitable[Any]]:
+        b = CircuitBreaker("bench-redis", store=RedisStore(url, cache_ttl=0.5))
+        return b(aok)
+
+    def ours_call() -> Callable[[], Awaitable[Any]]:
+        b = CircuitBreaker("bench-redis", store=RedisStore(url, cache_ttl=0.5))
+        return lambda: b.call_async(aok)
+
+    return {"bare": lambda: aok, "datapunk_deco": ours, "datapunk": ours_call}
+
+
+def main() -> None:
+    runner = pyperf.Runner()
+    assert not events.listening(), "benchmarks must run with nobody listening"
+    for group, cases in (
+        ("breaker-closed-sync", closed_sync()),
+        ("breaker-policies-sync", policies_sync()),
+        ("breaker-open-sync", open_sync()),
+    ):
+        for who, fn in cases.items():
+            runner.bench_time_func(f"{group}-{who}", _sync_loop(fn))
+    async_groups: list[tuple[str, dict[str, Callable[[], Callable[[], Awaitable[Any]]]]]] = [
+        ("breaker-closed-async", closed_async()),
+        ("breaker-policies-async", policies_async()),
+        ("breaker-open-async", open_async()),
+    ]
+    url = os.environ.get("DATAPUNK_BENCH_REDIS_URL")
+    if url:
+        async_groups.append(("breaker-redis-async", redis_async(url)))
+    for group, acases in async_groups:
+        for who, make in acases.items():
+            runner.bench_time_func(f"{group}-{who}", _async_loop(make))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,682 @@
+"""Bulkheads: at most N concurrent calls, a bounded wait queue, per-caller quotas.
+
+A dependency that slows down makes callers pile up; without a bound, every
+thread or task of a service ends up waiting on it and the service falls over
+with it.  A :class:`Bulkhead` admits at most ``max_concurrent`` calls at once,
+lets at most ``max_queue`` more wait (first come, first served) for at most
+``max_wait`` seconds, and rejects the rest at once with :class:`BulkheadFull`.
+A per-caller quota (``per_caller``) keeps one caller (a tenant, an endpoint)
+from taking every slot and every queue place.
+
+One bulkhead serves threads, asyncio tasks and trio tasks at the same time:
+the count is kept under one short lock, and a freed slot is handed directly to
+the first waiter (no barging), woken the way its kind needs (a thread event,
+an asyncio future, a trio event; across threads when it waits elsewhere).
+
+Waits respect the overall deadline
+(:func:`datapunk_recovery.deadline.remaining`): a queued call never waits
+past it, and gets :class:`~datapunk_recovery.errors.DeadlineExceeded` if the
+deadline is what ended its wait.  A waiter that is cancelled leaves the queue
+(or, if a slot was handed to it in the same instant, gives it back): nothing
+is leaked and nothing is counted.
+
+Rejections carry ``do_not_retry_above``: retrying a call refused for local
+overload only adds to the overload, so no outer retry layer retries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ClassVar, ParamSpec, TypeVar, overload
+
+from . import _runtime, clock
+from ._context import CURRENT
+from ._validate import check_count, check_seconds
+from .errors import DeadlineExceeded, ErrorCategory, RecoveryError
+from .events import Event, EventBus, emit, global_bus
+
+__all__ = [
+    "Bulkhead",
+    "BulkheadAdmitted",
+    "BulkheadConfig",
+    "BulkheadFull",
+    "BulkheadRejected",
+    "BulkheadState",
+    "CallerQuotaExceeded",
+    "as_caller",
+    "current_caller",
+]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_CALLER: ContextVar[str | None] = ContextVar("datapunk_recovery_caller", default=None)
+
+
+@contextmanager
+def as_caller(caller: str) -> Iterator[str]:
+    """Make the calls inside the block count against ``caller``'s quotas.
+
+    The caller is read by bulkheads, adaptive limiters and rate limiters when
+    no ``caller=`` is passed to them explicitly; it follows threads started
+    with a copied context and async tasks, like a request does.
+    """
+    if not isinstance(caller, str):
+        raise TypeError(f"as_caller: expected a str, got {caller!r}")
+    token = _CALLER.set(caller)
+    try:
+        yield caller
+    finally:
+        _CALLER.reset(token)
+
+
+def current_caller() -> str | None:
+    """The caller set by the innermost :func:`as_caller` block, if any."""
+    return _CALLER.get()
+
+
+class BulkheadFull(RecoveryError):
+    """A bulkhead (or an adaptive limiter) refused a call.
+
+    ``bulkhead`` names it; ``reason`` is ``"full"`` (no slot, no queue),
+    ``"queue_full"``, ``"max_wait"`` (waited as long as allowed) or
+    ``"caller_quota"``.  Not retryable by any layer: retrying a call refused
+    for local overload only adds load.
+    """
+
+    category = ErrorCategory.OVERLOADED
+    retryable = False
+    do_not_retry_above = True
+
+    def __init__(self, bulkhead: str, reason: str, message: str) -> None:
+        super().__init__(message, context={"bulkhead": bulkhead, "reason": reason})
+        self.bulkhead = bulkhead
+        self.reason = reason
+
+
+class CallerQuotaExceeded(BulkheadFull):
+    """One caller already holds (or waits for) as many slots as its quota allows."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BulkheadRejected(Event):
+    """A call was refused; ``reason`` as in :class:`BulkheadFull`, counts at that moment."""
+
+    name: ClassVar[str] = "bulkhead.rejected"
+    area: ClassVar[str] = "bulkhead"
+
+    reason: str
+    active: int
+    queued: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BulkheadAdmitted(Event):
+    """A call got a slot after waiting ``waited`` seconds (0 when one was free)."""
+
+    name: ClassVar[str] = "bulkhead.admitted"
+    area: ClassVar[str] = "bulkhead"
+
+    waited: float
+
+
+@dataclass(frozen=True, slots=True)
+class BulkheadState:
+    """A snapshot: calls running, calls waiting, and the concurrency limit."""
+
+    active: int
+    queued: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class BulkheadConfig:
+    """``max_concurrent`` calls at once; ``max_queue`` more may wait ``max_wait`` seconds.
+
+    ``per_caller`` bounds what one caller may hold and wait for together
+    (``None``: no quota).  With ``max_queue=0`` (the default) a full bulkhead
+    rejects at once; a queue needs a positive ``max_wait``.
+    """
+
+    max_concurrent: int = 10
+    max_queue: int = 0
+    max_wait: float = 0.0
+    per_caller: int | None = None
+
+    def __post_init__(self) -> None:
+        owner = "BulkheadConfig"
+        check_count(owner, "max_concurrent", self.max_concurrent)
+        check_count(owner, "max_queue", self.max_queue, minimum=0)
+        object.__setattr__(self, "max_wait", check_seconds(owner, "max_wait", self.max_wait))
+        if self.max_queue > 0 and self.max_wait == 0.0:
+            raise ValueError(
+                f"{owner}.max_wait: must be > 0 seconds when max_queue > 0, got {self.max_wait!r}"
+            )
+        if self.per_caller is not None:
+            check_count(owner, "per_caller", self.per_caller)
+
+
+# ---------------------------------------------------------------------------
+# Waiters: one per queued call, woken the way its kind of concurrency needs.
+
+
+class _Waiter:
+    __slots__ = ("caller", "granted")
+
+    def __init__(self, caller: str | None) -> None:
+        self.caller = caller
+        self.granted = False
+
+    def wake(self) -> None:
+        raise NotImplementedError
+
+
+class _ThreadWaiter(_Waiter):
+    __slots__ = ("event",)
+
+    def __init__(self, caller: str | None) -> None:
+        super().__init__(caller)
+        self.event = threading.Event()
+
+    def wake(self) -> None:
+        self.event.set()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _AsyncioWaiter(_Waiter):
+    __slots__ = ("fut", "loop", "thread")
+
+    def __init__(self, caller: str | None) -> None:
+        super().__init__(caller)
+        self.loop = asyncio.get_running_loop()
+        self.fut: asyncio.Future[None] = self.loop.create_future()
+        self.thread = threading.get_ident()
+
+    def wake(self) -> None:
+        if threading.get_ident() == self.thread:
+            _resolve(self.fut)
+        else:
+            # A closed loop raises RuntimeError: nobody waits there any more.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(_resolve, self.fut)
+
+
+class _TrioWaiter(_Waiter):
+    __slots__ = ("event", "thread", "token")
+
+    def __init__(self, caller: str | None) -> None:
+        import trio
+
+        super().__init__(caller)
+        self.event = trio.Event()
+        self.token = trio.lowlevel.current_trio_token()
+        self.thread = threading.get_ident()
+
+    def wake(self) -> None:
+        if threading.get_ident() == self.thread:
+            self.event.set()
+        else:
+            # An ended run raises RuntimeError: nobody waits there any more.
+            with contextlib.suppress(RuntimeError):
+                self.token.run_sync_soon(self.event.set)
+
+
+# ---------------------------------------------------------------------------
+# The slot pool shared by Bulkhead and the adaptive limiter.
+
+
+class _Slots:
+    """Counts slots under one lock and queues waiters; limit may change at run time."""
+
+    __slots__ = (
+        "_held",
+        "_lock",
+        "_queue",
+        "active",
+        "bus",
+        "kind",
+        "limit",
+        "max_queue",
+        "max_wait",
+        "name",
+        "per_caller",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        limit: int,
+        max_queue: int,
+        max_wait: float,
+        per_caller: int | None,
+        bus: EventBus,
+        kind: str = "bulkhead",
+    ) -> None:
+        self.name = name
+        #: What refuses, in messages ("bulkhead", "adaptive limiter").
+        self.kind = kind
+        self.limit = limit
+        self.max_queue = max_queue
+        self.max_wait = max_wait
+        self.per_caller = per_caller
+        self.bus = bus
+        self.active = 0
+        self._queue: deque[_Waiter] = deque()
+        # Slots held plus places queued, per caller (only with a quota).
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def state(self) -> BulkheadState:
+        return BulkheadState(self.active, len(self._queue), self.limit)
+
+    # -- decisions under the lock
+
+    def _take(self, caller: str | None) -> bool:
+        """Take a free slot (lock held); False when none is free; _Refused on a quota."""
+        quota = self.per_caller
+        if quota is not None and caller is not None:
+            held = self._held.get(caller, 0)
+            if held >= quota:
+                raise _Refused(
+                    "caller_quota",
+                    f"caller {caller!r} already holds or waits for {held} of its {quota} slots",
+                )
+            if self.active < self.limit and not self._queue:
+                self.active += 1
+                self._held[caller] = held + 1
+                return True
+            return False
+        if self.active < self.limit and not self._queue:
+            self.active += 1
+            return True
+        return False
+
+    def _enqueue(self, waiter: _Waiter) -> None:
+        """Queue ``waiter`` (lock held); _Refused when the queue is full."""
+        if len(self._queue) >= self.max_queue:
+            if self.max_queue == 0:
+                raise _Refused("full", f"all {self.limit} slots are taken")
+            raise _Refused(
+                "queue_full", f"all {self.limit} slots and {self.max_queue} queue places are taken"
+            )
+        self._queue.append(waiter)
+        caller = waiter.caller
+        if self.per_caller is not None and caller is not None:
+            self._held[caller] = self._held.get(caller, 0) + 1
+
+    def _reject(self, refused: _Refused) -> BulkheadFull:
+        """The error for a refusal, reported as an event (never under the lock)."""
+        if global_bus._subscribers or self.bus._subscribers:
+            emit(
+                BulkheadRejected(
+                    operation=self.name,
+                    at=clock.now(),
+                    reason=refused.reason,
+                    active=self.active,
+                    queued=len(self._queue),
+                ),
+                self.bus,
+            )
+        kind = CallerQuotaExceeded if refused.reason == "caller_quota" else BulkheadFull
+        return kind(
+            self.name,
+            refused.reason,
+            f"{self.kind} {self.name!r} refused the call: {refused.detail}",
+        )
+
+    def _forget(self, caller: str | None) -> None:
+        if self.per_caller is not None and caller is not None:
+            left = self._held.get(caller, 0) - 1
+            if left > 0:
+                self._held[caller] = left
+            else:
+                self._held.pop(caller, None)
+
+    def _grant_waiters(self) -> list[_Waiter]:
+        """Hand free slots to the first waiters (lock held); returns whom to wake."""
+        woken = []
+        queue = self._queue
+        while queue and self.active < self.limit:
+            waiter = queue.popleft()
+            waiter.granted = True
+            self.active += 1
+            woken.append(waiter)
+        return woken
+
+    # -- the faces' building blocks
+
+    def release(self, caller: str | None) -> None:
+        """Give a slot back; the first waiter (if any) gets it."""
+        with self._lock:
+            if self.per_caller is not None:
+                self._forget(caller)
+            self.active -= 1
+            if not self._queue:
+                return
+            woken = self._grant_waiters()
+        for waiter in woken:
+            waiter.wake()
+
+    def set_limit(self, limit: int) -> None:
+        """Change the concurrency limit; a larger one admits waiters at once."""
+        with self._lock:
+            self.limit = limit
+            woken = self._grant_waiters()
+        for waiter in woken:
+            waiter.wake()
+
+    def _wait_bound(self) -> tuple[float, bool]:
+        """How long a queued call may wait, and whether the deadline set that bound."""
+        ctx = CURRENT.get()
+        if ctx is not None and ctx[0] is not None:
+            left = ctx[0] - clock.now()
+            if left <= 0.0:
+                raise DeadlineExceeded(
+                    f"{self.kind} {self.name!r}: the deadline passed before a slot was free"
+                )
+            if left < self.max_wait:
+                return left, True
+        return self.max_wait, False
+
+    def _timed_out(self, waiter: _Waiter, by_deadline: bool, waited: float) -> None:
+        """After a wait ended without a wake: return if the slot came anyway, else raise."""
+        with self._lock:
+            if waiter.granted:
+                return
+            self._queue.remove(waiter)
+            self._forget(waiter.caller)
+        if by_deadline:
+            raise DeadlineExceeded(
+                f"{self.kind} {self.name!r}: the deadline passed after waiting "
+                f"{waited:.3f} s for a slot"
+            )
+        raise self._reject(_Refused("max_wait", f"no slot was free within {self.max_wait:g} s"))
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """A waiter was cancelled: leave the queue, or give back a slot handed to it."""
+        with self._lock:
+            if not waiter.granted:
+                self._queue.remove(waiter)
+                self._forget(waiter.caller)
+                return
+        self.release(waiter.caller)
+
+    def _admitted(self, start: float | None) -> None:
+        if global_bus._subscribers or self.bus._subscribers:
+            now = clock.now()
+            emit(
+                BulkheadAdmitted(
+                    operation=self.name, at=now, waited=0.0 if start is None else now - start
+                ),
+                self.bus,
+            )
+
+    def _first_try(self, caller: str | None) -> bool:
+        """Take a free slot at once; False when the caller must queue; raise when it may not."""
+        try:
+            with self._lock:
+                if self._take(caller):
+                    return True
+                if self.max_queue == 0:
+                    raise _Refused("full", f"all {self.limit} slots are taken")
+        except _Refused as refused:
+            raise self._reject(refused) from None
+        return False
+
+    def _queue_up(self, caller: str | None, waiter: _Waiter) -> bool:
+        """Queue ``waiter``; True if a slot freed meanwhile and was taken instead."""
+        try:
+            with self._lock:
+                if self._take(caller):
+                    return True
+                self._enqueue(waiter)
+        except _Refused as refused:
+            raise self._reject(refused) from None
+        return False
+
+    def acquire(self, caller: str | None) -> None:
+        """Take a slot for a thread, waiting in the queue if allowed."""
+        if self.per_caller is None:  # the happy path without quotas, inline
+            with self._lock:
+                free = self.active < self.limit and not self._queue
+                if free:
+                    self.active += 1
+            if free:
+                if global_bus._subscribers or self.bus._subscribers:
+                    self._admitted(None)
+                return
+        if self._first_try(caller):
+            self._admitted(None)
+            return
+        bound, by_deadline = self._wait_bound()
+        waiter = _ThreadWaiter(caller)
+        start = clock.now()
+        if not self._queue_up(caller, waiter):
+            try:
+                woken = waiter.event.wait(bound)
+            except BaseException:
+                self._abandon(waiter)
+                raise
+            if not woken:
+                self._timed_out(waiter, by_deadline, clock.now() - start)
+        self._admitted(start)
+
+    async def acquire_async(self, caller: str | None) -> None:
+        """Take a slot for an asyncio or trio task, waiting in the queue if allowed."""
+        if self.per_caller is None:  # the happy path without quotas, inline
+            with self._lock:
+                free = self.active < self.limit and not self._queue
+                if free:
+                    self.active += 1
+            if free:
+                if global_bus._subscribers or self.bus._subscribers:
+                    self._admitted(None)
+                return
+        if self._first_try(caller):
+            self._admitted(None)
+            return
+        bound, by_deadline = self._wait_bound()
+        trio_task = _runtime.async_library() == "trio"
+        waiter: _Waiter = _TrioWaiter(caller) if trio_task else _AsyncioWaiter(caller)
+        start = clock.now()
+        if not self._queue_up(caller, waiter):
+            try:
+                if trio_task:
+                    woken = await _wait_trio(waiter, bound)
+                else:
+                    woken = await _wait_asyncio(waiter, bound)
+            except BaseException:
+                self._abandon(waiter)
+                raise
+            if not woken:
+                self._timed_out(waiter, by_deadline, clock.now() - start)
+        self._admitted(start)
+
+
+class _Refused(Exception):
+    """Raised under the lock, turned into a BulkheadFull (and an event) outside it."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+
+
+async def _wait_asyncio(waiter: _Waiter, bound: float) -> bool:
+    assert isinstance(waiter, _AsyncioWaiter)
+    try:
+        async with asyncio.timeout(bound):
+            await waiter.fut
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _wait_trio(waiter: _Waiter, bound: float) -> bool:
+    import trio
+
+    assert isinstance(waiter, _TrioWaiter)
+    with trio.move_on_after(bound):
+        await waiter.event.wait()
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------
+# The face users hold.
+
+
+class Bulkhead:
+    """At most ``max_concurrent`` calls at once (see :class:`BulkheadConfig`).
+
+    Faces: ``with bulkhead:`` / ``async with bulkhead:``, ``with
+    bulkhead.slot(caller):`` / ``async with bulkhead.slot_async(caller):``,
+    :meth:`call` / :meth:`call_async`, and the object itself as a decorator
+    for sync and async functions (signature kept).  The caller for quotas is
+    ``caller=`` or else the one set by :func:`as_caller`.
+    """
+
+    __slots__ = ("_slots", "bus", "config", "name")
+
+    def __init__(
+        self, name: str, config: BulkheadConfig | None = None, *, bus: EventBus | None = None
+    ) -> None:
+        self.name = name
+        self.config = config = config if config is not None else BulkheadConfig()
+        if not isinstance(config, BulkheadConfig):
+            raise TypeError(f"Bulkhead.config: expected a BulkheadConfig, got {config!r}")
+        #: Where this bulkhead's events go first (then the global bus).
+        self.bus = bus if bus is not None else EventBus()
+        self._slots = _Slots(
+            name,
+            config.max_concurrent,
+            config.max_queue,
+            config.max_wait,
+            config.per_caller,
+            self.bus,
+        )
+
+    def state(self) -> BulkheadState:
+        """Calls running and waiting now."""
+        return self._slots.state()
+
+    def acquire(self, caller: str | None = None) -> str | None:
+        """Take a slot (a thread may wait); returns the caller to pass to :meth:`release`."""
+        caller = caller if caller is not None else _CALLER.get()
+        self._slots.acquire(caller)
+        return caller
+
+    async def acquire_async(self, caller: str | None = None) -> str | None:
+        """Take a slot (a task may wait); returns the caller to pass to :meth:`release`."""
+        caller = caller if caller is not None else _CALLER.get()
+        await self._slots.acquire_async(caller)
+        return caller
+
+    def release(self, caller: str | None = None) -> None:
+        """Give back a slot taken by :meth:`acquire` / :meth:`acquire_async`."""
+        self._slots.release(caller)
+
+    @contextmanager
+    def slot(self, caller: str | None = None) -> Iterator[None]:
+        """Hold a slot for the block (a thread may wait for it)."""
+        who = self.acquire(caller)
+        try:
+            yield
+        finally:
+            self._slots.release(who)
+
+    def slot_async(self, caller: str | None = None) -> _AsyncSlot:
+        """``async with bulkhead.slot_async(caller):`` holds a slot for the block."""
+        return _AsyncSlot(self, caller)
+
+    def __enter__(self) -> None:
+        self._slots.acquire(None)
+
+    def __exit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._slots.release(None)
+
+    async def __aenter__(self) -> None:
+        await self._slots.acquire_async(None)
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._slots.release(None)
+
+    def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn`` holding a slot."""
+        slots = self._slots
+        who = _CALLER.get()
+        slots.acquire(who)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            slots.release(who)
+
+    async def call_async(
+        self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Await ``fn`` holding a slot."""
+        slots = self._slots
+        who = _CALLER.get()
+        await slots.acquire_async(who)
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            slots.release(who)
+
+    @overload
+    def __call__(
+        self, fn: Callable[P, Coroutine[Any, Any, T]]
+    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, T]) -> Callable[P, T]: ...
+
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        """Decorate a sync or async function; its signature is kept."""
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                return await self.call_async(fn, *args, **kwargs)
+
+            return async_wrapper
+
+        @functools.wraps(fn)
+        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            return self.call(fn, *args, **kwargs)
+
+        return sync_wrapper
+
+
+class _AsyncSlot:
+    __slots__ = ("_bulkhead", "_caller", "_who")
+
+    def __init__(self, bulkhead: Bulkhead, caller: str | None) -> None:
+        self._bulkhead = bulkhead
+        self._caller = caller
+        self._who: str | None = None
+
+    async def __aenter__(self) -> None:
+        self._who = await self._bulkhead.acquire_async(self._caller)
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._bulkhead.release(self._who)

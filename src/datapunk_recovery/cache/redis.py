@@ -1,0 +1,84 @@
+"""A Redis cache (``redis.asyncio``), values through a codec (JSON unless told otherwise).
+
+Built with :meth:`RedisCache.from_url`, its client has short socket and
+connect timeouts (``timeout``, seconds): a blackholed Redis then fails a call
+in that time instead of hanging, and the recovery's breaker makes the calls
+after it fail in microseconds.  Redis is imported only here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from datapunk_recovery._validate import check_seconds
+from datapunk_recovery.redact import redact_url
+
+from .codecs import JsonCodec
+from .protocols import Codec
+
+__all__ = ["RedisCache"]
+
+
+class RedisCache:
+    """A :class:`~datapunk_recovery.cache.protocols.Cache` on a ``redis.asyncio.Redis`` client.
+
+    The client must return bytes (``decode_responses=False``, the default).
+    """
+
+    __slots__ = ("client", "codec", "label")
+
+    def __init__(self, client: Any, codec: Codec | None = None, *, label: str = "redis") -> None:
+        self.client = client
+        self.codec: Codec = codec if codec is not None else JsonCodec()
+        self.label = label
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, codec: Codec | None = None, timeout: float = 0.25, **client_kwargs: Any
+    ) -> RedisCache:
+        """A cache on a new client for ``url`` whose calls give up after ``timeout`` seconds."""
+        import redis.asyncio as aioredis
+
+        timeout = check_seconds("RedisCache", "timeout", timeout, positive=True)
+        client_kwargs.setdefault("socket_timeout", timeout)
+        client_kwargs.setdefault("socket_connect_timeout", timeout)
+        client = aioredis.Redis.from_url(url, **client_kwargs)
+        return cls(client, codec, label=redact_url(url))
+
+    def __repr__(self) -> str:
+        return f"RedisCache({self.label!r})"
+
+    async def get(self, key: str) -> Any | None:
+        """The decoded value of ``key`` or ``None``."""
+        data = await self.client.get(key)
+        return None if data is None else self.codec.decode(data)
+
+    async def get_many(self, keys: Sequence[str]) -> list[Any | None]:
+        """``MGET``: the decoded values of ``keys``."""
+        if not keys:
+            return []
+        decode = self.codec.decode
+        return [None if d is None else decode(d) for d in await self.client.mget(keys)]
+
+    async def set(self, key: str, value: Any, ttl: float) -> None:
+        """``SET key value PX ttl``."""
+        await self.client.set(key, self.codec.encode(value), px=max(int(ttl * 1000), 1))
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        """``DEL keys``."""
+        if keys:
+            await self.client.delete(*keys)
+
+    async def incr(self, key: str) -> int:
+        """``INCR key``."""
+        return int(await self.client.incr(key))
+
+    async def counter(self, key: str) -> int:
+        """The integer at ``key`` (raw, not through the codec), 0 when absent."""
+        data = await self.client.get(key)
+        return 0 if data is None else int(data)
+
+    async def close(self) -> None:
+        """Close the client's connections."""
+        await self.client.aclose()

@@ -1,0 +1,135 @@
+"""Cache warming: which keys to load before readers ask, and how fast.
+
+A cache that just came back from an outage may be empty (a restarted Redis
+keeps nothing); the first readers would all miss and stampede the source.
+Warming loads chosen keys ahead of them, at a bounded rate so that warming
+itself cannot become the stampede.
+
+Which keys: a :class:`WarmingPolicy` is any object with
+``keys_to_warm(reason, hot) -> iterable of keys``; ``reason`` is ``"start"``
+or ``"recovered"``, ``hot`` the :class:`HotKeySketch` of recent reads.
+Built in: :class:`WarmKeys` (a fixed list) and :class:`WarmHottest` (the
+most read keys, predictive warming).
+
+Hot keys are tracked with a count-min sketch (fixed memory: ``width x depth``
+counters) plus a bounded list of the heaviest keys seen; counts halve
+periodically so the list follows what is hot now, not what was hot an hour
+ago.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final, Literal, Protocol, runtime_checkable
+
+from datapunk_recovery._validate import check_count
+
+__all__ = ["HotKeySketch", "WarmHottest", "WarmKeys", "WarmReason", "WarmingPolicy"]
+
+WarmReason = Literal["start", "recovered"]
+
+_MASK: Final = (1 << 64) - 1
+
+
+class HotKeySketch:
+    """Approximate read counts per key in fixed memory, and the ``top`` heaviest keys.
+
+    ``width`` x ``depth`` counters; estimates never undercount and overcount
+    by about ``2 / width`` of all reads with high probability.  Every
+    ``decay_every`` records, all counts halve.
+    """
+
+    __slots__ = ("_rows", "_since_decay", "_top", "decay_every", "depth", "top", "width")
+
+    def __init__(
+        self, width: int = 2048, depth: int = 4, top: int = 100, decay_every: int | None = None
+    ) -> None:
+        self.width = check_count("HotKeySketch", "width", width)
+        self.depth = check_count("HotKeySketch", "depth", depth)
+        self.top = check_count("HotKeySketch", "top", top)
+        self.decay_every = (
+            check_count("HotKeySketch", "decay_every", decay_every)
+            if decay_every is not None
+            else 10 * width
+        )
+        self._rows = [[0] * width for _ in range(depth)]
+        self._top: dict[str, int] = {}
+        self._since_decay = 0
+
+    def _slots(self, key: str) -> list[int]:
+        # Kirsch-Mitzenmacher: two hashes make all rows' indices.
+        h = hash(key) & _MASK
+        h2 = (h >> 32) | 1
+        width = self.width
+        return [(h + i * h2) % width for i in range(self.depth)]
+
+    def record(self, key: str) -> None:
+        """Count one read of ``key``."""
+        estimate = None
+        for row, slot in zip(self._rows, self._slots(key), strict=True):
+            count = row[slot] + 1
+            row[slot] = count
+            estimate = count if estimate is None or count < estimate else estimate
+        assert estimate is not None
+        top = self._top
+        if key in top or len(top) < self.top:
+            top[key] = estimate
+        else:
+            lightest = min(top, key=top.__getitem__)
+            if top[lightest] < estimate:
+                del top[lightest]
+                top[key] = estimate
+        self._since_decay += 1
+        if self._since_decay >= self.decay_every:
+            self._decay()
+
+    def _decay(self) -> None:
+        self._since_decay = 0
+        self._rows = [[c >> 1 for c in row] for row in self._rows]
+        self._top = {k: c >> 1 for k, c in self._top.items() if c >> 1}
+
+    def estimate(self, key: str) -> int:
+        """About how many times ``key`` was read (never fewer than it was)."""
+        return min(row[slot] for row, slot in zip(self._rows, self._slots(key), strict=True))
+
+    def hottest(self, n: int | None = None) -> list[str]:
+        """The heaviest keys, heaviest first (at most ``n``, at most ``top``)."""
+        ranked = sorted(self._top, key=self._top.__getitem__, reverse=True)
+        return ranked if n is None else ranked[:n]
+
+
+@runtime_checkable
+class WarmingPolicy(Protocol):
+    """Chooses the keys to warm; any object with this method will do."""
+
+    def keys_to_warm(self, reason: WarmReason, hot: HotKeySketch) -> Iterable[str]:
+        """The keys to load now, most important first."""
+        ...
+
+
+class WarmKeys:
+    """Warm a fixed list of keys (at start and after each recovery, or only at ``on``)."""
+
+    __slots__ = ("keys", "on")
+
+    def __init__(self, keys: Iterable[str], on: Iterable[WarmReason] = ("start", "recovered")):
+        self.keys = tuple(keys)
+        self.on = frozenset(on)
+
+    def keys_to_warm(self, reason: WarmReason, hot: HotKeySketch) -> Iterable[str]:
+        """The fixed keys when ``reason`` is one of ``on``."""
+        return self.keys if reason in self.on else ()
+
+
+class WarmHottest:
+    """Warm the ``n`` most read keys (predictive): after recovery by default."""
+
+    __slots__ = ("n", "on")
+
+    def __init__(self, n: int = 100, on: Iterable[WarmReason] = ("recovered",)) -> None:
+        self.n = check_count("WarmHottest", "n", n)
+        self.on = frozenset(on)
+
+    def keys_to_warm(self, reason: WarmReason, hot: HotKeySketch) -> Iterable[str]:
+        """The hottest keys when ``reason`` is one of ``on``."""
+        return hot.hottest(self.n) if reason in self.on else ()

@@ -1,0 +1,749 @@
+"""Chaos injection: make a dependency fail on purpose, to prove that recovery works.
+
+A recovery that was never exercised is a recovery nobody knows works.  This
+module lets users break their own calls in a controlled way:
+
+- :class:`Fault` raises a fresh exception instead of making the call;
+- :class:`Latency` waits (``seconds``, or a uniform draw up to ``up_to``) and
+  then makes the call;
+- :class:`Outcome` returns a given value instead of making the call;
+- :class:`Behaviour` runs another callable, with the same arguments, instead.
+
+An injection is applied by an injector: :class:`Chaos` applies one injection
+at a ``rate`` (the fraction of calls, drawn from a seeded RNG), and a
+:class:`Timeline` applies scripted :class:`Window`\\ s of faults over time, read
+against :func:`datapunk_recovery.clock.now` (so a fake clock scripts them
+deterministically).  Every injector decorates sync and async functions (the
+signature is kept), and offers :meth:`~Injector.call` for one-off calls.
+
+Each injector has its own switch (:meth:`~Injector.enable` /
+:meth:`~Injector.disable`, flipped at run time), and :func:`disable_all` is
+the global kill switch over every injector of the process.  A switched-off
+injector costs its wrapper one attribute read per call on top of the wrapper's
+own frame (see ``docs/benchmarks/chaos.md`` for the measured figures).  Where
+even that is too much (production), start the process with
+``DATAPUNK_RECOVERY_CHAOS=off``: chaos is then *disarmed*, decorators return
+the function itself untouched (zero cost), and nothing can switch it back on.
+
+Latency sleeps through the execution layer (:mod:`datapunk_recovery._runtime`),
+so a fake clock advances instead of waiting, and under asyncio and trio alike
+a cancelled sleep cancels at once.  Nothing here catches anything:
+cancellation passes through untouched, and only ``Exception`` subclasses can
+be injected as faults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import itertools
+import os
+import random
+import types
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, ParamSpec, TypeVar, cast
+
+from . import _runtime, clock
+from ._validate import check_fraction, check_seconds
+from .events import Event, EventBus, emit, global_bus
+
+__all__ = [
+    "Behaviour",
+    "Chaos",
+    "ChaosInjected",
+    "ChaosStats",
+    "DISARM_VARIABLE",
+    "Fault",
+    "Injection",
+    "Injector",
+    "Latency",
+    "Outcome",
+    "Timeline",
+    "Window",
+    "all_enabled",
+    "armed",
+    "disable_all",
+    "enable_all",
+    "injected_by",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# The attribute an injected fault carries: the name of the injector that raised it.
+_MARK: Final = "_datapunk_recovery_chaos"
+
+
+# ---------------------------------------------------------------------------
+# The global kill switch.
+
+
+class _Switch:
+    """A mutable flag read on every call of every injector (one attribute read)."""
+
+    __slots__ = ("on",)
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+
+#: The environment variable that disarms chaos for the whole process.
+DISARM_VARIABLE: Final = "DATAPUNK_RECOVERY_CHAOS"
+_ARMED: Final = os.environ.get(DISARM_VARIABLE, "").strip().lower() not in {
+    "0",
+    "off",
+    "false",
+    "no",
+}
+_GLOBAL: Final = _Switch(_ARMED)
+
+
+def armed() -> bool:
+    """False when ``DATAPUNK_RECOVERY_CHAOS=off`` (or ``0``/``false``/``no``) disarmed chaos.
+
+    Read once, at import.  Disarmed, every decorator returns the function
+    itself and no switch can turn injection on: a production process cannot
+    inject a fault by mistake, and pays nothing for decorators left in place.
+    """
+    return _ARMED
+
+
+def disable_all() -> None:
+    """The kill switch: no injector of this process injects anything until :func:`enable_all`.
+
+    Each injector keeps its own switch; this one overrides them all, so an
+    operator can stop every experiment at once without finding each injector.
+    """
+    _GLOBAL.on = False
+
+
+def enable_all() -> None:
+    """Lift the kill switch: injectors that are enabled inject again.
+
+    Raises ``RuntimeError`` when the process is disarmed (see :func:`armed`).
+    """
+    if not _ARMED:
+        raise RuntimeError(
+            f"chaos is disarmed for this process by {DISARM_VARIABLE}="
+            f"{os.environ.get(DISARM_VARIABLE, '')!r}; it cannot be enabled"
+        )
+    _GLOBAL.on = True
+
+
+def all_enabled() -> bool:
+    """Whether the kill switch lets injectors inject (it does by default)."""
+    return _GLOBAL.on
+
+
+def injected_by(exc: BaseException) -> str | None:
+    """The name of the injector that raised ``exc``, or ``None`` for a real failure.
+
+    Lets a drill tell the faults it injected from the failures it found.
+    """
+    name = getattr(exc, _MARK, None)
+    return name if isinstance(name, str) else None
+
+
+# ---------------------------------------------------------------------------
+# What can be injected.
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """Raise a fresh exception instead of making the call.
+
+    ``error`` is an ``Exception`` subclass (instantiated without arguments) or
+    a zero-argument factory returning an exception: each injection raises a
+    new instance, so tracebacks and notes never pile up on a shared one.
+    Cancellation and exit (``BaseException`` that is not an ``Exception``) are
+    refused: they are not failures a recovery should handle.
+    """
+
+    kind: ClassVar[str] = "fault"
+
+    error: type[Exception] | Callable[[], Exception]
+
+    def __post_init__(self) -> None:
+        error = self.error
+        if isinstance(error, type):
+            if not issubclass(error, Exception):
+                raise ValueError(
+                    f"Fault.error: expected an Exception subclass (cancellation and exit are "
+                    f"never injected), got {error!r}"
+                )
+        elif not callable(error):
+            raise TypeError(
+                f"Fault.error: expected an exception type or a factory, got {error!r} "
+                f"({type(error).__name__})"
+            )
+
+    def make(self) -> Exception:
+        """A new exception to raise."""
+        exc = self.error()
+        if not isinstance(exc, Exception):
+            raise TypeError(
+                f"Fault.error: the factory must return an Exception, got {exc!r} "
+                f"({type(exc).__name__})"
+            )
+        return exc
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """Wait ``seconds`` (or a uniform draw in ``[seconds, up_to]``), then make the call.
+
+    Both in seconds.  The wait goes through the execution layer: a fake clock
+    advances instead of waiting, and a cancellation interrupts it at once.
+    """
+
+    kind: ClassVar[str] = "latency"
+
+    seconds: float
+    up_to: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seconds", check_seconds("Latency", "seconds", self.seconds))
+        if self.up_to is not None:
+            up_to = check_seconds("Latency", "up_to", self.up_to)
+            if up_to < self.seconds:
+                raise ValueError(
+                    f"Latency.up_to: must be >= seconds ({self.seconds!r}), got {self.up_to!r}"
+                )
+            object.__setattr__(self, "up_to", up_to)
+
+    def draw(self, rng: random.Random) -> float:
+        """The wait of one injection, in seconds."""
+        if self.up_to is None:
+            return self.seconds
+        return rng.uniform(self.seconds, self.up_to)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Return ``value`` instead of making the call (a stale answer, an empty page, a 503)."""
+
+    kind: ClassVar[str] = "outcome"
+
+    value: object
+
+
+@dataclass(frozen=True, slots=True)
+class Behaviour:
+    """Call ``fn`` with the call's own arguments instead of the real function.
+
+    For an async call, ``fn`` may be sync or async (its result is awaited when
+    it is awaitable).  Use it for what the other kinds cannot express: a
+    partial write, a slow drip, a fault that depends on the arguments.
+    """
+
+    kind: ClassVar[str] = "behaviour"
+
+    fn: Callable[..., Any]
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(
+                f"Behaviour.fn: expected a callable, got {self.fn!r} ({type(self.fn).__name__})"
+            )
+
+
+Injection = Fault | Latency | Outcome | Behaviour
+"""Any of the four kinds of injection."""
+
+_KINDS: Final = (Fault, Latency, Outcome, Behaviour)
+
+
+def _check_injection(owner: str, value: object) -> Injection:
+    if not isinstance(value, _KINDS):
+        raise TypeError(
+            f"{owner}: expected a Fault, Latency, Outcome or Behaviour, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Telemetry.
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChaosInjected(Event):
+    """An injector injected something into a call.
+
+    ``kind`` is ``fault``, ``latency``, ``outcome`` or ``behaviour``;
+    ``error_type`` the injected exception's type name (faults only); ``delay``
+    the injected wait in seconds (latency only, else 0).
+    """
+
+    name: ClassVar[str] = "chaos.injected"
+    area: ClassVar[str] = "chaos"
+
+    kind: str
+    error_type: str | None = None
+    delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ChaosStats:
+    """A snapshot of one injector's counters.
+
+    ``calls`` counts the calls that reached the injector while it was switched
+    on (the switched-off path counts nothing: it must stay free); the other
+    fields count injections by kind.
+    """
+
+    calls: int
+    faults: int
+    latencies: int
+    outcomes: int
+    behaviours: int
+
+    @property
+    def injected(self) -> int:
+        """Every injection, all kinds together."""
+        return self.faults + self.latencies + self.outcomes + self.behaviours
+
+
+def _value(counter: itertools.count[int]) -> int:
+    # repr(count(7)) == "count(7)": read a count without advancing it.
+    return int(repr(counter)[6:-1])
+
+
+# ---------------------------------------------------------------------------
+# Injectors.
+
+
+class Injector:
+    """What every injector shares: a switch, counters, events, and the wrappers.
+
+    Subclasses say which injections apply to the current call
+    (:meth:`_pick`); applying them is common: waits first, in order, then the
+    first fault, outcome or behaviour takes the call's place.
+    """
+
+    __slots__ = ("_calls", "_counts", "_on", "_rng", "events", "name")
+
+    def __init__(self, name: str, rng: random.Random, enabled: bool) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{type(self).__name__}.name: expected a non-empty str, got {name!r}")
+        if not isinstance(enabled, bool):
+            raise TypeError(f"{type(self).__name__}.enabled: expected a bool, got {enabled!r}")
+        self.name = name
+        #: This injector's own bus; events reach the global subscribers as well.
+        self.events = EventBus()
+        self._rng = rng
+        self._on = enabled
+        self._calls = itertools.count()
+        self._counts = {kind.kind: itertools.count() for kind in _KINDS}
+
+    # -- the switch ---------------------------------------------------------
+
+    def enable(self) -> None:
+        """Start injecting (unless the global kill switch is thrown)."""
+        self._on = True
+
+    def disable(self) -> None:
+        """Stop injecting: calls pass straight through."""
+        self._on = False
+
+    @property
+    def enabled(self) -> bool:
+        """This injector's own switch (the global kill switch is separate)."""
+        return self._on
+
+    @property
+    def active(self) -> bool:
+        """Whether a call now would be considered for injection (both switches on)."""
+        return self._on and _GLOBAL.on
+
+    def statistics(self) -> ChaosStats:
+        """The counters now."""
+        c = self._counts
+        return ChaosStats(
+            calls=_value(self._calls),
+            faults=_value(c["fault"]),
+            latencies=_value(c["latency"]),
+            outcomes=_value(c["outcome"]),
+            behaviours=_value(c["behaviour"]),
+        )
+
+    # -- choosing and applying ----------------------------------------------
+
+    def _pick(self) -> tuple[Injection, ...]:
+        """The injections that apply to the call starting now, in order."""
+        raise NotImplementedError
+
+    def _record(self, injection: Injection, error: Exception | None, delay: float) -> None:
+        next(self._counts[injection.kind])
+        if global_bus._subscribers or self.events._subscribers:
+            emit(
+                ChaosInjected(
+                    operation=self.name,
+                    at=clock.now(),
+                    kind=injection.kind,
+                    error_type=None if error is None else type(error).__name__,
+                    delay=delay,
+                ),
+                self.events,
+            )
+
+    def _fault(self, injection: Fault) -> Exception:
+        exc = injection.make()
+        with contextlib.suppress(AttributeError, TypeError):  # a type with __slots__
+            setattr(exc, _MARK, self.name)
+        self._record(injection, exc, 0.0)
+        return exc
+
+    def _apply_sync(self, fn: Callable[..., R], args: Any, kwargs: Any) -> R:
+        next(self._calls)
+        for injection in self._pick():
+            if isinstance(injection, Latency):
+                delay = injection.draw(self._rng)
+                self._record(injection, None, delay)
+                _runtime.sleep_sync(delay)
+            elif isinstance(injection, Fault):
+                raise self._fault(injection)
+            elif isinstance(injection, Outcome):
+                self._record(injection, None, 0.0)
+                return cast(R, injection.value)
+            else:
+                self._record(injection, None, 0.0)
+                return cast(R, injection.fn(*args, **kwargs))
+        return fn(*args, **kwargs)
+
+    async def _apply_async(self, fn: Callable[..., Awaitable[R]], args: Any, kwargs: Any) -> R:
+        next(self._calls)
+        for injection in self._pick():
+            if isinstance(injection, Latency):
+                delay = injection.draw(self._rng)
+                self._record(injection, None, delay)
+                await _runtime.sleep_async(delay)
+            elif isinstance(injection, Fault):
+                raise self._fault(injection)
+            elif isinstance(injection, Outcome):
+                self._record(injection, None, 0.0)
+                return cast(R, injection.value)
+            else:
+                self._record(injection, None, 0.0)
+                result = injection.fn(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+                return cast(R, result)
+        return await fn(*args, **kwargs)
+
+    # -- the faces ------------------------------------------------------------
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """Decorate a sync or async function; the signature is kept.
+
+        Switched off (this injector or globally), the wrapper reads one flag
+        (two when only the global switch is off) and calls ``fn``.  Disarmed
+        (see :func:`armed`), ``fn`` itself is returned.
+        """
+        if not callable(fn):
+            raise TypeError(f"{self.name}: expected a callable to wrap, got {fn!r}")
+        if not _ARMED:
+            return fn
+        is_async = inspect.iscoroutinefunction(fn)
+        wrapper: Any = _exact_wrapper(fn, self, is_async)
+        if wrapper is None:
+            wrapper = _generic_wrapper(fn, self, is_async)
+        functools.update_wrapper(wrapper, fn)
+        wrapper.chaos = self
+        return cast(Callable[P, R], wrapper)
+
+    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call a sync ``fn`` once through this injector."""
+        if self._on and _GLOBAL.on:
+            return self._apply_sync(fn, args, kwargs)
+        return fn(*args, **kwargs)
+
+    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Await an async ``fn`` once through this injector."""
+        if self._on and _GLOBAL.on:
+            return await self._apply_async(fn, args, kwargs)
+        return await fn(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Wrappers.  A switched-off injector must cost (almost) nothing, and what a
+# Python wrapper costs is mostly packing ``*args, **kwargs`` into a tuple and a
+# dict and unpacking them again (about 60 ns of the 85 ns such a wrapper adds
+# here).  So for a plain Python function the wrapper is generated with the
+# function's own parameter list, the way ``attrs`` and ``decorator`` generate
+# code: the switched-off path then passes each argument straight through.
+# Anything else (builtins, partials, callable objects, or parameter names the
+# template reserves) gets the generic wrapper.
+
+_RESERVED: Final = "_dp_chaos_"
+_TEMPLATE: Final = """
+def _dp_chaos_make(_dp_chaos_fn, _dp_chaos_inj, _dp_chaos_sw, _dp_chaos_apply):
+    {kw}def wrapper({params}):
+        if _dp_chaos_inj._on and _dp_chaos_sw.on:
+            return {aw}_dp_chaos_apply(_dp_chaos_fn, ({packed}), {{{named}}})
+        return {aw}_dp_chaos_fn({passed})
+    return wrapper
+"""
+
+
+def _exact_wrapper(fn: Callable[..., Any], injector: Injector, is_async: bool) -> Any | None:
+    """A wrapper with ``fn``'s exact parameters, or ``None`` when ``fn`` is not plain."""
+    if not isinstance(fn, types.FunctionType):
+        return None
+    kinds = inspect.Parameter
+    params: list[str] = []
+    positional: list[str] = []
+    keyword: list[str] = []
+    named: list[str] = []
+    star_seen = False
+    for p in inspect.signature(fn, follow_wrapped=False).parameters.values():
+        if p.name.startswith(_RESERVED):
+            return None
+        if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD):
+            params.append(p.name)
+            positional.append(p.name)
+        elif p.kind is kinds.VAR_POSITIONAL:
+            params.append(f"*{p.name}")
+            positional.append(f"*{p.name}")
+            star_seen = True
+        elif p.kind is kinds.KEYWORD_ONLY:
+            if not star_seen:
+                params.append("*")
+                star_seen = True
+            params.append(p.name)
+            keyword.append(f"{p.name}={p.name}")
+            named.append(f"{p.name!r}: {p.name}")
+        else:  # VAR_KEYWORD
+            params.append(f"**{p.name}")
+            keyword.append(f"**{p.name}")
+            named.append(f"**{p.name}")
+    if fn.__code__.co_posonlyargcount:  # positional-only ones come first
+        params.insert(fn.__code__.co_posonlyargcount, "/")
+    source = _TEMPLATE.format(
+        kw="async " if is_async else "",
+        aw="await " if is_async else "",
+        params=", ".join(params),
+        packed="".join(f"{a}, " for a in positional),
+        named=", ".join(named),
+        passed=", ".join(positional + keyword),
+    )
+    namespace: dict[str, Any] = {}
+    exec(compile(source, f"<chaos wrapper of {fn.__qualname__}>", "exec"), namespace)
+    apply = injector._apply_async if is_async else injector._apply_sync
+    wrapper = namespace["_dp_chaos_make"](fn, injector, _GLOBAL, apply)
+    wrapper.__defaults__ = fn.__defaults__
+    wrapper.__kwdefaults__ = fn.__kwdefaults__
+    return wrapper
+
+
+def _generic_wrapper(fn: Callable[..., Any], injector: Injector, is_async: bool) -> Any:
+    """A ``*args, **kwargs`` wrapper for any callable."""
+    switch = _GLOBAL
+    if is_async:
+        afn = cast(Callable[..., Awaitable[Any]], fn)
+        apply_async = injector._apply_async
+
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            if injector._on and switch.on:
+                return await apply_async(afn, args, kwargs)
+            return await afn(*args, **kwargs)
+
+        return async_wrapper
+    apply_sync = injector._apply_sync
+
+    def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+        if injector._on and switch.on:
+            return apply_sync(fn, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return sync_wrapper
+
+
+def _rng_of(owner: str, seed: int | None, rng: random.Random | None) -> random.Random:
+    if rng is not None:
+        if seed is not None:
+            raise ValueError(f"{owner}: give a seed or an rng, not both")
+        if not isinstance(rng, random.Random):
+            raise TypeError(f"{owner}.rng: expected a random.Random, got {rng!r}")
+        return rng
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"{owner}.seed: expected an int or None, got {seed!r}")
+    return random.Random(seed)
+
+
+class Chaos(Injector):
+    """Inject one thing into a fraction ``rate`` (0..1) of the calls.
+
+    ``seed`` (or a ready ``rng``) makes the choice of calls reproducible; a
+    rate of 1 injects every call without drawing.  ``name`` names the
+    injector in events and in the mark on injected faults
+    (:func:`injected_by`).  ``enabled=False`` builds it switched off.
+    """
+
+    __slots__ = ("_injected", "injection", "rate")
+
+    def __init__(
+        self,
+        injection: Injection,
+        *,
+        rate: float = 1.0,
+        seed: int | None = None,
+        rng: random.Random | None = None,
+        name: str = "chaos",
+        enabled: bool = True,
+    ) -> None:
+        super().__init__(name, _rng_of("Chaos", seed, rng), enabled)
+        self.injection = _check_injection("Chaos.injection", injection)
+        self.rate = check_fraction("Chaos", "rate", rate)
+        self._injected: tuple[Injection, ...] = (self.injection,)
+
+    def _pick(self) -> tuple[Injection, ...]:
+        rate = self.rate
+        if rate >= 1.0 or (rate > 0.0 and self._rng.random() < rate):
+            return self._injected
+        return ()
+
+    def __repr__(self) -> str:
+        state = "on" if self._on else "off"
+        return f"Chaos({self.injection!r}, rate={self.rate:g}, name={self.name!r}, {state})"
+
+
+# ---------------------------------------------------------------------------
+# Faults scripted over time.
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Inject ``injection`` into a fraction ``rate`` of calls from ``start`` to ``end``.
+
+    ``start`` and ``end`` are seconds since the timeline started (``end``
+    excluded; ``None`` for "until the end").  ``target`` names the dependency
+    it breaks (``"cache"``, ``"primary"``): a timeline's injector for one
+    target applies that target's windows and the windows without a target.
+    """
+
+    start: float
+    end: float | None
+    injection: Injection
+    rate: float = 1.0
+    target: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "start", check_seconds("Window", "start", self.start))
+        if self.end is not None:
+            end = check_seconds("Window", "end", self.end)
+            if end <= self.start:
+                raise ValueError(f"Window.end: must be > start ({self.start!r}), got {self.end!r}")
+            object.__setattr__(self, "end", end)
+        _check_injection("Window.injection", self.injection)
+        object.__setattr__(self, "rate", check_fraction("Window", "rate", self.rate))
+        if self.target is not None and not isinstance(self.target, str):
+            raise TypeError(f"Window.target: expected a str or None, got {self.target!r}")
+
+    def covers(self, elapsed: float) -> bool:
+        """Whether the window is open ``elapsed`` seconds after the timeline started."""
+        return self.start <= elapsed and (self.end is None or elapsed < self.end)
+
+
+class Timeline:
+    """A script of faults over time: :class:`Window`\\ s read against the library clock.
+
+    Build it, take one injector per dependency with :meth:`injector`, and
+    :meth:`start` it when the load begins; before that nothing is injected.
+    Overlapping windows apply together (a latency and a fault, say).  One
+    seeded RNG serves all of the timeline's injectors, so a run with the same
+    seed and the same order of calls injects the same faults.
+    """
+
+    __slots__ = ("_origin", "_rng", "name", "windows")
+
+    def __init__(
+        self,
+        windows: Iterable[Window],
+        *,
+        seed: int | None = None,
+        rng: random.Random | None = None,
+        name: str = "timeline",
+    ) -> None:
+        checked = tuple(windows)
+        for window in checked:
+            if not isinstance(window, Window):
+                raise TypeError(f"Timeline.windows: expected Window items, got {window!r}")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"Timeline.name: expected a non-empty str, got {name!r}")
+        self.windows = tuple(sorted(checked, key=lambda w: w.start))
+        self.name = name
+        self._rng = _rng_of("Timeline", seed, rng)
+        self._origin: float | None = None
+
+    def start(self, at: float | None = None) -> None:
+        """Start (or restart) the script at library time ``at`` (default: now)."""
+        self._origin = clock.now() if at is None else check_seconds("Timeline", "at", at)
+
+    def stop(self) -> None:
+        """End the script: nothing is injected until it is started again."""
+        self._origin = None
+
+    def elapsed(self) -> float | None:
+        """Seconds since :meth:`start`, or ``None`` when not started."""
+        origin = self._origin
+        return None if origin is None else clock.now() - origin
+
+    @property
+    def duration(self) -> float | None:
+        """When the last window closes, in seconds from the start (``None``: never)."""
+        if not self.windows:
+            return 0.0
+        ends = [w.end for w in self.windows]
+        return None if any(e is None for e in ends) else max(cast(list[float], ends))
+
+    def active(self, target: str | None = None) -> tuple[Window, ...]:
+        """The windows open now that apply to ``target`` (all of them for ``None``)."""
+        elapsed = self.elapsed()
+        if elapsed is None:
+            return ()
+        return tuple(
+            w
+            for w in self.windows
+            if w.covers(elapsed) and (target is None or w.target in (None, target))
+        )
+
+    def injector(self, target: str | None = None, *, enabled: bool = True) -> Injector:
+        """An injector applying the windows for ``target`` (every window for ``None``)."""
+        if target is not None and not isinstance(target, str):
+            raise TypeError(f"Timeline.injector: target must be a str or None, got {target!r}")
+        windows = tuple(w for w in self.windows if target is None or w.target in (None, target))
+        name = self.name if target is None else f"{self.name}:{target}"
+        return _TimelineInjector(self, windows, name, enabled)
+
+    def __repr__(self) -> str:
+        return f"Timeline({len(self.windows)} windows, name={self.name!r})"
+
+
+class _TimelineInjector(Injector):
+    __slots__ = ("_timeline", "_windows")
+
+    def __init__(
+        self, timeline: Timeline, windows: tuple[Window, ...], name: str, enabled: bool
+    ) -> None:
+        super().__init__(name, timeline._rng, enabled)
+        self._timeline = timeline
+        self._windows = windows
+
+    def _pick(self) -> tuple[Injection, ...]:
+        origin = self._timeline._origin
+        if origin is None:
+            return ()
+        elapsed = clock.now() - origin
+        rng = self._rng
+        return tuple(
+            w.injection
+            for w in self._windows
+            if w.covers(elapsed) and (w.rate >= 1.0 or rng.random() < w.rate)
+        )
+
+    def __repr__(self) -> str:
+        state = "on" if self._on else "off"
+        return f"<timeline injector {self.name!r}, {len(self._windows)} windows, {state}>"

@@ -1,0 +1,267 @@
+"""Simulate retry policies under contention or through an outage (the retry-storm lab).
+
+``simulate contention`` has N clients update one record with optimistic
+concurrency and reports, per policy, the writes made and the time until the
+last client succeeded.  ``simulate outage`` offers steady traffic to a
+dependency that goes down for a while and reports load amplification,
+success rates and recovery time.  Both run the library's own backoff, budget
+and breaker on a simulated clock: seeded, deterministic, and far faster than
+real time.  Policies are built-ins (``--policy full,decorrelated``) or tables
+of a TOML file (``--policies FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from ..durations import DurationError, parse_duration
+from ..schema import ConfigError
+from ..simulate import report
+from ..simulate.contention import ContentionSetup, run_contention
+from ..simulate.outage import OutageSetup, run_outage
+from ..simulate.policies import SimPolicy, resolve_policies
+
+__all__ = ["add_arguments", "run"]
+
+_CONTENTION_POLICIES = "none,full,equal,decorrelated,decorrelated_v2,proportional"
+_OUTAGE_POLICIES = "plain,default"
+#: A run that lasts longer than this (wall-clock seconds) gets a progress bar.
+_PROGRESS_AFTER = 1.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``contention`` and ``outage`` subcommands and their options."""
+    scenarios = parser.add_subparsers(dest="scenario", metavar="SCENARIO", required=True)
+    contention = scenarios.add_parser(
+        "contention",
+        help="N clients updating one record: writes and completion time per policy",
+        description=(
+            "N clients each update one shared record once with optimistic concurrency; "
+            "one-way messages take |Normal(10 ms, 2 ms)|."
+        ),
+    )
+    _common(contention, _CONTENTION_POLICIES)
+    contention.add_argument(
+        "--clients",
+        type=_counts,
+        default=(10, 25, 50, 100),
+        metavar="N,N,...",
+        help="client counts to simulate (default: 10,25,50,100)",
+    )
+    contention.add_argument(
+        "--runs", type=_count, default=20, help="runs averaged per point (default: 20)"
+    )
+    contention.add_argument(
+        "--base",
+        type=_duration,
+        default=0.005,
+        metavar="DURATION",
+        help="base delay of the built-in policies (default: 5ms, the benchmark's)",
+    )
+    contention.add_argument(
+        "--cap",
+        type=_duration,
+        default=2.0,
+        metavar="DURATION",
+        help="maximum delay of the built-in policies (default: 2s, the benchmark's)",
+    )
+    outage = scenarios.add_parser(
+        "outage",
+        help="steady traffic to a dependency that goes down: amplification and recovery",
+        description=(
+            "Clients offer a steady request rate to a dependency that is down for a while; "
+            "each client has its own breaker and budget."
+        ),
+    )
+    _common(outage, _OUTAGE_POLICIES)
+    outage.add_argument(
+        "--rate", type=float, default=100.0, help="requests per second offered (default: 100)"
+    )
+    outage.add_argument(
+        "--clients",
+        type=_count,
+        default=10,
+        help="client processes sharing the rate, each with its own breaker and budget "
+        "(default: 10)",
+    )
+    outage.add_argument(
+        "--duration",
+        type=_duration,
+        default=60.0,
+        metavar="DURATION",
+        help="simulated time in all (default: 60s)",
+    )
+    outage.add_argument(
+        "--outage-start",
+        type=_duration,
+        default=5.0,
+        metavar="DURATION",
+        help="when the dependency goes down (default: 5s)",
+    )
+    outage.add_argument(
+        "--outage",
+        type=_duration,
+        default=20.0,
+        metavar="DURATION",
+        help="how long it stays down (default: 20s)",
+    )
+
+
+def _common(parser: argparse.ArgumentParser, default_policies: str) -> None:
+    parser.add_argument(
+        "-p",
+        "--policy",
+        action="append",
+        default=[],
+        metavar="NAME[,NAME...]",
+        help=f"policies to compare, built-in or from --policies (default: {default_policies})",
+    )
+    parser.add_argument("--policies", metavar="FILE", help="a TOML file of [policies.NAME] tables")
+    parser.add_argument("--seed", type=_seed, default=0, help="the random seed (default: 0)")
+    parser.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="a table for people (default) or JSON for scripts",
+    )
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="also draw the curves into FILE (needs matplotlib)"
+    )
+    parser.set_defaults(default_policies=default_policies)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the scenario asked for; 0 on success, 2 on a bad option or policy file."""
+    if args.plot and not report.has_matplotlib():
+        print(
+            "datapunk-recovery simulate: --plot needs matplotlib: "
+            "pip install 'datapunk-recovery[plot]'",
+            file=sys.stderr,
+        )
+        return 2
+    names = [name.strip() for value in args.policy for name in value.split(",") if name.strip()]
+    if not names and args.policies is None:
+        names = args.default_policies.split(",")
+    try:
+        if args.scenario == "contention":
+            policies = resolve_policies(
+                names, args.policies, base_delay=args.base, max_delay=args.cap
+            )
+            _contention(args, policies)
+        else:
+            policies = resolve_policies(names, args.policies)
+            _outage(args, policies)
+    except (ConfigError, ValueError) as exc:
+        print(f"datapunk-recovery simulate: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _contention(args: argparse.Namespace, policies: dict[str, SimPolicy]) -> None:
+    setup = ContentionSetup(clients=args.clients, runs=args.runs, seed=args.seed)
+    total = len(policies) * len(setup.clients) * setup.runs
+    with _Progress("contention", total) as progress:
+        points = run_contention(policies, setup, progress)
+    if args.format == "json":
+        print(report.contention_json(points, setup, policies))
+    else:
+        report.render(report.contention_table(points, setup), sys.stdout)
+    if args.plot:
+        report.plot_contention(points, args.plot)
+
+
+def _outage(args: argparse.Namespace, policies: dict[str, SimPolicy]) -> None:
+    setup = OutageSetup(
+        rate=args.rate,
+        clients=args.clients,
+        duration=args.duration,
+        outage_start=args.outage_start,
+        outage_duration=args.outage,
+        seed=args.seed,
+    )
+    with _Progress("outage", len(policies)) as progress:
+        results = run_outage(policies, setup, progress)
+    if args.format == "json":
+        print(report.outage_json(results, setup, policies))
+    else:
+        report.render(report.outage_table(results, setup), sys.stdout)
+    if args.plot:
+        report.plot_outage(results, setup, args.plot)
+
+
+class _Progress:
+    """A rich progress bar on stderr, shown only once a run has lasted a second.
+
+    Silent when stderr is not a terminal or rich is not installed, so that
+    scripts and pipes see only the results.
+    """
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what = what
+        self.total = total
+        self.done = 0
+        self.started = time.monotonic()
+        self.enabled = sys.stderr.isatty() and report.has_rich()
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> Callable[[], None]:
+        return self.advance
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.bar is None:
+            if not self.enabled or time.monotonic() - self.started < _PROGRESS_AFTER:
+                return
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self.bar = Progress(console=Console(stderr=True), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(f"simulating {self.what}", total=self.total)
+        self.bar.update(self.task, completed=self.done)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except DurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    return tuple(_count(part.strip()) for part in text.split(","))

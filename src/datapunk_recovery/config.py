@@ -1,0 +1,386 @@
+"""The configuration of :class:`~datapunk_recovery.strategies.RecoveryStrategies`.
+
+One document describes how every service of a process recovers.  It comes
+from a TOML file, from environment variables, or both (variables win, key by
+key), and is validated into frozen dataclasses with the library's own
+configuration schema (:mod:`datapunk_recovery.schema`): durations read
+``"250ms"`` or ``"2s"`` (:mod:`datapunk_recovery.durations`), and every
+problem is reported at once, naming the file or the variable, the key path
+and the value.
+
+The layout::
+
+    [defaults]                         # what every service inherits
+    retry = { max_attempts = 3, base_delay = "100ms", max_delay = "10s" }
+    breaker = { consecutive_failures = 5, open_duration = "30s" }
+    budget = {}                        # gRPC-style token budget, its defaults
+    attempt_timeout = "2s"
+
+    [defaults.categories.rate_limited] # per error category, inherits [defaults.retry]
+    base_delay = "1s"
+    max_attempts = 5
+
+    [services.payments]                # overrides only what differs
+    retry = { max_attempts = 5 }
+    endpoints = ["primary", "secondary"]
+
+    [pools.gpu]                        # resource pools the facade creates
+    capacity = 4
+    max_wait = "2s"
+
+    [databases.orders]                 # databases the facade opens and closes
+    sqlite = "orders.db"
+
+Inheritance is by key: a service's ``retry`` table starts from the defaults'
+``retry`` and changes only the keys it writes; so do ``breaker``, ``budget``
+and ``bulkhead``.  A category table starts from the ``retry`` table of its
+own service, and a service inherits every category table of the defaults
+(re-read against its own ``retry``).  ``"none"`` switches an optional part
+off (``breaker = "none"``).
+
+Environment variables use the key path with double underscores:
+``DATAPUNK_RECOVERY__SERVICES__PAYMENTS__RETRY__MAX_ATTEMPTS=5``.  Names are
+lower-cased, so services set from the environment have lower-case names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+from ._validate import check_count, check_seconds
+from .backoff import RetryConfig
+from .breaker import BreakerConfig
+from .budget import TokenBudgetConfig
+from .bulkhead import BulkheadConfig
+from .errors import ErrorCategory
+from .resource.pool import PoolConfig
+from .schema import ConfigError, Problem, Text, build, env_overrides, merge, read_toml
+
+__all__ = [
+    "ENV_PREFIX",
+    "CacheSettings",
+    "ConfigError",
+    "DatabaseSettings",
+    "RecoveryConfig",
+    "ServicePolicy",
+    "build_config",
+    "load_config",
+]
+
+#: The prefix of environment overrides: ``DATAPUNK_RECOVERY__KEY__PATH=value``.
+ENV_PREFIX: Final = "DATAPUNK_RECOVERY"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePolicy:
+    """How calls to one service recover (or, as ``defaults``, every service).
+
+    - ``retry``: the retry configuration of every error, and ``categories``
+      one per error category that deserves another (slower backoff for
+      ``rate_limited``, say); each counts attempts over the whole call.
+    - ``breaker``: the circuit breaker of the service (one per endpoint when
+      ``endpoints`` are given); ``None`` for none.
+    - ``budget``: the gRPC-style retry budget shared by every retry of the
+      service; ``None`` for none.
+    - ``bulkhead``: at most so many concurrent calls; ``None`` for no limit.
+    - ``attempt_timeout``: seconds one attempt may take (async attempts are
+      cancelled); ``None`` for no limit.
+    - ``endpoints``: names of the service's endpoints, best priority first; a
+      retry goes to another endpoint than the one that just failed, and an
+      endpoint whose breaker is open is skipped.
+    """
+
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    categories: Mapping[ErrorCategory, RetryConfig] = field(default_factory=dict)
+    breaker: BreakerConfig | None = field(default_factory=BreakerConfig)
+    budget: TokenBudgetConfig | None = field(default_factory=TokenBudgetConfig)
+    bulkhead: BulkheadConfig | None = None
+    attempt_timeout: float | None = None
+    endpoints: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        owner = "ServicePolicy"
+        for name, kind in (
+            ("retry", RetryConfig),
+            ("breaker", BreakerConfig),
+            ("budget", TokenBudgetConfig),
+            ("bulkhead", BulkheadConfig),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, kind) and not (value is None and name != "retry"):
+                raise TypeError(f"{owner}.{name}: expected a {kind.__name__}, got {value!r}")
+        categories: dict[ErrorCategory, RetryConfig] = {}
+        for key, config in dict(self.categories).items():
+            try:
+                category = ErrorCategory(key)
+            except ValueError:
+                raise ValueError(f"{owner}.categories: unknown error category {key!r}") from None
+            if not isinstance(config, RetryConfig):
+                raise TypeError(
+                    f"{owner}.categories: expected a RetryConfig for {category.value}, "
+                    f"got {config!r}"
+                )
+            categories[category] = config
+        object.__setattr__(self, "categories", MappingProxyType(categories))
+        if self.attempt_timeout is not None:
+            if isinstance(self.attempt_timeout, bool) or not isinstance(
+                self.attempt_timeout, int | float
+            ):
+                raise TypeError(
+                    f"{owner}.attempt_timeout: expected seconds or None, "
+                    f"got {self.attempt_timeout!r}"
+                )
+            if not 0 < self.attempt_timeout < float("inf"):
+                raise ValueError(
+                    f"{owner}.attempt_timeout: must be > 0 seconds, got {self.attempt_timeout!r}"
+                )
+            object.__setattr__(self, "attempt_timeout", float(self.attempt_timeout))
+        endpoints = tuple(self.endpoints)
+        if not all(isinstance(e, str) and e for e in endpoints):
+            raise TypeError(f"{owner}.endpoints: expected non-empty names, got {endpoints!r}")
+        if len(set(endpoints)) != len(endpoints):
+            raise ValueError(f"{owner}.endpoints: names must be unique, got {endpoints!r}")
+        object.__setattr__(self, "endpoints", endpoints)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """How :meth:`~datapunk_recovery.strategies.RecoveryStrategies.with_cache_recovery` reads.
+
+    ``ttl``: seconds a value read from the source is kept in the cache.
+    ``stale_ttl``: seconds past that during which the last good value may
+    still be served (marked stale) when both the cache and the source fail.
+    ``max_stale_entries``: how many last good values are kept for that, at most.
+    """
+
+    ttl: float = 60.0
+    stale_ttl: float = 300.0
+    max_stale_entries: int = 10_000
+
+    def __post_init__(self) -> None:
+        owner = "CacheSettings"
+        object.__setattr__(self, "ttl", check_seconds(owner, "ttl", self.ttl, positive=True))
+        object.__setattr__(self, "stale_ttl", check_seconds(owner, "stale_ttl", self.stale_ttl))
+        check_count(owner, "max_stale_entries", self.max_stale_entries)
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    """A database the facade opens on entry and closes on exit: one of ``sqlite`` (a
+    file path) or ``postgres`` (a DSN, opened as an asyncpg pool of ``max_size``
+    connections).  The DSN is never shown in messages or events.
+    """
+
+    sqlite: str | None = None
+    postgres: str | None = None
+    max_size: int = 10
+
+    def __post_init__(self) -> None:
+        owner = "DatabaseSettings"
+        given = [name for name in ("sqlite", "postgres") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"{owner}.sqlite: give exactly one of sqlite or postgres, got {given}")
+        for name in given:
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise TypeError(f"{owner}.{name}: expected a non-empty text")
+        check_count(owner, "max_size", self.max_size)
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryConfig:
+    """The whole configuration: ``defaults``, ``services`` by name, and what to create.
+
+    ``policy(name)`` is the effective policy of a service: its own when
+    configured, else the defaults.
+    """
+
+    defaults: ServicePolicy = field(default_factory=ServicePolicy)
+    services: Mapping[str, ServicePolicy] = field(default_factory=dict)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    pools: Mapping[str, PoolConfig] = field(default_factory=dict)
+    databases: Mapping[str, DatabaseSettings] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        owner = "RecoveryConfig"
+        if not isinstance(self.defaults, ServicePolicy):
+            raise TypeError(f"{owner}.defaults: expected a ServicePolicy, got {self.defaults!r}")
+        for name, kind in (
+            ("services", ServicePolicy),
+            ("pools", PoolConfig),
+            ("databases", DatabaseSettings),
+        ):
+            table = dict(getattr(self, name))
+            for key, value in table.items():
+                if not isinstance(key, str) or not key:
+                    raise TypeError(f"{owner}.{name}: names must be non-empty str, got {key!r}")
+                if not isinstance(value, kind):
+                    raise TypeError(
+                        f"{owner}.{name}[{key!r}]: expected a {kind.__name__}, got {value!r}"
+                    )
+            object.__setattr__(self, name, MappingProxyType(table))
+        if not isinstance(self.cache, CacheSettings):
+            raise TypeError(f"{owner}.cache: expected a CacheSettings, got {self.cache!r}")
+
+    def policy(self, service: str) -> ServicePolicy:
+        """The effective policy of ``service`` (the defaults when it is not configured)."""
+        return self.services.get(service, self.defaults)
+
+
+_TOP_KEYS: Final = ("defaults", "services", "cache", "pools", "databases")
+
+
+@dataclass(frozen=True, slots=True)
+class _Rest:
+    # The part of the document the schema reads in one go (no inheritance).
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    pools: Mapping[str, PoolConfig] = field(default_factory=dict)
+    databases: Mapping[str, DatabaseSettings] = field(default_factory=dict)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    prefix: str = ENV_PREFIX,
+) -> RecoveryConfig:
+    """Read a TOML file (optional) and the environment overrides into a :class:`RecoveryConfig`.
+
+    ``environ`` defaults to ``os.environ``; pass ``{}`` to ignore it.  Raises
+    :class:`~datapunk_recovery.schema.ConfigError` listing every problem.
+    """
+    document: dict[str, Any] = {} if path is None else read_toml(path)
+    overrides = env_overrides(os.environ if environ is None else environ, prefix)
+    source = str(path) if path is not None else "environment"
+    return build_config(merge(document, overrides), source=source)
+
+
+def build_config(document: Mapping[str, Any], *, source: str = "configuration") -> RecoveryConfig:
+    """A :class:`RecoveryConfig` from a parsed document (a TOML table, maybe with env overrides).
+
+    ``source`` names the document in problems (values that came from the
+    environment name their variable instead).  Raises
+    :class:`~datapunk_recovery.schema.ConfigError` listing every problem.
+    """
+    problems: list[Problem] = []
+    if not isinstance(document, Mapping):
+        raise ConfigError([_problem(source, "", "expected a table of settings", document)])
+    for key in document:
+        if key not in _TOP_KEYS:
+            problems.append(
+                _problem(
+                    source,
+                    str(key),
+                    f"unknown key (known: {', '.join(_TOP_KEYS)})",
+                    document[key],
+                )
+            )
+    reader = _Reader(source, problems)
+    defaults_raw = reader.table(document.get("defaults", {}), "defaults")
+    defaults = reader.service(defaults_raw, "defaults", ServicePolicy(), {}) or ServicePolicy()
+    inherited = reader.table(defaults_raw.get("categories", {}), "defaults.categories")
+    services: dict[str, ServicePolicy] = {}
+    services_raw = reader.table(document.get("services", {}), "services")
+    for name, raw in services_raw.items():
+        path = f"services.{name}"
+        policy = reader.service(reader.table(raw, path), path, defaults, inherited)
+        if policy is not None:
+            services[str(name)] = policy
+    rest_raw = {k: document[k] for k in ("cache", "pools", "databases") if k in document}
+    rest = reader.build(_Rest, rest_raw, "", None)
+    if problems:
+        raise ConfigError(problems)
+    assert rest is not None
+    return RecoveryConfig(
+        defaults=defaults,
+        services=services,
+        cache=rest.cache,
+        pools=rest.pools,
+        databases=rest.databases,
+    )
+
+
+def _problem(source: str, path: str, message: str, value: object) -> Problem:
+    if isinstance(value, Text):
+        return Problem(value.source, path, message, value.value)
+    if isinstance(value, Mapping):
+        return Problem(source, path, message)
+    return Problem(source, path, message, value)
+
+
+class _Reader:
+    """One pass over a document, collecting every problem (the schema does the fields)."""
+
+    __slots__ = ("failed_categories", "problems", "source")
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+        #: Default category tables that were already reported as bad.
+        self.failed_categories: set[str] = set()
+
+    def table(self, raw: object, path: str) -> Mapping[str, Any]:
+        if isinstance(raw, Mapping):
+            return raw
+        self.problems.append(_problem(self.source, path, "expected a table", raw))
+        return {}
+
+    def build(self, cls: type[Any], raw: Mapping[str, Any], path: str, base: Any) -> Any:
+        try:
+            return build(cls, raw, source=self.source, path=path, base=base)
+        except ConfigError as exc:
+            self.problems.extend(exc.problems)
+            return None
+
+    def service(
+        self,
+        raw: Mapping[str, Any],
+        path: str,
+        base: ServicePolicy,
+        inherited: Mapping[str, Any],
+    ) -> ServicePolicy | None:
+        own = self.table(raw.get("categories", {}), f"{path}.categories")
+        fields = {k: v for k, v in raw.items() if k != "categories"}
+        policy: ServicePolicy | None = self.build(ServicePolicy, fields, path, base)
+        # Categories are read even when the rest failed, so that every problem is listed.
+        retry_base = base.retry if policy is None else policy.retry
+        categories: dict[ErrorCategory, RetryConfig] = {}
+        ok = True
+        for name in [*inherited, *(n for n in own if n not in inherited)]:
+            where = f"{path}.categories.{name}"
+            try:
+                category = ErrorCategory(str(name))
+            except ValueError:
+                if name in own or path == "defaults":
+                    known = ", ".join(c.value for c in ErrorCategory)
+                    self.problems.append(
+                        _problem(
+                            self.source, where, f"unknown error category (known: {known})", name
+                        )
+                    )
+                ok = False
+                continue
+            if name in own:
+                table = merge(
+                    self.table(inherited.get(name, {}), where), self.table(own[name], where)
+                )
+            elif name in self.failed_categories:
+                ok = False  # reported once, at the defaults
+                continue
+            else:
+                table = dict(self.table(inherited[name], where))
+            config = self.build(RetryConfig, table, where, retry_base)
+            if config is None:
+                ok = False
+                if path == "defaults":
+                    self.failed_categories.add(name)
+            else:
+                categories[category] = config
+        if not ok or policy is None:
+            return None
+        return dataclasses.replace(policy, categories=categories)

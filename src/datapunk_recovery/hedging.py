@@ -1,0 +1,415 @@
+"""Hedged requests: when an attempt is slow, start another and take the first good answer.
+
+Tail latency comes from a few slow replicas or packets; a second copy of a
+slow request usually finds a fast path (Dean and Barroso, "The Tail at
+Scale").  A :class:`Hedger` starts the first attempt and, if it has not
+answered after the hedge delay, starts another (up to ``max_hedges``
+extra attempts), takes the first success and cancels the rest.
+
+- **Delay**: fixed (``delay`` seconds) or a latency percentile the hedger
+  tracks over its recent successful attempts (``percentile=0.95``: hedge the
+  slowest 5%); until ``min_samples`` are known the fixed delay is used.
+- **Only idempotent calls** are hedged: two copies of a payment are two
+  payments.  Mark a function with :func:`idempotent` (or give the pipeline
+  ``idempotent=True``); an unmarked call runs once, unhedged.
+- **Budget**: every extra attempt draws on the retry budget (it asks
+  ``allow_retry()`` first, and reports how it ended with ``on_attempt``), so
+  hedges and retries together stay within the service's budget.
+- **Failures**: a retryable failure of one attempt starts the next hedge at
+  once (gRPC's rule); a failure that is not retryable, or that an inner layer
+  marked final, ends the call with that error at once.  When every attempt
+  failed, the last error is raised.
+- **Deadline**: no hedge starts once the overall deadline has passed, and the
+  hedge delay never waits past it.
+
+Async only (asyncio and trio): a sync call cannot be cancelled, so it cannot
+be raced safely.  Losers are cancelled and awaited before the call returns;
+cancelling the call cancels every attempt, and cancelled attempts count as
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import math
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, ClassVar, ParamSpec, TypeVar, cast
+
+from . import _runtime, clock
+from ._context import CURRENT
+from ._validate import check_count, check_fraction, check_seconds
+from .budget import RetryGate
+from .errors import classify, final_reason
+from .events import Event, EventBus, emit, global_bus
+
+__all__ = [
+    "HedgeConfig",
+    "HedgeRefused",
+    "HedgeStarted",
+    "HedgeWon",
+    "Hedger",
+    "idempotent",
+    "is_idempotent",
+]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+_IDEMPOTENT = "__datapunk_idempotent__"
+
+
+def idempotent(fn: F) -> F:
+    """Mark ``fn`` as safe to run more than once for one request (hedging may race it)."""
+    setattr(fn, _IDEMPOTENT, True)
+    return fn
+
+
+def is_idempotent(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` was marked with :func:`idempotent`."""
+    return getattr(fn, _IDEMPOTENT, False) is True
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeConfig:
+    """When to hedge and how much.
+
+    ``delay`` is the fixed hedge delay in seconds (also used until
+    ``min_samples`` latencies are known when ``percentile`` is set);
+    ``percentile`` (e.g. 0.95) makes the delay that percentile of the last
+    ``window`` successful attempts' latencies, kept within
+    [``min_delay``, ``max_delay``]; ``max_hedges`` bounds the extra attempts.
+    """
+
+    delay: float = 0.05
+    percentile: float | None = None
+    max_hedges: int = 1
+    min_samples: int = 20
+    window: int = 256
+    min_delay: float = 0.0
+    max_delay: float = 10.0
+
+    def __post_init__(self) -> None:
+        owner = "HedgeConfig"
+        s = object.__setattr__
+        s(self, "delay", check_seconds(owner, "delay", self.delay))
+        if self.percentile is not None:
+            s(
+                self,
+                "percentile",
+                check_fraction(owner, "percentile", self.percentile, allow_zero=False),
+            )
+        check_count(owner, "max_hedges", self.max_hedges)
+        check_count(owner, "min_samples", self.min_samples)
+        check_count(owner, "window", self.window)
+        s(self, "min_delay", check_seconds(owner, "min_delay", self.min_delay))
+        s(self, "max_delay", check_seconds(owner, "max_delay", self.max_delay))
+        if self.max_delay < self.min_delay:
+            raise ValueError(
+                f"{owner}.max_delay: must be >= min_delay ({self.min_delay!r}), "
+                f"got {self.max_delay!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HedgeStarted(Event):
+    """Extra attempt ``hedge`` (1 for the first hedge) started.
+
+    ``reason`` is ``"delay"`` (the previous attempts were slower than
+    ``delay`` seconds) or ``"failure"`` (an attempt failed retryably).
+    """
+
+    name: ClassVar[str] = "hedge.started"
+    area: ClassVar[str] = "hedging"
+
+    hedge: int
+    reason: str
+    delay: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HedgeRefused(Event):
+    """A hedge was due but not started: ``reason`` is ``"budget"`` or ``"deadline"``."""
+
+    name: ClassVar[str] = "hedge.refused"
+    area: ClassVar[str] = "hedging"
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HedgeWon(Event):
+    """Attempt ``attempt`` (0 = the original, 1+ = hedges) answered first, after ``latency`` s."""
+
+    name: ClassVar[str] = "hedge.won"
+    area: ClassVar[str] = "hedging"
+
+    attempt: int
+    latency: float
+
+
+class _Outcome:
+    __slots__ = ("duration", "error", "n", "value")
+
+    def __init__(self, n: int, value: Any, error: Exception | None, duration: float) -> None:
+        self.n = n
+        self.value = value
+        self.error = error
+        self.duration = duration
+
+
+class Hedger:
+    """Races hedged attempts of idempotent async calls (see the module doc).
+
+    ``budget`` is the service's retry budget (any :class:`RetryGate`); ``None``
+    means hedges are limited by ``max_hedges`` only.  Faces:
+    :meth:`call_async` and the object as a decorator of async functions.
+    """
+
+    __slots__ = (
+        "_dirty",
+        "_filled",
+        "_lock",
+        "_samples",
+        "_tracked",
+        "budget",
+        "bus",
+        "config",
+        "name",
+    )
+
+    def __init__(
+        self,
+        name: str = "hedger",
+        config: HedgeConfig | None = None,
+        *,
+        budget: RetryGate | None = None,
+        bus: EventBus | None = None,
+    ) -> None:
+        self.config = config = config if config is not None else HedgeConfig()
+        if not isinstance(config, HedgeConfig):
+            raise TypeError(f"Hedger.config: expected a HedgeConfig, got {config!r}")
+        if budget is not None and not isinstance(budget, RetryGate):
+            raise TypeError(f"Hedger.budget: expected a RetryGate, got {budget!r}")
+        self.name = name
+        self.budget = budget
+        #: Where this hedger's events go first (then the global bus).
+        self.bus = bus if bus is not None else EventBus()
+        self._samples = [0.0] * config.window
+        self._filled = 0  # samples recorded so far (the ring is full past window)
+        self._tracked = config.delay  # the current percentile delay
+        self._dirty = 0  # samples since it was computed
+        self._lock = threading.Lock()
+
+    # -- the delay
+
+    def record(self, latency: float) -> None:
+        """Record the latency (seconds) of a successful attempt."""
+        with self._lock:
+            self._samples[self._filled % len(self._samples)] = latency
+            self._filled += 1
+            self._dirty += 1
+
+    def delay(self) -> float:
+        """The hedge delay now, in seconds."""
+        config = self.config
+        if config.percentile is None or self._filled < config.min_samples:
+            return config.delay
+        # Recompute at most every 16 samples: sorting the window is the cost.
+        if self._dirty >= 16 or self._dirty == self._filled:
+            with self._lock:
+                n = min(self._filled, len(self._samples))
+                ordered = sorted(self._samples[:n])
+                self._dirty = 0
+            value = ordered[max(0, math.ceil(config.percentile * n) - 1)]
+            self._tracked = min(config.max_delay, max(config.min_delay, value))
+        return self._tracked
+
+    # -- decisions shared by the asyncio and trio loops
+
+    def _may_hedge(self, n: int, reason: str, delay: float) -> bool:
+        """Whether extra attempt ``n`` may start now (budget, deadline); reports it."""
+        observed = bool(global_bus._subscribers) or bool(self.bus._subscribers)
+        ctx = CURRENT.get()
+        if ctx is not None and ctx[0] is not None and clock.now() >= ctx[0]:
+            if observed:
+                emit(HedgeRefused(operation=self.name, at=clock.now(), reason="deadline"), self.bus)
+            return False
+        budget = self.budget
+        if budget is not None and not budget.allow_retry():
+            if observed:
+                emit(HedgeRefused(operation=self.name, at=clock.now(), reason="budget"), self.bus)
+            return False
+        if observed:
+            emit(
+                HedgeStarted(
+                    operation=self.name, at=clock.now(), hedge=n, reason=reason, delay=delay
+                ),
+                self.bus,
+            )
+        return True
+
+    def _wait_for_next(self, started: int, delay: float) -> float | None:
+        """How long to wait for an outcome before hedging; ``None``: no more hedges."""
+        if started > self.config.max_hedges:
+            return None
+        ctx = CURRENT.get()
+        if ctx is not None and ctx[0] is not None:
+            left = ctx[0] - clock.now()
+            if left <= delay:
+                return None  # the hedge would start at or past the deadline
+        return delay
+
+    def _settled(self, outcome: _Outcome, start: float) -> bool:
+        """Account a finished attempt; True when it ends the call (success or fatal error)."""
+        if outcome.n > 0 and self.budget is not None:
+            self.budget.on_attempt(outcome.error is None)
+        if outcome.error is None:
+            self.record(outcome.duration)
+            if outcome.n > 0 and (global_bus._subscribers or self.bus._subscribers):
+                now = clock.now()
+                emit(
+                    HedgeWon(operation=self.name, at=now, attempt=outcome.n, latency=now - start),
+                    self.bus,
+                )
+            return True
+        error = outcome.error
+        return final_reason(error) is not None or not classify(error).retryable
+
+    async def _attempt(
+        self, n: int, fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any
+    ) -> _Outcome:
+        start = clock.now()
+        try:
+            value = await fn(*args, **kwargs)
+        except Exception as exc:
+            return _Outcome(n, None, exc, clock.now() - start)
+        return _Outcome(n, value, None, clock.now() - start)
+
+    # -- the race
+
+    async def call_async(
+        self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Await ``fn``, hedged if it is marked :func:`idempotent`."""
+        if not is_idempotent(fn):
+            return await fn(*args, **kwargs)
+        return await self.race(fn, args, kwargs)
+
+    async def race(self, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any) -> T:
+        """Hedge ``fn(*args, **kwargs)`` without checking the idempotent mark.
+
+        For callers that know better than the mark (the pipeline's
+        ``idempotent=True``).
+        """
+        if _runtime.async_library() == "trio":
+            return cast(T, await self._race_trio(fn, args, kwargs))
+        return cast(T, await self._race_asyncio(fn, args, kwargs))
+
+    async def _race_asyncio(self, fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        start = clock.now()
+        delay = self.delay()
+        pending: set[asyncio.Task[_Outcome]] = {
+            loop.create_task(self._attempt(0, fn, args, kwargs))
+        }
+        started = 1
+        last: Exception | None = None
+        try:
+            while pending:
+                timeout = self._wait_for_next(started, delay)
+                done, pending = await asyncio.wait(
+                    pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:  # slower than the delay: hedge
+                    if self._may_hedge(started, "delay", delay):
+                        pending.add(loop.create_task(self._attempt(started, fn, args, kwargs)))
+                        started += 1
+                    else:
+                        started = self.config.max_hedges + 1  # no more hedges for this call
+                    continue
+                for task in done:
+                    outcome = task.result()
+                    if self._settled(outcome, start):
+                        if outcome.error is not None:
+                            raise outcome.error
+                        return outcome.value
+                    last = outcome.error
+                    # A retryable failure: the next hedge starts at once.
+                    if self._wait_for_next(started, 0.0) is not None and self._may_hedge(
+                        started, "failure", delay
+                    ):
+                        pending.add(loop.create_task(self._attempt(started, fn, args, kwargs)))
+                        started += 1
+            assert last is not None
+            raise last
+        finally:
+            last = None
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+
+    async def _race_trio(self, fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any) -> Any:
+        import trio
+
+        start = clock.now()
+        delay = self.delay()
+        send, receive = trio.open_memory_channel[_Outcome](math.inf)
+
+        async def run(n: int) -> None:
+            send.send_nowait(await self._attempt(n, fn, args, kwargs))
+
+        winner: _Outcome | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, 0)
+            started, running = 1, 1
+            while running:
+                timeout = self._wait_for_next(started, delay)
+                got: _Outcome | None = None
+                with trio.move_on_after(math.inf if timeout is None else timeout):
+                    got = await receive.receive()
+                if got is None:  # slower than the delay: hedge
+                    if self._may_hedge(started, "delay", delay):
+                        nursery.start_soon(run, started)
+                        started, running = started + 1, running + 1
+                    else:
+                        started = self.config.max_hedges + 1  # no more hedges for this call
+                    continue
+                running -= 1
+                winner = got
+                if self._settled(got, start):
+                    break
+                # A retryable failure: the next hedge starts at once.
+                if self._wait_for_next(started, 0.0) is not None and self._may_hedge(
+                    started, "failure", delay
+                ):
+                    nursery.start_soon(run, started)
+                    started, running = started + 1, running + 1
+            nursery.cancel_scope.cancel()
+        assert winner is not None
+        if winner.error is not None:
+            raise winner.error
+        return winner.value
+
+    def __call__(
+        self, fn: Callable[P, Coroutine[Any, Any, T]]
+    ) -> Callable[P, Coroutine[Any, Any, T]]:
+        """Decorate an async function: hedged when it is marked idempotent."""
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(
+                f"Hedger {self.name!r}: hedging needs an async function (a sync call "
+                f"cannot be cancelled), got {fn!r}"
+            )
+
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            if is_idempotent(fn):
+                return cast(T, await self.race(fn, args, kwargs))
+            return await fn(*args, **kwargs)
+
+        return wrapper

@@ -1,0 +1,41 @@
+"""The retry-storm lab: what a policy does under contention and through an outage.
+
+A discrete-event simulation (:mod:`.kernel`) on the library's fake clock runs
+the library's own code — :meth:`RetryConfig.delays`, the retry budgets, the
+circuit breaker — for many simulated clients at once, seeded and
+deterministic, far faster than real time:
+
+- :mod:`.contention`: N clients update one record with optimistic
+  concurrency (the AWS "Exponential Backoff And Jitter" benchmark);
+- :mod:`.outage`: steady traffic to a dependency that goes down for a while;
+- :mod:`.policies`: named built-ins and TOML policy files;
+- :mod:`.report`: tables, JSON and plots.
+
+``datapunk-recovery simulate`` is the command line over it; see
+``docs/simulate.md``.
+"""
+
+from __future__ import annotations
+
+from .contention import ContentionPoint, ContentionSetup, run_contention, simulate_contention
+from .kernel import Simulation
+from .outage import OutageResult, OutageSetup, Second, run_outage, simulate_outage
+from .policies import DEFAULT_POLICY, SimPolicy, builtin_policies, load_policies, resolve_policies
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "ContentionPoint",
+    "ContentionSetup",
+    "OutageResult",
+    "OutageSetup",
+    "Second",
+    "SimPolicy",
+    "Simulation",
+    "builtin_policies",
+    "load_policies",
+    "resolve_policies",
+    "run_contention",
+    "run_outage",
+    "simulate_contention",
+    "simulate_outage",
+]

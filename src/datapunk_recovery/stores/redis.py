@@ -1,0 +1,765 @@
+"""The Redis store: breaker state shared by every process that uses the same Redis.
+
+When a service runs as many replicas, each with its own breaker, one replica
+keeps hammering a dead dependency the others already gave up on.  With a
+:class:`RedisStore`, breakers of the same name in every process share one
+state, kept in Redis and changed only by Lua scripts (atomic, one round trip).
+
+How it is organised, per primitive (breakers now, budgets may follow):
+
+- **Keys** are ``{prefix}:{<kind>:<name>}:<part>``: the hash tag
+  ``{<kind>:<name>}`` puts every key of one primitive in one Redis Cluster
+  slot, so a script may touch them all; every write refreshes a TTL
+  (``key_ttl`` seconds) so abandoned keys expire.
+- **Scripts** live in module constants (``_BREAKER_LUA``) and are registered
+  once per store (``EVALSHA``, reloaded by redis-py after a server restart).
+  State is plain hash fields (numbers), validated by the script on every read:
+  a state that does not parse is reset and reported, never trusted.
+  Nothing is pickled.
+- **Links** (:class:`_BreakerLink`) do the rest for one primitive: a local
+  read cache (``cache_ttl`` seconds; it bounds how long replicas may
+  disagree), outcome writes in the background (the caller never waits for
+  Redis after its call), and the fallback to local state when Redis is
+  unreachable or answers garbage.
+
+Redis errors never reach the caller: every store operation is bounded by
+``timeout`` seconds, and a failing one switches the link to its breaker's
+local state (``on_unavailable="local"``, calls keep flowing and are judged
+locally) or refuses every call (``"closed"``) until Redis answers again; the
+store is tried again every ``retry_interval`` seconds.  Sharing then resumes;
+outcomes recorded locally during the outage are not pushed to Redis.
+
+Async only, asyncio only (redis.asyncio); a sync breaker asked to use it raises
+``TypeError``.  Time in shared state is Redis's own clock (``TIME``), so
+processes whose monotonic clocks differ still agree on when an open period ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from .. import _runtime, clock
+from .._validate import check_count, check_seconds
+from ..breaker import (
+    BreakerConfig,
+    BreakerState,
+    BreakerStateChanged,
+    CallRejected,
+    CorruptStateIgnored,
+    ShadowTrip,
+    StoreFallback,
+    StoreResumed,
+    WindowKind,
+)
+from ..errors import CircuitOpenError
+from ..events import emit
+
+if TYPE_CHECKING:
+    from ..breaker import CircuitBreaker
+
+__all__ = ["RedisStore"]
+
+_OWNER: Final = "RedisStore"
+
+# State codes shared with the Lua script.
+_CODES: Final = (
+    BreakerState.CLOSED,
+    BreakerState.OPEN,
+    BreakerState.HALF_OPEN,
+    BreakerState.DISABLED,
+    BreakerState.FORCED_OPEN,
+    BreakerState.METRICS_ONLY,
+)
+_CODE_OF: Final = {state: i for i, state in enumerate(_CODES)}
+_PASSING: Final = frozenset({BreakerState.CLOSED, BreakerState.DISABLED, BreakerState.METRICS_ONLY})
+_REASONS: Final = frozenset(
+    {
+        "",
+        "consecutive_failures",
+        "failure_rate",
+        "slow_call_rate",
+        "server_delay",
+        "open_elapsed",
+        "probe_failed",
+        "probes_succeeded",
+        "half_open_timeout",
+        "probe_timeout",
+        "isolate",
+        "reset",
+        "disable",
+        "metrics_only",
+    }
+)
+_MAX_REMAINING_US: Final = 10**13  # ~116 days: anything longer is garbage
+
+# One script per primitive: ARGV[1] is the operation (read, acquire, record,
+# release, force), ARGV[2] the configuration as JSON, ARGV[3] a uniform random
+# number for the open-duration jitter, the rest the operation's arguments.
+# Reply: {state, generation, remaining_us, granted (0/1/2=probe), free permits,
+# consecutive failures, window calls, window failures, window slow calls,
+# corrupt (0/1), reason of a transition made now (or ""), shadow trip (0/1)}.
+_BREAKER_LUA: Final = r"""
+pcall(redis.replicate_commands)
+local key, ringk, wink = KEYS[1], KEYS[2], KEYS[3]
+local op = ARGV[1]
+local cfg = cjson.decode(ARGV[2])
+local u = tonumber(ARGV[3]) or 0.5
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local CLOSED, OPEN, HALF, DISABLED, FORCED, METRICS = 0, 1, 2, 3, 4, 5
+
+local function num(x)
+  local n = tonumber(x)
+  if n == nil or n ~= n or n == math.huge or n == -math.huge then return nil end
+  return n
+end
+local function int(x)
+  local n = num(x)
+  if n == nil or n ~= math.floor(n) or n < 0 then return nil end
+  return n
+end
+
+local S
+local function fresh(g)
+  S = {s = CLOSED, g = g, ou = 0, hu = 0, c = 0, pi = 0, po = 0, r = 0,
+       wc = 0, wf = 0, ws = 0, wp = 0, wh = false, wz = ''}
+end
+
+local corrupt = 0
+local raw = redis.call('HMGET', key, 's', 'g', 'ou', 'hu', 'c', 'pi', 'po', 'r',
+                       'wc', 'wf', 'ws', 'wp', 'wh', 'wz')
+if raw[1] == false and raw[2] == false then
+  fresh(0)
+else
+  S = {s = int(raw[1]), g = int(raw[2]), ou = num(raw[3]), hu = num(raw[4]),
+       c = int(raw[5]), pi = int(raw[6]), po = int(raw[7]), r = int(raw[8]),
+       wc = int(raw[9]), wf = int(raw[10]), ws = int(raw[11]), wp = int(raw[12]),
+       wh = false, wz = raw[14] or ''}
+  local whok = true
+  if raw[13] then
+    S.wh = tonumber(raw[13])
+    whok = S.wh ~= nil and S.wh == math.floor(S.wh)
+  end
+  if S.s == nil or S.s > 5 or S.g == nil or S.ou == nil or S.hu == nil or S.c == nil
+     or S.pi == nil or S.po == nil or S.r == nil or S.wc == nil or S.wf == nil
+     or S.ws == nil or S.wp == nil or S.wf > S.wc or S.ws > S.wc or not whok then
+    corrupt = 1
+    local g = int(raw[2])
+    if g == nil then g = math.floor(now * 1000) else g = g + 1 end
+    redis.call('DEL', ringk, wink)
+    fresh(g)
+  end
+end
+
+local wk = cfg.wk
+local shape = ''
+if wk == 0 then shape = 'c:' .. cfg.ws elseif wk == 1 then
+  shape = 't:' .. cfg.wd .. ':' .. cfg.wb end
+local function win_clear()
+  S.wc, S.wf, S.ws, S.wp, S.wh = 0, 0, 0, 0, false
+  redis.call('DEL', ringk, wink)
+end
+if S.wz ~= shape then win_clear(); S.wz = shape end
+
+local function win_advance()
+  local n = cfg.wb
+  local epoch = math.floor(now / (cfg.wd / n))
+  if S.wh == false then S.wh = epoch; return epoch % n end
+  if epoch > S.wh then
+    if epoch - S.wh >= n then
+      S.wc, S.wf, S.ws = 0, 0, 0
+      redis.call('DEL', wink)
+    else
+      for e = S.wh + 1, epoch do
+        local i = e % n
+        local b = redis.call('HMGET', wink, 'c' .. i, 'f' .. i, 's' .. i)
+        S.wc = math.max(0, S.wc - (tonumber(b[1]) or 0))
+        S.wf = math.max(0, S.wf - (tonumber(b[2]) or 0))
+        S.ws = math.max(0, S.ws - (tonumber(b[3]) or 0))
+        redis.call('HDEL', wink, 'c' .. i, 'f' .. i, 's' .. i)
+      end
+    end
+    S.wh = epoch
+  end
+  return S.wh % n
+end
+
+local function win_add(failed, slow)
+  if wk == 0 then
+    local p = S.wp
+    if p >= cfg.ws then p = 0 end
+    local old = redis.call('GETRANGE', ringk, p, p)
+    local ob = 0
+    if old ~= '' then ob = string.byte(old) end
+    if ob >= 4 then
+      ob = ob - 4
+      S.wf = S.wf - (ob % 2)
+      S.ws = S.ws - (math.floor(ob / 2) % 2)
+    else
+      S.wc = S.wc + 1
+    end
+    redis.call('SETRANGE', ringk, p, string.char(4 + failed + 2 * slow))
+    S.wf = S.wf + failed
+    S.ws = S.ws + slow
+    S.wp = (p + 1) % cfg.ws
+  elseif wk == 1 then
+    local i = win_advance()
+    redis.call('HINCRBY', wink, 'c' .. i, 1)
+    S.wc = S.wc + 1
+    if failed == 1 then redis.call('HINCRBY', wink, 'f' .. i, 1); S.wf = S.wf + 1 end
+    if slow == 1 then redis.call('HINCRBY', wink, 's' .. i, 1); S.ws = S.ws + 1 end
+  end
+end
+
+local function clear_counts()
+  S.c = 0
+  win_clear()
+end
+
+local reason_out, shadow = '', 0
+local function to(new, reason)
+  S.s = new
+  S.g = S.g + 1
+  reason_out = reason
+  if new == HALF then
+    S.pi, S.po, S.hu = 0, 0, now + cfg.ht
+  elseif new ~= OPEN then
+    clear_counts()
+    if new ~= FORCED then S.r = 0 end
+  end
+end
+
+local function open(hint, reason)
+  local d = hint
+  if d == nil then
+    d = cfg.od * (cfg.ob ^ S.r)
+    if d ~= d or d > cfg.om then d = cfg.om end
+    if cfg.oj > 0 then d = d * (1 - cfg.oj + 2 * cfg.oj * u) end
+  end
+  S.r = S.r + 1
+  S.ou = now + d
+  to(OPEN, reason)
+end
+
+local function judge()
+  if cfg.cf > 0 and S.c >= cfg.cf then return 'consecutive_failures' end
+  if wk >= 0 then
+    if wk == 1 then win_advance() end
+    if S.wc >= cfg.mc then
+      if cfg.fr > 0 and S.wf >= cfg.fr * S.wc then return 'failure_rate' end
+      if cfg.sr > 0 and S.ws >= cfg.sr * S.wc then return 'slow_call_rate' end
+    end
+  end
+  return nil
+end
+
+if S.s == HALF and now >= S.hu then
+  if S.po > 0 then to(CLOSED, 'half_open_timeout') else open(nil, 'probe_timeout') end
+end
+if S.s == OPEN and now >= S.ou then to(HALF, 'open_elapsed') end
+
+local granted = 0
+if op == 'acquire' then
+  if S.s == CLOSED or S.s == DISABLED or S.s == METRICS then
+    granted = 1
+  elseif S.s == HALF and S.pi < cfg.hp then
+    S.pi = S.pi + 1
+    granted = 2
+  end
+elseif op == 'record' then
+  local gen, probe = tonumber(ARGV[4]), tonumber(ARGV[5])
+  local failed, slow, hint = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+  if hint < 0 then hint = nil end
+  if gen == S.g then
+    if S.s == HALF then
+      if probe == 1 then
+        if hint then open(hint, 'server_delay')
+        elseif failed == 1 or (slow == 1 and cfg.sr > 0) then open(nil, 'probe_failed')
+        else
+          S.po = S.po + 1
+          if S.po >= cfg.hp then to(CLOSED, 'probes_succeeded') end
+        end
+      end
+    elseif S.s == CLOSED or S.s == METRICS then
+      if failed == 1 then S.c = S.c + 1 else S.c = 0 end
+      win_add(failed, slow)
+      local reason
+      if hint then reason = 'server_delay' else reason = judge() end
+      if reason then
+        if S.s == METRICS then
+          clear_counts()
+          shadow = 1
+          reason_out = reason
+        else
+          open(hint, reason)
+        end
+      end
+    end
+  end
+elseif op == 'release' then
+  local gen, probe = tonumber(ARGV[4]), tonumber(ARGV[5])
+  if probe == 1 and gen == S.g and S.s == HALF and S.pi > 0 then S.pi = S.pi - 1 end
+elseif op == 'force' then
+  to(tonumber(ARGV[4]), ARGV[5])
+end
+if wk == 1 then win_advance() end
+
+local wh = ''
+if S.wh ~= false then wh = string.format('%.0f', S.wh) end
+redis.call('HSET', key, 's', S.s, 'g', string.format('%.0f', S.g),
+           'ou', string.format('%.6f', S.ou), 'hu', string.format('%.6f', S.hu),
+           'c', S.c, 'pi', S.pi, 'po', S.po, 'r', S.r, 'wc', S.wc, 'wf', S.wf,
+           'ws', S.ws, 'wp', S.wp, 'wz', S.wz)
+if wh == '' then redis.call('HDEL', key, 'wh') else redis.call('HSET', key, 'wh', wh) end
+local ttl = cfg.kt
+redis.call('PEXPIRE', key, ttl)
+if redis.call('EXISTS', ringk) == 1 then redis.call('PEXPIRE', ringk, ttl) end
+if redis.call('EXISTS', wink) == 1 then redis.call('PEXPIRE', wink, ttl) end
+
+local rem = 0
+if S.s == OPEN then rem = S.ou - now elseif S.s == HALF then rem = S.hu - now end
+if rem < 0 then rem = 0 end
+return {S.s, S.g, math.floor(rem * 1000000), granted, cfg.hp - S.pi, S.c,
+        S.wc, S.wf, S.ws, corrupt, reason_out, shadow}
+"""
+
+
+class _Corrupt(Exception):
+    """A reply from Redis that does not parse: treated like Redis being down."""
+
+
+class _Shared:
+    """The shared state as last read: plain, validated fields; times on the local clock."""
+
+    __slots__ = (
+        "calls",
+        "consecutive",
+        "corrupt",
+        "failures",
+        "free",
+        "gen",
+        "granted",
+        "reason",
+        "shadow",
+        "slow",
+        "state",
+        "until",
+    )
+
+    def __init__(self, reply: Any, now: float) -> None:
+        if not isinstance(reply, list | tuple) or len(reply) != 12:
+            raise _Corrupt("reply is not a 12-item array")
+        ints = reply[:10]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
+            raise _Corrupt("reply fields are not non-negative integers")
+        code, gen, rem_us, granted, free, consecutive, calls, failures, slow, corrupt = ints
+        if code >= len(_CODES) or granted > 2 or corrupt > 1 or rem_us > _MAX_REMAINING_US:
+            raise _Corrupt("reply fields out of range")
+        if failures > calls or slow > calls:
+            raise _Corrupt("window counts do not add up")
+        reason = reply[10]
+        if isinstance(reason, bytes):
+            reason = reason.decode("ascii", "replace")
+        if reason not in _REASONS or reply[11] not in (0, 1):
+            raise _Corrupt("unknown transition reason")
+        self.state = _CODES[code]
+        self.gen: int = gen
+        #: When the open period (or the half-open time limit) ends, on the local clock.
+        self.until: float = now + rem_us / 1e6
+        self.granted: int = granted
+        self.free: int = free
+        self.consecutive: int = consecutive
+        self.calls: int = calls
+        self.failures: int = failures
+        self.slow: int = slow
+        self.reason: str = reason
+        self.shadow = reply[11] == 1
+        self.corrupt = corrupt == 1
+
+    def current(self, now: float) -> BreakerState:
+        """The state as time has moved it since the read (open -> half-open)."""
+        if self.state is BreakerState.OPEN and now >= self.until:
+            return BreakerState.HALF_OPEN
+        return self.state
+
+    def remaining(self, now: float) -> float:
+        state = self.state
+        if state in _PASSING:
+            return 0.0
+        if state is BreakerState.FORCED_OPEN:
+            return float("inf")
+        if state is BreakerState.OPEN or self.free <= 0:
+            return max(self.until - now, 0.0)
+        return 0.0
+
+
+def _config_json(config: BreakerConfig, key_ttl_ms: int) -> str:
+    """The configuration fields the script needs, as compact JSON."""
+    kinds = {WindowKind.COUNT: 0, WindowKind.TIME: 1}
+    wk = kinds[config.window] if config.windowed else -1  # -1: no window kept
+    return json.dumps(
+        {
+            "cf": config.consecutive_failures or 0,
+            "fr": config.failure_rate_threshold or 0,
+            "sr": config.slow_call_rate_threshold or 0,
+            "wk": wk,
+            "ws": config.window_size,
+            "wd": config.window_duration,
+            "wb": config.window_buckets,
+            "mc": config.minimum_calls,
+            "hp": config.half_open_permits,
+            "ht": config.half_open_timeout,
+            "od": config.open_duration,
+            "ob": config.open_backoff,
+            "om": config.max_open_duration,
+            "oj": config.open_jitter,
+            "kt": key_ttl_ms,
+        },
+        separators=(",", ":"),
+    )
+
+
+class RedisStore:
+    """Shared state in Redis for breakers of every process using it.
+
+    ``client`` is a ``redis.asyncio.Redis`` (the store never closes it) or a
+    URL (the store makes a client with ``timeout`` as its socket timeouts and
+    closes it in :meth:`aclose`).  Settings, in seconds:
+
+    - ``cache_ttl``: how long a read of the shared state is trusted locally;
+      it bounds how long a process may keep admitting calls after another one
+      opened the breaker.  Default 0.5.
+    - ``timeout``: the longest any Redis operation may take before the link
+      falls back to local state.  Default 0.25.
+    - ``retry_interval``: how often a link whose store failed tries it again.
+      Default 1.0.
+    - ``key_ttl``: abandoned keys expire after this long (every write renews
+      it); at least ``2 * max_open_duration`` of the breakers is used.  Default 3600.
+    - ``on_unavailable``: ``"local"`` (default: judge calls on the breaker's
+      local state while Redis is away) or ``"closed"`` (refuse every call).
+    - ``max_pending``: outcome writes in flight per link; past it, outcomes
+      are applied locally only (so a slow Redis cannot pile up tasks).
+    """
+
+    kind = "redis"
+    is_async = True
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str = "datapunk",
+        cache_ttl: float = 0.5,
+        timeout: float = 0.25,
+        retry_interval: float = 1.0,
+        key_ttl: float = 3600.0,
+        on_unavailable: Literal["local", "closed"] = "local",
+        max_pending: int = 256,
+    ) -> None:
+        self.cache_ttl = check_seconds(_OWNER, "cache_ttl", cache_ttl)
+        self.timeout = check_seconds(_OWNER, "timeout", timeout, positive=True)
+        self.retry_interval = check_seconds(_OWNER, "retry_interval", retry_interval)
+        self.key_ttl = check_seconds(_OWNER, "key_ttl", key_ttl, positive=True)
+        self.max_pending = check_count(_OWNER, "max_pending", max_pending)
+        if on_unavailable not in ("local", "closed"):
+            raise ValueError(
+                f"{_OWNER}.on_unavailable: expected 'local' or 'closed', got {on_unavailable!r}"
+            )
+        self.on_unavailable = on_unavailable
+        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(
+                f"{_OWNER}.prefix: expected a non-empty str without braces, got {prefix!r}"
+            )
+        self.prefix = prefix
+        if isinstance(client, str):
+            import redis.asyncio as aioredis
+
+            self.client = aioredis.Redis.from_url(
+                client, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+            )
+            self._owns_client = True
+        elif hasattr(client, "register_script") and hasattr(client, "evalsha"):
+            self.client = client
+            self._owns_client = False
+        else:
+            raise TypeError(
+                f"{_OWNER}.client: expected a redis.asyncio.Redis or a URL, "
+                f"got {type(client).__name__}"
+            )
+        self._breaker_script = self.client.register_script(_BREAKER_LUA)
+        self._rng = random.Random()
+
+    def __repr__(self) -> str:
+        return f"RedisStore(prefix={self.prefix!r})"
+
+    # -- keys -----------------------------------------------------------------------
+    def keys(self, kind: str, name: str, *parts: str) -> list[str]:
+        """Keys of one primitive, all in one cluster slot: ``prefix:{kind:name}:part``."""
+        tag = f"{self.prefix}:{{{kind}:{name}}}"
+        return [f"{tag}:{part}" for part in parts]
+
+    async def _eval(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        # asyncio.timeout bounds a blackholed server that accepts and never answers.
+        async with asyncio.timeout(self.timeout):
+            return await script(keys=keys, args=args)
+
+    # -- breakers --------------------------------------------------------------------------
+    def bind_breaker(self, breaker: CircuitBreaker) -> _BreakerLink:
+        """Share ``breaker``'s state; custom trip policies cannot be shared (``TypeError``)."""
+        if breaker.config.trip_policy is not None:
+            raise TypeError(
+                f"RedisStore: breaker {breaker.name!r} has a custom trip_policy, "
+                "which lives in one process and cannot be shared"
+            )
+        return _BreakerLink(self, breaker)
+
+    async def breaker_op(self, name: str, config: BreakerConfig, op: str, *args: Any) -> Any:
+        """Run one operation of the breaker script (one round trip); returns the raw reply."""
+        keys = self.keys("breaker", name, "state", "ring", "win")
+        ttl_ms = int(max(self.key_ttl, 2 * config.max_open_duration) * 1000)
+        cfg = _config_json(config, ttl_ms)
+        return await self._eval(
+            self._breaker_script, keys, [op, cfg, repr(self._rng.random()), *args]
+        )
+
+    async def aclose(self) -> None:
+        """Close the client if the store made it."""
+        if self._owns_client:
+            await self.client.aclose()
+
+
+class _BreakerLink:
+    """One breaker's connection to the Redis store: cache, background writes, fallback."""
+
+    def __init__(self, store: RedisStore, breaker: CircuitBreaker) -> None:
+        self.store = store
+        self.breaker = breaker
+        self.core = breaker._core
+        self.cached: _Shared | None = None
+        self.fetched_at = 0.0
+        self.down_since: float | None = None
+        self.retry_at = 0.0
+        self.refreshing = False
+        self.pending: set[asyncio.Task[None]] = set()
+
+    # -- store calls --------------------------------------------------------------------
+    async def _op(self, op: str, *args: Any) -> _Shared | None:
+        """Run ``op``; on success update the cache and return it, else fall back (None)."""
+        store, core = self.store, self.core
+        config = core.config
+        try:
+            reply = await store.breaker_op(self.breaker.name, config, op, *args)
+            shared = _Shared(reply, clock.now())
+        except _Corrupt as exc:
+            if core.listening():
+                emit(
+                    CorruptStateIgnored(
+                        operation=core.name, at=clock.now(), store=store.kind, reason=str(exc)
+                    ),
+                    core.bus,
+                )
+            self._fail("CorruptReply")
+            return None
+        except Exception as exc:  # any Redis trouble: never the caller's problem
+            self._fail(type(exc).__name__)
+            return None
+        self._seen(shared)
+        return shared
+
+    def _seen(self, shared: _Shared) -> None:
+        now = clock.now()
+        core = self.core
+        previous = self.cached
+        self.cached = shared
+        self.fetched_at = now
+        if self.down_since is not None:
+            outage = now - self.down_since
+            self.down_since = None
+            if core.listening():
+                emit(
+                    StoreResumed(operation=core.name, at=now, store=self.store.kind, outage=outage),
+                    core.bus,
+                )
+        if not core.listening():
+            return
+        if shared.corrupt:
+            emit(
+                CorruptStateIgnored(
+                    operation=core.name,
+                    at=now,
+                    store=self.store.kind,
+                    reason="shared state did not parse; reset",
+                ),
+                core.bus,
+            )
+        if shared.shadow:
+            emit(ShadowTrip(operation=core.name, at=now, reason=shared.reason), core.bus)
+        before = previous.current(now) if previous is not None else None
+        if before is not None and before is not shared.state:
+            emit(
+                BreakerStateChanged(
+                    operation=core.name,
+                    at=now,
+                    from_state=before,
+                    to_state=shared.state,
+                    reason=shared.reason if shared.reason and not shared.shadow else "shared",
+                ),
+                core.bus,
+            )
+
+    def _fail(self, error_type: str) -> None:
+        now = clock.now()
+        self.retry_at = now + self.store.retry_interval
+        if self.down_since is not None:
+            return
+        self.down_since = now
+        cached = self.cached
+        if cached is not None:  # decide locally from the last shared state
+            state = cached.current(now)
+            self.core.adopt(state, max(cached.until - now, 0.0))
+        core = self.core
+        if core.listening():
+            emit(
+                StoreFallback(
+                    operation=core.name,
+                    at=now,
+                    store=self.store.kind,
+                    error_type=error_type,
+                    mode=self.store.on_unavailable,
+                ),
+                core.bus,
+            )
+
+    # -- admission -------------------------------------------------------------------------
+    async def allow(self) -> tuple[int, bool, bool]:
+        if _runtime.async_library() != "asyncio":
+            raise TypeError(
+                f"RedisStore: breaker {self.core.name!r} shares its state through "
+                "redis.asyncio, which runs under asyncio only"
+            )
+        now = clock.now()
+        if self.down_since is not None:
+            if now < self.retry_at or await self._refresh() is None:
+                return self._fallback_allow()
+        elif self.cached is None or now - self.fetched_at >= self.store.cache_ttl:
+            if self.refreshing:  # someone is already reading: use what we have
+                if self.cached is None:
+                    return self._fallback_allow()
+            elif await self._refresh() is None:
+                return self._fallback_allow()
+        shared = self.cached
+        assert shared is not None
+        now = clock.now()
+        state = shared.current(now)
+        if state in _PASSING:
+            return shared.gen, False, True
+        if state is BreakerState.FORCED_OPEN or (state is BreakerState.OPEN and now < shared.until):
+            self._reject(state, shared.remaining(now), now)
+        got = await self._op("acquire")
+        if got is None:
+            return self._fallback_allow()
+        if got.granted:
+            return got.gen, got.granted == 2, True
+        now = clock.now()
+        self._reject(got.state, got.remaining(now), now)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _refresh(self) -> _Shared | None:
+        self.refreshing = True
+        try:
+            return await self._op("read")
+        finally:
+            self.refreshing = False
+
+    def _fallback_allow(self) -> tuple[int, bool, bool]:
+        if self.store.on_unavailable == "closed":
+            now = clock.now()
+            self._reject(BreakerState.FORCED_OPEN, max(self.retry_at - now, 0.0), now)
+        gen, probe = self.core.admit()
+        return gen, probe, False
+
+    def _reject(self, state: BreakerState, remaining: float, now: float) -> None:
+        core = self.core
+        core.count_rejection()
+        if core.listening():
+            emit(
+                CallRejected(operation=core.name, at=now, state=state, remaining=remaining),
+                core.bus,
+            )
+        raise CircuitOpenError(core.name, remaining)
+
+    # -- outcomes --------------------------------------------------------------------------
+    def _spawn(self, op: str, *args: Any) -> bool:
+        if self.down_since is not None or len(self.pending) >= self.store.max_pending:
+            return False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        task = loop.create_task(self._background(op, *args))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+        return True
+
+    async def _background(self, op: str, *args: Any) -> None:
+        await self._op(op, *args)
+
+    def record(
+        self,
+        gen: int,
+        probe: bool,
+        failed: bool,
+        slow: bool,
+        duration: float | None,
+        hint: float | None,
+    ) -> None:
+        args = (gen, int(probe), int(failed), int(slow), -1.0 if hint is None else hint)
+        if not self._spawn("record", *args):
+            # Redis is away: the outcome still counts, on the local state.
+            self.core.record(-1, False, failed, slow, duration, hint)
+
+    def release(self, gen: int, probe: bool) -> None:
+        if probe:
+            self._spawn("release", gen, 1)
+
+    async def flush(self) -> None:
+        while self.pending:
+            await asyncio.gather(*list(self.pending), return_exceptions=True)
+
+    async def force(self, state: BreakerState, reason: str) -> None:
+        if await self._op("force", _CODE_OF[state], reason) is None:
+            self.core.force(state, reason)  # at least this process obeys
+
+    # -- inspection ------------------------------------------------------------------------
+    def _refusing(self) -> bool:
+        return self.down_since is not None and self.store.on_unavailable == "closed"
+
+    def state(self) -> BreakerState:
+        if self._refusing():
+            return BreakerState.FORCED_OPEN
+        if self.down_since is not None or self.cached is None:
+            return self.core.current_state()
+        return self.cached.current(clock.now())
+
+    def retry_after(self) -> float:
+        if self._refusing():
+            return max(self.retry_at - clock.now(), 0.0)
+        if self.down_since is not None or self.cached is None:
+            return self.core.retry_after()
+        return self.cached.remaining(clock.now())
+
+    def totals(self) -> tuple[int, int, int] | None:
+        if not self.core.config.windowed:
+            return None
+        if self.down_since is not None or self.cached is None:
+            return self.core.totals()
+        c = self.cached
+        return c.calls, c.failures, c.slow
+
+    def consecutive(self) -> int:
+        if self.down_since is not None or self.cached is None:
+            return self.core.consecutive
+        return self.cached.consecutive

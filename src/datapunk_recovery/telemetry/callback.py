@@ -1,0 +1,62 @@
+"""Callback exporter: the same measurements, or the redacted events, for any other system.
+
+For a backend the library has no exporter for (statsd, a vendor agent, a
+test), give it a function::
+
+    def send(update: Update) -> None:
+        statsd.incr(update.metric.prometheus_name, update.value, tags=update.attributes)
+
+    CallbackExporter(on_update=send).install()
+
+``on_update`` receives the :class:`~datapunk_recovery.telemetry.metrics.Update`\\ s
+of :data:`~datapunk_recovery.telemetry.metrics.MEASURES`, labels bounded
+like Prometheus labels; ``on_event`` receives each event as its flat,
+redacted fields (:func:`~datapunk_recovery.telemetry.fields.event_fields`),
+optionally only the event names in ``names``.  A subscriber that wants the
+event objects themselves needs no exporter: ``events.subscribe(fn)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+
+from datapunk_recovery.events import Event
+
+from .exporter import Exporter
+from .fields import FieldValue, event_fields
+from .labels import Labeler, LabelPolicy
+from .metrics import MEASURES, Measure, Router, Update
+
+__all__ = ["CallbackExporter"]
+
+
+class CallbackExporter(Exporter):
+    """Calls ``on_update`` per metric update and ``on_event`` per event (give one or both)."""
+
+    def __init__(
+        self,
+        on_update: Callable[[Update], None] | None = None,
+        on_event: Callable[[Mapping[str, FieldValue]], None] | None = None,
+        *,
+        names: Collection[str] | None = None,
+        labels: LabelPolicy | None = None,
+        measures: Mapping[str, Sequence[Measure]] = MEASURES,
+    ) -> None:
+        super().__init__()
+        if on_update is None and on_event is None:
+            raise TypeError("CallbackExporter: give on_update, on_event or both")
+        for what, fn in (("on_update", on_update), ("on_event", on_event)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"CallbackExporter.{what}: expected a callable, got {fn!r}")
+        self._on_update = on_update
+        self._on_event = on_event
+        self._names = None if names is None else frozenset(names)
+        self.labeler = Labeler(labels)
+        self._router = Router(self.labeler, measures)
+
+    def __call__(self, event: Event) -> None:
+        if self._on_update is not None:
+            for update in self._router.updates(event):
+                self._on_update(update)
+        if self._on_event is not None and (self._names is None or event.name in self._names):
+            self._on_event(event_fields(event))

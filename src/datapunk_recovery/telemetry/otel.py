@@ -1,0 +1,168 @@
+"""OpenTelemetry exporter: the measurement table as OTel metrics, plus span events.
+
+::
+
+    from datapunk_recovery.telemetry.otel import OpenTelemetryExporter
+    OpenTelemetryExporter().install()
+
+Metrics carry the dotted names of :data:`~datapunk_recovery.telemetry.metrics.METRICS`
+(``datapunk.recovery.calls``, ``datapunk.recovery.attempt.duration`` in ``s``,
+...): counters and histograms are synchronous instruments; gauges (in use
+now, a breaker's state) are observable gauges reading the last value each
+label set reported, since a gauge is read at collection, not at each event.
+
+Span events: the event kinds of :data:`SPAN_EVENTS` (retries, give-ups,
+failovers, breaker rejections) are added to the *current* span, when it
+records, as ``datapunk.recovery.<event name>`` with the event's redacted
+fields as attributes; a trace then shows why a call took three attempts.
+
+Only ``opentelemetry-api`` is needed, imported when an exporter is built;
+with no SDK configured every instrument is a no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Final
+
+from datapunk_recovery import __version__
+from datapunk_recovery.events import Event
+
+from .exporter import Exporter
+from .fields import event_fields
+from .labels import Labeler, LabelPolicy
+from .metrics import MEASURES, METRICS, Measure, Metric, MetricKind, Router
+
+__all__ = ["SPAN_EVENTS", "OpenTelemetryExporter"]
+
+SPAN_EVENTS: Final[frozenset[str]] = frozenset(
+    {
+        "retry.scheduled",
+        "retry.gave_up",
+        "breaker.rejected",
+        "network.failover",
+        "network.fallthrough",
+        "recovery.fallback",
+        "fallback.used",
+        "hedge.won",
+        "cache.stale_served",
+    }
+)
+"""Event names added as events to the current span."""
+
+Attributes = Mapping[str, str]
+
+
+class OpenTelemetryExporter(Exporter):
+    """Exports events to OpenTelemetry metrics and span events.
+
+    ``meter_provider`` defaults to the global one; ``labels`` bounds attribute
+    cardinality like Prometheus labels; ``span_events`` lists the event names
+    that become span events (empty to add none).
+    """
+
+    def __init__(
+        self,
+        *,
+        meter_provider: Any = None,
+        labels: LabelPolicy | None = None,
+        span_events: Collection[str] = SPAN_EVENTS,
+        metrics: Sequence[Metric] = METRICS,
+        measures: Mapping[str, Sequence[Measure]] = MEASURES,
+    ) -> None:
+        super().__init__()
+        try:
+            from opentelemetry import metrics as otel_metrics
+            from opentelemetry import trace
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "OpenTelemetryExporter needs opentelemetry-api: "
+                "pip install 'datapunk-recovery[otel]'"
+            ) from exc
+        self._trace = trace
+        self._observation = otel_metrics.Observation
+        provider = meter_provider if meter_provider is not None else otel_metrics
+        meter = provider.get_meter("datapunk_recovery", __version__)
+        self.labeler = Labeler(labels)
+        self._router = Router(self.labeler, measures)
+        self._span_events = frozenset(span_events)
+        # synchronous instruments: metric -> its add / record method
+        self._record: dict[Metric, Any] = {}
+        # observable gauges: metric -> label values -> last value
+        self._last: dict[Metric, dict[tuple[str, ...], float]] = {}
+        # state gauges: metric -> owner label values -> current state
+        self._states: dict[Metric, dict[tuple[str, ...], str]] = {}
+        self._attributes: dict[tuple[Metric, tuple[str, ...]], Attributes] = {}
+        for metric in metrics:
+            common = {"name": metric.otel_name, "unit": metric.otel_unit}
+            doc = metric.description
+            if metric.kind is MetricKind.COUNTER:
+                self._record[metric] = meter.create_counter(**common, description=doc).add
+            elif metric.kind is MetricKind.HISTOGRAM:
+                self._record[metric] = meter.create_histogram(**common, description=doc).record
+            elif metric.kind is MetricKind.GAUGE:
+                last = self._last[metric] = {}
+                meter.create_observable_gauge(
+                    **common, description=doc, callbacks=[self._gauge_reader(metric, last)]
+                )
+            else:
+                states = self._states[metric] = {}
+                meter.create_observable_gauge(
+                    **common, description=doc, callbacks=[self._state_reader(metric, states)]
+                )
+
+    def __call__(self, event: Event) -> None:
+        for measure in self._router.get(event.name):
+            if measure.when is not None and not measure.when(event):
+                continue
+            key = measure.key(event)
+            record = measure.memo.get(key)
+            if record is None:
+                record = measure.remember(
+                    key, self._recorder(measure.metric, measure.labels_for(key))
+                )
+            record(measure.number(event))
+        if event.name in self._span_events:
+            span = self._trace.get_current_span()
+            if span.is_recording():
+                fields = event_fields(event)
+                del fields["event"]
+                span.add_event("datapunk.recovery." + event.name, fields)
+
+    def _recorder(self, metric: Metric, labels: tuple[str, ...]) -> Callable[[float], None]:
+        """The function that applies a number to ``metric`` at ``labels``."""
+        if metric.kind is MetricKind.GAUGE:
+            last = self._last[metric]
+            return lambda value: last.__setitem__(labels, value)
+        if metric.kind is MetricKind.STATE:
+            states = self._states[metric]
+            owner, state = labels[:-1], labels[-1]
+            return lambda _: states.__setitem__(owner, state)
+        record, attributes = self._record[metric], self._attributes_of(metric, labels)
+        return lambda value: record(value, attributes)
+
+    def _attributes_of(self, metric: Metric, labels: tuple[str, ...]) -> Attributes:
+        key = (metric, labels)
+        attributes = self._attributes.get(key)
+        if attributes is None:
+            attributes = self._attributes[key] = dict(zip(metric.labels, labels, strict=True))
+        return attributes
+
+    def _gauge_reader(self, metric: Metric, last: dict[tuple[str, ...], float]) -> Any:
+        def read(options: Any) -> Iterable[Any]:
+            # list() copies in one step: events may add label sets meanwhile.
+            for labels, value in list(last.items()):
+                yield self._observation(value, self._attributes_of(metric, labels))
+
+        return read
+
+    def _state_reader(self, metric: Metric, states: dict[tuple[str, ...], str]) -> Any:
+        def read(options: Any) -> Iterable[Any]:
+            for owner, current in list(states.items()):
+                known = metric.states if current in metric.states else (*metric.states, current)
+                for state in known:
+                    labels = (*owner, state)
+                    value = 1.0 if state == current else 0.0
+                    yield self._observation(value, self._attributes_of(metric, labels))
+
+        return read

@@ -1,0 +1,181 @@
+"""Adaptive concurrency: AIMD and Gradient find a dependency's capacity and follow it."""
+
+from __future__ import annotations
+
+import heapq
+import threading
+
+import anyio
+import pytest
+
+from datapunk_recovery import events
+from datapunk_recovery.adaptive import AIMD, AdaptiveLimiter, Gradient, LimitChanged
+from datapunk_recovery.bulkhead import BulkheadFull, BulkheadState
+from datapunk_recovery.errors import OverloadedError
+
+
+class Dependency:
+    """A test dependency with a capacity that the test changes.
+
+    ``overload="drop"``: calls beyond the capacity are rejected (AIMD's signal);
+    ``overload="queue"``: they queue, so latency grows with the load (Gradient's).
+    """
+
+    def __init__(self, capacity: int, overload: str, base: float = 0.010) -> None:
+        self.capacity = capacity
+        self.overload = overload
+        self.base = base
+
+    def outcome(self, inflight: int) -> tuple[float, bool]:
+        """Latency (s) and whether the call is dropped, for a call started at ``inflight``."""
+        if self.overload == "drop":
+            return self.base, inflight > self.capacity
+        return self.base * max(1.0, inflight / self.capacity), False
+
+
+def drive(limiter: AdaptiveLimiter, dependency: Dependency, calls: int) -> list[int]:
+    """Closed-loop load on a simulated clock: demand always exceeds the limit.
+
+    Fills the limiter up, completes the earliest call, and repeats; returns the
+    limit seen after each completion.
+    """
+    now = 0.0
+    running: list[tuple[float, int, object, bool]] = []
+    seq = 0
+    limits = []
+    for _ in range(calls):
+        while True:
+            try:
+                permit = limiter.acquire()
+            except BulkheadFull:
+                break
+            rtt, dropped = dependency.outcome(limiter.state().active)
+            seq += 1
+            heapq.heappush(running, (now + rtt, seq, (permit, rtt), dropped))
+        done_at, _, (permit, rtt), dropped = heapq.heappop(running)  # type: ignore[misc]
+        now = done_at
+        if dropped:
+            permit.dropped(rtt)
+        else:
+            permit.success(rtt)
+        limits.append(limiter.limit)
+    for _, _, (permit, _), _ in running:  # type: ignore[misc]
+        permit.ignore()
+    return limits
+
+
+def settled(limits: list[int]) -> float:
+    """The average limit over the last quarter of a run."""
+    tail = limits[-len(limits) // 4 :]
+    return sum(tail) / len(tail)
+
+
+def test_algorithms_are_validated() -> None:
+    with pytest.raises(ValueError, match=r"AIMD.initial: must be within \[min_limit, max_limit\]"):
+        AIMD(initial=5, min_limit=10)
+    with pytest.raises(ValueError, match=r"AIMD.backoff_ratio: must be between 0 \(exclusive\)"):
+        AIMD(backoff_ratio=0.0)
+    with pytest.raises(ValueError, match=r"Gradient.tolerance: must be >= 1"):
+        Gradient(tolerance=0.5)
+    with pytest.raises(TypeError, match=r"AdaptiveLimiter.algorithm"):
+        AdaptiveLimiter("x", algorithm="aimd")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"AdaptiveLimiter.max_wait: must be > 0 seconds"):
+        AdaptiveLimiter("x", max_queue=3)
+
+
+def test_aimd_grows_on_success_and_shrinks_on_drops() -> None:
+    aimd = AIMD(initial=10, increase=1.0, backoff_ratio=0.5, timeout=1.0)
+    assert aimd.update(10.0, 0.01, inflight=10, dropped=False) == 11.0
+    assert aimd.update(10.0, 0.01, inflight=2, dropped=False) == 10.0  # not in use: no growth
+    assert aimd.update(10.0, 0.01, inflight=10, dropped=True) == 5.0
+    assert aimd.update(10.0, 2.0, inflight=10, dropped=False) == 5.0  # slower than timeout
+    assert aimd.update(1.0, 0.01, inflight=1, dropped=True) == 1.0  # never below min_limit
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "overload"),
+    [
+        (AIMD(initial=5, max_limit=500), "drop"),
+        (Gradient(initial=5, max_limit=500), "queue"),
+    ],
+    ids=["aimd", "gradient"],
+)
+def test_the_limit_converges_follows_a_capacity_drop_and_recovers(
+    algorithm: AIMD | Gradient, overload: str
+) -> None:
+    limiter = AdaptiveLimiter("dep", algorithm)
+    dependency = Dependency(capacity=40, overload=overload)
+
+    # Settles near the capacity: at most tolerance x capacity + a small queue.
+    first = settled(drive(limiter, dependency, 4000))
+    assert 20 <= first <= 100
+
+    dependency.capacity = 8  # the dependency loses most of its capacity
+    shrunk = settled(drive(limiter, dependency, 4000))
+    assert 4 <= shrunk <= 20
+
+    dependency.capacity = 40  # ...and gets it back
+    recovered = settled(drive(limiter, dependency, 4000))
+    assert 20 <= recovered <= 100
+    assert limiter.state().active == 0
+
+
+def test_limit_changes_are_events() -> None:
+    limiter = AdaptiveLimiter("dep", AIMD(initial=2, backoff_ratio=0.5))
+    seen: list[events.Event] = []
+    limiter.bus.subscribe(seen.append)
+    limiter.acquire().dropped()
+    assert [(e.old, e.new) for e in seen if isinstance(e, LimitChanged)] == [(2, 1)]
+
+
+def test_call_learns_drops_from_overload_errors_only() -> None:
+    limiter = AdaptiveLimiter("dep", AIMD(initial=10, backoff_ratio=0.5))
+
+    def overloaded() -> None:
+        raise OverloadedError("shed")
+
+    def bug() -> None:
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError):
+        limiter.call(bug)
+    assert limiter.limit == 10  # a bug says nothing about capacity
+    with pytest.raises(OverloadedError):
+        limiter.call(overloaded)
+    assert limiter.limit == 5
+    assert limiter.state() == BulkheadState(active=0, queued=0, limit=5)
+
+
+def test_a_raised_limit_admits_queued_threads_at_once() -> None:
+    limiter = AdaptiveLimiter("dep", AIMD(initial=1), max_queue=5, max_wait=30.0)
+    held = limiter.acquire()
+    admitted = threading.Event()
+
+    def waiter() -> None:
+        limiter.acquire().ignore()
+        admitted.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    while limiter.state().queued != 1:
+        admitted.wait(0.001)
+    held.success(0.001)  # inflight 1 >= limit/2: the limit grows to 2, the waiter enters
+    t.join()
+    assert admitted.is_set()
+    assert limiter.limit == 2
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_call_frees_its_slot_and_teaches_nothing() -> None:
+    limiter = AdaptiveLimiter("dep", AIMD(initial=3))
+
+    @limiter
+    async def hang() -> None:
+        await anyio.sleep_forever()
+
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await hang()
+    assert scope.cancelled_caught
+    assert limiter.limit == 3
+    assert limiter.state().active == 0

@@ -1,0 +1,99 @@
+"""The Redis cache against a real redis-server, and through a fault proxy.
+
+asyncio only (redis.asyncio).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from datapunk_recovery.breaker import BreakerConfig
+from datapunk_recovery.cache import (
+    CacheConfig,
+    CacheFailed,
+    FunctionSource,
+    PickleCodec,
+    ReadThroughCache,
+    RedisCache,
+)
+from datapunk_recovery.events import Event
+from tests.harness import RedisServer, ThreadedProxy
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def redis_cache(redis_server: RedisServer) -> AsyncIterator[RedisCache]:
+    redis_server.flushall()
+    cache = RedisCache.from_url(redis_server.url)
+    yield cache
+    await cache.close()
+
+
+async def test_values_round_trip_as_json_with_their_ttl(redis_cache: RedisCache) -> None:
+    await redis_cache.set("a", {"x": [1, 2]}, 30.0)
+    assert await redis_cache.get("a") == {"x": [1, 2]}
+    assert await redis_cache.get_many(["a", "b"]) == [{"x": [1, 2]}, None]
+    assert 29_000 < await redis_cache.client.pttl("a") <= 30_000
+    assert json.loads(await redis_cache.client.get("a")) == {"x": [1, 2]}  # plain JSON inside
+    await redis_cache.delete(["a"])
+    assert await redis_cache.get("a") is None
+    assert await redis_cache.counter("g") == 0
+    assert await redis_cache.incr("g") == 1 and await redis_cache.counter("g") == 1
+
+
+async def test_pickle_is_there_only_when_asked_for(redis_server: RedisServer) -> None:
+    cache = RedisCache.from_url(redis_server.url, codec=PickleCodec(i_trust_the_cache=True))
+    try:
+        await cache.set("p", {1, 2}, 5.0)
+        assert await cache.get("p") == {1, 2}
+    finally:
+        await cache.close()
+
+
+async def test_the_url_password_never_shows(redis_server: RedisServer) -> None:
+    cache = RedisCache.from_url(f"redis://:hunter2@127.0.0.1:{redis_server.port}/0")
+    try:
+        assert "hunter2" not in repr(cache)
+    finally:
+        await cache.close()
+
+
+async def test_a_blackholed_redis_costs_one_timeout_per_probe_not_per_read(
+    redis_server: RedisServer, make_proxy: Callable[[tuple[str, int]], ThreadedProxy]
+) -> None:
+    proxy = make_proxy(redis_server.address)
+    cache = RedisCache.from_url(f"redis://127.0.0.1:{proxy.port}/0", timeout=0.1)
+    rows = {f"k{i}": i for i in range(10)}
+
+    async def load(key: str) -> Any:
+        return rows.get(key)
+
+    rtc: ReadThroughCache[Any] = ReadThroughCache(
+        FunctionSource(load),
+        cache,
+        CacheConfig(breaker=BreakerConfig(consecutive_failures=2, open_duration=60.0)),
+        name="blackholed",
+    )
+    seen: list[Event] = []
+    rtc.bus.subscribe(seen.append)
+    try:
+        await rtc.get("k1")
+        proxy.blackhole()
+        results = [await rtc.get(f"k{i % 10}") for i in range(50)]
+    finally:
+        proxy.clear()
+        await cache.close()
+    assert results == [i % 10 for i in range(50)]
+    kinds = [e.kind for e in seen if isinstance(e, CacheFailed)]
+    assert kinds.count("timeout") == 2  # two reads waited for the socket timeout...
+    assert kinds.count("open") == 48  # ...the other 48 were refused by the breaker at once

@@ -1,0 +1,519 @@
+"""Transactions, statements and pools against a real PostgreSQL, for asyncpg and psycopg 3.
+
+Every test runs once per driver: the recovery behaves the same whichever the
+application uses.  Faults are real: serialization failures between two real
+SERIALIZABLE transactions, real deadlocks, real backends terminated, a fault
+proxy cutting the connection exactly at COMMIT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery.database import (
+    CommitOutcomeUnknown,
+    CommitUncertain,
+    ConnectionDiscarded,
+    Isolation,
+    ManagedPool,
+    MissingExtensionError,
+    PoolConfig,
+    PoolStatus,
+    PoolTimeout,
+    TransactionConfig,
+    transaction,
+)
+from datapunk_recovery.errors import ErrorCategory
+from datapunk_recovery.events import Event, RetryScheduled, subscribe
+from datapunk_recovery.policy import RetryPolicy
+from tests.harness import PostgresServer, ThreadedProxy
+
+pytestmark = pytest.mark.anyio
+
+_names = itertools.count()
+
+DRIVERS = ["asyncpg", "psycopg"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def database(postgres_server: PostgresServer) -> str:
+    """A fresh database for this module; returns its superuser DSN."""
+    return postgres_server.create_database("recovery_db_tests")
+
+
+async def make_pool(
+    driver: str, dsn: str, config: PoolConfig | None = None, **kw: Any
+) -> ManagedPool:
+    kw.setdefault("min_size", 1)
+    kw.setdefault("max_size", 4)
+    if driver == "asyncpg":
+        return await ManagedPool.create_asyncpg(dsn, config, **kw)
+    return await ManagedPool.create_psycopg(dsn, config, **kw)
+
+
+@pytest.fixture(params=DRIVERS)
+async def pool(request: pytest.FixtureRequest, database: str) -> AsyncIterator[ManagedPool]:
+    managed = await make_pool(request.param, database, PoolConfig(name=f"test-{request.param}"))
+    yield managed
+    await managed.close()
+
+
+async def fetchval(conn: Any, sql: str, *args: Any) -> Any:
+    """One value, whichever the driver (asyncpg: $1 placeholders; psycopg: %s)."""
+    if hasattr(conn, "fetchval"):
+        return await conn.fetchval(sql, *args)
+    cur = await conn.execute(sql.replace("$1", "%s").replace("$2", "%s"), args or None)
+    row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+async def execute(conn: Any, sql: str, *args: Any) -> None:
+    if hasattr(conn, "fetchval"):
+        await conn.execute(sql, *args)
+    else:
+        await conn.execute(sql.replace("$1", "%s").replace("$2", "%s"), args or None)
+
+
+async def fresh_table(pool: ManagedPool, columns: str = "id int primary key, v int") -> str:
+    table = f"t{next(_names)}"
+    await pool.run(lambda c: execute(c, f"CREATE TABLE {table} ({columns})"))
+    return table
+
+
+def recording() -> tuple[list[Event], Callable[[], None]]:
+    seen: list[Event] = []
+    return seen, subscribe(seen.append)
+
+
+# --- transactions -------------------------------------------------------------
+
+
+async def test_a_transaction_commits_and_returns_what_fn_returned(pool: ManagedPool) -> None:
+    table = await fresh_table(pool)
+
+    async def work(conn: Any) -> str:
+        await execute(conn, f"INSERT INTO {table} VALUES (1, 10)")
+        return "done"
+
+    assert await pool.transaction(work) == "done"
+    assert await pool.run(lambda c: fetchval(c, f"SELECT v FROM {table} WHERE id = 1")) == 10
+
+
+async def test_a_failing_transaction_rolls_back_and_is_not_replayed(pool: ManagedPool) -> None:
+    table = await fresh_table(pool)
+    calls = 0
+
+    async def work(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await execute(conn, f"INSERT INTO {table} VALUES (1, 10)")
+        raise ValueError("a bug in the application")
+
+    with pytest.raises(ValueError, match="a bug"):
+        await pool.transaction(work)
+    assert calls == 1
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 0
+
+
+async def test_integrity_errors_are_raised_as_themselves_and_not_replayed(
+    pool: ManagedPool,
+) -> None:
+    table = await fresh_table(pool)
+    await pool.run(lambda c: execute(c, f"INSERT INTO {table} VALUES (1, 1)"))
+    calls = 0
+
+    async def duplicate(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await execute(conn, f"INSERT INTO {table} VALUES (1, 2)")
+
+    with pytest.raises(Exception, match="duplicate key") as caught:
+        await pool.transaction(duplicate)
+    assert getattr(caught.value, "sqlstate", None) == "23505"
+    assert calls == 1
+
+
+async def test_real_serialization_failures_are_replayed_to_success(pool: ManagedPool) -> None:
+    """Two SERIALIZABLE transactions read both rows and each write one: one must fail."""
+    table = await fresh_table(pool)
+    await pool.run(lambda c: execute(c, f"INSERT INTO {table} VALUES (1, 0), (2, 0)"))
+    both_read = asyncio.Barrier(2)
+    attempts = {1: 0, 2: 0}
+
+    def writer(row: int) -> Callable[[Any], Awaitable[int]]:
+        async def work(conn: Any) -> int:
+            attempts[row] += 1
+            total = await fetchval(conn, f"SELECT sum(v) FROM {table}")
+            if attempts[row] == 1:
+                await both_read.wait()  # both have read before either writes
+            await execute(conn, f"UPDATE {table} SET v = $1 WHERE id = $2", total + 1, row)
+            return int(total)
+
+        return work
+
+    config = TransactionConfig(isolation=Isolation.SERIALIZABLE)
+    seen, stop = recording()
+    try:
+        await asyncio.gather(
+            pool.transaction(writer(1), config=config), pool.transaction(writer(2), config=config)
+        )
+    finally:
+        stop()
+    assert sorted(attempts.values()) == [1, 2]  # exactly one was replayed, once
+    replays = [e for e in seen if isinstance(e, RetryScheduled)]
+    assert [e.error_type for e in replays] in (["SerializationError"], ["SerializationFailure"])
+    final = await pool.run(lambda c: fetchval(c, f"SELECT sum(v) FROM {table}"))
+    assert final == 3  # serial order: 0 -> 1, then 1 -> 2 on the other row
+
+
+async def test_real_deadlocks_are_replayed_to_success(pool: ManagedPool) -> None:
+    table = await fresh_table(pool)
+    await pool.run(lambda c: execute(c, f"INSERT INTO {table} VALUES (1, 0), (2, 0)"))
+    first_locks = asyncio.Barrier(2)
+    attempts = {"a": 0, "b": 0}
+
+    def locker(name: str, first: int, second: int) -> Callable[[Any], Awaitable[None]]:
+        async def work(conn: Any) -> None:
+            attempts[name] += 1
+            await execute(conn, f"UPDATE {table} SET v = v + 1 WHERE id = $1", first)
+            if attempts[name] == 1:
+                await first_locks.wait()  # each holds one row, then wants the other
+            await execute(conn, f"UPDATE {table} SET v = v + 1 WHERE id = $1", second)
+
+        return work
+
+    seen, stop = recording()
+    try:
+        await asyncio.gather(
+            pool.transaction(locker("a", 1, 2)), pool.transaction(locker("b", 2, 1))
+        )
+    finally:
+        stop()
+    assert sorted(attempts.values()) == [1, 2]
+    assert any(isinstance(e, RetryScheduled) and "Deadlock" in e.error_type for e in seen)
+    assert await pool.run(lambda c: fetchval(c, f"SELECT sum(v) FROM {table}")) == 4
+
+
+async def test_a_missing_extension_is_reported_clearly_and_not_retried(pool: ManagedPool) -> None:
+    calls = 0
+
+    async def needs_pgcrypto(conn: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await fetchval(conn, "SELECT gen_random_bytes(4)")
+
+    with pytest.raises(MissingExtensionError) as caught:
+        await pool.transaction(needs_pgcrypto)
+    assert calls == 1
+    assert caught.value.what == "function gen_random_bytes(integer)"
+    assert caught.value.extension == "pgcrypto"
+    assert "CREATE EXTENSION pgcrypto" in str(caught.value)
+    assert getattr(caught.value.__cause__, "sqlstate", None) == "42883"
+    with pytest.raises(MissingExtensionError, match="nonexistent_ext"):
+        await pool.run(lambda c: execute(c, "CREATE EXTENSION nonexistent_ext"))
+
+
+async def test_a_terminated_backend_mid_transaction_is_replayed_on_a_new_connection(
+    pool: ManagedPool, postgres_server: PostgresServer
+) -> None:
+    table = await fresh_table(pool)
+    pids: list[int] = []
+
+    async def work(conn: Any) -> None:
+        pid = await fetchval(conn, "SELECT pg_backend_pid()")
+        pids.append(pid)
+        await execute(conn, f"INSERT INTO {table} VALUES ($1, 0)", len(pids))
+        if len(pids) == 1:
+            postgres_server.psql(f"SELECT pg_terminate_backend({pid})")
+            await fetchval(conn, "SELECT 1")  # the server is gone: this fails
+
+    seen, stop = recording()
+    try:
+        await pool.transaction(work)
+    finally:
+        stop()
+    assert len(pids) == 2 and pids[0] != pids[1]
+    assert any(isinstance(e, ConnectionDiscarded) for e in seen)
+    # The first attempt's row died with its backend: exactly one row.
+    assert await pool.run(lambda c: fetchval(c, f"SELECT array_agg(id) FROM {table}")) == [2]
+
+
+# --- COMMIT in doubt ------------------------------------------------------------
+
+
+@pytest.fixture(params=DRIVERS)
+async def proxied(
+    request: pytest.FixtureRequest,
+    postgres_server: PostgresServer,
+    database: str,
+    make_proxy: Callable[[tuple[str, int]], ThreadedProxy],
+) -> AsyncIterator[tuple[ManagedPool, ThreadedProxy]]:
+    proxy = make_proxy(postgres_server.address)
+    dsn = postgres_server.dsn_for("postgres", None, "recovery_db_tests", port=proxy.port)
+    managed = await make_pool(request.param, dsn, PoolConfig(name="proxied"), min_size=1)
+    yield managed, proxy
+    await managed.close()
+
+
+async def test_a_cut_at_commit_raises_commit_outcome_unknown(
+    proxied: tuple[ManagedPool, ThreadedProxy],
+) -> None:
+    pool, proxy = proxied
+    table = await fresh_table(pool)
+    calls = 0
+
+    async def work(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await execute(conn, f"INSERT INTO {table} VALUES (1, 1)")
+        proxy.cut_on_pattern(b"COMMIT", forward=True)  # the server commits, the answer is lost
+
+    seen, stop = recording()
+    try:
+        with pytest.raises(CommitOutcomeUnknown, match="may or may not have committed"):
+            await pool.transaction(work)
+    finally:
+        stop()
+    assert calls == 1  # never replayed blindly
+    assert [e.resolution for e in seen if isinstance(e, CommitUncertain)] == ["unknown"]
+    # It did commit: replaying would have inserted twice (or failed on the key).
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 1
+
+
+@pytest.mark.parametrize("server_commits", [True, False])
+async def test_an_idempotency_check_makes_a_cut_commit_happen_exactly_once(
+    proxied: tuple[ManagedPool, ThreadedProxy], server_commits: bool
+) -> None:
+    pool, proxy = proxied
+    table = await fresh_table(pool, "id int, v int")  # no key: a replay would duplicate
+    calls = 0
+
+    async def work(conn: Any) -> str:
+        nonlocal calls
+        calls += 1
+        await execute(conn, f"INSERT INTO {table} VALUES (42, $1)", calls)
+        if calls == 1:
+            proxy.cut_on_pattern(b"COMMIT", forward=server_commits)
+        return f"attempt {calls}"
+
+    async def already_there(conn: Any) -> bool:
+        return bool(await fetchval(conn, f"SELECT count(*) FROM {table} WHERE id = 42"))
+
+    seen, stop = recording()
+    try:
+        result = await pool.transaction(work, idempotency_check=already_there)
+    finally:
+        stop()
+    resolutions = [e.resolution for e in seen if isinstance(e, CommitUncertain)]
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 1
+    if server_commits:
+        assert (result, calls, resolutions) == ("attempt 1", 1, ["committed"])
+    else:
+        assert (result, calls, resolutions) == ("attempt 2", 2, ["absent"])
+
+
+async def test_a_non_idempotent_statement_cut_in_flight_is_not_retried(
+    proxied: tuple[ManagedPool, ThreadedProxy],
+) -> None:
+    pool, proxy = proxied
+    table = await fresh_table(pool, "id int, v int")
+    calls = 0
+
+    async def insert(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await execute(conn, f"INSERT INTO {table} VALUES (1, 1)")
+
+    proxy.cut_on_pattern(b"INSERT", forward=True)
+    with pytest.raises(CommitOutcomeUnknown, match="not marked idempotent"):
+        await pool.run(insert)
+    assert calls == 1
+    # Unknown it is: whether the server ran it depends on how the driver split
+    # its messages around the cut; never twice.
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) in (0, 1)
+
+
+async def test_an_idempotent_statement_cut_in_flight_is_retried(
+    proxied: tuple[ManagedPool, ThreadedProxy],
+) -> None:
+    pool, proxy = proxied
+    table = await fresh_table(pool)
+    await pool.run(lambda c: execute(c, f"INSERT INTO {table} VALUES (1, 0)"))
+    proxy.cut_on_pattern(b"UPDATE", forward=False)
+    sql = f"UPDATE {table} SET v = 5 WHERE id = 1"  # setting a value twice is harmless
+    await pool.run(lambda c: execute(c, sql), idempotent=True)
+    assert await pool.run(lambda c: fetchval(c, f"SELECT v FROM {table}")) == 5
+    assert proxy.count("cut") == 1
+
+
+# --- pools ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_connections_go_back_with_a_clean_session(driver: str, database: str) -> None:
+    pool = await make_pool(driver, database, min_size=1, max_size=1)  # one connection: reused
+
+    async def dirty(conn: Any) -> Any:
+        await execute(conn, "SET application_name = 'dirty'")
+        await execute(conn, "CREATE TEMP TABLE scratch (x int)")
+        return await fetchval(conn, "SELECT pg_backend_pid()")
+
+    pid = await pool.run(dirty)
+
+    async def look(conn: Any) -> tuple[Any, Any, Any]:
+        return (
+            await fetchval(conn, "SELECT pg_backend_pid()"),
+            await fetchval(conn, "SHOW application_name"),
+            await fetchval(conn, "SELECT count(*) FROM pg_tables WHERE tablename = 'scratch'"),
+        )
+
+    seen_pid, name, scratch = await pool.run(look)
+    await pool.close()
+    assert seen_pid == pid  # the same connection came back...
+    assert name != "dirty"  # ...with its settings reset
+    if pool.driver == "psycopg":
+        assert scratch == 0  # temporary tables are dropped too
+
+
+async def test_a_failed_connection_is_discarded_never_pooled(
+    pool: ManagedPool, postgres_server: PostgresServer
+) -> None:
+    pid = await pool.run(lambda c: fetchval(c, "SELECT pg_backend_pid()"))
+    postgres_server.psql(f"SELECT pg_terminate_backend({pid})")
+    # The idle connection is dead: the idempotent read is retried on a new one.
+    new_pid = await pool.run(lambda c: fetchval(c, "SELECT pg_backend_pid()"), idempotent=True)
+    assert new_pid != pid
+
+
+async def test_a_pool_recovers_after_the_server_restarts(
+    postgres_server: PostgresServer, database: str
+) -> None:
+    for driver in DRIVERS:
+        managed = await make_pool(driver, database, PoolConfig(ping_after_idle=0.0))
+        try:
+            before = await managed.run(lambda c: fetchval(c, "SELECT pg_backend_pid()"))
+            postgres_server.restart()
+            after = await managed.run(lambda c: fetchval(c, "SELECT pg_backend_pid()"))
+            assert after != before
+        finally:
+            await managed.close()
+
+
+async def test_acquire_is_bounded_and_reports_size_and_waiters(database: str) -> None:
+    for driver in DRIVERS:
+        managed = await make_pool(
+            driver, database, PoolConfig(acquire_timeout=0.2, name="tiny"), min_size=1, max_size=1
+        )
+        seen, stop = recording()
+        try:
+            held = await managed.acquire()
+            with pytest.raises(PoolTimeout, match="no connection within") as caught:
+                await managed.acquire()
+            assert caught.value.category is ErrorCategory.RESOURCE
+            await managed.release(held)
+        finally:
+            stop()
+            await managed.close()
+        statuses = [e for e in seen if isinstance(e, PoolStatus)]
+        assert [s.cause for s in statuses] == ["acquired", "timed_out", "released"]
+        assert statuses[0].max_size == 1 and statuses[0].size == 1
+        assert statuses[1].waiting == 1  # the waiter that gave up, counted while it waited
+
+
+async def test_too_many_connections_backs_off_on_the_resource_policy(
+    postgres_server: PostgresServer, database: str
+) -> None:
+    import asyncpg
+
+    postgres_server.psql(
+        "DROP ROLE IF EXISTS limited; CREATE ROLE limited LOGIN CONNECTION LIMIT 1"
+    )
+    dsn = postgres_server.dsn_for("limited", None, "recovery_db_tests")
+    holder = await asyncpg.connect(dsn)  # the role's one connection
+    raw = await asyncpg.create_pool(dsn, min_size=0, max_size=1)
+    resource = RetryConfig(max_attempts=3, base_delay=0.01, max_delay=0.01)
+    config = TransactionConfig(
+        retry=RetryPolicy(
+            RetryConfig(max_attempts=2, base_delay=0.0),
+            per_category={ErrorCategory.RESOURCE: resource},
+        )
+    )
+    seen, stop = recording()
+    try:
+        with pytest.raises(Exception, match="too many connections") as caught:
+            await transaction(raw, lambda c: fetchval(c, "SELECT 1"), config=config)
+    finally:
+        stop()
+        await holder.close()
+        await raw.close()
+    assert getattr(caught.value, "sqlstate", None) == "53300"
+    retries = [e for e in seen if isinstance(e, RetryScheduled)]
+    assert [e.category for e in retries] == [ErrorCategory.RESOURCE] * 2  # 3 attempts, not 2
+
+
+async def test_cancellation_is_never_retried_and_its_connection_is_discarded(
+    pool: ManagedPool,
+) -> None:
+    started = asyncio.Event()
+    calls = 0
+
+    async def slow(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        started.set()
+        await fetchval(conn, "SELECT pg_sleep(30)")
+
+    seen, stop = recording()
+    try:
+        task = asyncio.ensure_future(pool.transaction(slow))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        stop()
+    assert calls == 1
+    assert not any(isinstance(e, RetryScheduled) for e in seen)
+    assert [e.error_type for e in seen if isinstance(e, ConnectionDiscarded)] == ["CancelledError"]
+    assert await pool.run(lambda c: fetchval(c, "SELECT 1")) == 1  # the pool still works
+
+
+async def test_passwords_never_appear_in_errors_or_events(
+    postgres_server: PostgresServer, make_proxy: Callable[[tuple[str, int]], ThreadedProxy]
+) -> None:
+    password = postgres_server.app_password
+    proxy = make_proxy(postgres_server.address)
+    dsn = postgres_server.dsn_for(
+        postgres_server.app_user, password, postgres_server.app_database, port=proxy.port
+    )
+    seen, stop = recording()
+    texts: list[str] = []
+    try:
+        for driver in DRIVERS:
+            managed = await make_pool(driver, dsn, PoolConfig(acquire_timeout=0.5), min_size=0)
+            texts.append(repr(managed))
+            proxy.stop_listening()  # the server is unreachable now
+            config = TransactionConfig(retry=RetryConfig(max_attempts=2, base_delay=0.0))
+            try:
+                await managed.transaction(lambda c: fetchval(c, "SELECT 1"), config=config)
+            except Exception as exc:
+                texts += [str(exc), repr(exc), *getattr(exc, "__notes__", [])]
+            finally:
+                proxy.start_listening()
+                await managed.close()
+    finally:
+        stop()
+    texts += [repr(e) for e in seen]
+    assert len(texts) > 2
+    assert not [t for t in texts if password in t]

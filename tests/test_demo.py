@@ -1,0 +1,88 @@
+"""The demo: the same traffic and faults twice; recovery must do better, and say so."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from datapunk_recovery import cli
+from datapunk_recovery.demo import DrillSetup, RunResult, run_drill
+from datapunk_recovery.demo.drill import fault_windows
+
+SHORT = DrillSetup(duration=3.0, rate=40.0, seed=11)
+
+
+def test_recovery_beats_no_recovery_on_the_same_script() -> None:
+    without = asyncio.run(run_drill(SHORT, recovery=False))
+    with_ = asyncio.run(run_drill(SHORT, recovery=True))
+
+    # The same planned traffic in both runs.
+    assert without.requests == with_.requests == int(SHORT.duration * SHORT.rate)
+    assert [at for at, _ in without.outcomes] == [at for at, _ in with_.outcomes]
+    # The faults bite without recovery ...
+    assert without.success_rate < 0.9
+    assert without.faults > 0
+    # ... and recovery answers more, by failing over and serving from elsewhere.
+    assert with_.success_rate > without.success_rate
+    assert with_.calls["secondary"] > 0 == without.calls["secondary"]
+    assert with_.fallbacks.get("failover", 0) > 0
+    assert with_.transitions, "the primary's breaker opened at least once"
+
+
+def test_fault_script_scales_with_the_duration() -> None:
+    windows = fault_windows(10.0)
+    assert {w.target for w in windows} == {"cache", "primary", "database", "pool"}
+    assert all(0 <= w.start < (w.end or 10.0) <= 10.0 for w in windows)
+
+
+def test_setup_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"DrillSetup\.duration"):
+        DrillSetup(duration=0)
+    with pytest.raises(ValueError, match=r"DrillSetup\.rate"):
+        DrillSetup(rate=-1)
+
+
+def test_result_percentiles_use_nearest_rank() -> None:
+    result = RunResult(
+        label="x",
+        recovery=False,
+        latencies=(0.1, 0.2, 0.3, 0.4),
+        outcomes=((0.0, True),) * 4,
+        by_kind={},
+        calls={},
+        transitions=(),
+        fallbacks={},
+        faults=0,
+    )
+    assert result.percentile(0.5) == 0.2
+    assert result.percentile(0.99) == 0.4
+    assert result.success_rate == 1.0
+
+
+def test_command_prints_the_comparison(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    args = ["demo", "--duration", "2s", "--rate", "30", "--plain"]
+    plot = tmp_path / "demo.png"
+    if importlib.util.find_spec("matplotlib") is not None:
+        args += ["--plot", str(plot)]
+
+    code = cli.main(args)
+
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "fault script:" in out
+    for figure in ("success rate", "latency p99", "calls to primary", "breaker transitions"):
+        assert figure in out
+    assert "without recovery" in out and "with recovery" in out
+    if "--plot" in args:
+        assert plot.stat().st_size > 0
+
+
+def test_command_refuses_a_bad_duration(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--duration", "soon"])
+    assert "duration" in capsys.readouterr().err

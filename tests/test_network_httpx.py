@@ -1,0 +1,258 @@
+"""The httpx adapter against real HTTP servers on loopback (and the fault proxy).
+
+Endpoints answer 503 with Retry-After, hang, or have their connections reset by
+the harness's proxy; calls fail over by priority, hedges win, the deadline is
+kept by the engine's own accounting, budgets hold and no connection leaks.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from datapunk_recovery import events
+from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery.breaker import BreakerConfig, BreakerState
+from datapunk_recovery.budget import TokenBudget, TokenBudgetConfig
+from datapunk_recovery.deadline import deadline
+from datapunk_recovery.errors import DeadlineExceeded, OverloadedError, final_reason
+from datapunk_recovery.events import GaveUp, GiveUpReason
+from datapunk_recovery.hedging import HedgeConfig, HedgeWon
+from datapunk_recovery.network import AllEndpointsDown, Endpoint, FailedOver, Router, RouterConfig
+from datapunk_recovery.network.http import HttpPolicy, HttpStatusError
+from datapunk_recovery.network.httpx import HttpxRecovery, retryable_httpx_error
+from datapunk_recovery.testing import fake_clock
+from tests.harness import ThreadedProxy
+from tests.network_servers import Reply, ScriptedServer, scripted_servers
+
+pytestmark = pytest.mark.anyio
+
+UNAVAILABLE = Reply(503, {"Retry-After": "0"})
+HANG = Reply(hang=True)
+TRIP_AT_2 = BreakerConfig(consecutive_failures=2, keep_window=True, minimum_calls=1)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def servers() -> Iterator[dict[str, ScriptedServer]]:
+    with scripted_servers("p1", "p2", "s1") as started:
+        yield started
+
+
+def routed(*endpoints: Endpoint, attempts: int = 3, **config: object) -> Router:
+    settings: dict[str, object] = {
+        "retry": RetryConfig(max_attempts=attempts, base_delay=0.0),
+        "breaker": TRIP_AT_2,
+        **config,
+    }
+    return Router("api", endpoints, RouterConfig(**settings))  # type: ignore[arg-type]
+
+
+def pool_is_idle(client: httpx.AsyncClient) -> bool:
+    """Every connection of the client's pool is idle or closed: nothing leaked."""
+    pool = client._transport._pool  # type: ignore[attr-defined]
+    return all(c.is_idle() or c.is_closed() for c in pool.connections)
+
+
+def recorded(router: Router) -> list[events.Event]:
+    seen: list[events.Event] = []
+    router.bus.subscribe(seen.append)
+    return seen
+
+
+@pytest.mark.drill
+async def test_calls_fail_over_by_priority_through_503s_and_resets(
+    servers: dict[str, ScriptedServer],
+    make_proxy: Callable[[tuple[str, int]], ThreadedProxy],
+) -> None:
+    p1, p2, s1 = servers["p1"], servers["p2"], servers["s1"]
+    p1.answer(default=UNAVAILABLE)
+    resetting = make_proxy(p2.address)
+    resetting.cut_after_bytes(0, times=None)  # every connection is reset on its first byte
+    router = routed(
+        Endpoint("p1", p1.url),
+        Endpoint("p2", f"http://127.0.0.1:{resetting.port}"),
+        Endpoint("s1", s1.url, priority=1),
+        attempts=5,
+    )
+    seen = recorded(router)
+    async with httpx.AsyncClient() as client:
+        response = await HttpxRecovery(client, router).get("/items")
+        assert (response.status_code, response.text) == (200, "s1")
+        assert pool_is_idle(client)
+    # Both primaries were tried twice (their breakers open at 2) before the secondary.
+    assert len(p1.seen) == 2
+    assert resetting.stats.cuts == 2
+    assert len(s1.seen) == 1
+    states = {s.name: s.state for s in router.states()}
+    assert states == {"p1": BreakerState.OPEN, "p2": BreakerState.OPEN, "s1": BreakerState.CLOSED}
+    hops = [(e.from_endpoint, e.to_endpoint) for e in seen if isinstance(e, FailedOver)]
+    assert hops[-1][1] == "s1" and len(hops) == 4
+
+
+async def test_a_retry_after_in_seconds_is_waited(servers: dict[str, ScriptedServer]) -> None:
+    p1 = servers["p1"].answer(Reply(503, {"Retry-After": "2"}))
+    router = routed(Endpoint("p1", p1.url))
+    with fake_clock() as clock:
+        async with httpx.AsyncClient() as client:
+            response = await HttpxRecovery(client, router).get("/")
+            assert pool_is_idle(client)
+    assert response.status_code == 200
+    assert clock.slept == [2.0]
+
+
+async def test_a_retry_after_date_too_far_away_makes_the_call_give_up(
+    servers: dict[str, ScriptedServer],
+) -> None:
+    in_an_hour = email.utils.formatdate(time.time() + 3600, usegmt=True)
+    p1 = servers["p1"].answer(Reply(503, {"Retry-After": in_an_hour}))
+    router = routed(
+        Endpoint("p1", p1.url),
+        retry=RetryConfig(max_attempts=3, base_delay=0.0, max_server_delay=60),
+    )
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(HttpStatusError) as caught:
+            await HttpxRecovery(client, router).get("/")
+        assert pool_is_idle(client)  # the 503 was closed before giving up
+    assert caught.value.status == 503
+    assert caught.value.retry_after is not None and 3500 < caught.value.retry_after <= 3600
+    assert "max_server_delay=60 s" in caught.value.__notes__[-1]
+    assert len(p1.seen) == 1
+
+
+async def test_a_hedge_wins_when_the_primary_is_slow(servers: dict[str, ScriptedServer]) -> None:
+    p1, p2 = servers["p1"].answer(default=HANG), servers["p2"]
+    router = routed(Endpoint("p1", p1.url), Endpoint("p2", p2.url), hedge=HedgeConfig(delay=0.05))
+    router.breaker("p2").allow().failure(ConnectionResetError())  # so p1 is tried first
+    seen = recorded(router)
+    async with httpx.AsyncClient() as client:
+        response = await HttpxRecovery(client, router).get("/quote")
+        assert response.text == "p2"
+        assert pool_is_idle(client)  # the losing request's connection was closed, not leaked
+    assert [e.attempt for e in seen if isinstance(e, HedgeWon)] == [1]
+    assert (len(p1.seen), len(p2.seen)) == (1, 1)
+
+
+async def test_the_deadline_is_kept_and_sent_downstream(servers: dict[str, ScriptedServer]) -> None:
+    p1 = servers["p1"].answer(default=HANG)
+    router = routed(Endpoint("p1", p1.url))
+    seen = recorded(router)
+    policy = HttpPolicy(deadline_header="X-Deadline-Ms")
+    async with httpx.AsyncClient() as client:
+        with deadline(0.3), pytest.raises(DeadlineExceeded):
+            await HttpxRecovery(client, router, policy).get("/slow")
+        assert pool_is_idle(client)
+    [request] = p1.seen
+    assert 0 < int(request.headers["X-Deadline-Ms"]) <= 300
+    [gave_up] = [e for e in seen if isinstance(e, GaveUp)]
+    assert gave_up.reason is GiveUpReason.DEADLINE
+    assert gave_up.elapsed <= 0.3 + 0.25  # cancelled at the deadline, by the engine's clock
+
+
+async def test_a_post_is_not_retried_unless_the_caller_says_it_is_safe(
+    servers: dict[str, ScriptedServer],
+) -> None:
+    p1 = servers["p1"].answer(default=UNAVAILABLE)
+    p2 = servers["p2"]
+    router = routed(Endpoint("p1", p1.url), Endpoint("p2", p2.url))
+    router.breaker("p2").allow().failure(ConnectionResetError())  # p1 first
+    async with httpx.AsyncClient() as client:
+        recovery = HttpxRecovery(client, router)
+        with pytest.raises(HttpStatusError) as caught:
+            await recovery.post("/orders", json={"n": 1})
+        assert not caught.value.retryable and (len(p1.seen), len(p2.seen)) == (1, 0)
+        response = await recovery.post("/orders", json={"n": 1}, idempotent=True)
+        assert response.text == "p2"
+        assert pool_is_idle(client)
+
+
+async def test_a_request_that_never_left_is_retried_even_for_a_post(
+    servers: dict[str, ScriptedServer],
+    make_proxy: Callable[[tuple[str, int]], ThreadedProxy],
+) -> None:
+    refusing = make_proxy(servers["p1"].address)
+    refusing.stop_listening()
+    router = routed(
+        Endpoint("gone", f"http://127.0.0.1:{refusing.port}"), Endpoint("p2", servers["p2"].url)
+    )
+    router.breaker("p2").allow().failure(ConnectionResetError())  # "gone" first
+    async with httpx.AsyncClient() as client:
+        response = await HttpxRecovery(client, router).post("/orders")
+    assert response.text == "p2"
+
+
+async def test_overloaded_answers_stop_every_layer(servers: dict[str, ScriptedServer]) -> None:
+    p1, p2 = servers["p1"], servers["p2"]
+    policy = HttpPolicy(overloaded_header="X-Overloaded")
+    async with httpx.AsyncClient() as client:
+        for overloaded in ({"X-Overloaded": "1"}, {"grpc-retry-pushback-ms": "-1"}):
+            p1.answer(Reply(503, overloaded))
+            router = routed(Endpoint("p1", p1.url), Endpoint("p2", p2.url))
+            router.breaker("p2").allow().failure(ConnectionResetError())  # p1 first
+            with pytest.raises(OverloadedError) as caught:
+                await HttpxRecovery(client, router, policy).get("/")
+            assert final_reason(caught.value) is not None
+        assert pool_is_idle(client)
+    assert len(p1.seen) == 2 and p2.seen == []  # never retried elsewhere
+
+
+async def test_the_retry_budget_holds_when_everything_fails(
+    servers: dict[str, ScriptedServer],
+) -> None:
+    for name in ("p1", "p2"):
+        servers[name].answer(default=UNAVAILABLE)
+    budget = TokenBudget("api", TokenBudgetConfig(max_tokens=10, token_ratio=0.1))
+    router = Router(
+        "api",
+        [Endpoint("p1", servers["p1"].url), Endpoint("p2", servers["p2"].url)],
+        RouterConfig(
+            retry=RetryConfig(max_attempts=3, base_delay=0.0),
+            breaker=BreakerConfig(consecutive_failures=1000),
+        ),
+        budget=budget,
+    )
+    calls = 20
+    async with httpx.AsyncClient() as client:
+        recovery = HttpxRecovery(client, router)
+        for _ in range(calls):
+            with pytest.raises(HttpStatusError):
+                await recovery.get("/")
+        assert pool_is_idle(client)
+    sent = len(servers["p1"].seen) + len(servers["p2"].seen)
+    # Without a budget: 60 requests.  gRPC throttling allows retries while > 5 tokens.
+    assert calls < sent <= calls + 5
+
+
+async def test_no_secret_reaches_errors_or_events(servers: dict[str, ScriptedServer]) -> None:
+    p1 = servers["p1"].answer(default=UNAVAILABLE)
+    address = p1.url.replace("http://", "http://svc:hunter2@")
+    router = routed(Endpoint("p1", address), attempts=4)  # the breaker opens after 2
+    seen = recorded(router)
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(AllEndpointsDown) as caught:
+            await HttpxRecovery(client, router).get(
+                "/pay?token=tok-123", headers={"Authorization": "Bearer tok-456"}
+            )
+    assert "Authorization" in p1.seen[0].headers  # credentials were sent...
+    last = caught.value.__cause__  # the last answer, which opened the breaker
+    assert isinstance(last, HttpStatusError)
+    text = "".join(str(e) + "".join(getattr(e, "__notes__", ())) for e in (caught.value, last))
+    text += repr(seen) + repr(router.endpoints)
+    for secret in ("hunter2", "c3ZjOmh1bnRlcjI", "tok-123", "tok-456"):
+        assert secret not in text  # ...and reported nowhere
+
+
+def test_which_transport_errors_are_retried() -> None:
+    request = httpx.Request("POST", "http://x")
+    assert retryable_httpx_error(httpx.ConnectError("refused", request=request), idempotent=False)
+    assert not retryable_httpx_error(httpx.ReadError("reset", request=request), idempotent=False)
+    assert retryable_httpx_error(httpx.ReadError("reset", request=request), idempotent=True)
+    assert not retryable_httpx_error(httpx.UnsupportedProtocol("ftp", request=request), True)

@@ -1,0 +1,103 @@
+"""The outage model: load amplification, success rates and recovery time per policy."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from datapunk_recovery import RetryConfig
+from datapunk_recovery.breaker import BreakerConfig
+from datapunk_recovery.budget import RatioBudgetConfig, TokenBudgetConfig
+from datapunk_recovery.simulate.outage import (
+    OutageResult,
+    OutageSetup,
+    run_outage,
+    simulate_outage,
+)
+from datapunk_recovery.simulate.policies import DEFAULT_POLICY, SimPolicy, builtin_policies
+
+SETUP = OutageSetup(rate=100.0, clients=10, duration=45.0, outage_start=5.0, outage_duration=20.0)
+
+
+Results = dict[str, OutageResult]
+
+
+@pytest.fixture(scope="module")
+def results() -> Results:
+    builtins = builtin_policies()
+    chosen = {name: builtins[name] for name in ("plain", "default")}
+    return {r.policy: r for r in run_outage(chosen, SETUP)}
+
+
+def test_plain_retries_triple_the_load_on_a_dead_dependency(results: Results) -> None:
+    plain = results["plain"]
+    assert 2.8 <= plain.amplification <= 3.05
+    assert plain.success_during < 0.05
+    assert plain.recovery_time == 0.0  # nothing holds traffic back once it is up
+
+
+def test_the_default_policy_adds_at_most_ten_percent(results: Results) -> None:
+    default = results["default"]
+    assert default.amplification <= 1.1
+    assert default.offered_during == results["plain"].offered_during  # same offered load
+
+
+def test_the_default_policy_recovers_within_one_breaker_open_period(results: Results) -> None:
+    default = results["default"]
+    assert default.open_duration == BreakerConfig().open_duration
+    assert default.recovery_time is not None
+    assert default.recovery_time <= default.open_duration
+
+
+def test_a_token_budget_alone_keeps_amplification_near_one_and_recovers_at_once() -> None:
+    result = simulate_outage("tokens", SimPolicy(token_budget=TokenBudgetConfig()), SETUP)
+    assert result.amplification <= 1.05
+    assert result.recovery_time == 0.0
+
+
+def test_a_ratio_budget_adds_its_ratio_plus_its_floor() -> None:
+    # 20% of requests, no floor: about 1.2 x the offered load.
+    no_floor = SimPolicy(ratio_budget=RatioBudgetConfig(ratio=0.2, min_per_second=0.0))
+    assert 1.1 <= simulate_outage("ratio", no_floor, SETUP).amplification <= 1.25
+    # Finagle's floor of 10 retries/s per client is as much as each client's whole
+    # traffic here (100 requests/s over 10 clients): the floor, not the ratio, decides.
+    finagle = SimPolicy(ratio_budget=RatioBudgetConfig())
+    assert simulate_outage("finagle", finagle, SETUP).amplification > 2.0
+
+
+def test_the_timeline_accounts_for_every_second(results: Results) -> None:
+    plain = results["plain"]
+    assert [s.start for s in plain.timeline] == [float(i) for i in range(45)]
+    quiet = plain.timeline[2]  # before the outage: one call per request, all succeed
+    assert quiet.received == quiet.offered == quiet.succeeded
+    stormy = plain.timeline[10]
+    assert stormy.succeeded == 0
+    assert stormy.received > 2.5 * stormy.offered
+
+
+def test_a_deadline_stops_retries_like_the_engine_does() -> None:
+    tight = SimPolicy(retry=RetryConfig(max_attempts=None, deadline=0.05, base_delay=0.1))
+    result = simulate_outage("tight", tight, SETUP)
+    assert result.amplification < 1.5
+
+
+def test_a_never_recovering_run_reports_none() -> None:
+    long_open = dataclasses.replace(
+        DEFAULT_POLICY,
+        breaker=BreakerConfig(open_duration=100.0, max_open_duration=100.0),
+    )
+    assert simulate_outage("slow", long_open, SETUP).recovery_time is None
+
+
+def test_runs_are_reproducible() -> None:
+    assert simulate_outage("d", DEFAULT_POLICY, SETUP) == simulate_outage(
+        "d", DEFAULT_POLICY, SETUP
+    )
+
+
+def test_the_setup_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"OutageSetup\.duration"):
+        OutageSetup(duration=10.0, outage_start=5.0, outage_duration=10.0)
+    with pytest.raises(ValueError, match=r"OutageSetup\.rate"):
+        OutageSetup(rate=0.0)

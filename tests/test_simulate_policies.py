@@ -1,0 +1,148 @@
+"""Simulation policies: the named built-ins and TOML policy files read with the schema."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+
+from datapunk_recovery import Jitter, RetryConfig
+from datapunk_recovery.breaker import BreakerConfig
+from datapunk_recovery.budget import RatioBudgetConfig, TokenBudgetConfig
+from datapunk_recovery.schema import NO_VALUE, ConfigError
+from datapunk_recovery.simulate.policies import (
+    DEFAULT_POLICY,
+    SawtoothBackoff,
+    SimPolicy,
+    builtin_policies,
+    load_policies,
+    resolve_policies,
+)
+
+
+def test_the_builtins_are_one_per_jitter_kind_plus_plain_default_and_sawtooth() -> None:
+    builtins = builtin_policies()
+    assert list(builtins) == [*(j.value for j in Jitter), "plain", "default", "sawtooth"]
+    assert builtins["decorrelated"].retry.jitter is Jitter.DECORRELATED
+    assert builtins["plain"] == SimPolicy(
+        retry=RetryConfig(), description=builtins["plain"].description
+    )
+
+
+def test_the_default_policy_is_the_library_defaults_with_budget_and_breaker() -> None:
+    assert DEFAULT_POLICY.retry == RetryConfig()
+    assert DEFAULT_POLICY.token_budget == TokenBudgetConfig()
+    assert DEFAULT_POLICY.breaker == BreakerConfig()
+    assert builtin_policies()["default"].retry == RetryConfig()
+
+
+def test_builtins_take_the_benchmark_base_and_cap_when_asked() -> None:
+    for policy in builtin_policies(base_delay=0.005, max_delay=2.0).values():
+        assert (policy.retry.base_delay, policy.retry.max_delay) == (0.005, 2.0)
+
+
+def test_a_policy_has_at_most_one_budget() -> None:
+    with pytest.raises(ValueError, match="at most one budget"):
+        SimPolicy(token_budget=TokenBudgetConfig(), ratio_budget=RatioBudgetConfig())
+    with pytest.raises(TypeError, match=r"SimPolicy\.retry"):
+        SimPolicy(retry=None)  # type: ignore[arg-type]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policies.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_policy_file_reads_durations_and_empty_tables_mean_defaults(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [policies.careful]
+        description = "gRPC budget, quick breaker"
+        retry = { max_attempts = 4, base_delay = "50ms", max_delay = "2s", jitter = "equal" }
+        token_budget = {}
+        breaker = { open_duration = "5s", consecutive_failures = 3 }
+        sawtooth = { factor = 4 }
+
+        [policies.bare]
+        """,
+    )
+    policies = load_policies(path)
+    careful = policies["careful"]
+    assert careful.retry == RetryConfig(
+        max_attempts=4, base_delay=0.05, max_delay=2.0, jitter=Jitter.EQUAL
+    )
+    assert careful.token_budget == TokenBudgetConfig()
+    assert careful.breaker == BreakerConfig(open_duration=5.0, consecutive_failures=3)
+    assert careful.sawtooth == SawtoothBackoff(4.0)
+    assert policies["bare"] == SimPolicy()
+
+
+def test_a_bad_policy_file_lists_every_problem_with_file_key_and_value(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [policies.broken]
+        retry = { base_delay = "fast", max_attempts = 0 }
+        breaker = { open_duration = "-5s" }
+        budget = {}
+        """,
+    )
+    with pytest.raises(ConfigError) as info:
+        load_policies(path)
+    assert [(p.source, p.path, p.value) for p in info.value.problems] == [
+        (str(path), "policies.broken.retry.base_delay", "fast"),
+        (str(path), "policies.broken.retry.max_attempts", 0),
+        (str(path), "policies.broken.breaker.open_duration", "-5s"),
+        (str(path), "policies.broken.budget", NO_VALUE),
+    ]
+    assert "did you mean" in info.value.problems[-1].message
+
+
+def test_names_are_looked_up_in_the_file_first_then_the_builtins(tmp_path: Path) -> None:
+    path = write(tmp_path, '[policies.full]\nretry = { jitter = "none" }\n')
+    chosen = resolve_policies(["full", "decorrelated"], path)
+    assert list(chosen) == ["full", "decorrelated"]
+    assert chosen["full"].retry.jitter is Jitter.NONE  # the file's, not the built-in
+    assert list(resolve_policies([], path)) == ["full"]  # no names: the whole file
+
+
+def test_unknown_names_are_listed_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve_policies(["full", "nope", "nada"])
+    assert [p.value for p in info.value.problems] == ["nope", "nada"]
+    assert "known: none, full" in info.value.problems[0].message
+    with pytest.raises(ConfigError, match="no policy named"):
+        resolve_policies([])
+
+
+class Ceiling(random.Random):
+    """A generator whose uniform(a, b) is always b: delays show their windows."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_sawtooth_windows_grow_in_phases_and_come_back_down() -> None:
+    retry = RetryConfig(max_attempts=None, deadline=60.0, base_delay=1.0, max_delay=100.0)
+    windows = list(itertools.islice(SawtoothBackoff(4.0).delays(retry, Ceiling(), None), 10))
+    assert windows == [4, 16, 4, 64, 16, 4, 100, 64, 16, 4]  # 256 capped at 100
+
+
+def test_sawtooth_replaces_only_the_jitter_of_a_policy() -> None:
+    policy = SimPolicy(RetryConfig(max_attempts=4, base_delay=0.5), sawtooth=SawtoothBackoff())
+    assert list(policy.delays(Ceiling())) == [2.0, 8.0, 2.0]  # max_attempts - 1 of them
+    endless = policy.delays(Ceiling(), endless=True)
+    assert len(list(itertools.islice(endless, 50))) == 50
+    rng = random.Random(1)
+    assert all(0 <= d <= 10.0 for d in itertools.islice(policy.delays(rng, endless=True), 500))
+    with pytest.raises(ValueError, match=r"SawtoothBackoff\.factor"):
+        SawtoothBackoff(factor=0.5)
+
+
+def test_plain_policies_use_retry_config_delays_themselves() -> None:
+    retry = RetryConfig(max_attempts=3, jitter=Jitter.NONE, base_delay=0.1)
+    assert list(SimPolicy(retry).delays(random.Random(0))) == list(retry.delays())

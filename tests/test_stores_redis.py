@@ -1,0 +1,562 @@
+"""Breaker state shared through a real Redis: sharing, corrupt state, outages.
+
+Redis is reached through redis.asyncio, so these tests run on asyncio only.
+Names are unique per test, so tests never see each other's keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from datapunk_recovery import events
+from datapunk_recovery.breaker import (
+    BreakerConfig,
+    BreakerState,
+    BreakerStateChanged,
+    CircuitBreaker,
+    CorruptStateIgnored,
+    StoreFallback,
+    StoreResumed,
+)
+from datapunk_recovery.errors import CircuitOpenError, RecoveryError
+from datapunk_recovery.events import Event
+from datapunk_recovery.stores import SharedStore
+from datapunk_recovery.stores.redis import RedisStore
+from tests.harness import RedisServer, ThreadedProxy
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def name() -> str:
+    return f"svc-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def seen() -> Iterator[list[Event]]:
+    got: list[Event] = []
+    unsubscribe = events.subscribe(got.append)
+    yield got
+    unsubscribe()
+
+
+@pytest.fixture
+async def stores(redis_server: RedisServer) -> AsyncIterator[Callable[..., RedisStore]]:
+    made: list[RedisStore] = []
+
+    def make(url: str | None = None, **settings: Any) -> RedisStore:
+        settings.setdefault("cache_ttl", 0.0)
+        store = RedisStore(url or redis_server.url, **settings)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.aclose()
+
+
+class Boom(Exception):
+    pass
+
+
+async def aok() -> str:
+    return "ok"
+
+
+async def aboom() -> None:
+    raise Boom()
+
+
+async def trip(breaker: CircuitBreaker, times: int = 5) -> None:
+    for _ in range(times):
+        permit = await breaker.allow_async()
+        await permit.failure_async(Boom())
+
+
+def test_store_is_a_shared_store(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url)
+    assert isinstance(store, SharedStore) and store.is_async
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"cache_ttl": -1}, r"RedisStore\.cache_ttl"),
+        ({"timeout": 0}, r"RedisStore\.timeout"),
+        ({"on_unavailable": "maybe"}, r"RedisStore\.on_unavailable"),
+        ({"prefix": "a{b}"}, r"RedisStore\.prefix"),
+    ],
+)
+def test_bad_settings(redis_server: RedisServer, settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RedisStore(redis_server.url, **settings)
+
+
+def test_client_must_be_redis() -> None:
+    with pytest.raises(TypeError, match=r"RedisStore\.client"):
+        RedisStore(42)
+
+
+def test_sync_faces_refuse_redis(redis_server: RedisServer, name: str) -> None:
+    breaker = CircuitBreaker(name, store=RedisStore(redis_server.url))
+    with pytest.raises(TypeError):
+        breaker.allow()
+    with pytest.raises(TypeError):
+        breaker.call(lambda: 1)
+    with pytest.raises(TypeError), breaker:
+        pass
+    with pytest.raises(TypeError):
+        breaker.isolate()
+
+
+def test_custom_trip_policies_cannot_be_shared(redis_server: RedisServer, name: str) -> None:
+    class Never:
+        def record(self, failed: bool, slow: bool, duration: float | None, now: float) -> bool:
+            return False
+
+        def reset(self) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="trip_policy"):
+        CircuitBreaker(name, BreakerConfig(trip_policy=Never), store=RedisStore(redis_server.url))
+
+
+def test_redis_breakers_refuse_trio(redis_server: RedisServer, name: str) -> None:
+    import trio
+
+    breaker = CircuitBreaker(name, store=RedisStore(redis_server.url))
+
+    async def use() -> None:
+        with pytest.raises(TypeError, match="asyncio only"):
+            await breaker.call_async(aok)
+
+    trio.run(use)
+
+
+@pytest.mark.anyio
+async def test_two_breakers_share_one_state(
+    stores: Callable[..., RedisStore], name: str, seen: list[Event]
+) -> None:
+    a = CircuitBreaker(name, store=stores())
+    b = CircuitBreaker(name, store=stores())
+    assert await b.call_async(aok) == "ok"
+    await trip(a)
+    assert a.state is BreakerState.OPEN
+    with pytest.raises(CircuitOpenError) as info:
+        await b.call_async(aok)  # b never failed itself
+    assert 29.0 < info.value.remaining <= 30.0
+    assert b.state is BreakerState.OPEN
+    changes = [e for e in seen if isinstance(e, BreakerStateChanged)]
+    assert ("closed", "open", "consecutive_failures") in [
+        (e.from_state.value, e.to_state.value, e.reason) for e in changes
+    ]
+
+
+@pytest.mark.anyio
+async def test_keys_are_namespaced_hash_tagged_and_expire(
+    stores: Callable[..., RedisStore], name: str, redis_server: RedisServer
+) -> None:
+    # key_ttl is at least twice the longest open period: 2 * 30 s < 120 s here
+    config = BreakerConfig(keep_window=True, open_duration=10.0, max_open_duration=30.0)
+    breaker = CircuitBreaker(name, config, store=stores(prefix="myapp", key_ttl=120.0))
+    await (await breaker.allow_async()).success_async()
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        keys = sorted(k.decode() for k in await client.keys(f"*{name}*"))
+        assert keys == [f"myapp:{{breaker:{name}}}:ring", f"myapp:{{breaker:{name}}}:state"]
+        for key in keys:
+            assert 0 < await client.pttl(key) <= 120_000
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_half_open_permits_are_global(stores: Callable[..., RedisStore], name: str) -> None:
+    config = BreakerConfig(open_duration=0.0, half_open_permits=2)
+    breakers = [CircuitBreaker(name, config, store=stores()) for _ in range(4)]
+    await trip(breakers[0])
+    granted, refused = [], 0
+    for breaker in breakers * 2:
+        try:
+            granted.append(await breaker.allow_async())
+        except CircuitOpenError:
+            refused += 1
+    assert len(granted) == 2 and refused == 6
+    assert all(p.probe for p in granted)
+    for permit in granted:
+        await permit.success_async()
+    assert await breakers[3].call_async(aok) == "ok"  # reads the shared state again
+    assert breakers[3].state is BreakerState.CLOSED
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_probe_frees_its_permit(
+    stores: Callable[..., RedisStore], name: str
+) -> None:
+    breaker = CircuitBreaker(name, BreakerConfig(open_duration=0.0), store=stores())
+    await trip(breaker)
+    started = asyncio.Event()
+
+    async def hang() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(breaker.call_async(hang))
+    await started.wait()
+    with pytest.raises(CircuitOpenError):
+        await breaker.allow_async()  # the only permit is out
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await breaker._flush()
+    assert (await breaker.allow_async()).probe
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("window", ["count", "time"])
+async def test_failure_rate_over_a_shared_window(
+    stores: Callable[..., RedisStore], name: str, window: str
+) -> None:
+    config = BreakerConfig(
+        consecutive_failures=None,
+        failure_rate_threshold=0.5,
+        window=window,  # type: ignore[arg-type]
+        window_size=4,
+        window_duration=60.0,
+        minimum_calls=4,
+    )
+    a = CircuitBreaker(name, config, store=stores())
+    b = CircuitBreaker(name, config, store=stores())
+    await (await a.allow_async()).failure_async(Boom())
+    for _ in range(2):
+        await (await b.allow_async()).success_async()
+    assert b.failure_rate() is None  # three calls: below minimum_calls
+    await (await b.allow_async()).success_async()
+    assert b.failure_rate() == 0.25
+    await (await a.allow_async()).failure_async(Boom())
+    # count: the last 4 are ok, ok, ok, fail; time: 2 failures in 5 calls
+    assert a.state is BreakerState.CLOSED
+    await (await a.allow_async()).failure_async(Boom())
+    # count: ok, ok, fail, fail; time: 3 of 6 -> 50% either way
+    assert a.state is BreakerState.OPEN
+
+
+@pytest.mark.anyio
+async def test_a_late_outcome_never_extends_a_shared_open_period(
+    stores: Callable[..., RedisStore], name: str
+) -> None:
+    config = BreakerConfig(consecutive_failures=1)
+    a = CircuitBreaker(name, config, store=stores())
+    slow_call = await a.allow_async()
+    await trip(a, 1)
+    before = a.retry_after()
+    await slow_call.failure_async(Boom())  # granted before the opening: ignored
+    with pytest.raises(CircuitOpenError) as info:
+        await a.allow_async()
+    assert info.value.remaining <= before
+
+
+@pytest.mark.anyio
+async def test_server_delay_opens_every_replica(
+    stores: Callable[..., RedisStore], name: str
+) -> None:
+    config = BreakerConfig(honor_server_delay=True)
+    a = CircuitBreaker(name, config, store=stores())
+    b = CircuitBreaker(name, config, store=stores())
+    await (await a.allow_async()).failure_async(RecoveryError("slow down", retry_after=90.0))
+    with pytest.raises(CircuitOpenError) as info:
+        await b.allow_async()
+    assert 89.0 < info.value.remaining <= 90.0
+
+
+@pytest.mark.anyio
+async def test_manual_controls_are_shared(stores: Callable[..., RedisStore], name: str) -> None:
+    a = CircuitBreaker(name, store=stores())
+    b = CircuitBreaker(name, store=stores())
+    await a.isolate_async()
+    with pytest.raises(CircuitOpenError) as info:
+        await b.call_async(aok)
+    assert info.value.remaining == float("inf")
+    await b.reset_async()
+    assert await a.call_async(aok) == "ok"
+    await a.disable_async()
+    await trip(b, 10)
+    assert b.state is BreakerState.DISABLED
+    await a.metrics_only_async()
+    await trip(b, 10)
+    assert await b.call_async(aok) == "ok"
+
+
+@pytest.mark.anyio
+async def test_corrupt_shared_state_is_ignored_with_an_event(
+    stores: Callable[..., RedisStore], name: str, redis_server: RedisServer, seen: list[Event]
+) -> None:
+    breaker = CircuitBreaker(name, store=stores())
+    await trip(breaker, 3)
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.hset(f"datapunk:{{breaker:{name}}}:state", "s", "banana")
+    finally:
+        await client.aclose()
+    assert await breaker.call_async(aok) == "ok"
+    assert any(isinstance(e, CorruptStateIgnored) for e in seen)
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.snapshot().consecutive_failures == 0  # reset, not trusted
+
+
+@pytest.mark.anyio
+async def test_a_garbage_reply_falls_back_to_local_state(
+    stores: Callable[..., RedisStore], name: str, seen: list[Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = stores()
+    breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=2), store=store)
+
+    async def garbage(*args: Any) -> Any:
+        return [b"not", b"a", b"state"]
+
+    monkeypatch.setattr(store, "breaker_op", garbage)
+    assert await breaker.call_async(aok) == "ok"
+    kinds = [type(e) for e in seen]
+    assert CorruptStateIgnored in kinds and StoreFallback in kinds
+    for _ in range(2):  # judged locally meanwhile
+        with pytest.raises(Boom):
+            await breaker.call_async(aboom)
+    assert breaker.state is BreakerState.OPEN
+
+
+# ---------------------------------------------------------------------------
+# outages, through the fault proxy
+
+
+def proxied(proxy: ThreadedProxy) -> str:
+    return f"redis://127.0.0.1:{proxy.port}/0"
+
+
+@pytest.mark.anyio
+async def test_blackholed_redis_never_fails_a_call(
+    stores: Callable[..., RedisStore],
+    name: str,
+    make_proxy: Callable[[tuple[str, int]], ThreadedProxy],
+    redis_server: RedisServer,
+    seen: list[Event],
+) -> None:
+    proxy = make_proxy(redis_server.address)
+    store = stores(proxied(proxy), timeout=0.1, retry_interval=0.0)
+    breaker = CircuitBreaker(name, store=store)
+    assert await breaker.call_async(aok) == "ok"
+    proxy.blackhole()
+    for _ in range(5):
+        assert await breaker.call_async(aok) == "ok"
+    fallbacks = [e for e in seen if isinstance(e, StoreFallback)]
+    assert len(fallbacks) == 1 and fallbacks[0].mode == "local"
+    assert fallbacks[0].error_type == "TimeoutError"  # the type name only, never a message
+    proxy.clear()
+    proxy.reset_all()  # the blackholed connections are useless now
+    for _ in range(50):
+        await breaker.call_async(aok)
+        if any(isinstance(e, StoreResumed) for e in seen):
+            break
+        await asyncio.sleep(0.02)
+    assert any(isinstance(e, StoreResumed) for e in seen)
+    other = CircuitBreaker(name, store=stores())
+    await trip(other)
+    with pytest.raises(CircuitOpenError):
+        await breaker.call_async(aok)  # sharing resumed
+
+
+@pytest.mark.anyio
+async def test_fail_closed_refuses_calls_while_redis_is_away(
+    stores: Callable[..., RedisStore],
+    name: str,
+    make_proxy: Callable[[tuple[str, int]], ThreadedProxy],
+    redis_server: RedisServer,
+) -> None:
+    proxy = make_proxy(redis_server.address)
+    store = stores(proxied(proxy), timeout=0.1, on_unavailable="closed", retry_interval=60.0)
+    breaker = CircuitBreaker(name, store=store)
+    proxy.stop_listening()
+    proxy.reset_all()
+    with pytest.raises(CircuitOpenError) as info:
+        await breaker.call_async(aok)
+    assert 0 < info.value.remaining <= 60.0
+    assert breaker.state is BreakerState.FORCED_OPEN
+    assert 0 < breaker.retry_after() <= 60.0
+
+
+@pytest.mark.anyio
+async def test_an_open_breaker_stays_open_when_redis_goes_away(
+    stores: Callable[..., RedisStore],
+    name: str,
+    make_proxy: Callable[[tuple[str, int]], ThreadedProxy],
+    redis_server: RedisServer,
+) -> None:
+    proxy = make_proxy(redis_server.address)
+    breaker = CircuitBreaker(name, store=stores(proxied(proxy), timeout=0.1))
+    await trip(breaker)
+    proxy.stop_listening()
+    proxy.reset_all()
+    for _ in range(3):
+        with pytest.raises(CircuitOpenError):
+            await breaker.call_async(aok)
+
+
+@pytest.mark.drill
+@pytest.mark.anyio
+async def test_drill_blackhole_reset_restart_mid_run(
+    stores: Callable[..., RedisStore],
+    name: str,
+    make_proxy: Callable[[tuple[str, int]], ThreadedProxy],
+    redis_server: RedisServer,
+    seen: list[Event],
+) -> None:
+    """Callers keep calling while Redis misbehaves; none fails because of Redis."""
+    proxy = make_proxy(redis_server.address)
+    config = BreakerConfig(consecutive_failures=1000)
+    breaker = CircuitBreaker(
+        name, config, store=stores(proxied(proxy), timeout=0.1, retry_interval=0.05, cache_ttl=0.02)
+    )
+    failures: list[BaseException] = []
+    calls = 0
+    stop = asyncio.Event()
+
+    async def caller() -> None:
+        nonlocal calls
+        while not stop.is_set():
+            try:
+                await breaker.call_async(aok)
+                calls += 1
+            except BaseException as exc:  # anything at all is a test failure
+                failures.append(exc)
+                raise
+            await asyncio.sleep(0.002)
+
+    async def resumed(count: int) -> None:
+        for _ in range(500):
+            if sum(isinstance(e, StoreResumed) for e in seen) >= count:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("sharing did not resume")
+
+    async def fell_back(count: int) -> None:
+        for _ in range(500):
+            if sum(isinstance(e, StoreFallback) for e in seen) >= count:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("no fallback seen")
+
+    tasks = [asyncio.create_task(caller()) for _ in range(8)]
+    try:
+        await asyncio.sleep(0.1)
+        proxy.blackhole()
+        await fell_back(1)
+        await asyncio.sleep(0.2)
+        proxy.clear()
+        proxy.reset_all()
+        await resumed(1)
+        proxy.reset_all()
+        await asyncio.sleep(0.1)
+        redis_server.restart()  # the shared state is lost with the data
+        await asyncio.sleep(0.2)
+        # sharing works again: a breaker straight on Redis trips it for everyone
+        other = CircuitBreaker(name, BreakerConfig(consecutive_failures=1), store=stores())
+        await trip(other, 1)
+        for _ in range(200):
+            if breaker.state is BreakerState.OPEN:
+                break
+            await asyncio.sleep(0.01)
+        assert breaker.state is BreakerState.OPEN
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    real_failures = [f for f in failures if not isinstance(f, CircuitOpenError)]
+    assert not real_failures, real_failures
+    assert calls > 50
+
+
+# ---------------------------------------------------------------------------
+# several OS processes sharing one breaker
+
+_CHILD = r"""
+import asyncio, json, sys, time
+from datapunk_recovery.breaker import CircuitBreaker
+from datapunk_recovery.errors import CircuitOpenError
+from datapunk_recovery.stores.redis import RedisStore
+
+async def main(url, name, ttl):
+    store = RedisStore(url, cache_ttl=ttl)
+    breaker = CircuitBreaker(name, store=store)
+    async def ok():
+        return 1
+    await breaker.call_async(ok)
+    print("ready", flush=True)
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        try:
+            await breaker.call_async(ok)
+        except CircuitOpenError:
+            print(json.dumps({"open_at": time.time()}), flush=True)
+            break
+        except Exception as exc:
+            print(json.dumps({"error": type(exc).__name__}), flush=True)
+            break
+        await asyncio.sleep(0.005)
+    await store.aclose()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+"""
+
+
+@pytest.mark.drill
+def test_processes_all_see_the_breaker_open_within_the_cache_ttl(
+    name: str, redis_server: RedisServer
+) -> None:
+    ttl = 0.3
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "src"))
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, redis_server.url, name, str(ttl)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(3)
+    ]
+
+    async def trip_once() -> None:
+        # The children's successes interleave with our failures in the shared
+        # consecutive count: trip with one failure.
+        store = RedisStore(redis_server.url)
+        breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=1), store=store)
+        await trip(breaker, 1)
+        await store.aclose()
+
+    try:
+        for child in children:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "ready"
+        asyncio.run(trip_once())
+        tripped_at = time.time()
+        for child in children:
+            assert child.stdout is not None
+            report = json.loads(child.stdout.readline())
+            assert "error" not in report  # no call failed because of Redis
+            assert report["open_at"] - tripped_at <= ttl + 0.15
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()

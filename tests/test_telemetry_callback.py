@@ -1,0 +1,81 @@
+"""The callback exporter: the measurements, or the redacted events, handed to a function."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from datapunk_recovery import RetryConfig, retry
+from datapunk_recovery.telemetry import CallbackExporter, LabelPolicy, Update
+from datapunk_recovery.testing import fake_clock, instant_retries
+
+
+@pytest.fixture(autouse=True)
+def _instant() -> Iterator[None]:
+    with instant_retries(), fake_clock():
+        yield
+
+
+def fetch_failing_once() -> Any:
+    errors = [ConnectionError("reset")]
+
+    @retry(RetryConfig(max_attempts=3), name="fetch")
+    def fetch() -> str:
+        if errors:
+            raise errors.pop()
+        return "ok"
+
+    return fetch
+
+
+def test_updates_carry_metric_labels_and_value() -> None:
+    updates: list[Update] = []
+    fetch = fetch_failing_once()
+    with CallbackExporter(on_update=updates.append).install():
+        fetch()
+    got = [(u.metric.prometheus_name, u.attributes, u.value) for u in updates]
+    assert got == [
+        ("datapunk_recovery_attempt_duration_seconds", {"operation": "fetch"}, 0.0),
+        ("datapunk_recovery_retries", {"operation": "fetch", "category": "network"}, 1.0),
+        ("datapunk_recovery_attempt_duration_seconds", {"operation": "fetch"}, 0.0),
+        ("datapunk_recovery_calls", {"operation": "fetch", "outcome": "success_after_retry"}, 1.0),
+    ]
+
+
+def test_events_as_flat_fields_filtered_by_name() -> None:
+    seen: list[Mapping[str, Any]] = []
+    fetch = fetch_failing_once()
+    with CallbackExporter(on_event=seen.append, names={"retry.call"}).install():
+        fetch()
+    assert seen == [
+        {
+            "event": "retry.call",
+            "area": "retry",
+            "operation": "fetch",
+            "at": 0.0,
+            "attempts": 2,
+            "elapsed": 0.0,
+            "succeeded": True,
+            "outcome": "success_after_retry",
+        }
+    ]
+
+
+def test_labels_are_bounded_like_any_exporter() -> None:
+    updates: list[Update] = []
+    exporter = CallbackExporter(
+        on_update=updates.append, labels=LabelPolicy(allowed={"operation": {"store"}})
+    )
+    fetch = fetch_failing_once()
+    with exporter.install():
+        fetch()
+    assert {u.attributes["operation"] for u in updates} == {"other"}
+
+
+def test_a_callback_is_required() -> None:
+    with pytest.raises(TypeError, match="on_update, on_event"):
+        CallbackExporter()
+    with pytest.raises(TypeError, match="expected a callable"):
+        CallbackExporter(on_event="print")  # type: ignore[arg-type]
