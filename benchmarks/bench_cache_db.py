@@ -11,6 +11,8 @@ Cases (time per read or query):
   plain ``redis.asyncio`` ``GET`` plus ``json.loads``; ``read_through_hit``
   is :meth:`ReadThroughCache.get` on the same Redis (breaker permit, envelope,
   freshness check).
+- ``cache-cpu``: the same two on a cache that answers at once (no network):
+  the difference is the wrapper's own CPU cost per read.
 - ``db-happy``: a one-value query when nothing fails: ``asyncpg_acquire_fetch``
   is ``async with pool.acquire(): fetchval`` on an ``asyncpg`` pool;
   ``managed_run`` the same through :meth:`ManagedPool.run` (bounded acquire,
@@ -39,14 +41,14 @@ import pyperf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datapunk_recovery.breaker import BreakerConfig  # noqa: E402
-from datapunk_recovery.cache import (  # noqa: E402
+from datapunk_recovery.breaker import BreakerConfig
+from datapunk_recovery.cache import (
     CacheConfig,
     FunctionSource,
     ReadThroughCache,
     RedisCache,
 )
-from datapunk_recovery.database import ManagedPool, PoolConfig  # noqa: E402
+from datapunk_recovery.database import ManagedPool, PoolConfig
 
 REDIS_ENV = "DATAPUNK_BENCH_REDIS_URL"
 PG_ENV = "DATAPUNK_BENCH_PG_DSN"
@@ -134,6 +136,39 @@ async def make_read_through() -> Callable[[], Awaitable[Any]]:
     return lambda: rtc.get("k1")
 
 
+class _InstantRedis:
+    """A cache answering at once with stored JSON: what is left is the wrapper's own cost."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.codec = RedisCache(None).codec
+
+    async def get(self, key: str) -> Any:
+        raw = self.data.get(key)
+        return None if raw is None else self.codec.decode(raw)
+
+    async def set(self, key: str, value: Any, ttl: float) -> None:
+        self.data[key] = self.codec.encode(value)
+
+    async def counter(self, key: str) -> int:
+        return 0
+
+
+async def make_instant_plain() -> Callable[[], Awaitable[Any]]:
+    stub = _InstantRedis()
+    await stub.set("k1", {"key": "k1", "n": 1}, 60.0)
+    return lambda: stub.get("k1")
+
+
+async def make_instant_read_through() -> Callable[[], Awaitable[Any]]:
+    stub = _InstantRedis()
+    rtc: ReadThroughCache[Any] = ReadThroughCache(
+        FunctionSource(_source), stub, CacheConfig(ttl=3600.0, generation_refresh=3600.0)
+    )  # type: ignore[arg-type]
+    await rtc.get("k1")
+    return lambda: rtc.get("k1")
+
+
 async def _asyncpg_pool() -> Any:
     import asyncpg
 
@@ -185,14 +220,16 @@ def _start_servers() -> list[Any]:
 def main() -> None:
     worker = "--worker" in sys.argv
     started = [] if worker else _start_servers()
-    for name in (REDIS_ENV, PG_ENV, PROXY_ENV):
-        sys.argv += ["--inherit-environ", name] if not worker else []
+    if not worker:
+        sys.argv.append(f"--inherit-environ={REDIS_ENV},{PG_ENV},{PROXY_ENV}")
     runner = pyperf.Runner()
     cases = [
         ("cache-outage: read_breaker_open", make_breaker_open),
         ("cache-outage: read_waits_timeout", make_waits_timeout),
         ("cache-happy: redis_get_json", make_redis_plain),
         ("cache-happy: read_through_hit", make_read_through),
+        ("cache-cpu: instant_cache_get", make_instant_plain),
+        ("cache-cpu: read_through_instant_hit", make_instant_read_through),
         ("db-happy: asyncpg_acquire_fetch", make_asyncpg_plain),
         ("db-happy: managed_run", make_managed_run),
     ]

@@ -47,12 +47,14 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = 8.0) -> None:
-    """Bounded polling for a condition the load makes true."""
+async def until(
+    condition: Callable[[], bool], what: str, state: Callable[[], object], timeout: float = 8.0
+) -> None:
+    """Bounded polling for a condition the load makes true; ``state`` explains a failure."""
     limit = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > limit:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}: {state()}")
         await anyio.sleep(0.01)
 
 
@@ -127,6 +129,9 @@ async def test_redis_faults_under_load_lose_no_read_and_serve_nothing_stale(
     def cache_reads() -> int:
         return origins["cache"]
 
+    def state() -> object:
+        return (rtc.stats(), rtc.breaker.snapshot(), dict(origins), reads)
+
     faults: list[str] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(rtc.maintain)
@@ -134,21 +139,21 @@ async def test_redis_faults_under_load_lose_no_read_and_serve_nothing_stale(
             tg.start_soon(reader)
         tg.start_soon(writer)
 
-        await until(lambda: cache_reads() > 200, "reads served from Redis")
+        await until(lambda: cache_reads() > 200, "reads served from Redis", state)
 
         faults.append("blackhole")
         proxy.blackhole()
         mark = reads
-        await until(lambda: rtc.breaker.state.value == "open", "the cache breaker to open")
-        await until(lambda: reads > mark + 300, "reads during the blackhole")
+        await until(lambda: rtc.breaker.state.value == "open", "the cache breaker to open", state)
+        await until(lambda: reads > mark + 300, "reads during the blackhole", state)
         proxy.blackhole(False)
         mark = cache_reads()
-        await until(lambda: cache_reads() > mark + 200, "reads from Redis after the blackhole")
+        await until(lambda: cache_reads() > mark + 200, "reads from Redis after the blackhole", state)
 
         faults.append("reset")
         proxy.reset_all()
         mark = cache_reads()
-        await until(lambda: cache_reads() > mark + 200, "reads from Redis after the reset")
+        await until(lambda: cache_reads() > mark + 200, "reads from Redis after the reset", state)
 
         faults.append("restart")
         warmed_before = sum(1 for e in events if isinstance(e, CacheWarmed))
@@ -158,7 +163,7 @@ async def test_redis_faults_under_load_lose_no_read_and_serve_nothing_stale(
             "warming after the restart",
         )
         mark = cache_reads()
-        await until(lambda: cache_reads() > mark + 200, "reads from Redis after the restart")
+        await until(lambda: cache_reads() > mark + 200, "reads from Redis after the restart", state)
         stop.set()
         tg.cancel_scope.cancel()
 

@@ -18,6 +18,7 @@ import pytest
 
 from datapunk_recovery import RetryConfig, chaos, retry
 from datapunk_recovery.events import Event
+from datapunk_recovery.pipeline import Pipeline, RetryStage
 from datapunk_recovery.testing import fake_clock
 
 
@@ -350,6 +351,52 @@ async def test_injected_faults_drive_the_retry_engine() -> None:
     assert results == [2 * i for i in range(50)]
     stats = guarded.statistics()
     assert stats.retries == injector.statistics().faults > 0
+
+
+# -- as a pipeline stage ------------------------------------------------------------------------
+
+
+def test_a_chaos_stage_breaks_each_attempt_inside_a_pipeline() -> None:
+    injector = chaos.Chaos(chaos.Fault(ConnectionResetError), rate=0.5, seed=11)
+    pipeline = Pipeline.of(
+        "payments",
+        [RetryStage(RetryConfig(max_attempts=10, base_delay=0.0)), injector.stage()],
+    )
+    assert [stage.name for stage in pipeline.stages] == ["retry", "chaos"]
+    assert [pipeline.call(_double, i) for i in range(40)] == [2 * i for i in range(40)]
+    assert pipeline.statistics().retries == injector.statistics().faults > 0
+
+
+def test_a_switched_off_stage_passes_calls_through() -> None:
+    injector = chaos.Chaos(chaos.Behaviour(lambda x: -x), enabled=False)
+    pipeline = Pipeline.of("svc", [injector.stage()])
+    assert pipeline.call(_double, 3) == 6
+    injector.enable()
+    assert pipeline.call(_double, 3) == -3  # a behaviour gets the call's own arguments
+    with pytest.raises(TypeError, match="ChaosStage"):
+        chaos.ChaosStage("not an injector")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_chaos_stage_works_for_async_calls_and_cancels_cleanly() -> None:
+    script = chaos.Timeline([chaos.Window(0.0, None, chaos.Latency(30.0), target="db")])
+    injector = script.injector("db")
+    pipeline = Pipeline.of("db", [RetryStage(RetryConfig(max_attempts=3)), injector.stage()])
+    called: list[int] = []
+
+    async def query(x: int) -> int:
+        called.append(x)
+        return x
+
+    script.start()
+    with anyio.CancelScope() as scope:
+        injector.events.subscribe(lambda event: scope.cancel())
+        await pipeline.call_async(query, 1)
+    assert scope.cancelled_caught
+    assert called == []
+    assert pipeline.statistics().calls == 0  # the cancellation was not counted
+    script.stop()
+    assert await pipeline.call_async(query, 2) == 2
 
 
 # -- events -----------------------------------------------------------------------------------

@@ -64,8 +64,7 @@ FIELDS = (
     "max_server_delay",
 )
 
-# Integers stay within float range here: past it, three validators raise
-# OverflowError (see the xfail cases at the end of this file).
+# Integers stay within float range here; the cases past it are at the end of this file.
 _int = st.integers(min_value=-(10**18), max_value=10**18)
 anything = st.one_of(
     st.none(),
@@ -178,7 +177,7 @@ _BASES: tuple[type[Exception], ...] = (
 )
 
 
-# Hashable arguments only: OSError([], ...) breaks the classifier (the xfail case below).
+# Scalar arguments; OSError([], ...) has its own case at the end of this file.
 _scalars = st.one_of(st.none(), st.booleans(), _int, st.floats(), st.text(max_size=12))
 
 
@@ -362,21 +361,18 @@ def test_huge_duration_texts_end_quickly_in_an_answer(text: str) -> None:
         assert parse_duration(text) >= 0
 
 
-# -- known holes ---------------------------------------------------------------------------------
-# Found by the fuzzing above.  math.isfinite(10**400) raises OverflowError, and
-# tomllib raises UnicodeDecodeError on bytes that are not UTF-8, and an OSError
-# whose errno is unhashable breaks the classifier's errno lookup.  Each case is a
-# fix asked of the module's owner; the suite's strict xfail turns into a
-# failure once it is fixed, so that the marker is removed then.
+# -- holes the fuzzing found ----------------------------------------------------------------------
+# Integers beyond float range (math.isfinite(10**400) raises OverflowError), an
+# OSError whose errno is unhashable, and a file that is not UTF-8.  The fixed
+# ones stay as regression tests; the open ones are strict xfails, which turn
+# into failures once fixed, so that the marker is removed then.
 
 
-@pytest.mark.xfail(raises=OverflowError, reason="_validate.check_number: huge int")
 def test_a_huge_integer_setting_is_a_value_error() -> None:
     with pytest.raises(ValueError, match=r"RetryConfig\.base_delay"):
         RetryConfig(base_delay=10**400)
 
 
-@pytest.mark.xfail(raises=OverflowError, reason="backoff.server_delay: huge int hint")
 def test_a_huge_integer_hint_is_refused() -> None:
     assert server_delay(0.1, 10**400, RetryConfig(), None).give_up
 
@@ -389,7 +385,6 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
         read_toml(path)
 
 
-@pytest.mark.xfail(raises=TypeError, reason="errors.classify: unhashable OSError.errno")
 def test_an_oserror_with_an_odd_errno_is_classified() -> None:
     assert classify(OSError([], "odd errno")).retryable is False
 

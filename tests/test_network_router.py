@@ -399,9 +399,9 @@ async def test_the_soonest_retry_after_is_reported_even_if_one_is_isolated() -> 
 
 
 async def test_a_hedge_with_nowhere_to_go_leaves_the_running_attempt_alone() -> None:
-    seen: list[events.Event] = []
     r = router(Endpoint("only"), hedge=HedgeConfig(delay=0.2))
-    recording(seen, r)
+    hedge_due = anyio.Event()
+    r.bus.subscribe(lambda e: hedge_due.set() if isinstance(e, HedgeStarted) else None)
     release = anyio.Event()
     started: list[str] = []
     results: list[str] = []
@@ -419,8 +419,7 @@ async def test_a_hedge_with_nowhere_to_go_leaves_the_running_attempt_alone() -> 
         await until(lambda: len(started) == 1)
         r.breaker("only").isolate()  # the only endpoint now refuses new calls
         with anyio.fail_after(5):
-            while not any(isinstance(e, HedgeStarted) for e in seen):
-                await anyio.sleep(0.01)  # bounded polling for the hedge to be due
+            await hedge_due.wait()
         for _ in range(10):
             await anyio.lowlevel.checkpoint()
         release.set()

@@ -33,15 +33,14 @@ the caller gives it.  A cancelled call frees its slot and teaches nothing.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, ParamSpec, TypeVar, overload
+from typing import ClassVar, ParamSpec, TypeVar
 
 from . import clock
+from ._decorate import CallDecorator
 from ._validate import check_count, check_fraction, check_number, check_seconds
 from .bulkhead import _CALLER, BulkheadState, _Slots
 from .errors import ErrorCategory, classify
@@ -234,7 +233,7 @@ class AdaptivePermit:
             self._limiter._slots.release(self._caller)
 
 
-class AdaptiveLimiter:
+class AdaptiveLimiter(CallDecorator):
     """A bulkhead whose limit adapts (see the module doc).
 
     ``algorithm`` is an :class:`AIMD` or a :class:`Gradient`; ``max_queue``,
@@ -354,27 +353,3 @@ class AdaptiveLimiter:
             raise
         permit.success()
         return result
-
-    @overload
-    def __call__(
-        self, fn: Callable[P, Coroutine[Any, Any, T]]
-    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
-
-    @overload
-    def __call__(self, fn: Callable[P, T]) -> Callable[P, T]: ...
-
-    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        """Decorate a sync or async function; its signature is kept."""
-        if inspect.iscoroutinefunction(fn):
-
-            @functools.wraps(fn)
-            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await self.call_async(fn, *args, **kwargs)
-
-            return async_wrapper
-
-        @functools.wraps(fn)
-        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            return self.call(fn, *args, **kwargs)
-
-        return sync_wrapper

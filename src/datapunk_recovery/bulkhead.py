@@ -28,19 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import inspect
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, ParamSpec, TypeVar, overload
+from typing import ClassVar, ParamSpec, TypeVar
 
 from . import _runtime, clock
 from ._context import CURRENT
+from ._decorate import CallDecorator
 from ._validate import check_count, check_seconds
 from .errors import DeadlineExceeded, ErrorCategory, RecoveryError
 from .events import Event, EventBus, emit, global_bus
@@ -539,7 +538,7 @@ async def _wait_trio(waiter: _Waiter, bound: float) -> bool:
 # The face users hold.
 
 
-class Bulkhead:
+class Bulkhead(CallDecorator):
     """At most ``max_concurrent`` calls at once (see :class:`BulkheadConfig`).
 
     Faces: ``with bulkhead:`` / ``async with bulkhead:``, ``with
@@ -639,30 +638,6 @@ class Bulkhead:
             return await fn(*args, **kwargs)
         finally:
             slots.release(who)
-
-    @overload
-    def __call__(
-        self, fn: Callable[P, Coroutine[Any, Any, T]]
-    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
-
-    @overload
-    def __call__(self, fn: Callable[P, T]) -> Callable[P, T]: ...
-
-    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        """Decorate a sync or async function; its signature is kept."""
-        if inspect.iscoroutinefunction(fn):
-
-            @functools.wraps(fn)
-            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await self.call_async(fn, *args, **kwargs)
-
-            return async_wrapper
-
-        @functools.wraps(fn)
-        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            return self.call(fn, *args, **kwargs)
-
-        return sync_wrapper
 
 
 class _AsyncSlot:

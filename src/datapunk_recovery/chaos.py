@@ -53,6 +53,7 @@ __all__ = [
     "Behaviour",
     "Chaos",
     "ChaosInjected",
+    "ChaosStage",
     "ChaosStats",
     "DISARM_VARIABLE",
     "Fault",
@@ -71,6 +72,11 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+Run = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+"""A pipeline stage's sync entry, ``run(fn, args, kwargs)`` (``pipeline.Run``)."""
+ARun = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Awaitable[Any]]
+"""A pipeline stage's async entry (``pipeline.ARun``)."""
 
 # The attribute an injected fault carries: the name of the injector that raised it.
 _MARK: Final = "_datapunk_recovery_chaos"
@@ -396,7 +402,10 @@ class Injector:
         self._record(injection, exc, 0.0)
         return exc
 
-    def _apply_sync(self, fn: Callable[..., R], args: Any, kwargs: Any) -> R:
+    def _apply_sync(
+        self, fn: Callable[..., R], args: Any, kwargs: Any, nxt: Run | None = None
+    ) -> R:
+        """Apply what :meth:`_pick` chose, then call ``fn`` (through ``nxt``, in a pipeline)."""
         next(self._calls)
         for injection in self._pick():
             if isinstance(injection, Latency):
@@ -411,9 +420,14 @@ class Injector:
             else:
                 self._record(injection, None, 0.0)
                 return cast(R, injection.fn(*args, **kwargs))
+        if nxt is not None:
+            return cast(R, nxt(fn, args, kwargs))
         return fn(*args, **kwargs)
 
-    async def _apply_async(self, fn: Callable[..., Awaitable[R]], args: Any, kwargs: Any) -> R:
+    async def _apply_async(
+        self, fn: Callable[..., Awaitable[R]], args: Any, kwargs: Any, nxt: ARun | None = None
+    ) -> R:
+        """The async twin of :meth:`_apply_sync`."""
         next(self._calls)
         for injection in self._pick():
             if isinstance(injection, Latency):
@@ -431,6 +445,8 @@ class Injector:
                 if inspect.isawaitable(result):
                     result = await result
                 return cast(R, result)
+        if nxt is not None:
+            return cast(R, await nxt(fn, args, kwargs))
         return await fn(*args, **kwargs)
 
     # -- the faces ------------------------------------------------------------
@@ -454,6 +470,15 @@ class Injector:
         wrapper.chaos = self
         return cast(Callable[P, R], wrapper)
 
+    def stage(self) -> ChaosStage:
+        """This injector as a stage of a :class:`~datapunk_recovery.pipeline.Pipeline`.
+
+        Place it with ``Pipeline.of(name, [..., injector.stage()])``: innermost,
+        it breaks each attempt the way a failing dependency would, so every
+        stage outside it (retry, breaker, fallback) sees the injected faults.
+        """
+        return ChaosStage(self)
+
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call a sync ``fn`` once through this injector."""
         if self._on and _GLOBAL.on:
@@ -465,6 +490,46 @@ class Injector:
         if self._on and _GLOBAL.on:
             return await self._apply_async(fn, args, kwargs)
         return await fn(*args, **kwargs)
+
+
+class ChaosStage:
+    """An injector as a pipeline stage (it fits :class:`datapunk_recovery.pipeline.Stage`).
+
+    Switched off, each call costs one flag read on top of the stage's frame.
+    A behaviour receives the call's own arguments; latency and faults apply
+    to each pass through the stage (each attempt, when placed inside a retry).
+    """
+
+    __slots__ = ("injector", "name")
+
+    def __init__(self, injector: Injector) -> None:
+        if not isinstance(injector, Injector):
+            raise TypeError(f"ChaosStage: expected a chaos injector, got {injector!r}")
+        self.injector = injector
+        #: Names the stage in pipeline events.
+        self.name = "chaos"
+
+    def sync(self, nxt: Run) -> Run:
+        """The stage around ``nxt``, for sync calls."""
+        injector, switch, apply = self.injector, _GLOBAL, self.injector._apply_sync
+
+        def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if injector._on and switch.on:
+                return apply(fn, args, kwargs, nxt)
+            return nxt(fn, args, kwargs)
+
+        return run
+
+    def asyn(self, nxt: ARun) -> ARun:
+        """The stage around ``nxt``, for async calls."""
+        injector, switch, apply = self.injector, _GLOBAL, self.injector._apply_async
+
+        async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if injector._on and switch.on:
+                return await apply(fn, args, kwargs, nxt)
+            return await nxt(fn, args, kwargs)
+
+        return run
 
 
 # ---------------------------------------------------------------------------

@@ -672,6 +672,7 @@ def retry(
     name: str | None = None,
     budget: RetryGate | None = None,
     rng: random.Random | None = None,
+    bus: EventBus | None = None,
 ) -> Callable[[Callable[P, R]], Retried[P, R]]: ...
 
 
@@ -684,6 +685,7 @@ def retry(
     name: str | None = None,
     budget: RetryGate | None = None,
     rng: random.Random | None = None,
+    bus: EventBus | None = None,
 ) -> Any:
     """Retry a sync or async function.
 
@@ -696,7 +698,8 @@ def retry(
     :class:`RetryExhausted` holding the last result.  ``name`` names the
     operation in events and statistics (default: the function's qualified
     name).  ``budget`` is asked before every retry.  ``rng`` makes the jitter
-    reproducible.
+    reproducible.  ``bus`` is the operation's event bus (default: a new one,
+    at ``fn.events``); a pipeline passes its own so that one bus sees all.
     """
     if callable(config) and not isinstance(config, RetryConfig | RetryPolicy):
         fn = config
@@ -705,7 +708,9 @@ def retry(
     policy = RetryPolicy.of(config)
 
     def decorate(fn: Callable[P, R]) -> Retried[P, R]:
-        engine = _Engine(name or _operation_name(fn), policy, on, retry_if_result, budget, rng)
+        engine = _Engine(
+            name or _operation_name(fn), policy, on, retry_if_result, budget, rng, bus=bus
+        )
         return cast(Retried[P, R], _wrap(fn, engine))
 
     return decorate
@@ -815,10 +820,11 @@ def retrying(
     name: str = "retrying",
     budget: RetryGate | None = None,
     rng: random.Random | None = None,
+    bus: EventBus | None = None,
 ) -> Retrying:
     """Retry a block: ``for attempt in retrying(): with attempt: ...``.
 
     Same settings as :func:`retry` (without ``retry_if_result``); works as a
     sync iterator (sleeping the thread) and an async one (``async for``).
     """
-    return Retrying(_Engine(name, config, on, None, budget, rng))
+    return Retrying(_Engine(name, config, on, None, budget, rng, bus=bus))

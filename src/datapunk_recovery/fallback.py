@@ -16,13 +16,13 @@ never triggers a fallback.
 
 from __future__ import annotations
 
-import functools
 import inspect
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, ParamSpec, TypeVar, overload
+from typing import Any, ClassVar, Generic, ParamSpec, TypeVar
 
 from . import clock
+from ._decorate import CallDecorator
 from .events import Event, EventBus, emit, global_bus
 
 __all__ = ["Fallback", "FallbackReason", "FallbackUsed"]
@@ -56,7 +56,7 @@ class FallbackUsed(Event):
     error_type: str | None
 
 
-class Fallback(Generic[T]):
+class Fallback(CallDecorator, Generic[T]):
     """Answer with ``value``, or ``handler(reason)``, when the call fails.
 
     ``on`` chooses the errors (types, or a predicate over the exception;
@@ -163,27 +163,3 @@ class Fallback(Generic[T]):
         if inspect.isawaitable(answer):
             return await answer
         return answer
-
-    @overload
-    def __call__(
-        self, fn: Callable[P, Coroutine[Any, Any, T]]
-    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
-
-    @overload
-    def __call__(self, fn: Callable[P, T]) -> Callable[P, T]: ...
-
-    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        """Decorate a sync or async function; its signature is kept."""
-        if inspect.iscoroutinefunction(fn):
-
-            @functools.wraps(fn)
-            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await self.call_async(fn, *args, **kwargs)
-
-            return async_wrapper
-
-        @functools.wraps(fn)
-        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            return self.call(fn, *args, **kwargs)
-
-        return sync_wrapper

@@ -56,7 +56,7 @@ from .fallback import Fallback
 from .hedging import HedgeConfig, Hedger, is_idempotent
 from .policy import RetryPolicy
 from .ratelimit import RateLimiter, RateLimiterConfig
-from .stats import Statistics
+from .stats import Statistics, count_value
 from .timeout import AttemptTimeout
 
 __all__ = [
@@ -363,6 +363,7 @@ class RetryStage:
         retry_if_result: ResultPredicate | None = None,
         budget: RetryGate | None = None,
         operation: str = "pipeline",
+        bus: EventBus | None = None,
     ) -> None:
         self.policy = RetryPolicy.of(config)
         self.budget = budget
@@ -372,6 +373,7 @@ class RetryStage:
             retry_if_result=retry_if_result,
             name=operation,
             budget=budget,
+            bus=bus,
         )
         self._sync: Retried[..., Any] = make(_replay_sync)
         self._async: Retried[..., Any] = make(_replay_async)
@@ -383,7 +385,7 @@ class RetryStage:
     def statistics(self) -> Statistics:
         """The retry counters of every call through this stage, sync and async."""
         a, b = self._sync.statistics(), self._async.statistics()
-        fast = int(repr(self._first_try)[6:-1])
+        fast = count_value(self._first_try)
         giveups = dict(a.giveups)
         for reason, n in b.giveups.items():
             giveups[reason] = giveups.get(reason, 0) + n
@@ -608,6 +610,7 @@ class Pipeline:
                     retry_if_result=retry_if_result,
                     budget=budget,
                     operation=name,
+                    bus=bus,
                 )
             )
         if hedge is not None:

@@ -25,16 +25,15 @@ Time is read through :func:`datapunk_recovery.clock.now` and waits go through
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, ParamSpec, TypeVar, overload
+from typing import Any, ClassVar, ParamSpec, TypeVar
 
 from . import _runtime, clock
 from ._context import CURRENT
+from ._decorate import CallDecorator
 from ._validate import check_count, check_number, check_seconds
 from .bulkhead import _CALLER
 from .errors import DeadlineExceeded, ErrorCategory, RecoveryError, classify
@@ -213,7 +212,7 @@ class _Bucket:
             self.tokens = floor
 
 
-class RateLimiter:
+class RateLimiter(CallDecorator):
     """A token-bucket rate limiter (see the module doc and :class:`RateLimiterConfig`).
 
     Faces: :meth:`acquire` / :meth:`acquire_async` (wait if allowed, else
@@ -433,27 +432,3 @@ class RateLimiter:
         if self._throttled is not None:
             self.observe(result)
         return result
-
-    @overload
-    def __call__(
-        self, fn: Callable[P, Coroutine[Any, Any, T]]
-    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
-
-    @overload
-    def __call__(self, fn: Callable[P, T]) -> Callable[P, T]: ...
-
-    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        """Decorate a sync or async function; its signature is kept."""
-        if inspect.iscoroutinefunction(fn):
-
-            @functools.wraps(fn)
-            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await self.call_async(fn, *args, **kwargs)
-
-            return async_wrapper
-
-        @functools.wraps(fn)
-        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            return self.call(fn, *args, **kwargs)
-
-        return sync_wrapper

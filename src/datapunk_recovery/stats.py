@@ -16,7 +16,7 @@ from types import MappingProxyType
 
 from .events import GiveUpReason
 
-__all__ = ["OperationStats", "Statistics"]
+__all__ = ["OperationStats", "Statistics", "count_value"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,8 @@ class Statistics:
     giveups: Mapping[GiveUpReason, int] = field(default_factory=dict)
 
 
-def _value(counter: itertools.count[int]) -> int:
+def count_value(counter: itertools.count[int]) -> int:
+    """The value of an ``itertools.count`` without advancing it."""
     # repr(count(7)) == "count(7)": the one way to read a count without advancing it.
     return int(repr(counter)[6:-1])
 
@@ -76,11 +77,11 @@ class OperationStats:
 
     def snapshot(self) -> Statistics:
         """The counters now."""
-        giveups = {reason: _value(c) for reason, c in self._giveups.items()}
-        failures = sum(giveups.values()) + _value(self._unreasoned)
-        successes = _value(self._first_try) + _value(self._slow_successes)
+        giveups = {reason: count_value(c) for reason, c in self._giveups.items()}
+        failures = sum(giveups.values()) + count_value(self._unreasoned)
+        successes = count_value(self._first_try) + count_value(self._slow_successes)
         calls = successes + failures
-        retries = _value(self._retries)
+        retries = count_value(self._retries)
         return Statistics(
             calls=calls,
             successes=successes,

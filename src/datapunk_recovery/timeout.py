@@ -26,14 +26,13 @@ Cancellation from outside passes through untouched.
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, ParamSpec, TypeVar, cast, overload
+from typing import Any, ClassVar, ParamSpec, TypeVar, cast
 
 from . import _runtime, clock
 from ._context import CURRENT
+from ._decorate import CallDecorator
 from ._validate import check_seconds
 from .errors import DeadlineExceeded, ErrorCategory, RecoveryError
 from .events import Event, EventBus, emit, global_bus
@@ -96,7 +95,7 @@ class AttemptOverran(Event):
     duration: float
 
 
-class AttemptTimeout:
+class AttemptTimeout(CallDecorator):
     """Bound every attempt to ``seconds`` (or the overall deadline if sooner).
 
     Use :meth:`call` / :meth:`call_async`, or decorate a function with the
@@ -173,27 +172,3 @@ class AttemptTimeout:
         if by_deadline:
             raise DeadlineExceeded(f"{self.name!r}: the deadline passed during the attempt")
         raise AttemptTimedOut(self.name, self.seconds)
-
-    @overload
-    def __call__(
-        self, fn: Callable[P, Coroutine[Any, Any, T]]
-    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
-
-    @overload
-    def __call__(self, fn: Callable[P, T]) -> Callable[P, T]: ...
-
-    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        """Decorate a sync or async function; its signature is kept."""
-        if inspect.iscoroutinefunction(fn):
-
-            @functools.wraps(fn)
-            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await self.call_async(fn, *args, **kwargs)
-
-            return async_wrapper
-
-        @functools.wraps(fn)
-        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            return self.call(fn, *args, **kwargs)
-
-        return sync_wrapper

@@ -258,12 +258,15 @@ def _new_event() -> Any:
 
 
 class _Flight:
-    """One source load that concurrent readers of a key share."""
+    """One source load that concurrent readers of a key share.
+
+    ``done`` is made by the first follower: a load nobody waits for builds no event.
+    """
 
     __slots__ = ("done", "error", "value")
 
     def __init__(self) -> None:
-        self.done = _new_event()
+        self.done: Any = None
         self.value: Any = None
         self.error: BaseException | None = None
 
@@ -327,6 +330,7 @@ class ReadThroughCache(Generic[V]):
         self._bump_pending = False
         self._repairing = False
         self._down = False
+        self._refused_until = 0.0
         self._recoveries = 0
         self._wake: Any = None
         self._hits = self._misses = self._stale = self._loads = self._shared = 0
@@ -355,11 +359,18 @@ class ReadThroughCache(Generic[V]):
 
     async def _call(self, op: str, fn: Callable[..., Awaitable[T]], *args: Any) -> tuple[bool, T]:
         """``(True, result)`` of a cache call, or ``(False, None)`` if the cache is unavailable."""
+        if self._refused_until and clock.now() < self._refused_until:
+            # The breaker refused a moment ago and said for how long: skip
+            # asking it again (and building its exception) until then.
+            self._failed(op, "open", None)
+            return False, None  # type: ignore[return-value]
         try:
             permit = self.breaker.allow()
         except CircuitOpenError as exc:
+            self._refused_until = clock.now() + exc.remaining
             self._failed(op, "open", exc)
             return False, None  # type: ignore[return-value]
+        self._refused_until = 0.0
         timeout = self.config.cache_timeout
         try:
             if timeout is None:
@@ -382,7 +393,7 @@ class ReadThroughCache(Generic[V]):
             self._recovered()
         return True, result
 
-    def _failed(self, op: str, kind: str, exc: BaseException) -> None:
+    def _failed(self, op: str, kind: str, exc: BaseException | None) -> None:
         self._failures[kind] = self._failures.get(kind, 0) + 1
         if listening(self.bus):
             emit(
@@ -391,7 +402,7 @@ class ReadThroughCache(Generic[V]):
                     at=clock.now(),
                     op=op,
                     kind=kind,
-                    error_type=type(exc).__name__,
+                    error_type="CircuitOpenError" if exc is None else type(exc).__name__,
                 ),
                 self.bus,
             )
@@ -494,6 +505,8 @@ class ReadThroughCache(Generic[V]):
             flight = self._flights.get(key)
             if flight is None:
                 break
+            if flight.done is None:
+                flight.done = _new_event()
             await flight.done.wait()
             if flight.error is _ABANDONED:
                 continue  # its leader was cancelled: lead a new load
@@ -514,7 +527,8 @@ class ReadThroughCache(Generic[V]):
         finally:
             if self._flights.get(key) is flight:
                 del self._flights[key]
-            flight.done.set()
+            if flight.done is not None:
+                flight.done.set()
         flight.value = value
         self._loads += 1
         if refill_prefix is not None and value is not None:

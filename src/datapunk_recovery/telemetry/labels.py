@@ -121,11 +121,6 @@ class Labeler:
         self._clean: dict[str, set[str]] = {}
         self._lock = threading.Lock()
 
-    @property
-    def policy(self) -> LabelPolicy:
-        """The configuration this labeler enforces."""
-        return self._policy
-
     def __call__(self, label: str, raw: object) -> str:
         """The label value to report for ``raw`` under ``label``."""
         known = self._raw.get(label)
