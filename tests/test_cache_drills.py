@@ -33,6 +33,7 @@ from datapunk_recovery.cache import (
     RedisCache,
     WarmKeys,
 )
+from datapunk_recovery import clock
 from datapunk_recovery.events import Event
 from tests.harness import RedisServer, ThreadedProxy
 
@@ -130,7 +131,7 @@ async def test_redis_faults_under_load_lose_no_read_and_serve_nothing_stale(
         return origins["cache"]
 
     def state() -> object:
-        return (rtc.stats(), rtc.breaker.snapshot(), dict(origins), reads)
+        return (rtc.stats(), rtc.breaker.snapshot(), rtc._refused_until, clock.now(), reads)
 
     faults: list[str] = []
     async with anyio.create_task_group() as tg:

@@ -363,9 +363,8 @@ def test_huge_duration_texts_end_quickly_in_an_answer(text: str) -> None:
 
 # -- holes the fuzzing found ----------------------------------------------------------------------
 # Integers beyond float range (math.isfinite(10**400) raises OverflowError), an
-# OSError whose errno is unhashable, and a file that is not UTF-8.  The fixed
-# ones stay as regression tests; the open ones are strict xfails, which turn
-# into failures once fixed, so that the marker is removed then.
+# OSError whose errno is unhashable, and a file that is not UTF-8: all fixed,
+# kept as regression tests.
 
 
 def test_a_huge_integer_setting_is_a_value_error() -> None:
@@ -377,7 +376,6 @@ def test_a_huge_integer_hint_is_refused() -> None:
     assert server_delay(0.1, 10**400, RetryConfig(), None).give_up
 
 
-@pytest.mark.xfail(raises=UnicodeDecodeError, reason="schema.read_toml: bytes not UTF-8")
 def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes(b"name = '\xe9t\xe9'\n")
@@ -389,7 +387,6 @@ def test_an_oserror_with_an_odd_errno_is_classified() -> None:
     assert classify(OSError([], "odd errno")).retryable is False
 
 
-@pytest.mark.xfail(raises=OverflowError, reason="durations.parse_duration: huge int")
 def test_a_huge_integer_duration_is_a_duration_error() -> None:
     with pytest.raises(DurationError):
         parse_duration(10**400)

@@ -48,6 +48,7 @@ from typing import Any, ClassVar, Final, ParamSpec, TypeVar, cast
 from . import _runtime, clock
 from ._validate import check_fraction, check_seconds
 from .events import Event, EventBus, emit, global_bus
+from .stats import count_value
 
 __all__ = [
     "Behaviour",
@@ -312,11 +313,6 @@ class ChaosStats:
         return self.faults + self.latencies + self.outcomes + self.behaviours
 
 
-def _value(counter: itertools.count[int]) -> int:
-    # repr(count(7)) == "count(7)": read a count without advancing it.
-    return int(repr(counter)[6:-1])
-
-
 # ---------------------------------------------------------------------------
 # Injectors.
 
@@ -368,11 +364,11 @@ class Injector:
         """The counters now."""
         c = self._counts
         return ChaosStats(
-            calls=_value(self._calls),
-            faults=_value(c["fault"]),
-            latencies=_value(c["latency"]),
-            outcomes=_value(c["outcome"]),
-            behaviours=_value(c["behaviour"]),
+            calls=count_value(self._calls),
+            faults=count_value(c["fault"]),
+            latencies=count_value(c["latency"]),
+            outcomes=count_value(c["outcome"]),
+            behaviours=count_value(c["behaviour"]),
         )
 
     # -- choosing and applying ----------------------------------------------

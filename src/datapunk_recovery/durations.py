@@ -48,7 +48,10 @@ def parse_duration(value: object) -> float:
     """
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise DurationError(f"expected {_EXAMPLES}, got {value!r} ({type(value).__name__})")
-    seconds = _parse_text(value) if isinstance(value, str) else float(value)
+    try:
+        seconds = _parse_text(value) if isinstance(value, str) else float(value)
+    except OverflowError:  # an int too large for a float
+        raise DurationError(f"expected a finite duration, got {str(value)[:40]}...") from None
     if math.isnan(seconds) or math.isinf(seconds):
         raise DurationError(f"expected a finite duration, got {value!r}")
     if seconds < 0:

@@ -168,6 +168,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([Problem(str(path), "", f"not valid TOML: {exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(str(path), "", f"not UTF-8 text: {exc.reason}")]) from exc
 
 
 def env_overrides(environ: Mapping[str, str], prefix: str = "DATAPUNK_RECOVERY") -> dict[str, Any]:
