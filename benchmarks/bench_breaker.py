@@ -12,15 +12,17 @@ Groups (ns per call; ``bare`` is the undecorated call, the baseline):
   policy, and the default with a listener subscribed (events built).
 - ``breaker-open-sync`` / ``breaker-open-async``: refusing a call while open
   (raise and catch the library's open error).
-- ``breaker-redis-async`` (only with ``DATAPUNK_BENCH_REDIS_URL`` set): a call
+- ``breaker-redis-async`` (only with ``--redis-url URL``): a call
   through a closed breaker whose state lives in Redis (cached read, the
   outcome written in the background).
 
 Sync calls are timed in a plain loop; async calls in a loop inside one
 coroutine on a running asyncio event loop.
 
-Run: ``python benchmarks/bench_breaker.py --fast -o breaker.json`` then
-``python benchmarks/report.py breaker.json``.
+Run: ``python benchmarks/bench_breaker.py --fast -o breaker.json`` (add
+``--redis-url redis://127.0.0.1:6379/0`` for the Redis group, ``--groups
+closed,open`` to run only some groups) then ``python benchmarks/report.py
+breaker.json``.
 """
 
 from __future__ import annotations
@@ -287,27 +289,53 @@ def redis_async(url: str) -> dict[str, Callable[[], Callable[[], Awaitable[Any]]
     return {"bare": lambda: aok, "datapunk_deco": ours, "datapunk": ours_call}
 
 
+def _forward(cmd: list[str], args: Any) -> None:
+    # pyperf workers get neither the parent's environment nor unknown options.
+    if args.redis_url:
+        cmd.extend(["--redis-url", args.redis_url])
+    if args.groups:
+        cmd.extend(["--groups", args.groups])
+
+
 def main() -> None:
-    runner = pyperf.Runner()
+    runner = pyperf.Runner(add_cmdline_args=_forward)
+    runner.argparser.add_argument(
+        "--redis-url",
+        default=os.environ.get("DATAPUNK_BENCH_REDIS_URL"),
+        help="also benchmark a breaker whose state lives in this Redis",
+    )
+    runner.argparser.add_argument(
+        "--groups", default="", help="comma-separated words; run only groups containing one"
+    )
+    args = runner.parse_args()
+    wanted = [w for w in args.groups.split(",") if w]
+
+    def chosen(group: str) -> bool:
+        return not wanted or any(w in group for w in wanted)
+
     assert not events.listening(), "benchmarks must run with nobody listening"
-    for group, cases in (
-        ("breaker-closed-sync", closed_sync()),
-        ("breaker-policies-sync", policies_sync()),
-        ("breaker-open-sync", open_sync()),
+    for group, make_cases in (
+        ("breaker-closed-sync", closed_sync),
+        ("breaker-policies-sync", policies_sync),
+        ("breaker-open-sync", open_sync),
     ):
-        for who, fn in cases.items():
-            runner.bench_time_func(f"{group}-{who}", _sync_loop(fn))
-    async_groups: list[tuple[str, dict[str, Callable[[], Callable[[], Awaitable[Any]]]]]] = [
-        ("breaker-closed-async", closed_async()),
-        ("breaker-policies-async", policies_async()),
-        ("breaker-open-async", open_async()),
+        if chosen(group):
+            for who, fn in make_cases().items():
+                runner.bench_time_func(f"{group}-{who}", _sync_loop(fn))
+    async_groups: list[
+        tuple[str, Callable[[], dict[str, Callable[[], Callable[[], Awaitable[Any]]]]]]
+    ] = [
+        ("breaker-closed-async", closed_async),
+        ("breaker-policies-async", policies_async),
+        ("breaker-open-async", open_async),
     ]
-    url = os.environ.get("DATAPUNK_BENCH_REDIS_URL")
+    url = args.redis_url
     if url:
-        async_groups.append(("breaker-redis-async", redis_async(url)))
-    for group, acases in async_groups:
-        for who, make in acases.items():
-            runner.bench_time_func(f"{group}-{who}", _async_loop(make))
+        async_groups.append(("breaker-redis-async", lambda: redis_async(url)))
+    for group, make_acases in async_groups:
+        if chosen(group):
+            for who, make in make_acases().items():
+                runner.bench_time_func(f"{group}-{who}", _async_loop(make))
 
 
 if __name__ == "__main__":

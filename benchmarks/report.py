@@ -25,11 +25,11 @@ def main(paths: list[str]) -> None:
         base_name = next((b for b in ("bare", "handwritten") if b in results), None)
         ours = results.get("datapunk")
         print(f"\n### {group}\n")
-        print("| library | median ns/call | above baseline | × datapunk |")
+        print("| library | median ns/call | above baseline | x datapunk |")
         print("|---|---:|---:|---:|")
         for who, ns in sorted(results.items(), key=lambda kv: kv[1]):
-            above = f"{ns - results[base_name]:,.0f}" if base_name and who != base_name else "–"
-            ratio = f"{ns / ours:.1f}×" if ours and who != base_name else "–"
+            above = f"{ns - results[base_name]:,.0f}" if base_name and who != base_name else "-"
+            ratio = f"{ns / ours:.1f}x" if ours and who != base_name else "-"
             print(f"| {who} | {ns:,.0f} | {above} | {ratio} |")
 
 

@@ -95,5 +95,7 @@ async def test_a_blackholed_redis_costs_one_timeout_per_probe_not_per_read(
         await cache.close()
     assert results == [i % 10 for i in range(50)]
     kinds = [e.kind for e in seen if isinstance(e, CacheFailed)]
-    assert kinds.count("timeout") == 2  # two reads waited for the socket timeout...
+    # Two reads found the cache failing (the socket timeout, or redis-py giving
+    # up on the stuck connection)...
+    assert len([k for k in kinds if k != "open"]) == 2
     assert kinds.count("open") == 48  # ...the other 48 were refused by the breaker at once

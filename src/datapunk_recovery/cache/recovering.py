@@ -367,10 +367,12 @@ class ReadThroughCache(Generic[V]):
         try:
             permit = self.breaker.allow()
         except CircuitOpenError as exc:
-            self._refused_until = clock.now() + exc.remaining
+            # At most one open period: a half-open breaker waiting for its
+            # probe says how long the probe may take, not when it will answer.
+            skip = min(exc.remaining, self.config.breaker.open_duration)
+            self._refused_until = clock.now() + skip
             self._failed(op, "open", exc)
             return False, None  # type: ignore[return-value]
-        self._refused_until = 0.0
         timeout = self.config.cache_timeout
         try:
             if timeout is None:
@@ -389,6 +391,7 @@ class ReadThroughCache(Generic[V]):
             permit.cancel()
             raise
         permit.success()
+        self._refused_until = 0.0
         if self._down:
             self._recovered()
         return True, result
