@@ -10,7 +10,7 @@ import pytest
 
 from datapunk_recovery import events
 from datapunk_recovery.adaptive import AIMD, AdaptiveLimiter, Gradient, LimitChanged
-from datapunk_recovery.bulkhead import BulkheadFull, BulkheadState
+from datapunk_recovery.bulkhead import BulkheadFull, BulkheadState, _Slots
 from datapunk_recovery.errors import OverloadedError
 
 
@@ -157,12 +157,60 @@ def test_a_raised_limit_admits_queued_threads_at_once() -> None:
 
     t = threading.Thread(target=waiter)
     t.start()
-    while limiter.state().queued != 1:
+    for _ in range(5000):  # bounded polling: the waiter queues in well under 5 s
+        if limiter.state().queued == 1:
+            break
         admitted.wait(0.001)
+    assert limiter.state().queued == 1
     held.success(0.001)  # inflight 1 >= limit/2: the limit grows to 2, the waiter enters
     t.join()
     assert admitted.is_set()
     assert limiter.limit == 2
+
+
+def test_a_bad_latency_is_refused_and_still_frees_the_slot() -> None:
+    limiter = AdaptiveLimiter("dep", AIMD(initial=2))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"AdaptivePermit\.rtt"):
+            limiter.acquire().success(bad)
+    assert limiter.limit == 2
+    assert limiter.state().active == 0
+
+
+def test_two_limit_changes_reach_the_pool_in_the_order_they_were_made() -> None:
+    limiter = AdaptiveLimiter("dep", AIMD(initial=10, backoff_ratio=0.9))
+    first, second = limiter.acquire(), limiter.acquire()
+    second_done = threading.Event()
+    calls: list[int] = []
+
+    class SlowSlots(_Slots):
+        __slots__ = ()
+
+        def set_limit(self, limit: int) -> None:
+            calls.append(limit)
+            if len(calls) == 1:
+                # Give the second change every chance to overtake the first one.
+                second_done.wait(0.2)
+            super().set_limit(limit)
+
+    limiter._slots.__class__ = SlowSlots
+
+    def drop_second() -> None:
+        second.dropped(0.001)
+        second_done.set()
+
+    t = threading.Thread(target=lambda: first.dropped(0.001))
+    t.start()
+    for _ in range(5000):  # bounded polling: until the first change is on its way
+        if calls:
+            break
+        second_done.wait(0.001)
+    other = threading.Thread(target=drop_second)
+    other.start()
+    t.join()
+    other.join()
+    assert limiter.limit == 8
+    assert limiter.state().limit == 8
 
 
 @pytest.mark.anyio

@@ -524,6 +524,29 @@ def test_cancellation_on_the_fast_path_counts_nothing(fake: FakeClock) -> None:
     assert b.state is BreakerState.CLOSED
 
 
+WINDOWED = BreakerConfig(consecutive_failures=1, keep_window=True, minimum_calls=1)
+
+
+def test_a_late_outcome_on_the_windowed_path_does_not_count(fake: FakeClock) -> None:
+    b = CircuitBreaker("x", WINDOWED)
+
+    def opens_meanwhile() -> str:
+        b.allow().failure(Boom())  # another caller trips the breaker during this call
+        return "late"
+
+    assert b.call(opens_meanwhile) == "late"
+    assert b.state is BreakerState.OPEN
+    assert b.snapshot().calls == 1  # the late success was not recorded
+
+
+def test_cancellation_on_the_windowed_path_counts_nothing(fake: FakeClock) -> None:
+    b = CircuitBreaker("x", WINDOWED)
+    with pytest.raises(KeyboardInterrupt):
+        b.call(_raise, KeyboardInterrupt())
+    assert b.snapshot().calls == 0
+    assert b.state is BreakerState.CLOSED
+
+
 def test_a_permit_settles_once(fake: FakeClock) -> None:
     b = CircuitBreaker("x", BreakerConfig(consecutive_failures=2))
     permit = b.allow()
@@ -556,9 +579,7 @@ def test_isolate_refuses_everything_until_reset(fake: FakeClock) -> None:
     assert b.call(ok) == "ok"
 
 
-def test_disabled_passes_everything_and_records_nothing(
-    fake: FakeClock, seen: list[Event]
-) -> None:
+def test_disabled_passes_everything_and_records_nothing(fake: FakeClock, seen: list[Event]) -> None:
     b = CircuitBreaker("x", BreakerConfig(consecutive_failures=1))
     b.disable()
     seen.clear()
@@ -861,6 +882,27 @@ async def test_cancelled_async_call_counts_nothing_and_frees_the_probe(
         tg.cancel_scope.cancel()
     assert b.state is BreakerState.HALF_OPEN
     assert (await b.allow_async()).probe
+
+
+@pytest.mark.anyio
+async def test_cancelled_async_call_on_the_windowed_path_counts_nothing(fake: FakeClock) -> None:
+    import anyio
+
+    b = CircuitBreaker("x", WINDOWED)
+    started = anyio.Event()
+
+    async def hang() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(b.call_async, hang)
+        await started.wait()
+        tg.cancel_scope.cancel()
+    assert b.snapshot().calls == 0
+    with pytest.raises(Boom):
+        await b.call_async(aboom)
+    assert b.state is BreakerState.OPEN
 
 
 @pytest.mark.anyio

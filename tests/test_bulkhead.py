@@ -245,6 +245,22 @@ def test_per_caller_quota_keeps_one_caller_from_taking_every_slot() -> None:
     assert bulkhead.state().active == 3
 
 
+@pytest.mark.anyio
+async def test_the_with_faces_count_against_the_caller_of_the_block() -> None:
+    bulkhead = Bulkhead("svc", BulkheadConfig(max_concurrent=4, per_caller=1))
+    with as_caller("tenant-a"):
+        with bulkhead:
+            with pytest.raises(CallerQuotaExceeded):
+                bulkhead.acquire()
+        async with bulkhead:
+            with pytest.raises(CallerQuotaExceeded):
+                await bulkhead.acquire_async()
+        with bulkhead:  # the quota came back with the slot
+            pass
+    assert bulkhead.state().active == 0
+    assert bulkhead._slots._held == {}
+
+
 def test_decorator_and_call_keep_results_and_errors() -> None:
     bulkhead = Bulkhead("svc")
 

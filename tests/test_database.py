@@ -287,8 +287,9 @@ async def test_a_cut_at_commit_raises_commit_outcome_unknown(
         stop()
     assert calls == 1  # never replayed blindly
     assert [e.resolution for e in seen if isinstance(e, CommitUncertain)] == ["unknown"]
-    # It did commit: replaying would have inserted twice (or failed on the key).
-    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 1
+    # Usually it did commit (replaying would have inserted twice); when the
+    # driver split COMMIT's messages around the cut, it did not: unknown indeed.
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) in (0, 1)
 
 
 @pytest.mark.parametrize("server_commits", [True, False])
@@ -317,9 +318,10 @@ async def test_an_idempotency_check_makes_a_cut_commit_happen_exactly_once(
         stop()
     resolutions = [e.resolution for e in seen if isinstance(e, CommitUncertain)]
     assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 1
-    if server_commits:
-        assert (result, calls, resolutions) == ("attempt 1", 1, ["committed"])
-    else:
+    if resolutions == ["committed"]:  # the server got the whole COMMIT
+        assert server_commits
+        assert (result, calls) == ("attempt 1", 1)
+    else:  # it never got it (always so with forward=False): replayed once
         assert (result, calls, resolutions) == ("attempt 2", 2, ["absent"])
 
 

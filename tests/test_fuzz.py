@@ -392,6 +392,12 @@ def test_a_huge_integer_duration_is_a_duration_error() -> None:
         parse_duration(10**400)
 
 
+def test_a_huge_integer_in_a_number_field_is_a_config_error() -> None:
+    # A mapping built in Python (not TOML, whose integers are 64-bit) can hold one.
+    with pytest.raises(ConfigError, match=r"exponential_base: expected a finite number"):
+        build(RetryConfig, {"exponential_base": 10**400}, source="test")
+
+
 # -- server-given delay headers (network.delays) --------------------------------------------------
 
 _header_text = st.one_of(

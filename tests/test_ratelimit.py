@@ -152,6 +152,23 @@ def test_drain_caps_absurd_server_delays() -> None:
         limiter.drain(float("nan"))  # garbage: drained, no duration
         clock.advance(1.0)
         assert limiter.try_acquire()
+        limiter.drain(10**400)  # beyond float range: absurd, capped
+        clock.advance(4.99)
+        assert not limiter.try_acquire()
+
+
+def test_a_detector_answering_garbage_drains_without_a_duration_and_says_so() -> None:
+    seen: list[events.Event] = []
+    config = RateLimiterConfig(rate=1, burst=1, throttled=lambda result: "soon")  # type: ignore[arg-type,return-value]
+    with fake_clock() as clock:
+        limiter = RateLimiter("api", config)
+        limiter.bus.subscribe(seen.append)
+        assert limiter.call(lambda: "throttled") == "throttled"
+        assert not limiter.try_acquire()
+        clock.advance(1.0)
+        assert limiter.try_acquire()
+    assert [e.value for e in seen if isinstance(e, events.HintIgnored)] == ["'soon'"]
+    assert [e.retry_after for e in seen if isinstance(e, RateLimitDrained)] == [None]
 
 
 def test_per_caller_quota_keeps_one_caller_from_using_the_whole_rate() -> None:

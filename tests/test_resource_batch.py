@@ -8,6 +8,7 @@ import pytest
 
 from datapunk_recovery import errors, events
 from datapunk_recovery.backoff import Jitter, RetryConfig
+from datapunk_recovery.budget import TokenBudget
 from datapunk_recovery.deadline import deadline
 from datapunk_recovery.errors import RecoveryError
 from datapunk_recovery.resource import (
@@ -169,3 +170,14 @@ async def test_a_cancellation_among_the_outcomes_is_raised_not_reported() -> Non
 
     with pytest.raises(asyncio.CancelledError):
         await recover_batch(bulk, [1], config=NO_WAIT)
+
+
+def test_a_cancellation_after_other_outcomes_counts_none_of_them() -> None:
+    budget = TokenBudget()
+
+    def bulk(items: list[int]) -> list[int | BaseException]:
+        return [ConnectionError("one"), 2, KeyboardInterrupt()]
+
+    with pytest.raises(KeyboardInterrupt):
+        recover_batch_sync(bulk, [1, 2, 3], config=NO_WAIT, budget=budget)
+    assert budget.tokens == budget.config.max_tokens  # neither the failure nor the success

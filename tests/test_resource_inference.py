@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from datapunk_recovery import events
+from datapunk_recovery import _runtime, events
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.resource import (
     InferenceConfig,
@@ -19,6 +19,7 @@ from datapunk_recovery.resource import (
     InferenceSplit,
     is_out_of_memory,
 )
+from datapunk_recovery.testing import fake_clock
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "inference_numpy.py"
 QUICK = InferenceConfig(retry=RetryConfig(max_attempts=3, base_delay=0.0))
@@ -164,6 +165,30 @@ async def test_async_models_are_awaited_and_sync_ones_called() -> None:
     assert calls == [4, 2, 2]
     with pytest.raises(TypeError, match="is async; use `await run"):
         recovery.run_sync([1])
+
+
+@pytest.mark.anyio
+async def test_a_sync_models_retry_backoff_does_not_block_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def blocking_sleep(seconds: float) -> None:
+        raise AssertionError(f"a {seconds} s sleep would block the event loop")
+
+    monkeypatch.setattr(_runtime, "sleep_sync", blocking_sleep)
+    calls: list[int] = []
+
+    def flaky(batch: Sequence[int]) -> list[int]:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise ConnectionResetError("model server restarted")
+        return list(batch)
+
+    config = InferenceConfig(retry=RetryConfig(max_attempts=2, base_delay=0.25, jitter="none"))
+    recovery: InferenceRecovery[int, int] = InferenceRecovery(flaky, config=config)
+    with fake_clock() as clock:
+        assert (await recovery.run([1, 2])).outputs == [1, 2]
+    assert clock.slept == [0.25]
+    assert calls == [2, 2]
 
 
 def test_the_numpy_example_splits_then_falls_back_to_the_cpu() -> None:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
+import asyncpg
 import pytest
+import redis.asyncio as redis
 
 from datapunk_recovery import CircuitOpenError, subscribe
 from datapunk_recovery.breaker import BreakerState
+from datapunk_recovery.cache import MemoryCache
+from datapunk_recovery.database import ManagedPool
 from datapunk_recovery.demo.mesh import busy_error
 from datapunk_recovery.events import Event
+from datapunk_recovery.network import AllEndpointsDown, Endpoint
 from datapunk_recovery.schema import ConfigError
 from datapunk_recovery.strategies import (
     CacheResult,
@@ -22,6 +27,7 @@ from datapunk_recovery.strategies import (
     ResourceScope,
 )
 from datapunk_recovery.testing import fake_clock, instant_retries
+from tests.harness import APP_PASSWORD, PostgresServer, RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -48,25 +54,6 @@ def strategies(extra: dict[str, Any] | None = None) -> RecoveryStrategies:
     return RecoveryStrategies.from_config({**CONFIG, **(extra or {})}, environ={})
 
 
-class FlakyCache:
-    def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
-        self.down = False
-        self.calls = 0
-
-    async def get(self, key: str) -> Any:
-        self.calls += 1
-        if self.down:
-            raise ConnectionRefusedError("cache down")
-        return self.data.get(key)
-
-    async def set(self, key: str, value: Any, ttl: float) -> None:
-        self.calls += 1
-        if self.down:
-            raise ConnectionRefusedError("cache down")
-        self.data[key] = value
-
-
 # -- policies --------------------------------------------------------------------
 
 
@@ -90,45 +77,96 @@ async def test_calculate_backoff_gives_the_policy_numbers() -> None:
 # -- network ---------------------------------------------------------------------
 
 
-async def test_a_retry_goes_to_the_other_endpoint_and_an_open_primary_is_skipped() -> None:
+async def test_calls_fail_over_by_priority_and_an_open_primary_is_skipped() -> None:
     recovery = strategies()
     seen: list[str] = []
 
-    async def call(endpoint: str, path: str) -> str:
-        seen.append(endpoint)
-        if endpoint == "primary":
+    async def call(endpoint: Endpoint, path: str) -> str:
+        seen.append(endpoint.name)
+        if endpoint.name == "primary":
             raise ConnectionResetError("primary down")
-        return f"{endpoint}{path}"
+        return f"{endpoint.name}{path}"
 
+    # The primary is retried until its breaker opens (2 failures), then the
+    # secondary (priority 1) answers.
     assert await recovery.with_network_recovery("api", call, "/a") == "secondary/a"
-    assert await recovery.with_network_recovery("api", call, "/b") == "secondary/b"
-    assert seen == ["primary", "secondary", "primary", "secondary"]
+    assert seen == ["primary", "primary", "secondary"]
     primary = recovery.breaker("api", "primary")
     assert primary is not None and primary.state is BreakerState.OPEN
 
     seen.clear()
-    assert await recovery.with_network_recovery("api", call, "/c") == "secondary/c"
+    assert await recovery.with_network_recovery("api", call, "/b") == "secondary/b"
     assert seen == ["secondary"]  # the open primary costs nothing
-    assert recovery.fallbacks()[("api", "failover")] == 3
+    assert recovery.fallbacks()[("api", "failover")] == 2
+    assert recovery.breaker("api") is None and recovery.breaker("api", "nowhere") is None
+
+
+async def test_endpoints_of_one_priority_share_the_load_and_a_retry_goes_elsewhere() -> None:
+    recovery = strategies(
+        {
+            "services": {
+                "pair": {
+                    "endpoints": ["a", "b"],
+                    "priorities": {"b": 0},
+                    "addresses": {"a": "http://10.0.0.1", "b": "http://10.0.0.2"},
+                }
+            }
+        }
+    )
+    seen: list[str] = []
+
+    async def call(endpoint: Endpoint) -> str:
+        seen.append(endpoint.address)
+        if len(seen) == 1:
+            raise ConnectionResetError("first attempt fails")
+        return endpoint.name
+
+    answer = await recovery.with_network_recovery("pair", call)
+    assert len(set(seen)) == 2 and answer in ("a", "b")  # the retry went to the other one
+    assert recovery.fallbacks() == {}  # same priority: not a failover
 
 
 async def test_every_endpoint_open_fails_at_once() -> None:
     recovery = strategies()
     calls = 0
 
-    async def down(endpoint: str) -> None:
+    async def down(endpoint: Endpoint) -> None:
         nonlocal calls
         calls += 1
-        raise ConnectionRefusedError(endpoint)
+        raise ConnectionRefusedError(endpoint.name)
 
     with pytest.raises(ConnectionRefusedError):
-        await recovery.with_network_recovery("api", down)  # primary, secondary, primary
-    with pytest.raises(CircuitOpenError, match="every endpoint"):
-        await recovery.with_network_recovery("api", down)  # secondary opens too
+        await recovery.with_network_recovery("api", down)  # primary twice (open), secondary
+    with pytest.raises(AllEndpointsDown, match="every endpoint"):
+        await recovery.with_network_recovery("api", down)  # the secondary opens too
     assert calls == 4
-    with pytest.raises(CircuitOpenError, match="every endpoint"):
+    with pytest.raises(AllEndpointsDown, match="every endpoint"):
         await recovery.with_network_recovery("api", down)
     assert calls == 4  # nothing reached either endpoint
+
+
+async def test_a_slow_endpoint_is_hedged_when_the_service_says_so() -> None:
+    recovery = strategies(
+        {
+            "services": {
+                "search": {
+                    "endpoints": ["a", "b"],
+                    "priorities": {"b": 0},
+                    "hedge": {"delay": "10ms"},
+                }
+            }
+        }
+    )
+    started: list[str] = []
+
+    async def call(endpoint: Endpoint) -> str:
+        started.append(endpoint.name)
+        if len(started) == 1:
+            await anyio.sleep_forever()  # the first one hangs: the hedge answers
+        return endpoint.name
+
+    answer = await recovery.with_network_recovery("search", call)
+    assert len(started) == 2 and answer == started[1] != started[0]
 
 
 async def test_fallback_answers_when_everything_failed() -> None:
@@ -167,22 +205,63 @@ async def test_a_bug_is_not_retried() -> None:
 async def test_cancellation_passes_through_untouched() -> None:
     recovery = strategies()
 
-    async def hangs() -> None:
+    async def hangs(*args: object) -> None:
         await anyio.sleep_forever()
 
-    with anyio.move_on_after(0.05) as scope:
-        await recovery.with_network_recovery("bare", hangs, fallback="never used")
-    assert scope.cancelled_caught
+    for service in ("bare", "api"):
+        with anyio.move_on_after(0.05) as scope:
+            await recovery.with_network_recovery(service, hangs, fallback="never used")
+        assert scope.cancelled_caught
     assert recovery.fallbacks() == {}
-    breaker = recovery.breaker("slow")
-    assert breaker is not None and breaker.state is BreakerState.CLOSED
+    primary = recovery.breaker("api", "primary")
+    assert primary is not None and primary.state is BreakerState.CLOSED
+    router = recovery.router("api")
+    assert router is not None and router.statistics().calls == 0
 
 
 # -- cache -------------------------------------------------------------------------
 
 
+class FlakyCache(MemoryCache):
+    """The embedded cache, with a switch that makes every call fail, and a call count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.calls = 0
+
+    def _reach(self) -> None:
+        self.calls += 1
+        if self.down:
+            raise ConnectionRefusedError("cache down")
+
+    async def get(self, key: str) -> Any:
+        self._reach()
+        return await super().get(key)
+
+    async def get_many(self, keys: Sequence[str]) -> list[Any]:
+        self._reach()
+        return await super().get_many(keys)
+
+    async def set(self, key: str, value: Any, ttl: float) -> None:
+        self._reach()
+        await super().set(key, value, ttl)
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        self._reach()
+        await super().delete(keys)
+
+    async def incr(self, key: str) -> int:
+        self._reach()
+        return await super().incr(key)
+
+    async def counter(self, key: str) -> int:
+        self._reach()
+        return await super().counter(key)
+
+
 async def test_cache_then_source_then_stale() -> None:
-    recovery = strategies()
+    recovery = strategies({"cache": {"ttl": "1s", "stale_ttl": "1m"}})
     cache = FlakyCache()
     source_up = True
 
@@ -191,21 +270,24 @@ async def test_cache_then_source_then_stale() -> None:
             raise ConnectionRefusedError("source down")
         return f"value of {key}"
 
-    first = await recovery.with_cache_recovery("k", source, cache=cache, service="bare")
-    assert first == CacheResult("value of k", "source")
-    assert (await recovery.with_cache_recovery("k", source, cache=cache)).origin == "cache"
+    def read(key: str) -> Awaitable[CacheResult[str]]:
+        return recovery.with_cache_recovery(key, source, cache=cache, service="bare")
 
-    cache.down = True
-    again = await recovery.with_cache_recovery("k", source, cache=cache, service="bare")
-    assert again.origin == "source"
+    with fake_clock() as clock:
+        assert await read("k") == CacheResult("value of k", "source")
+        assert (await read("k")).origin == "cache"
 
-    source_up = False
-    stale = await recovery.with_cache_recovery("k", source, cache=cache, service="bare")
-    assert stale.stale and stale.value == "value of k"
-    with pytest.raises(ConnectionRefusedError):
-        await recovery.with_cache_recovery("never-read", source, cache=cache, service="bare")
-    kinds = {kind for (_, kind) in recovery.fallbacks()}
-    assert kinds == {"source", "stale"}
+        cache.down = True
+        assert (await read("k")).origin == "source"  # counted as a fallback
+
+        cache.down = False
+        source_up = False
+        clock.advance(31.0)  # past the ttl, and past the cache breaker's 30 s
+        stale = await read("k")
+        assert stale.stale and stale.value == "value of k"
+        with pytest.raises(ConnectionRefusedError):
+            await read("never-read")
+    assert recovery.fallbacks() == {("bare", "source"): 1, ("bare", "stale"): 1}
 
 
 async def test_a_dead_cache_is_skipped_by_its_breaker() -> None:
@@ -219,6 +301,35 @@ async def test_a_dead_cache_is_skipped_by_its_breaker() -> None:
     for _ in range(5):
         await recovery.with_cache_recovery("k", source, cache=cache, service="bare")
     assert cache.calls == 2  # two failures opened the cache's breaker
+
+    recovery.reload({**CONFIG, "cache": {"ttl": "5s"}}, environ={})
+    await recovery.with_cache_recovery("k", source, cache=cache, service="bare")
+    assert cache.calls == 2  # a new read-through cache, the same open breaker
+
+
+async def test_concurrent_misses_of_a_key_make_one_source_load() -> None:
+    recovery = strategies()
+    loads = 0
+    release = anyio.Event()
+
+    async def slow_source(key: str) -> str:
+        nonlocal loads
+        loads += 1
+        await release.wait()
+        return key.upper()
+
+    answers: list[CacheResult[str]] = []
+
+    async def read() -> None:
+        answers.append(await recovery.with_cache_recovery("k", slow_source, service="bare"))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(read)
+        await anyio.wait_all_tasks_blocked()
+        release.set()
+    assert loads == 1
+    assert [a.value for a in answers] == ["K"] * 10
 
 
 async def test_stale_values_expire() -> None:
@@ -237,6 +348,30 @@ async def test_stale_values_expire() -> None:
         clock.advance(1.0)
         with pytest.raises(ConnectionRefusedError):
             await recovery.with_cache_recovery("k", source, service="bare")
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis.asyncio
+async def test_the_redis_cache_of_the_configuration_is_opened_and_closed(
+    redis_server: RedisServer,
+) -> None:
+    async def source(key: str) -> str:
+        return f"value of {key}"
+
+    recovery = strategies({"cache": {"redis": redis_server.url, "namespace": "strategies-test"}})
+    with pytest.raises(RuntimeError, match="opens when the object is entered"):
+        await recovery.with_cache_recovery("k", source, service="bare")
+    async with recovery:
+        assert (await recovery.with_cache_recovery("k", source, service="bare")).origin == "source"
+        assert (await recovery.with_cache_recovery("k", source, service="bare")).origin == "cache"
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        keys = [k async for k in client.scan_iter(match="strategies-test.bare:*")]
+        assert any(k.endswith(b":k") for k in keys)
+        await client.delete(*keys)
+    finally:
+        await client.aclose()
+    with pytest.raises(ConfigError, match=r"cache\.redis"):
+        recovery.reload({**CONFIG, "cache": {"redis": "redis://elsewhere:6379/0"}}, environ={})
 
 
 # -- database ----------------------------------------------------------------------
@@ -263,6 +398,39 @@ async def test_a_busy_sqlite_transaction_is_replayed(tmp_path: Path) -> None:
         assert conn.execute("SELECT count(*) FROM orders").fetchone() == (1,)
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
+async def test_a_postgres_database_opens_from_config_runs_a_transaction_and_closes(
+    postgres_server: PostgresServer,
+) -> None:
+    config = {**CONFIG, "databases": {"ledger": {"postgres": postgres_server.app_dsn}}}
+    attempts = 0
+
+    async def write(conn: Any) -> int:
+        nonlocal attempts
+        attempts += 1
+        await conn.execute("CREATE TABLE IF NOT EXISTS strategies_ledger (amount int)")
+        await conn.execute("INSERT INTO strategies_ledger VALUES (7)")
+        if attempts == 1:  # the connection drops mid-transaction: replayed whole
+            await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        return int(await conn.fetchval("SELECT sum(amount) FROM strategies_ledger"))
+
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        database = recovery.database("ledger")
+        assert isinstance(database, ManagedPool) and database.driver == "asyncpg"
+        assert await recovery.with_database_recovery(write, database="ledger") == 7
+        assert attempts == 2
+        assert APP_PASSWORD not in repr(database) + repr(recovery.config.databases)
+    assert database.raw.is_closing()
+    with pytest.raises(KeyError, match="no open database"):
+        recovery.database("ledger")
+    conn = await asyncpg.connect(postgres_server.dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM strategies_ledger") == 1
+        await conn.execute("DROP TABLE strategies_ledger")
+    finally:
+        await conn.close()
+
+
 async def test_an_unknown_database_is_named() -> None:
     async with strategies() as recovery:
         with pytest.raises(KeyError, match="no open database 'ledger'"):
@@ -286,9 +454,7 @@ async def test_compensations_run_and_units_come_back() -> None:
             raise ConnectionResetError("worker lost")
         return "done"
 
-    result = await recovery.with_resource_recovery(
-        operation, pool="gpu", units=2, service="slow"
-    )
+    result = await recovery.with_resource_recovery(operation, pool="gpu", units=2, service="slow")
     assert result == "done"
     assert undone == [1]  # the failed attempt was undone, the good one kept
     assert recovery.pool("gpu").in_use == 0

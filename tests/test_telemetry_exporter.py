@@ -51,13 +51,15 @@ def test_an_exporter_is_a_subscriber_like_any_other() -> None:
     assert len(recorder.seen) == 1
 
 
-def test_importing_telemetry_loads_no_optional_library() -> None:
+def test_importing_telemetry_loads_no_optional_library_and_listens_to_nothing() -> None:
     code = (
         "import sys, datapunk_recovery.telemetry\n"
+        "from datapunk_recovery import events\n"
         "loaded = {m.split('.')[0] for m in sys.modules}\n"
         "print(sorted(loaded & {'prometheus_client', 'opentelemetry', 'structlog'}))\n"
+        "print(events.listening())\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    assert out.strip() == "[]"
+    assert out.split() == ["[]", "False"]

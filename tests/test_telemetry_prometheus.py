@@ -245,36 +245,35 @@ def area_events() -> list[tuple[object, str, dict[str, str], float]]:
     from datapunk_recovery.resource.tracking import LeakKind, ResourceLeaked
     from datapunk_recovery.strategies import RecoveryFallback
 
-    at = {"at": 0.0}
     fallbacks = "datapunk_recovery_fallbacks_total"
     return [
         (
-            BudgetRefused(operation="api", **at, criticality="normal", level=0.0, limit=5.0),
+            BudgetRefused(operation="api", at=0.0, criticality="normal", level=0.0, limit=5.0),
             "datapunk_recovery_budget_refusals_total",
             {"budget": "api"},
             1.0,
         ),
         (
-            BulkheadRejected(operation="db", **at, reason="full", active=10, queued=0),
+            BulkheadRejected(operation="db", at=0.0, reason="full", active=10, queued=0),
             "datapunk_recovery_bulkhead_rejections_total",
             {"bulkhead": "db"},
             1.0,
         ),
         (
-            FallbackUsed(operation="quote", **at, trigger="error", error_type="E"),
+            FallbackUsed(operation="quote", at=0.0, trigger="error", error_type="E"),
             fallbacks,
             {"operation": "quote", "kind": "fallback"},
             1.0,
         ),
         (
-            HedgeWon(operation="search", **at, attempt=1, latency=0.02),
+            HedgeWon(operation="search", at=0.0, attempt=1, latency=0.02),
             fallbacks,
             {"operation": "search", "kind": "hedge"},
             1.0,
         ),
         (
             FailedOver(
-                operation="users", **at, from_endpoint="a", to_endpoint="b",
+                operation="users", at=0.0, from_endpoint="a", to_endpoint="b",
                 from_priority=0, to_priority=1, attempt=2,
             ),
             fallbacks,
@@ -282,14 +281,14 @@ def area_events() -> list[tuple[object, str, dict[str, str], float]]:
             1.0,
         ),
         (
-            RecoveryFallback(operation="catalog", **at, kind="stale"),
+            RecoveryFallback(operation="catalog", at=0.0, kind="stale"),
             fallbacks,
             {"operation": "catalog", "kind": "stale"},
             1.0,
         ),
         (
             InferenceFallback(
-                operation="embed", **at, from_model="large", to_model="small",
+                operation="embed", at=0.0, from_model="large", to_model="small",
                 remaining=3, error_type="OOM",
             ),
             fallbacks,
@@ -297,14 +296,14 @@ def area_events() -> list[tuple[object, str, dict[str, str], float]]:
             1.0,
         ),
         (
-            PoolUsage(operation="gpus", **at, kind="gpu", capacity=4, in_use=3, waiting=1),
+            PoolUsage(operation="gpus", at=0.0, kind="gpu", capacity=4, in_use=3, waiting=1),
             "datapunk_recovery_resource_in_use",
             {"kind": "gpu"},
             3.0,
         ),
         (
             PoolAcquisition(
-                operation="gpus", **at, kind="gpu", caller="c", units=1, waited=0.3,
+                operation="gpus", at=0.0, kind="gpu", caller="c", units=1, waited=0.3,
                 outcome="acquired",
             ),
             "datapunk_recovery_resource_wait_seconds_sum",
@@ -313,7 +312,7 @@ def area_events() -> list[tuple[object, str, dict[str, str], float]]:
         ),
         (
             ResourceLeaked(
-                operation="tracker", **at, kind="file", resource_id=7,
+                operation="tracker", at=0.0, kind="file", resource_id=7,
                 problem=LeakKind.NEVER_RELEASED, where="app.py:12 in load",
             ),
             "datapunk_recovery_resource_leaks_total",
@@ -321,13 +320,13 @@ def area_events() -> list[tuple[object, str, dict[str, str], float]]:
             1.0,
         ),
         (
-            StaleServed(operation="profiles", **at, error_type="ConnectionError"),
+            StaleServed(operation="profiles", at=0.0, error_type="ConnectionError"),
             fallbacks,
             {"operation": "profiles", "kind": "stale"},
             1.0,
         ),
         (
-            CacheWarmed(operation="profiles", **at, reason="start", requested=10, stored=8),
+            CacheWarmed(operation="profiles", at=0.0, reason="start", requested=10, stored=8),
             "datapunk_recovery_cache_warmed_total",
             {"cache": "profiles"},
             8.0,

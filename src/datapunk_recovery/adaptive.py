@@ -216,15 +216,24 @@ class AdaptivePermit:
 
     def success(self, rtt: float | None = None) -> None:
         """The call succeeded after ``rtt`` seconds (measured if not given)."""
-        if not self._done:
-            self._done = True
-            self._limiter._sample(self, rtt, False)
+        self._settle(rtt, False)
 
     def dropped(self, rtt: float | None = None) -> None:
-        """The call failed for overload (rejected, timed out, throttled)."""
+        """The call failed for overload (rejected, timed out, throttled) after ``rtt`` seconds."""
+        self._settle(rtt, True)
+
+    def _settle(self, rtt: float | None, dropped: bool) -> None:
+        if rtt is not None:
+            # A negative or NaN latency would poison the no-load baseline for good:
+            # refuse it, but free the slot all the same (teaching nothing).
+            try:
+                rtt = check_seconds("AdaptivePermit", "rtt", rtt)
+            except (TypeError, ValueError):
+                self.ignore()
+                raise
         if not self._done:
             self._done = True
-            self._limiter._sample(self, rtt, True)
+            self._limiter._sample(self, rtt, dropped)
 
     def ignore(self) -> None:
         """Free the slot and teach nothing (cancelled, or failed for reasons of its own)."""
@@ -300,11 +309,14 @@ class AdaptiveLimiter(CallDecorator):
             old = self._limit
             self._estimate = self._update(self._estimate, rtt, slots.active, dropped)
             new = self._limit = max(1, math.floor(self._estimate))
+            if new != old:
+                # Under the lock: two threads that change the limit one after the
+                # other must reach the slots in that order, or the pool would keep
+                # the older limit while ``limit`` reports the newer one.
+                slots.set_limit(new)
         slots.release(permit._caller)
-        if new != old:
-            slots.set_limit(new)
-            if global_bus._subscribers or self.bus._subscribers:
-                emit(LimitChanged(operation=self.name, at=clock.now(), old=old, new=new), self.bus)
+        if new != old and (global_bus._subscribers or self.bus._subscribers):
+            emit(LimitChanged(operation=self.name, at=clock.now(), old=old, new=new), self.bus)
 
     def acquire(self, caller: str | None = None) -> AdaptivePermit:
         """A permit for one call (a thread may wait in the queue)."""

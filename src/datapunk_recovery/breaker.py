@@ -451,6 +451,9 @@ class _Core:
     ``fast`` is True exactly when the state is CLOSED and the configuration
     allows the lock-free path; the faces read it without the lock (a stale
     read admits a call that raced with the opening, which is a valid order).
+    ``quick`` is True when the state is CLOSED and no result needs judging:
+    the faces then record an outcome straight into :meth:`record`, with the
+    generation read before the call, without building a permit.
     """
 
     __slots__ = (
@@ -468,6 +471,7 @@ class _Core:
         "policy",
         "probes_issued",
         "probes_ok",
+        "quick",
         "rejected",
         "reopenings",
         "rng",
@@ -494,7 +498,8 @@ class _Core:
         self.window = config.new_window()
         self.policy = config.trip_policy() if config.trip_policy is not None else None
         self.local_only = True
-        self.fast = config.simple
+        self.fast = self.quick = False
+        self._refresh_fast()
 
     def listening(self) -> bool:
         return bool(global_bus._subscribers) or bool(self.bus._subscribers)
@@ -511,7 +516,11 @@ class _Core:
             self._refresh_fast()
 
     def _refresh_fast(self) -> None:
-        self.fast = self.state is BreakerState.CLOSED and self.config.simple and self.local_only
+        closed = self.state is BreakerState.CLOSED and self.local_only
+        config = self.config
+        self.fast = closed and config.simple
+        # Closed, and no result to judge: the faces record without building a permit.
+        self.quick = closed and config.record_result is None and config.result_delay is None
 
     # -- transitions -------------------------------------------------------------
     def _to(self, new: BreakerState, reason: str, now: float) -> None:
@@ -674,8 +683,10 @@ class _Core:
         """
         with self.lock:
             now = clock.now()
-            self._settle_time(now)  # a half-open past its time limit decides first
             state = self.state
+            if state is BreakerState.OPEN or state is BreakerState.HALF_OPEN:
+                self._settle_time(now)  # a half-open past its time limit decides first
+                state = self.state
             if gen == -1:
                 if state is not BreakerState.CLOSED:
                     return
@@ -1155,6 +1166,37 @@ class CircuitBreaker:
         elif core.consecutive:
             core.reset_consecutive()
 
+    def _quick_success(self, gen: int, start: float | None) -> None:
+        core = self._core
+        config = core.config
+        duration = None if start is None else clock.now() - start
+        slow = (
+            duration is not None
+            and config.slow_call_duration is not None
+            and duration > config.slow_call_duration
+        )
+        core.record(gen, False, False, slow, duration, None)
+
+    def _quick_failure(self, gen: int, start: float | None, exc: Exception) -> None:
+        core = self._core
+        config = core.config
+        duration = None if start is None else clock.now() - start
+        verdict = judge_error(config, exc)
+        if verdict == _IGNORED:
+            return  # not a probe: nothing to give back
+        hint = None
+        if config.honor_server_delay:
+            raw = classify(exc).delay_hint
+            if raw is not None:
+                hint = self._validate_hint(raw)
+        slow = (
+            duration is not None
+            and config.slow_call_duration is not None
+            and duration > config.slow_call_duration
+        )
+        failed = verdict == _FAILURE or hint is not None
+        core.record(gen, False, failed, slow, duration, hint)
+
     # -- faces -----------------------------------------------------------------------------
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call ``fn(*args, **kwargs)`` through the breaker (sync, in-process stores)."""
@@ -1171,6 +1213,17 @@ class CircuitBreaker:
         return self._call_slow(fn, args, kwargs)
 
     def _call_slow(self, fn: Callable[..., R], args: Any, kwargs: Any) -> R:
+        core = self._core
+        if core.quick and not core.listening():
+            gen = core.gen
+            start = clock.now() if core.config.timed else None
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as exc:
+                self._quick_failure(gen, start, exc)
+                raise
+            self._quick_success(gen, start)
+            return result
         permit = self.allow()
         try:
             result = fn(*args, **kwargs)
@@ -1200,6 +1253,17 @@ class CircuitBreaker:
         return await self._call_slow_async(fn, args, kwargs)
 
     async def _call_slow_async(self, fn: Callable[..., Awaitable[R]], args: Any, kwargs: Any) -> R:
+        core = self._core
+        if core.quick and not core.listening():
+            gen = core.gen
+            start = clock.now() if core.config.timed else None
+            try:
+                result = await fn(*args, **kwargs)
+            except Exception as exc:
+                self._quick_failure(gen, start, exc)
+                raise
+            self._quick_success(gen, start)
+            return result
         permit = await self.allow_async()
         try:
             result = await fn(*args, **kwargs)

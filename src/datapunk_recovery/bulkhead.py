@@ -601,21 +601,26 @@ class Bulkhead(CallDecorator):
         """``async with bulkhead.slot_async(caller):`` holds a slot for the block."""
         return _AsyncSlot(self, caller)
 
+    # ``with bulkhead:`` counts against the caller set by :func:`as_caller`.  The
+    # object is shared, so the caller cannot be kept on it between enter and
+    # exit; it is read again at exit, where the ``as_caller`` block around the
+    # ``with`` still holds the same value (an inner one has been reset by then).
+
     def __enter__(self) -> None:
-        self._slots.acquire(None)
+        self._slots.acquire(_CALLER.get())
 
     def __exit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._slots.release(None)
+        self._slots.release(_CALLER.get())
 
     async def __aenter__(self) -> None:
-        await self._slots.acquire_async(None)
+        await self._slots.acquire_async(_CALLER.get())
 
     async def __aexit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._slots.release(None)
+        self._slots.release(_CALLER.get())
 
     def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn`` holding a slot."""

@@ -22,7 +22,9 @@ The layout::
 
     [services.payments]                # overrides only what differs
     retry = { max_attempts = 5 }
-    endpoints = ["primary", "secondary"]
+    endpoints = ["primary", "secondary"]   # priority levels 0 and 1
+    addresses = { primary = "https://pay-1.internal", secondary = "https://pay-2.internal" }
+    hedge = { delay = "50ms" }         # only for calls that are safe to run twice
 
     [pools.gpu]                        # resource pools the facade creates
     capacity = 4
@@ -59,6 +61,7 @@ from .breaker import BreakerConfig
 from .budget import TokenBudgetConfig
 from .bulkhead import BulkheadConfig
 from .errors import ErrorCategory
+from .hedging import HedgeConfig
 from .resource.pool import PoolConfig
 from .schema import ConfigError, Problem, Text, build, env_overrides, merge, read_toml
 
@@ -91,9 +94,14 @@ class ServicePolicy:
     - ``bulkhead``: at most so many concurrent calls; ``None`` for no limit.
     - ``attempt_timeout``: seconds one attempt may take (async attempts are
       cancelled); ``None`` for no limit.
-    - ``endpoints``: names of the service's endpoints, best priority first; a
-      retry goes to another endpoint than the one that just failed, and an
-      endpoint whose breaker is open is skipped.
+    - ``endpoints``: names of the service's endpoints, best priority first;
+      calls are routed over them by a :class:`~datapunk_recovery.network.Router`
+      (one breaker per endpoint, failover, priority fallthrough).  Endpoint
+      ``i`` of the list has priority ``i`` unless ``priorities`` says
+      otherwise (endpoints of equal priority share the load);
+      ``addresses`` gives each endpoint's address (a base URL, ``host:port``).
+    - ``hedge``: hedge calls across endpoints (only for services whose calls
+      are safe to run twice); ``None`` for no hedging.
     """
 
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -103,6 +111,9 @@ class ServicePolicy:
     bulkhead: BulkheadConfig | None = None
     attempt_timeout: float | None = None
     endpoints: tuple[str, ...] = ()
+    priorities: Mapping[str, int] = field(default_factory=dict)
+    addresses: Mapping[str, str] = field(default_factory=dict)
+    hedge: HedgeConfig | None = None
 
     def __post_init__(self) -> None:
         owner = "ServicePolicy"
@@ -111,6 +122,7 @@ class ServicePolicy:
             ("breaker", BreakerConfig),
             ("budget", TokenBudgetConfig),
             ("bulkhead", BulkheadConfig),
+            ("hedge", HedgeConfig),
         ):
             value = getattr(self, name)
             if not isinstance(value, kind) and not (value is None and name != "retry"):
@@ -147,27 +159,53 @@ class ServicePolicy:
         if len(set(endpoints)) != len(endpoints):
             raise ValueError(f"{owner}.endpoints: names must be unique, got {endpoints!r}")
         object.__setattr__(self, "endpoints", endpoints)
+        for name in ("priorities", "addresses"):
+            table = dict(getattr(self, name))
+            unknown = [k for k in table if k not in endpoints]
+            if unknown:
+                # Named after `endpoints`: the rule ties the two fields together.
+                raise ValueError(
+                    f"{owner}.endpoints: {name} names endpoints that are not listed: {unknown!r}"
+                )
+            for key, value in table.items():
+                if name == "priorities":
+                    check_count(owner, name, value, minimum=0)
+                elif not isinstance(value, str):
+                    raise TypeError(f"{owner}.{name}: expected a text for {key!r}")
+            object.__setattr__(self, name, MappingProxyType(table))
 
 
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
     """How :meth:`~datapunk_recovery.strategies.RecoveryStrategies.with_cache_recovery` reads.
 
-    ``ttl``: seconds a value read from the source is kept in the cache.
-    ``stale_ttl``: seconds past that during which the last good value may
-    still be served (marked stale) when both the cache and the source fail.
-    ``max_stale_entries``: how many last good values are kept for that, at most.
+    ``ttl``: seconds a value read from the source stays fresh in the cache.
+    ``stale_ttl``: seconds past that during which it is kept, to be served
+    (marked stale) when the source fails.  ``redis``: the URL of a Redis the
+    facade opens as the cache of reads that name none (``None``: an embedded
+    in-memory cache per service, holding at most ``max_stale_entries``
+    values).  ``namespace``: the prefix of the facade's keys in a cache
+    (``namespace.service:generation:key``).  The URL is never shown in
+    messages or events.
     """
 
     ttl: float = 60.0
     stale_ttl: float = 300.0
     max_stale_entries: int = 10_000
+    redis: str | None = None
+    namespace: str = "dp"
 
     def __post_init__(self) -> None:
         owner = "CacheSettings"
         object.__setattr__(self, "ttl", check_seconds(owner, "ttl", self.ttl, positive=True))
         object.__setattr__(self, "stale_ttl", check_seconds(owner, "stale_ttl", self.stale_ttl))
         check_count(owner, "max_stale_entries", self.max_stale_entries)
+        if self.redis is not None and (not isinstance(self.redis, str) or not self.redis):
+            raise TypeError(f"{owner}.redis: expected a non-empty text or None")
+        if not isinstance(self.namespace, str) or not self.namespace or ":" in self.namespace:
+            raise ValueError(
+                f"{owner}.namespace: expected a non-empty text without ':', got {self.namespace!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,7 @@ from .events import (
     global_bus,
 )
 from .policy import RetryPolicy
+from .redact import redact_text
 from .stats import OperationStats, Statistics
 
 __all__ = ["AttemptContext", "Retried", "Retrying", "current_attempt", "retry", "retrying"]
@@ -374,7 +375,7 @@ class _Call:
             plural = "s" if self.attempt != 1 else ""
             span = "after the first failure" if self.start_is_failure else "in all"
             exc.add_note(
-                f"datapunk-recovery: {e.name!r} gave up after {self.attempt} "
+                f"datapunk-recovery: {redact_text(e.name)!r} gave up after {self.attempt} "
                 f"attempt{plural}, {elapsed:.3f} s {span}: {why}"
             )
         if e.observed():

@@ -136,6 +136,29 @@ async def _acall(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str
     return await fn(*args, **kwargs)
 
 
+def _through(call: Callable[..., Any], nxt: Run) -> Run:
+    """A stage entry that runs the rest of the chain as ``call(nxt, fn, args, kwargs)``.
+
+    For the primitives whose own ``call`` face already does the stage's work
+    (fallback, breaker, attempt timeout): the rest of the chain is the function
+    they protect.
+    """
+
+    def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return call(nxt, fn, args, kwargs)
+
+    return run
+
+
+def _athrough(call: Callable[..., Awaitable[Any]], nxt: ARun) -> ARun:
+    """The async twin of :func:`_through`, for a primitive's ``call_async`` face."""
+
+    async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return await call(nxt, fn, args, kwargs)
+
+    return run
+
+
 class FallbackStage:
     """Answer with the fallback when the rest of the chain fails as chosen."""
 
@@ -147,20 +170,10 @@ class FallbackStage:
         self.fallback = fallback
 
     def sync(self, nxt: Run) -> Run:
-        call = self.fallback.call
-
-        def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            return call(nxt, fn, args, kwargs)
-
-        return run
+        return _through(self.fallback.call, nxt)
 
     def asyn(self, nxt: ARun) -> ARun:
-        call = self.fallback.call_async
-
-        async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            return await call(nxt, fn, args, kwargs)
-
-        return run
+        return _athrough(self.fallback.call_async, nxt)
 
 
 class BulkheadStage:
@@ -484,20 +497,10 @@ class BreakerStage:
         self.breaker = breaker
 
     def sync(self, nxt: Run) -> Run:
-        call = self.breaker.call
-
-        def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            return call(nxt, fn, args, kwargs)
-
-        return run
+        return _through(self.breaker.call, nxt)
 
     def asyn(self, nxt: ARun) -> ARun:
-        call = self.breaker.call_async
-
-        async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            return await call(nxt, fn, args, kwargs)
-
-        return run
+        return _athrough(self.breaker.call_async, nxt)
 
 
 class TimeoutStage:
@@ -511,20 +514,10 @@ class TimeoutStage:
         self.timeout = timeout
 
     def sync(self, nxt: Run) -> Run:
-        call = self.timeout.call
-
-        def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            return call(nxt, fn, args, kwargs)
-
-        return run
+        return _through(self.timeout.call, nxt)
 
     def asyn(self, nxt: ARun) -> ARun:
-        call = self.timeout.call_async
-
-        async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            return await call(nxt, fn, args, kwargs)
-
-        return run
+        return _athrough(self.timeout.call_async, nxt)
 
 
 def _observed_sync(stage: str, operation: str, bus: EventBus, nxt: Run) -> Run:

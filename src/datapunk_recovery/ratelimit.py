@@ -37,7 +37,7 @@ from ._decorate import CallDecorator
 from ._validate import check_count, check_number, check_seconds
 from .bulkhead import _CALLER
 from .errors import DeadlineExceeded, ErrorCategory, RecoveryError, classify
-from .events import Event, EventBus, emit, global_bus
+from .events import Event, EventBus, HintIgnored, emit, global_bus
 
 __all__ = [
     "RateLimitAdmitted",
@@ -369,17 +369,11 @@ class RateLimiter(CallDecorator):
         """Empty the bucket: the server throttles us (for ``retry_after`` s if it said).
 
         A ``retry_after`` above ``max_drain`` is capped to it; garbage (not a
-        finite number >= 0) drains without a duration.
+        finite number >= 0) drains without a duration and is reported as
+        :class:`~datapunk_recovery.events.HintIgnored`.
         """
-        if retry_after is not None and (
-            isinstance(retry_after, bool)
-            or not isinstance(retry_after, int | float)
-            or not math.isfinite(retry_after)
-            or retry_after < 0
-        ):
-            retry_after = None
         if retry_after is not None:
-            retry_after = min(float(retry_after), self.config.max_drain)
+            retry_after = self._seconds(retry_after)
         with self._lock:
             self._bucket.wait(clock.now())
             self._bucket.drain(retry_after)
@@ -389,6 +383,27 @@ class RateLimiter(CallDecorator):
                 self.bus,
             )
 
+    def _seconds(self, value: object) -> float | None:
+        """A server's drain duration capped to ``max_drain``; ``None`` (reported) for garbage."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            try:
+                seconds = float(value)
+            except OverflowError:  # an int too large for a float: absurd, so capped
+                return self.config.max_drain
+            if seconds >= 0.0 and math.isfinite(seconds):
+                return min(seconds, self.config.max_drain)
+        if global_bus._subscribers or self.bus._subscribers:
+            emit(
+                HintIgnored(
+                    operation=self.name,
+                    at=clock.now(),
+                    value=repr(value)[:40],
+                    reason="drain duration is not a finite number of seconds >= 0",
+                ),
+                self.bus,
+            )
+        return None
+
     def observe(self, result: Any) -> None:
         """Drain if ``result`` says the server throttles us (see ``throttled``)."""
         detect = self._throttled
@@ -397,7 +412,7 @@ class RateLimiter(CallDecorator):
         verdict = detect(result)
         if verdict is None or verdict is False:
             return
-        self.drain(None if verdict is True else float(verdict))
+        self.drain(None if verdict is True else verdict)
 
     def observe_error(self, exc: BaseException) -> None:
         """Drain if ``exc`` is classified ``rate_limited`` (with its server delay, if any)."""

@@ -421,7 +421,10 @@ class _Builder:
             except DurationError as exc:
                 return self.problem(raw, path, _GOT.sub("", str(exc)))
         if isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int too large for a float
+                return self.problem(raw, path, "expected a finite number")
         elif text is not None:
             try:
                 number = float(text.strip())

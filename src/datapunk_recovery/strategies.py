@@ -4,15 +4,19 @@ A service holds one :class:`RecoveryStrategies` for its whole life::
 
     async with RecoveryStrategies.from_config("recovery.toml") as recovery:
         order = await recovery.with_network_recovery("orders", fetch_order, order_id)
-        user = await recovery.with_cache_recovery(f"user:{uid}", load_user, cache=cache)
+        user = await recovery.with_cache_recovery(f"user:{uid}", load_user, service="users")
         await recovery.with_database_recovery(write_ledger, database="ledger")
         await recovery.with_resource_recovery(run_model, pool="gpu")
 
 It owns, per service, the retry policy (per error category too), the circuit
-breaker (one per endpoint when a service has several), the retry budget and
-the bulkhead that the configuration asks for (:mod:`datapunk_recovery.config`),
-and the pools and databases it was asked to create: it opens them on entry
-and closes them on exit, even after failures.
+breaker, the retry budget and the bulkhead that the configuration asks for
+(:mod:`datapunk_recovery.config`); a service with endpoints is routed by a
+:class:`~datapunk_recovery.network.Router` (a breaker per endpoint,
+priorities, failover, hedging); reads with cache recovery go through a
+:class:`~datapunk_recovery.cache.ReadThroughCache` (single-flight,
+stale-if-error, the cache's own breaker).  It also owns the pools, databases
+and the Redis cache it was asked to create: it opens them on entry and
+closes them on exit, even after failures.
 
 What a call goes through, outermost first: fallback, bulkhead, retry (asking
 the budget before every retry), endpoint choice, breaker, attempt timeout,
@@ -20,32 +24,46 @@ the call.  Each service's pipeline is compiled once, when the configuration
 is applied, so a call pays one dictionary lookup to find it.
 
 :meth:`RecoveryStrategies.reload` applies a new configuration while calls
-run: callers keep their handle, breakers and budgets of services that stay
-keep their state and take the new thresholds, and a bad configuration is
-rejected with every problem listed while the old one keeps running.
+run: callers keep their handle, routers, breakers and budgets of services
+that stay keep their state and take the new thresholds, and a bad
+configuration is rejected with every problem listed while the old one keeps
+running.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import inspect
 import itertools
 import math
 import os
 import random
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Final, Generic, Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
+from urllib.parse import quote
 
 from . import clock
 from .backoff import RetryConfig
-from .breaker import BreakerConfig, BreakerState, CircuitBreaker
+from .breaker import BreakerConfig, CircuitBreaker
 from .budget import TokenBudget, TokenBudgetConfig
 from .bulkhead import Bulkhead
+from .cache import (
+    Cache,
+    CacheConfig,
+    CacheFailed,
+    FunctionSource,
+    Lookup,
+    MemoryCache,
+    ReadThroughCache,
+    RedisCache,
+)
 from .config import (
+    CacheSettings,
     DatabaseSettings,
     RecoveryConfig,
     ServicePolicy,
@@ -55,8 +73,9 @@ from .config import (
 from .database import ManagedPool, SqliteConfig, SqliteDatabase, TransactionConfig
 from .database.pool import PoolConfig as DbPoolConfig
 from .engine import retry
-from .errors import CircuitOpenError, ErrorCategory
-from .events import Event, emit, global_bus
+from .errors import ErrorCategory
+from .events import Event, EventBus, emit, global_bus
+from .network import Endpoint, Router, RouterConfig
 from .policy import RetryPolicy
 from .resource.cleanup import Compensations
 from .resource.pool import Lease, ResourcePool
@@ -77,56 +96,37 @@ T = TypeVar("T")
 #: from the defaults, up to this many; beyond it they share one (``"other"``),
 #: so that names coming from outside cannot grow memory without bound.
 MAX_UNNAMED_SERVICES: Final = 1024
+#: Read-through caches kept, one per (service, cache, ttl) of the reads; beyond
+#: this the oldest is dropped (its next read builds it again, cold).
+MAX_READERS: Final = 1024
+
+#: What :meth:`RecoveryStrategies.with_cache_recovery` returns: the value and
+#: where it came from (``origin``: ``"cache"``, ``"source"`` or ``"stale"``).
+CacheResult = Lookup
 
 _NO_FALLBACK: Any = object()
-_OPEN: Final = frozenset({BreakerState.OPEN, BreakerState.FORCED_OPEN})
+# A service configured with `breaker = "none"` still needs breakers to route
+# over its endpoints: these never trip.
+_NEVER_TRIPS: Final = BreakerConfig(consecutive_failures=None)
+
+Attempt = Callable[[Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]], Awaitable[Any]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RecoveryFallback(Event):
     """An answer came from elsewhere than the first choice.
 
-    ``kind``: ``failover`` (a lower-priority endpoint answered), ``source``
-    (the cache failed and the source answered), ``stale`` (cache and source
-    failed; the last good value was served), ``fallback`` (the caller's
-    fallback answered).  ``operation`` names the service.
+    ``kind``: ``failover`` (an endpoint of a lower priority than the best
+    answered), ``source`` (the cache failed and the source answered),
+    ``stale`` (the source failed; a value past its ttl was served),
+    ``fallback`` (the caller's fallback answered).  ``operation`` names the
+    service.
     """
 
     name: ClassVar[str] = "recovery.fallback"
     area: ClassVar[str] = "fallback"
 
     kind: str
-
-
-class Cache(Protocol):
-    """What :meth:`RecoveryStrategies.with_cache_recovery` needs of a cache.
-
-    ``get`` returns ``None`` for a miss; ``set`` keeps ``value`` for ``ttl``
-    seconds.  Both may raise when the cache is down: the recovery reads the
-    source instead.
-    """
-
-    async def get(self, key: str) -> Any: ...
-
-    async def set(self, key: str, value: Any, ttl: float) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class CacheResult(Generic[T]):
-    """A value read with cache recovery, and where it came from.
-
-    ``origin``: ``"cache"``, ``"source"`` or ``"stale"`` (both failed; the
-    last good value, ``age`` seconds old, was served instead).
-    """
-
-    value: T
-    origin: Literal["cache", "source", "stale"]
-    age: float = 0.0
-
-    @property
-    def stale(self) -> bool:
-        """Whether the value is a stale copy served because the source failed."""
-        return self.origin == "stale"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,29 +142,20 @@ class ResourceScope:
     lease: Lease[Any] | None
 
 
-class _Route:
-    """Per call: the endpoint that failed last, so that a retry goes elsewhere."""
-
-    __slots__ = ("failed",)
-
-    def __init__(self) -> None:
-        self.failed: str | None = None
-
-
 class _Service:
     """The compiled pipeline of one service: built on (re)configuration, read per call."""
 
     __slots__ = (
         "breaker",
-        "breakers",
         "budget",
         "bulkhead",
-        "endpoints",
         "name",
         "owner",
         "policy",
+        "router",
         "run",
         "timeout",
+        "top",
     )
 
     def __init__(
@@ -177,16 +168,6 @@ class _Service:
         self.owner = owner
         self.name = name
         self.policy = policy
-        self.endpoints = policy.endpoints
-        kept = previous.breakers if previous is not None else {}
-        # One breaker per endpoint, or one for the whole service ("" key).
-        self.breakers: dict[str, CircuitBreaker] = {}
-        if policy.breaker is not None:
-            for endpoint in self.endpoints or ("",):
-                self.breakers[endpoint] = _breaker(
-                    f"{name}:{endpoint}" if endpoint else name, policy.breaker, kept.get(endpoint)
-                )
-        self.breaker = self.breakers.get("")
         self.budget: TokenBudget | None = _budget(
             name, policy.budget, previous.budget if previous else None
         )
@@ -203,37 +184,48 @@ class _Service:
             if policy.attempt_timeout is None
             else AttemptTimeout(policy.attempt_timeout, name=name)
         )
-        self.run = retry(
-            RetryPolicy(policy.retry, policy.categories), budget=self.budget, name=name
-        )(self.attempt)
+        retry_policy = RetryPolicy(policy.retry, policy.categories)
+        self.breaker: CircuitBreaker | None = None
+        self.router: Router | None = None
+        self.run: Attempt
+        if policy.endpoints:
+            self.router = self._route(retry_policy, previous)
+            self.top = self.router.endpoints[0].priority
+            self.run = self.routed
+        else:
+            if policy.breaker is not None:
+                old = previous.breaker if previous is not None else None
+                self.breaker = _breaker(name, policy.breaker, old)
+            self.top = 0
+            self.run = retry(retry_policy, budget=self.budget, name=name)(self.attempt)
+
+    def _route(self, retry_policy: RetryPolicy, previous: _Service | None) -> Router:
+        """The service's router: the previous one re-configured, or a new one."""
+        policy = self.policy
+        config = RouterConfig(
+            retry=retry_policy, breaker=policy.breaker or _NEVER_TRIPS, hedge=policy.hedge
+        )
+        endpoints = [
+            Endpoint(name, policy.addresses.get(name, ""), policy.priorities.get(name, i))
+            for i, name in enumerate(policy.endpoints)
+        ]
+        router = previous.router if previous is not None else None
+        if router is None:
+            return Router(self.name, endpoints, config, budget=self.budget)
+        assert previous is not None
+        if router.config != config or previous.budget is not self.budget:
+            router.reconfigure(config, budget=self.budget)
+        router.replace(endpoints)
+        return router
 
     async def attempt(
         self,
         call: Callable[..., Awaitable[T]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        route: _Route,
     ) -> T:
-        """One attempt: choose the endpoint, then breaker, timeout, call."""
-        if not self.endpoints:
-            return await self.guarded(self.breaker, call, args, kwargs)
-        endpoint = self.choose(route)
-        if endpoint != self.endpoints[0]:
-            self.owner._fell_back(self.name, "failover")
-        try:
-            return await self.guarded(self.breakers.get(endpoint), call, (endpoint, *args), kwargs)
-        except Exception:
-            route.failed = endpoint
-            raise
-
-    async def guarded(
-        self,
-        breaker: CircuitBreaker | None,
-        call: Callable[..., Awaitable[T]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> T:
-        timeout = self.timeout
+        """One attempt of a service without endpoints: breaker, timeout, call."""
+        breaker, timeout = self.breaker, self.timeout
         if breaker is None:
             if timeout is None:
                 return await call(*args, **kwargs)
@@ -242,24 +234,51 @@ class _Service:
             return await breaker.call_async(call, *args, **kwargs)
         return await breaker.call_async(timeout.call_async, call, *args, **kwargs)
 
-    def choose(self, route: _Route) -> str:
-        """The best-priority endpoint whose breaker admits calls, avoiding the last failed one."""
-        breakers = self.breakers
-        spare: str | None = None
-        for endpoint in self.endpoints:
-            breaker = breakers.get(endpoint)
-            if breaker is not None and breaker.state in _OPEN:
-                continue
-            if endpoint != route.failed:
-                return endpoint
-            spare = endpoint
-        if spare is not None:
-            return spare
-        waits = [b.retry_after() for b in breakers.values()]
-        raise CircuitOpenError(
-            f"{self.name} (every endpoint: {', '.join(self.endpoints)})",
-            min(waits) if waits else 0.0,
-        )
+    async def routed(
+        self,
+        call: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> T:
+        """A call over the service's endpoints: the router retries, fails over and hedges."""
+        timeout = self.timeout
+
+        async def attempt(endpoint: Endpoint) -> T:
+            if timeout is None:
+                result = await call(endpoint, *args, **kwargs)
+            else:
+                result = await timeout.call_async(call, endpoint, *args, **kwargs)
+            if endpoint.priority > self.top:
+                self.owner._fell_back(self.name, "failover")
+            return result
+
+        assert self.router is not None
+        return await self.router.call(attempt, hedge=True)
+
+
+class _Read:
+    """One read with cache recovery: its source, and whether the cache failed it."""
+
+    __slots__ = ("cache_failed", "source")
+
+    def __init__(self, source: Callable[[str], Awaitable[Any]]) -> None:
+        self.source = source
+        self.cache_failed = False
+
+
+# The read in progress in this task: the facade's read-through caches load
+# through the source of the read that missed (concurrent readers of a key
+# share the first one's load).
+_READING: ContextVar[_Read | None] = ContextVar("datapunk_recovery_reading", default=None)
+
+
+def _note_cache_failure(event: Event) -> None:
+    # Called in the reading task, while its lookup runs: a failed cache read
+    # (not a failed write-back) means the answer came from the source instead.
+    if isinstance(event, CacheFailed) and event.op != "set":
+        read = _READING.get()
+        if read is not None:
+            read.cache_failed = True
 
 
 def _breaker(name: str, config: BreakerConfig, old: CircuitBreaker | None) -> CircuitBreaker:
@@ -291,18 +310,21 @@ class RecoveryStrategies:
     """The front door of the library for one service process; see the module documentation.
 
     Build it with :meth:`from_config` (or from a :class:`RecoveryConfig`),
-    enter it with ``async with`` to open the databases it was asked for, and
-    call the four ``with_*_recovery`` methods.  Thread-compatible for reading;
-    :meth:`reload` swaps the whole table of services in one assignment.
+    enter it with ``async with`` to open the databases and the Redis cache it
+    was asked for, and call the four ``with_*_recovery`` methods.
+    Thread-compatible for reading; :meth:`reload` swaps the whole table of
+    services in one assignment.
     """
 
     __slots__ = (
         "_config",
         "_databases",
         "_fallbacks",
+        "_memory",
         "_pools",
+        "_readers",
+        "_redis",
         "_services",
-        "_stale",
         "_unnamed",
     )
 
@@ -314,10 +336,12 @@ class RecoveryStrategies:
         self._services: dict[str, _Service] = {}
         self._unnamed = 0
         self._fallbacks: Counter[tuple[str, str]] = Counter()
-        # key -> (value, when it was read): last good values for stale answers.
-        self._stale: OrderedDict[str, tuple[Any, float]] = OrderedDict()
         self._pools: dict[str, ResourcePool[Any]] = {}
         self._databases: dict[str, SqliteDatabase | ManagedPool] = {}
+        self._redis: RedisCache | None = None
+        self._memory = MemoryCache(config.cache.max_stale_entries)
+        # (service, id of the cache given or 0, ttl) -> (its read-through cache, the cache given)
+        self._readers: dict[tuple[str, int, float | None], tuple[ReadThroughCache[Any], Any]] = {}
         self._apply(config)
 
     # -- building ----------------------------------------------------------------
@@ -351,6 +375,8 @@ class RecoveryStrategies:
         for name, service in old.items():  # services built from the defaults stay, re-read
             if name not in services and name not in self._config.services:
                 services[name] = _Service(self, name, config.defaults, service)
+        if config.cache.max_stale_entries != self._memory.max_entries:
+            self._memory = MemoryCache(config.cache.max_stale_entries)
         pools = dict(self._pools)
         for name, pool_config in config.pools.items():
             current = pools.get(name)
@@ -362,6 +388,10 @@ class RecoveryStrategies:
         self._config = config
         self._services = services
         self._pools = pools
+        self._readers = {
+            key: (self._reader(key[0], given, key[2], reader), given)
+            for key, (reader, given) in self._readers.items()
+        }
 
     def reload(
         self,
@@ -371,24 +401,25 @@ class RecoveryStrategies:
     ) -> None:
         """Apply a new configuration while calls run; on any problem, keep the old one.
 
-        Breakers and budgets of services that stay keep their state and take
-        the new thresholds; calls in flight finish with the pipeline they
-        started with.  Databases cannot change without a restart (they are
-        open connections): a change to them is one of the problems reported.
+        Routers, breakers and budgets of services that stay keep their state
+        and take the new thresholds (so do the caches' breakers); calls in
+        flight finish with the retries they started with.  Databases and the
+        Redis cache cannot change without a restart (they are open
+        connections): a change to them is one of the problems reported.
         Raises :class:`~datapunk_recovery.schema.ConfigError` listing every
         problem; nothing changes then.
         """
         config = _resolve(source, environ)
-        if dict(config.databases) != dict(self._config.databases):
-            raise ConfigError(
-                [
-                    Problem(
-                        "reload",
-                        "databases",
-                        "databases cannot change while running; restart to change them",
-                    )
-                ]
+        problems = [
+            Problem("reload", path, f"{what} cannot change while running; restart to change it")
+            for path, what, changed in (
+                ("databases", "databases", dict(config.databases) != dict(self._config.databases)),
+                ("cache.redis", "the Redis cache", config.cache.redis != self._config.cache.redis),
             )
+            if changed
+        ]
+        if problems:
+            raise ConfigError(problems)
         self._apply(config)
 
     # -- lifecycle ---------------------------------------------------------------
@@ -403,11 +434,17 @@ class RecoveryStrategies:
         await self.close()
 
     async def open(self) -> None:
-        """Open the databases of the configuration; on a failure, close those opened first."""
+        """Open the databases and the Redis cache of the configuration.
+
+        On a failure, close those opened first.
+        """
         try:
             for name, settings in self._config.databases.items():
                 if name not in self._databases:
                     self._databases[name] = await self._open_database(name, settings)
+            url = self._config.cache.redis
+            if url is not None and self._redis is None:
+                self._redis = RedisCache.from_url(url)
         except BaseException:
             await self.close()
             raise
@@ -424,17 +461,23 @@ class RecoveryStrategies:
         )
 
     async def close(self) -> None:
-        """Close every database this object opened (each one, even if another fails)."""
+        """Close every database and cache this object opened (each one, even if another fails)."""
         databases, self._databases = self._databases, {}
+        redis, self._redis = self._redis, None
+        closing: list[ManagedPool | RedisCache] = [
+            d for d in databases.values() if isinstance(d, ManagedPool)
+        ]
+        if redis is not None:
+            self._readers.clear()  # they read through the closed client
+            closing.append(redis)
         errors: list[Exception] = []
-        for database in databases.values():
-            if isinstance(database, ManagedPool):
-                try:
-                    await database.close()
-                except Exception as exc:
-                    errors.append(exc)
+        for resource in closing:
+            try:
+                await resource.close()
+            except Exception as exc:
+                errors.append(exc)
         if errors:
-            raise ExceptionGroup("RecoveryStrategies.close: some databases failed to close", errors)
+            raise ExceptionGroup("RecoveryStrategies.close: some failed to close", errors)
 
     # -- looking up --------------------------------------------------------------
 
@@ -462,7 +505,19 @@ class RecoveryStrategies:
 
     def breaker(self, service: str, endpoint: str | None = None) -> CircuitBreaker | None:
         """The breaker of ``service`` (of one of its endpoints), or ``None`` if it has none."""
-        return self._service(service).breakers.get(endpoint or "")
+        s = self._service(service)
+        if endpoint is None:
+            return s.breaker
+        if s.router is None:
+            return None
+        try:
+            return s.router.breaker(endpoint)
+        except KeyError:
+            return None
+
+    def router(self, service: str) -> Router | None:
+        """The router of ``service`` over its endpoints, or ``None`` if it has no endpoints."""
+        return self._service(service).router
 
     def budget(self, service: str) -> TokenBudget | None:
         """The retry budget of ``service``, or ``None`` if it has none."""
@@ -540,20 +595,25 @@ class RecoveryStrategies:
     ) -> T:
         """Call ``service`` through its pipeline: bulkhead, retry + budget, endpoints, breaker.
 
-        With ``endpoints`` in the service's policy, ``call(endpoint, *args,
-        **kwargs)`` receives the endpoint's name: the best-priority endpoint
-        whose breaker admits calls, never the one that just failed when
-        another is available.  Without, ``call(*args, **kwargs)``.
-        ``fallback`` (a value, or a function of the exception, sync or async)
-        answers when everything else failed.
+        With ``endpoints`` in the service's policy, the service's
+        :class:`~datapunk_recovery.network.Router` runs ``call(endpoint,
+        *args, **kwargs)`` with the :class:`~datapunk_recovery.network.Endpoint`
+        it picked (``endpoint.name``, ``endpoint.address``): the best priority
+        level whose breaker admits calls, another endpoint of the level than
+        the one that just failed, hedged when the service has ``hedge``; when
+        every endpoint refuses, the call fails at once with
+        :class:`~datapunk_recovery.network.AllEndpointsDown`.  Without
+        endpoints, ``call(*args, **kwargs)``.  ``fallback`` (a value, or a
+        function of the exception, sync or async) answers when everything
+        else failed.
         """
         s = self._service(service)
         try:
             if s.bulkhead is None:
-                result: T = await s.run(call, args, kwargs, _Route())
+                result: T = await s.run(call, args, kwargs)
                 return result
             async with s.bulkhead:
-                result = await s.run(call, args, kwargs, _Route())
+                result = await s.run(call, args, kwargs)
                 return result
         except Exception as exc:
             if fallback is _NO_FALLBACK:
@@ -574,60 +634,96 @@ class RecoveryStrategies:
         service: str = "source",
         ttl: float | None = None,
     ) -> CacheResult[T]:
-        """Read ``key``: from ``cache``, else from ``source(key)``, else the last good value.
+        """Read ``key`` through a read-through cache: the cache, else ``source(key)``, else stale.
 
-        The cache has a breaker of its own (``"<service>.cache"``): a dead
-        cache costs one state check per read, not a timeout, and is never
-        retried (the source is right there).  ``source`` runs through the
-        pipeline of ``service``.  A value read from the source is written
-        back to the cache for ``ttl`` seconds (default: ``cache.ttl`` of the
-        configuration) and kept as the last good value; when the source fails
-        too, that value is served for ``cache.stale_ttl`` seconds more,
-        marked stale.  Otherwise the source's error propagates.
+        ``cache`` is any :class:`~datapunk_recovery.cache.Cache`
+        (:class:`~datapunk_recovery.cache.RedisCache`, ...); ``None`` means the
+        facade's own: the Redis of ``cache.redis`` when configured, else an
+        embedded in-memory cache.  Reads of ``service`` through one cache
+        share a :class:`~datapunk_recovery.cache.ReadThroughCache`: the cache
+        has a breaker of its own (the ``breaker`` of the policy of
+        ``"<service>.cache"``), so a dead cache costs a state check, not a
+        timeout, and is never retried; concurrent misses of a key make one
+        source load (single-flight).  ``source`` runs through the pipeline of
+        ``service``; its value stays fresh ``ttl`` seconds (default:
+        ``cache.ttl``) and is kept ``cache.stale_ttl`` more, to be served
+        marked stale when the source fails.  Otherwise the source's error
+        propagates.
         """
-        settings = self._config.cache
-        guard = self._cache_guard(service)
-        cache_failed = False
-        if cache is not None:
-            if guard is None or guard.state not in _OPEN:
-                try:
-                    hit = await _through(guard, cache.get, key)
-                except Exception:
-                    cache_failed = True
-                else:
-                    if hit is not None:
-                        return CacheResult(hit, "cache")
-            else:
-                cache_failed = True
+        kept = self._readers.get((service, id(cache) if cache is not None else 0, ttl))
+        reader = self._new_reader(service, cache, ttl) if kept is None else kept[0]
+        read = _Read(source)
+        token = _READING.set(read)
         try:
-            value = await self.with_network_recovery(service, source, key)
-        except Exception:
-            kept = self._stale.get(key)
-            if kept is not None:
-                age = clock.now() - kept[1]
-                if age <= settings.ttl + settings.stale_ttl:
-                    self._fell_back(service, "stale")
-                    return CacheResult(kept[0], "stale", age)
-            raise
-        self._remember(key, value)
-        if cache_failed:
+            answer: CacheResult[T] = await reader.lookup(key)
+        finally:
+            _READING.reset(token)
+        if answer.origin == "stale":
+            self._fell_back(service, "stale")
+        elif read.cache_failed and answer.origin == "source":
             self._fell_back(service, "source")
-        elif cache is not None:
-            # The value is served anyway; the cache's breaker counts the failure.
-            with contextlib.suppress(Exception):
-                await _through(guard, cache.set, key, value, settings.ttl if ttl is None else ttl)
-        return CacheResult(value, "source")
+        return answer
 
-    def _cache_guard(self, service: str) -> CircuitBreaker | None:
-        s = self._service(f"{service}.cache")
-        return s.breaker
+    def _new_reader(
+        self, service: str, cache: Cache | None, ttl: float | None
+    ) -> ReadThroughCache[Any]:
+        readers = self._readers
+        if len(readers) >= MAX_READERS:
+            del readers[next(iter(readers))]
+        reader = self._reader(service, cache, ttl, None)
+        readers[service, id(cache) if cache is not None else 0, ttl] = (reader, cache)
+        return reader
 
-    def _remember(self, key: str, value: Any) -> None:
-        stale = self._stale
-        stale[key] = (value, clock.now())
-        stale.move_to_end(key)
-        while len(stale) > self._config.cache.max_stale_entries:
-            stale.popitem(last=False)
+    def _reader(
+        self,
+        service: str,
+        cache: Cache | None,
+        ttl: float | None,
+        old: ReadThroughCache[Any] | None,
+    ) -> ReadThroughCache[Any]:
+        """The read-through cache of ``service`` over ``cache``: ``old`` if it still fits.
+
+        A new one takes over the breaker of ``old`` (its state, new thresholds).
+        """
+        settings: CacheSettings = self._config.cache
+        store = cache if cache is not None else self._default_cache()
+        config = CacheConfig(
+            ttl=settings.ttl if ttl is None else ttl,
+            stale_for=settings.stale_ttl,
+            namespace=f"{settings.namespace}.{quote(service, safe='')}",
+            breaker=self.policy(f"{service}.cache").breaker or _NEVER_TRIPS,
+        )
+        if old is not None and old.config == config and old.cache is store:
+            return old
+        bus = EventBus()
+        bus.subscribe(_note_cache_failure)
+        reader: ReadThroughCache[Any] = ReadThroughCache(
+            FunctionSource(functools.partial(self._load, service)),
+            store,
+            config,
+            name=service,
+            bus=bus,
+        )
+        if old is not None:
+            reader.breaker = _breaker(old.breaker.name, config.breaker, old.breaker)
+        return reader
+
+    def _default_cache(self) -> Cache:
+        if self._redis is not None:
+            return self._redis
+        if self._config.cache.redis is not None:
+            raise RuntimeError(
+                "the Redis cache of the configuration opens when the object is entered "
+                "(async with RecoveryStrategies...)"
+            )
+        return self._memory
+
+    async def _load(self, service: str, key: str) -> Any:
+        """A read-through cache's source: the reading call's own, through ``service``."""
+        read = _READING.get()
+        if read is None:
+            raise LookupError(f"{service!r}: the facade's caches load only within a read")
+        return await self.with_network_recovery(service, read.source, key)
 
     async def with_database_recovery(
         self,

@@ -65,6 +65,11 @@ _RESET_SQL: Final = (
     "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; "
     "SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
 )
+# Is a backend still running (its transaction then still undecided)?
+_ALIVE_SQL: Final = "SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1"
+_TERMINATE_SQL: Final = (
+    "SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1 AND pg_terminate_backend(pid)"
+)
 # libpq's PQTRANS_IDLE: connected, no transaction open (psycopg.pq.TransactionStatus.IDLE).
 _PQ_IDLE: Final = 0
 
@@ -175,6 +180,12 @@ class _Driver:
     async def close(self) -> None:
         raise NotImplementedError
 
+    def backend_pid(self, conn: Any) -> int | None:
+        raise NotImplementedError
+
+    async def backend_alive(self, conn: Any, pid: int, terminate: bool) -> bool:
+        raise NotImplementedError
+
 
 def _begin_sql(isolation: str | None, read_only: bool) -> str:
     sql = "BEGIN"
@@ -233,6 +244,13 @@ class _AsyncpgDriver(_Driver):
 
     async def expire(self) -> None:
         await self.pool.expire_connections()
+
+    def backend_pid(self, conn: Any) -> int | None:
+        raw = _raw_asyncpg(conn)
+        return None if raw is None else int(raw.get_server_pid())
+
+    async def backend_alive(self, conn: Any, pid: int, terminate: bool) -> bool:
+        return bool(await conn.fetchval(_ALIVE_SQL if not terminate else _TERMINATE_SQL, pid))
 
     def snapshot(self, waiting: int) -> PoolSnapshot:
         p = self.pool
@@ -294,6 +312,14 @@ class _PsycopgDriver(_Driver):
 
     async def expire(self) -> None:
         await self.pool.check()
+
+    def backend_pid(self, conn: Any) -> int | None:
+        return None if conn.closed else int(conn.info.backend_pid)
+
+    async def backend_alive(self, conn: Any, pid: int, terminate: bool) -> bool:
+        sql = (_ALIVE_SQL if not terminate else _TERMINATE_SQL).replace("$1", "%s")
+        row = await (await conn.execute(sql, (pid,))).fetchone()
+        return bool(row[0])
 
     def snapshot(self, waiting: int) -> PoolSnapshot:
         stats = self.pool.get_stats()

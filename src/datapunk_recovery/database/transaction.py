@@ -11,8 +11,10 @@ The one failure never replayed blindly is a connection lost while ``COMMIT``
 was in flight: the server may have committed before the answer was lost.
 Without an idempotency check that raises :class:`CommitOutcomeUnknown`; with
 one (``idempotency_check(conn) -> bool``, run on a fresh connection, true
-when the work is already there) the recovery looks, returns the result if
-the work committed, and replays only if it did not.
+when the work is already there) the recovery waits until the server process
+that received the COMMIT has ended (so the COMMIT cannot land after the
+check), looks, returns the result if the work committed, and replays only if
+it did not.
 
 :func:`run` runs ``fn(conn)`` outside a transaction.  Failures that happen
 before anything reached the server (no connection, a full server) and errors
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Final, TypeVar
 
-from datapunk_recovery import clock
+from datapunk_recovery import _runtime, clock
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.engine import retry
 from datapunk_recovery.errors import ErrorCategory, classify
@@ -71,6 +73,8 @@ DEFAULT_POLICY: Final = RetryPolicy(
 )
 """Five attempts, 10 ms to 1 s full jitter; resource errors 0.25 s to 5 s."""
 
+# How long to wait for the backend of a lost COMMIT to end before checking (s).
+_SETTLE_TIME: Final = 5.0
 # The idempotency check itself survives a connection or two failing.
 _CHECK_POLICY: Final = RetryConfig(max_attempts=4, base_delay=0.05, max_delay=1.0)
 
@@ -163,9 +167,28 @@ def _uncertain(bus: EventBus, operation: str, resolution: str, error: BaseExcept
         )
 
 
-async def _check(pool: ManagedPool, check: IdempotencyCheck) -> bool:
+async def _check(pool: ManagedPool, check: IdempotencyCheck, pid: int | None) -> bool:
     async with pool.connection() as conn:
+        if pid is not None:
+            await _settled(pool, conn, pid)
         return bool(await check(conn))
+
+
+async def _settled(pool: ManagedPool, conn: Any, pid: int) -> None:
+    """Wait until the backend that received the lost COMMIT has ended.
+
+    Until then its transaction may still commit, and a check would race it.
+    Past half of :data:`_SETTLE_TIME` the backend is terminated (a COMMIT it
+    is running still completes; one it has not started is rolled back).
+    """
+    driver = pool._driver
+    start = clock.now()
+    delay = 0.005
+    while await driver.backend_alive(conn, pid, clock.now() - start > _SETTLE_TIME / 2):
+        if clock.now() - start > _SETTLE_TIME:
+            raise TimeoutError(f"the backend of the lost COMMIT still runs after {_SETTLE_TIME} s")
+        await _runtime.sleep_async(delay)
+        delay = min(delay * 2, 0.1)
 
 
 async def _resolve(
@@ -174,6 +197,7 @@ async def _resolve(
     result: T,
     check: IdempotencyCheck | None,
     name: str,
+    pid: int | None,
 ) -> T:
     """COMMIT's answer was lost: find out with ``check``, or raise CommitOutcomeUnknown."""
     lost = describe(error)
@@ -187,7 +211,7 @@ async def _resolve(
         ) from error
     checked = retry(_CHECK_POLICY, on=replayable, name=f"{name}.idempotency_check")(_check)
     try:
-        committed = await checked(pool, check)
+        committed = await checked(pool, check, pid)
     except Exception as check_error:
         _uncertain(pool.bus, name, "check_failed", error)
         raise CommitOutcomeUnknown(
@@ -227,6 +251,7 @@ async def _transaction_attempt(
         if isinstance(exc, Exception) and (replacement := _surfaced(exc, broken)) is not None:
             raise replacement from exc
         raise
+    pid = driver.backend_pid(conn)
     try:
         await driver.commit(conn, handle)
     except Exception as exc:
@@ -238,7 +263,7 @@ async def _transaction_attempt(
                 raise replacement from exc
             raise
         await pool.discard(conn, exc)
-        return await _resolve(pool, exc, result, check, name)
+        return await _resolve(pool, exc, result, check, name, pid)
     except BaseException:
         await pool.discard(conn, None)
         raise

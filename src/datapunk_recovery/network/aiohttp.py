@@ -28,8 +28,8 @@ import aiohttp
 
 from datapunk_recovery.errors import classify
 
-from .http import HttpPolicy, HttpStatusError
-from .router import Endpoint, Router
+from .http import HttpPolicy, HttpRecovery, HttpStatusError
+from .router import Router
 
 __all__ = ["AiohttpRecovery", "retryable_aiohttp_error"]
 
@@ -55,10 +55,16 @@ def retryable_aiohttp_error(exc: BaseException, idempotent: bool) -> bool:
     return classify(exc).retryable and idempotent
 
 
-class AiohttpRecovery:
-    """Recovering requests with an ``aiohttp.ClientSession`` over ``router``'s endpoints."""
+class AiohttpRecovery(HttpRecovery[aiohttp.ClientResponse]):
+    """Recovering requests with an ``aiohttp.ClientSession`` over ``router``'s endpoints.
 
-    __slots__ = ("policy", "router", "session")
+    Faces (from :class:`~.http.HttpRecovery`): ``request(method, path, ...)``
+    and ``get`` / ``post`` / ``put`` / ``delete``, each returning a response
+    with its body read; other keyword arguments go to ``session.request``
+    (``params``, ``json``, ``data``...).
+    """
+
+    __slots__ = ("session",)
 
     def __init__(
         self, session: aiohttp.ClientSession, router: Router, policy: HttpPolicy | None = None
@@ -67,69 +73,22 @@ class AiohttpRecovery:
             raise TypeError(
                 f"AiohttpRecovery.session: expected an aiohttp.ClientSession, got {session!r}"
             )
-        if not isinstance(router, Router):
-            raise TypeError(f"AiohttpRecovery.router: expected a Router, got {router!r}")
+        super().__init__(router, policy)
         self.session = session
-        self.router = router
-        self.policy = policy if policy is not None else HttpPolicy()
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        idempotent: bool | None = None,
-        headers: Mapping[str, str] | None = None,
-        **kwargs: Any,
+    async def _send(
+        self, method: str, url: str, headers: dict[str, str], kwargs: Any
     ) -> aiohttp.ClientResponse:
-        """Send ``method path`` to the best endpoint; returns a response with its body read.
+        return await self.session.request(method, url, headers=headers, **kwargs)
 
-        ``idempotent`` overrides the method's own safety.  Other keyword
-        arguments go to ``session.request`` (``params``, ``json``, ``data``...).
-        """
-        policy = self.policy
-        method = method.upper()
-        safe = policy.idempotent(method, idempotent)
-        bus = self.router.bus
+    def _answer(self, response: aiohttp.ClientResponse) -> tuple[int, Mapping[str, str]]:
+        return response.status, response.headers
 
-        async def attempt(endpoint: Endpoint) -> aiohttp.ClientResponse:
-            sent = {**(headers or {}), **policy.deadline_headers()}
-            url = _join(endpoint.address, path)
-            response = await self.session.request(method, url, headers=sent, **kwargs)
-            try:
-                error = policy.judge(
-                    method,
-                    response.status,
-                    response.headers,
-                    endpoint.name,
-                    idempotent=safe,
-                    bus=bus,
-                )
-                if error is None:
-                    await response.read()  # the body is kept; the connection goes back
-                    return response
-            except BaseException:
-                response.release()
-                raise
-            response.release()
-            raise error
+    async def _keep(self, response: aiohttp.ClientResponse) -> None:
+        await response.read()  # the body is kept; the connection goes back
 
-        return await self.router.call(
-            attempt,
-            retry_on=lambda exc: retryable_aiohttp_error(exc, safe),
-            hedge=safe and policy.hedge,
-        )
+    async def _discard(self, response: aiohttp.ClientResponse) -> None:
+        response.release()
 
-    async def get(self, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
-        """``request("GET", path, ...)``."""
-        return await self.request("GET", path, **kwargs)
-
-    async def post(self, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
-        """``request("POST", path, ...)``: not retried after it may have been sent."""
-        return await self.request("POST", path, **kwargs)
-
-
-def _join(base: str, path: str) -> str:
-    if not base:
-        return path
-    return base.rstrip("/") + "/" + path.lstrip("/")
+    def _retryable(self, exc: BaseException, idempotent: bool) -> bool:
+        return retryable_aiohttp_error(exc, idempotent)

@@ -28,20 +28,24 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Any, Final, Generic, Literal, TypeVar
 
 from datapunk_recovery.deadline import remaining
 from datapunk_recovery.errors import ErrorCategory, OverloadedError, RecoveryError
 from datapunk_recovery.events import EventBus
 
 from .delays import server_hint
+from .router import Endpoint, Router
 
 __all__ = [
     "DEFAULT_RETRY_STATUSES",
     "IDEMPOTENT_METHODS",
     "HttpPolicy",
+    "HttpRecovery",
     "HttpStatusError",
 ]
+
+R = TypeVar("R")
 
 DEFAULT_RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -176,3 +180,114 @@ class HttpPolicy:
 def _has(headers: Mapping[str, str], name: str) -> bool:
     lower = name.lower()
     return any(k.lower() == lower for k in headers)
+
+
+def join_url(base: str, path: str) -> str:
+    """``path`` under the endpoint's base URL ``base`` (``path`` alone without one)."""
+    if not base:
+        return path
+    return base.rstrip("/") + "/" + path.lstrip("/")
+
+
+class HttpRecovery(Generic[R]):
+    """What every HTTP adapter does with a request; an adapter says how its library speaks.
+
+    The request goes to the endpoint the router picks, carries the deadline
+    header, and its answer is judged by the policy: an answer to retry is
+    discarded (so its connection goes back to the pool) before the error is
+    raised, and so is any answer whose handling was interrupted (a
+    cancellation included).  Subclasses implement the five library-specific
+    steps below.
+    """
+
+    __slots__ = ("policy", "router")
+
+    def __init__(self, router: Router, policy: HttpPolicy | None) -> None:
+        if not isinstance(router, Router):
+            raise TypeError(f"{type(self).__name__}.router: expected a Router, got {router!r}")
+        if policy is not None and not isinstance(policy, HttpPolicy):
+            raise TypeError(f"{type(self).__name__}.policy: expected an HttpPolicy, got {policy!r}")
+        self.router = router
+        self.policy = policy if policy is not None else HttpPolicy()
+
+    # -- what an adapter provides ---------------------------------------------------------
+
+    async def _send(self, method: str, url: str, headers: dict[str, str], kwargs: Any) -> R:
+        """Send one request with the library's client."""
+        raise NotImplementedError
+
+    def _answer(self, response: R) -> tuple[int, Mapping[str, str]]:
+        """The response's status and headers."""
+        raise NotImplementedError
+
+    async def _keep(self, response: R) -> None:
+        """Make a response that is returned safe to use after its connection is reused."""
+
+    async def _discard(self, response: R) -> None:
+        """Give a response's connection back; it must not checkpoint when already closed."""
+        raise NotImplementedError
+
+    def _retryable(self, exc: BaseException, idempotent: bool) -> bool:
+        """Whether ``exc``, raised by an attempt, may be retried on another endpoint."""
+        raise NotImplementedError
+
+    # -- the request ----------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        idempotent: bool | None = None,
+        headers: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> R:
+        """Send ``method path`` to the best endpoint, recovering as the policy says.
+
+        ``idempotent`` overrides the method's own safety (``True`` for a POST
+        with an idempotency key).  Other keyword arguments go to the library's
+        own request call (``params``, ``json``, ...).
+        """
+        policy = self.policy
+        method = method.upper()
+        safe = policy.idempotent(method, idempotent)
+        bus = self.router.bus
+
+        async def attempt(endpoint: Endpoint) -> R:
+            sent = {**(headers or {}), **policy.deadline_headers()}
+            response = await self._send(method, join_url(endpoint.address, path), sent, kwargs)
+            try:
+                status, answer_headers = self._answer(response)
+                error = policy.judge(
+                    method, status, answer_headers, endpoint.name, idempotent=safe, bus=bus
+                )
+                if error is None:
+                    await self._keep(response)
+                    return response
+            except BaseException:
+                await self._discard(response)
+                raise
+            await self._discard(response)
+            raise error
+
+        return await self.router.call(
+            attempt,
+            retry_on=lambda exc: self._retryable(exc, safe),
+            hedge=safe and policy.hedge,
+        )
+
+    async def get(self, path: str, **kwargs: Any) -> R:
+        """``request("GET", path, ...)``."""
+        return await self.request("GET", path, **kwargs)
+
+    async def post(self, path: str, **kwargs: Any) -> R:
+        """``request("POST", path, ...)``: not retried after it may have been sent."""
+        return await self.request("POST", path, **kwargs)
+
+    async def put(self, path: str, **kwargs: Any) -> R:
+        """``request("PUT", path, ...)``."""
+        return await self.request("PUT", path, **kwargs)
+
+    async def delete(self, path: str, **kwargs: Any) -> R:
+        """``request("DELETE", path, ...)``."""
+        return await self.request("DELETE", path, **kwargs)

@@ -24,8 +24,8 @@ import httpx
 
 from datapunk_recovery.errors import classify
 
-from .http import HttpPolicy, HttpStatusError
-from .router import Endpoint, Router
+from .http import HttpPolicy, HttpRecovery, HttpStatusError
+from .router import Router
 
 __all__ = ["HttpxRecovery", "retryable_httpx_error"]
 
@@ -52,83 +52,35 @@ def retryable_httpx_error(exc: BaseException, idempotent: bool) -> bool:
     return classify(exc).retryable and idempotent
 
 
-class HttpxRecovery:
-    """Recovering requests with an ``httpx.AsyncClient`` over ``router``'s endpoints."""
+class HttpxRecovery(HttpRecovery[httpx.Response]):
+    """Recovering requests with an ``httpx.AsyncClient`` over ``router``'s endpoints.
 
-    __slots__ = ("client", "policy", "router")
+    Faces (from :class:`~.http.HttpRecovery`): ``request(method, path, ...)``
+    and ``get`` / ``post`` / ``put`` / ``delete``; other keyword arguments go to
+    ``client.request`` (``params``, ``json``, ``content``, ``timeout``...).
+    """
+
+    __slots__ = ("client",)
 
     def __init__(
         self, client: httpx.AsyncClient, router: Router, policy: HttpPolicy | None = None
     ) -> None:
         if not isinstance(client, httpx.AsyncClient):
             raise TypeError(f"HttpxRecovery.client: expected an httpx.AsyncClient, got {client!r}")
-        if not isinstance(router, Router):
-            raise TypeError(f"HttpxRecovery.router: expected a Router, got {router!r}")
+        super().__init__(router, policy)
         self.client = client
-        self.router = router
-        self.policy = policy if policy is not None else HttpPolicy()
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        idempotent: bool | None = None,
-        headers: Mapping[str, str] | None = None,
-        **kwargs: Any,
+    async def _send(
+        self, method: str, url: str, headers: dict[str, str], kwargs: Any
     ) -> httpx.Response:
-        """Send ``method path`` to the best endpoint, recovering as the policy says.
+        return await self.client.request(method, url, headers=headers, **kwargs)
 
-        ``idempotent`` overrides the method's own safety (``True`` for a POST
-        with an idempotency key).  Other keyword arguments go to
-        ``client.request`` (``params``, ``json``, ``content``, ``timeout``...).
-        """
-        policy = self.policy
-        method = method.upper()
-        safe = policy.idempotent(method, idempotent)
-        bus = self.router.bus
+    def _answer(self, response: httpx.Response) -> tuple[int, Mapping[str, str]]:
+        return response.status_code, response.headers
 
-        async def attempt(endpoint: Endpoint) -> httpx.Response:
-            sent = {**(headers or {}), **policy.deadline_headers()}
-            url = _join(endpoint.address, path)
-            response = await self.client.request(method, url, headers=sent, **kwargs)
-            error = policy.judge(
-                method,
-                response.status_code,
-                response.headers,
-                endpoint.name,
-                idempotent=safe,
-                bus=bus,
-            )
-            if error is None:
-                return response
-            await response.aclose()
-            raise error
+    async def _discard(self, response: httpx.Response) -> None:
+        # A non-streaming response is read and closed already: then no checkpoint.
+        await response.aclose()
 
-        return await self.router.call(
-            attempt,
-            retry_on=lambda exc: retryable_httpx_error(exc, safe),
-            hedge=safe and policy.hedge,
-        )
-
-    async def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        """``request("GET", path, ...)``."""
-        return await self.request("GET", path, **kwargs)
-
-    async def post(self, path: str, **kwargs: Any) -> httpx.Response:
-        """``request("POST", path, ...)``: not retried after it may have been sent."""
-        return await self.request("POST", path, **kwargs)
-
-    async def put(self, path: str, **kwargs: Any) -> httpx.Response:
-        """``request("PUT", path, ...)``."""
-        return await self.request("PUT", path, **kwargs)
-
-    async def delete(self, path: str, **kwargs: Any) -> httpx.Response:
-        """``request("DELETE", path, ...)``."""
-        return await self.request("DELETE", path, **kwargs)
-
-
-def _join(base: str, path: str) -> str:
-    if not base:
-        return path
-    return base.rstrip("/") + "/" + path.lstrip("/")
+    def _retryable(self, exc: BaseException, idempotent: bool) -> bool:
+        return retryable_httpx_error(exc, idempotent)

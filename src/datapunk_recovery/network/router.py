@@ -52,6 +52,7 @@ from datapunk_recovery.engine import Retried, current_attempt, retry
 from datapunk_recovery.errors import CircuitOpenError, ErrorCategory, RecoveryError, classify
 from datapunk_recovery.events import Event, EventBus, emit, listening
 from datapunk_recovery.hedging import HedgeConfig, Hedger
+from datapunk_recovery.policy import RetryPolicy
 from datapunk_recovery.redact import redact_url
 from datapunk_recovery.stats import Statistics
 
@@ -122,21 +123,24 @@ class RouterConfig:
     """How a router retries, trips endpoints and hedges.
 
     ``retry``: attempts over all endpoints (the first included), backoff and
-    the call's own deadline, in seconds.  ``breaker``: the configuration of
+    the call's own deadline, in seconds (a :class:`RetryPolicy` gives some
+    error categories a configuration of their own).  ``breaker``: the configuration of
     each endpoint's breaker (keep its window so that selection sees failure
     rates).  ``hedge``: hedging of idempotent calls across endpoints (``None``:
     no hedging).
     """
 
-    retry: RetryConfig = field(
+    retry: RetryConfig | RetryPolicy = field(
         default_factory=lambda: RetryConfig(max_attempts=3, base_delay=0.05, max_delay=2.0)
     )
     breaker: BreakerConfig = field(default_factory=_default_breaker)
     hedge: HedgeConfig | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.retry, RetryConfig):
-            raise TypeError(f"RouterConfig.retry: expected a RetryConfig, got {self.retry!r}")
+        if not isinstance(self.retry, RetryConfig | RetryPolicy):
+            raise TypeError(
+                f"RouterConfig.retry: expected a RetryConfig or a RetryPolicy, got {self.retry!r}"
+            )
         if not isinstance(self.breaker, BreakerConfig):
             raise TypeError(f"RouterConfig.breaker: expected a BreakerConfig, got {self.breaker!r}")
         if self.hedge is not None and not isinstance(self.hedge, HedgeConfig):
@@ -312,21 +316,36 @@ class Router:
         *,
         budget: RetryGate | None = None,
     ) -> None:
-        if config is not None and not isinstance(config, RouterConfig):
-            raise TypeError(f"Router.config: expected a RouterConfig, got {config!r}")
         self.name = name
-        self.config = config = config if config is not None else RouterConfig()
         self._members: tuple[_Member, ...] = ()
         self._turn = itertools.count()
+        self._compile(config if config is not None else RouterConfig(), budget, EventBus())
+        self.replace(endpoints)
+
+    def _compile(self, config: RouterConfig, budget: RetryGate | None, bus: EventBus) -> None:
+        if not isinstance(config, RouterConfig):
+            raise TypeError(f"Router.config: expected a RouterConfig, got {config!r}")
+        self.config = config
         self._engine: Retried[[_Call], Awaitable[Any]] = retry(
-            config.retry, on=_retryable, name=name, budget=budget
+            config.retry, on=_retryable, name=self.name, budget=budget, bus=bus
         )(self._run)
         self._hedger = (
             None
             if config.hedge is None
-            else Hedger(name, config.hedge, budget=budget, bus=self._engine.events)
+            else Hedger(self.name, config.hedge, budget=budget, bus=bus)
         )
-        self.replace(endpoints)
+
+    def reconfigure(self, config: RouterConfig, *, budget: RetryGate | None = None) -> None:
+        """Take ``config`` and ``budget`` from now on, keeping the endpoints and their breakers.
+
+        Each breaker keeps its state and takes ``config.breaker``; the bus and
+        its subscribers stay.  Calls in flight finish with the retries they
+        started with; the engine's statistics start again from zero.
+        """
+        self._compile(config, budget, self.bus)
+        for m in self._members:
+            if m.breaker.config != config.breaker:
+                m.breaker.reconfigure(config.breaker)
 
     @property
     def bus(self) -> EventBus:

@@ -191,12 +191,15 @@ class _Plan(Generic[I, R]):
                     f"recover_batch: the batch function returned {len(results)} outcomes "
                     f"for {len(self.pending)} items"
                 )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                # A cancellation reported as an item outcome: never swallowed, and
+                # raised before any item of the round is counted.
+                raise result
         retry: list[int] = []
         hint: float | None = None
         succeeded = 0
         for i, result in zip(self.pending, results, strict=True):
-            if isinstance(result, BaseException) and not isinstance(result, Exception):
-                raise result  # a cancellation reported as an item outcome: never swallowed
             if self.budget is not None:
                 self.budget.on_attempt(not isinstance(result, Exception))
             if not isinstance(result, Exception):

@@ -32,6 +32,8 @@ from datapunk_recovery.engine import retry
 from datapunk_recovery.errors import classify
 from datapunk_recovery.events import Event, EventBus, emit, listening
 
+from ._calls import as_async
+
 __all__ = [
     "DEFAULT_OOM_TYPES",
     "InferenceConfig",
@@ -147,7 +149,7 @@ class InferenceRecovery(Generic[I, O]):
     accepts sync and async callables; :meth:`run_sync` needs sync ones.
     """
 
-    __slots__ = ("_bus", "_callers", "_names", "config", "name")
+    __slots__ = ("_async_callers", "_bus", "_callers", "_names", "config", "name")
 
     def __init__(
         self,
@@ -177,9 +179,18 @@ class InferenceRecovery(Generic[I, O]):
         def transient(exc: BaseException) -> bool:
             return not is_out_of_memory(exc, oom) and classify(exc).retryable
 
+        def retried(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+            return retry(self.config.retry, on=transient, name=f"{name}.{label}", budget=budget)(
+                fn
+            )
+
         self._callers: tuple[Callable[..., Any], ...] = tuple(
-            retry(self.config.retry, on=transient, name=f"{name}.{label}", budget=budget)(fn)
-            for label, fn in models
+            retried(label, fn) for label, fn in models
+        )
+        # For run(): async faces, so that a sync model's retry sleeps suspend
+        # the task instead of blocking the event loop.
+        self._async_callers: tuple[Callable[..., Awaitable[Any]], ...] = tuple(
+            retried(label, as_async(fn)) for label, fn in models
         )
 
     def _plan(
@@ -276,16 +287,15 @@ class InferenceRecovery(Generic[I, O]):
             return cast(InferenceResult[O], done.value)
 
     async def run(self, batch: Sequence[I]) -> InferenceResult[O]:
-        """Serve ``batch``; sync models are called in the task, async ones awaited."""
+        """Serve ``batch``; sync models are called in the task (they block it while
+        they run, but their retry backoff does not), async ones awaited."""
         plan = self._plan(len(batch))
         try:
             step = next(plan)
             while True:
                 model, start, stop = step
                 try:
-                    got: Any = self._callers[model](batch[start:stop])
-                    if inspect.isawaitable(got):
-                        got = await got
+                    got: Any = await self._async_callers[model](batch[start:stop])
                 except Exception as exc:
                     if not self._oom(exc):
                         raise

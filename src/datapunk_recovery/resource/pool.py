@@ -48,6 +48,7 @@ from datapunk_recovery.engine import retry
 from datapunk_recovery.errors import DeadlineExceeded
 from datapunk_recovery.events import Event, EventBus, emit, listening
 
+from ._calls import as_async
 from .errors import AllocationTimeout, PoolFull, QuotaExceeded
 from .tracking import ResourceTracker, TrackedResource
 
@@ -309,7 +310,7 @@ class ResourcePool(Generic[T]):
             None
             if allocate is None
             else retry(config.allocation_retry, name=f"{kind}.allocate", budget=budget)(
-                _as_async(allocate)
+                as_async(allocate)
             )
         )
         self._release_fn = release
@@ -545,14 +546,3 @@ class ResourcePool(Generic[T]):
                 self._bus,
             )
 
-
-def _as_async(fn: Callable[[int], T | Awaitable[T]]) -> Callable[[int], Awaitable[T]]:
-    """One async face for a sync or async ``allocate`` (so one retry wrapper serves both)."""
-
-    async def allocate(units: int) -> T:
-        result = fn(units)
-        if inspect.isawaitable(result):
-            return cast(T, await result)
-        return result
-
-    return allocate

@@ -642,7 +642,8 @@ class _BreakerLink:
             )
         now = clock.now()
         if self.down_since is not None:
-            if now < self.retry_at or await self._refresh() is None:
+            # One task at a time tries the store again; the others decide locally.
+            if now < self.retry_at or self.refreshing or await self._refresh() is None:
                 return self._fallback_allow()
         elif self.cached is None or now - self.fetched_at >= self.store.cache_ttl:
             if self.refreshing:  # someone is already reading: use what we have
@@ -656,7 +657,12 @@ class _BreakerLink:
         state = shared.current(now)
         if state in _PASSING:
             return shared.gen, False, True
-        if state is BreakerState.FORCED_OPEN or (state is BreakerState.OPEN and now < shared.until):
+        if (
+            state is BreakerState.FORCED_OPEN
+            or (state is BreakerState.OPEN and now < shared.until)
+            or (shared.state is BreakerState.HALF_OPEN and shared.free <= 0)
+        ):
+            # Refused on the cached state: no round trip while every probe is out.
             self._reject(state, shared.remaining(now), now)
         got = await self._op("acquire")
         if got is None:
