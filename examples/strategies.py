@@ -8,41 +8,45 @@ from __future__ import annotations
 
 import asyncio
 
+from datapunk_recovery.cache import MemoryCache
+from datapunk_recovery.network import Endpoint
 from datapunk_recovery.strategies import RecoveryStrategies, ResourceScope
 
 CONFIG = {
     "defaults": {
         "retry": {"max_attempts": 3, "base_delay": "10ms", "max_delay": "100ms"},
-        "breaker": {"consecutive_failures": 3, "open_duration": "30s"},
+        "breaker": {"consecutive_failures": 2, "open_duration": "30s"},
     },
     "services": {"inventory": {"endpoints": ["primary", "secondary"]}},
     "pools": {"workers": {"capacity": 2, "max_wait": 1.0}},
 }
 
 
-class Cache:
+class Cache(MemoryCache):
+    """The embedded cache, with a switch to take it down."""
+
     def __init__(self) -> None:
-        self.data: dict[str, object] = {}
+        super().__init__()
         self.down = False
 
     async def get(self, key: str) -> object:
         if self.down:
             raise ConnectionRefusedError("cache down")
-        return self.data.get(key)
+        return await super().get(key)
 
-    async def set(self, key: str, value: object, ttl: float) -> None:
+    async def counter(self, key: str) -> int:
         if self.down:
             raise ConnectionRefusedError("cache down")
-        self.data[key] = value
+        return await super().counter(key)
 
 
 async def main() -> None:
     async with RecoveryStrategies.from_config(CONFIG, environ={}) as recovery:
 
-        async def stock(endpoint: str, sku: str) -> str:
-            if endpoint == "primary":
+        async def stock(endpoint: Endpoint, sku: str) -> str:
+            if endpoint.name == "primary":
                 raise ConnectionResetError("primary is down")
-            return f"{sku}: 7 in stock (answered by {endpoint})"
+            return f"{sku}: 7 in stock (answered by {endpoint.name})"
 
         for sku in ("A-1", "A-2", "A-3", "A-4"):
             print(await recovery.with_network_recovery("inventory", stock, sku))

@@ -249,9 +249,8 @@ def test_per_caller_quota_keeps_one_caller_from_taking_every_slot() -> None:
 async def test_the_with_faces_count_against_the_caller_of_the_block() -> None:
     bulkhead = Bulkhead("svc", BulkheadConfig(max_concurrent=4, per_caller=1))
     with as_caller("tenant-a"):
-        with bulkhead:
-            with pytest.raises(CallerQuotaExceeded):
-                bulkhead.acquire()
+        with bulkhead, pytest.raises(CallerQuotaExceeded):
+            bulkhead.acquire()
         async with bulkhead:
             with pytest.raises(CallerQuotaExceeded):
                 await bulkhead.acquire_async()

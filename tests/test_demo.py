@@ -6,11 +6,15 @@ import asyncio
 import importlib.util
 from pathlib import Path
 
+import asyncpg
 import pytest
+import redis.asyncio as redis
 
 from datapunk_recovery import cli
 from datapunk_recovery.demo import DrillSetup, RunResult, run_drill
 from datapunk_recovery.demo.drill import fault_windows
+from datapunk_recovery.redact import redact_url
+from tests.harness import APP_PASSWORD, PostgresServer, RedisServer
 
 SHORT = DrillSetup(duration=3.0, rate=40.0, seed=11)
 
@@ -62,9 +66,7 @@ def test_result_percentiles_use_nearest_rank() -> None:
     assert result.success_rate == 1.0
 
 
-def test_command_prints_the_comparison(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
+def test_command_prints_the_comparison(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     args = ["demo", "--duration", "2s", "--rate", "30", "--plain"]
     plot = tmp_path / "demo.png"
     if importlib.util.find_spec("matplotlib") is not None:
@@ -86,3 +88,47 @@ def test_command_refuses_a_bad_duration(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         cli.main(["demo", "--duration", "soon"])
     assert "duration" in capsys.readouterr().err
+
+
+def test_the_drill_runs_against_real_redis_and_postgres(
+    redis_server: RedisServer, postgres_server: PostgresServer
+) -> None:
+    servers = {"redis_url": redis_server.url, "postgres_dsn": postgres_server.app_dsn}
+    without = asyncio.run(run_drill(SHORT, recovery=False, **servers))
+    with_ = asyncio.run(run_drill(SHORT, recovery=True, **servers))
+
+    assert without.faults > 0 and without.success_rate < 0.9
+    assert with_.success_rate > without.success_rate
+    assert with_.calls["cache"] > 0 and with_.calls["database"] > 0
+    assert with_.calls["secondary"] > 0 and with_.fallbacks.get("failover", 0) > 0
+    assert with_.fallbacks.get("source", 0) > 0  # the Redis cache went down and reads went on
+    # Each run removes what it made: its tables and its keys.
+    assert asyncio.run(_demo_leftovers(redis_server.url, postgres_server.app_dsn)) == (0, 0)
+
+
+def test_the_command_never_prints_the_dsn_password(
+    capsys: pytest.CaptureFixture[str], redis_server: RedisServer, postgres_server: PostgresServer
+) -> None:
+    dsn = postgres_server.app_dsn
+    args = ["demo", "--duration", "1s", "--rate", "30", "--plain"]
+    code = cli.main([*args, "--redis-url", redis_server.url, "--postgres-dsn", dsn])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"PostgreSQL {redact_url(dsn)}" in out and "Redis redis://127.0.0.1" in out
+    assert APP_PASSWORD not in out
+
+
+async def _demo_leftovers(redis_url: str, dsn: str) -> tuple[int, int]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match="datapunk-demo-*")]
+    finally:
+        await client.aclose()
+    conn = await asyncpg.connect(dsn)
+    try:
+        tables = await conn.fetchval(
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'datapunk_demo_%'"
+        )
+    finally:
+        await conn.close()
+    return len(keys), int(tables)

@@ -99,3 +99,23 @@ async def test_async_cancellation_never_triggers_it() -> None:
         scope.cancel()
         await hang()
     assert scope.cancelled_caught
+
+
+@pytest.mark.anyio
+async def test_an_error_raised_by_a_handler_is_chained_to_the_original() -> None:
+    async def handler(reason: FallbackReason) -> str:
+        await anyio.lowlevel.checkpoint()
+        raise LookupError("no cached copy either")
+
+    def sync_handler(reason: FallbackReason) -> str:
+        raise LookupError("no cached copy either")
+
+    async def fetch() -> str:
+        raise ConnectionError("down")
+
+    with pytest.raises(LookupError) as info:
+        await Fallback(handler=handler).call_async(fetch)
+    assert isinstance(info.value.__context__, ConnectionError)
+    with pytest.raises(LookupError) as info:
+        Fallback(handler=sync_handler).call(failing)
+    assert isinstance(info.value.__context__, ConnectionError)

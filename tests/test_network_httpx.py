@@ -154,7 +154,9 @@ async def test_the_deadline_is_kept_and_sent_downstream(servers: dict[str, Scrip
     assert 0 < int(request.headers["X-Deadline-Ms"]) <= 300
     [gave_up] = [e for e in seen if isinstance(e, GaveUp)]
     assert gave_up.reason is GiveUpReason.DEADLINE
-    assert gave_up.elapsed <= 0.3 + 0.25  # cancelled at the deadline, by the engine's clock
+    # Cancelled at the deadline, by the engine's clock: far sooner than httpx's own
+    # 5 s read timeout would have ended the hang (slack for a loaded machine).
+    assert gave_up.elapsed < 0.3 + 2.0
 
 
 async def test_a_post_is_not_retried_unless_the_caller_says_it_is_safe(

@@ -281,7 +281,9 @@ async def test_the_deadline_cancels_a_hanging_attempt_and_the_engine_accounts_it
         await r.call(hang)
     [gave_up] = [e for e in seen if isinstance(e, GaveUp)]
     assert gave_up.reason is GiveUpReason.DEADLINE
-    assert gave_up.elapsed < 0.05 + 0.5  # ended at the deadline, not at some later timeout
+    # Ended at the deadline, not never: nothing else bounds the hang (the slack is
+    # for a loaded machine; the reason above is what proves the deadline did it).
+    assert gave_up.elapsed < 0.05 + 2.0
     assert [s.in_flight for s in r.states()] == [0, 0]
     # The cancelled attempt counted as nothing on the endpoint's breaker.
     assert all(s.failure_rate in (None, 0.0) for s in r.states())

@@ -70,8 +70,10 @@ def test_the_published_ranking_of_the_jitter_kinds_is_reproduced() -> None:
     """No jitter does far more work and takes far longer than any jittered kind;
     full jitter does less work than decorrelated; equal jitter takes longer than full."""
     kinds = [Jitter.NONE, Jitter.FULL, Jitter.EQUAL, Jitter.DECORRELATED]
+    # 10 runs per point: seeded, so deterministic, and the ranking holds with a
+    # margin at 10 as at 20 (which takes twice as long).
     points = run_contention(
-        {j.value: kind(j) for j in kinds}, ContentionSetup(clients=(50, 100), runs=20)
+        {j.value: kind(j) for j in kinds}, ContentionSetup(clients=(50, 100), runs=10)
     )
     for n in (50, 100):
         at = {p.policy: p for p in points if p.clients == n}

@@ -423,7 +423,7 @@ async def test_a_postgres_database_opens_from_config_runs_a_transaction_and_clos
     assert database.raw.is_closing()
     with pytest.raises(KeyError, match="no open database"):
         recovery.database("ledger")
-    conn = await asyncpg.connect(postgres_server.dsn)
+    conn = await asyncpg.connect(postgres_server.app_dsn)
     try:
         assert await conn.fetchval("SELECT count(*) FROM strategies_ledger") == 1
         await conn.execute("DROP TABLE strategies_ledger")

@@ -334,6 +334,28 @@ def area_events() -> list[tuple[object, str, dict[str, str], float]]:
     ]  # fmt: skip
 
 
+def test_bulkhead_slots_in_use_follow_admissions_and_releases() -> None:
+    from datapunk_recovery.bulkhead import Bulkhead, BulkheadConfig
+
+    registry = CollectorRegistry()
+    bulkhead = Bulkhead("reports", BulkheadConfig(max_concurrent=3))
+
+    def in_use() -> float | None:
+        return registry.get_sample_value(
+            "datapunk_recovery_bulkhead_in_use", {"bulkhead": "reports"}
+        )
+
+    seen: list[float | None] = []
+    with PrometheusExporter(registry).install():
+        with bulkhead:
+            seen.append(in_use())
+            with bulkhead:
+                seen.append(in_use())
+            seen.append(in_use())
+        seen.append(in_use())
+    assert seen == [1.0, 2.0, 1.0, 0.0]
+
+
 def test_every_area_moves_its_metric() -> None:
     registry = CollectorRegistry()
     exporter = PrometheusExporter(registry)

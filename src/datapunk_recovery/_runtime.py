@@ -21,7 +21,14 @@ from typing import Any, TypeVar
 
 from . import clock
 
-__all__ = ["async_library", "call_within", "set_instant", "sleep_async", "sleep_sync"]
+__all__ = [
+    "async_library",
+    "call_within",
+    "run_in_thread",
+    "set_instant",
+    "sleep_async",
+    "sleep_sync",
+]
 
 T = TypeVar("T")
 
@@ -99,3 +106,16 @@ async def call_within(
         if cm.expired():
             return True, None
         raise
+
+
+async def run_in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run the blocking ``fn(*args)`` in a worker thread, under asyncio or trio.
+
+    For drivers with no async face (sqlite3): the event loop keeps running
+    while the thread blocks.
+    """
+    if async_library() == "trio":
+        import trio
+
+        return await trio.to_thread.run_sync(fn, *args)
+    return await asyncio.to_thread(fn, *args)

@@ -133,6 +133,23 @@ class BudgetRefused(Event):
     limit: float
 
 
+def _refused(
+    name: str, bus: EventBus | None, level: Criticality, fill: float, limit: float
+) -> None:
+    """Report a refused retry (only when someone listens)."""
+    if listening(bus):
+        emit(
+            BudgetRefused(
+                operation=name,
+                at=clock.now(),
+                criticality=level.name.lower(),
+                level=fill,
+                limit=limit,
+            ),
+            bus,
+        )
+
+
 # ---------------------------------------------------------------------------
 # gRPC-style token bucket
 
@@ -226,17 +243,7 @@ class TokenBudget:
         tokens = self._tokens
         if tokens > limit:
             return True
-        if listening(self.bus):
-            emit(
-                BudgetRefused(
-                    operation=self.name,
-                    at=clock.now(),
-                    criticality=level.name.lower(),
-                    level=tokens,
-                    limit=limit,
-                ),
-                self.bus,
-            )
+        _refused(self.name, self.bus, level, tokens, limit)
         return False
 
     def reset(self) -> None:
@@ -377,17 +384,7 @@ class RatioBudget:
             if retries + 1 <= limit:
                 self._retries[i] += 1
                 return True
-        if listening(self.bus):
-            emit(
-                BudgetRefused(
-                    operation=self.name,
-                    at=clock.now(),
-                    criticality=level.name.lower(),
-                    level=float(retries),
-                    limit=limit,
-                ),
-                self.bus,
-            )
+        _refused(self.name, self.bus, level, float(retries), limit)
         return False
 
     def reset(self) -> None:

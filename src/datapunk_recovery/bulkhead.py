@@ -50,6 +50,7 @@ __all__ = [
     "BulkheadConfig",
     "BulkheadFull",
     "BulkheadRejected",
+    "BulkheadReleased",
     "BulkheadState",
     "CallerQuotaExceeded",
     "as_caller",
@@ -121,12 +122,26 @@ class BulkheadRejected(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BulkheadAdmitted(Event):
-    """A call got a slot after waiting ``waited`` seconds (0 when one was free)."""
+    """A call got a slot after waiting ``waited`` seconds (0 when one was free).
+
+    ``active`` is how many slots are held now, this one included.
+    """
 
     name: ClassVar[str] = "bulkhead.admitted"
     area: ClassVar[str] = "bulkhead"
 
     waited: float
+    active: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BulkheadReleased(Event):
+    """A call gave its slot back; ``active`` slots are held now."""
+
+    name: ClassVar[str] = "bulkhead.released"
+    area: ClassVar[str] = "bulkhead"
+
+    active: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,11 +379,12 @@ class _Slots:
             if self.per_caller is not None:
                 self._forget(caller)
             self.active -= 1
-            if not self._queue:
-                return
-            woken = self._grant_waiters()
+            active = self.active
+            woken = self._grant_waiters() if self._queue else []
         for waiter in woken:
             waiter.wake()
+        if global_bus._subscribers or self.bus._subscribers:
+            emit(BulkheadReleased(operation=self.name, at=clock.now(), active=active), self.bus)
 
     def set_limit(self, limit: int) -> None:
         """Change the concurrency limit; a larger one admits waiters at once."""
@@ -419,7 +435,10 @@ class _Slots:
             now = clock.now()
             emit(
                 BulkheadAdmitted(
-                    operation=self.name, at=now, waited=0.0 if start is None else now - start
+                    operation=self.name,
+                    at=now,
+                    waited=0.0 if start is None else now - start,
+                    active=self.active,
                 ),
                 self.bus,
             )

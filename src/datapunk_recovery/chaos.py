@@ -48,6 +48,7 @@ from typing import Any, ClassVar, Final, ParamSpec, TypeVar, cast
 from . import _runtime, clock
 from ._validate import check_fraction, check_seconds
 from .events import Event, EventBus, emit, global_bus
+from .pipeline import ARun, Run
 from .stats import count_value
 
 __all__ = [
@@ -73,11 +74,6 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-Run = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
-"""A pipeline stage's sync entry, ``run(fn, args, kwargs)`` (``pipeline.Run``)."""
-ARun = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Awaitable[Any]]
-"""A pipeline stage's async entry (``pipeline.ARun``)."""
 
 # The attribute an injected fault carries: the name of the injector that raised it.
 _MARK: Final = "_datapunk_recovery_chaos"

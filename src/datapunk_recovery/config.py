@@ -62,6 +62,7 @@ from .budget import TokenBudgetConfig
 from .bulkhead import BulkheadConfig
 from .errors import ErrorCategory
 from .hedging import HedgeConfig
+from .redact import redact_url
 from .resource.pool import PoolConfig
 from .schema import ConfigError, Problem, Text, build, env_overrides, merge, read_toml
 
@@ -207,6 +208,14 @@ class CacheSettings:
                 f"{owner}.namespace: expected a non-empty text without ':', got {self.namespace!r}"
             )
 
+    def __repr__(self) -> str:
+        redis = None if self.redis is None else redact_url(self.redis)
+        return (
+            f"CacheSettings(ttl={self.ttl!r}, stale_ttl={self.stale_ttl!r}, "
+            f"max_stale_entries={self.max_stale_entries!r}, redis={redis!r}, "
+            f"namespace={self.namespace!r})"
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class DatabaseSettings:
@@ -228,6 +237,14 @@ class DatabaseSettings:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TypeError(f"{owner}.{name}: expected a non-empty text")
         check_count(owner, "max_size", self.max_size)
+
+    def __repr__(self) -> str:
+        target = (
+            f"sqlite={self.sqlite!r}"
+            if self.sqlite is not None
+            else (f"postgres={redact_url(self.postgres or '')!r}")
+        )
+        return f"DatabaseSettings({target}, max_size={self.max_size})"
 
 
 @dataclass(frozen=True, slots=True)

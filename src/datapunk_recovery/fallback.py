@@ -133,12 +133,14 @@ class Fallback(CallDecorator, Generic[T]):
         except Exception as exc:
             if not self.handles(exc):
                 raise
-            answer = self._answer(exc, None)
-        else:
-            check = self.on_result
-            if check is None or not check(result):
-                return result
-            answer = self._answer(None, result)
+            return self._now(self._answer(exc, None))
+        check = self.on_result
+        if check is None or not check(result):
+            return result
+        return self._now(self._answer(None, result))
+
+    def _now(self, answer: T | Awaitable[T]) -> T:
+        """The answer of a sync call: an async handler's coroutine cannot be awaited here."""
         if inspect.isawaitable(answer):
             if inspect.iscoroutine(answer):
                 answer.close()  # never awaited: close it rather than leak a warning
@@ -154,12 +156,17 @@ class Fallback(CallDecorator, Generic[T]):
         except Exception as exc:
             if not self.handles(exc):
                 raise
-            answer = self._answer(exc, None)
-        else:
-            check = self.on_result
-            if check is None or not check(result):
-                return result
-            answer = self._answer(None, result)
-        if inspect.isawaitable(answer):
-            return await answer
-        return answer
+            # Awaited inside the handler of ``exc``, so that an error the handler
+            # raises is chained to the original one, as in the sync face.
+            return await _resolved(self._answer(exc, None))
+        check = self.on_result
+        if check is None or not check(result):
+            return result
+        return await _resolved(self._answer(None, result))
+
+
+async def _resolved(answer: T | Awaitable[T]) -> T:
+    """The fallback's answer, awaited when the handler was a coroutine function."""
+    if inspect.isawaitable(answer):
+        return await answer
+    return answer

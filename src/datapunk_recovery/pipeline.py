@@ -550,7 +550,8 @@ class Pipeline:
     primitives (a :class:`Bulkhead` shared with another pipeline, a breaker
     from a registry) are used as they are.  ``hedge`` hedges async calls
     marked idempotent, or every async call with ``idempotent=True``; hedges
-    draw on ``budget``.
+    draw on ``budget``.  ``deadline`` (the whole call) and ``attempt_timeout``
+    (each attempt) are in seconds.
 
     Faces: :meth:`call`, :meth:`call_async`, and the object as a decorator
     (sync and async, signature kept).

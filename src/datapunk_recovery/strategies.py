@@ -56,6 +56,7 @@ from .cache import (
     Cache,
     CacheConfig,
     CacheFailed,
+    CacheStats,
     FunctionSource,
     Lookup,
     MemoryCache,
@@ -663,6 +664,17 @@ class RecoveryStrategies:
         elif read.cache_failed and answer.origin == "source":
             self._fell_back(service, "source")
         return answer
+
+    def cache_stats(
+        self, service: str = "source", *, cache: Cache | None = None, ttl: float | None = None
+    ) -> CacheStats | None:
+        """The counters of the read-through cache of ``service`` over ``cache``.
+
+        ``None`` before its first read.  ``shared_loads`` counts the reads that
+        waited for another read's load (single-flight).
+        """
+        kept = self._readers.get((service, id(cache) if cache is not None else 0, ttl))
+        return None if kept is None else kept[0].stats()
 
     def _new_reader(
         self, service: str, cache: Cache | None, ttl: float | None

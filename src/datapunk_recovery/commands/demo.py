@@ -2,7 +2,8 @@
 
 One process, no server to install: an in-memory cache over a SQLite
 database, two HTTP endpoints on loopback (primary and secondary) and a
-worker pool.  A seeded chaos timeline takes the cache down, makes the
+worker pool (``--redis-url`` and ``--postgres-dsn`` drill against real
+servers instead).  A seeded chaos timeline takes the cache down, makes the
 primary fail, keeps the database busy and dropping connections, and runs the
 pool dry.  The same traffic runs twice; the table compares success rate,
 latency, the calls that reached each dependency, breaker transitions and the
@@ -22,6 +23,7 @@ from typing import IO, Any
 from ..demo import DrillSetup, RunResult, RunStatus, fault_windows, run_drill
 from ..demo.drill import FAULTS
 from ..durations import DurationError, format_duration, parse_duration
+from ..redact import redact_url
 from ..simulate.report import Table, render
 
 __all__ = ["add_arguments", "comparison_table", "plot", "run"]
@@ -58,6 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plain", action="store_true", help="plain text output even when rich is installed"
     )
+    parser.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="use this Redis as the cache instead of the embedded one (needs redis)",
+    )
+    parser.add_argument(
+        "--postgres-dsn",
+        metavar="DSN",
+        help="use this PostgreSQL as the database instead of SQLite (needs asyncpg)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,10 +81,18 @@ def run(args: argparse.Namespace) -> int:
     if args.rate <= 0:
         out.write(f"--rate: must be > 0, got {args.rate}\n")
         return 2
+    for option, module, extra in (
+        (args.redis_url, "redis", "redis"),
+        (args.postgres_dsn, "asyncpg", "postgres"),
+    ):
+        if option is not None and importlib.util.find_spec(module) is None:
+            out.write(f"this option needs {module}: pip install 'datapunk-recovery[{extra}]'\n")
+            return 2
     setup = DrillSetup(duration=args.duration, rate=args.rate, seed=args.seed)
     fancy = not args.plain and importlib.util.find_spec("rich") is not None
-    _intro(setup, out)
-    results = [_run_live(setup, recovery, fancy, out) for recovery in (False, True)]
+    servers = _Servers(args.redis_url, args.postgres_dsn)
+    _intro(setup, servers, out)
+    results = [_run_live(setup, servers, recovery, fancy, out) for recovery in (False, True)]
     out.write("\n")
     render(comparison_table(results), out, fancy=fancy)
     _transitions(results[1], out)
@@ -82,11 +102,30 @@ def run(args: argparse.Namespace) -> int:
     return 0 if results[1].success_rate >= results[0].success_rate else 1
 
 
-def _intro(setup: DrillSetup, out: IO[str]) -> None:
+class _Servers:
+    """The real servers to drill against, if any (``None``: the embedded ones)."""
+
+    __slots__ = ("postgres_dsn", "redis_url")
+
+    def __init__(self, redis_url: str | None, postgres_dsn: str | None) -> None:
+        self.redis_url = redis_url
+        self.postgres_dsn = postgres_dsn
+
+    def describe(self) -> str:
+        cache = (
+            "in-memory cache" if self.redis_url is None else f"Redis {redact_url(self.redis_url)}"
+        )
+        database = (
+            "SQLite" if self.postgres_dsn is None else f"PostgreSQL {redact_url(self.postgres_dsn)}"
+        )
+        return f"{cache} over {database}"
+
+
+def _intro(setup: DrillSetup, servers: _Servers, out: IO[str]) -> None:
     out.write(
         f"datapunk-recovery demo: {setup.rate:g} requests/s for "
         f"{format_duration(setup.duration)}, twice (seed {setup.seed})\n"
-        "mesh: in-memory cache over SQLite, HTTP primary + secondary on loopback, "
+        f"mesh: {servers.describe()}, HTTP primary + secondary on loopback, "
         "a pool of 3 workers\nfault script:\n"
     )
     for window in fault_windows(setup.duration):
@@ -99,8 +138,22 @@ def _intro(setup: DrillSetup, out: IO[str]) -> None:
         )
 
 
-def _run_live(setup: DrillSetup, recovery: bool, fancy: bool, out: IO[str]) -> RunResult:
+def _run_live(
+    setup: DrillSetup, servers: _Servers, recovery: bool, fancy: bool, out: IO[str]
+) -> RunResult:
     label = "with recovery" if recovery else "without recovery"
+
+    def drill(on_status: Callable[[RunStatus], None]) -> RunResult:
+        return asyncio.run(
+            run_drill(
+                setup,
+                recovery=recovery,
+                on_status=on_status,
+                redis_url=servers.redis_url,
+                postgres_dsn=servers.postgres_dsn,
+            )
+        )
+
     if fancy:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -119,7 +172,7 @@ def _run_live(setup: DrillSetup, recovery: bool, fancy: bool, out: IO[str]) -> R
             def show(status: RunStatus) -> None:
                 progress.update(task, completed=status.elapsed, status=_status_text(status))
 
-            return asyncio.run(run_drill(setup, recovery=recovery, on_status=show))
+            return drill(show)
     last = [-1]
 
     def line(status: RunStatus) -> None:
@@ -129,7 +182,7 @@ def _run_live(setup: DrillSetup, recovery: bool, fancy: bool, out: IO[str]) -> R
             out.write(f"[{label:>16}] {status.elapsed:5.1f}s  {_status_text(status)}\n")
             out.flush()
 
-    return asyncio.run(run_drill(setup, recovery=recovery, on_status=line))
+    return drill(line)
 
 
 def _status_text(status: RunStatus) -> str:
@@ -174,6 +227,7 @@ def comparison_table(results: Sequence[RunResult]) -> Table:
         *(row(f"calls to {d} (per request)", calls(d)) for d in _DEPENDENCIES),
         row("breaker transitions", lambda r: str(len(r.transitions))),
         *(row(f"fallbacks: {label}", fallback_cell(kind)) for kind, label in _FALLBACKS),
+        row("single-flight: reads sharing a load", lambda r: str(r.shared_loads)),
         row("faults injected", lambda r: str(r.faults)),
     ]
     return Table(

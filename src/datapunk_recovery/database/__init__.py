@@ -14,6 +14,7 @@ about database errors (see :func:`database_rule`), so per-category retry
 policies work on them.
 """
 
+from datapunk_recovery._runtime import run_in_thread
 from datapunk_recovery.errors import register_rule
 
 from .errors import (
@@ -37,7 +38,7 @@ from .pool import (
     PoolStatus,
     reset_psycopg_session,
 )
-from .sqlite import BeginMode, SqliteConfig, SqliteDatabase, run_in_thread
+from .sqlite import BeginMode, SqliteConfig, SqliteDatabase
 from .transaction import (
     DEFAULT_POLICY,
     CommitUncertain,

@@ -20,9 +20,9 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
-from datapunk_recovery._runtime import async_library
+from datapunk_recovery._runtime import run_in_thread
 from datapunk_recovery._validate import check_seconds
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.engine import retry
@@ -31,7 +31,7 @@ from datapunk_recovery.policy import RetryPolicy
 from .errors import DbErrorKind, MissingExtensionError, classify_database, explain_missing
 from .transaction import replayable
 
-__all__ = ["BeginMode", "SqliteConfig", "SqliteDatabase", "run_in_thread"]
+__all__ = ["BeginMode", "SqliteConfig", "SqliteDatabase"]
 
 T = TypeVar("T")
 
@@ -70,17 +70,6 @@ class SqliteConfig:
                 f"{_OWNER}.begin: expected one of {kinds}, got {self.begin!r}"
             ) from None
         object.__setattr__(self, "retry", RetryPolicy.of(self.retry))
-
-
-async def run_in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run the blocking ``fn(*args)`` in a worker thread, under asyncio or trio."""
-    if async_library() == "trio":
-        import trio
-
-        return await trio.to_thread.run_sync(fn, *args)
-    import asyncio
-
-    return await asyncio.to_thread(fn, *args)
 
 
 class SqliteDatabase:

@@ -5,7 +5,8 @@ mesh of :mod:`.mesh`, open loop (a slow answer does not slow the traffic
 down, as with real users).  Requests are of four kinds, one per recovery:
 
 - ``read``: a catalog item, from the cache, else from the database;
-- ``api``: a call to the HTTP service (primary endpoint, secondary as spare);
+- ``api``: a call to the HTTP service (primary endpoint, secondary as spare:
+  priority 1, used when the primary's breaker is open);
 - ``write``: an order written to the database in a transaction;
 - ``job``: work that holds a unit of the worker pool.
 
@@ -14,6 +15,10 @@ run's seed, so both runs see the same script: the cache goes down and comes
 back, the primary fails and the secondary must take over, the database is
 busy and drops connections, the pool runs dry.  Each request has
 ``request_timeout`` seconds, whatever happens inside.
+
+With a Redis URL and a PostgreSQL DSN the drill runs against those servers
+instead of the embedded cache and SQLite: in keys and tables of its own run,
+removed at the end.
 """
 
 from __future__ import annotations
@@ -22,22 +27,32 @@ import asyncio
 import contextlib
 import math
 import random
-import sqlite3
 import tempfile
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
-from .. import clock
+from .. import clock, network
 from .._validate import check_count, check_number, check_seconds
 from ..breaker import BreakerStateChanged
+from ..cache import Cache, MemoryCache, RedisCache
 from ..chaos import Fault, Latency, Timeline, Window
 from ..config import build_config
 from ..events import Event, subscribe
 from ..resource.pool import PoolConfig, ResourcePool
 from ..strategies import RecoveryStrategies, ResourceScope
-from .mesh import KEYS, DemoCache, Endpoint, SqliteStore, busy_error, http_get
+from .mesh import (
+    KEYS,
+    Endpoint,
+    FaultyCache,
+    PostgresStore,
+    SqliteStore,
+    Store,
+    busy_error,
+    http_get,
+    serialization_error,
+)
 
 __all__ = [
     "FAULTS",
@@ -60,7 +75,8 @@ FAULTS: Final = {
 }
 #: Seconds a pool unit is held by a job when nothing slows it down.
 _JOB_SECONDS: Final = 0.02
-_CACHE_TTL: Final = 30.0
+#: Seconds a catalog value stays fresh in the cache (both runs).
+CACHE_TTL: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +120,9 @@ class RunResult:
     ``outcomes`` are ``(start offset in seconds, succeeded)`` per request;
     ``calls`` counts the calls that reached each dependency; ``transitions``
     lists breaker state changes as ``(offset, breaker, from, to)``;
-    ``fallbacks`` counts answers served from elsewhere, by kind.
+    ``fallbacks`` counts answers served from elsewhere, by kind;
+    ``shared_loads`` the reads that waited for another read's load of the
+    same key instead of loading it again (single-flight).
     """
 
     label: str
@@ -117,6 +135,7 @@ class RunResult:
     fallbacks: Mapping[str, int]
     faults: int
     duration: float = field(default=0.0)
+    shared_loads: int = 0
 
     @property
     def requests(self) -> int:
@@ -142,8 +161,13 @@ class RunResult:
         return ordered[rank - 1]
 
 
-def fault_windows(duration: float) -> tuple[Window, ...]:
-    """The fault script of a run of ``duration`` seconds (windows at fixed fractions of it)."""
+def fault_windows(
+    duration: float, busy: Callable[[], Exception] = busy_error
+) -> tuple[Window, ...]:
+    """The fault script of a run of ``duration`` seconds (windows at fixed fractions of it).
+
+    ``busy`` makes the database's "too busy" error (SQLite's by default).
+    """
 
     def at(fraction: float) -> float:
         return round(duration * fraction, 3)
@@ -151,17 +175,22 @@ def fault_windows(duration: float) -> tuple[Window, ...]:
     return (
         Window(at(0.10), at(0.40), Fault(ConnectionRefusedError), target="cache"),
         Window(at(0.30), at(0.65), Fault(ConnectionAbortedError), target="primary"),
-        Window(at(0.35), at(0.65), Fault(busy_error), rate=0.5, target="database"),
+        Window(at(0.35), at(0.65), Fault(busy), rate=0.5, target="database"),
         Window(at(0.45), at(0.60), Fault(ConnectionResetError), rate=0.15, target="database"),
         Window(at(0.70), at(0.90), Latency(0.3), rate=0.8, target="pool"),
     )
 
 
-def demo_config(database: str) -> dict[str, Any]:
+def demo_config(
+    database: Mapping[str, str], addresses: Mapping[str, str], namespace: str = "dp"
+) -> dict[str, Any]:
     """The embedded defaults of the demo, as a configuration table (see ``docs/demo.md``).
 
-    Delays are short because the drill is: a real service would keep the
-    library's defaults (100 ms base, 10 s cap, breaker open 30 s).
+    ``database`` is the table of the orders database (``sqlite`` or
+    ``postgres``), ``addresses`` the endpoints' ``host:port``, ``namespace``
+    the prefix of the cache keys.  Delays are short because the drill is: a
+    real service would keep the library's defaults (100 ms base, 10 s cap,
+    breaker open 30 s).
     """
     return {
         "defaults": {
@@ -176,13 +205,13 @@ def demo_config(database: str) -> dict[str, Any]:
             "attempt_timeout": "500ms",
         },
         "services": {
-            "api": {"endpoints": ["primary", "secondary"]},
+            "api": {"endpoints": ["primary", "secondary"], "addresses": dict(addresses)},
             "orders": {"retry": {"max_attempts": 8, "base_delay": "10ms", "max_delay": "200ms"}},
             "jobs": {"retry": {"max_attempts": 2}},
         },
-        "cache": {"ttl": "30s", "stale_ttl": "5m"},
+        "cache": {"ttl": CACHE_TTL, "stale_ttl": "5m", "namespace": namespace},
         "pools": {"workers": {"capacity": 3, "max_wait": 0.6}},
-        "databases": {"orders": {"sqlite": database}},
+        "databases": {"orders": dict(database)},
     }
 
 
@@ -205,43 +234,65 @@ def _plan(setup: DrillSetup) -> list[tuple[float, str, str]]:
 class _Mesh:
     """The dependencies of one run, and how a request of each kind reaches them."""
 
-    def __init__(self, folder: str, timeline: Timeline) -> None:
-        self.cache = DemoCache(timeline.injector("cache"))
+    def __init__(
+        self, folder: str, timeline: Timeline, redis_url: str | None, postgres_dsn: str | None
+    ) -> None:
+        #: The prefix of this run's keys in the cache (a shared Redis outlives the run).
+        self.namespace = f"datapunk-demo-{uuid.uuid4().hex[:12]}"
+        self.redis = None if redis_url is None else RedisCache.from_url(redis_url)
+        inner: Cache = self.redis if self.redis is not None else MemoryCache()
+        self.cache = FaultyCache(inner, timeline.injector("cache"))
         self.primary = Endpoint("primary", timeline.injector("primary"))
         self.secondary = Endpoint("secondary", timeline.injector("secondary"))
-        self.store = SqliteStore(str(Path(folder) / "demo.db"), timeline.injector("database"))
-        self.store.create()
+        database = timeline.injector("database")
+        self.store: Store = (
+            SqliteStore(folder, database)
+            if postgres_dsn is None
+            else PostgresStore(postgres_dsn, database)
+        )
         self.work = timeline.injector("pool")
         self.plain_pool: ResourcePool[Any] = ResourcePool(
             "workers", PoolConfig(capacity=3, max_wait=0.0, max_waiting=0)
         )
-        self.ports: dict[str, int] = {}
+
+    def config(self) -> dict[str, Any]:
+        addresses = {e.name: e.address for e in (self.primary, self.secondary)}
+        return demo_config(self.store.settings, addresses, self.namespace)
 
     async def start(self) -> None:
         await self.primary.start()
         await self.secondary.start()
-        self.ports = {"primary": self.primary.port, "secondary": self.secondary.port}
+        await self.store.create()
 
     async def stop(self) -> None:
         await self.primary.stop()
         await self.secondary.stop()
+        try:
+            await self.store.drop()
+        finally:
+            if self.redis is not None:
+                try:
+                    client = self.redis.client
+                    keys = [k async for k in client.scan_iter(match=f"{self.namespace}*")]
+                    if keys:
+                        await client.delete(*keys)
+                finally:
+                    await self.redis.close()
 
     async def hold(self) -> None:
         await asyncio.sleep(_JOB_SECONDS)
-
-    async def get(self, endpoint: str, path: str) -> bytes:
-        return await http_get(self.ports[endpoint], path)
 
     # -- without recovery: one attempt, the first choice, no fallback ----------------
 
     async def plain(self, kind: str, key: str) -> None:
         if kind == "read":
-            value = await self.cache.get(key)
+            cached = f"{self.namespace}:{key}"
+            value = await self.cache.get(cached)
             if value is None:
                 value = await self.store.read(key)
-                await self.cache.set(key, value, _CACHE_TTL)
+                await self.cache.set(cached, value, CACHE_TTL)
         elif kind == "api":
-            await self.get("primary", f"/item/{key}")
+            await http_get("primary", self.primary.address, f"/item/{key}")
         elif kind == "write":
             await self.store.write(key)
         else:
@@ -256,12 +307,9 @@ class _Mesh:
                 key, self.store.read, cache=self.cache, service="catalog"
             )
         elif kind == "api":
-            await recovery.with_network_recovery("api", self.get, f"/item/{key}")
+            await recovery.with_network_recovery("api", _get, f"/item/{key}")
         elif kind == "write":
-            store = self.store
-            await recovery.with_database_recovery(
-                lambda conn: store.write_in(conn, key), database="orders"
-            )
+            await recovery.with_database_recovery(self.store.order(key), database="orders")
         else:
             await recovery.with_resource_recovery(self._job, pool="workers", service="jobs")
 
@@ -279,27 +327,30 @@ class _Mesh:
         }
 
 
+async def _get(endpoint: network.Endpoint, path: str) -> bytes:
+    return await http_get(endpoint.name, endpoint.address, path)
+
+
 async def run_drill(
     setup: DrillSetup,
     *,
     recovery: bool,
     on_status: Callable[[RunStatus], None] | None = None,
     status_every: float = 0.25,
+    redis_url: str | None = None,
+    postgres_dsn: str | None = None,
 ) -> RunResult:
     """Run the drill once, without or with the recovery strategies; asyncio only.
 
     ``on_status`` is called about every ``status_every`` seconds with the
-    figures so far (the live view).
+    figures so far (the live view).  ``redis_url`` / ``postgres_dsn``: drill
+    against those servers instead of the embedded cache / SQLite.
     """
     label = "with recovery" if recovery else "without recovery"
+    busy = busy_error if postgres_dsn is None else serialization_error
     with tempfile.TemporaryDirectory(prefix="datapunk-demo-") as folder:
-        timeline = Timeline(fault_windows(setup.duration), seed=setup.seed, name="demo")
-        mesh = _Mesh(folder, timeline)
-        strategies = (
-            RecoveryStrategies(build_config(demo_config(mesh.store.path), source="demo defaults"))
-            if recovery
-            else None
-        )
+        timeline = Timeline(fault_windows(setup.duration, busy), seed=setup.seed, name="demo")
+        mesh = _Mesh(folder, timeline, redis_url, postgres_dsn)
         transitions: list[tuple[float, str, str, str]] = []
         outcomes: list[tuple[float, str, bool, float]] = []
         origin = clock.now()
@@ -325,14 +376,17 @@ async def run_drill(
                     else:
                         await mesh.recovered(strategies, kind, key)
                 ok = True
-            except (Exception, sqlite3.Error):
+            except Exception:
                 ok = False
             outcomes.append((at, kind, ok, loop.time() - start))
 
         loop = asyncio.get_running_loop()
         unsubscribe = subscribe(watch)
-        await mesh.start()
+        strategies: RecoveryStrategies | None = None
         try:
+            await mesh.start()
+            if recovery:
+                strategies = RecoveryStrategies(build_config(mesh.config(), source="demo defaults"))
             async with contextlib.AsyncExitStack() as stack:
                 if strategies is not None:
                     await stack.enter_async_context(strategies)
@@ -359,9 +413,12 @@ async def run_drill(
                 pool = strategies.pool("workers") if strategies is not None else mesh.plain_pool
                 calls = mesh.calls(pool)
                 fallbacks: dict[str, int] = {}
+                shared = 0
                 if strategies is not None:
                     for (_, kind), count in strategies.fallbacks().items():
                         fallbacks[kind] = fallbacks.get(kind, 0) + count
+                    stats = strategies.cache_stats("catalog", cache=mesh.cache)
+                    shared = 0 if stats is None else stats.shared_loads
         finally:
             unsubscribe()
             await mesh.stop()
@@ -384,6 +441,7 @@ async def run_drill(
             fallbacks=fallbacks,
             faults=faults,
             duration=setup.duration,
+            shared_loads=shared,
         )
 
 

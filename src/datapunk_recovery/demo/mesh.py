@@ -1,10 +1,13 @@
-"""The small service mesh the demo drills: a cache, a SQLite database, two HTTP endpoints, a pool.
+"""The small service mesh the demo drills: a cache, a database, two HTTP endpoints, a pool.
 
-Everything runs in one process on the standard library alone: the HTTP
-endpoints are tiny asyncio servers on loopback, the database a SQLite file
-in a temporary folder, the cache a dictionary.  Each dependency counts the
-calls that reach it (the demo's measure of load amplification) and lets a
-chaos injector decide, per call, whether it fails or slows down.
+By default everything runs in one process on the standard library alone: the
+HTTP endpoints are tiny asyncio servers on loopback, the database a SQLite
+file in a temporary folder, the cache the library's embedded
+:class:`~datapunk_recovery.cache.MemoryCache`.  With a Redis URL the cache is
+a :class:`~datapunk_recovery.cache.RedisCache`; with a PostgreSQL DSN the
+database is PostgreSQL (asyncpg).  Each dependency counts the calls that
+reach it (the demo's measure of load amplification) and lets a chaos
+injector decide, per call, whether it fails or slows down.
 """
 
 from __future__ import annotations
@@ -12,29 +15,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-import time
-from collections.abc import Callable
-from typing import Any, Final
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, Protocol
 
+from ..cache import Cache
 from ..chaos import Injector
-from ..errors import ErrorCategory, RecoveryError
+from ..database import run_in_thread
+from ..network.http import HttpPolicy
 
-__all__ = ["DemoCache", "Endpoint", "HttpStatusError", "SqliteStore", "busy_error", "http_get"]
+__all__ = [
+    "KEYS",
+    "Endpoint",
+    "FaultyCache",
+    "PostgresStore",
+    "SqliteStore",
+    "Store",
+    "busy_error",
+    "http_get",
+    "serialization_error",
+]
 
 #: Rows in the demo's catalog table.
 KEYS: Final = 200
 _REQUEST_LIMIT: Final = 8192
-
-
-class HttpStatusError(RecoveryError):
-    """An endpoint answered with a 5xx status: retryable, as a 503 is."""
-
-    category = ErrorCategory.NETWORK
-    retryable = True
-
-    def __init__(self, status: int) -> None:
-        super().__init__(f"HTTP {status}")
-        self.status = status
+# 5xx answers raise HttpStatusError (with the server's Retry-After, if any).
+_HTTP: Final = HttpPolicy()
 
 
 def busy_error() -> Exception:
@@ -43,6 +50,14 @@ def busy_error() -> Exception:
     exc.sqlite_errorcode = 5
     exc.sqlite_errorname = "SQLITE_BUSY"
     return exc
+
+
+def serialization_error() -> Exception:
+    """A ``could not serialize access`` error as asyncpg raises it (SQLSTATE 40001)."""
+    import asyncpg
+
+    error: Exception = asyncpg.exceptions.SerializationError("could not serialize access")
+    return error
 
 
 class Endpoint:
@@ -60,6 +75,11 @@ class Endpoint:
         self.requests = 0
         self.port = 0
         self._server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the endpoint once started."""
+        return f"127.0.0.1:{self.port}"
 
     async def start(self) -> None:
         """Listen on a free loopback port (``port`` tells which)."""
@@ -102,11 +122,15 @@ class Endpoint:
                 await writer.wait_closed()
 
 
-async def http_get(port: int, path: str) -> bytes:
-    """``GET path`` from the endpoint on ``port``; a 5xx raises :class:`HttpStatusError`."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def http_get(name: str, address: str, path: str) -> bytes:
+    """``GET path`` from endpoint ``name`` at ``host:port``.
+
+    A 5xx raises :class:`~datapunk_recovery.network.http.HttpStatusError`.
+    """
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
     try:
-        request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
         writer.write(request.encode())
         await writer.drain()
         answer = await reader.read()
@@ -114,90 +138,144 @@ async def http_get(port: int, path: str) -> bytes:
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
     try:
-        status = int(answer.split(b" ", 2)[1])
+        status = int(lines[0].split(" ", 2)[1])
     except (IndexError, ValueError):
         raise ConnectionResetError("the endpoint closed the connection without an answer") from None
-    if status >= 500:
-        raise HttpStatusError(status)
-    return answer.partition(b"\r\n\r\n")[2]
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    error = _HTTP.judge("GET", status, headers, name, idempotent=True)
+    if error is not None:
+        raise error
+    return body
 
 
-class DemoCache:
-    """An in-memory cache with TTLs (seconds), failing when its injector says so.
+class FaultyCache:
+    """A :class:`~datapunk_recovery.cache.Cache` that fails when its injector says so.
 
-    ``calls`` counts every ``get`` and ``set`` that reached it.
+    Wraps the real cache (embedded or Redis); ``calls`` counts every call
+    that reached it.
     """
 
-    __slots__ = ("_data", "calls", "injector")
+    __slots__ = ("calls", "inner", "injector")
 
-    def __init__(self, injector: Injector) -> None:
+    def __init__(self, inner: Cache, injector: Injector) -> None:
+        self.inner = inner
         self.injector = injector
         self.calls = 0
-        self._data: dict[str, tuple[Any, float]] = {}
 
-    async def _get(self, key: str) -> Any:
-        entry = self._data.get(key)
-        if entry is None or entry[1] < time.monotonic():
-            return None
-        return entry[0]
-
-    async def _set(self, key: str, value: Any, ttl: float) -> None:
-        self._data[key] = (value, time.monotonic() + ttl)
-
-    async def get(self, key: str) -> Any:
-        """The value of ``key``, or ``None`` for a miss."""
+    async def _reach(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         self.calls += 1
-        return await self.injector.acall(self._get, key)
+        return await self.injector.acall(fn, *args)
+
+    async def get(self, key: str) -> Any | None:
+        """The value of ``key``, or ``None`` for a miss."""
+        return await self._reach(self.inner.get, key)
+
+    async def get_many(self, keys: Sequence[str]) -> list[Any | None]:
+        """The values of ``keys``."""
+        result: list[Any | None] = await self._reach(self.inner.get_many, keys)
+        return result
 
     async def set(self, key: str, value: Any, ttl: float) -> None:
         """Keep ``value`` for ``ttl`` seconds."""
-        self.calls += 1
-        await self.injector.acall(self._set, key, value, ttl)
+        await self._reach(self.inner.set, key, value, ttl)
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        """Remove ``keys``."""
+        await self._reach(self.inner.delete, keys)
+
+    async def incr(self, key: str) -> int:
+        """Add one to counter ``key``."""
+        return int(await self._reach(self.inner.incr, key))
+
+    async def counter(self, key: str) -> int:
+        """Counter ``key``."""
+        return int(await self._reach(self.inner.counter, key))
+
+
+class Store(Protocol):
+    """The demo's database: a catalog to read, an orders table to write.
+
+    ``injector`` runs at the start of every transaction, so an injected busy
+    error or dropped connection hits the real transaction; ``calls`` counts
+    the transactions started.
+    """
+
+    injector: Injector
+    calls: int
+    #: The database's table in the facade's configuration (``sqlite`` or ``postgres``).
+    settings: dict[str, str]
+
+    def busy(self) -> Exception:
+        """The error this database raises when it is too busy to serve a transaction."""
+        ...
+
+    async def create(self) -> None:
+        """Create the tables and fill the catalog."""
+        ...
+
+    async def drop(self) -> None:
+        """Remove what :meth:`create` made (when it is not a throwaway file)."""
+        ...
+
+    async def read(self, key: str) -> str:
+        """One plain attempt to read ``key`` (no recovery)."""
+        ...
+
+    async def write(self, item: str) -> int:
+        """One plain attempt to write an order (no recovery)."""
+        ...
+
+    def order(self, item: str) -> Callable[[Any], Any]:
+        """The work of a transaction writing an order, for database recovery."""
+        ...
+
+
+def _catalog() -> list[tuple[str, str]]:
+    return [(f"item-{i}", f"value of item {i}") for i in range(KEYS)]
 
 
 class SqliteStore:
-    """The demo's database: a catalog to read and an orders table to write.
+    """The demo's database in a SQLite file (see :class:`Store`)."""
 
-    ``injector`` runs at the start of every transaction, inside the worker
-    thread, so an injected busy error or dropped connection hits the real
-    transaction; ``calls`` counts the transactions started.
-    """
+    __slots__ = ("calls", "injector", "path", "settings")
 
-    __slots__ = ("calls", "injector", "path")
-
-    def __init__(self, path: str, injector: Injector) -> None:
-        self.path = path
+    def __init__(self, folder: str, injector: Injector) -> None:
+        self.path = str(Path(folder) / "demo.db")
         self.injector = injector
         self.calls = 0
+        self.settings = {"sqlite": self.path}
 
-    def create(self) -> None:
+    def busy(self) -> Exception:
+        """``SQLITE_BUSY``."""
+        return busy_error()
+
+    async def create(self) -> None:
         """Create the tables and fill the catalog."""
         with contextlib.closing(sqlite3.connect(self.path)) as conn, conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("CREATE TABLE IF NOT EXISTS catalog (key TEXT PRIMARY KEY, value TEXT)")
             conn.execute("CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, item TEXT)")
-            conn.executemany(
-                "INSERT OR REPLACE INTO catalog VALUES (?, ?)",
-                [(f"item-{i}", f"value of item {i}") for i in range(KEYS)],
-            )
+            conn.executemany("INSERT OR REPLACE INTO catalog VALUES (?, ?)", _catalog())
 
-    def enter(self) -> None:
-        """Count a transaction and let the injector fail it."""
+    async def drop(self) -> None:
+        """Nothing: the file goes with its temporary folder."""
+
+    def _enter(self) -> None:
         self.calls += 1
         self.injector.call(_nothing)
 
-    def read_in(self, conn: sqlite3.Connection, key: str) -> str:
-        """Read ``key`` on ``conn`` (inside a transaction)."""
-        self.enter()
+    def _read_in(self, conn: sqlite3.Connection, key: str) -> str:
+        self._enter()
         row = conn.execute("SELECT value FROM catalog WHERE key = ?", (key,)).fetchone()
         if row is None:
             raise KeyError(key)
         return str(row[0])
 
-    def write_in(self, conn: sqlite3.Connection, item: str) -> int:
-        """Insert an order for ``item`` on ``conn``; returns its id."""
-        self.enter()
+    def _write_in(self, conn: sqlite3.Connection, item: str) -> int:
+        self._enter()
         cursor = conn.execute("INSERT INTO orders (item) VALUES (?)", (item,))
         return int(cursor.lastrowid or 0)
 
@@ -212,12 +290,88 @@ class SqliteStore:
             conn.close()
 
     async def read(self, key: str) -> str:
-        """One plain attempt to read ``key`` (no recovery), in a worker thread."""
-        return str(await asyncio.to_thread(self._once, lambda conn: self.read_in(conn, key)))
+        """One plain attempt to read ``key``, in a worker thread."""
+        return str(await run_in_thread(self._once, lambda conn: self._read_in(conn, key)))
 
     async def write(self, item: str) -> int:
-        """One plain attempt to write an order (no recovery), in a worker thread."""
-        return int(await asyncio.to_thread(self._once, lambda conn: self.write_in(conn, item)))
+        """One plain attempt to write an order, in a worker thread."""
+        return int(await run_in_thread(self._once, lambda conn: self._write_in(conn, item)))
+
+    def order(self, item: str) -> Callable[[sqlite3.Connection], int]:
+        """Insert an order for ``item`` on the transaction's connection."""
+        return lambda conn: self._write_in(conn, item)
+
+
+class PostgresStore:
+    """The demo's database in PostgreSQL, in tables of its own run (see :class:`Store`).
+
+    The plain run uses a small asyncpg pool of its own; the recovered run
+    the facade's (``settings``).  The DSN is never shown.
+    """
+
+    __slots__ = ("_pool", "calls", "catalog", "injector", "orders", "settings")
+
+    def __init__(self, dsn: str, injector: Injector) -> None:
+        run = uuid.uuid4().hex[:12]
+        self.catalog = f"datapunk_demo_catalog_{run}"
+        self.orders = f"datapunk_demo_orders_{run}"
+        self.injector = injector
+        self.calls = 0
+        self.settings = {"postgres": dsn}
+        self._pool: Any = None
+
+    def busy(self) -> Exception:
+        """A serialization failure (SQLSTATE 40001)."""
+        return serialization_error()
+
+    async def create(self) -> None:
+        """Create the run's tables, fill the catalog, open the plain run's pool."""
+        import asyncpg
+
+        self._pool = await asyncpg.create_pool(self.settings["postgres"], min_size=1, max_size=8)
+        async with self._pool.acquire() as conn:
+            await conn.execute(f"CREATE TABLE {self.catalog} (key text PRIMARY KEY, value text)")
+            await conn.execute(f"CREATE TABLE {self.orders} (id serial PRIMARY KEY, item text)")
+            await conn.executemany(f"INSERT INTO {self.catalog} VALUES ($1, $2)", _catalog())
+
+    async def drop(self) -> None:
+        """Drop the run's tables and close the pool."""
+        if self._pool is None:
+            return
+        try:
+            async with self._pool.acquire() as conn:
+                await conn.execute(f"DROP TABLE IF EXISTS {self.catalog}, {self.orders}")
+        finally:
+            await self._pool.close()
+            self._pool = None
+
+    def _enter(self) -> None:
+        self.calls += 1
+        self.injector.call(_nothing)
+
+    async def read(self, key: str) -> str:
+        """One plain attempt to read ``key``."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            self._enter()
+            value = await conn.fetchval(f"SELECT value FROM {self.catalog} WHERE key = $1", key)
+        if value is None:
+            raise KeyError(key)
+        return str(value)
+
+    async def _write_in(self, conn: Any, item: str) -> int:
+        self._enter()
+        return int(
+            await conn.fetchval(f"INSERT INTO {self.orders} (item) VALUES ($1) RETURNING id", item)
+        )
+
+    async def write(self, item: str) -> int:
+        """One plain attempt to write an order."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            return await self._write_in(conn, item)
+
+    def order(self, item: str) -> Callable[[Any], Awaitable[int]]:
+        """Insert an order for ``item`` on the transaction's connection."""
+        return lambda conn: self._write_in(conn, item)
 
 
 def _nothing() -> None:

@@ -203,7 +203,7 @@ class _Plan(Generic[I, R]):
             if self.budget is not None:
                 self.budget.on_attempt(not isinstance(result, Exception))
             if not isinstance(result, Exception):
-                self.values[i] = result
+                self.values[i] = cast(R, result)  # not a BaseException: raised above
                 self.errors.pop(i, None)
                 succeeded += 1
                 continue

@@ -180,9 +180,7 @@ class InferenceRecovery(Generic[I, O]):
             return not is_out_of_memory(exc, oom) and classify(exc).retryable
 
         def retried(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-            return retry(self.config.retry, on=transient, name=f"{name}.{label}", budget=budget)(
-                fn
-            )
+            return retry(self.config.retry, on=transient, name=f"{name}.{label}", budget=budget)(fn)
 
         self._callers: tuple[Callable[..., Any], ...] = tuple(
             retried(label, fn) for label, fn in models

@@ -381,13 +381,17 @@ class ResourcePool(Generic[T]):
             waiter.granted = True
             waiter.signal.set()
 
-    def _free(self, units: int, caller: str) -> None:
-        self._in_use -= units
+    def _unclaim(self, units: int, caller: str) -> None:
+        """``caller`` no longer holds or waits for ``units`` (its quota frees them)."""
         left = self._claimed.get(caller, 0) - units
         if left > 0:
             self._claimed[caller] = left
         else:
             self._claimed.pop(caller, None)
+
+    def _free(self, units: int, caller: str) -> None:
+        self._in_use -= units
+        self._unclaim(units, caller)
         self._grant()
 
     def _reclaim(self) -> None:
@@ -483,11 +487,7 @@ class ResourcePool(Generic[T]):
             self._free(waiter.units, waiter.caller)
             return
         self._line.remove(waiter)
-        left = self._claimed.get(waiter.caller, 0) - waiter.units
-        if left > 0:
-            self._claimed[waiter.caller] = left
-        else:
-            self._claimed.pop(waiter.caller, None)
+        self._unclaim(waiter.units, waiter.caller)
         self._grant()  # it may have blocked smaller requests behind it
         self._usage()
 
@@ -545,4 +545,3 @@ class ResourcePool(Generic[T]):
                 ),
                 self._bus,
             )
-

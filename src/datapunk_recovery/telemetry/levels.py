@@ -74,6 +74,7 @@ LEVELS: Final[Mapping[str, Level]] = MappingProxyType(
         "budget.refused": Level(logging.DEBUG),
         "bulkhead.rejected": Level(logging.DEBUG),
         "bulkhead.admitted": Level(logging.DEBUG),
+        "bulkhead.released": Level(logging.DEBUG),
         "ratelimit.rejected": Level(logging.DEBUG),
         "ratelimit.admitted": Level(logging.DEBUG),
         "ratelimit.drained": Level(logging.INFO),

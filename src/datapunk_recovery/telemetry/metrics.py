@@ -245,6 +245,8 @@ MEASURES: Final[Mapping[str, tuple[Measure, ...]]] = MappingProxyType(
         "breaker.rejected": (Measure(BREAKER_REJECTIONS, {"breaker": "operation"}),),
         "budget.refused": (Measure(BUDGET_REFUSALS, {"budget": "operation"}),),
         "bulkhead.rejected": (Measure(BULKHEAD_REJECTIONS, {"bulkhead": "operation"}),),
+        "bulkhead.admitted": (Measure(BULKHEAD_IN_USE, {"bulkhead": "operation"}, value="active"),),
+        "bulkhead.released": (Measure(BULKHEAD_IN_USE, {"bulkhead": "operation"}, value="active"),),
         "fallback.used": (Measure(FALLBACKS, _OP, fixed={"kind": "fallback"}),),
         "hedge.won": (Measure(FALLBACKS, _OP, fixed={"kind": "hedge"}, when="attempt"),),
         "network.failover": (Measure(FALLBACKS, _OP, fixed={"kind": "failover"}),),

@@ -1,0 +1,211 @@
+"""The network drill: load with failover and hedging while endpoints flap.
+
+Three real HTTP servers on loopback: two primaries (``p1``, ``p2``, priority
+0) and a secondary (``s1``, priority 1); ``p2`` is reached through the
+harness's fault proxy.  Steady GET load (16 at a time) runs through
+:class:`~datapunk_recovery.network.httpx.HttpxRecovery` with retries,
+breakers per endpoint, hedging and a ratio retry budget, while a script of
+phases, switched by the number of operations done (never by sleeping), makes
+the endpoints flap: ``p1`` answers 503, ``p2``'s connections are reset, both
+primaries fail at once (the secondary takes over), ``p2`` turns slow (hedges
+win on ``p1``), and everything heals between.
+
+It checks that the extra load (every request beyond one per operation:
+retries and hedges) stays within the budget's ratio, and that no connection
+and no task is left behind; and it prints its figures (``pytest -s``), which
+``docs/reliability.md`` quotes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import anyio
+import httpx
+import pytest
+
+from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery.breaker import BreakerConfig
+from datapunk_recovery.budget import RatioBudget, RatioBudgetConfig
+from datapunk_recovery.events import Event
+from datapunk_recovery.hedging import HedgeConfig, HedgeStarted
+from datapunk_recovery.network import (
+    Endpoint,
+    FailedOver,
+    PriorityFallthrough,
+    Router,
+    RouterConfig,
+)
+from datapunk_recovery.network.httpx import HttpxRecovery
+from tests.harness import ThreadedProxy
+from tests.network_servers import Reply, ScriptedServer, scripted_servers
+
+pytestmark = [pytest.mark.anyio, pytest.mark.drill]
+
+RATIO = 0.2
+PER_PHASE = 80
+CONCURRENCY = 16
+UNAVAILABLE = Reply(503, {"Retry-After": "0"})
+HEALTHY = Reply()
+#: The flapping script, run twice: what is broken during each phase.
+PHASES = ("healthy", "p1 503", "p2 reset", "p1 503 + p2 reset", "p2 slow", "healthy")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # tasks are counted with asyncio.all_tasks()
+
+
+@pytest.fixture
+def servers() -> Iterator[dict[str, ScriptedServer]]:
+    with scripted_servers("p1", "p2", "s1") as started:
+        yield started
+
+
+def pool_counts(client: httpx.AsyncClient) -> tuple[int, int]:
+    """(connections open, of which in use) in the client's pool."""
+    connections = client._transport._pool.connections  # type: ignore[attr-defined]
+    open_ = [c for c in connections if not c.is_closed()]
+    return len(open_), sum(1 for c in open_ if not c.is_idle())
+
+
+class Flapper:
+    """Puts the endpoints in the state of each phase; counts the faults it injects."""
+
+    def __init__(self, p1: ScriptedServer, p2: ScriptedServer, proxy: ThreadedProxy) -> None:
+        self.p1, self.p2, self.proxy = p1, p2, proxy
+        self.faults: Counter[str] = Counter()
+        self._slow_from = 0
+        self.slow = False
+
+    def enter(self, phase: str) -> None:
+        self.p1.answer(default=UNAVAILABLE if "p1 503" in phase else HEALTHY)
+        self.proxy.clear()
+        if "p2 reset" in phase:
+            self.proxy.cut_after_bytes(0, times=None)  # every connection reset on its request
+        self.slow = "p2 slow" in phase
+        if self.slow:
+            self.proxy.set_latency(0.2, "down")
+            self._slow_from = len(self.p2.seen)
+
+    def leave(self) -> None:
+        if self.slow:
+            self.faults["slow answers (p2, 200 ms)"] += len(self.p2.seen) - self._slow_from
+
+
+async def test_failover_and_hedging_hold_within_the_budget_while_endpoints_flap(
+    servers: dict[str, ScriptedServer],
+    make_proxy: Callable[[tuple[str, int]], ThreadedProxy],
+) -> None:
+    p1, p2, s1 = servers["p1"], servers["p2"], servers["s1"]
+    proxy = make_proxy(p2.address)
+    budget = RatioBudget("drill", RatioBudgetConfig(ratio=RATIO, min_per_second=0.0, window=60.0))
+    router = Router(
+        "api",
+        [
+            Endpoint("p1", p1.url),
+            Endpoint("p2", f"http://127.0.0.1:{proxy.port}"),
+            Endpoint("s1", s1.url, priority=1),
+        ],
+        RouterConfig(
+            retry=RetryConfig(max_attempts=3, base_delay=0.005, max_delay=0.05, deadline=3.0),
+            breaker=BreakerConfig(
+                consecutive_failures=3,
+                open_duration=0.1,
+                keep_window=True,
+                window_size=20,
+                minimum_calls=1,
+            ),
+            hedge=HedgeConfig(delay=0.05),
+        ),
+        budget=budget,
+    )
+    seen: Counter[str] = Counter()
+
+    def count(event: Event) -> None:
+        if isinstance(event, HedgeStarted | FailedOver | PriorityFallthrough):
+            seen[type(event).__name__] += 1
+
+    router.bus.subscribe(count)
+    sent = 0
+    answers: Counter[int] = Counter()
+
+    async def on_request(request: httpx.Request) -> None:
+        nonlocal sent
+        sent += 1
+
+    async def on_response(response: httpx.Response) -> None:
+        answers[response.status_code] += 1
+
+    flapper = Flapper(p1, p2, proxy)
+    errors: Counter[str] = Counter()
+    operations = 0
+    async with httpx.AsyncClient(
+        timeout=2.0, event_hooks={"request": [on_request], "response": [on_response]}
+    ) as client:
+        api = HttpxRecovery(client, router)
+        connections_before = pool_counts(client)
+        tasks_before = len(asyncio.all_tasks())
+        started = time.monotonic()
+        limiter = anyio.Semaphore(CONCURRENCY)
+
+        async def one(i: int) -> None:
+            nonlocal operations
+            async with limiter:
+                try:
+                    await api.get(f"/item/{i}")
+                except Exception as exc:
+                    errors[type(exc).__name__] += 1
+                operations += 1
+
+        for round_ in range(2):
+            for n, phase in enumerate(PHASES):
+                flapper.enter(phase)
+                async with anyio.create_task_group() as tg:
+                    for i in range(PER_PHASE):
+                        tg.start_soon(one, (round_ * len(PHASES) + n) * PER_PHASE + i)
+                flapper.leave()
+        proxy.clear()
+        elapsed = time.monotonic() - started
+        await anyio.wait_all_tasks_blocked()
+        connections_after = pool_counts(client)
+        print(client._transport._pool.connections, p1.port, p2.port, proxy.port, s1.port)
+        tasks_after = len(asyncio.all_tasks())
+
+    flapper.faults["503 answers (p1)"] = answers[503]
+    flapper.faults["connections reset (p2, proxy)"] = proxy.stats.cuts
+    faults = sum(flapper.faults.values())
+    extra = sent - operations
+    allowed = RATIO * operations
+    surfaced = sum(errors.values())
+    print(
+        f"\nnetwork drill: {operations} operations in {elapsed:.1f} s "
+        f"({len(PHASES)} phases x 2, {PER_PHASE} operations each, {CONCURRENCY} at a time)\n"
+        f"  faults injected: {faults} ({', '.join(f'{k}: {v}' for k, v in flapper.faults.items())})\n"
+        f"  errors surfaced to callers: {surfaced} ({surfaced / operations:.1%})"
+        f"{' - ' + ', '.join(f'{k}: {v}' for k, v in errors.items()) if errors else ''}\n"
+        f"  requests sent: {sent}; extra load (retries + hedges): {extra} "
+        f"= {extra / operations:.1%} of operations, budget ratio {RATIO:.0%} "
+        f"(at most {allowed:.0f})\n"
+        f"  hedges started: {seen['HedgeStarted']}; failovers: {seen['FailedOver']}; "
+        f"priority fallthroughs: {seen['PriorityFallthrough']}; "
+        f"requests received: p1 {len(p1.seen)}, p2 {len(p2.seen)}, s1 {len(s1.seen)}\n"
+        f"  client connections (open, in use): before {connections_before}, "
+        f"after {connections_after}\n"
+        f"  asyncio tasks: before {tasks_before}, after {tasks_after}"
+    )
+
+    assert operations == len(PHASES) * 2 * PER_PHASE
+    assert all(v > 0 for v in flapper.faults.values()), flapper.faults
+    # Every fault kind hit, and recovery made the difference: the secondary and
+    # the hedges answered while the primaries failed.
+    assert len(s1.seen) > 0 and seen["HedgeStarted"] > 0 and seen["FailedOver"] > 0
+    assert surfaced < faults
+    # The budget: every request beyond one per operation was a granted retry or hedge.
+    assert extra <= allowed
+    # Nothing leaked: no connection left in use, no task left behind.
+    assert connections_after[1] == 0
+    assert tasks_after == tasks_before
