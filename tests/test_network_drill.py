@@ -3,7 +3,7 @@
 Three real HTTP servers on loopback: two primaries (``p1``, ``p2``, priority
 0) and a secondary (``s1``, priority 1); ``p2`` is reached through the
 harness's fault proxy.  Steady GET load (16 at a time) runs through
-:class:`~datapunk_recovery.network.httpx.HttpxRecovery` with retries,
+:class:`~datapunk_recovery.network.aiohttp.AiohttpRecovery` with retries,
 breakers per endpoint, hedging and a ratio retry budget, while a script of
 phases, switched by the number of operations done (never by sleeping), makes
 the endpoints flap: ``p1`` answers 503, ``p2``'s connections are reset, both
@@ -23,8 +23,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
+import aiohttp
 import anyio
-import httpx
 import pytest
 
 from datapunk_recovery.backoff import RetryConfig
@@ -39,7 +39,7 @@ from datapunk_recovery.network import (
     Router,
     RouterConfig,
 )
-from datapunk_recovery.network.httpx import HttpxRecovery
+from datapunk_recovery.network.aiohttp import AiohttpRecovery
 from tests.harness import ThreadedProxy
 from tests.network_servers import Reply, ScriptedServer, scripted_servers
 
@@ -51,7 +51,16 @@ CONCURRENCY = 16
 UNAVAILABLE = Reply(503, {"Retry-After": "0"})
 HEALTHY = Reply()
 #: The flapping script, run twice: what is broken during each phase.
-PHASES = ("healthy", "p1 503", "p2 reset", "p1 503 + p2 reset", "p2 slow", "healthy")
+PHASES = (
+    "healthy",
+    "p1 503",
+    "healthy",
+    "p2 reset",
+    "healthy",
+    "p2 slow",
+    "p1 503 + p2 reset",
+    "healthy",
+)
 
 
 @pytest.fixture
@@ -65,11 +74,12 @@ def servers() -> Iterator[dict[str, ScriptedServer]]:
         yield started
 
 
-def pool_counts(client: httpx.AsyncClient) -> tuple[int, int]:
-    """(connections open, of which in use) in the client's pool."""
-    connections = client._transport._pool.connections  # type: ignore[attr-defined]
-    open_ = [c for c in connections if not c.is_closed()]
-    return len(open_), sum(1 for c in open_ if not c.is_idle())
+def pool_counts(session: aiohttp.ClientSession) -> tuple[int, int]:
+    """(connections idle in the session's pool, connections acquired by a request)."""
+    connector = session.connector
+    assert connector is not None
+    idle = sum(len(v) for v in connector._conns.values())  # type: ignore[attr-defined]
+    return idle, len(connector._acquired)  # type: ignore[attr-defined]
 
 
 class Flapper:
@@ -114,7 +124,7 @@ async def test_failover_and_hedging_hold_within_the_budget_while_endpoints_flap(
             retry=RetryConfig(max_attempts=3, base_delay=0.005, max_delay=0.05, deadline=3.0),
             breaker=BreakerConfig(
                 consecutive_failures=3,
-                open_duration=0.1,
+                open_duration=0.02,
                 keep_window=True,
                 window_size=20,
                 minimum_calls=1,
@@ -132,21 +142,25 @@ async def test_failover_and_hedging_hold_within_the_budget_while_endpoints_flap(
     router.bus.subscribe(count)
     sent = 0
     answers: Counter[int] = Counter()
+    trace = aiohttp.TraceConfig()
 
-    async def on_request(request: httpx.Request) -> None:
+    async def on_request(*_: object) -> None:
         nonlocal sent
         sent += 1
 
-    async def on_response(response: httpx.Response) -> None:
-        answers[response.status_code] += 1
+    async def on_response(_: object, __: object, params: aiohttp.TraceRequestEndParams) -> None:
+        answers[params.response.status] += 1
+
+    trace.on_request_start.append(on_request)
+    trace.on_request_end.append(on_response)
 
     flapper = Flapper(p1, p2, proxy)
     errors: Counter[str] = Counter()
     operations = 0
-    async with httpx.AsyncClient(
-        timeout=2.0, event_hooks={"request": [on_request], "response": [on_response]}
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=2.0), trace_configs=[trace]
     ) as client:
-        api = HttpxRecovery(client, router)
+        api = AiohttpRecovery(client, router)
         connections_before = pool_counts(client)
         tasks_before = len(asyncio.all_tasks())
         started = time.monotonic()
@@ -172,7 +186,6 @@ async def test_failover_and_hedging_hold_within_the_budget_while_endpoints_flap(
         elapsed = time.monotonic() - started
         await anyio.wait_all_tasks_blocked()
         connections_after = pool_counts(client)
-        print(client._transport._pool.connections, p1.port, p2.port, proxy.port, s1.port)
         tasks_after = len(asyncio.all_tasks())
 
     flapper.faults["503 answers (p1)"] = answers[503]
@@ -181,10 +194,11 @@ async def test_failover_and_hedging_hold_within_the_budget_while_endpoints_flap(
     extra = sent - operations
     allowed = RATIO * operations
     surfaced = sum(errors.values())
+    kinds = ", ".join(f"{k}: {v}" for k, v in flapper.faults.items())
     print(
         f"\nnetwork drill: {operations} operations in {elapsed:.1f} s "
         f"({len(PHASES)} phases x 2, {PER_PHASE} operations each, {CONCURRENCY} at a time)\n"
-        f"  faults injected: {faults} ({', '.join(f'{k}: {v}' for k, v in flapper.faults.items())})\n"
+        f"  faults injected: {faults} ({kinds})\n"
         f"  errors surfaced to callers: {surfaced} ({surfaced / operations:.1%})"
         f"{' - ' + ', '.join(f'{k}: {v}' for k, v in errors.items()) if errors else ''}\n"
         f"  requests sent: {sent}; extra load (retries + hedges): {extra} "

@@ -1,11 +1,30 @@
 """datapunk-recovery: calls between services that recover from failure.
 
-The public API is re-exported here; the modules behind it are small and each
-has one job (``backoff``, ``retry``, ``errors``, ``events``, ...).
+The everyday API is re-exported here: retries and their configuration, the
+circuit breaker, the flow-control primitives and the pipeline that composes
+them, the error taxonomy and the event model.  The four recoveries live in
+their own packages (``datapunk_recovery.cache``, ``.database``,
+``.network``, ``.resource``), as do ``.telemetry``, ``.chaos`` and
+``.simulate``; the front door, :class:`RecoveryStrategies`, and its
+configuration loader are loaded on first use because they pull in the
+recoveries.
 """
 
+from typing import TYPE_CHECKING, Any
+
+from .adaptive import AIMD, AdaptiveLimiter, Gradient
 from .backoff import Jitter, RetryConfig, ServerDelay, server_delay
-from .budget import RetryGate
+from .breaker import BreakerConfig, BreakerSnapshot, BreakerState, CircuitBreaker, Permit
+from .budget import (
+    Criticality,
+    RatioBudget,
+    RatioBudgetConfig,
+    RetryGate,
+    TokenBudget,
+    TokenBudgetConfig,
+    criticality,
+)
+from .bulkhead import Bulkhead, BulkheadConfig, BulkheadFull, CallerQuotaExceeded, as_caller
 from .deadline import deadline, remaining
 from .engine import AttemptContext, Retried, Retrying, current_attempt, retry, retrying
 from .errors import (
@@ -35,28 +54,84 @@ from .events import (
     RetryScheduled,
     subscribe,
 )
+from .fallback import Fallback
+from .hedging import HedgeConfig, Hedger, idempotent
+from .pipeline import Pipeline
 from .policy import RetryPolicy
+from .ratelimit import RateLimiter, RateLimiterConfig, RateLimitExceeded
+from .registry import BreakerRegistry
 from .stats import Statistics
+from .timeout import AttemptTimedOut, AttemptTimeout
+
+if TYPE_CHECKING:
+    from .config import RecoveryConfig, load_config
+    from .strategies import RecoveryStrategies
 
 __version__ = "0.1.0"
 
+# Loaded on first use: the facade imports every recovery package.
+_LAZY = {
+    "RecoveryStrategies": "strategies",
+    "RecoveryConfig": "config",
+    "load_config": "config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'datapunk_recovery' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"datapunk_recovery.{module}"), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
+    "AIMD",
+    "AdaptiveLimiter",
     "AttemptContext",
     "AttemptFinished",
+    "AttemptTimedOut",
+    "AttemptTimeout",
+    "BreakerConfig",
+    "BreakerRegistry",
+    "BreakerSnapshot",
+    "BreakerState",
     "BudgetExhausted",
+    "Bulkhead",
+    "BulkheadConfig",
+    "BulkheadFull",
     "CallFinished",
+    "CallerQuotaExceeded",
+    "CircuitBreaker",
     "CircuitOpenError",
     "Classification",
+    "Criticality",
     "DeadlineExceeded",
     "ErrorCategory",
     "Event",
     "EventBus",
+    "Fallback",
     "GaveUp",
     "GiveUpReason",
+    "Gradient",
+    "HedgeConfig",
+    "Hedger",
     "HintIgnored",
     "Jitter",
     "OverloadedError",
+    "Permit",
+    "Pipeline",
+    "RateLimitExceeded",
+    "RateLimiter",
+    "RateLimiterConfig",
+    "RatioBudget",
+    "RatioBudgetConfig",
+    "RecoveryConfig",
     "RecoveryError",
+    "RecoveryStrategies",
     "Retried",
     "RetryConfig",
     "RetryExhausted",
@@ -66,12 +141,18 @@ __all__ = [
     "Retrying",
     "ServerDelay",
     "Statistics",
+    "TokenBudget",
+    "TokenBudgetConfig",
     "__version__",
+    "as_caller",
     "classify",
+    "criticality",
     "current_attempt",
     "deadline",
     "final_reason",
+    "idempotent",
     "is_fatal",
+    "load_config",
     "mark_final",
     "register_rule",
     "remaining",
