@@ -235,12 +235,42 @@ async def test_a_write_goes_to_the_source_first_then_invalidates(db: Database) -
     assert await rtc.write("k7", update) == "ok"
     assert await rtc.get("k7") == {"n": 77}
 
-    async def broken() -> None:
-        raise ValueError("write refused")
 
-    with pytest.raises(ValueError, match="write refused"):
-        await rtc.write("k7", broken)
-    assert (await rtc.lookup("k7")).origin == "cache"  # nothing invalidated
+async def test_a_write_that_fails_after_reaching_the_source_still_invalidates(
+    db: Database,
+) -> None:
+    rtc, _ = make(db)
+    await rtc.get("k7")
+
+    async def lost_answer() -> None:
+        db.rows["k7"] = {"n": 70}  # the source took it...
+        raise TimeoutError("no answer")  # ...but the caller never heard
+
+    with pytest.raises(TimeoutError):
+        await rtc.write("k7", lost_answer)
+    answer = await rtc.lookup("k7")
+    assert (answer.value, answer.origin) == ({"n": 70}, "source")  # never the old value
+
+
+async def test_a_cancelled_write_leaves_its_invalidation_on_the_repair_list(
+    db: Database,
+) -> None:
+    rtc, _ = make(db)
+    await rtc.get("k6")
+    landed = anyio.Event()
+
+    async def slow_write() -> None:
+        db.rows["k6"] = {"n": 60}
+        landed.set()
+        await anyio.sleep_forever()  # cancelled after the source took the write
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(rtc.write, "k6", slow_write)
+        await landed.wait()
+        tg.cancel_scope.cancel()
+    assert rtc.stats().repairs_pending == 1
+    assert await rtc.get("k6") == {"n": 60}  # the repair is applied before the read
+    assert rtc.stats().repairs_pending == 0
 
 
 async def test_invalidations_the_cache_cannot_take_are_repaired_when_it_is_back(
@@ -342,9 +372,63 @@ async def test_cancellation_of_a_reader_is_never_counted_as_a_cache_failure(db: 
 
     rtc, _ = make(db, HangingCache())
     await rtc.invalidate("warm-up")  # reads the generation first
-    with anyio.move_on_after(0.05):
-        await rtc.get("k1")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(rtc.get, "k1")
+        await anyio.wait_all_tasks_blocked()  # the read hangs in the cache
+        tg.cancel_scope.cancel()
     assert rtc.stats().failures == {}
+    assert rtc.breaker.snapshot().failures == 0
+
+
+async def test_warming_never_keeps_a_value_an_invalidation_raced(db: Database) -> None:
+    class GatedCache(MemoryCache):
+        """Holds every set until ``gate`` opens (a slow round trip)."""
+
+        gate: anyio.Event | None = None
+
+        async def set(self, key: str, value: Any, ttl: float) -> None:
+            if self.gate is not None:
+                await self.gate.wait()
+            await super().set(key, value, ttl)
+
+    cache = GatedCache()
+    rtc, _ = make(db, cache)
+    await rtc.invalidate("warm-up")  # reads the generation first
+    cache.gate = anyio.Event()
+    stored: list[int] = []
+
+    async def warm() -> None:
+        stored.append(await rtc.warm(["k3"]))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(warm)
+        await anyio.wait_all_tasks_blocked()  # the old value is on its way to the cache
+
+        async def update() -> None:
+            db.rows["k3"] = {"n": 33}
+
+        await rtc.write("k3", update)  # its delete arrives before the set
+        cache.gate.set()
+    assert stored == [0]
+    assert await cache.get(rtc._prefix + "k3") is None  # the late set was undone
+    assert await rtc.get("k3") == {"n": 33}
+
+
+async def test_garbage_in_the_cache_is_a_miss_with_an_event_never_a_failure(
+    db: Database,
+) -> None:
+    cache = MemoryCache()
+    rtc, seen = make(db, cache)
+    await rtc.get("k1")
+    for garbage in ("not an envelope", [float("inf"), "x"], {"a": 1}, 42):
+        await cache.set(rtc._prefix + "k1", garbage, 60)
+        answer = await rtc.lookup("k1")
+        assert (answer.value, answer.origin) == ({"n": 1}, "source")
+        assert (await rtc.lookup("k1")).origin == "cache"  # the refill overwrote it
+    assert rtc.stats().failures == {"corrupt": 4}
+    assert {(e.kind, e.error_type) for e in seen if isinstance(e, CacheFailed)} == {
+        ("corrupt", "CorruptEntry")
+    }
     assert rtc.breaker.snapshot().failures == 0
 
 

@@ -99,3 +99,37 @@ async def test_a_blackholed_redis_costs_one_timeout_per_probe_not_per_read(
     # up on the stuck connection)...
     assert len([k for k in kinds if k != "open"]) == 2
     assert kinds.count("open") == 48  # ...the other 48 were refused by the breaker at once
+
+
+async def test_garbage_in_redis_is_ignored_with_an_event_and_never_unpickled(
+    redis_cache: RedisCache,
+) -> None:
+    import pickle
+
+    class Boom:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (exec, ("raise SystemExit('pickle ran')",))
+
+    rows = {"k1": {"n": 1}}
+
+    async def load(key: str) -> Any:
+        return rows.get(key)
+
+    rtc: ReadThroughCache[Any] = ReadThroughCache(FunctionSource(load), redis_cache, name="g")
+    seen: list[Event] = []
+    rtc.bus.subscribe(seen.append)
+    await rtc.get("k1")
+    raw = redis_cache.client
+    for garbage in (b"\x80\x04not json", pickle.dumps(Boom()), b'"just a string"', b"[1e999, 2]"):
+        await raw.set(rtc._prefix + "k1", garbage)
+        answer = await rtc.lookup("k1")  # never raises, never runs the pickle
+        assert (answer.value, answer.origin) == ({"n": 1}, "source")
+        assert (await rtc.lookup("k1")).origin == "cache"  # the refill replaced it
+    assert rtc.stats().failures == {"corrupt": 4}
+    assert {e.kind for e in seen if isinstance(e, CacheFailed)} == {"corrupt"}
+    assert rtc.breaker.snapshot().failures == 0
+    # A generation counter holding garbage: the cache is bypassed, reads still answer.
+    await raw.set(rtc._gen_key, b"garbage")
+    fresh: ReadThroughCache[Any] = ReadThroughCache(FunctionSource(load), redis_cache, name="g2")
+    assert (await fresh.lookup("k1")).value == {"n": 1}
+    assert fresh.stats().failures == {"corrupt": 1}

@@ -126,3 +126,42 @@ def test_the_dataclasses_validate_themselves() -> None:
         ServicePolicy(endpoints=("a", "a"))
     with pytest.raises(TypeError, match=r"RecoveryConfig\.services"):
         RecoveryConfig(services={"x": "not a policy"})  # type: ignore[dict-item]
+
+
+def test_endpoints_take_priorities_addresses_and_hedging() -> None:
+    config = build_config(
+        {
+            "services": {
+                "api": {
+                    "endpoints": ["a", "b", "c"],
+                    "priorities": {"b": 0},
+                    "addresses": {"a": "http://10.0.0.1"},
+                    "hedge": {"delay": "20ms"},
+                }
+            }
+        }
+    )
+    api = config.policy("api")
+    assert dict(api.priorities) == {"b": 0}
+    assert dict(api.addresses) == {"a": "http://10.0.0.1"}
+    assert api.hedge is not None and api.hedge.delay == 0.02
+    assert config.defaults.hedge is None
+
+
+def test_an_unknown_endpoint_name_is_reported_at_the_endpoints_key() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config({"services": {"api": {"endpoints": ["a"], "priorities": {"z": 1}}}})
+    (problem,) = caught.value.problems
+    assert problem.path == "services.api.endpoints"
+    assert "'z'" in str(problem)
+
+
+def test_the_cache_settings_validate_and_never_show_a_password() -> None:
+    url = "redis://user:hunter2@cache:6379/0"
+    config = build_config({"cache": {"redis": url, "namespace": "shop"}})
+    assert config.cache.redis == url and config.cache.namespace == "shop"
+    assert "hunter2" not in repr(config)
+    with pytest.raises(ConfigError, match="namespace"):
+        build_config({"cache": {"namespace": "a:b"}})
+    dsn = build_config({"databases": {"x": {"postgres": "postgresql://u:hunter2@db/x"}}})
+    assert "hunter2" not in repr(dsn)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -29,7 +30,7 @@ from datapunk_recovery.database import (
     TransactionConfig,
     transaction,
 )
-from datapunk_recovery.errors import ErrorCategory
+from datapunk_recovery.errors import ErrorCategory, final_reason
 from datapunk_recovery.events import Event, RetryScheduled, subscribe
 from datapunk_recovery.policy import RetryPolicy
 from tests.harness import PostgresServer, ThreadedProxy
@@ -359,6 +360,33 @@ async def test_an_idempotent_statement_cut_in_flight_is_retried(
     assert proxy.count("cut") == 1
 
 
+async def test_work_outside_a_transaction_is_never_replayed_once_started_unless_idempotent(
+    pool: ManagedPool,
+) -> None:
+    table = await fresh_table(pool, "id int, v int")
+    calls = 0
+    conflict = "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$"
+
+    async def two_statements(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await execute(conn, f"INSERT INTO {table} VALUES (1, 1)")  # commits on its own
+        await execute(conn, conflict)  # a real, definite serialization failure
+
+    with pytest.raises(Exception, match="conflict") as caught:
+        await pool.run(two_statements)
+    assert getattr(caught.value, "sqlstate", None) == "40001"  # raised as itself...
+    assert calls == 1  # ...not replayed: the INSERT before it had committed
+    assert final_reason(caught.value) is not None  # and no outer layer may replay it
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 1
+
+    calls = 0
+    config = TransactionConfig(retry=RetryConfig(max_attempts=3, base_delay=0.0))
+    with pytest.raises(Exception, match="conflict"):
+        await pool.run(two_statements, idempotent=True, config=config)
+    assert calls == 3  # marked idempotent: replayed
+
+
 # --- pools ------------------------------------------------------------------------
 
 
@@ -510,7 +538,8 @@ async def test_passwords_never_appear_in_errors_or_events(
             try:
                 await managed.transaction(lambda c: fetchval(c, "SELECT 1"), config=config)
             except Exception as exc:
-                texts += [str(exc), repr(exc), *getattr(exc, "__notes__", [])]
+                # the whole report: chained causes and contexts, notes
+                texts += [repr(exc), "".join(traceback.format_exception(exc))]
             finally:
                 proxy.start_listening()
                 await managed.close()

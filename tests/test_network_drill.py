@@ -1,14 +1,14 @@
 """The network drill: load with failover and hedging while endpoints flap.
 
 Three real HTTP servers on loopback: two primaries (``p1``, ``p2``, priority
-0) and a secondary (``s1``, priority 1); ``p2`` is reached through the
-harness's fault proxy.  Steady GET load (16 at a time) runs through
+0) and a secondary (``s1``, priority 1); ``p1`` and ``p2`` are reached
+through the harness's fault proxy.  Steady GET load (16 at a time) runs through
 :class:`~datapunk_recovery.network.aiohttp.AiohttpRecovery` with retries,
 breakers per endpoint, hedging and a ratio retry budget, while a script of
 phases, switched by the number of operations done (never by sleeping), makes
 the endpoints flap: ``p1`` answers 503, ``p2``'s connections are reset, both
-primaries fail at once (the secondary takes over), ``p2`` turns slow (hedges
-win on ``p1``), and everything heals between.
+primaries fail at once (the secondary takes over), ``p1`` turns slow (hedges
+win elsewhere), and everything heals between.
 
 It checks that the extra load (every request beyond one per operation:
 retries and hedges) stays within the budget's ratio, and that no connection
@@ -29,8 +29,8 @@ import pytest
 
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.breaker import BreakerConfig
-from datapunk_recovery.budget import RatioBudget, RatioBudgetConfig
-from datapunk_recovery.events import Event
+from datapunk_recovery.budget import BudgetRefused, RatioBudget, RatioBudgetConfig
+from datapunk_recovery.events import Event, EventBus
 from datapunk_recovery.hedging import HedgeConfig, HedgeStarted
 from datapunk_recovery.network import (
     Endpoint,
@@ -45,8 +45,8 @@ from tests.network_servers import Reply, ScriptedServer, scripted_servers
 
 pytestmark = [pytest.mark.anyio, pytest.mark.drill]
 
-RATIO = 0.2
-PER_PHASE = 80
+RATIO = 0.1
+PER_PHASE = 120
 CONCURRENCY = 16
 UNAVAILABLE = Reply(503, {"Retry-After": "0"})
 HEALTHY = Reply()
@@ -57,7 +57,7 @@ PHASES = (
     "healthy",
     "p2 reset",
     "healthy",
-    "p2 slow",
+    "p1 slow",
     "p1 503 + p2 reset",
     "healthy",
 )
@@ -78,32 +78,35 @@ def pool_counts(session: aiohttp.ClientSession) -> tuple[int, int]:
     """(connections idle in the session's pool, connections acquired by a request)."""
     connector = session.connector
     assert connector is not None
-    idle = sum(len(v) for v in connector._conns.values())  # type: ignore[attr-defined]
-    return idle, len(connector._acquired)  # type: ignore[attr-defined]
+    idle = sum(len(v) for v in connector._conns.values())
+    return idle, len(connector._acquired)
 
 
 class Flapper:
-    """Puts the endpoints in the state of each phase; counts the faults it injects."""
+    """Puts the endpoints in the state of each phase; counts the faults it injects.
 
-    def __init__(self, p1: ScriptedServer, p2: ScriptedServer, proxy: ThreadedProxy) -> None:
-        self.p1, self.p2, self.proxy = p1, p2, proxy
+    ``p1`` answers 503 itself; its proxy makes it slow; ``p2``'s proxy resets
+    its connections.
+    """
+
+    def __init__(self, p1: ScriptedServer, slow: ThreadedProxy, reset: ThreadedProxy) -> None:
+        self.p1, self.slow_proxy, self.reset_proxy = p1, slow, reset
         self.faults: Counter[str] = Counter()
         self._slow_from = 0
         self.slow = False
 
     def enter(self, phase: str) -> None:
         self.p1.answer(default=UNAVAILABLE if "p1 503" in phase else HEALTHY)
-        self.proxy.clear()
+        self.reset_proxy.clear()
         if "p2 reset" in phase:
-            self.proxy.cut_after_bytes(0, times=None)  # every connection reset on its request
-        self.slow = "p2 slow" in phase
-        if self.slow:
-            self.proxy.set_latency(0.2, "down")
-            self._slow_from = len(self.p2.seen)
+            self.reset_proxy.cut_after_bytes(0, times=None)  # every connection reset at once
+        self.slow = "p1 slow" in phase
+        self.slow_proxy.set_latency(0.2 if self.slow else 0.0, "down")
+        self._slow_from = len(self.p1.seen)
 
     def leave(self) -> None:
         if self.slow:
-            self.faults["slow answers (p2, 200 ms)"] += len(self.p2.seen) - self._slow_from
+            self.faults["slow answers (p1, 200 ms)"] += len(self.p1.seen) - self._slow_from
 
 
 async def test_failover_and_hedging_hold_within_the_budget_while_endpoints_flap(
@@ -111,12 +114,15 @@ async def test_failover_and_hedging_hold_within_the_budget_while_endpoints_flap(
     make_proxy: Callable[[tuple[str, int]], ThreadedProxy],
 ) -> None:
     p1, p2, s1 = servers["p1"], servers["p2"], servers["s1"]
-    proxy = make_proxy(p2.address)
-    budget = RatioBudget("drill", RatioBudgetConfig(ratio=RATIO, min_per_second=0.0, window=60.0))
+    slow, proxy = make_proxy(p1.address), make_proxy(p2.address)
+    budget_bus = EventBus()
+    budget = RatioBudget(
+        "drill", RatioBudgetConfig(ratio=RATIO, min_per_second=0.0, window=60.0), bus=budget_bus
+    )
     router = Router(
         "api",
         [
-            Endpoint("p1", p1.url),
+            Endpoint("p1", f"http://127.0.0.1:{slow.port}"),
             Endpoint("p2", f"http://127.0.0.1:{proxy.port}"),
             Endpoint("s1", s1.url, priority=1),
         ],
@@ -136,10 +142,11 @@ async def test_failover_and_hedging_hold_within_the_budget_while_endpoints_flap(
     seen: Counter[str] = Counter()
 
     def count(event: Event) -> None:
-        if isinstance(event, HedgeStarted | FailedOver | PriorityFallthrough):
+        if isinstance(event, HedgeStarted | FailedOver | PriorityFallthrough | BudgetRefused):
             seen[type(event).__name__] += 1
 
     router.bus.subscribe(count)
+    budget_bus.subscribe(count)
     sent = 0
     answers: Counter[int] = Counter()
     trace = aiohttp.TraceConfig()
@@ -154,7 +161,7 @@ async def test_failover_and_hedging_hold_within_the_budget_while_endpoints_flap(
     trace.on_request_start.append(on_request)
     trace.on_request_end.append(on_response)
 
-    flapper = Flapper(p1, p2, proxy)
+    flapper = Flapper(p1, slow, proxy)
     errors: Counter[str] = Counter()
     operations = 0
     async with aiohttp.ClientSession(
@@ -182,7 +189,7 @@ async def test_failover_and_hedging_hold_within_the_budget_while_endpoints_flap(
                     for i in range(PER_PHASE):
                         tg.start_soon(one, (round_ * len(PHASES) + n) * PER_PHASE + i)
                 flapper.leave()
-        proxy.clear()
+        flapper.enter("healthy")
         elapsed = time.monotonic() - started
         await anyio.wait_all_tasks_blocked()
         connections_after = pool_counts(client)
@@ -203,11 +210,12 @@ async def test_failover_and_hedging_hold_within_the_budget_while_endpoints_flap(
         f"{' - ' + ', '.join(f'{k}: {v}' for k, v in errors.items()) if errors else ''}\n"
         f"  requests sent: {sent}; extra load (retries + hedges): {extra} "
         f"= {extra / operations:.1%} of operations, budget ratio {RATIO:.0%} "
-        f"(at most {allowed:.0f})\n"
+        f"(at most {allowed:.0f}); retries and hedges refused by the budget: "
+        f"{seen['BudgetRefused']}\n"
         f"  hedges started: {seen['HedgeStarted']}; failovers: {seen['FailedOver']}; "
         f"priority fallthroughs: {seen['PriorityFallthrough']}; "
         f"requests received: p1 {len(p1.seen)}, p2 {len(p2.seen)}, s1 {len(s1.seen)}\n"
-        f"  client connections (open, in use): before {connections_before}, "
+        f"  client connections (idle, acquired): before {connections_before}, "
         f"after {connections_after}\n"
         f"  asyncio tasks: before {tasks_before}, after {tasks_after}"
     )

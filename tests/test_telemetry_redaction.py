@@ -26,6 +26,7 @@ from structlog.testing import capture_logs
 from datapunk_recovery import RetryConfig, retry
 from datapunk_recovery.errors import Classification, ErrorCategory, register_rule, unregister_rule
 from datapunk_recovery.events import Event, emit
+from datapunk_recovery.redact import redact_url
 from datapunk_recovery.telemetry import (
     CallbackExporter,
     LoggingExporter,
@@ -170,10 +171,17 @@ def test_the_secret_never_leaves(caplog: pytest.LogCaptureFixture, secret_rule: 
         f"Proxy-Authorization: Digest username=x, response={SECRET}",
         f"redis://:{SECRET}@cache:6379/0",
         f"amqp://guest:{SECRET}@mq/",
+        f"postgres://app:with/slash{SECRET}@db:5432/app",  # unencoded "/" and "@" in
+        f"postgresql://app:p@{SECRET}@db/app",  # a password go whole
+        f"postgres://app:{SECRET}@db:notaport/app",  # a malformed URL is still redacted
+        f"PGPASSWORD={SECRET} psql",
+        f'{{"db_password": "{SECRET}"}}',
+        f"client_secret: {SECRET}",
     ],
 )
 def test_safe_text_removes_the_secret(text: str) -> None:
     assert SECRET not in safe_text(text)
+    assert SECRET not in redact_url(text)
 
 
 def test_event_fields_redact_header_maps() -> None:

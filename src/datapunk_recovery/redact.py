@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Final
-from urllib.parse import urlsplit, urlunsplit
 
 __all__ = ["REDACTED", "redact_headers", "redact_text", "redact_url"]
 
@@ -27,37 +26,46 @@ _SECRET_HEADERS: Final = frozenset(
         "x-amz-security-token",
     }
 )
-# scheme://user:password@host  ->  scheme://user:***@host
-_URL_PASSWORD: Final = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^/\s:@]*:)[^@\s/]*(?=@)")
-# key=value DSNs (libpq style) and query strings: password=..., token=...
+# scheme://user:password@host  ->  scheme://user:***@host.  The password runs
+# to the *last* "@" before the host, so one holding "/", "@" or "?" (unencoded,
+# as people do write them) goes whole; at worst a URL without credentials but
+# with an "@" later on loses a little more than its password.  Every repeat is
+# bounded, so that no text, however hostile, makes the scan quadratic.
+_URL_PASSWORD: Final = re.compile(
+    r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]{0,31}://[^/\s:@]{0,255}:)"
+    r"\S{0,255}?(?=@[^@\s/?#]{0,255}(?:[/?#\s]|$))"
+)
+# key=value DSNs (libpq style), query strings, env-style and JSON-ish pairs:
+# password=..., PGPASSWORD=..., client_secret: ..., "api_key": "...".
 _KV_SECRET: Final = re.compile(
-    r"(?P<key>\b(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?token|sslpassword)"
-    r"\s*=\s*)(?P<value>'[^']*'|\"[^\"]*\"|[^\s&;]+)",
+    r"(?P<key>\b[\w-]{0,64}?(?:password|passwd|pwd|secret|token|api[_-]?key)[\"']?\s*[=:]\s*)"
+    r"(?P<value>'[^']*'|\"[^\"]*\"|[^\s&;,]+)",
+    re.IGNORECASE,
+)
+# A credential header written as text ("Cookie: a=1; b=2", "x-api-key=abc"):
+# its value, up to the end of the line or of a quoted value.
+_HEADER_LINE: Final = re.compile(
+    r"(?P<key>\b(?:authorization|proxy-authorization|cookie|set-cookie|x-api-key|"
+    r"x-auth-token|x-amz-security-token)[\"']?\s*[:=]\s*[\"']?)[^\r\n\"']+",
     re.IGNORECASE,
 )
 _BEARER: Final = re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=\-]+", re.IGNORECASE)
 
 
 def redact_text(text: str) -> str:
-    """Remove passwords and tokens from any text: URLs, libpq DSNs, auth headers."""
+    """Remove passwords and tokens from any text: URLs, DSNs, key=value pairs, auth headers."""
     text = _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, text)
+    text = _HEADER_LINE.sub(lambda m: m.group("key") + REDACTED, text)
     text = _KV_SECRET.sub(lambda m: m.group("key") + REDACTED, text)
     return _BEARER.sub(lambda m: m.group(1) + " " + REDACTED, text)
 
 
 def redact_url(url: str) -> str:
-    """A URL or DSN without its password (and without secrets in its query)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return redact_text(url)
-    if parts.password is not None:
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        parts = parts._replace(netloc=f"{user}:{REDACTED}@{host}")
-    return redact_text(urlunsplit(parts))
+    """A URL or DSN without its password (and without secrets in its query).
+
+    Never raises, whatever the text (a malformed URL is redacted as text).
+    """
+    return redact_text(url)
 
 
 def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:

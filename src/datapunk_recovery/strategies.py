@@ -110,7 +110,9 @@ _NO_FALLBACK: Any = object()
 # over its endpoints: these never trip.
 _NEVER_TRIPS: Final = BreakerConfig(consecutive_failures=None)
 
-Attempt = Callable[[Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]], Awaitable[Any]]
+_Attempt = Callable[
+    [Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]], Awaitable[Any]
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -188,7 +190,7 @@ class _Service:
         retry_policy = RetryPolicy(policy.retry, policy.categories)
         self.breaker: CircuitBreaker | None = None
         self.router: Router | None = None
-        self.run: Attempt
+        self.run: _Attempt
         if policy.endpoints:
             self.router = self._route(retry_policy, previous)
             self.top = self.router.endpoints[0].priority
@@ -275,8 +277,9 @@ _READING: ContextVar[_Read | None] = ContextVar("datapunk_recovery_reading", def
 
 def _note_cache_failure(event: Event) -> None:
     # Called in the reading task, while its lookup runs: a failed cache read
-    # (not a failed write-back) means the answer came from the source instead.
-    if isinstance(event, CacheFailed) and event.op != "set":
+    # (not a failed write-back, nor a corrupt entry read as a miss) means the
+    # answer came from the source instead.
+    if isinstance(event, CacheFailed) and event.op != "set" and event.kind != "corrupt":
         read = _READING.get()
         if read is not None:
             read.cache_failed = True

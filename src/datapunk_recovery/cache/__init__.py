@@ -13,7 +13,7 @@ See ``docs/cache.md``.
 
 from .codecs import JsonCodec, PickleCodec
 from .memory import MemoryCache
-from .protocols import Cache, Codec, Source
+from .protocols import Cache, Codec, CorruptEntry, Source
 from .recovering import (
     CacheConfig,
     CacheFailed,
@@ -37,6 +37,7 @@ __all__ = [
     "CacheStats",
     "CacheWarmed",
     "Codec",
+    "CorruptEntry",
     "FunctionSource",
     "HotKeySketch",
     "JsonCodec",

@@ -16,9 +16,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Cache", "Codec", "Source"]
+__all__ = ["Cache", "Codec", "CorruptEntry", "Source"]
 
 V_co = TypeVar("V_co", covariant=True)
+
+
+class CorruptEntry(ValueError):
+    """A cache answered, but with bytes its codec cannot read.
+
+    Raised by a cache's ``get``/``counter`` instead of the codec's own error,
+    so that the recovery tells a cache holding garbage (written by something
+    else, or by a hostile client) from a cache that is down: the read becomes
+    a miss, an event says so, and the cache's breaker is not tripped.  The
+    message never includes the bytes (they may hold anything).
+    """
 
 
 @runtime_checkable

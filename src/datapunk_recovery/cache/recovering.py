@@ -14,14 +14,19 @@ in front of a :class:`~datapunk_recovery.cache.protocols.Source`:
   seconds; when the source fails, it is served and the answer says so
   (:attr:`Lookup.stale`).
 - **Writes lose nothing**: :meth:`ReadThroughCache.write` writes the source
-  first, then invalidates.  An invalidation the cache could not take goes to
+  first, then invalidates, also when the write failed (a lost answer is not
+  a "no") or was cancelled.  An invalidation the cache could not take goes to
   a bounded repair list, applied when the cache is back; keys on it are read
   from the source meanwhile.  When the list overflows, the whole namespace
   is invalidated instead: keys carry a generation number, kept in the cache
   itself, and bumping it orphans every old key at once.
-- **No refill older than an invalidation**: a load remembers the invalidation
-  sequence number it started at, and does not write back a value when the key
-  was invalidated meanwhile (checked before and after the write).
+- **No refill older than an invalidation**: a load (or a warming batch)
+  remembers the invalidation sequence number it started at, and does not
+  write back a value when the key was invalidated meanwhile (checked before
+  and after the write).
+- **Garbage in the cache** (bytes the codec cannot read, or not the
+  recovery's envelope) is a miss, counted as the failure kind ``corrupt``
+  with an event; it never raises and never trips the cache's breaker.
 - **Warming**: :meth:`ReadThroughCache.maintain` (run it in a task you own)
   warms the keys the warming policies choose at start and after each
   recovery from an outage, at ``warm_rate`` keys per second.
@@ -54,7 +59,7 @@ from datapunk_recovery.errors import CircuitOpenError
 from datapunk_recovery.events import Event, EventBus, emit, listening
 
 from .memory import MemoryCache
-from .protocols import Cache, Source
+from .protocols import Cache, CorruptEntry, Source
 from .warming import HotKeySketch, WarmingPolicy, WarmReason
 
 __all__ = [
@@ -180,7 +185,12 @@ class CacheStats:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CacheFailed(Event):
-    """A cache call failed (or the breaker refused it): ``op``, ``kind``, ``error_type``."""
+    """A cache call failed, the breaker refused it, or the cache held garbage.
+
+    ``op`` is the cache call, ``kind`` the failure kind (``timeout``,
+    ``refused``, ``connection``, ``open``, ``corrupt``, ``error``) and
+    ``error_type`` the exception's type name.
+    """
 
     name: ClassVar[str] = "cache.failed"
     area: ClassVar[str] = "cache"
@@ -357,13 +367,18 @@ class ReadThroughCache(Generic[V]):
 
     # -- talking to the cache ----------------------------------------------------
 
-    async def _call(self, op: str, fn: Callable[..., Awaitable[T]], *args: Any) -> tuple[bool, T]:
-        """``(True, result)`` of a cache call, or ``(False, None)`` if the cache is unavailable."""
+    async def _call(
+        self, op: str, fn: Callable[..., Awaitable[T]], *args: Any
+    ) -> tuple[bool, T | None]:
+        """``(True, result)`` of a cache call, or ``(False, None)`` if the cache is unavailable.
+
+        ``(True, None)`` when the cache answered with garbage (:class:`CorruptEntry`).
+        """
         if self._refused_until and clock.now() < self._refused_until:
             # The breaker refused a moment ago and said for how long: skip
             # asking it again (and building its exception) until then.
-            self._failed(op, "open", None)
-            return False, None  # type: ignore[return-value]
+            self._failed(op, "open", "CircuitOpenError")
+            return False, None
         try:
             permit = self.breaker.allow()
         except CircuitOpenError as exc:
@@ -371,9 +386,10 @@ class ReadThroughCache(Generic[V]):
             # probe says how long the probe may take, not when it will answer.
             skip = min(exc.remaining, self.config.breaker.open_duration)
             self._refused_until = clock.now() + skip
-            self._failed(op, "open", exc)
-            return False, None  # type: ignore[return-value]
+            self._failed(op, "open", "CircuitOpenError")
+            return False, None
         timeout = self.config.cache_timeout
+        result: T | None
         try:
             if timeout is None:
                 result = await fn(*args)
@@ -381,12 +397,16 @@ class ReadThroughCache(Generic[V]):
                 timed_out, got = await _runtime.call_within(fn, args, {}, timeout)
                 if timed_out:
                     raise TimeoutError(f"cache {op} took longer than {timeout:g} s")
-                result = got  # type: ignore[assignment]
+                result = got
+        except CorruptEntry:
+            # The cache answered (it is up), with garbage: a miss, not an outage.
+            self._failed(op, "corrupt", "CorruptEntry")
+            result = None
         except Exception as exc:
             permit.failure(exc)
             self._down = True
-            self._failed(op, _failure_kind(exc), exc)
-            return False, None  # type: ignore[return-value]
+            self._failed(op, _failure_kind(exc), type(exc).__name__)
+            return False, None
         except BaseException:
             permit.cancel()
             raise
@@ -396,7 +416,7 @@ class ReadThroughCache(Generic[V]):
             self._recovered()
         return True, result
 
-    def _failed(self, op: str, kind: str, exc: BaseException | None) -> None:
+    def _failed(self, op: str, kind: str, error_type: str) -> None:
         self._failures[kind] = self._failures.get(kind, 0) + 1
         if listening(self.bus):
             emit(
@@ -405,7 +425,7 @@ class ReadThroughCache(Generic[V]):
                     at=clock.now(),
                     op=op,
                     kind=kind,
-                    error_type="CircuitOpenError" if exc is None else type(exc).__name__,
+                    error_type=error_type,
                 ),
                 self.bus,
             )
@@ -441,7 +461,7 @@ class ReadThroughCache(Generic[V]):
                 return None
         if self._gen is None or clock.now() - self._gen_read_at >= self._refresh:
             ok, generation = await self._call("generation", self.cache.counter, self._gen_key)
-            if ok:
+            if ok and generation is not None:  # None: the counter holds garbage
                 self._set_generation(generation)
         return None if self._gen is None else self._prefix
 
@@ -466,27 +486,28 @@ class ReadThroughCache(Generic[V]):
             prefix = self._prefix
         if prefix is None or key in self._repairs:
             self._misses += 1
-            return Lookup(await self._load(key, None), "source")
+            return Lookup(await self._load(key, refill=False), "source")
         ok, entry = await self._call("get", self.cache.get, prefix + key)
         if ok and entry is not None:
             try:
                 fresh_until, value = entry
                 fresh_until = float(fresh_until)
+                if not math.isfinite(fresh_until):
+                    raise ValueError(fresh_until)
             except (TypeError, ValueError):
-                entry = None  # not our envelope: treat as a miss, the refill overwrites it
+                # Not our envelope: a miss, and the refill overwrites it.
+                self._failed("get", "corrupt", "CorruptEntry")
             else:
                 if _wall() < fresh_until:
                     self._hits += 1
                     return Lookup(value, "cache")
-                return await self._refresh_stale(key, prefix, value, fresh_until)
+                return await self._refresh_stale(key, value, fresh_until)
         self._misses += 1
-        return Lookup(await self._load(key, prefix if ok else None), "source")
+        return Lookup(await self._load(key, refill=ok), "source")
 
-    async def _refresh_stale(
-        self, key: str, prefix: str, value: Any, fresh_until: float
-    ) -> Lookup[V]:
+    async def _refresh_stale(self, key: str, value: Any, fresh_until: float) -> Lookup[V]:
         try:
-            fresh = await self._load(key, prefix)
+            fresh = await self._load(key, refill=True)
         except Exception as exc:
             if _wall() < fresh_until + self.config.stale_for:
                 self._stale += 1
@@ -502,8 +523,8 @@ class ReadThroughCache(Generic[V]):
         self._misses += 1
         return Lookup(fresh, "source")
 
-    async def _load(self, key: str, refill_prefix: str | None) -> Any:
-        """Load ``key`` from the source once for all concurrent readers; refill given a prefix."""
+    async def _load(self, key: str, *, refill: bool) -> Any:
+        """Load ``key`` from the source once for all concurrent readers; ``refill`` the cache."""
         while True:
             flight = self._flights.get(key)
             if flight is None:
@@ -520,7 +541,7 @@ class ReadThroughCache(Generic[V]):
         flight = self._flights[key] = _Flight()
         seq = self._seq
         try:
-            value = await self.source.load(key)
+            flight.value = value = await self.source.load(key)
         except Exception as exc:
             flight.error = exc
             raise
@@ -528,47 +549,76 @@ class ReadThroughCache(Generic[V]):
             flight.error = _ABANDONED
             raise
         finally:
+            # Followers wake with the value or the error already in place.
             if self._flights.get(key) is flight:
                 del self._flights[key]
             if flight.done is not None:
                 flight.done.set()
-        flight.value = value
         self._loads += 1
-        if refill_prefix is not None and value is not None:
+        if refill and value is not None:
             await self._refill(key, value, seq)
         return value
 
     def _invalidated_since(self, key: str, seq: int) -> bool:
         return self._invalidated.get(key, self._floor) > seq
 
-    async def _refill(self, key: str, value: Any, seq: int) -> None:
+    async def _refill(self, key: str, value: Any, seq: int, op: str = "set") -> bool | None:
+        """Cache ``value``, loaded at sequence ``seq``, unless ``key`` was invalidated since.
+
+        True when the value stays cached, False when it was not fit to keep,
+        ``None`` when the cache failed.
+        """
         if self._invalidated_since(key, seq) or self._gen is None:
-            return  # the value may predate a write: do not cache it
+            return False  # the value may predate a write: do not cache it
         entry = [_wall() + self._ttl, value]
-        ok, _ = await self._call("set", self.cache.set, self._prefix + key, entry, self._keep)
+        try:
+            ok, _ = await self._call(op, self.cache.set, self._prefix + key, entry, self._keep)
+        except BaseException:
+            self._queue_repair(key)  # cancelled mid-set: it may land, undo it later
+            raise
         if not ok:
             # The set may still land later (a timeout is not a "no"): make
             # sure a later invalidation of it is not lost.
             self._queue_repair(key)
-        elif self._invalidated_since(key, seq):
+            return None
+        if self._invalidated_since(key, seq):
             # An invalidation raced the write: undo the write.
             await self._delete(key)
+            return False
+        return True
 
     # -- writing ------------------------------------------------------------------
 
     async def write(self, key: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Write the source of truth with ``fn()``, then invalidate ``key``; returns the result.
 
-        If ``fn`` raises, nothing is invalidated and the error propagates.
+        ``key`` is invalidated whatever ``fn`` does: when it raises, the write
+        may still have reached the source (a lost answer is not a "no"), and
+        a needless invalidation costs one miss where a missing one serves a
+        stale value for up to ``ttl`` seconds.  If ``fn`` is cancelled, the
+        invalidation goes to the repair list (nothing may be awaited then).
         The invalidation itself never raises: a cache that cannot take it
         gets it later (the repair list).
         """
-        result = await fn()
+        try:
+            result = await fn()
+        except Exception:
+            await self.invalidate(key)
+            raise
+        except BaseException:
+            self._forget(key)
+            self._queue_repair(key)
+            raise
         await self.invalidate(key)
         return result
 
     async def invalidate(self, key: str) -> None:
         """Remove ``key`` from the cache now, or as soon as the cache is back."""
+        self._forget(key)
+        await self._delete(key)
+
+    def _forget(self, key: str) -> None:
+        """Make every load of ``key`` begun until now unfit to refill the cache."""
         self._seq += 1
         invalidated = self._invalidated
         invalidated[key] = self._seq
@@ -577,7 +627,6 @@ class ReadThroughCache(Generic[V]):
             _, forgotten = invalidated.popitem(last=False)
             self._floor = max(self._floor, forgotten)
         self._flights.pop(key, None)  # readers from now on load afresh
-        await self._delete(key)
 
     async def invalidate_all(self) -> None:
         """Invalidate every key of the namespace (now, or as soon as the cache is back)."""
@@ -593,7 +642,11 @@ class ReadThroughCache(Generic[V]):
             return  # the whole namespace goes anyway
         ok = False
         if self._gen is not None:
-            ok, _ = await self._call("delete", self.cache.delete, [self._prefix + key])
+            try:
+                ok, _ = await self._call("delete", self.cache.delete, [self._prefix + key])
+            except BaseException:
+                self._queue_repair(key)  # cancelled: the delete is applied later
+                raise
         if not ok:
             self._queue_repair(key)
 
@@ -625,13 +678,13 @@ class ReadThroughCache(Generic[V]):
         try:
             if self._bump_pending:
                 ok, generation = await self._call("repair", self.cache.incr, self._gen_key)
-                if not ok:
+                if not ok or generation is None:
                     return False
                 self._bump_pending = False
                 self._set_generation(generation)
             if self._repairs and self._gen is None:
                 ok, generation = await self._call("generation", self.cache.counter, self._gen_key)
-                if not ok:
+                if not ok or generation is None:
                     return False
                 self._set_generation(generation)
             while self._repairs:
@@ -670,17 +723,17 @@ class ReadThroughCache(Generic[V]):
             except Exception:
                 break
             self._loads += len(values)
-            ok = True
-            for key, value in values.items():
-                if value is None or self._invalidated_since(key, seq):
+            failed = False
+            for key in batch:
+                value = values.get(key)
+                if value is None:
                     continue
-                entry = [_wall() + self._ttl, value]
-                ok, _ = await self._call("warm", self.cache.set, prefix + key, entry, self._keep)
-                if not ok:
-                    self._queue_repair(key)
+                kept = await self._refill(key, value, seq, "warm")
+                if kept is None:
+                    failed = True  # the cache failed: the next recovery warms again
                     break
-                stored += 1
-            if not ok:
+                stored += kept
+            if failed:
                 break
         if listening(self.bus):
             emit(

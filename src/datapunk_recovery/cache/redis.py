@@ -15,7 +15,7 @@ from datapunk_recovery._validate import check_seconds
 from datapunk_recovery.redact import redact_url
 
 from .codecs import JsonCodec
-from .protocols import Codec
+from .protocols import Codec, CorruptEntry
 
 __all__ = ["RedisCache"]
 
@@ -49,17 +49,32 @@ class RedisCache:
     def __repr__(self) -> str:
         return f"RedisCache({self.label!r})"
 
+    def _decode(self, data: Any) -> Any:
+        if data is None:
+            return None
+        try:
+            return self.codec.decode(data)
+        except Exception as exc:
+            # Bytes someone else wrote: never trusted, never echoed.
+            raise CorruptEntry(
+                f"{type(self.codec).__name__} cannot decode a cached value ({type(exc).__name__})"
+            ) from None
+
     async def get(self, key: str) -> Any | None:
-        """The decoded value of ``key`` or ``None``."""
-        data = await self.client.get(key)
-        return None if data is None else self.codec.decode(data)
+        """The decoded value of ``key`` or ``None``; :class:`CorruptEntry` if undecodable."""
+        return self._decode(await self.client.get(key))
 
     async def get_many(self, keys: Sequence[str]) -> list[Any | None]:
-        """``MGET``: the decoded values of ``keys``."""
+        """``MGET``: the decoded values of ``keys``; an undecodable one counts as absent."""
         if not keys:
             return []
-        decode = self.codec.decode
-        return [None if d is None else decode(d) for d in await self.client.mget(keys)]
+        found: list[Any | None] = []
+        for data in await self.client.mget(keys):
+            try:
+                found.append(self._decode(data))
+            except CorruptEntry:
+                found.append(None)
+        return found
 
     async def set(self, key: str, value: Any, ttl: float) -> None:
         """``SET key value PX ttl``."""
@@ -75,9 +90,17 @@ class RedisCache:
         return int(await self.client.incr(key))
 
     async def counter(self, key: str) -> int:
-        """The integer at ``key`` (raw, not through the codec), 0 when absent."""
+        """The integer at ``key`` (raw, not through the codec), 0 when absent.
+
+        :class:`CorruptEntry` when ``key`` holds something else.
+        """
         data = await self.client.get(key)
-        return 0 if data is None else int(data)
+        if data is None:
+            return 0
+        try:
+            return int(data)
+        except (TypeError, ValueError):
+            raise CorruptEntry("a counter does not hold an integer") from None
 
     async def close(self) -> None:
         """Close the client's connections."""

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for option, module, extra in (
         (args.redis_url, "redis", "redis"),
-        (args.postgres_dsn, "asyncpg", "postgres"),
+        (args.postgres_dsn, "asyncpg", "asyncpg"),
     ):
         if option is not None and importlib.util.find_spec(module) is None:
             out.write(f"this option needs {module}: pip install 'datapunk-recovery[{extra}]'\n")

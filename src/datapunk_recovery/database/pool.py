@@ -587,9 +587,7 @@ class ManagedPool:
         except Exception as exc:
             await self.discard(conn, exc)
             return
-        await driver.release(conn)
-        if listening(self.bus):
-            self._report("released")
+        await self.release(conn)  # reset on the way back, or discarded if that fails
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:

@@ -16,11 +16,15 @@ that received the COMMIT has ended (so the COMMIT cannot land after the
 check), looks, returns the result if the work committed, and replays only if
 it did not.
 
-:func:`run` runs ``fn(conn)`` outside a transaction.  Failures that happen
-before anything reached the server (no connection, a full server) and errors
-the server itself reported are retried as usual; a connection lost while the
-statement was in flight is retried only when the caller says the work is
-idempotent, and otherwise reported as :class:`CommitOutcomeUnknown`.
+:func:`run` runs ``fn(conn)`` outside a transaction, where each statement
+commits on its own.  Failures that happen before ``fn`` starts (no
+connection, a full server) are retried as usual.  Once ``fn`` has started,
+only work the caller marks idempotent is retried: even an error the server
+reported (a deadlock) may come after earlier statements of ``fn`` committed,
+which a replay would repeat.  Without the mark, such an error is raised
+marked final (:func:`~datapunk_recovery.errors.mark_final`: no outer layer
+retries it either), and a connection lost while a statement was in flight
+becomes :class:`CommitOutcomeUnknown`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any, ClassVar, Final, TypeVar
 from datapunk_recovery import _runtime, clock
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.engine import retry
-from datapunk_recovery.errors import ErrorCategory, classify
+from datapunk_recovery.errors import ErrorCategory, classify, mark_final
 from datapunk_recovery.events import Event, EventBus, emit, listening
 from datapunk_recovery.policy import RetryPolicy
 
@@ -285,20 +289,22 @@ async def _run_attempt(
         broken = driver.is_broken(conn)
         await pool.settle(conn, exc)
         if isinstance(exc, Exception):
-            verdict = classify_database(exc)
-            if (
-                not idempotent
-                and verdict.retryable
-                and (broken or not verdict.definite)
-                and verdict.kind is not DbErrorKind.NOT_DATABASE
-            ):
-                raise CommitOutcomeUnknown(
-                    f"{name!r}: the connection was lost while the statement was in flight "
-                    f"({describe(exc)}); it may or may not have taken effect, and it is not "
-                    "marked idempotent, so it is not retried",
-                    context={"operation": name},
-                ) from exc
-            if (replacement := _surfaced(exc, broken)) is not None:
+            replacement = _surfaced(exc, broken)
+            surfaced = exc if replacement is None else replacement
+            if not idempotent and replayable(surfaced):
+                verdict = classify_database(surfaced)
+                in_doubt = broken or not verdict.definite
+                if in_doubt and verdict.kind is not DbErrorKind.NOT_DATABASE:
+                    raise CommitOutcomeUnknown(
+                        f"{name!r}: the connection was lost while the statement was in flight "
+                        f"({describe(exc)}); it may or may not have taken effect, and it is "
+                        "not marked idempotent, so it is not retried",
+                        context={"operation": name},
+                    ) from exc
+                # The server refused this statement, but earlier statements of
+                # fn committed on their own: replaying fn would repeat them.
+                mark_final(surfaced, "work outside a transaction not marked idempotent")
+            if replacement is not None:
                 raise replacement from exc
         raise
     await pool.release(conn)
@@ -360,11 +366,13 @@ async def run(
 ) -> T:
     """Run ``fn(conn)`` outside a transaction (each statement commits alone).
 
-    A connection lost while ``fn`` was running is retried only with
-    ``idempotent=True``; otherwise it raises :class:`CommitOutcomeUnknown`.
-    Failures before anything reached the server, and errors the server
-    reported (serialization failure, deadlock, shutdown), are retried either
-    way.  ``config.isolation`` and ``read_only`` do not apply here.
+    Failures before ``fn`` starts (no connection, a full server) are retried
+    either way.  A failure once ``fn`` has started is retried only with
+    ``idempotent=True``: otherwise a connection lost mid-statement raises
+    :class:`CommitOutcomeUnknown`, and any other error (even a deadlock the
+    server reported, which may follow statements of ``fn`` that committed) is
+    raised as itself, marked final so no outer layer replays it either.
+    ``config.isolation`` and ``read_only`` do not apply here.
     """
     managed = ManagedPool.of(pool)
     cfg = config if config is not None else _DEFAULT_CONFIG

@@ -70,7 +70,7 @@ MIX: Final = (("read", 0.4), ("api", 0.3), ("write", 0.15), ("job", 0.15))
 FAULTS: Final = {
     "cache": "cache down",
     "primary": "primary failing",
-    "database": "database busy, dropping connections",
+    "database": "database slow, then busy and dropping connections",
     "pool": "pool runs dry",
 }
 #: Seconds a pool unit is held by a job when nothing slows it down.
@@ -173,7 +173,8 @@ def fault_windows(
         return round(duration * fraction, 3)
 
     return (
-        Window(at(0.10), at(0.40), Fault(ConnectionRefusedError), target="cache"),
+        Window(at(0.10), at(0.30), Fault(ConnectionRefusedError), target="cache"),
+        Window(at(0.10), at(0.30), Latency(0.05), target="database"),
         Window(at(0.30), at(0.65), Fault(ConnectionAbortedError), target="primary"),
         Window(at(0.35), at(0.65), Fault(busy), rate=0.5, target="database"),
         Window(at(0.45), at(0.60), Fault(ConnectionResetError), rate=0.15, target="database"),
@@ -207,6 +208,9 @@ def demo_config(
         "services": {
             "api": {"endpoints": ["primary", "secondary"], "addresses": dict(addresses)},
             "orders": {"retry": {"max_attempts": 8, "base_delay": "10ms", "max_delay": "200ms"}},
+            # Catalog reads have a cache to fall back on: a stale value beats hammering
+            # a busy database.
+            "catalog": {"retry": {"max_attempts": 2}},
             "jobs": {"retry": {"max_attempts": 2}},
         },
         "cache": {"ttl": CACHE_TTL, "stale_ttl": "5m", "namespace": namespace},

@@ -3,41 +3,28 @@
 Events already carry names, numbers and exception type names rather than
 messages; this module is the second line of defence.  Every string an
 exporter writes (a log field, a label value, a span-event attribute) goes
-through :func:`safe_text`, which removes passwords from URLs and DSNs,
-``key=value`` secrets, bearer tokens, and the value of credential headers
-written as text (``Cookie: ...``, ``X-Api-Key: ...``), which
-:func:`datapunk_recovery.redact.redact_text` leaves alone because it only
-sees a header's value when given a mapping.
+through :func:`safe_text` (:func:`datapunk_recovery.redact.redact_text`),
+which removes passwords from URLs and DSNs, ``key=value`` secrets, bearer
+tokens and the value of credential headers written as text.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from enum import Enum
-from typing import Final
 
 from datapunk_recovery.events import Event
-from datapunk_recovery.redact import REDACTED, redact_headers, redact_text
+from datapunk_recovery.redact import redact_headers, redact_text
 
 __all__ = ["FieldValue", "event_fields", "label_text", "safe_text"]
 
 FieldValue = str | int | float | bool
 """A value every exporter can carry: log extras, span attributes, callbacks."""
 
-# "Cookie: a=1; b=2" and "x-api-key=abc": a credential header written as text,
-# up to the end of the line (or of a quoted value).
-_HEADER_LINE: Final = re.compile(
-    r"(?P<key>\b(?:authorization|proxy-authorization|cookie|set-cookie|x-api-key|"
-    r"x-auth-token|x-amz-security-token)[\"']?\s*[:=]\s*[\"']?)[^\r\n\"']+",
-    re.IGNORECASE,
-)
-
 
 def safe_text(text: str) -> str:
     """``text`` without the secrets it may hold (see the module documentation)."""
-    text = _HEADER_LINE.sub(lambda m: m.group("key") + REDACTED, text)
     return redact_text(text)
 
 

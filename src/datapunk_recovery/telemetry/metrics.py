@@ -378,6 +378,24 @@ class Router:
         """The compiled measures of the event kind ``name`` (empty if it measures nothing)."""
         return self._table.get(name, ())
 
+    def apply(
+        self, event: Event, recorder: Callable[[Metric, tuple[str, ...]], Callable[[float], None]]
+    ) -> None:
+        """Apply ``event`` to an exporter's instruments.
+
+        ``recorder(metric, labels)`` returns the function that applies a
+        number to ``metric`` at ``labels``; it is called once per distinct
+        raw key (while :meth:`Compiled.remember` has room), then memoised.
+        """
+        for measure in self._table.get(event.name, ()):
+            if measure.when is not None and not measure.when(event):
+                continue
+            key = measure.key(event)
+            record = measure.memo.get(key)
+            if record is None:
+                record = measure.remember(key, recorder(measure.metric, measure.labels_for(key)))
+            record(measure.number(event))
+
     def updates(self, event: Event) -> list[Update]:
         """What ``event`` changes, as :class:`Update` objects."""
         return [

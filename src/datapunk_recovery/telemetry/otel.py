@@ -112,16 +112,7 @@ class OpenTelemetryExporter(Exporter):
                 )
 
     def __call__(self, event: Event) -> None:
-        for measure in self._router.get(event.name):
-            if measure.when is not None and not measure.when(event):
-                continue
-            key = measure.key(event)
-            record = measure.memo.get(key)
-            if record is None:
-                record = measure.remember(
-                    key, self._recorder(measure.metric, measure.labels_for(key))
-                )
-            record(measure.number(event))
+        self._router.apply(event, self._recorder)
         if event.name in self._span_events:
             span = self._trace.get_current_span()
             if span.is_recording():

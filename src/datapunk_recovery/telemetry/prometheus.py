@@ -105,16 +105,7 @@ class PrometheusExporter(Exporter):
         self._lock = threading.Lock()
 
     def __call__(self, event: Event) -> None:
-        for measure in self._router.get(event.name):
-            if measure.when is not None and not measure.when(event):
-                continue
-            key = measure.key(event)
-            record = measure.memo.get(key)
-            if record is None:
-                record = measure.remember(
-                    key, self._recorder(measure.metric, measure.labels_for(key))
-                )
-            record(measure.number(event))
+        self._router.apply(event, self._recorder)
 
     def _recorder(self, metric: Metric, labels: tuple[str, ...]) -> Callable[[float], None]:
         """The function that applies a number to ``metric`` at ``labels``."""
