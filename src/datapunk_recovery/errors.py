@@ -72,6 +72,10 @@ class RecoveryError(Exception):
     #: this failure (a budget refused, a server said "overloaded", a breaker is
     #: open, the deadline passed): retry engines honour it whatever ``on=`` says.
     do_not_retry_above: bool = False
+    #: A server-given delay in seconds, or None.
+    retry_after: float | None = None
+    #: Names and numbers about the failure (never secrets).
+    context: Mapping[str, Any] = _EMPTY
 
     def __init__(
         self,
@@ -88,8 +92,10 @@ class RecoveryError(Exception):
             self.category = category
         if retryable is not None:
             self.retryable = retryable
-        self.retry_after = retry_after
-        self.context: Mapping[str, Any] = MappingProxyType(dict(context)) if context else _EMPTY
+        if retry_after is not None:
+            self.retry_after = retry_after
+        if context:
+            self.context = MappingProxyType(dict(context))
         if do_not_retry_above is not None:
             self.do_not_retry_above = do_not_retry_above
 
@@ -127,12 +133,20 @@ class CircuitOpenError(RecoveryError):
     do_not_retry_above = True
 
     def __init__(self, breaker: str, remaining: float) -> None:
-        super().__init__(
-            f"circuit breaker {breaker!r} is open; it may admit a call in {remaining:.3f} s",
-            context={"breaker": breaker},
-        )
+        # Built on every refused call: keep it cheap, format the message lazily.
+        Exception.__init__(self, breaker, remaining)
         self.breaker = breaker
         self.remaining = remaining
+
+    def __str__(self) -> str:
+        return (
+            f"circuit breaker {self.breaker!r} is open; "
+            f"it may admit a call in {self.remaining:.3f} s"
+        )
+
+    @property
+    def context(self) -> Mapping[str, Any]:  # type: ignore[override]
+        return MappingProxyType({"breaker": self.breaker})
 
 
 class BudgetExhausted(RecoveryError):
