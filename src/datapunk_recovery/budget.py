@@ -34,7 +34,7 @@ sleep.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -251,6 +251,22 @@ class TokenBudget:
         with self._lock:
             self._tokens = self._max
 
+    def _adopt(self, tokens: float, successes: int = 0, failures: int = 0) -> None:
+        """Take the fill of a shared bucket, then apply outcomes it has not seen yet.
+
+        For shared-store links (``stores.budget_redis``): ``tokens`` is clamped
+        to the bucket; the unseen ``successes`` are applied before the
+        ``failures`` (the lower of the two orders).
+        """
+        top = self._max
+        tokens = min(max(tokens, 0.0), top)
+        if successes:
+            tokens = min(tokens + successes * self._ratio, top)
+        if failures:
+            tokens = max(tokens - failures, 0.0)
+        with self._lock:
+            self._tokens = tokens
+
 
 # ---------------------------------------------------------------------------
 # Finagle / SRE ratio over a window
@@ -386,6 +402,31 @@ class RatioBudget:
                 return True
         _refused(self.name, self.bus, level, float(retries), limit)
         return False
+
+    def _adopt(self, window: Sequence[tuple[int, int]], attempts: int = 0, retries: int = 0) -> None:
+        """Replace the window with a shared one, then count what it has not seen yet.
+
+        For shared-store links (``stores.budget_redis``): ``window[k]`` holds
+        the ``(attempts, retries)`` of the bucket ``k`` slices old (``0`` is
+        the current one; at most ``buckets`` items are used); the unseen
+        ``attempts`` and ``retries`` go to the current bucket.
+        """
+        n = self._n
+        with self._lock:
+            now = clock.now()
+            epoch = int(now // self._width)
+            self._epochs = [-1] * n
+            self._attempts = [0] * n
+            self._retries = [0] * n
+            for age, (a, r) in enumerate(window[:n]):
+                e = epoch - age
+                i = e % n
+                self._epochs[i] = e
+                self._attempts[i] = a
+                self._retries[i] = r
+            i, _ = self._slot(now)
+            self._attempts[i] += attempts
+            self._retries[i] += retries
 
     def reset(self) -> None:
         """Forget the window (between tests, or after a deploy)."""
