@@ -403,7 +403,9 @@ class RatioBudget:
         _refused(self.name, self.bus, level, float(retries), limit)
         return False
 
-    def _adopt(self, window: Sequence[tuple[int, int]], attempts: int = 0, retries: int = 0) -> None:
+    def _adopt(
+        self, window: Sequence[tuple[int, int]], attempts: int = 0, retries: int = 0
+    ) -> None:
         """Replace the window with a shared one, then count what it has not seen yet.
 
         For shared-store links (``stores.budget_redis``): ``window[k]`` holds
