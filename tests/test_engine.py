@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -401,6 +402,33 @@ def test_statistics_are_exact_under_concurrent_threads() -> None:
     assert stats.calls == stats.successes == 4000
     assert stats.attempts == counter["n"]
     assert stats.retries == counter["n"] - 4000
+
+
+@pytest.mark.anyio
+async def test_statistics_are_exact_under_concurrent_tasks() -> None:
+    calls = 0
+
+    @retry(RetryConfig(base_delay=0.0, max_delay=0.0, max_attempts=5))
+    async def sometimes() -> str:
+        nonlocal calls
+        calls += 1
+        n = calls
+        await anyio.lowlevel.checkpoint()  # interleave the tasks between attempts
+        if n % 3 == 0 and current_attempt() < 3:  # some calls retry, none runs out
+            raise ConnectionError
+        return "ok"
+
+    async def worker() -> None:
+        for _ in range(50):
+            await sometimes()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(worker)
+    stats = sometimes.statistics()
+    assert stats.calls == stats.successes == 1000
+    assert stats.attempts == calls
+    assert stats.retries == calls - 1000
 
 
 # -- the block form ---------------------------------------------------------------------------
