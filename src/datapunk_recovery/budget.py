@@ -46,7 +46,10 @@ from ._validate import check_count, check_fraction, check_number, check_seconds
 from .events import Event, EventBus, emit, listening
 
 __all__ = [
+    "BudgetCorruptStateIgnored",
     "BudgetRefused",
+    "BudgetStoreFallback",
+    "BudgetStoreResumed",
     "Criticality",
     "RatioBudget",
     "RatioBudgetConfig",
@@ -131,6 +134,44 @@ class BudgetRefused(Event):
     criticality: str
     level: float
     limit: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BudgetStoreFallback(Event):
+    """A shared budget's sync failed (``error_type``): it decides on local state now.
+
+    ``mode`` is ``"local"`` (retries judged by this process's budget alone) or
+    ``"closed"`` (every retry refused until the store answers again).
+    """
+
+    name: ClassVar[str] = "budget.store_fallback"
+    area: ClassVar[str] = "budget"
+
+    store: str
+    error_type: str
+    mode: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BudgetStoreResumed(Event):
+    """A shared budget's store answers again after ``outage`` seconds; sharing resumed."""
+
+    name: ClassVar[str] = "budget.store_resumed"
+    area: ClassVar[str] = "budget"
+
+    store: str
+    outage: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BudgetCorruptStateIgnored(Event):
+    """The store held (or answered) a budget state that does not parse; it was ignored."""
+
+    name: ClassVar[str] = "budget.corrupt_state"
+    area: ClassVar[str] = "budget"
+
+    store: str
+    reason: str
 
 
 def _refused(

@@ -17,12 +17,14 @@ and reads back the shared state, which the local budget then adopts (plus
 what was counted during the round trip).  It syncs every ``sync_interval``
 seconds, and at once when ``max_unsynced`` outcomes are waiting.
 
-**The lag bound.**  An outcome counted in one process governs the decisions
-of every other process once the writer has synced (its next sync starts
-within ``sync_interval``) and then the reader has synced (same): at most
-``2 * (sync_interval + store.timeout)`` seconds plus event-loop delays.  In
-syncs: the first sync a process *starts* after the outcome reached Redis
-brings it in.
+**The lag bound.**  An outcome counted in one process reaches Redis with the
+first sync that process *starts* after counting it, and reaches another
+process with the first sync *that* process starts after it is in Redis.  A
+process starts a sync at most ``sync_interval`` after its previous one ended
+(at once when ``max_unsynced`` outcomes wait), and a sync lasts at most the
+store's ``timeout``; so an outcome governs every other process's decisions
+within ``2 * sync_interval + 4 * store.timeout`` seconds at worst (plus
+event-loop delays), typically ``2 * sync_interval`` plus two round trips.
 
 **One Lua script per budget kind, one round trip per sync.**  The script
 applies the batch with the budget's own arithmetic and returns the shared
@@ -76,14 +78,21 @@ import math
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Final, Literal
+from typing import Any, Final, Literal
 
 from .. import _runtime, clock
 from .._validate import check_count, check_seconds
-from ..budget import RatioBudget, TokenBudget, _refused, current_criticality
-from ..events import Event, emit, listening
+from ..budget import (
+    BudgetCorruptStateIgnored,
+    BudgetStoreFallback,
+    BudgetStoreResumed,
+    RatioBudget,
+    TokenBudget,
+    _refused,
+    current_criticality,
+)
+from ..events import EventBus, emit, listening
 from .redis import RedisStore
 
 __all__ = [
@@ -97,48 +106,6 @@ __all__ = [
 _OWNER: Final = "SharedBudget"
 #: Ratio windows with more buckets than this are not shared (the reply holds them all).
 MAX_SHARED_BUCKETS: Final = 1000
-
-
-# ---------------------------------------------------------------------------
-# events
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BudgetStoreFallback(Event):
-    """A budget's sync failed (``error_type``): it decides on local state now.
-
-    ``mode`` is ``"local"`` (retries judged by this process's budget alone) or
-    ``"closed"`` (every retry refused until the store answers again).
-    """
-
-    name: ClassVar[str] = "budget.store_fallback"
-    area: ClassVar[str] = "budget"
-
-    store: str
-    error_type: str
-    mode: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BudgetStoreResumed(Event):
-    """A budget's store answers again after ``outage`` seconds; sharing resumed."""
-
-    name: ClassVar[str] = "budget.store_resumed"
-    area: ClassVar[str] = "budget"
-
-    store: str
-    outage: float
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BudgetCorruptStateIgnored(Event):
-    """The store held (or answered) a budget state that does not parse; it was ignored."""
-
-    name: ClassVar[str] = "budget.corrupt_state"
-    area: ClassVar[str] = "budget"
-
-    store: str
-    reason: str
 
 
 # ---------------------------------------------------------------------------
@@ -450,8 +417,9 @@ class SharedBudget:
     def allow_retry(self) -> bool:
         """Decide on the local budget (which holds the shared state as last synced)."""
         if self._down_since is not None and self.on_unavailable == "closed":
-            level = current_criticality()
-            _refused(self.name, self.budget.bus, level, 0.0, math.inf)
+            # (the fill reported is the local one: tokens, or 0 for a ratio budget)
+            fill = self.budget.tokens if isinstance(self.budget, TokenBudget) else 0.0
+            _refused(self.name, self.budget.bus, current_criticality(), fill, math.inf)
             return False
         if self._tokens:  # spends nothing
             return self.budget.allow_retry()
@@ -472,7 +440,7 @@ class SharedBudget:
         return self._task is not None and self._down_since is None and self.syncs > 0
 
     @property
-    def bus(self) -> Any:
+    def bus(self) -> EventBus | None:
         """The wrapped budget's event bus."""
         return self.budget.bus
 

@@ -72,6 +72,9 @@ LEVELS: Final[Mapping[str, Level]] = MappingProxyType(
         # per-call refusals: counted by metrics; a line each would flood the log
         # during the very overload that causes them
         "budget.refused": Level(logging.DEBUG),
+        "budget.store_fallback": Level(logging.WARNING),
+        "budget.store_resumed": Level(logging.INFO),
+        "budget.corrupt_state": Level(logging.WARNING),
         "bulkhead.rejected": Level(logging.DEBUG),
         "bulkhead.admitted": Level(logging.DEBUG),
         "bulkhead.released": Level(logging.DEBUG),
