@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 from hypothesis import settings
@@ -16,8 +16,13 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from datapunk_recovery import events  # noqa: E402
+from datapunk_recovery.events import Event  # noqa: E402
 from tests.harness import PostgresServer, RedisServer, ThreadedProxy  # noqa: E402
 from tests.harness.servers import _ManagedServer  # noqa: E402
+
+if TYPE_CHECKING:
+    from datapunk_recovery.stores.redis import RedisStore
 
 S = TypeVar("S", bound=_ManagedServer)
 
@@ -130,3 +135,36 @@ def make_proxy() -> Iterator[Callable[[tuple[str, int]], ThreadedProxy]]:
     yield factory
     for proxy in proxies:
         proxy.stop()
+
+
+# ---------------------------------------------------------------------------
+# what the library reports, and shared-state stores on the real Redis
+# ---------------------------------------------------------------------------
+@pytest.fixture
+def seen() -> Iterator[list[Event]]:
+    """Every event the library emits during the test, in order."""
+    got: list[Event] = []
+    unsubscribe = events.subscribe(got.append)
+    yield got
+    unsubscribe()
+
+
+@pytest.fixture
+async def redis_stores(redis_server: RedisServer) -> AsyncIterator[Callable[..., RedisStore]]:
+    """Make ``RedisStore``s (on ``redis_server`` unless given a URL); closed after the test.
+
+    Tests that also use ``make_proxy`` ask for it *before* this fixture, so that
+    the clients close before the proxy stops (teardown runs in reverse order).
+    """
+    from datapunk_recovery.stores.redis import RedisStore
+
+    made: list[RedisStore] = []
+
+    def make(url: str | None = None, **settings: Any) -> RedisStore:
+        store = RedisStore(url or redis_server.url, **settings)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.aclose()

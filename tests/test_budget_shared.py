@@ -12,13 +12,12 @@ import multiprocessing
 import queue
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from datapunk_recovery import events
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.budget import (
     BudgetRefused,
@@ -54,30 +53,8 @@ def name() -> str:
 
 
 @pytest.fixture
-def seen() -> Iterator[list[Event]]:
-    got: list[Event] = []
-    unsubscribe = events.subscribe(got.append)
-    yield got
-    unsubscribe()
-
-
-@pytest.fixture
-async def stores(redis_server: RedisServer) -> AsyncIterator[Callable[..., RedisStore]]:
-    """Make stores; their clients are closed after the test.
-
-    Tests that also use ``make_proxy`` ask for it *before* this fixture, so that
-    the clients close before the proxy stops (teardown runs in reverse order).
-    """
-    made: list[RedisStore] = []
-
-    def make(url: str | None = None, **settings: Any) -> RedisStore:
-        store = RedisStore(url or redis_server.url, **settings)
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        await store.aclose()
+def stores(redis_stores: Callable[..., RedisStore]) -> Callable[..., RedisStore]:
+    return redis_stores
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
 
-from datapunk_recovery import events
 from datapunk_recovery.breaker import (
     BreakerConfig,
     BreakerState,
@@ -52,14 +51,6 @@ def name() -> str:
 
 
 @pytest.fixture
-def seen() -> Iterator[list[Event]]:
-    got: list[Event] = []
-    unsubscribe = events.subscribe(got.append)
-    yield got
-    unsubscribe()
-
-
-@pytest.fixture
 def tenant(redis_server: RedisServer) -> Iterator[tuple[str, str]]:
     """A Redis ACL user allowed only the keys ``<prefix>:*``; yields (prefix, url)."""
     prefix = f"tenant-{uuid.uuid4().hex[:8]}"
@@ -74,18 +65,14 @@ def tenant(redis_server: RedisServer) -> Iterator[tuple[str, str]]:
 
 
 @pytest.fixture
-async def stores() -> AsyncIterator[Callable[..., RedisStore]]:
-    made: list[RedisStore] = []
+def stores(redis_stores: Callable[..., RedisStore]) -> Callable[..., RedisStore]:
+    """Make stores with no local read cache unless told (``cache_ttl=0``)."""
 
     def make(url: str, **settings: Any) -> RedisStore:
         settings.setdefault("cache_ttl", 0.0)
-        store = RedisStore(url, **settings)
-        made.append(store)
-        return store
+        return redis_stores(url, **settings)
 
-    yield make
-    for store in made:
-        await store.aclose()
+    return make
 
 
 async def aok() -> str:

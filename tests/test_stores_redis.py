@@ -13,14 +13,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from datapunk_recovery import events
 from datapunk_recovery.breaker import (
     BreakerConfig,
     BreakerState,
@@ -48,31 +47,14 @@ def name() -> str:
 
 
 @pytest.fixture
-def seen() -> Iterator[list[Event]]:
-    got: list[Event] = []
-    unsubscribe = events.subscribe(got.append)
-    yield got
-    unsubscribe()
-
-
-@pytest.fixture
-async def stores(redis_server: RedisServer) -> AsyncIterator[Callable[..., RedisStore]]:
-    """Make stores (cache TTL 0 unless told); their clients are closed after the test.
-
-    Tests that also use ``make_proxy`` ask for it *before* this fixture, so that
-    the clients close before the proxy stops (teardown runs in reverse order).
-    """
-    made: list[RedisStore] = []
+def stores(redis_stores: Callable[..., RedisStore]) -> Callable[..., RedisStore]:
+    """Make stores with no local read cache unless told (``cache_ttl=0``)."""
 
     def make(url: str | None = None, **settings: Any) -> RedisStore:
         settings.setdefault("cache_ttl", 0.0)
-        store = RedisStore(url or redis_server.url, **settings)
-        made.append(store)
-        return store
+        return redis_stores(url, **settings)
 
-    yield make
-    for store in made:
-        await store.aclose()
+    return make
 
 
 class Boom(Exception):

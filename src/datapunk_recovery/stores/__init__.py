@@ -1,4 +1,4 @@
-"""State stores: where the state of breakers (and later budgets) lives.
+"""State stores: where the state of breakers and retry budgets lives.
 
 Two kinds, told apart by ``is_async``:
 
@@ -11,7 +11,8 @@ Two kinds, told apart by ``is_async``:
   primitive binds itself to the store and gets a *link* that does the
   round trips, the local read cache and the fallback to local state when the
   store is down; for breakers that is :class:`BreakerLink`.  A retry budget
-  adds its own ``bind_budget`` / link the same way.
+  is shared by :func:`datapunk_recovery.stores.budget_redis.bind_budget`,
+  which wraps it in a ``SharedBudget`` syncing through the same Redis store.
 
 The protocols are small on purpose: a store knows keys and plain fields, never
 a pickled object, and a primitive knows only its link.
