@@ -272,15 +272,18 @@ def plot(results: Sequence[RunResult], setup: DrillSetup, path: Path) -> None:
         ys = [100.0 * g / n if n else 100.0 for g, n in buckets]
         top.plot(xs, ys, marker="o", label=f"{result.label} ({result.success_rate:.1%})")
     colours = ("tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:gray")
-    for i, window in enumerate(fault_windows(setup.duration)):
+    colour_of: dict[str, str] = {}  # one colour and one legend entry per fault kind
+    for window in fault_windows(setup.duration):
         end = window.end if window.end is not None else setup.duration
         target = window.target or "all"
+        first = target not in colour_of
+        colour = colour_of.setdefault(target, colours[len(colour_of) % len(colours)])
         top.axvspan(
             window.start,
             end,
             alpha=0.12,
-            color=colours[i % len(colours)],
-            label=FAULTS.get(target, target),
+            color=colour,
+            label=FAULTS.get(target, target) if first else None,
         )
     top.set_ylabel("requests answered (%)")
     top.set_xlabel("seconds into the run")
