@@ -12,7 +12,7 @@ import inspect
 import math
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -94,6 +94,13 @@ def states(seen: list[Event]) -> list[tuple[str, str, str]]:
         ({"open_jitter": 2}, "BreakerConfig.open_jitter"),
         ({"half_open_permits": 0}, "BreakerConfig.half_open_permits"),
         ({"ignored_counts_as": "failure"}, "BreakerConfig.ignored_counts_as"),
+        ({"half_open_timeout": math.nan}, "BreakerConfig.half_open_timeout"),
+        # a count window of 10 calls never holds the 20 calls a rate needs
+        ({"failure_rate_threshold": 0.5, "window_size": 10}, r"BreakerConfig\.minimum_calls.*20"),
+        (
+            {"keep_window": True, "window_size": 5, "minimum_calls": 6},
+            "BreakerConfig.minimum_calls",
+        ),
     ],
 )
 def test_bad_configuration_names_the_field_and_value(
@@ -505,6 +512,66 @@ def test_a_late_success_does_not_close(fake: FakeClock) -> None:
     assert b.state is BreakerState.OPEN
 
 
+def _sync_face(b: CircuitBreaker, face: str) -> Callable[[Callable[[], str]], str]:
+    if face == "call":
+        return lambda fn: b.call(fn)
+    return lambda fn: b(fn)()
+
+
+@pytest.mark.parametrize("face", ["call", "decorator"])
+def test_a_late_failure_on_the_fast_path_never_counts_in_a_later_period(
+    fake: FakeClock, face: str
+) -> None:
+    b = CircuitBreaker("x", BreakerConfig(consecutive_failures=1, open_duration=1.0))
+    run = _sync_face(b, face)
+
+    def recovers_meanwhile() -> str:
+        fail(b)  # another caller trips it...
+        fake.advance(1.0)
+        b.call(ok)  # ...and a probe closes it again
+        raise Boom("late")
+
+    with pytest.raises(Boom):
+        run(recovers_meanwhile)
+    assert b.state is BreakerState.CLOSED  # the failure belongs to the earlier period
+
+
+@pytest.mark.parametrize("face", ["call", "decorator"])
+def test_a_late_success_on_the_fast_path_never_counts_in_a_later_period(
+    fake: FakeClock, face: str
+) -> None:
+    b = CircuitBreaker("x", BreakerConfig(consecutive_failures=2, open_duration=1.0))
+    run = _sync_face(b, face)
+
+    def recovers_then_fails_meanwhile() -> str:
+        fail(b, 2)
+        fake.advance(1.0)
+        b.call(ok)
+        fail(b)  # one failure of the new period
+        return "late"
+
+    assert run(recovers_then_fails_meanwhile) == "late"
+    assert b.snapshot().consecutive_failures == 1  # not wiped by the late success
+
+
+@pytest.mark.parametrize("listening", [False, True])
+def test_an_ignored_error_never_counts_even_with_a_server_delay(
+    fake: FakeClock, listening: bool
+) -> None:
+    # ignore_on wins on every path: the fast one (nobody listening), the
+    # slow one (somebody listening), and the permit API.
+    b = CircuitBreaker("x", BreakerConfig(ignore_on=RecoveryError, honor_server_delay=True))
+    unsubscribe = b.events.subscribe(lambda e: None) if listening else None
+    try:
+        with pytest.raises(RecoveryError):
+            b.call(_raise, RecoveryError("busy", retry_after=5.0))
+        b.allow().failure(RecoveryError("busy", retry_after=5.0))
+    finally:
+        if unsubscribe is not None:
+            unsubscribe()
+    assert b.state is BreakerState.CLOSED
+
+
 def test_cancellation_counts_nothing_and_frees_the_probe(fake: FakeClock) -> None:
     b = CircuitBreaker("x")
     fail(b, 5)
@@ -839,6 +906,25 @@ async def test_async_faces(fake: FakeClock) -> None:
     assert not ran
     with pytest.raises(CircuitOpenError):
         await guarded(1)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("face", ["call_async", "decorator"])
+async def test_a_late_async_failure_on_the_fast_path_never_counts_in_a_later_period(
+    fake: FakeClock, face: str
+) -> None:
+    b = CircuitBreaker("x", BreakerConfig(consecutive_failures=1, open_duration=1.0))
+
+    async def recovers_meanwhile() -> str:
+        fail(b)
+        fake.advance(1.0)
+        b.call(ok)
+        raise Boom("late")
+
+    guarded = recovers_meanwhile if face == "call_async" else b(recovers_meanwhile)
+    with pytest.raises(Boom):
+        await (b.call_async(guarded) if face == "call_async" else guarded())
+    assert b.state is BreakerState.CLOSED
 
 
 @pytest.mark.anyio

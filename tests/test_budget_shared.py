@@ -363,6 +363,28 @@ async def test_a_corrupt_value_is_ignored_with_an_event(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("field", ["x", "y"])
+async def test_link_counts_beyond_what_was_sent_are_not_trusted(
+    stores: Callable[..., RedisStore],
+    name: str,
+    client: aioredis.Redis,
+    seen: list[Event],
+    field: str,
+) -> None:
+    shared = SharedBudget(tokens(name), stores())
+    shared.on_attempt(False)
+    assert await shared.sync()
+    link = f"datapunk:{{budget:{name}}}:link:{shared._link_id}"
+    await client.hset(link, field, "1000000000000000")  # would swallow every later batch
+    for _ in range(2):
+        shared.on_attempt(False)
+    assert await shared.sync()
+    assert await stored(client, name) == 7.0  # 10 - 1 - 2: the batch still landed
+    ignored = [e.reason for e in seen if isinstance(e, BudgetCorruptStateIgnored)]
+    assert ignored == ["link counts exceed what was sent"]
+
+
+@pytest.mark.anyio
 async def test_a_garbage_reply_falls_back_to_local_decisions(
     stores: Callable[..., RedisStore],
     name: str,

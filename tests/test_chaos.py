@@ -201,6 +201,10 @@ def test_a_disarmed_process_returns_functions_untouched() -> None:
         "assert not chaos.armed() and not chaos.all_enabled()\n"
         "assert c(f) is f\n"
         "assert c.call(f) == 1\n"
+        "stage = c.stage()\n"
+        "def nxt(fn, args, kwargs): return fn(*args, **kwargs)\n"
+        "async def anxt(fn, args, kwargs): return await fn(*args, **kwargs)\n"
+        "assert stage.sync(nxt) is nxt and stage.asyn(anxt) is anxt  # the stage costs nothing\n"
         "try:\n"
         "    chaos.enable_all()\n"
         "except RuntimeError as exc:\n"
@@ -465,6 +469,24 @@ def test_overlapping_windows_apply_together_and_untargeted_ones_apply_to_all() -
         assert clock.slept == [0.5, 0.5]  # the wait came first, then the fault
     assert script.duration is None
     assert db.statistics().latencies == 2
+
+
+def test_a_wait_comes_before_a_fault_of_a_window_that_opened_earlier() -> None:
+    script = chaos.Timeline(
+        [
+            chaos.Window(0.0, None, chaos.Fault(TimeoutError), target="db"),
+            chaos.Window(1.0, None, chaos.Latency(0.5), target="db"),
+        ]
+    )
+    db = script.injector("db")
+    with fake_clock() as clock:
+        script.start()
+        clock.advance(1.0)
+        with pytest.raises(TimeoutError):
+            db.call(_double, 1)
+        assert clock.slept == [0.5]  # slow, and then failing
+    stats = db.statistics()
+    assert (stats.latencies, stats.faults) == (1, 1)
 
 
 def test_a_window_rate_is_drawn_from_the_timeline_seed() -> None:

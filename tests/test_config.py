@@ -8,7 +8,7 @@ import pytest
 
 from datapunk_recovery import ErrorCategory
 from datapunk_recovery.config import RecoveryConfig, ServicePolicy, build_config, load_config
-from datapunk_recovery.schema import ConfigError
+from datapunk_recovery.schema import ConfigError, env_overrides, merge
 
 GOOD = """
 [defaults]
@@ -165,3 +165,23 @@ def test_the_cache_settings_validate_and_never_show_a_password() -> None:
         build_config({"cache": {"namespace": "a:b"}})
     dsn = build_config({"databases": {"x": {"postgres": "postgresql://u:hunter2@db/x"}}})
     assert "hunter2" not in repr(dsn)
+
+
+def test_problems_and_reprs_never_show_a_secret() -> None:
+    environ = {"DATAPUNK_RECOVERY__CACHE__REDIS_URL": "redis://:hunter3@cache:6379/0"}
+    document = {
+        "databases": {"x": {"postgress": "postgresql://u:hunter2@db/x"}},
+        "services": {"api": {"endpoints": ["a"], "addresses": {"a": "https://u:hunter4@a"}}},
+        "pools": {"gpu": {"capacity": 0}},
+    }
+    with pytest.raises(ConfigError) as caught:
+        build_config(merge(document, env_overrides(environ)))
+    problems = {p.path: p for p in caught.value.problems}
+    assert set(problems) == {"databases.x.postgress", "cache.redis_url", "pools.gpu.capacity"}
+    message = str(caught.value)
+    assert "hunter2" not in message and "hunter3" not in message
+    assert "postgresql://u:***@db/x" in message  # still says which value, without its password
+    assert problems["pools.gpu.capacity"].value == 0  # values without secrets stay themselves
+    config = build_config({"services": document["services"]})
+    assert "hunter4" not in repr(config) and "https://u:***@a" in repr(config)
+    assert config.policy("api").addresses["a"] == "https://u:hunter4@a"

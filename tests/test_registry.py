@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -64,6 +65,36 @@ def test_open_breakers_are_never_evicted(fake: FakeClock) -> None:
     registry.get("d")  # now the bound is restored: a and c can go, the oldest first
     assert len(registry) == 2
     assert "b" in registry  # still half-open-able, never dropped
+
+
+def test_eviction_never_waits_for_a_breaker_someone_is_using(fake: FakeClock) -> None:
+    # A thread holding a breaker's lock (say, a subscriber of its events that
+    # calls registry.get()) must not deadlock with an eviction holding the
+    # registry's lock: the busy breaker is simply kept this time.
+    registry = BreakerRegistry(BreakerConfig(consecutive_failures=1), max_size=1)
+    trip(registry, "a")
+    a = registry.get("a")
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with a._core.lock:
+            held.set()
+            done.wait(10.0)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    got: list[object] = []
+    getter = threading.Thread(target=lambda: got.append(registry.get("b")))
+    try:
+        getter.start()
+        getter.join(5.0)
+        assert got, "registry.get() waited for a busy breaker's lock"
+    finally:
+        done.set()
+        holder.join()
+        getter.join()
+    assert "a" in registry  # open, and kept
 
 
 def test_remove_and_find() -> None:

@@ -231,3 +231,71 @@ def test_the_store_source_never_unpickles() -> None:
     assert "pickle" not in source.replace("Nothing is pickled", "")
     assert "eval(" not in source.replace("_eval(", "").replace("evalsha", "")
     assert os.path.basename(module.__file__) == "redis.py"
+
+
+async def _plant(redis_server: RedisServer, key: str, fields: dict[str, str]) -> None:
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.hset(key, mapping=fields)  # type: ignore[arg-type]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_an_open_period_beyond_the_limits_is_shortened_and_reported(
+    redis_server: RedisServer, stores: Callable[..., RedisStore], name: str, seen: list[Event]
+) -> None:
+    # 50 days: short enough to pass the reply's own sanity bound, far beyond the config's.
+    config = BreakerConfig(consecutive_failures=3, max_open_duration=60.0)
+    store = stores(redis_server.url, retry_interval=0.0, timeout=5.0)
+    breaker = CircuitBreaker(name, config, store=store)
+    assert await breaker.call_async(aok) == "ok"
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        seconds, _ = await client.time()
+    finally:
+        await client.aclose()
+    later = str(seconds + 50 * 24 * 3600)
+    await _plant(redis_server, _state_key(store.prefix, name), {"s": "1", "ou": later})
+    with pytest.raises(CircuitOpenError) as info:
+        await breaker.call_async(aok)
+    assert info.value.remaining <= config.max_open_duration
+    assert any(isinstance(e, CorruptStateIgnored) for e in seen)
+    assert not any(isinstance(e, StoreFallback) for e in seen)  # repaired, still shared
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "plant",
+    [
+        pytest.param({"g": "1e300"}, id="huge-generation"),
+        pytest.param({"c": "1e300"}, id="huge-count"),
+        pytest.param({"wh": "inf"}, id="infinite-window-head"),
+        pytest.param({"wh": "1e15"}, id="window-head-in-the-future"),
+    ],
+)
+async def test_a_hostile_number_is_repaired_not_a_permanent_outage(
+    redis_server: RedisServer,
+    stores: Callable[..., RedisStore],
+    name: str,
+    seen: list[Event],
+    plant: dict[str, str],
+) -> None:
+    config = BreakerConfig(
+        consecutive_failures=3, failure_rate_threshold=0.5, window="time", minimum_calls=2
+    )
+    store = stores(redis_server.url, retry_interval=0.0, timeout=5.0)
+    breaker = CircuitBreaker(name, config, store=store)
+    assert await breaker.call_async(aok) == "ok"
+    await _plant(redis_server, _state_key(store.prefix, name), plant)
+    for _ in range(3):
+        assert await breaker.call_async(aok) == "ok"
+    await breaker._link.flush()  # type: ignore[union-attr]
+    assert any(isinstance(e, CorruptStateIgnored) for e in seen)
+    assert not any(isinstance(e, StoreFallback) for e in seen)  # the state was reset, shared
+    assert breaker.snapshot().calls >= 1  # the repaired window counts again
+    for _ in range(3):  # and sharing works: failures open the breaker
+        with pytest.raises((ConnectionResetError, CircuitOpenError)):
+            await breaker.call_async(aboom)
+    await breaker._link.flush()  # type: ignore[union-attr]
+    assert breaker.state is BreakerState.OPEN

@@ -32,7 +32,7 @@ from datapunk_recovery.breaker import (
 from datapunk_recovery.errors import CircuitOpenError, RecoveryError
 from datapunk_recovery.events import Event
 from datapunk_recovery.stores import SharedStore
-from datapunk_recovery.stores.redis import RedisStore
+from datapunk_recovery.stores.redis import RedisStore, _BreakerLink
 from tests.harness import RedisServer, ThreadedProxy
 
 
@@ -121,6 +121,11 @@ def test_custom_trip_policies_cannot_be_shared(redis_server: RedisServer, name: 
 
     with pytest.raises(TypeError, match="trip_policy"):
         CircuitBreaker(name, BreakerConfig(trip_policy=Never), store=RedisStore(redis_server.url))
+    # nor slipped in later
+    breaker = CircuitBreaker(name, store=RedisStore(redis_server.url))
+    with pytest.raises(TypeError, match="trip_policy"):
+        breaker.reconfigure(BreakerConfig(trip_policy=Never))
+    assert breaker.config.trip_policy is None
 
 
 def test_redis_breakers_refuse_trio(redis_server: RedisServer, name: str) -> None:
@@ -192,6 +197,69 @@ async def test_half_open_permits_are_global(stores: Callable[..., RedisStore], n
 
 
 @pytest.mark.anyio
+async def test_replicas_allowing_fewer_probes_still_read_the_shared_state(
+    stores: Callable[..., RedisStore], name: str, seen: list[Event]
+) -> None:
+    # A replica (or a reconfiguration) allowing fewer probes than are out: it
+    # must see "no probe free", not a reply it cannot parse (a fallback).
+    three = CircuitBreaker(
+        name, BreakerConfig(open_duration=0.0, half_open_permits=3), store=stores(timeout=5.0)
+    )
+    one = CircuitBreaker(
+        name, BreakerConfig(open_duration=0.0, half_open_permits=1), store=stores(timeout=5.0)
+    )
+    await trip(three)
+    probes = [await three.allow_async() for _ in range(3)]
+    with pytest.raises(CircuitOpenError):
+        await one.allow_async()
+    assert one.state is BreakerState.HALF_OPEN
+    assert not [e for e in seen if isinstance(e, StoreFallback | CorruptStateIgnored)]
+    for permit in probes:
+        await permit.cancel_async()
+
+
+@pytest.mark.anyio
+async def test_aclose_lands_the_background_writes_and_leaves_no_task(
+    redis_server: RedisServer, stores: Callable[..., RedisStore], name: str
+) -> None:
+    store = RedisStore(redis_server.url, cache_ttl=0.0)
+    breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=1), store=store)
+    (await breaker.allow_async()).failure(Boom())  # written in the background
+    link = breaker._link
+    assert isinstance(link, _BreakerLink) and link.pending
+    await store.aclose()
+    assert not link.pending  # nothing left running against a closed client
+    with pytest.raises(CircuitOpenError):  # and the write landed
+        await CircuitBreaker(name, store=stores()).allow_async()
+
+
+@pytest.mark.anyio
+async def test_a_closed_store_opens_no_connection_and_its_breakers_decide_locally(
+    redis_server: RedisServer, name: str, seen: list[Event]
+) -> None:
+    watcher = aioredis.Redis.from_url(redis_server.url)
+
+    async def connections() -> int:
+        return sum(c.get("name") == name for c in await watcher.client_list())
+
+    store = RedisStore(f"{redis_server.url}?client_name={name}", cache_ttl=0.0)
+    breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=1), store=store)
+    try:
+        assert await breaker.call_async(aok) == "ok"
+        assert await connections() == 1
+        await store.aclose()
+        assert await connections() == 0
+        with pytest.raises(Boom):  # still guarded, on the local state
+            await breaker.call_async(aboom)
+        with pytest.raises(CircuitOpenError):
+            await breaker.call_async(aok)
+        assert await connections() == 0  # redis-py would have quietly reconnected
+    finally:
+        await watcher.aclose()
+    assert [e.error_type for e in seen if isinstance(e, StoreFallback)] == ["StoreClosed"]
+
+
+@pytest.mark.anyio
 async def test_a_cancelled_probe_frees_its_permit(
     stores: Callable[..., RedisStore], name: str
 ) -> None:
@@ -212,6 +280,35 @@ async def test_a_cancelled_probe_frees_its_permit(
         await task
     await breaker._flush()
     assert (await breaker.allow_async()).probe
+
+
+@pytest.mark.anyio
+async def test_a_caller_cancelled_while_taking_a_probe_gives_it_back(
+    stores: Callable[..., RedisStore], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = stores(timeout=5.0)
+    breaker = CircuitBreaker(name, BreakerConfig(open_duration=0.0), store=store)
+    await trip(breaker)
+    real = store.breaker_op
+    granted, reply_lands = asyncio.Event(), asyncio.Event()
+
+    async def slow_reply(*args: Any) -> Any:
+        reply = await real(*args)
+        if args[2] == "acquire":
+            granted.set()  # the script gave the probe; its reply is still on the way
+            await reply_lands.wait()
+        return reply
+
+    monkeypatch.setattr(store, "breaker_op", slow_reply)
+    caller = asyncio.create_task(breaker.call_async(aok))
+    await granted.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    reply_lands.set()
+    await breaker._flush()
+    monkeypatch.undo()
+    assert (await breaker.allow_async()).probe  # the probe came back
 
 
 @pytest.mark.anyio

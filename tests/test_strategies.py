@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 import redis.asyncio as redis
 
 from datapunk_recovery import CircuitOpenError, subscribe
+from datapunk_recovery import strategies as strategies_module
 from datapunk_recovery.breaker import BreakerState
 from datapunk_recovery.cache import MemoryCache
 from datapunk_recovery.database import ManagedPool
@@ -219,6 +221,76 @@ async def test_cancellation_passes_through_untouched() -> None:
     assert router is not None and router.statistics().calls == 0
 
 
+async def test_fallback_counts_stay_bounded_whatever_service_names_callers_send(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(strategies_module, "MAX_UNNAMED_SERVICES", 4)
+    calls, reads = strategies(), strategies()
+
+    async def broken(*args: object) -> str:
+        raise ConnectionError("down")
+
+    async def stale(key: str) -> str:
+        raise ConnectionRefusedError("down")
+
+    async def good(key: str) -> str:
+        return key
+
+    for i in range(20):
+        await calls.with_network_recovery(f"caller-{i}", broken, fallback="spare")
+    with fake_clock() as clock:
+        for i in range(20):
+            await reads.with_cache_recovery("k", good, service=f"reader-{i}")
+        clock.advance(120.0)  # past the ttl: the next reads are stale
+        for i in range(20):
+            assert (await reads.with_cache_recovery("k", stale, service=f"reader-{i}")).stale
+    for recovery in (calls, reads):
+        # Four names of their own, then one, "other", for the rest.
+        assert len(recovery.fallbacks()) == 5
+        assert sum(recovery.fallbacks().values()) == 20
+
+
+async def test_cancellation_passes_through_every_other_recovery_counted_nowhere() -> None:
+    recovery = strategies({"pools": {"gpu": {"capacity": 1, "max_wait": 0.1}}})
+    entered = anyio.Event()
+    undone: list[str] = []
+
+    async def hangs(*args: object) -> None:
+        entered.set()
+        await anyio.sleep_forever()
+
+    async def holds_and_hangs(scope: ResourceScope) -> None:
+        scope.compensations.add(undone.append, "undone")
+        await hangs()
+
+    async def cancelled(call: Callable[[], Awaitable[object]]) -> None:
+        nonlocal entered
+        entered = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await entered.wait()
+            tg.cancel_scope.cancel()
+
+    async with recovery:
+        await cancelled(lambda: recovery.with_cache_recovery("k", hangs, service="slow"))
+        await cancelled(lambda: recovery.with_network_recovery("slow", hangs, fallback="no"))
+        await cancelled(lambda: recovery.with_database_recovery(hangs, service="slow"))
+        await cancelled(
+            lambda: recovery.with_resource_recovery(holds_and_hangs, pool="gpu", service="slow")
+        )
+    assert recovery.fallbacks() == {}
+    assert recovery.pool("gpu").in_use == 0
+    assert undone == ["undone"]  # the cancelled attempt's partial work was undone
+    breaker = recovery.breaker("slow")
+    assert breaker is not None
+    snapshot = breaker.snapshot()
+    assert (snapshot.state, snapshot.consecutive_failures) == (BreakerState.CLOSED, 0)
+    budget = recovery.budget("slow")
+    assert budget is not None and budget.tokens == budget.config.max_tokens
+    stats = recovery.cache_stats("slow")
+    assert stats is not None and dict(stats.failures) == {} and stats.stale_served == 0
+
+
 # -- cache -------------------------------------------------------------------------
 
 
@@ -398,6 +470,33 @@ async def test_a_busy_sqlite_transaction_is_replayed(tmp_path: Path) -> None:
         assert conn.execute("SELECT count(*) FROM orders").fetchone() == (1,)
 
 
+async def test_sqlite_transactions_replay_with_the_policy_of_the_service_in_force(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "orders.db")
+    config = {**CONFIG, "databases": {"orders": {"sqlite": path}}}
+    attempts = 0
+
+    def always_busy(conn: sqlite3.Connection) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise busy_error()
+
+    async def replays(service: str | None = None) -> int:
+        nonlocal attempts
+        attempts = 0
+        with pytest.raises(sqlite3.OperationalError):
+            await recovery.with_database_recovery(always_busy, database="orders", service=service)
+        return attempts
+
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        assert await replays() == 3  # the defaults: "orders" is not configured
+        assert await replays("slow") == 5  # the service named, not the database's
+        services = {**CONFIG["services"], "orders": {"retry": {"max_attempts": 2}}}
+        recovery.reload({**config, "services": services}, environ={})
+        assert await replays() == 2  # the reload reaches SQLite transactions too
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
 async def test_a_postgres_database_opens_from_config_runs_a_transaction_and_closes(
     postgres_server: PostgresServer,
@@ -429,6 +528,63 @@ async def test_a_postgres_database_opens_from_config_runs_a_transaction_and_clos
         await conn.execute("DROP TABLE strategies_ledger")
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
+async def test_a_close_cancelled_midway_still_closes_the_rest(
+    postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = {"postgres": postgres_server.app_dsn, "max_size": 1}
+    config = {**CONFIG, "databases": {"one": table, "two": table}}
+    recovery = RecoveryStrategies.from_config(config, environ={})
+    await recovery.open()
+    one, two = recovery.database("one"), recovery.database("two")
+    assert isinstance(one, ManagedPool) and isinstance(two, ManagedPool)
+    real_close = ManagedPool.close
+    closing = asyncio.Event()
+
+    async def close(pool: ManagedPool) -> None:
+        if pool is one:  # hangs until cancelled
+            closing.set()
+            await asyncio.Event().wait()
+        await real_close(pool)
+
+    monkeypatch.setattr(ManagedPool, "close", close)
+    task = asyncio.create_task(recovery.close())
+    await closing.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert two.raw.is_closing()  # closed although the close was cancelled before it
+    await real_close(one)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
+async def test_a_failed_open_raises_its_own_error_even_when_closing_fails(
+    postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "two" points at a port where nothing listens: the open fails after "one".
+    nowhere = postgres_server.app_dsn.replace(f":{postgres_server.port}/", ":1/")
+    config = {
+        **CONFIG,
+        "databases": {"one": {"postgres": postgres_server.app_dsn}, "two": {"postgres": nowhere}},
+    }
+    real_close = ManagedPool.close
+    closed: list[ManagedPool] = []
+
+    async def close(pool: ManagedPool) -> None:
+        await real_close(pool)
+        closed.append(pool)
+        raise OSError("close failed")
+
+    monkeypatch.setattr(ManagedPool, "close", close)
+    recovery = RecoveryStrategies.from_config(config, environ={})
+    with pytest.raises(OSError) as caught:
+        await recovery.open()
+    assert not isinstance(caught.value, ExceptionGroup)  # the open's error, not the close's
+    assert "close failed" in "".join(getattr(caught.value, "__notes__", []))
+    assert len(closed) == 1 and closed[0].raw.is_closing()
+    assert APP_PASSWORD not in str(caught.value)
 
 
 async def test_an_unknown_database_is_named() -> None:

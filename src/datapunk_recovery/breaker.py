@@ -291,6 +291,13 @@ class BreakerConfig:
             or self.slow_call_rate_threshold is not None
             or self.keep_window
         )
+        if windowed and self.window is WindowKind.COUNT and self.minimum_calls > self.window_size:
+            # A count window never holds more than window_size calls: no rate
+            # would ever be judged (nor failure_rate() answer).
+            raise ValueError(
+                f"{_OWNER}.minimum_calls: must be <= window_size ({self.window_size!r}) "
+                f"with a count window, got {self.minimum_calls!r}"
+            )
         timed = self.slow_call_duration is not None or self.trip_policy is not None
         s(self, "windowed", windowed)
         s(self, "timed", timed)
@@ -315,6 +322,11 @@ class BreakerConfig:
         if self.window is WindowKind.COUNT:
             return (WindowKind.COUNT, self.window_size)
         return (WindowKind.TIME, self.window_duration, self.window_buckets)
+
+    def is_slow(self, duration: float | None) -> bool:
+        """Whether a call that took ``duration`` seconds (None: not measured) is slow."""
+        limit = self.slow_call_duration
+        return duration is not None and limit is not None and duration > limit
 
     def open_time(self, reopenings: int, rng: random.Random) -> float:
         """How long to stay open at the ``reopenings``-th re-opening (0 for the first)."""
@@ -662,10 +674,10 @@ class _Core:
             if gen == self.gen and self.state is BreakerState.HALF_OPEN and self.probes_issued:
                 self.probes_issued -= 1
 
-    def reset_consecutive(self) -> None:
-        """A success on the fast path while failures were counted."""
+    def reset_consecutive(self, gen: int) -> None:
+        """A fast-path success of generation ``gen`` while failures were counted."""
         with self.lock:
-            if self.state is BreakerState.CLOSED:
+            if gen == self.gen and self.state is BreakerState.CLOSED:
                 self.consecutive = 0
 
     def record(
@@ -980,6 +992,11 @@ class CircuitBreaker:
         """Take ``config`` from now on, keeping the state (and the window if its shape holds)."""
         if not isinstance(config, BreakerConfig):
             raise TypeError(f"CircuitBreaker.reconfigure: expected a BreakerConfig, got {config!r}")
+        if self._link is not None and config.trip_policy is not None:
+            raise TypeError(
+                f"CircuitBreaker.reconfigure: {self.name!r} shares its state through a store; "
+                "a custom trip_policy lives in one process and cannot be shared"
+            )
         self._core.configure(config)
 
     def _local_control(self, what: str) -> _Core:
@@ -1068,7 +1085,10 @@ class CircuitBreaker:
             return
         config = self.config
         verdict = judge_error(config, exc)
-        hint = classify(exc).delay_hint if config.honor_server_delay else None
+        # An ignored error never counts, whatever delay it carries (as on the fast path).
+        hint = (
+            classify(exc).delay_hint if config.honor_server_delay and verdict != _IGNORED else None
+        )
         self._settle(permit, verdict, hint, duration, exc, None)
 
     def _settle_result(self, permit: Permit, value: object, duration: float | None) -> None:
@@ -1093,11 +1113,7 @@ class CircuitBreaker:
         hint = self._validate_hint(raw_hint) if raw_hint is not None else None
         if hint is not None:
             verdict = _FAILURE  # a "come back later" from the server is no success
-        slow = (
-            duration is not None
-            and config.slow_call_duration is not None
-            and duration > config.slow_call_duration
-        )
+        slow = config.is_slow(duration)
         if core.listening() and core.state is not BreakerState.DISABLED:
             outcome = ignored_as or ("failure", "success", "ignored")[verdict]
             emit(
@@ -1147,75 +1163,63 @@ class CircuitBreaker:
             return None
         return decision.delay if decision.delay > 0.0 else None
 
-    def _fast_failure(self, exc: Exception) -> None:
-        # The fast path's failure: judged and recorded against the current period.
+    def _error_hint(self, exc: Exception) -> float | None:
+        """The valid server delay (seconds) ``exc`` carries, if the configuration honours it."""
+        if not self.config.honor_server_delay:
+            return None
+        raw = classify(exc).delay_hint
+        return None if raw is None else self._validate_hint(raw)
+
+    def _fast_failure(self, exc: Exception, gen: int) -> None:
+        # The fast path's failure of a call that started in generation ``gen``
+        # (no duration: the fast path's configuration measures none).
         core = self._core
-        config = core.config
-        verdict = judge_error(config, exc)
+        verdict = judge_error(core.config, exc)
         if verdict == _IGNORED:
             return
-        hint = None
-        if config.honor_server_delay:
-            raw = classify(exc).delay_hint
-            if raw is not None:
-                hint = self._validate_hint(raw)
-        if hint is not None:
-            core.record(-1, False, True, False, None, hint)
-        elif verdict == _FAILURE:
-            core.record(-1, False, True, False, None, None)
+        hint = self._error_hint(exc)
+        if hint is not None or verdict == _FAILURE:
+            core.record(gen, False, True, False, None, hint)
         elif core.consecutive:
-            core.reset_consecutive()
+            core.reset_consecutive(gen)
 
     def _quick_success(self, gen: int, start: float | None) -> None:
         core = self._core
-        config = core.config
         duration = None if start is None else clock.now() - start
-        slow = (
-            duration is not None
-            and config.slow_call_duration is not None
-            and duration > config.slow_call_duration
-        )
-        core.record(gen, False, False, slow, duration, None)
+        core.record(gen, False, False, core.config.is_slow(duration), duration, None)
 
     def _quick_failure(self, gen: int, start: float | None, exc: Exception) -> None:
         core = self._core
-        config = core.config
         duration = None if start is None else clock.now() - start
-        verdict = judge_error(config, exc)
+        verdict = judge_error(core.config, exc)
         if verdict == _IGNORED:
             return  # not a probe: nothing to give back
-        hint = None
-        if config.honor_server_delay:
-            raw = classify(exc).delay_hint
-            if raw is not None:
-                hint = self._validate_hint(raw)
-        slow = (
-            duration is not None
-            and config.slow_call_duration is not None
-            and duration > config.slow_call_duration
-        )
+        hint = self._error_hint(exc)
         failed = verdict == _FAILURE or hint is not None
-        core.record(gen, False, failed, slow, duration, hint)
+        core.record(gen, False, failed, core.config.is_slow(duration), duration, hint)
 
     # -- faces -----------------------------------------------------------------------------
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call ``fn(*args, **kwargs)`` through the breaker (sync, in-process stores)."""
         core = self._core
+        # The generation is read before ``fast``: a transition in between makes
+        # the outcome late (counted nowhere), never counted in a later period.
+        gen = core.gen
         if core.fast and not global_bus._subscribers and not core.bus._subscribers:
             try:
                 result = fn(*args, **kwargs)
             except Exception as exc:
-                self._fast_failure(exc)
+                self._fast_failure(exc, gen)
                 raise
             if core.consecutive:
-                core.reset_consecutive()
+                core.reset_consecutive(gen)
             return result
         return self._call_slow(fn, args, kwargs)
 
     def _call_slow(self, fn: Callable[..., R], args: Any, kwargs: Any) -> R:
         core = self._core
+        gen = core.gen  # before ``quick``: see call()
         if core.quick and not core.listening():
-            gen = core.gen
             start = clock.now() if core.config.timed else None
             try:
                 result = fn(*args, **kwargs)
@@ -1241,21 +1245,22 @@ class CircuitBreaker:
     ) -> R:
         """Await ``fn(*args, **kwargs)`` through the breaker (every store)."""
         core = self._core
+        gen = core.gen  # before ``fast``: see call()
         if core.fast and not global_bus._subscribers and not core.bus._subscribers:
             try:
                 result = await fn(*args, **kwargs)
             except Exception as exc:
-                self._fast_failure(exc)
+                self._fast_failure(exc, gen)
                 raise
             if core.consecutive:
-                core.reset_consecutive()
+                core.reset_consecutive(gen)
             return result
         return await self._call_slow_async(fn, args, kwargs)
 
     async def _call_slow_async(self, fn: Callable[..., Awaitable[R]], args: Any, kwargs: Any) -> R:
         core = self._core
+        gen = core.gen  # before ``quick``: see call()
         if core.quick and not core.listening():
-            gen = core.gen
             start = clock.now() if core.config.timed else None
             try:
                 result = await fn(*args, **kwargs)
@@ -1287,14 +1292,15 @@ class CircuitBreaker:
 
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                gen = core.gen  # before ``fast``: see call()
                 if core.fast and not gbus._subscribers and not core.bus._subscribers:
                     try:
                         result = await afn(*args, **kwargs)
                     except Exception as exc:
-                        fast_failure(exc)
+                        fast_failure(exc, gen)
                         raise
                     if core.consecutive:
-                        core.reset_consecutive()
+                        core.reset_consecutive(gen)
                     return result
                 return await call_slow_async(afn, args, kwargs)
 
@@ -1308,14 +1314,15 @@ class CircuitBreaker:
 
         @functools.wraps(fn)
         def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+            gen = core.gen  # before ``fast``: see call()
             if core.fast and not gbus._subscribers and not core.bus._subscribers:
                 try:
                     result = fn(*args, **kwargs)
                 except Exception as exc:
-                    fast_failure(exc)
+                    fast_failure(exc, gen)
                     raise
                 if core.consecutive:
-                    core.reset_consecutive()
+                    core.reset_consecutive(gen)
                 return result
             return call_slow(fn, args, kwargs)
 

@@ -502,7 +502,9 @@ class ChaosStage:
         self.name = "chaos"
 
     def sync(self, nxt: Run) -> Run:
-        """The stage around ``nxt``, for sync calls."""
+        """The stage around ``nxt``, for sync calls (``nxt`` itself when chaos is disarmed)."""
+        if not _ARMED:
+            return nxt
         injector, switch, apply = self.injector, _GLOBAL, self.injector._apply_sync
 
         def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -513,7 +515,9 @@ class ChaosStage:
         return run
 
     def asyn(self, nxt: ARun) -> ARun:
-        """The stage around ``nxt``, for async calls."""
+        """The stage around ``nxt``, for async calls (``nxt`` itself when chaos is disarmed)."""
+        if not _ARMED:
+            return nxt
         injector, switch, apply = self.injector, _GLOBAL, self.injector._apply_async
 
         async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -795,11 +799,16 @@ class _TimelineInjector(Injector):
             return ()
         elapsed = clock.now() - origin
         rng = self._rng
-        return tuple(
+        picked = tuple(
             w.injection
             for w in self._windows
             if w.covers(elapsed) and (w.rate >= 1.0 or rng.random() < w.rate)
         )
+        if len(picked) > 1:
+            # Waits first, whatever window opened first: a slow dependency that
+            # then fails is slow *and* fails (the sort is stable: order kept).
+            picked = tuple(sorted(picked, key=lambda i: not isinstance(i, Latency)))
+        return picked
 
     def __repr__(self) -> str:
         state = "on" if self._on else "off"

@@ -62,9 +62,18 @@ from .budget import TokenBudgetConfig
 from .bulkhead import BulkheadConfig
 from .errors import ErrorCategory
 from .hedging import HedgeConfig
-from .redact import redact_url
+from .redact import redact_text, redact_url
 from .resource.pool import PoolConfig
-from .schema import ConfigError, Problem, Text, build, env_overrides, merge, read_toml
+from .schema import (
+    NO_VALUE,
+    ConfigError,
+    Problem,
+    Text,
+    build,
+    env_overrides,
+    merge,
+    read_toml,
+)
 
 __all__ = [
     "ENV_PREFIX",
@@ -174,6 +183,11 @@ class ServicePolicy:
                 elif not isinstance(value, str):
                     raise TypeError(f"{owner}.{name}: expected a text for {key!r}")
             object.__setattr__(self, name, MappingProxyType(table))
+
+    def __repr__(self) -> str:
+        # An address may carry credentials (https://user:token@host): never shown.
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return redact_text(f"ServicePolicy({fields})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,7 +363,7 @@ def build_config(document: Mapping[str, Any], *, source: str = "configuration") 
     rest_raw = {k: document[k] for k in ("cache", "pools", "databases") if k in document}
     rest = reader.build(_Rest, rest_raw, "", None)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError([_redacted(p) for p in problems])
     assert rest is not None
     return RecoveryConfig(
         defaults=defaults,
@@ -358,6 +372,36 @@ def build_config(document: Mapping[str, Any], *, source: str = "configuration") 
         pools=rest.pools,
         databases=rest.databases,
     )
+
+
+class _Shown:
+    """A value as a problem shows it: its text with passwords and tokens removed."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _redacted(problem: Problem) -> Problem:
+    """``problem`` without secrets: a DSN or URL under a misspelt key is shown redacted.
+
+    The value is replaced only when it holds something to hide, so that a
+    problem's ``value`` stays the value itself in every other case.
+    """
+    message = redact_text(problem.message)
+    value = problem.value
+    if value is not NO_VALUE:
+        shown = repr(value)
+        hidden = redact_text(shown)
+        if hidden != shown:
+            value = _Shown(hidden)
+    if message == problem.message and value is problem.value:
+        return problem
+    return Problem(problem.source, problem.path, message, value)
 
 
 def _problem(source: str, path: str, message: str, value: object) -> Problem:

@@ -24,6 +24,23 @@ __all__ = ["BreakerRegistry"]
 _KEEP: Final = frozenset({BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.FORCED_OPEN})
 
 
+def _pinned(breaker: CircuitBreaker) -> bool:
+    """Whether forgetting ``breaker`` could let traffic through to a failing dependency.
+
+    Called under the registry's lock, so it never waits for the breaker's:
+    a thread holding that (a subscriber of the breaker's events calling
+    :meth:`BreakerRegistry.get`, say) would deadlock with us.  A breaker in
+    use right now is kept this time.
+    """
+    lock = breaker._core.lock
+    if not lock.acquire(blocking=False):
+        return True
+    try:
+        return breaker.state in _KEEP
+    finally:
+        lock.release()
+
+
 class BreakerRegistry:
     """Named breakers made on demand with ``config`` and ``store``, bounded by ``max_size``.
 
@@ -69,7 +86,7 @@ class BreakerRegistry:
         for name in list(self._breakers):  # least recently used first
             if excess <= 0:
                 break
-            if name != keep and self._breakers[name].state not in _KEEP:
+            if name != keep and not _pinned(self._breakers[name]):
                 del self._breakers[name]
                 excess -= 1
 

@@ -32,6 +32,7 @@ running.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -152,6 +153,7 @@ class _Service:
         "breaker",
         "budget",
         "bulkhead",
+        "databases",
         "name",
         "owner",
         "policy",
@@ -159,6 +161,7 @@ class _Service:
         "run",
         "timeout",
         "top",
+        "transaction",
     )
 
     def __init__(
@@ -188,6 +191,12 @@ class _Service:
             else AttemptTimeout(policy.attempt_timeout, name=name)
         )
         retry_policy = RetryPolicy(policy.retry, policy.categories)
+        #: How this service's database transactions are replayed (built once
+        #: per configuration, so that a reload changes them too).
+        self.transaction = TransactionConfig(retry=retry_policy)
+        #: The SQLite databases of the configuration, replaying with this
+        #: service's retry policy (made on first use).
+        self.databases: dict[str, SqliteDatabase] = {}
         self.breaker: CircuitBreaker | None = None
         self.router: Router | None = None
         self.run: _Attempt
@@ -220,6 +229,26 @@ class _Service:
             router.reconfigure(config, budget=self.budget)
         router.replace(endpoints)
         return router
+
+    def sqlite(self, name: str, opened: SqliteDatabase) -> SqliteDatabase:
+        """The SQLite database ``name`` replaying its transactions with this service's policy.
+
+        ``opened`` is the one the facade opened; it is used as it is when its
+        policy is this service's, else a twin of it is made once (a
+        :class:`SqliteDatabase` holds no connection, only its settings).
+        """
+        mine = self.databases.get(name)
+        if mine is None or mine.path != opened.path:
+            policy = self.transaction.retry
+            mine = (
+                opened
+                if opened.config.retry == policy
+                else SqliteDatabase(
+                    opened.path, dataclasses.replace(opened.config, retry=policy), uri=opened.uri
+                )
+            )
+            self.databases[name] = mine
+        return mine
 
     async def attempt(
         self,
@@ -449,8 +478,13 @@ class RecoveryStrategies:
             url = self._config.cache.redis
             if url is not None and self._redis is None:
                 self._redis = RedisCache.from_url(url)
-        except BaseException:
-            await self.close()
+        except BaseException as exc:
+            # The first failure (or the cancellation) is what the caller must
+            # see; a failure to close what was opened only adds a note to it.
+            try:
+                await self.close()
+            except Exception as close_error:
+                exc.add_note(f"and closing what was opened failed: {close_error!r}")
             raise
 
     async def _open_database(
@@ -475,11 +509,19 @@ class RecoveryStrategies:
             self._readers.clear()  # they read through the closed client
             closing.append(redis)
         errors: list[Exception] = []
+        interrupted: BaseException | None = None
         for resource in closing:
             try:
                 await resource.close()
             except Exception as exc:
                 errors.append(exc)
+            except BaseException as exc:
+                # Cancelled (or interrupted) while closing one: the others are
+                # still closed, then the cancellation goes on untouched.
+                if interrupted is None:
+                    interrupted = exc
+        if interrupted is not None:
+            raise interrupted
         if errors:
             raise ExceptionGroup("RecoveryStrategies.close: some failed to close", errors)
 
@@ -622,7 +664,7 @@ class RecoveryStrategies:
         except Exception as exc:
             if fallback is _NO_FALLBACK:
                 raise
-            self._fell_back(service, "fallback")
+            self._fell_back(s.name, "fallback")  # s.name: bounded, whatever callers send
             answer = fallback(exc) if callable(fallback) else fallback
             if inspect.isawaitable(answer):
                 answer = await answer
@@ -663,9 +705,9 @@ class RecoveryStrategies:
         finally:
             _READING.reset(token)
         if answer.origin == "stale":
-            self._fell_back(service, "stale")
+            self._fell_back(self._service(service).name, "stale")
         elif read.cache_failed and answer.origin == "source":
-            self._fell_back(service, "source")
+            self._fell_back(self._service(service).name, "source")
         return answer
 
     def cache_stats(
@@ -765,8 +807,8 @@ class RecoveryStrategies:
         db = self.database(database)
         s = self._service(service or database)
         if isinstance(db, SqliteDatabase):
-            return await _through(s.breaker, db.transaction, work)
-        return await _through(s.breaker, db.transaction, work, config=_transaction_config(s.policy))
+            return await _through(s.breaker, s.sqlite(database, db).transaction, work)
+        return await _through(s.breaker, db.transaction, work, config=s.transaction)
 
     async def with_resource_recovery(
         self,
@@ -807,10 +849,6 @@ async def _through(
     if breaker is None:
         return await fn(*args, **kwargs)
     return await breaker.call_async(fn, *args, **kwargs)
-
-
-def _transaction_config(policy: ServicePolicy) -> TransactionConfig:
-    return TransactionConfig(retry=RetryPolicy(policy.retry, policy.categories))
 
 
 def _resolve(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..backoff import Jitter, RetryConfig
@@ -45,8 +45,9 @@ def run(args: argparse.Namespace) -> int:
     render(policy_table(config), sys.stdout, fancy=False if args.plain else None)
     sys.stdout.write(
         "worst case: every attempt fails and takes its whole attempt timeout, every wait is "
-        "the longest its jitter allows; a server-given delay (Retry-After) may add up to "
-        "max_server_delay per retry unless a deadline bounds the call.\n"
+        "the longest its jitter allows, failures mix categories the worst way, every hedge "
+        "starts; a server-given delay (Retry-After) may add up to max_server_delay per retry "
+        "unless a deadline bounds the call.\n"
     )
     return 0
 
@@ -65,32 +66,83 @@ def _max_delay(config: RetryConfig, n: int) -> float:
     return config.envelope(n)
 
 
-def worst_case(policy: ServicePolicy) -> tuple[int | None, float | None]:
-    """The most attempts one call can make, and the longest it can take, in seconds.
+#: Above this many retries the exact search over mixed categories (quadratic
+#: in the retries) gives way to a bound that is never below the worst case.
+_EXACT_RETRIES = 512
 
-    Over the default and every category's configuration (a category can allow
-    more attempts); ``None`` means unbounded (no attempt timeout and no
-    deadline, or unbounded attempts).
+
+def _worst_waits(configs: Sequence[RetryConfig], retries: int) -> float:
+    """The longest total wait, in seconds, over ``retries`` retries whose failures mix categories.
+
+    A call's attempts count over the whole call, and each category keeps its
+    own delay sequence: the retry after attempt ``k`` may be one of category
+    ``c`` only while ``k < c.max_attempts``, and the ``n``-th retry of ``c``
+    waits at most ``c``'s ``n``-th longest delay.  So a call can wait longer
+    than any one category allows alone (a few long waits of a category with
+    few attempts, then the short ones of a category with many).  Exact by
+    dynamic programming over the categories, fewest attempts first (the
+    order in which their retries must come).
+    """
+    ordered = sorted(configs, key=lambda c: c.max_attempts or 0)
+    limits = [min(retries, (c.max_attempts or 1) - 1) for c in ordered]
+    if retries > _EXACT_RETRIES:
+        # Each retry k waits at most the longest k-th delay of a category
+        # that may still retry then (its n-th retry has n <= k).
+        return sum(
+            max(_max_delay(c, k) for c, limit in zip(ordered, limits, strict=True) if k <= limit)
+            for k in range(1, retries + 1)
+        )
+    best = [0.0] + [-math.inf] * retries  # best[t]: the longest wait over t retries so far
+    for config, limit in zip(ordered, limits, strict=True):
+        prefix = [0.0]
+        for n in range(1, limit + 1):
+            prefix.append(prefix[-1] + _max_delay(config, n))
+        step = list(best)
+        for t, before in enumerate(best[: limit + 1]):
+            if before == -math.inf:
+                continue
+            for n in range(1, limit - t + 1):
+                if before + prefix[n] > step[t + n]:
+                    step[t + n] = before + prefix[n]
+        best = step
+    return max(best)
+
+
+def _hedges(policy: ServicePolicy) -> int:
+    """Extra calls each attempt can start: ``max_hedges`` with endpoints to hedge over, else 0."""
+    return policy.hedge.max_hedges if policy.hedge is not None and policy.endpoints else 0
+
+
+def worst_case(policy: ServicePolicy) -> tuple[int | None, float | None]:
+    """The most calls one call can make (hedges included), and the longest it can take, in seconds.
+
+    Over the default and every category's configuration, mixed as a call's
+    failures can mix them (a category can allow more attempts, or longer
+    waits).  Each attempt fails after its whole attempt timeout; with
+    ``hedge`` (and endpoints) it also starts ``max_hedges`` extra calls, each
+    one hedge delay after the other (at most one attempt timeout apart: a
+    failure starts the next at once), which fail the same way.  ``None``
+    means unbounded (no attempt timeout and no deadline, or unbounded
+    attempts).  The call's deadline is the default configuration's.
     """
     configs = [policy.retry, *policy.categories.values()]
-    attempts: int | None = 0
-    longest: float | None = 0.0
-    for config in configs:
-        if config.max_attempts is None:
-            attempts = None
-        elif attempts is not None:
-            attempts = max(attempts, config.max_attempts)
-        if config.max_attempts is None or policy.attempt_timeout is None:
-            spent = math.inf
-        else:
-            waits = sum(_max_delay(config, n) for n in range(1, config.max_attempts))
-            spent = waits + config.max_attempts * policy.attempt_timeout
-        deadline = policy.retry.deadline  # the call's deadline is the default's
-        if deadline is not None:
-            spent = min(spent, deadline)
-        if longest is not None:
-            longest = None if math.isinf(spent) else max(longest, spent)
-    return attempts, longest
+    hedges = _hedges(policy)
+    bounded = all(c.max_attempts is not None for c in configs)
+    attempts = max(c.max_attempts or 0 for c in configs) if bounded else None
+    spent = math.inf
+    timeout = policy.attempt_timeout
+    if attempts is not None and timeout is not None:
+        per_attempt = timeout
+        if hedges and policy.hedge is not None:
+            hedge = policy.hedge
+            delay = hedge.delay if hedge.percentile is None else max(hedge.delay, hedge.max_delay)
+            per_attempt += hedges * min(delay, timeout)
+        spent = _worst_waits(configs, attempts - 1) + attempts * per_attempt
+    deadline = policy.retry.deadline
+    if deadline is not None:
+        spent = min(spent, deadline)
+    calls = None if attempts is None else attempts * (1 + hedges)
+    return calls, None if math.isinf(spent) else spent
 
 
 def _describe(policy: ServicePolicy) -> tuple[str, ...]:
@@ -125,9 +177,18 @@ def _describe(policy: ServicePolicy) -> tuple[str, ...]:
         budget,
         bulkhead,
         timeout,
-        "unbounded" if attempts is None else str(attempts),
+        _calls(attempts, _hedges(policy)),
         "unbounded" if longest is None else format_duration(longest),
     )
+
+
+def _calls(calls: int | None, hedges: int) -> str:
+    if calls is None:
+        return "unbounded"
+    if not hedges:
+        return str(calls)
+    attempts = calls // (1 + hedges)
+    return f"{calls} ({attempts} + {calls - attempts} hedges)"
 
 
 def policy_table(config: RecoveryConfig) -> Table:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..demo import DrillSetup, RunResult, RunStatus, fault_windows, run_drill
-from ..demo.drill import FAULTS
+from ..demo.drill import FAULTS, fault_script
 from ..durations import DurationError, format_duration, parse_duration
 from ..redact import redact_url
 from ..simulate.report import Table, render
@@ -128,14 +128,9 @@ def _intro(setup: DrillSetup, servers: _Servers, out: IO[str]) -> None:
         f"mesh: {servers.describe()}, HTTP primary + secondary on loopback, "
         "a pool of 3 workers\nfault script:\n"
     )
-    for window in fault_windows(setup.duration):
-        target = window.target or "all"
+    for window, what in fault_script(setup.duration):
         rate = "" if window.rate >= 1.0 else f" ({window.rate:.0%} of calls)"
-        kind = type(window.injection).__name__.lower()
-        out.write(
-            f"  {window.start:6.2f}s - {window.end or setup.duration:6.2f}s  "
-            f"{FAULTS.get(target, target)}: {kind}{rate}\n"
-        )
+        out.write(f"  {window.start:6.2f}s - {window.end or setup.duration:6.2f}s  {what}{rate}\n")
 
 
 def _run_live(

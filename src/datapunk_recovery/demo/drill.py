@@ -60,6 +60,7 @@ __all__ = [
     "RunResult",
     "RunStatus",
     "demo_config",
+    "fault_script",
     "fault_windows",
     "run_drill",
 ]
@@ -161,25 +162,52 @@ class RunResult:
         return ordered[rank - 1]
 
 
-def fault_windows(
+def fault_script(
     duration: float, busy: Callable[[], Exception] = busy_error
-) -> tuple[Window, ...]:
-    """The fault script of a run of ``duration`` seconds (windows at fixed fractions of it).
+) -> tuple[tuple[Window, str], ...]:
+    """The fault script of a run of ``duration`` seconds: each window, and what it does in words.
 
-    ``busy`` makes the database's "too busy" error (SQLite's by default).
+    Windows open and close at fixed fractions of the run (so a shorter run
+    sees the same script, faster); ``busy`` makes the database's "too busy"
+    error (SQLite's by default).
     """
 
     def at(fraction: float) -> float:
         return round(duration * fraction, 3)
 
     return (
-        Window(at(0.10), at(0.30), Fault(ConnectionRefusedError), target="cache"),
-        Window(at(0.10), at(0.30), Latency(0.05), target="database"),
-        Window(at(0.30), at(0.65), Fault(ConnectionAbortedError), target="primary"),
-        Window(at(0.35), at(0.65), Fault(busy), rate=0.5, target="database"),
-        Window(at(0.45), at(0.60), Fault(ConnectionResetError), rate=0.15, target="database"),
-        Window(at(0.70), at(0.90), Latency(0.3), rate=0.8, target="pool"),
+        (
+            Window(at(0.10), at(0.30), Fault(ConnectionRefusedError), target="cache"),
+            "the cache refuses every connection",
+        ),
+        (
+            Window(at(0.10), at(0.30), Latency(0.05), target="database"),
+            "the database is slow (50 ms a transaction)",
+        ),
+        (
+            Window(at(0.30), at(0.65), Fault(ConnectionAbortedError), target="primary"),
+            "the primary answers 503 to everything",
+        ),
+        (
+            Window(at(0.35), at(0.65), Fault(busy), rate=0.5, target="database"),
+            "the database is busy",
+        ),
+        (
+            Window(at(0.45), at(0.60), Fault(ConnectionResetError), rate=0.15, target="database"),
+            "the database drops connections",
+        ),
+        (
+            Window(at(0.70), at(0.90), Latency(0.3), rate=0.8, target="pool"),
+            "jobs slow down (0.3 s): the pool runs dry",
+        ),
     )
+
+
+def fault_windows(
+    duration: float, busy: Callable[[], Exception] = busy_error
+) -> tuple[Window, ...]:
+    """The windows of :func:`fault_script`, for a :class:`~datapunk_recovery.chaos.Timeline`."""
+    return tuple(window for window, _ in fault_script(duration, busy))
 
 
 def demo_config(

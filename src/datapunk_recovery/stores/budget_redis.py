@@ -134,13 +134,19 @@ local function hash_or_drop(k, what)
   end
 end
 -- What this link applied so far (cumulative counts); a batch covers
--- (from, to], so a batch resent after a lost reply is applied once.
-local function applied(linkk, fx, fy)
+-- (from, to], so a batch resent after a lost reply is applied once.  The
+-- link never holds more than its process sent (to): a count beyond that
+-- would silently swallow every later batch.
+local function applied(linkk, fx, fy, tx, ty)
   local l = redis.call('HMGET', linkk, 'x', 'y')
   if l[1] == false and l[2] == false then return fx, fy end
   local x, y = count(l[1]), count(l[2])
   if x == nil or y == nil then
     corrupt = 'link counts do not parse'
+    return fx, fy
+  end
+  if x > tx or y > ty then
+    corrupt = 'link counts exceed what was sent'
     return fx, fy
   end
   return math.max(x, fx), math.max(y, fy)
@@ -172,7 +178,7 @@ if raw then
     tokens = math.min(t, top)
   end
 end
-local ls, lf = applied(linkk, sf, ff)
+local ls, lf = applied(linkk, sf, ff, st, ft)
 if st > ls then tokens = math.min(tokens + (st - ls) * ratio, top); ls = st end
 if ft > lf then tokens = math.max(tokens - (ft - lf), 0); lf = ft end
 local out = string.format('%.17g', tokens)
@@ -224,7 +230,7 @@ if bad then
 end
 local idx = epoch % n
 if E[idx] ~= epoch then E[idx], A[idx], R[idx] = epoch, 0, 0 end
-local la, lr = applied(linkk, af, rf)
+local la, lr = applied(linkk, af, rf, at, rt)
 if at > la then A[idx] = A[idx] + (at - la); la = at end
 if rt > lr then R[idx] = R[idx] + (rt - lr); lr = rt end
 redis.call('HSET', key, 'z', shape, 'e' .. idx, string.format('%.0f', epoch),
@@ -255,6 +261,7 @@ _REASONS: Final = frozenset(
         "tokens do not parse",
         "window counts do not parse",
         "link counts do not parse",
+        "link counts exceed what was sent",
     }
 )
 
@@ -577,9 +584,7 @@ class SharedBudget:
 
     async def _call(self, base: tuple[int, int], sent: tuple[int, int]) -> Any:
         args = [*self._args, self._ttl_ms, base[0], sent[0], base[1], sent[1]]
-        # asyncio.timeout bounds a blackholed server that accepts and never answers.
-        async with asyncio.timeout(self.store.timeout):
-            return await self._script(keys=self._keys, args=args)
+        return await self.store._eval(self._script, self._keys, args)
 
     def _seen(self, reason: str) -> None:
         now = clock.now()

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import weakref
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from .. import _runtime, clock
@@ -100,7 +101,12 @@ _MAX_REMAINING_US: Final = 10**13  # ~116 days: anything longer is garbage
 # number for the open-duration jitter, the rest the operation's arguments.
 # Reply: {state, generation, remaining_us, granted (0/1/2=probe), free permits,
 # consecutive failures, window calls, window failures, window slow calls,
-# corrupt (0/1), reason of a transition made now (or ""), shadow trip (0/1)}.
+# corrupt (0: no, 1: reset, 2: an open or half-open period longer than this
+# configuration allows, shortened), reason of a transition made now (or ""),
+# shadow trip (0/1)}.
+# Every number read is checked: integers must be exact in a Lua number (at
+# most 2^53, or the reply would carry a garbled integer and every process
+# would fall back for good), times finite, a window head not in the future.
 _BREAKER_LUA: Final = r"""
 pcall(redis.replicate_commands)
 local key, ringk, wink = KEYS[1], KEYS[2], KEYS[3]
@@ -116,9 +122,10 @@ local function num(x)
   if n == nil or n ~= n or n == math.huge or n == -math.huge then return nil end
   return n
 end
+local MAXINT = 9007199254740992  -- 2^53
 local function int(x)
   local n = num(x)
-  if n == nil or n ~= math.floor(n) or n < 0 then return nil end
+  if n == nil or n ~= math.floor(n) or n < 0 or n > MAXINT then return nil end
   return n
 end
 
@@ -140,8 +147,8 @@ else
        wh = false, wz = raw[14] or ''}
   local whok = true
   if raw[13] then
-    S.wh = tonumber(raw[13])
-    whok = S.wh ~= nil and S.wh == math.floor(S.wh)
+    S.wh = num(raw[13])
+    whok = S.wh ~= nil and S.wh == math.floor(S.wh) and math.abs(S.wh) <= MAXINT
   end
   if S.s == nil or S.s > 5 or S.g == nil or S.ou == nil or S.hu == nil or S.c == nil
      or S.pi == nil or S.po == nil or S.r == nil or S.wc == nil or S.wf == nil
@@ -163,6 +170,24 @@ local function win_clear()
   redis.call('DEL', ringk, wink)
 end
 if S.wz ~= shape then win_clear(); S.wz = shape end
+-- A window that cannot be right: more calls than a count window holds, or a
+-- time window whose newest bucket lies more than a window ahead of now.
+if (wk == 0 and S.wc > cfg.ws)
+   or (wk == 1 and S.wh ~= false and S.wh > math.floor(now / (cfg.wd / cfg.wb)) + cfg.wb) then
+  corrupt = 1
+  win_clear()
+end
+-- Never obey an open (or half-open) period longer than this configuration
+-- could set: shorten it and say so.  (1 ms of slack for the 6-decimal storage.)
+local longest = math.max(cfg.om * (1 + cfg.oj), cfg.sd)
+if S.s == OPEN and S.ou - now > longest + 0.001 then
+  S.ou = now + longest
+  if corrupt == 0 then corrupt = 2 end
+end
+if S.s == HALF and S.hu - now > cfg.ht + 0.001 then
+  S.hu = now + cfg.ht
+  if corrupt == 0 then corrupt = 2 end
+end
 
 local function win_advance()
   local n = cfg.wb
@@ -322,13 +347,22 @@ if redis.call('EXISTS', wink) == 1 then redis.call('PEXPIRE', wink, ttl) end
 local rem = 0
 if S.s == OPEN then rem = S.ou - now elseif S.s == HALF then rem = S.hu - now end
 if rem < 0 then rem = 0 end
-return {S.s, S.g, math.floor(rem * 1000000), granted, cfg.hp - S.pi, S.c,
+-- (free permits never below 0: another process may allow fewer probes)
+return {S.s, S.g, math.floor(rem * 1000000), granted, math.max(0, cfg.hp - S.pi), S.c,
         S.wc, S.wf, S.ws, corrupt, reason_out, shadow}
 """
 
 
 class _Corrupt(Exception):
     """A reply from Redis that does not parse: treated like Redis being down."""
+
+
+class StoreClosed(RuntimeError):
+    """The store was closed (:meth:`RedisStore.aclose`): its primitives decide locally.
+
+    Raised inside the store only, never to a caller: without it, redis-py
+    would quietly open a new connection that nobody closes.
+    """
 
 
 class _Shared:
@@ -356,7 +390,7 @@ class _Shared:
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
             raise _Corrupt("reply fields are not non-negative integers")
         code, gen, rem_us, granted, free, consecutive, calls, failures, slow, corrupt = ints
-        if code >= len(_CODES) or granted > 2 or corrupt > 1 or rem_us > _MAX_REMAINING_US:
+        if code >= len(_CODES) or granted > 2 or corrupt > 2 or rem_us > _MAX_REMAINING_US:
             raise _Corrupt("reply fields out of range")
         if failures > calls or slow > calls:
             raise _Corrupt("window counts do not add up")
@@ -377,7 +411,8 @@ class _Shared:
         self.slow: int = slow
         self.reason: str = reason
         self.shadow = reply[11] == 1
-        self.corrupt = corrupt == 1
+        #: 0: sound; 1: did not parse, reset; 2: a period too long, shortened.
+        self.corrupt = corrupt
 
     def current(self, now: float) -> BreakerState:
         """The state as time has moved it since the read (open -> half-open)."""
@@ -394,6 +429,10 @@ class _Shared:
         if state is BreakerState.OPEN or self.free <= 0:
             return max(self.until - now, 0.0)
         return 0.0
+
+
+def _takes_server_delays(config: BreakerConfig) -> bool:
+    return config.honor_server_delay or config.result_delay is not None
 
 
 def _config_json(config: BreakerConfig, key_ttl_ms: int) -> str:
@@ -416,6 +455,8 @@ def _config_json(config: BreakerConfig, key_ttl_ms: int) -> str:
             "ob": config.open_backoff,
             "om": config.max_open_duration,
             "oj": config.open_jitter,
+            # the longest server delay that may open it (0: it honours none)
+            "sd": config.max_server_delay if _takes_server_delays(config) else 0.0,
             "kt": key_ttl_ms,
         },
         separators=(",", ":"),
@@ -491,6 +532,9 @@ class RedisStore:
             )
         self._breaker_script = self.client.register_script(_BREAKER_LUA)
         self._rng = random.Random()
+        # Every link bound here, so that aclose() can land their background writes.
+        self._links: weakref.WeakSet[_BreakerLink] = weakref.WeakSet()
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"RedisStore(prefix={self.prefix!r})"
@@ -502,6 +546,9 @@ class RedisStore:
         return [f"{tag}:{part}" for part in parts]
 
     async def _eval(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run ``script`` (one round trip), bounded by ``timeout`` seconds."""
+        if self._closed:
+            raise StoreClosed(f"{self!r} is closed")
         # asyncio.timeout bounds a blackholed server that accepts and never answers.
         async with asyncio.timeout(self.timeout):
             return await script(keys=keys, args=args)
@@ -514,7 +561,9 @@ class RedisStore:
                 f"RedisStore: breaker {breaker.name!r} has a custom trip_policy, "
                 "which lives in one process and cannot be shared"
             )
-        return _BreakerLink(self, breaker)
+        link = _BreakerLink(self, breaker)
+        self._links.add(link)
+        return link
 
     async def breaker_op(self, name: str, config: BreakerConfig, op: str, *args: Any) -> Any:
         """Run one operation of the breaker script (one round trip); returns the raw reply."""
@@ -526,7 +575,14 @@ class RedisStore:
         )
 
     async def aclose(self) -> None:
-        """Close the client if the store made it."""
+        """Land the outcome writes in flight, then close the client if the store made it.
+
+        The wait is bounded: every write gives up after ``timeout`` seconds.
+        Afterwards the store opens no connection: its breakers decide on their
+        local state (as when Redis is away) and outcomes count there only.
+        """
+        await asyncio.gather(*(link.flush() for link in list(self._links)))
+        self._closed = True
         if self._owns_client:
             await self.client.aclose()
 
@@ -543,7 +599,7 @@ class _BreakerLink:
         self.down_since: float | None = None
         self.retry_at = 0.0
         self.refreshing = False
-        self.pending: set[asyncio.Task[None]] = set()
+        self.pending: set[asyncio.Task[Any]] = set()
 
     # -- store calls --------------------------------------------------------------------
     async def _op(self, op: str, *args: Any) -> _Shared | None:
@@ -591,7 +647,11 @@ class _BreakerLink:
                     operation=core.name,
                     at=now,
                     store=self.store.kind,
-                    reason="shared state did not parse; reset",
+                    reason=(
+                        "shared state did not parse; reset"
+                        if shared.corrupt == 1
+                        else "shared open period beyond this breaker's limits; shortened"
+                    ),
                 ),
                 core.bus,
             )
@@ -664,7 +724,7 @@ class _BreakerLink:
         ):
             # Refused on the cached state: no round trip while every probe is out.
             self._reject(state, shared.remaining(now), now)
-        got = await self._op("acquire")
+        got = await self._acquire()
         if got is None:
             return self._fallback_allow()
         if got.granted:
@@ -672,6 +732,27 @@ class _BreakerLink:
         now = clock.now()
         self._reject(got.state, got.remaining(now), now)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _acquire(self) -> _Shared | None:
+        """The acquire round trip.  A caller cancelled meanwhile gives back the probe
+        the script may have granted it, once the reply lands (within ``timeout``):
+        otherwise that probe would be out for every process until the half-open
+        time limit."""
+        task = asyncio.ensure_future(self._op("acquire"))
+        try:
+            return await asyncio.shield(task)
+        except BaseException:
+            self.pending.add(task)
+            task.add_done_callback(self._give_back)  # (runs soon if already done)
+            raise
+
+    def _give_back(self, task: asyncio.Task[_Shared | None]) -> None:
+        self.pending.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            return
+        got = task.result()
+        if got is not None and got.granted == 2:
+            self._spawn("release", got.gen, 1)
 
     async def _refresh(self) -> _Shared | None:
         self.refreshing = True
@@ -699,7 +780,11 @@ class _BreakerLink:
 
     # -- outcomes --------------------------------------------------------------------------
     def _spawn(self, op: str, *args: Any) -> bool:
-        if self.down_since is not None or len(self.pending) >= self.store.max_pending:
+        if (
+            self.down_since is not None
+            or self.store._closed
+            or len(self.pending) >= self.store.max_pending
+        ):
             return False
         try:
             loop = asyncio.get_running_loop()
