@@ -95,6 +95,8 @@ def states(seen: list[Event]) -> list[tuple[str, str, str]]:
         ({"half_open_permits": 0}, "BreakerConfig.half_open_permits"),
         ({"ignored_counts_as": "failure"}, "BreakerConfig.ignored_counts_as"),
         ({"half_open_timeout": math.nan}, "BreakerConfig.half_open_timeout"),
+        ({"window_size": 10**12}, r"BreakerConfig\.window_size.*1000000000000"),
+        ({"window_buckets": 10**6}, "BreakerConfig.window_buckets"),
         # a count window of 10 calls never holds the 20 calls a rate needs
         ({"failure_rate_threshold": 0.5, "window_size": 10}, r"BreakerConfig\.minimum_calls.*20"),
         (

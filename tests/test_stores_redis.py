@@ -312,6 +312,41 @@ async def test_a_caller_cancelled_while_taking_a_probe_gives_it_back(
 
 
 @pytest.mark.anyio
+async def test_a_reply_overtaken_by_a_newer_one_never_turns_the_cache_back(
+    stores: Callable[..., RedisStore], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Background writes run on several connections: their replies may come
+    # back in another order than Redis ran them.
+    store = stores(cache_ttl=60.0, timeout=5.0)
+    breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=2), store=store)
+    real = store.breaker_op
+    ran, overtaken = asyncio.Event(), asyncio.Event()
+
+    async def first_record_answers_late(*args: Any) -> Any:
+        reply = await real(*args)
+        if args[2] == "record" and not ran.is_set():
+            ran.set()  # Redis ran it (still closed, one failure)...
+            await overtaken.wait()  # ...but its reply comes back last
+        return reply
+
+    monkeypatch.setattr(store, "breaker_op", first_record_answers_late)
+    first, second = await breaker.allow_async(), await breaker.allow_async()
+    first.failure(Boom())
+    await ran.wait()
+    second.failure(Boom())  # opens it
+    for _ in range(500):  # bounded polling: the second reply lands
+        if breaker.state is BreakerState.OPEN:
+            break
+        await asyncio.sleep(0.01)
+    assert breaker.state is BreakerState.OPEN
+    overtaken.set()
+    await breaker._flush()
+    assert breaker.state is BreakerState.OPEN  # not back to the older "closed"
+    with pytest.raises(CircuitOpenError):
+        await breaker.allow_async()
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("window", ["count", "time"])
 async def test_failure_rate_over_a_shared_window(
     stores: Callable[..., RedisStore], name: str, window: str
@@ -404,14 +439,27 @@ async def test_corrupt_shared_state_is_ignored_with_an_event(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param([b"not", b"a", b"state"], id="short"),
+        pytest.param([0] * 10 + [[b"a list"], 0], id="unhashable-reason"),
+        pytest.param([0] * 10 + [b"", True], id="bool-flag"),
+        pytest.param([0, 1, -5] + [0] * 7 + [b"", 0], id="negative"),
+    ],
+)
 async def test_a_garbage_reply_falls_back_to_local_state(
-    stores: Callable[..., RedisStore], name: str, seen: list[Event], monkeypatch: pytest.MonkeyPatch
+    stores: Callable[..., RedisStore],
+    name: str,
+    seen: list[Event],
+    monkeypatch: pytest.MonkeyPatch,
+    reply: list[Any],
 ) -> None:
     store = stores()
     breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=2), store=store)
 
     async def garbage(*args: Any) -> Any:
-        return [b"not", b"a", b"state"]
+        return reply
 
     monkeypatch.setattr(store, "breaker_op", garbage)
     assert await breaker.call_async(aok) == "ok"

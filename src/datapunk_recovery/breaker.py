@@ -18,8 +18,10 @@ was granted in, so a late outcome (a call that started before the breaker
 opened) never counts in a later period and never extends an open period.
 
 The closed-state hot path of the default configuration takes no lock, builds no
-object and reads no clock: it reads two attributes, runs the call, and on
-success touches the failure counter only when it is not already zero.  Every
+object and reads no clock: it reads the generation and the ``fast`` flag,
+runs the call, and on success touches the failure counter only when it is
+not already zero (an outcome is recorded against the generation read before
+the call, so a late one never counts in a later period).  Every
 other path runs under the breaker's lock.  See ``docs/breaker.md``.
 """
 
@@ -68,6 +70,11 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _OWNER: Final = "BreakerConfig"
+#: Bounds of a window's shape: a count window keeps a byte a call (here and in
+#: Redis), a time window loops over its buckets; past these, a typo would cost
+#: memory or time at a distance from the configuration that caused it.
+_MAX_WINDOW_SIZE: Final = 1_000_000
+_MAX_WINDOW_BUCKETS: Final = 10_000
 
 
 class BreakerState(StrEnum):
@@ -233,12 +240,22 @@ class BreakerConfig:
                 f"{_OWNER}.window: expected 'count' or 'time', got {self.window!r}"
             ) from None
         check_count(_OWNER, "window_size", self.window_size)
+        if self.window_size > _MAX_WINDOW_SIZE:
+            raise ValueError(
+                f"{_OWNER}.window_size: must be <= {_MAX_WINDOW_SIZE} calls, "
+                f"got {self.window_size!r}"
+            )
         s(
             self,
             "window_duration",
             check_seconds(_OWNER, "window_duration", self.window_duration, positive=True),
         )
         check_count(_OWNER, "window_buckets", self.window_buckets)
+        if self.window_buckets > _MAX_WINDOW_BUCKETS:
+            raise ValueError(
+                f"{_OWNER}.window_buckets: must be <= {_MAX_WINDOW_BUCKETS}, "
+                f"got {self.window_buckets!r}"
+            )
         check_count(_OWNER, "minimum_calls", self.minimum_calls)
         if not isinstance(self.keep_window, bool):
             raise TypeError(f"{_OWNER}.keep_window: expected a bool, got {self.keep_window!r}")

@@ -105,8 +105,10 @@ _MAX_REMAINING_US: Final = 10**13  # ~116 days: anything longer is garbage
 # configuration allows, shortened), reason of a transition made now (or ""),
 # shadow trip (0/1)}.
 # Every number read is checked: integers must be exact in a Lua number (at
-# most 2^53, or the reply would carry a garbled integer and every process
+# most 2^52, or the reply would carry a garbled integer and every process
 # would fall back for good), times finite, a window head not in the future.
+# Generations only grow (a fresh state starts at Redis's time in ms), so a
+# link can tell an older reply from a newer one.
 _BREAKER_LUA: Final = r"""
 pcall(redis.replicate_commands)
 local key, ringk, wink = KEYS[1], KEYS[2], KEYS[3]
@@ -122,7 +124,7 @@ local function num(x)
   if n == nil or n ~= n or n == math.huge or n == -math.huge then return nil end
   return n
 end
-local MAXINT = 9007199254740992  -- 2^53
+local MAXINT = 4503599627370496  -- 2^52: a generation + 1 stays exact
 local function int(x)
   local n = num(x)
   if n == nil or n ~= math.floor(n) or n < 0 or n > MAXINT then return nil end
@@ -139,7 +141,10 @@ local corrupt = 0
 local raw = redis.call('HMGET', key, 's', 'g', 'ou', 'hu', 'c', 'pi', 'po', 'r',
                        'wc', 'wf', 'ws', 'wp', 'wh', 'wz')
 if raw[1] == false and raw[2] == false then
-  fresh(0)
+  -- A new (or expired, or lost with a restart) state starts at Redis's time
+  -- in ms: above every generation handed out before, so a link never takes
+  -- the new state's replies for older ones.
+  fresh(math.floor(now * 1000))
 else
   S = {s = int(raw[1]), g = int(raw[2]), ou = num(raw[3]), hu = num(raw[4]),
        c = int(raw[5]), pi = int(raw[6]), po = int(raw[7]), r = int(raw[8]),
@@ -397,8 +402,10 @@ class _Shared:
         reason = reply[10]
         if isinstance(reason, bytes):
             reason = reason.decode("ascii", "replace")
-        if reason not in _REASONS or reply[11] not in (0, 1):
+        if not isinstance(reason, str) or reason not in _REASONS:
             raise _Corrupt("unknown transition reason")
+        if type(reply[11]) is not int or reply[11] not in (0, 1):
+            raise _Corrupt("shadow trip flag is not 0 or 1")
         self.state = _CODES[code]
         self.gen: int = gen
         #: When the open period (or the half-open time limit) ends, on the local clock.
@@ -628,9 +635,6 @@ class _BreakerLink:
     def _seen(self, shared: _Shared) -> None:
         now = clock.now()
         core = self.core
-        previous = self.cached
-        self.cached = shared
-        self.fetched_at = now
         if self.down_since is not None:
             outage = now - self.down_since
             self.down_since = None
@@ -639,6 +643,14 @@ class _BreakerLink:
                     StoreResumed(operation=core.name, at=now, store=self.store.kind, outage=outage),
                     core.bus,
                 )
+        previous = self.cached
+        if previous is not None and shared.gen < previous.gen and not shared.corrupt:
+            # Round trips run on several connections, so replies may come back
+            # in another order than Redis ran them: a reply from an earlier
+            # period must never turn the cache back (a reset says so: corrupt).
+            return
+        self.cached = shared
+        self.fetched_at = now
         if not core.listening():
             return
         if shared.corrupt:
