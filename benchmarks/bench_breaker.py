@@ -27,10 +27,8 @@ breaker.json``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -40,37 +38,11 @@ import circuitbreaker
 import purgatory
 import pybreaker
 import pyperf
+from _timing import time_async, time_sync
 
 from datapunk_recovery import events
 from datapunk_recovery.breaker import BreakerConfig, CircuitBreaker
 from datapunk_recovery.errors import CircuitOpenError
-
-
-def _sync_loop(fn: Callable[[], Any]) -> Callable[[int], float]:
-    def run(loops: int) -> float:
-        rng = range(loops)
-        t0 = time.perf_counter()
-        for _ in rng:
-            fn()
-        return time.perf_counter() - t0
-
-    return run
-
-
-def _async_loop(make: Callable[[], Callable[[], Awaitable[Any]]]) -> Callable[[int], float]:
-    def run(loops: int) -> float:
-        async def body() -> float:
-            fn = make()  # made inside the loop: some libraries bind to it
-            await fn()
-            rng = range(loops)
-            t0 = time.perf_counter()
-            for _ in rng:
-                await fn()
-            return time.perf_counter() - t0
-
-        return asyncio.run(body())
-
-    return run
 
 
 def _refusing_sync(fn: Callable[[], Any], error: type[BaseException]) -> Callable[[], None]:
@@ -321,7 +293,7 @@ def main() -> None:
     ):
         if chosen(group):
             for who, fn in make_cases().items():
-                runner.bench_time_func(f"{group}-{who}", _sync_loop(fn))
+                runner.bench_time_func(f"{group}-{who}", time_sync(fn))
     async_groups: list[
         tuple[str, Callable[[], dict[str, Callable[[], Callable[[], Awaitable[Any]]]]]]
     ] = [
@@ -335,7 +307,7 @@ def main() -> None:
     for group, make_acases in async_groups:
         if chosen(group):
             for who, make in make_acases().items():
-                runner.bench_time_func(f"{group}-{who}", _async_loop(make))
+                runner.bench_time_func(f"{group}-{who}", time_async(make))
 
 
 if __name__ == "__main__":

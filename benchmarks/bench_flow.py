@@ -7,11 +7,11 @@ subtract the "bare call" case to get the overhead above a plain call.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pyperf
+from _timing import time_async, time_sync
 
 from datapunk_recovery.adaptive import AIMD, AdaptiveLimiter
 from datapunk_recovery.backoff import RetryConfig
@@ -120,37 +120,12 @@ def async_cases() -> dict[str, Callable[[], Awaitable[Any]]]:
     }
 
 
-def time_sync(fn: Callable[[], Any]) -> Callable[[int], float]:
-    def run(loops: int) -> float:
-        timer = pyperf.perf_counter
-        start = timer()
-        for _ in range(loops):
-            fn()
-        return timer() - start
-
-    return run
-
-
-def time_async(fn: Callable[[], Awaitable[Any]]) -> Callable[[int], float]:
-    def run(loops: int) -> float:
-        async def body() -> float:
-            timer = pyperf.perf_counter
-            start = timer()
-            for _ in range(loops):
-                await fn()
-            return timer() - start
-
-        return asyncio.run(body())
-
-    return run
-
-
 def main() -> None:
     runner = pyperf.Runner()
     for name, fn in sync_cases().items():
         runner.bench_time_func(f"sync {name}", time_sync(fn))
     for name, afn in async_cases().items():
-        runner.bench_time_func(f"async {name}", time_async(afn))
+        runner.bench_time_func(f"async {name}", time_async(lambda afn=afn: afn))
 
 
 if __name__ == "__main__":

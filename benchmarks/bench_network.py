@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pyperf
+from _timing import time_async
 from aiohttp import web
 
 from datapunk_recovery.backoff import RetryConfig
@@ -59,20 +60,6 @@ def routing_cases() -> dict[str, Callable[[], Awaitable[Any]]]:
         "router, 2 levels of 3": lambda: two.call(answer),
         "router, failover": lambda: failover.call(first_fails),
     }
-
-
-def time_async(fn: Callable[[], Awaitable[Any]]) -> Callable[[int], float]:
-    def run(loops: int) -> float:
-        async def body() -> float:
-            timer = pyperf.perf_counter
-            start = timer()
-            for _ in range(loops):
-                await fn()
-            return timer() - start
-
-        return asyncio.run(body())
-
-    return run
 
 
 def start_server() -> str:
@@ -125,7 +112,7 @@ def time_http(url: str, recovered: bool) -> Callable[[int], float]:
 def main() -> None:
     runner = pyperf.Runner()
     for name, afn in routing_cases().items():
-        runner.bench_time_func(name, time_async(afn))
+        runner.bench_time_func(name, time_async(lambda afn=afn: afn))
     url = start_server()
     runner.bench_time_func("httpx direct", time_http(url, recovered=False))
     runner.bench_time_func("httpx recovered", time_http(url, recovered=True))

@@ -16,41 +16,13 @@ Run: ``python benchmarks/bench_retry.py --fast -o retry.json`` then
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pyperf
+from _timing import time_async, time_sync
 
 import datapunk_recovery as dr
-
-
-def _sync_loop(fn: Callable[[], Any]) -> Callable[[int], float]:
-    def run(loops: int) -> float:
-        rng = range(loops)
-        t0 = time.perf_counter()
-        for _ in rng:
-            fn()
-        return time.perf_counter() - t0
-
-    return run
-
-
-def _async_loop(make: Callable[[], Callable[[], Awaitable[Any]]]) -> Callable[[int], float]:
-    def run(loops: int) -> float:
-        fn = make()
-
-        async def body() -> float:
-            rng = range(loops)
-            t0 = time.perf_counter()
-            for _ in rng:
-                await fn()
-            return time.perf_counter() - t0
-
-        return asyncio.run(body())
-
-    return run
 
 
 def _flaky_sync() -> Callable[[], int]:
@@ -104,7 +76,7 @@ def main() -> None:
         "backoff": backoff.on_exception(backoff.expo, Exception, max_tries=3)(ok),
     }
     for name, fn in happy_sync.items():
-        runner.bench_time_func(f"happy-sync-{name}", _sync_loop(fn))
+        runner.bench_time_func(f"happy-sync-{name}", time_sync(fn))
 
     # -- happy path, async ---------------------------------------------------------------
     happy_async: dict[str, Callable[[], Callable[[], Awaitable[Any]]]] = {
@@ -117,7 +89,7 @@ def main() -> None:
         "backoff": lambda: backoff.on_exception(backoff.expo, Exception, max_tries=3)(aok),
     }
     for name, make in happy_async.items():
-        runner.bench_time_func(f"happy-async-{name}", _async_loop(make))
+        runner.bench_time_func(f"happy-async-{name}", time_async(make))
 
     # -- fail twice, then succeed; zero waits ---------------------------------------------
     fail_sync: dict[str, Callable[[], Any]] = {
@@ -134,7 +106,7 @@ def main() -> None:
         ),
     }
     for name, fn in fail_sync.items():
-        runner.bench_time_func(f"fail2-sync-{name}", _sync_loop(fn))
+        runner.bench_time_func(f"fail2-sync-{name}", time_sync(fn))
 
     fail_async: dict[str, Callable[[], Callable[[], Awaitable[Any]]]] = {
         "handwritten": lambda: _ahandwritten(_flaky_async()),
@@ -150,7 +122,7 @@ def main() -> None:
         )(_flaky_async()),
     }
     for name, make in fail_async.items():
-        runner.bench_time_func(f"fail2-async-{name}", _async_loop(make))
+        runner.bench_time_func(f"fail2-async-{name}", time_async(make))
 
 
 def _handwritten(fn: Callable[[], int]) -> Callable[[], int]:

@@ -466,17 +466,21 @@ class _Slots:
             raise self._reject(refused) from None
         return False
 
+    def _take_free(self) -> bool:
+        """The happy path without quotas: take a free slot if nobody is queued."""
+        if self.per_caller is not None:
+            return False
+        with self._lock:
+            if self.active >= self.limit or self._queue:
+                return False
+            self.active += 1
+        self._admitted(None)
+        return True
+
     def acquire(self, caller: str | None) -> None:
         """Take a slot for a thread, waiting in the queue if allowed."""
-        if self.per_caller is None:  # the happy path without quotas, inline
-            with self._lock:
-                free = self.active < self.limit and not self._queue
-                if free:
-                    self.active += 1
-            if free:
-                if global_bus._subscribers or self.bus._subscribers:
-                    self._admitted(None)
-                return
+        if self._take_free():
+            return
         if self._first_try(caller):
             self._admitted(None)
             return
@@ -495,15 +499,8 @@ class _Slots:
 
     async def acquire_async(self, caller: str | None) -> None:
         """Take a slot for an asyncio or trio task, waiting in the queue if allowed."""
-        if self.per_caller is None:  # the happy path without quotas, inline
-            with self._lock:
-                free = self.active < self.limit and not self._queue
-                if free:
-                    self.active += 1
-            if free:
-                if global_bus._subscribers or self.bus._subscribers:
-                    self._admitted(None)
-                return
+        if self._take_free():
+            return
         if self._first_try(caller):
             self._admitted(None)
             return
