@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import inspect
 import random
+import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
@@ -425,6 +426,18 @@ class _Call:
         return error
 
 
+def _release_frames(error: BaseException) -> None:
+    """Free what the finished frames of a failed attempt hold, before the next attempt.
+
+    The engine keeps the last error (it is what a deadline passing later
+    raises), and its traceback keeps the frames of the failed attempt alive:
+    a model's activations, a buffer, a connection.  Clearing those frames'
+    locals frees them now; the traceback still shows every file and line.
+    Frames still running (the engine's own) are left alone.
+    """
+    traceback.clear_frames(error.__traceback__)
+
+
 def _new_call(e: _Engine, start: float | None) -> _Call:
     if start is None:
         # Handed over by the fast path at its first failure, which it takes
@@ -462,6 +475,7 @@ def _run_sync(
             delay = call.failed(error)
             if delay is None:
                 raise error
+            _release_frames(error)
             if delay:
                 _runtime.sleep_sync(delay)
         check = e.retry_if_result
@@ -490,6 +504,7 @@ def _run_sync(
                 delay = call.failed(error)
                 if delay is None:
                     raise error
+                _release_frames(error)
             if delay:
                 _runtime.sleep_sync(delay)
     finally:
@@ -513,6 +528,7 @@ async def _run_async(
             delay = call.failed(error)
             if delay is None:
                 raise error
+            _release_frames(error)
             if delay:
                 await _runtime.sleep_async(delay)
         check = e.retry_if_result
@@ -551,6 +567,7 @@ async def _run_async(
                 delay = call.failed(error)
                 if delay is None:
                     raise error
+                _release_frames(error)
             if delay:
                 await _runtime.sleep_async(delay)
     finally:
@@ -607,7 +624,13 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
             else:
                 first_try()
                 return result
-            return await _run_async(e, afn, args, kwargs, None, error)
+            try:
+                return await _run_async(e, afn, args, kwargs, None, error)
+            finally:
+                # The error's traceback holds this frame: break the cycle, so
+                # the failed attempt's frames die with the error (not at the
+                # next garbage collection).
+                del error
 
         wrapper: Any = async_wrapper
     else:
@@ -623,7 +646,10 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
             else:
                 first_try()
                 return result
-            return _run_sync(e, fn, args, kwargs, None, error)
+            try:
+                return _run_sync(e, fn, args, kwargs, None, error)
+            finally:
+                del error  # see async_wrapper
 
         wrapper = sync_wrapper
 
