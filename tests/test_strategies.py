@@ -647,9 +647,9 @@ async def test_reload_carries_the_budget_fill_over() -> None:
     new = {**CONFIG, "defaults": {**CONFIG["defaults"], "budget": {"max_tokens": 20}}}
     recovery.reload(new, environ={})
     carried = recovery.budget("slow")
-    assert carried is not None and carried is not budget
+    assert carried is budget  # the same bucket, re-configured: its tokens are kept
     assert carried.config.max_tokens == 20
-    assert budget.tokens - 1 < carried.tokens <= budget.tokens
+    assert carried.tokens == 7.0
 
 
 async def test_a_bad_reload_is_rejected_whole_and_the_old_config_keeps_running() -> None:
@@ -665,3 +665,209 @@ async def test_a_bad_reload_is_rejected_whole_and_the_old_config_keeps_running()
     assert paths == {"defaults.retry.max_attempts", "services.api.retry.base_delay"}
     assert recovery.config is before
     assert recovery.policy("slow").retry.max_attempts == 5
+
+
+# -- reload keeps every live limit (issue 14, item 1) -------------------------------
+#
+# What a reload guarantees for a limit: the count of calls (units) admitted
+# before it goes on counting after it, so the concurrency in force never
+# exceeds the largest limit configured while those calls ran.  When a limit
+# shrinks below what is held, nothing new is admitted until what is held
+# drops below the new limit.
+
+
+def _limited(limit: int | None) -> dict[str, Any]:
+    service: dict[str, Any] = {
+        "retry": {"max_attempts": 1},
+        "breaker": "none",
+        "budget": "none",
+    }
+    if limit is not None:
+        service["bulkhead"] = {"max_concurrent": limit, "max_queue": 1000, "max_wait": 60}
+    return {"services": {"db": service}}
+
+
+class Load:
+    """Calls that hold their slot until released one by one; counts what runs at once."""
+
+    def __init__(self, recovery: RecoveryStrategies) -> None:
+        self.recovery = recovery
+        self.running = 0
+        self.peak = 0
+        self.holding: list[anyio.Event] = []
+        self.done = 0
+
+    async def call(self) -> None:
+        async def work() -> None:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            gate = anyio.Event()
+            self.holding.append(gate)
+            try:
+                await gate.wait()
+            finally:
+                self.running -= 1
+
+        await self.recovery.with_network_recovery("db", work)
+        self.done += 1
+
+    def release_one(self) -> None:
+        self.holding.pop(0).set()
+
+    def release_all(self) -> None:
+        while self.holding:
+            self.release_one()
+
+
+async def _settle() -> None:
+    # Let every runnable task run until it blocks (bounded: no sleeping).
+    for _ in range(20):
+        await anyio.lowlevel.checkpoint()
+
+
+async def test_reloading_a_bulkhead_never_exceeds_the_largest_limit_in_force() -> None:
+    recovery = RecoveryStrategies.from_config(_limited(5), environ={})
+    load = Load(recovery)
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(load.call)
+        await _settle()
+        assert load.running == 5
+        recovery.reload(_limited(6), environ={})  # a larger limit admits a waiter at once
+        await _settle()
+        assert load.running == 6
+        for i in range(40):  # steady load, alternating limits
+            recovery.reload(_limited(5 if i % 2 == 0 else 6), environ={})
+            tg.start_soon(load.call)
+            tg.start_soon(load.call)
+            await _settle()
+            load.release_one()
+            await _settle()
+            assert load.running <= 6
+        load.release_all()
+        while load.done < 8 + 80:
+            await _settle()
+            load.release_all()
+    assert load.peak == 6  # the largest limit in force, never 5 + 6
+
+
+async def test_a_shrunk_bulkhead_admits_nothing_until_use_drops_below_the_new_limit() -> None:
+    recovery = RecoveryStrategies.from_config(_limited(6), environ={})
+    load = Load(recovery)
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(load.call)
+        await _settle()
+        assert load.running == 6
+        recovery.reload(_limited(3), environ={})
+        for expected in (5, 4, 3, 3):  # released, and no one admitted until below 3
+            load.release_one()
+            await _settle()
+            assert load.running == expected
+        bulkhead = recovery._service("db").bulkhead
+        assert bulkhead is not None and bulkhead.state().limit == 3
+        load.release_all()
+        while load.done < 10:
+            await _settle()
+            load.release_all()
+    assert load.peak == 6
+
+
+async def test_a_bulkhead_removed_and_restored_by_reloads_still_counts_its_holders() -> None:
+    recovery = RecoveryStrategies.from_config(_limited(4), environ={})
+    load = Load(recovery)
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(load.call)
+        await _settle()
+        recovery.reload(_limited(None), environ={})  # no limit for a while
+        recovery.reload(_limited(4), environ={})  # back: the 4 holders still count
+        for _ in range(3):
+            tg.start_soon(load.call)
+        await _settle()
+        assert load.running == 4
+        load.release_all()
+        while load.done < 7:
+            await _settle()
+            load.release_all()
+    assert load.peak == 4
+
+
+async def test_a_named_service_dropped_from_the_configuration_keeps_its_bulkhead_count() -> None:
+    both = _limited(3)
+    both["defaults"] = {"bulkhead": {"max_concurrent": 3, "max_queue": 100, "max_wait": 60}}
+    recovery = RecoveryStrategies.from_config(both, environ={})
+    load = Load(recovery)
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(load.call)
+        await _settle()
+        recovery.reload({"defaults": both["defaults"]}, environ={})  # "db" now runs on defaults
+        for _ in range(3):
+            tg.start_soon(load.call)
+        await _settle()
+        assert load.running == 3
+        load.release_all()
+        while load.done < 6:
+            await _settle()
+            load.release_all()
+    assert load.peak == 3
+
+
+async def test_reload_never_refills_a_budget() -> None:
+    recovery = strategies()
+    budget = recovery.budget("slow")
+    assert budget is not None
+    for _ in range(6):
+        budget.on_attempt(False)  # 4 of 10 tokens left: retries refused
+    assert not budget.allow_retry()
+    for max_tokens in (20, 10, 5, 10):
+        new = {**CONFIG, "defaults": {**CONFIG["defaults"], "budget": {"max_tokens": max_tokens}}}
+        recovery.reload(new, environ={})
+        assert recovery.budget("slow") is budget  # the same bucket, new thresholds
+        assert budget.config.max_tokens == max_tokens
+        assert budget.tokens <= 4.0
+        assert budget.allow_retry() is (max_tokens == 5)  # 4 > 2.5: the new threshold
+    no_budget = {**CONFIG, "defaults": {**CONFIG["defaults"], "budget": "none"}}
+    recovery.reload(no_budget, environ={})
+    assert recovery.budget("slow") is None
+    recovery.reload(CONFIG, environ={})  # back: the drained bucket, not a full one
+    assert recovery.budget("slow") is budget
+    assert budget.tokens <= 4.0
+
+
+async def test_reloading_a_pool_never_exceeds_the_largest_capacity_in_force() -> None:
+    def pools(capacity: int) -> dict[str, Any]:
+        return {"pools": {"gpu": {"capacity": capacity, "max_wait": 60}}}
+
+    recovery = strategies(pools(2))
+    pool = recovery.pool("gpu")
+    holding = running = peak = 0
+    gates: list[anyio.Event] = []
+
+    async def use() -> None:
+        nonlocal running, peak
+        async with recovery.pool("gpu").acquire(1):
+            running += 1
+            peak = max(peak, running)
+            gate = anyio.Event()
+            gates.append(gate)
+            await gate.wait()
+            running -= 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(6):
+            tg.start_soon(use)
+        await _settle()
+        assert running == 2
+        for capacity in (3, 2, 3, 1, 3):
+            recovery.reload(strategies_module._resolve({**CONFIG, **pools(capacity)}, {}))
+            await _settle()
+            assert recovery.pool("gpu") is pool
+            assert running <= 3
+        holding = running
+        while gates:
+            gates.pop(0).set()
+            await _settle()
+    assert holding == 3
+    assert peak == 3

@@ -36,7 +36,6 @@ import dataclasses
 import functools
 import inspect
 import itertools
-import math
 import os
 import random
 from collections import Counter
@@ -52,7 +51,7 @@ from . import clock
 from .backoff import RetryConfig
 from .breaker import BreakerConfig, CircuitBreaker
 from .budget import TokenBudget, TokenBudgetConfig
-from .bulkhead import Bulkhead
+from .bulkhead import Bulkhead, BulkheadConfig
 from .cache import (
     Cache,
     CacheConfig,
@@ -154,6 +153,7 @@ class _Service:
         "budget",
         "bulkhead",
         "databases",
+        "kept",
         "name",
         "owner",
         "policy",
@@ -174,17 +174,14 @@ class _Service:
         self.owner = owner
         self.name = name
         self.policy = policy
-        self.budget: TokenBudget | None = _budget(
-            name, policy.budget, previous.budget if previous else None
-        )
-        old_bulkhead = previous.bulkhead if previous is not None else None
-        self.bulkhead: Bulkhead | None
-        if policy.bulkhead is None:
-            self.bulkhead = None
-        elif old_bulkhead is not None and old_bulkhead.config == policy.bulkhead:
-            self.bulkhead = old_bulkhead
-        else:
-            self.bulkhead = Bulkhead(name, policy.bulkhead)
+        # A reload keeps the live limits: the budget and the bulkhead of the
+        # previous pipeline are re-configured in place (tokens and held slots
+        # go on counting), and one the new policy drops is kept aside, so
+        # that a later reload restoring it finds it as it was.
+        kept_budget, kept_bulkhead = previous.kept if previous is not None else (None, None)
+        self.budget: TokenBudget | None = _budget(name, policy.budget, kept_budget)
+        self.bulkhead: Bulkhead | None = _bulkhead(name, policy.bulkhead, kept_bulkhead)
+        self.kept = (self.budget or kept_budget, self.bulkhead or kept_bulkhead)
         self.timeout = (
             None
             if policy.attempt_timeout is None
@@ -327,16 +324,21 @@ def _budget(
 ) -> TokenBudget | None:
     if config is None:
         return None
-    if old is not None and old.config == config:
-        return old
-    budget = TokenBudget(name, config)
-    if old is not None:
-        # Carry the fill over through the public interface: a failure costs
-        # exactly one token, so the new bucket ends within one token of the
-        # old level (never above it).
-        for _ in range(math.ceil(max(budget.tokens - old.tokens, 0.0))):
-            budget.on_attempt(False)
-    return budget
+    if old is None:
+        return TokenBudget(name, config)
+    if old.config != config:
+        old.reconfigure(config)  # keeps its tokens (never refilled), new thresholds
+    return old
+
+
+def _bulkhead(name: str, config: BulkheadConfig | None, old: Bulkhead | None) -> Bulkhead | None:
+    if config is None:
+        return None
+    if old is None:
+        return Bulkhead(name, config)
+    if old.config != config:
+        old.reconfigure(config)  # held slots keep counting against the new limit
+    return old
 
 
 class RecoveryStrategies:
@@ -357,6 +359,7 @@ class RecoveryStrategies:
         "_pools",
         "_readers",
         "_redis",
+        "_retired",
         "_services",
         "_unnamed",
     )
@@ -370,6 +373,8 @@ class RecoveryStrategies:
         self._unnamed = 0
         self._fallbacks: Counter[tuple[str, str]] = Counter()
         self._pools: dict[str, ResourcePool[Any]] = {}
+        # Pools a reload removed, kept for a reload that brings them back.
+        self._retired: dict[str, ResourcePool[Any]] = {}
         self._databases: dict[str, SqliteDatabase | ManagedPool] = {}
         self._redis: RedisCache | None = None
         self._memory = MemoryCache(config.cache.max_stale_entries)
@@ -405,19 +410,27 @@ class RecoveryStrategies:
         services: dict[str, _Service] = {}
         for name, policy in config.services.items():
             services[name] = _Service(self, name, policy, old.get(name))
-        for name, service in old.items():  # services built from the defaults stay, re-read
-            if name not in services and name not in self._config.services:
+        for name, service in old.items():
+            # The others (built from the defaults, or dropped from the
+            # configuration) stay, re-read from the defaults: their calls in
+            # flight go on counting in their bulkhead, budget and breaker.
+            if name not in services:
                 services[name] = _Service(self, name, config.defaults, service)
         if config.cache.max_stale_entries != self._memory.max_entries:
             self._memory = MemoryCache(config.cache.max_stale_entries)
-        pools = dict(self._pools)
+        pools: dict[str, ResourcePool[Any]] = {}
         for name, pool_config in config.pools.items():
-            current = pools.get(name)
-            if current is None or current.config != pool_config:
-                pools[name] = ResourcePool(name, pool_config)
-        for name in list(pools):
-            if name not in config.pools:
-                del pools[name]
+            # A pool that stays (or comes back) is re-configured in place:
+            # the units its leases hold go on counting against the new capacity.
+            current = self._pools.get(name) or self._retired.pop(name, None)
+            if current is None:
+                current = ResourcePool(name, pool_config)
+            elif current.config != pool_config:
+                current.reconfigure(pool_config)
+            pools[name] = current
+        for name, pool in self._pools.items():
+            if name not in pools:
+                self._retired[name] = pool  # its leases may still be held
         self._config = config
         self._services = services
         self._pools = pools
