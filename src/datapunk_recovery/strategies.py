@@ -181,7 +181,10 @@ class _Service:
         kept_budget, kept_bulkhead = previous.kept if previous is not None else (None, None)
         self.budget: TokenBudget | None = _budget(name, policy.budget, kept_budget)
         self.bulkhead: Bulkhead | None = _bulkhead(name, policy.bulkhead, kept_bulkhead)
-        self.kept = (self.budget or kept_budget, self.bulkhead or kept_bulkhead)
+        self.kept: tuple[TokenBudget | None, Bulkhead | None] = (
+            self.budget or kept_budget,
+            self.bulkhead or kept_bulkhead,
+        )
         self.timeout = (
             None
             if policy.attempt_timeout is None
