@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from datapunk_recovery import events
-from datapunk_recovery.budget import TokenBudget, TokenBudgetConfig
+from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery.budget import RatioBudget, RatioBudgetConfig, TokenBudget, TokenBudgetConfig
 from datapunk_recovery.deadline import deadline
+from datapunk_recovery.engine import retry
 from datapunk_recovery.hedging import (
     HedgeConfig,
     Hedger,
@@ -17,6 +20,8 @@ from datapunk_recovery.hedging import (
     idempotent,
     is_idempotent,
 )
+from datapunk_recovery.network import Endpoint, Router, RouterConfig
+from datapunk_recovery.pipeline import Pipeline
 from datapunk_recovery.testing import fake_clock
 
 pytestmark = pytest.mark.anyio
@@ -142,8 +147,9 @@ async def test_failed_hedges_cost_budget_tokens() -> None:
     replicas = Replicas(ConnectionError("a"), ConnectionError("b"), "ok")
     hedger = Hedger("kv", HedgeConfig(delay=30.0, max_hedges=2), budget=budget)
     assert await hedger.call_async(replicas.get, "k") == "k@2"
-    # The original's outcome belongs to the retry layer; hedge 1 failed (-1), hedge 2 won (+0.1).
-    assert budget.tokens == pytest.approx(9.1)
+    # The call is the primary attempt, reported with its outcome (a success: +0.1), as a
+    # retry layer around the hedger would report it; hedge 1 failed (-1), hedge 2 won (+0.1).
+    assert budget.tokens == pytest.approx(9.2)
 
 
 async def test_no_hedge_starts_past_the_deadline() -> None:
@@ -201,3 +207,109 @@ async def test_hedging_a_sync_function_is_refused() -> None:
 
     with pytest.raises(TypeError, match="hedging needs an async function"):
         Hedger("kv")(sync)  # type: ignore[arg-type]
+
+
+# -- a standalone hedger reports its primary attempts to its budget (issue 14, item 3)
+
+
+class Ledger:
+    """A RetryGate that allows everything and writes down every report."""
+
+    def __init__(self) -> None:
+        self.attempts: list[bool] = []
+        self.asked = 0
+
+    def on_attempt(self, succeeded: bool) -> None:
+        self.attempts.append(succeeded)
+
+    def allow_retry(self) -> bool:
+        self.asked += 1
+        return True
+
+
+class Quick:
+    """A replica that answers at its first checkpoint: a hedge delay of 0 hedges it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @idempotent
+    async def get(self, key: str) -> str:
+        self.calls += 1
+        await anyio.lowlevel.checkpoint()
+        return key
+
+
+async def test_the_documented_hedger_with_a_ratio_budget_hedges_its_share() -> None:
+    with fake_clock():  # one window for the whole test
+        budget = RatioBudget(config=RatioBudgetConfig(ratio=0.1, min_per_second=0.0))
+        hedger = Hedger("kv", HedgeConfig(delay=0.0, max_hedges=1), budget=budget)
+        seen = recorder(hedger)
+        replica = Replicas(*["gate"] * 300)
+        # The first attempt answers once the hedge is decided (started or refused).
+        hedger.bus.subscribe(lambda e: replica.release.set())
+        for _ in range(100):
+            replica.release = anyio.Event()
+            assert (await hedger.call_async(replica.get, "k")).startswith("k@")
+    hedges = sum(isinstance(e, HedgeStarted) for e in seen)
+    # Each call is a request; a hedge is allowed while hedges <= 10% of them.
+    assert 8 <= hedges <= 10
+    assert sum(isinstance(e, HedgeRefused) for e in seen) == 100 - hedges
+
+
+async def test_a_standalone_hedgers_failed_calls_cost_tokens() -> None:
+    budget = TokenBudget(config=TokenBudgetConfig(max_tokens=10))
+    hedger = Hedger("kv", HedgeConfig(delay=30.0), budget=budget)
+    replicas = Replicas(*[ValueError("bad request")] * 6)  # not retryable: no hedge
+    for _ in range(6):
+        with pytest.raises(ValueError):
+            await hedger.call_async(replicas.get, "k")
+    assert budget.tokens == pytest.approx(4.0)  # drained: hedges are refused now
+    assert not budget.allow_retry()
+
+
+async def test_an_unhedged_call_through_a_hedger_is_still_reported() -> None:
+    ledger = Ledger()
+    hedger = Hedger("kv", HedgeConfig(delay=30.0), budget=ledger)
+
+    async def write(key: str) -> str:  # not idempotent: runs once
+        return key
+
+    assert await hedger.call_async(write, "k") == "k"
+    assert await hedger(write)("k") == "k"
+    assert ledger.attempts == [True, True]
+
+
+async def test_every_attempt_is_reported_once_however_the_hedger_is_composed() -> None:
+    config = HedgeConfig(delay=30.0)  # no hedge starts: one attempt per call
+    replica = Quick()
+
+    ledger = Ledger()
+    await Hedger("kv", config, budget=ledger).call_async(replica.get, "k")
+    assert ledger.attempts == [True]  # alone: the hedger reports it
+
+    ledger = Ledger()
+    hedger = Hedger("kv", config, budget=ledger)
+    await retry(RetryConfig(max_attempts=2), budget=ledger)(hedger(replica.get))("k")
+    assert ledger.attempts == [True]  # inside a retry on the same budget: the retry does
+
+    ledger = Ledger()
+    other = Ledger()
+    hedger = Hedger("kv", config, budget=ledger)
+    await retry(RetryConfig(max_attempts=2), budget=other)(hedger(replica.get))("k")
+    assert (ledger.attempts, other.attempts) == ([True], [True])  # another budget: both
+
+    for retry_config in (RetryConfig(max_attempts=2), None):
+        ledger = Ledger()
+        pipeline = Pipeline("kv", retry=retry_config, budget=ledger, hedge=config)
+        await pipeline.call_async(replica.get, "k")
+        assert ledger.attempts == [True], retry_config  # with or without a retry stage
+
+    ledger = Ledger()
+    router = Router("kv", [Endpoint("a"), Endpoint("b")], RouterConfig(hedge=config), budget=ledger)
+
+    async def on(endpoint: Endpoint) -> str:
+        return endpoint.name
+
+    await router.call(on, hedge=True)
+    assert ledger.attempts == [True]  # the router's retry engine reports the race once

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 from . import _runtime, clock
-from ._context import CURRENT
+from ._context import CURRENT, REPORTING
 from .backoff import RetryConfig, server_delay
 from .budget import RetryGate
 from .errors import (
@@ -470,6 +470,9 @@ def _run_sync(
     """Run ``fn`` until it succeeds or the engine gives up; ``error`` is a first failure."""
     call = _new_call(e, start)
     deadline_at = call.deadline_at
+    # This call reports every attempt to the budget: layers inside it (a
+    # hedger on the same budget) must not report them again.
+    reporting = None if e.budget is None else REPORTING.set((*REPORTING.get(), e.budget))
     try:
         if error is not None:
             delay = call.failed(error)
@@ -510,6 +513,8 @@ def _run_sync(
     finally:
         # The last error's traceback points at this frame: break the cycle.
         error = None
+        if reporting is not None:
+            REPORTING.reset(reporting)
 
 
 async def _run_async(
@@ -523,6 +528,9 @@ async def _run_async(
     """The async twin of :func:`_run_sync`; a deadline cancels the running attempt."""
     call = _new_call(e, start)
     deadline_at = call.deadline_at
+    # This call reports every attempt to the budget: layers inside it (a
+    # hedger on the same budget) must not report them again.
+    reporting = None if e.budget is None else REPORTING.set((*REPORTING.get(), e.budget))
     try:
         if error is not None:
             delay = call.failed(error)
@@ -572,6 +580,8 @@ async def _run_async(
                 await _runtime.sleep_async(delay)
     finally:
         error = None
+        if reporting is not None:
+            REPORTING.reset(reporting)
 
 
 # ---------------------------------------------------------------------------
@@ -772,7 +782,7 @@ class AttemptContext:
 class Retrying:
     """The iterator behind :func:`retrying`; iterate it once, sync or async."""
 
-    __slots__ = ("_call", "_delay", "_done", "_engine", "_error", "_token")
+    __slots__ = ("_call", "_delay", "_done", "_engine", "_error", "_reporting", "_token")
 
     def __init__(self, engine: _Engine) -> None:
         self._engine = engine
@@ -781,6 +791,7 @@ class Retrying:
         self._done = False
         self._error: Exception | None = None
         self._token: Any = None
+        self._reporting: Any = None
 
     def _next_attempt(self) -> AttemptContext:
         call = self._call
@@ -816,6 +827,9 @@ class Retrying:
         call = self._call
         assert call is not None
         self._token = CURRENT.set((call.deadline_at, attempt.number))
+        budget = self._engine.budget
+        if budget is not None:  # see _run_sync: the block's attempts are reported here
+            self._reporting = REPORTING.set((*REPORTING.get(), budget))
         call.attempt_start = clock.now()
 
     def _exit(self, exc: BaseException | None) -> bool:
@@ -824,6 +838,9 @@ class Retrying:
         if self._token is not None:
             CURRENT.reset(self._token)
             self._token = None
+        if self._reporting is not None:
+            REPORTING.reset(self._reporting)
+            self._reporting = None
         if exc is None:
             self._done = True
             call.succeeded()
@@ -835,6 +852,7 @@ class Retrying:
         if delay is None:
             self._done = True
             return False
+        _release_frames(exc)
         self._error = exc
         self._delay = delay
         return True
