@@ -8,7 +8,9 @@ import pytest
 
 from datapunk_recovery import events
 from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery.breaker import BreakerConfig, BreakerState, CircuitBreaker, OutcomeRecorded
 from datapunk_recovery.budget import RatioBudget, RatioBudgetConfig, TokenBudget, TokenBudgetConfig
+from datapunk_recovery.clock import FakeClock
 from datapunk_recovery.deadline import deadline
 from datapunk_recovery.engine import retry
 from datapunk_recovery.hedging import (
@@ -313,3 +315,149 @@ async def test_every_attempt_is_reported_once_however_the_hedger_is_composed() -
 
     await router.call(on, hedge=True)
     assert ledger.attempts == [True]  # the router's retry engine reports the race once
+
+
+# -- a hedge that loses its race counts for its breaker as a slow call (issue 14, item 2)
+
+
+class TwoEndpoints:
+    """Each call's first attempt goes to ``a``, its hedges to ``b``, each through its breaker.
+
+    ``a_plan`` says what ``a`` does on each call: "hang" (until cancelled) or an
+    exception; ``b`` answers after ``b_takes`` seconds of the (fake) clock.
+    """
+
+    def __init__(self, a: CircuitBreaker, b: CircuitBreaker, a_plan: list[object]) -> None:
+        self.a, self.b = a, b
+        self.a_plan = list(a_plan)
+        self.next_is_primary = True
+        self.b_takes = 0.0
+        self.clock: FakeClock | None = None
+
+    @idempotent
+    async def get(self, key: str) -> str:
+        primary, self.next_is_primary = self.next_is_primary, False
+        if primary:
+            return await self.a.call_async(self._a)
+        return await self.b.call_async(self._b, key)
+
+    async def _a(self) -> str:
+        step = self.a_plan.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def _b(self, key: str) -> str:
+        if self.clock is not None:
+            self.clock.advance(self.b_takes)
+        await anyio.lowlevel.checkpoint()
+        return key
+
+    async def call(self, hedger: Hedger) -> str:
+        self.next_is_primary = True
+        return await hedger.call_async(self.get, "k")
+
+
+SLOW_RULE = BreakerConfig(
+    consecutive_failures=None,
+    slow_call_rate_threshold=0.5,
+    slow_call_duration=1.0,
+    minimum_calls=4,
+    window_size=10,
+)
+
+
+@pytest.mark.parametrize("listening", [False, True], ids=["quiet", "observed"])
+async def test_a_hung_endpoint_that_keeps_losing_hedges_trips_its_slow_call_rule(
+    listening: bool,
+) -> None:
+    a, b = CircuitBreaker("a", SLOW_RULE), CircuitBreaker("b", SLOW_RULE)
+    outcomes: list[OutcomeRecorded] = []
+    if listening:  # the permit path as well as the breaker's quiet one
+        a.events.subscribe(lambda e: outcomes.append(e) if isinstance(e, OutcomeRecorded) else None)
+    endpoints = TwoEndpoints(a, b, ["hang"] * 4)
+    hedger = Hedger("kv", HedgeConfig(delay=0.0))
+    for _ in range(4):
+        assert await endpoints.call(hedger) == "k"  # the caller always got its answer
+    assert a.state is BreakerState.OPEN  # 4 slow calls of 4: the hung endpoint is out
+    snapshot = a.snapshot()
+    assert (snapshot.failures, snapshot.slow_calls) == (0, 4)  # slow, never failed
+    assert b.state is BreakerState.CLOSED
+    if listening:
+        assert [(e.outcome, e.slow) for e in outcomes] == [("lost", True)] * 4
+
+
+async def test_a_lost_hedge_is_slow_for_at_least_its_elapsed_time() -> None:
+    recorded: list[tuple[str, bool, float | None]] = []
+    config = BreakerConfig(consecutive_failures=None, slow_call_duration=5.0, keep_window=True)
+    a, b = CircuitBreaker("a", config), CircuitBreaker("b", config)
+    a.events.subscribe(
+        lambda e: (
+            recorded.append((e.outcome, e.slow, e.duration))
+            if isinstance(e, OutcomeRecorded)
+            else None
+        )
+    )
+    with fake_clock() as clock:
+        endpoints = TwoEndpoints(a, b, ["hang"])
+        endpoints.clock, endpoints.b_takes = clock, 2.5
+        await endpoints.call(Hedger("kv", HedgeConfig(delay=0.0)))
+    # Slow (it lost a race), with the time it had run: the least its call would have taken.
+    assert recorded == [("lost", True, pytest.approx(2.5))]
+    assert a.snapshot().calls == 0  # no slow-call rule judges it: the window is left alone
+
+
+async def test_a_lost_hedge_is_never_a_success() -> None:
+    # Three consecutive failures trip it; a lost race between them resets nothing.
+    config = BreakerConfig(consecutive_failures=3)
+    a, b = CircuitBreaker("a", config), CircuitBreaker("b", config)
+    down = ConnectionError("a is down")
+    endpoints = TwoEndpoints(a, b, [down, down, "hang", down])
+    hedger = Hedger("kv", HedgeConfig(delay=0.0))
+    for _ in range(3):
+        await endpoints.call(hedger)
+    assert a.state is BreakerState.CLOSED
+    await endpoints.call(hedger)
+    assert a.state is BreakerState.OPEN
+
+
+async def test_cancelling_the_whole_call_counts_nothing_for_any_breaker() -> None:
+    a, b = CircuitBreaker("a", SLOW_RULE), CircuitBreaker("b", SLOW_RULE)
+    endpoints = TwoEndpoints(a, b, ["hang"] * 3)
+    hedger = Hedger("kv", HedgeConfig(delay=30.0))  # no hedge: the caller gives up first
+    for _ in range(3):
+        with anyio.move_on_after(0.01):
+            await endpoints.call(hedger)
+    assert a.snapshot().calls == 0
+    assert a.state is BreakerState.CLOSED
+
+
+async def test_a_router_hedging_across_endpoints_trips_the_hung_one() -> None:
+    breaker = BreakerConfig(
+        consecutive_failures=None,
+        slow_call_rate_threshold=0.5,
+        slow_call_duration=1.0,
+        minimum_calls=3,
+        window_size=10,
+        keep_window=True,
+    )
+    hedge = HedgeConfig(delay=0.05)  # the good endpoint answers at its first checkpoint
+    config = RouterConfig(retry=RetryConfig(max_attempts=1), breaker=breaker, hedge=hedge)
+    router = Router("kv", [Endpoint("hung"), Endpoint("good")], config)
+
+    async def on(endpoint: Endpoint) -> str:
+        if endpoint.name == "hung":
+            await anyio.sleep_forever()
+        await anyio.lowlevel.checkpoint()
+        return endpoint.name
+
+    hung = router.breaker("hung")
+    for _ in range(20):  # the hung endpoint gets about half the first attempts
+        assert await router.call(on, hedge=True) == "good"
+        if hung.state is BreakerState.OPEN:
+            break
+    assert hung.state is BreakerState.OPEN  # found out, and no caller saw a failure
+    assert hung.snapshot().failures == 0
+    assert router.breaker("good").snapshot().failures == 0
+    assert router.statistics().failures == 0

@@ -293,3 +293,48 @@ def test_keyboard_interrupt_passes_through_a_sync_pipeline() -> None:
         pipeline.call(interrupted)
     assert bulkhead.state().active == 0
     assert breaker.state is BreakerState.CLOSED
+
+
+# -- hedging x breaker, hedging x budget in the default order (issue 14, items 2 and 3)
+
+
+@pytest.mark.anyio
+async def test_a_pipelines_lost_hedges_reach_its_breaker_as_slow_calls_and_the_budget_once() -> (
+    None
+):
+    breaker = CircuitBreaker(
+        "kv",
+        BreakerConfig(
+            consecutive_failures=None,
+            slow_call_rate_threshold=0.9,
+            slow_call_duration=1.0,
+            minimum_calls=2,
+            keep_window=True,
+        ),
+    )
+    budget = TokenBudget(config=TokenBudgetConfig(max_tokens=10, token_ratio=0.5))
+    budget.on_attempt(False)  # 9 tokens: room to earn
+    pipeline = Pipeline(
+        "kv",
+        retry=RetryConfig(max_attempts=1),
+        budget=budget,
+        hedge=HedgeConfig(delay=0.0),
+        idempotent=True,
+        breaker=breaker,
+    )
+    answered = anyio.Event()
+
+    async def replica(n: list[int]) -> str:
+        n[0] += 1
+        if n[0] == 1:  # the first attempt hangs until the hedge has answered
+            await answered.wait()
+            await anyio.sleep_forever()
+        answered.set()
+        return "ok"
+
+    assert await pipeline.call_async(replica, [0]) == "ok"
+    snapshot = breaker.snapshot()
+    # The hedge's success and the first attempt's lost race: one slow call of two.
+    assert (snapshot.calls, snapshot.failures, snapshot.slow_calls) == (2, 0, 1)
+    # The retry stage reports the call once (+0.5); the hedge reports its own success (+0.5).
+    assert budget.tokens == pytest.approx(10.0)

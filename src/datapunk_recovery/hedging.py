@@ -31,6 +31,7 @@ nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import math
@@ -425,6 +426,9 @@ class Hedger:
                 got: _Outcome | None = None
                 with trio.move_on_after(math.inf if timeout is None else timeout):
                     got = await receive.receive()
+                if got is None:  # an answer that came as the delay ended is no reason to hedge
+                    with contextlib.suppress(trio.WouldBlock):
+                        got = receive.receive_nowait()
                 if got is None:  # slower than the delay: hedge
                     if self._may_hedge(started, "delay", delay):
                         launch(started)
