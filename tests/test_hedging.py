@@ -461,3 +461,25 @@ async def test_a_router_hedging_across_endpoints_trips_the_hung_one() -> None:
     assert hung.snapshot().failures == 0
     assert router.breaker("good").snapshot().failures == 0
     assert router.statistics().failures == 0
+
+
+# -- reload x hedging (issue 14, item 1)
+
+
+def test_a_new_hedger_inherits_the_latencies_measured() -> None:
+    old = Hedger("kv", HedgeConfig(percentile=0.5, min_samples=4, window=8))
+    for latency in (0.1, 0.2, 0.3, 0.4, 0.5):
+        old.record(latency)
+    new = Hedger("kv", HedgeConfig(percentile=0.5, min_samples=4, window=4))
+    new.inherit(old)  # the last 4 fit: 0.2 .. 0.5
+    assert new.delay() == pytest.approx(0.3)
+
+
+def test_reconfiguring_a_router_keeps_its_hedge_delay() -> None:
+    hedge = HedgeConfig(percentile=0.5, min_samples=2, delay=9.0)
+    router = Router("kv", [Endpoint("a"), Endpoint("b")], RouterConfig(hedge=hedge))
+    for latency in (0.1, 0.2, 0.3):
+        router._hedger.record(latency)  # type: ignore[union-attr]
+    assert router._hedger.delay() == pytest.approx(0.2)  # type: ignore[union-attr]
+    router.reconfigure(RouterConfig(hedge=hedge, breaker=BreakerConfig(consecutive_failures=9)))
+    assert router._hedger.delay() == pytest.approx(0.2)  # type: ignore[union-attr]

@@ -215,6 +215,20 @@ class Hedger:
             self._filled += 1
             self._dirty += 1
 
+    def inherit(self, other: Hedger) -> None:
+        """Take the latency samples ``other`` measured (oldest first, as many as fit).
+
+        A reload that builds a new hedger for a service keeps what the old one
+        learned, so the percentile delay does not fall back to the fixed one.
+        """
+        with other._lock:
+            ring = other._samples
+            n = min(other._filled, len(ring))
+            first = other._filled - n
+            ordered = [ring[(first + i) % len(ring)] for i in range(n)]
+        for latency in ordered[-len(self._samples) :]:
+            self.record(latency)
+
     def delay(self) -> float:
         """The hedge delay now, in seconds."""
         config = self.config
