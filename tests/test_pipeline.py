@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from datapunk_recovery import errors, events
@@ -338,3 +339,35 @@ async def test_a_pipelines_lost_hedges_reach_its_breaker_as_slow_calls_and_the_b
     assert (snapshot.calls, snapshot.failures, snapshot.slow_calls) == (2, 0, 1)
     # The retry stage reports the call once (+0.5); the hedge reports its own success (+0.5).
     assert budget.tokens == pytest.approx(10.0)
+
+
+@pytest.mark.anyio
+async def test_a_hedged_call_holds_one_bulkhead_slot_and_one_token_for_all_its_hedges() -> None:
+    with fake_clock():
+        bulkhead = Bulkhead("kv", BulkheadConfig(max_concurrent=1))
+        limiter = RateLimiter("kv", RateLimiterConfig(rate=1.0, burst=2))
+        pipeline = Pipeline(
+            "kv",
+            bulkhead=bulkhead,
+            limiter=limiter,
+            retry=RetryConfig(max_attempts=1),
+            hedge=HedgeConfig(delay=0.0, max_hedges=3),
+            idempotent=True,
+        )
+        held: list[int] = []
+        started = 0
+
+        async def replica() -> str:
+            nonlocal started
+            started += 1
+            held.append(bulkhead.state().active)
+            if started < 4:  # three attempts hang; the last hedge answers
+                await anyio.sleep_forever()
+            await anyio.lowlevel.checkpoint()
+            return "ok"
+
+        assert await pipeline.call_async(replica) == "ok"
+        assert started == 4
+        assert held == [1, 1, 1, 1]  # the hedges ran in the call's one slot
+        assert limiter.tokens == pytest.approx(1.0)  # and on its one token
+        assert bulkhead.state().active == 0

@@ -24,10 +24,11 @@ the call.  Each service's pipeline is compiled once, when the configuration
 is applied, so a call pays one dictionary lookup to find it.
 
 :meth:`RecoveryStrategies.reload` applies a new configuration while calls
-run: callers keep their handle, routers, breakers and budgets of services
-that stay keep their state and take the new thresholds, and a bad
-configuration is rejected with every problem listed while the old one keeps
-running.
+run: callers keep their handle; routers, breakers, budgets, bulkheads and
+pools are re-configured in place, so they keep their state (tokens are never
+refilled, slots and units held go on counting against the new limits) and
+take the new thresholds; and a bad configuration is rejected with every
+problem listed while the old one keeps running.
 """
 
 from __future__ import annotations
@@ -450,9 +451,12 @@ class RecoveryStrategies:
     ) -> None:
         """Apply a new configuration while calls run; on any problem, keep the old one.
 
-        Routers, breakers and budgets of services that stay keep their state
-        and take the new thresholds (so do the caches' breakers); calls in
-        flight finish with the retries they started with.  Databases and the
+        Routers, breakers, budgets, bulkheads and pools keep their state and
+        take the new thresholds (so do the caches' breakers): a budget keeps
+        its tokens, a bulkhead its held slots and a pool its held units, so a
+        limit in force is never exceeded (a smaller one admits nobody until
+        use is below it); calls in flight finish with the retries they
+        started with.  Databases and the
         Redis cache cannot change without a restart (they are open
         connections): a change to them is one of the problems reported.
         Raises :class:`~datapunk_recovery.schema.ConfigError` listing every
