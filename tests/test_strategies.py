@@ -871,3 +871,17 @@ async def test_reloading_a_pool_never_exceeds_the_largest_capacity_in_force() ->
             await _settle()
     assert holding == 3
     assert peak == 3
+
+
+async def test_a_pool_removed_and_restored_by_reloads_still_counts_its_leases() -> None:
+    with_pool = {**CONFIG, "pools": {"gpu": {"capacity": 1, "max_wait": 0.01}}}
+    recovery = RecoveryStrategies.from_config(with_pool, environ={})
+    pool = recovery.pool("gpu")
+    async with pool.acquire(1):
+        recovery.reload(CONFIG, environ={})
+        with pytest.raises(KeyError):
+            recovery.pool("gpu")
+        recovery.reload(with_pool, environ={})
+        assert recovery.pool("gpu") is pool
+        assert pool.in_use == 1  # the lease from before still holds the only unit
+    assert pool.in_use == 0

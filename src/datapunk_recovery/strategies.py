@@ -183,8 +183,8 @@ class _Service:
         self.budget: TokenBudget | None = _budget(name, policy.budget, kept_budget)
         self.bulkhead: Bulkhead | None = _bulkhead(name, policy.bulkhead, kept_bulkhead)
         self.kept: tuple[TokenBudget | None, Bulkhead | None] = (
-            self.budget or kept_budget,
-            self.bulkhead or kept_bulkhead,
+            kept_budget if self.budget is None else self.budget,
+            kept_bulkhead if self.bulkhead is None else self.bulkhead,
         )
         self.timeout = (
             None
@@ -426,7 +426,9 @@ class RecoveryStrategies:
         for name, pool_config in config.pools.items():
             # A pool that stays (or comes back) is re-configured in place:
             # the units its leases hold go on counting against the new capacity.
-            current = self._pools.get(name) or self._retired.pop(name, None)
+            current = self._pools.get(name)
+            if current is None:
+                current = self._retired.pop(name, None)
             if current is None:
                 current = ResourcePool(name, pool_config)
             elif current.config != pool_config:
