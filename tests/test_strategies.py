@@ -885,3 +885,39 @@ async def test_a_pool_removed_and_restored_by_reloads_still_counts_its_leases() 
         assert recovery.pool("gpu") is pool
         assert pool.in_use == 1  # the lease from before still holds the only unit
     assert pool.in_use == 0
+
+
+async def test_a_hung_endpoint_losing_its_hedges_trips_its_breaker_through_the_facade() -> None:
+    recovery = strategies(
+        {
+            "services": {
+                "search": {
+                    "endpoints": ["hung", "good"],
+                    "priorities": {"good": 0},
+                    "hedge": {"delay": "20ms"},
+                    "retry": {"max_attempts": 1},
+                    "breaker": {
+                        "consecutive_failures": 5,
+                        "slow_call_rate_threshold": 0.5,
+                        "slow_call_duration": "1s",
+                        "minimum_calls": 2,
+                        "keep_window": True,
+                    },
+                }
+            }
+        }
+    )
+
+    async def call(endpoint: Endpoint) -> str:
+        if endpoint.name == "hung":
+            await anyio.sleep_forever()
+        return endpoint.name
+
+    hung = recovery.breaker("search", "hung")
+    assert hung is not None
+    for _ in range(20):  # the hung endpoint gets about half the first attempts
+        assert await recovery.with_network_recovery("search", call) == "good"
+        if hung.state is BreakerState.OPEN:
+            break
+    assert hung.state is BreakerState.OPEN
+    assert hung.snapshot().failures == 0
