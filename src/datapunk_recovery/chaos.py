@@ -42,11 +42,11 @@ import os
 import random
 import types
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, ParamSpec, TypeVar, cast
 
 from . import _runtime, clock
-from ._validate import check_fraction, check_seconds
+from ._validate import check_fraction, check_number, check_seconds
 from .events import Event, EventBus, emit, global_bus
 from .pipeline import ARun, Run
 from .stats import count_value
@@ -204,7 +204,7 @@ class Latency:
     kind: ClassVar[str] = "latency"
 
     seconds: float
-    up_to: float | None = None
+    up_to: float | None = field(default=None, metadata={"unit": "seconds"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seconds", check_seconds("Latency", "seconds", self.seconds))
@@ -685,8 +685,8 @@ class Window:
     target applies that target's windows and the windows without a target.
     """
 
-    start: float
-    end: float | None
+    start: float = field(metadata={"unit": "seconds"})
+    end: float | None = field(metadata={"unit": "seconds"})
     injection: Injection
     rate: float = 1.0
     target: str | None = None
@@ -741,7 +741,8 @@ class Timeline:
 
     def start(self, at: float | None = None) -> None:
         """Start (or restart) the script at library time ``at`` (default: now)."""
-        self._origin = clock.now() if at is None else check_seconds("Timeline", "at", at)
+        # A reading of the library clock, not a duration: any finite time >= 0.
+        self._origin = clock.now() if at is None else check_number("Timeline", "at", at)
 
     def stop(self) -> None:
         """End the script: nothing is injected until it is started again."""
