@@ -353,8 +353,7 @@ class _Builder:
             complaint = self.judge(cls, {**defaults, **passed, name: kwargs[name]})
             if complaint is not None and complaint[0] == name:
                 if any(
-                    other != name and re.search(rf"\b{other}\b", complaint[1])
-                    for other in alone
+                    other != name and re.search(rf"\b{other}\b", complaint[1]) for other in alone
                 ):
                     continue  # a rule tying it to a field refused on its own: not judged
                 self.problem(given[name], _join(path, name), complaint[1])
