@@ -118,8 +118,8 @@ class RetryConfig:
         """The un-jittered exponential delay of retry ``n`` (n >= 1), capped."""
         try:
             e = self.base_delay * self.exponential_base ** (n - 1)
-        except OverflowError:  # far past the cap
-            return self.max_delay
+        except OverflowError:  # far past the cap (a zero base stays zero)
+            return self.max_delay if self.base_delay else 0.0
         return e if e < self.max_delay else self.max_delay
 
     def compute_delay(self, n: int, rng: random.Random | None = None) -> float:
