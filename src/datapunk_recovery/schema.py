@@ -298,6 +298,7 @@ class _Builder:
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         given: dict[str, object] = {}
+        refused: set[str] = set()  # fields whose value was refused on its own
         ok = True
         for key, value in raw.items():
             where = _join(path, key)
@@ -318,6 +319,7 @@ class _Builder:
             converted = self.value(hints[key], value, where, field, nested_base)
             if converted is _INVALID:
                 ok = False
+                refused.add(key)
             else:
                 kwargs[key] = converted
                 given[key] = value
@@ -349,11 +351,12 @@ class _Builder:
             if complaint is not None and complaint[0] == name:
                 alone[name] = complaint
         passed = {k: v for k, v in kwargs.items() if k not in alone}
+        refused.update(alone)
         for name in alone:
             complaint = self.judge(cls, {**defaults, **passed, name: kwargs[name]})
             if complaint is not None and complaint[0] == name:
                 if any(
-                    other != name and re.search(rf"\b{other}\b", complaint[1]) for other in alone
+                    other != name and re.search(rf"\b{other}\b", complaint[1]) for other in refused
                 ):
                     continue  # a rule tying it to a field refused on its own: not judged
                 self.problem(given[name], _join(path, name), complaint[1])
