@@ -349,6 +349,28 @@ class _Call:
         self.attempt = n + 1
         return delay
 
+    def decide(self, exc: Exception | None) -> float | None:
+        """:meth:`failed`, except that an error of the library's own never escapes.
+
+        The caller's exception is what the call raises, whatever goes wrong
+        while deciding about it (a clock, a budget, a delay out of range):
+        the internal error becomes a note on it and the call gives up.
+        """
+        try:
+            return self.failed(exc)
+        except Exception as internal:
+            self.internal_error(exc, internal, "deciding the next attempt")
+            return None
+
+    def internal_error(self, exc: BaseException | None, internal: Exception, doing: str) -> None:
+        """Give up after ``internal`` broke the engine while ``doing``; ``exc`` stays the error."""
+        why = f"an internal error while {doing}: {type(internal).__name__}: {internal}"
+        try:
+            self._give_up(exc, GiveUpReason.INTERNAL_ERROR, redact_text(why)[:300])
+        except Exception:  # the accounting itself failed: the note at least
+            if exc is not None:
+                exc.add_note(f"datapunk-recovery: gave up after {redact_text(why)[:300]}")
+
     def _stateful_delay(self, config: RetryConfig) -> float:
         # The decorrelated kinds: one iterator per configuration within a call.
         if self.iters is None:
@@ -446,6 +468,30 @@ def _safe_repr(value: object) -> str:
 # Running a call: sync and async loops over the same _Call decisions.
 
 
+def _sleep_sync(call: _Call, delay: float, error: Exception | None) -> bool:
+    """Wait ``delay`` before the next attempt; False (the call gave up) if the wait broke.
+
+    A sleep that raises (a delay past what the platform can sleep) must not
+    replace the caller's exception; cancellation and exit pass through.
+    """
+    try:
+        _runtime.sleep_sync(delay)
+    except Exception as internal:
+        call.internal_error(error, internal, f"waiting {delay!r} s")
+        return False
+    return True
+
+
+async def _sleep_async(call: _Call, delay: float, error: Exception | None) -> bool:
+    """The async twin of :func:`_sleep_sync`."""
+    try:
+        await _runtime.sleep_async(delay)
+    except Exception as internal:
+        call.internal_error(error, internal, f"waiting {delay!r} s")
+        return False
+    return True
+
+
 def _run_sync(
     e: _Engine,
     fn: Callable[..., T],
@@ -459,11 +505,11 @@ def _run_sync(
     deadline_at = call.deadline_at
     try:
         if error is not None:
-            delay = call.failed(error)
+            delay = call.decide(error)
             if delay is None:
                 raise error
-            if delay:
-                _runtime.sleep_sync(delay)
+            if delay and not _sleep_sync(call, delay, error):
+                raise error
         check = e.retry_if_result
         while True:
             if deadline_at is not None and clock.now() >= deadline_at:
@@ -482,16 +528,18 @@ def _run_sync(
                 if check is None or not check(result):
                     call.succeeded()
                     return result
-                delay = call.failed(None)
+                delay = call.decide(None)
                 if delay is None:
+                    raise call.exhausted(result)
+                if not _sleep_sync(call, delay, None):
                     raise call.exhausted(result)
             else:
                 assert error is not None
-                delay = call.failed(error)
+                delay = call.decide(error)
                 if delay is None:
                     raise error
-            if delay:
-                _runtime.sleep_sync(delay)
+                if delay and not _sleep_sync(call, delay, error):
+                    raise error
     finally:
         # The last error's traceback points at this frame: break the cycle.
         error = None
@@ -510,11 +558,11 @@ async def _run_async(
     deadline_at = call.deadline_at
     try:
         if error is not None:
-            delay = call.failed(error)
+            delay = call.decide(error)
             if delay is None:
                 raise error
-            if delay:
-                await _runtime.sleep_async(delay)
+            if delay and not await _sleep_async(call, delay, error):
+                raise error
         check = e.retry_if_result
         while True:
             if deadline_at is not None and clock.now() >= deadline_at:
@@ -543,16 +591,18 @@ async def _run_async(
                 if check is None or not check(result):
                     call.succeeded()
                     return result
-                delay = call.failed(None)
+                delay = call.decide(None)
                 if delay is None:
+                    raise call.exhausted(result)
+                if not await _sleep_async(call, delay, None):
                     raise call.exhausted(result)
             else:
                 assert error is not None
-                delay = call.failed(error)
+                delay = call.decide(error)
                 if delay is None:
                     raise error
-            if delay:
-                await _runtime.sleep_async(delay)
+                if delay and not await _sleep_async(call, delay, error):
+                    raise error
     finally:
         error = None
 
@@ -772,8 +822,8 @@ class Retrying:
     def __next__(self) -> AttemptContext:
         if self._done:
             raise StopIteration
-        if self._call is not None:
-            _runtime.sleep_sync(self._delay)
+        if self._call is not None and not _sleep_sync(self._call, self._delay, self._error):
+            raise self._broken()
         return self._next_attempt()
 
     def __aiter__(self) -> Retrying:
@@ -782,9 +832,16 @@ class Retrying:
     async def __anext__(self) -> AttemptContext:
         if self._done:
             raise StopAsyncIteration
-        if self._call is not None:
-            await _runtime.sleep_async(self._delay)
+        if self._call is not None and not await _sleep_async(self._call, self._delay, self._error):
+            raise self._broken()
         return self._next_attempt()
+
+    def _broken(self) -> Exception:
+        # The wait before the next attempt broke: the last attempt's error ends the loop.
+        self._done = True
+        error, self._error = self._error, None
+        assert error is not None
+        return error
 
     def _enter(self, attempt: AttemptContext) -> None:
         call = self._call
@@ -805,7 +862,7 @@ class Retrying:
         if not isinstance(exc, Exception):  # cancellation and exit: untouched
             self._done = True
             return False
-        delay = call.failed(exc)
+        delay = call.decide(exc)
         if delay is None:
             self._done = True
             return False
