@@ -400,6 +400,13 @@ def test_a_variable_with_an_empty_key_is_a_configuration_error_naming_it(name: s
     assert "empty key" in problem.message
 
 
+def test_a_misnamed_variable_never_shows_its_value() -> None:
+    name = "DATAPUNK_RECOVERY__DATABASES____POSTGRES"
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={name: "postgresql://app:hunter2@db/app"})
+    assert name in str(caught.value) and "hunter2" not in str(caught.value)
+
+
 def test_an_empty_service_pool_or_database_name_in_a_file_is_a_problem() -> None:
     with pytest.raises(ConfigError) as caught:
         build_config(

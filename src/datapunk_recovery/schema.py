@@ -197,8 +197,7 @@ def env_overrides(environ: Mapping[str, str], prefix: str = "DATAPUNK_RECOVERY")
                     "",
                     "the variable's name has an empty key (two '__' in a row, or a "
                     f"leading or trailing '__'); write {head}KEY__PATH",
-                    environ[name],
-                )
+                )  # the value is not shown: it may be a DSN or a token
             )
             continue
         node = tree
