@@ -242,7 +242,7 @@ async def run_to_the_end(
     return made, fake.now() - start
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     default=retry_configs(with_deadline=True),
     categories=st.dictionaries(st.sampled_from(CATEGORIES), retry_configs(), max_size=3),

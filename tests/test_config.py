@@ -447,7 +447,7 @@ _NAME_PARTS = st.sampled_from(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     st.dictionaries(
         st.lists(_NAME_PARTS, min_size=1, max_size=6).map(

@@ -165,14 +165,27 @@ class RetryConfig:
             raise TypeError(f"the retry number must be an int, got {n!r}")
         if n < 0:
             raise ValueError(f"the retry number must be >= 0, got {n!r}")
-        if n == 0 or self.base_delay == 0.0:  # every jitter kind then waits zero
+        if n == 0:
             return 0.0
-        if not self.stateful:
-            return self._jittered(n, rng)
-        draws = _sequence(self, rng or _RNG, None)
-        for _ in range(n - 1):
-            next(draws)
-        return next(draws)
+        draws = None
+        if self.stateful and self.base_delay != 0.0:
+            draws = _sequence(self, rng or _RNG, None)
+            for _ in range(n - 1):
+                next(draws)
+        return self.next_delay(n, rng, draws)
+
+    def next_delay(self, n: int, rng: random.Random | None, draws: Iterator[float] | None) -> float:
+        """The library's one delay rule: the delay of retry ``n`` (n >= 1), unchecked.
+
+        ``draws`` is the call's own sequence for the decorrelated kinds (its
+        next value is retry ``n``'s), ``None`` for the others.  The engine
+        calls it on its failure path; :meth:`retry_delay` is its checked face.
+        """
+        if self.base_delay == 0.0:  # every jitter kind then waits zero
+            return 0.0
+        if draws is not None:
+            return next(draws)
+        return self._jittered(n, rng)
 
     def longest_delays(self) -> Iterator[float]:
         """For retry 1, 2, ... of a call: the longest delay the engine can draw, endlessly.

@@ -285,12 +285,9 @@ class _Call:
             return self._give_up(
                 exc, GiveUpReason.ATTEMPTS, f"max_attempts={config.max_attempts} reached"
             )
-        if config.base_delay == 0.0:  # every jitter kind then waits zero
-            delay = 0.0
-        elif config.stateful:
-            delay = self._stateful_delay(config)
-        else:
-            delay = config._jittered(n, e.rng)
+        # The one delay rule (RetryConfig.next_delay), with this call's own
+        # sequence for the decorrelated kinds.
+        delay = config.next_delay(n, e.rng, self._draws(config) if config.stateful else None)
         from_server = False
         # The clock is read only when something needs the time.
         now = clock.now() if observed or self.deadline_at is not None else 0.0
@@ -371,15 +368,15 @@ class _Call:
             if exc is not None:
                 exc.add_note(f"datapunk-recovery: gave up after {redact_text(why)[:300]}")
 
-    def _stateful_delay(self, config: RetryConfig) -> float:
-        # The decorrelated kinds: one iterator per configuration within a call.
+    def _draws(self, config: RetryConfig) -> Iterator[float]:
+        # The decorrelated kinds: one sequence per configuration within a call.
         if self.iters is None:
             self.iters = {}
         it = self.iters.get(id(config))
         if it is None:
             # Never runs dry: the attempt count is checked before each delay.
             it = self.iters[id(config)] = config.delays(self.engine.rng)
-        return next(it)
+        return it
 
     def _give_up(
         self,
