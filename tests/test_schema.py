@@ -433,3 +433,28 @@ def test_a_factor_is_not_a_duration() -> None:
     assert problems_of(BreakerConfig, {"open_backoff": "2s"}) == [
         "app.toml: open_backoff: expected a number (got '2s')"
     ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Span:
+    low: float = 1.0
+    high: float = 2.0
+    steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"Span.steps: must be >= 1, got {self.steps!r}")
+        if self.high < self.low:
+            raise ValueError(f"Span.high: must be >= low ({self.low!r}), got {self.high!r}")
+
+
+def test_a_rule_between_fields_of_any_dataclass_judges_the_values_given() -> None:
+    assert build(Span, {"low": 0.1, "high": 0.5}, source="app.toml") == Span(0.1, 0.5)
+    assert build(Span, {"high": 0.5}, source="t", base=Span(0.1, 0.2)) == Span(0.1, 0.5)
+    # Judged alone, a bad value is still reported with the others.
+    assert problems_of(Span, {"low": 0.1, "high": 0.5, "steps": 0}) == [
+        "app.toml: steps: must be >= 1 (got 0)"
+    ]
+    assert problems_of(Span, {"low": 3.0, "high": 0.5}) == [
+        "app.toml: high: must be >= low (3.0) (got 0.5)"
+    ]
