@@ -82,6 +82,7 @@ def test_a_wait_the_platform_cannot_sleep_keeps_the_callers_exception(real_clock
     with pytest.raises(Refused, match="the caller's failure") as caught:
         call()
     assert "OverflowError" in notes(caught.value)
+    assert "gave up after 1 attempt," in notes(caught.value)
     assert caught.value.__context__ is None  # the internal error is a note, not the context
     assert reasons == [GiveUpReason.INTERNAL_ERROR]
     assert call.statistics().giveups == {GiveUpReason.INTERNAL_ERROR: 1}

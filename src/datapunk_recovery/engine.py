@@ -474,6 +474,7 @@ def _sleep_sync(call: _Call, delay: float, error: Exception | None) -> bool:
     try:
         _runtime.sleep_sync(delay)
     except Exception as internal:
+        call.attempt -= 1  # the next attempt was counted in, but will not be made
         call.internal_error(error, internal, f"waiting {delay!r} s")
         return False
     return True
@@ -484,6 +485,7 @@ async def _sleep_async(call: _Call, delay: float, error: Exception | None) -> bo
     try:
         await _runtime.sleep_async(delay)
     except Exception as internal:
+        call.attempt -= 1  # the next attempt was counted in, but will not be made
         call.internal_error(error, internal, f"waiting {delay!r} s")
         return False
     return True
