@@ -50,6 +50,8 @@ _STATEFUL: Final = frozenset({Jitter.DECORRELATED, Jitter.DECORRELATED_V2})
 _OWNER: Final = "RetryConfig"
 # Past this exponent 2**t overflows a float; the delay is long capped by then.
 _V2_MAX_T: Final = 1000.0
+# Draws of a decorrelated sequence after which its start no longer matters.
+_FORGOTTEN: Final = 10_000
 # One shared generator when the caller brings none: seeding a new Random costs
 # microseconds, more than the whole failure path of a retry.
 _RNG: Final = random.Random()
@@ -158,7 +160,8 @@ class RetryConfig:
         retry ``n`` happens is the engine's decision, not the delay's); the
         result is in ``[0, max_delay]``.  The decorrelated kinds depend on the
         delays before: retry ``n``'s is the ``n``-th draw of a fresh sequence
-        (so it costs ``n`` draws).  Without jitter the delay never decreases
+        (beyond 10,000 retries, the 10,000th stands for it: the sequence has
+        long forgotten its start, and the cost stays bounded).  Without jitter the delay never decreases
         as ``n`` grows.
         """
         if isinstance(n, bool) or not isinstance(n, int):
@@ -170,7 +173,10 @@ class RetryConfig:
         draws = None
         if self.stateful and self.base_delay != 0.0:
             draws = _sequence(self, rng or _RNG, None)
-            for _ in range(n - 1):
+            # Past _FORGOTTEN draws the sequence has long forgotten where it
+            # started: that draw stands for every later one (the cost stays
+            # bounded for any n; decorrelated_v2 is at its cap by then).
+            for _ in range(min(n, _FORGOTTEN) - 1):
                 next(draws)
         return self.next_delay(n, rng, draws)
 
