@@ -95,6 +95,15 @@ async def test_calculate_backoff_gives_the_policy_numbers() -> None:
         recovery.calculate_backoff(1.5)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("jitter", list(Jitter))
+def test_calculate_backoff_answers_a_huge_retry_number_of_any_jitter_kind(jitter: Jitter) -> None:
+    config = RetryConfig(max_attempts=2, base_delay=0.5, max_delay=4.0, jitter=jitter)
+    recovery = RecoveryStrategies(config)
+    delay = recovery.calculate_backoff(10**12, rng=random.Random(7))
+    assert 0.0 <= delay <= 4.0
+    assert delay == recovery.calculate_backoff(10**12, rng=random.Random(7))  # reproducible
+
+
 async def test_a_bare_retry_config_becomes_every_services_retry_policy() -> None:
     config = RetryConfig(max_attempts=4, base_delay=0.01, max_delay=0.1, jitter=Jitter.NONE)
     recovery = RecoveryStrategies(config)
