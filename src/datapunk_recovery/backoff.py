@@ -161,8 +161,8 @@ class RetryConfig:
         result is in ``[0, max_delay]``.  The decorrelated kinds depend on the
         delays before: retry ``n``'s is the ``n``-th draw of a fresh sequence
         (beyond 10,000 retries, the 10,000th stands for it: the sequence has
-        long forgotten its start, and the cost stays bounded).  Without jitter the delay never decreases
-        as ``n`` grows.
+        long forgotten its start, and the cost stays bounded).  Without
+        jitter the delay never decreases as ``n`` grows.
         """
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"the retry number must be an int, got {n!r}")
