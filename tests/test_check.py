@@ -347,3 +347,63 @@ def test_bulkhead_queueing_is_part_of_the_worst_case() -> None:
         bulkhead=BulkheadConfig(max_concurrent=2, max_queue=5, max_wait=0.7),
     )
     assert worst_case(capped) == (2, pytest.approx(0.05 + 0.7))
+
+
+def test_the_facade_stays_within_the_worst_case_of_its_configuration() -> None:
+    from datapunk_recovery.strategies import RecoveryStrategies
+
+    config = build_config(
+        {
+            "defaults": {
+                "retry": {
+                    "max_attempts": 5,
+                    "base_delay": "100ms",
+                    "exponential_base": 3,
+                    "jitter": "none",
+                    "max_server_delay": "2s",
+                },
+                "categories": {"rate_limited": {"max_attempts": 3, "base_delay": "1s"}},
+                "attempt_timeout": "200ms",
+                "breaker": "none",
+                "budget": "none",
+            }
+        }
+    )
+    calls, bound = worst_case(config.defaults)
+    # Two rate limited failures asking for 2 s each, then the default's failures.
+    script = iter(
+        [
+            RecoveryError(
+                "slow down", category=ErrorCategory.RATE_LIMITED, retryable=True, retry_after=2.0
+            ),
+            RecoveryError(
+                "slow down", category=ErrorCategory.RATE_LIMITED, retryable=True, retry_after=2.0
+            ),
+            *[RecoveryError("down", category=ErrorCategory.NETWORK, retryable=True)] * 3,
+        ]
+    )
+    made = 0
+
+    async def call() -> None:
+        nonlocal made
+        made += 1
+        fake.advance(0.2)  # each attempt takes its whole timeout
+        raise next(script)
+
+    async def run() -> None:
+        recovery = RecoveryStrategies(config)
+        with pytest.raises(RecoveryError):
+            await recovery.with_network_recovery("orders", call)
+
+    fake = clock.FakeClock()
+    clock.use_clock(fake)
+    try:
+        asyncio.run(run())
+    finally:
+        clock.use_clock(None)
+    assert made == calls == 5
+    assert bound is not None
+    # 2 s asked by the server (more than rate_limited's 1 s), then its own 3 s
+    # (more than the 2 s asked), then 0.9 and 2.7 s by the call's retry number.
+    assert fake.now() == pytest.approx(2 + 3 + 0.9 + 2.7 + 5 * 0.2)
+    assert fake.now() <= bound
