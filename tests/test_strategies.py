@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -12,11 +13,23 @@ import anyio
 import asyncpg
 import pytest
 import redis.asyncio as redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from datapunk_recovery import CircuitOpenError, subscribe
+from datapunk_recovery import (
+    CircuitOpenError,
+    ErrorCategory,
+    Jitter,
+    RetryConfig,
+    RetryPolicy,
+    _runtime,
+    retry,
+    subscribe,
+)
 from datapunk_recovery import strategies as strategies_module
 from datapunk_recovery.breaker import BreakerState
 from datapunk_recovery.cache import MemoryCache
+from datapunk_recovery.clock import FakeClock, use_clock
 from datapunk_recovery.database import ManagedPool
 from datapunk_recovery.demo.mesh import busy_error
 from datapunk_recovery.events import Event
@@ -72,8 +85,107 @@ async def test_calculate_backoff_gives_the_policy_numbers() -> None:
     recovery = strategies()
     assert recovery.calculate_backoff(1) == pytest.approx(0.01)
     assert recovery.calculate_backoff(2, "slow") == pytest.approx(0.02)
-    with pytest.raises(ValueError, match="never happens"):
-        recovery.calculate_backoff(3)  # max_attempts=3: two retries only
+    # Any retry count has a delay, whatever max_attempts allows (the seed's face).
+    assert recovery.calculate_backoff(0) == 0.0
+    assert recovery.calculate_backoff(3) == pytest.approx(0.04)
+    assert recovery.calculate_backoff(10**6) == recovery.config.defaults.retry.max_delay
+    with pytest.raises(ValueError, match=">= 0"):
+        recovery.calculate_backoff(-1)
+    with pytest.raises(TypeError, match="int"):
+        recovery.calculate_backoff(1.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("jitter", list(Jitter))
+def test_calculate_backoff_answers_a_huge_retry_number_of_any_jitter_kind(jitter: Jitter) -> None:
+    config = RetryConfig(max_attempts=2, base_delay=0.5, max_delay=4.0, jitter=jitter)
+    recovery = RecoveryStrategies(config)
+    delay = recovery.calculate_backoff(10**12, rng=random.Random(7))
+    assert 0.0 <= delay <= 4.0
+    assert delay == recovery.calculate_backoff(10**12, rng=random.Random(7))  # reproducible
+
+
+async def test_a_bare_retry_config_becomes_every_services_retry_policy() -> None:
+    config = RetryConfig(max_attempts=4, base_delay=0.01, max_delay=0.1, jitter=Jitter.NONE)
+    recovery = RecoveryStrategies(config)
+    assert recovery.policy("orders").retry is config
+    assert recovery.config.defaults.retry is config
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls <= 3:
+            raise ConnectionResetError("reset")
+        return "ok"
+
+    assert await recovery.with_network_recovery("orders", flaky) == "ok"
+    assert calls == 4
+    assert recovery.calculate_backoff(2, "orders") == pytest.approx(0.02)
+    policy = RetryPolicy(config, {ErrorCategory.RATE_LIMITED: RetryConfig(max_attempts=2)})
+    both = RecoveryStrategies.from_config(policy)
+    assert both.policy("x").categories[ErrorCategory.RATE_LIMITED].max_attempts == 2
+    with pytest.raises(TypeError, match="RetryConfig"):
+        RecoveryStrategies(3)  # type: ignore[arg-type]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    base=st.floats(0.0, 5.0),
+    spread=st.floats(0.0, 60.0),
+    factor=st.floats(1.0, 10.0),
+    attempts=st.integers(1, 5),
+    n=st.integers(0, 2000),
+)
+def test_calculate_backoff_answers_any_retry_capped_and_never_decreasing(
+    base: float, spread: float, factor: float, attempts: int, n: int
+) -> None:
+    config = RetryConfig(
+        max_attempts=attempts,
+        base_delay=base,
+        max_delay=base + spread,
+        exponential_base=factor,
+        jitter=Jitter.NONE,
+    )
+    recovery = RecoveryStrategies(config)
+    delay = recovery.calculate_backoff(n)
+    assert 0.0 <= delay <= config.max_delay
+    assert recovery.calculate_backoff(n + 1) >= delay
+    assert (delay == 0.0) if n == 0 else (delay == config.envelope(n))
+
+
+@settings(max_examples=60, deadline=None)
+@given(jitter=st.sampled_from(list(Jitter)), seed=st.integers(0, 2**32), retries=st.integers(1, 6))
+def test_calculate_backoff_is_the_delay_the_engine_waits(
+    jitter: Jitter, seed: int, retries: int
+) -> None:
+    config = RetryConfig(max_attempts=retries + 1, base_delay=0.05, max_delay=2.0, jitter=jitter)
+    recovery = RecoveryStrategies(config)
+
+    def fail() -> None:
+        raise ConnectionResetError("reset")
+
+    fake = FakeClock()
+    use_clock(fake)
+    instant = _runtime.set_instant(False)  # the fake clock records the waits
+    try:
+        with pytest.raises(ConnectionResetError):
+            retry(config, rng=random.Random(seed))(fail)()
+    finally:
+        _runtime.set_instant(instant)
+        use_clock(None)
+    assert len(fake.slept) <= retries
+    if jitter is Jitter.NONE:
+        assert fake.slept == [recovery.calculate_backoff(n) for n in range(1, retries + 1)]
+    elif config.stateful:
+        # The n-th delay of a call is the n-th draw of the sequence, as calculate_backoff says.
+        assert fake.slept[-1] == recovery.calculate_backoff(retries, rng=random.Random(seed))
+    else:
+        first = recovery.calculate_backoff(1, rng=random.Random(seed))
+        assert fake.slept[0] == first
+        assert all(
+            0.0 <= wait <= config.envelope(n) * (1 + config.jitter_factor)
+            for n, wait in enumerate(fake.slept, start=1)
+        )
 
 
 # -- network ---------------------------------------------------------------------

@@ -227,7 +227,8 @@ class AdaptivePermit:
             # A negative or NaN latency would poison the no-load baseline for good:
             # refuse it, but free the slot all the same (teaching nothing).
             try:
-                rtt = check_seconds("AdaptivePermit", "rtt", rtt)
+                # A measurement, not a setting: no upper bound.
+                rtt = check_number("AdaptivePermit", "rtt", rtt)
             except (TypeError, ValueError):
                 self.ignore()
                 raise

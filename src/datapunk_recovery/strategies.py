@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import itertools
 import os
 import random
 from collections import Counter
@@ -105,6 +104,9 @@ MAX_READERS: Final = 1024
 #: What :meth:`RecoveryStrategies.with_cache_recovery` returns: the value and
 #: where it came from (``origin``: ``"cache"``, ``"source"`` or ``"stale"``).
 CacheResult = Lookup
+
+#: What a configuration can be given as (see :meth:`RecoveryStrategies.from_config`).
+_Source = RecoveryConfig | RetryConfig | RetryPolicy | Mapping[str, Any] | str | Path | None
 
 _NO_FALLBACK: Any = object()
 # A service configured with `breaker = "none"` still needs breakers to route
@@ -348,7 +350,9 @@ def _bulkhead(name: str, config: BulkheadConfig | None, old: Bulkhead | None) ->
 class RecoveryStrategies:
     """The front door of the library for one service process; see the module documentation.
 
-    Build it with :meth:`from_config` (or from a :class:`RecoveryConfig`),
+    Build it with :meth:`from_config` (or from a :class:`RecoveryConfig`; a
+    bare :class:`RetryConfig` or :class:`RetryPolicy` becomes the default
+    retry policy of every service, as ``RecoveryStrategies(RetryConfig(...))``),
     enter it with ``async with`` to open the databases and the Redis cache it
     was asked for, and call the four ``with_*_recovery`` methods.
     Thread-compatible for reading; :meth:`reload` swaps the whole table of
@@ -368,10 +372,17 @@ class RecoveryStrategies:
         "_unnamed",
     )
 
-    def __init__(self, config: RecoveryConfig | None = None) -> None:
+    def __init__(self, config: RecoveryConfig | RetryConfig | RetryPolicy | None = None) -> None:
+        # The seed's face: a bare RetryConfig (or RetryPolicy) is the default
+        # retry policy of every service, the rest of the defaults unchanged.
+        if isinstance(config, RetryConfig | RetryPolicy):
+            config = _retry_only(config)
         config = config if config is not None else RecoveryConfig()
         if not isinstance(config, RecoveryConfig):
-            raise TypeError(f"RecoveryStrategies.config: expected a RecoveryConfig, got {config!r}")
+            raise TypeError(
+                "RecoveryStrategies.config: expected a RecoveryConfig, a RetryConfig or a "
+                f"RetryPolicy, got {config!r}"
+            )
         self._config = config
         self._services: dict[str, _Service] = {}
         self._unnamed = 0
@@ -391,11 +402,14 @@ class RecoveryStrategies:
     @classmethod
     def from_config(
         cls,
-        source: RecoveryConfig | Mapping[str, Any] | str | Path | None = None,
+        source: _Source = None,
         *,
         environ: Mapping[str, str] | None = None,
     ) -> RecoveryStrategies:
         """Build from a TOML file path, a parsed table, a :class:`RecoveryConfig`, or nothing.
+
+        A :class:`RetryConfig` or :class:`RetryPolicy` alone is the defaults
+        with it as every service's retry policy.
 
         Environment overrides (``DATAPUNK_RECOVERY__...``, from ``environ``,
         default ``os.environ``) apply to files, tables and nothing; a ready
@@ -447,7 +461,7 @@ class RecoveryStrategies:
 
     def reload(
         self,
-        source: RecoveryConfig | Mapping[str, Any] | str | Path | None = None,
+        source: _Source = None,
         *,
         environ: Mapping[str, str] | None = None,
     ) -> None:
@@ -630,25 +644,17 @@ class RecoveryStrategies:
         """The delay, in seconds, before retry ``retry_number`` (1 = the first retry).
 
         Uses the policy of ``service`` (the defaults when ``None``) and of
-        ``category`` when it has its own.  The decorrelated kinds depend on
+        ``category`` when it has its own, with the engine's own rule
+        (:meth:`RetryConfig.retry_delay`): any ``retry_number >= 0`` is
+        answered whatever ``max_attempts`` allows (0 means no retry yet and
+        gives 0), capped at ``max_delay``.  The decorrelated kinds depend on
         the delays before; they are drawn in order with ``rng``.
         """
-        if isinstance(retry_number, bool) or not isinstance(retry_number, int):
-            raise TypeError(f"calculate_backoff: retry_number must be an int, got {retry_number!r}")
-        if retry_number < 1:
-            raise ValueError(f"calculate_backoff: retry_number must be >= 1, got {retry_number!r}")
         policy = self._config.defaults if service is None else self.policy(service)
         config: RetryConfig = policy.retry
         if category is not None:
             config = policy.categories.get(ErrorCategory(category), config)
-        if config.max_attempts is not None and retry_number >= config.max_attempts:
-            raise ValueError(
-                f"calculate_backoff: retry {retry_number} never happens with "
-                f"max_attempts={config.max_attempts}"
-            )
-        if not config.stateful:
-            return config.compute_delay(retry_number, rng)
-        return next(itertools.islice(config.delays(rng), retry_number - 1, None))
+        return config.retry_delay(retry_number, rng)
 
     # -- the four recoveries -------------------------------------------------------
 
@@ -873,12 +879,22 @@ async def _through(
     return await breaker.call_async(fn, *args, **kwargs)
 
 
+def _retry_only(retry: RetryConfig | RetryPolicy) -> RecoveryConfig:
+    """The default configuration with ``retry`` as the retry policy of every service."""
+    policy = RetryPolicy.of(retry)
+    return RecoveryConfig(
+        defaults=ServicePolicy(retry=policy.default, categories=policy.per_category)
+    )
+
+
 def _resolve(
-    source: RecoveryConfig | Mapping[str, Any] | str | Path | None,
+    source: _Source,
     environ: Mapping[str, str] | None,
 ) -> RecoveryConfig:
     if isinstance(source, RecoveryConfig):
         return source
+    if isinstance(source, RetryConfig | RetryPolicy):
+        return _retry_only(source)
     if source is None or isinstance(source, str | Path):
         return load_config(source, environ=environ)
     if isinstance(source, Mapping):

@@ -109,11 +109,11 @@ class CacheConfig:
     """
 
     ttl: float = 60.0
-    stale_for: float = 300.0
+    stale_for: float = field(default=300.0, metadata={"unit": "seconds"})
     namespace: str = "dp"
     cache_timeout: float | None = None
     repair_limit: int = 1000
-    generation_refresh: float = 5.0
+    generation_refresh: float = field(default=5.0, metadata={"unit": "seconds"})
     breaker: BreakerConfig = field(default_factory=_default_breaker)
     warm_rate: float = 500.0
     warm_batch: int = 50
