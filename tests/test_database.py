@@ -28,6 +28,7 @@ from datapunk_recovery.database import (
     PoolStatus,
     PoolTimeout,
     TransactionConfig,
+    TransactionRolledBack,
     transaction,
 )
 from datapunk_recovery.errors import ErrorCategory, final_reason
@@ -548,3 +549,83 @@ async def test_passwords_never_appear_in_errors_or_events(
     texts += [repr(e) for e in seen]
     assert len(texts) > 2
     assert not [t for t in texts if password in t]
+
+
+# --- acknowledged only once committed ------------------------------------------
+
+
+async def test_a_transaction_whose_fn_swallowed_a_server_error_raises_rolled_back(
+    pool: ManagedPool,
+) -> None:
+    """PostgreSQL aborted the transaction; COMMIT answers ROLLBACK without raising."""
+    table = await fresh_table(pool)
+    await pool.run(lambda c: execute(c, f"INSERT INTO {table} VALUES (1, 1)"))
+    calls = 0
+
+    async def swallow(conn: Any) -> str:
+        nonlocal calls
+        calls += 1
+        await execute(conn, f"INSERT INTO {table} VALUES (2, 2)")
+        try:  # noqa: SIM105 - the application carries on, as in the wild
+            await execute(conn, f"INSERT INTO {table} VALUES (1, 3)")  # unique violation
+        except Exception:
+            pass  # the application carries on: the server has aborted the transaction
+        return "acknowledged"
+
+    with pytest.raises(TransactionRolledBack) as caught:
+        await pool.transaction(swallow)
+    assert calls == 1  # never replayed: fn chose to swallow the error
+    assert caught.value.retryable is False
+    assert final_reason(caught.value) is not None  # no outer layer replays it either
+    if pool.driver == "asyncpg":
+        assert caught.value.code == "23505"  # the error that aborted it, when the driver says
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 1
+    # The connection went back clean: the next transaction commits.
+    await pool.transaction(lambda c: execute(c, f"INSERT INTO {table} VALUES (3, 3)"))
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 2
+
+
+async def test_an_error_recovered_within_a_savepoint_still_commits(pool: ManagedPool) -> None:
+    table = await fresh_table(pool)
+    await pool.run(lambda c: execute(c, f"INSERT INTO {table} VALUES (1, 1)"))
+
+    async def careful(conn: Any) -> str:
+        await execute(conn, f"INSERT INTO {table} VALUES (2, 2)")
+        try:
+            async with conn.transaction():  # a savepoint: only it is rolled back
+                await execute(conn, f"INSERT INTO {table} VALUES (1, 3)")
+        except Exception:
+            pass
+        return "committed"
+
+    assert await pool.transaction(careful) == "committed"
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 2
+
+
+async def test_a_transaction_ended_by_fn_itself_is_not_acknowledged(pool: ManagedPool) -> None:
+    table = await fresh_table(pool)
+
+    async def rolls_back(conn: Any) -> str:
+        await execute(conn, f"INSERT INTO {table} VALUES (1, 1)")
+        await execute(conn, "ROLLBACK")
+        return "acknowledged"
+
+    with pytest.raises(TransactionRolledBack, match="no transaction was open"):
+        await pool.transaction(rolls_back)
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 0
+
+
+async def test_run_refuses_to_acknowledge_work_left_in_an_open_transaction(
+    pool: ManagedPool,
+) -> None:
+    """Outside transaction(), fn began one and returned: releasing would roll it back."""
+    table = await fresh_table(pool)
+
+    async def leaves_it_open(conn: Any) -> str:
+        await execute(conn, "BEGIN")
+        await execute(conn, f"INSERT INTO {table} VALUES (1, 1)")
+        return "acknowledged"
+
+    with pytest.raises(TransactionRolledBack, match="still open"):
+        await pool.run(leaves_it_open)
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 0

@@ -17,7 +17,7 @@ from datapunk_recovery import CircuitOpenError, subscribe
 from datapunk_recovery import strategies as strategies_module
 from datapunk_recovery.breaker import BreakerState
 from datapunk_recovery.cache import MemoryCache
-from datapunk_recovery.database import ManagedPool
+from datapunk_recovery.database import DatabaseUnavailable, ManagedPool, TransactionRolledBack
 from datapunk_recovery.demo.mesh import busy_error
 from datapunk_recovery.events import Event
 from datapunk_recovery.network import AllEndpointsDown, Endpoint
@@ -563,14 +563,23 @@ async def test_a_close_cancelled_midway_still_closes_the_rest(
 async def test_a_failed_open_raises_its_own_error_even_when_closing_fails(
     postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # "two" points at a port where nothing listens: the open fails after "one".
+    # Creating "two" fails (pools connect lazily, so make the creation itself
+    # fail): the open fails after "one" was created.
     nowhere = postgres_server.app_dsn.replace(f":{postgres_server.port}/", ":1/")
     config = {
         **CONFIG,
         "databases": {"one": {"postgres": postgres_server.app_dsn}, "two": {"postgres": nowhere}},
     }
     real_close = ManagedPool.close
+    real_create = ManagedPool.create_asyncpg
     closed: list[ManagedPool] = []
+
+    async def create(dsn: str, *args: Any, **kwargs: Any) -> ManagedPool:
+        if dsn == nowhere:
+            raise OSError("cannot create a pool")
+        return await real_create(dsn, *args, **kwargs)
+
+    monkeypatch.setattr(ManagedPool, "create_asyncpg", create)
 
     async def close(pool: ManagedPool) -> None:
         await real_close(pool)
@@ -665,3 +674,95 @@ async def test_a_bad_reload_is_rejected_whole_and_the_old_config_keeps_running()
     assert paths == {"defaults.retry.max_attempts", "services.api.retry.base_delay"}
     assert recovery.config is before
     assert recovery.policy("slow").retry.max_attempts == 5
+
+
+# -- acknowledged only once committed; entering never needs the dependencies up --------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
+async def test_database_recovery_does_not_acknowledge_a_transaction_postgres_rolled_back(
+    postgres_server: PostgresServer,
+) -> None:
+    config = {**CONFIG, "databases": {"ledger": {"postgres": postgres_server.app_dsn}}}
+    calls = 0
+
+    async def swallow(conn: Any) -> str:
+        nonlocal calls
+        calls += 1
+        await conn.execute("CREATE TEMP TABLE IF NOT EXISTS once (id int primary key)")
+        await conn.execute("INSERT INTO once VALUES (1)")
+        try:  # noqa: SIM105 - the application carries on, as in the wild
+            await conn.execute("INSERT INTO once VALUES (1)")
+        except asyncpg.UniqueViolationError:
+            pass
+        return "acknowledged"
+
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        with pytest.raises(TransactionRolledBack) as caught:
+            await recovery.with_database_recovery(swallow, database="ledger")
+    assert calls == 1 and caught.value.code == "23505"
+
+
+async def test_database_recovery_does_not_acknowledge_a_transaction_sqlite_rolled_back(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "rolled.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE u (id INTEGER PRIMARY KEY)")
+        conn.execute("INSERT INTO u VALUES (1)")
+    config = {**CONFIG, "databases": {"orders": {"sqlite": path}}}
+
+    def swallow(conn: sqlite3.Connection) -> str:
+        conn.execute("INSERT INTO u VALUES (2)")
+        try:  # noqa: SIM105 - the application carries on, as in the wild
+            conn.execute("INSERT OR ROLLBACK INTO u VALUES (1)")
+        except sqlite3.IntegrityError:
+            pass
+        return "acknowledged"
+
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        with pytest.raises(TransactionRolledBack):
+            await recovery.with_database_recovery(swallow, database="orders")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM u").fetchone()[0] == 1
+
+
+def closed_port() -> int:
+    """A loopback port where nothing listens (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg, redis.asyncio
+async def test_entering_the_facade_needs_no_dependency_up_and_first_use_names_it(
+    postgres_server: PostgresServer,
+) -> None:
+    port = closed_port()
+    dsn = postgres_server.app_dsn.replace(f":{postgres_server.port}/", f":{port}/")
+    config = {
+        **CONFIG,
+        "databases": {"ledger": {"postgres": dsn}},
+        "cache": {"redis": f"redis://:{APP_PASSWORD}@127.0.0.1:{port}/0"},
+    }
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:  # no connection
+        pool = recovery.database("ledger")
+        assert isinstance(pool, ManagedPool) and pool.snapshot().size == 0
+
+        async def source(key: str) -> str:
+            return "from source"
+
+        # The cache is down: the source answers (the cache's failure is not the caller's).
+        assert (await recovery.with_cache_recovery("k", source, service="bare")).value == (
+            "from source"
+        )
+        with pytest.raises(DatabaseUnavailable) as caught:
+            await recovery.with_database_recovery(
+                lambda conn: conn.fetchval("SELECT 1"), database="ledger"
+            )
+    message = str(caught.value)
+    assert "ledger" in message and f"127.0.0.1:{port}" in message
+    assert APP_PASSWORD not in message
+    assert caught.value.retryable  # a connection failure: the retry layers could cure it

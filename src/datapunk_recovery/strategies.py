@@ -495,7 +495,7 @@ class RecoveryStrategies:
             return SqliteDatabase(settings.sqlite, SqliteConfig(retry=retry_policy))
         assert settings.postgres is not None
         return await ManagedPool.create_asyncpg(
-            settings.postgres, DbPoolConfig(name=name), min_size=1, max_size=settings.max_size
+            settings.postgres, DbPoolConfig(name=name), min_size=0, max_size=settings.max_size
         )
 
     async def close(self) -> None:
