@@ -86,7 +86,7 @@ async def test_asyncpg_keeps_the_top_transaction_and_logs_each_querys_error(
             await conn.execute("SELECT * FROM no_such_table_here")
         await conn.execute("ROLLBACK")
         conn.remove_query_logger(seen.append)
-        assert [getattr(r.exception, "sqlstate", None) for r in seen][0] == "42P01"
+        assert next(getattr(r.exception, "sqlstate", None) for r in seen) == "42P01"
     finally:
         await conn.close()
 
@@ -131,8 +131,8 @@ async def test_real_server_errors_carry_the_sqlstates_the_classifier_maps(
         database="contracts_pg",
     )
     postgres_server.psql(
-        f"CREATE TABLE IF NOT EXISTS owned_by_postgres (x int); "
-        f"REVOKE ALL ON owned_by_postgres FROM PUBLIC",
+        "CREATE TABLE IF NOT EXISTS owned_by_postgres (x int); "
+        "REVOKE ALL ON owned_by_postgres FROM PUBLIC",
         database=postgres_server.app_database,
     )
     if driver == "asyncpg":
