@@ -1,4 +1,4 @@
-"""Driver contracts, PostgreSQL: what asyncpg, psycopg 3 and the server do that the library relies on.
+"""Driver contracts, PostgreSQL: what asyncpg, psycopg 3 and the server do that we rely on.
 
 Each test names one behaviour of a real driver against the real server of
 ``tests/conftest.py``.  A driver upgrade that changes one fails here, by name,
