@@ -257,3 +257,18 @@ async def test_a_bare_retry_makes_one_login_with_a_wrong_password(
         with pytest.raises(Exception, match="password authentication failed"):
             await connect(driver)
         assert logins == 1, driver
+
+
+def test_the_harness_role_authenticates_with_scram_sha_256_over_tcp(
+    postgres_server: PostgresServer,
+) -> None:
+    """What the wrong-password contracts stand on: a real password check, not trust."""
+    verifier = postgres_server.psql(
+        f"SELECT left(rolpassword, 14) FROM pg_authid WHERE rolname = '{postgres_server.app_user}'"
+    )
+    assert verifier == "SCRAM-SHA-256$"
+    rules = postgres_server.psql(
+        "SELECT DISTINCT auth_method FROM pg_hba_file_rules "
+        f"WHERE type = 'host' AND '{postgres_server.app_user}' = ANY(user_name)"
+    )
+    assert rules.split() == ["scram-sha-256"]
