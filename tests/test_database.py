@@ -629,3 +629,16 @@ async def test_run_refuses_to_acknowledge_work_left_in_an_open_transaction(
     with pytest.raises(TransactionRolledBack, match="still open"):
         await pool.run(leaves_it_open)
     assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 0
+
+
+async def test_a_connection_block_left_in_a_transaction_is_not_silently_rolled_back(
+    pool: ManagedPool,
+) -> None:
+    table = await fresh_table(pool)
+    with pytest.raises(TransactionRolledBack, match="still open"):
+        async with pool.connection() as conn:
+            await execute(conn, "BEGIN")
+            await execute(conn, f"INSERT INTO {table} VALUES (1, 1)")
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 0
+    async with pool.connection() as conn:  # and the connection came back clean
+        assert await fetchval(conn, "SELECT 1") == 1

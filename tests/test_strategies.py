@@ -29,7 +29,7 @@ from datapunk_recovery.strategies import (
     ResourceScope,
 )
 from datapunk_recovery.testing import fake_clock, instant_retries
-from tests.harness import APP_PASSWORD, PostgresServer, RedisServer
+from tests.harness import APP_PASSWORD, PostgresServer, RedisServer, ThreadedProxy
 
 pytestmark = pytest.mark.anyio
 
@@ -766,3 +766,41 @@ async def test_entering_the_facade_needs_no_dependency_up_and_first_use_names_it
     assert "ledger" in message and f"127.0.0.1:{port}" in message
     assert APP_PASSWORD not in message
     assert caught.value.retryable  # a connection failure: the retry layers could cure it
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
+async def test_a_database_down_at_entry_is_used_once_it_comes_up(
+    postgres_server: PostgresServer, make_proxy: Callable[[tuple[str, int]], ThreadedProxy]
+) -> None:
+    proxy = make_proxy(("127.0.0.1", closed_port()))  # upstream refused: the database is down
+    dsn = postgres_server.app_dsn.replace(f":{postgres_server.port}/", f":{proxy.port}/")
+    config = {**CONFIG, "databases": {"ledger": {"postgres": dsn}}}
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        with pytest.raises(DatabaseUnavailable, match="ledger"):
+            await recovery.with_database_recovery(
+                lambda conn: conn.fetchval("SELECT 1"), database="ledger", service="bare"
+            )
+        proxy.target = postgres_server.address  # the database is back
+        assert (
+            await recovery.with_database_recovery(
+                lambda conn: conn.fetchval("SELECT 41 + 1"), database="ledger", service="bare"
+            )
+            == 42
+        )
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
+async def test_entering_opens_no_connection_even_when_the_database_is_up(
+    postgres_server: PostgresServer,
+) -> None:
+    config = {**CONFIG, "databases": {"ledger": {"postgres": postgres_server.app_dsn}}}
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        pool = recovery.database("ledger")
+        assert isinstance(pool, ManagedPool) and pool.snapshot().size == 0
+        assert (
+            await recovery.with_database_recovery(
+                lambda conn: conn.fetchval("SELECT 1"), database="ledger"
+            )
+            == 1
+        )
+        assert pool.snapshot().size == 1

@@ -44,6 +44,7 @@ from .errors import (
     DatabaseUnavailable,
     DbErrorKind,
     PoolTimeout,
+    TransactionRolledBack,
     classify_database,
     describe,
 )
@@ -745,7 +746,11 @@ class ManagedPool:
     async def connection(self) -> AsyncIterator[Any]:
         """``async with pool.connection() as conn:`` a connection, discarded if it fails.
 
-        No retry here: use :meth:`transaction` or :meth:`run` for that.
+        No retry here: use :meth:`transaction` or :meth:`run` for that.  A
+        block that leaves a transaction open raises
+        :class:`~datapunk_recovery.database.errors.TransactionRolledBack`:
+        giving the connection back rolls that transaction back, so its work
+        must not look done.
         """
         conn = await self.acquire()
         try:
@@ -753,6 +758,14 @@ class ManagedPool:
         except BaseException as exc:
             await self.settle(conn, exc)
             raise
+        if not self._driver.is_broken(conn) and self._driver.state(conn) != IDLE:
+            left_open = TransactionRolledBack(
+                f"pool {self.config.name!r}: a connection came back with a transaction "
+                "still open; it was rolled back and nothing of it was committed",
+                operation=self.config.name,
+            )
+            await self.settle(conn, left_open)
+            raise left_open
         await self.release(conn)
 
     # -- recovering work (see datapunk_recovery.database.transaction) ----------

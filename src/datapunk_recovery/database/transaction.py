@@ -246,8 +246,9 @@ def _not_committed(name: str, state: str, code: str | None) -> TransactionRolled
     cause = f" (SQLSTATE {code})" if code is not None else ""
     if state == IDLE:
         why = (
-            "no transaction was open when COMMIT was due: fn ended it (COMMIT or "
-            "ROLLBACK on conn) or the database rolled it back after an error fn caught"
+            "no transaction was open when COMMIT was due: the database rolled it back "
+            "after an error fn caught, or fn ended it itself (ROLLBACK or COMMIT on conn; "
+            "what it committed then is outside this transaction)"
         )
     elif state == ABORTED:
         why = f"the server had aborted the transaction after an error{cause} that fn caught"
@@ -257,7 +258,7 @@ def _not_committed(name: str, state: str, code: str | None) -> TransactionRolled
             f"after an error{cause} that fn caught"
         )
     return TransactionRolledBack(
-        f"{name!r}: {why}; nothing was committed. Not replayed: to carry on after an "
+        f"{name!r}: {why}; the transaction did not commit. Not replayed: to carry on after an "
         "error inside a transaction, run the statement in a savepoint.",
         code=code,
         operation=name,
