@@ -635,10 +635,14 @@ async def test_a_connection_block_left_in_a_transaction_is_not_silently_rolled_b
     pool: ManagedPool,
 ) -> None:
     table = await fresh_table(pool)
-    with pytest.raises(TransactionRolledBack, match="still open"):
+
+    async def leave_it_open() -> None:
         async with pool.connection() as conn:
             await execute(conn, "BEGIN")
             await execute(conn, f"INSERT INTO {table} VALUES (1, 1)")
+
+    with pytest.raises(TransactionRolledBack, match="still open"):
+        await leave_it_open()
     assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 0
     async with pool.connection() as conn:  # and the connection came back clean
         assert await fetchval(conn, "SELECT 1") == 1
