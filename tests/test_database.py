@@ -646,3 +646,44 @@ async def test_a_connection_block_left_in_a_transaction_is_not_silently_rolled_b
     assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 0
     async with pool.connection() as conn:  # and the connection came back clean
         assert await fetchval(conn, "SELECT 1") == 1
+
+
+async def test_an_error_commit_itself_reports_is_raised_as_itself_and_not_replayed(
+    pool: ManagedPool,
+) -> None:
+    """A deferred unique constraint fails at COMMIT: the server answered, nothing committed."""
+    table = await fresh_table(pool, "id int UNIQUE DEFERRABLE INITIALLY DEFERRED")
+    calls = 0
+
+    async def twice(conn: Any) -> str:
+        nonlocal calls
+        calls += 1
+        await execute(conn, f"INSERT INTO {table} VALUES (1)")
+        await execute(conn, f"INSERT INTO {table} VALUES (1)")  # checked at COMMIT
+        return "acknowledged"
+
+    with pytest.raises(Exception, match="duplicate key") as caught:
+        await pool.transaction(twice)
+    assert getattr(caught.value, "sqlstate", None) == "23505" and calls == 1
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 0
+    await pool.transaction(lambda c: execute(c, f"INSERT INTO {table} VALUES (2)"))
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 1
+
+
+@pytest.mark.parametrize("driver", ["asyncpg"])  # psycopg's pool opens on creation
+async def test_a_first_use_that_cannot_connect_names_the_pool_and_address(
+    driver: str, postgres_server: PostgresServer, make_proxy: Callable[..., ThreadedProxy]
+) -> None:
+    proxy = make_proxy(postgres_server.address)
+    proxy.blackhole()  # connections are accepted and never answered
+    dsn = postgres_server.app_dsn.replace(f":{postgres_server.port}/", f":{proxy.port}/")
+    pool = await make_pool(driver, dsn, PoolConfig(name="ledger", acquire_timeout=0.2), min_size=0)
+    config = TransactionConfig(retry=RetryConfig(max_attempts=1))
+    try:
+        with pytest.raises(PoolTimeout) as caught:
+            await pool.transaction(lambda c: fetchval(c, "SELECT 1"), config=config)
+    finally:
+        await pool.close()
+    message = str(caught.value)
+    assert "'ledger'" in message and f"127.0.0.1:{proxy.port}/app" in message
+    assert postgres_server.app_password not in message

@@ -613,10 +613,11 @@ class ManagedPool:
                 if listening(self.bus):
                     self._report("timed_out")
                 s = driver.snapshot(self._waiting - 1)
+                where = f" at {self.address}" if self.address else ""
                 raise PoolTimeout(
-                    f"pool {self.config.name!r}: no connection within {timeout:.3f} s "
+                    f"pool {self.config.name!r}{where}: no connection within {timeout:.3f} s "
                     f"({s.size} of {s.max_size} open, {s.idle} idle, {s.waiting} other waiters)",
-                    context={"pool": self.config.name},
+                    context={"pool": self.config.name, "address": self.address},
                 ) from None
             except Exception as exc:
                 replacement = self._unavailable(exc)
