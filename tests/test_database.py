@@ -14,6 +14,7 @@ import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import psycopg
 import pytest
 
 from datapunk_recovery.backoff import RetryConfig
@@ -31,7 +32,7 @@ from datapunk_recovery.database import (
     TransactionRolledBack,
     transaction,
 )
-from datapunk_recovery.errors import ErrorCategory, final_reason
+from datapunk_recovery.errors import ErrorCategory, classify, final_reason
 from datapunk_recovery.events import Event, RetryScheduled, subscribe
 from datapunk_recovery.policy import RetryPolicy
 from tests.harness import PostgresServer, ThreadedProxy
@@ -687,3 +688,17 @@ async def test_a_first_use_that_cannot_connect_names_the_pool_and_address(
     message = str(caught.value)
     assert "'ledger'" in message and f"127.0.0.1:{proxy.port}/app" in message
     assert postgres_server.app_password not in message
+
+
+async def test_a_psycopg_pool_with_a_wrong_password_fails_after_one_login(
+    postgres_server: PostgresServer, make_proxy: Callable[..., ThreadedProxy]
+) -> None:
+    """Not psycopg_pool's "initialization incomplete" after its own retried logins."""
+    proxy = make_proxy(postgres_server.address)
+    wrong = postgres_server.dsn_for(
+        postgres_server.app_user, "wrong", postgres_server.app_database, port=proxy.port
+    )
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed") as caught:
+        await make_pool("psycopg", wrong, PoolConfig(acquire_timeout=2.0))
+    assert classify(caught.value).category is ErrorCategory.AUTH
+    assert proxy.stats.connections_opened == 1

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 from urllib.parse import urlsplit
 
-from datapunk_recovery import clock
+from datapunk_recovery import _runtime, clock
 from datapunk_recovery._context import CURRENT
 from datapunk_recovery._validate import check_seconds
 from datapunk_recovery.errors import ErrorCategory
@@ -537,16 +537,27 @@ class ManagedPool:
         """Create and open a ``psycopg_pool.AsyncConnectionPool`` resetting returned connections.
 
         Connections are in autocommit mode (transactions are begun explicitly).
+        One connection is made first, so that a refused login or a server that
+        is down raises the driver's own error at once (a refused login: one
+        attempt, never retried), before the pool's workers would retry it.
         """
+        from psycopg import AsyncConnection
         from psycopg_pool import AsyncConnectionPool
 
         kwargs = dict(pool_kwargs.pop("kwargs", None) or {})
         kwargs.setdefault("autocommit", True)
+        timeout = (config or PoolConfig()).acquire_timeout
+        # One login first, reported as the driver's own error: psycopg_pool
+        # would retry a refused login in the background and only say
+        # "pool initialization incomplete".
+        _, probe = await _runtime.call_within(AsyncConnection.connect, (dsn,), kwargs, timeout)
+        if probe is not None:
+            await probe.close()
         pool: Any = AsyncConnectionPool(
             dsn, kwargs=kwargs, reset=reset_psycopg_session, open=False, **pool_kwargs
         )
         try:
-            await pool.open(wait=True, timeout=(config or PoolConfig()).acquire_timeout)
+            await pool.open(wait=True, timeout=timeout)
         except BaseException:
             # Stop the pool's background reconnection attempts (with a wrong
             # password each one is another failed login).
