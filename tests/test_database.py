@@ -30,6 +30,7 @@ from datapunk_recovery.database import (
     PoolTimeout,
     TransactionConfig,
     TransactionRolledBack,
+    run,
     transaction,
 )
 from datapunk_recovery.errors import ErrorCategory, classify, final_reason
@@ -702,3 +703,37 @@ async def test_a_psycopg_pool_with_a_wrong_password_fails_after_one_login(
         await make_pool("psycopg", wrong, PoolConfig(acquire_timeout=2.0))
     assert classify(caught.value).category is ErrorCategory.AUTH
     assert proxy.stats.connections_opened == 1
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_plain_driver_pools_are_not_acknowledged_a_rolled_back_transaction_either(
+    driver: str, database: str
+) -> None:
+    """A pool the application built (psycopg: not in autocommit), wrapped per call."""
+    import asyncpg
+    from psycopg_pool import AsyncConnectionPool
+
+    raw: Any
+    if driver == "asyncpg":
+        raw = await asyncpg.create_pool(database, min_size=0, max_size=1)
+    else:
+        raw = AsyncConnectionPool(database, min_size=1, max_size=1, open=False)
+        await raw.open(wait=True)
+    table = f"t{next(_names)}"
+    try:
+        await run(raw, lambda c: execute(c, f"CREATE TABLE {table} (id int primary key)"))
+
+        async def swallow(conn: Any) -> str:
+            await execute(conn, f"INSERT INTO {table} VALUES (1)")
+            try:  # noqa: SIM105 - the application carries on, as in the wild
+                await execute(conn, f"INSERT INTO {table} VALUES (1)")
+            except Exception:
+                pass
+            return "acknowledged"
+
+        with pytest.raises(TransactionRolledBack):
+            await transaction(raw, swallow)
+        await transaction(raw, lambda c: execute(c, f"INSERT INTO {table} VALUES (2)"))
+        assert await run(raw, lambda c: fetchval(c, f"SELECT array_agg(id) FROM {table}")) == [2]
+    finally:
+        await raw.close()
