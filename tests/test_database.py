@@ -579,8 +579,7 @@ async def test_a_transaction_whose_fn_swallowed_a_server_error_raises_rolled_bac
     assert calls == 1  # never replayed: fn chose to swallow the error
     assert caught.value.retryable is False
     assert final_reason(caught.value) is not None  # no outer layer replays it either
-    if pool.driver == "asyncpg":
-        assert caught.value.code == "23505"  # the error that aborted it, when the driver says
+    assert caught.value.code == "23505"  # the error that aborted it
     assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 1
     # The connection went back clean: the next transaction commits.
     await pool.transaction(lambda c: execute(c, f"INSERT INTO {table} VALUES (3, 3)"))
@@ -737,3 +736,21 @@ async def test_plain_driver_pools_are_not_acknowledged_a_rolled_back_transaction
         assert await run(raw, lambda c: fetchval(c, f"SELECT array_agg(id) FROM {table}")) == [2]
     finally:
         await raw.close()
+
+
+async def test_psycopg_keeps_the_applications_cursor_class_inside_and_after_a_transaction(
+    database: str,
+) -> None:
+    pool = await make_pool(
+        "psycopg", database, kwargs={"cursor_factory": psycopg.AsyncClientCursor}, max_size=1
+    )
+    try:
+
+        async def look(conn: Any) -> bool:
+            return isinstance(conn.cursor(), psycopg.AsyncClientCursor)
+
+        assert await pool.transaction(look)
+        async with pool.connection() as conn:
+            assert conn.cursor_factory is psycopg.AsyncClientCursor
+    finally:
+        await pool.close()

@@ -117,7 +117,8 @@ class TransactionRolledBack(DatabaseError):
     itself (``COMMIT`` or ``ROLLBACK`` on ``conn``).  Never replayed, by this
     layer or any above: ``fn`` chose to swallow the error, and running it
     again would swallow it again.  ``code`` is the SQLSTATE of the error that
-    aborted the transaction when the driver told it (asyncpg), else ``None``.
+    aborted the transaction when the recovery saw it go by (asyncpg and
+    psycopg statements), else ``None``.
     Recover within a transaction with a savepoint (``async with
     conn.transaction():`` around the statement that may fail).
     """

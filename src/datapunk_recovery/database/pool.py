@@ -28,6 +28,7 @@ Drivers are imported lazily, and only by the factory that needs them.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -336,6 +337,78 @@ class _AsyncpgTransaction:
             self.code = state
 
 
+class _PsycopgTransaction:
+    """A psycopg transaction: the cursor factory it replaced, and what aborted it."""
+
+    __slots__ = ("code", "factory", "recording")
+
+    def __init__(self, factory: Any, recording: Any) -> None:
+        self.factory = factory
+        self.recording = recording
+        self.code: str | None = None
+
+    def saw(self, exc: BaseException) -> None:
+        state = getattr(exc, "sqlstate", None)
+        if isinstance(state, str) and state != _IN_FAILED_TRANSACTION:
+            self.code = state
+
+
+# Connections in a transaction of ours -> that transaction, for the recording cursors.
+_RECORDERS: weakref.WeakKeyDictionary[Any, _PsycopgTransaction] = weakref.WeakKeyDictionary()
+# A recording subclass per cursor class (few: AsyncCursor, AsyncClientCursor, ...).
+_RECORDING_CLASSES: dict[type, type] = {}
+_RECORDING_MAX: Final = 64
+
+
+def _recording_cursor(factory: Any) -> Any:
+    """A subclass of the cursor class ``factory`` that tells the transaction its errors.
+
+    psycopg keeps no record of the error that aborted a transaction, and
+    ``fn`` may have swallowed it: its cursors report it on the way out.
+    ``None`` when ``factory`` is not a class (then the SQLSTATE stays unknown).
+    """
+    if not isinstance(factory, type):
+        return None
+    found = _RECORDING_CLASSES.get(factory)
+    if found is not None:
+        return found
+
+    class Recording(factory):  # type: ignore[misc]
+        __slots__ = ()
+
+        async def execute(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await super().execute(*args, **kwargs)
+            except Exception as exc:
+                _saw(self.connection, exc)
+                raise
+
+        async def executemany(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await super().executemany(*args, **kwargs)
+            except Exception as exc:
+                _saw(self.connection, exc)
+                raise
+
+    Recording.__name__ = Recording.__qualname__ = f"Recording{factory.__name__}"
+    if len(_RECORDING_CLASSES) < _RECORDING_MAX:
+        _RECORDING_CLASSES[factory] = Recording
+    return Recording
+
+
+def _saw(conn: Any, exc: BaseException) -> None:
+    handle = _RECORDERS.get(conn)
+    if handle is not None:
+        handle.saw(exc)
+
+
+def _stop_recording(conn: Any, handle: Any) -> None:
+    if isinstance(handle, _PsycopgTransaction):
+        _RECORDERS.pop(conn, None)
+        if handle.recording is not None and conn.cursor_factory is handle.recording:
+            conn.cursor_factory = handle.factory
+
+
 class _PsycopgDriver(_Driver):
     kind = "psycopg"
 
@@ -377,15 +450,25 @@ class _PsycopgDriver(_Driver):
 
     async def begin(self, conn: Any, isolation: str | None, read_only: bool) -> Any:
         await conn.execute(_begin_sql(isolation, read_only))
-        return None
+        factory = conn.cursor_factory
+        handle = _PsycopgTransaction(factory, _recording_cursor(factory))
+        if handle.recording is not None:
+            _RECORDERS[conn] = handle
+            conn.cursor_factory = handle.recording
+        return handle
 
     async def commit(self, conn: Any, handle: Any) -> bool:
+        _stop_recording(conn, handle)
         cur = await conn.execute("COMMIT")
         return bool(cur.statusmessage != _ROLLED_BACK_TAG)
 
     async def rollback(self, conn: Any, handle: Any) -> None:
+        _stop_recording(conn, handle)
         if conn.info.transaction_status != _PQ_IDLE:
             await conn.execute("ROLLBACK")
+
+    def abort_code(self, handle: Any) -> str | None:
+        return handle.code if isinstance(handle, _PsycopgTransaction) else None
 
     def state(self, conn: Any) -> str:
         status = conn.info.transaction_status

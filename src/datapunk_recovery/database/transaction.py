@@ -282,7 +282,10 @@ async def _transaction_attempt(
             raise ConnectionLost(f"{name!r}: the connection broke before COMMIT was sent")
         state = driver.state(conn)
         if state != OPEN:  # known not to commit: no COMMIT sent
-            raise _not_committed(name, state, driver.abort_code(handle))
+            # PostgreSQL never ends a transaction on an error by itself (it
+            # aborts it): an idle connection means fn ended it, no error did.
+            code = driver.abort_code(handle) if state == ABORTED else None
+            raise _not_committed(name, state, code)
     except BaseException as exc:
         broken = driver.is_broken(conn)
         await pool.settle(conn, exc, handle)
