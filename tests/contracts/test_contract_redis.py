@@ -13,8 +13,7 @@ Each behaviour is pinned by name against a real ``redis-server``.
 from __future__ import annotations
 
 import builtins
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -27,7 +26,6 @@ from tests.harness import RedisServer, ThreadedProxy
 
 pytestmark = pytest.mark.anyio
 
-PASSWORD = "contract-redis-password"
 
 
 @pytest.fixture
@@ -35,27 +33,13 @@ def anyio_backend() -> str:
     return "asyncio"  # redis.asyncio
 
 
-@pytest.fixture(scope="module")
-def locked_redis() -> Iterator[RedisServer]:
-    """A private redis-server that requires a password, plus a read-only ACL user ``reader``."""
-    server = RedisServer()
-    try:
-        server.start()
-    except Exception as exc:  # like conftest: a skip, a failure under CI
-        server.close()
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"redis-server unavailable: {exc}", pytrace=False)
-        pytest.skip(f"redis-server unavailable: {exc}")
-    assert server.command("CONFIG", "SET", "requirepass", PASSWORD) == b"+OK"
-    admin = redis.Redis(host=server.host, port=server.port, password=PASSWORD)
-    admin.execute_command("ACL", "SETUSER", "reader", "on", ">reader-pw", "~*", "+get", "+ping")
-    admin.close()
-    yield server
-    server.close()
+def locked_redis_password(server: RedisServer) -> str:
+    password: str = server.password  # type: ignore[attr-defined]  # set by the fixture
+    return password
 
 
 def connections(server: RedisServer) -> int:
-    admin = redis.Redis(host=server.host, port=server.port, password=PASSWORD)
+    admin = redis.Redis(host=server.host, port=server.port, password=locked_redis_password(server))
     try:
         return int(admin.info("stats")["total_connections_received"])
     finally:
