@@ -424,6 +424,8 @@ async def run(
     :class:`CommitOutcomeUnknown`, and any other error (even a deadlock the
     server reported, which may follow statements of ``fn`` that committed) is
     raised as itself, marked final so no outer layer replays it either.
+    ``fn`` returning with a transaction of its own still open raises
+    :class:`TransactionRolledBack` (giving the connection back rolls it back).
     ``config.isolation`` and ``read_only`` do not apply here.
     """
     managed = ManagedPool.of(pool)
