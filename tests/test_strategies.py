@@ -19,6 +19,7 @@ from datapunk_recovery.breaker import BreakerState
 from datapunk_recovery.cache import MemoryCache
 from datapunk_recovery.database import DatabaseUnavailable, ManagedPool, TransactionRolledBack
 from datapunk_recovery.demo.mesh import busy_error
+from datapunk_recovery.errors import ErrorCategory
 from datapunk_recovery.events import Event
 from datapunk_recovery.network import AllEndpointsDown, Endpoint
 from datapunk_recovery.schema import ConfigError
@@ -804,3 +805,22 @@ async def test_entering_opens_no_connection_even_when_the_database_is_up(
             == 1
         )
         assert pool.snapshot().size == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
+async def test_a_wrong_database_password_fails_the_first_use_after_one_login(
+    postgres_server: PostgresServer, make_proxy: Callable[[tuple[str, int]], ThreadedProxy]
+) -> None:
+    proxy = make_proxy(postgres_server.address)
+    wrong = postgres_server.dsn_for(
+        postgres_server.app_user, "wrong-secret", postgres_server.app_database, port=proxy.port
+    )
+    config = {**CONFIG, "databases": {"ledger": {"postgres": wrong}}}
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        with pytest.raises(DatabaseUnavailable) as caught:
+            await recovery.with_database_recovery(
+                lambda conn: conn.fetchval("SELECT 1"), database="ledger", service="slow"
+            )
+    assert proxy.stats.connections_opened == 1  # "slow" allows 5 attempts: one login made
+    assert caught.value.category is ErrorCategory.AUTH and not caught.value.retryable
+    assert "ledger" in str(caught.value) and "wrong-secret" not in str(caught.value)
