@@ -9,6 +9,7 @@ proxy cutting the connection exactly at COMMIT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -752,5 +753,27 @@ async def test_psycopg_keeps_the_applications_cursor_class_inside_and_after_a_tr
         assert await pool.transaction(look)
         async with pool.connection() as conn:
             assert conn.cursor_factory is psycopg.AsyncClientCursor
+    finally:
+        await pool.close()
+
+
+async def test_asyncpg_connections_go_back_without_the_transactions_query_logger(
+    database: str,
+) -> None:
+    pool = await make_pool("asyncpg", database, max_size=1)
+    try:
+        table = await fresh_table(pool, "id int primary key")
+
+        async def swallow(conn: Any) -> None:
+            try:  # noqa: SIM105 - the application carries on, as in the wild
+                await execute(conn, f"INSERT INTO {table} VALUES (1), (1)")
+            except Exception:
+                pass
+
+        for work in (lambda c: execute(c, "SELECT 1"), swallow, lambda c: execute(c, "SELECT 1")):
+            with contextlib.suppress(TransactionRolledBack):
+                await pool.transaction(work)
+        async with pool.raw.acquire() as conn:
+            assert not conn._con._query_loggers  # none left behind on the pooled connection
     finally:
         await pool.close()
