@@ -27,7 +27,6 @@ from tests.harness import RedisServer, ThreadedProxy
 pytestmark = pytest.mark.anyio
 
 
-
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # redis.asyncio
