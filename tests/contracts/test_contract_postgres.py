@@ -272,3 +272,27 @@ def test_the_harness_role_authenticates_with_scram_sha_256_over_tcp(
         f"WHERE type = 'host' AND '{postgres_server.app_user}' = ANY(user_name)"
     )
     assert rules.split() == ["scram-sha-256"]
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_a_terminated_backend_is_a_connection_failure_in_doubt(
+    driver: str, database: str, postgres_server: PostgresServer
+) -> None:
+    """``pg_terminate_backend`` (57P01, or the socket closing): retryable, never definite."""
+    if driver == "asyncpg":
+        conn: Any = await asyncpg.connect(database)
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+    else:
+        conn = await psycopg.AsyncConnection.connect(database, autocommit=True)
+        pid = conn.info.backend_pid
+    try:
+        postgres_server.psql(f"SELECT pg_terminate_backend({pid})")
+        exc = await _provoke(conn, "SELECT 1")
+        verdict = classify_database(exc)
+        assert (verdict.kind, verdict.retryable, verdict.definite) == (
+            DbErrorKind.CONNECTION,
+            True,
+            False,
+        ), repr(exc)
+    finally:
+        await conn.close()
