@@ -30,7 +30,7 @@ from datapunk_recovery import strategies as strategies_module
 from datapunk_recovery.breaker import BreakerState
 from datapunk_recovery.cache import MemoryCache
 from datapunk_recovery.clock import FakeClock, use_clock
-from datapunk_recovery.database import ManagedPool
+from datapunk_recovery.database import DatabaseUnavailable, ManagedPool, TransactionRolledBack
 from datapunk_recovery.demo.mesh import busy_error
 from datapunk_recovery.events import Event
 from datapunk_recovery.network import AllEndpointsDown, Endpoint
@@ -42,7 +42,7 @@ from datapunk_recovery.strategies import (
     ResourceScope,
 )
 from datapunk_recovery.testing import fake_clock, instant_retries
-from tests.harness import APP_PASSWORD, PostgresServer, RedisServer
+from tests.harness import APP_PASSWORD, PostgresServer, RedisServer, ThreadedProxy
 
 pytestmark = pytest.mark.anyio
 
@@ -675,14 +675,23 @@ async def test_a_close_cancelled_midway_still_closes_the_rest(
 async def test_a_failed_open_raises_its_own_error_even_when_closing_fails(
     postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # "two" points at a port where nothing listens: the open fails after "one".
+    # Creating "two" fails (pools connect lazily, so make the creation itself
+    # fail): the open fails after "one" was created.
     nowhere = postgres_server.app_dsn.replace(f":{postgres_server.port}/", ":1/")
     config = {
         **CONFIG,
         "databases": {"one": {"postgres": postgres_server.app_dsn}, "two": {"postgres": nowhere}},
     }
     real_close = ManagedPool.close
+    real_create = ManagedPool.create_asyncpg
     closed: list[ManagedPool] = []
+
+    async def create(dsn: str, *args: Any, **kwargs: Any) -> ManagedPool:
+        if dsn == nowhere:
+            raise OSError("cannot create a pool")
+        return await real_create(dsn, *args, **kwargs)
+
+    monkeypatch.setattr(ManagedPool, "create_asyncpg", create)
 
     async def close(pool: ManagedPool) -> None:
         await real_close(pool)
@@ -1033,3 +1042,150 @@ async def test_a_hung_endpoint_losing_its_hedges_trips_its_breaker_through_the_f
             break
     assert hung.state is BreakerState.OPEN
     assert hung.snapshot().failures == 0
+# -- acknowledged only once committed; entering never needs the dependencies up --------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
+async def test_database_recovery_does_not_acknowledge_a_transaction_postgres_rolled_back(
+    postgres_server: PostgresServer,
+) -> None:
+    config = {**CONFIG, "databases": {"ledger": {"postgres": postgres_server.app_dsn}}}
+    calls = 0
+
+    async def swallow(conn: Any) -> str:
+        nonlocal calls
+        calls += 1
+        await conn.execute("CREATE TEMP TABLE IF NOT EXISTS once (id int primary key)")
+        await conn.execute("INSERT INTO once VALUES (1)")
+        try:  # noqa: SIM105 - the application carries on, as in the wild
+            await conn.execute("INSERT INTO once VALUES (1)")
+        except asyncpg.UniqueViolationError:
+            pass
+        return "acknowledged"
+
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        with pytest.raises(TransactionRolledBack) as caught:
+            await recovery.with_database_recovery(swallow, database="ledger")
+    assert calls == 1 and caught.value.code == "23505"
+
+
+async def test_database_recovery_does_not_acknowledge_a_transaction_sqlite_rolled_back(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "rolled.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE u (id INTEGER PRIMARY KEY)")
+        conn.execute("INSERT INTO u VALUES (1)")
+    config = {**CONFIG, "databases": {"orders": {"sqlite": path}}}
+
+    def swallow(conn: sqlite3.Connection) -> str:
+        conn.execute("INSERT INTO u VALUES (2)")
+        try:  # noqa: SIM105 - the application carries on, as in the wild
+            conn.execute("INSERT OR ROLLBACK INTO u VALUES (1)")
+        except sqlite3.IntegrityError:
+            pass
+        return "acknowledged"
+
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        with pytest.raises(TransactionRolledBack):
+            await recovery.with_database_recovery(swallow, database="orders")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM u").fetchone()[0] == 1
+
+
+def closed_port() -> int:
+    """A loopback port where nothing listens (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg, redis.asyncio
+async def test_entering_the_facade_needs_no_dependency_up_and_first_use_names_it(
+    postgres_server: PostgresServer,
+) -> None:
+    port = closed_port()
+    dsn = postgres_server.app_dsn.replace(f":{postgres_server.port}/", f":{port}/")
+    config = {
+        **CONFIG,
+        "databases": {"ledger": {"postgres": dsn}},
+        "cache": {"redis": f"redis://:{APP_PASSWORD}@127.0.0.1:{port}/0"},
+    }
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:  # no connection
+        pool = recovery.database("ledger")
+        assert isinstance(pool, ManagedPool) and pool.snapshot().size == 0
+
+        async def source(key: str) -> str:
+            return "from source"
+
+        # The cache is down: the source answers (the cache's failure is not the caller's).
+        assert (await recovery.with_cache_recovery("k", source, service="bare")).value == (
+            "from source"
+        )
+        with pytest.raises(DatabaseUnavailable) as caught:
+            await recovery.with_database_recovery(
+                lambda conn: conn.fetchval("SELECT 1"), database="ledger"
+            )
+    message = str(caught.value)
+    assert "ledger" in message and f"127.0.0.1:{port}" in message
+    assert APP_PASSWORD not in message
+    assert caught.value.retryable  # a connection failure: the retry layers could cure it
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
+async def test_a_database_down_at_entry_is_used_once_it_comes_up(
+    postgres_server: PostgresServer, make_proxy: Callable[[tuple[str, int]], ThreadedProxy]
+) -> None:
+    proxy = make_proxy(("127.0.0.1", closed_port()))  # upstream refused: the database is down
+    dsn = postgres_server.app_dsn.replace(f":{postgres_server.port}/", f":{proxy.port}/")
+    config = {**CONFIG, "databases": {"ledger": {"postgres": dsn}}}
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        with pytest.raises(DatabaseUnavailable, match="ledger"):
+            await recovery.with_database_recovery(
+                lambda conn: conn.fetchval("SELECT 1"), database="ledger", service="bare"
+            )
+        proxy.target = postgres_server.address  # the database is back
+        assert (
+            await recovery.with_database_recovery(
+                lambda conn: conn.fetchval("SELECT 41 + 1"), database="ledger", service="bare"
+            )
+            == 42
+        )
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
+async def test_entering_opens_no_connection_even_when_the_database_is_up(
+    postgres_server: PostgresServer,
+) -> None:
+    config = {**CONFIG, "databases": {"ledger": {"postgres": postgres_server.app_dsn}}}
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        pool = recovery.database("ledger")
+        assert isinstance(pool, ManagedPool) and pool.snapshot().size == 0
+        assert (
+            await recovery.with_database_recovery(
+                lambda conn: conn.fetchval("SELECT 1"), database="ledger"
+            )
+            == 1
+        )
+        assert pool.snapshot().size == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
+async def test_a_wrong_database_password_fails_the_first_use_after_one_login(
+    postgres_server: PostgresServer, make_proxy: Callable[[tuple[str, int]], ThreadedProxy]
+) -> None:
+    proxy = make_proxy(postgres_server.address)
+    wrong = postgres_server.dsn_for(
+        postgres_server.app_user, "wrong-secret", postgres_server.app_database, port=proxy.port
+    )
+    config = {**CONFIG, "databases": {"ledger": {"postgres": wrong}}}
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        with pytest.raises(DatabaseUnavailable) as caught:
+            await recovery.with_database_recovery(
+                lambda conn: conn.fetchval("SELECT 1"), database="ledger", service="slow"
+            )
+    assert proxy.stats.connections_opened == 1  # "slow" allows 5 attempts: one login made
+    assert caught.value.category is ErrorCategory.AUTH and not caught.value.retryable
+    assert "ledger" in str(caught.value) and "wrong-secret" not in str(caught.value)

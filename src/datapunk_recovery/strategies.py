@@ -15,8 +15,9 @@ breaker, the retry budget and the bulkhead that the configuration asks for
 priorities, failover, hedging); reads with cache recovery go through a
 :class:`~datapunk_recovery.cache.ReadThroughCache` (single-flight,
 stale-if-error, the cache's own breaker).  It also owns the pools, databases
-and the Redis cache it was asked to create: it opens them on entry and
-closes them on exit, even after failures.
+and the Redis cache it was asked to create: it opens them on entry (making
+no connection: the first use connects, so a dependency that is down never
+stops the entry) and closes them on exit, even after failures.
 
 What a call goes through, outermost first: fallback, bulkhead, retry (asking
 the budget before every retry), endpoint choice, breaker, attempt timeout,
@@ -503,9 +504,11 @@ class RecoveryStrategies:
         await self.close()
 
     async def open(self) -> None:
-        """Open the databases and the Redis cache of the configuration.
+        """Open the databases and the Redis cache of the configuration, connecting to none.
 
-        On a failure, close those opened first.
+        PostgreSQL pools are created with no connection (``min_size=0``) and the
+        Redis client connects on its first command: the first use connects and
+        recovers like any call.  On a failure, close those opened first.
         """
         try:
             for name, settings in self._config.databases.items():
@@ -531,7 +534,7 @@ class RecoveryStrategies:
             return SqliteDatabase(settings.sqlite, SqliteConfig(retry=retry_policy))
         assert settings.postgres is not None
         return await ManagedPool.create_asyncpg(
-            settings.postgres, DbPoolConfig(name=name), min_size=1, max_size=settings.max_size
+            settings.postgres, DbPoolConfig(name=name), min_size=0, max_size=settings.max_size
         )
 
     async def close(self) -> None:
