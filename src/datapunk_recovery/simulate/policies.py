@@ -26,7 +26,7 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from .._validate import check_number
 from ..backoff import Jitter, RetryConfig
@@ -95,6 +95,16 @@ class SimPolicy:
     by the experimental :class:`SawtoothBackoff` (``retry`` still gives the
     base, the cap, the attempts and the deadline).  ``description`` is shown
     in reports.
+
+    ``indexing`` says how retries are numbered against the exponential
+    envelope.  ``"library"`` (the default): retry ``n`` waits under
+    ``base_delay * exponential_base ** (n - 1)``, as :class:`RetryConfig`
+    does, so retry 1's window is ``base_delay``.  ``"published"``: the AWS
+    post's setup, where the ``k``-th retry waits under
+    ``min(cap, base * 2 ** k)``, so retry 1's window is twice the base
+    (``expo(1) = 10 ms`` for the post's base of 5 ms).  Only the kinds built
+    on the envelope (none, full, equal, proportional) shift; the decorrelated
+    kinds and the sawtooth keep their own published formulas.
     """
 
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -103,6 +113,7 @@ class SimPolicy:
     breaker: BreakerConfig | None = None
     sawtooth: SawtoothBackoff | None = None
     description: str = ""
+    indexing: Literal["library", "published"] = "library"
 
     def __post_init__(self) -> None:
         owner = "SimPolicy"
@@ -123,6 +134,10 @@ class SimPolicy:
             )
         if not isinstance(self.description, str):
             raise TypeError(f"{owner}.description: expected a str, got {self.description!r}")
+        if self.indexing not in ("library", "published"):
+            raise ValueError(
+                f"{owner}.indexing: expected 'library' or 'published', got {self.indexing!r}"
+            )
 
     def delays(self, rng: random.Random, *, endless: bool = False) -> Iterator[float]:
         """The delays of one call's retries, in seconds: ``max_attempts - 1``, or ``endless``.
@@ -137,7 +152,18 @@ class SimPolicy:
         if self.sawtooth is not None:
             count = None if retry.max_attempts is None else retry.max_attempts - 1
             return self.sawtooth.delays(retry, rng, count)
+        if self.indexing == "published" and not retry.stateful:
+            count = None if retry.max_attempts is None else retry.max_attempts - 1
+            return _published(retry, rng, count)
         return retry.delays(rng)
+
+
+def _published(retry: RetryConfig, rng: random.Random, count: int | None) -> Iterator[float]:
+    # The k-th retry under envelope(k + 1) = base * factor ** k: the post's numbering.
+    k = 1
+    while count is None or k <= count:
+        yield retry._jittered(k + 1, rng)
+        k += 1
 
 
 #: RetryConfig wants a deadline when attempts are unbounded; endless delays
@@ -172,12 +198,18 @@ _JITTER_TEXT: Final = {
 
 
 def builtin_policies(
-    base_delay: float | None = None, max_delay: float | None = None
+    base_delay: float | None = None,
+    max_delay: float | None = None,
+    indexing: Literal["library", "published"] = "library",
 ) -> dict[str, SimPolicy]:
     """The named built-ins; ``base_delay`` / ``max_delay`` (seconds) replace the defaults.
 
     - one per jitter kind (``none``, ``full``, ``equal``, ``decorrelated``,
-      ``decorrelated_v2``, ``proportional``): plain retries, 3 attempts;
+      ``decorrelated_v2``, ``proportional``): plain retries, 3 attempts,
+      numbered by ``indexing`` (see :class:`SimPolicy`);
+    - ``ours``: the library's default jitter as a user gets it, through
+      ``RetryConfig(base_delay=2 * base, max_delay=cap)`` (library numbering),
+      so its first window is the published one;
     - ``plain``: the default :class:`RetryConfig` alone, no budget, no breaker;
     - ``default``: :data:`DEFAULT_POLICY`, the library's defaults;
     - ``sawtooth``: plain retries with the experimental :class:`SawtoothBackoff`.
@@ -189,10 +221,18 @@ def builtin_policies(
     )
     policies = {
         kind.value: SimPolicy(
-            retry=dataclasses.replace(retry, jitter=kind), description=_JITTER_TEXT[kind]
+            retry=dataclasses.replace(retry, jitter=kind),
+            description=_JITTER_TEXT[kind],
+            indexing=indexing,
         )
         for kind in Jitter
     }
+    policies["ours"] = SimPolicy(
+        retry=RetryConfig(
+            base_delay=min(2 * retry.base_delay, retry.max_delay), max_delay=retry.max_delay
+        ),
+        description="the library's default jitter, base 2 x base (first window = the post's)",
+    )
     policies["plain"] = SimPolicy(
         retry=retry, description="3 attempts, full jitter, no budget, no breaker"
     )
@@ -217,6 +257,7 @@ def resolve_policies(
     *,
     base_delay: float | None = None,
     max_delay: float | None = None,
+    indexing: Literal["library", "published"] = "library",
 ) -> dict[str, SimPolicy]:
     """The policies named, in order, from the file at ``path`` first, then the built-ins.
 
@@ -228,7 +269,7 @@ def resolve_policies(
         if not from_file:
             raise ConfigError([Problem("command line", "policies", "no policy named")])
         return from_file
-    builtins = builtin_policies(base_delay, max_delay)
+    builtins = builtin_policies(base_delay, max_delay, indexing)
     chosen: dict[str, SimPolicy] = {}
     problems = []
     for name in names:
