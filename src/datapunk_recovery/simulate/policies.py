@@ -36,7 +36,9 @@ from ..schema import ConfigError, Problem, build, read_toml
 
 __all__ = [
     "DEFAULT_POLICY",
+    "AdditiveJitter",
     "PolicyFile",
+    "RetryQuotaConfig",
     "SawtoothBackoff",
     "SimPolicy",
     "builtin_policies",
@@ -87,11 +89,63 @@ class SawtoothBackoff:
 
 
 @dataclass(frozen=True, slots=True)
+class AdditiveJitter:
+    """The additive jitter of tenacity's ``wait_exponential_jitter`` and of stamina.
+
+    The delay of retry ``n`` is ``min(max_delay, base_delay * exponential_base
+    ** (n - 1) + uniform(0, jitter))`` seconds, with the base, factor and cap
+    of the policy's :class:`RetryConfig` (the peers' ``initial`` /
+    ``wait_initial``, ``exp_base`` and ``max`` / ``wait_max``).  Not a jitter
+    kind of the library: it lives here to reproduce the peers in the lab.
+    """
+
+    jitter: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "jitter", check_number("AdditiveJitter", "jitter", self.jitter, minimum=0.0)
+        )
+
+    def delays(self, retry: RetryConfig, rng: random.Random, count: int | None) -> Iterator[float]:
+        """``count`` delays (endless for ``None``), in seconds."""
+        n = 1
+        while count is None or n <= count:
+            yield min(retry.max_delay, retry.envelope(n) + rng.uniform(0.0, self.jitter))
+            n += 1
+
+
+@dataclass(frozen=True, slots=True)
+class RetryQuotaConfig:
+    """The AWS SDKs' retry quota (standard retry mode), as documented.
+
+    A bucket of ``capacity`` tokens (500), full at the start; a retry is
+    allowed only if ``retry_cost`` tokens (5) are left, and takes them; a
+    request that succeeds at its first attempt puts ``no_retry_increment``
+    (1) back, one that succeeds after retries gives back what its retry cost.
+    (The SDKs charge 10 for a retry after a timeout; the lab's failures are
+    fast errors, so that cost never applies.)
+    """
+
+    capacity: float = 500.0
+    retry_cost: float = 5.0
+    no_retry_increment: float = 1.0
+
+    def __post_init__(self) -> None:
+        owner = "RetryQuotaConfig"
+        for name in ("capacity", "retry_cost", "no_retry_increment"):
+            object.__setattr__(
+                self, name, check_number(owner, name, getattr(self, name), minimum=0.0)
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class SimPolicy:
     """Retries, and optionally a budget and a breaker, for each simulated client.
 
-    At most one budget: ``token_budget`` (gRPC) or ``ratio_budget``
-    (Finagle/SRE).  ``sawtooth``, when set, replaces the jitter of ``retry``
+    At most one budget: ``token_budget`` (gRPC), ``ratio_budget``
+    (Finagle/SRE) or ``retry_quota`` (the AWS SDKs').  ``additive``, when
+    set, replaces the jitter of ``retry`` by :class:`AdditiveJitter`
+    (tenacity's and stamina's).  ``sawtooth``, when set, replaces the jitter of ``retry``
     by the experimental :class:`SawtoothBackoff` (``retry`` still gives the
     base, the cap, the attempts and the deadline).  ``description`` is shown
     in reports.
@@ -114,6 +168,8 @@ class SimPolicy:
     sawtooth: SawtoothBackoff | None = None
     description: str = ""
     indexing: Literal["library", "published"] = "library"
+    additive: AdditiveJitter | None = None
+    retry_quota: RetryQuotaConfig | None = None
 
     def __post_init__(self) -> None:
         owner = "SimPolicy"
@@ -123,6 +179,8 @@ class SimPolicy:
             ("ratio_budget", RatioBudgetConfig),
             ("breaker", BreakerConfig),
             ("sawtooth", SawtoothBackoff),
+            ("additive", AdditiveJitter),
+            ("retry_quota", RetryQuotaConfig),
         ):
             value = getattr(self, name)
             if not isinstance(value, kind) and not (value is None and name != "retry"):
@@ -131,6 +189,18 @@ class SimPolicy:
             raise ValueError(
                 f"{owner}.ratio_budget: at most one budget, and token_budget is set too, "
                 f"got {self.ratio_budget!r}"
+            )
+        if self.retry_quota is not None and (
+            self.token_budget is not None or self.ratio_budget is not None
+        ):
+            raise ValueError(
+                f"{owner}.retry_quota: at most one budget, and another is set too, "
+                f"got {self.retry_quota!r}"
+            )
+        if self.sawtooth is not None and self.additive is not None:
+            raise ValueError(
+                f"{owner}.additive: at most one replacement jitter, and sawtooth is set too, "
+                f"got {self.additive!r}"
             )
         if not isinstance(self.description, str):
             raise TypeError(f"{owner}.description: expected a str, got {self.description!r}")
@@ -152,6 +222,9 @@ class SimPolicy:
         if self.sawtooth is not None:
             count = None if retry.max_attempts is None else retry.max_attempts - 1
             return self.sawtooth.delays(retry, rng, count)
+        if self.additive is not None:
+            count = None if retry.max_attempts is None else retry.max_attempts - 1
+            return self.additive.delays(retry, rng, count)
         if self.indexing == "published" and not retry.stateful:
             count = None if retry.max_attempts is None else retry.max_attempts - 1
             return _published(retry, rng, count)
@@ -242,6 +315,9 @@ def builtin_policies(
         sawtooth=SawtoothBackoff(),
         description="EXPERIMENTAL sawtooth full jitter, factor 4",
     )
+    from .peers import peer_policies  # (peers builds on this module)
+
+    policies.update(peer_policies())
     return policies
 
 
