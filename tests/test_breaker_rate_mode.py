@@ -214,7 +214,8 @@ def test_without_a_half_open_limit_a_cancelled_probe_lets_another_in(fake: FakeC
 def test_a_hung_probe_leaves_the_open_period_timed_from_the_limit(fake: FakeClock) -> None:
     # Open 30 s, a probe hangs for 60 s with a 10 s limit: the limit passed at
     # +10 s, so the new open period ended at +40 s, long before anyone looks.
-    b = CircuitBreaker("x", BreakerConfig(consecutive_failures=1, half_open_timeout=10.0))
+    config = BreakerConfig(consecutive_failures=1, half_open_timeout=10.0, open_duration=30.0)
+    b = CircuitBreaker("x", config)
     half_open(b, fake)
     hung = b.allow()
     fake.advance(60.0)
@@ -225,7 +226,9 @@ def test_a_hung_probe_leaves_the_open_period_timed_from_the_limit(fake: FakeCloc
 
 
 def test_the_open_period_after_a_limit_counts_the_time_already_passed(fake: FakeClock) -> None:
-    b = CircuitBreaker("x", BreakerConfig(consecutive_failures=1, half_open_timeout=10.0))
+    b = CircuitBreaker(
+        "x", BreakerConfig(consecutive_failures=1, half_open_timeout=10.0, open_duration=30.0)
+    )
     half_open(b, fake)
     b.allow()
     fake.advance(25.0)  # the limit passed 15 s ago
@@ -235,7 +238,9 @@ def test_the_open_period_after_a_limit_counts_the_time_already_passed(fake: Fake
 
 
 def test_the_open_period_after_a_limit_grows_like_any_re_opening(fake: FakeClock) -> None:
-    config = BreakerConfig(consecutive_failures=1, half_open_timeout=10.0, open_backoff=2.0)
+    config = BreakerConfig(
+        consecutive_failures=1, half_open_timeout=10.0, open_backoff=2.0, open_duration=30.0
+    )
     b = CircuitBreaker("x", config)
     half_open(b, fake)  # opened once for 30 s
     b.allow()

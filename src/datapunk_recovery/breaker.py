@@ -147,9 +147,11 @@ class BreakerConfig:
     """How a breaker trips, how long it stays open and what counts; validated when built.
 
     Durations are seconds.  Defaults: trip after 5 consecutive failures, stay
-    open 30 s, then let one probe through (it has 10 s to finish).  Rate
-    criteria are off until a threshold is set; they are judged over the window
-    once it holds ``minimum_calls`` calls.
+    open 1 s, then let one probe through (it has 10 s to finish).  The open
+    period was chosen in the lab (``docs/simulate.md``): it gives a recovered
+    dependency back within about a second while keeping the load on a dead one
+    far below the offered load.  Rate criteria are off until a threshold is
+    set; they are judged over the window once it holds ``minimum_calls`` calls.
 
     - ``consecutive_failures``: failures in a row that trip it (``None``: off).
     - ``failure_rate_threshold`` / ``slow_call_rate_threshold``: fractions in
@@ -205,7 +207,7 @@ class BreakerConfig:
     half_open_permits: int = 1
     half_open_timeout: float | None = 10.0
     half_open_decision: Literal["first_failure", "rate"] = "first_failure"
-    open_duration: float = 30.0
+    open_duration: float = 1.0
     open_backoff: float = 1.0
     max_open_duration: float = 300.0
     open_jitter: float = 0.0
