@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,12 @@ from datapunk_recovery.cli import main
 from datapunk_recovery.simulate import OutageSetup, builtin_policies, run_outage
 from datapunk_recovery.simulate.contention import simulate_contention
 from datapunk_recovery.simulate.peers import RetryQuota, peer_policies
-from datapunk_recovery.simulate.policies import AdditiveJitter, RetryQuotaConfig, SimPolicy
+from datapunk_recovery.simulate.policies import (
+    AdditiveJitter,
+    RetryQuotaConfig,
+    SimPolicy,
+    load_policies,
+)
 
 PEERS = ("tenacity", "tenacity-bare", "stamina", "backoff", "aws", "grpc", "polly", "resilience4j")
 
@@ -166,6 +172,21 @@ def test_the_peers_run_under_contention_and_finish() -> None:
     for name in ("tenacity-bare", "stamina", "grpc", "aws"):
         writes, last = simulate_contention(peer_policies()[name], 5, seed=1)
         assert writes >= 5 and last > 0
+
+
+def test_a_policy_file_takes_the_peers_keys(tmp_path: Path) -> None:
+    path = tmp_path / "peers.toml"
+    path.write_text(
+        "[policies.mine]\n"
+        'retry = { base_delay = "1s", max_delay = "60s" }\n'
+        'additive = { jitter = "500ms" }\n'
+        "retry_quota = {}\n"
+        'indexing = "published"\n'
+    )
+    policy = load_policies(path)["mine"]
+    assert policy.additive == AdditiveJitter(jitter=0.5)
+    assert policy.retry_quota == RetryQuotaConfig()
+    assert policy.indexing == "published"
 
 
 def test_simulate_contention_defaults_to_the_published_numbering(

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
-from .._validate import check_number
+from .._validate import check_number, check_seconds
 from ..backoff import Jitter, RetryConfig
 from ..breaker import BreakerConfig
 from ..budget import RatioBudgetConfig, TokenBudgetConfig
@@ -99,12 +99,10 @@ class AdditiveJitter:
     kind of the library: it lives here to reproduce the peers in the lab.
     """
 
-    jitter: float = 1.0
+    jitter: float = field(default=1.0, metadata={"unit": "seconds"})
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "jitter", check_number("AdditiveJitter", "jitter", self.jitter, minimum=0.0)
-        )
+        object.__setattr__(self, "jitter", check_seconds("AdditiveJitter", "jitter", self.jitter))
 
     def delays(self, retry: RetryConfig, rng: random.Random, count: int | None) -> Iterator[float]:
         """``count`` delays (endless for ``None``), in seconds."""
