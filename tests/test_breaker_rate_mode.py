@@ -450,3 +450,41 @@ async def test_shared_shadow_mode_keeps_its_counts(
 
 async def _ok() -> str:
     return "ok"
+
+
+@pytest.mark.anyio
+async def test_shared_rate_decision_judges_the_slow_probes_too(
+    stores: Callable[..., RedisStore], name: str, seen: list[Event]
+) -> None:
+    config = rate_config(
+        open_duration=0.0,
+        max_open_duration=1.0,
+        slow_call_rate_threshold=0.5,
+        slow_call_duration=1.0,
+    )
+    a = CircuitBreaker(name, config, store=stores())
+    await (await a.allow_async()).failure_async(Boom())
+    permits = [await a.allow_async() for _ in range(4)]
+    for i, permit in enumerate(permits):
+        await permit.success_async(duration=5.0 if i < 2 else 0.1)  # half of them slow
+    changes = [e for e in seen if isinstance(e, BreakerStateChanged)]
+    assert changes[-1].reason == "slow_call_rate"
+    assert changes[-1].to_state in (BreakerState.OPEN, BreakerState.HALF_OPEN)
+
+
+@pytest.mark.anyio
+async def test_shared_shadow_trip_is_reported_again_after_the_rate_fell(
+    stores: Callable[..., RedisStore], name: str, seen: list[Event]
+) -> None:
+    config = BreakerConfig(
+        consecutive_failures=None, failure_rate_threshold=0.5, minimum_calls=4, window_size=4
+    )
+    a = CircuitBreaker(name, config, store=stores())
+    await a.metrics_only_async()
+    for outcome in "FFFF" + "SSSS" + "FFFF":
+        permit = await a.allow_async()
+        if outcome == "F":
+            await permit.failure_async(Boom())
+        else:
+            await permit.success_async()
+    assert [e.reason for e in seen if isinstance(e, ShadowTrip)] == ["failure_rate"] * 2
