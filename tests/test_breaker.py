@@ -89,7 +89,7 @@ def states(seen: list[Event]) -> list[tuple[str, str, str]]:
         ({"window_duration": 0}, "BreakerConfig.window_duration"),
         ({"open_duration": -1}, "BreakerConfig.open_duration"),
         ({"open_duration": math.inf}, "BreakerConfig.open_duration"),
-        ({"max_open_duration": 1.0}, "BreakerConfig.max_open_duration"),
+        ({"max_open_duration": 0.5}, "BreakerConfig.max_open_duration"),
         ({"open_backoff": 0.5}, "BreakerConfig.open_backoff"),
         ({"open_jitter": 2}, "BreakerConfig.open_jitter"),
         ({"half_open_permits": 0}, "BreakerConfig.half_open_permits"),
@@ -129,7 +129,9 @@ def test_wrong_types_are_type_errors(changes: dict[str, object]) -> None:
 
 def test_defaults_are_the_classic_breaker() -> None:
     c = BreakerConfig()
-    assert (c.consecutive_failures, c.open_duration, c.half_open_permits) == (5, 30.0, 1)
+    # open 1 s: chosen in the lab (docs/simulate.md, tests/test_simulate_outage.py)
+    assert (c.consecutive_failures, c.open_duration, c.half_open_permits) == (5, 1.0, 1)
+    assert (c.open_backoff, c.open_jitter) == (1.0, 0.0)
     assert c.simple and not c.windowed and not c.timed
 
 
@@ -140,7 +142,7 @@ def test_defaults_are_the_classic_breaker() -> None:
 def test_opens_after_consecutive_failures_and_refuses_with_time_left(
     fake: FakeClock, seen: list[Event]
 ) -> None:
-    b = CircuitBreaker("payments")
+    b = CircuitBreaker("payments", BreakerConfig(open_duration=30.0))
     fail(b, 4)
     assert b.state is BreakerState.CLOSED
     fail(b)
@@ -183,7 +185,7 @@ def test_half_open_probe_success_closes(fake: FakeClock, seen: list[Event]) -> N
 
 
 def test_half_open_probe_failure_reopens(fake: FakeClock) -> None:
-    b = CircuitBreaker("x")
+    b = CircuitBreaker("x", BreakerConfig(open_duration=30.0))
     fail(b, 5)
     fake.advance(30)
     fail(b)
@@ -496,7 +498,7 @@ def test_an_error_carrying_retry_after_opens_when_honoured(fake: FakeClock) -> N
 
 
 def test_a_late_failure_never_extends_an_open_period(fake: FakeClock) -> None:
-    b = CircuitBreaker("x", BreakerConfig(consecutive_failures=1))
+    b = CircuitBreaker("x", BreakerConfig(consecutive_failures=1, open_duration=30.0))
     slow_call = b.allow()  # granted while closed
     fail(b)  # opens
     fake.advance(20)
@@ -663,8 +665,9 @@ def test_metrics_only_reports_a_shadow_trip_but_never_refuses(
 ) -> None:
     b = CircuitBreaker("x", BreakerConfig(consecutive_failures=3))
     b.metrics_only()
-    fail(b, 7)
-    assert b.call(ok) == "ok"
+    fail(b, 7)  # one would-be trip: the criterion holds from the 3rd failure on
+    assert b.call(ok) == "ok"  # ends it
+    fail(b, 3)  # a second one
     assert b.state is BreakerState.METRICS_ONLY
     assert [e.reason for e in seen if isinstance(e, ShadowTrip)] == ["consecutive_failures"] * 2
 
@@ -678,7 +681,7 @@ def test_reset_clears_counts(fake: FakeClock) -> None:
 
 
 def test_reconfigure_keeps_the_state(fake: FakeClock) -> None:
-    b = CircuitBreaker("x")
+    b = CircuitBreaker("x", BreakerConfig(open_duration=30.0))
     fail(b, 5)
     b.reconfigure(BreakerConfig(open_duration=5.0, consecutive_failures=2))
     assert b.state is BreakerState.OPEN
@@ -792,7 +795,7 @@ def test_breaker_bus_receives_its_own_events(fake: FakeClock) -> None:
 
 
 def test_snapshot(fake: FakeClock) -> None:
-    b = CircuitBreaker("x", BreakerConfig(keep_window=True, minimum_calls=1))
+    b = CircuitBreaker("x", BreakerConfig(keep_window=True, minimum_calls=1, open_duration=30.0))
     b.call(ok)
     fail(b, 5)
     with pytest.raises(CircuitOpenError):

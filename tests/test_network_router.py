@@ -37,7 +37,9 @@ from datapunk_recovery.testing import fake_clock
 pytestmark = pytest.mark.anyio
 
 QUICK = RetryConfig(max_attempts=3, base_delay=0.0)
-TRIP_AT_2 = BreakerConfig(consecutive_failures=2, keep_window=True, minimum_calls=1)
+TRIP_AT_2 = BreakerConfig(
+    consecutive_failures=2, keep_window=True, minimum_calls=1, open_duration=30.0
+)
 WINDOW_ONLY = BreakerConfig(keep_window=True, minimum_calls=1)
 
 

@@ -46,7 +46,7 @@ def test_outage_json_reports_amplification_recovery_and_the_timeline(
     assert by_name["plain"]["amplification"] > 2.5
     assert by_name["default"]["amplification"] <= 1.1
     assert len(by_name["plain"]["timeline"]) == 20
-    assert data["policies"]["default"]["breaker"]["open_duration"] == 30.0
+    assert data["policies"]["default"]["breaker"]["open_duration"] == 1.0
     assert "failure_on" not in data["policies"]["default"]["breaker"]  # Python objects left out
 
 

@@ -24,7 +24,13 @@ from datapunk_recovery.simulate.policies import (
 
 def test_the_builtins_are_one_per_jitter_kind_plus_plain_default_and_sawtooth() -> None:
     builtins = builtin_policies()
-    assert list(builtins) == [*(j.value for j in Jitter), "plain", "default", "sawtooth"]
+    assert list(builtins)[: len(Jitter) + 4] == [
+        *(j.value for j in Jitter),
+        "ours",
+        "plain",
+        "default",
+        "sawtooth",
+    ]
     assert builtins["decorrelated"].retry.jitter is Jitter.DECORRELATED
     assert builtins["plain"] == SimPolicy(
         retry=RetryConfig(), description=builtins["plain"].description
@@ -39,8 +45,44 @@ def test_the_default_policy_is_the_library_defaults_with_budget_and_breaker() ->
 
 
 def test_builtins_take_the_benchmark_base_and_cap_when_asked() -> None:
-    for policy in builtin_policies(base_delay=0.005, max_delay=2.0).values():
+    builtins = builtin_policies(base_delay=0.005, max_delay=2.0)
+    for name in [*(j.value for j in Jitter), "plain", "default", "sawtooth"]:
+        policy = builtins[name]
         assert (policy.retry.base_delay, policy.retry.max_delay) == (0.005, 2.0)
+    # ours: the library's default as a user gets it, first window = the post's
+    assert (builtins["ours"].retry.base_delay, builtins["ours"].retry.max_delay) == (0.010, 2.0)
+
+
+def test_the_published_numbering_starts_full_jitter_at_twice_the_base() -> None:
+    # The post's k-th retry waits under min(cap, base * 2**k): 10, 20, 40 ms...
+    published = builtin_policies(0.005, 2.0, "published")["full"]
+    windows = [0.010, 0.020, 0.040, 0.080, 0.160, 0.320, 0.640, 1.280, 2.0, 2.0]
+    highs = [0.0] * len(windows)
+    for seed in range(300):
+        delays = itertools.islice(published.delays(random.Random(seed), endless=True), 10)
+        for i, d in enumerate(delays):
+            assert 0.0 <= d <= windows[i]
+            highs[i] = max(highs[i], d)
+    assert all(h > 0.9 * w for h, w in zip(highs, windows, strict=True))
+
+
+def test_the_published_full_jitter_is_the_library_default_at_twice_the_base() -> None:
+    builtins = builtin_policies(0.005, 2.0, "published")
+    a = list(itertools.islice(builtins["full"].delays(random.Random(7), endless=True), 12))
+    b = list(itertools.islice(builtins["ours"].delays(random.Random(7), endless=True), 12))
+    assert a == pytest.approx(b)
+
+
+def test_the_published_numbering_leaves_decorrelated_as_published() -> None:
+    for indexing in ("library", "published"):
+        policy = builtin_policies(0.005, 2.0, indexing)["decorrelated"]  # type: ignore[arg-type]
+        first = [next(policy.delays(random.Random(s), endless=True)) for s in range(200)]
+        assert all(0.005 <= d <= 0.015 for d in first)
+
+
+def test_an_unknown_numbering_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"SimPolicy\.indexing"):
+        SimPolicy(indexing="aws")  # type: ignore[arg-type]
 
 
 def test_a_policy_has_at_most_one_budget() -> None:

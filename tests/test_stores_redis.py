@@ -144,8 +144,9 @@ def test_redis_breakers_refuse_trio(redis_server: RedisServer, name: str) -> Non
 async def test_two_breakers_share_one_state(
     stores: Callable[..., RedisStore], name: str, seen: list[Event]
 ) -> None:
-    a = CircuitBreaker(name, store=stores())
-    b = CircuitBreaker(name, store=stores())
+    config = BreakerConfig(open_duration=30.0)
+    a = CircuitBreaker(name, config, store=stores())
+    b = CircuitBreaker(name, config, store=stores())
     assert await b.call_async(aok) == "ok"
     await trip(a)
     assert a.state is BreakerState.OPEN

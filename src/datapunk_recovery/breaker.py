@@ -148,9 +148,11 @@ class BreakerConfig:
     """How a breaker trips, how long it stays open and what counts; validated when built.
 
     Durations are seconds.  Defaults: trip after 5 consecutive failures, stay
-    open 30 s, then let one probe through (it has 10 s to finish).  Rate
-    criteria are off until a threshold is set; they are judged over the window
-    once it holds ``minimum_calls`` calls.
+    open 1 s, then let one probe through (it has 10 s to finish).  The open
+    period was chosen in the lab (``docs/simulate.md``): it gives a recovered
+    dependency back within about a second while keeping the load on a dead one
+    far below the offered load.  Rate criteria are off until a threshold is
+    set; they are judged over the window once it holds ``minimum_calls`` calls.
 
     - ``consecutive_failures``: failures in a row that trip it (``None``: off).
     - ``failure_rate_threshold`` / ``slow_call_rate_threshold``: fractions in
@@ -163,10 +165,19 @@ class BreakerConfig:
       that :meth:`CircuitBreaker.failure_rate` answers (about 100 ns a call).
     - ``trip_policy``: a factory of a custom :class:`TripPolicy` (a factory,
       because a policy has state and a configuration is shared).
-    - ``half_open_permits`` probes pass in half-open; any failed (or slow, when
-      the slow rate is judged) probe re-opens it, ``half_open_permits``
-      successful ones close it.  After ``half_open_timeout`` the breaker decides
-      without the probes still running: closed if some succeeded, else open.
+    - ``half_open_permits`` probes pass in half-open.  How they are judged is
+      ``half_open_decision``: ``"first_failure"`` (the default, Polly's rule):
+      any failed (or slow, when the slow rate is judged) probe re-opens it,
+      ``half_open_permits`` successful ones close it; ``"rate"``
+      (resilience4j's rule, needs ``failure_rate_threshold``): once every
+      permitted probe has finished, their failure rate (and slow-call rate,
+      when judged) at or above the threshold re-opens it, else it closes.
+      After ``half_open_timeout`` seconds the breaker decides without the
+      probes still running: with ``"first_failure"``, closed if some
+      succeeded, else open; with ``"rate"``, open.  The open period then runs
+      from the moment the limit passed.  ``None`` waits for the probes for
+      ever (resilience4j's default); a hung probe then holds the breaker
+      half-open until it ends or is cancelled.
     - Open duration: ``open_duration * open_backoff ** n`` for the ``n``-th
       re-opening without a close in between, capped at ``max_open_duration``,
       then scaled by ``uniform(1 - open_jitter, 1 + open_jitter)``.
@@ -195,8 +206,9 @@ class BreakerConfig:
     keep_window: bool = False
     trip_policy: Callable[[], TripPolicy] | None = None
     half_open_permits: int = 1
-    half_open_timeout: float = 10.0
-    open_duration: float = 30.0
+    half_open_timeout: float | None = 10.0
+    half_open_decision: Literal["first_failure", "rate"] = "first_failure"
+    open_duration: float = 1.0
     open_backoff: float = 1.0
     max_open_duration: float = 300.0
     open_jitter: float = 0.0
@@ -262,11 +274,22 @@ class BreakerConfig:
             raise TypeError(f"{_OWNER}.keep_window: expected a bool, got {self.keep_window!r}")
         _check_callable("trip_policy", self.trip_policy)
         check_count(_OWNER, "half_open_permits", self.half_open_permits)
-        s(
-            self,
-            "half_open_timeout",
-            check_seconds(_OWNER, "half_open_timeout", self.half_open_timeout, positive=True),
-        )
+        if self.half_open_timeout is not None:
+            s(
+                self,
+                "half_open_timeout",
+                check_seconds(_OWNER, "half_open_timeout", self.half_open_timeout, positive=True),
+            )
+        if self.half_open_decision not in ("first_failure", "rate"):
+            raise ValueError(
+                f"{_OWNER}.half_open_decision: expected 'first_failure' or 'rate', "
+                f"got {self.half_open_decision!r}"
+            )
+        if self.half_open_decision == "rate" and self.failure_rate_threshold is None:
+            raise ValueError(
+                f"{_OWNER}.failure_rate_threshold: required when half_open_decision is 'rate' "
+                "(the probes' failure rate is judged against it), got None"
+            )
         s(self, "open_duration", check_seconds(_OWNER, "open_duration", self.open_duration))
         s(
             self,
@@ -505,12 +528,15 @@ class _Core:
         "open_until",
         "opened",
         "policy",
+        "probes_failed",
         "probes_issued",
         "probes_ok",
+        "probes_slow",
         "quick",
         "rejected",
         "reopenings",
         "rng",
+        "shadow_tripped",
         "state",
         "window",
     )
@@ -528,6 +554,9 @@ class _Core:
         self.consecutive = 0
         self.probes_issued = 0
         self.probes_ok = 0
+        self.probes_failed = 0
+        self.probes_slow = 0
+        self.shadow_tripped = False
         self.reopenings = 0
         self.opened = 0
         self.rejected = 0
@@ -563,9 +592,9 @@ class _Core:
         old = self.state
         self.state = new
         self.gen += 1
+        self.shadow_tripped = False
         if new is BreakerState.HALF_OPEN:
-            self.probes_issued = self.probes_ok = 0
-            self.half_open_until = now + self.config.half_open_timeout
+            self._start_half_open(now)
         elif new is not BreakerState.OPEN:
             self._clear_counts()
             if new is not BreakerState.FORCED_OPEN:
@@ -579,6 +608,11 @@ class _Core:
                 self.bus,
             )
 
+    def _start_half_open(self, now: float) -> None:
+        self.probes_issued = self.probes_ok = self.probes_failed = self.probes_slow = 0
+        limit = self.config.half_open_timeout
+        self.half_open_until = math.inf if limit is None else now + limit
+
     def _clear_counts(self) -> None:
         self.consecutive = 0
         if self.window is not None:
@@ -586,19 +620,24 @@ class _Core:
         if self.policy is not None:
             self.policy.reset()
 
-    def _open(self, now: float, reason: str, hint: float | None) -> None:
+    def _open(
+        self, now: float, reason: str, hint: float | None, since: float | None = None
+    ) -> None:
+        # ``since``: when the open period starts, if not now (a half-open time
+        # limit that passed while nobody looked).
         duration = hint if hint is not None else self.config.open_time(self.reopenings, self.rng)
         self.reopenings += 1
         self.opened += 1
-        self.open_until = now + duration
+        self.open_until = (now if since is None else since) + duration
         self._to(BreakerState.OPEN, reason, now)
 
     def _half_open_expired(self, now: float) -> None:
-        # Probes are still out after the time limit: decide without them.
-        if self.probes_ok:
+        # Probes are still out after the time limit: decide without them.  The
+        # open period runs from the limit, not from whenever someone looked.
+        if self.probes_ok and self.config.half_open_decision == "first_failure":
             self._to(BreakerState.CLOSED, "half_open_timeout", now)
         else:
-            self._open(now, "probe_timeout", None)
+            self._open(now, "probe_timeout", None, since=self.half_open_until)
 
     def _settle_time(self, now: float) -> None:
         """Apply the transitions that only time makes (open elapsed, half-open expired)."""
@@ -622,8 +661,7 @@ class _Core:
             if state is BreakerState.OPEN:
                 self.open_until = now + remaining
             elif state is BreakerState.HALF_OPEN:
-                self.probes_issued = self.probes_ok = 0
-                self.half_open_until = now + self.config.half_open_timeout
+                self._start_half_open(now)
             self._refresh_fast()
 
     def count_rejection(self) -> None:
@@ -734,6 +772,8 @@ class _Core:
                     return
                 if hint is not None:
                     self._open(now, "server_delay", hint)
+                elif config.half_open_decision == "rate":
+                    self._record_probe_rate(now, failed, slow)
                 elif failed or (slow and config.slow_call_rate_threshold is not None):
                     self._open(now, "probe_failed", None)
                 else:
@@ -748,14 +788,25 @@ class _Core:
                 self.window.add(failed, slow, now)
             tripped = self.policy is not None and self.policy.record(failed, slow, duration, now)
             reason = "server_delay" if hint is not None else self._judge(now, tripped)
-            if reason is None:
-                return
-            if state is BreakerState.METRICS_ONLY:
-                self._clear_counts()
+            self._conclude(now, state, reason, hint)
+
+    def _conclude(
+        self, now: float, state: BreakerState, reason: str | None, hint: float | None
+    ) -> None:
+        """Act on a closed or shadow breaker's verdict ``reason`` (None: no trip)."""
+        if reason is None:
+            self.shadow_tripped = False
+            return
+        if state is BreakerState.METRICS_ONLY:
+            # Shadow mode keeps every count (the snapshot shows the real
+            # rates) and reports a would-be trip once, when the criterion
+            # starts to hold; again only after it stopped holding.
+            if not self.shadow_tripped:
+                self.shadow_tripped = True
                 if self.listening():
                     emit(ShadowTrip(operation=self.name, at=now, reason=reason), self.bus)
-                return
-            self._open(now, reason, hint)
+            return
+        self._open(now, reason, hint)
 
     def record_lost(self, gen: int, probe: bool, duration: float | None) -> None:
         """Record a hedge that lost its race while still running (granted in ``gen``).
@@ -779,7 +830,9 @@ class _Core:
             if state is BreakerState.HALF_OPEN:
                 if not probe:
                     return
-                if judged:
+                if config.half_open_decision == "rate" and judged:
+                    self._record_probe_rate(now, False, True)
+                elif judged:
                     self._open(now, "probe_failed", None)
                 elif self.probes_issued:
                     self.probes_issued -= 1
@@ -789,15 +842,27 @@ class _Core:
             if self.window is not None and judged:
                 self.window.add(False, True, now)
             tripped = self.policy is not None and self.policy.record(False, True, duration, now)
-            reason = self._judge(now, tripped)
-            if reason is None:
-                return
-            if state is BreakerState.METRICS_ONLY:
-                self._clear_counts()
-                if self.listening():
-                    emit(ShadowTrip(operation=self.name, at=now, reason=reason), self.bus)
-                return
-            self._open(now, reason, None)
+            self._conclude(now, state, self._judge(now, tripped), None)
+    def _record_probe_rate(self, now: float, failed: bool, slow: bool) -> None:
+        """``"rate"`` mode: count a probe; once all permitted ones are in, judge their rates."""
+        config = self.config
+        if failed:
+            self.probes_failed += 1
+        else:
+            self.probes_ok += 1
+        if slow:
+            self.probes_slow += 1
+        done = self.probes_ok + self.probes_failed
+        if done < config.half_open_permits:
+            return
+        frt = config.failure_rate_threshold
+        srt = config.slow_call_rate_threshold
+        if frt is not None and self.probes_failed >= frt * done:
+            self._open(now, "failure_rate", None)
+        elif srt is not None and self.probes_slow >= srt * done:
+            self._open(now, "slow_call_rate", None)
+        else:
+            self._to(BreakerState.CLOSED, "probes_succeeded", now)
 
     def _judge(self, now: float, tripped: bool) -> str | None:
         config = self.config

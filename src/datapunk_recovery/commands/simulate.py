@@ -70,6 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DURATION",
         help="maximum delay of the built-in policies (default: 2s, the benchmark's)",
     )
+    contention.add_argument(
+        "--indexing",
+        choices=("published", "library"),
+        default="published",
+        help="how the built-in jitter kinds number retries: 'published' (the AWS post's: "
+        "the k-th retry waits under min(cap, base * 2**k), so the first full-jitter window "
+        "is 2 x base; the default) or 'library' (RetryConfig's: the first window is base)",
+    )
     outage = scenarios.add_parser(
         "outage",
         help="steady traffic to a dependency that goes down: amplification and recovery",
@@ -150,7 +158,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.scenario == "contention":
             policies = resolve_policies(
-                names, args.policies, base_delay=args.base, max_delay=args.cap
+                names,
+                args.policies,
+                base_delay=args.base,
+                max_delay=args.cap,
+                indexing=args.indexing,
             )
             _contention(args, policies)
         else:

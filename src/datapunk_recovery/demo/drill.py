@@ -219,7 +219,7 @@ def demo_config(
     ``postgres``), ``addresses`` the endpoints' ``host:port``, ``namespace``
     the prefix of the cache keys.  Delays are short because the drill is: a
     real service would keep the library's defaults (100 ms base, 10 s cap,
-    breaker open 30 s).
+    breaker open 1 s).
     """
     return {
         "defaults": {

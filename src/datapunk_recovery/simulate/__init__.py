@@ -9,6 +9,8 @@ deterministic, far faster than real time:
   concurrency (the AWS "Exponential Backoff And Jitter" benchmark);
 - :mod:`.outage`: steady traffic to a dependency that goes down for a while;
 - :mod:`.policies`: named built-ins and TOML policy files;
+- :mod:`.peers`: the peers' default policies (tenacity, stamina, backoff, the
+  AWS SDKs, gRPC, Polly, resilience4j) as built-ins;
 - :mod:`.report`: tables, JSON and plots.
 
 ``datapunk-recovery simulate`` is the command line over it; see

@@ -37,6 +37,7 @@ from ..breaker import CircuitBreaker, Permit
 from ..budget import RatioBudget, RetryGate, TokenBudget
 from ..errors import CircuitOpenError
 from .kernel import Simulation, network_delay
+from .peers import RetryQuota
 from .policies import SimPolicy
 
 __all__ = ["OutageResult", "OutageSetup", "Second", "run_outage", "simulate_outage"]
@@ -162,6 +163,8 @@ class _Process:
             self.budget = TokenBudget(name, config=policy.token_budget)
         elif policy.ratio_budget is not None:
             self.budget = RatioBudget(name, config=policy.ratio_budget)
+        elif policy.retry_quota is not None:
+            self.budget = RetryQuota(policy.retry_quota)
 
     def arrive(self) -> None:
         now = self.sim.now

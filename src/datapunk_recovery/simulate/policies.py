@@ -26,9 +26,9 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
-from .._validate import check_number
+from .._validate import check_number, check_seconds
 from ..backoff import Jitter, RetryConfig
 from ..breaker import BreakerConfig
 from ..budget import RatioBudgetConfig, TokenBudgetConfig
@@ -36,7 +36,9 @@ from ..schema import ConfigError, Problem, build, read_toml
 
 __all__ = [
     "DEFAULT_POLICY",
+    "AdditiveJitter",
     "PolicyFile",
+    "RetryQuotaConfig",
     "SawtoothBackoff",
     "SimPolicy",
     "builtin_policies",
@@ -87,14 +89,74 @@ class SawtoothBackoff:
 
 
 @dataclass(frozen=True, slots=True)
+class AdditiveJitter:
+    """The additive jitter of tenacity's ``wait_exponential_jitter`` and of stamina.
+
+    The delay of retry ``n`` is ``min(max_delay, base_delay * exponential_base
+    ** (n - 1) + uniform(0, jitter))`` seconds, with the base, factor and cap
+    of the policy's :class:`RetryConfig` (the peers' ``initial`` /
+    ``wait_initial``, ``exp_base`` and ``max`` / ``wait_max``).  Not a jitter
+    kind of the library: it lives here to reproduce the peers in the lab.
+    """
+
+    jitter: float = field(default=1.0, metadata={"unit": "seconds"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "jitter", check_seconds("AdditiveJitter", "jitter", self.jitter))
+
+    def delays(self, retry: RetryConfig, rng: random.Random, count: int | None) -> Iterator[float]:
+        """``count`` delays (endless for ``None``), in seconds."""
+        n = 1
+        while count is None or n <= count:
+            yield min(retry.max_delay, retry.envelope(n) + rng.uniform(0.0, self.jitter))
+            n += 1
+
+
+@dataclass(frozen=True, slots=True)
+class RetryQuotaConfig:
+    """The AWS SDKs' retry quota (standard retry mode), as documented.
+
+    A bucket of ``capacity`` tokens (500), full at the start; a retry is
+    allowed only if ``retry_cost`` tokens (5) are left, and takes them; a
+    request that succeeds at its first attempt puts ``no_retry_increment``
+    (1) back, one that succeeds after retries gives back what its retry cost.
+    (The SDKs charge 10 for a retry after a timeout; the lab's failures are
+    fast errors, so that cost never applies.)
+    """
+
+    capacity: float = 500.0
+    retry_cost: float = 5.0
+    no_retry_increment: float = 1.0
+
+    def __post_init__(self) -> None:
+        owner = "RetryQuotaConfig"
+        for name in ("capacity", "retry_cost", "no_retry_increment"):
+            object.__setattr__(
+                self, name, check_number(owner, name, getattr(self, name), minimum=0.0)
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class SimPolicy:
     """Retries, and optionally a budget and a breaker, for each simulated client.
 
-    At most one budget: ``token_budget`` (gRPC) or ``ratio_budget``
-    (Finagle/SRE).  ``sawtooth``, when set, replaces the jitter of ``retry``
+    At most one budget: ``token_budget`` (gRPC), ``ratio_budget``
+    (Finagle/SRE) or ``retry_quota`` (the AWS SDKs').  ``additive``, when
+    set, replaces the jitter of ``retry`` by :class:`AdditiveJitter`
+    (tenacity's and stamina's).  ``sawtooth``, when set, replaces the jitter of ``retry``
     by the experimental :class:`SawtoothBackoff` (``retry`` still gives the
     base, the cap, the attempts and the deadline).  ``description`` is shown
     in reports.
+
+    ``indexing`` says how retries are numbered against the exponential
+    envelope.  ``"library"`` (the default): retry ``n`` waits under
+    ``base_delay * exponential_base ** (n - 1)``, as :class:`RetryConfig`
+    does, so retry 1's window is ``base_delay``.  ``"published"``: the AWS
+    post's setup, where the ``k``-th retry waits under
+    ``min(cap, base * 2 ** k)``, so retry 1's window is twice the base
+    (``expo(1) = 10 ms`` for the post's base of 5 ms).  Only the kinds built
+    on the envelope (none, full, equal, proportional) shift; the decorrelated
+    kinds and the sawtooth keep their own published formulas.
     """
 
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -103,6 +165,9 @@ class SimPolicy:
     breaker: BreakerConfig | None = None
     sawtooth: SawtoothBackoff | None = None
     description: str = ""
+    indexing: Literal["library", "published"] = "library"
+    additive: AdditiveJitter | None = None
+    retry_quota: RetryQuotaConfig | None = None
 
     def __post_init__(self) -> None:
         owner = "SimPolicy"
@@ -112,6 +177,8 @@ class SimPolicy:
             ("ratio_budget", RatioBudgetConfig),
             ("breaker", BreakerConfig),
             ("sawtooth", SawtoothBackoff),
+            ("additive", AdditiveJitter),
+            ("retry_quota", RetryQuotaConfig),
         ):
             value = getattr(self, name)
             if not isinstance(value, kind) and not (value is None and name != "retry"):
@@ -121,8 +188,24 @@ class SimPolicy:
                 f"{owner}.ratio_budget: at most one budget, and token_budget is set too, "
                 f"got {self.ratio_budget!r}"
             )
+        if self.retry_quota is not None and (
+            self.token_budget is not None or self.ratio_budget is not None
+        ):
+            raise ValueError(
+                f"{owner}.retry_quota: at most one budget, and another is set too, "
+                f"got {self.retry_quota!r}"
+            )
+        if self.sawtooth is not None and self.additive is not None:
+            raise ValueError(
+                f"{owner}.additive: at most one replacement jitter, and sawtooth is set too, "
+                f"got {self.additive!r}"
+            )
         if not isinstance(self.description, str):
             raise TypeError(f"{owner}.description: expected a str, got {self.description!r}")
+        if self.indexing not in ("library", "published"):
+            raise ValueError(
+                f"{owner}.indexing: expected 'library' or 'published', got {self.indexing!r}"
+            )
 
     def delays(self, rng: random.Random, *, endless: bool = False) -> Iterator[float]:
         """The delays of one call's retries, in seconds: ``max_attempts - 1``, or ``endless``.
@@ -137,7 +220,21 @@ class SimPolicy:
         if self.sawtooth is not None:
             count = None if retry.max_attempts is None else retry.max_attempts - 1
             return self.sawtooth.delays(retry, rng, count)
+        if self.additive is not None:
+            count = None if retry.max_attempts is None else retry.max_attempts - 1
+            return self.additive.delays(retry, rng, count)
+        if self.indexing == "published" and not retry.stateful:
+            count = None if retry.max_attempts is None else retry.max_attempts - 1
+            return _published(retry, rng, count)
         return retry.delays(rng)
+
+
+def _published(retry: RetryConfig, rng: random.Random, count: int | None) -> Iterator[float]:
+    # The k-th retry under envelope(k + 1) = base * factor ** k: the post's numbering.
+    k = 1
+    while count is None or k <= count:
+        yield retry._jittered(k + 1, rng)
+        k += 1
 
 
 #: RetryConfig wants a deadline when attempts are unbounded; endless delays
@@ -172,12 +269,18 @@ _JITTER_TEXT: Final = {
 
 
 def builtin_policies(
-    base_delay: float | None = None, max_delay: float | None = None
+    base_delay: float | None = None,
+    max_delay: float | None = None,
+    indexing: Literal["library", "published"] = "library",
 ) -> dict[str, SimPolicy]:
     """The named built-ins; ``base_delay`` / ``max_delay`` (seconds) replace the defaults.
 
     - one per jitter kind (``none``, ``full``, ``equal``, ``decorrelated``,
-      ``decorrelated_v2``, ``proportional``): plain retries, 3 attempts;
+      ``decorrelated_v2``, ``proportional``): plain retries, 3 attempts,
+      numbered by ``indexing`` (see :class:`SimPolicy`);
+    - ``ours``: the library's default jitter as a user gets it, through
+      ``RetryConfig(base_delay=2 * base, max_delay=cap)`` (library numbering),
+      so its first window is the published one;
     - ``plain``: the default :class:`RetryConfig` alone, no budget, no breaker;
     - ``default``: :data:`DEFAULT_POLICY`, the library's defaults;
     - ``sawtooth``: plain retries with the experimental :class:`SawtoothBackoff`.
@@ -189,10 +292,18 @@ def builtin_policies(
     )
     policies = {
         kind.value: SimPolicy(
-            retry=dataclasses.replace(retry, jitter=kind), description=_JITTER_TEXT[kind]
+            retry=dataclasses.replace(retry, jitter=kind),
+            description=_JITTER_TEXT[kind],
+            indexing=indexing,
         )
         for kind in Jitter
     }
+    policies["ours"] = SimPolicy(
+        retry=RetryConfig(
+            base_delay=min(2 * retry.base_delay, retry.max_delay), max_delay=retry.max_delay
+        ),
+        description="the library's default jitter, base 2 x base (first window = the post's)",
+    )
     policies["plain"] = SimPolicy(
         retry=retry, description="3 attempts, full jitter, no budget, no breaker"
     )
@@ -202,6 +313,9 @@ def builtin_policies(
         sawtooth=SawtoothBackoff(),
         description="EXPERIMENTAL sawtooth full jitter, factor 4",
     )
+    from .peers import peer_policies  # (peers builds on this module)
+
+    policies.update(peer_policies())
     return policies
 
 
@@ -217,6 +331,7 @@ def resolve_policies(
     *,
     base_delay: float | None = None,
     max_delay: float | None = None,
+    indexing: Literal["library", "published"] = "library",
 ) -> dict[str, SimPolicy]:
     """The policies named, in order, from the file at ``path`` first, then the built-ins.
 
@@ -228,7 +343,7 @@ def resolve_policies(
         if not from_file:
             raise ConfigError([Problem("command line", "policies", "no policy named")])
         return from_file
-    builtins = builtin_policies(base_delay, max_delay)
+    builtins = builtin_policies(base_delay, max_delay, indexing)
     chosen: dict[str, SimPolicy] = {}
     problems = []
     for name in names:

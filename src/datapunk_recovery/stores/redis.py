@@ -134,7 +134,7 @@ end
 local S
 local function fresh(g)
   S = {s = CLOSED, g = g, ou = 0, hu = 0, c = 0, pi = 0, po = 0, r = 0,
-       wc = 0, wf = 0, ws = 0, wp = 0, wh = false, wz = ''}
+       wc = 0, wf = 0, ws = 0, wp = 0, wh = false, wz = '', pf = 0, ps = 0, sh = 0}
 end
 
 local corrupt = 0
@@ -150,6 +150,10 @@ else
        c = int(raw[5]), pi = int(raw[6]), po = int(raw[7]), r = int(raw[8]),
        wc = int(raw[9]), wf = int(raw[10]), ws = int(raw[11]), wp = int(raw[12]),
        wh = false, wz = raw[14] or ''}
+  -- probe failures and slow probes ("rate" half-open) and the shadow-trip
+  -- flag: absent in a state written before they existed, so absent means 0.
+  local extra = redis.call('HMGET', key, 'pf', 'ps', 'sh')
+  S.pf, S.ps, S.sh = int(extra[1] or 0), int(extra[2] or 0), int(extra[3] or 0)
   local whok = true
   if raw[13] then
     S.wh = num(raw[13])
@@ -157,7 +161,8 @@ else
   end
   if S.s == nil or S.s > 5 or S.g == nil or S.ou == nil or S.hu == nil or S.c == nil
      or S.pi == nil or S.po == nil or S.r == nil or S.wc == nil or S.wf == nil
-     or S.ws == nil or S.wp == nil or S.wf > S.wc or S.ws > S.wc or not whok then
+     or S.ws == nil or S.wp == nil or S.wf > S.wc or S.ws > S.wc or not whok
+     or S.pf == nil or S.ps == nil or S.sh == nil then
     corrupt = 1
     local g = int(raw[2])
     if g == nil then g = math.floor(now * 1000) else g = g + 1 end
@@ -189,7 +194,7 @@ if S.s == OPEN and S.ou - now > longest + 0.001 then
   S.ou = now + longest
   if corrupt == 0 then corrupt = 2 end
 end
-if S.s == HALF and S.hu - now > cfg.ht + 0.001 then
+if S.s == HALF and cfg.ht >= 0 and S.hu - now > cfg.ht + 0.001 then
   S.hu = now + cfg.ht
   if corrupt == 0 then corrupt = 2 end
 end
@@ -254,15 +259,18 @@ local function to(new, reason)
   S.s = new
   S.g = S.g + 1
   reason_out = reason
+  S.sh = 0
   if new == HALF then
-    S.pi, S.po, S.hu = 0, 0, now + cfg.ht
+    S.pi, S.po, S.pf, S.ps, S.hu = 0, 0, 0, 0, now + math.max(cfg.ht, 0)
   elseif new ~= OPEN then
     clear_counts()
     if new ~= FORCED then S.r = 0 end
   end
 end
 
-local function open(hint, reason)
+-- ``since``: when the open period starts, if not now (a half-open time limit
+-- that passed while nobody looked).
+local function open(hint, reason, since)
   local d = hint
   if d == nil then
     d = cfg.od * (cfg.ob ^ S.r)
@@ -270,7 +278,7 @@ local function open(hint, reason)
     if cfg.oj > 0 then d = d * (1 - cfg.oj + 2 * cfg.oj * u) end
   end
   S.r = S.r + 1
-  S.ou = now + d
+  S.ou = (since or now) + d
   to(OPEN, reason)
 end
 
@@ -286,8 +294,10 @@ local function judge()
   return nil
 end
 
-if S.s == HALF and now >= S.hu then
-  if S.po > 0 then to(CLOSED, 'half_open_timeout') else open(nil, 'probe_timeout') end
+-- cfg.ht < 0: no half-open time limit; cfg.hd 1: the "rate" decision.
+if S.s == HALF and cfg.ht >= 0 and now >= S.hu then
+  if S.po > 0 and cfg.hd ~= 1 then to(CLOSED, 'half_open_timeout')
+  else open(nil, 'probe_timeout', S.hu) end
 end
 if S.s == OPEN and now >= S.ou then to(HALF, 'open_elapsed') end
 
@@ -307,6 +317,15 @@ elseif op == 'record' then
     if S.s == HALF then
       if probe == 1 then
         if hint then open(hint, 'server_delay')
+        elseif cfg.hd == 1 then
+          if failed == 1 then S.pf = S.pf + 1 else S.po = S.po + 1 end
+          if slow == 1 then S.ps = S.ps + 1 end
+          local done = S.po + S.pf
+          if done >= cfg.hp then
+            if S.pf >= cfg.fr * done then open(nil, 'failure_rate')
+            elseif cfg.sr > 0 and S.ps >= cfg.sr * done then open(nil, 'slow_call_rate')
+            else to(CLOSED, 'probes_succeeded') end
+          end
         elseif failed == 1 or (slow == 1 and cfg.sr > 0) then open(nil, 'probe_failed')
         else
           S.po = S.po + 1
@@ -320,12 +339,18 @@ elseif op == 'record' then
       if hint then reason = 'server_delay' else reason = judge() end
       if reason then
         if S.s == METRICS then
-          clear_counts()
-          shadow = 1
-          reason_out = reason
+          -- shadow mode keeps its counts; a would-be trip is reported once,
+          -- when the criterion starts to hold
+          if S.sh == 0 then
+            S.sh = 1
+            shadow = 1
+            reason_out = reason
+          end
         else
           open(hint, reason)
         end
+      else
+        S.sh = 0
       end
     end
   end
@@ -342,7 +367,7 @@ if S.wh ~= false then wh = string.format('%.0f', S.wh) end
 redis.call('HSET', key, 's', S.s, 'g', string.format('%.0f', S.g),
            'ou', string.format('%.6f', S.ou), 'hu', string.format('%.6f', S.hu),
            'c', S.c, 'pi', S.pi, 'po', S.po, 'r', S.r, 'wc', S.wc, 'wf', S.wf,
-           'ws', S.ws, 'wp', S.wp, 'wz', S.wz)
+           'ws', S.ws, 'wp', S.wp, 'wz', S.wz, 'pf', S.pf, 'ps', S.ps, 'sh', S.sh)
 if wh == '' then redis.call('HDEL', key, 'wh') else redis.call('HSET', key, 'wh', wh) end
 local ttl = cfg.kt
 redis.call('PEXPIRE', key, ttl)
@@ -350,7 +375,7 @@ if redis.call('EXISTS', ringk) == 1 then redis.call('PEXPIRE', ringk, ttl) end
 if redis.call('EXISTS', wink) == 1 then redis.call('PEXPIRE', wink, ttl) end
 
 local rem = 0
-if S.s == OPEN then rem = S.ou - now elseif S.s == HALF then rem = S.hu - now end
+if S.s == OPEN then rem = S.ou - now elseif S.s == HALF and cfg.ht >= 0 then rem = S.hu - now end
 if rem < 0 then rem = 0 end
 -- (free permits never below 0: another process may allow fewer probes)
 return {S.s, S.g, math.floor(rem * 1000000), granted, math.max(0, cfg.hp - S.pi), S.c,
@@ -436,13 +461,16 @@ class _Shared:
             return BreakerState.HALF_OPEN
         return self.state
 
-    def remaining(self, now: float) -> float:
+    def remaining(self, now: float, waits_forever: bool = False) -> float:
+        """Seconds until it may admit; ``waits_forever``: half-open has no time limit."""
         state = self.state
         if state in _PASSING:
             return 0.0
         if state is BreakerState.FORCED_OPEN:
             return float("inf")
         if state is BreakerState.OPEN or self.free <= 0:
+            if state is BreakerState.HALF_OPEN and waits_forever:
+                return float("inf")  # until the probes out there end
             return max(self.until - now, 0.0)
         return 0.0
 
@@ -466,7 +494,9 @@ def _config_json(config: BreakerConfig, key_ttl_ms: int) -> str:
             "wb": config.window_buckets,
             "mc": config.minimum_calls,
             "hp": config.half_open_permits,
-            "ht": config.half_open_timeout,
+            # -1: no half-open time limit (wait for the probes for ever)
+            "ht": -1 if config.half_open_timeout is None else config.half_open_timeout,
+            "hd": 1 if config.half_open_decision == "rate" else 0,
             "od": config.open_duration,
             "ob": config.open_backoff,
             "om": config.max_open_duration,
@@ -758,14 +788,14 @@ class _BreakerLink:
             or (shared.state is BreakerState.HALF_OPEN and shared.free <= 0)
         ):
             # Refused on the cached state: no round trip while every probe is out.
-            self._reject(state, shared.remaining(now), now)
+            self._reject(state, shared.remaining(now, self._waits_forever()), now)
         got = await self._acquire()
         if got is None:
             return self._fallback_allow()
         if got.granted:
             return got.gen, got.granted == 2, True
         now = clock.now()
-        self._reject(got.state, got.remaining(now), now)
+        self._reject(got.state, got.remaining(now, self._waits_forever()), now)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _acquire(self) -> _Shared | None:
@@ -860,6 +890,9 @@ class _BreakerLink:
             self.core.force(state, reason)  # at least this process obeys
 
     # -- inspection ------------------------------------------------------------------------
+    def _waits_forever(self) -> bool:
+        return self.core.config.half_open_timeout is None
+
     def _refusing(self) -> bool:
         return self.down_since is not None and self.store.on_unavailable == "closed"
 
@@ -875,7 +908,7 @@ class _BreakerLink:
             return max(self.retry_at - clock.now(), 0.0)
         if self.down_since is not None or self.cached is None:
             return self.core.retry_after()
-        return self.cached.remaining(clock.now())
+        return self.cached.remaining(clock.now(), self._waits_forever())
 
     def totals(self) -> tuple[int, int, int] | None:
         if not self.core.config.windowed:
