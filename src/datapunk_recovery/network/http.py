@@ -179,7 +179,7 @@ class HttpPolicy:
 
 def _has(headers: Mapping[str, str], name: str) -> bool:
     lower = name.lower()
-    return any(k.lower() == lower for k in headers)
+    return any(isinstance(k, str) and k.lower() == lower for k in headers)
 
 
 def join_url(base: str, path: str) -> str:
