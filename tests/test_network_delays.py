@@ -224,7 +224,9 @@ def _delay(seconds: float | None) -> bool:
 
 @settings(max_examples=300, deadline=None)
 @given(value=_hostile, wall=_walls)
-def test_every_parser_gives_a_delay_or_nothing_for_any_input(value: object, wall: float | None) -> None:
+def test_every_parser_gives_a_delay_or_nothing_for_any_input(
+    value: object, wall: float | None
+) -> None:
     assert _delay(parse_retry_after(value, wall=wall))
     assert _delay(parse_rate_limit_reset(value, wall=wall))
     hint = parse_grpc_pushback(value)

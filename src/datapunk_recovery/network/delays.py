@@ -71,22 +71,43 @@ _OWS: Final = " \t"  # optional white space around a field value (RFC 9110 secti
 _DELTA_SECONDS: Final = re.compile(r"[0-9]+")  # RFC 9110 section 10.2.3: 1*DIGIT
 _RESET: Final = re.compile(r"[0-9]+(?:\.[0-9]+)?")  # seconds or a Unix time, maybe with a fraction
 _PUSHBACK: Final = re.compile(r"-?[0-9]+")  # gRPC: integer milliseconds; negative means never
-_MONTHS: Final = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
-                  "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MONTHS: Final = (
+    "Jan",
+    "Feb",
+    "Mar",
+    "Apr",
+    "May",
+    "Jun",
+    "Jul",
+    "Aug",
+    "Sep",
+    "Oct",
+    "Nov",
+    "Dec",
+)
 _MONTH: Final = "(?P<month>" + "|".join(_MONTHS) + ")"
 _TIME: Final = r"(?P<hour>[0-9]{2}):(?P<minute>[0-9]{2}):(?P<second>[0-9]{2})"
 # RFC 9110 section 5.6.7: IMF-fixdate, then the two obsolete forms a recipient must read.
 _IMF_FIXDATE: Final = re.compile(
-    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), (?P<day>[0-9]{2}) " + _MONTH
-    + r" (?P<year>[0-9]{4}) " + _TIME + " GMT"
+    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), (?P<day>[0-9]{2}) "
+    + _MONTH
+    + r" (?P<year>[0-9]{4}) "
+    + _TIME
+    + " GMT"
 )
 _RFC850: Final = re.compile(
     r"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), (?P<day>[0-9]{2})-"
-    + _MONTH + r"-(?P<year>[0-9]{2}) " + _TIME + " GMT"
+    + _MONTH
+    + r"-(?P<year>[0-9]{2}) "
+    + _TIME
+    + " GMT"
 )
 _ASCTIME: Final = re.compile(
-    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) " + _MONTH + r" (?P<day>[0-9]{2}| [0-9]) "
-    + _TIME + r" (?P<year>[0-9]{4})"
+    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) "
+    + _MONTH
+    + r" (?P<day>[0-9]{2}| [0-9]) "
+    + _TIME
+    + r" (?P<year>[0-9]{4})"
 )
 
 
