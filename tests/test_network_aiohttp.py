@@ -14,7 +14,7 @@ from datapunk_recovery.network import Endpoint, Router, RouterConfig
 from datapunk_recovery.network.aiohttp import AiohttpRecovery, retryable_aiohttp_error
 from datapunk_recovery.network.http import HttpStatusError
 from tests.harness import ThreadedProxy
-from tests.network_servers import Reply, ScriptedServer, scripted_servers
+from tests.network_servers import Reply, ScriptedServer, dropping_server, scripted_servers
 
 pytestmark = pytest.mark.anyio
 
@@ -109,3 +109,40 @@ def test_which_transport_errors_are_retried() -> None:
     assert not retryable_aiohttp_error(disconnected, idempotent=False)
     assert retryable_aiohttp_error(disconnected, idempotent=True)
     assert not retryable_aiohttp_error(aiohttp.InvalidURL("x"), idempotent=True)
+
+
+# -- one attempt, one request; hostile headers fail over ------------------------------------------
+
+
+async def test_a_dropped_pooled_connection_costs_one_counted_attempt() -> None:
+    with dropping_server(answered=1) as server:
+        router = routed(Endpoint("only", server.url))
+        async with aiohttp.ClientSession() as session:
+            client = AiohttpRecovery(session, router)
+            assert (await client.get("/warm")).status == 200  # the connection is pooled
+            response = await client.put("/item", data=b"v")  # dropped, then a new connection
+            assert response.status == 200
+    assert router.statistics().attempts == 3  # 1 + 2
+    assert server.requests == 3  # aiohttp re-sent nothing behind the router's back
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    [
+        "Wed, 21 Oct 2015 07:28:00 +99999999999999999999",
+        "Wed, 21 Oct 99999999999999999999 07:28:00 GMT",
+        "Wed, 21 Oct 2015 99999999999999999999:28:00 GMT",
+        "1e3",
+        "\u0661\u0662",
+    ],
+)
+async def test_a_hostile_retry_after_fails_over_to_the_healthy_endpoint(
+    servers: dict[str, ScriptedServer], retry_after: str
+) -> None:
+    p1 = servers["p1"].answer(default=Reply(503, {"Retry-After": retry_after}))
+    router = routed(Endpoint("p1", p1.url), Endpoint("p2", servers["p2"].url))
+    router.breaker("p2").allow().failure(ConnectionResetError())  # p1 first
+    async with aiohttp.ClientSession() as session:
+        response = await AiohttpRecovery(session, router).get("/")
+        assert await response.text() == "p2"
+    assert len(p1.seen) == 1

@@ -27,7 +27,7 @@ from datapunk_recovery.network.http import HttpPolicy, HttpStatusError
 from datapunk_recovery.network.httpx import HttpxRecovery, retryable_httpx_error
 from datapunk_recovery.testing import fake_clock
 from tests.harness import ThreadedProxy
-from tests.network_servers import Reply, ScriptedServer, scripted_servers
+from tests.network_servers import Reply, ScriptedServer, dropping_server, scripted_servers
 
 pytestmark = pytest.mark.anyio
 
@@ -258,3 +258,37 @@ def test_which_transport_errors_are_retried() -> None:
     assert not retryable_httpx_error(httpx.ReadError("reset", request=request), idempotent=False)
     assert retryable_httpx_error(httpx.ReadError("reset", request=request), idempotent=True)
     assert not retryable_httpx_error(httpx.UnsupportedProtocol("ftp", request=request), True)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Retry-After": "Wed, 21 Oct 2015 07:28:00 +99999999999999999999"},
+        {"Retry-After": "Wed, 21 Oct 99999999999999999999 07:28:00 GMT"},
+        {"Retry-After": "1_000"},
+        {"X-RateLimit-Reset": "1e400"},
+        {"grpc-retry-pushback-ms": "+5"},
+    ],
+)
+async def test_a_hostile_delay_header_is_ignored_and_the_call_fails_over(
+    servers: dict[str, ScriptedServer], headers: dict[str, str]
+) -> None:
+    p1 = servers["p1"].answer(default=Reply(503, headers))
+    router = routed(Endpoint("p1", p1.url), Endpoint("p2", servers["p2"].url))
+    router.breaker("p2").allow().failure(ConnectionResetError())  # p1 first
+    seen = recorded(router)
+    async with httpx.AsyncClient() as client:
+        response = await HttpxRecovery(client, router).get("/")
+    assert response.text == "p2"
+    assert len(p1.seen) == 1
+    assert [type(e) for e in seen if isinstance(e, events.HintIgnored)] == [events.HintIgnored]
+
+
+async def test_a_dropped_pooled_connection_costs_one_counted_attempt() -> None:
+    with dropping_server(answered=1) as server:
+        router = routed(Endpoint("only", server.url))
+        async with httpx.AsyncClient() as client:
+            recovery = HttpxRecovery(client, router)
+            assert (await recovery.get("/warm")).status_code == 200  # the connection is pooled
+            assert (await recovery.delete("/item")).status_code == 200
+    assert router.statistics().attempts == server.requests == 3
