@@ -98,7 +98,8 @@ class AiohttpRecovery(HttpRecovery[aiohttp.ClientResponse]):
     ) -> None:
         if not isinstance(session, aiohttp.ClientSession):
             raise TypeError(
-                f"AiohttpRecovery.session: expected an aiohttp.ClientSession, got {session!r}"
+                "AiohttpRecovery.session: expected an aiohttp.ClientSession, "
+                f"got {type(session).__name__}"  # never its repr: a URL given by mistake
             )
         super().__init__(router, policy)
         _no_hidden_resend(session)

@@ -89,7 +89,10 @@ class HttpxRecovery(HttpRecovery[httpx.Response]):
         self, client: httpx.AsyncClient, router: Router, policy: HttpPolicy | None = None
     ) -> None:
         if not isinstance(client, httpx.AsyncClient):
-            raise TypeError(f"HttpxRecovery.client: expected an httpx.AsyncClient, got {client!r}")
+            raise TypeError(
+                "HttpxRecovery.client: expected an httpx.AsyncClient, "
+                f"got {type(client).__name__}"  # never its repr: a URL given by mistake
+            )
         retries = _connect_retries(client)
         if retries:
             raise ValueError(

@@ -99,7 +99,9 @@ class Endpoint:
         if not isinstance(self.name, str) or not self.name:
             raise TypeError(f"Endpoint.name: expected a non-empty str, got {self.name!r}")
         if not isinstance(self.address, str):
-            raise TypeError(f"Endpoint.address: expected a str, got {self.address!r}")
+            raise TypeError(
+                f"Endpoint.address: expected a str, got {redact_url(repr(self.address))}"
+            )
         check_count("Endpoint", "priority", self.priority, minimum=0)
 
     def __repr__(self) -> str:
