@@ -12,8 +12,11 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
+from datapunk_recovery import retry
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.config import ConfigError, build_config
+from datapunk_recovery.errors import RecoveryError
+from datapunk_recovery.events import Event, EventBus, HintIgnored
 from datapunk_recovery.network import Endpoint
 from datapunk_recovery.redact import (
     REDACTED,
@@ -21,7 +24,9 @@ from datapunk_recovery.redact import (
     redact_headers,
     redact_text,
     redact_url,
+    safe_repr,
 )
+from datapunk_recovery.testing import instant_retries
 
 LONG = "Zq9" * 400  # 1,200 characters: an RDS IAM token is longer than 255
 
@@ -174,3 +179,31 @@ def test_any_text_is_redacted_without_error_and_never_grows_much(text: str) -> N
     out = redact_text(text)
     assert out.count(REDACTED) >= 0
     assert redact_text(out).count(REDACTED) >= out.count(REDACTED)  # stable: nothing comes back
+
+
+@pytest.mark.parametrize("value", [f"token={LONG}", {"password": LONG}, [f"https://u:{LONG}@h"]])
+def test_a_garbage_value_shown_in_an_event_is_redacted_before_it_is_cut(value: object) -> None:
+    shown = safe_repr(value)
+    assert len(shown) <= 40 and "Zq9" not in shown
+
+
+def test_a_garbage_retry_hint_event_never_shows_part_of_a_secret() -> None:
+    seen: list[Event] = []
+    bus = EventBus()
+    bus.subscribe(seen.append)
+
+    class Leaky(RecoveryError):
+        retry_after = f"token={LONG}"  # type: ignore[assignment]
+
+    calls = iter([Leaky("boom", retryable=True), None])
+
+    def flaky() -> str:
+        error = next(calls)
+        if error is not None:
+            raise error
+        return "ok"
+
+    with instant_retries():
+        assert retry(RetryConfig(max_attempts=2), bus=bus)(flaky)() == "ok"
+    [ignored] = [e for e in seen if isinstance(e, HintIgnored)]
+    assert "Zq9" not in ignored.value

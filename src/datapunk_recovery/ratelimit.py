@@ -38,6 +38,7 @@ from ._validate import check_count, check_number, check_seconds
 from .bulkhead import _CALLER
 from .errors import DeadlineExceeded, ErrorCategory, RecoveryError, classify
 from .events import Event, EventBus, HintIgnored, emit, global_bus
+from .redact import safe_repr
 
 __all__ = [
     "RateLimitAdmitted",
@@ -397,7 +398,7 @@ class RateLimiter(CallDecorator):
                 HintIgnored(
                     operation=self.name,
                     at=clock.now(),
-                    value=repr(value)[:40],
+                    value=safe_repr(value),
                     reason="drain duration is not a finite number of seconds >= 0",
                 ),
                 self.bus,

@@ -24,7 +24,14 @@ import re
 from collections.abc import Mapping
 from typing import Final
 
-__all__ = ["REDACTED", "is_secret_name", "redact_headers", "redact_text", "redact_url"]
+__all__ = [
+    "REDACTED",
+    "is_secret_name",
+    "redact_headers",
+    "redact_text",
+    "redact_url",
+    "safe_repr",
+]
 
 REDACTED: Final = "***"
 
@@ -225,3 +232,12 @@ def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {
         k: (REDACTED if is_secret_name(str(k)) else redact_text(str(v))) for k, v in headers.items()
     }
+
+
+def safe_repr(value: object, limit: int = 40) -> str:
+    """``repr(value)`` redacted, then cut to ``limit`` characters: a garbage value in an event.
+
+    Redacted before it is cut, so that no part of a secret is shown either.
+    """
+    text = redact_text(repr(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
