@@ -63,8 +63,9 @@ async def test_calls_fail_over_and_the_answer_is_readable_after_release(
         assert response.status == 200
         assert connections_held(session) == 0  # the body was read, the connection given back
         assert await response.text() == "s1"
-    assert (len(p1.seen), len(servers["s1"].seen)) == (2, 1)
-    assert resetting.stats.cuts >= 2  # aiohttp itself may retry a dropped GET once more
+    # Each primary failed once, then the call fell through to the secondary.
+    assert (len(p1.seen), len(servers["s1"].seen)) == (1, 1)
+    assert resetting.stats.cuts == 1  # aiohttp's own re-send is off: one attempt, one request
 
 
 async def test_a_hedge_wins_and_the_loser_releases_its_connection(

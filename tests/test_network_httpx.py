@@ -27,7 +27,13 @@ from datapunk_recovery.network.http import HttpPolicy, HttpStatusError
 from datapunk_recovery.network.httpx import HttpxRecovery, retryable_httpx_error
 from datapunk_recovery.testing import fake_clock
 from tests.harness import ThreadedProxy
-from tests.network_servers import Reply, ScriptedServer, dropping_server, scripted_servers
+from tests.network_servers import (
+    Reply,
+    ScriptedServer,
+    dropping_server,
+    refused_address,
+    scripted_servers,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -69,9 +75,11 @@ def recorded(router: Router) -> list[events.Event]:
 
 
 @pytest.mark.drill
+@pytest.mark.parametrize("fallthrough", ["call", "breaker"])
 async def test_calls_fail_over_by_priority_through_503s_and_resets(
     servers: dict[str, ScriptedServer],
     make_proxy: Callable[[tuple[str, int]], ThreadedProxy],
+    fallthrough: str,
 ) -> None:
     p1, p2, s1 = servers["p1"], servers["p2"], servers["s1"]
     p1.answer(default=UNAVAILABLE)
@@ -82,20 +90,24 @@ async def test_calls_fail_over_by_priority_through_503s_and_resets(
         Endpoint("p2", f"http://127.0.0.1:{resetting.port}"),
         Endpoint("s1", s1.url, priority=1),
         attempts=5,
+        fallthrough=fallthrough,
     )
     seen = recorded(router)
     async with httpx.AsyncClient() as client:
         response = await HttpxRecovery(client, router).get("/items")
         assert (response.status_code, response.text) == (200, "s1")
         assert pool_is_idle(client)
-    # Both primaries were tried twice (their breakers open at 2) before the secondary.
-    assert len(p1.seen) == 2
-    assert resetting.stats.cuts == 2
-    assert len(s1.seen) == 1
-    states = {s.name: s.state for s in router.states()}
-    assert states == {"p1": BreakerState.OPEN, "p2": BreakerState.OPEN, "s1": BreakerState.CLOSED}
     hops = [(e.from_endpoint, e.to_endpoint) for e in seen if isinstance(e, FailedOver)]
-    assert hops[-1][1] == "s1" and len(hops) == 4
+    states = {s.name: s.state for s in router.states()}
+    assert len(s1.seen) == 1 and hops[-1][1] == "s1"
+    if fallthrough == "call":
+        # Each primary failed once in the call: the call falls through at once.
+        assert (len(p1.seen), resetting.stats.cuts, len(hops)) == (1, 1, 2)
+        assert set(states.values()) == {BreakerState.CLOSED}
+        return
+    # The strict rule: both primaries tried twice (their breakers open at 2) first.
+    assert (len(p1.seen), resetting.stats.cuts, len(hops)) == (2, 2, 4)
+    assert states == {"p1": BreakerState.OPEN, "p2": BreakerState.OPEN, "s1": BreakerState.CLOSED}
 
 
 async def test_a_retry_after_in_seconds_is_waited(servers: dict[str, ScriptedServer]) -> None:
@@ -292,3 +304,49 @@ async def test_a_dropped_pooled_connection_costs_one_counted_attempt() -> None:
             assert (await recovery.get("/warm")).status_code == 200  # the connection is pooled
             assert (await recovery.delete("/item")).status_code == 200
     assert router.statistics().attempts == server.requests == 3
+
+
+async def test_with_the_defaults_failing_primaries_cost_the_caller_nothing(
+    servers: dict[str, ScriptedServer],
+) -> None:
+    # Two primaries at priority 0 (one answers 503, one refuses connections), a
+    # healthy secondary at priority 1, and the router's default configuration.
+    p1, s1 = servers["p1"].answer(default=UNAVAILABLE), servers["s1"]
+    router = Router(
+        "api",
+        [
+            Endpoint("p1", p1.url),
+            Endpoint("p2", refused_address()),
+            Endpoint("s1", s1.url, priority=1),
+        ],
+    )
+    assert router.config.fallthrough == "call"
+    seen = recorded(router)
+    with fake_clock():
+        async with httpx.AsyncClient() as client:
+            api = HttpxRecovery(client, router)
+            answers = [(await api.get(f"/item/{i}")).text for i in range(30)]
+        states = {s.name: s.state for s in router.states()}
+    assert answers == ["s1"] * 30  # zero caller-visible failures
+    # Each call tried each primary at most once; once their breakers opened
+    # (5 failures in a row) the calls went straight to the secondary.
+    assert len(p1.seen) == 5 and len(s1.seen) == 30
+    assert states == {"p1": BreakerState.OPEN, "p2": BreakerState.OPEN, "s1": BreakerState.CLOSED}
+    stats = router.statistics()
+    assert (stats.failures, stats.attempts) == (0, 30 + 2 * 5)
+    assert sum(isinstance(e, events.GaveUp) for e in seen) == 0
+
+
+async def test_the_primaries_take_the_calls_back_once_their_breakers_let_a_probe_through(
+    servers: dict[str, ScriptedServer],
+) -> None:
+    p1, s1 = servers["p1"].answer(*[UNAVAILABLE] * 5), servers["s1"]
+    router = Router("api", [Endpoint("p1", p1.url), Endpoint("s1", s1.url, priority=1)])
+    with fake_clock() as clock:
+        async with httpx.AsyncClient() as client:
+            api = HttpxRecovery(client, router)
+            for _ in range(6):
+                assert (await api.get("/")).text == "s1"
+            clock.advance(router.config.breaker.open_duration)
+            assert (await api.get("/")).text == "p1"  # recovered: the primary again
+    assert len(p1.seen) == 6

@@ -41,6 +41,12 @@ TRIP_AT_2 = BreakerConfig(consecutive_failures=2, keep_window=True, minimum_call
 WINDOW_ONLY = BreakerConfig(keep_window=True, minimum_calls=1)
 
 
+class Slowed(RecoveryError):
+    """A retryable answer carrying a server-given delay."""
+
+    retryable = True
+
+
 def router(*endpoints: Endpoint, **config: object) -> Router:
     settings: dict[str, object] = {"retry": QUICK, "breaker": TRIP_AT_2, **config}
     return Router("svc", endpoints, RouterConfig(**settings))  # type: ignore[arg-type]
@@ -144,9 +150,90 @@ async def test_idle_endpoints_share_the_load_in_turn() -> None:
     assert Counter(service.calls) == {"a": 2, "b": 2, "c": 2}
 
 
-async def test_a_lower_priority_is_used_only_when_every_endpoint_above_is_open() -> None:
+async def test_a_call_that_failed_on_every_endpoint_of_a_level_falls_through_at_once() -> None:
     seen: list[events.Event] = []
     r = router(Endpoint("a"), Endpoint("b"), Endpoint("backup", priority=1))
+    recording(seen, r)
+    service = Service(down={"a", "b"})
+    assert await r.call(service) == "backup"
+    assert sorted(service.calls[:2]) == ["a", "b"] and service.calls[2:] == ["backup"]
+    assert [
+        (e.from_priority, e.to_priority) for e in seen if isinstance(e, PriorityFallthrough)
+    ] == [(0, 1)]
+    # No breaker is open yet: the next call starts on level 0 again, and falls through again.
+    assert {s.state for s in r.states()} == {BreakerState.CLOSED}
+    service.calls.clear()
+    assert await r.call(service) == "backup"
+    assert service.calls[-1] == "backup"
+
+
+async def test_a_level_of_one_failing_endpoint_falls_through_instead_of_retrying_it() -> None:
+    r = router(Endpoint("a"), Endpoint("backup", priority=1), Endpoint("last", priority=2))
+    service = Service(down={"a", "backup"})
+    assert await r.call(service) == "last"
+    assert service.calls == ["a", "backup", "last"]
+
+
+async def test_when_every_level_failed_in_the_call_the_best_level_is_tried_again() -> None:
+    r = router(
+        Endpoint("a"),
+        Endpoint("backup", priority=1),
+        retry=RetryConfig(max_attempts=4, base_delay=0.0),
+    )
+    service = Service(down={"a", "backup"})
+    with pytest.raises(ConnectionRefusedError):
+        await r.call(service)
+    assert service.calls == ["a", "backup", "a", "backup"]  # attempts bound the call
+
+
+async def test_the_attempts_and_the_budget_still_bound_a_fallthrough() -> None:
+    r = router(
+        Endpoint("a"),
+        Endpoint("b"),
+        Endpoint("backup", priority=1),
+        retry=RetryConfig(max_attempts=2, base_delay=0.0),
+    )
+    service = Service(down={"a", "b"})
+    with pytest.raises(ConnectionRefusedError):
+        await r.call(service)  # two attempts, both on level 0: none left for the fallthrough
+    assert "backup" not in service.calls
+    budget = TokenBudget("svc", TokenBudgetConfig(max_tokens=4, token_ratio=0.0))
+    r = Router(
+        "svc",
+        [Endpoint("a"), Endpoint("backup", priority=1)],
+        RouterConfig(retry=QUICK, breaker=TRIP_AT_2),
+        budget=budget,
+    )
+    service = Service(down={"a"})
+    assert await r.call(service) == "backup"  # 4 tokens -> 3 after a fails: above half, one retry
+    with pytest.raises(ConnectionRefusedError) as caught:
+        await r.call(service)  # 3 -> 2, not above half: the budget refuses the fallthrough
+    assert final_reason(caught.value) == "retry budget exhausted"
+    assert service.calls == ["a", "backup", "a"]
+
+
+async def test_a_server_delay_is_the_endpoints_so_the_call_goes_elsewhere_at_once() -> None:
+    r = router(Endpoint("a"), Endpoint("backup", priority=1))
+
+    async def call(endpoint: Endpoint) -> str:
+        if endpoint.name == "a":
+            raise Slowed("slow down", retry_after=10**6)  # past max_server_delay
+        return endpoint.name
+
+    with fake_clock() as clock:
+        assert await r.call(call) == "backup"
+    assert clock.slept == []  # neither waited nor given up: another endpoint could answer
+    alone = router(Endpoint("a"))
+    with fake_clock(), pytest.raises(Slowed) as caught:
+        await alone.call(call)  # with nowhere else to go the delay stands: too long, give up
+    assert caught.value.retry_after == 10**6
+
+
+async def test_the_strict_rule_uses_a_lower_priority_only_when_every_endpoint_above_is_open() -> (
+    None
+):
+    seen: list[events.Event] = []
+    r = router(Endpoint("a"), Endpoint("b"), Endpoint("backup", priority=1), fallthrough="breaker")
     recording(seen, r)
     service = Service(down={"a", "b"})
     # The primaries fail but their breakers are not open yet: the call stays on level 0.

@@ -89,17 +89,18 @@ async def test_calls_fail_over_by_priority_and_an_open_primary_is_skipped() -> N
             raise ConnectionResetError("primary down")
         return f"{endpoint.name}{path}"
 
-    # The primary is retried until its breaker opens (2 failures), then the
-    # secondary (priority 1) answers.
+    # A call that failed on every endpoint of priority 0 falls through to the
+    # secondary (priority 1) within the call; the second failure opens the primary.
     assert await recovery.with_network_recovery("api", call, "/a") == "secondary/a"
-    assert seen == ["primary", "primary", "secondary"]
+    assert await recovery.with_network_recovery("api", call, "/a") == "secondary/a"
+    assert seen == ["primary", "secondary"] * 2
     primary = recovery.breaker("api", "primary")
     assert primary is not None and primary.state is BreakerState.OPEN
 
     seen.clear()
     assert await recovery.with_network_recovery("api", call, "/b") == "secondary/b"
     assert seen == ["secondary"]  # the open primary costs nothing
-    assert recovery.fallbacks()[("api", "failover")] == 2
+    assert recovery.fallbacks()[("api", "failover")] == 3
     assert recovery.breaker("api") is None and recovery.breaker("api", "nowhere") is None
 
 

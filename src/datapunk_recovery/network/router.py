@@ -8,10 +8,18 @@ recent failure rate (the breaker's window), then the fewest calls in flight,
 then in turn.  So:
 
 - a retry goes to another endpoint of the same level than the one that just
-  failed, when there is one (with one endpoint in the level, it goes back to
-  it after the backoff);
-- a call falls through to a lower priority level only when every endpoint of
-  the levels above refuses calls (its breaker is open);
+  failed, when there is one;
+- a call falls through to the next priority level when every endpoint of the
+  levels above refuses calls (its breaker is open) **or has already failed in
+  this call** (``RouterConfig.fallthrough="call"``, the default): two
+  primaries failing and a healthy secondary cost the caller nothing, within
+  the call's attempts, budget and deadline.  With ``fallthrough="breaker"``
+  (the stricter rule) a lower level is used only once the breakers above are
+  open, and a retry on a level of one endpoint goes back to it;
+- a server-given delay (``Retry-After``) is about the endpoint that gave it:
+  when the next attempt can go to another endpoint that has not failed in the
+  call, it goes there after the usual backoff instead of waiting (or giving up
+  for a delay too long);
 - when every endpoint of every level refuses, the call fails at once with
   :class:`AllEndpointsDown`, which lists each endpoint's state and when it
   may be tried again.
@@ -41,7 +49,7 @@ import math
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final, Literal, TypeVar
 
 from datapunk_recovery import clock
 from datapunk_recovery._validate import check_count
@@ -129,7 +137,10 @@ class RouterConfig:
     error categories a configuration of their own).  ``breaker``: the configuration of
     each endpoint's breaker (keep its window so that selection sees failure
     rates).  ``hedge``: hedging of idempotent calls across endpoints (``None``:
-    no hedging).
+    no hedging).  ``fallthrough``: when a call may use a lower priority level:
+    ``"call"`` (default) once every endpoint of the levels above refuses calls
+    or has failed in this call; ``"breaker"`` only once every endpoint above
+    refuses calls (its breaker is open), whatever the call saw.
     """
 
     retry: RetryConfig | RetryPolicy = field(
@@ -137,6 +148,7 @@ class RouterConfig:
     )
     breaker: BreakerConfig = field(default_factory=_default_breaker)
     hedge: HedgeConfig | None = None
+    fallthrough: Literal["call", "breaker"] = "call"
 
     def __post_init__(self) -> None:
         if not isinstance(self.retry, RetryConfig | RetryPolicy):
@@ -147,6 +159,10 @@ class RouterConfig:
             raise TypeError(f"RouterConfig.breaker: expected a BreakerConfig, got {self.breaker!r}")
         if self.hedge is not None and not isinstance(self.hedge, HedgeConfig):
             raise TypeError(f"RouterConfig.hedge: expected a HedgeConfig, got {self.hedge!r}")
+        if self.fallthrough not in ("call", "breaker"):
+            raise ValueError(
+                f"RouterConfig.fallthrough: expected 'call' or 'breaker', got {self.fallthrough!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +300,7 @@ class _Member:
 class _Call:
     """One call's routing memory: who failed last, who is running now (for hedges)."""
 
-    __slots__ = ("error", "fn", "hedge", "last", "running")
+    __slots__ = ("error", "failed", "fn", "hedge", "last", "running")
 
     def __init__(self, fn: Callable[[Endpoint], Awaitable[Any]], hedge: bool) -> None:
         self.fn = fn
@@ -292,6 +308,7 @@ class _Call:
         self.last: _Member | None = None
         self.error: Exception | None = None  # the last failure, the cause of AllEndpointsDown
         self.running: set[_Member] = set()
+        self.failed: set[_Member] = set()  # endpoints that failed in this call
 
 
 # The per-call retry predicate, read by the engine's `on=` in the caller's task.
@@ -453,20 +470,39 @@ class Router:
 
     # -- selection -------------------------------------------------------------------------
 
+    def _level(
+        self, call: _Call, refused: set[_Member]
+    ) -> tuple[list[_Member], int | None, int | None]:
+        """The admitting endpoints of the level the next attempt goes to, that level, the first.
+
+        The best level with an endpoint whose breaker admits calls; with
+        ``fallthrough="call"``, a level whose admitting endpoints have all
+        failed in this call is passed over while a later level has one that
+        has not (when every level's have, the best level again: attempts
+        bound the call, not the routing).
+        """
+        members = self._members
+        first_level = members[0].endpoint.priority if members else None
+        levels: list[tuple[int, list[_Member]]] = []
+        for m in members:  # best priority first
+            priority = m.endpoint.priority
+            if not levels or levels[-1][0] != priority:
+                levels.append((priority, []))
+            if m not in refused and m.breaker.state in _ADMITTING:
+                levels[-1][1].append(m)
+        admitting = [(priority, group) for priority, group in levels if group]
+        if not admitting:
+            return [], None, first_level
+        if self.config.fallthrough == "call":
+            for priority, group in admitting:
+                if not all(m in call.failed for m in group):
+                    return group, priority, first_level
+        priority, group = admitting[0]
+        return group, priority, first_level
+
     def _select(self, call: _Call, refused: set[_Member]) -> _Member | None:
         """The endpoint for the next attempt, or None when every endpoint refuses."""
-        best: list[_Member] = []
-        level = first_level = None
-        for m in self._members:
-            priority = m.endpoint.priority
-            if first_level is None:
-                first_level = priority
-            if level is not None and priority != level:
-                break
-            if m in refused or m.breaker.state not in _ADMITTING:
-                continue
-            level = priority
-            best.append(m)
+        best, level, first_level = self._level(call, refused)
         if not best:
             return None
         if level != first_level and listening(self.bus):
@@ -488,6 +524,11 @@ class Router:
         low = min(k[:2] for k in keyed)
         ties = [m for rate, load, m in keyed if (rate, load) == low]
         return ties[next(self._turn) % len(ties)]
+
+    def _elsewhere(self, call: _Call, member: _Member) -> bool:
+        """Whether the next attempt can go to another endpoint that has not failed in the call."""
+        best, _, _ = self._level(call, set())
+        return any(m is not member and m not in call.failed for m in best)
 
     async def _admit(self, call: _Call) -> tuple[_Member, Permit]:
         """Select an endpoint and take a permit from its breaker (next one if it refuses)."""
@@ -530,6 +571,14 @@ class Router:
             permit.failure(exc)  # a cancellation counts as nothing and frees a probe
             if isinstance(exc, Exception):
                 call.last, call.error = member, exc
+                call.failed.add(member)
+                if (
+                    isinstance(exc, RecoveryError)
+                    and exc.retry_after is not None
+                    and self._elsewhere(call, member)
+                ):
+                    # The server's delay is this endpoint's: the next attempt goes elsewhere.
+                    exc.retry_after = None
                 if listening(self.bus):
                     now = clock.now()
                     emit(
