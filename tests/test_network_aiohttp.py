@@ -147,3 +147,19 @@ async def test_a_hostile_retry_after_fails_over_to_the_healthy_endpoint(
         response = await AiohttpRecovery(session, router).get("/")
         assert await response.text() == "p2"
     assert len(p1.seen) == 1
+
+
+async def test_a_session_that_raises_for_status_still_fails_over_and_answers_the_rest(
+    servers: dict[str, ScriptedServer],
+) -> None:
+    p1 = servers["p1"].answer(Reply(503), Reply(404), Reply(404))
+    router = routed(Endpoint("p1", p1.url), Endpoint("p2", servers["p2"].url))
+    router.breaker("p2").allow().failure(ConnectionResetError())  # p1 first
+    async with aiohttp.ClientSession(raise_for_status=True) as session:
+        api = AiohttpRecovery(session, router)
+        assert await (await api.get("/")).text() == "p2"  # the 503 was judged, not raised
+        router.breaker("p2").isolate()
+        response = await api.get("/missing")
+        assert response.status == 404  # an answer: returned, the caller decides
+        with pytest.raises(aiohttp.ClientResponseError):  # when the caller asks aiohttp to raise
+            await api.get("/", raise_for_status=True)

@@ -350,3 +350,23 @@ async def test_the_primaries_take_the_calls_back_once_their_breakers_let_a_probe
             clock.advance(router.config.breaker.open_duration)
             assert (await api.get("/")).text == "p1"  # recovered: the primary again
     assert len(p1.seen) == 6
+
+
+async def test_a_client_whose_hook_raises_for_status_still_fails_over(
+    servers: dict[str, ScriptedServer],
+) -> None:
+    p1 = servers["p1"].answer(Reply(503), Reply(404))
+
+    async def raise_for_status(response: httpx.Response) -> None:
+        response.raise_for_status()
+
+    router = routed(Endpoint("p1", p1.url), Endpoint("p2", servers["p2"].answer(Reply(200)).url))
+    router.breaker("p2").allow().failure(ConnectionResetError())  # p1 first
+    async with httpx.AsyncClient(event_hooks={"response": [raise_for_status]}) as client:
+        api = HttpxRecovery(client, router)
+        assert (await api.get("/")).text == "p2"  # a 503 raised by the hook is retried elsewhere
+        router.breaker("p2").isolate()
+        with pytest.raises(httpx.HTTPStatusError) as caught:
+            await api.get("/missing")  # a 404 is not retried: the hook's error reaches the caller
+    assert caught.value.response.status_code == 404
+    assert len(p1.seen) == 2

@@ -146,3 +146,16 @@ async def test_a_status_is_answered_not_raised(server: ScriptedServer) -> None:
             assert response.status == status
             assert response.headers["Content-Length"]
             response.release()
+
+
+async def test_a_session_raising_for_status_raises_client_response_error_unless_told_not_to(
+    server: ScriptedServer,
+) -> None:
+    server.answer(Reply(503), Reply(503))
+    async with aiohttp.ClientSession(raise_for_status=True) as session:
+        with pytest.raises(aiohttp.ClientResponseError) as caught:
+            await session.get(server.url)
+        assert caught.value.status == 503
+        response = await session.get(server.url, raise_for_status=False)  # what the adapter sends
+        assert response.status == 503
+        response.release()

@@ -128,3 +128,18 @@ async def test_a_status_is_answered_not_raised(server: ScriptedServer) -> None:
             response = await client.get(server.url)
             assert response.status_code == status
             assert response.headers["Retry-After" if status == 503 else "Content-Length"]
+
+
+async def test_a_raising_event_hook_raises_http_status_error_with_the_response(
+    server: ScriptedServer,
+) -> None:
+    server.answer(Reply(503))
+
+    async def raise_on_4xx_5xx(response: httpx.Response) -> None:
+        response.raise_for_status()
+
+    async with httpx.AsyncClient(event_hooks={"response": [raise_on_4xx_5xx]}) as client:
+        with pytest.raises(httpx.HTTPStatusError) as caught:
+            await client.get(server.url)
+    assert caught.value.response.status_code == 503
+    assert not retryable_httpx_error(caught.value, idempotent=True)  # the adapter judges it

@@ -87,7 +87,10 @@ class AiohttpRecovery(HttpRecovery[aiohttp.ClientResponse]):
     Faces (from :class:`~.http.HttpRecovery`): ``request(method, path, ...)``
     and ``get`` / ``post`` / ``put`` / ``delete``, each returning a response
     with its body read; other keyword arguments go to ``session.request``
-    (``params``, ``json``, ``data``...).  Taking ``session`` turns off
+    (``params``, ``json``, ``data``...).  Each request is sent with
+    ``raise_for_status=False`` unless the caller passes it, so that the policy
+    judges every status even on a session made with ``raise_for_status=True``
+    (call ``response.raise_for_status()`` on what is returned).  Taking ``session`` turns off
     aiohttp's own re-send on it, so that each attempt sends one request.
     """
 
@@ -108,6 +111,9 @@ class AiohttpRecovery(HttpRecovery[aiohttp.ClientResponse]):
     async def _send(
         self, method: str, url: str, headers: dict[str, str], kwargs: Any
     ) -> aiohttp.ClientResponse:
+        # The policy judges every status: a session made with raise_for_status=True
+        # must not turn a 503 into an exception first (the caller may still ask).
+        kwargs = {"raise_for_status": False, **kwargs}
         return await self.session.request(method, url, headers=headers, **kwargs)
 
     def _answer(self, response: aiohttp.ClientResponse) -> tuple[int, Mapping[str, str]]:
@@ -120,4 +126,7 @@ class AiohttpRecovery(HttpRecovery[aiohttp.ClientResponse]):
         response.release()
 
     def _retryable(self, exc: BaseException, idempotent: bool) -> bool:
+        if isinstance(exc, aiohttp.ClientResponseError) and exc.status:
+            # A status the caller asked aiohttp to raise: judged as the answer would be.
+            return idempotent and exc.status in self.policy.retry_statuses
         return retryable_aiohttp_error(exc, idempotent)

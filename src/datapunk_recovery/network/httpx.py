@@ -116,4 +116,7 @@ class HttpxRecovery(HttpRecovery[httpx.Response]):
         await response.aclose()
 
     def _retryable(self, exc: BaseException, idempotent: bool) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError):
+            # A status raised by the client's own event hook: judged as the answer would be.
+            return idempotent and exc.response.status_code in self.policy.retry_statuses
         return retryable_httpx_error(exc, idempotent)
