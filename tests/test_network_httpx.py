@@ -370,3 +370,24 @@ async def test_a_client_whose_hook_raises_for_status_still_fails_over(
             await api.get("/missing")  # a 404 is not retried: the hook's error reaches the caller
     assert caught.value.response.status_code == 404
     assert len(p1.seen) == 2
+
+
+@pytest.mark.parametrize(
+    "retry_after", ["99999999999999999999", "Fri, 31 Dec 9999 23:59:59 GMT", "604800"]
+)
+async def test_an_absurd_but_valid_delay_from_one_endpoint_sends_the_call_elsewhere(
+    servers: dict[str, ScriptedServer], retry_after: str
+) -> None:
+    p1 = servers["p1"].answer(default=Reply(503, {"Retry-After": retry_after}))
+    router = routed(Endpoint("p1", p1.url), Endpoint("s1", servers["s1"].url, priority=1))
+    with fake_clock() as clock:
+        async with httpx.AsyncClient() as client:
+            api = HttpxRecovery(client, router)
+            assert (await api.get("/")).text == "s1"
+            # With nowhere else to go, the delay stands and is too long: give up at once.
+            router.breaker("s1").isolate()
+            with pytest.raises(HttpStatusError) as caught:
+                await api.get("/")
+    assert clock.slept == []
+    assert caught.value.retry_after is not None and caught.value.retry_after > 300
+    assert "max_server_delay" in caught.value.__notes__[-1]
