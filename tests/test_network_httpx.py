@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from datapunk_recovery import events
+from datapunk_recovery import RecoveryStrategies, events
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.breaker import BreakerConfig, BreakerState
 from datapunk_recovery.budget import TokenBudget, TokenBudgetConfig
@@ -310,7 +310,9 @@ async def test_with_the_defaults_failing_primaries_cost_the_caller_nothing(
     servers: dict[str, ScriptedServer],
 ) -> None:
     # Two primaries at priority 0 (one answers 503, one refuses connections), a
-    # healthy secondary at priority 1, and the router's default configuration.
+    # healthy secondary at priority 1, the router's default configuration and
+    # the default retry budget (gRPC's: 10 tokens, a failure costs one, retries
+    # while more than 5 are left), as a new user has them.
     p1, s1 = servers["p1"].answer(default=UNAVAILABLE), servers["s1"]
     router = Router(
         "api",
@@ -319,6 +321,7 @@ async def test_with_the_defaults_failing_primaries_cost_the_caller_nothing(
             Endpoint("p2", refused_address()),
             Endpoint("s1", s1.url, priority=1),
         ],
+        budget=TokenBudget("api"),
     )
     assert router.config.fallthrough == "call"
     seen = recorded(router)
@@ -328,8 +331,9 @@ async def test_with_the_defaults_failing_primaries_cost_the_caller_nothing(
             answers = [(await api.get(f"/item/{i}")).text for i in range(30)]
         states = {s.name: s.state for s in router.states()}
     assert answers == ["s1"] * 30  # zero caller-visible failures
-    # Each call tried each primary at most once; once their breakers opened
-    # (5 failures in a row) the calls went straight to the secondary.
+    # Each call tried each primary at most once (once the budget ran low, only
+    # one of them: no retry on level 0, straight to the untried level 1); once
+    # their breakers opened (5 failures in a row) calls went to the secondary.
     assert len(p1.seen) == 5 and len(s1.seen) == 30
     assert states == {"p1": BreakerState.OPEN, "p2": BreakerState.OPEN, "s1": BreakerState.CLOSED}
     stats = router.statistics()
@@ -391,3 +395,29 @@ async def test_an_absurd_but_valid_delay_from_one_endpoint_sends_the_call_elsewh
     assert clock.slept == []
     assert caught.value.retry_after is not None and caught.value.retry_after > 300
     assert "max_server_delay" in caught.value.__notes__[-1]
+
+
+async def test_a_new_user_of_the_facade_sees_no_failure_while_the_secondary_answers(
+    servers: dict[str, ScriptedServer],
+) -> None:
+    # The facade with nothing but the endpoints: default retries, breakers and budget.
+    p1, s1 = servers["p1"].answer(default=UNAVAILABLE), servers["s1"]
+    config = {
+        "services": {
+            "api": {
+                "endpoints": ["p1", "p2", "s1"],
+                "priorities": {"p1": 0, "p2": 0, "s1": 1},
+                "addresses": {"p1": p1.url, "p2": refused_address(), "s1": s1.url},
+            }
+        }
+    }
+    recovery = RecoveryStrategies.from_config(config, environ={})
+    router = recovery.router("api")
+    assert router is not None
+
+    with fake_clock():
+        async with httpx.AsyncClient() as client:
+            api = HttpxRecovery(client, router)
+            answers = [(await api.get(f"/item/{i}")).text for i in range(20)]
+    assert answers == ["s1"] * 20
+    assert len(p1.seen) <= 5  # until its breaker opened

@@ -186,7 +186,7 @@ async def test_when_every_level_failed_in_the_call_the_best_level_is_tried_again
     assert service.calls == ["a", "backup", "a", "backup"]  # attempts bound the call
 
 
-async def test_the_attempts_and_the_budget_still_bound_a_fallthrough() -> None:
+async def test_max_attempts_still_bounds_a_fallthrough() -> None:
     r = router(
         Endpoint("a"),
         Endpoint("b"),
@@ -197,19 +197,48 @@ async def test_the_attempts_and_the_budget_still_bound_a_fallthrough() -> None:
     with pytest.raises(ConnectionRefusedError):
         await r.call(service)  # two attempts, both on level 0: none left for the fallthrough
     assert "backup" not in service.calls
-    budget = TokenBudget("svc", TokenBudgetConfig(max_tokens=4, token_ratio=0.0))
-    r = Router(
-        "svc",
-        [Endpoint("a"), Endpoint("backup", priority=1)],
-        RouterConfig(retry=QUICK, breaker=TRIP_AT_2),
-        budget=budget,
+
+
+async def test_the_deadline_still_bounds_a_fallthrough() -> None:
+    r = router(
+        Endpoint("a"),
+        Endpoint("backup", priority=1),
+        retry=RetryConfig(max_attempts=5, base_delay=1.0, jitter=Jitter.NONE),
     )
     service = Service(down={"a"})
-    assert await r.call(service) == "backup"  # 4 tokens -> 3 after a fails: above half, one retry
+    with fake_clock(), deadline(0.5), pytest.raises(ConnectionRefusedError) as caught:
+        await r.call(service)  # the backoff before the fallthrough would end past the deadline
+    assert service.calls == ["a"]
+    assert "deadline" in caught.value.__notes__[-1]
+
+
+async def test_a_budget_that_refuses_retries_still_lets_the_call_try_a_level_it_has_not() -> None:
+    # 2 tokens, retries while above 1: the first failure empties the budget.
+    budget = TokenBudget("svc", TokenBudgetConfig(max_tokens=2, token_ratio=0.0))
+    endpoints = [Endpoint("a"), Endpoint("b"), Endpoint("backup", priority=1)]
+    r = Router("svc", endpoints, RouterConfig(retry=QUICK, breaker=WINDOW_ONLY), budget=budget)
+    service = Service(down={"a", "b"})
+    assert await r.call(service) == "backup"
+    # b was not retried (the budget refused a retry on level 0), backup was tried:
+    # the first attempt on a level the call had not tried retries nothing that failed.
+    assert len(service.calls) == 2 and service.calls[-1] == "backup"
+    service.down.add("backup")
+    service.calls.clear()
     with pytest.raises(ConnectionRefusedError) as caught:
-        await r.call(service)  # 3 -> 2, not above half: the budget refuses the fallthrough
+        await r.call(service)  # every level tried once: nothing more without the budget
+    assert len(service.calls) == 2 and service.calls[-1] == "backup"
     assert final_reason(caught.value) == "retry budget exhausted"
-    assert service.calls == ["a", "backup", "a"]
+
+
+async def test_the_strict_rule_gives_up_when_the_budget_refuses() -> None:
+    budget = TokenBudget("svc", TokenBudgetConfig(max_tokens=2, token_ratio=0.0))
+    endpoints = [Endpoint("a"), Endpoint("backup", priority=1)]
+    config = RouterConfig(retry=QUICK, breaker=WINDOW_ONLY, fallthrough="breaker")
+    r = Router("svc", endpoints, config, budget=budget)
+    service = Service(down={"a"})
+    with pytest.raises(ConnectionRefusedError):
+        await r.call(service)
+    assert service.calls == ["a"]
 
 
 async def test_a_server_delay_is_the_endpoints_so_the_call_goes_elsewhere_at_once() -> None:

@@ -13,7 +13,9 @@ then in turn.  So:
   levels above refuses calls (its breaker is open) **or has already failed in
   this call** (``RouterConfig.fallthrough="call"``, the default): two
   primaries failing and a healthy secondary cost the caller nothing, within
-  the call's attempts, budget and deadline.  With ``fallthrough="breaker"``
+  the call's attempts, budget and deadline (a budget that refuses a retry
+  still lets the call make one attempt on a level it has not tried: see
+  :class:`_FallthroughGate`).  With ``fallthrough="breaker"``
   (the stricter rule) a lower level is used only once the breakers above are
   open, and a retry on a level of one endpoint goes back to it;
 - a server-given delay (``Retry-After``) is about the endpoint that gave it:
@@ -300,7 +302,7 @@ class _Member:
 class _Call:
     """One call's routing memory: who failed last, who is running now (for hedges)."""
 
-    __slots__ = ("error", "failed", "fn", "hedge", "last", "running")
+    __slots__ = ("error", "failed", "fn", "forced", "hedge", "last", "running")
 
     def __init__(self, fn: Callable[[Endpoint], Awaitable[Any]], hedge: bool) -> None:
         self.fn = fn
@@ -309,6 +311,44 @@ class _Call:
         self.error: Exception | None = None  # the last failure, the cause of AllEndpointsDown
         self.running: set[_Member] = set()
         self.failed: set[_Member] = set()  # endpoints that failed in this call
+        # The budget refused a retry on the levels tried: the next attempt must go to
+        # a level below them that the call has not tried (see _FallthroughGate).
+        self.forced = False
+
+
+# The running call, read by the budget gate in the caller's task.
+_CALL: ContextVar[_Call | None] = ContextVar("datapunk_recovery_router_call", default=None)
+
+
+class _FallthroughGate:
+    """The router's budget as the engine sees it under ``fallthrough="call"``.
+
+    Every retry asks the budget first.  When the budget refuses, the call may
+    still make one attempt on a priority level below the ones it tried, that it
+    has not tried yet: the budget protects the endpoints that are failing from
+    being retried; the first attempt on a level nobody has tried in this call
+    is not a retry of anything that failed.  So the attempts the budget did
+    not grant are at most one per level, and ``max_attempts`` and the deadline
+    bound them as any attempt.
+    """
+
+    __slots__ = ("inner", "router")
+
+    def __init__(self, router: Router, inner: RetryGate) -> None:
+        self.router = router
+        self.inner = inner
+
+    def on_attempt(self, succeeded: bool) -> None:
+        self.inner.on_attempt(succeeded)
+
+    def allow_retry(self) -> bool:
+        if self.inner.allow_retry():
+            return True
+        call = _CALL.get()
+        if call is not None and self.router._untried_level_below(call):
+            call.forced = True
+            return True
+        return False
 
 
 # The per-call retry predicate, read by the engine's `on=` in the caller's task.
@@ -345,8 +385,11 @@ class Router:
         if not isinstance(config, RouterConfig):
             raise TypeError(f"Router.config: expected a RouterConfig, got {config!r}")
         self.config = config
+        gate: RetryGate | None = budget
+        if budget is not None and config.fallthrough == "call":
+            gate = _FallthroughGate(self, budget)
         self._engine: Retried[[_Call], Awaitable[Any]] = retry(
-            config.retry, on=_retryable, name=self.name, budget=budget, bus=bus
+            config.retry, on=_retryable, name=self.name, budget=gate, bus=bus
         )(self._run)
         self._hedger = (
             None
@@ -494,6 +537,11 @@ class Router:
         if not admitting:
             return [], None, first_level
         if self.config.fallthrough == "call":
+            if call.forced and call.last is not None:  # the budget allowed only a new level
+                below, tried = call.last.endpoint.priority, _tried(call)
+                for priority, group in admitting:
+                    if priority > below and priority not in tried:
+                        return group, priority, first_level
             for priority, group in admitting:
                 if not all(m in call.failed for m in group):
                     return group, priority, first_level
@@ -525,6 +573,18 @@ class Router:
         ties = [m for rate, load, m in keyed if (rate, load) == low]
         return ties[next(self._turn) % len(ties)]
 
+    def _untried_level_below(self, call: _Call) -> bool:
+        """Whether a level below the last endpoint's, untried in ``call``, admits calls."""
+        if call.last is None:
+            return False
+        below, tried = call.last.endpoint.priority, _tried(call)
+        return any(
+            m.endpoint.priority > below
+            and m.endpoint.priority not in tried
+            and m.breaker.state in _ADMITTING
+            for m in self._members
+        )
+
     def _elsewhere(self, call: _Call, member: _Member) -> bool:
         """Whether the next attempt can go to another endpoint that has not failed in the call."""
         best, _, _ = self._level(call, set())
@@ -548,6 +608,7 @@ class Router:
 
     async def _attempt(self, call: _Call) -> Any:
         member, permit = await self._admit(call)
+        call.forced = False
         last = call.last
         if last is not None and last is not member and listening(self.bus):
             emit(
@@ -620,15 +681,22 @@ class Router:
         across endpoints when the router has a hedge configuration: only for
         calls that are safe to run twice.
         """
-        token = _RETRY_ON.set(retry_on)
+        call = _Call(fn, hedge)
+        token, current = _RETRY_ON.set(retry_on), _CALL.set(call)
         try:
-            return await self._engine(_Call(fn, hedge))  # type: ignore[no-any-return]
+            return await self._engine(call)  # type: ignore[no-any-return]
         finally:
+            _CALL.reset(current)
             _RETRY_ON.reset(token)
 
     def statistics(self) -> Statistics:
         """The retry engine's counters for this router's calls."""
         return self._engine.statistics()
+
+
+def _tried(call: _Call) -> set[int]:
+    """The priority levels on which ``call`` has had a failure."""
+    return {m.endpoint.priority for m in call.failed}
 
 
 def _rate(m: _Member) -> float:
