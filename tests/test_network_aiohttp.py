@@ -163,3 +163,11 @@ async def test_a_session_that_raises_for_status_still_fails_over_and_answers_the
         assert response.status == 404  # an answer: returned, the caller decides
         with pytest.raises(aiohttp.ClientResponseError):  # when the caller asks aiohttp to raise
             await api.get("/", raise_for_status=True)
+
+
+async def test_an_aiohttp_without_the_resend_switch_is_refused() -> None:
+    async with aiohttp.ClientSession() as session:
+        del session._retry_connection  # as an aiohttp that moved the switch would be
+        with pytest.raises(TypeError, match="_retry_connection"):
+            AiohttpRecovery(session, routed(Endpoint("a", "http://127.0.0.1:1")))
+        session._retry_connection = True  # what close() may read
