@@ -207,3 +207,11 @@ def test_a_garbage_retry_hint_event_never_shows_part_of_a_secret() -> None:
         assert retry(RetryConfig(max_attempts=2), bus=bus)(flaky)() == "ok"
     [ignored] = [e for e in seen if isinstance(e, HintIgnored)]
     assert "Zq9" not in ignored.value
+
+
+def test_a_quote_inside_a_header_value_does_not_end_what_is_hidden() -> None:
+    for text in ("X-Api-Key: ab'Zq9", 'Authorization: "Bearer Zq9', 'Cookie: a="b; s=Zq9'):
+        assert "Zq9" not in redact_text(text), text
+    assert redact_text("{'Authorization': 'Bearer Zq9', 'Accept': 'x'}") == (
+        "{'Authorization': ***, 'Accept': 'x'}"
+    )

@@ -105,8 +105,9 @@ _NAME_THEN_SEPARATOR: Final = re.compile(r"(?<![\w.\-])([\w.\-]+)([\"']?[ \t]*([
 # inside, as libpq writes them), or everything up to white space or "&".
 _QUOTED: Final = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", re.DOTALL)
 _PLAIN: Final = re.compile(r"[^\s&]+")
-# A credential header's value runs to the end of the line (or its closing quote).
-_LINE: Final = re.compile(r"[^\r\n\"']*")
+# A credential header's value that is not a quoted string runs to the end of the
+# line, quotes included (a quote inside a token must not end what is hidden).
+_LINE: Final = re.compile(r"[^\r\n]*")
 # "Bearer <token>" and friends, wherever they appear.
 _SCHEME_TOKEN: Final = re.compile(
     r"\b(Bearer|Basic|Token|Digest|Negotiate)[ \t]+[A-Za-z0-9._~+/=\-]+", re.IGNORECASE
@@ -184,13 +185,8 @@ def _redact_pairs(text: str) -> str:
         if quoted is not None:
             end = quoted.end()
         elif m.group(3) == ":" or name.lower() in _SECRET_HEADERS:
-            start = (
-                separator_end + 1 if text.startswith(("'", '"'), separator_end) else separator_end
-            )
-            line = _LINE.match(text, start)
-            end = start if line is None else line.end()
-            if end == start:
-                end = separator_end
+            line = _LINE.match(text, separator_end)
+            end = separator_end if line is None else line.end()
         else:
             plain = _PLAIN.match(text, separator_end)
             end = separator_end if plain is None else plain.end()
