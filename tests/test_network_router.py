@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from datapunk_recovery import events
 from datapunk_recovery.backoff import Jitter, RetryConfig
@@ -32,6 +34,7 @@ from datapunk_recovery.network import (
     RouterConfig,
     RoutingChanged,
 )
+from datapunk_recovery.network.http import HttpPolicy
 from datapunk_recovery.testing import fake_clock
 
 pytestmark = pytest.mark.anyio
@@ -543,3 +546,51 @@ async def test_a_hedge_with_nowhere_to_go_leaves_the_running_attempt_alone() -> 
         release.set()
     # The hedge failed alone (NoHedgeTarget); the running attempt decided the call.
     assert results == ["answered"] and started == ["only"]
+
+
+_anything = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(),
+    st.text(max_size=8),
+    st.binary(max_size=4),
+    st.lists(st.integers(min_value=-5, max_value=700), max_size=3),
+    st.frozensets(st.integers(min_value=0, max_value=700), max_size=3),
+    st.sampled_from(["call", "breaker", "ms", "s", "GET", "X-Deadline"]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    field=st.sampled_from(
+        [
+            (Endpoint, "name"),
+            (Endpoint, "address"),
+            (Endpoint, "priority"),
+            (RouterConfig, "retry"),
+            (RouterConfig, "breaker"),
+            (RouterConfig, "hedge"),
+            (RouterConfig, "fallthrough"),
+            (HttpPolicy, "retry_statuses"),
+            (HttpPolicy, "idempotent_methods"),
+            (HttpPolicy, "overloaded_statuses"),
+            (HttpPolicy, "overloaded_header"),
+            (HttpPolicy, "deadline_header"),
+            (HttpPolicy, "deadline_unit"),
+        ]
+    ),
+    value=_anything,
+)
+def test_network_configuration_from_any_value_is_built_or_a_clear_error(
+    field: tuple[type, str], value: object
+) -> None:
+    kind, name = field
+    required = {"name": "a"} if kind is Endpoint and name != "name" else {}
+    try:
+        kind(**required, **{name: value})
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+    else:
+        return
+    assert f"{kind.__name__}.{name}" in message

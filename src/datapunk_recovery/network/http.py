@@ -26,7 +26,7 @@ and queries may carry tokens) or a header value.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Literal, TypeVar
 
@@ -109,7 +109,7 @@ class HttpPolicy:
         owner = "HttpPolicy"
         s = object.__setattr__
         for name in ("retry_statuses", "overloaded_statuses"):
-            statuses = frozenset(getattr(self, name))
+            statuses = _frozen(owner, name, getattr(self, name))
             bad = [
                 c
                 for c in statuses
@@ -118,7 +118,7 @@ class HttpPolicy:
             if bad:
                 raise ValueError(f"{owner}.{name}: expected HTTP status codes, got {bad!r}")
             s(self, name, statuses)
-        methods = frozenset(self.idempotent_methods)
+        methods = _frozen(owner, "idempotent_methods", self.idempotent_methods)
         if not all(isinstance(m, str) and m for m in methods):
             raise ValueError(f"{owner}.idempotent_methods: expected method names, got {methods!r}")
         s(self, "idempotent_methods", frozenset(m.upper() for m in methods))
@@ -175,6 +175,16 @@ class HttpPolicy:
         return HttpStatusError(
             status, method, endpoint, retryable=idempotent, retry_after=hint.delay
         )
+
+
+def _frozen(owner: str, name: str, value: object) -> frozenset[Any]:
+    """``value`` as a frozenset, or a ``TypeError`` naming the field."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(f"{owner}.{name}: expected a set, got {type(value).__name__}")
+    try:
+        return frozenset(value)
+    except TypeError:
+        raise TypeError(f"{owner}.{name}: expected a set of hashable values") from None
 
 
 def _has(headers: Mapping[str, str], name: str) -> bool:
