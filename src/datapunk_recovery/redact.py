@@ -11,11 +11,14 @@ through here first.
 
 **Any length, linear time.**  No secret is cut at some length: a password of
 10,000 characters goes as whole as one of 10.  And no text, however hostile,
-makes redaction slow: URLs are scanned by hand in one pass per
-whitespace-delimited word, and the regular expressions are flat sequences of
-single-character classes, each repeat followed by a character it cannot
-match (no nested repeats, no two adjacent repeats that could share a
-character), so each fails or succeeds after one pass over the text.
+makes redaction slow: URLs are scanned by hand, each character a bounded
+number of times; key=value pairs are found by one regular-expression search
+that moves forward only (a name is tried once, from where no name character
+precedes it, and the text after a separator is searched again from there);
+and no regular expression has a repeat inside a repeat, except a quoted
+string's body ``(?:[^'\\]|\\.)*``, whose two branches can never match at
+the same character, so it cannot backtrack into itself.  Every match or
+failure costs time linear in what it reads.
 """
 
 from __future__ import annotations
