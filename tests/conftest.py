@@ -168,3 +168,28 @@ async def redis_stores(redis_server: RedisServer) -> AsyncIterator[Callable[...,
     yield make
     for store in made:
         await store.aclose()
+
+
+#: The password of the ``locked_redis`` server (and ``reader-pw`` for its ACL user ``reader``).
+LOCKED_REDIS_PASSWORD = "locked-redis-password"
+
+
+@pytest.fixture(scope="session")
+def locked_redis() -> Iterator[RedisServer]:
+    """A private redis-server that requires ``.password``, plus a read-only ACL user ``reader``.
+
+    Separate from ``redis_server`` (whose tests need no password); the
+    password is set once the server runs, since the harness's readiness check
+    pings without one.
+    """
+    import redis as redis_sync
+
+    server = _start(RedisServer, "redis-server (password)")
+    assert server.command("CONFIG", "SET", "requirepass", LOCKED_REDIS_PASSWORD) == b"+OK"
+    _STARTED.remove(server)  # _servers_back_up pings without a password
+    admin = redis_sync.Redis(host=server.host, port=server.port, password=LOCKED_REDIS_PASSWORD)
+    admin.execute_command("ACL", "SETUSER", "reader", "on", ">reader-pw", "~*", "+get", "+ping")
+    admin.close()
+    server.password = LOCKED_REDIS_PASSWORD  # type: ignore[attr-defined]
+    yield server
+    server.close()

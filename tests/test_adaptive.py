@@ -227,3 +227,37 @@ async def test_a_cancelled_call_frees_its_slot_and_teaches_nothing() -> None:
     assert scope.cancelled_caught
     assert limiter.limit == 3
     assert limiter.state().active == 0
+
+
+# -- reload (issue 14, item 1) ------------------------------------------------------
+
+
+def test_reconfigure_keeps_the_learned_limit_and_the_calls_in_flight() -> None:
+    limiter = AdaptiveLimiter("db", AIMD(initial=4, min_limit=1, max_limit=10))
+    held = [limiter.acquire() for _ in range(4)]
+    with pytest.raises(BulkheadFull):
+        limiter.acquire()
+    limiter.reconfigure(AIMD(initial=8, min_limit=1, max_limit=10))
+    assert limiter.limit == 4  # what was learned, not the new initial
+    with pytest.raises(BulkheadFull):
+        limiter.acquire()
+    limiter.reconfigure(AIMD(initial=2, min_limit=1, max_limit=2))  # shrinks below in use
+    assert limiter.limit == 2
+    for permit in held[:2]:
+        permit.ignore()
+    with pytest.raises(BulkheadFull):  # 2 still held: nothing admitted until below 2
+        limiter.acquire()
+    held[2].ignore()
+    extra = limiter.acquire()
+    assert limiter.state().active == 2
+    extra.ignore()
+    held[3].ignore()
+    assert limiter.state().active == 0
+
+
+def test_reconfigure_validates_like_the_constructor() -> None:
+    limiter = AdaptiveLimiter("db")
+    with pytest.raises(TypeError, match="expected AIMD or Gradient"):
+        limiter.reconfigure("aimd")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_wait: must be > 0"):
+        limiter.reconfigure(AIMD(), max_queue=3)

@@ -220,6 +220,43 @@ def test_a_disarmed_process_returns_functions_untouched() -> None:
     assert chaos.armed()  # this test process is armed
 
 
+@pytest.mark.parametrize("value", ["disabled", "none", "n", "of", "0ff", "nein", "armed?"])
+def test_a_typo_in_the_kill_switch_disarms_chaos_and_warns(value: str) -> None:
+    armed, warning = chaos._read_switch(value)
+    assert armed is False
+    assert warning is not None
+    assert chaos.DISARM_VARIABLE in warning and repr(value) in warning
+    assert all(accepted in warning for accepted in (*chaos.ARMING_VALUES, *chaos.DISARMING_VALUES))
+
+
+@pytest.mark.parametrize("value", [None, "", "  ", "1", "on", "TRUE", " yes "])
+def test_only_the_documented_values_or_no_value_leave_chaos_armed(value: str | None) -> None:
+    assert chaos._read_switch(value) == (True, None)
+
+
+@pytest.mark.parametrize("value", ["0", "off", "False", " NO "])
+def test_the_documented_disarming_values_disarm_quietly(value: str) -> None:
+    assert chaos._read_switch(value) == (False, None)
+
+
+def test_a_process_started_with_a_typo_is_disarmed_and_says_so() -> None:
+    script = (
+        "import warnings\n"
+        "warnings.simplefilter('always')\n"
+        "from datapunk_recovery import chaos\n"
+        "def f(): return 1\n"
+        "assert not chaos.armed() and not chaos.all_enabled()\n"
+        "assert chaos.Chaos(chaos.Fault(ConnectionError))(f) is f\n"
+    )
+    env = {**os.environ, chaos.DISARM_VARIABLE: "disabled"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert "DATAPUNK_RECOVERY_CHAOS='disabled'" in done.stderr
+    assert "DISARMED" in done.stderr
+
+
 # -- the decorator keeps the function's face ---------------------------------------------
 
 

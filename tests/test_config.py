@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from datapunk_recovery import ErrorCategory
+from datapunk_recovery import ErrorCategory, RetryConfig, cli
 from datapunk_recovery.config import RecoveryConfig, ServicePolicy, build_config, load_config
-from datapunk_recovery.schema import ConfigError, env_overrides, merge
+from datapunk_recovery.schema import ConfigError, Problem, env_overrides, merge
+from datapunk_recovery.strategies import RecoveryStrategies
 
 GOOD = """
 [defaults]
@@ -185,3 +189,283 @@ def test_problems_and_reprs_never_show_a_secret() -> None:
     config = build_config({"services": document["services"]})
     assert "hunter4" not in repr(config) and "https://u:***@a" in repr(config)
     assert config.policy("api").addresses["a"] == "https://u:hunter4@a"
+
+
+# -- rules between fields judge the values given ------------------------------------------
+
+# Each document satisfies every rule that ties two fields together, while each of
+# the values it gives would break the rule against the default (or inherited)
+# value of the other field.
+TIED: dict[str, dict[str, Any]] = {
+    "retry": {"defaults": {"retry": {"base_delay": "1ms", "max_delay": "50ms"}}},
+    "category": {
+        "defaults": {
+            "retry": {"base_delay": "1ms", "max_delay": "50ms"},
+            "categories": {"rate_limited": {"max_attempts": 5}},
+        }
+    },
+    "breaker open": {"defaults": {"breaker": {"open_duration": "5s", "max_open_duration": "10s"}}},
+    "breaker window": {
+        "defaults": {
+            "breaker": {"failure_rate_threshold": 0.5, "window_size": 200, "minimum_calls": 150}
+        }
+    },
+    "budget": {"defaults": {"budget": {"threshold": 0.8, "sheddable_threshold": 0.9}}},
+    "hedge": {
+        "defaults": {"hedge": {"min_delay": "1s", "max_delay": "2s"}},
+        "services": {"s": {"hedge": {"min_delay": "100ms", "max_delay": "500ms"}}},
+    },
+    "bulkhead": {
+        "defaults": {"bulkhead": {"max_concurrent": 2, "max_queue": 5, "max_wait": "1s"}},
+        "services": {"s": {"bulkhead": {"max_queue": 0, "max_wait": 0}}},
+    },
+    "endpoints": {
+        "defaults": {"endpoints": ["a", "b"], "addresses": {"a": "http://a", "b": "http://b"}},
+        "services": {"s": {"endpoints": ["c"], "addresses": {"c": "http://c"}}},
+    },
+    "pool": {
+        "pools": {
+            "gpu": {"capacity": 2, "allocation_retry": {"base_delay": "1ms", "max_delay": "5ms"}}
+        }
+    },
+}
+
+
+def toml_of(document: dict[str, Any]) -> str:
+    """The TOML text of a small document (tables of tables, inline below that)."""
+
+    def inline(value: object) -> str:
+        if isinstance(value, dict):
+            return "{ " + ", ".join(f"{k} = {inline(v)}" for k, v in value.items()) + " }"
+        if isinstance(value, list):
+            return "[" + ", ".join(inline(v) for v in value) + "]"
+        if isinstance(value, str):
+            return '"' + value + '"'
+        return repr(value)
+
+    lines = []
+    for top, table in document.items():
+        plain = {k: v for k, v in table.items() if top not in ("services", "pools")}
+        if plain:
+            lines.append(f"[{top}]")
+            lines.extend(f"{k} = {inline(v)}" for k, v in plain.items())
+        for name, value in table.items():
+            if top in ("services", "pools"):
+                lines.append(f"[{top}.{name}]")
+                lines.extend(f"{k} = {inline(v)}" for k, v in value.items())
+    return "\n".join(lines) + "\n"
+
+
+def env_of(document: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, str]:
+    """The DATAPUNK_RECOVERY__... variables that say the same as ``document``."""
+    environ: dict[str, str] = {}
+    for key, value in document.items():
+        if isinstance(value, dict):
+            environ.update(env_of(value, (*path, key)))
+        else:
+            text = ",".join(value) if isinstance(value, list) else str(value)
+            environ["__".join(("DATAPUNK_RECOVERY", *path, key)).upper()] = text
+    return environ
+
+
+@pytest.mark.parametrize("case", sorted(TIED))
+def test_a_rule_between_fields_uses_the_values_given_in_toml_env_check_and_reload(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    document = TIED[case]
+    path = write(tmp_path, toml_of(document))
+    from_file = load_config(path, environ={})
+    assert from_file == build_config(document)
+    assert load_config(environ=env_of(document)) == from_file
+    assert cli.main(["check", str(path), "--no-env", "--plain"]) == 0, capsys.readouterr().out
+    recovery = RecoveryStrategies()
+    recovery.reload(document, environ={})
+    assert recovery.config == from_file
+
+
+def test_the_tiny_retry_policy_of_the_issue_is_accepted() -> None:
+    config = build_config({"defaults": {"retry": {"base_delay": "1ms", "max_delay": "50ms"}}})
+    assert (config.defaults.retry.base_delay, config.defaults.retry.max_delay) == (0.001, 0.05)
+
+
+def test_a_broken_rule_between_given_values_is_still_reported_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config({"defaults": {"retry": {"base_delay": "2s", "max_delay": "1s"}}})
+    assert [(p.path, p.message) for p in caught.value.problems] == [
+        ("defaults.retry.max_delay", "must be >= base_delay (2.0)")
+    ]
+
+
+def test_a_value_refused_on_its_own_does_not_make_its_partner_look_wrong() -> None:
+    # base_delay is refused (too long); max_delay is not judged against the default
+    # base_delay it was given a partner for.  A bad max_attempts is still reported.
+    with pytest.raises(ConfigError) as caught:
+        build_config(
+            {"defaults": {"retry": {"base_delay": 1e11, "max_delay": "50ms", "max_attempts": 0}}}
+        )
+    assert [p.path for p in caught.value.problems] == [
+        "defaults.retry.base_delay",
+        "defaults.retry.max_attempts",
+    ]
+    with pytest.raises(ConfigError) as caught:
+        build_config({"defaults": {"retry": {"max_delay": "50ms", "max_attempts": 0}}})
+    assert {p.path for p in caught.value.problems} == {
+        "defaults.retry.max_delay",  # against the default base_delay: it was not given
+        "defaults.retry.max_attempts",
+    }
+
+
+# -- durations: one maximum, one spelling ------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["base_delay", "max_delay", "deadline", "max_server_delay"])
+def test_a_retry_duration_beyond_one_day_is_refused_in_code_toml_and_env(
+    field: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=rf"RetryConfig\.{field}: must be <= 86400 seconds"):
+        RetryConfig(**{field: 1e10, "max_delay": 1e10} if field == "base_delay" else {field: 1e10})
+    path = write(tmp_path, f"[defaults]\nretry = {{ {field} = 1e10 }}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    (problem,) = caught.value.problems
+    assert (problem.path, problem.value) == (f"defaults.retry.{field}", 1e10)
+    assert "one day" in problem.message
+    variable = f"DATAPUNK_RECOVERY__DEFAULTS__RETRY__{field.upper()}"
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={variable: "1e10"})
+    (problem,) = caught.value.problems
+    assert (problem.source, problem.value) == (f"env {variable}", "1e10")
+    assert "one day" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ("bulkhead", "max_wait"),
+        ("breaker", "open_duration"),
+        ("breaker", "slow_call_duration"),
+        ("hedge", "delay"),
+        ("", "attempt_timeout"),
+    ],
+)
+def test_every_service_duration_takes_text_and_refuses_more_than_a_day(
+    table: str, key: str
+) -> None:
+    extra = {"max_queue": 1} if table == "bulkhead" else {}
+    inner = {key: "10s", **extra}
+    service: dict[str, Any] = {table: inner} if table else inner
+    config = build_config({"services": {"s": service}})
+    got = getattr(config.policy("s"), table) if table else config.policy("s")
+    assert getattr(got, key) == 10.0
+    environ = {
+        "__".join(
+            filter(None, ("DATAPUNK_RECOVERY__SERVICES__S", table.upper(), key.upper()))
+        ): "10s"
+    }
+    environ.update(
+        {
+            f"DATAPUNK_RECOVERY__SERVICES__S__{table.upper()}__{k.upper()}": str(v)
+            for k, v in extra.items()
+        }
+    )
+    assert load_config(environ=environ) == config
+    with pytest.raises(ConfigError, match="one day"):
+        build_config({"services": {"s": {table: {**inner, key: "2d"}} if table else {key: "2d"}}})
+
+
+def test_the_pool_wait_takes_a_duration_text(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, '[pools.gpu]\ncapacity = 4\nmax_wait = "2s"\n'), environ={}
+    )
+    assert config.pools["gpu"].max_wait == 2.0
+
+
+# -- malformed variable names --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "DATAPUNK_RECOVERY__SERVICES____RETRY__MAX_ATTEMPTS",
+        "DATAPUNK_RECOVERY__",
+        "DATAPUNK_RECOVERY____RETRY",
+        "DATAPUNK_RECOVERY__DEFAULTS__RETRY__",
+    ],
+)
+def test_a_variable_with_an_empty_key_is_a_configuration_error_naming_it(name: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={name: "5"})
+    (problem,) = caught.value.problems
+    assert problem.source == f"env {name}"
+    assert "empty key" in problem.message
+
+
+def test_a_misnamed_variable_never_shows_its_value() -> None:
+    name = "DATAPUNK_RECOVERY__DATABASES____POSTGRES"
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={name: "postgresql://app:hunter2@db/app"})
+    assert name in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+def test_an_empty_service_pool_or_database_name_in_a_file_is_a_problem() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config(
+            {
+                "services": {"": {"retry": {"max_attempts": 2}}},
+                "pools": {"": {"capacity": 1}},
+                "databases": {"": {"sqlite": "x.db"}},
+            }
+        )
+    assert [p.path for p in caught.value.problems] == [
+        "services.''",
+        "pools.''",
+        "databases.''",
+    ]
+
+
+_NAME_PARTS = st.sampled_from(
+    [
+        "",
+        "_",
+        "__",
+        "SERVICES",
+        "DEFAULTS",
+        "RETRY",
+        "MAX_ATTEMPTS",
+        "BASE_DELAY",
+        "POOLS",
+        "CAPACITY",
+        "BREAKER",
+        "CATEGORIES",
+        "RATE_LIMITED",
+        "ENDPOINTS",
+        "X",
+        "é",
+        " ",
+        "0",
+    ]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.lists(_NAME_PARTS, min_size=1, max_size=6).map(
+            lambda parts: "DATAPUNK_RECOVERY__" + "__".join(parts)
+        ),
+        st.sampled_from(["", "5", "-1", "1e10", "none", "250ms", "a,b", "true", "\x00", "é"]),
+        max_size=5,
+    )
+)
+def test_any_set_of_variables_gives_a_configuration_or_a_configuration_error(
+    environ: dict[str, str],
+) -> None:
+    problems: tuple[Problem, ...] = ()
+    try:
+        config = load_config(environ=environ)
+    except ConfigError as exc:
+        problems = exc.problems
+    else:
+        assert isinstance(config, RecoveryConfig)
+    # Every problem names a variable (or the environment as a whole).
+    assert all("DATAPUNK_RECOVERY" in p.source or p.source == "environment" for p in problems)

@@ -9,11 +9,13 @@ proxy cutting the connection exactly at COMMIT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import psycopg
 import pytest
 
 from datapunk_recovery.backoff import RetryConfig
@@ -28,9 +30,11 @@ from datapunk_recovery.database import (
     PoolStatus,
     PoolTimeout,
     TransactionConfig,
+    TransactionRolledBack,
+    run,
     transaction,
 )
-from datapunk_recovery.errors import ErrorCategory, final_reason
+from datapunk_recovery.errors import ErrorCategory, classify, final_reason
 from datapunk_recovery.events import Event, RetryScheduled, subscribe
 from datapunk_recovery.policy import RetryPolicy
 from tests.harness import PostgresServer, ThreadedProxy
@@ -548,3 +552,228 @@ async def test_passwords_never_appear_in_errors_or_events(
     texts += [repr(e) for e in seen]
     assert len(texts) > 2
     assert not [t for t in texts if password in t]
+
+
+# --- acknowledged only once committed ------------------------------------------
+
+
+async def test_a_transaction_whose_fn_swallowed_a_server_error_raises_rolled_back(
+    pool: ManagedPool,
+) -> None:
+    """PostgreSQL aborted the transaction; COMMIT answers ROLLBACK without raising."""
+    table = await fresh_table(pool)
+    await pool.run(lambda c: execute(c, f"INSERT INTO {table} VALUES (1, 1)"))
+    calls = 0
+
+    async def swallow(conn: Any) -> str:
+        nonlocal calls
+        calls += 1
+        await execute(conn, f"INSERT INTO {table} VALUES (2, 2)")
+        try:  # noqa: SIM105 - the application carries on, as in the wild
+            await execute(conn, f"INSERT INTO {table} VALUES (1, 3)")  # unique violation
+        except Exception:
+            pass  # the application carries on: the server has aborted the transaction
+        return "acknowledged"
+
+    with pytest.raises(TransactionRolledBack) as caught:
+        await pool.transaction(swallow)
+    assert calls == 1  # never replayed: fn chose to swallow the error
+    assert caught.value.retryable is False
+    assert final_reason(caught.value) is not None  # no outer layer replays it either
+    assert caught.value.code == "23505"  # the error that aborted it
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 1
+    # The connection went back clean: the next transaction commits.
+    await pool.transaction(lambda c: execute(c, f"INSERT INTO {table} VALUES (3, 3)"))
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 2
+
+
+async def test_an_error_recovered_within_a_savepoint_still_commits(pool: ManagedPool) -> None:
+    table = await fresh_table(pool)
+    await pool.run(lambda c: execute(c, f"INSERT INTO {table} VALUES (1, 1)"))
+
+    async def careful(conn: Any) -> str:
+        await execute(conn, f"INSERT INTO {table} VALUES (2, 2)")
+        try:
+            async with conn.transaction():  # a savepoint: only it is rolled back
+                await execute(conn, f"INSERT INTO {table} VALUES (1, 3)")
+        except Exception:
+            pass
+        return "committed"
+
+    assert await pool.transaction(careful) == "committed"
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 2
+
+
+async def test_a_transaction_ended_by_fn_itself_is_not_acknowledged(pool: ManagedPool) -> None:
+    table = await fresh_table(pool)
+
+    async def rolls_back(conn: Any) -> str:
+        await execute(conn, f"INSERT INTO {table} VALUES (1, 1)")
+        await execute(conn, "ROLLBACK")
+        return "acknowledged"
+
+    with pytest.raises(TransactionRolledBack, match="no transaction was open"):
+        await pool.transaction(rolls_back)
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 0
+
+
+async def test_run_refuses_to_acknowledge_work_left_in_an_open_transaction(
+    pool: ManagedPool,
+) -> None:
+    """Outside transaction(), fn began one and returned: releasing would roll it back."""
+    table = await fresh_table(pool)
+
+    async def leaves_it_open(conn: Any) -> str:
+        await execute(conn, "BEGIN")
+        await execute(conn, f"INSERT INTO {table} VALUES (1, 1)")
+        return "acknowledged"
+
+    with pytest.raises(TransactionRolledBack, match="still open"):
+        await pool.run(leaves_it_open)
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 0
+
+
+async def test_a_connection_block_left_in_a_transaction_is_not_silently_rolled_back(
+    pool: ManagedPool,
+) -> None:
+    table = await fresh_table(pool)
+
+    async def leave_it_open() -> None:
+        async with pool.connection() as conn:
+            await execute(conn, "BEGIN")
+            await execute(conn, f"INSERT INTO {table} VALUES (1, 1)")
+
+    with pytest.raises(TransactionRolledBack, match="still open"):
+        await leave_it_open()
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 0
+    async with pool.connection() as conn:  # and the connection came back clean
+        assert await fetchval(conn, "SELECT 1") == 1
+
+
+async def test_an_error_commit_itself_reports_is_raised_as_itself_and_not_replayed(
+    pool: ManagedPool,
+) -> None:
+    """A deferred unique constraint fails at COMMIT: the server answered, nothing committed."""
+    table = await fresh_table(pool, "id int UNIQUE DEFERRABLE INITIALLY DEFERRED")
+    calls = 0
+
+    async def twice(conn: Any) -> str:
+        nonlocal calls
+        calls += 1
+        await execute(conn, f"INSERT INTO {table} VALUES (1)")
+        await execute(conn, f"INSERT INTO {table} VALUES (1)")  # checked at COMMIT
+        return "acknowledged"
+
+    with pytest.raises(Exception, match="duplicate key") as caught:
+        await pool.transaction(twice)
+    assert getattr(caught.value, "sqlstate", None) == "23505" and calls == 1
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 0
+    await pool.transaction(lambda c: execute(c, f"INSERT INTO {table} VALUES (2)"))
+    assert await pool.run(lambda c: fetchval(c, f"SELECT count(*) FROM {table}")) == 1
+
+
+@pytest.mark.parametrize("driver", ["asyncpg"])  # psycopg's pool opens on creation
+async def test_a_first_use_that_cannot_connect_names_the_pool_and_address(
+    driver: str, postgres_server: PostgresServer, make_proxy: Callable[..., ThreadedProxy]
+) -> None:
+    proxy = make_proxy(postgres_server.address)
+    proxy.blackhole()  # connections are accepted and never answered
+    dsn = postgres_server.app_dsn.replace(f":{postgres_server.port}/", f":{proxy.port}/")
+    pool = await make_pool(driver, dsn, PoolConfig(name="ledger", acquire_timeout=0.2), min_size=0)
+    config = TransactionConfig(retry=RetryConfig(max_attempts=1))
+    try:
+        with pytest.raises(PoolTimeout) as caught:
+            await pool.transaction(lambda c: fetchval(c, "SELECT 1"), config=config)
+    finally:
+        await pool.close()
+    message = str(caught.value)
+    assert "'ledger'" in message and f"127.0.0.1:{proxy.port}/app" in message
+    assert postgres_server.app_password not in message
+
+
+async def test_a_psycopg_pool_with_a_wrong_password_fails_after_one_login(
+    postgres_server: PostgresServer, make_proxy: Callable[..., ThreadedProxy]
+) -> None:
+    """Not psycopg_pool's "initialization incomplete" after its own retried logins."""
+    proxy = make_proxy(postgres_server.address)
+    wrong = postgres_server.dsn_for(
+        postgres_server.app_user, "wrong", postgres_server.app_database, port=proxy.port
+    )
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed") as caught:
+        await make_pool("psycopg", wrong, PoolConfig(acquire_timeout=2.0))
+    assert classify(caught.value).category is ErrorCategory.AUTH
+    assert proxy.stats.connections_opened == 1
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_plain_driver_pools_are_not_acknowledged_a_rolled_back_transaction_either(
+    driver: str, database: str
+) -> None:
+    """A pool the application built (psycopg: not in autocommit), wrapped per call."""
+    import asyncpg
+    from psycopg_pool import AsyncConnectionPool
+
+    raw: Any
+    if driver == "asyncpg":
+        raw = await asyncpg.create_pool(database, min_size=0, max_size=1)
+    else:
+        raw = AsyncConnectionPool(database, min_size=1, max_size=1, open=False)
+        await raw.open(wait=True)
+    table = f"t{next(_names)}"
+    try:
+        await run(raw, lambda c: execute(c, f"CREATE TABLE {table} (id int primary key)"))
+
+        async def swallow(conn: Any) -> str:
+            await execute(conn, f"INSERT INTO {table} VALUES (1)")
+            try:  # noqa: SIM105 - the application carries on, as in the wild
+                await execute(conn, f"INSERT INTO {table} VALUES (1)")
+            except Exception:
+                pass
+            return "acknowledged"
+
+        with pytest.raises(TransactionRolledBack):
+            await transaction(raw, swallow)
+        await transaction(raw, lambda c: execute(c, f"INSERT INTO {table} VALUES (2)"))
+        assert await run(raw, lambda c: fetchval(c, f"SELECT array_agg(id) FROM {table}")) == [2]
+    finally:
+        await raw.close()
+
+
+async def test_psycopg_keeps_the_applications_cursor_class_inside_and_after_a_transaction(
+    database: str,
+) -> None:
+    pool = await make_pool(
+        "psycopg", database, kwargs={"cursor_factory": psycopg.AsyncClientCursor}, max_size=1
+    )
+    try:
+
+        async def look(conn: Any) -> bool:
+            return isinstance(conn.cursor(), psycopg.AsyncClientCursor)
+
+        assert await pool.transaction(look)
+        async with pool.connection() as conn:
+            assert conn.cursor_factory is psycopg.AsyncClientCursor
+    finally:
+        await pool.close()
+
+
+async def test_asyncpg_connections_go_back_without_the_transactions_query_logger(
+    database: str,
+) -> None:
+    pool = await make_pool("asyncpg", database, max_size=1)
+    try:
+        table = await fresh_table(pool, "id int primary key")
+
+        async def swallow(conn: Any) -> None:
+            try:  # noqa: SIM105 - the application carries on, as in the wild
+                await execute(conn, f"INSERT INTO {table} VALUES (1), (1)")
+            except Exception:
+                pass
+
+        for work in (lambda c: execute(c, "SELECT 1"), swallow, lambda c: execute(c, "SELECT 1")):
+            with contextlib.suppress(TransactionRolledBack):
+                await pool.transaction(work)
+        async with pool.raw.acquire() as conn:
+            assert not conn._con._query_loggers  # none left behind on the pooled connection
+    finally:
+        await pool.close()

@@ -55,7 +55,9 @@ def _sqlite(code: int, name: str, message: str) -> sqlite3.Error:
         ("42883", DbErrorKind.MISSING, False),  # undefined_function
         ("58P01", DbErrorKind.MISSING, False),  # undefined_file (an extension's library)
         ("0A000", DbErrorKind.MISSING, False),  # feature_not_supported
-        ("42501", DbErrorKind.FATAL, False),  # insufficient_privilege
+        ("42501", DbErrorKind.AUTH, False),  # insufficient_privilege: authorization
+        ("28P01", DbErrorKind.AUTH, False),  # invalid_password: another try is another login
+        ("28000", DbErrorKind.AUTH, False),  # invalid_authorization_specification
         ("23505", DbErrorKind.FATAL, False),  # unique_violation
         ("22012", DbErrorKind.FATAL, False),  # division_by_zero
         ("42601", DbErrorKind.FATAL, False),  # syntax_error
@@ -173,3 +175,46 @@ def test_explanations_never_carry_a_password() -> None:
     secret = "postgresql://app:s3cr3t-pw@db:5432/app"
     exc = asyncpg.PostgresError.new({"C": "42883", "M": f"function f({secret}) does not exist"})
     assert "s3cr3t-pw" not in str(explain_missing(exc))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
+        'FATAL:  password authentication failed for user "app"',
+        'connection failed: connection to server at "10.0.0.1", port 5432 failed: FATAL:  '
+        'no pg_hba.conf entry for host "10.0.0.9", user "app", database "app", no encryption',
+        'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
+        'FATAL:  role "nobody" does not exist',
+        "connection failed: fe_sendauth: no password supplied",
+    ],
+)
+def test_psycopg_login_refusals_without_sqlstate_are_never_retried(message: str) -> None:
+    """psycopg raises a bare OperationalError (no SQLSTATE) for a refused login."""
+    refused = psycopg.OperationalError(message)
+    verdict = classify_database(refused)
+    assert (verdict.kind, verdict.retryable) == (DbErrorKind.AUTH, False)
+    assert classify(refused) == classify(refused)
+    assert classify(refused).retryable is False
+    assert classify(refused).category is ErrorCategory.AUTH
+    assert replayable(refused) is False
+
+
+def test_auth_failures_of_both_drivers_are_auth_for_the_one_classifier() -> None:
+    for exc in (
+        asyncpg.InvalidPasswordError('password authentication failed for user "app"'),
+        asyncpg.InvalidAuthorizationSpecificationError('role "x" does not exist'),
+        _psycopg("28P01"),
+        _psycopg("42501"),
+    ):
+        verdict = classify(exc)
+        assert (verdict.category, verdict.retryable) == (ErrorCategory.AUTH, False), exc
+
+
+def test_a_transaction_rolled_back_is_never_replayed_by_any_layer() -> None:
+    from datapunk_recovery.database import TransactionRolledBack
+    from datapunk_recovery.errors import final_reason
+
+    exc = TransactionRolledBack("rolled back", code="23505")
+    assert exc.code == "23505" and replayable(exc) is False
+    assert classify(exc).retryable is False and final_reason(exc) is not None

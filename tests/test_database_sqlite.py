@@ -15,6 +15,7 @@ from datapunk_recovery.database import (
     MissingExtensionError,
     SqliteConfig,
     SqliteDatabase,
+    TransactionRolledBack,
 )
 from datapunk_recovery.events import Event, RetryScheduled, subscribe
 
@@ -151,3 +152,41 @@ def test_configuration_is_validated_with_names_and_values() -> None:
         SqliteConfig(busy_timeout=-1)
     with pytest.raises(ValueError, match=r"SqliteConfig\.begin.*'sometimes'"):
         SqliteConfig(begin="sometimes")  # type: ignore[arg-type]
+
+
+def test_a_transaction_sqlite_rolled_back_under_fn_is_not_acknowledged(
+    db: SqliteDatabase,
+) -> None:
+    """``INSERT OR ROLLBACK`` (like SQLITE_FULL) ends the whole transaction; fn carries on."""
+    db.transaction_sync(lambda c: c.execute("CREATE TABLE u (id INTEGER PRIMARY KEY)"))
+    db.transaction_sync(lambda c: c.execute("INSERT INTO u VALUES (1)"))
+    calls = 0
+
+    def swallow(conn: sqlite3.Connection) -> str:
+        nonlocal calls
+        calls += 1
+        conn.execute("UPDATE counter SET n = n + 1")
+        try:  # noqa: SIM105 - the application carries on, as in the wild
+            conn.execute("INSERT OR ROLLBACK INTO u VALUES (1)")
+        except sqlite3.IntegrityError:
+            pass
+        return "acknowledged"
+
+    with pytest.raises(TransactionRolledBack, match="no transaction was open"):
+        db.transaction_sync(swallow)
+    assert calls == 1
+    assert count(db) == 0
+
+
+@pytest.mark.anyio
+async def test_the_async_face_does_not_acknowledge_a_rolled_back_transaction_either(
+    db: SqliteDatabase,
+) -> None:
+    def rolls_back(conn: sqlite3.Connection) -> str:
+        conn.execute("UPDATE counter SET n = n + 1")
+        conn.execute("ROLLBACK")
+        return "acknowledged"
+
+    with pytest.raises(TransactionRolledBack):
+        await db.transaction(rolls_back)
+    assert count(db) == 0

@@ -8,7 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from datapunk_recovery.durations import DurationError, format_duration, parse_duration
+from datapunk_recovery.durations import (
+    MAX_DURATION,
+    DurationError,
+    format_duration,
+    parse_duration,
+)
 
 
 @pytest.mark.parametrize(
@@ -86,7 +91,17 @@ def test_format_writes_the_shortest_readable_form(seconds: float, text: str) -> 
     assert format_duration(seconds) == text
 
 
-@given(st.floats(min_value=0.0, max_value=1e7, allow_nan=False))
+@given(st.floats(min_value=0.0, max_value=MAX_DURATION, allow_nan=False))
 def test_formatted_durations_read_back_within_rounding(seconds: float) -> None:
     back = parse_duration(format_duration(seconds))
     assert back == pytest.approx(seconds, rel=1e-3, abs=1e-9)
+
+
+@pytest.mark.parametrize("text", ["1d1s", "25h", "86401", 1e10, "1e10", 10**30])
+def test_a_duration_longer_than_one_day_is_refused(text: object) -> None:
+    with pytest.raises(DurationError, match="at most one day"):
+        parse_duration(text)
+
+
+def test_one_day_itself_is_the_longest_duration_read() -> None:
+    assert parse_duration("1d") == parse_duration("24h") == MAX_DURATION == 86400.0

@@ -35,6 +35,7 @@ from datapunk_recovery import (
     RetryExhausted,
     RetryPolicy,
     RetryScheduled,
+    TokenBudget,
     current_attempt,
     deadline,
     final_reason,
@@ -584,3 +585,51 @@ def test_bad_settings_are_refused_when_decorating(kwargs: dict[str, Any], match:
 def test_a_wrong_policy_type_is_refused() -> None:
     with pytest.raises(TypeError, match="RetryConfig or RetryPolicy"):
         retry({"max_attempts": 3})  # type: ignore[call-overload]
+
+
+# -- a failed attempt's frames die before the next attempt (issue 14, item 4)
+
+
+class _Held:
+    """Counts live instances: an object held by a failed attempt's frame."""
+
+    live = 0
+
+    def __init__(self) -> None:
+        _Held.live += 1
+
+    def __del__(self) -> None:
+        _Held.live -= 1
+
+
+def test_a_retried_attempts_frames_are_released_before_the_next_attempt() -> None:
+    import gc
+
+    seen_at_start: list[int] = []
+
+    def flaky() -> str:
+        seen_at_start.append(_Held.live)
+        buffers = [_Held() for _ in range(4)]  # held by this frame
+        if len(seen_at_start) < 3:
+            raise ConnectionError(f"reset after {len(buffers)} buffers")
+        return "ok"
+
+    async def aflaky() -> str:
+        return flaky()
+
+    gc.collect()
+    gc.disable()  # reference counting alone must free them
+    try:
+        for budget in (None, TokenBudget()):
+            seen_at_start.clear()
+            assert (
+                retry(RetryConfig(max_attempts=3, base_delay=0.0), budget=budget)(flaky)() == "ok"
+            )
+            assert seen_at_start == [0, 0, 0]
+            seen_at_start.clear()
+            wrapped = retry(RetryConfig(max_attempts=3, base_delay=0.0), budget=budget)(aflaky)
+            assert asyncio.run(wrapped()) == "ok"
+            assert seen_at_start == [0, 0, 0]
+        assert _Held.live == 0
+    finally:
+        gc.enable()

@@ -133,3 +133,42 @@ def test_any_exception_can_be_marked_final() -> None:
 def test_rules_must_be_callable() -> None:
     with pytest.raises(TypeError, match="rule"):
         register_rule("not a rule")  # type: ignore[arg-type]
+
+
+def test_driver_auth_refusals_are_never_retryable_whatever_a_rule_says() -> None:
+    """By type name (the core imports no driver); pinned against the drivers in contracts."""
+    import aiohttp
+    import asyncpg
+    import httpx
+    import redis.exceptions as rx
+
+    from datapunk_recovery.errors import register_rule, unregister_rule
+
+    request = httpx.Request("GET", "http://a/")
+    refusals: list[Exception] = [
+        asyncpg.InvalidPasswordError("password authentication failed"),
+        asyncpg.InvalidAuthorizationSpecificationError("no pg_hba.conf entry"),
+        rx.AuthenticationError("invalid username-password pair"),
+        rx.AuthenticationWrongNumberOfArgsError("wrong number of arguments for 'auth'"),
+        rx.NoPermissionError("this user has no permissions to run the 'set' command"),
+        rx.ResponseError("NOAUTH Authentication required."),
+        rx.ResponseError("WRONGPASS invalid username-password pair"),
+        httpx.HTTPStatusError("401", request=request, response=httpx.Response(401)),
+        aiohttp.ClientResponseError(None, (), status=403),  # type: ignore[arg-type]
+        httpx.HTTPStatusError("403", request=request, response=httpx.Response(403)),
+    ]
+
+    def everything_is_retryable(exc: BaseException) -> Classification:
+        return Classification(ErrorCategory.NETWORK, True)
+
+    register_rule(everything_is_retryable)
+    try:
+        for exc in refusals:
+            verdict = classify(exc)
+            assert (verdict.category, verdict.retryable) == (ErrorCategory.AUTH, False), exc
+    finally:
+        unregister_rule(everything_is_retryable)
+    assert classify(httpx.HTTPStatusError("5", request=request, response=httpx.Response(503))) != (
+        classify(refusals[-1])
+    )
+    assert classify(rx.ResponseError("ERR unknown command")).category is not ErrorCategory.AUTH

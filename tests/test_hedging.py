@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from datapunk_recovery import events
-from datapunk_recovery.budget import TokenBudget, TokenBudgetConfig
+from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery.breaker import BreakerConfig, BreakerState, CircuitBreaker, OutcomeRecorded
+from datapunk_recovery.budget import RatioBudget, RatioBudgetConfig, TokenBudget, TokenBudgetConfig
+from datapunk_recovery.clock import FakeClock
 from datapunk_recovery.deadline import deadline
+from datapunk_recovery.engine import retry
 from datapunk_recovery.hedging import (
     HedgeConfig,
     Hedger,
@@ -17,6 +22,8 @@ from datapunk_recovery.hedging import (
     idempotent,
     is_idempotent,
 )
+from datapunk_recovery.network import Endpoint, Router, RouterConfig
+from datapunk_recovery.pipeline import Pipeline
 from datapunk_recovery.testing import fake_clock
 
 pytestmark = pytest.mark.anyio
@@ -142,8 +149,9 @@ async def test_failed_hedges_cost_budget_tokens() -> None:
     replicas = Replicas(ConnectionError("a"), ConnectionError("b"), "ok")
     hedger = Hedger("kv", HedgeConfig(delay=30.0, max_hedges=2), budget=budget)
     assert await hedger.call_async(replicas.get, "k") == "k@2"
-    # The original's outcome belongs to the retry layer; hedge 1 failed (-1), hedge 2 won (+0.1).
-    assert budget.tokens == pytest.approx(9.1)
+    # The call is the primary attempt, reported with its outcome (a success: +0.1), as a
+    # retry layer around the hedger would report it; hedge 1 failed (-1), hedge 2 won (+0.1).
+    assert budget.tokens == pytest.approx(9.2)
 
 
 async def test_no_hedge_starts_past_the_deadline() -> None:
@@ -201,3 +209,277 @@ async def test_hedging_a_sync_function_is_refused() -> None:
 
     with pytest.raises(TypeError, match="hedging needs an async function"):
         Hedger("kv")(sync)  # type: ignore[arg-type]
+
+
+# -- a standalone hedger reports its primary attempts to its budget (issue 14, item 3)
+
+
+class Ledger:
+    """A RetryGate that allows everything and writes down every report."""
+
+    def __init__(self) -> None:
+        self.attempts: list[bool] = []
+        self.asked = 0
+
+    def on_attempt(self, succeeded: bool) -> None:
+        self.attempts.append(succeeded)
+
+    def allow_retry(self) -> bool:
+        self.asked += 1
+        return True
+
+
+class Quick:
+    """A replica that answers at its first checkpoint: a hedge delay of 0 hedges it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @idempotent
+    async def get(self, key: str) -> str:
+        self.calls += 1
+        await anyio.lowlevel.checkpoint()
+        return key
+
+
+async def test_the_documented_hedger_with_a_ratio_budget_hedges_its_share() -> None:
+    with fake_clock():  # one window for the whole test
+        budget = RatioBudget(config=RatioBudgetConfig(ratio=0.1, min_per_second=0.0))
+        hedger = Hedger("kv", HedgeConfig(delay=0.0, max_hedges=1), budget=budget)
+        seen = recorder(hedger)
+        replica = Replicas(*["gate"] * 300)
+        # The first attempt answers once the hedge is decided (started or refused).
+        hedger.bus.subscribe(lambda e: replica.release.set())
+        for _ in range(100):
+            replica.release = anyio.Event()
+            assert (await hedger.call_async(replica.get, "k")).startswith("k@")
+    hedges = sum(isinstance(e, HedgeStarted) for e in seen)
+    # Each call is a request; a hedge is allowed while hedges <= 10% of them.
+    assert 8 <= hedges <= 10
+    assert sum(isinstance(e, HedgeRefused) for e in seen) == 100 - hedges
+
+
+async def test_a_standalone_hedgers_failed_calls_cost_tokens() -> None:
+    budget = TokenBudget(config=TokenBudgetConfig(max_tokens=10))
+    hedger = Hedger("kv", HedgeConfig(delay=30.0), budget=budget)
+    replicas = Replicas(*[ValueError("bad request")] * 6)  # not retryable: no hedge
+    for _ in range(6):
+        with pytest.raises(ValueError):
+            await hedger.call_async(replicas.get, "k")
+    assert budget.tokens == pytest.approx(4.0)  # drained: hedges are refused now
+    assert not budget.allow_retry()
+
+
+async def test_an_unhedged_call_through_a_hedger_is_still_reported() -> None:
+    ledger = Ledger()
+    hedger = Hedger("kv", HedgeConfig(delay=30.0), budget=ledger)
+
+    async def write(key: str) -> str:  # not idempotent: runs once
+        return key
+
+    assert await hedger.call_async(write, "k") == "k"
+    assert await hedger(write)("k") == "k"
+    assert ledger.attempts == [True, True]
+
+
+async def test_every_attempt_is_reported_once_however_the_hedger_is_composed() -> None:
+    config = HedgeConfig(delay=30.0)  # no hedge starts: one attempt per call
+    replica = Quick()
+
+    ledger = Ledger()
+    await Hedger("kv", config, budget=ledger).call_async(replica.get, "k")
+    assert ledger.attempts == [True]  # alone: the hedger reports it
+
+    ledger = Ledger()
+    hedger = Hedger("kv", config, budget=ledger)
+    await retry(RetryConfig(max_attempts=2), budget=ledger)(hedger(replica.get))("k")
+    assert ledger.attempts == [True]  # inside a retry on the same budget: the retry does
+
+    ledger = Ledger()
+    other = Ledger()
+    hedger = Hedger("kv", config, budget=ledger)
+    await retry(RetryConfig(max_attempts=2), budget=other)(hedger(replica.get))("k")
+    assert (ledger.attempts, other.attempts) == ([True], [True])  # another budget: both
+
+    for retry_config in (RetryConfig(max_attempts=2), None):
+        ledger = Ledger()
+        pipeline = Pipeline("kv", retry=retry_config, budget=ledger, hedge=config)
+        await pipeline.call_async(replica.get, "k")
+        assert ledger.attempts == [True], retry_config  # with or without a retry stage
+
+    ledger = Ledger()
+    router = Router("kv", [Endpoint("a"), Endpoint("b")], RouterConfig(hedge=config), budget=ledger)
+
+    async def on(endpoint: Endpoint) -> str:
+        return endpoint.name
+
+    await router.call(on, hedge=True)
+    assert ledger.attempts == [True]  # the router's retry engine reports the race once
+
+
+# -- a hedge that loses its race counts for its breaker as a slow call (issue 14, item 2)
+
+
+class TwoEndpoints:
+    """Each call's first attempt goes to ``a``, its hedges to ``b``, each through its breaker.
+
+    ``a_plan`` says what ``a`` does on each call: "hang" (until cancelled) or an
+    exception; ``b`` answers after ``b_takes`` seconds of the (fake) clock.
+    """
+
+    def __init__(self, a: CircuitBreaker, b: CircuitBreaker, a_plan: list[object]) -> None:
+        self.a, self.b = a, b
+        self.a_plan = list(a_plan)
+        self.next_is_primary = True
+        self.b_takes = 0.0
+        self.clock: FakeClock | None = None
+
+    @idempotent
+    async def get(self, key: str) -> str:
+        primary, self.next_is_primary = self.next_is_primary, False
+        if primary:
+            return await self.a.call_async(self._a)
+        return await self.b.call_async(self._b, key)
+
+    async def _a(self) -> str:
+        step = self.a_plan.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def _b(self, key: str) -> str:
+        if self.clock is not None:
+            self.clock.advance(self.b_takes)
+        await anyio.lowlevel.checkpoint()
+        return key
+
+    async def call(self, hedger: Hedger) -> str:
+        self.next_is_primary = True
+        return await hedger.call_async(self.get, "k")
+
+
+SLOW_RULE = BreakerConfig(
+    consecutive_failures=None,
+    slow_call_rate_threshold=0.5,
+    slow_call_duration=1.0,
+    minimum_calls=4,
+    window_size=10,
+)
+
+
+@pytest.mark.parametrize("listening", [False, True], ids=["quiet", "observed"])
+async def test_a_hung_endpoint_that_keeps_losing_hedges_trips_its_slow_call_rule(
+    listening: bool,
+) -> None:
+    a, b = CircuitBreaker("a", SLOW_RULE), CircuitBreaker("b", SLOW_RULE)
+    outcomes: list[OutcomeRecorded] = []
+    if listening:  # the permit path as well as the breaker's quiet one
+        a.events.subscribe(lambda e: outcomes.append(e) if isinstance(e, OutcomeRecorded) else None)
+    endpoints = TwoEndpoints(a, b, ["hang"] * 4)
+    hedger = Hedger("kv", HedgeConfig(delay=0.0))
+    for _ in range(4):
+        assert await endpoints.call(hedger) == "k"  # the caller always got its answer
+    assert a.state is BreakerState.OPEN  # 4 slow calls of 4: the hung endpoint is out
+    snapshot = a.snapshot()
+    assert (snapshot.failures, snapshot.slow_calls) == (0, 4)  # slow, never failed
+    assert b.state is BreakerState.CLOSED
+    if listening:
+        assert [(e.outcome, e.slow) for e in outcomes] == [("lost", True)] * 4
+
+
+async def test_a_lost_hedge_is_slow_for_at_least_its_elapsed_time() -> None:
+    recorded: list[tuple[str, bool, float | None]] = []
+    config = BreakerConfig(consecutive_failures=None, slow_call_duration=5.0, keep_window=True)
+    a, b = CircuitBreaker("a", config), CircuitBreaker("b", config)
+    a.events.subscribe(
+        lambda e: (
+            recorded.append((e.outcome, e.slow, e.duration))
+            if isinstance(e, OutcomeRecorded)
+            else None
+        )
+    )
+    with fake_clock() as clock:
+        endpoints = TwoEndpoints(a, b, ["hang"])
+        endpoints.clock, endpoints.b_takes = clock, 2.5
+        await endpoints.call(Hedger("kv", HedgeConfig(delay=0.0)))
+    # Slow (it lost a race), with the time it had run: the least its call would have taken.
+    assert recorded == [("lost", True, pytest.approx(2.5))]
+    assert a.snapshot().calls == 0  # no slow-call rule judges it: the window is left alone
+
+
+async def test_a_lost_hedge_is_never_a_success() -> None:
+    # Three consecutive failures trip it; a lost race between them resets nothing.
+    config = BreakerConfig(consecutive_failures=3)
+    a, b = CircuitBreaker("a", config), CircuitBreaker("b", config)
+    down = ConnectionError("a is down")
+    endpoints = TwoEndpoints(a, b, [down, down, "hang", down])
+    hedger = Hedger("kv", HedgeConfig(delay=0.0))
+    for _ in range(3):
+        await endpoints.call(hedger)
+    assert a.state is BreakerState.CLOSED
+    await endpoints.call(hedger)
+    assert a.state is BreakerState.OPEN
+
+
+async def test_cancelling_the_whole_call_counts_nothing_for_any_breaker() -> None:
+    a, b = CircuitBreaker("a", SLOW_RULE), CircuitBreaker("b", SLOW_RULE)
+    endpoints = TwoEndpoints(a, b, ["hang"] * 3)
+    hedger = Hedger("kv", HedgeConfig(delay=30.0))  # no hedge: the caller gives up first
+    for _ in range(3):
+        with anyio.move_on_after(0.01):
+            await endpoints.call(hedger)
+    assert a.snapshot().calls == 0
+    assert a.state is BreakerState.CLOSED
+
+
+async def test_a_router_hedging_across_endpoints_trips_the_hung_one() -> None:
+    breaker = BreakerConfig(
+        consecutive_failures=None,
+        slow_call_rate_threshold=0.5,
+        slow_call_duration=1.0,
+        minimum_calls=3,
+        window_size=10,
+        keep_window=True,
+    )
+    hedge = HedgeConfig(delay=0.05)  # the good endpoint answers at its first checkpoint
+    config = RouterConfig(retry=RetryConfig(max_attempts=1), breaker=breaker, hedge=hedge)
+    router = Router("kv", [Endpoint("hung"), Endpoint("good")], config)
+
+    async def on(endpoint: Endpoint) -> str:
+        if endpoint.name == "hung":
+            await anyio.sleep_forever()
+        await anyio.lowlevel.checkpoint()
+        return endpoint.name
+
+    hung = router.breaker("hung")
+    for _ in range(20):  # the hung endpoint gets about half the first attempts
+        assert await router.call(on, hedge=True) == "good"
+        if hung.state is BreakerState.OPEN:
+            break
+    assert hung.state is BreakerState.OPEN  # found out, and no caller saw a failure
+    assert hung.snapshot().failures == 0
+    assert router.breaker("good").snapshot().failures == 0
+    assert router.statistics().failures == 0
+
+
+# -- reload x hedging (issue 14, item 1)
+
+
+def test_a_new_hedger_inherits_the_latencies_measured() -> None:
+    old = Hedger("kv", HedgeConfig(percentile=0.5, min_samples=4, window=8))
+    for latency in (0.1, 0.2, 0.3, 0.4, 0.5):
+        old.record(latency)
+    new = Hedger("kv", HedgeConfig(percentile=0.5, min_samples=4, window=4))
+    new.inherit(old)  # the last 4 fit: 0.2 .. 0.5
+    assert new.delay() == pytest.approx(0.3)
+
+
+def test_reconfiguring_a_router_keeps_its_hedge_delay() -> None:
+    hedge = HedgeConfig(percentile=0.5, min_samples=2, delay=9.0)
+    router = Router("kv", [Endpoint("a"), Endpoint("b")], RouterConfig(hedge=hedge))
+    for latency in (0.1, 0.2, 0.3):
+        router._hedger.record(latency)  # type: ignore[union-attr]
+    assert router._hedger.delay() == pytest.approx(0.2)  # type: ignore[union-attr]
+    router.reconfigure(RouterConfig(hedge=hedge, breaker=BreakerConfig(consecutive_failures=9)))
+    assert router._hedger.delay() == pytest.approx(0.2)  # type: ignore[union-attr]

@@ -77,3 +77,15 @@ def test_the_policy_is_validated() -> None:
         HttpPolicy(deadline_unit="h")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"HttpPolicy.deadline_header"):
         HttpPolicy(deadline_header="")
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_auth_refusals_are_never_retried_even_when_a_policy_lists_them(status: int) -> None:
+    policy = HttpPolicy(retry_statuses=frozenset({status, 503}))
+    error = policy.judge("GET", status, {"Retry-After": "1"}, "a", idempotent=True)
+    assert isinstance(error, HttpStatusError)
+    assert error.category is ErrorCategory.AUTH and not error.retryable
+    assert errors.classify(error).retryable is False
+    assert (
+        HttpPolicy().judge("GET", status, {}, "a", idempotent=True) is None
+    )  # by default: an answer

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from datapunk_recovery import errors, events
@@ -293,3 +294,80 @@ def test_keyboard_interrupt_passes_through_a_sync_pipeline() -> None:
         pipeline.call(interrupted)
     assert bulkhead.state().active == 0
     assert breaker.state is BreakerState.CLOSED
+
+
+# -- hedging x breaker, hedging x budget in the default order (issue 14, items 2 and 3)
+
+
+@pytest.mark.anyio
+async def test_a_pipelines_lost_hedges_reach_its_breaker_as_slow_calls_and_the_budget_once() -> (
+    None
+):
+    breaker = CircuitBreaker(
+        "kv",
+        BreakerConfig(
+            consecutive_failures=None,
+            slow_call_rate_threshold=0.9,
+            slow_call_duration=1.0,
+            minimum_calls=2,
+            keep_window=True,
+        ),
+    )
+    budget = TokenBudget(config=TokenBudgetConfig(max_tokens=10, token_ratio=0.5))
+    budget.on_attempt(False)  # 9 tokens: room to earn
+    pipeline = Pipeline(
+        "kv",
+        retry=RetryConfig(max_attempts=1),
+        budget=budget,
+        hedge=HedgeConfig(delay=0.0),
+        idempotent=True,
+        breaker=breaker,
+    )
+    answered = anyio.Event()
+
+    async def replica(n: list[int]) -> str:
+        n[0] += 1
+        if n[0] == 1:  # the first attempt hangs until the hedge has answered
+            await answered.wait()
+            await anyio.sleep_forever()
+        answered.set()
+        return "ok"
+
+    assert await pipeline.call_async(replica, [0]) == "ok"
+    snapshot = breaker.snapshot()
+    # The hedge's success and the first attempt's lost race: one slow call of two.
+    assert (snapshot.calls, snapshot.failures, snapshot.slow_calls) == (2, 0, 1)
+    # The retry stage reports the call once (+0.5); the hedge reports its own success (+0.5).
+    assert budget.tokens == pytest.approx(10.0)
+
+
+@pytest.mark.anyio
+async def test_a_hedged_call_holds_one_bulkhead_slot_and_one_token_for_all_its_hedges() -> None:
+    with fake_clock():
+        bulkhead = Bulkhead("kv", BulkheadConfig(max_concurrent=1))
+        limiter = RateLimiter("kv", RateLimiterConfig(rate=1.0, burst=2))
+        pipeline = Pipeline(
+            "kv",
+            bulkhead=bulkhead,
+            limiter=limiter,
+            retry=RetryConfig(max_attempts=1),
+            hedge=HedgeConfig(delay=0.0, max_hedges=3),
+            idempotent=True,
+        )
+        held: list[int] = []
+        started = 0
+
+        async def replica() -> str:
+            nonlocal started
+            started += 1
+            held.append(bulkhead.state().active)
+            if started < 4:  # three attempts hang; the last hedge answers
+                await anyio.sleep_forever()
+            await anyio.lowlevel.checkpoint()
+            return "ok"
+
+        assert await pipeline.call_async(replica) == "ok"
+        assert started == 4
+        assert held == [1, 1, 1, 1]  # the hedges ran in the call's one slot
+        assert limiter.tokens == pytest.approx(1.0)  # and on its one token
+        assert bulkhead.state().active == 0

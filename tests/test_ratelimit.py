@@ -241,3 +241,41 @@ async def test_a_caller_cancelled_while_waiting_gives_its_token_back() -> None:
         await limiter.acquire_async()  # reserves, then is cancelled at its first checkpoint
     assert scope.cancelled_caught
     assert limiter.tokens > -0.5  # the reservation was returned
+
+
+# -- reload (issue 14, item 1) ------------------------------------------------------
+
+
+def test_reconfigure_keeps_the_tokens_spent_and_never_hands_out_a_fresh_burst() -> None:
+    with fake_clock() as clock:
+        limiter = RateLimiter("api", RateLimiterConfig(rate=1.0, burst=5))
+        assert all(limiter.try_acquire() for _ in range(5))
+        assert not limiter.try_acquire()
+        for burst in (10, 5, 20):  # reloads, some with a bigger burst
+            limiter.reconfigure(RateLimiterConfig(rate=1.0, burst=burst))
+            assert not limiter.try_acquire()
+        clock.advance(1.0)
+        limiter.reconfigure(RateLimiterConfig(rate=2.0, burst=20))  # 1 s at the old rate
+        assert limiter.try_acquire()
+        assert not limiter.try_acquire()
+        clock.advance(1.0)  # then the new rate: two tokens a second
+        assert limiter.try_acquire() and limiter.try_acquire()
+        assert not limiter.try_acquire()
+        limiter.reconfigure(RateLimiterConfig(rate=2.0, burst=1))  # clamped, never raised
+        assert limiter.tokens <= 1.0
+
+
+def test_reconfigure_keeps_each_callers_bucket() -> None:
+    with fake_clock():
+        config = RateLimiterConfig(rate=100.0, burst=100, per_caller_rate=1.0, per_caller_burst=2)
+        limiter = RateLimiter("api", config)
+        assert limiter.try_acquire("tenant") and limiter.try_acquire("tenant")
+        assert not limiter.try_acquire("tenant")
+        limiter.reconfigure(
+            RateLimiterConfig(rate=100.0, burst=100, per_caller_rate=1.0, per_caller_burst=5)
+        )
+        assert not limiter.try_acquire("tenant")
+        with pytest.raises(
+            TypeError, match=r"RateLimiter\.reconfigure: expected a RateLimiterConfig"
+        ):
+            limiter.reconfigure({"rate": 1})  # type: ignore[arg-type]

@@ -181,3 +181,62 @@ def test_a_cancellation_after_other_outcomes_counts_none_of_them() -> None:
     with pytest.raises(KeyboardInterrupt):
         recover_batch_sync(bulk, [1, 2, 3], config=NO_WAIT, budget=budget)
     assert budget.tokens == budget.config.max_tokens  # neither the failure nor the success
+
+
+# -- a failed round's frames die before the next round (issue 14, item 4)
+
+
+class _Buffer:
+    """Counts live instances: memory held by a failed round's frame."""
+
+    live = 0
+
+    def __init__(self) -> None:
+        _Buffer.live += 1
+
+    def __del__(self) -> None:
+        _Buffer.live -= 1
+
+
+class Leaky:
+    """A bulk call that holds a buffer per item; its first round fails (whole or per item)."""
+
+    def __init__(self, whole: bool) -> None:
+        self.whole = whole
+        self.live_at_start: list[int] = []
+
+    def __call__(self, items: list[int]) -> list[int | BaseException]:
+        self.live_at_start.append(_Buffer.live)
+        buffers = [_Buffer() for _ in items]
+        if len(self.live_at_start) == 1:
+            if self.whole:
+                raise ConnectionResetError(f"lost after {len(buffers)} buffers")
+            try:
+                raise ConnectionResetError("item lost")
+            except ConnectionResetError as exc:  # its traceback holds this frame
+                return [exc for _ in items]
+        return [x * 2 for x in items]
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["whole_batch_error", "item_errors"])
+def test_a_failed_rounds_frames_are_released_before_the_next_round(whole: bool) -> None:
+    import gc
+
+    gc.collect()
+    gc.disable()  # reference counting alone must free them
+    try:
+        leaky = Leaky(whole)
+        report = recover_batch_sync(leaky, [1, 2, 3], config=NO_WAIT)
+        assert report.values() == [2, 4, 6]
+        assert leaky.live_at_start == [0, 0]
+
+        async def run() -> list[int]:
+            leaky2 = Leaky(whole)
+            report = await recover_batch(leaky2, [1, 2, 3], config=NO_WAIT)
+            assert leaky2.live_at_start == [0, 0]
+            return report.values()
+
+        assert asyncio.run(run()) == [2, 4, 6]
+        assert _Buffer.live == 0
+    finally:
+        gc.enable()

@@ -289,3 +289,60 @@ def test_every_compensation_runs_exactly_once_in_reverse(
         assert isinstance(raised, Boom)
     else:
         assert raised is None
+
+
+# -- a compensation that returns a coroutine in a sync block (issue 14, item 5)
+
+
+async def a_undo(n: int) -> None:
+    """An async undo, reached through a lambda that a sync block cannot await."""
+    raise AssertionError(f"never runs in a sync block ({n})")
+
+
+def _sync_block_with_a_lambda_returning_a_coroutine(ran: list[str]) -> None:
+    with Compensations("booking") as undo:
+        undo.add(ran.append, "first undo")
+        undo.add(lambda: a_undo(9))
+        undo.add(ran.append, "last undo")
+        raise Boom("step 3 failed")
+
+
+def test_a_compensation_returning_a_coroutine_in_a_sync_block_fails_loudly() -> None:
+    ran: list[str] = []
+    # pytest turns RuntimeWarning into an error: the coroutine must be closed, not dropped.
+    with pytest.raises(CleanupFailed) as caught:
+        _sync_block_with_a_lambda_returning_a_coroutine(ran)
+    group = caught.value
+    assert isinstance(group.original, Boom)
+    assert ran == ["last undo", "first undo"]  # the others still ran, in reverse
+    (error,) = group.cleanup_errors
+    assert isinstance(error, TypeError)
+    assert "<lambda>" in str(error)
+    assert "returned a coroutine" in str(error)
+    assert "closed" in str(error)
+
+
+@pytest.mark.anyio
+async def test_a_compensation_returning_a_coroutine_fails_loudly_with_a_running_loop() -> None:
+    ran: list[str] = []
+    with pytest.raises(CleanupFailed) as caught:
+        _sync_block_with_a_lambda_returning_a_coroutine(ran)
+    (error,) = caught.value.cleanup_errors
+    assert "returned a coroutine" in str(error)
+
+
+def test_an_always_entry_returning_a_coroutine_after_success_fails_loudly() -> None:
+    with pytest.raises(CleanupFailed) as caught, Compensations("release") as undo:
+        undo.always(lambda: a_undo(1))
+    assert caught.value.original is None
+    (error,) = caught.value.cleanup_errors
+    assert "returned a coroutine" in str(error)
+
+
+def test_an_async_callable_object_is_refused_at_add_in_a_sync_block() -> None:
+    class AsyncUndo:
+        async def __call__(self) -> None:
+            raise AssertionError("never called")
+
+    with Compensations() as undo, pytest.raises(TypeError, match="is async"):
+        undo.add(AsyncUndo())

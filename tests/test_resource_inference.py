@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,96 @@ def test_the_numpy_example_splits_then_falls_back_to_the_cpu() -> None:
         "moved_served_by": {"cpu"},
         "fallbacks": [("small-gpu", "cpu")],
     }
+
+
+# -- a failed attempt's memory is freed before the next one (issue 14, item 4)
+
+
+class Memory:
+    """A device whose memory is freed only when the tensors holding it are collected.
+
+    Each :class:`Tensor` takes one unit while it lives (``__del__`` gives it
+    back), like device memory behind a framework's tensors: if anything keeps
+    the frames of a failed forward pass alive (the out-of-memory exception's
+    traceback does), its tensors keep their units.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self.peak_refused = 0
+
+    def forward(self, batch: Sequence[int]) -> list[int]:
+        activations = [Tensor(self) for _ in batch]  # held by this frame
+        if self.used > self.capacity:
+            self.peak_refused = max(self.peak_refused, self.used)
+            raise OutOfMemoryError(f"tried to allocate {len(activations)} units")
+        return [x * 2 for x in batch]
+
+    async def forward_async(self, batch: Sequence[int]) -> list[int]:
+        return self.forward(batch)
+
+
+class Tensor:
+    __slots__ = ("memory",)
+
+    def __init__(self, memory: Memory) -> None:
+        self.memory = memory
+        memory.used += 1
+
+    def __del__(self) -> None:
+        self.memory.used -= 1
+
+
+@pytest.fixture
+def no_cycle_collector() -> Iterator[None]:
+    # Memory must be free before the next attempt, by reference counting
+    # alone: a cycle collected "eventually" is the pitfall itself.
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _cpu(batch: Sequence[int]) -> list[int]:
+    return [-1 for _ in batch]
+
+
+@pytest.mark.usefixtures("no_cycle_collector")
+def test_run_sync_frees_the_failed_attempts_memory_before_the_next_attempt() -> None:
+    memory = Memory(capacity=16)
+    config = InferenceConfig(retry=RetryConfig(max_attempts=2, base_delay=0.0), min_batch_size=16)
+    recovery = InferenceRecovery(memory.forward, fallbacks=[("cpu", _cpu)], config=config)
+    result = recovery.run_sync(list(range(64)))
+    assert result.served_by == ("primary",) * 64  # 64 and 32 refused, 16 fits
+    assert result.outputs == [x * 2 for x in range(64)]
+    assert memory.used == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("no_cycle_collector")
+async def test_run_frees_the_failed_attempts_memory_before_the_next_attempt() -> None:
+    for model in ("forward", "forward_async"):
+        memory = Memory(capacity=16)
+        config = InferenceConfig(
+            retry=RetryConfig(max_attempts=2, base_delay=0.0), min_batch_size=16
+        )
+        recovery = InferenceRecovery(
+            getattr(memory, model), fallbacks=[("cpu", _cpu)], config=config
+        )
+        result = await recovery.run(list(range(64)))
+        assert result.served_by == ("primary",) * 64, model
+        assert memory.used == 0
+
+
+@pytest.mark.usefixtures("no_cycle_collector")
+def test_when_every_model_runs_out_the_last_error_is_raised_with_its_note() -> None:
+    memory = Memory(capacity=4)
+    config = InferenceConfig(retry=RetryConfig(max_attempts=1), min_batch_size=8)
+    recovery = InferenceRecovery(memory.forward, config=config)
+    with pytest.raises(OutOfMemoryError) as caught:
+        recovery.run_sync(list(range(16)))
+    assert "ran out of memory on every model" in "\n".join(caught.value.__notes__)
+    assert "8 item(s) per call" in "\n".join(caught.value.__notes__)

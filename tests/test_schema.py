@@ -7,6 +7,7 @@ import enum
 import typing
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -339,4 +340,121 @@ def test_literals_fixed_tuples_and_lists_of_durations() -> None:
     assert problems_of(Shapes, {"mode": "slow", "pair": [1, "a", 3]}) == [
         "app.toml: mode: expected one of 'fast', 'safe' (got 'slow')",
         "app.toml: pair: expected a list of 2 items (got [1, 'a', 3])",
+    ]
+
+
+# --- one duration rule for every duration field of the library ---------------------------
+
+
+def _configuration_classes() -> list[type[Any]]:
+    """Every configuration dataclass of the library (events and results left out)."""
+    import importlib
+    import pkgutil
+
+    import datapunk_recovery
+    from datapunk_recovery.events import Event
+
+    found: dict[str, type[Any]] = {}
+    for info in pkgutil.walk_packages(datapunk_recovery.__path__, "datapunk_recovery."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for obj in vars(module).values():
+            if (
+                isinstance(obj, type)
+                and dataclasses.is_dataclass(obj)
+                and obj.__module__ == module.__name__
+                and not issubclass(obj, Event)
+                and "__post_init__" in vars(obj)  # validated: a configuration
+            ):
+                found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return [found[name] for name in sorted(found)]
+
+
+_REQUIRED: dict[str, dict[str, Any]] = {"PoolConfig": {"capacity": 2}}
+
+
+def _float_fields(cls: type[Any]) -> list[dataclasses.Field[Any]]:
+    hints = typing.get_type_hints(cls)
+    return [
+        f
+        for f in dataclasses.fields(cls)
+        if f.init and float in (typing.get_args(hints[f.name]) or (hints[f.name],))
+    ]
+
+
+def _buildable(cls: type[Any]) -> dict[str, Any] | None:
+    required = _REQUIRED.get(cls.__name__, {})
+    try:
+        cls(**required)
+    except (TypeError, ValueError):
+        return None
+    return required
+
+
+def test_every_duration_setting_is_bounded_by_one_day_and_reads_duration_texts() -> None:
+    from datapunk_recovery._validate import MAX_SECONDS
+    from datapunk_recovery.durations import format_duration
+
+    checked = 0
+    for cls in _configuration_classes():
+        required = _buildable(cls)
+        if required is None:
+            continue
+        for field in _float_fields(cls):
+            try:
+                cls(**{**required, field.name: 2 * MAX_SECONDS})
+            except ValueError as exc:
+                seconds = "one day" in str(exc)
+            else:
+                seconds = False
+            where = f"{cls.__name__}.{field.name}"
+            # A field validated as seconds reads duration texts, and only such a field.
+            assert is_duration_field(field) == seconds, where
+            if not seconds:
+                continue
+            checked += 1
+            default = getattr(cls(**required), field.name)
+            value = default if isinstance(default, float) and default > 0 else 1.0
+            as_number = build(cls, {**required, field.name: value}, source="t")
+            as_text = build(cls, {**required, field.name: format_duration(value)}, source="t")
+            assert getattr(as_text, field.name) == pytest.approx(getattr(as_number, field.name))
+            with pytest.raises(ConfigError, match="one day"):
+                build(cls, {**required, field.name: "25h"}, source="t")
+    assert checked >= 30  # the sweep found the library's durations
+
+
+def test_a_factor_is_not_a_duration() -> None:
+    from datapunk_recovery.breaker import BreakerConfig
+
+    fields = {f.name: f for f in dataclasses.fields(BreakerConfig)}
+    assert not is_duration_field(fields["open_backoff"])
+    assert build(BreakerConfig, {"open_backoff": 2}, source="t").open_backoff == 2.0
+    assert problems_of(BreakerConfig, {"open_backoff": "2s"}) == [
+        "app.toml: open_backoff: expected a number (got '2s')"
+    ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Span:
+    low: float = 1.0
+    high: float = 2.0
+    steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"Span.steps: must be >= 1, got {self.steps!r}")
+        if self.high < self.low:
+            raise ValueError(f"Span.high: must be >= low ({self.low!r}), got {self.high!r}")
+
+
+def test_a_rule_between_fields_of_any_dataclass_judges_the_values_given() -> None:
+    assert build(Span, {"low": 0.1, "high": 0.5}, source="app.toml") == Span(0.1, 0.5)
+    assert build(Span, {"high": 0.5}, source="t", base=Span(0.1, 0.2)) == Span(0.1, 0.5)
+    # Judged alone, a bad value is still reported with the others.
+    assert problems_of(Span, {"low": 0.1, "high": 0.5, "steps": 0}) == [
+        "app.toml: steps: must be >= 1 (got 0)"
+    ]
+    assert problems_of(Span, {"low": 3.0, "high": 0.5}) == [
+        "app.toml: high: must be >= low (3.0) (got 0.5)"
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -12,12 +13,24 @@ import anyio
 import asyncpg
 import pytest
 import redis.asyncio as redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from datapunk_recovery import CircuitOpenError, subscribe
+from datapunk_recovery import (
+    CircuitOpenError,
+    ErrorCategory,
+    Jitter,
+    RetryConfig,
+    RetryPolicy,
+    _runtime,
+    retry,
+    subscribe,
+)
 from datapunk_recovery import strategies as strategies_module
 from datapunk_recovery.breaker import BreakerState
 from datapunk_recovery.cache import MemoryCache
-from datapunk_recovery.database import ManagedPool
+from datapunk_recovery.clock import FakeClock, use_clock
+from datapunk_recovery.database import DatabaseUnavailable, ManagedPool, TransactionRolledBack
 from datapunk_recovery.demo.mesh import busy_error
 from datapunk_recovery.events import Event
 from datapunk_recovery.network import AllEndpointsDown, Endpoint
@@ -29,7 +42,7 @@ from datapunk_recovery.strategies import (
     ResourceScope,
 )
 from datapunk_recovery.testing import fake_clock, instant_retries
-from tests.harness import APP_PASSWORD, PostgresServer, RedisServer
+from tests.harness import APP_PASSWORD, PostgresServer, RedisServer, ThreadedProxy
 
 pytestmark = pytest.mark.anyio
 
@@ -72,8 +85,107 @@ async def test_calculate_backoff_gives_the_policy_numbers() -> None:
     recovery = strategies()
     assert recovery.calculate_backoff(1) == pytest.approx(0.01)
     assert recovery.calculate_backoff(2, "slow") == pytest.approx(0.02)
-    with pytest.raises(ValueError, match="never happens"):
-        recovery.calculate_backoff(3)  # max_attempts=3: two retries only
+    # Any retry count has a delay, whatever max_attempts allows (the seed's face).
+    assert recovery.calculate_backoff(0) == 0.0
+    assert recovery.calculate_backoff(3) == pytest.approx(0.04)
+    assert recovery.calculate_backoff(10**6) == recovery.config.defaults.retry.max_delay
+    with pytest.raises(ValueError, match=">= 0"):
+        recovery.calculate_backoff(-1)
+    with pytest.raises(TypeError, match="int"):
+        recovery.calculate_backoff(1.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("jitter", list(Jitter))
+def test_calculate_backoff_answers_a_huge_retry_number_of_any_jitter_kind(jitter: Jitter) -> None:
+    config = RetryConfig(max_attempts=2, base_delay=0.5, max_delay=4.0, jitter=jitter)
+    recovery = RecoveryStrategies(config)
+    delay = recovery.calculate_backoff(10**12, rng=random.Random(7))
+    assert 0.0 <= delay <= 4.0
+    assert delay == recovery.calculate_backoff(10**12, rng=random.Random(7))  # reproducible
+
+
+async def test_a_bare_retry_config_becomes_every_services_retry_policy() -> None:
+    config = RetryConfig(max_attempts=4, base_delay=0.01, max_delay=0.1, jitter=Jitter.NONE)
+    recovery = RecoveryStrategies(config)
+    assert recovery.policy("orders").retry is config
+    assert recovery.config.defaults.retry is config
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls <= 3:
+            raise ConnectionResetError("reset")
+        return "ok"
+
+    assert await recovery.with_network_recovery("orders", flaky) == "ok"
+    assert calls == 4
+    assert recovery.calculate_backoff(2, "orders") == pytest.approx(0.02)
+    policy = RetryPolicy(config, {ErrorCategory.RATE_LIMITED: RetryConfig(max_attempts=2)})
+    both = RecoveryStrategies.from_config(policy)
+    assert both.policy("x").categories[ErrorCategory.RATE_LIMITED].max_attempts == 2
+    with pytest.raises(TypeError, match="RetryConfig"):
+        RecoveryStrategies(3)  # type: ignore[arg-type]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    base=st.floats(0.0, 5.0),
+    spread=st.floats(0.0, 60.0),
+    factor=st.floats(1.0, 10.0),
+    attempts=st.integers(1, 5),
+    n=st.integers(0, 2000),
+)
+def test_calculate_backoff_answers_any_retry_capped_and_never_decreasing(
+    base: float, spread: float, factor: float, attempts: int, n: int
+) -> None:
+    config = RetryConfig(
+        max_attempts=attempts,
+        base_delay=base,
+        max_delay=base + spread,
+        exponential_base=factor,
+        jitter=Jitter.NONE,
+    )
+    recovery = RecoveryStrategies(config)
+    delay = recovery.calculate_backoff(n)
+    assert 0.0 <= delay <= config.max_delay
+    assert recovery.calculate_backoff(n + 1) >= delay
+    assert (delay == 0.0) if n == 0 else (delay == config.envelope(n))
+
+
+@settings(max_examples=60, deadline=None)
+@given(jitter=st.sampled_from(list(Jitter)), seed=st.integers(0, 2**32), retries=st.integers(1, 6))
+def test_calculate_backoff_is_the_delay_the_engine_waits(
+    jitter: Jitter, seed: int, retries: int
+) -> None:
+    config = RetryConfig(max_attempts=retries + 1, base_delay=0.05, max_delay=2.0, jitter=jitter)
+    recovery = RecoveryStrategies(config)
+
+    def fail() -> None:
+        raise ConnectionResetError("reset")
+
+    fake = FakeClock()
+    use_clock(fake)
+    instant = _runtime.set_instant(False)  # the fake clock records the waits
+    try:
+        with pytest.raises(ConnectionResetError):
+            retry(config, rng=random.Random(seed))(fail)()
+    finally:
+        _runtime.set_instant(instant)
+        use_clock(None)
+    assert len(fake.slept) <= retries
+    if jitter is Jitter.NONE:
+        assert fake.slept == [recovery.calculate_backoff(n) for n in range(1, retries + 1)]
+    elif config.stateful:
+        # The n-th delay of a call is the n-th draw of the sequence, as calculate_backoff says.
+        assert fake.slept[-1] == recovery.calculate_backoff(retries, rng=random.Random(seed))
+    else:
+        first = recovery.calculate_backoff(1, rng=random.Random(seed))
+        assert fake.slept[0] == first
+        assert all(
+            0.0 <= wait <= config.envelope(n) * (1 + config.jitter_factor)
+            for n, wait in enumerate(fake.slept, start=1)
+        )
 
 
 # -- network ---------------------------------------------------------------------
@@ -564,14 +676,23 @@ async def test_a_close_cancelled_midway_still_closes_the_rest(
 async def test_a_failed_open_raises_its_own_error_even_when_closing_fails(
     postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # "two" points at a port where nothing listens: the open fails after "one".
+    # Creating "two" fails (pools connect lazily, so make the creation itself
+    # fail): the open fails after "one" was created.
     nowhere = postgres_server.app_dsn.replace(f":{postgres_server.port}/", ":1/")
     config = {
         **CONFIG,
         "databases": {"one": {"postgres": postgres_server.app_dsn}, "two": {"postgres": nowhere}},
     }
     real_close = ManagedPool.close
+    real_create = ManagedPool.create_asyncpg
     closed: list[ManagedPool] = []
+
+    async def create(dsn: str, *args: Any, **kwargs: Any) -> ManagedPool:
+        if dsn == nowhere:
+            raise OSError("cannot create a pool")
+        return await real_create(dsn, *args, **kwargs)
+
+    monkeypatch.setattr(ManagedPool, "create_asyncpg", create)
 
     async def close(pool: ManagedPool) -> None:
         await real_close(pool)
@@ -648,9 +769,9 @@ async def test_reload_carries_the_budget_fill_over() -> None:
     new = {**CONFIG, "defaults": {**CONFIG["defaults"], "budget": {"max_tokens": 20}}}
     recovery.reload(new, environ={})
     carried = recovery.budget("slow")
-    assert carried is not None and carried is not budget
+    assert carried is budget  # the same bucket, re-configured: its tokens are kept
     assert carried.config.max_tokens == 20
-    assert budget.tokens - 1 < carried.tokens <= budget.tokens
+    assert carried.tokens == 7.0
 
 
 async def test_a_bad_reload_is_rejected_whole_and_the_old_config_keeps_running() -> None:
@@ -666,3 +787,406 @@ async def test_a_bad_reload_is_rejected_whole_and_the_old_config_keeps_running()
     assert paths == {"defaults.retry.max_attempts", "services.api.retry.base_delay"}
     assert recovery.config is before
     assert recovery.policy("slow").retry.max_attempts == 5
+
+
+# -- reload keeps every live limit (issue 14, item 1) -------------------------------
+#
+# What a reload guarantees for a limit: the count of calls (units) admitted
+# before it goes on counting after it, so the concurrency in force never
+# exceeds the largest limit configured while those calls ran.  When a limit
+# shrinks below what is held, nothing new is admitted until what is held
+# drops below the new limit.
+
+
+def _limited(limit: int | None) -> dict[str, Any]:
+    service: dict[str, Any] = {
+        "retry": {"max_attempts": 1},
+        "breaker": "none",
+        "budget": "none",
+    }
+    if limit is not None:
+        service["bulkhead"] = {"max_concurrent": limit, "max_queue": 1000, "max_wait": 60}
+    return {"services": {"db": service}}
+
+
+class Load:
+    """Calls that hold their slot until released one by one; counts what runs at once."""
+
+    def __init__(self, recovery: RecoveryStrategies) -> None:
+        self.recovery = recovery
+        self.running = 0
+        self.peak = 0
+        self.holding: list[anyio.Event] = []
+        self.done = 0
+
+    async def call(self) -> None:
+        async def work() -> None:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            gate = anyio.Event()
+            self.holding.append(gate)
+            try:
+                await gate.wait()
+            finally:
+                self.running -= 1
+
+        await self.recovery.with_network_recovery("db", work)
+        self.done += 1
+
+    def release_one(self) -> None:
+        self.holding.pop(0).set()
+
+    def release_all(self) -> None:
+        while self.holding:
+            self.release_one()
+
+
+async def _settle() -> None:
+    # Let every runnable task run until it blocks (bounded: no sleeping).
+    for _ in range(20):
+        await anyio.lowlevel.checkpoint()
+
+
+async def test_reloading_a_bulkhead_never_exceeds_the_largest_limit_in_force() -> None:
+    recovery = RecoveryStrategies.from_config(_limited(5), environ={})
+    load = Load(recovery)
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(load.call)
+        await _settle()
+        assert load.running == 5
+        recovery.reload(_limited(6), environ={})  # a larger limit admits a waiter at once
+        await _settle()
+        assert load.running == 6
+        for i in range(40):  # steady load, alternating limits
+            recovery.reload(_limited(5 if i % 2 == 0 else 6), environ={})
+            tg.start_soon(load.call)
+            tg.start_soon(load.call)
+            await _settle()
+            load.release_one()
+            await _settle()
+            assert load.running <= 6
+        load.release_all()
+        while load.done < 8 + 80:
+            await _settle()
+            load.release_all()
+    assert load.peak == 6  # the largest limit in force, never 5 + 6
+
+
+async def test_a_shrunk_bulkhead_admits_nothing_until_use_drops_below_the_new_limit() -> None:
+    recovery = RecoveryStrategies.from_config(_limited(6), environ={})
+    load = Load(recovery)
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(load.call)
+        await _settle()
+        assert load.running == 6
+        recovery.reload(_limited(3), environ={})
+        for expected in (5, 4, 3, 3):  # released, and no one admitted until below 3
+            load.release_one()
+            await _settle()
+            assert load.running == expected
+        bulkhead = recovery._service("db").bulkhead
+        assert bulkhead is not None and bulkhead.state().limit == 3
+        load.release_all()
+        while load.done < 10:
+            await _settle()
+            load.release_all()
+    assert load.peak == 6
+
+
+async def test_a_bulkhead_removed_and_restored_by_reloads_still_counts_its_holders() -> None:
+    recovery = RecoveryStrategies.from_config(_limited(4), environ={})
+    load = Load(recovery)
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(load.call)
+        await _settle()
+        recovery.reload(_limited(None), environ={})  # no limit for a while
+        recovery.reload(_limited(4), environ={})  # back: the 4 holders still count
+        for _ in range(3):
+            tg.start_soon(load.call)
+        await _settle()
+        assert load.running == 4
+        load.release_all()
+        while load.done < 7:
+            await _settle()
+            load.release_all()
+    assert load.peak == 4
+
+
+async def test_a_named_service_dropped_from_the_configuration_keeps_its_bulkhead_count() -> None:
+    both = _limited(3)
+    both["defaults"] = {"bulkhead": {"max_concurrent": 3, "max_queue": 100, "max_wait": 60}}
+    recovery = RecoveryStrategies.from_config(both, environ={})
+    load = Load(recovery)
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(load.call)
+        await _settle()
+        recovery.reload({"defaults": both["defaults"]}, environ={})  # "db" now runs on defaults
+        for _ in range(3):
+            tg.start_soon(load.call)
+        await _settle()
+        assert load.running == 3
+        load.release_all()
+        while load.done < 6:
+            await _settle()
+            load.release_all()
+    assert load.peak == 3
+
+
+async def test_reload_never_refills_a_budget() -> None:
+    recovery = strategies()
+    budget = recovery.budget("slow")
+    assert budget is not None
+    for _ in range(6):
+        budget.on_attempt(False)  # 4 of 10 tokens left: retries refused
+    assert not budget.allow_retry()
+    for max_tokens in (20, 10, 5, 10):
+        new = {**CONFIG, "defaults": {**CONFIG["defaults"], "budget": {"max_tokens": max_tokens}}}
+        recovery.reload(new, environ={})
+        assert recovery.budget("slow") is budget  # the same bucket, new thresholds
+        assert budget.config.max_tokens == max_tokens
+        assert budget.tokens <= 4.0
+        assert budget.allow_retry() is (max_tokens == 5)  # 4 > 2.5: the new threshold
+    no_budget = {**CONFIG, "defaults": {**CONFIG["defaults"], "budget": "none"}}
+    recovery.reload(no_budget, environ={})
+    assert recovery.budget("slow") is None
+    recovery.reload(CONFIG, environ={})  # back: the drained bucket, not a full one
+    assert recovery.budget("slow") is budget
+    assert budget.tokens <= 4.0
+
+
+async def test_reloading_a_pool_never_exceeds_the_largest_capacity_in_force() -> None:
+    def pools(capacity: int) -> dict[str, Any]:
+        return {"pools": {"gpu": {"capacity": capacity, "max_wait": 60}}}
+
+    recovery = strategies(pools(2))
+    pool = recovery.pool("gpu")
+    holding = running = peak = 0
+    gates: list[anyio.Event] = []
+
+    async def use() -> None:
+        nonlocal running, peak
+        async with recovery.pool("gpu").acquire(1):
+            running += 1
+            peak = max(peak, running)
+            gate = anyio.Event()
+            gates.append(gate)
+            await gate.wait()
+            running -= 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(6):
+            tg.start_soon(use)
+        await _settle()
+        assert running == 2
+        for capacity in (3, 2, 3, 1, 3):
+            recovery.reload(strategies_module._resolve({**CONFIG, **pools(capacity)}, {}))
+            await _settle()
+            assert recovery.pool("gpu") is pool
+            assert running <= 3
+        holding = running
+        while gates:
+            gates.pop(0).set()
+            await _settle()
+    assert holding == 3
+    assert peak == 3
+
+
+async def test_a_pool_removed_and_restored_by_reloads_still_counts_its_leases() -> None:
+    with_pool = {**CONFIG, "pools": {"gpu": {"capacity": 1, "max_wait": 0.01}}}
+    recovery = RecoveryStrategies.from_config(with_pool, environ={})
+    pool = recovery.pool("gpu")
+    async with pool.acquire(1):
+        recovery.reload(CONFIG, environ={})
+        with pytest.raises(KeyError):
+            recovery.pool("gpu")
+        recovery.reload(with_pool, environ={})
+        assert recovery.pool("gpu") is pool
+        assert pool.in_use == 1  # the lease from before still holds the only unit
+    assert pool.in_use == 0
+
+
+async def test_a_hung_endpoint_losing_its_hedges_trips_its_breaker_through_the_facade() -> None:
+    recovery = strategies(
+        {
+            "services": {
+                "search": {
+                    "endpoints": ["hung", "good"],
+                    "priorities": {"good": 0},
+                    "hedge": {"delay": "20ms"},
+                    "retry": {"max_attempts": 1},
+                    "breaker": {
+                        "consecutive_failures": 5,
+                        "slow_call_rate_threshold": 0.5,
+                        "slow_call_duration": "1s",
+                        "minimum_calls": 2,
+                        "keep_window": True,
+                    },
+                }
+            }
+        }
+    )
+
+    async def call(endpoint: Endpoint) -> str:
+        if endpoint.name == "hung":
+            await anyio.sleep_forever()
+        return endpoint.name
+
+    hung = recovery.breaker("search", "hung")
+    assert hung is not None
+    for _ in range(20):  # the hung endpoint gets about half the first attempts
+        assert await recovery.with_network_recovery("search", call) == "good"
+        if hung.state is BreakerState.OPEN:
+            break
+    assert hung.state is BreakerState.OPEN
+    assert hung.snapshot().failures == 0
+# -- acknowledged only once committed; entering never needs the dependencies up --------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
+async def test_database_recovery_does_not_acknowledge_a_transaction_postgres_rolled_back(
+    postgres_server: PostgresServer,
+) -> None:
+    config = {**CONFIG, "databases": {"ledger": {"postgres": postgres_server.app_dsn}}}
+    calls = 0
+
+    async def swallow(conn: Any) -> str:
+        nonlocal calls
+        calls += 1
+        await conn.execute("CREATE TEMP TABLE IF NOT EXISTS once (id int primary key)")
+        await conn.execute("INSERT INTO once VALUES (1)")
+        try:  # noqa: SIM105 - the application carries on, as in the wild
+            await conn.execute("INSERT INTO once VALUES (1)")
+        except asyncpg.UniqueViolationError:
+            pass
+        return "acknowledged"
+
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        with pytest.raises(TransactionRolledBack) as caught:
+            await recovery.with_database_recovery(swallow, database="ledger")
+    assert calls == 1 and caught.value.code == "23505"
+
+
+async def test_database_recovery_does_not_acknowledge_a_transaction_sqlite_rolled_back(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "rolled.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE u (id INTEGER PRIMARY KEY)")
+        conn.execute("INSERT INTO u VALUES (1)")
+    config = {**CONFIG, "databases": {"orders": {"sqlite": path}}}
+
+    def swallow(conn: sqlite3.Connection) -> str:
+        conn.execute("INSERT INTO u VALUES (2)")
+        try:  # noqa: SIM105 - the application carries on, as in the wild
+            conn.execute("INSERT OR ROLLBACK INTO u VALUES (1)")
+        except sqlite3.IntegrityError:
+            pass
+        return "acknowledged"
+
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        with pytest.raises(TransactionRolledBack):
+            await recovery.with_database_recovery(swallow, database="orders")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM u").fetchone()[0] == 1
+
+
+def closed_port() -> int:
+    """A loopback port where nothing listens (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg, redis.asyncio
+async def test_entering_the_facade_needs_no_dependency_up_and_first_use_names_it(
+    postgres_server: PostgresServer,
+) -> None:
+    port = closed_port()
+    dsn = postgres_server.app_dsn.replace(f":{postgres_server.port}/", f":{port}/")
+    config = {
+        **CONFIG,
+        "databases": {"ledger": {"postgres": dsn}},
+        "cache": {"redis": f"redis://:{APP_PASSWORD}@127.0.0.1:{port}/0"},
+    }
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:  # no connection
+        pool = recovery.database("ledger")
+        assert isinstance(pool, ManagedPool) and pool.snapshot().size == 0
+
+        async def source(key: str) -> str:
+            return "from source"
+
+        # The cache is down: the source answers (the cache's failure is not the caller's).
+        assert (await recovery.with_cache_recovery("k", source, service="bare")).value == (
+            "from source"
+        )
+        with pytest.raises(DatabaseUnavailable) as caught:
+            await recovery.with_database_recovery(
+                lambda conn: conn.fetchval("SELECT 1"), database="ledger"
+            )
+    message = str(caught.value)
+    assert "ledger" in message and f"127.0.0.1:{port}" in message
+    assert APP_PASSWORD not in message
+    assert caught.value.retryable  # a connection failure: the retry layers could cure it
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
+async def test_a_database_down_at_entry_is_used_once_it_comes_up(
+    postgres_server: PostgresServer, make_proxy: Callable[[tuple[str, int]], ThreadedProxy]
+) -> None:
+    proxy = make_proxy(("127.0.0.1", closed_port()))  # upstream refused: the database is down
+    dsn = postgres_server.app_dsn.replace(f":{postgres_server.port}/", f":{proxy.port}/")
+    config = {**CONFIG, "databases": {"ledger": {"postgres": dsn}}}
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        with pytest.raises(DatabaseUnavailable, match="ledger"):
+            await recovery.with_database_recovery(
+                lambda conn: conn.fetchval("SELECT 1"), database="ledger", service="bare"
+            )
+        proxy.target = postgres_server.address  # the database is back
+        assert (
+            await recovery.with_database_recovery(
+                lambda conn: conn.fetchval("SELECT 41 + 1"), database="ledger", service="bare"
+            )
+            == 42
+        )
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
+async def test_entering_opens_no_connection_even_when_the_database_is_up(
+    postgres_server: PostgresServer,
+) -> None:
+    config = {**CONFIG, "databases": {"ledger": {"postgres": postgres_server.app_dsn}}}
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        pool = recovery.database("ledger")
+        assert isinstance(pool, ManagedPool) and pool.snapshot().size == 0
+        assert (
+            await recovery.with_database_recovery(
+                lambda conn: conn.fetchval("SELECT 1"), database="ledger"
+            )
+            == 1
+        )
+        assert pool.snapshot().size == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
+async def test_a_wrong_database_password_fails_the_first_use_after_one_login(
+    postgres_server: PostgresServer, make_proxy: Callable[[tuple[str, int]], ThreadedProxy]
+) -> None:
+    proxy = make_proxy(postgres_server.address)
+    wrong = postgres_server.dsn_for(
+        postgres_server.app_user, "wrong-secret", postgres_server.app_database, port=proxy.port
+    )
+    config = {**CONFIG, "databases": {"ledger": {"postgres": wrong}}}
+    async with RecoveryStrategies.from_config(config, environ={}) as recovery:
+        with pytest.raises(DatabaseUnavailable) as caught:
+            await recovery.with_database_recovery(
+                lambda conn: conn.fetchval("SELECT 1"), database="ledger", service="slow"
+            )
+    assert proxy.stats.connections_opened == 1  # "slow" allows 5 attempts: one login made
+    assert caught.value.category is ErrorCategory.AUTH and not caught.value.retryable
+    assert "ledger" in str(caught.value) and "wrong-secret" not in str(caught.value)

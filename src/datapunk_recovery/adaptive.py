@@ -227,7 +227,8 @@ class AdaptivePermit:
             # A negative or NaN latency would poison the no-load baseline for good:
             # refuse it, but free the slot all the same (teaching nothing).
             try:
-                rtt = check_seconds("AdaptivePermit", "rtt", rtt)
+                # A measurement, not a setting: no upper bound.
+                rtt = check_number("AdaptivePermit", "rtt", rtt)
             except (TypeError, ValueError):
                 self.ignore()
                 raise
@@ -240,6 +241,17 @@ class AdaptivePermit:
         if not self._done:
             self._done = True
             self._limiter._slots.release(self._caller)
+
+
+def _check_queue(owner: str, max_queue: int, max_wait: float, per_caller: int | None) -> float:
+    """Validate the queue settings; returns ``max_wait`` in seconds."""
+    check_count(owner, "max_queue", max_queue, minimum=0)
+    max_wait = check_seconds(owner, "max_wait", max_wait)
+    if max_queue > 0 and max_wait == 0.0:
+        raise ValueError(f"{owner}.max_wait: must be > 0 seconds when max_queue > 0, got 0")
+    if per_caller is not None:
+        check_count(owner, "per_caller", per_caller)
+    return max_wait
 
 
 class AdaptiveLimiter(CallDecorator):
@@ -276,13 +288,7 @@ class AdaptiveLimiter(CallDecorator):
             raise TypeError(
                 f"AdaptiveLimiter.algorithm: expected AIMD or Gradient, got {algorithm!r}"
             )
-        owner = "AdaptiveLimiter"
-        check_count(owner, "max_queue", max_queue, minimum=0)
-        max_wait = check_seconds(owner, "max_wait", max_wait)
-        if max_queue > 0 and max_wait == 0.0:
-            raise ValueError(f"{owner}.max_wait: must be > 0 seconds when max_queue > 0, got 0")
-        if per_caller is not None:
-            check_count(owner, "per_caller", per_caller)
+        max_wait = _check_queue("AdaptiveLimiter", max_queue, max_wait, per_caller)
         #: Where this limiter's events go first (then the global bus).
         self.bus = bus if bus is not None else EventBus()
         self._estimate = float(algorithm.initial)
@@ -291,6 +297,45 @@ class AdaptiveLimiter(CallDecorator):
             name, algorithm.initial, max_queue, max_wait, per_caller, self.bus, "adaptive limiter"
         )
         self._lock = threading.Lock()
+
+    def reconfigure(
+        self,
+        algorithm: AIMD | Gradient,
+        *,
+        max_queue: int = 0,
+        max_wait: float = 0.0,
+        per_caller: int | None = None,
+    ) -> None:
+        """Take new settings while calls run, keeping what was learned and what is held.
+
+        This is how a reload changes a limiter: the limit learned so far is
+        kept, within the new [``min_limit``, ``max_limit``] (``initial`` is
+        only where a new limiter starts), and the calls in flight keep
+        counting against it, so a smaller limit admits nobody until fewer
+        calls than it run.  Queue settings are as in
+        :meth:`Bulkhead.reconfigure <datapunk_recovery.bulkhead.Bulkhead.reconfigure>`.
+        """
+        owner = "AdaptiveLimiter.reconfigure"
+        if isinstance(algorithm, AIMD):
+            update: Callable[[float, float, int, bool], float] = algorithm.update
+        elif isinstance(algorithm, Gradient):
+            same = isinstance(self.algorithm, Gradient) and self.algorithm == algorithm
+            update = self._update if same else _GradientState(algorithm).update
+        else:
+            raise TypeError(f"{owner}: expected AIMD or Gradient, got {algorithm!r}")
+        max_wait = _check_queue(owner, max_queue, max_wait, per_caller)
+        with self._lock:
+            old = self._limit
+            estimate = min(
+                float(algorithm.max_limit), max(float(algorithm.min_limit), self._estimate)
+            )
+            self.algorithm = algorithm
+            self._update = update
+            self._estimate = estimate
+            new = self._limit = max(1, math.floor(estimate))
+            self._slots.reconfigure(new, max_queue, max_wait, per_caller)
+        if new != old and (global_bus._subscribers or self.bus._subscribers):
+            emit(LimitChanged(operation=self.name, at=clock.now(), old=old, new=new), self.bus)
 
     @property
     def limit(self) -> int:

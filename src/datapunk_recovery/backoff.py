@@ -22,6 +22,7 @@ retry together (the thundering herd):
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Iterator
@@ -49,6 +50,8 @@ _STATEFUL: Final = frozenset({Jitter.DECORRELATED, Jitter.DECORRELATED_V2})
 _OWNER: Final = "RetryConfig"
 # Past this exponent 2**t overflows a float; the delay is long capped by then.
 _V2_MAX_T: Final = 1000.0
+# Draws of a decorrelated sequence after which its start no longer matters.
+_FORGOTTEN: Final = 10_000
 # One shared generator when the caller brings none: seeding a new Random costs
 # microseconds, more than the whole failure path of a retry.
 _RNG: Final = random.Random()
@@ -117,8 +120,8 @@ class RetryConfig:
         """The un-jittered exponential delay of retry ``n`` (n >= 1), capped."""
         try:
             e = self.base_delay * self.exponential_base ** (n - 1)
-        except OverflowError:  # far past the cap
-            return self.max_delay
+        except OverflowError:  # far past the cap (a zero base stays zero)
+            return self.max_delay if self.base_delay else 0.0
         return e if e < self.max_delay else self.max_delay
 
     def compute_delay(self, n: int, rng: random.Random | None = None) -> float:
@@ -148,6 +151,65 @@ class RetryConfig:
         f = self.jitter_factor
         return min(self.max_delay, e * (rng or _RNG).uniform(1.0 - f, 1.0 + f))
 
+    def retry_delay(self, n: int, rng: random.Random | None = None) -> float:
+        """The delay the engine waits before retry ``n`` of a call, in seconds.
+
+        The engine's own rule and numbering: ``n = 1`` is the first retry
+        (waited after attempt 1), ``n = 0`` means no retry yet and gives 0.
+        Any ``n >= 0`` is answered whatever ``max_attempts`` says (whether
+        retry ``n`` happens is the engine's decision, not the delay's); the
+        result is in ``[0, max_delay]``.  The decorrelated kinds depend on the
+        delays before: retry ``n``'s is the ``n``-th draw of a fresh sequence
+        (beyond 10,000 retries, the 10,000th stands for it: the sequence has
+        long forgotten its start, and the cost stays bounded).  Without
+        jitter the delay never decreases as ``n`` grows.
+        """
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"the retry number must be an int, got {n!r}")
+        if n < 0:
+            raise ValueError(f"the retry number must be >= 0, got {n!r}")
+        if n == 0:
+            return 0.0
+        draws = None
+        if self.stateful and self.base_delay != 0.0:
+            draws = _sequence(self, rng or _RNG, None)
+            # Past _FORGOTTEN draws the sequence has long forgotten where it
+            # started: that draw stands for every later one (the cost stays
+            # bounded for any n; decorrelated_v2 is at its cap by then).
+            for _ in range(min(n, _FORGOTTEN) - 1):
+                next(draws)
+        return self.next_delay(n, rng, draws)
+
+    def next_delay(self, n: int, rng: random.Random | None, draws: Iterator[float] | None) -> float:
+        """The library's one delay rule: the delay of retry ``n`` (n >= 1), unchecked.
+
+        ``draws`` is the call's own sequence for the decorrelated kinds (its
+        next value is retry ``n``'s), ``None`` for the others.  The engine
+        calls it on its failure path; :meth:`retry_delay` is its checked face.
+        """
+        if self.base_delay == 0.0:  # every jitter kind then waits zero
+            return 0.0
+        if draws is not None:
+            return next(draws)
+        return self._jittered(n, rng)
+
+    def longest_delays(self) -> Iterator[float]:
+        """For retry 1, 2, ... of a call: the longest delay the engine can draw, endlessly.
+
+        The engine's own formulas, run with a generator that always draws the
+        top of every range (so the bound cannot drift from what the engine
+        does).  For the decorrelated kinds, whose sequence counts this
+        configuration's own retries within the call, the value for retry
+        ``n`` bounds the ``n``-th draw and every earlier one (the longest
+        sequence never decreases); ``decorrelated_v2`` is bounded by
+        ``max_delay``.  Never decreasing, never above ``max_delay``.
+        """
+        if self.jitter is Jitter.DECORRELATED_V2:
+            return itertools.repeat(self.max_delay)
+        if self.jitter is Jitter.DECORRELATED:
+            return _decorrelated(self, _HIGHEST, None)
+        return _stateless(self, _HIGHEST, None)
+
     def delays(self, rng: random.Random | None = None) -> Iterator[float]:
         """Yield the delay of retry 1, 2, ...: ``max_attempts - 1`` of them, or endlessly.
 
@@ -156,11 +218,30 @@ class RetryConfig:
         seeded ``rng`` the sequence is reproducible.
         """
         count = None if self.max_attempts is None else self.max_attempts - 1
-        if self.jitter is Jitter.DECORRELATED:
-            return _decorrelated(self, rng or _RNG, count)
-        if self.jitter is Jitter.DECORRELATED_V2:
-            return _decorrelated_v2(self, rng or _RNG, count)
+        if self.stateful:
+            return _sequence(self, rng or _RNG, count)
         return _stateless(self, rng, count)
+
+
+def _sequence(config: RetryConfig, rng: random.Random, count: int | None) -> Iterator[float]:
+    # The delays of a stateful (decorrelated) kind: the engine's per-call draws.
+    if config.jitter is Jitter.DECORRELATED:
+        return _decorrelated(config, rng, count)
+    return _decorrelated_v2(config, rng, count)
+
+
+class _Highest(random.Random):
+    """A generator that always draws the top of the range asked (never random)."""
+
+    def random(self) -> float:
+        return _BELOW_ONE
+
+    def uniform(self, a: float, b: float) -> float:
+        return b if b > a else a
+
+
+_BELOW_ONE: Final = math.nextafter(1.0, 0.0)
+_HIGHEST: Final = _Highest(0)
 
 
 def _stateless(

@@ -40,6 +40,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, ParamSpec, Protocol, TypeVar, cast
 
 from . import clock
+from ._context import lost_race
 from ._validate import check_count, check_fraction, check_number, check_seconds
 from ._windows import CountWindow, TimeWindow, Window
 from .backoff import RetryConfig, server_delay
@@ -398,7 +399,10 @@ class CallRejected(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutcomeRecorded(Event):
-    """An outcome was recorded: ``success``, ``failure``, ``ignored`` or ``cancelled``.
+    """An outcome was recorded: ``success``, ``failure``, ``ignored``, ``cancelled`` or ``lost``.
+
+    ``lost``: a hedged attempt still running when another attempt's answer
+    won the race, counted as a slow call (``slow`` is true).
 
     ``duration`` in seconds when measured; ``error_type`` the exception's type name.
     """
@@ -466,6 +470,9 @@ class CorruptStateIgnored(Event):
 _FAILURE: Final = 0
 _SUCCESS: Final = 1
 _IGNORED: Final = 2
+#: A hedged attempt cancelled because another attempt's answer won: a slow
+#: call of at least its elapsed time, neither a failure nor a success.
+_LOST: Final = 3
 
 
 def judge_error(config: BreakerConfig, exc: BaseException) -> int:
@@ -751,6 +758,48 @@ class _Core:
                 return
             self._open(now, reason, hint)
 
+    def record_lost(self, gen: int, probe: bool, duration: float | None) -> None:
+        """Record a hedge that lost its race while still running (granted in ``gen``).
+
+        It is a slow call, neither a failure nor a success: the consecutive
+        failure count stays as it is, the window counts a slow call when a
+        slow-call rule judges it, a custom policy sees ``(failed=False,
+        slow=True)``; a lost half-open probe re-opens the breaker under a
+        slow-call rule and is freed otherwise.
+        """
+        with self.lock:
+            now = clock.now()
+            state = self.state
+            if state is BreakerState.OPEN or state is BreakerState.HALF_OPEN:
+                self._settle_time(now)
+                state = self.state
+            if gen != self.gen:
+                return  # late: granted in an earlier period
+            config = self.config
+            judged = config.slow_call_rate_threshold is not None
+            if state is BreakerState.HALF_OPEN:
+                if not probe:
+                    return
+                if judged:
+                    self._open(now, "probe_failed", None)
+                elif self.probes_issued:
+                    self.probes_issued -= 1
+                return
+            if state is not BreakerState.CLOSED and state is not BreakerState.METRICS_ONLY:
+                return
+            if self.window is not None and judged:
+                self.window.add(False, True, now)
+            tripped = self.policy is not None and self.policy.record(False, True, duration, now)
+            reason = self._judge(now, tripped)
+            if reason is None:
+                return
+            if state is BreakerState.METRICS_ONLY:
+                self._clear_counts()
+                if self.listening():
+                    emit(ShadowTrip(operation=self.name, at=now, reason=reason), self.bus)
+                return
+            self._open(now, reason, None)
+
     def _judge(self, now: float, tripped: bool) -> str | None:
         config = self.config
         limit = config.consecutive_failures
@@ -830,10 +879,15 @@ class Permit:
             self._breaker._settle_result(self, value, duration)
 
     def cancel(self) -> None:
-        """The call was cancelled: nothing counts, a half-open probe is freed."""
+        """The call was cancelled: nothing counts, a half-open probe is freed.
+
+        Unless it is a hedged attempt cancelled because another attempt won
+        the race: that one counts as a slow call (see ``docs/flow-control.md``).
+        """
         if not self._done:
             self._done = True
-            self._breaker._settle(self, _IGNORED, None, None, None, "cancelled")
+            verdict = _LOST if lost_race() else _IGNORED
+            self._breaker._settle(self, verdict, None, None, None, "cancelled")
 
     async def success_async(self, duration: float | None = None) -> None:
         """:meth:`success`, waiting for a shared store's write."""
@@ -1099,7 +1153,8 @@ class CircuitBreaker:
             self._settle(permit, _FAILURE, None, duration, None, None)
             return
         if not isinstance(exc, Exception):  # cancellation and exit count as nothing
-            self._settle(permit, _IGNORED, None, None, exc, "cancelled")
+            verdict = _LOST if lost_race() else _IGNORED  # ... but a lost hedge is slow
+            self._settle(permit, verdict, None, None, exc, "cancelled")
             return
         config = self.config
         verdict = judge_error(config, exc)
@@ -1131,9 +1186,13 @@ class CircuitBreaker:
         hint = self._validate_hint(raw_hint) if raw_hint is not None else None
         if hint is not None:
             verdict = _FAILURE  # a "come back later" from the server is no success
-        slow = config.is_slow(duration)
+        slow = verdict == _LOST or config.is_slow(duration)
         if core.listening() and core.state is not BreakerState.DISABLED:
-            outcome = ignored_as or ("failure", "success", "ignored")[verdict]
+            outcome = (
+                "lost"
+                if verdict == _LOST
+                else ignored_as or ("failure", "success", "ignored")[verdict]
+            )
             emit(
                 OutcomeRecorded(
                     operation=self.name,
@@ -1146,6 +1205,16 @@ class CircuitBreaker:
                 core.bus,
             )
         link = self._link
+        if verdict == _LOST:
+            if not permit._remote or link is None:
+                core.record_lost(permit._gen, permit._probe, duration)
+                return
+            if config.slow_call_rate_threshold is not None:
+                # A shared breaker's store knows successes and failures: a
+                # lost hedge reaches it as the slow call it is, for its rule.
+                link.record(permit._gen, permit._probe, False, True, duration, None)
+                return
+            verdict = _IGNORED
         if verdict == _IGNORED:
             if permit._remote and link is not None:
                 link.release(permit._gen, permit._probe)
@@ -1244,6 +1313,10 @@ class CircuitBreaker:
             except Exception as exc:
                 self._quick_failure(gen, start, exc)
                 raise
+            except BaseException:
+                if lost_race():  # a hedge that lost its race: a slow call
+                    core.record_lost(gen, False, None if start is None else clock.now() - start)
+                raise
             self._quick_success(gen, start)
             return result
         permit = self.allow()
@@ -1284,6 +1357,10 @@ class CircuitBreaker:
                 result = await fn(*args, **kwargs)
             except Exception as exc:
                 self._quick_failure(gen, start, exc)
+                raise
+            except BaseException:
+                if lost_race():  # a hedge that lost its race: a slow call
+                    core.record_lost(gen, False, None if start is None else clock.now() - start)
                 raise
             self._quick_success(gen, start)
             return result

@@ -292,6 +292,30 @@ class TokenBudget:
         with self._lock:
             self._tokens = self._max
 
+    def reconfigure(self, config: TokenBudgetConfig) -> None:
+        """Take ``config`` while calls run, keeping the tokens held.
+
+        This is how a hot reload changes a budget: a reload never refills it
+        (the tokens are clamped to the new ``max_tokens``, never raised), so
+        a budget drained by an outage stays drained; the thresholds and the
+        ratio are the new ones from the next decision on.
+        """
+        if not isinstance(config, TokenBudgetConfig):
+            raise TypeError(
+                f"TokenBudget.reconfigure: expected a TokenBudgetConfig, got {config!r}"
+            )
+        top = config.max_tokens
+        with self._lock:
+            self.config = config
+            self._max = top
+            self._ratio = config.token_ratio
+            self._limits = (
+                config.sheddable_threshold * top,
+                config.threshold * top,
+                config.critical_threshold * top,
+            )
+            self._tokens = min(self._tokens, top)
+
     def _adopt(self, tokens: float, successes: int = 0, failures: int = 0) -> None:
         """Take the fill of a shared bucket, then apply outcomes it has not seen yet.
 

@@ -388,8 +388,26 @@ class _Slots:
 
     def set_limit(self, limit: int) -> None:
         """Change the concurrency limit; a larger one admits waiters at once."""
+        self.reconfigure(limit, self.max_queue, self.max_wait, self.per_caller)
+
+    def reconfigure(
+        self, limit: int, max_queue: int, max_wait: float, per_caller: int | None
+    ) -> None:
+        """Take new limits, keeping every slot held and every place queued.
+
+        Held slots go on counting: a smaller limit admits nobody until fewer
+        than the new limit are held; a larger one admits waiters at once.
+        Queued calls keep their place (a smaller queue refuses newcomers until
+        it is below it); ``max_wait`` bounds the waits that start from now.
+        A quota added here counts the slots taken from now on.
+        """
         with self._lock:
+            if per_caller is None:
+                self._held.clear()
             self.limit = limit
+            self.max_queue = max_queue
+            self.max_wait = max_wait
+            self.per_caller = per_caller
             woken = self._grant_waiters()
         for waiter in woken:
             waiter.wake()
@@ -587,6 +605,24 @@ class Bulkhead(CallDecorator):
     def state(self) -> BulkheadState:
         """Calls running and waiting now."""
         return self._slots.state()
+
+    def reconfigure(self, config: BulkheadConfig) -> None:
+        """Take ``config`` while calls run, keeping every slot held and every place queued.
+
+        This is how a hot reload changes a bulkhead: the calls admitted before
+        keep counting against the new limit, so concurrency never exceeds the
+        largest limit in force.  A smaller ``max_concurrent`` admits nobody
+        until fewer calls than it hold a slot; a larger one admits waiters at
+        once.  Queued calls keep their place; ``max_wait`` applies to waits
+        that start from now; a ``per_caller`` quota added here counts the
+        slots taken from now on.
+        """
+        if not isinstance(config, BulkheadConfig):
+            raise TypeError(f"Bulkhead.reconfigure: expected a BulkheadConfig, got {config!r}")
+        self._slots.reconfigure(
+            config.max_concurrent, config.max_queue, config.max_wait, config.per_caller
+        )
+        self.config = config
 
     def acquire(self, caller: str | None = None) -> str | None:
         """Take a slot (a thread may wait); returns the caller to pass to :meth:`release`."""

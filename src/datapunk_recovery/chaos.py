@@ -24,6 +24,9 @@ own frame (see ``docs/benchmarks/chaos.md`` for the measured figures).  Where
 even that is too much (production), start the process with
 ``DATAPUNK_RECOVERY_CHAOS=off``: chaos is then *disarmed*, decorators return
 the function itself untouched (zero cost), and nothing can switch it back on.
+The switch fails safe: only ``1``/``on``/``true``/``yes`` (or no value) leave
+chaos armed; any value that is not an accepted one (``disabled``, ``n``)
+disarms it too, with a warning naming the variable and the accepted values.
 
 Latency sleeps through the execution layer (:mod:`datapunk_recovery._runtime`),
 so a fake clock advances instead of waiting, and under asyncio and trio alike
@@ -38,15 +41,17 @@ import contextlib
 import functools
 import inspect
 import itertools
+import logging
 import os
 import random
 import types
+import warnings
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, ParamSpec, TypeVar, cast
 
 from . import _runtime, clock
-from ._validate import check_fraction, check_seconds
+from ._validate import check_fraction, check_number, check_seconds
 from .events import Event, EventBus, emit, global_bus
 from .pipeline import ARun, Run
 from .stats import count_value
@@ -57,6 +62,8 @@ __all__ = [
     "ChaosInjected",
     "ChaosStage",
     "ChaosStats",
+    "ARMING_VALUES",
+    "DISARMING_VALUES",
     "DISARM_VARIABLE",
     "Fault",
     "Injection",
@@ -94,17 +101,50 @@ class _Switch:
 
 #: The environment variable that disarms chaos for the whole process.
 DISARM_VARIABLE: Final = "DATAPUNK_RECOVERY_CHAOS"
-_ARMED: Final = os.environ.get(DISARM_VARIABLE, "").strip().lower() not in {
-    "0",
-    "off",
-    "false",
-    "no",
-}
+#: The values of :data:`DISARM_VARIABLE` that leave chaos armed (unset or empty does too).
+ARMING_VALUES: Final = ("1", "on", "true", "yes")
+#: The values that disarm chaos quietly; any other value disarms it with a warning.
+DISARMING_VALUES: Final = ("0", "off", "false", "no")
+
+
+def _read_switch(value: str | None) -> tuple[bool, str | None]:
+    """Whether chaos is armed by ``value`` of the kill switch, and a warning to give.
+
+    The variable is a kill switch, so it fails safe: a value that is neither
+    an arming nor a disarming one (a typo such as ``disabled``, ``none``,
+    ``n``) disarms chaos, and the warning names the variable, the value and
+    the accepted values.  Case and surrounding blanks do not matter.
+    """
+    if value is None:
+        return True, None
+    word = value.strip().lower()
+    if word == "" or word in ARMING_VALUES:
+        return True, None
+    if word in DISARMING_VALUES:
+        return False, None
+    return False, (
+        f"{DISARM_VARIABLE}={value[:40]!r} is not an accepted value (arm with "
+        f"{', '.join(ARMING_VALUES)} or leave it unset; disarm with "
+        f"{', '.join(DISARMING_VALUES)}): chaos is DISARMED for this process"
+    )
+
+
+def _armed_at_import() -> bool:
+    armed, warning = _read_switch(os.environ.get(DISARM_VARIABLE))
+    if warning is not None:
+        warnings.warn(warning, RuntimeWarning, stacklevel=3)
+        logging.getLogger("datapunk_recovery.chaos").warning("%s", warning)
+    return armed
+
+
+_ARMED: Final = _armed_at_import()
 _GLOBAL: Final = _Switch(_ARMED)
 
 
 def armed() -> bool:
-    """False when ``DATAPUNK_RECOVERY_CHAOS=off`` (or ``0``/``false``/``no``) disarmed chaos.
+    """False when ``DATAPUNK_RECOVERY_CHAOS`` disarmed chaos: ``off`` (or ``0``/``false``/``no``),
+    or any value that is not an arming one (``1``/``on``/``true``/``yes``; unset or
+    empty arms too), which also warns.
 
     Read once, at import.  Disarmed, every decorator returns the function
     itself and no switch can turn injection on: a production process cannot
@@ -204,7 +244,7 @@ class Latency:
     kind: ClassVar[str] = "latency"
 
     seconds: float
-    up_to: float | None = None
+    up_to: float | None = field(default=None, metadata={"unit": "seconds"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seconds", check_seconds("Latency", "seconds", self.seconds))
@@ -685,8 +725,8 @@ class Window:
     target applies that target's windows and the windows without a target.
     """
 
-    start: float
-    end: float | None
+    start: float = field(metadata={"unit": "seconds"})
+    end: float | None = field(metadata={"unit": "seconds"})
     injection: Injection
     rate: float = 1.0
     target: str | None = None
@@ -741,7 +781,8 @@ class Timeline:
 
     def start(self, at: float | None = None) -> None:
         """Start (or restart) the script at library time ``at`` (default: now)."""
-        self._origin = clock.now() if at is None else check_seconds("Timeline", "at", at)
+        # A reading of the library clock, not a duration: any finite time >= 0.
+        self._origin = clock.now() if at is None else check_number("Timeline", "at", at)
 
     def stop(self) -> None:
         """End the script: nothing is injected until it is started again."""

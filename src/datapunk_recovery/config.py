@@ -151,18 +151,11 @@ class ServicePolicy:
             categories[category] = config
         object.__setattr__(self, "categories", MappingProxyType(categories))
         if self.attempt_timeout is not None:
-            if isinstance(self.attempt_timeout, bool) or not isinstance(
-                self.attempt_timeout, int | float
-            ):
-                raise TypeError(
-                    f"{owner}.attempt_timeout: expected seconds or None, "
-                    f"got {self.attempt_timeout!r}"
-                )
-            if not 0 < self.attempt_timeout < float("inf"):
-                raise ValueError(
-                    f"{owner}.attempt_timeout: must be > 0 seconds, got {self.attempt_timeout!r}"
-                )
-            object.__setattr__(self, "attempt_timeout", float(self.attempt_timeout))
+            object.__setattr__(
+                self,
+                "attempt_timeout",
+                check_seconds(owner, "attempt_timeout", self.attempt_timeout, positive=True),
+            )
         endpoints = tuple(self.endpoints)
         if not all(isinstance(e, str) and e for e in endpoints):
             raise TypeError(f"{owner}.endpoints: expected non-empty names, got {endpoints!r}")
@@ -357,10 +350,23 @@ def build_config(document: Mapping[str, Any], *, source: str = "configuration") 
     services_raw = reader.table(document.get("services", {}), "services")
     for name, raw in services_raw.items():
         path = f"services.{name}"
+        if not isinstance(name, str) or not name:
+            problems.append(
+                _problem(source, f"services.{name!r}", "a service needs a non-empty name", raw)
+            )
+            continue
         policy = reader.service(reader.table(raw, path), path, defaults, inherited)
         if policy is not None:
             services[str(name)] = policy
     rest_raw = {k: document[k] for k in ("cache", "pools", "databases") if k in document}
+    for key in ("pools", "databases"):
+        table = rest_raw.get(key)
+        if isinstance(table, Mapping):
+            for name in [n for n in table if not isinstance(n, str) or not n]:
+                problems.append(
+                    _problem(source, f"{key}.{name!r}", "a name must not be empty", table[name])
+                )
+            rest_raw[key] = {n: v for n, v in table.items() if isinstance(n, str) and n}
     rest = reader.build(_Rest, rest_raw, "", None)
     if problems:
         raise ConfigError([_redacted(p) for p in problems])

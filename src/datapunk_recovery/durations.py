@@ -9,8 +9,10 @@ the command line alike, so that every place accepts the same spellings:
 - a number with a unit: ``us`` (or ``µs``), ``ms``, ``s``, ``m``, ``h``, ``d``;
 - several such parts add up, largest unit first: ``"1m30s"``, ``"1h 15m"``.
 
-Negative, infinite and not-a-number durations are refused: a wait cannot be
-negative, and "forever" is spelled as an absent limit, never as a huge number.
+Negative, infinite and not-a-number durations are refused, and so is anything
+longer than one day (:data:`MAX_DURATION`, the library's one maximum for every
+duration setting): a wait cannot be negative, and "forever" is spelled as an
+absent limit, never as a huge number.
 :func:`format_duration` writes seconds back in the shortest readable form.
 """
 
@@ -20,7 +22,12 @@ import math
 import re
 from typing import Final
 
-__all__ = ["DurationError", "format_duration", "parse_duration"]
+from ._validate import MAX_SECONDS
+
+__all__ = ["MAX_DURATION", "DurationError", "format_duration", "parse_duration"]
+
+#: The longest duration read, in seconds (one day); the same bound as every setting's.
+MAX_DURATION: Final = MAX_SECONDS
 
 #: Seconds per unit, in the order units must appear in a compound duration.
 _UNITS: Final[dict[str, float]] = {
@@ -56,6 +63,8 @@ def parse_duration(value: object) -> float:
         raise DurationError(f"expected a finite duration, got {value!r}")
     if seconds < 0:
         raise DurationError(f"expected a duration >= 0, got {value!r}")
+    if seconds > MAX_DURATION:
+        raise DurationError(f"expected a duration of at most one day (1d), got {value!r}")
     return seconds
 
 

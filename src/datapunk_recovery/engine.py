@@ -21,11 +21,12 @@ import dataclasses
 import functools
 import inspect
 import random
+import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 from . import _runtime, clock
-from ._context import CURRENT
+from ._context import CURRENT, REPORTING
 from .backoff import RetryConfig, server_delay
 from .budget import RetryGate
 from .errors import (
@@ -285,12 +286,9 @@ class _Call:
             return self._give_up(
                 exc, GiveUpReason.ATTEMPTS, f"max_attempts={config.max_attempts} reached"
             )
-        if config.base_delay == 0.0:  # every jitter kind then waits zero
-            delay = 0.0
-        elif config.stateful:
-            delay = self._stateful_delay(config)
-        else:
-            delay = config._jittered(n, e.rng)
+        # The one delay rule (RetryConfig.next_delay), with this call's own
+        # sequence for the decorrelated kinds.
+        delay = config.next_delay(n, e.rng, self._draws(config) if config.stateful else None)
         from_server = False
         # The clock is read only when something needs the time.
         now = clock.now() if observed or self.deadline_at is not None else 0.0
@@ -349,15 +347,37 @@ class _Call:
         self.attempt = n + 1
         return delay
 
-    def _stateful_delay(self, config: RetryConfig) -> float:
-        # The decorrelated kinds: one iterator per configuration within a call.
+    def decide(self, exc: Exception | None) -> float | None:
+        """:meth:`failed`, except that an error of the library's own never escapes.
+
+        The caller's exception is what the call raises, whatever goes wrong
+        while deciding about it (a clock, a budget, a delay out of range):
+        the internal error becomes a note on it and the call gives up.
+        """
+        try:
+            return self.failed(exc)
+        except Exception as internal:
+            self.internal_error(exc, internal, "deciding the next attempt")
+            return None
+
+    def internal_error(self, exc: BaseException | None, internal: Exception, doing: str) -> None:
+        """Give up after ``internal`` broke the engine while ``doing``; ``exc`` stays the error."""
+        why = f"an internal error while {doing}: {type(internal).__name__}: {internal}"
+        try:
+            self._give_up(exc, GiveUpReason.INTERNAL_ERROR, redact_text(why)[:300])
+        except Exception:  # the accounting itself failed: the note at least
+            if exc is not None:
+                exc.add_note(f"datapunk-recovery: gave up after {redact_text(why)[:300]}")
+
+    def _draws(self, config: RetryConfig) -> Iterator[float]:
+        # The decorrelated kinds: one sequence per configuration within a call.
         if self.iters is None:
             self.iters = {}
         it = self.iters.get(id(config))
         if it is None:
             # Never runs dry: the attempt count is checked before each delay.
             it = self.iters[id(config)] = config.delays(self.engine.rng)
-        return next(it)
+        return it
 
     def _give_up(
         self,
@@ -425,6 +445,18 @@ class _Call:
         return error
 
 
+def _release_frames(error: BaseException) -> None:
+    """Free what the finished frames of a failed attempt hold, before the next attempt.
+
+    The engine keeps the last error (it is what a deadline passing later
+    raises), and its traceback keeps the frames of the failed attempt alive:
+    a model's activations, a buffer, a connection.  Clearing those frames'
+    locals frees them now; the traceback still shows every file and line.
+    Frames still running (the engine's own) are left alone.
+    """
+    traceback.clear_frames(error.__traceback__)
+
+
 def _new_call(e: _Engine, start: float | None) -> _Call:
     if start is None:
         # Handed over by the fast path at its first failure, which it takes
@@ -445,6 +477,32 @@ def _safe_repr(value: object) -> str:
 # Running a call: sync and async loops over the same _Call decisions.
 
 
+def _sleep_sync(call: _Call, delay: float, error: Exception | None) -> bool:
+    """Wait ``delay`` before the next attempt; False (the call gave up) if the wait broke.
+
+    A sleep that raises (a delay past what the platform can sleep) must not
+    replace the caller's exception; cancellation and exit pass through.
+    """
+    try:
+        _runtime.sleep_sync(delay)
+    except Exception as internal:
+        call.attempt -= 1  # the next attempt was counted in, but will not be made
+        call.internal_error(error, internal, f"waiting {delay!r} s")
+        return False
+    return True
+
+
+async def _sleep_async(call: _Call, delay: float, error: Exception | None) -> bool:
+    """The async twin of :func:`_sleep_sync`."""
+    try:
+        await _runtime.sleep_async(delay)
+    except Exception as internal:
+        call.attempt -= 1  # the next attempt was counted in, but will not be made
+        call.internal_error(error, internal, f"waiting {delay!r} s")
+        return False
+    return True
+
+
 def _run_sync(
     e: _Engine,
     fn: Callable[..., T],
@@ -456,13 +514,17 @@ def _run_sync(
     """Run ``fn`` until it succeeds or the engine gives up; ``error`` is a first failure."""
     call = _new_call(e, start)
     deadline_at = call.deadline_at
+    # This call reports every attempt to the budget: layers inside it (a
+    # hedger on the same budget) must not report them again.
+    reporting = None if e.budget is None else REPORTING.set((*REPORTING.get(), e.budget))
     try:
         if error is not None:
-            delay = call.failed(error)
+            delay = call.decide(error)
             if delay is None:
                 raise error
-            if delay:
-                _runtime.sleep_sync(delay)
+            _release_frames(error)
+            if delay and not _sleep_sync(call, delay, error):
+                raise error
         check = e.retry_if_result
         while True:
             if deadline_at is not None and clock.now() >= deadline_at:
@@ -481,19 +543,24 @@ def _run_sync(
                 if check is None or not check(result):
                     call.succeeded()
                     return result
-                delay = call.failed(None)
+                delay = call.decide(None)
                 if delay is None:
+                    raise call.exhausted(result)
+                if not _sleep_sync(call, delay, None):
                     raise call.exhausted(result)
             else:
                 assert error is not None
-                delay = call.failed(error)
+                delay = call.decide(error)
                 if delay is None:
                     raise error
-            if delay:
-                _runtime.sleep_sync(delay)
+                _release_frames(error)
+                if delay and not _sleep_sync(call, delay, error):
+                    raise error
     finally:
         # The last error's traceback points at this frame: break the cycle.
         error = None
+        if reporting is not None:
+            REPORTING.reset(reporting)
 
 
 async def _run_async(
@@ -507,13 +574,17 @@ async def _run_async(
     """The async twin of :func:`_run_sync`; a deadline cancels the running attempt."""
     call = _new_call(e, start)
     deadline_at = call.deadline_at
+    # This call reports every attempt to the budget: layers inside it (a
+    # hedger on the same budget) must not report them again.
+    reporting = None if e.budget is None else REPORTING.set((*REPORTING.get(), e.budget))
     try:
         if error is not None:
-            delay = call.failed(error)
+            delay = call.decide(error)
             if delay is None:
                 raise error
-            if delay:
-                await _runtime.sleep_async(delay)
+            _release_frames(error)
+            if delay and not await _sleep_async(call, delay, error):
+                raise error
         check = e.retry_if_result
         while True:
             if deadline_at is not None and clock.now() >= deadline_at:
@@ -542,18 +613,23 @@ async def _run_async(
                 if check is None or not check(result):
                     call.succeeded()
                     return result
-                delay = call.failed(None)
+                delay = call.decide(None)
                 if delay is None:
+                    raise call.exhausted(result)
+                if not await _sleep_async(call, delay, None):
                     raise call.exhausted(result)
             else:
                 assert error is not None
-                delay = call.failed(error)
+                delay = call.decide(error)
                 if delay is None:
                     raise error
-            if delay:
-                await _runtime.sleep_async(delay)
+                _release_frames(error)
+                if delay and not await _sleep_async(call, delay, error):
+                    raise error
     finally:
         error = None
+        if reporting is not None:
+            REPORTING.reset(reporting)
 
 
 # ---------------------------------------------------------------------------
@@ -606,7 +682,13 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
             else:
                 first_try()
                 return result
-            return await _run_async(e, afn, args, kwargs, None, error)
+            try:
+                return await _run_async(e, afn, args, kwargs, None, error)
+            finally:
+                # The error's traceback holds this frame: break the cycle, so
+                # the failed attempt's frames die with the error (not at the
+                # next garbage collection).
+                del error
 
         wrapper: Any = async_wrapper
     else:
@@ -622,7 +704,10 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
             else:
                 first_try()
                 return result
-            return _run_sync(e, fn, args, kwargs, None, error)
+            try:
+                return _run_sync(e, fn, args, kwargs, None, error)
+            finally:
+                del error  # see async_wrapper
 
         wrapper = sync_wrapper
 
@@ -745,7 +830,7 @@ class AttemptContext:
 class Retrying:
     """The iterator behind :func:`retrying`; iterate it once, sync or async."""
 
-    __slots__ = ("_call", "_delay", "_done", "_engine", "_error", "_token")
+    __slots__ = ("_call", "_delay", "_done", "_engine", "_error", "_reporting", "_token")
 
     def __init__(self, engine: _Engine) -> None:
         self._engine = engine
@@ -754,6 +839,7 @@ class Retrying:
         self._done = False
         self._error: Exception | None = None
         self._token: Any = None
+        self._reporting: Any = None
 
     def _next_attempt(self) -> AttemptContext:
         call = self._call
@@ -771,8 +857,8 @@ class Retrying:
     def __next__(self) -> AttemptContext:
         if self._done:
             raise StopIteration
-        if self._call is not None:
-            _runtime.sleep_sync(self._delay)
+        if self._call is not None and not _sleep_sync(self._call, self._delay, self._error):
+            raise self._broken()
         return self._next_attempt()
 
     def __aiter__(self) -> Retrying:
@@ -781,14 +867,24 @@ class Retrying:
     async def __anext__(self) -> AttemptContext:
         if self._done:
             raise StopAsyncIteration
-        if self._call is not None:
-            await _runtime.sleep_async(self._delay)
+        if self._call is not None and not await _sleep_async(self._call, self._delay, self._error):
+            raise self._broken()
         return self._next_attempt()
+
+    def _broken(self) -> Exception:
+        # The wait before the next attempt broke: the last attempt's error ends the loop.
+        self._done = True
+        error, self._error = self._error, None
+        assert error is not None
+        return error
 
     def _enter(self, attempt: AttemptContext) -> None:
         call = self._call
         assert call is not None
         self._token = CURRENT.set((call.deadline_at, attempt.number))
+        budget = self._engine.budget
+        if budget is not None:  # see _run_sync: the block's attempts are reported here
+            self._reporting = REPORTING.set((*REPORTING.get(), budget))
         call.attempt_start = clock.now()
 
     def _exit(self, exc: BaseException | None) -> bool:
@@ -797,6 +893,9 @@ class Retrying:
         if self._token is not None:
             CURRENT.reset(self._token)
             self._token = None
+        if self._reporting is not None:
+            REPORTING.reset(self._reporting)
+            self._reporting = None
         if exc is None:
             self._done = True
             call.succeeded()
@@ -804,10 +903,11 @@ class Retrying:
         if not isinstance(exc, Exception):  # cancellation and exit: untouched
             self._done = True
             return False
-        delay = call.failed(exc)
+        delay = call.decide(exc)
         if delay is None:
             self._done = True
             return False
+        _release_frames(exc)
         self._error = exc
         self._delay = delay
         return True

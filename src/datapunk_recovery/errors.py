@@ -188,6 +188,49 @@ _UNKNOWN: Final = Classification(ErrorCategory.UNKNOWN, False, None, "unknown er
 _NETWORK: Final = Classification(ErrorCategory.NETWORK, True, None, "network error")
 _TIMEOUT: Final = Classification(ErrorCategory.TIMEOUT, True, None, "timeout")
 _OS_OTHER: Final = Classification(ErrorCategory.RESOURCE, False, None, "operating system error")
+_AUTH: Final = Classification(
+    ErrorCategory.AUTH, False, None, "authentication or authorization refused"
+)
+
+# Drivers' errors for a refused login or permission, by type name (the core
+# imports no driver): asyncpg (SQLSTATE class 28), redis-py (NOAUTH,
+# WRONGPASS, NOPERM, a wrong AUTH).  Another try is another failed login,
+# which can lock an account behind LDAP or PAM: never retried, whatever a
+# rule says.  Pinned against the real drivers in tests/contracts/.
+_AUTH_TYPE_NAMES: Final = frozenset(
+    {
+        "InvalidPasswordError",
+        "InvalidAuthorizationSpecificationError",
+        "InsufficientPrivilegeError",
+        "AuthenticationError",
+        "AuthorizationError",
+        "AuthenticationWrongNumberOfArgsError",
+        "NoPermissionError",
+    }
+)
+# Redis error replies that refuse who we are (redis-py may raise them as a
+# plain ResponseError, e.g. from a pipeline or a script).
+_AUTH_REPLY_PREFIXES: Final = ("NOAUTH", "WRONGPASS", "NOPERM")
+# HTTP answers refusing who we are or what we may do (RFC 9110 15.5.2, 15.5.4).
+_AUTH_STATUSES: Final = frozenset({401, 403})
+
+
+def _refused_auth(exc: BaseException) -> bool:
+    """Whether ``exc`` is a driver's authentication or authorization refusal."""
+    kind = type(exc)
+    name = kind.__name__
+    if name in _AUTH_TYPE_NAMES:
+        return True
+    if name == "ResponseError":
+        return str(exc).lstrip().startswith(_AUTH_REPLY_PREFIXES)
+    if name in ("HTTPStatusError", "ClientResponseError"):
+        # httpx: .response.status_code; aiohttp: .status
+        status = getattr(exc, "status", None)
+        if status is None:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+        return status in _AUTH_STATUSES
+    return False
+
 
 _TRANSIENT_ERRNOS: Final = frozenset(
     {
@@ -258,10 +301,16 @@ def classify(exc: BaseException) -> Classification:
     Built in: :class:`RecoveryError` carries its own verdict; ``ConnectionError``
     and transient ``OSError`` errnos are retryable network errors;
     ``TimeoutError`` is a retryable timeout; other ``OSError``\\ s and unknown
-    exceptions are not retryable.  Cancellation and exit are never retryable.
+    exceptions are not retryable.  Cancellation and exit are never retryable,
+    and neither are authentication or authorization refusals of known drivers
+    (asyncpg's class ``28``, redis-py's ``NOAUTH``/``WRONGPASS``/``NOPERM``,
+    httpx's and aiohttp's 401/403 status errors): those are ``AUTH``, before
+    any rule, since another try is another failed login.
     """
     if not isinstance(exc, Exception):
         return _FATAL
+    if _refused_auth(exc):
+        return _AUTH
     if _rules:
         for for_type, rule in _rules:
             if for_type is None or isinstance(exc, for_type):

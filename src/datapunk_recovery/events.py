@@ -68,6 +68,10 @@ class GiveUpReason(StrEnum):
     NON_RETRYABLE = "non_retryable"
     SERVER_DELAY_TOO_LONG = "server_delay_too_long"
     BUDGET = "budget"
+    #: The library itself failed while deciding the next attempt (a bug, or a
+    #: value past what the platform can sleep): the caller's exception is
+    #: raised, with a note naming the internal error.
+    INTERNAL_ERROR = "internal_error"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -31,6 +31,7 @@ nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import math
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, ParamSpec, TypeVar, cast
 
 from . import _runtime, clock
-from ._context import CURRENT
+from ._context import CURRENT, RACE, RaceEntry, reported_outside
 from ._validate import check_count, check_fraction, check_seconds
 from .budget import RetryGate
 from .errors import classify, final_reason
@@ -214,6 +215,20 @@ class Hedger:
             self._filled += 1
             self._dirty += 1
 
+    def inherit(self, other: Hedger) -> None:
+        """Take the latency samples ``other`` measured (oldest first, as many as fit).
+
+        A reload that builds a new hedger for a service keeps what the old one
+        learned, so the percentile delay does not fall back to the fixed one.
+        """
+        with other._lock:
+            ring = other._samples
+            n = min(other._filled, len(ring))
+            first = other._filled - n
+            ordered = [ring[(first + i) % len(ring)] for i in range(n)]
+        for latency in ordered[-len(self._samples) :]:
+            self.record(latency)
+
     def delay(self) -> float:
         """The hedge delay now, in seconds."""
         config = self.config
@@ -281,8 +296,16 @@ class Hedger:
         return final_reason(error) is not None or not classify(error).retryable
 
     async def _attempt(
-        self, n: int, fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any
+        self,
+        n: int,
+        entry: RaceEntry,
+        fn: Callable[..., Awaitable[Any]],
+        args: Any,
+        kwargs: Any,
     ) -> _Outcome:
+        # Runs in a task of its own: ``entry`` tells a breaker inside it
+        # whether a cancellation is this attempt losing the race.
+        RACE.set(entry)
         start = clock.now()
         try:
             value = await fn(*args, **kwargs)
@@ -297,26 +320,62 @@ class Hedger:
     ) -> T:
         """Await ``fn``, hedged if it is marked :func:`idempotent`."""
         if not is_idempotent(fn):
-            return await fn(*args, **kwargs)
+            return await self._unhedged(fn, args, kwargs)
         return await self.race(fn, args, kwargs)
+
+    async def _unhedged(self, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any) -> T:
+        """A call that may not be hedged: still a request the budget must count."""
+        budget = self.budget
+        if budget is None or reported_outside(budget):
+            return await fn(*args, **kwargs)
+        try:
+            value = await fn(*args, **kwargs)
+        except Exception:
+            budget.on_attempt(False)
+            raise
+        budget.on_attempt(True)
+        return value
 
     async def race(self, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any) -> T:
         """Hedge ``fn(*args, **kwargs)`` without checking the idempotent mark.
 
         For callers that know better than the mark (the pipeline's
-        ``idempotent=True``).
+        ``idempotent=True``).  The call is the budget's primary attempt: its
+        outcome is reported once it ends (a cancelled call reports nothing),
+        unless an enclosing retry on the same budget reports it already.
+        Each hedge is an extra attempt, reported as it ends.
         """
-        if _runtime.async_library() == "trio":
-            return cast(T, await self._race_trio(fn, args, kwargs))
-        return cast(T, await self._race_asyncio(fn, args, kwargs))
+        budget = self.budget
+        outside = budget is None or reported_outside(budget)
+        try:
+            if _runtime.async_library() == "trio":
+                value = cast(T, await self._race_trio(fn, args, kwargs))
+            else:
+                value = cast(T, await self._race_asyncio(fn, args, kwargs))
+        except Exception:
+            if not outside:
+                assert budget is not None
+                budget.on_attempt(False)
+            raise
+        if not outside:
+            assert budget is not None
+            budget.on_attempt(True)
+        return value
 
     async def _race_asyncio(self, fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
         start = clock.now()
         delay = self.delay()
-        pending: set[asyncio.Task[_Outcome]] = {
-            loop.create_task(self._attempt(0, fn, args, kwargs))
-        }
+        outer = RACE.get()
+        entries: dict[asyncio.Task[_Outcome], RaceEntry] = {}
+
+        def launch(n: int) -> asyncio.Task[_Outcome]:
+            entry = RaceEntry(outer)
+            task = loop.create_task(self._attempt(n, entry, fn, args, kwargs))
+            entries[task] = entry
+            return task
+
+        pending: set[asyncio.Task[_Outcome]] = {launch(0)}
         started = 1
         last: Exception | None = None
         try:
@@ -327,7 +386,7 @@ class Hedger:
                 )
                 if not done:  # slower than the delay: hedge
                     if self._may_hedge(started, "delay", delay):
-                        pending.add(loop.create_task(self._attempt(started, fn, args, kwargs)))
+                        pending.add(launch(started))
                         started += 1
                     else:
                         started = self.config.max_hedges + 1  # no more hedges for this call
@@ -337,13 +396,15 @@ class Hedger:
                     if self._settled(outcome, start):
                         if outcome.error is not None:
                             raise outcome.error
+                        for loser in pending:  # still running when the winner answered
+                            entries[loser].lost = True
                         return outcome.value
                     last = outcome.error
                     # A retryable failure: the next hedge starts at once.
                     if self._wait_for_next(started, 0.0) is not None and self._may_hedge(
                         started, "failure", delay
                     ):
-                        pending.add(loop.create_task(self._attempt(started, fn, args, kwargs)))
+                        pending.add(launch(started))
                         started += 1
             assert last is not None
             raise last
@@ -360,35 +421,48 @@ class Hedger:
         start = clock.now()
         delay = self.delay()
         send, receive = trio.open_memory_channel[_Outcome](math.inf)
+        outer = RACE.get()
+        entries: dict[int, RaceEntry] = {}  # the attempts still running
 
-        async def run(n: int) -> None:
-            send.send_nowait(await self._attempt(n, fn, args, kwargs))
+        async def run(n: int, entry: RaceEntry) -> None:
+            send.send_nowait(await self._attempt(n, entry, fn, args, kwargs))
+
+        def launch(n: int) -> None:
+            entry = entries[n] = RaceEntry(outer)
+            nursery.start_soon(run, n, entry)
 
         winner: _Outcome | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, 0)
+            launch(0)
             started, running = 1, 1
             while running:
                 timeout = self._wait_for_next(started, delay)
                 got: _Outcome | None = None
                 with trio.move_on_after(math.inf if timeout is None else timeout):
                     got = await receive.receive()
+                if got is None:  # an answer that came as the delay ended is no reason to hedge
+                    with contextlib.suppress(trio.WouldBlock):
+                        got = receive.receive_nowait()
                 if got is None:  # slower than the delay: hedge
                     if self._may_hedge(started, "delay", delay):
-                        nursery.start_soon(run, started)
+                        launch(started)
                         started, running = started + 1, running + 1
                     else:
                         started = self.config.max_hedges + 1  # no more hedges for this call
                     continue
                 running -= 1
+                entries.pop(got.n, None)
                 winner = got
                 if self._settled(got, start):
+                    if got.error is None:
+                        for entry in entries.values():  # still running when the winner answered
+                            entry.lost = True
                     break
                 # A retryable failure: the next hedge starts at once.
                 if self._wait_for_next(started, 0.0) is not None and self._may_hedge(
                     started, "failure", delay
                 ):
-                    nursery.start_soon(run, started)
+                    launch(started)
                     started, running = started + 1, running + 1
             nursery.cancel_scope.cancel()
         assert winner is not None
@@ -410,6 +484,6 @@ class Hedger:
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
             if is_idempotent(fn):
                 return cast(T, await self.race(fn, args, kwargs))
-            return await fn(*args, **kwargs)
+            return await self._unhedged(fn, args, kwargs)
 
         return wrapper

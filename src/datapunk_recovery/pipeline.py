@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, ParamSpec, Protocol, TypeVar, cast, overload
 
 from . import clock
-from ._context import CURRENT
+from ._context import CURRENT, REPORTING
 from ._validate import check_seconds
 from .adaptive import AIMD, AdaptiveLimiter, Gradient
 from .backoff import RetryConfig
@@ -419,10 +419,16 @@ class RetryStage:
         def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if not fast or global_bus._subscribers or engine_bus._subscribers:
                 return retried([], nxt, fn, args, kwargs)
+            # This stage reports the first attempt to the budget (the engine
+            # the others): the stages inside must not report it again.
+            reporting = None if budget is None else REPORTING.set((*REPORTING.get(), budget))
             try:
                 result = nxt(fn, args, kwargs)
             except Exception as exc:
                 return retried([exc], nxt, fn, args, kwargs)
+            finally:
+                if reporting is not None:
+                    REPORTING.reset(reporting)
             if budget is not None:
                 budget.on_attempt(True)
             first_try()
@@ -438,10 +444,14 @@ class RetryStage:
         async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if not fast or global_bus._subscribers or engine_bus._subscribers:
                 return await retried([], nxt, fn, args, kwargs)
-            try:
+            reporting = None if budget is None else REPORTING.set((*REPORTING.get(), budget))
+            try:  # see sync()
                 result = await nxt(fn, args, kwargs)
             except Exception as exc:
                 return await retried([exc], nxt, fn, args, kwargs)
+            finally:
+                if reporting is not None:
+                    REPORTING.reset(reporting)
             if budget is not None:
                 budget.on_attempt(True)
             first_try()

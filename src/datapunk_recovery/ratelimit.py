@@ -213,6 +213,15 @@ class _Bucket:
             self.tokens = floor
 
 
+def _retune(bucket: _Bucket, rate: float, burst: float, now: float) -> None:
+    """Give ``bucket`` a new rate and burst, keeping its tokens (refilled to ``now`` first)."""
+    bucket.wait(now)
+    bucket.rate = rate
+    bucket.burst = burst
+    if bucket.tokens > burst:
+        bucket.tokens = burst
+
+
 class RateLimiter(CallDecorator):
     """A token-bucket rate limiter (see the module doc and :class:`RateLimiterConfig`).
 
@@ -249,6 +258,32 @@ class RateLimiter(CallDecorator):
         self._callers: dict[str, _Bucket] = {}
         self._throttled = config.throttled
         self._lock = threading.Lock()
+
+    def reconfigure(self, config: RateLimiterConfig) -> None:
+        """Take ``config`` while calls run, keeping the tokens spent.
+
+        This is how a reload changes a limiter: the bucket is refilled up to
+        now at the old rate, then keeps its tokens (clamped to the new
+        ``burst``, never raised, a debt kept) and refills at the new rate, so
+        a reload never hands out a fresh burst.  Per-caller buckets do the
+        same (all are dropped when ``per_caller_rate`` goes away).
+        """
+        if not isinstance(config, RateLimiterConfig):
+            raise TypeError(
+                f"RateLimiter.reconfigure: expected a RateLimiterConfig, got {config!r}"
+            )
+        with self._lock:
+            now = clock.now()
+            _retune(self._bucket, config.rate, float(config.burst), now)
+            rate = config.per_caller_rate
+            if rate is None:
+                self._callers.clear()
+            else:
+                burst = float(config.per_caller_burst or config.burst)
+                for bucket in self._callers.values():
+                    _retune(bucket, rate, burst, now)
+            self.config = config
+            self._throttled = config.throttled
 
     @property
     def tokens(self) -> float:

@@ -58,7 +58,8 @@ T = TypeVar("T")
 
 #: A float field whose name ends like this holds seconds and takes duration texts.
 _DURATION_NAME: Final = re.compile(
-    r"(?:^|_)(?:delay|timeout|deadline|duration|period|interval|window|ttl|seconds|backoff)$"
+    r"(?:^|_)(?:delay|timeout|deadline|duration|period|interval|window|ttl|seconds|wait|drain"
+    r"|idle|latency)$"
 )
 _BARE_KEY: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 _TRUE: Final = frozenset({"true", "yes", "on", "1"})
@@ -126,8 +127,9 @@ def is_duration_field(field: dataclasses.Field[Any]) -> bool:
     ``metadata={"unit": "seconds"}`` on the field says yes, any other ``unit``
     says no; without it, the name decides: it ends in ``delay``, ``timeout``,
     ``deadline``, ``duration``, ``period``, ``interval``, ``window``, ``ttl``,
-    ``seconds`` or ``backoff`` (``base_delay``, ``open_duration``, ``window``).
-    Only float fields are asked: a count such as ``window: int`` stays a count.
+    ``seconds``, ``wait``, ``drain``, ``idle`` or ``latency`` (``base_delay``,
+    ``open_duration``, ``max_wait``).  Only float fields are asked: a count such
+    as ``window: int`` stays a count, and a factor (``open_backoff``) is a number.
     """
     unit = field.metadata.get("unit", NO_VALUE)
     if unit is not NO_VALUE:
@@ -187,6 +189,17 @@ def env_overrides(environ: Mapping[str, str], prefix: str = "DATAPUNK_RECOVERY")
         if not name.startswith(head):
             continue
         keys = [part.lower() for part in name[len(head) :].split("__")]
+        if not all(keys):
+            # PREFIX____X, PREFIX__X__, or the bare PREFIX__: a key with no name.
+            problems.append(
+                Problem(
+                    f"env {name}",
+                    "",
+                    "the variable's name has an empty key (two '__' in a row, or a "
+                    f"leading or trailing '__'); write {head}KEY__PATH",
+                )  # the value is not shown: it may be a DSN or a token
+            )
+            continue
         node = tree
         for key in keys[:-1]:
             child = node.setdefault(key, {})
@@ -284,6 +297,7 @@ class _Builder:
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         given: dict[str, object] = {}
+        refused: set[str] = set()  # fields whose value was refused on its own
         ok = True
         for key, value in raw.items():
             where = _join(path, key)
@@ -304,6 +318,7 @@ class _Builder:
             converted = self.value(hints[key], value, where, field, nested_base)
             if converted is _INVALID:
                 ok = False
+                refused.add(key)
             else:
                 kwargs[key] = converted
                 given[key] = value
@@ -315,18 +330,36 @@ class _Builder:
                 if required and name not in raw:
                     self.problem(None, _join(path, name), "missing required key", show=False)
                     ok = False
-        # Judge each field alone first, so that every bad value is reported, not
-        # only the first one __post_init__ meets; then the whole, for the rules
-        # that tie fields together (max_delay >= base_delay).
+        # Rules that tie fields together (max_delay >= base_delay) are judged on
+        # the values given, never on a default the document overrides: the
+        # whole is tried first, and a valid whole is the answer.
         defaults = {} if base is None else {name: getattr(base, name) for name in fields}
-        for name, converted in kwargs.items():
+        if ok:
             try:
-                cls(**{**defaults, name: converted})
-            except (TypeError, ValueError) as exc:
-                complaint = _complaint(cls, exc)
-                if complaint is not None and complaint[0] == name:
-                    self.problem(given[name], _join(path, name), complaint[1])
-                    ok = False
+                return cls(**{**defaults, **kwargs})
+            except (TypeError, ValueError):
+                pass
+        # Something is wrong: judge each field, so that every bad value is
+        # reported, not only the first one __post_init__ meets.  A field is
+        # judged alone first; a complaint then is confirmed among the given
+        # values that passed alone (a field that fails only against a default
+        # it was given a partner for is not reported).
+        alone: dict[str, tuple[str, str]] = {}
+        for name, converted in kwargs.items():
+            complaint = self.judge(cls, {**defaults, name: converted})
+            if complaint is not None and complaint[0] == name:
+                alone[name] = complaint
+        passed = {k: v for k, v in kwargs.items() if k not in alone}
+        refused.update(alone)
+        for name in alone:
+            complaint = self.judge(cls, {**defaults, **passed, name: kwargs[name]})
+            if complaint is not None and complaint[0] == name:
+                if any(
+                    other != name and re.search(rf"\b{other}\b", complaint[1]) for other in refused
+                ):
+                    continue  # a rule tying it to a field refused on its own: not judged
+                self.problem(given[name], _join(path, name), complaint[1])
+                ok = False
         if not ok:
             return _INVALID
         try:
@@ -339,6 +372,19 @@ class _Builder:
             if name in given:
                 return self.problem(given[name], _join(path, name), message)
             return self.problem(raw, _join(path, name), message, show=False)
+
+    @staticmethod
+    def judge(cls: type[Any], kwargs: dict[str, Any]) -> tuple[str, str] | None:
+        """The complaint of ``cls(**kwargs)`` (field, message), or None when it builds.
+
+        An error that names no field of ``cls`` is reported by the whole's
+        final build, not here.
+        """
+        try:
+            cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            return _complaint(cls, exc)
+        return None
 
     def value(
         self,

@@ -15,8 +15,9 @@ breaker, the retry budget and the bulkhead that the configuration asks for
 priorities, failover, hedging); reads with cache recovery go through a
 :class:`~datapunk_recovery.cache.ReadThroughCache` (single-flight,
 stale-if-error, the cache's own breaker).  It also owns the pools, databases
-and the Redis cache it was asked to create: it opens them on entry and
-closes them on exit, even after failures.
+and the Redis cache it was asked to create: it opens them on entry (making
+no connection: the first use connects, so a dependency that is down never
+stops the entry) and closes them on exit, even after failures.
 
 What a call goes through, outermost first: fallback, bulkhead, retry (asking
 the budget before every retry), endpoint choice, breaker, attempt timeout,
@@ -24,10 +25,11 @@ the call.  Each service's pipeline is compiled once, when the configuration
 is applied, so a call pays one dictionary lookup to find it.
 
 :meth:`RecoveryStrategies.reload` applies a new configuration while calls
-run: callers keep their handle, routers, breakers and budgets of services
-that stay keep their state and take the new thresholds, and a bad
-configuration is rejected with every problem listed while the old one keeps
-running.
+run: callers keep their handle; routers, breakers, budgets, bulkheads and
+pools are re-configured in place, so they keep their state (tokens are never
+refilled, slots and units held go on counting against the new limits) and
+take the new thresholds; and a bad configuration is rejected with every
+problem listed while the old one keeps running.
 """
 
 from __future__ import annotations
@@ -35,8 +37,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import itertools
-import math
 import os
 import random
 from collections import Counter
@@ -52,7 +52,7 @@ from . import clock
 from .backoff import RetryConfig
 from .breaker import BreakerConfig, CircuitBreaker
 from .budget import TokenBudget, TokenBudgetConfig
-from .bulkhead import Bulkhead
+from .bulkhead import Bulkhead, BulkheadConfig
 from .cache import (
     Cache,
     CacheConfig,
@@ -106,6 +106,9 @@ MAX_READERS: Final = 1024
 #: where it came from (``origin``: ``"cache"``, ``"source"`` or ``"stale"``).
 CacheResult = Lookup
 
+#: What a configuration can be given as (see :meth:`RecoveryStrategies.from_config`).
+_Source = RecoveryConfig | RetryConfig | RetryPolicy | Mapping[str, Any] | str | Path | None
+
 _NO_FALLBACK: Any = object()
 # A service configured with `breaker = "none"` still needs breakers to route
 # over its endpoints: these never trip.
@@ -154,6 +157,7 @@ class _Service:
         "budget",
         "bulkhead",
         "databases",
+        "kept",
         "name",
         "owner",
         "policy",
@@ -174,17 +178,17 @@ class _Service:
         self.owner = owner
         self.name = name
         self.policy = policy
-        self.budget: TokenBudget | None = _budget(
-            name, policy.budget, previous.budget if previous else None
+        # A reload keeps the live limits: the budget and the bulkhead of the
+        # previous pipeline are re-configured in place (tokens and held slots
+        # go on counting), and one the new policy drops is kept aside, so
+        # that a later reload restoring it finds it as it was.
+        kept_budget, kept_bulkhead = previous.kept if previous is not None else (None, None)
+        self.budget: TokenBudget | None = _budget(name, policy.budget, kept_budget)
+        self.bulkhead: Bulkhead | None = _bulkhead(name, policy.bulkhead, kept_bulkhead)
+        self.kept: tuple[TokenBudget | None, Bulkhead | None] = (
+            kept_budget if self.budget is None else self.budget,
+            kept_bulkhead if self.bulkhead is None else self.bulkhead,
         )
-        old_bulkhead = previous.bulkhead if previous is not None else None
-        self.bulkhead: Bulkhead | None
-        if policy.bulkhead is None:
-            self.bulkhead = None
-        elif old_bulkhead is not None and old_bulkhead.config == policy.bulkhead:
-            self.bulkhead = old_bulkhead
-        else:
-            self.bulkhead = Bulkhead(name, policy.bulkhead)
         self.timeout = (
             None
             if policy.attempt_timeout is None
@@ -327,22 +331,29 @@ def _budget(
 ) -> TokenBudget | None:
     if config is None:
         return None
-    if old is not None and old.config == config:
-        return old
-    budget = TokenBudget(name, config)
-    if old is not None:
-        # Carry the fill over through the public interface: a failure costs
-        # exactly one token, so the new bucket ends within one token of the
-        # old level (never above it).
-        for _ in range(math.ceil(max(budget.tokens - old.tokens, 0.0))):
-            budget.on_attempt(False)
-    return budget
+    if old is None:
+        return TokenBudget(name, config)
+    if old.config != config:
+        old.reconfigure(config)  # keeps its tokens (never refilled), new thresholds
+    return old
+
+
+def _bulkhead(name: str, config: BulkheadConfig | None, old: Bulkhead | None) -> Bulkhead | None:
+    if config is None:
+        return None
+    if old is None:
+        return Bulkhead(name, config)
+    if old.config != config:
+        old.reconfigure(config)  # held slots keep counting against the new limit
+    return old
 
 
 class RecoveryStrategies:
     """The front door of the library for one service process; see the module documentation.
 
-    Build it with :meth:`from_config` (or from a :class:`RecoveryConfig`),
+    Build it with :meth:`from_config` (or from a :class:`RecoveryConfig`; a
+    bare :class:`RetryConfig` or :class:`RetryPolicy` becomes the default
+    retry policy of every service, as ``RecoveryStrategies(RetryConfig(...))``),
     enter it with ``async with`` to open the databases and the Redis cache it
     was asked for, and call the four ``with_*_recovery`` methods.
     Thread-compatible for reading; :meth:`reload` swaps the whole table of
@@ -357,19 +368,29 @@ class RecoveryStrategies:
         "_pools",
         "_readers",
         "_redis",
+        "_retired",
         "_services",
         "_unnamed",
     )
 
-    def __init__(self, config: RecoveryConfig | None = None) -> None:
+    def __init__(self, config: RecoveryConfig | RetryConfig | RetryPolicy | None = None) -> None:
+        # The seed's face: a bare RetryConfig (or RetryPolicy) is the default
+        # retry policy of every service, the rest of the defaults unchanged.
+        if isinstance(config, RetryConfig | RetryPolicy):
+            config = _retry_only(config)
         config = config if config is not None else RecoveryConfig()
         if not isinstance(config, RecoveryConfig):
-            raise TypeError(f"RecoveryStrategies.config: expected a RecoveryConfig, got {config!r}")
+            raise TypeError(
+                "RecoveryStrategies.config: expected a RecoveryConfig, a RetryConfig or a "
+                f"RetryPolicy, got {config!r}"
+            )
         self._config = config
         self._services: dict[str, _Service] = {}
         self._unnamed = 0
         self._fallbacks: Counter[tuple[str, str]] = Counter()
         self._pools: dict[str, ResourcePool[Any]] = {}
+        # Pools a reload removed, kept for a reload that brings them back.
+        self._retired: dict[str, ResourcePool[Any]] = {}
         self._databases: dict[str, SqliteDatabase | ManagedPool] = {}
         self._redis: RedisCache | None = None
         self._memory = MemoryCache(config.cache.max_stale_entries)
@@ -382,11 +403,14 @@ class RecoveryStrategies:
     @classmethod
     def from_config(
         cls,
-        source: RecoveryConfig | Mapping[str, Any] | str | Path | None = None,
+        source: _Source = None,
         *,
         environ: Mapping[str, str] | None = None,
     ) -> RecoveryStrategies:
         """Build from a TOML file path, a parsed table, a :class:`RecoveryConfig`, or nothing.
+
+        A :class:`RetryConfig` or :class:`RetryPolicy` alone is the defaults
+        with it as every service's retry policy.
 
         Environment overrides (``DATAPUNK_RECOVERY__...``, from ``environ``,
         default ``os.environ``) apply to files, tables and nothing; a ready
@@ -405,19 +429,29 @@ class RecoveryStrategies:
         services: dict[str, _Service] = {}
         for name, policy in config.services.items():
             services[name] = _Service(self, name, policy, old.get(name))
-        for name, service in old.items():  # services built from the defaults stay, re-read
-            if name not in services and name not in self._config.services:
+        for name, service in old.items():
+            # The others (built from the defaults, or dropped from the
+            # configuration) stay, re-read from the defaults: their calls in
+            # flight go on counting in their bulkhead, budget and breaker.
+            if name not in services:
                 services[name] = _Service(self, name, config.defaults, service)
         if config.cache.max_stale_entries != self._memory.max_entries:
             self._memory = MemoryCache(config.cache.max_stale_entries)
-        pools = dict(self._pools)
+        pools: dict[str, ResourcePool[Any]] = {}
         for name, pool_config in config.pools.items():
-            current = pools.get(name)
-            if current is None or current.config != pool_config:
-                pools[name] = ResourcePool(name, pool_config)
-        for name in list(pools):
-            if name not in config.pools:
-                del pools[name]
+            # A pool that stays (or comes back) is re-configured in place:
+            # the units its leases hold go on counting against the new capacity.
+            current = self._pools.get(name)
+            if current is None:
+                current = self._retired.pop(name, None)
+            if current is None:
+                current = ResourcePool(name, pool_config)
+            elif current.config != pool_config:
+                current.reconfigure(pool_config)
+            pools[name] = current
+        for name, pool in self._pools.items():
+            if name not in pools:
+                self._retired[name] = pool  # its leases may still be held
         self._config = config
         self._services = services
         self._pools = pools
@@ -428,15 +462,18 @@ class RecoveryStrategies:
 
     def reload(
         self,
-        source: RecoveryConfig | Mapping[str, Any] | str | Path | None = None,
+        source: _Source = None,
         *,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         """Apply a new configuration while calls run; on any problem, keep the old one.
 
-        Routers, breakers and budgets of services that stay keep their state
-        and take the new thresholds (so do the caches' breakers); calls in
-        flight finish with the retries they started with.  Databases and the
+        Routers, breakers, budgets, bulkheads and pools keep their state and
+        take the new thresholds (so do the caches' breakers): a budget keeps
+        its tokens, a bulkhead its held slots and a pool its held units, so a
+        limit in force is never exceeded (a smaller one admits nobody until
+        use is below it); calls in flight finish with the retries they
+        started with.  Databases and the
         Redis cache cannot change without a restart (they are open
         connections): a change to them is one of the problems reported.
         Raises :class:`~datapunk_recovery.schema.ConfigError` listing every
@@ -467,9 +504,11 @@ class RecoveryStrategies:
         await self.close()
 
     async def open(self) -> None:
-        """Open the databases and the Redis cache of the configuration.
+        """Open the databases and the Redis cache of the configuration, connecting to none.
 
-        On a failure, close those opened first.
+        PostgreSQL pools are created with no connection (``min_size=0``) and the
+        Redis client connects on its first command: the first use connects and
+        recovers like any call.  On a failure, close those opened first.
         """
         try:
             for name, settings in self._config.databases.items():
@@ -495,7 +534,7 @@ class RecoveryStrategies:
             return SqliteDatabase(settings.sqlite, SqliteConfig(retry=retry_policy))
         assert settings.postgres is not None
         return await ManagedPool.create_asyncpg(
-            settings.postgres, DbPoolConfig(name=name), min_size=1, max_size=settings.max_size
+            settings.postgres, DbPoolConfig(name=name), min_size=0, max_size=settings.max_size
         )
 
     async def close(self) -> None:
@@ -608,25 +647,17 @@ class RecoveryStrategies:
         """The delay, in seconds, before retry ``retry_number`` (1 = the first retry).
 
         Uses the policy of ``service`` (the defaults when ``None``) and of
-        ``category`` when it has its own.  The decorrelated kinds depend on
+        ``category`` when it has its own, with the engine's own rule
+        (:meth:`RetryConfig.retry_delay`): any ``retry_number >= 0`` is
+        answered whatever ``max_attempts`` allows (0 means no retry yet and
+        gives 0), capped at ``max_delay``.  The decorrelated kinds depend on
         the delays before; they are drawn in order with ``rng``.
         """
-        if isinstance(retry_number, bool) or not isinstance(retry_number, int):
-            raise TypeError(f"calculate_backoff: retry_number must be an int, got {retry_number!r}")
-        if retry_number < 1:
-            raise ValueError(f"calculate_backoff: retry_number must be >= 1, got {retry_number!r}")
         policy = self._config.defaults if service is None else self.policy(service)
         config: RetryConfig = policy.retry
         if category is not None:
             config = policy.categories.get(ErrorCategory(category), config)
-        if config.max_attempts is not None and retry_number >= config.max_attempts:
-            raise ValueError(
-                f"calculate_backoff: retry {retry_number} never happens with "
-                f"max_attempts={config.max_attempts}"
-            )
-        if not config.stateful:
-            return config.compute_delay(retry_number, rng)
-        return next(itertools.islice(config.delays(rng), retry_number - 1, None))
+        return config.retry_delay(retry_number, rng)
 
     # -- the four recoveries -------------------------------------------------------
 
@@ -851,12 +882,22 @@ async def _through(
     return await breaker.call_async(fn, *args, **kwargs)
 
 
+def _retry_only(retry: RetryConfig | RetryPolicy) -> RecoveryConfig:
+    """The default configuration with ``retry`` as the retry policy of every service."""
+    policy = RetryPolicy.of(retry)
+    return RecoveryConfig(
+        defaults=ServicePolicy(retry=policy.default, categories=policy.per_category)
+    )
+
+
 def _resolve(
-    source: RecoveryConfig | Mapping[str, Any] | str | Path | None,
+    source: _Source,
     environ: Mapping[str, str] | None,
 ) -> RecoveryConfig:
     if isinstance(source, RecoveryConfig):
         return source
+    if isinstance(source, RetryConfig | RetryPolicy):
+        return _retry_only(source)
     if source is None or isinstance(source, str | Path):
         return load_config(source, environ=environ)
     if isinstance(source, Mapping):

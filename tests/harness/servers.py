@@ -698,6 +698,11 @@ class PostgresServer(_ManagedServer):
             log=self.log_tail,
         )
         if not self._initialized:
-            self.psql(f"CREATE ROLE {self.app_user} LOGIN PASSWORD '{self.app_password}'")
+            # Stored as a SCRAM verifier whatever the server's default (md5
+            # before PostgreSQL 14), so the scram-sha-256 hba lines accept it.
+            self.psql(
+                "SET password_encryption = 'scram-sha-256'; "
+                f"CREATE ROLE {self.app_user} LOGIN PASSWORD '{self.app_password}'"
+            )
             self.psql(f"CREATE DATABASE {self.app_database} OWNER {self.app_user}")
             self._initialized = True

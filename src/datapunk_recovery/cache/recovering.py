@@ -55,7 +55,7 @@ from typing import Any, ClassVar, Final, Generic, Literal, TypeVar
 from datapunk_recovery import _runtime, clock
 from datapunk_recovery._validate import check_count, check_number, check_seconds
 from datapunk_recovery.breaker import BreakerConfig, CircuitBreaker
-from datapunk_recovery.errors import CircuitOpenError
+from datapunk_recovery.errors import CircuitOpenError, ErrorCategory, classify
 from datapunk_recovery.events import Event, EventBus, emit, listening
 
 from .memory import MemoryCache
@@ -109,11 +109,11 @@ class CacheConfig:
     """
 
     ttl: float = 60.0
-    stale_for: float = 300.0
+    stale_for: float = field(default=300.0, metadata={"unit": "seconds"})
     namespace: str = "dp"
     cache_timeout: float | None = None
     repair_limit: int = 1000
-    generation_refresh: float = 5.0
+    generation_refresh: float = field(default=5.0, metadata={"unit": "seconds"})
     breaker: BreakerConfig = field(default_factory=_default_breaker)
     warm_rate: float = 500.0
     warm_batch: int = 50
@@ -248,7 +248,15 @@ def _wall() -> float:
     return fake.now() if fake is not None else time.time()
 
 
+#: Seconds a cache is not asked again after it refused our login or a command
+#: (``WRONGPASS``, ``NOAUTH``, ``NOPERM``): each try would be another failed
+#: login, which can lock the account, so the breaker's probes do not retry it.
+AUTH_RETRY_INTERVAL: Final = 300.0
+
+
 def _failure_kind(exc: BaseException) -> str:
+    if classify(exc).category is ErrorCategory.AUTH:
+        return "auth"
     name = type(exc).__name__
     if isinstance(exc, TimeoutError) or "Timeout" in name:
         return "timeout"
@@ -405,7 +413,10 @@ class ReadThroughCache(Generic[V]):
         except Exception as exc:
             permit.failure(exc)
             self._down = True
-            self._failed(op, _failure_kind(exc), type(exc).__name__)
+            kind = _failure_kind(exc)
+            if kind == "auth":
+                self._refused_until = clock.now() + AUTH_RETRY_INTERVAL
+            self._failed(op, kind, type(exc).__name__)
             return False, None
         except BaseException:
             permit.cancel()

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from datapunk_recovery._runtime import run_in_thread
+from datapunk_recovery._validate import check_seconds
 from datapunk_recovery.database import ManagedPool, run
 
 __all__ = ["FunctionSource", "PostgresSource", "SqliteSource"]
@@ -117,7 +118,8 @@ class SqliteSource:
     def __init__(self, path: str, query: str, *, timeout: float = 5.0) -> None:
         self.path = path
         self.query = query
-        self.timeout = timeout
+        #: Seconds SQLite waits for a lock (at most one day, as every duration).
+        self.timeout = check_seconds("SqliteSource", "timeout", timeout)
 
     def _read(self, keys: Sequence[str]) -> dict[str, Any]:
         conn = sqlite3.connect(self.path, timeout=self.timeout)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..backoff import Jitter, RetryConfig
+from ..backoff import RetryConfig
 from ..config import RecoveryConfig, ServicePolicy, load_config
 from ..durations import format_duration
 from ..schema import ConfigError
@@ -44,68 +44,55 @@ def run(args: argparse.Namespace) -> int:
         return 1
     render(policy_table(config), sys.stdout, fancy=False if args.plain else None)
     sys.stdout.write(
-        "worst case: every attempt fails and takes its whole attempt timeout, every wait is "
-        "the longest its jitter allows, failures mix categories the worst way, every hedge "
-        "starts; a server-given delay (Retry-After) may add up to max_server_delay per retry "
-        "unless a deadline bounds the call.\n"
+        "worst case: the call queues in the bulkhead up to its max_wait, every attempt fails "
+        "and takes its whole attempt timeout, every hedge starts, failures mix categories the "
+        "worst way, and every wait is the longest its jitter allows or a server-given delay "
+        "(Retry-After) up to max_server_delay; a deadline caps the retries.\n"
     )
     return 0
 
 
-def _max_delay(config: RetryConfig, n: int) -> float:
-    """The longest delay the jitter kind can draw for retry ``n``, in seconds."""
-    if config.jitter is Jitter.DECORRELATED:
-        try:
-            return min(config.max_delay, config.base_delay * 3.0**n)
-        except OverflowError:
-            return config.max_delay
-    if config.jitter is Jitter.DECORRELATED_V2:
-        return config.max_delay
-    if config.jitter is Jitter.PROPORTIONAL:
-        return min(config.max_delay, config.envelope(n) * (1.0 + config.jitter_factor))
-    return config.envelope(n)
+#: Retries bounded one by one; past this many, every further retry is bounded
+#: by the longest delay any configuration still retrying allows (its cap).
+_EXACT_RETRIES = 10_000
 
 
-#: Above this many retries the exact search over mixed categories (quadratic
-#: in the retries) gives way to a bound that is never below the worst case.
-_EXACT_RETRIES = 512
+def _worst_waits(configs: Sequence[RetryConfig], retries: int, *, server_delays: bool) -> float:
+    """The longest total wait, in seconds, the engine can make over ``retries`` retries.
 
-
-def _worst_waits(configs: Sequence[RetryConfig], retries: int) -> float:
-    """The longest total wait, in seconds, over ``retries`` retries whose failures mix categories.
-
-    A call's attempts count over the whole call, and each category keeps its
-    own delay sequence: the retry after attempt ``k`` may be one of category
-    ``c`` only while ``k < c.max_attempts``, and the ``n``-th retry of ``c``
-    waits at most ``c``'s ``n``-th longest delay.  So a call can wait longer
-    than any one category allows alone (a few long waits of a category with
-    few attempts, then the short ones of a category with many).  Exact by
-    dynamic programming over the categories, fewest attempts first (the
-    order in which their retries must come).
+    The engine decides each retry with the configuration of the failure's
+    category, numbered over the whole call: after attempt ``k``, a failure
+    of category ``c`` is retried only while ``k < c.max_attempts``, and waits
+    ``c``'s delay for retry ``k`` (the decorrelated kinds draw from their own
+    sequence, which never gets longer than retry ``k``'s bound).  Failures
+    can mix categories in any order, so retry ``k`` waits at most the longest
+    bound of the configurations that may still retry then; the bounds come
+    from :meth:`RetryConfig.longest_delays`, the engine's own formulas run at
+    the top of every jitter range.  A server-given delay (``Retry-After``)
+    replaces a shorter computed one when it is at most ``max_server_delay``
+    (a longer one makes the engine give up): with ``server_delays`` each
+    retry may wait that long.
     """
-    ordered = sorted(configs, key=lambda c: c.max_attempts or 0)
-    limits = [min(retries, (c.max_attempts or 1) - 1) for c in ordered]
-    if retries > _EXACT_RETRIES:
-        # Each retry k waits at most the longest k-th delay of a category
-        # that may still retry then (its n-th retry has n <= k).
-        return sum(
-            max(_max_delay(c, k) for c, limit in zip(ordered, limits, strict=True) if k <= limit)
-            for k in range(1, retries + 1)
+    limits = [(c.max_attempts or 1) - 1 for c in configs]
+    bounds = [c.longest_delays() for c in configs]
+    total = 0.0
+    exact = min(retries, _EXACT_RETRIES)
+    for k in range(1, exact + 1):
+        longest = 0.0
+        for config, limit, bound in zip(configs, limits, bounds, strict=True):
+            if k <= limit:
+                wait = next(bound)
+                if server_delays and config.max_server_delay > wait:
+                    wait = config.max_server_delay
+                longest = max(longest, wait)
+        total += longest
+    for k in range(exact + 1, retries + 1):
+        total += max(
+            max(c.max_delay, c.max_server_delay if server_delays else 0.0)
+            for c, limit in zip(configs, limits, strict=True)
+            if k <= limit
         )
-    best = [0.0] + [-math.inf] * retries  # best[t]: the longest wait over t retries so far
-    for config, limit in zip(ordered, limits, strict=True):
-        prefix = [0.0]
-        for n in range(1, limit + 1):
-            prefix.append(prefix[-1] + _max_delay(config, n))
-        step = list(best)
-        for t, before in enumerate(best[: limit + 1]):
-            if before == -math.inf:
-                continue
-            for n in range(1, limit - t + 1):
-                if before + prefix[n] > step[t + n]:
-                    step[t + n] = before + prefix[n]
-        best = step
-    return max(best)
+    return total
 
 
 def _hedges(policy: ServicePolicy) -> int:
@@ -113,17 +100,28 @@ def _hedges(policy: ServicePolicy) -> int:
     return policy.hedge.max_hedges if policy.hedge is not None and policy.endpoints else 0
 
 
-def worst_case(policy: ServicePolicy) -> tuple[int | None, float | None]:
+def worst_case(
+    policy: ServicePolicy, *, server_delays: bool = True
+) -> tuple[int | None, float | None]:
     """The most calls one call can make (hedges included), and the longest it can take, in seconds.
 
-    Over the default and every category's configuration, mixed as a call's
-    failures can mix them (a category can allow more attempts, or longer
-    waits).  Each attempt fails after its whole attempt timeout; with
-    ``hedge`` (and endpoints) it also starts ``max_hedges`` extra calls, each
-    one hedge delay after the other (at most one attempt timeout apart: a
-    failure starts the next at once), which fail the same way.  ``None``
-    means unbounded (no attempt timeout and no deadline, or unbounded
-    attempts).  The call's deadline is the default configuration's.
+    A true upper bound of what the facade's pipeline can do with ``policy``:
+
+    - the bulkhead: a call may queue up to its ``max_wait`` before it starts
+      (when it has a queue);
+    - every attempt fails after its whole attempt timeout; with ``hedge``
+      (and endpoints) it also starts ``max_hedges`` extra calls, each one
+      hedge delay after the other (at most one attempt timeout apart: a
+      failure starts the next at once), which fail the same way;
+    - between attempts, the longest wait the engine can make (see
+      :func:`_worst_waits`): failures mixing categories the worst way, each
+      wait at the top of its jitter range, and (``server_delays``) a
+      server-given delay up to ``max_server_delay`` on every retry;
+    - the call's deadline (the default configuration's) caps the retrying
+      part.
+
+    ``None`` means unbounded (no attempt timeout and no deadline, or
+    unbounded attempts without a deadline).
     """
     configs = [policy.retry, *policy.categories.values()]
     hedges = _hedges(policy)
@@ -137,10 +135,14 @@ def worst_case(policy: ServicePolicy) -> tuple[int | None, float | None]:
             hedge = policy.hedge
             delay = hedge.delay if hedge.percentile is None else max(hedge.delay, hedge.max_delay)
             per_attempt += hedges * min(delay, timeout)
-        spent = _worst_waits(configs, attempts - 1) + attempts * per_attempt
+        waits = _worst_waits(configs, attempts - 1, server_delays=server_delays)
+        spent = waits + attempts * per_attempt
     deadline = policy.retry.deadline
     if deadline is not None:
         spent = min(spent, deadline)
+    bulkhead = policy.bulkhead
+    if bulkhead is not None and bulkhead.max_queue > 0:
+        spent += bulkhead.max_wait
     calls = None if attempts is None else attempts * (1 + hedges)
     return calls, None if math.isinf(spent) else spent
 

@@ -4,7 +4,8 @@
   (SQLSTATE classes) and the library's own database errors;
 - :mod:`.transaction`: :func:`transaction` (replayed whole) and :func:`run`
   (statements, retried after they started only when idempotent), with
-  :class:`CommitOutcomeUnknown` and idempotency checks;
+  :class:`CommitOutcomeUnknown` and idempotency checks, and
+  :class:`TransactionRolledBack` for a transaction that did not commit;
 - :mod:`.pool`: :class:`ManagedPool` for ``asyncpg.Pool`` and
   ``psycopg_pool.AsyncConnectionPool``;
 - :mod:`.sqlite`: :class:`SqliteDatabase`, replayed on busy, off the event loop.
@@ -21,10 +22,12 @@ from .errors import (
     CommitOutcomeUnknown,
     ConnectionLost,
     DatabaseError,
+    DatabaseUnavailable,
     DbErrorKind,
     DbVerdict,
     MissingExtensionError,
     PoolTimeout,
+    TransactionRolledBack,
     classify_database,
     database_rule,
     explain_missing,
@@ -60,6 +63,7 @@ __all__ = [
     "ConnectionDiscarded",
     "ConnectionLost",
     "DatabaseError",
+    "DatabaseUnavailable",
     "DbErrorKind",
     "DbVerdict",
     "IdempotencyCheck",
@@ -73,6 +77,7 @@ __all__ = [
     "SqliteConfig",
     "SqliteDatabase",
     "TransactionConfig",
+    "TransactionRolledBack",
     "classify_database",
     "database_rule",
     "explain_missing",

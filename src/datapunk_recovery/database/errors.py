@@ -15,8 +15,13 @@ cure differs by case; :func:`classify_database` names the case once:
 - ``missing``: a function, type, extension or library the statement needs is
   not there (``42883``, ``42704``, ``0A000``, ``58P01``): never retried,
   reported as :class:`MissingExtensionError` naming what is missing.
-- ``fatal``: integrity (class ``23``), data (class ``22``), privilege
-  (``42501``), syntax and other program errors: never retried.
+- ``auth``: the server refused who we are or what we may do (class ``28``:
+  a wrong password, an unknown role, no ``pg_hba.conf`` entry; ``42501``
+  insufficient privilege; psycopg's connection-time refusals, which carry no
+  SQLSTATE and are recognised by libpq's message): never retried, since each
+  retry is another failed login that can lock an account (LDAP, PAM).
+- ``fatal``: integrity (class ``23``), data (class ``22``), syntax and other
+  program errors: never retried.
 
 Importing :mod:`datapunk_recovery.database` registers :func:`database_rule`
 with :func:`datapunk_recovery.errors.register_rule`, so the one classifier of
@@ -41,10 +46,12 @@ __all__ = [
     "CommitOutcomeUnknown",
     "ConnectionLost",
     "DatabaseError",
+    "DatabaseUnavailable",
     "DbErrorKind",
     "DbVerdict",
     "MissingExtensionError",
     "PoolTimeout",
+    "TransactionRolledBack",
     "classify_database",
     "database_rule",
     "explain_missing",
@@ -59,6 +66,7 @@ class DbErrorKind(StrEnum):
     CONNECTION = "connection"
     RESOURCE = "resource"
     MISSING = "missing"
+    AUTH = "auth"
     FATAL = "fatal"
     NOT_DATABASE = "not_database"
 
@@ -99,6 +107,43 @@ class CommitOutcomeUnknown(DatabaseError):
     do_not_retry_above = True
 
 
+class TransactionRolledBack(DatabaseError):
+    """The transaction did not commit although ``fn`` returned: nothing of it stands.
+
+    PostgreSQL aborts a transaction at its first error; when ``fn`` catches
+    that error and carries on, ``COMMIT`` answers ``ROLLBACK`` without
+    raising.  SQLite ends the whole transaction on some errors too
+    (``SQLITE_FULL``, ``INSERT OR ROLLBACK``), and ``fn`` may have ended it
+    itself (``COMMIT`` or ``ROLLBACK`` on ``conn``).  Never replayed, by this
+    layer or any above: ``fn`` chose to swallow the error, and running it
+    again would swallow it again.  ``code`` is the SQLSTATE of the error that
+    aborted the transaction when the recovery saw it go by (asyncpg and
+    psycopg statements), else ``None``.
+    Recover within a transaction with a savepoint (``async with
+    conn.transaction():`` around the statement that may fail).
+    """
+
+    retryable = False
+    do_not_retry_above = True
+
+    def __init__(self, message: str, *, code: str | None = None, operation: str = "") -> None:
+        super().__init__(message, context={"operation": operation, "code": code})
+        self.code = code
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database could not be reached or refused us when a connection was needed.
+
+    The message names the pool and the server's address (host, port and
+    database, never the user's password); the driver's error is the cause.
+    ``retryable`` follows the cause: a refused or lost connection may be
+    cured by waiting, an authentication failure never.
+    """
+
+    category = ErrorCategory.NETWORK
+    retryable = True
+
+
 class ConnectionLost(DatabaseError):
     """The connection broke before the work could have taken effect; safe to replay."""
 
@@ -136,6 +181,19 @@ class MissingExtensionError(DatabaseError):
 _CONFLICT_STATES: Final = frozenset({"40001", "40P01"})
 _CONNECTION_STATES: Final = frozenset({"57P01", "57P02", "57P03", "57P05"})
 _MISSING_STATES: Final = frozenset({"42883", "42704", "0A000", "58P01"})
+#: SQLSTATE class 28 (invalid_authorization_specification, invalid_password)
+#: and these states are refusals of who we are or what we may do.
+_AUTH_CLASS: Final = "28"
+_AUTH_STATES: Final = frozenset({"42501"})
+# libpq's words for a refused login: psycopg raises a plain OperationalError
+# with no SQLSTATE for them (pinned by tests/contracts/test_postgres_drivers.py).
+_AUTH_MESSAGE: Final = re.compile(
+    r"authentication failed|no pg_hba\.conf entry|pg_hba\.conf rejects|"
+    r"no password (?:was )?supplied|role \"[^\"]*\" does not exist|"
+    r"permission denied for database|password is required|"
+    r"server requested a (?:cleartext )?password|channel binding required",
+    re.IGNORECASE,
+)
 _SQLITE_CONFLICT: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 # sqlite3 extended codes keep the primary code in their low byte.
 _SQLITE_PRIMARY_MASK: Final = 0xFF
@@ -220,6 +278,8 @@ def classify_database(exc: BaseException) -> DbVerdict:
         # connection (psycopg's OperationalError, asyncpg's InterfaceError on a
         # closed connection), or the program misused the driver.
         name = type(exc).__name__
+        if _AUTH_MESSAGE.search(str(exc)):
+            return DbVerdict(DbErrorKind.AUTH, None, False, True)
         if (
             name in _CLIENT_CONNECTION_TYPES
             or name == "OperationalError"
@@ -241,6 +301,13 @@ def _classify_own(exc: DatabaseError) -> DbVerdict:
         return DbVerdict(DbErrorKind.CONNECTION, None, True, False)
     if isinstance(exc, MissingExtensionError):
         return DbVerdict(DbErrorKind.MISSING, exc.code, False, True)
+    if isinstance(exc, TransactionRolledBack):
+        # The server (or fn) ended the transaction: the connection is sound.
+        return DbVerdict(DbErrorKind.FATAL, exc.code, False, True)
+    if isinstance(exc, DatabaseUnavailable):
+        if exc.category is ErrorCategory.AUTH:
+            return DbVerdict(DbErrorKind.AUTH, None, False, True)
+        return DbVerdict(DbErrorKind.CONNECTION, None, exc.retryable, False)
     return DbVerdict(DbErrorKind.FATAL, None, False, False)
 
 
@@ -252,6 +319,8 @@ def _classify_state(exc: BaseException, state: str) -> DbVerdict:
         return DbVerdict(DbErrorKind.CONNECTION, state, True, False)
     if klass == "53":
         return DbVerdict(DbErrorKind.RESOURCE, state, True, True)
+    if klass == _AUTH_CLASS or state in _AUTH_STATES:
+        return DbVerdict(DbErrorKind.AUTH, state, False, True)
     if state in _MISSING_STATES:
         return DbVerdict(DbErrorKind.MISSING, state, False, True)
     return DbVerdict(DbErrorKind.FATAL, state, False, True)
@@ -274,6 +343,7 @@ _CATEGORY: Final[Mapping[DbErrorKind, ErrorCategory]] = {
     DbErrorKind.CONNECTION: ErrorCategory.NETWORK,
     DbErrorKind.RESOURCE: ErrorCategory.RESOURCE,
     DbErrorKind.MISSING: ErrorCategory.VALIDATION,
+    DbErrorKind.AUTH: ErrorCategory.AUTH,
     DbErrorKind.FATAL: ErrorCategory.DATABASE,
 }
 
@@ -284,7 +354,8 @@ def database_rule(exc: BaseException) -> Classification | None:
     Returns ``None`` for everything that is not a database driver's error, so
     other rules and the built-in knowledge decide those.  Too-many-connections
     and pool timeouts come out as ``RESOURCE`` so that a per-category policy
-    backs off harder on them.
+    backs off harder on them; authentication and authorization failures
+    come out as ``AUTH``, never retryable.
     """
     if isinstance(exc, RecoveryError) or not (
         isinstance(exc, sqlite3.Error) or _is_driver_error(exc)

@@ -28,17 +28,27 @@ Drivers are imported lazily, and only by the factory that needs them.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
+from urllib.parse import urlsplit
 
-from datapunk_recovery import clock
+from datapunk_recovery import _runtime, clock
 from datapunk_recovery._context import CURRENT
 from datapunk_recovery._validate import check_seconds
+from datapunk_recovery.errors import ErrorCategory
 from datapunk_recovery.events import Event, EventBus, emit, listening
 
-from .errors import DbErrorKind, PoolTimeout, classify_database
+from .errors import (
+    DatabaseUnavailable,
+    DbErrorKind,
+    PoolTimeout,
+    TransactionRolledBack,
+    classify_database,
+    describe,
+)
 
 if TYPE_CHECKING:
     from .transaction import IdempotencyCheck, TransactionConfig
@@ -72,6 +82,17 @@ _TERMINATE_SQL: Final = (
 )
 # libpq's PQTRANS_IDLE: connected, no transaction open (psycopg.pq.TransactionStatus.IDLE).
 _PQ_IDLE: Final = 0
+# libpq's PQTRANS_INERROR: in a transaction the server aborted (only ROLLBACK is accepted).
+_PQ_INERROR: Final = 3
+# What COMMIT answers for a transaction the server had aborted.
+_ROLLED_BACK_TAG: Final = "ROLLBACK"
+# The SQLSTATE of every statement sent to an aborted transaction: not the cause.
+_IN_FAILED_TRANSACTION: Final = "25P02"
+
+#: Transaction states a driver reports before COMMIT (see ``_Driver.state``).
+OPEN: Final = "open"
+ABORTED: Final = "aborted"
+IDLE: Final = "idle"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,11 +186,20 @@ class _Driver:
     async def begin(self, conn: Any, isolation: str | None, read_only: bool) -> Any:
         raise NotImplementedError
 
-    async def commit(self, conn: Any, handle: Any) -> None:
+    async def commit(self, conn: Any, handle: Any) -> bool:
+        """Send COMMIT; true if it committed, false if the server answered ROLLBACK."""
         raise NotImplementedError
 
     async def rollback(self, conn: Any, handle: Any) -> None:
         raise NotImplementedError
+
+    def state(self, conn: Any) -> str:
+        """:data:`OPEN`, :data:`ABORTED` (known aborted) or :data:`IDLE` (no transaction)."""
+        raise NotImplementedError
+
+    def abort_code(self, handle: Any) -> str | None:
+        """The SQLSTATE of the error that aborted the transaction of ``handle``, if known."""
+        return None
 
     async def expire(self) -> None:
         raise NotImplementedError
@@ -230,17 +260,46 @@ class _AsyncpgDriver(_Driver):
         await conn.execute("SELECT 1")
 
     async def begin(self, conn: Any, isolation: str | None, read_only: bool) -> Any:
+        # asyncpg's Transaction makes fn's own ``conn.transaction()`` a savepoint.
         tr = conn.transaction(isolation=isolation, readonly=read_only)
-        await tr.start()
-        return tr
+        handle = _AsyncpgTransaction(tr)
+        conn.add_query_logger(handle.saw)
+        try:
+            await tr.start()
+        except BaseException:
+            conn.remove_query_logger(handle.saw)
+            raise
+        return handle
 
-    async def commit(self, conn: Any, handle: Any) -> None:
-        await handle.commit()
+    async def commit(self, conn: Any, handle: Any) -> bool:
+        # asyncpg's Transaction.commit() drops COMMIT's answer, which is
+        # "ROLLBACK" when the server had aborted the transaction: send it here.
+        conn.remove_query_logger(handle.saw)
+        raw = _raw_asyncpg(conn)
+        if raw is not None and getattr(raw, "_top_xact", None) is handle.tr:
+            raw._top_xact = None  # the next conn.transaction() is a top one again
+        status = await conn.execute("COMMIT")
+        handle.ended = True
+        return bool(status != _ROLLED_BACK_TAG)
 
     async def rollback(self, conn: Any, handle: Any) -> None:
         # Without a transaction handle the pool's reset rolls back on release.
-        if handle is not None:
-            await handle.rollback()
+        if handle is None:
+            return
+        with contextlib.suppress(Exception):
+            conn.remove_query_logger(handle.saw)
+        if handle.ended:
+            await conn.execute("ROLLBACK")  # a no-op unless COMMIT never got through
+        else:
+            await handle.tr.rollback()
+
+    def state(self, conn: Any) -> str:
+        # asyncpg does not tell an aborted transaction from an open one: COMMIT's
+        # answer does.
+        return OPEN if conn.is_in_transaction() else IDLE
+
+    def abort_code(self, handle: Any) -> str | None:
+        return handle.code if isinstance(handle, _AsyncpgTransaction) else None
 
     async def expire(self) -> None:
         await self.pool.expire_connections()
@@ -258,6 +317,96 @@ class _AsyncpgDriver(_Driver):
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+class _AsyncpgTransaction:
+    """An asyncpg transaction and the SQLSTATE of the last error sent through it."""
+
+    __slots__ = ("code", "ended", "tr")
+
+    def __init__(self, tr: Any) -> None:
+        self.tr = tr
+        self.code: str | None = None
+        self.ended = False
+
+    def saw(self, record: Any) -> None:
+        """asyncpg's query logger: remember what aborted the transaction (not 25P02)."""
+        exc = getattr(record, "exception", None)
+        state = getattr(exc, "sqlstate", None)
+        if isinstance(state, str) and state != _IN_FAILED_TRANSACTION:
+            self.code = state
+
+
+class _PsycopgTransaction:
+    """A psycopg transaction: the cursor factory it replaced, and what aborted it."""
+
+    __slots__ = ("code", "factory", "recording")
+
+    def __init__(self, factory: Any, recording: Any) -> None:
+        self.factory = factory
+        self.recording = recording
+        self.code: str | None = None
+
+    def saw(self, exc: BaseException) -> None:
+        state = getattr(exc, "sqlstate", None)
+        if isinstance(state, str) and state != _IN_FAILED_TRANSACTION:
+            self.code = state
+
+
+# Connections in a transaction of ours -> that transaction, for the recording cursors.
+_RECORDERS: weakref.WeakKeyDictionary[Any, _PsycopgTransaction] = weakref.WeakKeyDictionary()
+# A recording subclass per cursor class (few: AsyncCursor, AsyncClientCursor, ...).
+_RECORDING_CLASSES: dict[type, type] = {}
+_RECORDING_MAX: Final = 64
+
+
+def _recording_cursor(factory: Any) -> Any:
+    """A subclass of the cursor class ``factory`` that tells the transaction its errors.
+
+    psycopg keeps no record of the error that aborted a transaction, and
+    ``fn`` may have swallowed it: its cursors report it on the way out.
+    ``None`` when ``factory`` is not a class (then the SQLSTATE stays unknown).
+    """
+    if not isinstance(factory, type):
+        return None
+    found = _RECORDING_CLASSES.get(factory)
+    if found is not None:
+        return found
+
+    class Recording(factory):  # type: ignore[misc]
+        __slots__ = ()
+
+        async def execute(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await super().execute(*args, **kwargs)
+            except Exception as exc:
+                _saw(self.connection, exc)
+                raise
+
+        async def executemany(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await super().executemany(*args, **kwargs)
+            except Exception as exc:
+                _saw(self.connection, exc)
+                raise
+
+    Recording.__name__ = Recording.__qualname__ = f"Recording{factory.__name__}"
+    if len(_RECORDING_CLASSES) < _RECORDING_MAX:
+        _RECORDING_CLASSES[factory] = Recording
+    return Recording
+
+
+def _saw(conn: Any, exc: BaseException) -> None:
+    handle = _RECORDERS.get(conn)
+    if handle is not None:
+        handle.saw(exc)
+
+
+def _stop_recording(conn: Any, handle: Any) -> None:
+    if isinstance(handle, _PsycopgTransaction):
+        _RECORDERS.pop(conn, None)
+        if handle.recording is not None and conn.cursor_factory is handle.recording:
+            conn.cursor_factory = handle.factory
 
 
 class _PsycopgDriver(_Driver):
@@ -301,14 +450,31 @@ class _PsycopgDriver(_Driver):
 
     async def begin(self, conn: Any, isolation: str | None, read_only: bool) -> Any:
         await conn.execute(_begin_sql(isolation, read_only))
-        return None
+        factory = conn.cursor_factory
+        handle = _PsycopgTransaction(factory, _recording_cursor(factory))
+        if handle.recording is not None:
+            _RECORDERS[conn] = handle
+            conn.cursor_factory = handle.recording
+        return handle
 
-    async def commit(self, conn: Any, handle: Any) -> None:
-        await conn.execute("COMMIT")
+    async def commit(self, conn: Any, handle: Any) -> bool:
+        _stop_recording(conn, handle)
+        cur = await conn.execute("COMMIT")
+        return bool(cur.statusmessage != _ROLLED_BACK_TAG)
 
     async def rollback(self, conn: Any, handle: Any) -> None:
+        _stop_recording(conn, handle)
         if conn.info.transaction_status != _PQ_IDLE:
             await conn.execute("ROLLBACK")
+
+    def abort_code(self, handle: Any) -> str | None:
+        return handle.code if isinstance(handle, _PsycopgTransaction) else None
+
+    def state(self, conn: Any) -> str:
+        status = conn.info.transaction_status
+        if status == _PQ_IDLE:
+            return IDLE
+        return ABORTED if status == _PQ_INERROR else OPEN
 
     async def expire(self) -> None:
         await self.pool.check()
@@ -354,6 +520,32 @@ class _Timeout(Exception):
     """Internal: a driver's acquire timed out."""
 
 
+def address_of(dsn: str) -> str | None:
+    """``host:port/database`` of a PostgreSQL DSN (URL or ``key=value`` form), no credentials.
+
+    ``None`` when the DSN says nothing usable; never raises.
+    """
+    host: str | None
+    port: object
+    database: str | None
+    try:
+        if "://" in dsn:
+            parts = urlsplit(dsn)
+            host, port = parts.hostname, parts.port
+            database = parts.path.lstrip("/") or None
+        else:
+            pairs = dict(
+                item.split("=", 1) for item in dsn.split() if "=" in item and item[0] != "="
+            )
+            host, port, database = pairs.get("host"), pairs.get("port"), pairs.get("dbname")
+    except (ValueError, TypeError):
+        return None
+    if not host:
+        return None
+    where = f"{host}:{port}" if port else str(host)
+    return f"{where}/{database}" if database else where
+
+
 def _driver_for(pool: Any) -> _Driver:
     module = type(pool).__module__
     if module.startswith("asyncpg"):
@@ -376,10 +568,15 @@ class ManagedPool:
     retryable failures, :meth:`run` for work outside a transaction.
     """
 
-    __slots__ = ("_driver", "_expired_at", "_last_ok", "_waiting", "bus", "config")
+    __slots__ = ("_driver", "_expired_at", "_last_ok", "_waiting", "address", "bus", "config")
 
     def __init__(
-        self, pool: Any, config: PoolConfig | None = None, *, bus: EventBus | None = None
+        self,
+        pool: Any,
+        config: PoolConfig | None = None,
+        *,
+        bus: EventBus | None = None,
+        address: str | None = None,
     ) -> None:
         self._driver = pool if isinstance(pool, _Driver) else _driver_for(pool)
         self.config = config if config is not None else PoolConfig()
@@ -389,6 +586,9 @@ class ManagedPool:
         self._waiting = 0
         self._last_ok = clock.now()
         self._expired_at: float | None = None
+        #: Where the server is (``host:port/database``, never credentials), for
+        #: messages; ``None`` when the pool was built elsewhere.
+        self.address = address
 
     @classmethod
     def of(cls, pool: Any) -> ManagedPool:
@@ -403,11 +603,15 @@ class ManagedPool:
     async def create_asyncpg(
         cls, dsn: str, config: PoolConfig | None = None, **pool_kwargs: Any
     ) -> ManagedPool:
-        """Create an ``asyncpg`` pool for ``dsn``; other arguments go to ``asyncpg.create_pool``."""
+        """Create an ``asyncpg`` pool for ``dsn``; other arguments go to ``asyncpg.create_pool``.
+
+        With ``min_size=0`` no connection is opened here: the first use
+        connects, so a database that is down does not stop the creation.
+        """
         import asyncpg
 
         pool = await asyncpg.create_pool(dsn, **pool_kwargs)
-        return cls(pool, config)
+        return cls(pool, config, address=address_of(dsn))
 
     @classmethod
     async def create_psycopg(
@@ -416,16 +620,34 @@ class ManagedPool:
         """Create and open a ``psycopg_pool.AsyncConnectionPool`` resetting returned connections.
 
         Connections are in autocommit mode (transactions are begun explicitly).
+        One connection is made first, so that a refused login or a server that
+        is down raises the driver's own error at once (a refused login: one
+        attempt, never retried), before the pool's workers would retry it.
         """
+        from psycopg import AsyncConnection
         from psycopg_pool import AsyncConnectionPool
 
         kwargs = dict(pool_kwargs.pop("kwargs", None) or {})
         kwargs.setdefault("autocommit", True)
+        timeout = (config or PoolConfig()).acquire_timeout
+        # One login first, reported as the driver's own error: psycopg_pool
+        # would retry a refused login in the background and only say
+        # "pool initialization incomplete".
+        _, probe = await _runtime.call_within(AsyncConnection.connect, (dsn,), kwargs, timeout)
+        if probe is not None:
+            await probe.close()
         pool: Any = AsyncConnectionPool(
             dsn, kwargs=kwargs, reset=reset_psycopg_session, open=False, **pool_kwargs
         )
-        await pool.open(wait=True, timeout=(config or PoolConfig()).acquire_timeout)
-        return cls(_PsycopgDriver(pool, resets_itself=True), config)
+        try:
+            await pool.open(wait=True, timeout=timeout)
+        except BaseException:
+            # Stop the pool's background reconnection attempts (with a wrong
+            # password each one is another failed login).
+            with contextlib.suppress(Exception):
+                await pool.close()
+            raise
+        return cls(_PsycopgDriver(pool, resets_itself=True), config, address=address_of(dsn))
 
     @property
     def driver(self) -> str:
@@ -485,11 +707,17 @@ class ManagedPool:
                 if listening(self.bus):
                     self._report("timed_out")
                 s = driver.snapshot(self._waiting - 1)
+                where = f" at {self.address}" if self.address else ""
                 raise PoolTimeout(
-                    f"pool {self.config.name!r}: no connection within {timeout:.3f} s "
+                    f"pool {self.config.name!r}{where}: no connection within {timeout:.3f} s "
                     f"({s.size} of {s.max_size} open, {s.idle} idle, {s.waiting} other waiters)",
-                    context={"pool": self.config.name},
+                    context={"pool": self.config.name, "address": self.address},
                 ) from None
+            except Exception as exc:
+                replacement = self._unavailable(exc)
+                if replacement is exc:
+                    raise
+                raise replacement from exc
             finally:
                 self._waiting -= 1
             idle_limit = self.config.ping_after_idle
@@ -513,6 +741,26 @@ class ManagedPool:
         if listening(self.bus):
             self._report("acquired")
         return conn
+
+    def _unavailable(self, exc: Exception) -> Exception:
+        """A connection could not be made: name the pool and the address, keep the cause.
+
+        Only connection and authentication failures are renamed; anything else
+        (a bug, a driver misuse) is raised as itself.
+        """
+        verdict = classify_database(exc)
+        if verdict.kind not in (DbErrorKind.CONNECTION, DbErrorKind.AUTH):
+            return exc
+        auth = verdict.kind is DbErrorKind.AUTH
+        where = f" at {self.address}" if self.address else ""
+        what = "refused the login" if auth else "could not be reached"
+        return DatabaseUnavailable(
+            f"database {self.config.name!r}{where} {what} ({describe(exc)}"
+            + ("; not retried: another try is another failed login)" if auth else ")"),
+            category=ErrorCategory.AUTH if auth else ErrorCategory.NETWORK,
+            retryable=verdict.retryable,
+            context={"pool": self.config.name, "address": self.address},
+        )
 
     async def release(self, conn: Any) -> None:
         """Give back a connection that worked: it is reset, then pooled again.
@@ -593,7 +841,11 @@ class ManagedPool:
     async def connection(self) -> AsyncIterator[Any]:
         """``async with pool.connection() as conn:`` a connection, discarded if it fails.
 
-        No retry here: use :meth:`transaction` or :meth:`run` for that.
+        No retry here: use :meth:`transaction` or :meth:`run` for that.  A
+        block that leaves a transaction open raises
+        :class:`~datapunk_recovery.database.errors.TransactionRolledBack`:
+        giving the connection back rolls that transaction back, so its work
+        must not look done.
         """
         conn = await self.acquire()
         try:
@@ -601,6 +853,14 @@ class ManagedPool:
         except BaseException as exc:
             await self.settle(conn, exc)
             raise
+        if not self._driver.is_broken(conn) and self._driver.state(conn) != IDLE:
+            left_open = TransactionRolledBack(
+                f"pool {self.config.name!r}: a connection came back with a transaction "
+                "still open; it was rolled back and nothing of it was committed",
+                operation=self.config.name,
+            )
+            await self.settle(conn, left_open)
+            raise left_open
         await self.release(conn)
 
     # -- recovering work (see datapunk_recovery.database.transaction) ----------

@@ -10,7 +10,11 @@ Each attempt opens its own connection in a worker thread (``sqlite3`` blocks),
 begins the transaction explicitly (``BEGIN IMMEDIATE`` by default: the write
 lock is taken up front, so a busy database fails at ``BEGIN``, before any work
 is done), runs ``fn(conn)``, commits and closes.  A failed ``COMMIT`` in
-SQLite leaves nothing committed, so commits are never in doubt here.
+SQLite leaves nothing committed, so commits are never in doubt here.  A
+transaction SQLite ended under ``fn`` (``SQLITE_FULL``, ``INSERT OR
+ROLLBACK``, a ``ROLLBACK`` by ``fn``) raises
+:class:`~datapunk_recovery.database.errors.TransactionRolledBack`, never
+replayed, instead of returning what ``fn`` returned.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from datapunk_recovery.engine import retry
 from datapunk_recovery.policy import RetryPolicy
 
 from .errors import DbErrorKind, MissingExtensionError, classify_database, explain_missing
-from .transaction import replayable
+from .pool import IDLE
+from .transaction import _not_committed, replayable
 
 __all__ = ["BeginMode", "SqliteConfig", "SqliteDatabase"]
 
@@ -109,6 +114,10 @@ class SqliteDatabase:
         try:
             conn.execute(f"BEGIN {self.config.begin.value.upper()}")
             result = fn(conn)
+            if not conn.in_transaction:
+                # SQLite ended the transaction under fn (SQLITE_FULL, INSERT OR
+                # ROLLBACK, a ROLLBACK or COMMIT by fn): nothing to acknowledge.
+                raise _not_committed("sqlite.transaction", IDLE, None)
             conn.execute("COMMIT")
             return result
         except Exception as exc:

@@ -7,6 +7,12 @@ discards the connection and runs the *whole* function again on a fresh
 connection.  ``fn`` must therefore do all of its database work through
 ``conn`` and keep no side effects outside the database before it returns.
 
+A transaction is acknowledged only once it committed.  PostgreSQL aborts a
+transaction at its first error, and when ``fn`` catches that error and
+returns, ``COMMIT`` answers ``ROLLBACK`` without raising: that (and a
+transaction ``fn`` ended itself) raises :class:`TransactionRolledBack`,
+never replayed, instead of returning what ``fn`` returned.
+
 The one failure never replayed blindly is a connection lost while ``COMMIT``
 was in flight: the server may have committed before the answer was lost.
 Without an idempotency check that raises :class:`CommitOutcomeUnknown`; with
@@ -46,11 +52,12 @@ from .errors import (
     ConnectionLost,
     DbErrorKind,
     MissingExtensionError,
+    TransactionRolledBack,
     classify_database,
     describe,
     explain_missing,
 )
-from .pool import ManagedPool
+from .pool import ABORTED, IDLE, OPEN, ManagedPool
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -234,6 +241,30 @@ async def _resolve(
     ) from error
 
 
+def _not_committed(name: str, state: str, code: str | None) -> TransactionRolledBack:
+    """The error for a transaction that cannot commit: ``state`` is how we know."""
+    cause = f" (SQLSTATE {code})" if code is not None else ""
+    if state == IDLE:
+        why = (
+            "no transaction was open when COMMIT was due: the database rolled it back "
+            "after an error fn caught, or fn ended it itself (ROLLBACK or COMMIT on conn; "
+            "what it committed then is outside this transaction)"
+        )
+    elif state == ABORTED:
+        why = f"the server had aborted the transaction after an error{cause} that fn caught"
+    else:
+        why = (
+            "COMMIT answered ROLLBACK: the server had aborted the transaction "
+            f"after an error{cause} that fn caught"
+        )
+    return TransactionRolledBack(
+        f"{name!r}: {why}; the transaction did not commit. Not replayed: to carry on after an "
+        "error inside a transaction, run the statement in a savepoint.",
+        code=code,
+        operation=name,
+    )
+
+
 async def _transaction_attempt(
     pool: ManagedPool,
     fn: Callable[[Any], Awaitable[T]],
@@ -249,6 +280,12 @@ async def _transaction_attempt(
         result = await fn(conn)
         if driver.is_broken(conn):
             raise ConnectionLost(f"{name!r}: the connection broke before COMMIT was sent")
+        state = driver.state(conn)
+        if state != OPEN:  # known not to commit: no COMMIT sent
+            # PostgreSQL never ends a transaction on an error by itself (it
+            # aborts it): an idle connection means fn ended it, no error did.
+            code = driver.abort_code(handle) if state == ABORTED else None
+            raise _not_committed(name, state, code)
     except BaseException as exc:
         broken = driver.is_broken(conn)
         await pool.settle(conn, exc, handle)
@@ -257,7 +294,7 @@ async def _transaction_attempt(
         raise
     pid = driver.backend_pid(conn)
     try:
-        await driver.commit(conn, handle)
+        committed = await driver.commit(conn, handle)
     except Exception as exc:
         verdict = classify_database(exc)
         if verdict.definite:
@@ -272,6 +309,8 @@ async def _transaction_attempt(
         await pool.discard(conn, None)
         raise
     await pool.release(conn)
+    if not committed:
+        raise _not_committed(name, OPEN, driver.abort_code(handle))
     return result
 
 
@@ -307,6 +346,16 @@ async def _run_attempt(
             if replacement is not None:
                 raise replacement from exc
         raise
+    if not driver.is_broken(conn) and driver.state(conn) != IDLE:
+        # fn began a transaction and returned with it open: giving the
+        # connection back rolls it back, so the work must not be acknowledged.
+        left_open = TransactionRolledBack(
+            f"{name!r}: fn returned with a transaction still open; it was rolled back and "
+            "nothing of it was committed (commit it in fn, or use transaction())",
+            operation=name,
+        )
+        await pool.settle(conn, left_open)
+        raise left_open
     await pool.release(conn)
     return result
 
@@ -343,7 +392,10 @@ async def transaction(
 
     ``pool`` is a :class:`ManagedPool`, an ``asyncpg.Pool`` or a
     ``psycopg_pool.AsyncConnectionPool``.  Returns what ``fn`` returned.
-    Raises the last error when attempts run out; :class:`CommitOutcomeUnknown`
+    Raises the last error when attempts run out; :class:`TransactionRolledBack`
+    (never replayed) when the transaction did not commit although ``fn``
+    returned (it swallowed an error that aborted it, or ended it itself);
+    :class:`CommitOutcomeUnknown`
     when COMMIT's answer was lost and ``idempotency_check`` was not given (or
     failed); :class:`MissingExtensionError` (from the driver's error) when a
     function, type or extension is missing.
@@ -372,6 +424,8 @@ async def run(
     :class:`CommitOutcomeUnknown`, and any other error (even a deadlock the
     server reported, which may follow statements of ``fn`` that committed) is
     raised as itself, marked final so no outer layer replays it either.
+    ``fn`` returning with a transaction of its own still open raises
+    :class:`TransactionRolledBack` (giving the connection back rolls it back).
     ``config.isolation`` and ``read_only`` do not apply here.
     """
     managed = ManagedPool.of(pool)

@@ -51,10 +51,15 @@ DEFAULT_RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 _CATEGORY: Final = {
+    401: ErrorCategory.AUTH,
+    403: ErrorCategory.AUTH,
     408: ErrorCategory.TIMEOUT,
     429: ErrorCategory.RATE_LIMITED,
     504: ErrorCategory.TIMEOUT,
 }
+# Refusals of who we are or what we may do: never retried, even when a policy
+# lists them in retry_statuses (another try is another failed login).
+_AUTH_STATUSES: Final = frozenset({401, 403})
 
 
 class HttpStatusError(RecoveryError):
@@ -173,7 +178,11 @@ class HttpPolicy:
                 context={"status": status, "endpoint": endpoint},
             )
         return HttpStatusError(
-            status, method, endpoint, retryable=idempotent, retry_after=hint.delay
+            status,
+            method,
+            endpoint,
+            retryable=idempotent and status not in _AUTH_STATUSES,
+            retry_after=hint.delay,
         )
 
 

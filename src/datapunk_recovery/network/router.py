@@ -391,11 +391,14 @@ class Router:
         self._engine: Retried[[_Call], Awaitable[Any]] = retry(
             config.retry, on=_retryable, name=self.name, budget=gate, bus=bus
         )(self._run)
+        old: Hedger | None = getattr(self, "_hedger", None)
         self._hedger = (
             None
             if config.hedge is None
             else Hedger(self.name, config.hedge, budget=budget, bus=bus)
         )
+        if self._hedger is not None and old is not None:
+            self._hedger.inherit(old)  # a reload keeps the latencies measured
 
     def reconfigure(self, config: RouterConfig, *, budget: RetryGate | None = None) -> None:
         """Take ``config`` and ``budget`` from now on, keeping the endpoints and their breakers.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar, cast
@@ -235,6 +236,13 @@ class _Plan(Generic[I, R]):
                 self.bus,
             )
         self.pending = retry if delay is not None else []
+        if delay is not None:
+            # Another round follows: free what this round's failed frames
+            # hold (buffers, activations) before it starts; the errors and
+            # their tracebacks stay for the report.
+            for result in results:
+                if isinstance(result, Exception):
+                    traceback.clear_frames(result.__traceback__)
         return delay
 
     def _next_delay(self, retry: list[int], hint: float | None, now: float) -> float | None:
@@ -345,6 +353,7 @@ async def recover_batch(
         except Exception as exc:
             outcome = exc
         delay = plan.record(outcome)
+        del outcome  # the plan keeps what it needs; see _Plan.record
         if delay is not None:
             await _runtime.sleep_async(delay)
     return plan.report()
@@ -370,6 +379,7 @@ def recover_batch_sync(
         except Exception as exc:
             outcome = exc
         delay = plan.record(outcome)
+        del outcome  # the plan keeps what it needs; see _Plan.record
         if delay is not None:
             _runtime.sleep_sync(delay)
     return plan.report()

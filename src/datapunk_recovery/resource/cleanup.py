@@ -176,7 +176,7 @@ class Compensations:
             raise TypeError(f"Compensations: expected a callable, got {entry.fn!r}")
         if self._mode is None:
             raise RuntimeError("Compensations: register inside its `with` block")
-        if self._mode == "sync" and inspect.iscoroutinefunction(entry.fn):
+        if self._mode == "sync" and _is_async(entry.fn):
             raise TypeError(
                 f"Compensations: {entry.label} is async; use `async with Compensations()`"
             )
@@ -221,7 +221,7 @@ class Compensations:
         for entry in entries:
             t0 = clock.now()
             try:
-                entry.fn(*entry.args, **entry.kwargs)
+                _unawaited(entry, entry.fn(*entry.args, **entry.kwargs))
             except Exception as error:
                 errors.append(error)
                 self._ran(entry, trigger, t0, error)
@@ -332,6 +332,35 @@ class Compensations:
         group.original = original
         mark_final(group, "compensations failed: state only partly undone")
         raise group from None
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is known to return a coroutine (a coroutine function, or an
+    object whose ``__call__`` is one)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - the bound method, not callable()
+    )
+
+
+def _unawaited(entry: _Entry, result: object) -> None:
+    """In a sync block, a compensation that returned an awaitable did not undo anything.
+
+    Only its call is known to be async (``lambda: undo_async(x)`` passes the
+    add-time check): fail it loudly, so that it is reported in
+    :class:`CleanupFailed` instead of being dropped.  A coroutine is closed
+    first (it never started: nothing ran, and no "never awaited" warning).
+    """
+    if not inspect.isawaitable(result):
+        return
+    if inspect.iscoroutine(result):
+        result.close()
+        what = "a coroutine (closed without running)"
+    else:
+        what = f"an awaitable ({type(result).__name__}, never awaited)"
+    raise TypeError(
+        f"compensation {entry.label} returned {what} in a sync `with Compensations()` "
+        f"block, so it undid nothing; use `async with Compensations()` to await it"
+    )
 
 
 def _trigger(exc: BaseException | None) -> str:

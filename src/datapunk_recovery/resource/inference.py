@@ -140,6 +140,37 @@ class InferenceFinished(Event):
 _Step = tuple[int, int, int]
 
 
+@dataclass(frozen=True, slots=True)
+class _OutOfMemory:
+    """What the plan keeps of an out-of-memory error: its type name and message, no frames."""
+
+    error_type: str
+    message: str
+
+
+class _GaveUp(Exception):
+    """The plan's verdict that no model can serve the rest; ``note`` says why."""
+
+    def __init__(self, note: str) -> None:
+        super().__init__(note)
+        self.note = note
+
+
+def _after_oom(plan: Generator[_Step, Any, Any], exc: Exception) -> _Step:
+    """Tell ``plan`` that the last step ran out of memory; the next step, or raise ``exc``.
+
+    Only a summary of ``exc`` reaches the plan, which outlives this call; the
+    caller drops ``exc`` when its ``except`` block ends, before the next step
+    runs, so the failed attempt's frames and tensors can be freed.
+    """
+    try:
+        return plan.send(_OutOfMemory(type(exc).__name__, str(exc)))
+    except _GaveUp as gave_up:
+        note = gave_up.note
+    exc.add_note(note)
+    raise exc
+
+
 class InferenceRecovery(Generic[I, O]):
     """Run a model over a batch with out-of-memory and transient-error recovery.
 
@@ -191,10 +222,15 @@ class InferenceRecovery(Generic[I, O]):
             retried(label, as_async(fn)) for label, fn in models
         )
 
-    def _plan(
-        self, total: int
-    ) -> Generator[_Step, Sequence[O] | BaseException, InferenceResult[O]]:
-        """The I/O-free decisions: yields steps, receives outputs or an out-of-memory error."""
+    def _plan(self, total: int) -> Generator[_Step, Sequence[O] | _OutOfMemory, InferenceResult[O]]:
+        """The I/O-free decisions: yields steps, receives outputs or an out-of-memory summary.
+
+        It never sees the exception itself: an exception's traceback keeps the
+        frames of the failed forward pass (and every tensor they hold) alive,
+        and this generator stays suspended across the next model call.  When
+        it gives up it raises :class:`_GaveUp`; the caller raises the original
+        error with the note.
+        """
         start_time = clock.now()
         outputs: list[O] = []
         served: list[str] = []
@@ -203,7 +239,7 @@ class InferenceRecovery(Generic[I, O]):
         while cursor < total:
             stop = min(cursor + size, total)
             got = yield model, cursor, stop
-            if not isinstance(got, BaseException):
+            if not isinstance(got, _OutOfMemory):
                 chunks += 1
                 if len(got) != stop - cursor:
                     raise ValueError(
@@ -222,21 +258,20 @@ class InferenceRecovery(Generic[I, O]):
                     model=self._names[model],
                     from_size=chunk,
                     to_size=size,
-                    error_type=type(got).__name__,
+                    error_type=got.error_type,
                 )
                 continue
             if model + 1 >= len(self._names):
-                got.add_note(
+                raise _GaveUp(
                     f"datapunk-recovery: {self.name!r} ran out of memory on every model "
                     f"({', '.join(self._names)}), down to {chunk} item(s) per call"
                 )
-                raise got
             self._emit(
                 InferenceFallback,
                 from_model=self._names[model],
                 to_model=self._names[model + 1],
                 remaining=total - cursor,
-                error_type=type(got).__name__,
+                error_type=got.error_type,
             )
             model, size = model + 1, total - cursor
         if listening(self._bus):
@@ -269,11 +304,14 @@ class InferenceRecovery(Generic[I, O]):
             while True:
                 model, start, stop = step
                 try:
-                    got: Sequence[O] | BaseException = self._callers[model](batch[start:stop])
+                    got: Sequence[O] = self._callers[model](batch[start:stop])
                 except Exception as exc:
                     if not self._oom(exc):
                         raise
-                    got = exc
+                    # Decided inside the handler: ``exc`` (and the failed
+                    # pass's frames) is gone before the next model call.
+                    step = _after_oom(plan, exc)
+                    continue
                 if inspect.isawaitable(got):
                     if inspect.iscoroutine(got):
                         got.close()  # never started: nothing ran, nothing to warn about
@@ -297,7 +335,9 @@ class InferenceRecovery(Generic[I, O]):
                 except Exception as exc:
                     if not self._oom(exc):
                         raise
-                    got = exc
+                    step = _after_oom(plan, exc)  # see run_sync
+                    continue
                 step = plan.send(got)
+                got = None  # the outputs are in the plan now
         except StopIteration as done:
             return cast(InferenceResult[O], done.value)

@@ -273,6 +273,8 @@ class ResourcePool(Generic[T]):
     __slots__ = (
         "_acquired",
         "_allocate",
+        "_allocate_fn",
+        "_budget",
         "_bus",
         "_claimed",
         "_failures",
@@ -306,13 +308,9 @@ class ResourcePool(Generic[T]):
         self.config = config
         self.tracker = tracker if tracker is not None else ResourceTracker(kind, bus=bus)
         self._bus = bus
-        self._allocate = (
-            None
-            if allocate is None
-            else retry(config.allocation_retry, name=f"{kind}.allocate", budget=budget)(
-                as_async(allocate)
-            )
-        )
+        self._allocate_fn = allocate
+        self._budget = budget
+        self._allocate = self._retried_allocate()
         self._release_fn = release
         self._in_use = 0
         self._line: deque[_Waiter] = deque()
@@ -323,6 +321,35 @@ class ResourcePool(Generic[T]):
         self._acquired = self._timeouts = self._rejected = 0
         self._quota_refused = self._failures = 0
         self._total_wait = 0.0
+
+    def _retried_allocate(self) -> Callable[[int], Awaitable[T]] | None:
+        allocate = self._allocate_fn
+        if allocate is None:
+            return None
+        make = retry(
+            self.config.allocation_retry, name=f"{self.kind}.allocate", budget=self._budget
+        )
+        return cast(Callable[[int], Awaitable[T]], make(as_async(allocate)))
+
+    def reconfigure(self, config: PoolConfig) -> None:
+        """Take ``config`` while leases are held, keeping every unit held and every waiter.
+
+        This is how a hot reload changes a pool: the units held keep counting
+        against the new ``capacity``, so what is held never exceeds the
+        largest capacity in force.  A smaller capacity grants nothing until
+        the units held leave room under it; a larger one grants the waiters
+        at the head of the line at once.  Waiters keep their place and their
+        wait; quotas and ``max_waiting`` apply to requests made from now on.
+        Call it from the pool's event loop (as a reload does).
+        """
+        if not isinstance(config, PoolConfig):
+            raise TypeError(f"ResourcePool.reconfigure: expected a PoolConfig, got {config!r}")
+        retry_changed = config.allocation_retry != self.config.allocation_retry
+        self.config = config
+        if retry_changed:
+            self._allocate = self._retried_allocate()
+        self._grant()
+        self._usage()
 
     # -- asking ---------------------------------------------------------------------------
 

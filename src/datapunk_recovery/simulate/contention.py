@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .._validate import check_count, check_seconds
 from .kernel import Simulation, network_delay
@@ -36,7 +36,7 @@ class ContentionSetup:
     runs: int = 20
     seed: int = 0
     latency: float = 0.010
-    latency_sd: float = 0.002
+    latency_sd: float = field(default=0.002, metadata={"unit": "seconds"})
 
     def __post_init__(self) -> None:
         owner = "ContentionSetup"

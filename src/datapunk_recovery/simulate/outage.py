@@ -30,7 +30,7 @@ import bisect
 import itertools
 import random
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .._validate import check_count, check_number, check_seconds
 from ..breaker import CircuitBreaker, Permit
@@ -54,10 +54,10 @@ class OutageSetup:
     rate: float = 100.0
     clients: int = 10
     duration: float = 60.0
-    outage_start: float = 5.0
+    outage_start: float = field(default=5.0, metadata={"unit": "seconds"})
     outage_duration: float = 20.0
     latency: float = 0.010
-    latency_sd: float = 0.002
+    latency_sd: float = field(default=0.002, metadata={"unit": "seconds"})
     seed: int = 0
 
     def __post_init__(self) -> None:

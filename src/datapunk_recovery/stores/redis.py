@@ -55,7 +55,7 @@ from ..breaker import (
     StoreResumed,
     WindowKind,
 )
-from ..errors import CircuitOpenError
+from ..errors import CircuitOpenError, ErrorCategory, classify
 from ..events import emit
 
 if TYPE_CHECKING:
@@ -362,6 +362,15 @@ class _Corrupt(Exception):
     """A reply from Redis that does not parse: treated like Redis being down."""
 
 
+#: Seconds a store waits, after Redis refused its login or a command, before
+#: asking again (at most one failed login per store in that time).
+AUTH_RETRY_INTERVAL: Final = 300.0
+
+
+class StoreRefused(RuntimeError):
+    """Redis refused this store's login or command lately: not asked again yet."""
+
+
 class StoreClosed(RuntimeError):
     """The store was closed (:meth:`RedisStore.aclose`): its primitives decide locally.
 
@@ -542,6 +551,7 @@ class RedisStore:
         # Every link bound here, so that aclose() can land their background writes.
         self._links: weakref.WeakSet[_BreakerLink] = weakref.WeakSet()
         self._closed = False
+        self._refused_until = 0.0  # clock.now() before which Redis is not asked (auth)
 
     def __repr__(self) -> str:
         return f"RedisStore(prefix={self.prefix!r})"
@@ -553,12 +563,25 @@ class RedisStore:
         return [f"{tag}:{part}" for part in parts]
 
     async def _eval(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run ``script`` (one round trip), bounded by ``timeout`` seconds."""
+        """Run ``script`` (one round trip), bounded by ``timeout`` seconds.
+
+        After Redis refused the login or the command (``WRONGPASS``,
+        ``NOAUTH``, ``NOPERM``), no link tries it again for
+        :data:`AUTH_RETRY_INTERVAL` seconds: each try would be another failed
+        login, which can lock the account.
+        """
         if self._closed:
             raise StoreClosed(f"{self!r} is closed")
-        # asyncio.timeout bounds a blackholed server that accepts and never answers.
-        async with asyncio.timeout(self.timeout):
-            return await script(keys=keys, args=args)
+        if clock.now() < self._refused_until:
+            raise StoreRefused(f"{self!r}: Redis refused our login or command; not asked again yet")
+        try:
+            # asyncio.timeout bounds a blackholed server that accepts and never answers.
+            async with asyncio.timeout(self.timeout):
+                return await script(keys=keys, args=args)
+        except Exception as exc:
+            if classify(exc).category is ErrorCategory.AUTH:
+                self._refused_until = clock.now() + AUTH_RETRY_INTERVAL
+            raise
 
     # -- breakers --------------------------------------------------------------------------
     def bind_breaker(self, breaker: CircuitBreaker) -> _BreakerLink:
