@@ -1043,6 +1043,8 @@ async def test_a_hung_endpoint_losing_its_hedges_trips_its_breaker_through_the_f
             break
     assert hung.state is BreakerState.OPEN
     assert hung.snapshot().failures == 0
+
+
 # -- acknowledged only once committed; entering never needs the dependencies up --------
 
 

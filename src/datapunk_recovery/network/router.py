@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, TypeVar
 
 from datapunk_recovery import clock
+from datapunk_recovery._context import REPORTING
 from datapunk_recovery._validate import check_count
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.breaker import BreakerConfig, BreakerState, CircuitBreaker, Permit
@@ -365,7 +366,7 @@ class Router:
     retries and hedges.  Every endpoint name is unique.
     """
 
-    __slots__ = ("_engine", "_hedger", "_members", "_turn", "config", "name")
+    __slots__ = ("_engine", "_gate", "_hedger", "_members", "_turn", "config", "name")
 
     def __init__(
         self,
@@ -385,11 +386,17 @@ class Router:
         if not isinstance(config, RouterConfig):
             raise TypeError(f"Router.config: expected a RouterConfig, got {config!r}")
         self.config = config
-        gate: RetryGate | None = budget
-        if budget is not None and config.fallthrough == "call":
-            gate = _FallthroughGate(self, budget)
+        self._gate = (
+            _FallthroughGate(self, budget)
+            if budget is not None and config.fallthrough == "call"
+            else None
+        )
         self._engine: Retried[[_Call], Awaitable[Any]] = retry(
-            config.retry, on=_retryable, name=self.name, budget=gate, bus=bus
+            config.retry,
+            on=_retryable,
+            name=self.name,
+            budget=budget if self._gate is None else self._gate,
+            bus=bus,
         )(self._run)
         old: Hedger | None = getattr(self, "_hedger", None)
         self._hedger = (
@@ -666,7 +673,16 @@ class Router:
     async def _run(self, call: _Call) -> Any:
         """One attempt of the engine: a plain one, or a race of hedges."""
         if call.hedge and self._hedger is not None:
-            return await self._hedger.race(self._attempt, (call,), {})
+            gate = self._gate
+            if gate is None:
+                return await self._hedger.race(self._attempt, (call,), {})
+            # The engine reports each attempt to the budget through the gate: the
+            # hedger must know its budget is reported, to report each attempt once.
+            token = REPORTING.set((*REPORTING.get(), gate.inner))
+            try:
+                return await self._hedger.race(self._attempt, (call,), {})
+            finally:
+                REPORTING.reset(token)
         return await self._attempt(call)
 
     async def call(
