@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from datapunk_recovery import retry
 from datapunk_recovery.backoff import RetryConfig
-from datapunk_recovery.config import ConfigError, build_config
+from datapunk_recovery.config import ConfigError, ServicePolicy, build_config
 from datapunk_recovery.errors import RecoveryError
 from datapunk_recovery.events import Event, EventBus, HintIgnored
 from datapunk_recovery.network import Endpoint
@@ -106,10 +106,20 @@ def test_header_maps_lose_every_credential() -> None:
 
 
 def test_secret_names_are_read_by_their_words() -> None:
-    for name in ("password", "PGPASSWORD", "X-Amz-Signature", "sig", "apiKey", "api_key", "key"):
+    secret = ["password", "PGPASSWORD", "X-Amz-Signature", "sig", "apiKey", "api_key", "key"]
+    secret += ["access_token", "accesstoken", "X-Auth-Token", "JSESSIONID", "session_id"]
+    secret += ["client_secret", "X-Amz-Credential", "private_key", "MYSQL_PWD", "Set-Cookie"]
+    for name in secret:
         assert is_secret_name(name), name
-    for name in ("host", "user", "page", "base_delay", "sslmode", "design", "monkey"):
+    plain = ["host", "user", "page", "base_delay", "sslmode", "design", "monkey", "token_type"]
+    plain += ["max_tokens", "token_ratio", "key_ttl", "key_prefix", "expires_in", "signal"]
+    for name in plain:
         assert not is_secret_name(name), name
+
+
+def test_configuration_reprs_keep_their_numbers() -> None:
+    shown = repr(ServicePolicy())
+    assert "max_tokens=10.0" in shown and "token_ratio=0.1" in shown and REDACTED not in shown
 
 
 def test_configuration_errors_never_show_a_long_password() -> None:

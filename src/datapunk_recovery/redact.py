@@ -53,8 +53,9 @@ _SECRET_HEADERS: Final = frozenset(
         "x-xsrf-token",
     }
 )
-# A name is a secret's when one of its words (split at "-", "_", ".", and
-# lower-to-upper case changes: apiKey, X-Amz-Signature) is one of these...
+# A name is a secret's when its last word (split at "-", "_", ".", and at
+# lower-to-upper case changes: apiKey, X-Amz-Signature) is one of these
+# (access_token, api_key, X-Auth-Token, sig; not token_ratio or key_ttl) ...
 _SECRET_WORDS: Final = frozenset(
     {
         "apikey",
@@ -79,25 +80,22 @@ _SECRET_WORDS: Final = frozenset(
         "token",
     }
 )
-# ... or when it holds one of these anywhere (PGPASSWORD, clientsecret, mytoken).
-_SECRET_PARTS: Final = (
-    "password",
-    "passwd",
-    "secret",
-    "token",
-    "apikey",
-    "signature",
-    "credential",
-)
+# ... or when it holds one of these anywhere (PGPASSWORD, clientsecret, X-Amz-Credential),
+_SECRET_PARTS: Final = ("password", "passwd", "secret", "apikey", "signature", "credential")
+# ... or ends with one of these (accesstoken, JSESSIONID, session_id).
+_SECRET_ENDINGS: Final = ("token", "sessionid", "session_id", "sessid")
 _WORD_SPLIT: Final = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 
 
 def is_secret_name(name: str) -> bool:
     """Whether a key, parameter or header ``name`` names a secret (its value must be hidden)."""
     lower = name.lower()
-    if lower in _SECRET_HEADERS or any(part in lower for part in _SECRET_PARTS):
+    if lower in _SECRET_HEADERS or lower.endswith(_SECRET_ENDINGS):
         return True
-    return any(word.lower() in _SECRET_WORDS for word in _WORD_SPLIT.split(name) if word)
+    if any(part in lower for part in _SECRET_PARTS):
+        return True
+    words = [word for word in _WORD_SPLIT.split(name) if word]
+    return bool(words) and words[-1].lower() in _SECRET_WORDS
 
 
 # A name then a separator: ``password=``, ``"api_key": ``, ``X-Auth-Token: ``.
