@@ -1192,3 +1192,31 @@ async def test_a_wrong_database_password_fails_the_first_use_after_one_login(
     assert proxy.stats.connections_opened == 1  # "slow" allows 5 attempts: one login made
     assert caught.value.category is ErrorCategory.AUTH and not caught.value.retryable
     assert "ledger" in str(caught.value) and "wrong-secret" not in str(caught.value)
+
+
+async def test_a_service_may_keep_the_strict_fallthrough_rule() -> None:
+    recovery = RecoveryStrategies.from_config(
+        {
+            "services": {
+                "api": {
+                    "endpoints": ["primary", "secondary"],
+                    "fallthrough": "breaker",
+                    "retry": {"max_attempts": 2, "base_delay": 0.0},
+                }
+            }
+        },
+        environ={},
+    )
+    router = recovery.router("api")
+    assert router is not None and router.config.fallthrough == "breaker"
+    seen: list[str] = []
+
+    async def call(endpoint: Endpoint) -> str:
+        seen.append(endpoint.name)
+        if endpoint.name == "primary":
+            raise ConnectionResetError("primary down")
+        return endpoint.name
+
+    with pytest.raises(ConnectionResetError):
+        await recovery.with_network_recovery("api", call)
+    assert seen == ["primary", "primary"]  # the secondary waits for the primary's breaker
