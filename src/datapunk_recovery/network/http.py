@@ -20,7 +20,8 @@
   so the server can stop working for a caller that gave up.
 
 Messages and events name the endpoint and the method, never the URL (paths
-and queries may carry tokens) or a header value.
+and queries may carry tokens) or a request header's value (a garbage delay
+header is shown in ``HintIgnored``, redacted and cut to 40 characters).
 """
 
 from __future__ import annotations
