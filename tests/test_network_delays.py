@@ -222,7 +222,7 @@ def _delay(seconds: float | None) -> bool:
     return seconds is None or (math.isfinite(seconds) and 0.0 <= seconds <= MAX_HINT_SECONDS)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(value=_hostile, wall=_walls)
 def test_every_parser_gives_a_delay_or_nothing_for_any_input(
     value: object, wall: float | None
@@ -237,7 +237,7 @@ def test_every_parser_gives_a_delay_or_nothing_for_any_input(
         assert parse_retry_after(value, wall=wall) is None
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     headers=st.dictionaries(
         st.sampled_from(["Retry-After", "X-RateLimit-Reset", "grpc-retry-pushback-ms"])

@@ -561,7 +561,7 @@ _anything = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     field=st.sampled_from(
         [

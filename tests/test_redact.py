@@ -137,7 +137,7 @@ def test_configuration_errors_never_show_a_long_password() -> None:
 
 # -- hostile inputs: the answer is right (and comes: linear time, no nested repeats) ---------------
 
-HUGE = 200_000
+HUGE = 100_000
 
 
 @pytest.mark.parametrize(
@@ -152,7 +152,7 @@ HUGE = 200_000
         "password='" + "\\" * HUGE,
         "Bearer" + " " * HUGE,
         "token=" + "'" * HUGE,
-        ("a=" * HUGE),
+        "a=" * (HUGE // 2),
     ],
     ids=lambda t: repr(t[:12]),
 )
@@ -172,7 +172,7 @@ _secret = st.text(alphabet="ABCDEFGHJKLMNPQRSTUVWXYZ23456789", min_size=8, max_s
 _noise = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(form=st.sampled_from(FORMS), secret=_secret, before=_noise, after=_noise)
 @example(form=FORMS[0], secret="Q" * 300, before="", after="")
 def test_no_secret_survives_whatever_surrounds_it(
