@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from datapunk_recovery import retry
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.config import ConfigError, ServicePolicy, build_config
+from datapunk_recovery.durations import DurationError, parse_duration
 from datapunk_recovery.errors import RecoveryError
 from datapunk_recovery.events import Event, EventBus, HintIgnored
 from datapunk_recovery.network import Endpoint
@@ -225,3 +226,9 @@ def test_a_quote_inside_a_header_value_does_not_end_what_is_hidden() -> None:
     assert redact_text("{'Authorization': 'Bearer Zq9', 'Accept': 'x'}") == (
         "{'Authorization': ***, 'Accept': 'x'}"
     )
+
+
+def test_a_dsn_given_for_a_duration_is_quoted_redacted() -> None:
+    with pytest.raises(DurationError) as caught:
+        parse_duration(f"postgres://u:{LONG}@h/x")
+    assert "Zq9" not in str(caught.value) and "postgres://u:***@h/x" in str(caught.value)
