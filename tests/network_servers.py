@@ -10,6 +10,8 @@ with its own asyncio loop, it serves asyncio and trio clients alike.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -115,3 +117,109 @@ def scripted_servers(*names: str) -> Iterator[dict[str, ScriptedServer]]:
     finally:
         for server in servers.values():
             server.stop()
+
+
+class DroppingServer:
+    """A raw HTTP/1.1 server on 127.0.0.1 that drops connections, counting every request.
+
+    On each connection it answers the first ``answered`` requests with a
+    keep-alive ``200`` (so the client pools the connection), then reads the
+    next request whole and closes without a word (``reset=True``: with a TCP
+    reset).  ``requests`` counts every request received, server-side, which is
+    what a client's hidden re-sends cannot hide from.
+    """
+
+    def __init__(self, answered: int = 0, *, reset: bool = False) -> None:
+        self.answered = answered
+        self.reset = reset
+        self.requests = 0
+        self.dropped = 0
+        self.connections = 0
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="http-dropping")
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        served = 0
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+                    return
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value.strip())
+                if length:
+                    await reader.readexactly(length)
+                self.requests += 1
+                if served >= self.answered:
+                    self.dropped += 1
+                    if self.reset:
+                        sock = writer.get_extra_info("socket")
+                        sock.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
+                    writer.transport.abort() if self.reset else writer.close()
+                    return
+                served += 1
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+                )
+                await writer.drain()
+        finally:
+            self._writers.discard(writer)
+            if not writer.is_closing():
+                writer.close()
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+    def start(self) -> DroppingServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+
+
+@contextmanager
+def dropping_server(answered: int = 0, *, reset: bool = False) -> Iterator[DroppingServer]:
+    """A started :class:`DroppingServer`, stopped at the end."""
+    server = DroppingServer(answered, reset=reset).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def refused_address() -> str:
+    """A loopback base URL where nothing listens (a port just bound and released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"

@@ -469,3 +469,11 @@ def test_any_set_of_variables_gives_a_configuration_or_a_configuration_error(
         assert isinstance(config, RecoveryConfig)
     # Every problem names a variable (or the environment as a whole).
     assert all("DATAPUNK_RECOVERY" in p.source or p.source == "environment" for p in problems)
+
+
+def test_a_service_chooses_its_fallthrough_rule_and_a_wrong_one_is_named() -> None:
+    config = build_config({"services": {"api": {"endpoints": ["a"], "fallthrough": "breaker"}}})
+    assert config.policy("api").fallthrough == "breaker"
+    assert config.policy("other").fallthrough == "call"
+    with pytest.raises(ConfigError, match=r"services\.api\.fallthrough"):
+        build_config({"services": {"api": {"fallthrough": "sometimes"}}})

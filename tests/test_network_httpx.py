@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from datapunk_recovery import events
+from datapunk_recovery import RecoveryStrategies, events
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.breaker import BreakerConfig, BreakerState
 from datapunk_recovery.budget import TokenBudget, TokenBudgetConfig
@@ -27,7 +27,13 @@ from datapunk_recovery.network.http import HttpPolicy, HttpStatusError
 from datapunk_recovery.network.httpx import HttpxRecovery, retryable_httpx_error
 from datapunk_recovery.testing import fake_clock
 from tests.harness import ThreadedProxy
-from tests.network_servers import Reply, ScriptedServer, scripted_servers
+from tests.network_servers import (
+    Reply,
+    ScriptedServer,
+    dropping_server,
+    refused_address,
+    scripted_servers,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -69,9 +75,11 @@ def recorded(router: Router) -> list[events.Event]:
 
 
 @pytest.mark.drill
+@pytest.mark.parametrize("fallthrough", ["call", "breaker"])
 async def test_calls_fail_over_by_priority_through_503s_and_resets(
     servers: dict[str, ScriptedServer],
     make_proxy: Callable[[tuple[str, int]], ThreadedProxy],
+    fallthrough: str,
 ) -> None:
     p1, p2, s1 = servers["p1"], servers["p2"], servers["s1"]
     p1.answer(default=UNAVAILABLE)
@@ -82,20 +90,24 @@ async def test_calls_fail_over_by_priority_through_503s_and_resets(
         Endpoint("p2", f"http://127.0.0.1:{resetting.port}"),
         Endpoint("s1", s1.url, priority=1),
         attempts=5,
+        fallthrough=fallthrough,
     )
     seen = recorded(router)
     async with httpx.AsyncClient() as client:
         response = await HttpxRecovery(client, router).get("/items")
         assert (response.status_code, response.text) == (200, "s1")
         assert pool_is_idle(client)
-    # Both primaries were tried twice (their breakers open at 2) before the secondary.
-    assert len(p1.seen) == 2
-    assert resetting.stats.cuts == 2
-    assert len(s1.seen) == 1
-    states = {s.name: s.state for s in router.states()}
-    assert states == {"p1": BreakerState.OPEN, "p2": BreakerState.OPEN, "s1": BreakerState.CLOSED}
     hops = [(e.from_endpoint, e.to_endpoint) for e in seen if isinstance(e, FailedOver)]
-    assert hops[-1][1] == "s1" and len(hops) == 4
+    states = {s.name: s.state for s in router.states()}
+    assert len(s1.seen) == 1 and hops[-1][1] == "s1"
+    if fallthrough == "call":
+        # Each primary failed once in the call: the call falls through at once.
+        assert (len(p1.seen), resetting.stats.cuts, len(hops)) == (1, 1, 2)
+        assert set(states.values()) == {BreakerState.CLOSED}
+        return
+    # The strict rule: both primaries tried twice (their breakers open at 2) first.
+    assert (len(p1.seen), resetting.stats.cuts, len(hops)) == (2, 2, 4)
+    assert states == {"p1": BreakerState.OPEN, "p2": BreakerState.OPEN, "s1": BreakerState.CLOSED}
 
 
 async def test_a_retry_after_in_seconds_is_waited(servers: dict[str, ScriptedServer]) -> None:
@@ -258,3 +270,154 @@ def test_which_transport_errors_are_retried() -> None:
     assert not retryable_httpx_error(httpx.ReadError("reset", request=request), idempotent=False)
     assert retryable_httpx_error(httpx.ReadError("reset", request=request), idempotent=True)
     assert not retryable_httpx_error(httpx.UnsupportedProtocol("ftp", request=request), True)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Retry-After": "Wed, 21 Oct 2015 07:28:00 +99999999999999999999"},
+        {"Retry-After": "Wed, 21 Oct 99999999999999999999 07:28:00 GMT"},
+        {"Retry-After": "1_000"},
+        {"X-RateLimit-Reset": "1e400"},
+        {"grpc-retry-pushback-ms": "+5"},
+    ],
+)
+async def test_a_hostile_delay_header_is_ignored_and_the_call_fails_over(
+    servers: dict[str, ScriptedServer], headers: dict[str, str]
+) -> None:
+    p1 = servers["p1"].answer(default=Reply(503, headers))
+    router = routed(Endpoint("p1", p1.url), Endpoint("p2", servers["p2"].url))
+    router.breaker("p2").allow().failure(ConnectionResetError())  # p1 first
+    seen = recorded(router)
+    async with httpx.AsyncClient() as client:
+        response = await HttpxRecovery(client, router).get("/")
+    assert response.text == "p2"
+    assert len(p1.seen) == 1
+    assert [type(e) for e in seen if isinstance(e, events.HintIgnored)] == [events.HintIgnored]
+
+
+async def test_a_dropped_pooled_connection_costs_one_counted_attempt() -> None:
+    with dropping_server(answered=1) as server:
+        router = routed(Endpoint("only", server.url))
+        async with httpx.AsyncClient() as client:
+            recovery = HttpxRecovery(client, router)
+            assert (await recovery.get("/warm")).status_code == 200  # the connection is pooled
+            assert (await recovery.delete("/item")).status_code == 200
+    assert router.statistics().attempts == server.requests == 3
+
+
+async def test_with_the_defaults_failing_primaries_cost_the_caller_nothing(
+    servers: dict[str, ScriptedServer],
+) -> None:
+    # Two primaries at priority 0 (one answers 503, one refuses connections), a
+    # healthy secondary at priority 1, the router's default configuration and
+    # the default retry budget (gRPC's: 10 tokens, a failure costs one, retries
+    # while more than 5 are left), as a new user has them.
+    p1, s1 = servers["p1"].answer(default=UNAVAILABLE), servers["s1"]
+    router = Router(
+        "api",
+        [
+            Endpoint("p1", p1.url),
+            Endpoint("p2", refused_address()),
+            Endpoint("s1", s1.url, priority=1),
+        ],
+        budget=TokenBudget("api"),
+    )
+    assert router.config.fallthrough == "call"
+    seen = recorded(router)
+    with fake_clock():
+        async with httpx.AsyncClient() as client:
+            api = HttpxRecovery(client, router)
+            answers = [(await api.get(f"/item/{i}")).text for i in range(30)]
+        states = {s.name: s.state for s in router.states()}
+    assert answers == ["s1"] * 30  # zero caller-visible failures
+    # Each call tried each primary at most once (once the budget ran low, only
+    # one of them: no retry on level 0, straight to the untried level 1); once
+    # their breakers opened (5 failures in a row) calls went to the secondary.
+    assert len(p1.seen) == 5 and len(s1.seen) == 30
+    assert states == {"p1": BreakerState.OPEN, "p2": BreakerState.OPEN, "s1": BreakerState.CLOSED}
+    stats = router.statistics()
+    assert (stats.failures, stats.attempts) == (0, 30 + 2 * 5)
+    assert sum(isinstance(e, events.GaveUp) for e in seen) == 0
+
+
+async def test_the_primaries_take_the_calls_back_once_their_breakers_let_a_probe_through(
+    servers: dict[str, ScriptedServer],
+) -> None:
+    p1, s1 = servers["p1"].answer(*[UNAVAILABLE] * 5), servers["s1"]
+    router = Router("api", [Endpoint("p1", p1.url), Endpoint("s1", s1.url, priority=1)])
+    with fake_clock() as clock:
+        async with httpx.AsyncClient() as client:
+            api = HttpxRecovery(client, router)
+            for _ in range(6):
+                assert (await api.get("/")).text == "s1"
+            clock.advance(router.config.breaker.open_duration)
+            assert (await api.get("/")).text == "p1"  # recovered: the primary again
+    assert len(p1.seen) == 6
+
+
+async def test_a_client_whose_hook_raises_for_status_still_fails_over(
+    servers: dict[str, ScriptedServer],
+) -> None:
+    p1 = servers["p1"].answer(Reply(503), Reply(404))
+
+    async def raise_for_status(response: httpx.Response) -> None:
+        response.raise_for_status()
+
+    router = routed(Endpoint("p1", p1.url), Endpoint("p2", servers["p2"].answer(Reply(200)).url))
+    router.breaker("p2").allow().failure(ConnectionResetError())  # p1 first
+    async with httpx.AsyncClient(event_hooks={"response": [raise_for_status]}) as client:
+        api = HttpxRecovery(client, router)
+        assert (await api.get("/")).text == "p2"  # a 503 raised by the hook is retried elsewhere
+        router.breaker("p2").isolate()
+        with pytest.raises(httpx.HTTPStatusError) as caught:
+            await api.get("/missing")  # a 404 is not retried: the hook's error reaches the caller
+    assert caught.value.response.status_code == 404
+    assert len(p1.seen) == 2
+
+
+@pytest.mark.parametrize(
+    "retry_after", ["99999999999999999999", "Fri, 31 Dec 9999 23:59:59 GMT", "604800"]
+)
+async def test_an_absurd_but_valid_delay_from_one_endpoint_sends_the_call_elsewhere(
+    servers: dict[str, ScriptedServer], retry_after: str
+) -> None:
+    p1 = servers["p1"].answer(default=Reply(503, {"Retry-After": retry_after}))
+    router = routed(Endpoint("p1", p1.url), Endpoint("s1", servers["s1"].url, priority=1))
+    with fake_clock() as clock:
+        async with httpx.AsyncClient() as client:
+            api = HttpxRecovery(client, router)
+            assert (await api.get("/")).text == "s1"
+            # With nowhere else to go, the delay stands and is too long: give up at once.
+            router.breaker("s1").isolate()
+            with pytest.raises(HttpStatusError) as caught:
+                await api.get("/")
+    assert clock.slept == []
+    assert caught.value.retry_after is not None and caught.value.retry_after > 300
+    assert "max_server_delay" in caught.value.__notes__[-1]
+
+
+async def test_a_new_user_of_the_facade_sees_no_failure_while_the_secondary_answers(
+    servers: dict[str, ScriptedServer],
+) -> None:
+    # The facade with nothing but the endpoints: default retries, breakers and budget.
+    p1, s1 = servers["p1"].answer(default=UNAVAILABLE), servers["s1"]
+    config = {
+        "services": {
+            "api": {
+                "endpoints": ["p1", "p2", "s1"],
+                "priorities": {"p1": 0, "p2": 0, "s1": 1},
+                "addresses": {"p1": p1.url, "p2": refused_address(), "s1": s1.url},
+            }
+        }
+    }
+    recovery = RecoveryStrategies.from_config(config, environ={})
+    router = recovery.router("api")
+    assert router is not None
+
+    with fake_clock():
+        async with httpx.AsyncClient() as client:
+            api = HttpxRecovery(client, router)
+            answers = [(await api.get(f"/item/{i}")).text for i in range(20)]
+    assert answers == ["s1"] * 20
+    assert len(p1.seen) <= 5  # until its breaker opened

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from datapunk_recovery import events
 from datapunk_recovery.backoff import Jitter, RetryConfig
@@ -32,6 +34,7 @@ from datapunk_recovery.network import (
     RouterConfig,
     RoutingChanged,
 )
+from datapunk_recovery.network.http import HttpPolicy
 from datapunk_recovery.testing import fake_clock
 
 pytestmark = pytest.mark.anyio
@@ -41,6 +44,12 @@ TRIP_AT_2 = BreakerConfig(
     consecutive_failures=2, keep_window=True, minimum_calls=1, open_duration=30.0
 )
 WINDOW_ONLY = BreakerConfig(keep_window=True, minimum_calls=1)
+
+
+class Slowed(RecoveryError):
+    """A retryable answer carrying a server-given delay."""
+
+    retryable = True
 
 
 def router(*endpoints: Endpoint, **config: object) -> Router:
@@ -146,9 +155,119 @@ async def test_idle_endpoints_share_the_load_in_turn() -> None:
     assert Counter(service.calls) == {"a": 2, "b": 2, "c": 2}
 
 
-async def test_a_lower_priority_is_used_only_when_every_endpoint_above_is_open() -> None:
+async def test_a_call_that_failed_on_every_endpoint_of_a_level_falls_through_at_once() -> None:
     seen: list[events.Event] = []
     r = router(Endpoint("a"), Endpoint("b"), Endpoint("backup", priority=1))
+    recording(seen, r)
+    service = Service(down={"a", "b"})
+    assert await r.call(service) == "backup"
+    assert sorted(service.calls[:2]) == ["a", "b"] and service.calls[2:] == ["backup"]
+    assert [
+        (e.from_priority, e.to_priority) for e in seen if isinstance(e, PriorityFallthrough)
+    ] == [(0, 1)]
+    # No breaker is open yet: the next call starts on level 0 again, and falls through again.
+    assert {s.state for s in r.states()} == {BreakerState.CLOSED}
+    service.calls.clear()
+    assert await r.call(service) == "backup"
+    assert service.calls[-1] == "backup"
+
+
+async def test_a_level_of_one_failing_endpoint_falls_through_instead_of_retrying_it() -> None:
+    r = router(Endpoint("a"), Endpoint("backup", priority=1), Endpoint("last", priority=2))
+    service = Service(down={"a", "backup"})
+    assert await r.call(service) == "last"
+    assert service.calls == ["a", "backup", "last"]
+
+
+async def test_when_every_level_failed_in_the_call_the_best_level_is_tried_again() -> None:
+    r = router(
+        Endpoint("a"),
+        Endpoint("backup", priority=1),
+        retry=RetryConfig(max_attempts=4, base_delay=0.0),
+    )
+    service = Service(down={"a", "backup"})
+    with pytest.raises(ConnectionRefusedError):
+        await r.call(service)
+    assert service.calls == ["a", "backup", "a", "backup"]  # attempts bound the call
+
+
+async def test_max_attempts_still_bounds_a_fallthrough() -> None:
+    r = router(
+        Endpoint("a"),
+        Endpoint("b"),
+        Endpoint("backup", priority=1),
+        retry=RetryConfig(max_attempts=2, base_delay=0.0),
+    )
+    service = Service(down={"a", "b"})
+    with pytest.raises(ConnectionRefusedError):
+        await r.call(service)  # two attempts, both on level 0: none left for the fallthrough
+    assert "backup" not in service.calls
+
+
+async def test_the_deadline_still_bounds_a_fallthrough() -> None:
+    r = router(
+        Endpoint("a"),
+        Endpoint("backup", priority=1),
+        retry=RetryConfig(max_attempts=5, base_delay=1.0, jitter=Jitter.NONE),
+    )
+    service = Service(down={"a"})
+    with fake_clock(), deadline(0.5), pytest.raises(ConnectionRefusedError) as caught:
+        await r.call(service)  # the backoff before the fallthrough would end past the deadline
+    assert service.calls == ["a"]
+    assert "deadline" in caught.value.__notes__[-1]
+
+
+async def test_a_budget_that_refuses_retries_still_lets_the_call_try_a_level_it_has_not() -> None:
+    # 2 tokens, retries while above 1: the first failure empties the budget.
+    budget = TokenBudget("svc", TokenBudgetConfig(max_tokens=2, token_ratio=0.0))
+    endpoints = [Endpoint("a"), Endpoint("b"), Endpoint("backup", priority=1)]
+    r = Router("svc", endpoints, RouterConfig(retry=QUICK, breaker=WINDOW_ONLY), budget=budget)
+    service = Service(down={"a", "b"})
+    assert await r.call(service) == "backup"
+    # b was not retried (the budget refused a retry on level 0), backup was tried:
+    # the first attempt on a level the call had not tried retries nothing that failed.
+    assert len(service.calls) == 2 and service.calls[-1] == "backup"
+    service.down.add("backup")
+    service.calls.clear()
+    with pytest.raises(ConnectionRefusedError) as caught:
+        await r.call(service)  # every level tried once: nothing more without the budget
+    assert len(service.calls) == 2 and service.calls[-1] == "backup"
+    assert final_reason(caught.value) == "retry budget exhausted"
+
+
+async def test_the_strict_rule_gives_up_when_the_budget_refuses() -> None:
+    budget = TokenBudget("svc", TokenBudgetConfig(max_tokens=2, token_ratio=0.0))
+    endpoints = [Endpoint("a"), Endpoint("backup", priority=1)]
+    config = RouterConfig(retry=QUICK, breaker=WINDOW_ONLY, fallthrough="breaker")
+    r = Router("svc", endpoints, config, budget=budget)
+    service = Service(down={"a"})
+    with pytest.raises(ConnectionRefusedError):
+        await r.call(service)
+    assert service.calls == ["a"]
+
+
+async def test_a_server_delay_is_the_endpoints_so_the_call_goes_elsewhere_at_once() -> None:
+    r = router(Endpoint("a"), Endpoint("backup", priority=1))
+
+    async def call(endpoint: Endpoint) -> str:
+        if endpoint.name == "a":
+            raise Slowed("slow down", retry_after=10**6)  # past max_server_delay
+        return endpoint.name
+
+    with fake_clock() as clock:
+        assert await r.call(call) == "backup"
+    assert clock.slept == []  # neither waited nor given up: another endpoint could answer
+    alone = router(Endpoint("a"))
+    with fake_clock(), pytest.raises(Slowed) as caught:
+        await alone.call(call)  # with nowhere else to go the delay stands: too long, give up
+    assert caught.value.retry_after == 10**6
+
+
+async def test_the_strict_rule_uses_a_lower_priority_only_when_every_endpoint_above_is_open() -> (
+    None
+):
+    seen: list[events.Event] = []
+    r = router(Endpoint("a"), Endpoint("b"), Endpoint("backup", priority=1), fallthrough="breaker")
     recording(seen, r)
     service = Service(down={"a", "b"})
     # The primaries fail but their breakers are not open yet: the call stays on level 0.
@@ -429,3 +548,51 @@ async def test_a_hedge_with_nowhere_to_go_leaves_the_running_attempt_alone() -> 
         release.set()
     # The hedge failed alone (NoHedgeTarget); the running attempt decided the call.
     assert results == ["answered"] and started == ["only"]
+
+
+_anything = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(),
+    st.text(max_size=8),
+    st.binary(max_size=4),
+    st.lists(st.integers(min_value=-5, max_value=700), max_size=3),
+    st.frozensets(st.integers(min_value=0, max_value=700), max_size=3),
+    st.sampled_from(["call", "breaker", "ms", "s", "GET", "X-Deadline"]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    field=st.sampled_from(
+        [
+            (Endpoint, "name"),
+            (Endpoint, "address"),
+            (Endpoint, "priority"),
+            (RouterConfig, "retry"),
+            (RouterConfig, "breaker"),
+            (RouterConfig, "hedge"),
+            (RouterConfig, "fallthrough"),
+            (HttpPolicy, "retry_statuses"),
+            (HttpPolicy, "idempotent_methods"),
+            (HttpPolicy, "overloaded_statuses"),
+            (HttpPolicy, "overloaded_header"),
+            (HttpPolicy, "deadline_header"),
+            (HttpPolicy, "deadline_unit"),
+        ]
+    ),
+    value=_anything,
+)
+def test_network_configuration_from_any_value_is_built_or_a_clear_error(
+    field: tuple[type, str], value: object
+) -> None:
+    kind, name = field
+    required = {"name": "a"} if kind is Endpoint and name != "name" else {}
+    try:
+        kind(**required, **{name: value})
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+    else:
+        return
+    assert f"{kind.__name__}.{name}" in message

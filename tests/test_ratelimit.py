@@ -133,9 +133,19 @@ def test_a_rate_limited_error_drains_too() -> None:
     [
         (Response(200), None),
         (Response(429), True),
-        (Response(429, {"Retry-After": "1.5"}), 1.5),
+        (Response(429, {"Retry-After": "2"}), 2.0),
+        (Response(429, {"Retry-After": " 2\t"}), 2.0),
+        (Response(429, {"Retry-After": b"2"}), 2.0),
+        (Response(429, {"Retry-After": "9" * 400}), 1e15),  # absurd: max_drain caps it
         (Response(429, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}), True),
         (Response(429, {"Retry-After": "-3"}), True),
+        # Only ASCII digits are delta-seconds (RFC 9110): the rest drains without a duration.
+        (Response(429, {"Retry-After": "1.5"}), True),
+        (Response(429, {"Retry-After": "1e3"}), True),
+        (Response(429, {"Retry-After": "1_000"}), True),
+        (Response(429, {"Retry-After": "+5"}), True),
+        (Response(429, {"Retry-After": "\u0661\u0662"}), True),
+        (Response(429, {"Retry-After": 5}), True),
         ("not a response", None),
     ],
 )

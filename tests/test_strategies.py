@@ -201,17 +201,18 @@ async def test_calls_fail_over_by_priority_and_an_open_primary_is_skipped() -> N
             raise ConnectionResetError("primary down")
         return f"{endpoint.name}{path}"
 
-    # The primary is retried until its breaker opens (2 failures), then the
-    # secondary (priority 1) answers.
+    # A call that failed on every endpoint of priority 0 falls through to the
+    # secondary (priority 1) within the call; the second failure opens the primary.
     assert await recovery.with_network_recovery("api", call, "/a") == "secondary/a"
-    assert seen == ["primary", "primary", "secondary"]
+    assert await recovery.with_network_recovery("api", call, "/a") == "secondary/a"
+    assert seen == ["primary", "secondary"] * 2
     primary = recovery.breaker("api", "primary")
     assert primary is not None and primary.state is BreakerState.OPEN
 
     seen.clear()
     assert await recovery.with_network_recovery("api", call, "/b") == "secondary/b"
     assert seen == ["secondary"]  # the open primary costs nothing
-    assert recovery.fallbacks()[("api", "failover")] == 2
+    assert recovery.fallbacks()[("api", "failover")] == 3
     assert recovery.breaker("api") is None and recovery.breaker("api", "nowhere") is None
 
 
@@ -1042,6 +1043,8 @@ async def test_a_hung_endpoint_losing_its_hedges_trips_its_breaker_through_the_f
             break
     assert hung.state is BreakerState.OPEN
     assert hung.snapshot().failures == 0
+
+
 # -- acknowledged only once committed; entering never needs the dependencies up --------
 
 
@@ -1189,3 +1192,31 @@ async def test_a_wrong_database_password_fails_the_first_use_after_one_login(
     assert proxy.stats.connections_opened == 1  # "slow" allows 5 attempts: one login made
     assert caught.value.category is ErrorCategory.AUTH and not caught.value.retryable
     assert "ledger" in str(caught.value) and "wrong-secret" not in str(caught.value)
+
+
+async def test_a_service_may_keep_the_strict_fallthrough_rule() -> None:
+    recovery = RecoveryStrategies.from_config(
+        {
+            "services": {
+                "api": {
+                    "endpoints": ["primary", "secondary"],
+                    "fallthrough": "breaker",
+                    "retry": {"max_attempts": 2, "base_delay": 0.0},
+                }
+            }
+        },
+        environ={},
+    )
+    router = recovery.router("api")
+    assert router is not None and router.config.fallthrough == "breaker"
+    seen: list[str] = []
+
+    async def call(endpoint: Endpoint) -> str:
+        seen.append(endpoint.name)
+        if endpoint.name == "primary":
+            raise ConnectionResetError("primary down")
+        return endpoint.name
+
+    with pytest.raises(ConnectionResetError):
+        await recovery.with_network_recovery("api", call)
+    assert seen == ["primary", "primary"]  # the secondary waits for the primary's breaker

@@ -28,7 +28,10 @@ def _short(value: Any) -> str:
 
 
 def _type_error(owner: str, name: str, want: str, value: Any) -> TypeError:
-    return TypeError(f"{owner}.{name}: expected {want}, got {value!r} ({type(value).__name__})")
+    from .redact import redact_text
+
+    shown = redact_text(repr(value))  # a DSN given for a number keeps its password
+    return TypeError(f"{owner}.{name}: expected {want}, got {shown} ({type(value).__name__})")
 
 
 def check_number(owner: str, name: str, value: Any, *, minimum: float = 0.0) -> float:

@@ -46,6 +46,7 @@ from ._windows import CountWindow, TimeWindow, Window
 from .backoff import RetryConfig, server_delay
 from .errors import CircuitOpenError, classify
 from .events import Event, EventBus, HintIgnored, emit, global_bus
+from .redact import safe_repr
 
 if TYPE_CHECKING:
     from .stores import BreakerLink
@@ -1296,12 +1297,12 @@ class CircuitBreaker:
         if decision.ignored or decision.give_up:
             core = self._core
             if core.listening():
-                text = repr(raw)
+                text = safe_repr(raw)
                 emit(
                     HintIgnored(
                         operation=self.name,
                         at=clock.now(),
-                        value=text if len(text) <= 40 else text[:37] + "...",
+                        value=text,
                         reason=(
                             "server delay is not a finite number >= 0"
                             if decision.ignored

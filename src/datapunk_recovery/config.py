@@ -53,7 +53,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from ._validate import check_count, check_seconds
 from .backoff import RetryConfig
@@ -112,6 +112,10 @@ class ServicePolicy:
       ``addresses`` gives each endpoint's address (a base URL, ``host:port``).
     - ``hedge``: hedge calls across endpoints (only for services whose calls
       are safe to run twice); ``None`` for no hedging.
+    - ``fallthrough``: when a call may use a lower priority level (see
+      :class:`~datapunk_recovery.network.RouterConfig`): ``"call"`` once every
+      endpoint above has failed in the call or refuses calls, ``"breaker"``
+      only once every endpoint above refuses calls.
     """
 
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -124,9 +128,14 @@ class ServicePolicy:
     priorities: Mapping[str, int] = field(default_factory=dict)
     addresses: Mapping[str, str] = field(default_factory=dict)
     hedge: HedgeConfig | None = None
+    fallthrough: Literal["call", "breaker"] = "call"
 
     def __post_init__(self) -> None:
         owner = "ServicePolicy"
+        if self.fallthrough not in ("call", "breaker"):
+            raise ValueError(
+                f"{owner}.fallthrough: expected 'call' or 'breaker', got {self.fallthrough!r}"
+            )
         for name, kind in (
             ("retry", RetryConfig),
             ("breaker", BreakerConfig),

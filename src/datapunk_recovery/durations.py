@@ -23,6 +23,7 @@ import re
 from typing import Final
 
 from ._validate import MAX_SECONDS
+from .redact import redact_text
 
 __all__ = ["MAX_DURATION", "DurationError", "format_duration", "parse_duration"]
 
@@ -44,6 +45,11 @@ _PART: Final = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|us|µs|[dhms])", re.I
 _EXAMPLES: Final = "a duration such as '250ms', '2s', '1m30s' or a number of seconds"
 
 
+def _shown(value: object) -> str:
+    """``value`` as a message quotes it: redacted (a DSN given for a duration keeps its secret)."""
+    return redact_text(repr(value))
+
+
 class DurationError(ValueError):
     """A duration that cannot be read; the message quotes it and shows valid spellings."""
 
@@ -54,17 +60,19 @@ def parse_duration(value: object) -> float:
     Booleans are refused (``True`` is an int to Python, never a duration).
     """
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise DurationError(f"expected {_EXAMPLES}, got {value!r} ({type(value).__name__})")
+        raise DurationError(f"expected {_EXAMPLES}, got {_shown(value)} ({type(value).__name__})")
     try:
         seconds = _parse_text(value) if isinstance(value, str) else float(value)
     except OverflowError:  # an int too large for a float
-        raise DurationError(f"expected a finite duration, got {str(value)[:40]}...") from None
+        raise DurationError(
+            f"expected a finite duration, got {str(value)[:40]}..."
+        ) from None  # digits only
     if math.isnan(seconds) or math.isinf(seconds):
-        raise DurationError(f"expected a finite duration, got {value!r}")
+        raise DurationError(f"expected a finite duration, got {_shown(value)}")
     if seconds < 0:
-        raise DurationError(f"expected a duration >= 0, got {value!r}")
+        raise DurationError(f"expected a duration >= 0, got {_shown(value)}")
     if seconds > MAX_DURATION:
-        raise DurationError(f"expected a duration of at most one day (1d), got {value!r}")
+        raise DurationError(f"expected a duration of at most one day (1d), got {_shown(value)}")
     return seconds
 
 
@@ -77,19 +85,20 @@ def _parse_text(text: str) -> float:
     except ValueError:
         pass
     if stripped.startswith("-"):
-        raise DurationError(f"expected a duration >= 0, got {text!r}")
+        raise DurationError(f"expected a duration >= 0, got {_shown(text)}")
     total = 0.0
     position = 0
     last_rank = -1
     while position < len(stripped):
         match = _PART.match(stripped, position)
         if match is None:
-            raise DurationError(f"expected {_EXAMPLES}, got {text!r}")
+            raise DurationError(f"expected {_EXAMPLES}, got {_shown(text)}")
         unit = match.group(2).lower()
         rank = _RANK[unit]
         if rank <= last_rank:
             raise DurationError(
-                f"expected units from largest to smallest, each once (as in '1m30s'), got {text!r}"
+                "expected units from largest to smallest, each once (as in '1m30s'), "
+                f"got {_shown(text)}"
             )
         last_rank = rank
         total += float(match.group(1)) * _UNITS[unit]

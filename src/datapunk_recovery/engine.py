@@ -50,7 +50,7 @@ from .events import (
     global_bus,
 )
 from .policy import RetryPolicy
-from .redact import redact_text
+from .redact import redact_text, safe_repr
 from .stats import OperationStats, Statistics
 
 __all__ = ["AttemptContext", "Retried", "Retrying", "current_attempt", "retry", "retrying"]
@@ -470,8 +470,7 @@ def _error_type(exc: BaseException | None) -> str:
 
 
 def _safe_repr(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return safe_repr(value)  # a garbage hint may hold a token: never shown, even in part
 
 
 # ---------------------------------------------------------------------------

@@ -26,10 +26,11 @@ Time is read through :func:`datapunk_recovery.clock.now` and waits go through
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, ParamSpec, TypeVar
+from typing import Any, ClassVar, Final, ParamSpec, TypeVar
 
 from . import _runtime, clock
 from ._context import CURRENT
@@ -38,6 +39,7 @@ from ._validate import check_count, check_number, check_seconds
 from .bulkhead import _CALLER
 from .errors import DeadlineExceeded, ErrorCategory, RecoveryError, classify
 from .events import Event, EventBus, HintIgnored, emit, global_bus
+from .redact import safe_repr
 
 __all__ = [
     "RateLimitAdmitted",
@@ -52,6 +54,9 @@ __all__ = [
 P = ParamSpec("P")
 T = TypeVar("T")
 
+# Retry-After's delta-seconds (RFC 9110 section 10.2.3): [0-9], not \d (no other digits).
+_DELTA_SECONDS: Final = re.compile(r"[0-9]+")
+
 Throttled = Callable[[Any], "bool | float | None"]
 """Looks at a result: ``None``/``False`` = not throttled, ``True`` = throttled,
 a number = throttled, with the server's delay in seconds."""
@@ -61,8 +66,10 @@ def throttled_429(result: Any) -> bool | float | None:
     """The default throttle detector: a response whose status is 429.
 
     Reads ``status_code`` (httpx, requests) or ``status`` (aiohttp) and, when
-    present, a numeric ``Retry-After`` header (seconds).  Anything else is not
-    throttled.
+    present, a ``Retry-After`` header in delta-seconds: ASCII digits only, as
+    RFC 9110 writes them (``1e3``, ``1_000``, ``+5``, ``1.5`` or non-ASCII
+    digits are not seconds: the bucket drains without a duration, as for an
+    HTTP date).  Anything else is not throttled.  Never raises.
     """
     status = getattr(result, "status_code", None)
     if status is None:
@@ -72,13 +79,14 @@ def throttled_429(result: Any) -> bool | float | None:
     headers = getattr(result, "headers", None)
     if isinstance(headers, Mapping):
         value = headers.get("Retry-After") or headers.get("retry-after")
-        if value is not None:
-            try:
-                seconds = float(value)
-            except (TypeError, ValueError):
-                return True  # an HTTP date or garbage: drain without a duration
-            if math.isfinite(seconds) and seconds >= 0:
-                return seconds
+        if isinstance(value, bytes | bytearray):
+            value = bytes(value).decode("latin-1")
+        if isinstance(value, str):
+            text = value.strip(" \t")  # optional white space, and nothing else
+            if _DELTA_SECONDS.fullmatch(text):
+                # Past 15 digits the value is absurd anyway: max_drain caps it.
+                return float(text) if len(text) <= 15 else 1e15
+        return True  # an HTTP date or garbage: drain without a duration
     return True
 
 
@@ -432,7 +440,7 @@ class RateLimiter(CallDecorator):
                 HintIgnored(
                     operation=self.name,
                     at=clock.now(),
-                    value=repr(value)[:40],
+                    value=safe_repr(value),
                     reason="drain duration is not a finite number of seconds >= 0",
                 ),
                 self.bus,

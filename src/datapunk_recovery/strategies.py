@@ -219,7 +219,10 @@ class _Service:
         """The service's router: the previous one re-configured, or a new one."""
         policy = self.policy
         config = RouterConfig(
-            retry=retry_policy, breaker=policy.breaker or _NEVER_TRIPS, hedge=policy.hedge
+            retry=retry_policy,
+            breaker=policy.breaker or _NEVER_TRIPS,
+            hedge=policy.hedge,
+            fallthrough=policy.fallthrough,
         )
         endpoints = [
             Endpoint(name, policy.addresses.get(name, ""), policy.priorities.get(name, i))

@@ -20,13 +20,14 @@
   so the server can stop working for a caller that gave up.
 
 Messages and events name the endpoint and the method, never the URL (paths
-and queries may carry tokens) or a header value.
+and queries may carry tokens) or a request header's value (a garbage delay
+header is shown in ``HintIgnored``, redacted and cut to 40 characters).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Literal, TypeVar
 
@@ -114,7 +115,7 @@ class HttpPolicy:
         owner = "HttpPolicy"
         s = object.__setattr__
         for name in ("retry_statuses", "overloaded_statuses"):
-            statuses = frozenset(getattr(self, name))
+            statuses = _frozen(owner, name, getattr(self, name))
             bad = [
                 c
                 for c in statuses
@@ -123,7 +124,7 @@ class HttpPolicy:
             if bad:
                 raise ValueError(f"{owner}.{name}: expected HTTP status codes, got {bad!r}")
             s(self, name, statuses)
-        methods = frozenset(self.idempotent_methods)
+        methods = _frozen(owner, "idempotent_methods", self.idempotent_methods)
         if not all(isinstance(m, str) and m for m in methods):
             raise ValueError(f"{owner}.idempotent_methods: expected method names, got {methods!r}")
         s(self, "idempotent_methods", frozenset(m.upper() for m in methods))
@@ -186,9 +187,19 @@ class HttpPolicy:
         )
 
 
+def _frozen(owner: str, name: str, value: object) -> frozenset[Any]:
+    """``value`` as a frozenset, or a ``TypeError`` naming the field."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(f"{owner}.{name}: expected a set, got {type(value).__name__}")
+    try:
+        return frozenset(value)
+    except TypeError:
+        raise TypeError(f"{owner}.{name}: expected a set of hashable values") from None
+
+
 def _has(headers: Mapping[str, str], name: str) -> bool:
     lower = name.lower()
-    return any(k.lower() == lower for k in headers)
+    return any(isinstance(k, str) and k.lower() == lower for k in headers)
 
 
 def join_url(base: str, path: str) -> str:

@@ -11,7 +11,17 @@ Transport failures: a request that never reached the server
 (``httpx.ConnectError``, ``httpx.ConnectTimeout``) is retried whatever its
 method; one that may have (``httpx.ReadError``, ``httpx.ReadTimeout``,
 ``httpx.RemoteProtocolError``, ``httpx.WriteError``, ...) only if it is
-idempotent.  ``httpx`` is imported by this module only (``pip install
+idempotent.
+
+One attempt is one request sent: httpx never re-sends a request by itself
+(a dropped pooled connection raises ``RemoteProtocolError``), but a transport
+made with ``httpx.AsyncHTTPTransport(retries=n)`` retries failed connections
+inside one attempt, with its own sleeps, unseen by the budget and the
+statistics.  A client with such a transport is refused (``ValueError``):
+the router does the retrying.  Both facts are pinned by the contract tests
+(``tests/contracts/test_httpx_contract.py``).
+
+``httpx`` is imported by this module only (``pip install
 datapunk-recovery[httpx]``).  asyncio and trio, as httpx itself.
 """
 
@@ -52,12 +62,25 @@ def retryable_httpx_error(exc: BaseException, idempotent: bool) -> bool:
     return classify(exc).retryable and idempotent
 
 
+def _connect_retries(client: httpx.AsyncClient) -> int:
+    """The most connection retries any of ``client``'s transports makes by itself."""
+    transports = [getattr(client, "_transport", None)]
+    transports.extend(getattr(client, "_mounts", {}).values())
+    most = 0
+    for transport in transports:
+        retries = getattr(getattr(transport, "_pool", None), "_retries", 0)
+        if isinstance(retries, int) and not isinstance(retries, bool):
+            most = max(most, retries)
+    return most
+
+
 class HttpxRecovery(HttpRecovery[httpx.Response]):
     """Recovering requests with an ``httpx.AsyncClient`` over ``router``'s endpoints.
 
     Faces (from :class:`~.http.HttpRecovery`): ``request(method, path, ...)``
     and ``get`` / ``post`` / ``put`` / ``delete``; other keyword arguments go to
     ``client.request`` (``params``, ``json``, ``content``, ``timeout``...).
+    A client whose transport retries connections itself is refused.
     """
 
     __slots__ = ("client",)
@@ -66,7 +89,17 @@ class HttpxRecovery(HttpRecovery[httpx.Response]):
         self, client: httpx.AsyncClient, router: Router, policy: HttpPolicy | None = None
     ) -> None:
         if not isinstance(client, httpx.AsyncClient):
-            raise TypeError(f"HttpxRecovery.client: expected an httpx.AsyncClient, got {client!r}")
+            raise TypeError(
+                "HttpxRecovery.client: expected an httpx.AsyncClient, "
+                f"got {type(client).__name__}"  # never its repr: a URL given by mistake
+            )
+        retries = _connect_retries(client)
+        if retries:
+            raise ValueError(
+                f"HttpxRecovery.client: its transport retries connections itself (retries="
+                f"{retries}), attempts the router could not count or bound; give the client "
+                "a transport with retries=0 (httpx's default) and let the router retry"
+            )
         super().__init__(router, policy)
         self.client = client
 
@@ -83,4 +116,7 @@ class HttpxRecovery(HttpRecovery[httpx.Response]):
         await response.aclose()
 
     def _retryable(self, exc: BaseException, idempotent: bool) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError):
+            # A status raised by the client's own event hook: judged as the answer would be.
+            return idempotent and exc.response.status_code in self.policy.retry_statuses
         return retryable_httpx_error(exc, idempotent)

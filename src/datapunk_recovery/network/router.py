@@ -8,10 +8,20 @@ recent failure rate (the breaker's window), then the fewest calls in flight,
 then in turn.  So:
 
 - a retry goes to another endpoint of the same level than the one that just
-  failed, when there is one (with one endpoint in the level, it goes back to
-  it after the backoff);
-- a call falls through to a lower priority level only when every endpoint of
-  the levels above refuses calls (its breaker is open);
+  failed, when there is one;
+- a call falls through to the next priority level when every endpoint of the
+  levels above refuses calls (its breaker is open) **or has already failed in
+  this call** (``RouterConfig.fallthrough="call"``, the default): two
+  primaries failing and a healthy secondary cost the caller nothing, within
+  the call's attempts, budget and deadline (a budget that refuses a retry
+  still lets the call make one attempt on a level it has not tried: see
+  :class:`_FallthroughGate`).  With ``fallthrough="breaker"``
+  (the stricter rule) a lower level is used only once the breakers above are
+  open, and a retry on a level of one endpoint goes back to it;
+- a server-given delay (``Retry-After``) is about the endpoint that gave it:
+  when the next attempt can go to another endpoint that has not failed in the
+  call, it goes there after the usual backoff instead of waiting (or giving up
+  for a delay too long);
 - when every endpoint of every level refuses, the call fails at once with
   :class:`AllEndpointsDown`, which lists each endpoint's state and when it
   may be tried again.
@@ -41,9 +51,10 @@ import math
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final, Literal, TypeVar
 
 from datapunk_recovery import clock
+from datapunk_recovery._context import REPORTING
 from datapunk_recovery._validate import check_count
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.breaker import BreakerConfig, BreakerState, CircuitBreaker, Permit
@@ -99,7 +110,9 @@ class Endpoint:
         if not isinstance(self.name, str) or not self.name:
             raise TypeError(f"Endpoint.name: expected a non-empty str, got {self.name!r}")
         if not isinstance(self.address, str):
-            raise TypeError(f"Endpoint.address: expected a str, got {self.address!r}")
+            raise TypeError(
+                f"Endpoint.address: expected a str, got {redact_url(repr(self.address))}"
+            )
         check_count("Endpoint", "priority", self.priority, minimum=0)
 
     def __repr__(self) -> str:
@@ -127,7 +140,10 @@ class RouterConfig:
     error categories a configuration of their own).  ``breaker``: the configuration of
     each endpoint's breaker (keep its window so that selection sees failure
     rates).  ``hedge``: hedging of idempotent calls across endpoints (``None``:
-    no hedging).
+    no hedging).  ``fallthrough``: when a call may use a lower priority level:
+    ``"call"`` (default) once every endpoint of the levels above refuses calls
+    or has failed in this call; ``"breaker"`` only once every endpoint above
+    refuses calls (its breaker is open), whatever the call saw.
     """
 
     retry: RetryConfig | RetryPolicy = field(
@@ -135,6 +151,7 @@ class RouterConfig:
     )
     breaker: BreakerConfig = field(default_factory=_default_breaker)
     hedge: HedgeConfig | None = None
+    fallthrough: Literal["call", "breaker"] = "call"
 
     def __post_init__(self) -> None:
         if not isinstance(self.retry, RetryConfig | RetryPolicy):
@@ -145,6 +162,10 @@ class RouterConfig:
             raise TypeError(f"RouterConfig.breaker: expected a BreakerConfig, got {self.breaker!r}")
         if self.hedge is not None and not isinstance(self.hedge, HedgeConfig):
             raise TypeError(f"RouterConfig.hedge: expected a HedgeConfig, got {self.hedge!r}")
+        if self.fallthrough not in ("call", "breaker"):
+            raise ValueError(
+                f"RouterConfig.fallthrough: expected 'call' or 'breaker', got {self.fallthrough!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +303,7 @@ class _Member:
 class _Call:
     """One call's routing memory: who failed last, who is running now (for hedges)."""
 
-    __slots__ = ("error", "fn", "hedge", "last", "running")
+    __slots__ = ("error", "failed", "fn", "forced", "hedge", "last", "running")
 
     def __init__(self, fn: Callable[[Endpoint], Awaitable[Any]], hedge: bool) -> None:
         self.fn = fn
@@ -290,6 +311,45 @@ class _Call:
         self.last: _Member | None = None
         self.error: Exception | None = None  # the last failure, the cause of AllEndpointsDown
         self.running: set[_Member] = set()
+        self.failed: set[_Member] = set()  # endpoints that failed in this call
+        # The budget refused a retry on the levels tried: the next attempt must go to
+        # a level below them that the call has not tried (see _FallthroughGate).
+        self.forced = False
+
+
+# The running call, read by the budget gate in the caller's task.
+_CALL: ContextVar[_Call | None] = ContextVar("datapunk_recovery_router_call", default=None)
+
+
+class _FallthroughGate:
+    """The router's budget as the engine sees it under ``fallthrough="call"``.
+
+    Every retry asks the budget first.  When the budget refuses, the call may
+    still make one attempt on a priority level below the ones it tried, that it
+    has not tried yet: the budget protects the endpoints that are failing from
+    being retried; the first attempt on a level nobody has tried in this call
+    is not a retry of anything that failed.  So the attempts the budget did
+    not grant are at most one per level, and ``max_attempts`` and the deadline
+    bound them as any attempt.
+    """
+
+    __slots__ = ("inner", "router")
+
+    def __init__(self, router: Router, inner: RetryGate) -> None:
+        self.router = router
+        self.inner = inner
+
+    def on_attempt(self, succeeded: bool) -> None:
+        self.inner.on_attempt(succeeded)
+
+    def allow_retry(self) -> bool:
+        if self.inner.allow_retry():
+            return True
+        call = _CALL.get()
+        if call is not None and self.router._untried_level_below(call):
+            call.forced = True
+            return True
+        return False
 
 
 # The per-call retry predicate, read by the engine's `on=` in the caller's task.
@@ -306,7 +366,7 @@ class Router:
     retries and hedges.  Every endpoint name is unique.
     """
 
-    __slots__ = ("_engine", "_hedger", "_members", "_turn", "config", "name")
+    __slots__ = ("_engine", "_gate", "_hedger", "_members", "_turn", "config", "name")
 
     def __init__(
         self,
@@ -326,8 +386,17 @@ class Router:
         if not isinstance(config, RouterConfig):
             raise TypeError(f"Router.config: expected a RouterConfig, got {config!r}")
         self.config = config
+        self._gate = (
+            _FallthroughGate(self, budget)
+            if budget is not None and config.fallthrough == "call"
+            else None
+        )
         self._engine: Retried[[_Call], Awaitable[Any]] = retry(
-            config.retry, on=_retryable, name=self.name, budget=budget, bus=bus
+            config.retry,
+            on=_retryable,
+            name=self.name,
+            budget=budget if self._gate is None else self._gate,
+            bus=bus,
         )(self._run)
         old: Hedger | None = getattr(self, "_hedger", None)
         self._hedger = (
@@ -454,20 +523,44 @@ class Router:
 
     # -- selection -------------------------------------------------------------------------
 
+    def _level(
+        self, call: _Call, refused: set[_Member]
+    ) -> tuple[list[_Member], int | None, int | None]:
+        """The admitting endpoints of the level the next attempt goes to, that level, the first.
+
+        The best level with an endpoint whose breaker admits calls; with
+        ``fallthrough="call"``, a level whose admitting endpoints have all
+        failed in this call is passed over while a later level has one that
+        has not (when every level's have, the best level again: attempts
+        bound the call, not the routing).
+        """
+        members = self._members
+        first_level = members[0].endpoint.priority if members else None
+        levels: list[tuple[int, list[_Member]]] = []
+        for m in members:  # best priority first
+            priority = m.endpoint.priority
+            if not levels or levels[-1][0] != priority:
+                levels.append((priority, []))
+            if m not in refused and m.breaker.state in _ADMITTING:
+                levels[-1][1].append(m)
+        admitting = [(priority, group) for priority, group in levels if group]
+        if not admitting:
+            return [], None, first_level
+        if self.config.fallthrough == "call":
+            if call.forced and call.last is not None:  # the budget allowed only a new level
+                below, tried = call.last.endpoint.priority, _tried(call)
+                for priority, group in admitting:
+                    if priority > below and priority not in tried:
+                        return group, priority, first_level
+            for priority, group in admitting:
+                if not all(m in call.failed for m in group):
+                    return group, priority, first_level
+        priority, group = admitting[0]
+        return group, priority, first_level
+
     def _select(self, call: _Call, refused: set[_Member]) -> _Member | None:
         """The endpoint for the next attempt, or None when every endpoint refuses."""
-        best: list[_Member] = []
-        level = first_level = None
-        for m in self._members:
-            priority = m.endpoint.priority
-            if first_level is None:
-                first_level = priority
-            if level is not None and priority != level:
-                break
-            if m in refused or m.breaker.state not in _ADMITTING:
-                continue
-            level = priority
-            best.append(m)
+        best, level, first_level = self._level(call, refused)
         if not best:
             return None
         if level != first_level and listening(self.bus):
@@ -490,6 +583,23 @@ class Router:
         ties = [m for rate, load, m in keyed if (rate, load) == low]
         return ties[next(self._turn) % len(ties)]
 
+    def _untried_level_below(self, call: _Call) -> bool:
+        """Whether a level below the last endpoint's, untried in ``call``, admits calls."""
+        if call.last is None:
+            return False
+        below, tried = call.last.endpoint.priority, _tried(call)
+        return any(
+            m.endpoint.priority > below
+            and m.endpoint.priority not in tried
+            and m.breaker.state in _ADMITTING
+            for m in self._members
+        )
+
+    def _elsewhere(self, call: _Call, member: _Member) -> bool:
+        """Whether the next attempt can go to another endpoint that has not failed in the call."""
+        best, _, _ = self._level(call, set())
+        return any(m is not member and m not in call.failed for m in best)
+
     async def _admit(self, call: _Call) -> tuple[_Member, Permit]:
         """Select an endpoint and take a permit from its breaker (next one if it refuses)."""
         refused: set[_Member] = set()
@@ -508,6 +618,7 @@ class Router:
 
     async def _attempt(self, call: _Call) -> Any:
         member, permit = await self._admit(call)
+        call.forced = False
         last = call.last
         if last is not None and last is not member and listening(self.bus):
             emit(
@@ -531,6 +642,14 @@ class Router:
             permit.failure(exc)  # a cancellation counts as nothing and frees a probe
             if isinstance(exc, Exception):
                 call.last, call.error = member, exc
+                call.failed.add(member)
+                if (
+                    isinstance(exc, RecoveryError)
+                    and exc.retry_after is not None
+                    and self._elsewhere(call, member)
+                ):
+                    # The server's delay is this endpoint's: the next attempt goes elsewhere.
+                    exc.retry_after = None
                 if listening(self.bus):
                     now = clock.now()
                     emit(
@@ -554,7 +673,16 @@ class Router:
     async def _run(self, call: _Call) -> Any:
         """One attempt of the engine: a plain one, or a race of hedges."""
         if call.hedge and self._hedger is not None:
-            return await self._hedger.race(self._attempt, (call,), {})
+            gate = self._gate
+            if gate is None:
+                return await self._hedger.race(self._attempt, (call,), {})
+            # The engine reports each attempt to the budget through the gate: the
+            # hedger must know its budget is reported, to report each attempt once.
+            token = REPORTING.set((*REPORTING.get(), gate.inner))
+            try:
+                return await self._hedger.race(self._attempt, (call,), {})
+            finally:
+                REPORTING.reset(token)
         return await self._attempt(call)
 
     async def call(
@@ -572,15 +700,22 @@ class Router:
         across endpoints when the router has a hedge configuration: only for
         calls that are safe to run twice.
         """
-        token = _RETRY_ON.set(retry_on)
+        call = _Call(fn, hedge)
+        token, current = _RETRY_ON.set(retry_on), _CALL.set(call)
         try:
-            return await self._engine(_Call(fn, hedge))  # type: ignore[no-any-return]
+            return await self._engine(call)  # type: ignore[no-any-return]
         finally:
+            _CALL.reset(current)
             _RETRY_ON.reset(token)
 
     def statistics(self) -> Statistics:
         """The retry engine's counters for this router's calls."""
         return self._engine.statistics()
+
+
+def _tried(call: _Call) -> set[int]:
+    """The priority levels on which ``call`` has had a failure."""
+    return {m.endpoint.priority for m in call.failed}
 
 
 def _rate(m: _Member) -> float:

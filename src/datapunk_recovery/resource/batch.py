@@ -35,6 +35,7 @@ from datapunk_recovery.backoff import RetryConfig, server_delay
 from datapunk_recovery.budget import RetryGate
 from datapunk_recovery.errors import classify, final_reason, mark_final
 from datapunk_recovery.events import Event, EventBus, HintIgnored, emit, listening
+from datapunk_recovery.redact import safe_repr
 
 __all__ = [
     "BatchFailed",
@@ -263,7 +264,7 @@ class _Plan(Generic[I, R]):
                         HintIgnored(
                             operation=self.name,
                             at=now,
-                            value=repr(hint)[:40],
+                            value=safe_repr(hint),
                             reason="server delay is not a finite number >= 0",
                         ),
                         self.bus,
