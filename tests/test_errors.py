@@ -133,3 +133,15 @@ def test_any_exception_can_be_marked_final() -> None:
 def test_rules_must_be_callable() -> None:
     with pytest.raises(TypeError, match="rule"):
         register_rule("not a rule")  # type: ignore[arg-type]
+
+
+def test_urllib_errors_are_classified_by_the_error_they_wrap() -> None:
+    import urllib.error
+
+    refused = urllib.error.URLError(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+    timed_out = urllib.error.URLError(TimeoutError("timed out"))
+    unknown_host = urllib.error.URLError("no such host")
+    assert classify(refused).category is ErrorCategory.NETWORK
+    assert classify(refused).retryable
+    assert classify(timed_out).category is ErrorCategory.TIMEOUT
+    assert not classify(unknown_host).retryable
