@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from .._extras import install_hint
 from ..demo import DrillSetup, RunResult, RunStatus, fault_windows, run_drill
 from ..demo.drill import FAULTS, fault_script
 from ..durations import DurationError, format_duration, parse_duration
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the drill twice and print the comparison; 0 when recovery did better."""
     out = sys.stdout
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        out.write("--plot needs matplotlib: pip install 'datapunk-recovery[plot]'\n")
+        out.write(f"--plot needs matplotlib: {install_hint('plot')}\n")
         return 2
     if args.rate <= 0:
         out.write(f"--rate: must be > 0, got {args.rate}\n")
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         (args.postgres_dsn, "asyncpg", "asyncpg"),
     ):
         if option is not None and importlib.util.find_spec(module) is None:
-            out.write(f"this option needs {module}: pip install 'datapunk-recovery[{extra}]'\n")
+            out.write(f"this option needs {module}: {install_hint(extra)}\n")
             return 2
     setup = DrillSetup(duration=args.duration, rate=args.rate, seed=args.seed)
     fancy = not args.plain and importlib.util.find_spec("rich") is not None

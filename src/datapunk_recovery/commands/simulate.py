@@ -19,6 +19,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from .._extras import install_hint
 from ..durations import DurationError, parse_duration
 from ..schema import ConfigError
 from ..simulate import report
@@ -139,8 +140,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the scenario asked for; 0 on success, 2 on a bad option or policy file."""
     if args.plot and not report.has_matplotlib():
         print(
-            "datapunk-recovery simulate: --plot needs matplotlib: "
-            "pip install 'datapunk-recovery[plot]'",
+            f"datapunk-recovery simulate: --plot needs matplotlib: {install_hint('plot')}",
             file=sys.stderr,
         )
         return 2

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 from datapunk_recovery import clock
 from datapunk_recovery._context import CURRENT
+from datapunk_recovery._extras import raise_missing
 from datapunk_recovery._validate import check_seconds
 from datapunk_recovery.events import Event, EventBus, emit, listening
 
@@ -404,8 +405,10 @@ class ManagedPool:
         cls, dsn: str, config: PoolConfig | None = None, **pool_kwargs: Any
     ) -> ManagedPool:
         """Create an ``asyncpg`` pool for ``dsn``; other arguments go to ``asyncpg.create_pool``."""
-        import asyncpg
-
+        try:
+            import asyncpg
+        except ImportError as exc:
+            raise_missing(exc, "ManagedPool.create_asyncpg", "asyncpg", extra="asyncpg")
         pool = await asyncpg.create_pool(dsn, **pool_kwargs)
         return cls(pool, config)
 
@@ -417,8 +420,10 @@ class ManagedPool:
 
         Connections are in autocommit mode (transactions are begun explicitly).
         """
-        from psycopg_pool import AsyncConnectionPool
-
+        try:
+            from psycopg_pool import AsyncConnectionPool
+        except ImportError as exc:
+            raise_missing(exc, "ManagedPool.create_psycopg", "psycopg_pool", extra="psycopg")
         kwargs = dict(pool_kwargs.pop("kwargs", None) or {})
         kwargs.setdefault("autocommit", True)
         pool: Any = AsyncConnectionPool(

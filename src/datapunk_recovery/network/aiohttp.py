@@ -16,7 +16,7 @@ Transport failures: a connection that could not be made
 that may have reached the server (``ServerDisconnectedError``,
 ``ClientOSError``, ``ClientPayloadError``, a read timeout) only if it is
 idempotent.  ``aiohttp`` is imported by this module only (``pip install
-datapunk-recovery[aiohttp]``); asyncio only, as aiohttp itself.
+'datapunk-recovery[aiohttp]'``); asyncio only, as aiohttp itself.
 """
 
 from __future__ import annotations
@@ -24,12 +24,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
-
+from datapunk_recovery._extras import raise_missing
 from datapunk_recovery.errors import classify
 
 from .http import HttpPolicy, HttpRecovery, HttpStatusError
 from .router import Router
+
+try:
+    import aiohttp
+except ImportError as exc:
+    raise_missing(exc, "datapunk_recovery.network.aiohttp", "aiohttp", extra="aiohttp")
 
 __all__ = ["AiohttpRecovery", "retryable_aiohttp_error"]
 

@@ -12,7 +12,7 @@ Transport failures: a request that never reached the server
 method; one that may have (``httpx.ReadError``, ``httpx.ReadTimeout``,
 ``httpx.RemoteProtocolError``, ``httpx.WriteError``, ...) only if it is
 idempotent.  ``httpx`` is imported by this module only (``pip install
-datapunk-recovery[httpx]``).  asyncio and trio, as httpx itself.
+'datapunk-recovery[httpx]'``).  asyncio and trio, as httpx itself.
 """
 
 from __future__ import annotations
@@ -20,12 +20,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
-
+from datapunk_recovery._extras import raise_missing
 from datapunk_recovery.errors import classify
 
 from .http import HttpPolicy, HttpRecovery, HttpStatusError
 from .router import Router
+
+try:
+    import httpx
+except ImportError as exc:
+    raise_missing(exc, "datapunk_recovery.network.httpx", "httpx", extra="httpx")
 
 __all__ = ["HttpxRecovery", "retryable_httpx_error"]
 
