@@ -21,9 +21,10 @@ __all__ = ["main"]
 COMMANDS: Final[dict[str, str]] = {"simulate": "simulate", "demo": "demo", "check": "check"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "datapunk-recovery") -> argparse.ArgumentParser:
+    """The parser of every subcommand; ``prog`` is how the help names the command."""
     parser = argparse.ArgumentParser(
-        prog="datapunk-recovery",
+        prog=prog,
         description="Failure recovery for calls between services.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -37,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, *, prog: str = "datapunk-recovery") -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); the exit status."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
