@@ -29,7 +29,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PASTED = [ROOT / "README.md", *sorted((ROOT / "docs" / "tutorials").glob("*.md"))]
+PASTED = [
+    ROOT / "README.md",
+    ROOT / "docs" / "testing.md",
+    *sorted((ROOT / "docs" / "tutorials").glob("*.md")),
+]
 """The files whose Python blocks a newcomer pastes."""
 
 OPTIONAL = (
