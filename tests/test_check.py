@@ -129,3 +129,22 @@ def test_problems_never_show_a_password(
     assert "databases.orders.postgress" in out and "cache.redis_url" in out
     assert "hunter2" not in out and "hunter3" not in out
     assert "postgresql://app:***@db/app" in out
+
+
+def test_reports_keys_naming_unknown_endpoints_beside_every_other_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        "[services.payments]\n"
+        'endpoints = ["primary"]\n'
+        'addresses = { primary = "http://a", typo = "http://b" }\n'
+        "priorities = { other = 1 }\n"
+        "retry = { max_attempts = 0 }\n"
+    )
+    assert cli.main(["check", str(path), "--no-env"]) == 1
+    out = capsys.readouterr().out
+    assert "services.payments.retry.max_attempts" in out
+    assert "addresses names endpoints that are not listed: ['typo']" in out
+    assert "priorities names endpoints that are not listed: ['other']" in out
+
