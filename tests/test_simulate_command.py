@@ -124,8 +124,12 @@ def test_bad_option_values_are_refused_by_the_parser(capsys: pytest.CaptureFixtu
 
 
 def test_an_impossible_scenario_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["simulate", "outage", "--duration", "10s", "--outage", "20s"]) == 2
-    assert "OutageSetup.duration" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:
+        main(["simulate", "outage", "--duration", "10s", "--outage", "20s"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: datapunk-recovery simulate outage")
+    assert "argument --duration: must leave time after the outage" in err
 
 
 def test_no_progress_bar_when_stderr_is_not_a_terminal(

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from . import __version__
+from .commands._options import plain_help
 
 __all__ = ["main"]
 
@@ -31,8 +32,9 @@ def build_parser(prog: str = "datapunk-recovery") -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"datapunk_recovery.commands.{module_name}")
-        doc = (module.__doc__ or name).strip().splitlines()[0]
-        command = sub.add_parser(name, help=doc, description=module.__doc__)
+        text = plain_help(module.__doc__ or name)
+        doc = text.strip().splitlines()[0]
+        command = sub.add_parser(name, help=doc, description=text)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     return parser

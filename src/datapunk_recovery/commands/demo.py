@@ -26,6 +26,7 @@ from ..demo.drill import FAULTS, fault_script
 from ..durations import DurationError, format_duration, parse_duration
 from ..redact import redact_url
 from ..simulate.report import Table, render
+from ._options import positive_number
 
 __all__ = ["add_arguments", "comparison_table", "plot", "run"]
 
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="length of each of the two runs, e.g. 8s or 1m (default: 8s)",
     )
     parser.add_argument(
-        "--rate", type=float, default=50.0, help="requests per second (default: 50)"
+        "--rate", type=positive_number, default=50.0, help="requests per second (default: 50)"
     )
     parser.add_argument(
         "--seed", type=int, default=7, help="seed of the traffic and the faults (default: 7)"
@@ -78,9 +79,6 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         out.write(f"--plot needs matplotlib: {install_hint('plot')}\n")
-        return 2
-    if args.rate <= 0:
-        out.write(f"--rate: must be > 0, got {args.rate}\n")
         return 2
     for option, module, extra in (
         (args.redis_url, "redis", "redis"),

@@ -26,6 +26,7 @@ from ..simulate import report
 from ..simulate.contention import ContentionSetup, run_contention
 from ..simulate.outage import OutageSetup, run_outage
 from ..simulate.policies import SimPolicy, resolve_policies
+from ._options import positive_number, usage_error
 
 __all__ = ["add_arguments", "run"]
 
@@ -81,7 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _common(outage, _OUTAGE_POLICIES)
     outage.add_argument(
-        "--rate", type=float, default=100.0, help="requests per second offered (default: 100)"
+        "--rate",
+        type=positive_number,
+        default=100.0,
+        help="requests per second offered (default: 100)",
     )
     outage.add_argument(
         "--clients",
@@ -133,7 +137,7 @@ def _common(parser: argparse.ArgumentParser, default_policies: str) -> None:
     parser.add_argument(
         "--plot", metavar="FILE.png", help="also draw the curves into FILE (needs matplotlib)"
     )
-    parser.set_defaults(default_policies=default_policies)
+    parser.set_defaults(default_policies=default_policies, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,22 +152,53 @@ def run(args: argparse.Namespace) -> int:
     if not names and args.policies is None:
         names = args.default_policies.split(",")
     try:
-        if args.scenario == "contention":
+        setup = _setup(args)
+    except ValueError as exc:
+        usage_error(args.parser, exc, _FLAGS)
+    try:
+        if isinstance(setup, ContentionSetup):
             policies = resolve_policies(
                 names, args.policies, base_delay=args.base, max_delay=args.cap
             )
-            _contention(args, policies)
+            _contention(args, setup, policies)
         else:
             policies = resolve_policies(names, args.policies)
-            _outage(args, policies)
+            _outage(args, setup, policies)
     except (ConfigError, ValueError) as exc:
         print(f"datapunk-recovery simulate: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def _contention(args: argparse.Namespace, policies: dict[str, SimPolicy]) -> None:
-    setup = ContentionSetup(clients=args.clients, runs=args.runs, seed=args.seed)
+#: The option of each scenario setting, to name it in a usage error.
+_FLAGS = {
+    "clients": "--clients",
+    "runs": "--runs",
+    "seed": "--seed",
+    "rate": "--rate",
+    "duration": "--duration",
+    "outage_start": "--outage-start",
+    "outage_duration": "--outage",
+}
+
+
+def _setup(args: argparse.Namespace) -> ContentionSetup | OutageSetup:
+    """The scenario's setup from the options; ``ValueError`` naming a setting it rejects."""
+    if args.scenario == "contention":
+        return ContentionSetup(clients=args.clients, runs=args.runs, seed=args.seed)
+    return OutageSetup(
+        rate=args.rate,
+        clients=args.clients,
+        duration=args.duration,
+        outage_start=args.outage_start,
+        outage_duration=args.outage,
+        seed=args.seed,
+    )
+
+
+def _contention(
+    args: argparse.Namespace, setup: ContentionSetup, policies: dict[str, SimPolicy]
+) -> None:
     total = len(policies) * len(setup.clients) * setup.runs
     with _Progress("contention", total) as progress:
         points = run_contention(policies, setup, progress)
@@ -175,15 +210,7 @@ def _contention(args: argparse.Namespace, policies: dict[str, SimPolicy]) -> Non
         report.plot_contention(points, args.plot)
 
 
-def _outage(args: argparse.Namespace, policies: dict[str, SimPolicy]) -> None:
-    setup = OutageSetup(
-        rate=args.rate,
-        clients=args.clients,
-        duration=args.duration,
-        outage_start=args.outage_start,
-        outage_duration=args.outage,
-        seed=args.seed,
-    )
+def _outage(args: argparse.Namespace, setup: OutageSetup, policies: dict[str, SimPolicy]) -> None:
     with _Progress("outage", len(policies)) as progress:
         results = run_outage(policies, setup, progress)
     if args.format == "json":
