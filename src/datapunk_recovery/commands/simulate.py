@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -137,6 +136,13 @@ def _common(parser: argparse.ArgumentParser, default_policies: str) -> None:
     parser.add_argument(
         "--plot", metavar="FILE.png", help="also draw the curves into FILE (needs matplotlib)"
     )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress on stderr for runs longer than a second "
+        "(default: when stderr is a terminal)",
+    )
     parser.set_defaults(default_policies=default_policies, parser=parser)
 
 
@@ -200,8 +206,8 @@ def _contention(
     args: argparse.Namespace, setup: ContentionSetup, policies: dict[str, SimPolicy]
 ) -> None:
     total = len(policies) * len(setup.clients) * setup.runs
-    with _Progress("contention", total) as progress:
-        points = run_contention(policies, setup, progress)
+    with _Progress("contention", total, args.progress) as progress:
+        points = run_contention(policies, setup, progress.advance)
     if args.format == "json":
         print(report.contention_json(points, setup, policies))
     else:
@@ -211,8 +217,8 @@ def _contention(
 
 
 def _outage(args: argparse.Namespace, setup: OutageSetup, policies: dict[str, SimPolicy]) -> None:
-    with _Progress("outage", len(policies)) as progress:
-        results = run_outage(policies, setup, progress)
+    with _Progress("outage", 1000, args.progress) as progress:
+        results = run_outage(policies, setup, tick=progress.fraction)
     if args.format == "json":
         print(report.outage_json(results, setup, policies))
     else:
@@ -222,36 +228,60 @@ def _outage(args: argparse.Namespace, setup: OutageSetup, policies: dict[str, Si
 
 
 class _Progress:
-    """A rich progress bar on stderr, shown only once a run has lasted a second.
+    """Progress on stderr, shown only once a run has lasted about a second.
 
-    Silent when stderr is not a terminal or rich is not installed, so that
-    scripts and pipes see only the results.
+    A rich bar when rich is installed, a plain ``simulating outage: 42%``
+    line otherwise.  By default only when stderr is a terminal, so that
+    scripts and pipes see only the results; ``--progress`` / ``--no-progress``
+    decide instead.  Never on stdout: ``--format json`` output stays JSON.
     """
 
-    def __init__(self, what: str, total: int) -> None:
+    def __init__(self, what: str, total: int, show: bool | None) -> None:
         self.what = what
         self.total = total
         self.done = 0
         self.started = time.monotonic()
-        self.enabled = sys.stderr.isatty() and report.has_rich()
+        self.forced = show is True
+        self.enabled = sys.stderr.isatty() if show is None else show
+        self.fancy = report.has_rich()
         self.bar: Any = None
         self.task: Any = None
+        self.shown = -1  # the percentage the plain line shows
 
-    def __enter__(self) -> Callable[[], None]:
-        return self.advance
+    def __enter__(self) -> _Progress:
+        return self
 
     def advance(self) -> None:
-        self.done += 1
-        if self.bar is None:
-            if not self.enabled or time.monotonic() - self.started < _PROGRESS_AFTER:
-                return
-            from rich.console import Console
-            from rich.progress import Progress
+        """One more unit of ``total`` done."""
+        self.update(self.done + 1)
 
-            self.bar = Progress(console=Console(stderr=True), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task(f"simulating {self.what}", total=self.total)
-        self.bar.update(self.task, completed=self.done)
+    def fraction(self, done: float) -> None:
+        """``done`` (0..1) of the whole run done."""
+        self.update(round(done * self.total))
+
+    def update(self, done: int) -> None:
+        self.done = done
+        if not self.enabled:
+            return
+        if self.bar is None and self.shown < 0:
+            if time.monotonic() - self.started < _PROGRESS_AFTER:
+                return
+            if self.fancy:
+                from rich.console import Console
+                from rich.progress import Progress
+
+                console = Console(stderr=True, force_terminal=True if self.forced else None)
+                self.bar = Progress(console=console, transient=True)
+                self.bar.start()
+                self.task = self.bar.add_task(f"simulating {self.what}", total=self.total)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
+            return
+        percent = 100 * self.done // max(self.total, 1)
+        if percent != self.shown:
+            self.shown = percent
+            sys.stderr.write(f"\rsimulating {self.what}: {percent:3d}%")
+            sys.stderr.flush()
 
     def __exit__(
         self,
@@ -261,6 +291,9 @@ class _Progress:
     ) -> None:
         if self.bar is not None:
             self.bar.stop()
+        elif self.shown >= 0:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 def _duration(text: str) -> float:
