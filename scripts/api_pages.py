@@ -5,7 +5,7 @@ no part starting with an underscore (``__init__`` stands for its package).
 ``tests/test_docs.py`` checks that docs/api/ and the nav hold exactly them, so
 after adding a module run::
 
-    python scripts/api_pages.py            # writes the missing pages, prints the nav
+    python scripts/api_pages.py            # writes the pages, prints the nav
 """
 
 from __future__ import annotations
@@ -76,10 +76,12 @@ def page(module: str) -> Path:
 
 
 def text(module: str) -> str:
+    """A page's source: the module's documentation only; its heading (level 1,
+    from mkdocs.yml's options) names the module once and anchors references to it."""
     dotted = f"datapunk_recovery.{module}"
     is_package = page(module).name == "index.md"
     options = "\n    options:\n      members: false" if is_package else ""
-    return f"# `{dotted}`\n\n::: {dotted}{options}\n"
+    return f"::: {dotted}{options}\n"
 
 
 def section(module: str) -> str:
@@ -106,9 +108,8 @@ def nav() -> list[str]:
 def main() -> int:
     for module in public_modules():
         target = page(module)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text(module), encoding="utf-8")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text(module), encoding="utf-8")
     sys.stdout.write("\n".join(nav()) + "\n")
     return 0
 

@@ -17,8 +17,9 @@ _LITERAL = re.compile(r"``([^`]+)``")
 def plain_help(text: str) -> str:
     """``text`` (a docstring) without reStructuredText markup, for ``--help``.
 
-    ``:class:`~x.Y``` becomes ``Y``'s dotted name, a double-backquoted literal
-    its bare text, and ``\\ `` (an RST escape) nothing.
+    A role (class, meth, func... with its target in backquotes) becomes its
+    target's name, a double-backquoted literal its bare text, and a
+    backslash-space (an RST escape) nothing.
     """
     text = _ROLE.sub(lambda m: m.group(1), text)
     text = _LITERAL.sub(lambda m: m.group(1), text)
