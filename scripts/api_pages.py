@@ -79,9 +79,26 @@ def text(module: str) -> str:
     """A page's source: the module's documentation only; its heading (level 1,
     from mkdocs.yml's options) names the module once and anchors references to it."""
     dotted = f"datapunk_recovery.{module}"
-    is_package = page(module).name == "index.md"
-    options = "\n    options:\n      members: false" if is_package else ""
+    options = ""
+    if page(module).name == "index.md":
+        # A package's page shows what the package itself defines, not what it
+        # re-exports from its modules (they have their own pages).
+        own = defined_in_package(module)
+        members = "[" + ", ".join(own) + "]" if own else "false"
+        options = f"\n    options:\n      members: {members}"
     return f"::: {dotted}{options}\n"
+
+
+def defined_in_package(module: str) -> list[str]:
+    """Public names a package's ``__init__`` defines itself (not imports, not submodules)."""
+    import ast
+
+    init = SRC / "datapunk_recovery" / Path(*module.split(".")) / "__init__.py"
+    tree = ast.parse(init.read_text(encoding="utf-8"))
+    kinds = ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
+    return [
+        node.name for node in tree.body if isinstance(node, kinds) and not node.name.startswith("_")
+    ]
 
 
 def section(module: str) -> str:

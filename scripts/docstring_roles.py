@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 DOCS = ROOT / "docs"
 PACKAGE = "datapunk_recovery"
+#: The longest line (ruff's line-length).
+LIMIT = 100
 
 ROLE = re.compile(r":(?:py:)?(class|meth|func|mod|attr|data|exc|obj|const):`(~?)([^`<>]+)`")
 DOC_PATH = re.compile(r"``docs/([\w/.-]+)\.md``")
@@ -174,7 +176,9 @@ def _docstring_lines(tree: ast.Module) -> list[tuple[int, int, str | None]]:
     return spans
 
 
-def convert_text(text: str, module: str, owner: str | None, unresolved: list[str]) -> str:
+def convert_text(
+    text: str, module: str, owner: str | None, unresolved: list[str], *, links: bool = True
+) -> str:
     def role(match: re.Match[str]) -> str:
         tilde, target = match.group(2), match.group(3).strip()
         shown = target.lstrip(".")
@@ -182,7 +186,9 @@ def convert_text(text: str, module: str, owner: str | None, unresolved: list[str
             shown = shown.rsplit(".", 1)[-1]
         if match.group(1) in ("meth", "func") and not shown.endswith(")"):
             shown += "()"
-        path = resolve(target, module, owner, match.group(1))
+        path = resolve(target, module, owner, match.group(1)) if links else None
+        if path is None and not links:
+            return f"`{shown}`"
         if path is None:
             unresolved.append(f"{module}: {match.group(0)}")
             return f"`{shown}`"
@@ -206,7 +212,7 @@ def convert_text(text: str, module: str, owner: str | None, unresolved: list[str
     return "".join(pieces)
 
 
-def wrap(line: str, limit: int = 100) -> str:
+def wrap(line: str, limit: int = LIMIT) -> str:
     """``line`` split at spaces (outside links and literals) so each part fits in ``limit``."""
     body = line.rstrip("\n")
     end = line[len(body) :]
@@ -244,6 +250,9 @@ def convert_file(path: Path, unresolved: list[str]) -> str:
     for first, last, owner in _docstring_lines(ast.parse(source)):
         for i in range(first - 1, last):
             converted = convert_text(lines[i], module, owner, unresolved)
+            if i == first - 1 and len(converted.rstrip("\n")) > LIMIT:
+                # The summary line stays one line: its roles become plain code.
+                converted = convert_text(lines[i], module, owner, unresolved, links=False)
             if converted != lines[i]:
                 converted = wrap(converted)
             lines[i] = converted

@@ -12,15 +12,18 @@ __all__ = ["plain_help", "positive_number", "usage_error"]
 
 _ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
 _LITERAL = re.compile(r"``([^`]+)``")
+#: A Markdown link, reference (``[`X`][a.b.X]``) or inline (``[text](url)``).
+_REFERENCE = re.compile(r"\[`?([^`\]]+)`?\](?:\[[^\]]*\]|\([^)]*\))")
 
 
 def plain_help(text: str) -> str:
     """``text`` (a docstring) without reStructuredText markup, for ``--help``.
 
-    A role (class, meth, func... with its target in backquotes) becomes its
-    target's name, a double-backquoted literal its bare text, and a
+    A role (class, meth, func... with its target in backquotes) or a Markdown
+    link becomes its text, a double-backquoted literal its bare text, and a
     backslash-space (an RST escape) nothing.
     """
+    text = _REFERENCE.sub(lambda m: m.group(1), text)
     text = _ROLE.sub(lambda m: m.group(1), text)
     text = _LITERAL.sub(lambda m: m.group(1), text)
     return text.replace("\\\\ ", "").replace("\\ ", "")
