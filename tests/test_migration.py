@@ -26,6 +26,7 @@ from datapunk_recovery.events import RetryScheduled
 tenacity = pytest.importorskip("tenacity")
 stamina = pytest.importorskip("stamina")
 pybreaker = pytest.importorskip("pybreaker")
+backoff = pytest.importorskip("backoff")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +46,8 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeClock]:
 
 class Flaky:
     """A function that raises ``make()`` until its ``succeed_on``-th call (never by default)."""
+
+    __name__ = __qualname__ = "flaky"  # backoff's log handlers name the function
 
     def __init__(self, now: FakeClock, make: Callable[[], BaseException], succeed_on: int = 0):
         self.now, self.make, self.succeed_on = now, make, succeed_on
@@ -383,6 +386,114 @@ def test_pybreaker_listeners_and_our_events_see_the_same_transition(fake: FakeCl
         run_calls(dr.CircuitBreaker("mig-listen", dr.BreakerConfig(consecutive_failures=2)), "ff")
     assert changes == [("closed", "open")]
     assert recorded.transitions("mig-listen") == [("closed", "open")]
+
+
+# --- backoff ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def backoff_clock(fake: FakeClock, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """backoff reads datetime.now() and sleeps with time.sleep: both on the fake clock."""
+    import datetime
+
+    epoch = datetime.datetime(2026, 1, 1)
+
+    def now() -> datetime.datetime:
+        return epoch + datetime.timedelta(seconds=fake.now())
+
+    monkeypatch.setattr(
+        backoff._sync, "datetime", SimpleNamespace(datetime=SimpleNamespace(now=now))
+    )
+    monkeypatch.setattr(backoff._sync, "time", SimpleNamespace(sleep=fake.sleep))
+    return fake
+
+
+def test_backoff_expo_with_full_jitter_is_equivalent_to_our_default(
+    backoff_clock: FakeClock,
+) -> None:
+    theirs, ours = Flaky(backoff_clock, ConnectionError), Flaky(backoff_clock, ConnectionError)
+    t = backoff.on_exception(
+        backoff.expo, ConnectionError, max_tries=3, factor=0.1, max_value=10.0
+    )(theirs)
+    o = dr.retry(on=ConnectionError)(ours)
+    assert outcome(t) is outcome(o) is ConnectionError
+    assert len(theirs.calls) == len(ours.calls) == 3
+    for n, (w_t, w_o) in enumerate(zip(waits(theirs.calls), waits(ours.calls), strict=True)):
+        assert 0.0 <= w_t <= 0.1 * 2**n and 0.0 <= w_o <= 0.1 * 2**n  # full jitter, same cap
+    default = Flaky(backoff_clock, ConnectionError)
+    outcome(backoff.on_exception(backoff.expo, ConnectionError, max_tries=3)(default))
+    assert all(0.0 <= w <= 2.0**n for n, w in enumerate(waits(default.calls)))  # 1 s, 2 s...
+
+
+def test_backoff_max_time_makes_a_last_attempt_at_the_limit_a_deadline_does_not(
+    backoff_clock: FakeClock,
+) -> None:
+    theirs, ours = Flaky(backoff_clock, ConnectionError), Flaky(backoff_clock, ConnectionError)
+    outcome(
+        backoff.on_exception(
+            backoff.constant, ConnectionError, interval=3, jitter=None, max_time=10
+        )(theirs)
+    )
+    fixed = dr.RetryConfig(
+        max_attempts=None, base_delay=3.0, max_delay=3.0, jitter="none", deadline=10.0
+    )
+    outcome(dr.retry(fixed, on=ConnectionError)(ours))
+    assert [round(c - theirs.calls[0]) for c in theirs.calls] == [0, 3, 6, 9, 10]
+    assert [round(c - ours.calls[0]) for c in ours.calls] == [0, 3, 6, 9]
+
+
+def test_backoff_giveup_is_equivalent_to_on_with_the_opposite_predicate(
+    backoff_clock: FakeClock,
+) -> None:
+    def fatal(exc: BaseException) -> bool:
+        return isinstance(exc, ConnectionRefusedError)
+
+    for error, expected in ((ConnectionResetError, 3), (ConnectionRefusedError, 1)):
+        theirs, ours = Flaky(backoff_clock, error), Flaky(backoff_clock, error)
+        outcome(
+            backoff.on_exception(
+                backoff.expo, ConnectionError, max_tries=3, giveup=fatal, factor=0.1
+            )(theirs)
+        )
+        outcome(
+            dr.retry(on=lambda exc: isinstance(exc, ConnectionError) and not fatal(exc))(ours)
+        )
+        assert len(theirs.calls) == len(ours.calls) == expected, error
+
+
+def test_backoff_on_predicate_returns_the_last_value_ours_raises(
+    backoff_clock: FakeClock,
+) -> None:
+    theirs: list[int] = []
+    ours: list[int] = []
+
+    def status(calls: list[int]) -> Callable[[], int]:
+        def fn() -> int:
+            calls.append(1)
+            return 503
+
+        return fn
+
+    t = backoff.on_predicate(backoff.expo, lambda r: r >= 500, max_tries=3, factor=0.1)(
+        status(theirs)
+    )
+    o = dr.retry(retry_if_result=lambda r: r >= 500)(status(ours))
+    assert outcome(t) == "503"  # gives up by returning the rejected value
+    assert outcome(o) is dr.RetryExhausted
+    assert len(theirs) == len(ours) == 3
+
+
+def test_backoff_on_backoff_and_our_events_see_the_same_retries(
+    backoff_clock: FakeClock,
+) -> None:
+    seen: list[object] = []
+    t = backoff.on_exception(
+        backoff.expo, ConnectionError, max_tries=3, factor=0.1, on_backoff=seen.append
+    )(Flaky(backoff_clock, ConnectionError))
+    outcome(t)
+    with testing.record_events() as recorded:
+        outcome(dr.retry(Flaky(backoff_clock, ConnectionError)))
+    assert len(seen) == len(recorded.retries()) == 2
 
 
 # --- the guides say only what the tests above show --------------------------------------

@@ -54,26 +54,38 @@ def test_each_example_of_the_testing_guide_passes(pytester: pytest.Pytester, ind
     result.assert_outcomes(passed=tests)
 
 
+STATE = """
+from datapunk_recovery import _runtime, chaos, clock, errors, events
+
+def state():
+    return (
+        events.global_bus._subscribers,
+        list(errors._rules),
+        _runtime._instant,
+        clock.current_fake(),
+        chaos.all_enabled(),
+    )
+
+BEFORE = state()  # as the module finds it (pytester runs in this process)
+"""
+
+
 def test_the_fixtures_leave_nothing_behind(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
-        test_leak="""
-        import datapunk_recovery as dr
-        from datapunk_recovery import _runtime, chaos, clock, events
+        test_leak=STATE
+        + """
+import datapunk_recovery as dr
 
-        def test_changes_everything(recovery_instant, recovery_clock, recovery_events):
-            events.subscribe(print)
-            dr.register_rule(lambda exc: None)
-            chaos.disable_all()
-            assert _runtime._instant and clock.current_fake() is recovery_clock
+def test_changes_everything(recovery_instant, recovery_clock, recovery_events):
+    events.subscribe(print)
+    dr.register_rule(lambda exc: None)
+    chaos.disable_all()
+    assert _runtime._instant and clock.current_fake() is recovery_clock
+    assert state() != BEFORE
 
-        def test_sees_nothing_of_it():
-            from datapunk_recovery import errors
-            assert not events.global_bus.active
-            assert not errors._rules
-            assert not _runtime._instant
-            assert clock.current_fake() is None
-            assert chaos.all_enabled() == chaos.armed()
-        """
+def test_sees_nothing_of_it():
+    assert state() == BEFORE
+"""
     )
     result = pytester.runpytest(*plugin_args(), "-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
@@ -81,14 +93,11 @@ def test_the_fixtures_leave_nothing_behind(pytester: pytest.Pytester) -> None:
 
 def test_without_a_fixture_the_plugin_changes_nothing(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
-        test_plain="""
-        from datapunk_recovery import _runtime, clock, events
-
-        def test_plain():
-            assert not _runtime._instant
-            assert clock.current_fake() is None
-            assert not events.global_bus.active
-        """
+        test_plain=STATE
+        + """
+def test_plain():
+    assert state() == BEFORE
+"""
     )
     result = pytester.runpytest(*plugin_args(), "-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
