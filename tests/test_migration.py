@@ -502,8 +502,11 @@ def test_backoff_on_backoff_and_our_events_see_the_same_retries(
 def test_every_row_called_equivalent_names_a_passing_test_here() -> None:
     tests = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(), flags=re.M))
     for guide in sorted((ROOT / "docs" / "migration").glob("*.md")):
-        for line in guide.read_text(encoding="utf-8").splitlines():
-            if "equivalent" in line.lower() and line.startswith("|"):
-                named = re.findall(r"`(test_\w+)`", line)
+        text = guide.read_text(encoding="utf-8")
+        listed = dict(re.findall(r"^(\d+)\. `(test_\w+)`$", text, flags=re.M))
+        assert set(listed.values()) <= tests, f"{guide.name}: a listed test does not exist"
+        for line in text.splitlines():
+            if line.startswith("|") and "equivalent" in line.lower():
+                named = re.findall(r"\btest (\d+)\b", line)
                 assert named, f"{guide.name}: an equivalence without its test: {line}"
-                assert set(named) <= tests, f"{guide.name}: unknown test in {line}"
+                assert set(named) <= set(listed), f"{guide.name}: unlisted test in {line}"
