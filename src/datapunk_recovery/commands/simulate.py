@@ -224,7 +224,7 @@ def _outage(args: argparse.Namespace, setup: OutageSetup, policies: dict[str, Si
     else:
         report.render(report.outage_table(results, setup), sys.stdout)
     if args.plot:
-        report.plot_outage(results, setup, args.plot)
+        report.plot_outage(results, setup, args.plot, policies)
 
 
 class _Progress:
