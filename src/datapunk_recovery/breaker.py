@@ -1,20 +1,17 @@
 """The circuit breaker: stop calling a dependency that keeps failing, probe, recover.
 
 States: ``CLOSED`` (calls pass, outcomes are judged), ``OPEN`` (calls are
-refused with [`CircuitOpenError`][datapunk_recovery.errors.CircuitOpenError] until the open
+refused with :class:`~datapunk_recovery.errors.CircuitOpenError` until the open
 duration ends), ``HALF_OPEN`` (a few probes pass; their outcomes close or
 re-open it), plus three manual ones: ``DISABLED`` (everything passes, nothing is
-recorded), ``FORCED_OPEN`` (everything is refused:
-[`CircuitBreaker.isolate()`][datapunk_recovery.breaker.CircuitBreaker.isolate])
+recorded), ``FORCED_OPEN`` (everything is refused: :meth:`CircuitBreaker.isolate`)
 and ``METRICS_ONLY`` (shadow mode: outcomes are recorded and a would-be trip is
-reported as a [`ShadowTrip`][datapunk_recovery.breaker.ShadowTrip] event, but nothing is ever
-refused).
+reported as a :class:`ShadowTrip` event, but nothing is ever refused).
 
 Trip criteria, any of which opens the breaker: consecutive failures (the
 default, 5), failure rate and slow-call rate over a sliding window (count-based
 or time-based, judged once ``minimum_calls`` are in it), a custom
-[`TripPolicy`][datapunk_recovery.breaker.TripPolicy], and a server-given delay (``Retry-After``)
-when enabled.
+:class:`TripPolicy`, and a server-given delay (``Retry-After``) when enabled.
 
 Every transition bumps a generation number; a permit carries the generation it
 was granted in, so a late outcome (a call that started before the breaker
@@ -25,8 +22,7 @@ object and reads no clock: it reads the generation and the ``fast`` flag,
 runs the call, and on success touches the failure counter only when it is
 not already zero (an outcome is recorded against the generation read before
 the call, so a late one never counts in a later period).  Every
-other path runs under the breaker's lock.  See
-[docs/breaker.md](https://datapunk.github.io/datapunk-recovery/breaker/).
+other path runs under the breaker's lock.  See ``docs/breaker.md``.
 """
 
 from __future__ import annotations
@@ -164,10 +160,8 @@ class BreakerConfig:
     - ``window``: ``"count"`` (last ``window_size`` calls) or ``"time"`` (last
       ``window_duration`` seconds in ``window_buckets`` buckets).
       ``keep_window`` keeps the window even when no rate criterion needs it, so
-      that [`CircuitBreaker.failure_rate()`][datapunk_recovery.breaker.CircuitBreaker.failure_rate]
-      answers (about 100 ns a call).
-    - ``trip_policy``: a factory of a custom [`TripPolicy`][datapunk_recovery.breaker.TripPolicy] (a
-      factory,
+      that :meth:`CircuitBreaker.failure_rate` answers (about 100 ns a call).
+    - ``trip_policy``: a factory of a custom :class:`TripPolicy` (a factory,
       because a policy has state and a configuration is shared).
     - ``half_open_permits`` probes pass in half-open; any failed (or slow, when
       the slow rate is judged) probe re-opens it, ``half_open_permits``
@@ -183,7 +177,7 @@ class BreakerConfig:
       value a failure.  Cancellation never counts.
     - Server delays: ``result_delay(result)`` may return a server-given delay
       (a 429/503 with ``Retry-After``); with ``honor_server_delay`` the delay
-      an exception carries ([`classify()`][datapunk_recovery.errors.classify]'s
+      an exception carries (:func:`~datapunk_recovery.errors.classify`'s
       ``delay_hint``) counts too.  Such an outcome is a failure and forces the
       breaker open for that long, unless the hint is garbage or above
       ``max_server_delay`` (then it is ignored with a ``HintIgnored`` event).
@@ -488,7 +482,7 @@ class _Core:
     allows the lock-free path; the faces read it without the lock (a stale
     read admits a call that raced with the opening, which is a valid order).
     ``quick`` is True when the state is CLOSED and no result needs judging:
-    the faces then record an outcome straight into `record()`, with the
+    the faces then record an outcome straight into :meth:`record`, with the
     generation read before the call, without building a permit.
     """
 
@@ -788,15 +782,12 @@ class _Core:
 class Permit:
     """Leave to make one call; settle it with exactly one outcome.
 
-    [`success()`][datapunk_recovery.breaker.Permit.success],
-    [`failure()`][datapunk_recovery.breaker.Permit.failure],
-    [`result()`][datapunk_recovery.breaker.Permit.result] or
-    [`cancel()`][datapunk_recovery.breaker.Permit.cancel] settle
+    :meth:`success`, :meth:`failure`, :meth:`result` or :meth:`cancel` settle
     it; the first one counts and later ones do nothing.  With a shared store the
     plain methods never wait for the store (the write happens in the
     background); the ``*_async`` twins await it.  Durations are seconds; when
     not given and the configuration needs them, they are measured from
-    [`CircuitBreaker.allow()`][datapunk_recovery.breaker.CircuitBreaker.allow].
+    :meth:`CircuitBreaker.allow`.
     """
 
     __slots__ = ("_breaker", "_done", "_gen", "_probe", "_remote", "_start")
@@ -825,8 +816,7 @@ class Permit:
     def failure(self, exc: BaseException | None = None, duration: float | None = None) -> None:
         """The call failed with ``exc`` (judged by the record/ignore rules) or plainly.
 
-        A cancellation passed here counts as nothing, like
-        [`cancel()`][datapunk_recovery.breaker.Permit.cancel].
+        A cancellation passed here counts as nothing, like :meth:`cancel`.
         """
         if self._done:
             return
@@ -846,24 +836,24 @@ class Permit:
             self._breaker._settle(self, _IGNORED, None, None, None, "cancelled")
 
     async def success_async(self, duration: float | None = None) -> None:
-        """`success()`, waiting for a shared store's write."""
+        """:meth:`success`, waiting for a shared store's write."""
         self.success(duration)
         await self._breaker._flush()
 
     async def failure_async(
         self, exc: BaseException | None = None, duration: float | None = None
     ) -> None:
-        """`failure()`, waiting for a shared store's write."""
+        """:meth:`failure`, waiting for a shared store's write."""
         self.failure(exc, duration)
         await self._breaker._flush()
 
     async def result_async(self, value: object, duration: float | None = None) -> None:
-        """`result()`, waiting for a shared store's write."""
+        """:meth:`result`, waiting for a shared store's write."""
         self.result(value, duration)
         await self._breaker._flush()
 
     async def cancel_async(self) -> None:
-        """`cancel()`, waiting for a shared store's write."""
+        """:meth:`cancel`, waiting for a shared store's write."""
         self.cancel()
         await self._breaker._flush()
 
@@ -904,12 +894,11 @@ class BreakerSnapshot:
 
 
 class CircuitBreaker:
-    """A named circuit breaker; see the module documentation and
-    [docs/breaker.md](https://datapunk.github.io/datapunk-recovery/breaker/).
+    """A named circuit breaker; see the module documentation and ``docs/breaker.md``.
 
     ``store`` is where its state lives: ``None`` (private, in this process), a
-    [`MemoryStore`][datapunk_recovery.stores.memory.MemoryStore] (shared by name in
-    this process) or a [`RedisStore`][datapunk_recovery.stores.redis.RedisStore]
+    :class:`~datapunk_recovery.stores.memory.MemoryStore` (shared by name in
+    this process) or a :class:`~datapunk_recovery.stores.redis.RedisStore`
     (shared between processes; async only: the sync faces raise ``TypeError``).
     ``rng`` makes the open-duration jitter reproducible.
     """
@@ -1037,7 +1026,7 @@ class CircuitBreaker:
         return self._core
 
     def isolate(self) -> None:
-        """Force the breaker open (``FORCED_OPEN``) until `reset()`."""
+        """Force the breaker open (``FORCED_OPEN``) until :meth:`reset`."""
         self._local_control("isolate").force(BreakerState.FORCED_OPEN, "isolate")
 
     def reset(self) -> None:
@@ -1045,11 +1034,11 @@ class CircuitBreaker:
         self._local_control("reset").force(BreakerState.CLOSED, "reset")
 
     def disable(self) -> None:
-        """``DISABLED``: every call passes, nothing is recorded, until `reset()`."""
+        """``DISABLED``: every call passes, nothing is recorded, until :meth:`reset`."""
         self._local_control("disable").force(BreakerState.DISABLED, "disable")
 
     def metrics_only(self) -> None:
-        """``METRICS_ONLY`` (shadow mode): record and report, never refuse, until `reset()`."""
+        """``METRICS_ONLY`` (shadow mode): record and report, never refuse, until :meth:`reset`."""
         self._local_control("metrics_only").force(BreakerState.METRICS_ONLY, "metrics_only")
 
     async def _force_async(self, state: BreakerState, reason: str) -> None:
@@ -1059,27 +1048,27 @@ class CircuitBreaker:
             await self._link.force(state, reason)
 
     async def isolate_async(self) -> None:
-        """`isolate()`, for any store (shared ones included)."""
+        """:meth:`isolate`, for any store (shared ones included)."""
         await self._force_async(BreakerState.FORCED_OPEN, "isolate")
 
     async def reset_async(self) -> None:
-        """[`reset()`][datapunk_recovery.breaker.CircuitBreaker.reset], for any store."""
+        """:meth:`reset`, for any store."""
         await self._force_async(BreakerState.CLOSED, "reset")
 
     async def disable_async(self) -> None:
-        """[`disable()`][datapunk_recovery.breaker.CircuitBreaker.disable], for any store."""
+        """:meth:`disable`, for any store."""
         await self._force_async(BreakerState.DISABLED, "disable")
 
     async def metrics_only_async(self) -> None:
-        """`metrics_only()`, for any store."""
+        """:meth:`metrics_only`, for any store."""
         await self._force_async(BreakerState.METRICS_ONLY, "metrics_only")
 
     # -- permits -----------------------------------------------------------------------
     def allow(self) -> Permit:
-        """A permit for one call, or `CircuitOpenError` when the breaker refuses.
+        """A permit for one call, or :class:`CircuitOpenError` when the breaker refuses.
 
         In-process stores only; a breaker on an async store raises ``TypeError``
-        (use [`allow_async()`][datapunk_recovery.breaker.CircuitBreaker.allow_async]).
+        (use :meth:`allow_async`).
         """
         if self._link is not None:
             raise TypeError(
@@ -1091,7 +1080,7 @@ class CircuitBreaker:
         return Permit(self, gen, probe, False, clock.now() if core.config.timed else None)
 
     async def allow_async(self) -> Permit:
-        """`allow()` for async code; works with every store."""
+        """:meth:`allow` for async code; works with every store."""
         if self._link is None:
             core = self._core
             gen, probe = core.admit()

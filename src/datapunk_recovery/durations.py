@@ -2,8 +2,7 @@
 
 The library keeps every duration as a float of seconds; configuration files and
 environment variables are written by people, who think in ``250ms`` and ``1m``.
-[`parse_duration()`][datapunk_recovery.durations.parse_duration] is the one bridge, used by the
-configuration schema and
+:func:`parse_duration` is the one bridge, used by the configuration schema and
 the command line alike, so that every place accepts the same spellings:
 
 - a number (``0.25``, ``2``) or numeric text (``"0.25"``) is seconds;
@@ -12,8 +11,7 @@ the command line alike, so that every place accepts the same spellings:
 
 Negative, infinite and not-a-number durations are refused: a wait cannot be
 negative, and "forever" is spelled as an absent limit, never as a huge number.
-[`format_duration()`][datapunk_recovery.durations.format_duration] writes seconds back in the
-shortest readable form.
+:func:`format_duration` writes seconds back in the shortest readable form.
 """
 
 from __future__ import annotations
@@ -44,7 +42,7 @@ class DurationError(ValueError):
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number or a duration text; raises `DurationError`.
+    """Seconds from a number or a duration text; raises :class:`DurationError`.
 
     Booleans are refused (``True`` is an int to Python, never a duration).
     """
@@ -91,7 +89,7 @@ def _parse_text(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """The shortest readable spelling of ``seconds``; `parse_duration()` reads it back.
+    """The shortest readable spelling of ``seconds``; :func:`parse_duration` reads it back.
 
     Whole minutes and hours use ``m`` and ``h``; under a second, ``ms`` (or
     ``us``); everything else is seconds.  At most three decimals are kept, so

@@ -1,16 +1,14 @@
 """One event model for the whole library.
 
-Every primitive reports what it did as a typed, immutable [`Event`][datapunk_recovery.events.Event]
+Every primitive reports what it did as a typed, immutable :class:`Event`
 (an attempt finished, a retry was scheduled, the engine gave up, a breaker
 opened, ...).  Subscribers are plain callables registered globally with
-[`subscribe()`][datapunk_recovery.events.subscribe] or on one
-[`EventBus`][datapunk_recovery.events.EventBus] (each decorated function has
+:func:`subscribe` or on one :class:`EventBus` (each decorated function has
 its own).  Exporters to logging, Prometheus and OpenTelemetry are subscribers
 like any other: there is no second mechanism.
 
 When nobody listens, no event object is built: producers check
-[`listening()`][datapunk_recovery.events.listening] first, so an unobserved call pays two attribute
-reads.
+:func:`listening` first, so an unobserved call pays two attribute reads.
 
 Events carry names, numbers and exception *type* names, never exception
 messages, keys or connection strings: a message may hold a secret.
@@ -155,7 +153,7 @@ Subscriber = Callable[[Event], None]
 
 
 class EventBus:
-    """A list of subscribers; `emit()` calls each, and a failing one is logged.
+    """A list of subscribers; :meth:`emit` calls each, and a failing one is logged.
 
     A subscriber that raises never breaks the call being observed.
     """

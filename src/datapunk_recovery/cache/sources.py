@@ -1,15 +1,12 @@
 """Sources of truth for the read-through cache: PostgreSQL, SQLite, any async function.
 
-- [`FunctionSource`][datapunk_recovery.cache.sources.FunctionSource]: any ``async def load(key)``
-  (and optionally ``load_many``).
-- [`PostgresSource`][datapunk_recovery.cache.sources.PostgresSource]: a parameterised query on an
-  ``asyncpg.Pool``, a
+- :class:`FunctionSource`: any ``async def load(key)`` (and optionally ``load_many``).
+- :class:`PostgresSource`: a parameterised query on an ``asyncpg.Pool``, a
   ``psycopg_pool.AsyncConnectionPool`` or a
-  [`ManagedPool`][datapunk_recovery.database.pool.ManagedPool]; reads are idempotent, so
-  they go through the database recovery's [`run()`][datapunk_recovery.database.transaction.run]
+  :class:`~datapunk_recovery.database.ManagedPool`; reads are idempotent, so
+  they go through the database recovery's :func:`~datapunk_recovery.database.run`
   and survive a dropped connection or a restarted server.
-- [`SqliteSource`][datapunk_recovery.cache.sources.SqliteSource]: a parameterised query on a SQLite
-  file, run in a
+- :class:`SqliteSource`: a parameterised query on a SQLite file, run in a
   worker thread so the event loop never blocks.
 
 A query returns one row per key.  With one column the value is that column;

@@ -1,24 +1,16 @@
 """Database recovery: classified errors, replayed transactions, pools that heal.
 
-- [`errors`][datapunk_recovery.database.errors]: what a failure of asyncpg, psycopg 3 or sqlite3
-  means
+- :mod:`.errors`: what a failure of asyncpg, psycopg 3 or sqlite3 means
   (SQLSTATE classes) and the library's own database errors;
-- [`transaction`][datapunk_recovery.database.transaction]: `transaction()` (replayed whole) and
-  [`run()`][datapunk_recovery.database.transaction.run]
+- :mod:`.transaction`: :func:`transaction` (replayed whole) and :func:`run`
   (statements, retried after they started only when idempotent), with
-  [`CommitOutcomeUnknown`][datapunk_recovery.database.errors.CommitOutcomeUnknown] and idempotency
-  checks;
-- [`pool`][datapunk_recovery.database.pool]:
-  [`ManagedPool`][datapunk_recovery.database.pool.ManagedPool] for ``asyncpg.Pool`` and
+  :class:`CommitOutcomeUnknown` and idempotency checks;
+- :mod:`.pool`: :class:`ManagedPool` for ``asyncpg.Pool`` and
   ``psycopg_pool.AsyncConnectionPool``;
-- [`sqlite`][datapunk_recovery.database.sqlite]:
-  [`SqliteDatabase`][datapunk_recovery.database.sqlite.SqliteDatabase], replayed on busy, off the
-  event loop.
+- :mod:`.sqlite`: :class:`SqliteDatabase`, replayed on busy, off the event loop.
 
-Importing this package teaches
-[`datapunk_recovery.errors.classify()`][datapunk_recovery.errors.classify]
-about database errors (see [`database_rule()`][datapunk_recovery.database.errors.database_rule]), so
-per-category retry
+Importing this package teaches :func:`datapunk_recovery.errors.classify`
+about database errors (see :func:`database_rule`), so per-category retry
 policies work on them.
 """
 

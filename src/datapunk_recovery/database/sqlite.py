@@ -1,8 +1,7 @@
 """SQLite transactions replayed on ``SQLITE_BUSY`` / ``SQLITE_LOCKED``, off the event loop.
 
 SQLite allows one writer at a time; a second writer waits up to its busy
-timeout and then fails with ``database is locked``.
-[`SqliteDatabase`][datapunk_recovery.database.sqlite.SqliteDatabase]
+timeout and then fails with ``database is locked``.  :class:`SqliteDatabase`
 keeps that wait short (``busy_timeout``) and lets the retry engine replay the
 whole transaction with jittered backoff instead, so that many writers take
 turns rather than time out together.
@@ -51,8 +50,7 @@ class BeginMode(StrEnum):
 @dataclass(frozen=True, slots=True)
 class SqliteConfig:
     """``busy_timeout``: seconds SQLite itself waits for a lock before failing with busy;
-    ``begin``: the [`BeginMode`][datapunk_recovery.database.sqlite.BeginMode]; ``retry``: how busy
-    transactions are replayed
+    ``begin``: the :class:`BeginMode`; ``retry``: how busy transactions are replayed
     (default: 10 attempts, 5 ms to 0.5 s full jitter).
     """
 

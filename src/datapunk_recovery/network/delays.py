@@ -10,17 +10,14 @@ A server that is rate limiting or restarting usually says when to come back:
 - ``grpc-retry-pushback-ms`` (gRPC): milliseconds, and a *negative* value
   means "do not retry at all".
 
-[`server_hint()`][datapunk_recovery.network.delays.server_hint] reads them (pushback first: it is
-the most specific,
-then ``Retry-After``, then ``X-RateLimit-Reset``) into a
-[`ServerHint`][datapunk_recovery.network.delays.ServerHint]:
-a delay in seconds for [`datapunk_recovery.errors.classify()`][datapunk_recovery.errors.classify]'s
+:func:`server_hint` reads them (pushback first: it is the most specific,
+then ``Retry-After``, then ``X-RateLimit-Reset``) into a :class:`ServerHint`:
+a delay in seconds for :func:`datapunk_recovery.errors.classify`'s
 ``delay_hint``, or ``never``.  A value that cannot be parsed or is negative
 (a ``Retry-After: -5``, a date that is not a date) is ignored and reported
-with [`HintIgnored`][datapunk_recovery.events.HintIgnored]; a value that parses but
+with :class:`~datapunk_recovery.events.HintIgnored`; a value that parses but
 is absurdly long is passed on, so that the core's rule
-([`datapunk_recovery.backoff.server_delay()`][datapunk_recovery.backoff.server_delay]) gives up
-instead of
+(:func:`datapunk_recovery.backoff.server_delay`) gives up instead of
 waiting hours.
 """
 
@@ -129,8 +126,7 @@ def server_hint(
     """Read the delay a response's ``headers`` ask for (see the module documentation).
 
     ``headers`` may be any mapping; names are matched without regard to case.
-    Values that cannot be parsed are reported as
-    [`HintIgnored`][datapunk_recovery.events.HintIgnored] on
+    Values that cannot be parsed are reported as :class:`HintIgnored` on
     ``bus`` (and the global bus) under ``operation``, then ignored.
     """
     found = _find(headers)

@@ -1,9 +1,7 @@
 """Routing recovery: a service is a set of endpoints with priorities; calls go where they can.
 
-Each [`Endpoint`][datapunk_recovery.network.router.Endpoint] has a priority (0 is the primary level,
-1 the
-secondary, ...) and its own circuit breaker.  A [`Router`][datapunk_recovery.network.router.Router]
-sends each
+Each :class:`Endpoint` has a priority (0 is the primary level, 1 the
+secondary, ...) and its own circuit breaker.  A :class:`Router` sends each
 attempt of a call to an endpoint of the *best level that has an endpoint
 whose breaker admits calls*, and within the level to the one with the lowest
 recent failure rate (the breaker's window), then the fewest calls in flight,
@@ -15,19 +13,16 @@ then in turn.  So:
 - a call falls through to a lower priority level only when every endpoint of
   the levels above refuses calls (its breaker is open);
 - when every endpoint of every level refuses, the call fails at once with
-  [`AllEndpointsDown`][datapunk_recovery.network.router.AllEndpointsDown], which lists each
-  endpoint's state and when it
+  :class:`AllEndpointsDown`, which lists each endpoint's state and when it
   may be tried again.
 
-Retries are the retry engine's
-([`datapunk_recovery.engine.retry()`][datapunk_recovery.engine.retry]):
+Retries are the retry engine's (:func:`datapunk_recovery.engine.retry`):
 backoff, server-given delays (``Retry-After`` through
-[`classify()`][datapunk_recovery.errors.classify]'s ``delay_hint``), the overall
+:func:`~datapunk_recovery.errors.classify`'s ``delay_hint``), the overall
 deadline (each attempt is cancelled when it passes, and
-[`datapunk_recovery.deadline.remaining()`][datapunk_recovery.deadline.remaining] tells the callee
-how long it
+:func:`datapunk_recovery.deadline.remaining` tells the callee how long it
 has), the retry budget and the engine's events and statistics all apply.
-With a [`HedgeConfig`][datapunk_recovery.hedging.HedgeConfig], an idempotent call is
+With a :class:`~datapunk_recovery.hedging.HedgeConfig`, an idempotent call is
 hedged across endpoints: a slow attempt gets a twin on another endpoint, and
 the first good answer wins (hedges draw on the same budget).
 
@@ -93,7 +88,7 @@ class Endpoint:
     ``priority`` 0 is the preferred level; higher numbers are used only when
     every endpoint of the levels before them refuses calls.  ``address`` is
     whatever the call needs (a base URL, ``host:port``); it never appears in
-    events or errors except through [`redact_url()`][datapunk_recovery.redact.redact_url].
+    events or errors except through :func:`~datapunk_recovery.redact.redact_url`.
     """
 
     name: str
@@ -128,8 +123,7 @@ class RouterConfig:
     """How a router retries, trips endpoints and hedges.
 
     ``retry``: attempts over all endpoints (the first included), backoff and
-    the call's own deadline, in seconds (a [`RetryPolicy`][datapunk_recovery.policy.RetryPolicy]
-    gives some
+    the call's own deadline, in seconds (a :class:`RetryPolicy` gives some
     error categories a configuration of their own).  ``breaker``: the configuration of
     each endpoint's breaker (keep its window so that selection sees failure
     rates).  ``hedge``: hedging of idempotent calls across endpoints (``None``:
@@ -206,7 +200,7 @@ class NoHedgeTarget(RecoveryError):
 
     Only the hedge fails: the running attempts decide the call.  Retryable, so
     that if it is the last error the engine's next attempt reports the real
-    state (usually [`AllEndpointsDown`][datapunk_recovery.network.router.AllEndpointsDown]).
+    state (usually :class:`AllEndpointsDown`).
     """
 
     category = ErrorCategory.OVERLOADED
@@ -570,7 +564,7 @@ class Router:
         """Run ``fn(endpoint)`` on the best endpoint, retrying elsewhere as needed.
 
         ``retry_on`` decides which failures are retried (default: what
-        [`classify()`][datapunk_recovery.errors.classify] calls retryable); errors an
+        :func:`~datapunk_recovery.errors.classify` calls retryable); errors an
         inner layer marked final never are.  ``hedge=True`` hedges the call
         across endpoints when the router has a hedge configuration: only for
         calls that are safe to run twice.

@@ -1,18 +1,13 @@
 """Resource recovery: cleanup after partial failure, tracking, pools, batches, inference.
 
-- [`cleanup`][datapunk_recovery.resource.cleanup]: compensations run in reverse order on failure,
-  every one of
+- :mod:`.cleanup`: compensations run in reverse order on failure, every one of
   them, errors grouped with the original; shielded and bounded on cancellation.
-- [`tracking`][datapunk_recovery.resource.tracking]: every acquired resource known until released;
-  leaks
+- :mod:`.tracking`: every acquired resource known until released; leaks
   (never released, released twice) reported with where they were acquired.
-- [`pool`][datapunk_recovery.resource.pool]: a limited pool per resource kind with bulkhead
-  admission,
+- :mod:`.pool`: a limited pool per resource kind with bulkhead admission,
   per-caller quotas, a bounded wait and allocation retries; metrics as events.
-- [`batch`][datapunk_recovery.resource.batch]: retry only the items of a batch that failed; report
-  per item.
-- [`inference`][datapunk_recovery.resource.inference]: out-of-memory means smaller batches, then an
-  alternative model.
+- :mod:`.batch`: retry only the items of a batch that failed; report per item.
+- :mod:`.inference`: out-of-memory means smaller batches, then an alternative model.
 """
 
 from __future__ import annotations

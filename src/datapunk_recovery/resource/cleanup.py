@@ -4,8 +4,7 @@ An operation that acquires several resources (books a flight, then a hotel,
 then charges a card) registers a compensation after each step.  If a later
 step fails, the compensations run in reverse order, *every one of them*, even
 when one of them fails; their errors are raised together with the operation's
-own error in a [`CleanupFailed`][datapunk_recovery.resource.cleanup.CleanupFailed] (an
-``ExceptionGroup``), so nothing is
+own error in a :class:`CleanupFailed` (an ``ExceptionGroup``), so nothing is
 lost and nothing is left half-undone silently.  When every compensation
 succeeds, the operation's error is re-raised as itself.
 
@@ -16,10 +15,8 @@ compensations run shielded from the cancellation, each bounded by
 untouched.  This holds under asyncio and trio.
 
 Two kinds of entries share one stack, so the reverse order covers both:
-[`Compensations.add()`][datapunk_recovery.resource.cleanup.Compensations.add] runs only if the block
-fails (an undo),
-[`Compensations.always()`][datapunk_recovery.resource.cleanup.Compensations.always] runs in every
-case (a release).
+:meth:`Compensations.add` runs only if the block fails (an undo),
+:meth:`Compensations.always` runs in every case (a release).
 """
 
 from __future__ import annotations
@@ -78,8 +75,7 @@ class CleanupFailed(ExceptionGroup[Exception]):
     """Compensations failed.  The operation's own error, if any, is the first member.
 
     ``original`` is the operation's error (``None`` when the block succeeded
-    and only an [`Compensations.always()`][datapunk_recovery.resource.cleanup.Compensations.always]
-    entry failed); ``cleanup_errors``
+    and only an :meth:`Compensations.always` entry failed); ``cleanup_errors``
     are the compensations' errors in the order they ran.  Marked final: what
     was done is now only partly undone, so no outer layer retries blindly.
     """

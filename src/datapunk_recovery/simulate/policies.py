@@ -1,11 +1,10 @@
 """The policies a simulation compares: named built-ins, or tables of a TOML file.
 
-A [`SimPolicy`][datapunk_recovery.simulate.policies.SimPolicy] is what one client does on failure,
-made of the
-library's own configurations: a [`RetryConfig`][datapunk_recovery.backoff.RetryConfig], and
-optionally a retry budget ([`TokenBudgetConfig`][datapunk_recovery.budget.TokenBudgetConfig]
-or [`RatioBudgetConfig`][datapunk_recovery.budget.RatioBudgetConfig]) and a circuit breaker
-([`BreakerConfig`][datapunk_recovery.breaker.BreakerConfig]).
+A :class:`SimPolicy` is what one client does on failure, made of the
+library's own configurations: a :class:`~datapunk_recovery.RetryConfig`, and
+optionally a retry budget (:class:`~datapunk_recovery.budget.TokenBudgetConfig`
+or :class:`~datapunk_recovery.budget.RatioBudgetConfig`) and a circuit breaker
+(:class:`~datapunk_recovery.breaker.BreakerConfig`).
 
 A policy file holds one table per policy, read with the library's
 configuration schema (so durations read ``"250ms"`` and every mistake is
@@ -50,8 +49,7 @@ __all__ = [
 class SawtoothBackoff:
     """EXPERIMENTAL: sawtooth full jitter, the simulation's candidate for a better default.
 
-    Not (yet) a jitter kind of [`datapunk_recovery.backoff`][datapunk_recovery.backoff]; it lives
-    here
+    Not (yet) a jitter kind of :mod:`datapunk_recovery.backoff`; it lives here
     so that it can be compared.  Retries go in phases ``k = 1, 2, 3, ...`` of
     ``k`` retries each; within phase ``k`` the windows shrink back down:
     ``base * factor**k, base * factor**(k - 1), ..., base * factor``, each capped
@@ -94,8 +92,7 @@ class SimPolicy:
 
     At most one budget: ``token_budget`` (gRPC) or ``ratio_budget``
     (Finagle/SRE).  ``sawtooth``, when set, replaces the jitter of ``retry``
-    by the experimental [`SawtoothBackoff`][datapunk_recovery.simulate.policies.SawtoothBackoff]
-    (``retry`` still gives the
+    by the experimental :class:`SawtoothBackoff` (``retry`` still gives the
     base, the cap, the attempts and the deadline).  ``description`` is shown
     in reports.
     """
@@ -130,8 +127,7 @@ class SimPolicy:
     def delays(self, rng: random.Random, *, endless: bool = False) -> Iterator[float]:
         """The delays of one call's retries, in seconds: ``max_attempts - 1``, or ``endless``.
 
-        [`RetryConfig.delays()`][datapunk_recovery.backoff.RetryConfig.delays] itself unless
-        ``sawtooth`` is set.
+        :meth:`RetryConfig.delays` itself unless ``sawtooth`` is set.
         """
         retry = self.retry
         if endless and retry.max_attempts is not None:
@@ -182,11 +178,9 @@ def builtin_policies(
 
     - one per jitter kind (``none``, ``full``, ``equal``, ``decorrelated``,
       ``decorrelated_v2``, ``proportional``): plain retries, 3 attempts;
-    - ``plain``: the default [`RetryConfig`][datapunk_recovery.backoff.RetryConfig] alone, no
-      budget, no breaker;
-    - ``default``: `DEFAULT_POLICY`, the library's defaults;
-    - ``sawtooth``: plain retries with the experimental
-      [`SawtoothBackoff`][datapunk_recovery.simulate.policies.SawtoothBackoff].
+    - ``plain``: the default :class:`RetryConfig` alone, no budget, no breaker;
+    - ``default``: :data:`DEFAULT_POLICY`, the library's defaults;
+    - ``sawtooth``: plain retries with the experimental :class:`SawtoothBackoff`.
     """
     defaults = RetryConfig()
     retry = RetryConfig(
@@ -212,7 +206,7 @@ def builtin_policies(
 
 
 def load_policies(path: str | Path) -> dict[str, SimPolicy]:
-    """The policies of a TOML file; a bad file raises `ConfigError`."""
+    """The policies of a TOML file; a bad file raises :class:`~.schema.ConfigError`."""
     source = str(path)
     return dict(build(PolicyFile, read_toml(path), source=source).policies)
 
@@ -227,7 +221,7 @@ def resolve_policies(
     """The policies named, in order, from the file at ``path`` first, then the built-ins.
 
     With no names, every policy of the file; an unknown name is a
-    [`ConfigError`][datapunk_recovery.schema.ConfigError] listing what exists.
+    :class:`~datapunk_recovery.schema.ConfigError` listing what exists.
     """
     from_file = load_policies(path) if path is not None else {}
     if not names:

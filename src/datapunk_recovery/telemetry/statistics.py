@@ -1,8 +1,7 @@
 """Statistics per operation for people with no metrics system, fed by events.
 
 Each decorated function already answers ``fn.statistics()`` for itself; a
-[`StatisticsCollector`][datapunk_recovery.telemetry.statistics.StatisticsCollector] answers for
-every operation at once::
+:class:`StatisticsCollector` answers for every operation at once::
 
     collector = StatisticsCollector().install()
     ...
@@ -10,7 +9,7 @@ every operation at once::
         print(name, s.calls, s.failures, s.retries, s.events)
 
 It counts the retry engine's events into the same numbers as
-[`Statistics`][datapunk_recovery.stats.Statistics] (calls, successes, failures,
+:class:`~datapunk_recovery.stats.Statistics` (calls, successes, failures,
 attempts, retries, give-ups by reason), adds the time spent in attempts, and
 counts every event kind by name, so breaker rejections, fallbacks and the
 rest of the library appear too.  Operations are bounded like a label: past
@@ -64,7 +63,7 @@ class _Counts:
 
 
 class StatisticsCollector(Exporter):
-    """Counts events per operation; `statistics()` takes a snapshot.
+    """Counts events per operation; :meth:`statistics` takes a snapshot.
 
     Exact under events from many threads (one lock, held for a few
     dictionary updates).  Memory is bounded by ``max_operations`` times the
