@@ -8,6 +8,9 @@ exactly as a real GPU would (torch raises ``torch.cuda.OutOfMemoryError``);
 type name, halves the batch until it fits, and falls back to the CPU when
 even one item does not fit.
 
+Needs NumPy, which the library itself never does: install the ``examples``
+extra (``pip install 'datapunk-recovery[examples]'``) or ``pip install numpy``.
+
 Run it:  python examples/inference_numpy.py
 """
 
@@ -17,7 +20,12 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:
+    raise SystemExit(
+        "this example needs NumPy: pip install 'datapunk-recovery[examples]'"
+    ) from None
 
 from datapunk_recovery import events
 from datapunk_recovery.resource import InferenceConfig, InferenceRecovery, InferenceResult

@@ -89,4 +89,22 @@ if [ "${TEST_SH_FORCE_INSTALL:-0}" = 1 ] || [ "$want_stamp" != "$have_stamp" ] \
 fi
 
 # --- 4. the tests -------------------------------------------------------------------------------
-exec "$VENV/bin/python" -m pytest "$@"
+# Nothing may depend on chance: every run draws its own hash seed and hypothesis
+# seed, and prints both, so that a failure can be replayed exactly with
+#   PYTHONHASHSEED=<n> HYPOTHESIS_SEED=<m> bash scripts/test.sh <same args>
+draw_seed() { "$VENV/bin/python" -c 'import random; print(random.randrange(1, 2**32))'; }
+if [ -z "${PYTHONHASHSEED:-}" ] || [ "$PYTHONHASHSEED" = random ]; then
+    PYTHONHASHSEED="$(draw_seed)"
+fi
+export PYTHONHASHSEED
+seed_args=()
+case " $* " in
+*" --hypothesis-seed"*) HYPOTHESIS_SEED="(given in the arguments)" ;;
+*)
+    HYPOTHESIS_SEED="${HYPOTHESIS_SEED:-$(draw_seed)}"
+    seed_args=("--hypothesis-seed=$HYPOTHESIS_SEED")
+    ;;
+esac
+log "PYTHONHASHSEED=$PYTHONHASHSEED HYPOTHESIS_SEED=$HYPOTHESIS_SEED" \
+    "(replay: PYTHONHASHSEED=$PYTHONHASHSEED HYPOTHESIS_SEED=$HYPOTHESIS_SEED bash scripts/test.sh $*)"
+exec "$VENV/bin/python" -m pytest "${seed_args[@]}" "$@"

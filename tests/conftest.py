@@ -31,9 +31,18 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # ---------------------------------------------------------------------------
 # hypothesis
 # ---------------------------------------------------------------------------
-settings.register_profile("ci", deadline=None, max_examples=50, derandomize=True, print_blob=True)
+# Not derandomized: scripts/test.sh draws a --hypothesis-seed per run and
+# prints it (with PYTHONHASHSEED), so CI explores and a failure replays.
+settings.register_profile("ci", deadline=None, max_examples=50, print_blob=True)
 settings.register_profile("dev", deadline=None, max_examples=50)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if IN_CI else "dev"))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The seeds of this run, at the top of its output, to replay a failure."""
+    hash_seed = os.environ.get("PYTHONHASHSEED") or "random (not replayable)"
+    hypothesis_seed = config.getoption("hypothesis_seed", None)
+    return f"PYTHONHASHSEED={hash_seed} --hypothesis-seed={hypothesis_seed or 'random'}"
 
 
 # ---------------------------------------------------------------------------

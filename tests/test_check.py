@@ -407,3 +407,20 @@ def test_the_facade_stays_within_the_worst_case_of_its_configuration() -> None:
     # (more than the 2 s asked), then 0.9 and 2.7 s by the call's retry number.
     assert fake.now() == pytest.approx(2 + 3 + 0.9 + 2.7 + 5 * 0.2)
     assert fake.now() <= bound
+def test_reports_keys_naming_unknown_endpoints_beside_every_other_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        "[services.payments]\n"
+        'endpoints = ["primary"]\n'
+        'addresses = { primary = "http://a", typo = "http://b" }\n'
+        "priorities = { other = 1 }\n"
+        "retry = { max_attempts = 0 }\n"
+    )
+    assert cli.main(["check", str(path), "--no-env"]) == 1
+    out = capsys.readouterr().out
+    assert "services.payments.retry.max_attempts" in out
+    assert "addresses names endpoints that are not listed: ['typo']" in out
+    assert "priorities names endpoints that are not listed: ['other']" in out
+

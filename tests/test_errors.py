@@ -172,3 +172,13 @@ def test_driver_auth_refusals_are_never_retryable_whatever_a_rule_says() -> None
         classify(refusals[-1])
     )
     assert classify(rx.ResponseError("ERR unknown command")).category is not ErrorCategory.AUTH
+def test_urllib_errors_are_classified_by_the_error_they_wrap() -> None:
+    import urllib.error
+
+    refused = urllib.error.URLError(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+    timed_out = urllib.error.URLError(TimeoutError("timed out"))
+    unknown_host = urllib.error.URLError("no such host")
+    assert classify(refused).category is ErrorCategory.NETWORK
+    assert classify(refused).retryable
+    assert classify(timed_out).category is ErrorCategory.TIMEOUT
+    assert not classify(unknown_host).retryable

@@ -124,8 +124,12 @@ def test_bad_option_values_are_refused_by_the_parser(capsys: pytest.CaptureFixtu
 
 
 def test_an_impossible_scenario_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["simulate", "outage", "--duration", "10s", "--outage", "20s"]) == 2
-    assert "OutageSetup.duration" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:
+        main(["simulate", "outage", "--duration", "10s", "--outage", "20s"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: datapunk-recovery simulate outage")
+    assert "argument --duration: must leave time after the outage" in err
 
 
 def test_no_progress_bar_when_stderr_is_not_a_terminal(
@@ -162,3 +166,54 @@ def test_a_progress_bar_on_a_terminal_once_a_run_lasts(
     captured = capsys.readouterr()
     assert "simulating contention" in captured.err
     assert "Contention" in captured.out  # the results still go to stdout
+
+
+def test_a_plain_progress_line_without_rich(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datapunk_recovery.commands import simulate as command
+
+    monkeypatch.setattr(command, "_PROGRESS_AFTER", 0.0)
+    monkeypatch.setattr(report, "has_rich", lambda: False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main([*SHORT_OUTAGE, "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert "simulating outage" in captured.err and "100%" in captured.err
+    assert json.loads(captured.out)["scenario"] == "outage"  # the bar never reaches stdout
+
+
+def test_the_progress_bar_never_enters_json_output_even_with_rich(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("rich")
+    from datapunk_recovery.commands import simulate as command
+
+    monkeypatch.setattr(command, "_PROGRESS_AFTER", 0.0)
+    assert main([*SHORT_OUTAGE, "--format", "json", "--progress"]) == 0
+    captured = capsys.readouterr()
+    assert "simulating outage" in captured.err
+    assert json.loads(captured.out)["scenario"] == "outage"
+
+
+def test_no_progress_turns_the_bar_off_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datapunk_recovery.commands import simulate as command
+
+    monkeypatch.setattr(command, "_PROGRESS_AFTER", 0.0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main([*SMALL_CONTENTION, "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_an_outage_run_reports_progress_within_each_policy() -> None:
+    from datapunk_recovery.simulate.outage import OutageSetup, run_outage
+    from datapunk_recovery.simulate.policies import resolve_policies
+
+    setup = OutageSetup(duration=20.0, outage_start=2.0, outage_duration=5.0)
+    policies = resolve_policies(["plain", "default"], None)
+    seen: list[float] = []
+    with_ticks = run_outage(policies, setup, tick=seen.append)
+    assert len(seen) > 10 * len(policies)  # not only once a policy is done
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    assert with_ticks == run_outage(policies, setup)  # watching changes nothing

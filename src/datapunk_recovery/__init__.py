@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from .config import RecoveryConfig, load_config
     from .strategies import RecoveryStrategies
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Loaded on first use: the facade imports every recovery package.
 _LAZY = {

@@ -70,6 +70,7 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
 
 _OWNER: Final = "BreakerConfig"
 #: Bounds of a window's shape: a count window keeps a byte a call (here and in
@@ -1441,8 +1442,13 @@ class CircuitBreaker:
         permit.result(result)
         return result
 
-    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Decorate a sync or async function; its signature is kept."""
+    def __call__(self, fn: F) -> F:
+        """Decorate a sync or async function; its signature is kept.
+
+        The wrapper is typed as what it wraps, so that stacked over
+        ``@retry`` the result still shows ``.statistics()`` to a type checker
+        (``functools.wraps`` copies those handles onto the wrapper).
+        """
         core = self._core
         gbus = global_bus
         fast_failure = self._fast_failure
@@ -1464,7 +1470,7 @@ class CircuitBreaker:
                     return result
                 return await call_slow_async(afn, args, kwargs)
 
-            return cast(Callable[P, R], async_wrapper)
+            return cast(F, async_wrapper)
         if self._link is not None:
             raise TypeError(
                 f"CircuitBreaker {self.name!r} keeps its state in an async store (Redis): "
@@ -1486,7 +1492,7 @@ class CircuitBreaker:
                 return result
             return call_slow(fn, args, kwargs)
 
-        return cast(Callable[P, R], sync_wrapper)
+        return cast(F, sync_wrapper)
 
     # -- blocks ----------------------------------------------------------------------------
     def __enter__(self) -> Permit:

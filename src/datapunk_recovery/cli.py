@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from . import __version__
+from .commands._options import plain_help
 
 __all__ = ["main"]
 
@@ -21,24 +22,27 @@ __all__ = ["main"]
 COMMANDS: Final[dict[str, str]] = {"simulate": "simulate", "demo": "demo", "check": "check"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "datapunk-recovery") -> argparse.ArgumentParser:
+    """The parser of every subcommand; ``prog`` is how the help names the command."""
     parser = argparse.ArgumentParser(
-        prog="datapunk-recovery",
+        prog=prog,
         description="Failure recovery for calls between services.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"datapunk_recovery.commands.{module_name}")
-        doc = (module.__doc__ or name).strip().splitlines()[0]
-        command = sub.add_parser(name, help=doc, description=module.__doc__)
+        text = plain_help(module.__doc__ or name)
+        doc = text.strip().splitlines()[0]
+        command = sub.add_parser(name, help=doc, description=text)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, *, prog: str = "datapunk-recovery") -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); the exit status."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

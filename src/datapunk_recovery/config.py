@@ -171,14 +171,17 @@ class ServicePolicy:
         if len(set(endpoints)) != len(endpoints):
             raise ValueError(f"{owner}.endpoints: names must be unique, got {endpoints!r}")
         object.__setattr__(self, "endpoints", endpoints)
+        # Every table naming unknown endpoints in one complaint, named after
+        # `endpoints`: the rule ties the fields together.
+        strays = [
+            f"{name} names endpoints that are not listed: {unknown!r}"
+            for name in ("addresses", "priorities")
+            if (unknown := [k for k in dict(getattr(self, name)) if k not in endpoints])
+        ]
+        if strays:
+            raise ValueError(f"{owner}.endpoints: {'; '.join(strays)}")
         for name in ("priorities", "addresses"):
             table = dict(getattr(self, name))
-            unknown = [k for k in table if k not in endpoints]
-            if unknown:
-                # Named after `endpoints`: the rule ties the two fields together.
-                raise ValueError(
-                    f"{owner}.endpoints: {name} names endpoints that are not listed: {unknown!r}"
-                )
             for key, value in table.items():
                 if name == "priorities":
                     check_count(owner, name, value, minimum=0)

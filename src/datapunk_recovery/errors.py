@@ -300,7 +300,8 @@ def classify(exc: BaseException) -> Classification:
 
     Built in: :class:`RecoveryError` carries its own verdict; ``ConnectionError``
     and transient ``OSError`` errnos are retryable network errors;
-    ``TimeoutError`` is a retryable timeout; other ``OSError``\\ s and unknown
+    ``TimeoutError`` is a retryable timeout; urllib's ``URLError`` is
+    classified by the socket error it wraps; other ``OSError``\\ s and unknown
     exceptions are not retryable.  Cancellation and exit are never retryable,
     and neither are authentication or authorization refusals of known drivers
     (asyncpg's class ``28``, redis-py's ``NOAUTH``/``WRONGPASS``/``NOPERM``,
@@ -330,6 +331,10 @@ def classify(exc: BaseException) -> Classification:
     if isinstance(exc, OSError):  # the errno decides, not the type: nothing to remember
         code = exc.errno
         if not isinstance(code, int):  # anything can be stored there
+            # urllib's URLError wraps the socket error that failed it in ``reason``.
+            reason = getattr(exc, "reason", None)
+            if isinstance(reason, OSError) and reason is not exc:
+                return classify(reason)
             return _OS_OTHER
         if isinstance(exc, socket.gaierror):
             return _NETWORK if code == _EAI_AGAIN else _OS_OTHER

@@ -360,7 +360,9 @@ class _Builder:
                     continue  # a rule tying it to a field refused on its own: not judged
                 self.problem(given[name], _join(path, name), complaint[1])
                 ok = False
+        rejected = refused | {str(key) for key in raw if key not in kwargs}
         if not ok:
+            self.cross_check(cls, defaults, kwargs, given, path, rejected)
             return _INVALID
         try:
             return cls(**{**defaults, **kwargs})
@@ -385,6 +387,40 @@ class _Builder:
         except (TypeError, ValueError) as exc:
             return _complaint(cls, exc)
         return None
+
+    def cross_check(
+        self,
+        cls: type[Any],
+        defaults: Mapping[str, Any],
+        kwargs: Mapping[str, Any],
+        given: Mapping[str, object],
+        path: str,
+        rejected: set[str],
+    ) -> None:
+        """Judge the rules that tie fields together although some fields were rejected.
+
+        So that a table with a bad value *and* a cross-key problem (addresses
+        naming an unknown endpoint) reports both at once.  The valid values
+        are judged together; a complaint that names a rejected field is
+        dropped, since it would judge a default instead of what was written;
+        after an unknown key (a misspelt field?) nothing more is judged.
+        """
+        if not rejected <= {f.name for f in dataclasses.fields(cls)}:
+            return
+        valid = {name: value for name, value in kwargs.items() if name not in rejected}
+        try:
+            cls(**{**defaults, **valid})
+        except (TypeError, ValueError) as exc:
+            complaint = _complaint(cls, exc)
+            if complaint is None:
+                return
+            name, message = complaint
+            if name in rejected or any(bad in message for bad in rejected):
+                return
+            if name in given:
+                self.problem(given[name], _join(path, name), message)
+            else:
+                self.problem(None, _join(path, name), message, show=False)
 
     def value(
         self,

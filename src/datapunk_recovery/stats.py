@@ -36,6 +36,16 @@ class Statistics:
     retries: int
     giveups: Mapping[GiveUpReason, int] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        # Give-ups by reason as a plain dict of reason names: what one reads
+        # in a log line or a REPL, not a mappingproxy of enum members.
+        giveups = {str(reason): count for reason, count in self.giveups.items()}
+        return (
+            f"Statistics(calls={self.calls}, successes={self.successes}, "
+            f"failures={self.failures}, attempts={self.attempts}, retries={self.retries}, "
+            f"giveups={giveups!r})"
+        )
+
 
 def count_value(counter: itertools.count[int]) -> int:
     """The value of an ``itertools.count`` without advancing it."""

@@ -49,6 +49,7 @@ from typing import Any, ClassVar, Final, TypeVar
 from urllib.parse import quote
 
 from . import clock
+from ._extras import MissingExtra
 from .backoff import RetryConfig
 from .breaker import BreakerConfig, CircuitBreaker
 from .budget import TokenBudget, TokenBudgetConfig
@@ -519,7 +520,11 @@ class RecoveryStrategies:
                     self._databases[name] = await self._open_database(name, settings)
             url = self._config.cache.redis
             if url is not None and self._redis is None:
-                self._redis = RedisCache.from_url(url)
+                try:
+                    self._redis = RedisCache.from_url(url)
+                except MissingExtra as missing:
+                    # Say which key of the configuration needs the driver.
+                    raise MissingExtra("[cache] redis", missing.module, missing.extra) from missing
         except BaseException as exc:
             # The first failure (or the cancellation) is what the caller must
             # see; a failure to close what was opened only adds a note to it.
@@ -536,9 +541,14 @@ class RecoveryStrategies:
         if settings.sqlite is not None:
             return SqliteDatabase(settings.sqlite, SqliteConfig(retry=retry_policy))
         assert settings.postgres is not None
-        return await ManagedPool.create_asyncpg(
-            settings.postgres, DbPoolConfig(name=name), min_size=0, max_size=settings.max_size
-        )
+        try:
+            return await ManagedPool.create_asyncpg(
+                settings.postgres, DbPoolConfig(name=name), min_size=0, max_size=settings.max_size
+            )
+        except MissingExtra as missing:
+            # Say which key of the configuration needs the driver.
+            where = f"[databases.{name}] postgres"
+            raise MissingExtra(where, missing.module, missing.extra) from missing
 
     async def close(self) -> None:
         """Close every database and cache this object opened (each one, even if another fails)."""

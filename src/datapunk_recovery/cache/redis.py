@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from datapunk_recovery._extras import raise_missing
 from datapunk_recovery._validate import check_seconds
 from datapunk_recovery.redact import redact_url
 
@@ -38,8 +39,10 @@ class RedisCache:
         cls, url: str, *, codec: Codec | None = None, timeout: float = 0.25, **client_kwargs: Any
     ) -> RedisCache:
         """A cache on a new client for ``url`` whose calls give up after ``timeout`` seconds."""
-        import redis.asyncio as aioredis
-
+        try:
+            import redis.asyncio as aioredis
+        except ImportError as exc:
+            raise_missing(exc, "RedisCache", "redis", extra="redis")
         timeout = check_seconds("RedisCache", "timeout", timeout, positive=True)
         client_kwargs.setdefault("socket_timeout", timeout)
         client_kwargs.setdefault("socket_connect_timeout", timeout)

@@ -20,11 +20,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from .._extras import install_hint
 from ..demo import DrillSetup, RunResult, RunStatus, fault_windows, run_drill
 from ..demo.drill import FAULTS, fault_script
 from ..durations import DurationError, format_duration, parse_duration
 from ..redact import redact_url
 from ..simulate.report import Table, render
+from ._options import positive_number
 
 __all__ = ["add_arguments", "comparison_table", "plot", "run"]
 
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="length of each of the two runs, e.g. 8s or 1m (default: 8s)",
     )
     parser.add_argument(
-        "--rate", type=float, default=50.0, help="requests per second (default: 50)"
+        "--rate", type=positive_number, default=50.0, help="requests per second (default: 50)"
     )
     parser.add_argument(
         "--seed", type=int, default=7, help="seed of the traffic and the faults (default: 7)"
@@ -76,17 +78,14 @@ def run(args: argparse.Namespace) -> int:
     """Run the drill twice and print the comparison; 0 when recovery did better."""
     out = sys.stdout
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        out.write("--plot needs matplotlib: pip install 'datapunk-recovery[plot]'\n")
-        return 2
-    if args.rate <= 0:
-        out.write(f"--rate: must be > 0, got {args.rate}\n")
+        out.write(f"--plot needs matplotlib: {install_hint('plot')}\n")
         return 2
     for option, module, extra in (
         (args.redis_url, "redis", "redis"),
         (args.postgres_dsn, "asyncpg", "asyncpg"),
     ):
         if option is not None and importlib.util.find_spec(module) is None:
-            out.write(f"this option needs {module}: pip install 'datapunk-recovery[{extra}]'\n")
+            out.write(f"this option needs {module}: {install_hint(extra)}\n")
             return 2
     setup = DrillSetup(duration=args.duration, rate=args.rate, seed=args.seed)
     fancy = not args.plain and importlib.util.find_spec("rich") is not None
@@ -249,13 +248,24 @@ def _transitions(result: RunResult, out: IO[str]) -> None:
 
 
 def plot(results: Sequence[RunResult], setup: DrillSetup, path: Path) -> None:
-    """Success rate per second of each run, with the fault windows shaded, to ``path``."""
+    """Draw [`figure()`][datapunk_recovery.commands.demo.figure] of the runs to ``path`` (PNG)."""
+    figure(results, setup).savefig(path)
+
+
+def figure(results: Sequence[RunResult], setup: DrillSetup) -> Any:
+    """The runs at a glance: success per second, the faults' timeline, calls per dependency.
+
+    Percent on every axis that shows a share; each fault kind on a row of its
+    own (overlapping windows never mix into a colour of their own); legends
+    beside the panels, not over the data; the success rates in the legend are
+    the same run's as the table printed beside the figure.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(10, 6.5))
-    FigureCanvasAgg(figure)
-    top, bottom = figure.subplots(2, 1, gridspec_kw={"height_ratios": [3, 2]})
+    fig = Figure(figsize=(11, 8), layout="constrained")
+    FigureCanvasAgg(fig)
+    top, faults, bottom = fig.subplots(3, 1, gridspec_kw={"height_ratios": [3, 1.1, 2]})
     seconds = max(1, int(setup.duration + 0.999))
     for result in results:
         buckets: list[list[int]] = [[0, 0] for _ in range(seconds)]
@@ -265,32 +275,40 @@ def plot(results: Sequence[RunResult], setup: DrillSetup, path: Path) -> None:
             bucket[1] += 1
         xs = [i + 0.5 for i in range(seconds)]
         ys = [100.0 * g / n if n else 100.0 for g, n in buckets]
-        top.plot(xs, ys, marker="o", label=f"{result.label} ({result.success_rate:.1%})")
+        top.plot(xs, ys, marker="o", label=f"{result.label}: {result.success_rate:.1%} in all")
+    top.set(
+        title="Requests that succeeded, per second",
+        ylabel="succeeded (%)",
+        xlim=(0, setup.duration),
+        ylim=(0, 105),
+    )
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     colours = ("tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:gray")
-    colour_of: dict[str, str] = {}  # one colour and one legend entry per fault kind
+    kinds: dict[str, int] = {}  # fault kind -> its row, in order of first appearance
     for window in fault_windows(setup.duration):
-        end = window.end if window.end is not None else setup.duration
         target = window.target or "all"
-        first = target not in colour_of
-        colour = colour_of.setdefault(target, colours[len(colour_of) % len(colours)])
-        top.axvspan(
-            window.start,
-            end,
-            alpha=0.12,
-            color=colour,
-            label=FAULTS.get(target, target) if first else None,
-        )
-    top.set_ylabel("requests answered (%)")
-    top.set_xlabel("seconds into the run")
-    top.set_ylim(0, 105)
-    top.legend(loc="lower left", fontsize="small")
-    top.set_title("Success rate per second, fault windows shaded")
+        row = kinds.setdefault(target, len(kinds))
+        end = window.end if window.end is not None else setup.duration
+        colour = colours[row % len(colours)]
+        faults.broken_barh([(window.start, end - window.start)], (row - 0.4, 0.8), color=colour)
+    faults.set(
+        title="Faults injected (the same script in both runs)",
+        xlabel="seconds into the run",
+        xlim=(0, setup.duration),
+        ylim=(len(kinds) - 0.5, -0.5),
+    )
+    faults.set_yticks(range(len(kinds)), [FAULTS.get(k, k) for k in kinds], fontsize="small")
+    faults.grid(axis="x", alpha=0.3)
     width = 0.4
     for j, result in enumerate(results):
         xs2: list[Any] = [i + (j - 0.5) * width for i in range(len(_DEPENDENCIES))]
         bottom.bar(xs2, [result.calls.get(d, 0) for d in _DEPENDENCIES], width, label=result.label)
     bottom.set_xticks(range(len(_DEPENDENCIES)), list(_DEPENDENCIES))
-    bottom.set_ylabel("calls received")
-    bottom.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path)
+    bottom.set(title="Calls each dependency received", ylabel="calls")
+    bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    fig.suptitle(
+        f"The demo: {setup.duration:g} s at {setup.rate:g} requests/s (seed {setup.seed}), "
+        "without and with recovery"
+    )
+    return fig

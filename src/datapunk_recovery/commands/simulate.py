@@ -15,16 +15,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from .._extras import install_hint
 from ..durations import DurationError, parse_duration
 from ..schema import ConfigError
 from ..simulate import report
 from ..simulate.contention import ContentionSetup, run_contention
 from ..simulate.outage import OutageSetup, run_outage
 from ..simulate.policies import SimPolicy, resolve_policies
+from ._options import positive_number, usage_error
 
 __all__ = ["add_arguments", "run"]
 
@@ -88,7 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _common(outage, _OUTAGE_POLICIES)
     outage.add_argument(
-        "--rate", type=float, default=100.0, help="requests per second offered (default: 100)"
+        "--rate",
+        type=positive_number,
+        default=100.0,
+        help="requests per second offered (default: 100)",
     )
     outage.add_argument(
         "--clients",
@@ -140,15 +144,21 @@ def _common(parser: argparse.ArgumentParser, default_policies: str) -> None:
     parser.add_argument(
         "--plot", metavar="FILE.png", help="also draw the curves into FILE (needs matplotlib)"
     )
-    parser.set_defaults(default_policies=default_policies)
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress on stderr for runs longer than a second "
+        "(default: when stderr is a terminal)",
+    )
+    parser.set_defaults(default_policies=default_policies, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the scenario asked for; 0 on success, 2 on a bad option or policy file."""
     if args.plot and not report.has_matplotlib():
         print(
-            "datapunk-recovery simulate: --plot needs matplotlib: "
-            "pip install 'datapunk-recovery[plot]'",
+            f"datapunk-recovery simulate: --plot needs matplotlib: {install_hint('plot')}",
             file=sys.stderr,
         )
         return 2
@@ -156,7 +166,11 @@ def run(args: argparse.Namespace) -> int:
     if not names and args.policies is None:
         names = args.default_policies.split(",")
     try:
-        if args.scenario == "contention":
+        setup = _setup(args)
+    except ValueError as exc:
+        usage_error(args.parser, exc, _FLAGS)
+    try:
+        if isinstance(setup, ContentionSetup):
             policies = resolve_policies(
                 names,
                 args.policies,
@@ -164,21 +178,48 @@ def run(args: argparse.Namespace) -> int:
                 max_delay=args.cap,
                 indexing=args.indexing,
             )
-            _contention(args, policies)
+            _contention(args, setup, policies)
         else:
             policies = resolve_policies(names, args.policies)
-            _outage(args, policies)
+            _outage(args, setup, policies)
     except (ConfigError, ValueError) as exc:
         print(f"datapunk-recovery simulate: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def _contention(args: argparse.Namespace, policies: dict[str, SimPolicy]) -> None:
-    setup = ContentionSetup(clients=args.clients, runs=args.runs, seed=args.seed)
+#: The option of each scenario setting, to name it in a usage error.
+_FLAGS = {
+    "clients": "--clients",
+    "runs": "--runs",
+    "seed": "--seed",
+    "rate": "--rate",
+    "duration": "--duration",
+    "outage_start": "--outage-start",
+    "outage_duration": "--outage",
+}
+
+
+def _setup(args: argparse.Namespace) -> ContentionSetup | OutageSetup:
+    """The scenario's setup from the options; ``ValueError`` naming a setting it rejects."""
+    if args.scenario == "contention":
+        return ContentionSetup(clients=args.clients, runs=args.runs, seed=args.seed)
+    return OutageSetup(
+        rate=args.rate,
+        clients=args.clients,
+        duration=args.duration,
+        outage_start=args.outage_start,
+        outage_duration=args.outage,
+        seed=args.seed,
+    )
+
+
+def _contention(
+    args: argparse.Namespace, setup: ContentionSetup, policies: dict[str, SimPolicy]
+) -> None:
     total = len(policies) * len(setup.clients) * setup.runs
-    with _Progress("contention", total) as progress:
-        points = run_contention(policies, setup, progress)
+    with _Progress("contention", total, args.progress) as progress:
+        points = run_contention(policies, setup, progress.advance)
     if args.format == "json":
         print(report.contention_json(points, setup, policies))
     else:
@@ -187,56 +228,72 @@ def _contention(args: argparse.Namespace, policies: dict[str, SimPolicy]) -> Non
         report.plot_contention(points, args.plot)
 
 
-def _outage(args: argparse.Namespace, policies: dict[str, SimPolicy]) -> None:
-    setup = OutageSetup(
-        rate=args.rate,
-        clients=args.clients,
-        duration=args.duration,
-        outage_start=args.outage_start,
-        outage_duration=args.outage,
-        seed=args.seed,
-    )
-    with _Progress("outage", len(policies)) as progress:
-        results = run_outage(policies, setup, progress)
+def _outage(args: argparse.Namespace, setup: OutageSetup, policies: dict[str, SimPolicy]) -> None:
+    with _Progress("outage", 1000, args.progress) as progress:
+        results = run_outage(policies, setup, tick=progress.fraction)
     if args.format == "json":
         print(report.outage_json(results, setup, policies))
     else:
         report.render(report.outage_table(results, setup), sys.stdout)
     if args.plot:
-        report.plot_outage(results, setup, args.plot)
+        report.plot_outage(results, setup, args.plot, policies)
 
 
 class _Progress:
-    """A rich progress bar on stderr, shown only once a run has lasted a second.
+    """Progress on stderr, shown only once a run has lasted about a second.
 
-    Silent when stderr is not a terminal or rich is not installed, so that
-    scripts and pipes see only the results.
+    A rich bar when rich is installed, a plain ``simulating outage: 42%``
+    line otherwise.  By default only when stderr is a terminal, so that
+    scripts and pipes see only the results; ``--progress`` / ``--no-progress``
+    decide instead.  Never on stdout: ``--format json`` output stays JSON.
     """
 
-    def __init__(self, what: str, total: int) -> None:
+    def __init__(self, what: str, total: int, show: bool | None) -> None:
         self.what = what
         self.total = total
         self.done = 0
         self.started = time.monotonic()
-        self.enabled = sys.stderr.isatty() and report.has_rich()
+        self.forced = show is True
+        self.enabled = sys.stderr.isatty() if show is None else show
+        self.fancy = report.has_rich()
         self.bar: Any = None
         self.task: Any = None
+        self.shown = -1  # the percentage the plain line shows
 
-    def __enter__(self) -> Callable[[], None]:
-        return self.advance
+    def __enter__(self) -> _Progress:
+        return self
 
     def advance(self) -> None:
-        self.done += 1
-        if self.bar is None:
-            if not self.enabled or time.monotonic() - self.started < _PROGRESS_AFTER:
-                return
-            from rich.console import Console
-            from rich.progress import Progress
+        """One more unit of ``total`` done."""
+        self.update(self.done + 1)
 
-            self.bar = Progress(console=Console(stderr=True), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task(f"simulating {self.what}", total=self.total)
-        self.bar.update(self.task, completed=self.done)
+    def fraction(self, done: float) -> None:
+        """``done`` (0..1) of the whole run done."""
+        self.update(round(done * self.total))
+
+    def update(self, done: int) -> None:
+        self.done = done
+        if not self.enabled:
+            return
+        if self.bar is None and self.shown < 0:
+            if time.monotonic() - self.started < _PROGRESS_AFTER:
+                return
+            if self.fancy:
+                from rich.console import Console
+                from rich.progress import Progress
+
+                console = Console(stderr=True, force_terminal=True if self.forced else None)
+                self.bar = Progress(console=console, transient=True)
+                self.bar.start()
+                self.task = self.bar.add_task(f"simulating {self.what}", total=self.total)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
+            return
+        percent = 100 * self.done // max(self.total, 1)
+        if percent != self.shown:
+            self.shown = percent
+            sys.stderr.write(f"\rsimulating {self.what}: {percent:3d}%")
+            sys.stderr.flush()
 
     def __exit__(
         self,
@@ -246,6 +303,9 @@ class _Progress:
     ) -> None:
         if self.bar is not None:
             self.bar.stop()
+        elif self.shown >= 0:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 def _duration(text: str) -> float:

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 from datapunk_recovery import _runtime, clock
 from datapunk_recovery._context import CURRENT
+from datapunk_recovery._extras import raise_missing
 from datapunk_recovery._validate import check_seconds
 from datapunk_recovery.errors import ErrorCategory
 from datapunk_recovery.events import Event, EventBus, emit, listening
@@ -608,7 +609,10 @@ class ManagedPool:
         With ``min_size=0`` no connection is opened here: the first use
         connects, so a database that is down does not stop the creation.
         """
-        import asyncpg
+        try:
+            import asyncpg
+        except ImportError as exc:
+            raise_missing(exc, "ManagedPool.create_asyncpg", "asyncpg", extra="asyncpg")
 
         pool = await asyncpg.create_pool(dsn, **pool_kwargs)
         return cls(pool, config, address=address_of(dsn))
@@ -624,8 +628,11 @@ class ManagedPool:
         is down raises the driver's own error at once (a refused login: one
         attempt, never retried), before the pool's workers would retry it.
         """
-        from psycopg import AsyncConnection
-        from psycopg_pool import AsyncConnectionPool
+        try:
+            from psycopg import AsyncConnection
+            from psycopg_pool import AsyncConnectionPool
+        except ImportError as exc:
+            raise_missing(exc, "ManagedPool.create_psycopg", "psycopg_pool", extra="psycopg")
 
         kwargs = dict(pool_kwargs.pop("kwargs", None) or {})
         kwargs.setdefault("autocommit", True)

@@ -31,7 +31,7 @@ upgrade that moves the switch fails a named contract test
 the load; an aiohttp without the switch is refused with ``TypeError``.
 
 ``aiohttp`` is imported by this module only (``pip install
-datapunk-recovery[aiohttp]``); asyncio only, as aiohttp itself.
+'datapunk-recovery[aiohttp]'``); asyncio only, as aiohttp itself.
 """
 
 from __future__ import annotations
@@ -39,12 +39,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
-
+from datapunk_recovery._extras import raise_missing
 from datapunk_recovery.errors import classify
 
 from .http import HttpPolicy, HttpRecovery, HttpStatusError
 from .router import Router
+
+try:
+    import aiohttp
+except ImportError as exc:
+    raise_missing(exc, "datapunk_recovery.network.aiohttp", "aiohttp", extra="aiohttp")
 
 __all__ = ["AiohttpRecovery", "retryable_aiohttp_error"]
 

@@ -22,7 +22,7 @@ the router does the retrying.  Both facts are pinned by the contract tests
 (``tests/contracts/test_httpx_contract.py``).
 
 ``httpx`` is imported by this module only (``pip install
-datapunk-recovery[httpx]``).  asyncio and trio, as httpx itself.
+'datapunk-recovery[httpx]'``).  asyncio and trio, as httpx itself.
 """
 
 from __future__ import annotations
@@ -30,12 +30,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
-
+from datapunk_recovery._extras import raise_missing
 from datapunk_recovery.errors import classify
 
 from .http import HttpPolicy, HttpRecovery, HttpStatusError
 from .router import Router
+
+try:
+    import httpx
+except ImportError as exc:
+    raise_missing(exc, "datapunk_recovery.network.httpx", "httpx", extra="httpx")
 
 __all__ = ["HttpxRecovery", "retryable_httpx_error"]
 

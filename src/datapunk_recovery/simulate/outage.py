@@ -31,6 +31,7 @@ import itertools
 import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from .._validate import check_count, check_number, check_seconds
 from ..breaker import CircuitBreaker, Permit
@@ -238,8 +239,21 @@ class _Request:
         process.sim.after(wait, self.attempt)
 
 
-def simulate_outage(name: str, policy: SimPolicy, setup: OutageSetup) -> OutageResult:
-    """One run of ``policy`` through the outage of ``setup``."""
+#: How many slices of simulated time a watched run reports (``tick``).
+_TICKS: Final = 100
+
+
+def simulate_outage(
+    name: str,
+    policy: SimPolicy,
+    setup: OutageSetup,
+    tick: Callable[[float], None] | None = None,
+) -> OutageResult:
+    """One run of ``policy`` through the outage of ``setup``.
+
+    ``tick(fraction)`` is called as simulated time passes (fractions of
+    ``setup.duration``, up to 1.0); watching changes nothing in the result.
+    """
     sim = Simulation(f"outage:{setup.seed}")
     world = _World(setup)
     rng = sim.rng
@@ -256,6 +270,11 @@ def simulate_outage(name: str, policy: SimPolicy, setup: OutageSetup) -> OutageR
             sim, world, policy, f"{name}-{i}", per_client, setup.duration, delay, arrivals
         )
         sim.at(arrivals.expovariate(per_client), process.arrive)
+    if tick is not None:
+        # The same events in the same order, run a slice of time at a time.
+        for k in range(1, _TICKS + 1):
+            sim.run(until=setup.duration * k / _TICKS)
+            tick(k / _TICKS)
     sim.run()
     return _measure(name, policy, setup, world)
 
@@ -306,11 +325,19 @@ def run_outage(
     policies: Mapping[str, SimPolicy],
     setup: OutageSetup,
     progress: Callable[[], None] | None = None,
+    *,
+    tick: Callable[[float], None] | None = None,
 ) -> list[OutageResult]:
-    """Every policy through the same scenario (same seed); ``progress()`` after each."""
+    """Every policy through the same scenario (same seed); ``progress()`` after each.
+
+    ``tick(fraction)`` reports the fraction of the whole run done (all
+    policies), many times per policy, for a progress bar.
+    """
     results = []
-    for name, policy in policies.items():
-        results.append(simulate_outage(name, policy, setup))
+    count = len(policies)
+    for i, (name, policy) in enumerate(policies.items()):
+        watch = None if tick is None else (lambda f, i=i: tick((i + f) / count))
+        results.append(simulate_outage(name, policy, setup, watch))
         if progress is not None:
             progress()
     return results

@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import importlib.util
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -227,11 +227,20 @@ def plot_contention(points: Sequence[ContentionPoint], path: str | Path) -> None
     figure.savefig(path, dpi=110)
 
 
-def plot_outage(results: Sequence[OutageResult], setup: OutageSetup, path: str | Path) -> None:
-    """Offered against received load per second, and the success rate, for every policy."""
+def plot_outage(
+    results: Sequence[OutageResult],
+    setup: OutageSetup,
+    path: str | Path,
+    policies: Mapping[str, SimPolicy] | None = None,
+) -> None:
+    """Offered against received load per second, and the success rate, for every policy.
+
+    The title states the scenario; each policy's legend entry says what it is
+    (its ``description`` in ``policies``); shares are in percent.
+    """
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(11, 6.5), layout="constrained")
+    figure = Figure(figsize=(11, 7), layout="constrained")
     load_axes, ok_axes = figure.subplots(2, 1, sharex=True)
     first = results[0].timeline
     seconds = [s.start for s in first]
@@ -243,11 +252,16 @@ def plot_outage(results: Sequence[OutageResult], setup: OutageSetup, path: str |
         linestyle="--",
         label="offered",
     )
+    described = policies or {}
     for r in results:
+        about = getattr(described.get(r.policy), "description", "")
         line = load_axes.step(
-            seconds, [s.received for s in r.timeline], where="post", label=f"received: {r.policy}"
+            seconds,
+            [s.received for s in r.timeline],
+            where="post",
+            label=f"{r.policy}: {about}" if about else r.policy,
         )
-        share = [s.succeeded / s.offered if s.offered else 1.0 for s in r.timeline]
+        share = [100.0 * s.succeeded / s.offered if s.offered else 100.0 for s in r.timeline]
         ok_axes.step(seconds, share, where="post", color=line[0].get_color(), label=r.policy)
         if r.recovery_time is not None:
             ok_axes.axvline(
@@ -259,12 +273,18 @@ def plot_outage(results: Sequence[OutageResult], setup: OutageSetup, path: str |
     for axes in (load_axes, ok_axes):
         axes.axvspan(setup.outage_start, setup.outage_end, color="red", alpha=0.08)
         axes.grid(alpha=0.3)
-    load_axes.set(title="Load on the dependency (shaded: it is down)", ylabel="calls per second")
-    ok_axes.set(
-        title="Requests that succeeded (dotted: recovered)",
-        xlabel="seconds",
-        ylabel="share of offered",
-        ylim=(-0.02, 1.02),
+    load_axes.set(
+        title="Calls reaching the dependency (shaded: it is down)", ylabel="calls per second"
     )
-    load_axes.legend(loc="upper right")
+    ok_axes.set(
+        title="Requests that succeeded (dotted: the policy counts as recovered)",
+        xlabel="seconds",
+        ylabel="succeeded (%)",
+        ylim=(-2, 102),
+    )
+    load_axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    figure.suptitle(
+        f"Outage: {setup.clients} clients offer {setup.rate:g} requests/s; the dependency "
+        f"is down from {setup.outage_start:g} s to {setup.outage_end:g} s (seed {setup.seed})"
+    )
     figure.savefig(path, dpi=110)

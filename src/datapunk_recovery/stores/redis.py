@@ -43,6 +43,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from .. import _runtime, clock
+from .._extras import raise_missing
 from .._validate import check_count, check_seconds
 from ..breaker import (
     BreakerConfig,
@@ -562,8 +563,10 @@ class RedisStore:
             )
         self.prefix = prefix
         if isinstance(client, str):
-            import redis.asyncio as aioredis
-
+            try:
+                import redis.asyncio as aioredis
+            except ImportError as exc:
+                raise_missing(exc, "RedisStore", "redis", extra="redis")
             self.client = aioredis.Redis.from_url(
                 client, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
             )

@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from datapunk_recovery import __version__
+from datapunk_recovery._extras import raise_missing
 from datapunk_recovery.events import Event
 
 from .exporter import Exporter
@@ -74,11 +75,8 @@ class OpenTelemetryExporter(Exporter):
         try:
             from opentelemetry import metrics as otel_metrics
             from opentelemetry import trace
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "OpenTelemetryExporter needs opentelemetry-api: "
-                "pip install 'datapunk-recovery[otel]'"
-            ) from exc
+        except ImportError as exc:
+            raise_missing(exc, "OpenTelemetryExporter", "opentelemetry-api", extra="otel")
         self._trace = trace
         self._observation = otel_metrics.Observation
         provider = meter_provider if meter_provider is not None else otel_metrics

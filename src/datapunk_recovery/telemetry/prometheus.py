@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
+from datapunk_recovery._extras import raise_missing
 from datapunk_recovery.events import Event
 
 from .exporter import Exporter
@@ -57,11 +58,8 @@ DEFAULT_BUCKETS: Final = (
 def _client() -> Any:
     try:
         import prometheus_client
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "PrometheusExporter needs prometheus_client: "
-            "pip install 'datapunk-recovery[prometheus]'"
-        ) from exc
+    except ImportError as exc:
+        raise_missing(exc, "PrometheusExporter", "prometheus_client", extra="prometheus")
     return prometheus_client
 
 

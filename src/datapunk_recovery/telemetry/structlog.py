@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+from datapunk_recovery._extras import raise_missing
 from datapunk_recovery.events import Event
 
 from .exporter import Exporter
@@ -61,10 +62,8 @@ class StructlogExporter(Exporter):
         if get_logger is None:
             try:
                 import structlog
-            except ImportError as exc:  # pragma: no cover - depends on the environment
-                raise ImportError(
-                    "StructlogExporter needs structlog: pip install 'datapunk-recovery[structlog]'"
-                ) from exc
+            except ImportError as exc:
+                raise_missing(exc, "StructlogExporter", "structlog", extra="structlog")
             get_logger = structlog.get_logger
         self._get_logger = get_logger
         self._levels = with_overrides(levels)

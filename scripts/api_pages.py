@@ -1,0 +1,135 @@
+"""Write docs/api/: one page per public module, and print the API part of mkdocs.yml's nav.
+
+A public module is every module of ``datapunk_recovery`` whose dotted path has
+no part starting with an underscore (``__init__`` stands for its package).
+``tests/test_docs.py`` checks that docs/api/ and the nav hold exactly them, so
+after adding a module run::
+
+    python scripts/api_pages.py            # writes the pages, prints the nav
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+API = ROOT / "docs" / "api"
+
+#: Nav sections of the API reference, in the order of the guides; a module
+#: goes to the first section whose prefix it has.
+SECTIONS: list[tuple[str, tuple[str, ...]]] = [
+    ("Front door", ("strategies", "config", "schema", "durations")),
+    ("Retries", ("errors", "backoff", "policy", "engine", "stats")),
+    ("Circuit breakers", ("breaker", "registry")),
+    (
+        "Flow control",
+        (
+            "budget",
+            "bulkhead",
+            "ratelimit",
+            "adaptive",
+            "deadline",
+            "timeout",
+            "hedging",
+            "fallback",
+            "pipeline",
+        ),
+    ),
+    ("Network", ("network",)),
+    ("Cache", ("cache",)),
+    ("Database", ("database",)),
+    ("Resource", ("resource",)),
+    ("State stores", ("stores",)),
+    ("Observability", ("events", "telemetry", "redact")),
+    ("Testing", ("testing", "pytest_plugin", "clock")),
+    ("Lab", ("chaos", "simulate", "demo")),
+    ("Command line", ("cli", "commands")),
+]
+
+
+def public_modules() -> list[str]:
+    """Every public module, as a dotted path without the ``datapunk_recovery.`` prefix."""
+    found = []
+    for path in sorted((SRC / "datapunk_recovery").rglob("*.py")):
+        parts = list(path.relative_to(SRC / "datapunk_recovery").with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+            if not parts:
+                continue  # the package itself: the guides are its documentation
+        if any(part.startswith("_") for part in parts):
+            continue
+        found.append(".".join(parts))
+    return found
+
+
+def page(module: str) -> Path:
+    """docs/api/ path of ``module``'s page: a package's is ``<package>/index.md``."""
+    parts = module.split(".")
+    is_package = (SRC / "datapunk_recovery" / Path(*parts) / "__init__.py").exists()
+    return (
+        API.joinpath(*parts, "index.md")
+        if is_package
+        else API.joinpath(*parts[:-1], f"{parts[-1]}.md")
+    )
+
+
+def text(module: str) -> str:
+    """A page's source: the module's documentation only; its heading (level 1,
+    from mkdocs.yml's options) names the module once and anchors references to it."""
+    dotted = f"datapunk_recovery.{module}"
+    options = ""
+    if page(module).name == "index.md":
+        # A package's page shows what the package itself defines, not what it
+        # re-exports from its modules (they have their own pages).
+        own = defined_in_package(module)
+        members = "[" + ", ".join(own) + "]" if own else "false"
+        options = f"\n    options:\n      members: {members}"
+    return f"::: {dotted}{options}\n"
+
+
+def defined_in_package(module: str) -> list[str]:
+    """Public names a package's ``__init__`` defines itself (not imports, not submodules)."""
+    import ast
+
+    init = SRC / "datapunk_recovery" / Path(*module.split(".")) / "__init__.py"
+    tree = ast.parse(init.read_text(encoding="utf-8"))
+    kinds = ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
+    return [
+        node.name for node in tree.body if isinstance(node, kinds) and not node.name.startswith("_")
+    ]
+
+
+def section(module: str) -> str:
+    top = module.split(".")[0]
+    for title, prefixes in SECTIONS:
+        if top in prefixes:
+            return title
+    raise SystemExit(f"scripts/api_pages.py: no nav section for {module!r}: add it to SECTIONS")
+
+
+def nav() -> list[str]:
+    """The lines of the API part of mkdocs.yml's nav (indented for its place)."""
+    lines = ["  - API reference:"]
+    for title, prefixes in SECTIONS:
+        modules = [m for m in public_modules() if section(m) == title]
+        modules.sort(key=lambda m: (prefixes.index(m.split(".")[0]), m.count("."), m))
+        lines.append(f"      - {title}:")
+        for module in modules:
+            rel = page(module).relative_to(ROOT / "docs").as_posix()
+            lines.append(f"          - {module}: {rel}")
+    return lines
+
+
+def main() -> int:
+    for module in public_modules():
+        target = page(module)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text(module), encoding="utf-8")
+    sys.stdout.write("\n".join(nav()) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
