@@ -5,7 +5,8 @@ circuit breaker, the flow-control primitives and the pipeline that composes
 them, the error taxonomy and the event model.  The four recoveries live in
 their own packages (``datapunk_recovery.cache``, ``.database``,
 ``.network``, ``.resource``), as do ``.telemetry``, ``.chaos`` and
-``.simulate``; the front door, :class:`RecoveryStrategies`, and its
+``.simulate``; the front door,
+[`RecoveryStrategies`][datapunk_recovery.strategies.RecoveryStrategies], and its
 configuration loader are loaded on first use because they pull in the
 recoveries.
 """

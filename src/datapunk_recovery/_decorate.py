@@ -1,7 +1,7 @@
 """The decorator face shared by every primitive that wraps a call.
 
 A primitive that offers ``call(fn, *args, **kwargs)`` and
-``await call_async(fn, *args, **kwargs)`` inherits :class:`CallDecorator` and
+``await call_async(fn, *args, **kwargs)`` inherits `CallDecorator` and
 can then be used as ``@primitive`` on sync and async functions alike, with
 the wrapped function's signature kept for type checkers (ParamSpec).
 """

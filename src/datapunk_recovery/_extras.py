@@ -1,7 +1,7 @@
 """What to say when an optional dependency is missing: the extra that installs it.
 
 Every integration imports its driver lazily, in the one module that adapts it,
-and turns a failed import into :class:`MissingExtra` through :func:`raise_missing`::
+and turns a failed import into `MissingExtra` through `raise_missing()`::
 
     try:
         import redis.asyncio as aioredis
@@ -41,7 +41,7 @@ class MissingExtra(ImportError):
 def raise_missing(error: ImportError, feature: str, module: str, *, extra: str) -> NoReturn:
     """Raise the error for ``error``, a failed import of ``module`` needed by ``feature``.
 
-    :class:`MissingExtra` (chained to ``error``) when a module is not found;
+    `MissingExtra` (chained to ``error``) when a module is not found;
     ``error`` itself otherwise: a driver that is installed but fails to import
     is not a missing extra, and its own message says more.
     """

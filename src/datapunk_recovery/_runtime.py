@@ -4,7 +4,7 @@ Rules kept here once for the whole execution layer:
 
 - a zero (or negative) delay never sleeps, not even ``time.sleep(0)``;
 - with a fake clock installed, a sleep advances it instead of waiting;
-- in instant mode (:mod:`datapunk_recovery.testing`) nothing sleeps at all;
+- in instant mode ([`datapunk_recovery.testing`][datapunk_recovery.testing]) nothing sleeps at all;
 - a cancelled sleep cancels at once (the event loop's own sleep is used).
 
 The running async library is detected without sniffio: trio is asked only if

@@ -4,7 +4,7 @@ Each check names the field and the value it refused, so that a bad setting is
 found from the message alone.  Booleans are refused where numbers are wanted:
 ``True`` is an ``int`` to Python, never a sensible delay or count.
 
-Every duration of the library's configuration is at most :data:`MAX_SECONDS`
+Every duration of the library's configuration is at most `MAX_SECONDS`
 (one day): a longer wait is a typo (``1e10`` for ``1e1``), and past what the
 platform's sleeps and timestamps can hold it would crash far from the mistake
 (``OverflowError: timestamp out of range``).  "Forever" is spelled as an absent
@@ -51,7 +51,7 @@ def check_number(owner: str, name: str, value: Any, *, minimum: float = 0.0) -> 
 
 def check_seconds(owner: str, name: str, value: Any, *, positive: bool = False) -> float:
     """A duration in seconds: finite, not negative (strictly positive if asked), at most
-    :data:`MAX_SECONDS` (one day)."""
+    `MAX_SECONDS` (one day)."""
     seconds = check_number(owner, name, value)
     if positive and seconds <= 0:
         raise ValueError(f"{owner}.{name}: must be > 0 seconds, got {value!r}")

@@ -2,9 +2,9 @@
 
 Two kinds, one interface (``add``, ``totals``, ``reset``):
 
-- :class:`CountWindow` keeps the last ``size`` calls in a ring of small codes
+- `CountWindow` keeps the last ``size`` calls in a ring of small codes
   and running sums, so adding a call replaces one slot and adjusts two sums.
-- :class:`TimeWindow` keeps ``buckets`` buckets of ``width`` seconds each and
+- `TimeWindow` keeps ``buckets`` buckets of ``width`` seconds each and
   running sums; moving into a new bucket clears only the buckets that went
   stale, at most ``buckets`` of them, so a call costs O(1) amortised and the
   window O(buckets) memory whatever the traffic.  The window covers the

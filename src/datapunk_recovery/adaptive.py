@@ -1,16 +1,19 @@
 """Adaptive concurrency limits: find how much a dependency can take, and follow it.
 
 A fixed bulkhead size is a guess made once; a dependency's capacity changes
-with deploys, load and failures.  An :class:`AdaptiveLimiter` is a bulkhead
+with deploys, load and failures.  An [`AdaptiveLimiter`][datapunk_recovery.adaptive.AdaptiveLimiter]
+is a bulkhead
 whose limit moves with what every finished call says (Netflix's
 concurrency-limits):
 
-- :class:`AIMD` (additive increase, multiplicative decrease): the limit grows
+- [`AIMD`][datapunk_recovery.adaptive.AIMD] (additive increase, multiplicative decrease): the limit
+  grows
   by ``increase`` for each success while the limit is actually used, and is
   multiplied by ``backoff_ratio`` for each call that failed for overload
   (dropped, timed out, rate limited) or took longer than ``timeout`` seconds.
   Simple and robust; finds the capacity by probing past it.
-- :class:`Gradient` (after Netflix's GradientLimit): compares each call's
+- [`Gradient`][datapunk_recovery.adaptive.Gradient] (after Netflix's GradientLimit): compares each
+  call's
   latency with the no-load latency (the fastest call since the last probe);
   when latency rises above ``tolerance`` times it, queues are building and
   the limit shrinks by the ratio (at most halving at once); otherwise it
@@ -24,8 +27,8 @@ Both keep the limit within [``min_limit``, ``max_limit``] and only grow it
 while at least half of it is in use (a limit nobody reaches says nothing).
 Admission is the bulkhead's: at the limit, a call waits in a bounded queue for
 at most ``max_wait`` seconds or is refused with
-:class:`~datapunk_recovery.bulkhead.BulkheadFull`.  A change of the limit is
-an event (:class:`LimitChanged`).
+[`BulkheadFull`][datapunk_recovery.bulkhead.BulkheadFull].  A change of the limit is
+an event ([`LimitChanged`][datapunk_recovery.adaptive.LimitChanged]).
 
 Latency is measured on the library clock from admission to outcome, unless
 the caller gives it.  A cancelled call frees its slot and teaches nothing.
@@ -152,7 +155,7 @@ class Gradient:
 
 
 class _GradientState:
-    """The no-load latency of one limiter using :class:`Gradient`."""
+    """The no-load latency of one limiter using `Gradient`."""
 
     __slots__ = ("config", "count", "drain", "no_load")
 
@@ -203,8 +206,9 @@ class LimitChanged(Event):
 
 
 class AdaptivePermit:
-    """Leave to make one call; settle it once with :meth:`success`, :meth:`dropped` or
-    :meth:`ignore` (a cancellation: :meth:`ignore` too)."""
+    """Leave to make one call; settle it once with `success()`, `dropped()` or
+    [`ignore()`][datapunk_recovery.adaptive.AdaptivePermit.ignore] (a cancellation:
+    [`ignore()`][datapunk_recovery.adaptive.AdaptivePermit.ignore] too)."""
 
     __slots__ = ("_caller", "_done", "_limiter", "_start")
 
@@ -257,11 +261,15 @@ def _check_queue(owner: str, max_queue: int, max_wait: float, per_caller: int | 
 class AdaptiveLimiter(CallDecorator):
     """A bulkhead whose limit adapts (see the module doc).
 
-    ``algorithm`` is an :class:`AIMD` or a :class:`Gradient`; ``max_queue``,
+    ``algorithm`` is an [`AIMD`][datapunk_recovery.adaptive.AIMD] or a
+    [`Gradient`][datapunk_recovery.adaptive.Gradient]; ``max_queue``,
     ``max_wait`` and ``per_caller`` are as in
-    :class:`~datapunk_recovery.bulkhead.BulkheadConfig`.  Faces:
-    :meth:`acquire` / :meth:`acquire_async` returning an
-    :class:`AdaptivePermit`, :meth:`call` / :meth:`call_async` (which settle
+    [`BulkheadConfig`][datapunk_recovery.bulkhead.BulkheadConfig].  Faces:
+    [`acquire()`][datapunk_recovery.adaptive.AdaptiveLimiter.acquire] /
+    [`acquire_async()`][datapunk_recovery.adaptive.AdaptiveLimiter.acquire_async] returning an
+    [`AdaptivePermit`][datapunk_recovery.adaptive.AdaptivePermit],
+    [`call()`][datapunk_recovery.adaptive.AdaptiveLimiter.call] /
+    [`call_async()`][datapunk_recovery.adaptive.AdaptiveLimiter.call_async] (which settle
     it from the outcome: an overload-type error is a drop, any other error is
     ignored), and the object as a decorator.
     """

@@ -127,7 +127,8 @@ class RetryConfig:
     def compute_delay(self, n: int, rng: random.Random | None = None) -> float:
         """The delay of retry ``n`` for the stateless jitter kinds.
 
-        The decorrelated kinds depend on the previous delay: use :meth:`delays`.
+        The decorrelated kinds depend on the previous delay: use
+        [`delays()`][datapunk_recovery.backoff.RetryConfig.delays].
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"compute_delay: retry number must be an int >= 1, got {n!r}")
@@ -185,7 +186,8 @@ class RetryConfig:
 
         ``draws`` is the call's own sequence for the decorrelated kinds (its
         next value is retry ``n``'s), ``None`` for the others.  The engine
-        calls it on its failure path; :meth:`retry_delay` is its checked face.
+        calls it on its failure path;
+        [`retry_delay()`][datapunk_recovery.backoff.RetryConfig.retry_delay] is its checked face.
         """
         if self.base_delay == 0.0:  # every jitter kind then waits zero
             return 0.0
@@ -282,7 +284,7 @@ def _decorrelated_v2(config: RetryConfig, rng: random.Random, count: int | None)
 
 @dataclass(frozen=True, slots=True)
 class ServerDelay:
-    """What to do with a server-given delay hint (the outcome of :func:`server_delay`).
+    """What to do with a server-given delay hint (the outcome of `server_delay()`).
 
     ``delay`` is what to wait, in seconds; ``from_server`` says whether the
     hint set it; ``give_up`` is true when the hint is too long to obey;

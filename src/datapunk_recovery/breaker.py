@@ -1,17 +1,20 @@
 """The circuit breaker: stop calling a dependency that keeps failing, probe, recover.
 
 States: ``CLOSED`` (calls pass, outcomes are judged), ``OPEN`` (calls are
-refused with :class:`~datapunk_recovery.errors.CircuitOpenError` until the open
+refused with [`CircuitOpenError`][datapunk_recovery.errors.CircuitOpenError] until the open
 duration ends), ``HALF_OPEN`` (a few probes pass; their outcomes close or
 re-open it), plus three manual ones: ``DISABLED`` (everything passes, nothing is
-recorded), ``FORCED_OPEN`` (everything is refused: :meth:`CircuitBreaker.isolate`)
+recorded), ``FORCED_OPEN`` (everything is refused:
+[`CircuitBreaker.isolate()`][datapunk_recovery.breaker.CircuitBreaker.isolate])
 and ``METRICS_ONLY`` (shadow mode: outcomes are recorded and a would-be trip is
-reported as a :class:`ShadowTrip` event, but nothing is ever refused).
+reported as a [`ShadowTrip`][datapunk_recovery.breaker.ShadowTrip] event, but nothing is ever
+refused).
 
 Trip criteria, any of which opens the breaker: consecutive failures (the
 default, 5), failure rate and slow-call rate over a sliding window (count-based
 or time-based, judged once ``minimum_calls`` are in it), a custom
-:class:`TripPolicy`, and a server-given delay (``Retry-After``) when enabled.
+[`TripPolicy`][datapunk_recovery.breaker.TripPolicy], and a server-given delay (``Retry-After``)
+when enabled.
 
 Every transition bumps a generation number; a permit carries the generation it
 was granted in, so a late outcome (a call that started before the breaker
@@ -22,7 +25,8 @@ object and reads no clock: it reads the generation and the ``fast`` flag,
 runs the call, and on success touches the failure counter only when it is
 not already zero (an outcome is recorded against the generation read before
 the call, so a late one never counts in a later period).  Every
-other path runs under the breaker's lock.  See ``docs/breaker.md``.
+other path runs under the breaker's lock.  See
+[docs/breaker.md](https://datapunk.github.io/datapunk-recovery/breaker/).
 """
 
 from __future__ import annotations
@@ -151,7 +155,9 @@ class BreakerConfig:
 
     Durations are seconds.  Defaults: trip after 5 consecutive failures, stay
     open 1 s, then let one probe through (it has 10 s to finish).  The open
-    period was chosen in the lab (``docs/simulate.md``): it gives a recovered
+    period was chosen in the lab
+    ([docs/simulate.md](https://datapunk.github.io/datapunk-recovery/simulate/)): it gives a
+    recovered
     dependency back within about a second while keeping the load on a dead one
     far below the offered load.  Rate criteria are off until a threshold is
     set; they are judged over the window once it holds ``minimum_calls`` calls.
@@ -164,8 +170,10 @@ class BreakerConfig:
     - ``window``: ``"count"`` (last ``window_size`` calls) or ``"time"`` (last
       ``window_duration`` seconds in ``window_buckets`` buckets).
       ``keep_window`` keeps the window even when no rate criterion needs it, so
-      that :meth:`CircuitBreaker.failure_rate` answers (about 100 ns a call).
-    - ``trip_policy``: a factory of a custom :class:`TripPolicy` (a factory,
+      that [`CircuitBreaker.failure_rate()`][datapunk_recovery.breaker.CircuitBreaker.failure_rate]
+      answers (about 100 ns a call).
+    - ``trip_policy``: a factory of a custom [`TripPolicy`][datapunk_recovery.breaker.TripPolicy] (a
+      factory,
       because a policy has state and a configuration is shared).
     - ``half_open_permits`` probes pass in half-open.  How they are judged is
       ``half_open_decision``: ``"first_failure"`` (the default, Polly's rule):
@@ -190,7 +198,7 @@ class BreakerConfig:
       value a failure.  Cancellation never counts.
     - Server delays: ``result_delay(result)`` may return a server-given delay
       (a 429/503 with ``Retry-After``); with ``honor_server_delay`` the delay
-      an exception carries (:func:`~datapunk_recovery.errors.classify`'s
+      an exception carries ([`classify()`][datapunk_recovery.errors.classify]'s
       ``delay_hint``) counts too.  Such an outcome is a failure and forces the
       breaker open for that long, unless the hint is garbage or above
       ``max_server_delay`` (then it is ignored with a ``HintIgnored`` event).
@@ -513,7 +521,7 @@ class _Core:
     allows the lock-free path; the faces read it without the lock (a stale
     read admits a call that raced with the opening, which is a valid order).
     ``quick`` is True when the state is CLOSED and no result needs judging:
-    the faces then record an outcome straight into :meth:`record`, with the
+    the faces then record an outcome straight into `record()`, with the
     generation read before the call, without building a permit.
     """
 
@@ -897,12 +905,15 @@ class _Core:
 class Permit:
     """Leave to make one call; settle it with exactly one outcome.
 
-    :meth:`success`, :meth:`failure`, :meth:`result` or :meth:`cancel` settle
+    [`success()`][datapunk_recovery.breaker.Permit.success],
+    [`failure()`][datapunk_recovery.breaker.Permit.failure],
+    [`result()`][datapunk_recovery.breaker.Permit.result] or
+    [`cancel()`][datapunk_recovery.breaker.Permit.cancel] settle
     it; the first one counts and later ones do nothing.  With a shared store the
     plain methods never wait for the store (the write happens in the
     background); the ``*_async`` twins await it.  Durations are seconds; when
     not given and the configuration needs them, they are measured from
-    :meth:`CircuitBreaker.allow`.
+    [`CircuitBreaker.allow()`][datapunk_recovery.breaker.CircuitBreaker.allow].
     """
 
     __slots__ = ("_breaker", "_done", "_gen", "_probe", "_remote", "_start")
@@ -931,7 +942,8 @@ class Permit:
     def failure(self, exc: BaseException | None = None, duration: float | None = None) -> None:
         """The call failed with ``exc`` (judged by the record/ignore rules) or plainly.
 
-        A cancellation passed here counts as nothing, like :meth:`cancel`.
+        A cancellation passed here counts as nothing, like
+        [`cancel()`][datapunk_recovery.breaker.Permit.cancel].
         """
         if self._done:
             return
@@ -948,7 +960,8 @@ class Permit:
         """The call was cancelled: nothing counts, a half-open probe is freed.
 
         Unless it is a hedged attempt cancelled because another attempt won
-        the race: that one counts as a slow call (see ``docs/flow-control.md``).
+        the race: that one counts as a slow call (see
+        [docs/flow-control.md](https://datapunk.github.io/datapunk-recovery/flow-control/)).
         """
         if not self._done:
             self._done = True
@@ -956,24 +969,24 @@ class Permit:
             self._breaker._settle(self, verdict, None, None, None, "cancelled")
 
     async def success_async(self, duration: float | None = None) -> None:
-        """:meth:`success`, waiting for a shared store's write."""
+        """`success()`, waiting for a shared store's write."""
         self.success(duration)
         await self._breaker._flush()
 
     async def failure_async(
         self, exc: BaseException | None = None, duration: float | None = None
     ) -> None:
-        """:meth:`failure`, waiting for a shared store's write."""
+        """`failure()`, waiting for a shared store's write."""
         self.failure(exc, duration)
         await self._breaker._flush()
 
     async def result_async(self, value: object, duration: float | None = None) -> None:
-        """:meth:`result`, waiting for a shared store's write."""
+        """`result()`, waiting for a shared store's write."""
         self.result(value, duration)
         await self._breaker._flush()
 
     async def cancel_async(self) -> None:
-        """:meth:`cancel`, waiting for a shared store's write."""
+        """`cancel()`, waiting for a shared store's write."""
         self.cancel()
         await self._breaker._flush()
 
@@ -1014,11 +1027,12 @@ class BreakerSnapshot:
 
 
 class CircuitBreaker:
-    """A named circuit breaker; see the module documentation and ``docs/breaker.md``.
+    """A named circuit breaker; see the module documentation and
+    [docs/breaker.md](https://datapunk.github.io/datapunk-recovery/breaker/).
 
     ``store`` is where its state lives: ``None`` (private, in this process), a
-    :class:`~datapunk_recovery.stores.memory.MemoryStore` (shared by name in
-    this process) or a :class:`~datapunk_recovery.stores.redis.RedisStore`
+    [`MemoryStore`][datapunk_recovery.stores.memory.MemoryStore] (shared by name in
+    this process) or a [`RedisStore`][datapunk_recovery.stores.redis.RedisStore]
     (shared between processes; async only: the sync faces raise ``TypeError``).
     ``rng`` makes the open-duration jitter reproducible.
     """
@@ -1146,7 +1160,7 @@ class CircuitBreaker:
         return self._core
 
     def isolate(self) -> None:
-        """Force the breaker open (``FORCED_OPEN``) until :meth:`reset`."""
+        """Force the breaker open (``FORCED_OPEN``) until `reset()`."""
         self._local_control("isolate").force(BreakerState.FORCED_OPEN, "isolate")
 
     def reset(self) -> None:
@@ -1154,11 +1168,11 @@ class CircuitBreaker:
         self._local_control("reset").force(BreakerState.CLOSED, "reset")
 
     def disable(self) -> None:
-        """``DISABLED``: every call passes, nothing is recorded, until :meth:`reset`."""
+        """``DISABLED``: every call passes, nothing is recorded, until `reset()`."""
         self._local_control("disable").force(BreakerState.DISABLED, "disable")
 
     def metrics_only(self) -> None:
-        """``METRICS_ONLY`` (shadow mode): record and report, never refuse, until :meth:`reset`."""
+        """``METRICS_ONLY`` (shadow mode): record and report, never refuse, until `reset()`."""
         self._local_control("metrics_only").force(BreakerState.METRICS_ONLY, "metrics_only")
 
     async def _force_async(self, state: BreakerState, reason: str) -> None:
@@ -1168,27 +1182,27 @@ class CircuitBreaker:
             await self._link.force(state, reason)
 
     async def isolate_async(self) -> None:
-        """:meth:`isolate`, for any store (shared ones included)."""
+        """`isolate()`, for any store (shared ones included)."""
         await self._force_async(BreakerState.FORCED_OPEN, "isolate")
 
     async def reset_async(self) -> None:
-        """:meth:`reset`, for any store."""
+        """[`reset()`][datapunk_recovery.breaker.CircuitBreaker.reset], for any store."""
         await self._force_async(BreakerState.CLOSED, "reset")
 
     async def disable_async(self) -> None:
-        """:meth:`disable`, for any store."""
+        """[`disable()`][datapunk_recovery.breaker.CircuitBreaker.disable], for any store."""
         await self._force_async(BreakerState.DISABLED, "disable")
 
     async def metrics_only_async(self) -> None:
-        """:meth:`metrics_only`, for any store."""
+        """`metrics_only()`, for any store."""
         await self._force_async(BreakerState.METRICS_ONLY, "metrics_only")
 
     # -- permits -----------------------------------------------------------------------
     def allow(self) -> Permit:
-        """A permit for one call, or :class:`CircuitOpenError` when the breaker refuses.
+        """A permit for one call, or `CircuitOpenError` when the breaker refuses.
 
         In-process stores only; a breaker on an async store raises ``TypeError``
-        (use :meth:`allow_async`).
+        (use [`allow_async()`][datapunk_recovery.breaker.CircuitBreaker.allow_async]).
         """
         if self._link is not None:
             raise TypeError(
@@ -1200,7 +1214,7 @@ class CircuitBreaker:
         return Permit(self, gen, probe, False, clock.now() if core.config.timed else None)
 
     async def allow_async(self) -> Permit:
-        """:meth:`allow` for async code; works with every store."""
+        """`allow()` for async code; works with every store."""
         if self._link is None:
             core = self._core
             gen, probe = core.admit()

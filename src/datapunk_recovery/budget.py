@@ -1,6 +1,7 @@
 """Retry budgets: what keeps retries from multiplying the load on a failing dependency.
 
-The retry engine talks to a budget through :class:`RetryGate`: it reports the
+The retry engine talks to a budget through [`RetryGate`][datapunk_recovery.budget.RetryGate]: it
+reports the
 outcome of every attempt (``on_attempt``) and asks before every retry
 (``allow_retry``).  Hedges draw on the same budget: a hedger asks
 ``allow_retry()`` before it starts an extra attempt.  One budget is shared by
@@ -9,11 +10,13 @@ extra load stays bounded instead of tripling.
 
 Two budgets implement the gate:
 
-- :class:`TokenBudget`, gRPC's retry throttling: a bucket that starts full at
+- [`TokenBudget`][datapunk_recovery.budget.TokenBudget], gRPC's retry throttling: a bucket that
+  starts full at
   ``max_tokens``, loses one token per failed attempt and gains ``token_ratio``
   per success; retries are allowed only while it holds more than
   ``threshold * max_tokens`` (half, for gRPC).
-- :class:`RatioBudget`, Finagle's and the SRE book's: over a sliding window
+- [`RatioBudget`][datapunk_recovery.budget.RatioBudget], Finagle's and the SRE book's: over a
+  sliding window
   of ``window`` seconds, retries may be at most ``ratio`` of the requests plus
   a floor of ``min_per_second`` retries per second (so that a quiet service
   can still retry).
@@ -27,7 +30,8 @@ first, then default ones, and critical ones last.  The configured figures
 traffic gets a smaller share and critical traffic a bounded larger one.
 
 Budgets are thread-safe (one short lock per update), read time through
-:func:`datapunk_recovery.clock.now` (so a fake clock drives them) and never
+[`datapunk_recovery.clock.now()`][datapunk_recovery.clock.now] (so a fake clock drives them) and
+never
 sleep.
 """
 
@@ -123,8 +127,10 @@ class BudgetRefused(Event):
     """A budget refused a retry (or a hedge).
 
     ``criticality`` is the refused call's level; ``level`` the budget's fill
-    when it refused (tokens held for a :class:`TokenBudget`, retries already
-    spent in the window for a :class:`RatioBudget`) and ``limit`` what that
+    when it refused (tokens held for a [`TokenBudget`][datapunk_recovery.budget.TokenBudget],
+    retries already
+    spent in the window for a [`RatioBudget`][datapunk_recovery.budget.RatioBudget]) and ``limit``
+    what that
     criticality needed (more than it, or at most it minus one).
     """
 
@@ -229,7 +235,7 @@ class TokenBudgetConfig:
 
 
 class TokenBudget:
-    """A gRPC-style retry budget (see :class:`TokenBudgetConfig`); a :class:`RetryGate`.
+    """A gRPC-style retry budget (see `TokenBudgetConfig`); a `RetryGate`.
 
     ``allow_retry`` spends nothing itself: the cost of a retry is paid by the
     failure that caused it, as in gRPC.  Shared by every retrying call of a
@@ -372,7 +378,7 @@ class RatioBudgetConfig:
 
 
 class RatioBudget:
-    """A Finagle/SRE retry budget (see :class:`RatioBudgetConfig`); a :class:`RetryGate`.
+    """A Finagle/SRE retry budget (see `RatioBudgetConfig`); a `RetryGate`.
 
     ``on_attempt`` counts attempts; ``allow_retry`` counts the retries it grants.
     Requests are the attempts that were not granted retries, so a retry does

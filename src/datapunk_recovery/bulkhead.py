@@ -2,9 +2,11 @@
 
 A dependency that slows down makes callers pile up; without a bound, every
 thread or task of a service ends up waiting on it and the service falls over
-with it.  A :class:`Bulkhead` admits at most ``max_concurrent`` calls at once,
+with it.  A [`Bulkhead`][datapunk_recovery.bulkhead.Bulkhead] admits at most ``max_concurrent``
+calls at once,
 lets at most ``max_queue`` more wait (first come, first served) for at most
-``max_wait`` seconds, and rejects the rest at once with :class:`BulkheadFull`.
+``max_wait`` seconds, and rejects the rest at once with
+[`BulkheadFull`][datapunk_recovery.bulkhead.BulkheadFull].
 A per-caller quota (``per_caller``) keeps one caller (a tenant, an endpoint)
 from taking every slot and every queue place.
 
@@ -14,8 +16,9 @@ the first waiter (no barging), woken the way its kind needs (a thread event,
 an asyncio future, a trio event; across threads when it waits elsewhere).
 
 Waits respect the overall deadline
-(:func:`datapunk_recovery.deadline.remaining`): a queued call never waits
-past it, and gets :class:`~datapunk_recovery.errors.DeadlineExceeded` if the
+([`datapunk_recovery.deadline.remaining()`][datapunk_recovery.deadline.remaining]): a queued call
+never waits
+past it, and gets [`DeadlineExceeded`][datapunk_recovery.errors.DeadlineExceeded] if the
 deadline is what ended its wait.  A waiter that is cancelled leaves the queue
 (or, if a slot was handed to it in the same instant, gives it back): nothing
 is leaked and nothing is counted.
@@ -81,7 +84,7 @@ def as_caller(caller: str) -> Iterator[str]:
 
 
 def current_caller() -> str | None:
-    """The caller set by the innermost :func:`as_caller` block, if any."""
+    """The caller set by the innermost `as_caller()` block, if any."""
     return _CALLER.get()
 
 
@@ -110,7 +113,7 @@ class CallerQuotaExceeded(BulkheadFull):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BulkheadRejected(Event):
-    """A call was refused; ``reason`` as in :class:`BulkheadFull`, counts at that moment."""
+    """A call was refused; ``reason`` as in `BulkheadFull`, counts at that moment."""
 
     name: ClassVar[str] = "bulkhead.rejected"
     area: ClassVar[str] = "bulkhead"
@@ -573,13 +576,15 @@ async def _wait_trio(waiter: _Waiter, bound: float) -> bool:
 
 
 class Bulkhead(CallDecorator):
-    """At most ``max_concurrent`` calls at once (see :class:`BulkheadConfig`).
+    """At most ``max_concurrent`` calls at once (see `BulkheadConfig`).
 
     Faces: ``with bulkhead:`` / ``async with bulkhead:``, ``with
     bulkhead.slot(caller):`` / ``async with bulkhead.slot_async(caller):``,
-    :meth:`call` / :meth:`call_async`, and the object itself as a decorator
+    [`call()`][datapunk_recovery.bulkhead.Bulkhead.call] /
+    [`call_async()`][datapunk_recovery.bulkhead.Bulkhead.call_async], and the object itself as a
+    decorator
     for sync and async functions (signature kept).  The caller for quotas is
-    ``caller=`` or else the one set by :func:`as_caller`.
+    ``caller=`` or else the one set by [`as_caller()`][datapunk_recovery.bulkhead.as_caller].
     """
 
     __slots__ = ("_slots", "bus", "config", "name")
@@ -625,19 +630,19 @@ class Bulkhead(CallDecorator):
         self.config = config
 
     def acquire(self, caller: str | None = None) -> str | None:
-        """Take a slot (a thread may wait); returns the caller to pass to :meth:`release`."""
+        """Take a slot (a thread may wait); returns the caller to pass to `release()`."""
         caller = caller if caller is not None else _CALLER.get()
         self._slots.acquire(caller)
         return caller
 
     async def acquire_async(self, caller: str | None = None) -> str | None:
-        """Take a slot (a task may wait); returns the caller to pass to :meth:`release`."""
+        """Take a slot (a task may wait); returns the caller to pass to `release()`."""
         caller = caller if caller is not None else _CALLER.get()
         await self._slots.acquire_async(caller)
         return caller
 
     def release(self, caller: str | None = None) -> None:
-        """Give back a slot taken by :meth:`acquire` / :meth:`acquire_async`."""
+        """Give back a slot taken by `acquire()` / `acquire_async()`."""
         self._slots.release(caller)
 
     @contextmanager

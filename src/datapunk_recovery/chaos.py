@@ -3,24 +3,31 @@
 A recovery that was never exercised is a recovery nobody knows works.  This
 module lets users break their own calls in a controlled way:
 
-- :class:`Fault` raises a fresh exception instead of making the call;
-- :class:`Latency` waits (``seconds``, or a uniform draw up to ``up_to``) and
+- [`Fault`][datapunk_recovery.chaos.Fault] raises a fresh exception instead of making the call;
+- [`Latency`][datapunk_recovery.chaos.Latency] waits (``seconds``, or a uniform draw up to
+  ``up_to``) and
   then makes the call;
-- :class:`Outcome` returns a given value instead of making the call;
-- :class:`Behaviour` runs another callable, with the same arguments, instead.
+- [`Outcome`][datapunk_recovery.chaos.Outcome] returns a given value instead of making the call;
+- [`Behaviour`][datapunk_recovery.chaos.Behaviour] runs another callable, with the same arguments,
+  instead.
 
-An injection is applied by an injector: :class:`Chaos` applies one injection
+An injection is applied by an injector: [`Chaos`][datapunk_recovery.chaos.Chaos] applies one
+injection
 at a ``rate`` (the fraction of calls, drawn from a seeded RNG), and a
-:class:`Timeline` applies scripted :class:`Window`\\ s of faults over time, read
-against :func:`datapunk_recovery.clock.now` (so a fake clock scripts them
+[`Timeline`][datapunk_recovery.chaos.Timeline] applies scripted
+[`Window`][datapunk_recovery.chaos.Window]\\ s of faults over time, read
+against [`datapunk_recovery.clock.now()`][datapunk_recovery.clock.now] (so a fake clock scripts them
 deterministically).  Every injector decorates sync and async functions (the
-signature is kept), and offers :meth:`~Injector.call` for one-off calls.
+signature is kept), and offers [`call()`][datapunk_recovery.chaos.Injector.call] for one-off calls.
 
-Each injector has its own switch (:meth:`~Injector.enable` /
-:meth:`~Injector.disable`, flipped at run time), and :func:`disable_all` is
+Each injector has its own switch ([`enable()`][datapunk_recovery.chaos.Injector.enable] /
+[`disable()`][datapunk_recovery.chaos.Injector.disable], flipped at run time), and
+[`disable_all()`][datapunk_recovery.chaos.disable_all] is
 the global kill switch over every injector of the process.  A switched-off
 injector costs its wrapper one attribute read per call on top of the wrapper's
-own frame (see ``docs/benchmarks/chaos.md`` for the measured figures).  Where
+own frame (see
+[docs/benchmarks/chaos.md](https://datapunk.github.io/datapunk-recovery/benchmarks/chaos/) for the
+measured figures).  Where
 even that is too much (production), start the process with
 ``DATAPUNK_RECOVERY_CHAOS=off``: chaos is then *disarmed*, decorators return
 the function itself untouched (zero cost), and nothing can switch it back on.
@@ -28,7 +35,7 @@ The switch fails safe: only ``1``/``on``/``true``/``yes`` (or no value) leave
 chaos armed; any value that is not an accepted one (``disabled``, ``n``)
 disarms it too, with a warning naming the variable and the accepted values.
 
-Latency sleeps through the execution layer (:mod:`datapunk_recovery._runtime`),
+Latency sleeps through the execution layer (`datapunk_recovery._runtime`),
 so a fake clock advances instead of waiting, and under asyncio and trio alike
 a cancelled sleep cancels at once.  Nothing here catches anything:
 cancellation passes through untouched, and only ``Exception`` subclasses can
@@ -154,7 +161,7 @@ def armed() -> bool:
 
 
 def disable_all() -> None:
-    """The kill switch: no injector of this process injects anything until :func:`enable_all`.
+    """The kill switch: no injector of this process injects anything until `enable_all()`.
 
     Each injector keeps its own switch; this one overrides them all, so an
     operator can stop every experiment at once without finding each injector.
@@ -165,7 +172,8 @@ def disable_all() -> None:
 def enable_all() -> None:
     """Lift the kill switch: injectors that are enabled inject again.
 
-    Raises ``RuntimeError`` when the process is disarmed (see :func:`armed`).
+    Raises ``RuntimeError`` when the process is disarmed (see
+    [`armed()`][datapunk_recovery.chaos.armed]).
     """
     if not _ARMED:
         raise RuntimeError(
@@ -357,7 +365,7 @@ class Injector:
     """What every injector shares: a switch, counters, events, and the wrappers.
 
     Subclasses say which injections apply to the current call
-    (:meth:`_pick`); applying them is common: waits first, in order, then the
+    (`_pick()`); applying them is common: waits first, in order, then the
     first fault, outcome or behaviour takes the call's place.
     """
 
@@ -437,7 +445,7 @@ class Injector:
     def _apply_sync(
         self, fn: Callable[..., R], args: Any, kwargs: Any, nxt: Run | None = None
     ) -> R:
-        """Apply what :meth:`_pick` chose, then call ``fn`` (through ``nxt``, in a pipeline)."""
+        """Apply what `_pick()` chose, then call ``fn`` (through ``nxt``, in a pipeline)."""
         next(self._calls)
         for injection in self._pick():
             if isinstance(injection, Latency):
@@ -459,7 +467,7 @@ class Injector:
     async def _apply_async(
         self, fn: Callable[..., Awaitable[R]], args: Any, kwargs: Any, nxt: ARun | None = None
     ) -> R:
-        """The async twin of :meth:`_apply_sync`."""
+        """The async twin of `_apply_sync()`."""
         next(self._calls)
         for injection in self._pick():
             if isinstance(injection, Latency):
@@ -488,7 +496,7 @@ class Injector:
 
         Switched off (this injector or globally), the wrapper reads one flag
         (two when only the global switch is off) and calls ``fn``.  Disarmed
-        (see :func:`armed`), ``fn`` itself is returned.
+        (see [`armed()`][datapunk_recovery.chaos.armed]), ``fn`` itself is returned.
         """
         if not callable(fn):
             raise TypeError(f"{self.name}: expected a callable to wrap, got {fn!r}")
@@ -503,7 +511,7 @@ class Injector:
         return cast(Callable[P, R], wrapper)
 
     def stage(self) -> ChaosStage:
-        """This injector as a stage of a :class:`~datapunk_recovery.pipeline.Pipeline`.
+        """This injector as a stage of a [`Pipeline`][datapunk_recovery.pipeline.Pipeline].
 
         Place it with ``Pipeline.of(name, [..., injector.stage()])``: innermost,
         it breaks each attempt the way a failing dependency would, so every
@@ -525,7 +533,7 @@ class Injector:
 
 
 class ChaosStage:
-    """An injector as a pipeline stage (it fits :class:`datapunk_recovery.pipeline.Stage`).
+    """An injector as a pipeline stage (it fits `datapunk_recovery.pipeline.Stage`).
 
     Switched off, each call costs one flag read on top of the stage's frame.
     A behaviour receives the call's own arguments; latency and faults apply
@@ -680,7 +688,8 @@ class Chaos(Injector):
     ``seed`` (or a ready ``rng``) makes the choice of calls reproducible; a
     rate of 1 injects every call without drawing.  ``name`` names the
     injector in events and in the mark on injected faults
-    (:func:`injected_by`).  ``enabled=False`` builds it switched off.
+    ([`injected_by()`][datapunk_recovery.chaos.injected_by]).  ``enabled=False`` builds it switched
+    off.
     """
 
     __slots__ = ("_injected", "injection", "rate")
@@ -749,10 +758,12 @@ class Window:
 
 
 class Timeline:
-    """A script of faults over time: :class:`Window`\\ s read against the library clock.
+    """A script of faults over time: `Window`\\ s read against the library clock.
 
-    Build it, take one injector per dependency with :meth:`injector`, and
-    :meth:`start` it when the load begins; before that nothing is injected.
+    Build it, take one injector per dependency with
+    [`injector()`][datapunk_recovery.chaos.Timeline.injector], and
+    [`start()`][datapunk_recovery.chaos.Timeline.start] it when the load begins; before that nothing
+    is injected.
     Overlapping windows apply together (a latency and a fault, say).  One
     seeded RNG serves all of the timeline's injectors, so a run with the same
     seed and the same order of calls injects the same faults.
@@ -789,7 +800,7 @@ class Timeline:
         self._origin = None
 
     def elapsed(self) -> float | None:
-        """Seconds since :meth:`start`, or ``None`` when not started."""
+        """Seconds since `start()`, or ``None`` when not started."""
         origin = self._origin
         return None if origin is None else clock.now() - origin
 

@@ -1,6 +1,7 @@
 """The ``datapunk-recovery`` command line: a thin dispatcher over ``commands/``.
 
-Each subcommand lives in its own module under :mod:`datapunk_recovery.commands`
+Each subcommand lives in its own module under
+[`datapunk_recovery.commands`][datapunk_recovery.commands]
 and is imported only when the parser is built, so heavy optional libraries
 (rich, matplotlib) load only for the command that needs them.
 """

@@ -1,7 +1,9 @@
 """The library's clock: monotonic seconds, replaceable by a fake for tests and simulations.
 
-Every primitive reads time through :func:`now` so that a :class:`FakeClock`
-installed with :func:`use_clock` makes deadlines, breaker windows and budgets
+Every primitive reads time through [`now()`][datapunk_recovery.clock.now] so that a
+[`FakeClock`][datapunk_recovery.clock.FakeClock]
+installed with [`use_clock()`][datapunk_recovery.clock.use_clock] makes deadlines, breaker windows
+and budgets
 deterministic.  With a fake clock installed, the execution layer's sleeps
 advance the fake time instead of waiting.
 """
@@ -15,13 +17,13 @@ from collections.abc import Callable
 __all__ = ["FakeClock", "current_fake", "now", "use_clock"]
 
 now: Callable[[], float] = time.monotonic
-"""Monotonic seconds; rebound by :func:`use_clock` (read it as ``clock.now()``)."""
+"""Monotonic seconds; rebound by `use_clock()` (read it as ``clock.now()``)."""
 
 _fake: FakeClock | None = None
 
 
 class FakeClock:
-    """A clock that moves only when told to: :meth:`advance` or :meth:`set`.
+    """A clock that moves only when told to: `advance()` or `set()`.
 
     Sleeps of the execution layer advance it by the sleep's length, so code
     under test runs instantly while its time accounting stays exact.

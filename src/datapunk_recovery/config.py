@@ -1,10 +1,10 @@
-"""The configuration of :class:`~datapunk_recovery.strategies.RecoveryStrategies`.
+"""The configuration of [`RecoveryStrategies`][datapunk_recovery.strategies.RecoveryStrategies].
 
 One document describes how every service of a process recovers.  It comes
 from a TOML file, from environment variables, or both (variables win, key by
 key), and is validated into frozen dataclasses with the library's own
-configuration schema (:mod:`datapunk_recovery.schema`): durations read
-``"250ms"`` or ``"2s"`` (:mod:`datapunk_recovery.durations`), and every
+configuration schema ([`datapunk_recovery.schema`][datapunk_recovery.schema]): durations read
+``"250ms"`` or ``"2s"`` ([`datapunk_recovery.durations`][datapunk_recovery.durations]), and every
 problem is reported at once, naming the file or the variable, the key path
 and the value.
 
@@ -105,7 +105,7 @@ class ServicePolicy:
     - ``attempt_timeout``: seconds one attempt may take (async attempts are
       cancelled); ``None`` for no limit.
     - ``endpoints``: names of the service's endpoints, best priority first;
-      calls are routed over them by a :class:`~datapunk_recovery.network.Router`
+      calls are routed over them by a [`Router`][datapunk_recovery.network.router.Router]
       (one breaker per endpoint, failover, priority fallthrough).  Endpoint
       ``i`` of the list has priority ``i`` unless ``priorities`` says
       otherwise (endpoints of equal priority share the load);
@@ -113,7 +113,7 @@ class ServicePolicy:
     - ``hedge``: hedge calls across endpoints (only for services whose calls
       are safe to run twice); ``None`` for no hedging.
     - ``fallthrough``: when a call may use a lower priority level (see
-      :class:`~datapunk_recovery.network.RouterConfig`): ``"call"`` once every
+      [`RouterConfig`][datapunk_recovery.network.router.RouterConfig]): ``"call"`` once every
       endpoint above has failed in the call or refuses calls, ``"breaker"``
       only once every endpoint above refuses calls.
     """
@@ -197,7 +197,7 @@ class ServicePolicy:
 
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
-    """How :meth:`~datapunk_recovery.strategies.RecoveryStrategies.with_cache_recovery` reads.
+    """How `with_cache_recovery()` reads.
 
     ``ttl``: seconds a value read from the source stays fresh in the cache.
     ``stale_ttl``: seconds past that during which it is kept, to be served
@@ -323,10 +323,10 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     prefix: str = ENV_PREFIX,
 ) -> RecoveryConfig:
-    """Read a TOML file (optional) and the environment overrides into a :class:`RecoveryConfig`.
+    """Read a TOML file (optional) and the environment overrides into a `RecoveryConfig`.
 
     ``environ`` defaults to ``os.environ``; pass ``{}`` to ignore it.  Raises
-    :class:`~datapunk_recovery.schema.ConfigError` listing every problem.
+    [`ConfigError`][datapunk_recovery.schema.ConfigError] listing every problem.
     """
     document: dict[str, Any] = {} if path is None else read_toml(path)
     overrides = env_overrides(os.environ if environ is None else environ, prefix)
@@ -335,11 +335,11 @@ def load_config(
 
 
 def build_config(document: Mapping[str, Any], *, source: str = "configuration") -> RecoveryConfig:
-    """A :class:`RecoveryConfig` from a parsed document (a TOML table, maybe with env overrides).
+    """A `RecoveryConfig` from a parsed document (a TOML table, maybe with env overrides).
 
     ``source`` names the document in problems (values that came from the
     environment name their variable instead).  Raises
-    :class:`~datapunk_recovery.schema.ConfigError` listing every problem.
+    [`ConfigError`][datapunk_recovery.schema.ConfigError] listing every problem.
     """
     problems: list[Problem] = []
     if not isinstance(document, Mapping):

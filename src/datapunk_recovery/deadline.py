@@ -9,11 +9,11 @@ Two faces, one object:
 
 - ``with deadline(s):`` only *publishes* the deadline.  Sync code cannot be
   interrupted safely, so the primitives inside check it between steps and
-  callees read :func:`remaining` to size their own I/O timeouts.
+  callees read [`remaining()`][datapunk_recovery.deadline.remaining] to size their own I/O timeouts.
 - ``async with deadline(s):`` also *enforces* it: when the block's deadline is
   the earliest one and nothing outside already enforces it, the block is
   cancelled when it passes (``asyncio.timeout`` or a trio cancel scope) and
-  :class:`~datapunk_recovery.errors.DeadlineExceeded` is raised instead.  The
+  [`DeadlineExceeded`][datapunk_recovery.errors.DeadlineExceeded] is raised instead.  The
   cancel timer runs on the event loop's real clock, for the time the library
   clock says is left when the block starts.
 
@@ -70,7 +70,8 @@ class Deadline:
     """A deadline ``seconds`` from when the block is entered (see the module doc).
 
     Entering yields the absolute deadline on the library clock.  One object is
-    entered once; build a new one with :func:`deadline` for each block.
+    entered once; build a new one with [`deadline()`][datapunk_recovery.deadline.deadline] for each
+    block.
     """
 
     __slots__ = ("_enforced_token", "_scope", "_token", "at", "name", "seconds")
@@ -174,7 +175,7 @@ def deadline(seconds: float, *, name: str = "deadline") -> Deadline:
 
     ``with deadline(2.0) as at:`` publishes it (``at`` is the absolute
     deadline on the library clock); ``async with`` also cancels the block when
-    it passes and raises :class:`~datapunk_recovery.errors.DeadlineExceeded`.
+    it passes and raises [`DeadlineExceeded`][datapunk_recovery.errors.DeadlineExceeded].
     ``name`` names the block in that error and in events.
     """
     return Deadline(seconds, name=name)
@@ -201,7 +202,7 @@ def expired() -> bool:
 
 
 def check(what: str) -> None:
-    """Raise :class:`~datapunk_recovery.errors.DeadlineExceeded` if the deadline passed.
+    """Raise [`DeadlineExceeded`][datapunk_recovery.errors.DeadlineExceeded] if the deadline passed.
 
     ``what`` names the step that was about to start (it goes into the message);
     primitives call this before any step that would take time.

@@ -2,7 +2,8 @@
 
 The library keeps every duration as a float of seconds; configuration files and
 environment variables are written by people, who think in ``250ms`` and ``1m``.
-:func:`parse_duration` is the one bridge, used by the configuration schema and
+[`parse_duration()`][datapunk_recovery.durations.parse_duration] is the one bridge, used by the
+configuration schema and
 the command line alike, so that every place accepts the same spellings:
 
 - a number (``0.25``, ``2``) or numeric text (``"0.25"``) is seconds;
@@ -10,10 +11,11 @@ the command line alike, so that every place accepts the same spellings:
 - several such parts add up, largest unit first: ``"1m30s"``, ``"1h 15m"``.
 
 Negative, infinite and not-a-number durations are refused, and so is anything
-longer than one day (:data:`MAX_DURATION`, the library's one maximum for every
+longer than one day (`MAX_DURATION`, the library's one maximum for every
 duration setting): a wait cannot be negative, and "forever" is spelled as an
 absent limit, never as a huge number.
-:func:`format_duration` writes seconds back in the shortest readable form.
+[`format_duration()`][datapunk_recovery.durations.format_duration] writes seconds back in the
+shortest readable form.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class DurationError(ValueError):
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number or a duration text; raises :class:`DurationError`.
+    """Seconds from a number or a duration text; raises `DurationError`.
 
     Booleans are refused (``True`` is an int to Python, never a duration).
     """
@@ -107,7 +109,7 @@ def _parse_text(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """The shortest readable spelling of ``seconds``; :func:`parse_duration` reads it back.
+    """The shortest readable spelling of ``seconds``; `parse_duration()` reads it back.
 
     Whole minutes and hours use ``m`` and ``h``; under a second, ``ms`` (or
     ``us``); everything else is seconds.  At most three decimals are kept, so

@@ -2,7 +2,7 @@
 
 ``@retry`` wraps sync and async functions and keeps their signature;
 ``for attempt in retrying(...): with attempt: ...`` (or ``async for``) retries
-a block.  Both are driven by the same per-call state, :class:`_Call`, which
+a block.  Both are driven by the same per-call state, `_Call`, which
 holds every decision: retry or not, how long to wait, when to give up.
 
 The happy path (the call succeeds at once, no deadline, nobody listening)
@@ -348,7 +348,7 @@ class _Call:
         return delay
 
     def decide(self, exc: Exception | None) -> float | None:
-        """:meth:`failed`, except that an error of the library's own never escapes.
+        """`failed()`, except that an error of the library's own never escapes.
 
         The caller's exception is what the call raises, whatever goes wrong
         while deciding about it (a clock, a budget, a delay out of range):
@@ -493,7 +493,7 @@ def _sleep_sync(call: _Call, delay: float, error: Exception | None) -> bool:
 
 
 async def _sleep_async(call: _Call, delay: float, error: Exception | None) -> bool:
-    """The async twin of :func:`_sleep_sync`."""
+    """The async twin of `_sleep_sync()`."""
     try:
         await _runtime.sleep_async(delay)
     except Exception as internal:
@@ -571,7 +571,7 @@ async def _run_async(
     start: float | None,
     error: Exception | None,
 ) -> T:
-    """The async twin of :func:`_run_sync`; a deadline cancels the running attempt."""
+    """The async twin of `_run_sync()`; a deadline cancels the running attempt."""
     call = _new_call(e, start)
     deadline_at = call.deadline_at
     # This call reports every attempt to the budget: layers inside it (a
@@ -637,7 +637,7 @@ async def _run_async(
 
 
 class Retried(Protocol[P, R]):
-    """A function wrapped by :func:`retry`: same signature, plus a few handles."""
+    """A function wrapped by `retry()`: same signature, plus a few handles."""
 
     operation: str
     events: EventBus
@@ -774,13 +774,16 @@ def retry(
 ) -> Any:
     """Retry a sync or async function.
 
-    ``config`` is a :class:`RetryConfig` or a :class:`RetryPolicy` (defaults:
+    ``config`` is a [`RetryConfig`][datapunk_recovery.backoff.RetryConfig] or a
+    [`RetryPolicy`][datapunk_recovery.policy.RetryPolicy] (defaults:
     3 attempts, full jitter from 0.1 s up to 10 s).  ``on`` chooses what to
-    retry: exception types, a predicate, or ``None`` for what :func:`classify`
+    retry: exception types, a predicate, or ``None`` for what
+    [`classify()`][datapunk_recovery.errors.classify]
     calls retryable (so a bare ``@retry`` is always bounded and never retries
     a bug).  ``retry_if_result`` retries a returned value it accepts (an HTTP
     503 returned, not raised); when attempts run out it raises
-    :class:`RetryExhausted` holding the last result.  ``name`` names the
+    [`RetryExhausted`][datapunk_recovery.errors.RetryExhausted] holding the last result.  ``name``
+    names the
     operation in events and statistics (default: the function's qualified
     name).  ``budget`` is asked before every retry.  ``rng`` makes the jitter
     reproducible.  ``bus`` is the operation's event bus (default: a new one,
@@ -806,7 +809,7 @@ def retry(
 
 
 class AttemptContext:
-    """One attempt of a :func:`retrying` loop; use it as ``with attempt:``.
+    """One attempt of a `retrying()` loop; use it as ``with attempt:``.
 
     A retryable failure inside the block is swallowed and the loop goes on
     after the delay; any other ends the loop by propagating.  The block form
@@ -828,7 +831,7 @@ class AttemptContext:
 
 
 class Retrying:
-    """The iterator behind :func:`retrying`; iterate it once, sync or async."""
+    """The iterator behind `retrying()`; iterate it once, sync or async."""
 
     __slots__ = ("_call", "_delay", "_done", "_engine", "_error", "_reporting", "_token")
 
@@ -924,7 +927,8 @@ def retrying(
 ) -> Retrying:
     """Retry a block: ``for attempt in retrying(): with attempt: ...``.
 
-    Same settings as :func:`retry` (without ``retry_if_result``); works as a
+    Same settings as [`retry()`][datapunk_recovery.engine.retry] (without ``retry_if_result``);
+    works as a
     sync iterator (sleeping the thread) and an async one (``async for``).
     """
     return Retrying(_Engine(name, config, on, None, budget, rng, bus=bus))

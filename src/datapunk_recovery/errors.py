@@ -1,9 +1,11 @@
 """The error taxonomy: what went wrong, and whether trying again can help.
 
 Every layer of the library asks one question of a failure: *is it worth another
-attempt, and how long should we wait first?* :func:`classify` answers it once,
+attempt, and how long should we wait first?* [`classify()`][datapunk_recovery.errors.classify]
+answers it once,
 in one place, so that retries, breakers, budgets and the recoveries above them
-agree.  Users teach it about their own exceptions with :func:`register_rule`;
+agree.  Users teach it about their own exceptions with
+[`register_rule()`][datapunk_recovery.errors.register_rule];
 their rules win over the built-in ones.
 
 Cancellation is sacred: ``asyncio.CancelledError``, ``trio.Cancelled``,
@@ -61,7 +63,8 @@ _EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
 class RecoveryError(Exception):
     """Base of the library's own errors.
 
-    Carries what :func:`classify` needs without any rule: a category, whether a
+    Carries what [`classify()`][datapunk_recovery.errors.classify] needs without any rule: a
+    category, whether a
     retry can help, an optional server-given delay in seconds (``retry_after``),
     and free-form context (never secrets: callers put names, not DSNs, here).
     """
@@ -171,7 +174,7 @@ class Classification:
 
     ``delay_hint`` is a server-given delay in seconds (``Retry-After`` and
     friends) or ``None``; the engine validates it (see
-    :func:`datapunk_recovery.backoff.server_delay`).
+    [`datapunk_recovery.backoff.server_delay()`][datapunk_recovery.backoff.server_delay]).
     """
 
     category: ErrorCategory
@@ -254,7 +257,8 @@ def register_rule(rule: Rule, *, for_type: type[BaseException] | None = None) ->
 
     ``for_type`` restricts the rule to instances of that type, which keeps
     classification cheap when many rules exist.  Returns the rule so it can be
-    used as a decorator and passed to :func:`unregister_rule`.
+    used as a decorator and passed to
+    [`unregister_rule()`][datapunk_recovery.errors.unregister_rule].
     """
     if not callable(rule):
         raise TypeError(f"rule: expected a callable, got {rule!r}")
@@ -263,7 +267,7 @@ def register_rule(rule: Rule, *, for_type: type[BaseException] | None = None) ->
 
 
 def unregister_rule(rule: Rule) -> None:
-    """Remove a rule registered with :func:`register_rule` (no error if absent)."""
+    """Remove a rule registered with `register_rule()` (no error if absent)."""
     _rules[:] = [(t, r) for t, r in _rules if r is not rule]
 
 
@@ -298,10 +302,11 @@ def is_fatal(exc: BaseException) -> bool:
 def classify(exc: BaseException) -> Classification:
     """Classify ``exc``: user rules first, then the library's own knowledge.
 
-    Built in: :class:`RecoveryError` carries its own verdict; ``ConnectionError``
+    Built in: [`RecoveryError`][datapunk_recovery.errors.RecoveryError] carries its own verdict;
+    ``ConnectionError``
     and transient ``OSError`` errnos are retryable network errors;
     ``TimeoutError`` is a retryable timeout; urllib's ``URLError`` is
-    classified by the socket error it wraps; other ``OSError``\\ s and unknown
+    classified by the socket error it wraps; other ``OSError``s and unknown
     exceptions are not retryable.  Cancellation and exit are never retryable,
     and neither are authentication or authorization refusals of known drivers
     (asyncpg's class ``28``, redis-py's ``NOAUTH``/``WRONGPASS``/``NOPERM``,

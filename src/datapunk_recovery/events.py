@@ -1,14 +1,16 @@
 """One event model for the whole library.
 
-Every primitive reports what it did as a typed, immutable :class:`Event`
+Every primitive reports what it did as a typed, immutable [`Event`][datapunk_recovery.events.Event]
 (an attempt finished, a retry was scheduled, the engine gave up, a breaker
 opened, ...).  Subscribers are plain callables registered globally with
-:func:`subscribe` or on one :class:`EventBus` (each decorated function has
+[`subscribe()`][datapunk_recovery.events.subscribe] or on one
+[`EventBus`][datapunk_recovery.events.EventBus] (each decorated function has
 its own).  Exporters to logging, Prometheus and OpenTelemetry are subscribers
 like any other: there is no second mechanism.
 
 When nobody listens, no event object is built: producers check
-:func:`listening` first, so an unobserved call pays two attribute reads.
+[`listening()`][datapunk_recovery.events.listening] first, so an unobserved call pays two attribute
+reads.
 
 Events carry names, numbers and exception *type* names, never exception
 messages, keys or connection strings: a message may hold a secret.
@@ -157,7 +159,7 @@ Subscriber = Callable[[Event], None]
 
 
 class EventBus:
-    """A list of subscribers; :meth:`emit` calls each, and a failing one is logged.
+    """A list of subscribers; `emit()` calls each, and a failing one is logged.
 
     A subscriber that raises never breaks the call being observed.
     """

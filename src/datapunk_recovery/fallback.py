@@ -6,9 +6,11 @@ answer with something useful: a cached value, a default, a degraded
 response.  It triggers on the errors chosen with ``on`` (exception types or
 a predicate; default: every ``Exception``) and on results chosen with
 ``on_result`` (a predicate, e.g. an empty or an error response).  Using it is
-an event (:class:`FallbackUsed`), so a service that runs on fallbacks is seen.
+an event ([`FallbackUsed`][datapunk_recovery.fallback.FallbackUsed]), so a service that runs on
+fallbacks is seen.
 
-The handler receives a :class:`FallbackReason` (the error, or the rejected
+The handler receives a [`FallbackReason`][datapunk_recovery.fallback.FallbackReason] (the error, or
+the rejected
 result).  For async calls it may be a coroutine function.  An error raised by
 the handler itself propagates, chained to the original one.  Cancellation
 never triggers a fallback.
@@ -61,7 +63,8 @@ class Fallback(CallDecorator, Generic[T]):
 
     ``on`` chooses the errors (types, or a predicate over the exception;
     default every ``Exception``); ``on_result`` the results (a predicate).
-    Faces: :meth:`call`, :meth:`call_async`, and the object as a decorator.
+    Faces: [`call()`][datapunk_recovery.fallback.Fallback.call],
+    [`call_async()`][datapunk_recovery.fallback.Fallback.call_async], and the object as a decorator.
     """
 
     __slots__ = ("_handler", "_on_pred", "_on_types", "_value", "bus", "name", "on_result")

@@ -2,7 +2,7 @@
 
 Tail latency comes from a few slow replicas or packets; a second copy of a
 slow request usually finds a fast path (Dean and Barroso, "The Tail at
-Scale").  A :class:`Hedger` starts the first attempt and, if it has not
+Scale").  A [`Hedger`][datapunk_recovery.hedging.Hedger] starts the first attempt and, if it has not
 answered after the hedge delay, starts another (up to ``max_hedges``
 extra attempts), takes the first success and cancels the rest.
 
@@ -10,7 +10,8 @@ extra attempts), takes the first success and cancels the rest.
   tracks over its recent successful attempts (``percentile=0.95``: hedge the
   slowest 5%); until ``min_samples`` are known the fixed delay is used.
 - **Only idempotent calls** are hedged: two copies of a payment are two
-  payments.  Mark a function with :func:`idempotent` (or give the pipeline
+  payments.  Mark a function with [`idempotent()`][datapunk_recovery.hedging.idempotent] (or give
+  the pipeline
   ``idempotent=True``); an unmarked call runs once, unhedged.
 - **Budget**: every extra attempt draws on the retry budget (it asks
   ``allow_retry()`` first, and reports how it ended with ``on_attempt``), so
@@ -71,7 +72,7 @@ def idempotent(fn: F) -> F:
 
 
 def is_idempotent(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` was marked with :func:`idempotent`."""
+    """Whether ``fn`` was marked with [`idempotent()`][datapunk_recovery.hedging.idempotent]."""
     return getattr(fn, _IDEMPOTENT, False) is True
 
 
@@ -166,9 +167,11 @@ class _Outcome:
 class Hedger:
     """Races hedged attempts of idempotent async calls (see the module doc).
 
-    ``budget`` is the service's retry budget (any :class:`RetryGate`); ``None``
+    ``budget`` is the service's retry budget (any
+    [`RetryGate`][datapunk_recovery.budget.RetryGate]); ``None``
     means hedges are limited by ``max_hedges`` only.  Faces:
-    :meth:`call_async` and the object as a decorator of async functions.
+    [`call_async()`][datapunk_recovery.hedging.Hedger.call_async] and the object as a decorator of
+    async functions.
     """
 
     __slots__ = (
@@ -318,7 +321,7 @@ class Hedger:
     async def call_async(
         self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        """Await ``fn``, hedged if it is marked :func:`idempotent`."""
+        """Await ``fn``, hedged if it is marked `idempotent()`."""
         if not is_idempotent(fn):
             return await self._unhedged(fn, args, kwargs)
         return await self.race(fn, args, kwargs)

@@ -1,6 +1,7 @@
 """One pipeline that composes the flow-control primitives in a documented order.
 
-A service holds one :class:`Pipeline` per dependency and sends every call
+A service holds one [`Pipeline`][datapunk_recovery.pipeline.Pipeline] per dependency and sends every
+call
 through it.  The default order, outermost first::
 
     fallback -> bulkhead -> rate limiter -> adaptive limit -> deadline
@@ -25,11 +26,13 @@ and why:
 - **attempt timeout** innermost: it bounds one attempt, so a timed-out
   attempt can be retried while the deadline still has room.
 
-Users may build other orders with :meth:`Pipeline.of` and the stage classes.
+Users may build other orders with [`Pipeline.of()`][datapunk_recovery.pipeline.Pipeline.of] and the
+stage classes.
 Each stage costs little on the happy path: the retry stage makes the first
 attempt itself and hands over to the retry engine only on a failure (or when
 someone listens to events, so that every event is emitted).  With anybody
-listening, the pipeline also emits :class:`StageEntered` as each stage is
+listening, the pipeline also emits [`StageEntered`][datapunk_recovery.pipeline.StageEntered] as each
+stage is
 entered, which shows the order.
 """
 
@@ -151,7 +154,7 @@ def _through(call: Callable[..., Any], nxt: Run) -> Run:
 
 
 def _athrough(call: Callable[..., Awaitable[Any]], nxt: ARun) -> ARun:
-    """The async twin of :func:`_through`, for a primitive's ``call_async`` face."""
+    """The async twin of `_through()`, for a primitive's ``call_async`` face."""
 
     async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return await call(nxt, fn, args, kwargs)
@@ -363,7 +366,8 @@ class RetryStage:
     """Retry the rest of the chain with the retry engine, asking ``budget`` before each retry.
 
     ``config``, ``on`` and ``retry_if_result`` are the engine's (see
-    :func:`datapunk_recovery.engine.retry`); the operation is named ``name``.
+    [`datapunk_recovery.engine.retry()`][datapunk_recovery.engine.retry]); the operation is named
+    ``name``.
     """
 
     name = "retry"
@@ -557,13 +561,15 @@ class Pipeline:
     the default order.  ``retry`` defaults to the engine's defaults (3
     attempts, full jitter); pass ``retry=None`` for no retry stage.  Configs
     build primitives owned by the pipeline (sharing its event bus); ready
-    primitives (a :class:`Bulkhead` shared with another pipeline, a breaker
+    primitives (a [`Bulkhead`][datapunk_recovery.bulkhead.Bulkhead] shared with another pipeline, a
+    breaker
     from a registry) are used as they are.  ``hedge`` hedges async calls
     marked idempotent, or every async call with ``idempotent=True``; hedges
     draw on ``budget``.  ``deadline`` (the whole call) and ``attempt_timeout``
     (each attempt) are in seconds.
 
-    Faces: :meth:`call`, :meth:`call_async`, and the object as a decorator
+    Faces: [`call()`][datapunk_recovery.pipeline.Pipeline.call],
+    [`call_async()`][datapunk_recovery.pipeline.Pipeline.call_async], and the object as a decorator
     (sync and async, signature kept).
     """
 

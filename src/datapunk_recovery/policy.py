@@ -1,4 +1,4 @@
-"""Retry policies: a default :class:`RetryConfig` plus one per error category.
+"""Retry policies: a default `RetryConfig` plus one per error category.
 
 A rate-limited or too-many-connections failure deserves a slower backoff than
 a dropped connection; a policy maps categories to their own configuration and

@@ -5,17 +5,18 @@ fixtures are available in every test of a project that has the package:
 
 - ``recovery_instant``: retries of the test do not wait (delays are still
   computed and reported in events, only the sleeping is skipped);
-- ``recovery_clock``: a :class:`~datapunk_recovery.clock.FakeClock` for the
+- ``recovery_clock``: a [`FakeClock`][datapunk_recovery.clock.FakeClock] for the
   test: sleeps advance it, deadlines, breaker windows and budgets follow it,
   and ``recovery_clock.slept`` lists every sleep in seconds;
-- ``recovery_events``: an :class:`~datapunk_recovery.testing.EventRecorder` of
+- ``recovery_events``: an [`EventRecorder`][datapunk_recovery.testing.EventRecorder] of
   every event of the test (``.retries()``, ``.transitions()``, ``.of(...)``);
 - ``recovery_isolated``: the library's process-wide state (event subscribers,
   error classification rules, instant mode, the clock, the chaos kill switch)
   is put back as it was after the test.  The other three fixtures use it.
 
 Fixtures are opt-in: nothing changes in a test that does not ask for one.
-Disable the plugin with ``-p no:datapunk_recovery``.  See ``docs/testing.md``.
+Disable the plugin with ``-p no:datapunk_recovery``.  See
+[docs/testing.md](https://datapunk.github.io/datapunk-recovery/testing/).
 """
 
 from __future__ import annotations

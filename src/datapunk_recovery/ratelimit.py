@@ -1,25 +1,30 @@
 """Client-side rate limiting: a token bucket with a bounded wait and a 429 drain.
 
-A :class:`RateLimiter` lets calls through at ``rate`` per second on average
+A [`RateLimiter`][datapunk_recovery.ratelimit.RateLimiter] lets calls through at ``rate`` per second
+on average
 with bursts of up to ``burst``.  A call that finds the bucket empty
 *reserves* its token (the bucket goes into debt) and then waits until the
 token would have arrived, so waiting callers are served in order and never
 stampede when tokens come back.  A wait longer than ``max_wait`` seconds (or
 than the overall deadline allows) is refused at once with
-:class:`RateLimitExceeded`, whose ``retry_after`` says when a token will be
+[`RateLimitExceeded`][datapunk_recovery.ratelimit.RateLimitExceeded], whose ``retry_after`` says
+when a token will be
 there.  A caller cancelled while it waits gives its token back.
 
 When the server says it throttles us (a 429 result, or an error classified as
-``rate_limited``), :meth:`RateLimiter.drain` empties the bucket, for the
+``rate_limited``), [`RateLimiter.drain()`][datapunk_recovery.ratelimit.RateLimiter.drain] empties
+the bucket, for the
 server's ``Retry-After`` when it gives one: the next calls wait instead of
 hammering a server that already said no.
 
 Per-caller quotas: with ``per_caller_rate`` set, every caller (``caller=``
-or :func:`datapunk_recovery.bulkhead.as_caller`) also has its own bucket, so
+or [`datapunk_recovery.bulkhead.as_caller()`][datapunk_recovery.bulkhead.as_caller]) also has its
+own bucket, so
 one caller cannot use up the whole rate.  Idle callers' buckets are dropped
 when more than ``max_callers`` are tracked.
 
-Time is read through :func:`datapunk_recovery.clock.now` and waits go through
+Time is read through [`datapunk_recovery.clock.now()`][datapunk_recovery.clock.now] and waits go
+through
 ``_runtime`` sleeps, so a fake clock drives the limiter exactly.
 """
 
@@ -230,11 +235,15 @@ def _retune(bucket: _Bucket, rate: float, burst: float, now: float) -> None:
 
 
 class RateLimiter(CallDecorator):
-    """A token-bucket rate limiter (see the module doc and :class:`RateLimiterConfig`).
+    """A token-bucket rate limiter (see the module doc and `RateLimiterConfig`).
 
-    Faces: :meth:`acquire` / :meth:`acquire_async` (wait if allowed, else
-    raise), :meth:`try_acquire` (never waits), :meth:`call` /
-    :meth:`call_async` (also drain on a throttled result or error), and the
+    Faces: [`acquire()`][datapunk_recovery.ratelimit.RateLimiter.acquire] /
+    [`acquire_async()`][datapunk_recovery.ratelimit.RateLimiter.acquire_async] (wait if allowed,
+    else
+    raise), [`try_acquire()`][datapunk_recovery.ratelimit.RateLimiter.try_acquire] (never waits),
+    [`call()`][datapunk_recovery.ratelimit.RateLimiter.call] /
+    [`call_async()`][datapunk_recovery.ratelimit.RateLimiter.call_async] (also drain on a throttled
+    result or error), and the
     object as a decorator.  Thread-safe; one lock taken per call.
     """
 
@@ -413,7 +422,7 @@ class RateLimiter(CallDecorator):
 
         A ``retry_after`` above ``max_drain`` is capped to it; garbage (not a
         finite number >= 0) drains without a duration and is reported as
-        :class:`~datapunk_recovery.events.HintIgnored`.
+        [`HintIgnored`][datapunk_recovery.events.HintIgnored].
         """
         if retry_after is not None:
             retry_after = self._seconds(retry_after)

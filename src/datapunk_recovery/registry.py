@@ -29,7 +29,8 @@ def _pinned(breaker: CircuitBreaker) -> bool:
 
     Called under the registry's lock, so it never waits for the breaker's:
     a thread holding that (a subscriber of the breaker's events calling
-    :meth:`BreakerRegistry.get`, say) would deadlock with us.  A breaker in
+    [`BreakerRegistry.get()`][datapunk_recovery.registry.BreakerRegistry.get], say) would deadlock
+    with us.  A breaker in
     use right now is kept this time.
     """
     lock = breaker._core.lock
@@ -45,7 +46,8 @@ class BreakerRegistry:
     """Named breakers made on demand with ``config`` and ``store``, bounded by ``max_size``.
 
     Thread-safe.  ``config`` is the configuration of breakers made by
-    :meth:`get` without one of their own; ``store`` the store they use.
+    [`get()`][datapunk_recovery.registry.BreakerRegistry.get] without one of their own; ``store``
+    the store they use.
     """
 
     def __init__(
@@ -68,7 +70,8 @@ class BreakerRegistry:
         """The breaker called ``name``, made with ``config`` (or the registry's) if new.
 
         An existing breaker keeps its configuration: use
-        :meth:`CircuitBreaker.reconfigure` to change it.
+        [`CircuitBreaker.reconfigure()`][datapunk_recovery.breaker.CircuitBreaker.reconfigure] to
+        change it.
         """
         with self._lock:
             breaker = self._breakers.get(name)

@@ -2,24 +2,29 @@
 
 Every configuration object of the library is a frozen, validated dataclass
 (``RetryConfig``, ``RetryPolicy``, breaker and budget configurations, ...).
-:func:`build` makes one from a plain mapping, such as a parsed TOML table,
+[`build()`][datapunk_recovery.schema.build] makes one from a plain mapping, such as a parsed TOML
+table,
 reading the dataclass's own field types, so that no second description of the
 configuration exists to drift out of date:
 
 - numbers, booleans, strings, enums (by value), ``X | None``, tuples (from
   lists), ``Mapping[K, V]`` (keys converted to ``K``, an enum or ``str``) and
   nested dataclasses (from tables);
-- a duration field (see :func:`is_duration_field`) also takes a duration
-  text such as ``"250ms"`` or ``"1m"`` (:mod:`datapunk_recovery.durations`);
+- a duration field (see [`is_duration_field()`][datapunk_recovery.schema.is_duration_field]) also
+  takes a duration
+  text such as ``"250ms"`` or ``"1m"``
+  ([`datapunk_recovery.durations`][datapunk_recovery.durations]);
 - an optional field is set to ``None`` with the text ``"none"`` (TOML has no null);
 - an unknown key is an error, with the closest known key suggested.
 
-Values that came from environment variables are text; :func:`env_overrides`
-wraps each in :class:`Text`, which carries the variable's name and lets
+Values that came from environment variables are text;
+[`env_overrides()`][datapunk_recovery.schema.env_overrides]
+wraps each in [`Text`][datapunk_recovery.schema.Text], which carries the variable's name and lets
 numbers, booleans and comma-separated lists be read from text.  Merged into a
-file's table with :func:`merge`, they override it key by key.
+file's table with [`merge()`][datapunk_recovery.schema.merge], they override it key by key.
 
-Problems are collected, never stopped at: :class:`ConfigError` lists every one,
+Problems are collected, never stopped at: [`ConfigError`][datapunk_recovery.schema.ConfigError]
+lists every one,
 each naming its source (a file or an environment variable), the key path and
 the value, so that a bad configuration is fixed in one pass.  The dataclass's
 own validation (``__post_init__``) still has the last word; its complaint is
@@ -99,7 +104,7 @@ class Problem:
 
 
 class ConfigError(ValueError):
-    """A configuration with problems; :attr:`problems` lists every one, in document order."""
+    """A configuration with problems; `problems` lists every one, in document order."""
 
     def __init__(self, problems: list[Problem] | tuple[Problem, ...]) -> None:
         self.problems: tuple[Problem, ...] = tuple(problems)
@@ -145,7 +150,7 @@ def build(
     path: str = "",
     base: T | None = None,
 ) -> T:
-    """An instance of the dataclass ``cls`` from ``data`` (a mapping); raises :class:`ConfigError`.
+    """An instance of the dataclass ``cls`` from ``data`` (a mapping); raises `ConfigError`.
 
     ``source`` names where ``data`` came from (for messages); ``path`` is the
     key path of ``data`` inside a larger document.  Keys absent from ``data``
@@ -160,7 +165,7 @@ def build(
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """The table of a TOML file; an unreadable or malformed file raises :class:`ConfigError`."""
+    """The table of a TOML file; an unreadable or malformed file raises `ConfigError`."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -178,9 +183,10 @@ def env_overrides(environ: Mapping[str, str], prefix: str = "DATAPUNK_RECOVERY")
     """The overrides that environment variables ``PREFIX__KEY__PATH=value`` make, as a table.
 
     Keys are lower-cased (``DATAPUNK_RECOVERY__RETRY__MAX_ATTEMPTS=5`` sets
-    ``retry.max_attempts``); each value is a :class:`Text` naming its variable.
+    ``retry.max_attempts``); each value is a [`Text`][datapunk_recovery.schema.Text] naming its
+    variable.
     A variable that sets a table and another that sets a key inside it
-    conflict: :class:`ConfigError` names both.
+    conflict: [`ConfigError`][datapunk_recovery.schema.ConfigError] names both.
     """
     head = prefix + "__"
     tree: dict[str, Any] = {}

@@ -54,7 +54,7 @@ def count_value(counter: itertools.count[int]) -> int:
 
 
 class OperationStats:
-    """The live counters of one operation; :meth:`snapshot` reads them."""
+    """The live counters of one operation; `snapshot()` reads them."""
 
     __slots__ = ("_first_try", "_giveups", "_retries", "_slow_successes", "_unreasoned")
 

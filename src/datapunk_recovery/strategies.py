@@ -1,6 +1,7 @@
 """``RecoveryStrategies``: one object, built from configuration, for the four recoveries.
 
-A service holds one :class:`RecoveryStrategies` for its whole life::
+A service holds one [`RecoveryStrategies`][datapunk_recovery.strategies.RecoveryStrategies] for its
+whole life::
 
     async with RecoveryStrategies.from_config("recovery.toml") as recovery:
         order = await recovery.with_network_recovery("orders", fetch_order, order_id)
@@ -10,10 +11,10 @@ A service holds one :class:`RecoveryStrategies` for its whole life::
 
 It owns, per service, the retry policy (per error category too), the circuit
 breaker, the retry budget and the bulkhead that the configuration asks for
-(:mod:`datapunk_recovery.config`); a service with endpoints is routed by a
-:class:`~datapunk_recovery.network.Router` (a breaker per endpoint,
+([`datapunk_recovery.config`][datapunk_recovery.config]); a service with endpoints is routed by a
+[`Router`][datapunk_recovery.network.router.Router] (a breaker per endpoint,
 priorities, failover, hedging); reads with cache recovery go through a
-:class:`~datapunk_recovery.cache.ReadThroughCache` (single-flight,
+[`ReadThroughCache`][datapunk_recovery.cache.recovering.ReadThroughCache] (single-flight,
 stale-if-error, the cache's own breaker).  It also owns the pools, databases
 and the Redis cache it was asked to create: it opens them on entry (making
 no connection: the first use connects, so a dependency that is down never
@@ -24,7 +25,8 @@ the budget before every retry), endpoint choice, breaker, attempt timeout,
 the call.  Each service's pipeline is compiled once, when the configuration
 is applied, so a call pays one dictionary lookup to find it.
 
-:meth:`RecoveryStrategies.reload` applies a new configuration while calls
+[`RecoveryStrategies.reload()`][datapunk_recovery.strategies.RecoveryStrategies.reload] applies a
+new configuration while calls
 run: callers keep their handle; routers, breakers, budgets, bulkheads and
 pools are re-configured in place, so they keep their state (tokens are never
 refilled, slots and units held go on counting against the new limits) and
@@ -243,7 +245,8 @@ class _Service:
 
         ``opened`` is the one the facade opened; it is used as it is when its
         policy is this service's, else a twin of it is made once (a
-        :class:`SqliteDatabase` holds no connection, only its settings).
+        [`SqliteDatabase`][datapunk_recovery.database.sqlite.SqliteDatabase] holds no connection,
+        only its settings).
         """
         mine = self.databases.get(name)
         if mine is None or mine.path != opened.path:
@@ -355,12 +358,15 @@ def _bulkhead(name: str, config: BulkheadConfig | None, old: Bulkhead | None) ->
 class RecoveryStrategies:
     """The front door of the library for one service process; see the module documentation.
 
-    Build it with :meth:`from_config` (or from a :class:`RecoveryConfig`; a
-    bare :class:`RetryConfig` or :class:`RetryPolicy` becomes the default
+    Build it with [`from_config()`][datapunk_recovery.strategies.RecoveryStrategies.from_config] (or
+    from a [`RecoveryConfig`][datapunk_recovery.config.RecoveryConfig]; a
+    bare [`RetryConfig`][datapunk_recovery.backoff.RetryConfig] or
+    [`RetryPolicy`][datapunk_recovery.policy.RetryPolicy] becomes the default
     retry policy of every service, as ``RecoveryStrategies(RetryConfig(...))``),
     enter it with ``async with`` to open the databases and the Redis cache it
     was asked for, and call the four ``with_*_recovery`` methods.
-    Thread-compatible for reading; :meth:`reload` swaps the whole table of
+    Thread-compatible for reading;
+    [`reload()`][datapunk_recovery.strategies.RecoveryStrategies.reload] swaps the whole table of
     services in one assignment.
     """
 
@@ -411,15 +417,16 @@ class RecoveryStrategies:
         *,
         environ: Mapping[str, str] | None = None,
     ) -> RecoveryStrategies:
-        """Build from a TOML file path, a parsed table, a :class:`RecoveryConfig`, or nothing.
+        """Build from a TOML file path, a parsed table, a `RecoveryConfig`, or nothing.
 
-        A :class:`RetryConfig` or :class:`RetryPolicy` alone is the defaults
+        A [`RetryConfig`][datapunk_recovery.backoff.RetryConfig] or
+        [`RetryPolicy`][datapunk_recovery.policy.RetryPolicy] alone is the defaults
         with it as every service's retry policy.
 
         Environment overrides (``DATAPUNK_RECOVERY__...``, from ``environ``,
         default ``os.environ``) apply to files, tables and nothing; a ready
-        :class:`RecoveryConfig` is taken as it is.  Raises
-        :class:`~datapunk_recovery.schema.ConfigError` listing every problem.
+        [`RecoveryConfig`][datapunk_recovery.config.RecoveryConfig] is taken as it is.  Raises
+        [`ConfigError`][datapunk_recovery.schema.ConfigError] listing every problem.
         """
         return cls(_resolve(source, environ))
 
@@ -480,7 +487,7 @@ class RecoveryStrategies:
         started with.  Databases and the
         Redis cache cannot change without a restart (they are open
         connections): a change to them is one of the problems reported.
-        Raises :class:`~datapunk_recovery.schema.ConfigError` listing every
+        Raises [`ConfigError`][datapunk_recovery.schema.ConfigError] listing every
         problem; nothing changes then.
         """
         config = _resolve(source, environ)
@@ -661,7 +668,8 @@ class RecoveryStrategies:
 
         Uses the policy of ``service`` (the defaults when ``None``) and of
         ``category`` when it has its own, with the engine's own rule
-        (:meth:`RetryConfig.retry_delay`): any ``retry_number >= 0`` is
+        ([`RetryConfig.retry_delay()`][datapunk_recovery.backoff.RetryConfig.retry_delay]): any
+        ``retry_number >= 0`` is
         answered whatever ``max_attempts`` allows (0 means no retry yet and
         gives 0), capped at ``max_delay``.  The decorrelated kinds depend on
         the delays before; they are drawn in order with ``rng``.
@@ -686,13 +694,13 @@ class RecoveryStrategies:
         """Call ``service`` through its pipeline: bulkhead, retry + budget, endpoints, breaker.
 
         With ``endpoints`` in the service's policy, the service's
-        :class:`~datapunk_recovery.network.Router` runs ``call(endpoint,
-        *args, **kwargs)`` with the :class:`~datapunk_recovery.network.Endpoint`
+        [`Router`][datapunk_recovery.network.router.Router] runs ``call(endpoint,
+        *args, **kwargs)`` with the [`Endpoint`][datapunk_recovery.network.router.Endpoint]
         it picked (``endpoint.name``, ``endpoint.address``): the best priority
         level whose breaker admits calls, another endpoint of the level than
         the one that just failed, hedged when the service has ``hedge``; when
         every endpoint refuses, the call fails at once with
-        :class:`~datapunk_recovery.network.AllEndpointsDown`.  Without
+        [`AllEndpointsDown`][datapunk_recovery.network.router.AllEndpointsDown].  Without
         endpoints, ``call(*args, **kwargs)``.  ``fallback`` (a value, or a
         function of the exception, sync or async) answers when everything
         else failed.
@@ -726,11 +734,11 @@ class RecoveryStrategies:
     ) -> CacheResult[T]:
         """Read ``key`` through a read-through cache: the cache, else ``source(key)``, else stale.
 
-        ``cache`` is any :class:`~datapunk_recovery.cache.Cache`
-        (:class:`~datapunk_recovery.cache.RedisCache`, ...); ``None`` means the
+        ``cache`` is any [`Cache`][datapunk_recovery.cache.protocols.Cache]
+        ([`RedisCache`][datapunk_recovery.cache.redis.RedisCache], ...); ``None`` means the
         facade's own: the Redis of ``cache.redis`` when configured, else an
         embedded in-memory cache.  Reads of ``service`` through one cache
-        share a :class:`~datapunk_recovery.cache.ReadThroughCache`: the cache
+        share a [`ReadThroughCache`][datapunk_recovery.cache.recovering.ReadThroughCache]: the cache
         has a breaker of its own (the ``breaker`` of the policy of
         ``"<service>.cache"``), so a dead cache costs a state check, not a
         timeout, and is never retried; concurrent misses of a key make one
@@ -871,7 +879,7 @@ class RecoveryStrategies:
         never trips the service's breaker: it is local pressure, not a
         failing dependency), and given back in every case.  Each attempt runs
         the operation with a fresh
-        :class:`~datapunk_recovery.resource.cleanup.Compensations` stack; on
+        [`Compensations`][datapunk_recovery.resource.cleanup.Compensations] stack; on
         failure the registered compensations run in reverse order, every one
         of them, before the retry policy of ``service`` decides.
         """

@@ -2,15 +2,18 @@
 
 ``instant_retries()`` makes every retry happen at once (delays are still
 computed and reported, only the sleeping is skipped), globally with
-:func:`set_instant_retries` or inside a ``with`` block.  ``fake_clock()``
-installs a :class:`~datapunk_recovery.clock.FakeClock`: sleeps advance it,
+[`set_instant_retries()`][datapunk_recovery.testing.set_instant_retries] or inside a ``with`` block.
+``fake_clock()``
+installs a [`FakeClock`][datapunk_recovery.clock.FakeClock]: sleeps advance it,
 deadlines and breaker windows follow it, and nothing waits for real.
-``record_events()`` collects every event into an :class:`EventRecorder` that
+``record_events()`` collects every event into an
+[`EventRecorder`][datapunk_recovery.testing.EventRecorder] that
 answers "did it retry?" and "did the breaker open?".  ``isolated()`` puts the
 library's process-wide state back as it found it (event subscribers, error
 classification rules, instant mode, the clock, the chaos kill switch).
 
-The pytest plugin (:mod:`datapunk_recovery.pytest_plugin`, installed with the
+The pytest plugin ([`datapunk_recovery.pytest_plugin`][datapunk_recovery.pytest_plugin], installed
+with the
 package) offers each of them as a fixture.
 """
 
@@ -67,8 +70,10 @@ def fake_clock(start: float = 0.0) -> Iterator[FakeClock]:
 class EventRecorder:
     """Every event the library emitted while subscribed, in order, with questions about them.
 
-    A subscriber: ``events.subscribe(recorder)``, or use :func:`record_events`.
-    Events carry names and numbers only (see :mod:`datapunk_recovery.events`),
+    A subscriber: ``events.subscribe(recorder)``, or use
+    [`record_events()`][datapunk_recovery.testing.record_events].
+    Events carry names and numbers only (see
+    [`datapunk_recovery.events`][datapunk_recovery.events]),
     so asserting on them never depends on an error message.
     """
 
@@ -148,7 +153,7 @@ def isolated() -> Iterator[None]:
     """Whatever the block changes in the library's process-wide state is undone at its end.
 
     Restored: the global event subscribers, the error classification rules
-    (:func:`~datapunk_recovery.errors.register_rule`), instant retries, the
+    ([`register_rule()`][datapunk_recovery.errors.register_rule]), instant retries, the
     installed clock and the chaos kill switch.  Objects the block created
     (breakers, registries, budgets) are its own and need no restoring.
     """

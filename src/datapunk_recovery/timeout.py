@@ -1,24 +1,28 @@
 """Per-attempt timeouts: one slow attempt must not eat the whole deadline.
 
-An :class:`AttemptTimeout` bounds each attempt of a call (put it *inside* the
+An [`AttemptTimeout`][datapunk_recovery.timeout.AttemptTimeout] bounds each attempt of a call (put
+it *inside* the
 retry, as the pipeline does, so that a timed-out attempt can be retried while
 the overall deadline still has room).  The attempt gets ``seconds`` or what is
 left of the overall deadline, whichever is shorter, and that limit is
-published through :func:`datapunk_recovery.deadline.remaining` for the
+published through [`datapunk_recovery.deadline.remaining()`][datapunk_recovery.deadline.remaining]
+for the
 duration of the attempt, so the callee and any primitive inside it see it.
 
 - **async**: the attempt is cancelled when the limit passes (through
   ``_runtime.call_within``, on asyncio and trio).  If the attempt's own
-  ``seconds`` ran out, :class:`AttemptTimedOut` is raised (retryable, category
+  ``seconds`` ran out, [`AttemptTimedOut`][datapunk_recovery.timeout.AttemptTimedOut] is raised
+  (retryable, category
   ``timeout``); if the overall deadline did,
-  :class:`~datapunk_recovery.errors.DeadlineExceeded` (not retryable).
+  [`DeadlineExceeded`][datapunk_recovery.errors.DeadlineExceeded] (not retryable).
 - **sync**: Python cannot interrupt a running thread safely, so a sync attempt
   is *not* interrupted.  The limit is checked before the attempt starts (none
   left: it is not started) and published for the callee to pass to its own
   I/O timeouts (``socket.settimeout(remaining())``, a driver's
   ``timeout=``).  An attempt that overran still returns its result (the work
   is done; throwing it away would only cost another call) and an
-  :class:`AttemptOverran` event reports it.  The retry engine checks the
+  [`AttemptOverran`][datapunk_recovery.timeout.AttemptOverran] event reports it.  The retry engine
+  checks the
   overall deadline again between attempts.
 
 Cancellation from outside passes through untouched.
@@ -98,7 +102,9 @@ class AttemptOverran(Event):
 class AttemptTimeout(CallDecorator):
     """Bound every attempt to ``seconds`` (or the overall deadline if sooner).
 
-    Use :meth:`call` / :meth:`call_async`, or decorate a function with the
+    Use [`call()`][datapunk_recovery.timeout.AttemptTimeout.call] /
+    [`call_async()`][datapunk_recovery.timeout.AttemptTimeout.call_async], or decorate a function
+    with the
     object itself (``@AttemptTimeout(0.5)``).  ``name`` names the operation in
     errors and events.  Cheap: two clock reads and a context-variable swap
     per attempt.

@@ -1,14 +1,23 @@
 """Cache recovery: a read-through cache whose reads survive the cache and the source.
 
-- :mod:`.protocols`: :class:`Cache`, :class:`Source`, :class:`Codec`;
-- :mod:`.memory`: :class:`MemoryCache`, the bounded embedded default;
-- :mod:`.redis`: :class:`RedisCache` (``redis.asyncio``; JSON by default);
-- :mod:`.codecs`: :class:`JsonCodec`, :class:`PickleCodec` (explicit opt-in only);
-- :mod:`.sources`: PostgreSQL (asyncpg, psycopg 3), SQLite and function sources;
-- :mod:`.recovering`: :class:`ReadThroughCache`, the recovery itself;
-- :mod:`.warming`: warming policies and the hot-key sketch.
+- [`protocols`][datapunk_recovery.cache.protocols]:
+  [`Cache`][datapunk_recovery.cache.protocols.Cache],
+  [`Source`][datapunk_recovery.cache.protocols.Source],
+  [`Codec`][datapunk_recovery.cache.protocols.Codec];
+- [`memory`][datapunk_recovery.cache.memory]:
+  [`MemoryCache`][datapunk_recovery.cache.memory.MemoryCache], the bounded embedded default;
+- [`redis`][datapunk_recovery.cache.redis]: [`RedisCache`][datapunk_recovery.cache.redis.RedisCache]
+  (``redis.asyncio``; JSON by default);
+- [`codecs`][datapunk_recovery.cache.codecs]:
+  [`JsonCodec`][datapunk_recovery.cache.codecs.JsonCodec],
+  [`PickleCodec`][datapunk_recovery.cache.codecs.PickleCodec] (explicit opt-in only);
+- [`sources`][datapunk_recovery.cache.sources]: PostgreSQL (asyncpg, psycopg 3), SQLite and function
+  sources;
+- [`recovering`][datapunk_recovery.cache.recovering]:
+  [`ReadThroughCache`][datapunk_recovery.cache.recovering.ReadThroughCache], the recovery itself;
+- [`warming`][datapunk_recovery.cache.warming]: warming policies and the hot-key sketch.
 
-See ``docs/cache.md``.
+See [docs/cache.md](https://datapunk.github.io/datapunk-recovery/cache/).
 """
 
 from .codecs import JsonCodec, PickleCodec

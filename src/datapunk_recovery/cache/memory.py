@@ -2,7 +2,8 @@
 
 Nothing can fail here except memory, so it needs no breaker; it exists so
 that the read-through recovery works without any server, and so that tests
-can drive it under a fake clock (expiry follows :func:`datapunk_recovery.clock.now`).
+can drive it under a fake clock (expiry follows
+[`datapunk_recovery.clock.now()`][datapunk_recovery.clock.now]).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ _NEVER: Final = float("inf")
 class MemoryCache:
     """A bounded LRU cache with per-entry TTL; holds at most ``max_entries`` values.
 
-    Counters (:meth:`incr`) live beside the values and are never evicted.
+    Counters ([`incr()`][datapunk_recovery.cache.memory.MemoryCache.incr]) live beside the values
+    and are never evicted.
     """
 
     __slots__ = ("_counters", "_entries", "max_entries")

@@ -1,7 +1,8 @@
 """The read-through recovery: reads that survive the cache and, where they can, the source.
 
-:class:`ReadThroughCache` puts a :class:`~datapunk_recovery.cache.protocols.Cache`
-in front of a :class:`~datapunk_recovery.cache.protocols.Source`:
+[`ReadThroughCache`][datapunk_recovery.cache.recovering.ReadThroughCache] puts a
+[`Cache`][datapunk_recovery.cache.protocols.Cache]
+in front of a [`Source`][datapunk_recovery.cache.protocols.Source]:
 
 - **The cache failing** (refused, timed out, a killed connection, a
   blackholed server) sends reads to the source at once.  The cache has its
@@ -12,8 +13,10 @@ in front of a :class:`~datapunk_recovery.cache.protocols.Source`:
   other readers wait for it.
 - **Stale-if-error**: an entry past its ``ttl`` is kept ``stale_for`` more
   seconds; when the source fails, it is served and the answer says so
-  (:attr:`Lookup.stale`).
-- **Writes lose nothing**: :meth:`ReadThroughCache.write` writes the source
+  ([`Lookup.stale`][datapunk_recovery.cache.recovering.Lookup.stale]).
+- **Writes lose nothing**:
+  [`ReadThroughCache.write()`][datapunk_recovery.cache.recovering.ReadThroughCache.write] writes the
+  source
   first, then invalidates, also when the write failed (a lost answer is not
   a "no") or was cancelled.  An invalidation the cache could not take goes to
   a bounded repair list, applied when the cache is back; keys on it are read
@@ -27,14 +30,16 @@ in front of a :class:`~datapunk_recovery.cache.protocols.Source`:
 - **Garbage in the cache** (bytes the codec cannot read, or not the
   recovery's envelope) is a miss, counted as the failure kind ``corrupt``
   with an event; it never raises and never trips the cache's breaker.
-- **Warming**: :meth:`ReadThroughCache.maintain` (run it in a task you own)
+- **Warming**:
+  [`ReadThroughCache.maintain()`][datapunk_recovery.cache.recovering.ReadThroughCache.maintain] (run
+  it in a task you own)
   warms the keys the warming policies choose at start and after each
   recovery from an outage, at ``warm_rate`` keys per second.
 
 Scope of the guarantees: one process.  Another process sharing the same Redis
 may refill a key with a value it loaded before this process's write; across
 replicas the shared Redis is the truth, and such a value lives at most
-``ttl`` seconds (see ``docs/cache.md``).
+``ttl`` seconds (see [docs/cache.md](https://datapunk.github.io/datapunk-recovery/cache/)).
 
 Freshness is judged on wall-clock seconds (``time.time()``; the fake time
 under a fake clock), because entries are shared between processes and
@@ -97,7 +102,8 @@ class CacheConfig:
       is kept to be served when the source fails (0: never serve stale).
     - ``namespace``: prefix of every key (``namespace:generation:key``).
     - ``cache_timeout``: a hard bound on each cache call (``None``: rely on
-      the client's own socket timeouts, as :meth:`RedisCache.from_url` sets).
+      the client's own socket timeouts, as
+      [`RedisCache.from_url()`][datapunk_recovery.cache.redis.RedisCache.from_url] sets).
     - ``repair_limit``: invalidations kept for a cache that is down; one more
       invalidates the whole namespace instead.
     - ``generation_refresh``: how often the namespace generation is re-read,
@@ -299,8 +305,10 @@ _ABANDONED: Final = _Abandoned()
 class ReadThroughCache(Generic[V]):
     """A cache in front of a source whose reads survive either failing (see the module docs).
 
-    ``cache`` defaults to a :class:`MemoryCache`.  ``warming`` is a list of
-    :class:`WarmingPolicy` objects used by :meth:`maintain`; ``sketch``
+    ``cache`` defaults to a [`MemoryCache`][datapunk_recovery.cache.memory.MemoryCache].
+    ``warming`` is a list of
+    [`WarmingPolicy`][datapunk_recovery.cache.warming.WarmingPolicy] objects used by
+    [`maintain()`][datapunk_recovery.cache.recovering.ReadThroughCache.maintain]; ``sketch``
     tracks hot keys for them (default: one, when there is a policy).
     ``name`` names the cache in events and its breaker (``cache:<name>``).
     """
@@ -380,7 +388,8 @@ class ReadThroughCache(Generic[V]):
     ) -> tuple[bool, T | None]:
         """``(True, result)`` of a cache call, or ``(False, None)`` if the cache is unavailable.
 
-        ``(True, None)`` when the cache answered with garbage (:class:`CorruptEntry`).
+        ``(True, None)`` when the cache answered with garbage
+        ([`CorruptEntry`][datapunk_recovery.cache.protocols.CorruptEntry]).
         """
         if self._refused_until and clock.now() < self._refused_until:
             # The breaker refused a moment ago and said for how long: skip
@@ -483,7 +492,7 @@ class ReadThroughCache(Generic[V]):
         return (await self.lookup(key)).value
 
     async def lookup(self, key: str) -> Lookup[V]:
-        """Like :meth:`get`, and says where the value came from and whether it is stale."""
+        """Like `get()`, and says where the value came from and whether it is stale."""
         if self.sketch is not None:
             self.sketch.record(key)
         if (
@@ -783,7 +792,7 @@ class ReadThroughCache(Generic[V]):
             await self.warm(self._keys_for("recovered"), reason="recovered")
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, V]:
-        """The values of the existing ``keys`` (each read as by :meth:`get`)."""
+        """The values of the existing ``keys`` (each read as by `get()`)."""
         found: dict[str, V] = {}
         for key in keys:
             value = await self.get(key)

@@ -1,6 +1,7 @@
 """A Redis cache (``redis.asyncio``), values through a codec (JSON unless told otherwise).
 
-Built with :meth:`RedisCache.from_url`, its client has short socket and
+Built with [`RedisCache.from_url()`][datapunk_recovery.cache.redis.RedisCache.from_url], its client
+has short socket and
 connect timeouts (``timeout``, seconds): a blackholed Redis then fails a call
 in that time instead of hanging, and the recovery's breaker makes the calls
 after it fail in microseconds.  Redis is imported only here.
@@ -22,7 +23,7 @@ __all__ = ["RedisCache"]
 
 
 class RedisCache:
-    """A :class:`~datapunk_recovery.cache.protocols.Cache` on a ``redis.asyncio.Redis`` client.
+    """A [`Cache`][datapunk_recovery.cache.protocols.Cache] on a ``redis.asyncio.Redis`` client.
 
     The client must return bytes (``decode_responses=False``, the default).
     """
@@ -64,7 +65,7 @@ class RedisCache:
             ) from None
 
     async def get(self, key: str) -> Any | None:
-        """The decoded value of ``key`` or ``None``; :class:`CorruptEntry` if undecodable."""
+        """The decoded value of ``key`` or ``None``; `CorruptEntry` if undecodable."""
         return self._decode(await self.client.get(key))
 
     async def get_many(self, keys: Sequence[str]) -> list[Any | None]:
@@ -95,7 +96,8 @@ class RedisCache:
     async def counter(self, key: str) -> int:
         """The integer at ``key`` (raw, not through the codec), 0 when absent.
 
-        :class:`CorruptEntry` when ``key`` holds something else.
+        [`CorruptEntry`][datapunk_recovery.cache.protocols.CorruptEntry] when ``key`` holds
+        something else.
         """
         data = await self.client.get(key)
         if data is None:

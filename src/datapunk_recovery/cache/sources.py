@@ -1,12 +1,15 @@
 """Sources of truth for the read-through cache: PostgreSQL, SQLite, any async function.
 
-- :class:`FunctionSource`: any ``async def load(key)`` (and optionally ``load_many``).
-- :class:`PostgresSource`: a parameterised query on an ``asyncpg.Pool``, a
+- [`FunctionSource`][datapunk_recovery.cache.sources.FunctionSource]: any ``async def load(key)``
+  (and optionally ``load_many``).
+- [`PostgresSource`][datapunk_recovery.cache.sources.PostgresSource]: a parameterised query on an
+  ``asyncpg.Pool``, a
   ``psycopg_pool.AsyncConnectionPool`` or a
-  :class:`~datapunk_recovery.database.ManagedPool`; reads are idempotent, so
-  they go through the database recovery's :func:`~datapunk_recovery.database.run`
+  [`ManagedPool`][datapunk_recovery.database.pool.ManagedPool]; reads are idempotent, so
+  they go through the database recovery's [`run()`][datapunk_recovery.database.transaction.run]
   and survive a dropped connection or a restarted server.
-- :class:`SqliteSource`: a parameterised query on a SQLite file, run in a
+- [`SqliteSource`][datapunk_recovery.cache.sources.SqliteSource]: a parameterised query on a SQLite
+  file, run in a
   worker thread so the event loop never blocks.
 
 A query returns one row per key.  With one column the value is that column;

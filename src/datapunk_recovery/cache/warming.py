@@ -5,10 +5,12 @@ keeps nothing); the first readers would all miss and stampede the source.
 Warming loads chosen keys ahead of them, at a bounded rate so that warming
 itself cannot become the stampede.
 
-Which keys: a :class:`WarmingPolicy` is any object with
+Which keys: a [`WarmingPolicy`][datapunk_recovery.cache.warming.WarmingPolicy] is any object with
 ``keys_to_warm(reason, hot) -> iterable of keys``; ``reason`` is ``"start"``
-or ``"recovered"``, ``hot`` the :class:`HotKeySketch` of recent reads.
-Built in: :class:`WarmKeys` (a fixed list) and :class:`WarmHottest` (the
+or ``"recovered"``, ``hot`` the [`HotKeySketch`][datapunk_recovery.cache.warming.HotKeySketch] of
+recent reads.
+Built in: [`WarmKeys`][datapunk_recovery.cache.warming.WarmKeys] (a fixed list) and
+[`WarmHottest`][datapunk_recovery.cache.warming.WarmHottest] (the
 most read keys, predictive warming).
 
 Hot keys are tracked with a count-min sketch (fixed memory: ``width x depth``

@@ -67,7 +67,8 @@ def _worst_waits(configs: Sequence[RetryConfig], retries: int, *, server_delays:
     sequence, which never gets longer than retry ``k``'s bound).  Failures
     can mix categories in any order, so retry ``k`` waits at most the longest
     bound of the configurations that may still retry then; the bounds come
-    from :meth:`RetryConfig.longest_delays`, the engine's own formulas run at
+    from [`RetryConfig.longest_delays()`][datapunk_recovery.backoff.RetryConfig.longest_delays], the
+    engine's own formulas run at
     the top of every jitter range.  A server-given delay (``Retry-After``)
     replaces a shorter computed one when it is at most ``max_server_delay``
     (a longer one makes the engine give up): with ``server_delays`` each
@@ -114,7 +115,7 @@ def worst_case(
       hedge delay after the other (at most one attempt timeout apart: a
       failure starts the next at once), which fail the same way;
     - between attempts, the longest wait the engine can make (see
-      :func:`_worst_waits`): failures mixing categories the worst way, each
+      `_worst_waits()`): failures mixing categories the worst way, each
       wait at the top of its jitter range, and (``server_delays``) a
       server-given delay up to ``max_server_delay`` on every retry;
     - the call's deadline (the default configuration's) caps the retrying

@@ -1,17 +1,26 @@
 """Database recovery: classified errors, replayed transactions, pools that heal.
 
-- :mod:`.errors`: what a failure of asyncpg, psycopg 3 or sqlite3 means
+- [`errors`][datapunk_recovery.database.errors]: what a failure of asyncpg, psycopg 3 or sqlite3
+  means
   (SQLSTATE classes) and the library's own database errors;
-- :mod:`.transaction`: :func:`transaction` (replayed whole) and :func:`run`
+- [`transaction`][datapunk_recovery.database.transaction]: `transaction()` (replayed whole) and
+  [`run()`][datapunk_recovery.database.transaction.run]
   (statements, retried after they started only when idempotent), with
-  :class:`CommitOutcomeUnknown` and idempotency checks, and
-  :class:`TransactionRolledBack` for a transaction that did not commit;
-- :mod:`.pool`: :class:`ManagedPool` for ``asyncpg.Pool`` and
+  [`CommitOutcomeUnknown`][datapunk_recovery.database.errors.CommitOutcomeUnknown] and idempotency
+  checks, and
+  [`TransactionRolledBack`][datapunk_recovery.database.errors.TransactionRolledBack] for a
+  transaction that did not commit;
+- [`pool`][datapunk_recovery.database.pool]:
+  [`ManagedPool`][datapunk_recovery.database.pool.ManagedPool] for ``asyncpg.Pool`` and
   ``psycopg_pool.AsyncConnectionPool``;
-- :mod:`.sqlite`: :class:`SqliteDatabase`, replayed on busy, off the event loop.
+- [`sqlite`][datapunk_recovery.database.sqlite]:
+  [`SqliteDatabase`][datapunk_recovery.database.sqlite.SqliteDatabase], replayed on busy, off the
+  event loop.
 
-Importing this package teaches :func:`datapunk_recovery.errors.classify`
-about database errors (see :func:`database_rule`), so per-category retry
+Importing this package teaches
+[`datapunk_recovery.errors.classify()`][datapunk_recovery.errors.classify]
+about database errors (see [`database_rule()`][datapunk_recovery.database.errors.database_rule]), so
+per-category retry
 policies work on them.
 """
 

@@ -1,7 +1,8 @@
 """What a database failure means, for asyncpg, psycopg 3 and sqlite3 alike.
 
 A database error is worth another try only in a few well-known cases, and the
-cure differs by case; :func:`classify_database` names the case once:
+cure differs by case; [`classify_database()`][datapunk_recovery.database.errors.classify_database]
+names the case once:
 
 - ``conflict``: the server rolled the transaction back because of other
   transactions (``40001`` serialization failure, ``40P01`` deadlock, SQLite's
@@ -14,7 +15,8 @@ cure differs by case; :func:`classify_database` names the case once:
   connection in time: retry, but back off harder (category ``RESOURCE``).
 - ``missing``: a function, type, extension or library the statement needs is
   not there (``42883``, ``42704``, ``0A000``, ``58P01``): never retried,
-  reported as :class:`MissingExtensionError` naming what is missing.
+  reported as [`MissingExtensionError`][datapunk_recovery.database.errors.MissingExtensionError]
+  naming what is missing.
 - ``auth``: the server refused who we are or what we may do (class ``28``:
   a wrong password, an unknown role, no ``pg_hba.conf`` entry; ``42501``
   insufficient privilege; psycopg's connection-time refusals, which carry no
@@ -23,8 +25,10 @@ cure differs by case; :func:`classify_database` names the case once:
 - ``fatal``: integrity (class ``23``), data (class ``22``), syntax and other
   program errors: never retried.
 
-Importing :mod:`datapunk_recovery.database` registers :func:`database_rule`
-with :func:`datapunk_recovery.errors.register_rule`, so the one classifier of
+Importing [`datapunk_recovery.database`][datapunk_recovery.database] registers
+[`database_rule()`][datapunk_recovery.database.errors.database_rule]
+with [`datapunk_recovery.errors.register_rule()`][datapunk_recovery.errors.register_rule], so the
+one classifier of
 the library (and therefore per-category retry policies) knows these errors.
 Driver modules are never imported here: errors are recognised by their
 ``sqlstate`` attribute and type names, and sqlite3 is in the standard library.
@@ -99,7 +103,7 @@ class CommitOutcomeUnknown(DatabaseError):
 
     The work may or may not have been committed: replaying it blindly could do
     it twice, so nothing above may retry it.  Pass an idempotency check to
-    :func:`~datapunk_recovery.database.transaction` to have the recovery look,
+    `transaction()` to have the recovery look,
     on a fresh connection, whether the work is there.
     """
 
@@ -349,7 +353,7 @@ _CATEGORY: Final[Mapping[DbErrorKind, ErrorCategory]] = {
 
 
 def database_rule(exc: BaseException) -> Classification | None:
-    """A rule for :func:`datapunk_recovery.errors.classify`: database errors by SQLSTATE.
+    """A rule for `datapunk_recovery.errors.classify()`: database errors by SQLSTATE.
 
     Returns ``None`` for everything that is not a database driver's error, so
     other rules and the built-in knowledge decide those.  Too-many-connections
@@ -399,10 +403,10 @@ def _extension_for(name: str) -> str | None:
 
 
 def explain_missing(exc: BaseException) -> MissingExtensionError:
-    """Turn a "does not exist" error into a :class:`MissingExtensionError` that says what.
+    """Turn a "does not exist" error into a `MissingExtensionError` that says what.
 
     The message names the missing function, type, extension or file, the
-    extension known to provide it (from :data:`KNOWN_EXTENSION_OBJECTS`) and
+    extension known to provide it (from `KNOWN_EXTENSION_OBJECTS`) and
     the SQLSTATE; it is redacted like every message the library writes.
     """
     code = sqlstate_of(exc)

@@ -1,12 +1,12 @@
 """Pools that hand out only working connections and take back only clean ones.
 
-:class:`ManagedPool` wraps an ``asyncpg.Pool`` or a
+[`ManagedPool`][datapunk_recovery.database.pool.ManagedPool] wraps an ``asyncpg.Pool`` or a
 ``psycopg_pool.AsyncConnectionPool`` and adds what recovering from a failed
 database needs:
 
 - **bounded acquire**: no wait for a connection lasts longer than
   ``PoolConfig.acquire_timeout`` (nor past the overall deadline); running out
-  raises :class:`~datapunk_recovery.database.errors.PoolTimeout`, a
+  raises [`PoolTimeout`][datapunk_recovery.database.errors.PoolTimeout], a
   ``RESOURCE`` error that per-category policies back off harder on;
 - **health checks**: when the pool has been quiet for ``ping_after_idle``
   seconds, the next connection is pinged before it is handed out, so a
@@ -20,7 +20,8 @@ database needs:
 - **server restarts**: the first connection failure expires every pooled
   connection, so the pool recovers without a process restart;
 - **metrics**: size, idle connections and waiters are reported as
-  :class:`PoolStatus` events, discards as :class:`ConnectionDiscarded`.
+  [`PoolStatus`][datapunk_recovery.database.pool.PoolStatus] events, discards as
+  [`ConnectionDiscarded`][datapunk_recovery.database.pool.ConnectionDiscarded].
 
 Drivers are imported lazily, and only by the factory that needs them.
 """
@@ -98,7 +99,7 @@ IDLE: Final = "idle"
 
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
-    """How a :class:`ManagedPool` acquires and checks connections.
+    """How a `ManagedPool` acquires and checks connections.
 
     ``acquire_timeout``: the longest wait for a connection, in seconds.
     ``ping_after_idle``: when the pool saw no successful use for this many
@@ -195,7 +196,7 @@ class _Driver:
         raise NotImplementedError
 
     def state(self, conn: Any) -> str:
-        """:data:`OPEN`, :data:`ABORTED` (known aborted) or :data:`IDLE` (no transaction)."""
+        """`OPEN`, `ABORTED` (known aborted) or `IDLE` (no transaction)."""
         raise NotImplementedError
 
     def abort_code(self, handle: Any) -> str | None:
@@ -563,10 +564,15 @@ class ManagedPool:
     """A driver pool with bounded acquire, health checks and clean returns.
 
     Build one around an existing pool (``ManagedPool(asyncpg_pool)``) or let
-    :meth:`create_asyncpg` / :meth:`create_psycopg` build both.  Use
-    :meth:`connection` for a connection that is discarded if it fails,
-    :meth:`transaction` to run a function in a transaction replayed on
-    retryable failures, :meth:`run` for work outside a transaction.
+    [`create_asyncpg()`][datapunk_recovery.database.pool.ManagedPool.create_asyncpg] /
+    [`create_psycopg()`][datapunk_recovery.database.pool.ManagedPool.create_psycopg] build both.
+    Use
+    [`connection()`][datapunk_recovery.database.pool.ManagedPool.connection] for a connection that
+    is discarded if it fails,
+    [`transaction()`][datapunk_recovery.database.pool.ManagedPool.transaction] to run a function in
+    a transaction replayed on
+    retryable failures, [`run()`][datapunk_recovery.database.pool.ManagedPool.run] for work outside
+    a transaction.
     """
 
     __slots__ = ("_driver", "_expired_at", "_last_ok", "_waiting", "address", "bus", "config")
@@ -593,7 +599,7 @@ class ManagedPool:
 
     @classmethod
     def of(cls, pool: Any) -> ManagedPool:
-        """``pool`` itself if managed, else a new :class:`ManagedPool` with default settings.
+        """``pool`` itself if managed, else a new `ManagedPool` with default settings.
 
         A driver pool wrapped per call keeps no health-check memory and counts
         no waiters across calls: wrap it once and keep the wrapper for that.
@@ -702,7 +708,7 @@ class ManagedPool:
         return timeout
 
     async def acquire(self) -> Any:
-        """A working connection, within the acquire timeout; give it back with :meth:`release`."""
+        """A working connection, within the acquire timeout; give it back with `release()`."""
         driver = self._driver
         failures = 0
         while True:
@@ -848,9 +854,11 @@ class ManagedPool:
     async def connection(self) -> AsyncIterator[Any]:
         """``async with pool.connection() as conn:`` a connection, discarded if it fails.
 
-        No retry here: use :meth:`transaction` or :meth:`run` for that.  A
+        No retry here: use
+        [`transaction()`][datapunk_recovery.database.pool.ManagedPool.transaction] or
+        [`run()`][datapunk_recovery.database.pool.ManagedPool.run] for that.  A
         block that leaves a transaction open raises
-        :class:`~datapunk_recovery.database.errors.TransactionRolledBack`:
+        [`TransactionRolledBack`][datapunk_recovery.database.errors.TransactionRolledBack]:
         giving the connection back rolls that transaction back, so its work
         must not look done.
         """

@@ -1,7 +1,8 @@
 """SQLite transactions replayed on ``SQLITE_BUSY`` / ``SQLITE_LOCKED``, off the event loop.
 
 SQLite allows one writer at a time; a second writer waits up to its busy
-timeout and then fails with ``database is locked``.  :class:`SqliteDatabase`
+timeout and then fails with ``database is locked``.
+[`SqliteDatabase`][datapunk_recovery.database.sqlite.SqliteDatabase]
 keeps that wait short (``busy_timeout``) and lets the retry engine replay the
 whole transaction with jittered backoff instead, so that many writers take
 turns rather than time out together.
@@ -13,7 +14,7 @@ is done), runs ``fn(conn)``, commits and closes.  A failed ``COMMIT`` in
 SQLite leaves nothing committed, so commits are never in doubt here.  A
 transaction SQLite ended under ``fn`` (``SQLITE_FULL``, ``INSERT OR
 ROLLBACK``, a ``ROLLBACK`` by ``fn``) raises
-:class:`~datapunk_recovery.database.errors.TransactionRolledBack`, never
+[`TransactionRolledBack`][datapunk_recovery.database.errors.TransactionRolledBack], never
 replayed, instead of returning what ``fn`` returned.
 """
 
@@ -55,7 +56,8 @@ class BeginMode(StrEnum):
 @dataclass(frozen=True, slots=True)
 class SqliteConfig:
     """``busy_timeout``: seconds SQLite itself waits for a lock before failing with busy;
-    ``begin``: the :class:`BeginMode`; ``retry``: how busy transactions are replayed
+    ``begin``: the [`BeginMode`][datapunk_recovery.database.sqlite.BeginMode]; ``retry``: how busy
+    transactions are replayed
     (default: 10 attempts, 5 ms to 0.5 s full jitter).
     """
 

@@ -1,6 +1,7 @@
 """Transactions replayed from the start, statements retried only when safe.
 
-:func:`transaction` runs ``fn(conn)`` between ``BEGIN`` and ``COMMIT`` and,
+[`transaction()`][datapunk_recovery.database.transaction.transaction] runs ``fn(conn)`` between
+``BEGIN`` and ``COMMIT`` and,
 on a failure that another attempt can cure (serialization failure,
 deadlock, a lost connection, a server out of connections), rolls back or
 discards the connection and runs the *whole* function again on a fresh
@@ -10,27 +11,30 @@ connection.  ``fn`` must therefore do all of its database work through
 A transaction is acknowledged only once it committed.  PostgreSQL aborts a
 transaction at its first error, and when ``fn`` catches that error and
 returns, ``COMMIT`` answers ``ROLLBACK`` without raising: that (and a
-transaction ``fn`` ended itself) raises :class:`TransactionRolledBack`,
+transaction ``fn`` ended itself) raises
+[`TransactionRolledBack`][datapunk_recovery.database.errors.TransactionRolledBack],
 never replayed, instead of returning what ``fn`` returned.
 
 The one failure never replayed blindly is a connection lost while ``COMMIT``
 was in flight: the server may have committed before the answer was lost.
-Without an idempotency check that raises :class:`CommitOutcomeUnknown`; with
+Without an idempotency check that raises
+[`CommitOutcomeUnknown`][datapunk_recovery.database.errors.CommitOutcomeUnknown]; with
 one (``idempotency_check(conn) -> bool``, run on a fresh connection, true
 when the work is already there) the recovery waits until the server process
 that received the COMMIT has ended (so the COMMIT cannot land after the
 check), looks, returns the result if the work committed, and replays only if
 it did not.
 
-:func:`run` runs ``fn(conn)`` outside a transaction, where each statement
+[`run()`][datapunk_recovery.database.transaction.run] runs ``fn(conn)`` outside a transaction, where
+each statement
 commits on its own.  Failures that happen before ``fn`` starts (no
 connection, a full server) are retried as usual.  Once ``fn`` has started,
 only work the caller marks idempotent is retried: even an error the server
 reported (a deadlock) may come after earlier statements of ``fn`` committed,
 which a replay would repeat.  Without the mark, such an error is raised
-marked final (:func:`~datapunk_recovery.errors.mark_final`: no outer layer
+marked final ([`mark_final()`][datapunk_recovery.errors.mark_final]: no outer layer
 retries it either), and a connection lost while a statement was in flight
-becomes :class:`CommitOutcomeUnknown`.
+becomes [`CommitOutcomeUnknown`][datapunk_recovery.database.errors.CommitOutcomeUnknown].
 """
 
 from __future__ import annotations
@@ -102,8 +106,10 @@ class Isolation(StrEnum):
 class TransactionConfig:
     """How transactions and statements are run and replayed.
 
-    ``retry``: a :class:`RetryConfig` or a per-category :class:`RetryPolicy`
-    (default :data:`DEFAULT_POLICY`); ``isolation``: the isolation level
+    ``retry``: a [`RetryConfig`][datapunk_recovery.backoff.RetryConfig] or a per-category
+    [`RetryPolicy`][datapunk_recovery.policy.RetryPolicy]
+    (default [`DEFAULT_POLICY`][datapunk_recovery.database.transaction.DEFAULT_POLICY]);
+    ``isolation``: the isolation level
     (``None``: the server's default); ``read_only``: begin a read-only
     transaction.
     """
@@ -189,7 +195,7 @@ async def _settled(pool: ManagedPool, conn: Any, pid: int) -> None:
     """Wait until the backend that received the lost COMMIT has ended.
 
     Until then its transaction may still commit, and a check would race it.
-    Past half of :data:`_SETTLE_TIME` the backend is terminated (a COMMIT it
+    Past half of `_SETTLE_TIME` the backend is terminated (a COMMIT it
     is running still completes; one it has not started is rolled back).
     """
     driver = pool._driver
@@ -390,14 +396,17 @@ async def transaction(
 ) -> T:
     """Run ``fn(conn)`` in a transaction on ``pool``, replayed whole on a retryable failure.
 
-    ``pool`` is a :class:`ManagedPool`, an ``asyncpg.Pool`` or a
+    ``pool`` is a [`ManagedPool`][datapunk_recovery.database.pool.ManagedPool], an ``asyncpg.Pool``
+    or a
     ``psycopg_pool.AsyncConnectionPool``.  Returns what ``fn`` returned.
-    Raises the last error when attempts run out; :class:`TransactionRolledBack`
+    Raises the last error when attempts run out;
+    [`TransactionRolledBack`][datapunk_recovery.database.errors.TransactionRolledBack]
     (never replayed) when the transaction did not commit although ``fn``
     returned (it swallowed an error that aborted it, or ended it itself);
-    :class:`CommitOutcomeUnknown`
+    [`CommitOutcomeUnknown`][datapunk_recovery.database.errors.CommitOutcomeUnknown]
     when COMMIT's answer was lost and ``idempotency_check`` was not given (or
-    failed); :class:`MissingExtensionError` (from the driver's error) when a
+    failed); [`MissingExtensionError`][datapunk_recovery.database.errors.MissingExtensionError]
+    (from the driver's error) when a
     function, type or extension is missing.
     """
     managed = ManagedPool.of(pool)
@@ -421,11 +430,13 @@ async def run(
     Failures before ``fn`` starts (no connection, a full server) are retried
     either way.  A failure once ``fn`` has started is retried only with
     ``idempotent=True``: otherwise a connection lost mid-statement raises
-    :class:`CommitOutcomeUnknown`, and any other error (even a deadlock the
+    [`CommitOutcomeUnknown`][datapunk_recovery.database.errors.CommitOutcomeUnknown], and any other
+    error (even a deadlock the
     server reported, which may follow statements of ``fn`` that committed) is
     raised as itself, marked final so no outer layer replays it either.
     ``fn`` returning with a transaction of its own still open raises
-    :class:`TransactionRolledBack` (giving the connection back rolls it back).
+    [`TransactionRolledBack`][datapunk_recovery.database.errors.TransactionRolledBack] (giving the
+    connection back rolls it back).
     ``config.isolation`` and ``read_only`` do not apply here.
     """
     managed = ManagedPool.of(pool)

@@ -1,7 +1,7 @@
 """The demo's drill: the same scripted traffic and faults, without and with recovery.
 
 A run offers ``rate`` requests per second for ``duration`` seconds to the
-mesh of :mod:`.mesh`, open loop (a slow answer does not slow the traffic
+mesh of [`mesh`][datapunk_recovery.demo.mesh], open loop (a slow answer does not slow the traffic
 down, as with real users).  Requests are of four kinds, one per recovery:
 
 - ``read``: a catalog item, from the cache, else from the database;
@@ -10,7 +10,7 @@ down, as with real users).  Requests are of four kinds, one per recovery:
 - ``write``: an order written to the database in a transaction;
 - ``job``: work that holds a unit of the worker pool.
 
-Faults come from a :class:`~datapunk_recovery.chaos.Timeline` seeded with the
+Faults come from a [`Timeline`][datapunk_recovery.chaos.Timeline] seeded with the
 run's seed, so both runs see the same script: the cache goes down and comes
 back, the primary fails and the secondary must take over, the database is
 busy and drops connections, the pool runs dry.  Each request has
@@ -206,14 +206,15 @@ def fault_script(
 def fault_windows(
     duration: float, busy: Callable[[], Exception] = busy_error
 ) -> tuple[Window, ...]:
-    """The windows of :func:`fault_script`, for a :class:`~datapunk_recovery.chaos.Timeline`."""
+    """The windows of `fault_script()`, for a `Timeline`."""
     return tuple(window for window, _ in fault_script(duration, busy))
 
 
 def demo_config(
     database: Mapping[str, str], addresses: Mapping[str, str], namespace: str = "dp"
 ) -> dict[str, Any]:
-    """The embedded defaults of the demo, as a configuration table (see ``docs/demo.md``).
+    """The embedded defaults of the demo, as a configuration table (see
+    [docs/demo.md](https://datapunk.github.io/datapunk-recovery/demo/)).
 
     ``database`` is the table of the orders database (``sqlite`` or
     ``postgres``), ``addresses`` the endpoints' ``host:port``, ``namespace``

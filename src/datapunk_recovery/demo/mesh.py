@@ -3,8 +3,8 @@
 By default everything runs in one process on the standard library alone: the
 HTTP endpoints are tiny asyncio servers on loopback, the database a SQLite
 file in a temporary folder, the cache the library's embedded
-:class:`~datapunk_recovery.cache.MemoryCache`.  With a Redis URL the cache is
-a :class:`~datapunk_recovery.cache.RedisCache`; with a PostgreSQL DSN the
+[`MemoryCache`][datapunk_recovery.cache.memory.MemoryCache].  With a Redis URL the cache is
+a [`RedisCache`][datapunk_recovery.cache.redis.RedisCache]; with a PostgreSQL DSN the
 database is PostgreSQL (asyncpg).  Each dependency counts the calls that
 reach it (the demo's measure of load amplification) and lets a chaos
 injector decide, per call, whether it fails or slows down.
@@ -125,7 +125,7 @@ class Endpoint:
 async def http_get(name: str, address: str, path: str) -> bytes:
     """``GET path`` from endpoint ``name`` at ``host:port``.
 
-    A 5xx raises :class:`~datapunk_recovery.network.http.HttpStatusError`.
+    A 5xx raises [`HttpStatusError`][datapunk_recovery.network.http.HttpStatusError].
     """
     host, _, port = address.rpartition(":")
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -152,7 +152,7 @@ async def http_get(name: str, address: str, path: str) -> bytes:
 
 
 class FaultyCache:
-    """A :class:`~datapunk_recovery.cache.Cache` that fails when its injector says so.
+    """A [`Cache`][datapunk_recovery.cache.protocols.Cache] that fails when its injector says so.
 
     Wraps the real cache (embedded or Redis); ``calls`` counts every call
     that reached it.
@@ -217,7 +217,7 @@ class Store(Protocol):
         ...
 
     async def drop(self) -> None:
-        """Remove what :meth:`create` made (when it is not a throwaway file)."""
+        """Remove what `create()` made (when it is not a throwaway file)."""
         ...
 
     async def read(self, key: str) -> str:
@@ -238,7 +238,7 @@ def _catalog() -> list[tuple[str, str]]:
 
 
 class SqliteStore:
-    """The demo's database in a SQLite file (see :class:`Store`)."""
+    """The demo's database in a SQLite file (see [`Store`][datapunk_recovery.demo.mesh.Store])."""
 
     __slots__ = ("calls", "injector", "path", "settings")
 
@@ -303,7 +303,7 @@ class SqliteStore:
 
 
 class PostgresStore:
-    """The demo's database in PostgreSQL, in tables of its own run (see :class:`Store`).
+    """The demo's database in PostgreSQL, in tables of its own run (see `Store`).
 
     The plain run uses a small asyncpg pool of its own; the recovered run
     the facade's (``settings``).  The DSN is never shown.

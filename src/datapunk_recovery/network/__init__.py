@@ -1,13 +1,14 @@
 """Network recovery: routing over prioritised endpoints, server delays, HTTP adapters.
 
-- :mod:`.router`: endpoints with priorities and breakers; selection, failover,
+- [`router`][datapunk_recovery.network.router]: endpoints with priorities and breakers; selection,
+  failover,
   priority fallthrough, hedging across endpoints, run-time re-routing.
-- :mod:`.delays`: ``Retry-After``, ``X-RateLimit-Reset`` and
+- [`delays`][datapunk_recovery.network.delays]: ``Retry-After``, ``X-RateLimit-Reset`` and
   ``grpc-retry-pushback-ms`` parsed into the core's delay hint.
-- :mod:`.http`: status-aware retries, "overloaded, don't retry", the
+- [`http`][datapunk_recovery.network.http]: status-aware retries, "overloaded, don't retry", the
   remaining deadline sent downstream; shared by the adapters
-  :mod:`datapunk_recovery.network.httpx` and
-  :mod:`datapunk_recovery.network.aiohttp` (imported on demand).
+  [`datapunk_recovery.network.httpx`][datapunk_recovery.network.httpx] and
+  [`datapunk_recovery.network.aiohttp`][datapunk_recovery.network.aiohttp] (imported on demand).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""The aiohttp adapter: requests over a :class:`~.router.Router`'s endpoints.
+"""The aiohttp adapter: requests over a `Router`'s endpoints.
 
 ``AiohttpRecovery(session, router)`` sends each attempt to the endpoint the
 router picks (``endpoint.address`` is the base URL), judges the answer with
-:class:`~.http.HttpPolicy` and lets the router retry, fail over and hedge.
+[`HttpPolicy`][datapunk_recovery.network.http.HttpPolicy] and lets the router retry, fail over and
+hedge.
 
 Connections never leak: a response that will be retried is released before
 the retry, and the response returned has its body already read (``await
@@ -88,7 +89,8 @@ def _no_hidden_resend(session: aiohttp.ClientSession) -> None:
 class AiohttpRecovery(HttpRecovery[aiohttp.ClientResponse]):
     """Recovering requests with an ``aiohttp.ClientSession`` over ``router``'s endpoints.
 
-    Faces (from :class:`~.http.HttpRecovery`): ``request(method, path, ...)``
+    Faces (from [`HttpRecovery`][datapunk_recovery.network.http.HttpRecovery]):
+    ``request(method, path, ...)``
     and ``get`` / ``post`` / ``put`` / ``delete``, each returning a response
     with its body read; other keyword arguments go to ``session.request``
     (``params``, ``json``, ``data``...).  Each request is sent with

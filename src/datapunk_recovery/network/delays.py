@@ -10,14 +10,17 @@ A server that is rate limiting or restarting usually says when to come back:
 - ``grpc-retry-pushback-ms`` (gRPC): milliseconds, and a *negative* value
   means "do not retry at all".
 
-:func:`server_hint` reads them (pushback first: it is the most specific,
-then ``Retry-After``, then ``X-RateLimit-Reset``) into a :class:`ServerHint`:
-a delay in seconds for :func:`datapunk_recovery.errors.classify`'s
+[`server_hint()`][datapunk_recovery.network.delays.server_hint] reads them (pushback first: it is
+the most specific,
+then ``Retry-After``, then ``X-RateLimit-Reset``) into a
+[`ServerHint`][datapunk_recovery.network.delays.ServerHint]:
+a delay in seconds for [`datapunk_recovery.errors.classify()`][datapunk_recovery.errors.classify]'s
 ``delay_hint``, or ``never``.  A value that cannot be parsed or is negative
 (a ``Retry-After: -5``, a date that is not a date) is ignored and reported
-with :class:`~datapunk_recovery.events.HintIgnored`; a value that parses but
-is absurdly long is passed on (capped at :data:`MAX_HINT_SECONDS`), so that
-the core's rule (:func:`datapunk_recovery.backoff.server_delay`) gives up
+with [`HintIgnored`][datapunk_recovery.events.HintIgnored]; a value that parses but
+is absurdly long is passed on (capped at `MAX_HINT_SECONDS`), so that
+the core's rule
+([`datapunk_recovery.backoff.server_delay()`][datapunk_recovery.backoff.server_delay]) gives up
 instead of waiting hours.
 
 The grammars are strict, as RFC 9110 writes them: seconds are ASCII digits
@@ -140,7 +143,7 @@ def _field(value: object) -> str | None:
 
 
 def _seconds(digits: str) -> float:
-    """ASCII digits (and maybe a fraction) as seconds, capped at :data:`MAX_HINT_SECONDS`."""
+    """ASCII digits (and maybe a fraction) as seconds, capped at `MAX_HINT_SECONDS`."""
     whole = digits.partition(".")[0]
     if len(whole) > 15:  # past 1e15 however many digits: no int() of a huge string
         return MAX_HINT_SECONDS
@@ -190,7 +193,8 @@ def parse_retry_after(value: object, *, wall: float | None = None) -> float | No
 
     Delta-seconds are ASCII digits only (``"120"``; not ``"1.5"``, ``"1e3"``,
     ``"+5"``, ``"1_000"`` or non-ASCII digits), surrounded at most by spaces and
-    tabs; otherwise an HTTP date (see :func:`parse_http_date`), relative to
+    tabs; otherwise an HTTP date (see
+    [`parse_http_date()`][datapunk_recovery.network.delays.parse_http_date]), relative to
     ``wall``, the current Unix time (default: ``time.time()``).  A date in the
     past means "now" (0 seconds).  Never raises, whatever ``value`` is.
     """
@@ -249,7 +253,8 @@ def server_hint(
     ``headers`` may be any mapping (or anything with ``items()``); names are
     matched without regard to case, names that are not text are skipped.
     Values that cannot be parsed (including values that are not text: ints,
-    lists, ``None``) are reported as :class:`HintIgnored` on ``bus`` (and the
+    lists, ``None``) are reported as [`HintIgnored`][datapunk_recovery.events.HintIgnored] on
+    ``bus`` (and the
     global bus) under ``operation``, then ignored.  ``TypeError`` if
     ``headers`` has no ``items()``; nothing else is ever raised.
     """

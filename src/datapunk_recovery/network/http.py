@@ -2,14 +2,16 @@
 
 - **Status-aware retries.** A response whose status is in
   ``HttpPolicy.retry_statuses`` (408, 429, 500, 502, 503, 504 by default)
-  becomes an :class:`HttpStatusError` carrying the server's delay
+  becomes an [`HttpStatusError`][datapunk_recovery.network.http.HttpStatusError] carrying the
+  server's delay
   (``Retry-After``, ``X-RateLimit-Reset``, ``grpc-retry-pushback-ms``, see
-  :mod:`.delays`); it is retryable only for an idempotent request (GET, HEAD,
+  [`delays`][datapunk_recovery.network.delays]); it is retryable only for an idempotent request
+  (GET, HEAD,
   OPTIONS, PUT, DELETE, TRACE) unless the caller says the request is safe to
   repeat.  Any other status is an answer, returned as it is.
 - **"Overloaded, don't retry".** A status in ``overloaded_statuses``, a
   response carrying ``overloaded_header``, or a negative gRPC pushback becomes
-  :class:`~datapunk_recovery.errors.OverloadedError`: retries stop here and
+  [`OverloadedError`][datapunk_recovery.errors.OverloadedError]: retries stop here and
   every layer above (it carries ``do_not_retry_above``).
 - **Transport failures.** A request that never left (connection refused, DNS,
   connect timeout) may be retried whatever its method; one that may have

@@ -1,8 +1,9 @@
-"""The httpx adapter: requests over a :class:`~.router.Router`'s endpoints.
+"""The httpx adapter: requests over a `Router`'s endpoints.
 
 ``HttpxRecovery(client, router)`` sends each attempt of a request to the
 endpoint the router picks (``endpoint.address`` is the base URL, the request
-gives the path), judges the answer with :class:`~.http.HttpPolicy` and lets
+gives the path), judges the answer with [`HttpPolicy`][datapunk_recovery.network.http.HttpPolicy]
+and lets
 the router retry, fail over and hedge.  A response that will be retried is
 closed before the retry, so its connection goes back to the client's pool;
 the response returned has its body read (httpx's non-streaming requests).
@@ -81,7 +82,8 @@ def _connect_retries(client: httpx.AsyncClient) -> int:
 class HttpxRecovery(HttpRecovery[httpx.Response]):
     """Recovering requests with an ``httpx.AsyncClient`` over ``router``'s endpoints.
 
-    Faces (from :class:`~.http.HttpRecovery`): ``request(method, path, ...)``
+    Faces (from [`HttpRecovery`][datapunk_recovery.network.http.HttpRecovery]):
+    ``request(method, path, ...)``
     and ``get`` / ``post`` / ``put`` / ``delete``; other keyword arguments go to
     ``client.request`` (``params``, ``json``, ``content``, ``timeout``...).
     A client whose transport retries connections itself is refused.

@@ -1,7 +1,9 @@
 """Routing recovery: a service is a set of endpoints with priorities; calls go where they can.
 
-Each :class:`Endpoint` has a priority (0 is the primary level, 1 the
-secondary, ...) and its own circuit breaker.  A :class:`Router` sends each
+Each [`Endpoint`][datapunk_recovery.network.router.Endpoint] has a priority (0 is the primary level,
+1 the
+secondary, ...) and its own circuit breaker.  A [`Router`][datapunk_recovery.network.router.Router]
+sends each
 attempt of a call to an endpoint of the *best level that has an endpoint
 whose breaker admits calls*, and within the level to the one with the lowest
 recent failure rate (the breaker's window), then the fewest calls in flight,
@@ -15,7 +17,7 @@ then in turn.  So:
   primaries failing and a healthy secondary cost the caller nothing, within
   the call's attempts, budget and deadline (a budget that refuses a retry
   still lets the call make one attempt on a level it has not tried: see
-  :class:`_FallthroughGate`).  With ``fallthrough="breaker"``
+  `_FallthroughGate`).  With ``fallthrough="breaker"``
   (the stricter rule) a lower level is used only once the breakers above are
   open, and a retry on a level of one endpoint goes back to it;
 - a server-given delay (``Retry-After``) is about the endpoint that gave it:
@@ -23,16 +25,19 @@ then in turn.  So:
   call, it goes there after the usual backoff instead of waiting (or giving up
   for a delay too long);
 - when every endpoint of every level refuses, the call fails at once with
-  :class:`AllEndpointsDown`, which lists each endpoint's state and when it
+  [`AllEndpointsDown`][datapunk_recovery.network.router.AllEndpointsDown], which lists each
+  endpoint's state and when it
   may be tried again.
 
-Retries are the retry engine's (:func:`datapunk_recovery.engine.retry`):
+Retries are the retry engine's
+([`datapunk_recovery.engine.retry()`][datapunk_recovery.engine.retry]):
 backoff, server-given delays (``Retry-After`` through
-:func:`~datapunk_recovery.errors.classify`'s ``delay_hint``), the overall
+[`classify()`][datapunk_recovery.errors.classify]'s ``delay_hint``), the overall
 deadline (each attempt is cancelled when it passes, and
-:func:`datapunk_recovery.deadline.remaining` tells the callee how long it
+[`datapunk_recovery.deadline.remaining()`][datapunk_recovery.deadline.remaining] tells the callee
+how long it
 has), the retry budget and the engine's events and statistics all apply.
-With a :class:`~datapunk_recovery.hedging.HedgeConfig`, an idempotent call is
+With a [`HedgeConfig`][datapunk_recovery.hedging.HedgeConfig], an idempotent call is
 hedged across endpoints: a slow attempt gets a twin on another endpoint, and
 the first good answer wins (hedges draw on the same budget).
 
@@ -99,7 +104,7 @@ class Endpoint:
     ``priority`` 0 is the preferred level; higher numbers are used only when
     every endpoint of the levels before them refuses calls.  ``address`` is
     whatever the call needs (a base URL, ``host:port``); it never appears in
-    events or errors except through :func:`~datapunk_recovery.redact.redact_url`.
+    events or errors except through [`redact_url()`][datapunk_recovery.redact.redact_url].
     """
 
     name: str
@@ -136,7 +141,8 @@ class RouterConfig:
     """How a router retries, trips endpoints and hedges.
 
     ``retry``: attempts over all endpoints (the first included), backoff and
-    the call's own deadline, in seconds (a :class:`RetryPolicy` gives some
+    the call's own deadline, in seconds (a [`RetryPolicy`][datapunk_recovery.policy.RetryPolicy]
+    gives some
     error categories a configuration of their own).  ``breaker``: the configuration of
     each endpoint's breaker (keep its window so that selection sees failure
     rates).  ``hedge``: hedging of idempotent calls across endpoints (``None``:
@@ -221,7 +227,7 @@ class NoHedgeTarget(RecoveryError):
 
     Only the hedge fails: the running attempts decide the call.  Retryable, so
     that if it is the last error the engine's next attempt reports the real
-    state (usually :class:`AllEndpointsDown`).
+    state (usually [`AllEndpointsDown`][datapunk_recovery.network.router.AllEndpointsDown]).
     """
 
     category = ErrorCategory.OVERLOADED
@@ -695,7 +701,7 @@ class Router:
         """Run ``fn(endpoint)`` on the best endpoint, retrying elsewhere as needed.
 
         ``retry_on`` decides which failures are retried (default: what
-        :func:`~datapunk_recovery.errors.classify` calls retryable); errors an
+        [`classify()`][datapunk_recovery.errors.classify] calls retryable); errors an
         inner layer marked final never are.  ``hedge=True`` hedges the call
         across endpoints when the router has a hedge configuration: only for
         calls that are safe to run twice.

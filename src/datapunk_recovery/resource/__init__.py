@@ -1,13 +1,18 @@
 """Resource recovery: cleanup after partial failure, tracking, pools, batches, inference.
 
-- :mod:`.cleanup`: compensations run in reverse order on failure, every one of
+- [`cleanup`][datapunk_recovery.resource.cleanup]: compensations run in reverse order on failure,
+  every one of
   them, errors grouped with the original; shielded and bounded on cancellation.
-- :mod:`.tracking`: every acquired resource known until released; leaks
+- [`tracking`][datapunk_recovery.resource.tracking]: every acquired resource known until released;
+  leaks
   (never released, released twice) reported with where they were acquired.
-- :mod:`.pool`: a limited pool per resource kind with bulkhead admission,
+- [`pool`][datapunk_recovery.resource.pool]: a limited pool per resource kind with bulkhead
+  admission,
   per-caller quotas, a bounded wait and allocation retries; metrics as events.
-- :mod:`.batch`: retry only the items of a batch that failed; report per item.
-- :mod:`.inference`: out-of-memory means smaller batches, then an alternative model.
+- [`batch`][datapunk_recovery.resource.batch]: retry only the items of a batch that failed; report
+  per item.
+- [`inference`][datapunk_recovery.resource.inference]: out-of-memory means smaller batches, then an
+  alternative model.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One async face for a callable that may be sync or async.
 
 The resource strategies accept user callables of either kind (an ``allocate``,
-a model) and retry them with the retry engine.  Wrapped in :func:`as_async`,
+a model) and retry them with the retry engine.  Wrapped in `as_async()`,
 one async retry wrapper serves both kinds, and its backoff sleeps suspend the
 task instead of blocking the event loop (a sync callable wrapped by the
 engine's *sync* face would sleep the loop's thread).

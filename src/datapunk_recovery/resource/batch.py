@@ -3,7 +3,8 @@
 A bulk call (index 500 documents, send 1000 messages) rarely fails as a
 whole: a few items fail, most succeed.  Retrying the whole batch repeats the
 work that succeeded (and duplicates side effects); giving up loses the items
-that would have gone through a second time.  :func:`recover_batch` calls the
+that would have gone through a second time.
+[`recover_batch()`][datapunk_recovery.resource.batch.recover_batch] calls the
 batch function with the items still pending, round after round, and keeps
 each item's own outcome.
 
@@ -11,11 +12,13 @@ The batch function receives a list of items and returns one outcome per
 item, in order: a value for an item that succeeded, an ``Exception``
 *instance* for one that failed (``asyncio.gather(..., return_exceptions=True)``
 style).  If it raises, every item it was given failed with that error.
-Each failed item is judged on its own by :func:`datapunk_recovery.errors.classify`
+Each failed item is judged on its own by
+[`datapunk_recovery.errors.classify()`][datapunk_recovery.errors.classify]
 (or ``on``): non-retryable items stop at once, retryable ones go into the
 next round.  Rounds are spaced by the ``RetryConfig`` backoff; the largest
 server-given delay among the failures is honoured by the core's rule
-(:func:`datapunk_recovery.backoff.server_delay`); the overall deadline and a
+([`datapunk_recovery.backoff.server_delay()`][datapunk_recovery.backoff.server_delay]); the overall
+deadline and a
 retry budget (one ``on_attempt`` per item attempt, one ``allow_retry`` per
 item retried) are respected.  Cancellation propagates at once.
 """
@@ -100,7 +103,7 @@ class BatchReport(Generic[I, R]):
         return all(o.succeeded for o in self.outcomes)
 
     def values(self) -> list[R]:
-        """Every item's value in input order; raises :class:`BatchFailed` if any failed."""
+        """Every item's value in input order; raises `BatchFailed` if any failed."""
         failed = self.failed
         if failed:
             group = BatchFailed(
@@ -339,8 +342,10 @@ async def recover_batch(
 
     ``fn`` may be sync or async.  ``config`` bounds the rounds (``max_attempts``
     per item) and spaces them; ``on`` overrides the classifier's verdict on
-    which item errors to retry.  Returns the per-item :class:`BatchReport`;
-    call ``.values()`` on it to get every value or a :class:`BatchFailed`.
+    which item errors to retry.  Returns the per-item
+    [`BatchReport`][datapunk_recovery.resource.batch.BatchReport];
+    call ``.values()`` on it to get every value or a
+    [`BatchFailed`][datapunk_recovery.resource.batch.BatchFailed].
     """
     plan: _Plan[I, R] = _plan(items, config, on, budget, rng, name, bus)
     while plan.pending:
@@ -370,7 +375,7 @@ def recover_batch_sync(
     name: str = "batch",
     bus: EventBus | None = None,
 ) -> BatchReport[I, R]:
-    """The blocking twin of :func:`recover_batch` for a sync ``fn``."""
+    """The blocking twin of `recover_batch()` for a sync ``fn``."""
     plan: _Plan[I, R] = _plan(items, config, on, budget, rng, name, bus)
     while plan.pending:
         batch = plan.batch()

@@ -4,7 +4,8 @@ An operation that acquires several resources (books a flight, then a hotel,
 then charges a card) registers a compensation after each step.  If a later
 step fails, the compensations run in reverse order, *every one of them*, even
 when one of them fails; their errors are raised together with the operation's
-own error in a :class:`CleanupFailed` (an ``ExceptionGroup``), so nothing is
+own error in a [`CleanupFailed`][datapunk_recovery.resource.cleanup.CleanupFailed] (an
+``ExceptionGroup``), so nothing is
 lost and nothing is left half-undone silently.  When every compensation
 succeeds, the operation's error is re-raised as itself.
 
@@ -15,8 +16,10 @@ compensations run shielded from the cancellation, each bounded by
 untouched.  This holds under asyncio and trio.
 
 Two kinds of entries share one stack, so the reverse order covers both:
-:meth:`Compensations.add` runs only if the block fails (an undo),
-:meth:`Compensations.always` runs in every case (a release).
+[`Compensations.add()`][datapunk_recovery.resource.cleanup.Compensations.add] runs only if the block
+fails (an undo),
+[`Compensations.always()`][datapunk_recovery.resource.cleanup.Compensations.always] runs in every
+case (a release).
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ class CleanupFailed(ExceptionGroup[Exception]):
     """Compensations failed.  The operation's own error, if any, is the first member.
 
     ``original`` is the operation's error (``None`` when the block succeeded
-    and only an :meth:`Compensations.always` entry failed); ``cleanup_errors``
+    and only an [`Compensations.always()`][datapunk_recovery.resource.cleanup.Compensations.always]
+    entry failed); ``cleanup_errors``
     are the compensations' errors in the order they ran.  Marked final: what
     was done is now only partly undone, so no outer layer retries blindly.
     """
@@ -347,7 +351,8 @@ def _unawaited(entry: _Entry, result: object) -> None:
 
     Only its call is known to be async (``lambda: undo_async(x)`` passes the
     add-time check): fail it loudly, so that it is reported in
-    :class:`CleanupFailed` instead of being dropped.  A coroutine is closed
+    [`CleanupFailed`][datapunk_recovery.resource.cleanup.CleanupFailed] instead of being dropped.  A
+    coroutine is closed
     first (it never started: nothing ran, and no "never awaited" warning).
     """
     if not inspect.isawaitable(result):

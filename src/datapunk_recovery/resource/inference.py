@@ -2,7 +2,8 @@
 
 A batch that does not fit on a device fails with an out-of-memory error;
 retrying the same batch fails the same way.  What helps is a smaller batch:
-:class:`InferenceRecovery` halves the chunk size until the chunks fit (down
+[`InferenceRecovery`][datapunk_recovery.resource.inference.InferenceRecovery] halves the chunk size
+until the chunks fit (down
 to ``min_batch_size``), runs the rest of the batch at the size that worked,
 and merges the outputs back in input order.  When even the smallest chunk
 does not fit, it falls back to the next alternative (another device, a
@@ -11,7 +12,7 @@ smaller model) for every item not yet served.  Each step is an event.
 Out-of-memory errors are recognised by the *name* of their type or of one
 of its bases (``OutOfMemoryError`` as torch raises, ``MemoryError``,
 TensorFlow's ``ResourceExhaustedError``), so no framework is imported.
-Transient errors (what :func:`~datapunk_recovery.errors.classify` calls
+Transient errors (what [`classify()`][datapunk_recovery.errors.classify] calls
 retryable) get a plain retry of the same chunk through the retry engine;
 anything else propagates.  Works with any callable that maps a list of
 inputs to a sequence of outputs of the same length.
@@ -176,8 +177,10 @@ class InferenceRecovery(Generic[I, O]):
 
     ``model`` is the preferred callable; ``fallbacks`` are ``(name, callable)``
     pairs tried in order once it cannot serve even ``min_batch_size`` items.
-    ``budget`` is the retry budget of the transient retries.  :meth:`run`
-    accepts sync and async callables; :meth:`run_sync` needs sync ones.
+    ``budget`` is the retry budget of the transient retries.
+    [`run()`][datapunk_recovery.resource.inference.InferenceRecovery.run]
+    accepts sync and async callables;
+    [`run_sync()`][datapunk_recovery.resource.inference.InferenceRecovery.run_sync] needs sync ones.
     """
 
     __slots__ = ("_async_callers", "_bus", "_callers", "_names", "config", "name")
@@ -228,7 +231,7 @@ class InferenceRecovery(Generic[I, O]):
         It never sees the exception itself: an exception's traceback keeps the
         frames of the failed forward pass (and every tensor they hold) alive,
         and this generator stays suspended across the next model call.  When
-        it gives up it raises :class:`_GaveUp`; the caller raises the original
+        it gives up it raises `_GaveUp`; the caller raises the original
         error with the note.
         """
         start_time = clock.now()

@@ -1,6 +1,7 @@
 """Allocation under pressure: a limited pool per resource kind.
 
-A :class:`ResourcePool` hands out *units* of one kind of resource: GPU slots,
+A [`ResourcePool`][datapunk_recovery.resource.pool.ResourcePool] hands out *units* of one kind of
+resource: GPU slots,
 worker processes, file handles, bytes of a memory budget.  It protects the
 resource the way a bulkhead protects a ship:
 
@@ -8,20 +9,26 @@ resource the way a bulkhead protects a ship:
 - callers wait in line (first come, first served, so a large request is not
   starved by small ones), at most ``max_wait`` seconds and never past the
   overall deadline; when ``max_waiting`` callers already wait, a new one is
-  rejected at once (:class:`PoolFull`) instead of joining a line that cannot
+  rejected at once ([`PoolFull`][datapunk_recovery.resource.errors.PoolFull]) instead of joining a
+  line that cannot
   move;
 - each caller (a tenant, a route) holds at most its quota, waiting included
-  (:class:`QuotaExceeded`), so one caller cannot take the whole pool;
+  ([`QuotaExceeded`][datapunk_recovery.resource.errors.QuotaExceeded]), so one caller cannot take
+  the whole pool;
 - when the pool makes the resource itself (``allocate``), a failed
   allocation is retried by the retry engine; when it still fails, the units
   go back to the pool and the error propagates.
 
-Every lease is tracked (:mod:`.tracking`): a lease released twice is reported
+Every lease is tracked ([`tracking`][datapunk_recovery.resource.tracking]): a lease released twice
+is reported
 and frees nothing the second time; a lease garbage-collected unreleased is
 reported and its units come back to the pool.  Metrics are events:
-:class:`PoolAcquisition` (how long the caller waited and how it ended) and
-:class:`PoolUsage` (in use and waiting after each change), per kind, and
-:meth:`ResourcePool.stats` gives the running totals.
+[`PoolAcquisition`][datapunk_recovery.resource.pool.PoolAcquisition] (how long the caller waited and
+how it ended) and
+[`PoolUsage`][datapunk_recovery.resource.pool.PoolUsage] (in use and waiting after each change), per
+kind, and
+[`ResourcePool.stats()`][datapunk_recovery.resource.pool.ResourcePool.stats] gives the running
+totals.
 
 The pool is asynchronous and works under asyncio and trio; one pool serves
 one event loop.  Cancellation while waiting, allocating or releasing returns
@@ -71,7 +78,8 @@ class PoolConfig:
     """The limits of one pool.
 
     ``capacity``: units held at once.  ``max_wait``: seconds a caller waits
-    for units before :class:`AllocationTimeout`.  ``max_waiting``: callers
+    for units before [`AllocationTimeout`][datapunk_recovery.resource.errors.AllocationTimeout].
+    ``max_waiting``: callers
     allowed to wait at once (``None``: no limit; ``0``: never wait).
     ``per_caller``: the default quota of units one caller may hold or wait
     for (``None``: no quota); ``quotas`` overrides it per caller name.
@@ -357,7 +365,7 @@ class ResourcePool(Generic[T]):
         """Ask for ``units`` as ``caller``: ``await`` it, or use it with ``async with``.
 
         ``caller`` defaults to the one set by
-        :func:`~datapunk_recovery.bulkhead.as_caller`, else ``"default"``.
+        [`as_caller()`][datapunk_recovery.bulkhead.as_caller], else ``"default"``.
         """
         check_count("ResourcePool.acquire", "units", units)
         if units > self.config.capacity:

@@ -2,14 +2,18 @@
 
 A resource that is never released (a GPU slot held by a forgotten handle, a
 file left open) or released twice (which would hand the same slot to two
-callers) is a *leak*.  :class:`ResourceTracker` reports both, with where the
-resource was acquired, as a :class:`LeakReport` and a :class:`ResourceLeaked`
+callers) is a *leak*.  [`ResourceTracker`][datapunk_recovery.resource.tracking.ResourceTracker]
+reports both, with where the
+resource was acquired, as a [`LeakReport`][datapunk_recovery.resource.tracking.LeakReport] and a
+[`ResourceLeaked`][datapunk_recovery.resource.tracking.ResourceLeaked]
 event:
 
-- *released twice*: at the second :meth:`TrackedResource.release`, which
+- *released twice*: at the second
+  [`TrackedResource.release()`][datapunk_recovery.resource.tracking.TrackedResource.release], which
   then does nothing else (the resource is not freed a second time);
 - *never released*: when the handle is garbage-collected unreleased, or when
-  :meth:`ResourceTracker.check` is called (at shutdown, or at the end of a
+  [`ResourceTracker.check()`][datapunk_recovery.resource.tracking.ResourceTracker.check] is called
+  (at shutdown, or at the end of a
   test) while it is still held.
 
 "Where" is the innermost frames outside this library, as ``file:line in
@@ -119,7 +123,7 @@ class _Record:
 
 
 class TrackedResource(Generic[T]):
-    """A handle on one tracked resource; call :meth:`release` exactly once.
+    """A handle on one tracked resource; call `release()` exactly once.
 
     ``resource`` is the object itself; ``resource_id`` is the tracker's number
     for it (what reports and events show instead of the object).
@@ -154,7 +158,8 @@ class ResourceTracker:
     """Knows every resource acquired through it until it is released.
 
     ``name`` names the tracker in events (their ``operation``); ``on_leak`` is
-    called with each :class:`LeakReport` (besides the event); ``stack_depth``
+    called with each [`LeakReport`][datapunk_recovery.resource.tracking.LeakReport] (besides the
+    event); ``stack_depth``
     is how many frames of "where acquired" to keep.  Thread-safe.
     """
 

@@ -1,20 +1,24 @@
 """The retry-storm lab: what a policy does under contention and through an outage.
 
-A discrete-event simulation (:mod:`.kernel`) on the library's fake clock runs
-the library's own code — :meth:`RetryConfig.delays`, the retry budgets, the
+A discrete-event simulation ([`kernel`][datapunk_recovery.simulate.kernel]) on the library's fake
+clock runs
+the library's own code — [`RetryConfig.delays()`][datapunk_recovery.backoff.RetryConfig.delays], the
+retry budgets, the
 circuit breaker — for many simulated clients at once, seeded and
 deterministic, far faster than real time:
 
-- :mod:`.contention`: N clients update one record with optimistic
+- [`contention`][datapunk_recovery.simulate.contention]: N clients update one record with optimistic
   concurrency (the AWS "Exponential Backoff And Jitter" benchmark);
-- :mod:`.outage`: steady traffic to a dependency that goes down for a while;
-- :mod:`.policies`: named built-ins and TOML policy files;
-- :mod:`.peers`: the peers' default policies (tenacity, stamina, backoff, the
+- [`outage`][datapunk_recovery.simulate.outage]: steady traffic to a dependency that goes down for a
+  while;
+- [`policies`][datapunk_recovery.simulate.policies]: named built-ins and TOML policy files;
+- [`peers`][datapunk_recovery.simulate.peers]: the peers' default policies (tenacity, stamina,
+  backoff, the
   AWS SDKs, gRPC, Polly, resilience4j) as built-ins;
-- :mod:`.report`: tables, JSON and plots.
+- [`report`][datapunk_recovery.simulate.report]: tables, JSON and plots.
 
 ``datapunk-recovery simulate`` is the command line over it; see
-``docs/simulate.md``.
+[docs/simulate.md](https://datapunk.github.io/datapunk-recovery/simulate/).
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ one-way message takes ``|Normal(10 ms, 2 ms)|``.  A run reports the writes
 made ("calls": the work the record's server does) and the time when the last
 client succeeded; both are averaged over ``runs`` runs.
 
-Delays come from the policy's own :meth:`RetryConfig.delays` iterator (see
-:meth:`SimPolicy.delays`), one per client, drawing from the run's seeded
+Delays come from the policy's own
+[`RetryConfig.delays()`][datapunk_recovery.backoff.RetryConfig.delays] iterator (see
+[`SimPolicy.delays()`][datapunk_recovery.simulate.policies.SimPolicy.delays]), one per client,
+drawing from the run's seeded
 generator.  Every client retries until
 it succeeds: the policy's attempt limit and deadline are lifted, since the
 experiment is about the shape of the backoff, not about giving up.

@@ -1,11 +1,12 @@
 """A small discrete-event simulation kernel on the library's fake clock.
 
-Events are callables scheduled at a time; :meth:`Simulation.run` pops them in
+Events are callables scheduled at a time;
+[`Simulation.run()`][datapunk_recovery.simulate.kernel.Simulation.run] pops them in
 time order (ties in the order they were scheduled), moves the
-:class:`~datapunk_recovery.clock.FakeClock` to each event's time and runs it.
+[`FakeClock`][datapunk_recovery.clock.FakeClock] to each event's time and runs it.
 While it runs, that fake clock is the library's clock, so the real breaker
-and budget (which read :func:`datapunk_recovery.clock.now`) see simulated
-time.  One seeded :class:`random.Random` draws every random number, so a run
+and budget (which read [`datapunk_recovery.clock.now()`][datapunk_recovery.clock.now]) see simulated
+time.  One seeded `random.Random` draws every random number, so a run
 is a pure function of its seed: no thread, no wall clock, no sleep.
 """
 

@@ -5,12 +5,12 @@
 ``outage_duration`` seconds every call to it fails (a fast failure, one round
 trip); before and after, every call succeeds.  Each process has its own
 circuit breaker and retry budget, as separate processes would: the library's
-real :class:`~datapunk_recovery.breaker.CircuitBreaker`,
-:class:`~datapunk_recovery.budget.TokenBudget` or
-:class:`~datapunk_recovery.budget.RatioBudget`, reading the simulation's fake
+real [`CircuitBreaker`][datapunk_recovery.breaker.CircuitBreaker],
+[`TokenBudget`][datapunk_recovery.budget.TokenBudget] or
+[`RatioBudget`][datapunk_recovery.budget.RatioBudget], reading the simulation's fake
 clock.  Each request is retried as the retry engine would: the attempt limit
 first, then the deadline, then the budget is asked; a breaker's refusal
-(:class:`~datapunk_recovery.errors.CircuitOpenError`) is never retried.
+([`CircuitOpenError`][datapunk_recovery.errors.CircuitOpenError]) is never retried.
 
 What a run reports:
 

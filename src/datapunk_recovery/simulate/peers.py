@@ -30,8 +30,8 @@ and ``simulate outage`` can set them beside ours:
   window of 100 calls, minimum 100 calls, slow calls over 60 s at 100%, open
   60 s, 10 probes judged by rate, no time limit in half-open.
 
-Numbers without a cap in the peer use :data:`UNCAPPED` seconds, far beyond
-anything the lab reaches; "for ever" uses a deadline of :data:`FOREVER`.
+Numbers without a cap in the peer use `UNCAPPED` seconds, far beyond
+anything the lab reaches; "for ever" uses a deadline of `FOREVER`.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def peer_policies() -> dict[str, SimPolicy]:
 
 
 class RetryQuota:
-    """The AWS SDKs' retry quota as a :class:`~datapunk_recovery.budget.RetryGate`.
+    """The AWS SDKs' retry quota as a [`RetryGate`][datapunk_recovery.budget.RetryGate].
 
     ``allow_retry`` takes ``retry_cost`` tokens when that many are left.  A
     success puts ``no_retry_increment`` back, or, while retries granted by

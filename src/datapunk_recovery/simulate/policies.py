@@ -1,10 +1,11 @@
 """The policies a simulation compares: named built-ins, or tables of a TOML file.
 
-A :class:`SimPolicy` is what one client does on failure, made of the
-library's own configurations: a :class:`~datapunk_recovery.RetryConfig`, and
-optionally a retry budget (:class:`~datapunk_recovery.budget.TokenBudgetConfig`
-or :class:`~datapunk_recovery.budget.RatioBudgetConfig`) and a circuit breaker
-(:class:`~datapunk_recovery.breaker.BreakerConfig`).
+A [`SimPolicy`][datapunk_recovery.simulate.policies.SimPolicy] is what one client does on failure,
+made of the
+library's own configurations: a [`RetryConfig`][datapunk_recovery.backoff.RetryConfig], and
+optionally a retry budget ([`TokenBudgetConfig`][datapunk_recovery.budget.TokenBudgetConfig]
+or [`RatioBudgetConfig`][datapunk_recovery.budget.RatioBudgetConfig]) and a circuit breaker
+([`BreakerConfig`][datapunk_recovery.breaker.BreakerConfig]).
 
 A policy file holds one table per policy, read with the library's
 configuration schema (so durations read ``"250ms"`` and every mistake is
@@ -51,7 +52,8 @@ __all__ = [
 class SawtoothBackoff:
     """EXPERIMENTAL: sawtooth full jitter, the simulation's candidate for a better default.
 
-    Not (yet) a jitter kind of :mod:`datapunk_recovery.backoff`; it lives here
+    Not (yet) a jitter kind of [`datapunk_recovery.backoff`][datapunk_recovery.backoff]; it lives
+    here
     so that it can be compared.  Retries go in phases ``k = 1, 2, 3, ...`` of
     ``k`` retries each; within phase ``k`` the windows shrink back down:
     ``base * factor**k, base * factor**(k - 1), ..., base * factor``, each capped
@@ -94,7 +96,7 @@ class AdditiveJitter:
 
     The delay of retry ``n`` is ``min(max_delay, base_delay * exponential_base
     ** (n - 1) + uniform(0, jitter))`` seconds, with the base, factor and cap
-    of the policy's :class:`RetryConfig` (the peers' ``initial`` /
+    of the policy's [`RetryConfig`][datapunk_recovery.backoff.RetryConfig] (the peers' ``initial`` /
     ``wait_initial``, ``exp_base`` and ``max`` / ``wait_max``).  Not a jitter
     kind of the library: it lives here to reproduce the peers in the lab.
     """
@@ -142,15 +144,18 @@ class SimPolicy:
 
     At most one budget: ``token_budget`` (gRPC), ``ratio_budget``
     (Finagle/SRE) or ``retry_quota`` (the AWS SDKs').  ``additive``, when
-    set, replaces the jitter of ``retry`` by :class:`AdditiveJitter`
+    set, replaces the jitter of ``retry`` by
+    [`AdditiveJitter`][datapunk_recovery.simulate.policies.AdditiveJitter]
     (tenacity's and stamina's).  ``sawtooth``, when set, replaces the jitter of ``retry``
-    by the experimental :class:`SawtoothBackoff` (``retry`` still gives the
+    by the experimental [`SawtoothBackoff`][datapunk_recovery.simulate.policies.SawtoothBackoff]
+    (``retry`` still gives the
     base, the cap, the attempts and the deadline).  ``description`` is shown
     in reports.
 
     ``indexing`` says how retries are numbered against the exponential
     envelope.  ``"library"`` (the default): retry ``n`` waits under
-    ``base_delay * exponential_base ** (n - 1)``, as :class:`RetryConfig`
+    ``base_delay * exponential_base ** (n - 1)``, as
+    [`RetryConfig`][datapunk_recovery.backoff.RetryConfig]
     does, so retry 1's window is ``base_delay``.  ``"published"``: the AWS
     post's setup, where the ``k``-th retry waits under
     ``min(cap, base * 2 ** k)``, so retry 1's window is twice the base
@@ -210,7 +215,8 @@ class SimPolicy:
     def delays(self, rng: random.Random, *, endless: bool = False) -> Iterator[float]:
         """The delays of one call's retries, in seconds: ``max_attempts - 1``, or ``endless``.
 
-        :meth:`RetryConfig.delays` itself unless ``sawtooth`` is set.
+        [`RetryConfig.delays()`][datapunk_recovery.backoff.RetryConfig.delays] itself unless
+        ``sawtooth`` is set.
         """
         retry = self.retry
         if endless and retry.max_attempts is not None:
@@ -277,13 +283,15 @@ def builtin_policies(
 
     - one per jitter kind (``none``, ``full``, ``equal``, ``decorrelated``,
       ``decorrelated_v2``, ``proportional``): plain retries, 3 attempts,
-      numbered by ``indexing`` (see :class:`SimPolicy`);
+      numbered by ``indexing`` (see [`SimPolicy`][datapunk_recovery.simulate.policies.SimPolicy]);
     - ``ours``: the library's default jitter as a user gets it, through
       ``RetryConfig(base_delay=2 * base, max_delay=cap)`` (library numbering),
       so its first window is the published one;
-    - ``plain``: the default :class:`RetryConfig` alone, no budget, no breaker;
-    - ``default``: :data:`DEFAULT_POLICY`, the library's defaults;
-    - ``sawtooth``: plain retries with the experimental :class:`SawtoothBackoff`.
+    - ``plain``: the default [`RetryConfig`][datapunk_recovery.backoff.RetryConfig] alone, no
+      budget, no breaker;
+    - ``default``: `DEFAULT_POLICY`, the library's defaults;
+    - ``sawtooth``: plain retries with the experimental
+      [`SawtoothBackoff`][datapunk_recovery.simulate.policies.SawtoothBackoff].
     """
     defaults = RetryConfig()
     retry = RetryConfig(
@@ -320,7 +328,7 @@ def builtin_policies(
 
 
 def load_policies(path: str | Path) -> dict[str, SimPolicy]:
-    """The policies of a TOML file; a bad file raises :class:`~.schema.ConfigError`."""
+    """The policies of a TOML file; a bad file raises `ConfigError`."""
     source = str(path)
     return dict(build(PolicyFile, read_toml(path), source=source).policies)
 
@@ -336,7 +344,7 @@ def resolve_policies(
     """The policies named, in order, from the file at ``path`` first, then the built-ins.
 
     With no names, every policy of the file; an unknown name is a
-    :class:`~datapunk_recovery.schema.ConfigError` listing what exists.
+    [`ConfigError`][datapunk_recovery.schema.ConfigError] listing what exists.
     """
     from_file = load_policies(path) if path is not None else {}
     if not names:

@@ -2,16 +2,20 @@
 
 Two kinds, told apart by ``is_async``:
 
-- **in-process** stores (``is_async = False``, :class:`LocalStore`) hand out one
+- **in-process** stores (``is_async = False``, [`LocalStore`][datapunk_recovery.stores.LocalStore])
+  hand out one
   live object per key, made on first use by a factory: every breaker of the
   same name in the process then shares its state, sync and async faces alike.
-  :class:`~datapunk_recovery.stores.memory.MemoryStore` is the one shipped.
-- **shared** stores (``is_async = True``, :class:`SharedStore`) keep the state
+  [`MemoryStore`][datapunk_recovery.stores.memory.MemoryStore] is the one shipped.
+- **shared** stores (``is_async = True``, [`SharedStore`][datapunk_recovery.stores.SharedStore])
+  keep the state
   outside the process (Redis) and are reached with ``await`` only.  A
   primitive binds itself to the store and gets a *link* that does the
   round trips, the local read cache and the fallback to local state when the
-  store is down; for breakers that is :class:`BreakerLink`.  A retry budget
-  is shared by :func:`datapunk_recovery.stores.budget_redis.bind_budget`,
+  store is down; for breakers that is [`BreakerLink`][datapunk_recovery.stores.BreakerLink].  A
+  retry budget
+  is shared by
+  [`datapunk_recovery.stores.budget_redis.bind_budget()`][datapunk_recovery.stores.budget_redis.bind_budget],
   which wraps it in a ``SharedBudget`` syncing through the same Redis store.
 
 The protocols are small on purpose: a store knows keys and plain fields, never

@@ -2,10 +2,11 @@
 
 A retry budget bounds the extra load retries add when a dependency fails for
 everyone; with many replicas, each holding its own budget, that bound is
-multiplied by the number of replicas.  :class:`SharedBudget` wraps a
-:class:`~datapunk_recovery.budget.TokenBudget` or a
-:class:`~datapunk_recovery.budget.RatioBudget` so that every process using
-the same :class:`~datapunk_recovery.stores.redis.RedisStore` and budget name
+multiplied by the number of replicas.
+[`SharedBudget`][datapunk_recovery.stores.budget_redis.SharedBudget] wraps a
+[`TokenBudget`][datapunk_recovery.budget.TokenBudget] or a
+[`RatioBudget`][datapunk_recovery.budget.RatioBudget] so that every process using
+the same [`RedisStore`][datapunk_recovery.stores.redis.RedisStore] and budget name
 works on one budget.
 
 **Deciding stays local and instant.**  The retry engine calls
@@ -50,7 +51,8 @@ Cluster slot) and every write renews their TTL (the store's ``key_ttl``; for
 a ratio budget at least twice its window).  Fields are plain numbers,
 validated by the script on every read: a value that does not parse (or a key
 of the wrong type) is dropped, the state starts afresh (a full bucket, an
-empty window) and :class:`BudgetCorruptStateIgnored` is emitted.  Python
+empty window) and [`BudgetCorruptStateIgnored`][datapunk_recovery.budget.BudgetCorruptStateIgnored]
+is emitted.  Python
 validates the reply again; a reply that does not parse is treated like Redis
 being down.
 
@@ -58,13 +60,15 @@ being down.
 ``timeout``) switches the budget to local decisions from the last shared
 state it adopted (``on_unavailable="local"``, the default, taken from the
 store) or refuses every retry (``"closed"``) and emits
-:class:`BudgetStoreFallback`.  Redis is tried again every
+[`BudgetStoreFallback`][datapunk_recovery.budget.BudgetStoreFallback].  Redis is tried again every
 ``store.retry_interval`` seconds; when it answers, the budget adopts the
-shared state again (:class:`BudgetStoreResumed`).  As for breakers, outcomes
+shared state again ([`BudgetStoreResumed`][datapunk_recovery.budget.BudgetStoreResumed]).  As for
+breakers, outcomes
 counted while Redis was away stay local: they are not pushed on resume.
 Redis errors never reach a caller: only the background task talks to Redis.
 
-Async only, asyncio only (redis.asyncio): :meth:`SharedBudget.start` needs a
+Async only, asyncio only (redis.asyncio):
+[`SharedBudget.start()`][datapunk_recovery.stores.budget_redis.SharedBudget.start] needs a
 running asyncio loop and a sync ``with`` raises ``TypeError``.  The budget
 itself may be used from any thread (a sync retry in a worker thread, say)
 while the loop syncs it.
@@ -309,9 +313,10 @@ def _parse_window(reply: Any, n: int) -> tuple[list[tuple[int, int]], str]:
 
 
 class SharedBudget:
-    """A retry budget shared through a :class:`RedisStore`; a :class:`RetryGate`.
+    """A retry budget shared through a `RedisStore`; a `RetryGate`.
 
-    ``budget`` is a :class:`TokenBudget` or :class:`RatioBudget`: it decides
+    ``budget`` is a [`TokenBudget`][datapunk_recovery.budget.TokenBudget] or
+    [`RatioBudget`][datapunk_recovery.budget.RatioBudget]: it decides
     every retry, here, at once; it keeps its name, configuration and bus (its
     events are this budget's events).  Processes share a budget when they
     use the same store (Redis and ``prefix``), budget kind and name; they
@@ -637,5 +642,5 @@ def bind_budget(
     budget: TokenBudget | RatioBudget,
     **settings: Any,
 ) -> SharedBudget:
-    """Share ``budget`` through ``store`` (see :class:`SharedBudget` for ``settings``)."""
+    """Share ``budget`` through ``store`` (see `SharedBudget` for ``settings``)."""
     return SharedBudget(budget, store, **settings)

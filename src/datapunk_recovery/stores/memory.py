@@ -1,6 +1,7 @@
 """The in-process store: state shared by name within one process.
 
-Breakers made with the same name on one :class:`MemoryStore` share one state
+Breakers made with the same name on one [`MemoryStore`][datapunk_recovery.stores.memory.MemoryStore]
+share one state
 (the last configuration given wins), so a breaker per endpoint can be made
 wherever it is needed.  Without any store a breaker keeps a private state,
 which is the same thing with a store of one.

@@ -2,7 +2,8 @@
 
 When a service runs as many replicas, each with its own breaker, one replica
 keeps hammering a dead dependency the others already gave up on.  With a
-:class:`RedisStore`, breakers of the same name in every process share one
+[`RedisStore`][datapunk_recovery.stores.redis.RedisStore], breakers of the same name in every
+process share one
 state, kept in Redis and changed only by Lua scripts (atomic, one round trip).
 
 How it is organised, per primitive (breakers now, budgets may follow):
@@ -16,7 +17,7 @@ How it is organised, per primitive (breakers now, budgets may follow):
   State is plain hash fields (numbers), validated by the script on every read:
   a state that does not parse is reset and reported, never trusted.
   Nothing is pickled.
-- **Links** (:class:`_BreakerLink`) do the rest for one primitive: a local
+- **Links** (`_BreakerLink`) do the rest for one primitive: a local
   read cache (``cache_ttl`` seconds; it bounds how long replicas may
   disagree), outcome writes in the background (the caller never waits for
   Redis after its call), and the fallback to local state when Redis is
@@ -398,7 +399,7 @@ class StoreRefused(RuntimeError):
 
 
 class StoreClosed(RuntimeError):
-    """The store was closed (:meth:`RedisStore.aclose`): its primitives decide locally.
+    """The store was closed (`RedisStore.aclose()`): its primitives decide locally.
 
     Raised inside the store only, never to a caller: without it, redis-py
     would quietly open a new connection that nobody closes.
@@ -515,7 +516,8 @@ class RedisStore:
 
     ``client`` is a ``redis.asyncio.Redis`` (the store never closes it) or a
     URL (the store makes a client with ``timeout`` as its socket timeouts and
-    closes it in :meth:`aclose`).  Settings, in seconds:
+    closes it in [`aclose()`][datapunk_recovery.stores.redis.RedisStore.aclose]).  Settings, in
+    seconds:
 
     - ``cache_ttl``: how long a read of the shared state is trusted locally;
       it bounds how long a process may keep admitting calls after another one
@@ -600,7 +602,7 @@ class RedisStore:
 
         After Redis refused the login or the command (``WRONGPASS``,
         ``NOAUTH``, ``NOPERM``), no link tries it again for
-        :data:`AUTH_RETRY_INTERVAL` seconds: each try would be another failed
+        `AUTH_RETRY_INTERVAL` seconds: each try would be another failed
         login, which can lock the account.
         """
         if self._closed:

@@ -1,21 +1,23 @@
 """Observability: the library's events exported to logs, metrics and traces.
 
-Exporters are event subscribers (:mod:`datapunk_recovery.events`), nothing
+Exporters are event subscribers ([`datapunk_recovery.events`][datapunk_recovery.events]), nothing
 more: when none is installed, no event is even built.  Each adapts one
 system and imports that system's library only when it is built:
 
-- :class:`LoggingExporter` (stdlib ``logging``), and
-  :class:`~datapunk_recovery.telemetry.structlog.StructlogExporter`;
-- :class:`~datapunk_recovery.telemetry.prometheus.PrometheusExporter`
+- [`LoggingExporter`][datapunk_recovery.telemetry.logging.LoggingExporter] (stdlib ``logging``), and
+  [`StructlogExporter`][datapunk_recovery.telemetry.structlog.StructlogExporter];
+- [`PrometheusExporter`][datapunk_recovery.telemetry.prometheus.PrometheusExporter]
   (``prometheus_client``);
-- :class:`~datapunk_recovery.telemetry.otel.OpenTelemetryExporter`
+- [`OpenTelemetryExporter`][datapunk_recovery.telemetry.otel.OpenTelemetryExporter]
   (``opentelemetry-api``): metrics and span events;
-- :class:`CallbackExporter` for anything else, and
-  :class:`StatisticsCollector` for snapshots with no metrics system at all.
+- [`CallbackExporter`][datapunk_recovery.telemetry.callback.CallbackExporter] for anything else, and
+  [`StatisticsCollector`][datapunk_recovery.telemetry.statistics.StatisticsCollector] for snapshots
+  with no metrics system at all.
 
 What each event measures is declared once, in
-:mod:`datapunk_recovery.telemetry.metrics`; label values are bounded by a
-:class:`LabelPolicy`; everything that leaves is redacted.
+[`datapunk_recovery.telemetry.metrics`][datapunk_recovery.telemetry.metrics]; label values are
+bounded by a
+[`LabelPolicy`][datapunk_recovery.telemetry.labels.LabelPolicy]; everything that leaves is redacted.
 """
 
 from .callback import CallbackExporter

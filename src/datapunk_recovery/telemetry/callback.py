@@ -8,10 +8,10 @@ test), give it a function::
 
     CallbackExporter(on_update=send).install()
 
-``on_update`` receives the :class:`~datapunk_recovery.telemetry.metrics.Update`\\ s
-of :data:`~datapunk_recovery.telemetry.metrics.MEASURES`, labels bounded
+``on_update`` receives the [`Update`][datapunk_recovery.telemetry.metrics.Update]\\ s
+of [`MEASURES`][datapunk_recovery.telemetry.metrics.MEASURES], labels bounded
 like Prometheus labels; ``on_event`` receives each event as its flat,
-redacted fields (:func:`~datapunk_recovery.telemetry.fields.event_fields`),
+redacted fields ([`event_fields()`][datapunk_recovery.telemetry.fields.event_fields]),
 optionally only the event names in ``names``.  A subscriber that wants the
 event objects themselves needs no exporter: ``events.subscribe(fn)``.
 """

@@ -1,8 +1,9 @@
 """The base of every exporter: a subscriber with a lifetime.
 
 An exporter is a plain event subscriber (a callable taking an
-:class:`~datapunk_recovery.events.Event`), so ``events.subscribe(exporter)``
-works; :meth:`Exporter.install` adds the bookkeeping to take it off again::
+[`Event`][datapunk_recovery.events.Event]), so ``events.subscribe(exporter)``
+works; [`Exporter.install()`][datapunk_recovery.telemetry.exporter.Exporter.install] adds the
+bookkeeping to take it off again::
 
     exporter = PrometheusExporter(registry).install()           # every event
     exporter = PrometheusExporter(registry).install(fetch.events)  # one function's
@@ -25,7 +26,7 @@ __all__ = ["Exporter"]
 
 
 class Exporter(ABC):
-    """A subscriber that can :meth:`install` itself on buses and :meth:`close`."""
+    """A subscriber that can `install()` itself on buses and `close()`."""
 
     def __init__(self) -> None:
         self._unsubscribers: list[Callable[[], None]] = []
@@ -41,7 +42,7 @@ class Exporter(ABC):
         return self
 
     def close(self) -> None:
-        """Unsubscribe from every bus :meth:`install` subscribed to."""
+        """Unsubscribe from every bus `install()` subscribed to."""
         while self._unsubscribers:
             self._unsubscribers.pop()()
 

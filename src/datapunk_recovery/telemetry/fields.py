@@ -3,7 +3,8 @@
 Events already carry names, numbers and exception type names rather than
 messages; this module is the second line of defence.  Every string an
 exporter writes (a log field, a label value, a span-event attribute) goes
-through :func:`safe_text` (:func:`datapunk_recovery.redact.redact_text`),
+through [`safe_text()`][datapunk_recovery.telemetry.fields.safe_text]
+([`datapunk_recovery.redact.redact_text()`][datapunk_recovery.redact.redact_text]),
 which removes passwords from URLs and DSNs, ``key=value`` secrets, bearer
 tokens and the value of credential headers written as text.
 """

@@ -8,9 +8,11 @@ keys, URLs with ids or user input; and even configured names are capped:
 each label admits at most ``max_values`` distinct values, first come first
 served, and every later one is reported as ``other``.
 
-A :class:`LabelPolicy` is the frozen configuration; a :class:`Labeler` is the
+A [`LabelPolicy`][datapunk_recovery.telemetry.labels.LabelPolicy] is the frozen configuration; a
+[`Labeler`][datapunk_recovery.telemetry.labels.Labeler] is the
 runtime object an exporter holds, which remembers the values it admitted.
-Every value is redacted (see :mod:`datapunk_recovery.telemetry.fields`) and
+Every value is redacted (see
+[`datapunk_recovery.telemetry.fields`][datapunk_recovery.telemetry.fields]) and
 cut to ``max_length`` characters before it can become a label.
 """
 

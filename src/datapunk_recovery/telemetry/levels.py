@@ -4,7 +4,7 @@ The aim is a log a person can read during an outage: a scheduled retry is
 routine (INFO: it says what is happening, without a WARNING storm while a
 dependency flaps), giving up, a breaker opening and a resource leak are
 WARNING, and per-attempt and per-call events are DEBUG.  An event kind absent
-from :data:`LEVELS` logs at DEBUG.
+from [`LEVELS`][datapunk_recovery.telemetry.levels.LEVELS] logs at DEBUG.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def level_of(levels: Mapping[str, Level], event: Event) -> int:
 
 
 def with_overrides(overrides: Mapping[str, int | Level] | None) -> Mapping[str, Level]:
-    """:data:`LEVELS` with ``overrides`` (event name -> level) applied."""
+    """`LEVELS` with ``overrides`` (event name -> level) applied."""
     merged = dict(LEVELS)
     for name, level in (overrides or {}).items():
         merged[name] = level if isinstance(level, Level) else Level(level)

@@ -8,7 +8,7 @@
 Each area logs to its own logger, ``datapunk_recovery.<area>``
 (``datapunk_recovery.retry``, ``datapunk_recovery.breaker``, ...), so one
 ``logging`` setting silences or raises a whole area.  The level of each event
-kind comes from :data:`~datapunk_recovery.telemetry.levels.LEVELS`; a record
+kind comes from [`LEVELS`][datapunk_recovery.telemetry.levels.LEVELS]; a record
 is built only when its logger would emit it.
 
 The message reads ``retry.scheduled operation=fetch retry=1 delay=0.2 ...``;
@@ -51,9 +51,9 @@ def format_fields(fields: Mapping[str, FieldValue]) -> str:
 class LoggingExporter(Exporter):
     """Logs every event to ``<prefix>.<area>`` at the level its kind deserves.
 
-    ``levels`` overrides :data:`~datapunk_recovery.telemetry.levels.LEVELS`
+    ``levels`` overrides [`LEVELS`][datapunk_recovery.telemetry.levels.LEVELS]
     per event name (an ``int`` level or a
-    :class:`~datapunk_recovery.telemetry.levels.Level`).
+    [`Level`][datapunk_recovery.telemetry.levels.Level]).
     """
 
     def __init__(

@@ -3,19 +3,25 @@
 Every metrics exporter (Prometheus, OpenTelemetry, a callback) reads the same
 two tables:
 
-- :data:`METRICS`, the instruments: a :class:`Metric` has a dotted name
+- [`METRICS`][datapunk_recovery.telemetry.metrics.METRICS], the instruments: a
+  [`Metric`][datapunk_recovery.telemetry.metrics.Metric] has a dotted name
   (``"attempt.duration"``), a kind, its label names and a unit.  Prometheus
   names it ``datapunk_recovery_attempt_duration_seconds``, OpenTelemetry
   ``datapunk.recovery.attempt.duration``.
-- :data:`MEASURES`, keyed by an event's ``name``: what each event kind does to
-  the instruments, as :class:`Measure` entries naming the event attributes
+- [`MEASURES`][datapunk_recovery.telemetry.metrics.MEASURES], keyed by an event's ``name``: what
+  each event kind does to
+  the instruments, as [`Measure`][datapunk_recovery.telemetry.metrics.Measure] entries naming the
+  event attributes
   that give the label values and the number.
 
-A new event kind plugs in with one entry in :data:`MEASURES` (and, for a new
-instrument, one in :data:`METRICS`); no exporter changes.  A
-:class:`Router` compiles the table for one exporter and turns an event into
+A new event kind plugs in with one entry in
+[`MEASURES`][datapunk_recovery.telemetry.metrics.MEASURES] (and, for a new
+instrument, one in [`METRICS`][datapunk_recovery.telemetry.metrics.METRICS]); no exporter changes.
+A
+[`Router`][datapunk_recovery.telemetry.metrics.Router] compiles the table for one exporter and turns
+an event into
 ``(metric, label values, number)`` updates, label values bounded by the
-exporter's :class:`~datapunk_recovery.telemetry.labels.Labeler`.
+exporter's [`Labeler`][datapunk_recovery.telemetry.labels.Labeler].
 """
 
 from __future__ import annotations
@@ -281,7 +287,7 @@ class Update:
 
 
 _MEMO_MAX: Final = 1024
-"""The most raw-value combinations one compiled measure remembers (see :class:`Compiled`)."""
+"""The most raw-value combinations one compiled measure remembers (see `Compiled`)."""
 
 
 def _one(event: Event) -> float:
@@ -289,7 +295,7 @@ def _one(event: Event) -> float:
 
 
 class Compiled:
-    """A :class:`Measure` ready to run for one exporter.
+    """A [`Measure`][datapunk_recovery.telemetry.metrics.Measure] ready to run for one exporter.
 
     ``applies(event)`` checks the ``when`` condition (hot paths read ``when``
     itself: ``None`` means always); ``key(event)`` reads the event attributes
@@ -298,7 +304,8 @@ class Compiled:
     ``number(event)`` reads the number.
     ``memo`` is for the exporter: what it derived from a key (a Prometheus
     child's method, OpenTelemetry attributes), so that an event already seen
-    costs one dictionary read.  :meth:`remember` keeps the memo bounded.
+    costs one dictionary read.
+    [`remember()`][datapunk_recovery.telemetry.metrics.Compiled.remember] keeps the memo bounded.
     """
 
     __slots__ = ("_labeler", "_plan", "key", "memo", "metric", "number", "when")
@@ -331,7 +338,7 @@ class Compiled:
         return self.when is None or bool(self.when(event))
 
     def labels_for(self, key: object) -> tuple[str, ...]:
-        """The label values, in the metric's order, for what :attr:`key` read."""
+        """The label values, in the metric's order, for what `key` read."""
         labeler = self._labeler
         raw = cast(tuple[object, ...], key)
         return tuple(
@@ -346,7 +353,7 @@ class Compiled:
         return self.labels_for(self.key(event))
 
     def remember(self, key: object, derived: Any) -> Any:
-        """Store ``derived`` for ``key`` in :attr:`memo` while there is room; returns it.
+        """Store ``derived`` for ``key`` in `memo` while there is room; returns it.
 
         Keys are raw values, which may be unbounded (every refused name is a
         new key): past the limit a key is resolved again on each use.
@@ -385,7 +392,9 @@ class Router:
 
         ``recorder(metric, labels)`` returns the function that applies a
         number to ``metric`` at ``labels``; it is called once per distinct
-        raw key (while :meth:`Compiled.remember` has room), then memoised.
+        raw key (while
+        [`Compiled.remember()`][datapunk_recovery.telemetry.metrics.Compiled.remember] has room),
+        then memoised.
         """
         for measure in self._table.get(event.name, ()):
             if measure.when is not None and not measure.when(event):
@@ -397,7 +406,7 @@ class Router:
             record(measure.number(event))
 
     def updates(self, event: Event) -> list[Update]:
-        """What ``event`` changes, as :class:`Update` objects."""
+        """What ``event`` changes, as `Update` objects."""
         return [
             Update(c.metric, c.labels(event), float(c.number(event)))
             for c in self.get(event.name)

@@ -5,13 +5,14 @@
     from datapunk_recovery.telemetry.otel import OpenTelemetryExporter
     OpenTelemetryExporter().install()
 
-Metrics carry the dotted names of :data:`~datapunk_recovery.telemetry.metrics.METRICS`
+Metrics carry the dotted names of [`METRICS`][datapunk_recovery.telemetry.metrics.METRICS]
 (``datapunk.recovery.calls``, ``datapunk.recovery.attempt.duration`` in ``s``,
 ...): counters and histograms are synchronous instruments; gauges (in use
 now, a breaker's state) are observable gauges reading the last value each
 label set reported, since a gauge is read at collection, not at each event.
 
-Span events: the event kinds of :data:`SPAN_EVENTS` (retries, give-ups,
+Span events: the event kinds of [`SPAN_EVENTS`][datapunk_recovery.telemetry.otel.SPAN_EVENTS]
+(retries, give-ups,
 failovers, breaker rejections) are added to the *current* span, when it
 records, as ``datapunk.recovery.<event name>`` with the event's redacted
 fields as attributes; a trace then shows why a call took three attempts.

@@ -8,15 +8,15 @@
     registry = CollectorRegistry()
     PrometheusExporter(registry).install()
 
-creates every metric of :data:`~datapunk_recovery.telemetry.metrics.METRICS`
+creates every metric of [`METRICS`][datapunk_recovery.telemetry.metrics.METRICS]
 on the registry at once (``datapunk_recovery_calls_total{operation,outcome}``,
 ``datapunk_recovery_attempt_duration_seconds{operation}``, ...) and updates
-them from events as :data:`~datapunk_recovery.telemetry.metrics.MEASURES`
+them from events as [`MEASURES`][datapunk_recovery.telemetry.metrics.MEASURES]
 says.  ``prometheus_client`` is imported when an exporter is built, never
 by the rest of the library.
 
 Each label combination's child is looked up once and kept with the compiled
-measure (:class:`~datapunk_recovery.telemetry.metrics.Compiled`), so an event
+measure ([`Compiled`][datapunk_recovery.telemetry.metrics.Compiled]), so an event
 already seen costs a dictionary read and the child's own update.
 """
 

@@ -1,7 +1,8 @@
 """Statistics per operation for people with no metrics system, fed by events.
 
 Each decorated function already answers ``fn.statistics()`` for itself; a
-:class:`StatisticsCollector` answers for every operation at once::
+[`StatisticsCollector`][datapunk_recovery.telemetry.statistics.StatisticsCollector] answers for
+every operation at once::
 
     collector = StatisticsCollector().install()
     ...
@@ -9,7 +10,7 @@ Each decorated function already answers ``fn.statistics()`` for itself; a
         print(name, s.calls, s.failures, s.retries, s.events)
 
 It counts the retry engine's events into the same numbers as
-:class:`~datapunk_recovery.stats.Statistics` (calls, successes, failures,
+[`Statistics`][datapunk_recovery.stats.Statistics] (calls, successes, failures,
 attempts, retries, give-ups by reason), adds the time spent in attempts, and
 counts every event kind by name, so breaker rejections, fallbacks and the
 rest of the library appear too.  Operations are bounded like a label: past
@@ -63,7 +64,7 @@ class _Counts:
 
 
 class StatisticsCollector(Exporter):
-    """Counts events per operation; :meth:`statistics` takes a snapshot.
+    """Counts events per operation; `statistics()` takes a snapshot.
 
     Exact under events from many threads (one lock, held for a few
     dictionary updates).  Memory is bounded by ``max_operations`` times the

@@ -7,7 +7,7 @@
 
 The structlog event is the library event's name (``"retry.scheduled"``); its
 keys are ``area`` and the event's fields, redacted.  Levels follow
-:data:`~datapunk_recovery.telemetry.levels.LEVELS`, like the stdlib
+[`LEVELS`][datapunk_recovery.telemetry.levels.LEVELS], like the stdlib
 exporter, and each area has its own logger, named ``datapunk_recovery.<area>``
 (what ``structlog.stdlib.LoggerFactory`` turns into a stdlib logger name).
 structlog is imported when an exporter is built.
