@@ -321,7 +321,7 @@ class AdaptiveLimiter(CallDecorator):
         only where a new limiter starts), and the calls in flight keep
         counting against it, so a smaller limit admits nobody until fewer
         calls than it run.  Queue settings are as in
-        :meth:`Bulkhead.reconfigure <datapunk_recovery.bulkhead.Bulkhead.reconfigure>`.
+        [`Bulkhead.reconfigure`][datapunk_recovery.bulkhead.Bulkhead.reconfigure].
         """
         owner = "AdaptiveLimiter.reconfigure"
         if isinstance(algorithm, AIMD):
