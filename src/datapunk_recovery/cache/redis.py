@@ -4,12 +4,28 @@ Built with :meth:`RedisCache.from_url`, its client has short socket and
 connect timeouts (``timeout``, seconds): a blackholed Redis then fails a call
 in that time instead of hanging, and the recovery's breaker makes the calls
 after it fail in microseconds.  Redis is imported only here.
+
+**Redis Cluster and Sentinel.**  The client may be a plain
+``redis.asyncio.Redis``, a ``redis.asyncio.cluster.RedisCluster`` or the
+client of ``redis.asyncio.sentinel.Sentinel(...).master_for(name)``; URLs
+``redis+cluster://host:port[,host:port...]`` and
+``redis+sentinel://host:port[,host:port...]/service[/db]`` build the last
+two (single node, ``redis://``, stays the default).  On a cluster every
+multi-key command (``MGET``, ``DEL``) is split per hash slot (redis-py's
+``key_slot``, which honours ``{hash tags}``) and the per-slot commands go
+out in one pipeline, one round trip per node.  A slot group the cluster
+redirects or refuses mid-migration (``MOVED``, ``ASK``, ``TRYAGAIN``: some
+of its keys already moved, some not) is redone key by key, each single-key
+command following the redirection, so a live migration is never a cache
+failure; a killed master is (connection errors, counted by the recovery
+until a replica takes over, then the same client follows it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from datapunk_recovery._validate import check_seconds
 from datapunk_recovery.redact import redact_url
@@ -19,32 +35,120 @@ from .protocols import Codec, CorruptEntry
 
 __all__ = ["RedisCache"]
 
+_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+_SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+
+
+def _is_cluster(client: Any) -> bool:
+    """Whether ``client`` is a ``redis.asyncio.cluster.RedisCluster`` (redis-py imported lazily)."""
+    try:
+        from redis.asyncio.cluster import RedisCluster
+    except ImportError:  # pragma: no cover - no redis-py, so no cluster client either
+        return False
+    return isinstance(client, RedisCluster)
+
+
+def _hosts(netloc: str, scheme: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
+    """``user:pw@h1:p1,h2:p2`` as ``([(h1, p1), (h2, p2)], user, pw)``; ValueError if malformed."""
+    auth, _, hosts = netloc.rpartition("@")
+    user = password = None
+    if auth:
+        name, sep, secret = auth.partition(":")
+        user = unquote(name) or None
+        password = unquote(secret) if sep else None
+    default_port = 26379 if scheme in _SENTINEL_SCHEMES else 6379
+    found: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep:
+            host, port = item.strip(), str(default_port)
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"RedisCache.url: expected host:port items, got {item.strip()!r}")
+        found.append((host.strip("[]"), int(port)))
+    return found, user, password
+
 
 class RedisCache:
-    """A :class:`~datapunk_recovery.cache.protocols.Cache` on a ``redis.asyncio.Redis`` client.
+    """A :class:`~datapunk_recovery.cache.protocols.Cache` on a ``redis.asyncio`` client.
 
-    The client must return bytes (``decode_responses=False``, the default).
+    ``client`` is a ``Redis``, a ``RedisCluster`` or a Sentinel
+    ``master_for(...)`` client (see the module docs for what a cluster
+    changes).  The client must return bytes (``decode_responses=False``, the
+    default).
     """
 
-    __slots__ = ("client", "codec", "label")
+    __slots__ = ("_also_close", "_cluster", "client", "codec", "label")
 
     def __init__(self, client: Any, codec: Codec | None = None, *, label: str = "redis") -> None:
         self.client = client
         self.codec: Codec = codec if codec is not None else JsonCodec()
         self.label = label
+        self._cluster = _is_cluster(client)
+        self._also_close: list[Any] = []  # the sentinels' clients of a redis+sentinel URL
 
     @classmethod
     def from_url(
         cls, url: str, *, codec: Codec | None = None, timeout: float = 0.25, **client_kwargs: Any
     ) -> RedisCache:
-        """A cache on a new client for ``url`` whose calls give up after ``timeout`` seconds."""
-        import redis.asyncio as aioredis
+        """A cache on a new client for ``url`` whose calls give up after ``timeout`` seconds.
 
+        ``redis://`` / ``rediss://`` / ``unix://``: one server.
+        ``redis+cluster://[user:pw@]host:port[,host:port...]``: a Redis
+        Cluster found through those startup nodes.
+        ``redis+sentinel://[user:pw@]host:port[,host:port...]/service[/db]``:
+        the master of ``service`` as the sentinels name it (the credentials
+        are the data nodes'; pass ``sentinel_kwargs={...}`` for the sentinels'
+        own).  A ``rediss+`` scheme uses TLS.  ``client_kwargs`` go to the
+        client.
+        """
         timeout = check_seconds("RedisCache", "timeout", timeout, positive=True)
         client_kwargs.setdefault("socket_timeout", timeout)
         client_kwargs.setdefault("socket_connect_timeout", timeout)
-        client = aioredis.Redis.from_url(url, **client_kwargs)
-        return cls(client, codec, label=redact_url(url))
+        scheme = url.partition("://")[0].lower() if "://" in url else ""
+        if scheme in _CLUSTER_SCHEMES or scheme in _SENTINEL_SCHEMES:
+            client, also_close = cls._group_client(url, scheme, client_kwargs)
+        else:
+            import redis.asyncio as aioredis
+
+            client, also_close = aioredis.Redis.from_url(url, **client_kwargs), []
+        cache = cls(client, codec, label=redact_url(url))
+        cache._also_close = also_close
+        return cache
+
+    @staticmethod
+    def _group_client(
+        url: str, scheme: str, client_kwargs: dict[str, Any]
+    ) -> tuple[Any, list[Any]]:
+        parts = urlsplit(url)
+        nodes, user, password = _hosts(parts.netloc, scheme)
+        if user is not None:
+            client_kwargs.setdefault("username", user)
+        if password is not None:
+            client_kwargs.setdefault("password", password)
+        if scheme.startswith("rediss"):
+            client_kwargs.setdefault("ssl", True)
+        path = [p for p in parts.path.split("/") if p]
+        if scheme in _CLUSTER_SCHEMES:
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+            if path and path != ["0"]:
+                raise ValueError("RedisCache.url: a Redis Cluster has only database 0")
+            startup = [ClusterNode(h, p) for h, p in nodes]
+            return RedisCluster(startup_nodes=startup, **client_kwargs), []
+        from redis.asyncio.sentinel import Sentinel
+
+        if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+            raise ValueError(
+                "RedisCache.url: expected redis+sentinel://host:port[,host:port]/service[/db]"
+            )
+        sentinel_kwargs = client_kwargs.pop("sentinel_kwargs", None) or {
+            "socket_timeout": client_kwargs["socket_timeout"],
+            "socket_connect_timeout": client_kwargs["socket_connect_timeout"],
+        }
+        if len(path) == 2:
+            client_kwargs.setdefault("db", int(path[1]))
+        sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+        return sentinel.master_for(unquote(path[0]), **client_kwargs), list(sentinel.sentinels)
 
     def __repr__(self) -> str:
         return f"RedisCache({self.label!r})"
@@ -60,16 +164,67 @@ class RedisCache:
                 f"{type(self.codec).__name__} cannot decode a cached value ({type(exc).__name__})"
             ) from None
 
+    # -- multi-key commands on a cluster -------------------------------------------
+    def _slot_groups(self, keys: Sequence[str]) -> dict[int, list[int]]:
+        """Positions of ``keys`` grouped by hash slot (``{tag}`` honoured), in first-seen order."""
+        from redis.crc import key_slot
+
+        encoder = self.client.encoder
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key_slot(encoder.encode(key)), []).append(i)
+        return groups
+
+    async def _per_slot(self, command: str, keys: Sequence[str]) -> list[list[Any] | int]:
+        """``command`` once per slot group of ``keys``, in one pipeline; replies in group order.
+
+        A group redirected or refused mid-migration (MOVED, ASK, TRYAGAIN) is
+        redone one key at a time: single-key commands follow ``ASK``/``MOVED``
+        (redis-py does) and never get ``TRYAGAIN``, so this retry is bounded
+        (one per key) and never waits.  Any other error is raised.
+        """
+        from redis.exceptions import AskError, MovedError, TryAgainError
+
+        groups = list(self._slot_groups(keys).values())
+        pipe = self.client.pipeline()
+        for positions in groups:
+            pipe.execute_command(command, *(keys[i] for i in positions))
+        replies = await pipe.execute(raise_on_error=False, allow_redirections=False)
+        done: list[list[Any] | int] = []
+        for positions, reply in zip(groups, replies, strict=True):
+            if isinstance(reply, (AskError, MovedError, TryAgainError)):
+                singles = [await self.client.execute_command(command, keys[i]) for i in positions]
+                reply = [s[0] for s in singles] if command == "MGET" else sum(map(int, singles))
+            elif isinstance(reply, Exception):
+                raise reply
+            done.append(reply)
+        return done
+
+    async def _mget(self, keys: Sequence[str]) -> list[Any]:
+        if not self._cluster:
+            return list(await self.client.mget(keys))
+        groups = list(self._slot_groups(keys).values())
+        found: list[Any] = [None] * len(keys)
+        for positions, values in zip(groups, await self._per_slot("MGET", keys), strict=True):
+            assert isinstance(values, list)
+            for i, value in zip(positions, values, strict=True):
+                found[i] = value
+        return found
+
+    # -- the Cache protocol ----------------------------------------------------------
     async def get(self, key: str) -> Any | None:
         """The decoded value of ``key`` or ``None``; :class:`CorruptEntry` if undecodable."""
         return self._decode(await self.client.get(key))
 
     async def get_many(self, keys: Sequence[str]) -> list[Any | None]:
-        """``MGET``: the decoded values of ``keys``; an undecodable one counts as absent."""
+        """``MGET`` (one per hash slot on a cluster): the decoded values of ``keys``.
+
+        An undecodable value counts as absent.
+        """
         if not keys:
             return []
         found: list[Any | None] = []
-        for data in await self.client.mget(keys):
+        for data in await self._mget(keys):
             try:
                 found.append(self._decode(data))
             except CorruptEntry:
@@ -81,8 +236,12 @@ class RedisCache:
         await self.client.set(key, self.codec.encode(value), px=max(int(ttl * 1000), 1))
 
     async def delete(self, keys: Sequence[str]) -> None:
-        """``DEL keys``."""
-        if keys:
+        """``DEL keys`` (one per hash slot on a cluster)."""
+        if not keys:
+            return
+        if self._cluster:
+            await self._per_slot("DEL", keys)
+        else:
             await self.client.delete(*keys)
 
     async def incr(self, key: str) -> int:
@@ -103,5 +262,9 @@ class RedisCache:
             raise CorruptEntry("a counter does not hold an integer") from None
 
     async def close(self) -> None:
-        """Close the client's connections."""
-        await self.client.aclose()
+        """Close the client's connections (and the sentinels' clients a URL made)."""
+        try:
+            await self.client.aclose()
+        finally:
+            for extra in self._also_close:
+                await extra.aclose()
