@@ -804,6 +804,7 @@ class _ServerGroup(_ManagedServer):
             return
         self._closed = True
         for node in self.nodes:
+            node.kill()  # no graceful stop: a master would wait for its replicas (seconds)
             node.close()
         with _LIVE_LOCK:
             _LIVE.discard(self)
@@ -959,9 +960,21 @@ class RedisClusterServers(_ServerGroup):
         replicas = [n for n in view if "slave" in n["flags"]]
         if len(replicas) != self.masters * self.replicas:
             return False
+        if len({self._slot_owners(node) for node in self.nodes}) != 1:
+            return False  # the nodes do not agree yet on who serves what
         return all(
             _info_field(n["host"], n["port"], "replication", "master_link_status") == "up"
             for n in replicas
+        )
+
+    def _slot_owners(self, node: RedisServer) -> frozenset[tuple[int, int, str, int]]:
+        try:
+            with self._admin(node) as admin:
+                slots = admin.execute_command("CLUSTER", "SLOTS")
+        except Exception:
+            return frozenset()
+        return frozenset(
+            (lo, hi, _text(owners[0][0]), int(owners[0][1])) for lo, hi, *owners in slots
         )
 
     def key_slot(self, key: str) -> int:
