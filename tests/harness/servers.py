@@ -1174,24 +1174,25 @@ class RedisSentinelServers(_ServerGroup):
                     node.extra_args = ["--replicaof", address[0], str(address[1])]
         super().start()
 
-    def master_address(self) -> tuple[str, int] | None:
-        """The master the first answering sentinel names."""
+    def _named_by(self, sentinel: RedisServer) -> tuple[str, int] | None:
+        """The master ``sentinel`` names (``None`` if it does not answer)."""
         import redis as redis_sync
 
+        if not sentinel.is_running:
+            return None
+        try:
+            with redis_sync.Redis(host=sentinel.host, port=sentinel.port, socket_timeout=1.0) as s:
+                host, port = s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        except Exception:
+            return None
+        return (_text(host), int(port))
+
+    def master_address(self) -> tuple[str, int] | None:
+        """The master the first answering sentinel names."""
         for sentinel in self.sentinels:
-            if not sentinel.is_running:
-                continue
-            try:
-                with redis_sync.Redis(
-                    host=sentinel.host, port=sentinel.port, socket_timeout=1.0
-                ) as s:
-                    host, port = s.execute_command(
-                        "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service
-                    )
-            except Exception:
-                continue
-            host = host.decode() if isinstance(host, bytes) else host
-            return (host, int(port))
+            address = self._named_by(sentinel)
+            if address is not None:
+                return address
         return None
 
     def master(self) -> RedisServer:
@@ -1253,7 +1254,10 @@ class RedisSentinelServers(_ServerGroup):
         """Poll until the sentinels name a master other than ``old`` that says it is one."""
 
         def promoted() -> bool:
-            address = self.master_address()
+            named = {self._named_by(sentinel) for sentinel in self.sentinels}
+            if len(named) != 1:
+                return False  # not every sentinel names the same master yet
+            address = named.pop()
             if address is None or address == old.address:
                 return False
             node = self.node_at(*address)
