@@ -231,7 +231,7 @@ async def test_a_cluster_url_password_never_shows() -> None:
     ],
 )
 async def test_a_malformed_cluster_or_sentinel_url_raises_value_error(url: str) -> None:
-    with pytest.raises(ValueError, match="RedisCache.url"):
+    with pytest.raises(ValueError, match=r"RedisCache\.url"):
         RedisCache.from_url(url)
 
 
