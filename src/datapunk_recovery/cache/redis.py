@@ -179,9 +179,10 @@ class RedisCache:
         """``command`` once per slot group of ``keys``, in one pipeline; replies in group order.
 
         A group redirected or refused mid-migration (MOVED, ASK, TRYAGAIN) is
-        redone one key at a time: single-key commands follow ``ASK``/``MOVED``
-        (redis-py does) and never get ``TRYAGAIN``, so this retry is bounded
-        (one per key) and never waits.  Any other error is raised.
+        redone one key at a time, in a second pipeline: single-key commands
+        follow ``ASK``/``MOVED`` (redis-py does) and never get ``TRYAGAIN``,
+        so this retry is bounded (one command per key) and never waits.  Any
+        other error is raised.
         """
         from redis.exceptions import AskError, MovedError, TryAgainError
 
@@ -190,15 +191,22 @@ class RedisCache:
         for positions in groups:
             pipe.execute_command(command, *(keys[i] for i in positions))
         replies = await pipe.execute(raise_on_error=False, allow_redirections=False)
-        done: list[list[Any] | int] = []
-        for positions, reply in zip(groups, replies, strict=True):
+        redo: list[int] = []  # groups whose slot is moving
+        for g, reply in enumerate(replies):
             if isinstance(reply, (AskError, MovedError, TryAgainError)):
-                singles = [await self.client.execute_command(command, keys[i]) for i in positions]
-                reply = [s[0] for s in singles] if command == "MGET" else sum(map(int, singles))
+                redo.append(g)
             elif isinstance(reply, Exception):
                 raise reply
-            done.append(reply)
-        return done
+        if redo:
+            singles = self.client.pipeline()
+            for g in redo:
+                for i in groups[g]:
+                    singles.execute_command(command, keys[i])
+            answers = iter(await singles.execute())
+            for g in redo:
+                one = [next(answers) for _ in groups[g]]
+                replies[g] = [a[0] for a in one] if command == "MGET" else sum(map(int, one))
+        return list(replies)
 
     async def _mget(self, keys: Sequence[str]) -> list[Any]:
         if not self._cluster:
