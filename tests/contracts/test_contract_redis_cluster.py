@@ -10,7 +10,9 @@ cluster support is built on exactly these behaviours of redis-py:
   (``RedisClusterException``, "all keys must map to the same key slot").
 - A single-key command follows ``MOVED`` (after a failover) and ``ASK``
   (during a live migration) without raising.
-- A multi-key command on a half-migrated slot gets ``TRYAGAIN``; redis-py
+- A multi-key command (a script with several keys too) on a slot being
+  migrated gets ``TRYAGAIN`` when some of its keys are there and some are
+  not (moved already, or never created); redis-py
   retries it (16 tries, the last ones 50 ms apart) and then raises
   ``ClusterError`` ("TTL exhausted"); a pipeline run with
   ``allow_redirections=False`` hands the ``TryAgainError`` back at once.
@@ -151,6 +153,56 @@ async def test_a_multi_key_command_on_a_half_migrated_slot_gets_tryagain(
         migration.move_keys()
         migration.finish()
     assert await cluster_client.mget(keys) == [b"1", b"2"]
+
+
+async def test_a_script_whose_keys_partly_exist_gets_tryagain_while_its_slot_migrates(
+    redis_cluster: RedisClusterServers, cluster_client: RedisCluster
+) -> None:
+    """What a shared breaker's script meets when one of its keys is absent.
+
+    Only a script with ONE key (or whose keys always exist together) is
+    served through a migration: it follows ASK like any single-key command.
+    """
+    keys = ["p:{breaker:x}:state", "p:{breaker:x}:ring"]
+    await cluster_client.delete(*keys)
+    await cluster_client.set(keys[0], b"1")  # the ring does not exist yet
+    script = cluster_client.register_script("return redis.call('GET', KEYS[1])")
+    assert await script(keys=keys) == b"1"
+    migration = redis_cluster.begin_migration(redis_cluster.key_slot(keys[0]))
+    try:
+        with raw(migration.source) as source, pytest.raises(rx.TryAgainError):
+            source.evalsha(script.sha, 2, *keys)
+        # Creating the missing key does not help: a new key of a migrating
+        # slot is created on the target (ASK), so the keys stay split.
+        await cluster_client.set(keys[1], b"r")
+        with raw(migration.target) as target:
+            assert target.execute_command("CLUSTER", "COUNTKEYSINSLOT", migration.slot) == 1
+        with pytest.raises(rx.ClusterError, match="TTL exhausted"):
+            await script(keys=keys)  # TRYAGAIN until the migration ends
+    finally:
+        migration.move_keys()
+        migration.finish()
+    assert await script(keys=keys) == b"1"  # after MOVED (and NOSCRIPT: reloaded)
+
+
+async def test_a_script_with_one_key_follows_ask_during_a_migration(
+    redis_cluster: RedisClusterServers, cluster_client: RedisCluster
+) -> None:
+    keys = ["p:{breaker:one}:all", "p:{breaker:one}:new"]
+    await cluster_client.delete(*keys)
+    await cluster_client.set(keys[0], b"1")
+    script = cluster_client.register_script(
+        "redis.call('INCR', KEYS[1]); return redis.call('GET', KEYS[1])"
+    )
+    migration = redis_cluster.begin_migration(redis_cluster.key_slot(keys[0]))
+    try:
+        assert await script(keys=keys[:1]) == b"2"  # not moved yet: the source serves it
+        migration.move_keys()
+        assert await script(keys=keys[:1]) == b"3"  # moved: ASK, the target serves it
+        assert await script(keys=keys[1:]) == b"1"  # a new key: created on the target
+    finally:
+        migration.move_keys()
+        migration.finish()
 
 
 @pytest.mark.drill
