@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
+from datapunk_recovery._redis_clients import client_from_url, is_cluster
 from datapunk_recovery._validate import check_seconds
 from datapunk_recovery.redact import redact_url
 
@@ -34,38 +34,6 @@ from .codecs import JsonCodec
 from .protocols import Codec, CorruptEntry
 
 __all__ = ["RedisCache"]
-
-_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
-_SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
-
-
-def _is_cluster(client: Any) -> bool:
-    """Whether ``client`` is a ``redis.asyncio.cluster.RedisCluster`` (redis-py imported lazily)."""
-    try:
-        from redis.asyncio.cluster import RedisCluster
-    except ImportError:  # pragma: no cover - no redis-py, so no cluster client either
-        return False
-    return isinstance(client, RedisCluster)
-
-
-def _hosts(netloc: str, scheme: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
-    """``user:pw@h1:p1,h2:p2`` as ``([(h1, p1), (h2, p2)], user, pw)``; ValueError if malformed."""
-    auth, _, hosts = netloc.rpartition("@")
-    user = password = None
-    if auth:
-        name, sep, secret = auth.partition(":")
-        user = unquote(name) or None
-        password = unquote(secret) if sep else None
-    default_port = 26379 if scheme in _SENTINEL_SCHEMES else 6379
-    found: list[tuple[str, int]] = []
-    for item in hosts.split(","):
-        host, sep, port = item.strip().rpartition(":")
-        if not sep:
-            host, port = item.strip(), str(default_port)
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"RedisCache.url: expected host:port items, got {item.strip()!r}")
-        found.append((host.strip("[]"), int(port)))
-    return found, user, password
 
 
 class RedisCache:
@@ -83,7 +51,7 @@ class RedisCache:
         self.client = client
         self.codec: Codec = codec if codec is not None else JsonCodec()
         self.label = label
-        self._cluster = _is_cluster(client)
+        self._cluster = is_cluster(client)
         self._also_close: list[Any] = []  # the sentinels' clients of a redis+sentinel URL
 
     @classmethod
@@ -102,53 +70,12 @@ class RedisCache:
         client.
         """
         timeout = check_seconds("RedisCache", "timeout", timeout, positive=True)
-        client_kwargs.setdefault("socket_timeout", timeout)
-        client_kwargs.setdefault("socket_connect_timeout", timeout)
-        scheme = url.partition("://")[0].lower() if "://" in url else ""
-        if scheme in _CLUSTER_SCHEMES or scheme in _SENTINEL_SCHEMES:
-            client, also_close = cls._group_client(url, scheme, client_kwargs)
-        else:
-            import redis.asyncio as aioredis
-
-            client, also_close = aioredis.Redis.from_url(url, **client_kwargs), []
+        client, also_close = client_from_url(
+            url, timeout=timeout, owner="RedisCache", **client_kwargs
+        )
         cache = cls(client, codec, label=redact_url(url))
         cache._also_close = also_close
         return cache
-
-    @staticmethod
-    def _group_client(
-        url: str, scheme: str, client_kwargs: dict[str, Any]
-    ) -> tuple[Any, list[Any]]:
-        parts = urlsplit(url)
-        nodes, user, password = _hosts(parts.netloc, scheme)
-        if user is not None:
-            client_kwargs.setdefault("username", user)
-        if password is not None:
-            client_kwargs.setdefault("password", password)
-        if scheme.startswith("rediss"):
-            client_kwargs.setdefault("ssl", True)
-        path = [p for p in parts.path.split("/") if p]
-        if scheme in _CLUSTER_SCHEMES:
-            from redis.asyncio.cluster import ClusterNode, RedisCluster
-
-            if path and path != ["0"]:
-                raise ValueError("RedisCache.url: a Redis Cluster has only database 0")
-            startup = [ClusterNode(h, p) for h, p in nodes]
-            return RedisCluster(startup_nodes=startup, **client_kwargs), []
-        from redis.asyncio.sentinel import Sentinel
-
-        if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
-            raise ValueError(
-                "RedisCache.url: expected redis+sentinel://host:port[,host:port]/service[/db]"
-            )
-        sentinel_kwargs = client_kwargs.pop("sentinel_kwargs", None) or {
-            "socket_timeout": client_kwargs["socket_timeout"],
-            "socket_connect_timeout": client_kwargs["socket_connect_timeout"],
-        }
-        if len(path) == 2:
-            client_kwargs.setdefault("db", int(path[1]))
-        sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
-        return sentinel.master_for(unquote(path[0]), **client_kwargs), list(sentinel.sentinels)
 
     def __repr__(self) -> str:
         return f"RedisCache({self.label!r})"
