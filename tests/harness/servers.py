@@ -766,7 +766,15 @@ class _ServerGroup(_ManagedServer):
 
     def __init__(self, base_dir: str | os.PathLike[str] | None) -> None:
         self.nodes: list[RedisServer] = []
+        #: set by every helper that changes the topology (and by ``touch()``):
+        #: ``ensure_running`` then waits until the group is healthy again;
+        #: otherwise it only checks the processes (it runs after every test).
+        self.touched = False
         super().__init__(0, base_dir)
+
+    def touch(self) -> None:
+        """Say that a test changed the topology by hand (a manual failover...)."""
+        self.touched = True
 
     @property
     def is_running(self) -> bool:
@@ -796,8 +804,11 @@ class _ServerGroup(_ManagedServer):
             node.kill()
 
     def ensure_running(self) -> None:
-        if not self._closed and (not self.is_running or not self._healthy()):
+        if self._closed or (self.is_running and not self.touched):
+            return
+        if not self.is_running or not self._healthy():
             self.start()
+        self.touched = False
 
     def close(self) -> None:
         if self._closed:
@@ -1005,6 +1016,7 @@ class RedisClusterServers(_ServerGroup):
 
     def kill_master_of(self, key: str) -> RedisServer:
         """SIGKILL the master serving ``key``; its replica takes over after ``node_timeout``."""
+        self.touched = True
         master = self.master_for_key(key)
         master.kill()
         return master
@@ -1037,6 +1049,7 @@ class RedisClusterServers(_ServerGroup):
 
     def begin_migration(self, slot: int, target: RedisServer | None = None) -> SlotMigration:
         """Mark ``slot`` IMPORTING on ``target`` and MIGRATING on its owner (no key moved yet)."""
+        self.touched = True
         source = self.master_of_slot(slot)
         target = target or self.other_master(source)
         migration = SlotMigration(self, slot, source, target)
@@ -1246,6 +1259,7 @@ class RedisSentinelServers(_ServerGroup):
 
     def kill_master(self) -> RedisServer:
         """SIGKILL the current master; the sentinels promote a replica after ``down_after``."""
+        self.touched = True
         master = self.master()
         master.kill()
         return master
