@@ -102,7 +102,7 @@ class RedisCache:
             groups.setdefault(key_slot(encoder.encode(key)), []).append(i)
         return groups
 
-    async def _per_slot(self, command: str, keys: Sequence[str]) -> list[list[Any] | int]:
+    async def _per_slot(self, command: str, keys: Sequence[str]) -> list[Any]:
         """``command`` once per slot group of ``keys``, in one pipeline; replies in group order.
 
         A group redirected or refused mid-migration (MOVED, ASK, TRYAGAIN) is
@@ -132,7 +132,8 @@ class RedisCache:
             answers = iter(await singles.execute())
             for g in redo:
                 one = [next(answers) for _ in groups[g]]
-                replies[g] = [a[0] for a in one] if command == "MGET" else sum(map(int, one))
+                # MGET of one key answers [value]; DEL's counts are not used.
+                replies[g] = [a[0] if isinstance(a, list) and a else None for a in one]
         return list(replies)
 
     async def _mget(self, keys: Sequence[str]) -> list[Any]:
@@ -141,7 +142,8 @@ class RedisCache:
         groups = list(self._slot_groups(keys).values())
         found: list[Any] = [None] * len(keys)
         for positions, values in zip(groups, await self._per_slot("MGET", keys), strict=True):
-            assert isinstance(values, list)
+            if not isinstance(values, list) or len(values) != len(positions):
+                continue  # not an MGET answer: never trusted, those keys read as absent
             for i, value in zip(positions, values, strict=True):
                 found[i] = value
         return found
