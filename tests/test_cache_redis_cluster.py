@@ -213,12 +213,28 @@ async def test_cluster_and_sentinel_urls_build_the_right_clients(
         await sentinel.close()
 
 
-async def test_a_cluster_url_password_never_shows() -> None:
-    cache = RedisCache.from_url("redis+cluster://user:hunter2@127.0.0.1:1,127.0.0.1:2")
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://user:hunter2@127.0.0.1:1,127.0.0.1:2",
+        "redis+sentinel://:hunter2@127.0.0.1:1,127.0.0.1:2/svc/1",
+    ],
+)
+async def test_a_cluster_or_sentinel_url_password_never_shows(url: str) -> None:
+    cache = RedisCache.from_url(url)
     try:
         assert "hunter2" not in repr(cache)
+        if not cache._cluster:  # (a cluster client keeps it per node)
+            assert cache.client.connection_pool.connection_kwargs["password"] == "hunter2"
+            assert cache.client.connection_pool.connection_kwargs["db"] == 1
     finally:
         await cache.close()
+
+
+async def test_a_malformed_url_error_never_shows_the_password() -> None:
+    with pytest.raises(ValueError) as info:
+        RedisCache.from_url("redis+cluster://user:hunter2@127.0.0.1:1,bad:port")
+    assert "hunter2" not in str(info.value) and "bad:port" in str(info.value)
 
 
 @pytest.mark.parametrize(
