@@ -22,7 +22,10 @@ log() { printf '[test.sh] %s\n' "$*" >&2; }
 
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
-have_redis() { command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ]; }
+have_redis() {  # redis-server, and redis-cli (it forms the test Redis Cluster)
+    { command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ]; } \
+        && { command -v redis-cli >/dev/null 2>&1 || [ -x /usr/bin/redis-cli ]; }
+}
 have_initdb() {
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1
 }
@@ -48,7 +51,7 @@ if ! have_redis || ! have_initdb; then
             policy_created=1
         fi
         rc=0
-        apt_install redis-server postgresql || rc=$?
+        apt_install redis-server redis-tools postgresql || rc=$?
         if [ "$policy_created" -eq 1 ]; then
             rm -f /usr/sbin/policy-rc.d
         fi

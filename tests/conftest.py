@@ -19,7 +19,11 @@ if _ROOT not in sys.path:
 from datapunk_recovery import events  # noqa: E402
 from datapunk_recovery.events import Event  # noqa: E402
 from tests.harness import PostgresServer, RedisServer, ThreadedProxy  # noqa: E402
-from tests.harness.servers import _ManagedServer  # noqa: E402
+from tests.harness.servers import (  # noqa: E402
+    RedisClusterServers,
+    RedisSentinelServers,
+    _ManagedServer,
+)
 
 if TYPE_CHECKING:
     from datapunk_recovery.stores.redis import RedisStore
@@ -202,3 +206,34 @@ def locked_redis() -> Iterator[RedisServer]:
     server.password = LOCKED_REDIS_PASSWORD  # type: ignore[attr-defined]
     yield server
     server.close()
+
+
+# ---------------------------------------------------------------------------
+# Redis Cluster and Redis Sentinel (started lazily, once per session, only by
+# the tests that ask for them: each takes about two seconds to form)
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A real Redis Cluster: 3 masters + 3 replicas, ``cluster_state:ok``.
+
+    ``.startup_nodes`` / ``.url`` for clients; ``kill_master_of(key)``,
+    ``wait_for_new_master(key, old)``, ``begin_migration(slot)`` /
+    ``migrate_slot(slot)`` for drills.  A killed node is restarted (as a
+    replica) and the cluster waited healthy after each test.
+    """
+    server = _start(RedisClusterServers, "Redis Cluster")
+    yield server
+    _finish(server)
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinelServers]:
+    """A real Sentinel setup: 1 master + 1 replica + 3 ``redis-server --sentinel``.
+
+    ``.sentinel_addresses`` and ``.service`` (``"mymaster"``) for
+    ``Sentinel(...).master_for(...)``; ``kill_master()`` /
+    ``wait_for_new_master(old)`` for drills.
+    """
+    server = _start(RedisSentinelServers, "Redis Sentinel")
+    yield server
+    _finish(server)

@@ -30,14 +30,17 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
 
 __all__ = [
     "APP_PASSWORD",
     "APP_USER",
     "PostgresServer",
+    "RedisClusterServers",
+    "RedisSentinelServers",
     "RedisServer",
     "ServerError",
+    "SlotMigration",
     "ServerUnavailable",
     "find_free_port",
     "find_postgres_bin_dir",
@@ -414,6 +417,8 @@ class RedisServer(_ManagedServer):
             "no",
             "--loglevel",
             "warning",
+            "--repl-diskless-sync-delay",  # a replica (re)syncs at once, not after 5 s
+            "0",
             *self.extra_args,
         ]
         self._proc = self._spawn(argv)
@@ -706,3 +711,593 @@ class PostgresServer(_ManagedServer):
             )
             self.psql(f"CREATE DATABASE {self.app_database} OWNER {self.app_user}")
             self._initialized = True
+
+
+# ---------------------------------------------------------------------------
+# Redis Cluster and Redis Sentinel (groups of redis-server processes)
+# ---------------------------------------------------------------------------
+
+
+def _find_redis_cli() -> str:
+    binary = shutil.which("redis-cli")
+    if binary is None:
+        for candidate in ("/usr/bin/redis-cli", "/usr/local/bin/redis-cli"):
+            if os.access(candidate, os.X_OK):
+                return candidate
+        raise ServerUnavailable("redis-cli not found (apt-get install redis-tools)")
+    return binary
+
+
+def _info_field(host: str, port: int, section: str, name: str) -> str | None:
+    """One ``field:value`` of ``INFO section`` (or ``CLUSTER INFO``), ``None`` if unreachable."""
+    import redis as redis_sync
+
+    try:
+        with redis_sync.Redis(host=host, port=port, socket_timeout=1.0) as admin:
+            raw = (
+                admin.execute_command("CLUSTER", "INFO")
+                if section == "cluster-info"
+                else admin.execute_command("INFO", section)
+            )
+    except (OSError, redis_sync.RedisError):
+        return None
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    if isinstance(raw, dict):  # parsed INFO
+        value = raw.get(name)
+        return None if value is None else str(value)
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == name:
+            return value.strip()
+    return None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _ServerGroup(_ManagedServer):
+    """Several redis-server processes handled as one managed server.
+
+    ``port`` is the first node's; ``start()`` starts (or restarts) every
+    member and waits until the group is healthy again, so the session's
+    ``_servers_back_up`` fixture repairs whatever a drill killed.
+    """
+
+    def __init__(self, base_dir: str | os.PathLike[str] | None) -> None:
+        self.nodes: list[RedisServer] = []
+        #: set by every helper that changes the topology (and by ``touch()``):
+        #: ``ensure_running`` then waits until the group is healthy again;
+        #: otherwise it only checks the processes (it runs after every test).
+        self.touched = False
+        super().__init__(0, base_dir)
+
+    def touch(self) -> None:
+        """Say that a test changed the topology by hand (a manual failover...)."""
+        self.touched = True
+
+    @property
+    def is_running(self) -> bool:
+        return bool(self.nodes) and all(n.is_running and not n.is_paused for n in self.nodes)
+
+    def _healthy(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if self._closed:
+            raise ServerError(f"{self.name}: already closed")
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        if not self.nodes:
+            self._start_process()
+            return
+        for node in self.nodes:
+            node.ensure_running()
+        _poll_until(self._healthy, START_TIMEOUT, f"{self.name} healthy again", log=self.log_tail)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+    def ensure_running(self) -> None:
+        if self._closed or (self.is_running and not self.touched):
+            return
+        if not self.is_running or not self._healthy():
+            self.start()
+        self.touched = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for node in self.nodes:
+            node.kill()  # no graceful stop: a master would wait for its replicas (seconds)
+            node.close()
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+        if self._owns_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(f"--- {n.port}\n{n.log_tail(lines // 4)}" for n in self.nodes)
+
+    def node_at(self, host: str, port: int) -> RedisServer:
+        for node in self.nodes:
+            if (node.host, node.port) == (host, int(port)):
+                return node
+        raise KeyError(f"no node at {host}:{port}")
+
+
+class RedisClusterServers(_ServerGroup):
+    """A real Redis Cluster on loopback: ``masters`` masters, each with ``replicas`` replicas.
+
+    Built with ``redis-cli --cluster create`` and ready once every node says
+    ``cluster_state:ok``.  ``node_timeout`` (milliseconds) is short, so a
+    killed master is replaced by its replica in about two seconds.
+    ``startup_nodes`` / ``url`` are what a ``RedisCluster`` client needs.
+    Helpers: :meth:`master_for_key`, :meth:`kill_master_of`,
+    :meth:`begin_migration` (a live slot migration, step by step, for ASK).
+    """
+
+    name = "redis-cluster"
+
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 1,
+        *,
+        node_timeout: int = 1000,
+        base_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.masters = masters
+        self.replicas = replicas
+        self.node_timeout = node_timeout
+        self.cli = _find_redis_cli()
+        super().__init__(base_dir)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.nodes[0].port}/0"
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        return [n.address for n in self.nodes]
+
+    def _start_process(self) -> None:
+        for _ in range(self.masters * (1 + self.replicas)):
+            port = find_free_port()
+            node = RedisServer(
+                port,
+                self.base_dir / f"node-{port}",
+                extra_args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-port",  # the bus port, free too (not port + 10000)
+                    str(find_free_port()),
+                    "--cluster-node-timeout",
+                    str(self.node_timeout),
+                    "--cluster-replica-validity-factor",
+                    "0",  # a replica may always take over (tests kill masters at will)
+                ],
+            )
+            self.nodes.append(node)
+            node.start()
+        self.port = self.nodes[0].port
+        create = subprocess.run(
+            [
+                self.cli,
+                "--cluster",
+                "create",
+                *(f"{n.host}:{n.port}" for n in self.nodes),
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            check=False,
+        )
+        if create.returncode != 0:
+            raise ServerError(f"redis-cli --cluster create failed:\n{create.stdout}{create.stderr}")
+        _poll_until(self._healthy, START_TIMEOUT, "redis cluster state ok", log=self.log_tail)
+
+    # -- topology ----------------------------------------------------------------
+    def _admin(self, node: RedisServer) -> Any:
+        import redis as redis_sync
+
+        return redis_sync.Redis(host=node.host, port=node.port, socket_timeout=2.0)
+
+    def _view(self, node: RedisServer) -> list[dict[str, Any]]:
+        """``CLUSTER NODES`` as seen by ``node``: id, address, flags, master id, slots."""
+        with self._admin(node) as admin:
+            raw = admin.execute_command("CLUSTER", "NODES")
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        if isinstance(text, dict):  # redis-py may parse it already
+            text = "\n".join(
+                f"{v['node_id']} {k} {v['flags']} {v['master_id']} 0 0 0 "
+                f"{'connected' if v['connected'] else 'disconnected'} "
+                + " ".join("-".join(s) for s in v.get("slots", []))
+                for k, v in text.items()
+            )
+        nodes = []
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) < 8:
+                continue
+            host_port = parts[1].split("@")[0]
+            host, _, port = host_port.rpartition(":")
+            slots: list[tuple[int, int]] = []
+            for spec in parts[8:]:
+                if spec.startswith("["):
+                    continue  # a slot being migrated/imported
+                lo, _, hi = spec.partition("-")
+                slots.append((int(lo), int(hi or lo)))
+            nodes.append(
+                {
+                    "id": parts[0],
+                    "host": host,
+                    "port": int(port),
+                    "flags": set(parts[2].split(",")),
+                    "master_id": parts[3],
+                    "slots": slots,
+                }
+            )
+        return nodes
+
+    def _healthy(self) -> bool:
+        for node in self.nodes:
+            if (
+                not node.ping()
+                or _info_field(node.host, node.port, "cluster-info", "cluster_state") != "ok"
+            ):
+                return False
+        # every node agrees: `masters` masters owning every slot, each with its replicas
+        try:
+            view = self._view(self.nodes[0])
+        except Exception:
+            return False
+        masters = [n for n in view if "master" in n["flags"] and n["slots"]]
+        if len(masters) != self.masters or any(
+            "fail" in n["flags"] or "fail?" in n["flags"] for n in view
+        ):
+            return False
+        replicas = [n for n in view if "slave" in n["flags"]]
+        if len(replicas) != self.masters * self.replicas:
+            return False
+        if len({self._slot_owners(node) for node in self.nodes}) != 1:
+            return False  # the nodes do not agree yet on who serves what
+        return all(
+            _info_field(n["host"], n["port"], "replication", "master_link_status") == "up"
+            for n in replicas
+        )
+
+    def _slot_owners(self, node: RedisServer) -> frozenset[tuple[int, int, str, int]]:
+        try:
+            with self._admin(node) as admin:
+                slots = admin.execute_command("CLUSTER", "SLOTS")
+        except Exception:
+            return frozenset()
+        return frozenset(
+            (lo, hi, _text(owners[0][0]), int(owners[0][1])) for lo, hi, *owners in slots
+        )
+
+    def key_slot(self, key: str) -> int:
+        from redis.crc import key_slot
+
+        return int(key_slot(key.encode()))
+
+    def master_of_slot(self, slot: int) -> RedisServer:
+        """The node that serves ``slot`` now (asked of a live node)."""
+        for node in self.nodes:
+            if not node.is_running:
+                continue
+            with self._admin(node) as admin:
+                for lo, hi, *owners in admin.execute_command("CLUSTER", "SLOTS"):
+                    if lo <= slot <= hi:
+                        host, port = owners[0][0], owners[0][1]
+                        host = host.decode() if isinstance(host, bytes) else host
+                        return self.node_at(host, int(port))
+        raise ServerError("no live node to ask")
+
+    def master_for_key(self, key: str) -> RedisServer:
+        return self.master_of_slot(self.key_slot(key))
+
+    def node_id(self, node: RedisServer) -> str:
+        with self._admin(node) as admin:
+            raw = admin.execute_command("CLUSTER", "MYID")
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def kill_master_of(self, key: str) -> RedisServer:
+        """SIGKILL the master serving ``key``; its replica takes over after ``node_timeout``."""
+        self.touched = True
+        master = self.master_for_key(key)
+        master.kill()
+        return master
+
+    def wait_for_new_master(self, key: str, old: RedisServer, timeout: float = 15.0) -> RedisServer:
+        """Poll until a node other than ``old`` serves ``key`` and the cluster says ok."""
+        found: list[RedisServer] = []
+
+        def promoted() -> bool:
+            try:
+                master = self.master_for_key(key)
+            except Exception:
+                return False
+            if master is old or not master.is_running:
+                return False
+            state = _info_field(master.host, master.port, "cluster-info", "cluster_state")
+            found[:] = [master]
+            return state == "ok"
+
+        _poll_until(promoted, timeout, f"failover of slot {self.key_slot(key)}", log=self.log_tail)
+        return found[0]
+
+    def other_master(self, than: RedisServer) -> RedisServer:
+        for entry in self._view(than):
+            if "master" in entry["flags"] and entry["slots"] and "fail" not in entry["flags"]:
+                node = self.node_at(entry["host"], entry["port"])
+                if node is not than:
+                    return node
+        raise ServerError("no other master")
+
+    def begin_migration(self, slot: int, target: RedisServer | None = None) -> SlotMigration:
+        """Mark ``slot`` IMPORTING on ``target`` and MIGRATING on its owner (no key moved yet)."""
+        self.touched = True
+        source = self.master_of_slot(slot)
+        target = target or self.other_master(source)
+        migration = SlotMigration(self, slot, source, target)
+        migration.begin()
+        return migration
+
+    def migrate_slot(self, slot: int, target: RedisServer | None = None) -> RedisServer:
+        """Move ``slot`` and all of its keys to ``target`` (another master by default)."""
+        migration = self.begin_migration(slot, target)
+        migration.move_keys()
+        migration.finish()
+        return migration.target
+
+
+class SlotMigration:
+    """One live slot migration (``CLUSTER SETSLOT`` IMPORTING/MIGRATING, ``MIGRATE``, NODE)."""
+
+    def __init__(
+        self, cluster: RedisClusterServers, slot: int, source: RedisServer, target: RedisServer
+    ) -> None:
+        self.cluster = cluster
+        self.slot = slot
+        self.source = source
+        self.target = target
+        self.source_id = cluster.node_id(source)
+        self.target_id = cluster.node_id(target)
+
+    def begin(self) -> None:
+        with self.cluster._admin(self.target) as admin:
+            admin.execute_command("CLUSTER", "SETSLOT", self.slot, "IMPORTING", self.source_id)
+        with self.cluster._admin(self.source) as admin:
+            admin.execute_command("CLUSTER", "SETSLOT", self.slot, "MIGRATING", self.target_id)
+
+    def move_keys(self, keys: Sequence[str] | None = None) -> int:
+        """``MIGRATE`` ``keys`` (default: every key of the slot) to the target; how many moved."""
+        with self.cluster._admin(self.source) as admin:
+            if keys is None:
+                keys = [
+                    k.decode() if isinstance(k, bytes) else k
+                    for k in admin.execute_command("CLUSTER", "GETKEYSINSLOT", self.slot, 100_000)
+                ]
+            if not keys:
+                return 0
+            admin.execute_command(
+                "MIGRATE", self.target.host, self.target.port, "", 0, 5000, "KEYS", *keys
+            )
+        return len(keys)
+
+    def finish(self) -> None:
+        """Give the slot to the target on every master (ends ASK; clients see MOVED)."""
+        for node in (self.target, self.source):
+            with self.cluster._admin(node) as admin:
+                admin.execute_command("CLUSTER", "SETSLOT", self.slot, "NODE", self.target_id)
+        for entry in self.cluster._view(self.target):
+            if "master" in entry["flags"] and "fail" not in entry["flags"]:
+                node = self.cluster.node_at(entry["host"], entry["port"])
+                if node in (self.target, self.source) or not node.is_running:
+                    continue
+                with self.cluster._admin(node) as admin:
+                    admin.execute_command("CLUSTER", "SETSLOT", self.slot, "NODE", self.target_id)
+
+
+class RedisSentinelServers(_ServerGroup):
+    """A master, ``replicas`` replicas and ``sentinels`` ``redis-server --sentinel`` processes.
+
+    The service is named ``service`` (``"mymaster"``); ``sentinel_addresses``
+    is what ``redis.asyncio.sentinel.Sentinel`` needs.  ``down_after``
+    (milliseconds) is short so a killed master is replaced in a few seconds.
+    """
+
+    name = "redis-sentinel"
+    service = "mymaster"
+
+    def __init__(
+        self,
+        replicas: int = 1,
+        sentinels: int = 3,
+        *,
+        down_after: int = 500,
+        base_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.replica_count = replicas
+        self.sentinel_count = sentinels
+        self.down_after = down_after
+        self.data_nodes: list[RedisServer] = []
+        self.sentinels: list[RedisServer] = []
+        super().__init__(base_dir)
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return [s.address for s in self.sentinels]
+
+    def _start_process(self) -> None:
+        master = RedisServer(base_dir=self.base_dir / "master")
+        master.start()
+        self.data_nodes.append(master)
+        for i in range(self.replica_count):
+            replica = RedisServer(
+                base_dir=self.base_dir / f"replica-{i}",
+                extra_args=["--replicaof", master.host, str(master.port)],
+            )
+            replica.start()
+            self.data_nodes.append(replica)
+        self.nodes.extend(self.data_nodes)
+        self.port = master.port
+        _poll_until(
+            self._replicas_synced, START_TIMEOUT, "sentinel replicas synced", log=self.log_tail
+        )
+        quorum = self.sentinel_count // 2 + 1
+        for i in range(self.sentinel_count):
+            port = find_free_port()
+            config = (
+                f"port {port}\nbind {HOST}\nprotected-mode no\n"
+                f"sentinel monitor {self.service} {master.host} {master.port} {quorum}\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after}\n"
+                f"sentinel failover-timeout {self.service} 3000\n"
+                f"sentinel parallel-syncs {self.service} 1\n"
+            )
+            sentinel = RedisSentinelProcess(config, port, self.base_dir / f"sentinel-{i}")
+            self.sentinels.append(sentinel)
+            sentinel.start()
+        self.nodes.extend(self.sentinels)
+        _poll_until(self._healthy, START_TIMEOUT, "sentinels agree", log=self.log_tail)
+
+    def start(self) -> None:
+        """Start, or bring back what a drill killed: a dead data node rejoins as a replica.
+
+        (A killed master restarted as a master would wait for the sentinels'
+        next scan, about ten seconds, to be turned into a replica.)
+        """
+        if self.nodes and not self._closed:
+            address = self.master_address()
+            for node in self.data_nodes:
+                if not node.is_running and address is not None and node.address != address:
+                    node.extra_args = ["--replicaof", address[0], str(address[1])]
+        super().start()
+
+    def _named_by(self, sentinel: RedisServer) -> tuple[str, int] | None:
+        """The master ``sentinel`` names (``None`` if it does not answer)."""
+        import redis as redis_sync
+
+        if not sentinel.is_running:
+            return None
+        try:
+            with redis_sync.Redis(host=sentinel.host, port=sentinel.port, socket_timeout=1.0) as s:
+                host, port = s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        except Exception:
+            return None
+        return (_text(host), int(port))
+
+    def master_address(self) -> tuple[str, int] | None:
+        """The master the first answering sentinel names."""
+        for sentinel in self.sentinels:
+            address = self._named_by(sentinel)
+            if address is not None:
+                return address
+        return None
+
+    def master(self) -> RedisServer:
+        address = self.master_address()
+        if address is None:
+            raise ServerError("no sentinel answers")
+        return self.node_at(*address)
+
+    def _replicas_synced(self) -> bool:
+        master = self.data_nodes[0] if not self.sentinels else self.master()
+        return _info_field(master.host, master.port, "replication", "connected_slaves") == str(
+            self.replica_count
+        ) and all(
+            _info_field(n.host, n.port, "replication", "master_link_status") == "up"
+            for n in self.data_nodes
+            if n is not master
+        )
+
+    def _healthy(self) -> bool:
+        import redis as redis_sync
+
+        if not all(n.is_running for n in self.nodes):
+            return False
+        addresses = set()
+        for sentinel in self.sentinels:
+            try:
+                with redis_sync.Redis(
+                    host=sentinel.host, port=sentinel.port, socket_timeout=1.0
+                ) as s:
+                    state = s.execute_command("SENTINEL", "MASTER", self.service)
+            except Exception:
+                return False
+            if isinstance(state, list):
+                state = dict(zip(state[::2], state[1::2], strict=False))
+            state = {_text(k): _text(v) for k, v in state.items()}
+            flags = str(state.get("flags", ""))
+            if flags != "master":
+                return False
+            if int(state.get("num-other-sentinels", 0)) != self.sentinel_count - 1:
+                return False
+            if int(state.get("num-slaves", 0)) < self.replica_count:
+                return False
+            addresses.add((str(state.get("ip")), int(state.get("port", 0))))
+        if len(addresses) != 1:
+            return False
+        host, port = addresses.pop()
+        master = self.node_at(host, port)
+        if _info_field(master.host, master.port, "replication", "role") != "master":
+            return False
+        return self._replicas_synced()
+
+    def kill_master(self) -> RedisServer:
+        """SIGKILL the current master; the sentinels promote a replica after ``down_after``."""
+        self.touched = True
+        master = self.master()
+        master.kill()
+        return master
+
+    def wait_for_new_master(self, old: RedisServer, timeout: float = 15.0) -> RedisServer:
+        """Poll until the sentinels name a master other than ``old`` that says it is one."""
+
+        def promoted() -> bool:
+            named = {self._named_by(sentinel) for sentinel in self.sentinels}
+            if len(named) != 1:
+                return False  # not every sentinel names the same master yet
+            address = named.pop()
+            if address is None or address == old.address:
+                return False
+            node = self.node_at(*address)
+            return _info_field(node.host, node.port, "replication", "role") == "master"
+
+        _poll_until(promoted, timeout, "sentinel failover", log=self.log_tail)
+        return self.master()
+
+
+class RedisSentinelProcess(RedisServer):
+    """One ``redis-server <conf> --sentinel`` (it rewrites its config file: kept in its folder)."""
+
+    name = "redis-sentinel"
+
+    def __init__(self, config: str, port: int, base_dir: str | os.PathLike[str]) -> None:
+        super().__init__(port, base_dir)
+        self.config_path = self.base_dir / "sentinel.conf"
+        self.config_path.write_text(config)
+
+    def _start_process(self) -> None:
+        argv = [self.binary, str(self.config_path), "--sentinel", "--loglevel", "warning"]
+        self._proc = self._spawn(argv)
+        _poll_until(
+            self.ping,
+            START_TIMEOUT,
+            f"redis sentinel on port {self.port}",
+            alive=lambda: self.is_running,
+            log=self.log_tail,
+        )
