@@ -2,19 +2,45 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import typing
 
 import pytest
 
 from datapunk_recovery import CallFinished, EventBus, GaveUp, GiveUpReason, subscribe
-from datapunk_recovery.events import emit, global_bus, listening
+from datapunk_recovery.events import Event, emit, global_bus, listening
 
 
-def test_events_are_immutable_and_carry_a_stable_name() -> None:
+def test_events_are_slotted_and_carry_a_stable_name() -> None:
     event = CallFinished(operation="op", at=1.0, attempts=2, elapsed=0.5, succeeded=False)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        event.attempts = 3  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        event.extra = 3  # type: ignore[attr-defined]
+    assert not hasattr(event, "__dict__")
     assert (event.name, event.area, event.outcome) == ("retry.call", "retry", "failure_after_retry")
+
+
+def test_events_take_their_fields_by_position_or_keyword_and_compare_by_value() -> None:
+    by_keyword = CallFinished(operation="op", at=1.0, attempts=2, elapsed=0.5, succeeded=False)
+    by_position = CallFinished("op", 1.0, 2, 0.5, False)
+    assert by_keyword == by_position and hash(by_keyword) == hash(by_position)
+    assert repr(by_position) == (
+        "CallFinished(operation='op', at=1.0, attempts=2, elapsed=0.5, succeeded=False)"
+    )
+    assert CallFinished._fields == ("operation", "at", "attempts", "elapsed", "succeeded")
+    assert not dataclasses.is_dataclass(by_keyword)
+
+
+def test_an_event_class_still_written_as_a_dataclass_is_built_as_a_plain_one() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+    class Shed(Event):
+        name: typing.ClassVar[str] = "loadshed.shed"
+        requests: int
+        reason: str = "full"
+
+    shed = Shed(operation="api", at=0.0, requests=7)
+    assert (shed.requests, shed.reason, Shed._fields[-2:]) == (7, "full", ("requests", "reason"))
+    assert copy.copy(shed) == shed == Shed("api", 0.0, 7, "full")
 
 
 @pytest.mark.parametrize(

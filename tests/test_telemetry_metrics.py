@@ -99,7 +99,7 @@ def event_classes() -> dict[str, type[Event]]:
 
 
 def attributes_of(klass: type[Event]) -> set[str]:
-    return {f.name for f in dataclasses.fields(klass)} | {
+    return set(klass._fields) | {
         n for n in dir(klass) if isinstance(getattr(klass, n, None), property)
     }
 

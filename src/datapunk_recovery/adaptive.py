@@ -191,7 +191,6 @@ class _GradientState:
         return min(high, max(low, limit))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitChanged(Event):
     """The adaptive limit moved from ``old`` to ``new`` concurrent calls."""
 

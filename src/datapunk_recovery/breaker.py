@@ -367,7 +367,6 @@ _RNG: Final = random.Random()
 # Events
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class BreakerStateChanged(Event):
     """The breaker went from ``from_state`` to ``to_state`` because of ``reason``.
 
@@ -385,7 +384,6 @@ class BreakerStateChanged(Event):
     reason: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class CallRejected(Event):
     """A call was refused; it may try again in ``remaining`` seconds (inf: isolated)."""
 
@@ -396,7 +394,6 @@ class CallRejected(Event):
     remaining: float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class OutcomeRecorded(Event):
     """An outcome was recorded: ``success``, ``failure``, ``ignored``, ``cancelled`` or ``lost``.
 
@@ -415,7 +412,6 @@ class OutcomeRecorded(Event):
     error_type: str | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class ShadowTrip(Event):
     """In ``METRICS_ONLY`` mode, the breaker would have opened because of ``reason``."""
 
@@ -425,7 +421,6 @@ class ShadowTrip(Event):
     reason: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class StoreFallback(Event):
     """The shared store failed (``error_type``); the breaker runs on local state.
 
@@ -441,7 +436,6 @@ class StoreFallback(Event):
     mode: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class StoreResumed(Event):
     """The shared store answers again after ``outage`` seconds; sharing resumed."""
 
@@ -452,7 +446,6 @@ class StoreResumed(Event):
     outage: float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class CorruptStateIgnored(Event):
     """The shared store held a state that does not parse; it was ignored (``reason``)."""
 

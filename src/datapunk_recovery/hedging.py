@@ -116,7 +116,6 @@ class HedgeConfig:
             )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class HedgeStarted(Event):
     """Extra attempt ``hedge`` (1 for the first hedge) started.
 
@@ -132,7 +131,6 @@ class HedgeStarted(Event):
     delay: float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class HedgeRefused(Event):
     """A hedge was due but not started: ``reason`` is ``"budget"`` or ``"deadline"``."""
 
@@ -142,7 +140,6 @@ class HedgeRefused(Event):
     reason: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class HedgeWon(Event):
     """Attempt ``attempt`` (0 = the original, 1+ = hedges) answered first, after ``latency`` s."""
 

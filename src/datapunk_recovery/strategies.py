@@ -116,7 +116,6 @@ _Attempt = Callable[
 ]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class RecoveryFallback(Event):
     """An answer came from elsewhere than the first choice.
 

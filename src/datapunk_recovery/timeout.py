@@ -27,7 +27,6 @@ Cancellation from outside passes through untouched.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar, ParamSpec, TypeVar, cast
 
 from . import _runtime, clock
@@ -66,7 +65,6 @@ class AttemptTimedOut(RecoveryError, TimeoutError):
         self.seconds = seconds
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class AttemptTimeoutExpired(Event):
     """An async attempt was cancelled by its timeout; ``seconds`` is the limit it had.
 
@@ -81,7 +79,6 @@ class AttemptTimeoutExpired(Event):
     by_deadline: bool
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class AttemptOverran(Event):
     """A sync attempt ran past its limit (it could not be interrupted).
 

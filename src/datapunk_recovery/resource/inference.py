@@ -96,7 +96,6 @@ class InferenceResult(Generic[O]):
     served_by: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class InferenceSplit(Event):
     """``model`` ran out of memory on a chunk of ``from_size`` items; now ``to_size``."""
 
@@ -109,7 +108,6 @@ class InferenceSplit(Event):
     error_type: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class InferenceFallback(Event):
     """``from_model`` could not serve even ``min_batch_size`` items; ``to_model`` takes
     the ``remaining`` items."""
@@ -123,7 +121,6 @@ class InferenceFallback(Event):
     error_type: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class InferenceFinished(Event):
     """A batch of ``items`` was served in ``chunks`` successful calls by the ``models`` named."""
 

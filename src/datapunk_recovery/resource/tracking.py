@@ -82,7 +82,6 @@ class LeakReport:
         )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class ResourceLeaked(Event):
     """A leak was found; ``where`` is the innermost frame that acquired the resource."""
 
