@@ -9,7 +9,7 @@ import typing
 import pytest
 
 from datapunk_recovery import CallFinished, EventBus, GaveUp, GiveUpReason, subscribe
-from datapunk_recovery.events import Event, emit, global_bus, listening
+from datapunk_recovery.events import AttemptFinished, Event, emit, global_bus, listening
 
 
 def test_events_are_slotted_and_carry_a_stable_name() -> None:
@@ -94,3 +94,59 @@ def test_unsubscribing_twice_is_harmless() -> None:
 def test_subscribers_must_be_callable() -> None:
     with pytest.raises(TypeError, match="subscriber"):
         global_bus.subscribe(42)  # type: ignore[arg-type]
+
+
+def test_a_subscriber_gets_only_the_kinds_it_asked_for() -> None:
+    bus = EventBus()
+    got: list[str] = []
+    bus.subscribe(lambda e: got.append(e.name), kinds={GaveUp, "retry.call"})
+    give_up = GaveUp(
+        operation="op", at=0.0, attempts=1, elapsed=0.0, reason=GiveUpReason.ATTEMPTS,
+        error_type="E",
+    )  # fmt: skip
+    bus.emit(give_up)
+    bus.emit(CallFinished(operation="op", at=0.0, attempts=1, elapsed=0.0, succeeded=True))
+    bus.emit(AttemptFinished(operation="op", at=0.0, attempt=1, duration=0.0, succeeded=True))
+    assert got == ["retry.gave_up", "retry.call"]
+    assert bus.wants(GaveUp) and not bus.wants(AttemptFinished)
+    assert listening(bus, GaveUp) and not listening(bus, AttemptFinished)
+
+
+def test_a_subscriber_may_say_what_it_wants_with_a_wants_attribute() -> None:
+    class OnlyRetries:
+        def __init__(self) -> None:
+            self.got: list[str] = []
+            self.kind = "retry.scheduled"
+
+        def wants(self, name: str) -> bool:
+            return name == self.kind
+
+        def __call__(self, event: Event) -> None:
+            self.got.append(event.name)
+
+    bus, subscriber = EventBus(), OnlyRetries()
+    bus.subscribe(subscriber)
+    assert not bus.wants("retry.gave_up")
+    subscriber.kind = "retry.gave_up"
+    assert not bus.wants("retry.gave_up")  # kept until the bus is told
+    bus.refresh()
+    assert bus.wants("retry.gave_up")
+
+
+def test_the_mode_says_whether_a_successful_call_is_reported() -> None:
+    bus = EventBus()
+    assert bus.mode == 0
+    bus.time_attempts(True)
+    assert bus.mode == 1
+    unsubscribe = bus.subscribe(lambda e: None, kinds={AttemptFinished})
+    assert bus.mode == 2
+    unsubscribe()
+    bus.time_attempts(False)
+    rare = bus.subscribe(lambda e: None, kinds={GaveUp})
+    assert bus.mode == 0
+    rare()
+
+
+def test_kinds_must_be_event_classes_or_names() -> None:
+    with pytest.raises(TypeError, match="kinds"):
+        EventBus().subscribe(lambda e: None, kinds={42})  # type: ignore[arg-type]
