@@ -262,3 +262,50 @@ def test_a_logging_exporter_at_warning_asks_for_no_success_event_until_levels_ch
         assert global_bus.mode == 0
     assert slow_paths == ["logged"]
     assert [r.getMessage().split()[0] for r in caplog.records] == ["retry.attempt", "retry.call"]
+
+
+def test_otel_counters_after_calls_from_many_threads_match_the_statistics() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from datapunk_recovery.telemetry.otel import OpenTelemetryExporter
+
+    reader = InMemoryMetricReader()
+    call = failing_every(3, "otel-threads")
+    call(1)  # before the exporter: not shown
+    with OpenTelemetryExporter(meter_provider=MeterProvider(metric_readers=[reader])).install():
+
+        def worker(offset: int) -> None:
+            for i in range(offset, offset + 200):
+                with contextlib.suppress(ConnectionError):
+                    call(i)
+
+        threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        data = reader.get_metrics_data()
+    assert data is not None
+    points = {
+        (m.name, tuple(sorted(p.attributes.items()))): p
+        for r in data.resource_metrics
+        for s in r.scope_metrics
+        for m in s.metrics
+        for p in m.data.data_points
+    }
+    stats = call.statistics()  # type: ignore[attr-defined]
+    want = expected(stats)
+    op = ("operation", "otel-threads")
+
+    def value(name: str, *labels: tuple[str, str]) -> float:
+        point = points.get((f"datapunk.recovery.{name}", tuple(sorted((op, *labels)))))
+        return 0.0 if point is None else point.value
+
+    assert value("calls", ("outcome", "success")) == want["success"] - 1
+    assert value("calls", ("outcome", "success_after_retry")) == want["success_after_retry"]
+    assert value("calls", ("outcome", "failure_after_retry")) == want["failure_after_retry"]
+    assert value("retries", ("category", "network")) == want["retries"]
+    assert value("giveups", ("reason", "attempts")) == want["giveups"]
+    duration = points[("datapunk.recovery.attempt.duration", (op,))]
+    assert duration.count == want["attempts"] - 1

@@ -7,9 +7,22 @@
 
 Metrics carry the dotted names of :data:`~datapunk_recovery.telemetry.metrics.METRICS`
 (``datapunk.recovery.calls``, ``datapunk.recovery.attempt.duration`` in ``s``,
-...): counters and histograms are synchronous instruments; gauges (in use
-now, a breaker's state) are observable gauges reading the last value each
-label set reported, since a gauge is read at collection, not at each event.
+...).  What the retry engine counts anyway (calls by outcome, retries by
+category, give-ups by reason) is *pulled*: observable counters read the
+engine's statistics at collection (:mod:`~datapunk_recovery.telemetry.pull`),
+so a call costs this exporter no event for them.  The other counters and the
+histograms are synchronous instruments fed by events; gauges (in use now, a
+breaker's state) are observable gauges reading the last value each label set
+reported, since a gauge is read at collection, not at each event.
+
+The attempt-duration histogram stays a synchronous instrument, fed by one
+``AttemptFinished`` event per attempt: OpenTelemetry has no asynchronous
+histogram, and reporting the engine's buckets as gauges would change the
+instrument's kind and name, and drop what the SDK offers on a histogram
+(views choosing the buckets, exemplars linking a slow attempt to its trace).
+So with this exporter a call that succeeds at once builds one event and
+leaves the engine's fast path; drop ``ATTEMPT_DURATION`` from ``metrics`` to
+keep it there.
 
 Span events: the event kinds of :data:`SPAN_EVENTS` (retries, give-ups,
 failovers, breaker rejections) are added to the *current* span, when it
@@ -23,15 +36,16 @@ with no SDK configured every instrument is a no-op.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from datapunk_recovery import __version__
-from datapunk_recovery.events import Event
+from datapunk_recovery.events import Event, EventBus, global_bus
 
 from .exporter import Exporter
 from .fields import event_fields
 from .labels import Labeler, LabelPolicy
 from .metrics import MEASURES, METRICS, Measure, Metric, MetricKind, Router
+from .pull import PULLED, Puller
 
 __all__ = ["SPAN_EVENTS", "OpenTelemetryExporter"]
 
@@ -84,8 +98,19 @@ class OpenTelemetryExporter(Exporter):
         provider = meter_provider if meter_provider is not None else otel_metrics
         meter = provider.get_meter("datapunk_recovery", __version__)
         self.labeler = Labeler(labels)
-        self._router = Router(self.labeler, measures)
+        # The counters pulled from the engine's statistics (not the histogram: see above).
+        pulled = {
+            name: metric
+            for name, metric in PULLED.items()
+            if metric.kind is MetricKind.COUNTER
+            and metric in metrics
+            and measures.get(name) == MEASURES.get(name)
+        }
+        pushed = {name: m for name, m in measures.items() if name not in pulled}
+        self._router = Router(self.labeler, pushed)
+        self._puller = Puller(self.labeler, time_attempts=False)
         self._span_events = frozenset(span_events)
+        self._wanted = frozenset(pushed) | self._span_events
         # synchronous instruments: metric -> its add / record method
         self._record: dict[Metric, Any] = {}
         # observable gauges: metric -> label values -> last value
@@ -96,7 +121,11 @@ class OpenTelemetryExporter(Exporter):
         for metric in metrics:
             common = {"name": metric.otel_name, "unit": metric.otel_unit}
             doc = metric.description
-            if metric.kind is MetricKind.COUNTER:
+            if metric in pulled.values():
+                meter.create_observable_counter(
+                    **common, description=doc, callbacks=[self._pulled_reader(metric)]
+                )
+            elif metric.kind is MetricKind.COUNTER:
                 self._record[metric] = meter.create_counter(**common, description=doc).add
             elif metric.kind is MetricKind.HISTOGRAM:
                 self._record[metric] = meter.create_histogram(**common, description=doc).record
@@ -110,6 +139,21 @@ class OpenTelemetryExporter(Exporter):
                 meter.create_observable_gauge(
                     **common, description=doc, callbacks=[self._state_reader(metric, states)]
                 )
+
+    def wants(self, name: str) -> bool:
+        """Whether events named ``name`` update a metric or a span (the rest is pulled)."""
+        return name in self._wanted
+
+    def install(self, *buses: EventBus) -> Self:
+        """Subscribe to ``buses`` (or globally) and start counting what the engine counts there."""
+        super().install(*buses)
+        self._puller.start(buses or (global_bus,))
+        return self
+
+    def close(self) -> None:
+        """Stop exporting: the pulled numbers stay as they are now."""
+        self._puller.stop()
+        super().close()
 
     def __call__(self, event: Event) -> None:
         self._router.apply(event, self._recorder)
@@ -138,6 +182,14 @@ class OpenTelemetryExporter(Exporter):
         if attributes is None:
             attributes = self._attributes[key] = dict(zip(metric.labels, labels, strict=True))
         return attributes
+
+    def _pulled_reader(self, metric: Metric) -> Any:
+        def read(options: Any) -> Iterable[Any]:
+            counts = self._puller.counters(self._puller.read()).get(metric, {})
+            for labels, value in counts.items():
+                yield self._observation(value, self._attributes_of(metric, labels))
+
+        return read
 
     def _gauge_reader(self, metric: Metric, last: dict[tuple[str, ...], float]) -> Any:
         def read(options: Any) -> Iterable[Any]:
