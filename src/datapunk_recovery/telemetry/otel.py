@@ -156,7 +156,7 @@ class OpenTelemetryExporter(Exporter):
         super().close()
 
     def __call__(self, event: Event) -> None:
-        self._router.apply(event, self._recorder)
+        self._router.handler(type(event), self._recorder)(event)
         if event.name in self._span_events:
             span = self._trace.get_current_span()
             if span.is_recording():

@@ -135,7 +135,7 @@ class PrometheusExporter(Exporter):
         super().close()
 
     def __call__(self, event: Event) -> None:
-        self._router.apply(event, self._recorder)
+        self._router.handler(type(event), self._recorder)(event)
 
     def _recorder(self, metric: Metric, labels: tuple[str, ...]) -> Callable[[float], None]:
         """The function that applies a number to ``metric`` at ``labels``."""
