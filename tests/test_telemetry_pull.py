@@ -309,3 +309,37 @@ def test_otel_counters_after_calls_from_many_threads_match_the_statistics() -> N
     assert value("giveups", ("reason", "attempts")) == want["giveups"]
     duration = points[("datapunk.recovery.attempt.duration", (op,))]
     assert duration.count == want["attempts"] - 1
+
+
+def test_with_otel_installed_a_first_try_success_stays_on_the_fast_path(
+    slow_paths: list[str],
+) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from datapunk_recovery.telemetry.otel import OpenTelemetryExporter
+
+    reader = InMemoryMetricReader()
+
+    @retry(name="otel-fast")
+    def call() -> str:
+        return "ok"
+
+    with OpenTelemetryExporter(meter_provider=MeterProvider(metric_readers=[reader])).install():
+        for _ in range(300):  # past FOLD_AT: a fold hands durations over before collection
+            call()
+        data = reader.get_metrics_data()
+        again = reader.get_metrics_data()  # nothing recorded twice
+    assert slow_paths == []
+    for snapshot in (data, again):
+        assert snapshot is not None
+        (duration,) = [
+            p
+            for r in snapshot.resource_metrics
+            for s in r.scope_metrics
+            for m in s.metrics
+            if m.name == "datapunk.recovery.attempt.duration"
+            for p in m.data.data_points
+            if p.attributes == {"operation": "otel-fast"}
+        ]
+        assert duration.count == 300

@@ -34,6 +34,9 @@ from .events import EventBus, GiveUpReason
 
 __all__ = [
     "DURATION_BOUNDS",
+    "Tap",
+    "add_tap",
+    "remove_tap",
     "FOLD_AT",
     "OVERFLOW",
     "RETIRED_NAMES",
@@ -167,11 +170,11 @@ class OperationStats:
         """Record one attempt's duration (for the histogram metrics readers pull)."""
         self.pending.append(seconds)
         if len(self.pending) > FOLD_AT:
-            self._tally.fold()
+            self._tally.fold(self)
 
     def fold(self) -> None:
         """Fold the pending attempt durations into the buckets and the sum."""
-        self._tally.fold()
+        self._tally.fold(self)
 
     def snapshot(self) -> Statistics:
         """The counters now."""
@@ -192,7 +195,7 @@ class OperationStats:
     def reading(self) -> OperationReading:
         """The counters as a metrics reader needs them (pending durations folded first)."""
         tally = self._tally
-        tally.fold()
+        tally.fold(self)
         giveups = {reason.value: count_value(c) for reason, c in self._giveups.items()}
         failures = sum(giveups.values()) + count_value(self._unreasoned)
         first_failures = count_value(self._first_failures)
@@ -223,9 +226,11 @@ class _Tally:
         self.total = 0.0
         self.lock = threading.Lock()
 
-    def fold(self) -> None:
+    def fold(self, owner: OperationStats) -> None:
         # popleft is atomic: two folding threads never take the same duration.
         pending, buckets, bounds = self.pending, self.buckets, DURATION_BOUNDS
+        taps = _taps
+        batch: list[float] | None = [] if taps else None
         with self.lock:
             while pending:
                 try:
@@ -234,6 +239,35 @@ class _Tally:
                     break
                 buckets[bisect_left(bounds, seconds)] += 1
                 self.total += seconds
+                if batch is not None:
+                    batch.append(seconds)
+        if batch:
+            for tap in taps:
+                tap(owner, batch)
+
+
+Tap = Callable[[OperationStats, list[float]], None]
+"""Receives each attempt duration (seconds) as it is folded, with its operation's statistics."""
+
+_taps: tuple[Tap, ...] = ()
+
+
+def add_tap(tap: Tap) -> None:
+    """Have ``tap`` receive every attempt duration folded from now on (a batch at a time).
+
+    For a metrics reader that needs the durations themselves (an
+    OpenTelemetry histogram) rather than the buckets; called outside any lock.
+    """
+    global _taps
+    with _registry_lock:
+        _taps = (*_taps, tap)
+
+
+def remove_tap(tap: Tap) -> None:
+    """Stop calling ``tap`` (no error if it was not added)."""
+    global _taps
+    with _registry_lock:
+        _taps = tuple(t for t in _taps if t != tap)
 
 
 @dataclass(slots=True)

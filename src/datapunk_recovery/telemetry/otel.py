@@ -15,14 +15,20 @@ histograms are synchronous instruments fed by events; gauges (in use now, a
 breaker's state) are observable gauges reading the last value each label set
 reported, since a gauge is read at collection, not at each event.
 
-The attempt-duration histogram stays a synchronous instrument, fed by one
-``AttemptFinished`` event per attempt: OpenTelemetry has no asynchronous
-histogram, and reporting the engine's buckets as gauges would change the
-instrument's kind and name, and drop what the SDK offers on a histogram
-(views choosing the buckets, exemplars linking a slow attempt to its trace).
-So with this exporter a call that succeeds at once builds one event and
-leaves the engine's fast path; drop ``ATTEMPT_DURATION`` from ``metrics`` to
-keep it there.
+The attempt-duration histogram stays a *synchronous* histogram: OpenTelemetry
+has no asynchronous one, and reporting the engine's buckets as gauges would
+change the instrument's kind and name and lose what the SDK does with a
+histogram (views choosing its buckets).  But it is not fed per call: the
+engine times each attempt (as for Prometheus) and the exporter receives the
+exact durations in batches when they are folded (:func:`~datapunk_recovery.stats.add_tap`),
+keeps them, and records them all at the next collection, in the reader's
+thread, before the SDK reads the histogram.  A call therefore costs what it
+costs under Prometheus; the SDK's own ``record`` (microseconds per value) is
+paid at collection time, off the calls' path, or by the call that finds more
+than :data:`PENDING_MAX` durations waiting (a reader that never collects).
+What is lost: exemplars (a duration recorded at collection is outside its
+call's trace context).  Without the pulled counters (``metrics`` without
+``calls``), the histogram is fed from one ``AttemptFinished`` event per attempt.
 
 Span events: the event kinds of :data:`SPAN_EVENTS` (retries, give-ups,
 failovers, breaker rejections) are added to the *current* span, when it
@@ -35,19 +41,34 @@ with no SDK configured every instrument is a no-op.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Final, Self
 
 from datapunk_recovery import __version__
+from datapunk_recovery import stats as _stats
 from datapunk_recovery.events import Event, EventBus, global_bus
 
 from .exporter import Exporter
 from .fields import event_fields
 from .labels import Labeler, LabelPolicy
-from .metrics import MEASURES, METRICS, Measure, Metric, MetricKind, Router
+from .metrics import (
+    ATTEMPT_DURATION,
+    MEASURES,
+    METRICS,
+    Measure,
+    Metric,
+    MetricKind,
+    Router,
+)
 from .pull import PULLED, Puller
 
-__all__ = ["SPAN_EVENTS", "OpenTelemetryExporter"]
+PENDING_MAX: Final = 65_536
+"""Attempt durations an exporter keeps between collections before recording them at once."""
+
+__all__ = ["PENDING_MAX", "SPAN_EVENTS", "OpenTelemetryExporter"]
+
+_ATTEMPT: Final = "retry.attempt"
 
 SPAN_EVENTS: Final[frozenset[str]] = frozenset(
     {
@@ -106,9 +127,20 @@ class OpenTelemetryExporter(Exporter):
             and metric in metrics
             and measures.get(name) == MEASURES.get(name)
         }
+        # The histogram is fed at collection, which the pulled counters' callbacks trigger.
+        self._tapped = bool(
+            pulled
+            and ATTEMPT_DURATION in metrics
+            and measures.get(_ATTEMPT) == MEASURES.get(_ATTEMPT)
+        )
+        if self._tapped:
+            pulled[_ATTEMPT] = ATTEMPT_DURATION
         pushed = {name: m for name, m in measures.items() if name not in pulled}
         self._router = Router(self.labeler, pushed)
-        self._puller = Puller(self.labeler, time_attempts=False)
+        self._puller = Puller(self.labeler, time_attempts=self._tapped)
+        self._pending: list[tuple[str, list[float]]] = []
+        self._pending_count = 0
+        self._pending_lock = threading.Lock()
         self._span_events = frozenset(span_events)
         self._wanted = frozenset(pushed) | self._span_events
         # synchronous instruments: metric -> its add / record method
@@ -121,7 +153,7 @@ class OpenTelemetryExporter(Exporter):
         for metric in metrics:
             common = {"name": metric.otel_name, "unit": metric.otel_unit}
             doc = metric.description
-            if metric in pulled.values():
+            if metric in pulled.values() and metric.kind is MetricKind.COUNTER:
                 meter.create_observable_counter(
                     **common, description=doc, callbacks=[self._pulled_reader(metric)]
                 )
@@ -148,12 +180,37 @@ class OpenTelemetryExporter(Exporter):
         """Subscribe to ``buses`` (or globally) and start counting what the engine counts there."""
         super().install(*buses)
         self._puller.start(buses or (global_bus,))
+        if self._tapped:
+            _stats.add_tap(self._tap)
         return self
 
     def close(self) -> None:
         """Stop exporting: the pulled numbers stay as they are now."""
         self._puller.stop()
+        if self._tapped:
+            _stats.remove_tap(self._tap)
+            self._record_pending()
         super().close()
+
+    def _tap(self, stats: _stats.OperationStats, durations: list[float]) -> None:
+        if not self._puller.covers(stats.bus):
+            return
+        with self._pending_lock:
+            self._pending.append((stats.name, durations))
+            self._pending_count += len(durations)
+            full = self._pending_count > PENDING_MAX
+        if full:
+            self._record_pending()
+
+    def _record_pending(self) -> None:
+        """Record the attempt durations received since the last time into the histogram."""
+        with self._pending_lock:
+            pending, self._pending, self._pending_count = self._pending, [], 0
+        record = self._record[ATTEMPT_DURATION]
+        for name, durations in pending:
+            attributes = self._attributes_of(ATTEMPT_DURATION, (self._puller.operation(name),))
+            for seconds in durations:
+                record(seconds, attributes)
 
     def __call__(self, event: Event) -> None:
         self._router.handler(type(event), self._recorder)(event)
@@ -186,6 +243,8 @@ class OpenTelemetryExporter(Exporter):
     def _pulled_reader(self, metric: Metric) -> Any:
         def read(options: Any) -> Iterable[Any]:
             counts = self._puller.counters(self._puller.read()).get(metric, {})
+            if self._tapped:
+                self._record_pending()  # read() folded the durations: before the SDK reads
             for labels, value in counts.items():
                 yield self._observation(value, self._attributes_of(metric, labels))
 

@@ -66,6 +66,14 @@ class Puller:
                 if self._time_attempts:
                     bus.time_attempts(True)
 
+    def covers(self, bus: EventBus | None) -> bool:
+        """Whether the operations of ``bus`` are counted (installed globally or on it)."""
+        return any(scope is None or scope is bus for scope, _ in self._scopes)
+
+    def operation(self, name: str) -> str:
+        """The label value of the operation ``name``."""
+        return self._operation(name)
+
     def stop(self) -> None:
         """Freeze the numbers: what happens from now on is not counted."""
         with self._lock:
