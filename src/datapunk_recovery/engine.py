@@ -625,7 +625,7 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
 
         @functools.wraps(fn)
         async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-            if slow or get_context() is not None or gbus._mode or lbus._mode:
+            if slow or gbus._mode or lbus._mode or get_context() is not None:
                 if slow or (gbus._mode | lbus._mode) != 1 or get_context() is not None:
                     return await _run_async(e, afn, args, kwargs, clock.now(), None)
                 start = clk.now()
@@ -663,7 +663,7 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
 
         @functools.wraps(fn)
         def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-            if slow or get_context() is not None or gbus._mode or lbus._mode:
+            if slow or gbus._mode or lbus._mode or get_context() is not None:
                 if slow or (gbus._mode | lbus._mode) != 1 or get_context() is not None:
                     return _run_sync(e, fn, args, kwargs, clock.now(), None)
                 start = clk.now()

@@ -23,9 +23,10 @@ import itertools
 import threading
 import weakref
 from bisect import bisect_left
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 from typing import Final
 
@@ -74,6 +75,8 @@ OVERFLOW: Final = "\x00overflow"
 
 Metrics readers report it as their label policy's ``other`` value.
 """
+
+_bucket_of: Final = partial(bisect_left, DURATION_BOUNDS)
 
 FOLD_AT: Final = 256
 """Pending attempt durations past which the call that adds one folds them."""
@@ -227,23 +230,20 @@ class _Tally:
         self.lock = threading.Lock()
 
     def fold(self, owner: OperationStats) -> None:
-        # popleft is atomic: two folding threads never take the same duration.
-        pending, buckets, bounds = self.pending, self.buckets, DURATION_BOUNDS
-        taps = _taps
-        batch: list[float] | None = [] if taps else None
+        # Only a fold takes from ``pending``, under the lock: the first n are
+        # there to take, whatever calls append meanwhile.
+        pending = self.pending
         with self.lock:
-            while pending:
-                try:
-                    seconds = pending.popleft()
-                except IndexError:  # pragma: no cover - emptied by a concurrent fold
-                    break
-                buckets[bisect_left(bounds, seconds)] += 1
-                self.total += seconds
-                if batch is not None:
-                    batch.append(seconds)
-        if batch:
-            for tap in taps:
-                tap(owner, batch)
+            popleft = pending.popleft
+            batch = [popleft() for _ in range(len(pending))]
+            if not batch:
+                return
+            self.total += sum(batch)
+            buckets = self.buckets
+            for index, n in Counter(map(_bucket_of, batch)).items():
+                buckets[index] += n
+        for tap in _taps:
+            tap(owner, batch)
 
 
 Tap = Callable[[OperationStats, list[float]], None]
