@@ -9,7 +9,14 @@ import typing
 import pytest
 
 from datapunk_recovery import CallFinished, EventBus, GaveUp, GiveUpReason, subscribe
-from datapunk_recovery.events import AttemptFinished, Event, emit, global_bus, listening
+from datapunk_recovery.events import (
+    AttemptFinished,
+    Event,
+    emit,
+    event_kinds,
+    global_bus,
+    listening,
+)
 
 
 def test_events_are_slotted_and_carry_a_stable_name() -> None:
@@ -150,3 +157,23 @@ def test_the_mode_says_whether_a_successful_call_is_reported() -> None:
 def test_kinds_must_be_event_classes_or_names() -> None:
     with pytest.raises(TypeError, match="kinds"):
         EventBus().subscribe(lambda e: None, kinds={42})  # type: ignore[arg-type]
+
+
+def test_every_event_class_of_the_library_is_a_plain_slotted_class() -> None:
+    import importlib
+    import pkgutil
+
+    import datapunk_recovery
+
+    for module in pkgutil.walk_packages(datapunk_recovery.__path__, "datapunk_recovery."):
+        if not module.name.startswith(("datapunk_recovery.telemetry", "datapunk_recovery.demo")):
+            importlib.import_module(module.name)
+    kinds = event_kinds()
+    assert {"retry.call", "breaker.state", "cache.failed", "network.failover"} <= set(kinds)
+    for name, klass in kinds.items():
+        if not klass.__module__.startswith("datapunk_recovery."):
+            continue
+        # written as dataclasses or not: no frozen __setattr__ on the way in
+        assert not dataclasses.is_dataclass(klass), name
+        assert "__setattr__" not in vars(klass), name
+        assert not hasattr(klass(*range(len(klass._fields))), "__dict__"), name

@@ -191,6 +191,7 @@ class _GradientState:
         return min(high, max(low, limit))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitChanged(Event):
     """The adaptive limit moved from ``old`` to ``new`` concurrent calls."""
 

@@ -367,6 +367,7 @@ _RNG: Final = random.Random()
 # Events
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BreakerStateChanged(Event):
     """The breaker went from ``from_state`` to ``to_state`` because of ``reason``.
 
@@ -384,6 +385,7 @@ class BreakerStateChanged(Event):
     reason: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CallRejected(Event):
     """A call was refused; it may try again in ``remaining`` seconds (inf: isolated)."""
 
@@ -394,6 +396,7 @@ class CallRejected(Event):
     remaining: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OutcomeRecorded(Event):
     """An outcome was recorded: ``success``, ``failure``, ``ignored``, ``cancelled`` or ``lost``.
 
@@ -412,6 +415,7 @@ class OutcomeRecorded(Event):
     error_type: str | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ShadowTrip(Event):
     """In ``METRICS_ONLY`` mode, the breaker would have opened because of ``reason``."""
 
@@ -421,6 +425,7 @@ class ShadowTrip(Event):
     reason: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StoreFallback(Event):
     """The shared store failed (``error_type``); the breaker runs on local state.
 
@@ -436,6 +441,7 @@ class StoreFallback(Event):
     mode: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StoreResumed(Event):
     """The shared store answers again after ``outage`` seconds; sharing resumed."""
 
@@ -446,6 +452,7 @@ class StoreResumed(Event):
     outage: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CorruptStateIgnored(Event):
     """The shared store held a state that does not parse; it was ignored (``reason``)."""
 

@@ -118,6 +118,7 @@ def _parse_criticality(level: Criticality | str) -> Criticality:
     raise ValueError(f"criticality: expected one of {names}, got {level!r}")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BudgetRefused(Event):
     """A budget refused a retry (or a hedge).
 
@@ -135,6 +136,7 @@ class BudgetRefused(Event):
     limit: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BudgetStoreFallback(Event):
     """A shared budget's sync failed (``error_type``): it decides on local state now.
 
@@ -150,6 +152,7 @@ class BudgetStoreFallback(Event):
     mode: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BudgetStoreResumed(Event):
     """A shared budget's store answers again after ``outage`` seconds; sharing resumed."""
 
@@ -160,6 +163,7 @@ class BudgetStoreResumed(Event):
     outage: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BudgetCorruptStateIgnored(Event):
     """The store held (or answered) a budget state that does not parse; it was ignored."""
 

@@ -108,6 +108,7 @@ class CallerQuotaExceeded(BulkheadFull):
     """One caller already holds (or waits for) as many slots as its quota allows."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BulkheadRejected(Event):
     """A call was refused; ``reason`` as in :class:`BulkheadFull`, counts at that moment."""
 
@@ -119,6 +120,7 @@ class BulkheadRejected(Event):
     queued: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BulkheadAdmitted(Event):
     """A call got a slot after waiting ``waited`` seconds (0 when one was free).
 
@@ -132,6 +134,7 @@ class BulkheadAdmitted(Event):
     active: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BulkheadReleased(Event):
     """A call gave its slot back; ``active`` slots are held now."""
 

@@ -271,6 +271,7 @@ def _check_injection(owner: str, value: object) -> Injection:
 # Telemetry.
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ChaosInjected(Event):
     """An injector injected something into a call.
 

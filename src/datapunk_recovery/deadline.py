@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from contextvars import ContextVar, Token
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar
 
@@ -50,6 +51,7 @@ __all__ = [
 _ENFORCED: ContextVar[float | None] = ContextVar("datapunk_recovery_enforced", default=None)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeadlineExpired(Event):
     """An ``async with deadline()`` block was cancelled because its deadline passed.
 

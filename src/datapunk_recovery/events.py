@@ -14,10 +14,12 @@ kinds={RetryScheduled, GaveUp})``, or a ``wants(name) -> bool`` attribute):
 a bus delivers an event only to those who want its kind, and the retry
 engine stays on its fast path when nobody wants a successful call's events.
 
-Events are plain ``__slots__`` classes built by :class:`Event` itself (no
-``@dataclass``): the annotated fields of a subclass become its slots and its
-constructor (positional or keyword), with equality, hashing and a repr.  They
-are immutable by convention: producers build them, subscribers only read.
+Events are plain ``__slots__`` classes built by :class:`Event` itself: the
+annotated fields of a subclass become its slots and its constructor
+(positional or keyword), with equality, hashing and a repr.  They are
+immutable by convention: producers build them, subscribers only read.  A
+subclass still decorated with ``@dataclass(frozen=True, slots=True)`` is
+rebuilt the same way (its frozen ``__setattr__`` dropped).
 
 Events carry names, numbers and exception *type* names, never exception
 messages, keys or connection strings: a message may hold a secret.

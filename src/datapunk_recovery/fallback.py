@@ -41,6 +41,7 @@ class FallbackReason:
     result: Any = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FallbackUsed(Event):
     """The fallback answered instead of the call.
 

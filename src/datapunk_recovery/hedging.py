@@ -116,6 +116,7 @@ class HedgeConfig:
             )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HedgeStarted(Event):
     """Extra attempt ``hedge`` (1 for the first hedge) started.
 
@@ -131,6 +132,7 @@ class HedgeStarted(Event):
     delay: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HedgeRefused(Event):
     """A hedge was due but not started: ``reason`` is ``"budget"`` or ``"deadline"``."""
 
@@ -140,6 +142,7 @@ class HedgeRefused(Event):
     reason: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HedgeWon(Event):
     """Attempt ``attempt`` (0 = the original, 1+ = hedges) answered first, after ``latency`` s."""
 

@@ -39,6 +39,7 @@ import functools
 import inspect
 import itertools
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, ParamSpec, Protocol, TypeVar, cast, overload
 
 from . import clock
@@ -83,6 +84,7 @@ ARun = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Awaitable
 """One stage's async entry."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StageEntered(Event):
     """A call entered stage ``stage`` of pipeline ``operation`` (only while someone listens)."""
 

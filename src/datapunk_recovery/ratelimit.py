@@ -104,6 +104,7 @@ class RateLimitExceeded(RecoveryError):
         self.limiter = limiter
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RateLimitRejected(Event):
     """A call was refused: it would have waited ``wait`` s, more than ``allowed`` s."""
 
@@ -114,6 +115,7 @@ class RateLimitRejected(Event):
     allowed: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RateLimitAdmitted(Event):
     """A call got its token after waiting ``waited`` seconds (0 when one was there)."""
 
@@ -123,6 +125,7 @@ class RateLimitAdmitted(Event):
     waited: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RateLimitDrained(Event):
     """The server throttled us: the bucket was emptied for ``retry_after`` seconds.
 

@@ -116,6 +116,7 @@ _Attempt = Callable[
 ]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RecoveryFallback(Event):
     """An answer came from elsewhere than the first choice.
 

@@ -27,6 +27,7 @@ Cancellation from outside passes through untouched.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, ParamSpec, TypeVar, cast
 
 from . import _runtime, clock
@@ -65,6 +66,7 @@ class AttemptTimedOut(RecoveryError, TimeoutError):
         self.seconds = seconds
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AttemptTimeoutExpired(Event):
     """An async attempt was cancelled by its timeout; ``seconds`` is the limit it had.
 
@@ -79,6 +81,7 @@ class AttemptTimeoutExpired(Event):
     by_deadline: bool
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AttemptOverran(Event):
     """A sync attempt ran past its limit (it could not be interrupted).
 

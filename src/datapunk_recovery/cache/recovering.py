@@ -183,6 +183,7 @@ class CacheStats:
     generation: int | None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CacheFailed(Event):
     """A cache call failed, the breaker refused it, or the cache held garbage.
 
@@ -199,6 +200,7 @@ class CacheFailed(Event):
     error_type: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StaleServed(Event):
     """A value past its ttl was served because the source failed with ``error_type``."""
 
@@ -208,6 +210,7 @@ class StaleServed(Event):
     error_type: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RepairQueued(Event):
     """An invalidation waits for the cache; ``overflowed``: the namespace will be invalidated."""
 
@@ -218,6 +221,7 @@ class RepairQueued(Event):
     overflowed: bool
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CacheRecovered(Event):
     """The cache answered again after failing; pending repairs follow."""
 
@@ -227,6 +231,7 @@ class CacheRecovered(Event):
     repairs_pending: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CacheWarmed(Event):
     """Warming for ``reason`` stored ``stored`` of ``requested`` keys."""
 

@@ -115,6 +115,7 @@ class PoolSnapshot:
     waiting: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PoolStatus(Event):
     """A pool's size, idle connections and waiters after ``cause`` (acquired, released, ...)."""
 
@@ -128,6 +129,7 @@ class PoolStatus(Event):
     waiting: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectionDiscarded(Event):
     """A connection was closed instead of going back to the pool; ``error_type`` says why."""
 

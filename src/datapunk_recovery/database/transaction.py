@@ -122,6 +122,7 @@ class TransactionConfig:
 _DEFAULT_CONFIG: Final = TransactionConfig()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CommitUncertain(Event):
     """A connection died while COMMIT was in flight.
 

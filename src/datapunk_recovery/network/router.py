@@ -207,6 +207,7 @@ class NoHedgeTarget(RecoveryError):
     retryable = True
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class EndpointFailed(Event):
     """An attempt on ``endpoint`` failed with ``error_type`` after ``duration`` seconds."""
 
@@ -219,6 +220,7 @@ class EndpointFailed(Event):
     duration: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FailedOver(Event):
     """After a failure on ``from_endpoint``, attempt ``attempt`` goes to ``to_endpoint``."""
 
@@ -232,6 +234,7 @@ class FailedOver(Event):
     attempt: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PriorityFallthrough(Event):
     """Every endpoint of the levels before ``to_priority`` refuses: falling through."""
 
@@ -242,6 +245,7 @@ class PriorityFallthrough(Event):
     to_priority: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RoutingChanged(Event):
     """Endpoints were ``added``, ``removed`` or got a new priority (``reprioritised``)."""
 

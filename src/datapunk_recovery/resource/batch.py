@@ -111,6 +111,7 @@ class BatchReport(Generic[I, R]):
         return [cast(R, o.value) for o in self.outcomes]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BatchRound(Event):
     """One round ended: of ``attempted`` items, ``succeeded`` went through, ``retrying`` go on.
 
@@ -128,6 +129,7 @@ class BatchRound(Event):
     delay: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BatchFinished(Event):
     """The batch ended: ``succeeded`` and ``failed`` items after ``rounds`` rounds."""
 

@@ -89,6 +89,7 @@ class CleanupFailed(ExceptionGroup[Exception]):
         return tuple(self.exceptions[skip:])
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CompensationRan(Event):
     """One compensation ran; ``duration`` in seconds; ``error_type`` is None on success.
 
@@ -106,6 +107,7 @@ class CompensationRan(Event):
     error_type: str | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CleanupFinished(Event):
     """A block's cleanup ended: ``ran`` compensations ran, ``failed`` of them failed."""
 

@@ -96,6 +96,7 @@ class InferenceResult(Generic[O]):
     served_by: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class InferenceSplit(Event):
     """``model`` ran out of memory on a chunk of ``from_size`` items; now ``to_size``."""
 
@@ -108,6 +109,7 @@ class InferenceSplit(Event):
     error_type: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class InferenceFallback(Event):
     """``from_model`` could not serve even ``min_batch_size`` items; ``to_model`` takes
     the ``remaining`` items."""
@@ -121,6 +123,7 @@ class InferenceFallback(Event):
     error_type: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class InferenceFinished(Event):
     """A batch of ``items`` was served in ``chunks`` successful calls by the ``models`` named."""
 

@@ -131,6 +131,7 @@ class PoolStats:
     total_wait: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PoolAcquisition(Event):
     """A caller asked for ``units``; ``waited`` seconds later it ended with ``outcome``.
 
@@ -149,6 +150,7 @@ class PoolAcquisition(Event):
     error_type: str | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PoolUsage(Event):
     """The pool after a change: ``in_use`` of ``capacity`` units, ``waiting`` callers."""
 

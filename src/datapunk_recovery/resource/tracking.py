@@ -82,6 +82,7 @@ class LeakReport:
         )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ResourceLeaked(Event):
     """A leak was found; ``where`` is the innermost frame that acquired the resource."""
 
