@@ -538,7 +538,8 @@ async def _run_async(
             if deadline_at is not None and clock.now() >= deadline_at:
                 raise call.deadline_passed(error) from None
             token = CURRENT.set((deadline_at, call.attempt))
-            if global_bus._mode or e.bus._mode:  # durations: for listeners and readers
+            # durations: for listeners and readers; the time left: for the timeout
+            if deadline_at is not None or global_bus._mode or e.bus._mode:
                 call.attempt_start = clock.now()
             try:
                 if deadline_at is None:
