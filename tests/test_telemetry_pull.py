@@ -343,3 +343,25 @@ def test_with_otel_installed_a_first_try_success_stays_on_the_fast_path(
             if p.attributes == {"operation": "otel-fast"}
         ]
         assert duration.count == 300
+
+
+@pytest.mark.parametrize("seconds", [0.005, 0.1, 60.0])
+def test_an_attempt_lasting_exactly_a_bound_falls_in_that_bound(seconds: float) -> None:
+    from datapunk_recovery.testing import fake_clock
+
+    registry = CollectorRegistry()
+    with fake_clock() as clock, PrometheusExporter(registry).install():
+
+        @retry(name=f"bound-{seconds}")
+        def call() -> str:
+            clock.advance(seconds)
+            return "ok"
+
+        call()
+    value = registry.get_sample_value
+    labels = {"operation": f"bound-{seconds}"}
+    index = DURATION_BOUNDS.index(seconds)
+    below = str(DURATION_BOUNDS[index - 1]) if index else None
+    assert value(f"{HIST}_bucket", {**labels, "le": str(seconds)}) == 1
+    if below is not None:
+        assert value(f"{HIST}_bucket", {**labels, "le": below}) == 0

@@ -22,11 +22,10 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
-from bisect import bisect_left
-from collections import Counter, deque
+from bisect import bisect_right
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from types import MappingProxyType
 from typing import Final
 
@@ -75,8 +74,6 @@ OVERFLOW: Final = "\x00overflow"
 
 Metrics readers report it as their label policy's ``other`` value.
 """
-
-_bucket_of: Final = partial(bisect_left, DURATION_BOUNDS)
 
 FOLD_AT: Final = 256
 """Pending attempt durations past which the call that adds one folds them."""
@@ -239,9 +236,15 @@ class _Tally:
             if not batch:
                 return
             self.total += sum(batch)
-            buckets = self.buckets
-            for index, n in Counter(map(_bucket_of, batch)).items():
-                buckets[index] += n
+            # Sorted once (C), the batch splits at each bound with one bisect:
+            # a duration equal to a bound belongs to that bound's bucket.
+            batch.sort()
+            buckets, below = self.buckets, 0
+            for index, bound in enumerate(DURATION_BOUNDS):
+                upto = bisect_right(batch, bound)
+                buckets[index] += upto - below
+                below = upto
+            buckets[-1] += len(batch) - below
         for tap in _taps:
             tap(owner, batch)
 
