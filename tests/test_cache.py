@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from datapunk_recovery.breaker import BreakerConfig
+from datapunk_recovery.breaker import BreakerConfig, BreakerState
 from datapunk_recovery.cache import (
     CacheConfig,
     CacheFailed,
@@ -532,3 +532,26 @@ def test_configuration_is_validated_with_names_and_values() -> None:
         CacheConfig(warm_rate=0)
     with pytest.raises(TypeError, match=r"CacheConfig\.repair_limit"):
         CacheConfig(repair_limit=1.5)  # type: ignore[arg-type]
+
+
+async def test_a_hit_between_two_cache_failures_resets_the_breakers_count(
+    db: Database, clock: FakeClock
+) -> None:
+    flaky = FlakyCache()
+    rtc, _ = make(db, flaky)  # the breaker opens after 2 failures in a row
+    await rtc.get("k1")
+    for _ in range(3):
+        flaky.down = True
+        assert await rtc.get("k1") == {"n": 1}  # a failure: read from the source
+        flaky.down = False
+        assert await rtc.get("k1") == {"n": 1}  # a hit: the failure count restarts
+    assert rtc.breaker.state is BreakerState.CLOSED
+    stats = rtc.stats()
+    assert (stats.hits, stats.failures) == (3, {"refused": 3})
+
+
+async def test_a_hit_read_by_get_is_counted_like_one_read_by_lookup(db: Database) -> None:
+    rtc, _ = make(db)
+    await rtc.get("k1")
+    assert await rtc.get("k1") == (await rtc.lookup("k1")).value == {"n": 1}
+    assert (rtc.stats().hits, rtc.stats().misses, db.loads) == (2, 1, 1)

@@ -2,19 +2,52 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import typing
 
 import pytest
 
 from datapunk_recovery import CallFinished, EventBus, GaveUp, GiveUpReason, subscribe
-from datapunk_recovery.events import emit, global_bus, listening
+from datapunk_recovery.events import (
+    AttemptFinished,
+    Event,
+    emit,
+    event_kinds,
+    global_bus,
+    listening,
+)
 
 
-def test_events_are_immutable_and_carry_a_stable_name() -> None:
+def test_events_are_slotted_and_carry_a_stable_name() -> None:
     event = CallFinished(operation="op", at=1.0, attempts=2, elapsed=0.5, succeeded=False)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        event.attempts = 3  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        event.extra = 3  # type: ignore[attr-defined]
+    assert not hasattr(event, "__dict__")
     assert (event.name, event.area, event.outcome) == ("retry.call", "retry", "failure_after_retry")
+
+
+def test_events_take_their_fields_by_position_or_keyword_and_compare_by_value() -> None:
+    by_keyword = CallFinished(operation="op", at=1.0, attempts=2, elapsed=0.5, succeeded=False)
+    by_position = CallFinished("op", 1.0, 2, 0.5, False)
+    assert by_keyword == by_position and hash(by_keyword) == hash(by_position)
+    assert repr(by_position) == (
+        "CallFinished(operation='op', at=1.0, attempts=2, elapsed=0.5, succeeded=False)"
+    )
+    assert CallFinished._fields == ("operation", "at", "attempts", "elapsed", "succeeded")
+    assert not dataclasses.is_dataclass(by_keyword)
+
+
+def test_an_event_class_still_written_as_a_dataclass_is_built_as_a_plain_one() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+    class Shed(Event):
+        name: typing.ClassVar[str] = "loadshed.shed"
+        requests: int
+        reason: str = "full"
+
+    shed = Shed(operation="api", at=0.0, requests=7)
+    assert (shed.requests, shed.reason, Shed._fields[-2:]) == (7, "full", ("requests", "reason"))
+    assert copy.copy(shed) == shed == Shed("api", 0.0, 7, "full")
 
 
 @pytest.mark.parametrize(
@@ -68,3 +101,79 @@ def test_unsubscribing_twice_is_harmless() -> None:
 def test_subscribers_must_be_callable() -> None:
     with pytest.raises(TypeError, match="subscriber"):
         global_bus.subscribe(42)  # type: ignore[arg-type]
+
+
+def test_a_subscriber_gets_only_the_kinds_it_asked_for() -> None:
+    bus = EventBus()
+    got: list[str] = []
+    bus.subscribe(lambda e: got.append(e.name), kinds={GaveUp, "retry.call"})
+    give_up = GaveUp(
+        operation="op", at=0.0, attempts=1, elapsed=0.0, reason=GiveUpReason.ATTEMPTS,
+        error_type="E",
+    )  # fmt: skip
+    bus.emit(give_up)
+    bus.emit(CallFinished(operation="op", at=0.0, attempts=1, elapsed=0.0, succeeded=True))
+    bus.emit(AttemptFinished(operation="op", at=0.0, attempt=1, duration=0.0, succeeded=True))
+    assert got == ["retry.gave_up", "retry.call"]
+    assert bus.wants(GaveUp) and not bus.wants(AttemptFinished)
+    assert listening(bus, GaveUp) and not listening(bus, AttemptFinished)
+
+
+def test_a_subscriber_may_say_what_it_wants_with_a_wants_attribute() -> None:
+    class OnlyRetries:
+        def __init__(self) -> None:
+            self.got: list[str] = []
+            self.kind = "retry.scheduled"
+
+        def wants(self, name: str) -> bool:
+            return name == self.kind
+
+        def __call__(self, event: Event) -> None:
+            self.got.append(event.name)
+
+    bus, subscriber = EventBus(), OnlyRetries()
+    bus.subscribe(subscriber)
+    assert not bus.wants("retry.gave_up")
+    subscriber.kind = "retry.gave_up"
+    assert not bus.wants("retry.gave_up")  # kept until the bus is told
+    bus.refresh()
+    assert bus.wants("retry.gave_up")
+
+
+def test_the_mode_says_whether_a_successful_call_is_reported() -> None:
+    bus = EventBus()
+    assert bus.mode == 0
+    bus.time_attempts(True)
+    assert bus.mode == 1
+    unsubscribe = bus.subscribe(lambda e: None, kinds={AttemptFinished})
+    assert bus.mode == 2
+    unsubscribe()
+    bus.time_attempts(False)
+    rare = bus.subscribe(lambda e: None, kinds={GaveUp})
+    assert bus.mode == 0
+    rare()
+
+
+def test_kinds_must_be_event_classes_or_names() -> None:
+    with pytest.raises(TypeError, match="kinds"):
+        EventBus().subscribe(lambda e: None, kinds={42})  # type: ignore[arg-type]
+
+
+def test_every_event_class_of_the_library_is_a_plain_slotted_class() -> None:
+    import importlib
+    import pkgutil
+
+    import datapunk_recovery
+
+    for module in pkgutil.walk_packages(datapunk_recovery.__path__, "datapunk_recovery."):
+        if not module.name.startswith(("datapunk_recovery.telemetry", "datapunk_recovery.demo")):
+            importlib.import_module(module.name)
+    kinds = event_kinds()
+    assert {"retry.call", "breaker.state", "cache.failed", "network.failover"} <= set(kinds)
+    for name, klass in kinds.items():
+        if not klass.__module__.startswith("datapunk_recovery."):
+            continue
+        # written as dataclasses or not: no frozen __setattr__ on the way in
+        assert not dataclasses.is_dataclass(klass), name
+        assert "__setattr__" not in vars(klass), name
+        assert not hasattr(klass(*range(len(klass._fields))), "__dict__"), name

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import typing
+from collections.abc import Callable
 
 import pytest
 
 from datapunk_recovery import events
 from datapunk_recovery.breaker import BreakerState
+from datapunk_recovery.bulkhead import BulkheadRejected
 from datapunk_recovery.errors import ErrorCategory
 from datapunk_recovery.events import CallFinished, Event, RetryScheduled
 from datapunk_recovery.telemetry.labels import Labeler
@@ -99,7 +101,7 @@ def event_classes() -> dict[str, type[Event]]:
 
 
 def attributes_of(klass: type[Event]) -> set[str]:
-    return {f.name for f in dataclasses.fields(klass)} | {
+    return set(klass._fields) | {
         n for n in dir(klass) if isinstance(getattr(klass, n, None), property)
     }
 
@@ -183,3 +185,24 @@ def test_fixed_labels_and_unmeasured_events() -> None:
 def test_the_tables_are_validated(build: typing.Callable[[], object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_a_router_compiles_one_handler_per_event_class() -> None:
+    router = Router(Labeler())
+    recorded: list[tuple[str, tuple[str, ...], float]] = []
+
+    def recorder(metric: Metric, labels: tuple[str, ...]) -> Callable[[float], None]:
+        return lambda value: recorded.append((metric.name, labels, value))
+
+    handler = router.handler(BulkheadRejected, recorder)
+    assert router.handler(BulkheadRejected, recorder) is handler
+    handler(BulkheadRejected(operation="db", at=0.0, reason="full", active=4, queued=0))
+    handler(BulkheadRejected(operation="db", at=1.0, reason="full", active=4, queued=0))
+    router.handler(CallFinished, recorder)(
+        CallFinished(operation="op", at=0.0, attempts=2, elapsed=0.1, succeeded=True)
+    )
+    assert recorded == [
+        ("bulkhead.rejections", ("db",), 1.0),
+        ("bulkhead.rejections", ("db",), 1.0),
+        ("calls", ("op", "success_after_retry"), 1.0),
+    ]

@@ -7,7 +7,11 @@ holds every decision: retry or not, how long to wait, when to give up.
 
 The happy path (the call succeeds at once, no deadline, nobody listening)
 builds no object, takes no lock and reads the clock once.  The first failure
-moves the call onto the slow path, where the rest is accounted.
+moves the call onto the slow path, where the rest is accounted.  When a
+metrics reader is installed (bus ``mode`` 1) the happy path also times the
+attempt into the operation's statistics, which the reader pulls at scrape
+time; only a subscriber that wants a successful call's events (``mode`` 2)
+takes every call onto the slow path.
 
 On giving up, the last exception is re-raised as itself, with a note
 (PEP 678) saying how many attempts were made over how long and why the engine
@@ -48,10 +52,11 @@ from .events import (
     RetryScheduled,
     emit,
     global_bus,
+    listening,
 )
 from .policy import RetryPolicy
 from .redact import redact_text, safe_repr
-from .stats import OperationStats, Statistics
+from .stats import FOLD_AT, OperationStats, Statistics
 
 __all__ = ["AttemptContext", "Retried", "Retrying", "current_attempt", "retry", "retrying"]
 
@@ -130,10 +135,10 @@ class _Engine:
         self.retry_if_result = retry_if_result
         self.budget = budget
         self.rng = rng
-        self.stats = stats if stats is not None else OperationStats()
-        self.count_retry = self.stats.retry_counter()
-        self.count_slow_success = self.stats.slow_success_counter()
         self.bus = bus if bus is not None else EventBus()
+        self.stats = stats if stats is not None else OperationStats(name, self.bus)
+        self.count_retry = self.stats.retried
+        self.count_slow_success = self.stats.slow_success_counter()
         # Anything that needs accounting on every call leaves the fast path.
         self.slow = (
             self.policy.default.deadline is not None
@@ -144,6 +149,10 @@ class _Engine:
     def observed(self) -> bool:
         return bool(global_bus._subscribers) or bool(self.bus._subscribers)
 
+    def timed(self) -> bool:
+        """Whether attempts are timed (a metrics reader or an event subscriber wants it)."""
+        return bool(global_bus._mode or self.bus._mode)
+
     def deadline_at(self, start: float) -> float | None:
         own = self.policy.default.deadline
         at = None if own is None else start + own
@@ -152,21 +161,13 @@ class _Engine:
             at = ctx[0]
         return at
 
-    def emit_first_try(self, start: float) -> None:
-        """Report a first-try success that happened on the fast path."""
-        at = clock.now()
-        emit(
-            AttemptFinished(
-                operation=self.name, at=at, attempt=1, duration=at - start, succeeded=True
-            ),
-            self.bus,
-        )
-        emit(
-            CallFinished(
-                operation=self.name, at=at, attempts=1, elapsed=at - start, succeeded=True
-            ),
-            self.bus,
-        )
+    def emit_first_try(self, start: float, at: float) -> None:
+        """Report a first-try success to those who want its events."""
+        bus = self.bus
+        if listening(bus, AttemptFinished):
+            emit(AttemptFinished(self.name, at, 1, at - start, True), bus)
+        if listening(bus, CallFinished):
+            emit(CallFinished(self.name, at, 1, at - start, True), bus)
 
 
 class _Call:
@@ -203,34 +204,22 @@ class _Call:
         e = self.engine
         if e.budget is not None:
             e.budget.on_attempt(True)
+        timed = e.timed()
+        if timed:
+            at = clock.now()
+            e.stats.observe(at - self.attempt_start)
         if self.attempt == 1:
             e.stats.first_try_success()
-            if e.observed():
-                e.emit_first_try(self.start)
+            if timed and e.observed():
+                e.emit_first_try(self.start, at)
             return
         e.count_slow_success()
-        if global_bus._subscribers or e.bus._subscribers:
-            at = clock.now()
-            emit(
-                AttemptFinished(
-                    operation=e.name,
-                    at=at,
-                    attempt=self.attempt,
-                    duration=at - self.attempt_start,
-                    succeeded=True,
-                ),
-                e.bus,
-            )
-            emit(
-                CallFinished(
-                    operation=e.name,
-                    at=at,
-                    attempts=self.attempt,
-                    elapsed=at - self.start,
-                    succeeded=True,
-                ),
-                e.bus,
-            )
+        if timed and e.observed():
+            if listening(e.bus, AttemptFinished):
+                duration = at - self.attempt_start
+                emit(AttemptFinished(e.name, at, self.attempt, duration, True), e.bus)
+            if listening(e.bus, CallFinished):
+                emit(CallFinished(e.name, at, self.attempt, at - self.start, True), e.bus)
 
     def failed(self, exc: Exception | None) -> float | None:
         """Decide after a failed attempt (``exc``) or a rejected result (``None``).
@@ -240,6 +229,7 @@ class _Call:
         """
         e = self.engine
         observed = global_bus._subscribers or e.bus._subscribers
+        timed = global_bus._mode or e.bus._mode
         config = e.config
         if exc is None:
             category, hint, retry, forbidden = ErrorCategory.UNKNOWN, None, True, False
@@ -257,7 +247,10 @@ class _Call:
             )
             if e.per_category is not None:
                 config = e.per_category.get(category, config)
-        if observed:
+        if timed:
+            now = clock.now()
+            e.stats.observe(now - self.attempt_start)
+        if observed and listening(e.bus, AttemptFinished):
             now = clock.now()
             emit(
                 AttemptFinished(
@@ -296,7 +289,7 @@ class _Call:
         if hint is not None:
             decision = server_delay(delay, hint, config, remaining)
             if decision.ignored:
-                if observed:
+                if observed and listening(e.bus, HintIgnored):
                     emit(
                         HintIgnored(
                             operation=e.name,
@@ -330,7 +323,7 @@ class _Call:
             if exc is not None:
                 mark_final(exc, "retry budget exhausted")
             return self._give_up(exc, GiveUpReason.BUDGET, "the retry budget refused")
-        if observed:
+        if observed and listening(e.bus, RetryScheduled):
             emit(
                 RetryScheduled(
                     operation=e.name,
@@ -343,7 +336,7 @@ class _Call:
                 ),
                 e.bus,
             )
-        e.count_retry()
+        e.count_retry(category)
         self.attempt = n + 1
         return delay
 
@@ -390,7 +383,7 @@ class _Call:
         e = self.engine
         now = clock.now()
         elapsed = now - self.start
-        e.stats.gave_up(reason)
+        e.stats.gave_up(reason, self.attempt)
         if exc is not None and note:
             plural = "s" if self.attempt != 1 else ""
             span = "after the first failure" if self.start_is_failure else "in all"
@@ -398,7 +391,7 @@ class _Call:
                 f"datapunk-recovery: {redact_text(e.name)!r} gave up after {self.attempt} "
                 f"attempt{plural}, {elapsed:.3f} s {span}: {why}"
             )
-        if e.observed():
+        if e.observed() and listening(e.bus, GaveUp):
             emit(
                 GaveUp(
                     operation=e.name,
@@ -410,6 +403,7 @@ class _Call:
                 ),
                 e.bus,
             )
+        if e.observed() and listening(e.bus, CallFinished):
             emit(
                 CallFinished(
                     operation=e.name,
@@ -530,7 +524,7 @@ def _run_sync(
             if deadline_at is not None and clock.now() >= deadline_at:
                 raise call.deadline_passed(error) from None
             token = CURRENT.set((deadline_at, call.attempt))
-            if global_bus._subscribers or e.bus._subscribers:  # durations: for listeners
+            if global_bus._mode or e.bus._mode:  # durations: for listeners and readers
                 call.attempt_start = clock.now()
             try:
                 result = fn(*args, **kwargs)
@@ -590,7 +584,8 @@ async def _run_async(
             if deadline_at is not None and clock.now() >= deadline_at:
                 raise call.deadline_passed(error) from None
             token = CURRENT.set((deadline_at, call.attempt))
-            if global_bus._subscribers or e.bus._subscribers:  # durations: for listeners
+            # durations: for listeners and readers; the time left: for the timeout
+            if deadline_at is not None or global_bus._mode or e.bus._mode:
                 call.attempt_start = clock.now()
             try:
                 if deadline_at is None:
@@ -667,14 +662,36 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
     get_context = CURRENT.get
     first_try = e.stats.first_try_counter()
     gbus, lbus = global_bus, e.bus
+    # The timed fast path (a metrics reader pulls attempt durations).
+    stats = e.stats
+    pending = stats.pending
+    pend = pending.append
+    fold_at = FOLD_AT
+    clk = clock
 
     if inspect.iscoroutinefunction(fn):
         afn = cast(Callable[..., Coroutine[Any, Any, Any]], fn)
 
         @functools.wraps(fn)
         async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-            if slow or get_context() is not None or gbus._subscribers or lbus._subscribers:
-                return await _run_async(e, afn, args, kwargs, clock.now(), None)
+            if slow or gbus._mode or lbus._mode or get_context() is not None:
+                if slow or (gbus._mode | lbus._mode) != 1 or get_context() is not None:
+                    return await _run_async(e, afn, args, kwargs, clock.now(), None)
+                start = clk.now()
+                try:
+                    result = await afn(*args, **kwargs)
+                except Exception as exc:
+                    error = exc
+                else:
+                    pend(clk.now() - start)
+                    first_try()
+                    if len(pending) > fold_at:
+                        stats.fold()
+                    return result
+                try:
+                    return await _run_async(e, afn, args, kwargs, start, error)
+                finally:
+                    del error
             try:
                 result = await afn(*args, **kwargs)
             except Exception as exc:
@@ -695,8 +712,24 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
 
         @functools.wraps(fn)
         def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-            if slow or get_context() is not None or gbus._subscribers or lbus._subscribers:
-                return _run_sync(e, fn, args, kwargs, clock.now(), None)
+            if slow or gbus._mode or lbus._mode or get_context() is not None:
+                if slow or (gbus._mode | lbus._mode) != 1 or get_context() is not None:
+                    return _run_sync(e, fn, args, kwargs, clock.now(), None)
+                start = clk.now()
+                try:
+                    result = fn(*args, **kwargs)
+                except Exception as exc:
+                    error = exc
+                else:
+                    pend(clk.now() - start)
+                    first_try()
+                    if len(pending) > fold_at:
+                        stats.fold()
+                    return result
+                try:
+                    return _run_sync(e, fn, args, kwargs, start, error)
+                finally:
+                    del error
             try:
                 result = fn(*args, **kwargs)
             except Exception as exc:

@@ -61,7 +61,7 @@ from datapunk_recovery import _runtime, clock
 from datapunk_recovery._validate import check_count, check_number, check_seconds
 from datapunk_recovery.breaker import BreakerConfig, CircuitBreaker
 from datapunk_recovery.errors import CircuitOpenError, ErrorCategory, classify
-from datapunk_recovery.events import Event, EventBus, emit, listening
+from datapunk_recovery.events import Event, EventBus, emit, global_bus, listening
 
 from .memory import MemoryCache
 from .protocols import Cache, CorruptEntry, Source
@@ -489,6 +489,55 @@ class ReadThroughCache(Generic[V]):
 
     async def get(self, key: str) -> V | None:
         """The value of ``key``: from the cache, else the source (``None``: no such key)."""
+        core = self.breaker._core
+        if (
+            core.fast
+            and self._gen is not None
+            and not self._refused_until
+            and not self._repairs
+            and not self._bump_pending
+            and self.sketch is None
+            and self.config.cache_timeout is None
+            and not global_bus._subscribers
+            and not core.bus._subscribers
+            and clock.now() - self._gen_read_at < self._refresh
+        ):
+            # The fast path: what lookup() does, without a Lookup, a breaker
+            # permit (the breaker's own fast path: nothing to judge on a
+            # success) or two coroutine frames.
+            gen = core.gen
+            try:
+                entry = await self.cache.get(self._prefix + key)
+            except CorruptEntry:
+                self._failed("get", "corrupt", "CorruptEntry")
+                entry = None
+            except Exception as exc:
+                self.breaker._fast_failure(exc, gen)
+                self._down = True
+                self._failed("get", _failure_kind(exc), type(exc).__name__)
+                self._misses += 1
+                value: V | None = await self._load(key, refill=False)
+                return value
+            if core.consecutive:
+                core.reset_consecutive(gen)
+            if self._down:
+                self._recovered()
+            if entry is not None:
+                try:
+                    fresh_until, value = entry
+                    fresh_until = float(fresh_until)
+                    if not math.isfinite(fresh_until):
+                        raise ValueError(fresh_until)
+                except (TypeError, ValueError):
+                    self._failed("get", "corrupt", "CorruptEntry")
+                else:
+                    if _wall() < fresh_until:
+                        self._hits += 1
+                        return value
+                    return (await self._refresh_stale(key, value, fresh_until)).value
+            self._misses += 1
+            loaded: V | None = await self._load(key, refill=True)
+            return loaded
         return (await self.lookup(key)).value
 
     async def lookup(self, key: str) -> Lookup[V]:

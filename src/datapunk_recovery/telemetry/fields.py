@@ -11,7 +11,6 @@ tokens and the value of credential headers written as text.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from enum import Enum
 
@@ -54,7 +53,7 @@ def _plain(value: object) -> FieldValue | None:
     return safe_text(value if isinstance(value, str) else str(value))
 
 
-# Per event class: its dataclass fields and its public properties (such as
+# Per event class: its fields and its public properties (such as
 # CallFinished.outcome), found once.
 _shapes: dict[type[Event], tuple[str, ...]] = {}
 
@@ -62,7 +61,7 @@ _shapes: dict[type[Event], tuple[str, ...]] = {}
 def _shape(kind: type[Event]) -> tuple[str, ...]:
     shape = _shapes.get(kind)
     if shape is None:
-        names = [f.name for f in dataclasses.fields(kind)]
+        names = list(kind._fields)
         for klass in kind.__mro__:
             names += (
                 n

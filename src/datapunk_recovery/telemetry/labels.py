@@ -132,6 +132,11 @@ class Labeler:
                 return value
         return self._admit(label, raw)
 
+    @property
+    def other(self) -> str:
+        """The value reported for refused values."""
+        return self._other
+
     def admitted(self, label: str) -> frozenset[str]:
         """The values of ``label`` admitted so far (``other`` excluded)."""
         return frozenset(self._clean.get(label, ()))

@@ -308,13 +308,14 @@ class Compiled:
     [`remember()`][datapunk_recovery.telemetry.metrics.Compiled.remember] keeps the memo bounded.
     """
 
-    __slots__ = ("_labeler", "_plan", "key", "memo", "metric", "number", "when")
+    __slots__ = ("_labeler", "_plan", "key", "memo", "metric", "number", "read", "when")
 
     def __init__(self, measure: Measure, labeler: Labeler) -> None:
         self.metric = measure.metric
         self._labeler = labeler
         read = [label for label in measure.metric.labels if label not in measure.fixed]
         fields = [measure.labels[label] for label in read]
+        self.read = tuple(fields)  # the event attributes behind the labels
         getter = attrgetter(*fields) if fields else _no_fields
         # attrgetter of one field returns the value itself, of several a tuple
         self.key: Callable[[Event], object] = (
@@ -367,10 +368,24 @@ def _no_fields(event: Event) -> tuple[()]:
     return ()
 
 
-class Router:
-    """One exporter's compiled copy of the measures table, keyed by event name."""
+def _ignore(event: Event) -> None:
+    return None
 
-    __slots__ = ("_table",)
+
+Recorder = Callable[[Metric, tuple[str, ...]], Callable[[float], None]]
+"""``recorder(metric, labels)``: the function applying a number to ``metric`` at ``labels``."""
+
+
+class Router:
+    """One exporter's compiled copy of the measures table, keyed by event name.
+
+    [`handler()`][datapunk_recovery.telemetry.metrics.Router.handler] compiles, once per event
+    class, the function an exporter
+    calls per event: for the common case of one measure reading one label
+    attribute, an attribute read, a dictionary read and the instrument's update.
+    """
+
+    __slots__ = ("_handlers", "_recorder", "_table")
 
     def __init__(
         self,
@@ -380,6 +395,45 @@ class Router:
         self._table: dict[str, tuple[Compiled, ...]] = {
             name: tuple(Compiled(m, labeler) for m in entries) for name, entries in measures.items()
         }
+        self._handlers: dict[type[Event], Callable[[Event], None]] = {}
+        self._recorder: Recorder | None = None
+
+    def handler(self, kind: type[Event], recorder: Recorder) -> Callable[[Event], None]:
+        """The function applying an event of class ``kind`` to an exporter's instruments.
+
+        Compiled at the first event of the class, then kept (one ``recorder``
+        per router: an exporter's own).
+        """
+        handler = self._handlers.get(kind)
+        if handler is None or self._recorder != recorder:  # bound methods: equal, not same
+            if self._recorder != recorder:
+                self._handlers = {}
+                self._recorder = recorder
+            handler = self._handlers[kind] = self._compile(kind, recorder)
+        return handler
+
+    def _compile(self, kind: type[Event], recorder: Recorder) -> Callable[[Event], None]:
+        measures = self._table.get(kind.name, ())
+        if not measures:
+            return _ignore
+        if len(measures) == 1 and measures[0].when is None and len(measures[0].read) == 1:
+            # One measure, one attribute behind its labels: memoise by the raw value.
+            measure = measures[0]
+            read, number, metric = attrgetter(measure.read[0]), measure.number, measure.metric
+            labels_for = measure.labels_for
+            memo: dict[object, Callable[[float], None]] = {}
+
+            def one(event: Event) -> None:
+                raw = read(event)
+                record = memo.get(raw)
+                if record is None:
+                    record = recorder(metric, labels_for((raw,)))
+                    if len(memo) < _MEMO_MAX:
+                        memo[raw] = record
+                record(number(event))
+
+            return one
+        return lambda event: self.apply(event, recorder)
 
     def get(self, name: str) -> tuple[Compiled, ...]:
         """The compiled measures of the event kind ``name`` (empty if it measures nothing)."""

@@ -7,9 +7,29 @@
 
 Metrics carry the dotted names of [`METRICS`][datapunk_recovery.telemetry.metrics.METRICS]
 (``datapunk.recovery.calls``, ``datapunk.recovery.attempt.duration`` in ``s``,
-...): counters and histograms are synchronous instruments; gauges (in use
-now, a breaker's state) are observable gauges reading the last value each
-label set reported, since a gauge is read at collection, not at each event.
+...).  What the retry engine counts anyway (calls by outcome, retries by
+category, give-ups by reason) is *pulled*: observable counters read the
+engine's statistics at collection ([`pull`][datapunk_recovery.telemetry.pull]),
+so a call costs this exporter no event for them.  The other counters and the
+histograms are synchronous instruments fed by events; gauges (in use now, a
+breaker's state) are observable gauges reading the last value each label set
+reported, since a gauge is read at collection, not at each event.
+
+The attempt-duration histogram stays a *synchronous* histogram: OpenTelemetry
+has no asynchronous one, and reporting the engine's buckets as gauges would
+change the instrument's kind and name and lose what the SDK does with a
+histogram (views choosing its buckets).  But it is not fed per call: the
+engine times each attempt (as for Prometheus) and the exporter receives the
+exact durations in batches when they are folded ([`add_tap()`][datapunk_recovery.stats.add_tap]),
+keeps them, and records them all at the next collection, in the reader's
+thread, before the SDK reads the histogram.  A call therefore costs what it
+costs under Prometheus; the SDK's own ``record`` (microseconds per value) is
+paid at collection time, off the calls' path, or by the call that finds more
+than [`PENDING_MAX`][datapunk_recovery.telemetry.otel.PENDING_MAX] durations waiting (a reader that
+never collects).
+What is lost: exemplars (a duration recorded at collection is outside its
+call's trace context).  Without the pulled counters (``metrics`` without
+``calls``), the histogram is fed from one ``AttemptFinished`` event per attempt.
 
 Span events: the event kinds of [`SPAN_EVENTS`][datapunk_recovery.telemetry.otel.SPAN_EVENTS]
 (retries, give-ups,
@@ -23,19 +43,35 @@ with no SDK configured every instrument is a no-op.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from datapunk_recovery import __version__
+from datapunk_recovery import stats as _stats
 from datapunk_recovery._extras import raise_missing
-from datapunk_recovery.events import Event
+from datapunk_recovery.events import Event, EventBus, global_bus
 
 from .exporter import Exporter
 from .fields import event_fields
 from .labels import Labeler, LabelPolicy
-from .metrics import MEASURES, METRICS, Measure, Metric, MetricKind, Router
+from .metrics import (
+    ATTEMPT_DURATION,
+    MEASURES,
+    METRICS,
+    Measure,
+    Metric,
+    MetricKind,
+    Router,
+)
+from .pull import PULLED, Puller
 
-__all__ = ["SPAN_EVENTS", "OpenTelemetryExporter"]
+PENDING_MAX: Final = 65_536
+"""Attempt durations an exporter keeps between collections before recording them at once."""
+
+__all__ = ["PENDING_MAX", "SPAN_EVENTS", "OpenTelemetryExporter"]
+
+_ATTEMPT: Final = "retry.attempt"
 
 SPAN_EVENTS: Final[frozenset[str]] = frozenset(
     {
@@ -83,8 +119,30 @@ class OpenTelemetryExporter(Exporter):
         provider = meter_provider if meter_provider is not None else otel_metrics
         meter = provider.get_meter("datapunk_recovery", __version__)
         self.labeler = Labeler(labels)
-        self._router = Router(self.labeler, measures)
+        # The counters pulled from the engine's statistics (not the histogram: see above).
+        pulled = {
+            name: metric
+            for name, metric in PULLED.items()
+            if metric.kind is MetricKind.COUNTER
+            and metric in metrics
+            and measures.get(name) == MEASURES.get(name)
+        }
+        # The histogram is fed at collection, which the pulled counters' callbacks trigger.
+        self._tapped = bool(
+            pulled
+            and ATTEMPT_DURATION in metrics
+            and measures.get(_ATTEMPT) == MEASURES.get(_ATTEMPT)
+        )
+        if self._tapped:
+            pulled[_ATTEMPT] = ATTEMPT_DURATION
+        pushed = {name: m for name, m in measures.items() if name not in pulled}
+        self._router = Router(self.labeler, pushed)
+        self._puller = Puller(self.labeler, time_attempts=self._tapped)
+        self._pending: list[tuple[str, list[float]]] = []
+        self._pending_count = 0
+        self._pending_lock = threading.Lock()
         self._span_events = frozenset(span_events)
+        self._wanted = frozenset(pushed) | self._span_events
         # synchronous instruments: metric -> its add / record method
         self._record: dict[Metric, Any] = {}
         # observable gauges: metric -> label values -> last value
@@ -95,7 +153,11 @@ class OpenTelemetryExporter(Exporter):
         for metric in metrics:
             common = {"name": metric.otel_name, "unit": metric.otel_unit}
             doc = metric.description
-            if metric.kind is MetricKind.COUNTER:
+            if metric in pulled.values() and metric.kind is MetricKind.COUNTER:
+                meter.create_observable_counter(
+                    **common, description=doc, callbacks=[self._pulled_reader(metric)]
+                )
+            elif metric.kind is MetricKind.COUNTER:
                 self._record[metric] = meter.create_counter(**common, description=doc).add
             elif metric.kind is MetricKind.HISTOGRAM:
                 self._record[metric] = meter.create_histogram(**common, description=doc).record
@@ -110,8 +172,48 @@ class OpenTelemetryExporter(Exporter):
                     **common, description=doc, callbacks=[self._state_reader(metric, states)]
                 )
 
+    def wants(self, name: str) -> bool:
+        """Whether events named ``name`` update a metric or a span (the rest is pulled)."""
+        return name in self._wanted
+
+    def install(self, *buses: EventBus) -> Self:
+        """Subscribe to ``buses`` (or globally) and start counting what the engine counts there."""
+        super().install(*buses)
+        self._puller.start(buses or (global_bus,))
+        if self._tapped:
+            _stats.add_tap(self._tap)
+        return self
+
+    def close(self) -> None:
+        """Stop exporting: the pulled numbers stay as they are now."""
+        self._puller.stop()
+        if self._tapped:
+            _stats.remove_tap(self._tap)
+            self._record_pending()
+        super().close()
+
+    def _tap(self, stats: _stats.OperationStats, durations: list[float]) -> None:
+        if not self._puller.covers(stats.bus):
+            return
+        with self._pending_lock:
+            self._pending.append((stats.name, durations))
+            self._pending_count += len(durations)
+            full = self._pending_count > PENDING_MAX
+        if full:
+            self._record_pending()
+
+    def _record_pending(self) -> None:
+        """Record the attempt durations received since the last time into the histogram."""
+        with self._pending_lock:
+            pending, self._pending, self._pending_count = self._pending, [], 0
+        record = self._record[ATTEMPT_DURATION]
+        for name, durations in pending:
+            attributes = self._attributes_of(ATTEMPT_DURATION, (self._puller.operation(name),))
+            for seconds in durations:
+                record(seconds, attributes)
+
     def __call__(self, event: Event) -> None:
-        self._router.apply(event, self._recorder)
+        self._router.handler(type(event), self._recorder)(event)
         if event.name in self._span_events:
             span = self._trace.get_current_span()
             if span.is_recording():
@@ -137,6 +239,16 @@ class OpenTelemetryExporter(Exporter):
         if attributes is None:
             attributes = self._attributes[key] = dict(zip(metric.labels, labels, strict=True))
         return attributes
+
+    def _pulled_reader(self, metric: Metric) -> Any:
+        def read(options: Any) -> Iterable[Any]:
+            counts = self._puller.counters(self._puller.read()).get(metric, {})
+            if self._tapped:
+                self._record_pending()  # read() folded the durations: before the SDK reads
+            for labels, value in counts.items():
+                yield self._observation(value, self._attributes_of(metric, labels))
+
+        return read
 
     def _gauge_reader(self, metric: Metric, last: dict[tuple[str, ...], float]) -> Any:
         def read(options: Any) -> Iterable[Any]:

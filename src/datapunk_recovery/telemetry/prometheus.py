@@ -10,10 +10,19 @@
 
 creates every metric of [`METRICS`][datapunk_recovery.telemetry.metrics.METRICS]
 on the registry at once (``datapunk_recovery_calls_total{operation,outcome}``,
-``datapunk_recovery_attempt_duration_seconds{operation}``, ...) and updates
-them from events as [`MEASURES`][datapunk_recovery.telemetry.metrics.MEASURES]
-says.  ``prometheus_client`` is imported when an exporter is built, never
-by the rest of the library.
+``datapunk_recovery_attempt_duration_seconds{operation}``, ...).
+``prometheus_client`` is imported when an exporter is built, never by the
+rest of the library.
+
+What the retry engine counts anyway (calls by outcome, retries by category,
+give-ups by reason, attempt durations) is *pulled*: a custom collector reads
+the engine's statistics at scrape time ([`pull`][datapunk_recovery.telemetry.pull]),
+so a call costs the exporter nothing but the timing of its attempts.  The
+rest (breaker states, rejections, fallbacks, ...) is rare and updated from
+events as [`MEASURES`][datapunk_recovery.telemetry.metrics.MEASURES] says; the
+exporter subscribes to those kinds only.  Histogram ``buckets`` that are not
+all among [`DURATION_BOUNDS`][datapunk_recovery.stats.DURATION_BOUNDS] cannot be read
+from the engine: the attempt durations are then recorded from events.
 
 Each label combination's child is looked up once and kept with the compiled
 measure ([`Compiled`][datapunk_recovery.telemetry.metrics.Compiled]), so an event
@@ -23,35 +32,22 @@ already seen costs a dictionary read and the child's own update.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Final, Self
 
 from datapunk_recovery._extras import raise_missing
-from datapunk_recovery.events import Event
+from datapunk_recovery.events import Event, EventBus, global_bus
+from datapunk_recovery.stats import DURATION_BOUNDS
 
 from .exporter import Exporter
 from .labels import Labeler, LabelPolicy
-from .metrics import MEASURES, METRICS, Measure, Metric, MetricKind, Router
+from .metrics import ATTEMPT_DURATION, MEASURES, METRICS, Measure, Metric, MetricKind, Router
+from .pull import PULLED, Puller, served_bounds
 
 __all__ = ["DEFAULT_BUCKETS", "PrometheusExporter"]
 
-DEFAULT_BUCKETS: Final = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
+DEFAULT_BUCKETS: Final = DURATION_BOUNDS
 """Histogram bucket bounds in seconds: a millisecond call up to a minute-long wait."""
 
 
@@ -86,9 +82,28 @@ class PrometheusExporter(Exporter):
         if registry is None:
             registry = client.REGISTRY
         self.labeler = Labeler(labels)
-        self._router = Router(self.labeler, measures)
+        served = served_bounds(buckets)
+        # The events whose metric is pulled from the engine's statistics.
+        pulled = {
+            name: metric
+            for name, metric in PULLED.items()
+            if metric in metrics
+            and measures.get(name) == MEASURES.get(name)
+            and (metric is not ATTEMPT_DURATION or served is not None)
+        }
+        pushed = {name: m for name, m in measures.items() if name not in pulled}
+        self._pushed = frozenset(pushed)
+        self._router = Router(self.labeler, pushed)
+        self._puller = Puller(self.labeler, time_attempts=ATTEMPT_DURATION in pulled.values())
         self._instruments: dict[Metric, Any] = {}
+        pulled_metrics = set(pulled.values())
+        if pulled_metrics:
+            registry.register(
+                _Collector(client, self._puller, pulled_metrics, served or (), time.time())
+            )
         for metric in metrics:
+            if metric in pulled_metrics:
+                continue
             common = {"labelnames": metric.labels, "registry": registry}
             name, doc = metric.prometheus_name, metric.description
             if metric.kind is MetricKind.COUNTER:
@@ -102,8 +117,23 @@ class PrometheusExporter(Exporter):
         self._states: dict[tuple[Metric, tuple[str, ...]], str] = {}
         self._lock = threading.Lock()
 
+    def wants(self, name: str) -> bool:
+        """Whether events named ``name`` update a metric of this exporter (the rest is pulled)."""
+        return name in self._pushed
+
+    def install(self, *buses: EventBus) -> Self:
+        """Subscribe to ``buses`` (or globally) and start counting what the engine counts there."""
+        super().install(*buses)
+        self._puller.start(buses or (global_bus,))
+        return self
+
+    def close(self) -> None:
+        """Stop exporting: the pulled numbers stay as they are now."""
+        self._puller.stop()
+        super().close()
+
     def __call__(self, event: Event) -> None:
-        self._router.apply(event, self._recorder)
+        self._router.handler(type(event), self._recorder)(event)
 
     def _recorder(self, metric: Metric, labels: tuple[str, ...]) -> Callable[[float], None]:
         """The function that applies a number to ``metric`` at ``labels``."""
@@ -131,3 +161,52 @@ class PrometheusExporter(Exporter):
                 gauge.labels(*owner, previous).set(0.0)
             gauge.labels(*owner, current).set(1.0)
             self._states[key] = current
+
+
+class _Collector:
+    """The pulled metrics, read from the engine's statistics at each scrape."""
+
+    def __init__(
+        self,
+        client: Any,
+        puller: Puller,
+        metrics: set[Metric],
+        bounds: Sequence[int],
+        created: float,
+    ) -> None:
+        import prometheus_client.core
+        import prometheus_client.utils
+
+        self._core = prometheus_client.core
+        self._puller = puller
+        self._metrics = [m for m in METRICS if m in metrics]
+        self._bounds = tuple(bounds)
+        self._created = created
+        go: Callable[[float], str] = prometheus_client.utils.floatToGoString
+        self._le = [go(DURATION_BOUNDS[i]) for i in self._bounds]
+
+    def describe(self) -> Iterator[Any]:
+        """The families, empty: lets the registry refuse a second exporter."""
+        return self._families(None)
+
+    def collect(self) -> Iterator[Any]:
+        """The families with the numbers counted while the exporter was installed."""
+        return self._families(self._puller.read())
+
+    def _families(self, readings: Any) -> Iterator[Any]:
+        core = self._core
+        counters = self._puller.counters(readings) if readings is not None else {}
+        for metric in self._metrics:
+            name, doc = metric.prometheus_name, metric.description
+            if metric.kind is MetricKind.HISTOGRAM:
+                family = core.HistogramMetricFamily(name, doc, labels=metric.labels)
+                if readings is not None:
+                    for labels, (counts, total) in self._puller.histograms(readings).items():
+                        cumulative = [sum(counts[: i + 1]) for i in self._bounds]
+                        buckets = [*zip(self._le, cumulative, strict=True), ("+Inf", sum(counts))]
+                        family.add_metric(labels, buckets, total)
+            else:
+                family = core.CounterMetricFamily(name, doc, labels=metric.labels)
+                for labels, value in counters.get(metric, {}).items():
+                    family.add_metric(labels, value, created=self._created)
+            yield family

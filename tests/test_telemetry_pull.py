@@ -1,0 +1,367 @@
+"""Pull what is counted: metrics read from the engine's statistics at scrape time.
+
+A Prometheus scrape after concurrent calls (threads, asyncio and trio tasks)
+must show exactly what ``fn.statistics()`` says; an exporter shows only what
+happened while it was installed; and a first-try success stays on the
+engine's fast path when nobody wants its events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import pytest
+from prometheus_client import CollectorRegistry
+
+from datapunk_recovery import RetryConfig, engine, retry
+from datapunk_recovery.events import GaveUp, global_bus, subscribe
+from datapunk_recovery.stats import DURATION_BOUNDS, Statistics
+from datapunk_recovery.telemetry.logging import LoggingExporter
+from datapunk_recovery.telemetry.prometheus import PrometheusExporter
+from datapunk_recovery.testing import instant_retries
+
+CALLS = "datapunk_recovery_calls_total"
+HIST = "datapunk_recovery_attempt_duration_seconds"
+
+
+@pytest.fixture(autouse=True)
+def _instant() -> Iterator[None]:
+    with instant_retries():
+        yield
+
+
+@pytest.fixture
+def slow_paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every call the engine hands to its slow loops, by operation name."""
+    seen: list[str] = []
+    run_sync, run_async = engine._run_sync, engine._run_async
+
+    def spy_sync(e: Any, *args: Any) -> Any:
+        seen.append(e.name)
+        return run_sync(e, *args)
+
+    def spy_async(e: Any, *args: Any) -> Any:
+        seen.append(e.name)
+        return run_async(e, *args)
+
+    monkeypatch.setattr(engine, "_run_sync", spy_sync)
+    monkeypatch.setattr(engine, "_run_async", spy_async)
+    return seen
+
+
+def failing_every(n: int, name: str) -> Callable[[int], str]:
+    """Call ``i`` fails once with a network error when ``i % n == 0``, twice when ``i % 7 == 0``."""
+    lock = threading.Lock()
+    tries: dict[int, int] = {}
+
+    @retry(RetryConfig(max_attempts=2), name=name)
+    def call(i: int) -> str:
+        with lock:
+            tries[i] = tries.get(i, 0) + 1
+            n_try = tries[i]
+        if (i % 7 == 0) or (i % n == 0 and n_try == 1):
+            raise ConnectionError("reset")
+        return "ok"
+
+    return call
+
+
+def scraped(registry: CollectorRegistry, operation: str) -> dict[str, float]:
+    value = registry.get_sample_value
+    out = {
+        outcome: value(CALLS, {"operation": operation, "outcome": outcome}) or 0.0
+        for outcome in ("success", "success_after_retry", "failure", "failure_after_retry")
+    }
+    labels = {"operation": operation, "category": "network"}
+    out["retries"] = value("datapunk_recovery_retries_total", labels) or 0.0
+    labels = {"operation": operation, "reason": "attempts"}
+    out["giveups"] = value("datapunk_recovery_giveups_total", labels) or 0.0
+    out["attempts"] = value(f"{HIST}_count", {"operation": operation}) or 0.0
+    return out
+
+
+def expected(stats: Statistics) -> dict[str, float]:
+    # every call here either succeeds, or fails after its two attempts
+    return {
+        "success": stats.successes - stats.retries + stats.failures,
+        "success_after_retry": stats.retries - stats.failures,
+        "failure": 0.0,
+        "failure_after_retry": stats.failures,
+        "retries": stats.retries,
+        "giveups": stats.failures,
+        "attempts": stats.attempts,
+    }
+
+
+def test_a_scrape_after_calls_from_many_threads_matches_the_statistics() -> None:
+    registry = CollectorRegistry()
+    call = failing_every(5, "threads")
+    with PrometheusExporter(registry).install():
+
+        def worker(offset: int) -> None:
+            for i in range(offset, offset + 300):
+                with contextlib.suppress(ConnectionError):
+                    call(i)
+
+        threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        got = scraped(registry, "threads")
+    stats = call.statistics()  # type: ignore[attr-defined]
+    assert stats.calls == 1800
+    assert got == expected(stats)
+
+
+@pytest.mark.anyio
+async def test_a_scrape_after_concurrent_tasks_matches_the_statistics() -> None:
+    registry = CollectorRegistry()
+    calls = [0]
+
+    @retry(RetryConfig(max_attempts=2), name="tasks")
+    async def call(i: int) -> str:
+        calls[0] += 1
+        await anyio.lowlevel.checkpoint()
+        if i % 7 == 0:
+            raise ConnectionError("reset")
+        return "ok"
+
+    async def one(i: int) -> None:
+        with contextlib.suppress(ConnectionError):
+            await call(i)
+
+    with PrometheusExporter(registry).install():
+        async with anyio.create_task_group() as tasks:
+            for i in range(400):
+                tasks.start_soon(one, i)
+        got = scraped(registry, "tasks")
+    stats = call.statistics()  # type: ignore[attr-defined]
+    assert stats.calls == 400 and calls[0] == stats.attempts
+    assert got == expected(stats)
+
+
+def test_an_exporter_shows_only_what_happened_while_it_was_installed() -> None:
+    registry = CollectorRegistry()
+    call = failing_every(2, "window")
+    for i in range(1, 6):
+        call(i)  # before: not shown
+    exporter = PrometheusExporter(registry).install()
+    for i in range(10, 14):
+        call(i)  # 10, 12 retried once; 11, 13 succeed at once
+    exporter.close()
+    for i in range(15, 20):
+        call(i)  # after: not shown
+    got = scraped(registry, "window")
+    assert got["success"] == 2 and got["success_after_retry"] == 2
+    assert got["retries"] == 2 and got["attempts"] == 6
+
+
+def test_attempt_durations_fall_in_the_engine_buckets_exactly() -> None:
+    registry = CollectorRegistry()
+    with PrometheusExporter(registry, buckets=(0.5, 60.0)).install():
+
+        @retry(name="buckets")
+        def call() -> str:
+            return "ok"
+
+        for _ in range(3 * 256):  # several folds of the pending durations
+            call()
+    value = registry.get_sample_value
+    labels = {"operation": "buckets"}
+    assert value(f"{HIST}_count", labels) == 768
+    assert value(f"{HIST}_bucket", {**labels, "le": "+Inf"}) == 768
+    assert value(f"{HIST}_bucket", {**labels, "le": "0.5"}) == 768
+    assert value(f"{HIST}_bucket", {**labels, "le": "0.001"}) is None  # not asked for
+    assert 0.0 <= (value(f"{HIST}_sum", labels) or 0.0) < 768 * 0.5
+
+
+def test_buckets_the_engine_does_not_keep_are_recorded_from_events(
+    slow_paths: list[str],
+) -> None:
+    assert 0.3 not in DURATION_BOUNDS
+    registry = CollectorRegistry()
+    with PrometheusExporter(registry, buckets=(0.3, 1.0)).install():
+
+        @retry(name="own-buckets")
+        def call() -> str:
+            return "ok"
+
+        call()
+        call()
+    value = registry.get_sample_value
+    assert value(f"{HIST}_bucket", {"operation": "own-buckets", "le": "0.3"}) == 2
+    assert value(CALLS, {"operation": "own-buckets", "outcome": "success"}) == 2
+    assert slow_paths == ["own-buckets"] * 2  # the durations come from events
+
+
+def test_with_prometheus_installed_a_first_try_success_stays_on_the_fast_path(
+    slow_paths: list[str],
+) -> None:
+    with PrometheusExporter(CollectorRegistry()).install():
+        assert global_bus.mode == 1
+
+        @retry(name="fast")
+        def call() -> str:
+            return "ok"
+
+        call()
+    assert slow_paths == []
+    assert global_bus.mode == 0
+
+
+def test_a_subscriber_of_rare_events_leaves_successes_on_the_fast_path(
+    slow_paths: list[str],
+) -> None:
+    gave_up: list[GaveUp] = []
+    unsubscribe = subscribe(gave_up.append, kinds={GaveUp})
+    try:
+        left = [1]
+
+        @retry(RetryConfig(max_attempts=1), name="rare")
+        def call() -> str:
+            if left[0]:
+                left[0] -= 1
+                raise ConnectionError("reset")
+            return "ok"
+
+        with pytest.raises(ConnectionError):
+            call()
+        call()
+    finally:
+        unsubscribe()
+    assert [e.attempts for e in gave_up] == [1]
+    assert slow_paths == ["rare"]  # the failure, handed over by the fast path
+
+
+def test_a_logging_exporter_at_warning_asks_for_no_success_event_until_levels_change(
+    slow_paths: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="datapunk_recovery.retry")
+    retry_logger = logging.getLogger("datapunk_recovery.retry")
+    retry_logger.setLevel(logging.WARNING)
+
+    @retry(name="logged")
+    def call() -> str:
+        return "ok"
+
+    with LoggingExporter().install():
+        call()
+        assert slow_paths == [] and global_bus.mode == 0
+        retry_logger.setLevel(logging.DEBUG)
+        try:
+            assert global_bus.mode == 2
+            call()
+        finally:
+            retry_logger.setLevel(logging.WARNING)
+        assert global_bus.mode == 0
+    assert slow_paths == ["logged"]
+    assert [r.getMessage().split()[0] for r in caplog.records] == ["retry.attempt", "retry.call"]
+
+
+def test_otel_counters_after_calls_from_many_threads_match_the_statistics() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from datapunk_recovery.telemetry.otel import OpenTelemetryExporter
+
+    reader = InMemoryMetricReader()
+    call = failing_every(3, "otel-threads")
+    call(1)  # before the exporter: not shown
+    with OpenTelemetryExporter(meter_provider=MeterProvider(metric_readers=[reader])).install():
+
+        def worker(offset: int) -> None:
+            for i in range(offset, offset + 200):
+                with contextlib.suppress(ConnectionError):
+                    call(i)
+
+        threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        data = reader.get_metrics_data()
+    assert data is not None
+    points = {
+        (m.name, tuple(sorted(p.attributes.items()))): p
+        for r in data.resource_metrics
+        for s in r.scope_metrics
+        for m in s.metrics
+        for p in m.data.data_points
+    }
+    stats = call.statistics()  # type: ignore[attr-defined]
+    want = expected(stats)
+    op = ("operation", "otel-threads")
+
+    def value(name: str, *labels: tuple[str, str]) -> float:
+        point = points.get((f"datapunk.recovery.{name}", tuple(sorted((op, *labels)))))
+        return 0.0 if point is None else point.value
+
+    assert value("calls", ("outcome", "success")) == want["success"] - 1
+    assert value("calls", ("outcome", "success_after_retry")) == want["success_after_retry"]
+    assert value("calls", ("outcome", "failure_after_retry")) == want["failure_after_retry"]
+    assert value("retries", ("category", "network")) == want["retries"]
+    assert value("giveups", ("reason", "attempts")) == want["giveups"]
+    duration = points[("datapunk.recovery.attempt.duration", (op,))]
+    assert duration.count == want["attempts"] - 1
+
+
+def test_with_otel_installed_a_first_try_success_stays_on_the_fast_path(
+    slow_paths: list[str],
+) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from datapunk_recovery.telemetry.otel import OpenTelemetryExporter
+
+    reader = InMemoryMetricReader()
+
+    @retry(name="otel-fast")
+    def call() -> str:
+        return "ok"
+
+    with OpenTelemetryExporter(meter_provider=MeterProvider(metric_readers=[reader])).install():
+        for _ in range(300):  # past FOLD_AT: a fold hands durations over before collection
+            call()
+        data = reader.get_metrics_data()
+        again = reader.get_metrics_data()  # nothing recorded twice
+    assert slow_paths == []
+    for snapshot in (data, again):
+        assert snapshot is not None
+        (duration,) = [
+            p
+            for r in snapshot.resource_metrics
+            for s in r.scope_metrics
+            for m in s.metrics
+            if m.name == "datapunk.recovery.attempt.duration"
+            for p in m.data.data_points
+            if p.attributes == {"operation": "otel-fast"}
+        ]
+        assert duration.count == 300
+
+
+@pytest.mark.parametrize("seconds", [0.005, 0.1, 60.0])
+def test_an_attempt_lasting_exactly_a_bound_falls_in_that_bound(seconds: float) -> None:
+    from datapunk_recovery.testing import fake_clock
+
+    registry = CollectorRegistry()
+    with fake_clock() as clock, PrometheusExporter(registry).install():
+
+        @retry(name=f"bound-{seconds}")
+        def call() -> str:
+            clock.advance(seconds)
+            return "ok"
+
+        call()
+    value = registry.get_sample_value
+    labels = {"operation": f"bound-{seconds}"}
+    index = DURATION_BOUNDS.index(seconds)
+    below = str(DURATION_BOUNDS[index - 1]) if index else None
+    assert value(f"{HIST}_bucket", {**labels, "le": str(seconds)}) == 1
+    if below is not None:
+        assert value(f"{HIST}_bucket", {**labels, "le": below}) == 0
