@@ -366,6 +366,22 @@ class EventBus:
         self._subscribers = tuple(s for s in self._subscribers if s is not subscriber)
         self.refresh()
 
+    def subscriptions(self) -> tuple[tuple[Subscriber, Callable[[str], bool] | None], ...]:
+        """Who is subscribed and for which kinds.
+
+        Give it back to [`restore()`][datapunk_recovery.events.EventBus.restore]
+        to undo later subscriptions (what test isolation does).
+        """
+        return self._entries
+
+    def restore(
+        self, subscriptions: tuple[tuple[Subscriber, Callable[[str], bool] | None], ...]
+    ) -> None:
+        """Put back the subscriptions that ``subscriptions()`` returned."""
+        self._entries = subscriptions
+        self._subscribers = tuple(subscriber for subscriber, _ in subscriptions)
+        self.refresh()
+
     def refresh(self) -> None:
         """Ask the subscribers again which kinds they want (their wishes changed)."""
         self._routes = {}

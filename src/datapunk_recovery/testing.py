@@ -157,7 +157,7 @@ def isolated() -> Iterator[None]:
     installed clock and the chaos kill switch.  Objects the block created
     (breakers, registries, budgets) are its own and need no restoring.
     """
-    subscribers = events.global_bus._subscribers
+    subscribers = events.global_bus.subscriptions()
     rules = list(errors._rules)
     instant = _runtime._instant
     fake = clock.current_fake()
@@ -165,7 +165,7 @@ def isolated() -> Iterator[None]:
     try:
         yield
     finally:
-        events.global_bus._subscribers = subscribers
+        events.global_bus.restore(subscribers)
         errors._rules[:] = rules
         _runtime.set_instant(instant)
         clock.use_clock(fake)
