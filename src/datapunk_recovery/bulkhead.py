@@ -35,12 +35,12 @@ import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
 from typing import ClassVar, ParamSpec, TypeVar
 
 from . import _runtime, clock
+from ._context import CALLER as _CALLER
 from ._context import CURRENT
 from ._decorate import CallDecorator
 from ._validate import check_count, check_seconds
@@ -62,8 +62,6 @@ __all__ = [
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-_CALLER: ContextVar[str | None] = ContextVar("datapunk_recovery_caller", default=None)
 
 
 @contextmanager
@@ -256,8 +254,14 @@ class _TrioWaiter(_Waiter):
 # The slot pool shared by Bulkhead and the adaptive limiter.
 
 
-class _Slots:
-    """Counts slots under one lock and queues waiters; limit may change at run time."""
+class SlotPool:
+    """Counts slots under one lock and queues waiters; limit may change at run time.
+
+    The pool behind a [`Bulkhead`][datapunk_recovery.bulkhead.Bulkhead] and an
+    adaptive limiter, and what a pipeline stage holds around its call
+    (``Bulkhead.slots``).  ``acquire(caller)`` / ``await acquire_async(caller)``
+    take a slot (or raise ``BulkheadFull``), ``release(caller)`` gives it back.
+    """
 
     __slots__ = (
         "_held",
@@ -598,7 +602,7 @@ class Bulkhead(CallDecorator):
             raise TypeError(f"Bulkhead.config: expected a BulkheadConfig, got {config!r}")
         #: Where this bulkhead's events go first (then the global bus).
         self.bus = bus if bus is not None else EventBus()
-        self._slots = _Slots(
+        self._slots = SlotPool(
             name,
             config.max_concurrent,
             config.max_queue,
@@ -610,6 +614,11 @@ class Bulkhead(CallDecorator):
     def state(self) -> BulkheadState:
         """Calls running and waiting now."""
         return self._slots.state()
+
+    @property
+    def slots(self) -> SlotPool:
+        """The slot pool, for a layer that holds a slot around its own call (a pipeline stage)."""
+        return self._slots
 
     def reconfigure(self, config: BulkheadConfig) -> None:
         """Take ``config`` while calls run, keeping every slot held and every place queued.

@@ -46,12 +46,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, ParamSpec, Protocol, TypeVar, cast, overload
 
 from . import clock
+from ._context import CALLER as _CALLER
 from ._context import CURRENT, REPORTING
 from ._validate import check_seconds
 from .adaptive import AIMD, AdaptiveLimiter, Gradient
 from .backoff import RetryConfig
 from .budget import RetryGate
-from .bulkhead import _CALLER, Bulkhead, BulkheadConfig
+from .bulkhead import Bulkhead, BulkheadConfig
 from .deadline import Deadline
 from .engine import On, ResultPredicate, Retried, retry
 from .events import Event, EventBus, emit, global_bus
@@ -190,7 +191,7 @@ class BulkheadStage:
         self.bulkhead = bulkhead
 
     def sync(self, nxt: Run) -> Run:
-        slots = self.bulkhead._slots
+        slots = self.bulkhead.slots
         acquire, release, caller = slots.acquire, slots.release, _CALLER.get
 
         def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -204,7 +205,7 @@ class BulkheadStage:
         return run
 
     def asyn(self, nxt: ARun) -> ARun:
-        slots = self.bulkhead._slots
+        slots = self.bulkhead.slots
         acquire, release, caller = slots.acquire_async, slots.release, _CALLER.get
 
         async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
