@@ -176,3 +176,27 @@ def test_no_module_imports_another_modules_private_name() -> None:
     used = attributes | {("*", name) for _, name in attributes}
     stale_attributes = sorted(KNOWN_ATTRIBUTES.keys() - used)
     assert not stale_attributes, f"exceptions no longer needed: {stale_attributes}"
+
+
+def _imports_of(module: str) -> set[str]:
+    """The package modules ``module`` imports, wherever the import statement is."""
+    for here, is_package, tree in _sources():
+        if here != module:
+            continue
+        imported: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                imported.add(_resolve(here, is_package, node.level, node.module))
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+        return imported
+    raise AssertionError(f"no module {module}")
+
+
+def test_the_retry_engine_finds_its_gate_in_the_core_not_in_a_budget() -> None:
+    from datapunk_recovery import budget, policy
+
+    assert "datapunk_recovery.budget" not in _imports_of("datapunk_recovery.engine")
+    assert "datapunk_recovery.budget" not in _imports_of("datapunk_recovery.hedging")
+    assert budget.RetryGate is policy.RetryGate  # the documented path keeps working
+    assert isinstance(budget.TokenBudget(), policy.RetryGate)

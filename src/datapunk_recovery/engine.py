@@ -28,7 +28,6 @@ from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 from . import _runtime, clock
 from ._context import CURRENT, REPORTING
 from .backoff import RetryConfig, server_delay
-from .budget import RetryGate
 from .errors import (
     DeadlineExceeded,
     ErrorCategory,
@@ -49,7 +48,7 @@ from .events import (
     emit,
     global_bus,
 )
-from .policy import RetryPolicy
+from .policy import RetryGate, RetryPolicy
 from .redact import redact_text, safe_repr
 from .stats import OperationStats, Statistics
 

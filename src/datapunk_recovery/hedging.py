@@ -44,9 +44,9 @@ from typing import Any, ClassVar, ParamSpec, TypeVar, cast
 from . import _runtime, clock
 from ._context import CURRENT, RACE, RaceEntry, reported_outside
 from ._validate import check_count, check_fraction, check_seconds
-from .budget import RetryGate
 from .errors import classify, final_reason
 from .events import Event, EventBus, emit, global_bus
+from .policy import RetryGate
 
 __all__ = [
     "HedgeConfig",

@@ -51,14 +51,13 @@ from ._context import CURRENT, REPORTING
 from ._validate import check_seconds
 from .adaptive import AIMD, AdaptiveLimiter, Gradient
 from .backoff import RetryConfig
-from .budget import RetryGate
 from .bulkhead import Bulkhead, BulkheadConfig
 from .deadline import Deadline
 from .engine import On, ResultPredicate, Retried, retry
 from .events import Event, EventBus, emit, global_bus
 from .fallback import Fallback
 from .hedging import HedgeConfig, Hedger, is_idempotent
-from .policy import RetryPolicy
+from .policy import RetryGate, RetryPolicy
 from .ratelimit import RateLimiter, RateLimiterConfig
 from .stats import Statistics, count_value
 from .timeout import AttemptTimeout
