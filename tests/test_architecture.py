@@ -29,11 +29,6 @@ KNOWN: dict[tuple[str, str, str], str] = {
         "datapunk_recovery.errors",
         "_rules",
     ): "the test fixture saves and restores the classifier's user rules; needs an errors seam",
-    (
-        "datapunk_recovery.database.sqlite",
-        "datapunk_recovery.database.transaction",
-        "_not_committed",
-    ): "goes with the pool/transaction circle (the next change)",
 }
 
 #: Private attributes read on objects of another module (``thing._x`` where
@@ -41,7 +36,6 @@ KNOWN: dict[tuple[str, str, str], str] = {
 #: ``"*"`` allows the name in every module.
 KNOWN_ATTRIBUTES: dict[tuple[str, str], str] = {
     ("*", "_subscribers"): "EventBus's cheap listening check; the events helper reworks it now",
-    ("datapunk_recovery.database.transaction", "_driver"): "goes with the pool circle",
     ("datapunk_recovery.cli", "_run"): "an argparse namespace attribute the cli sets itself",
     ("datapunk_recovery.registry", "_core"): "the breaker's state machine; breaker.py is busy",
     ("datapunk_recovery.stores.redis", "_core"): "the shared breaker link; stores/ is busy",
@@ -200,3 +194,83 @@ def test_the_retry_engine_finds_its_gate_in_the_core_not_in_a_budget() -> None:
     assert "datapunk_recovery.budget" not in _imports_of("datapunk_recovery.hedging")
     assert budget.RetryGate is policy.RetryGate  # the documented path keeps working
     assert isinstance(budget.TokenBudget(), policy.RetryGate)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Package module -> the package modules it imports (in functions and TYPE_CHECKING too)."""
+    sources = _sources()
+    modules = {name for name, _, _ in sources}
+    graph: dict[str, set[str]] = {}
+    for here, is_package, tree in sources:
+        edges: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                source = _resolve(here, is_package, node.level, node.module)
+                for alias in node.names:
+                    sub = f"{source}.{alias.name}"
+                    edges.add(sub if sub in modules else source)
+            elif isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names)
+        graph[here] = {m for m in edges if m in modules and m != here}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> set[frozenset[str]]:
+    """The strongly connected groups of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: set[frozenset[str]] = set()
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.add(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.add(frozenset(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def test_the_database_pool_and_transaction_import_no_circle() -> None:
+    graph = _import_graph()
+    pool, transaction = "datapunk_recovery.database.pool", "datapunk_recovery.database.transaction"
+    assert transaction in {m for m in graph if pool in graph[m]}  # the face uses the pool
+    assert transaction not in graph[pool]
+    assert not [g for g in _cycles(graph) if pool in g or transaction in g]
+
+
+#: Import circles still in the code (a deferred or TYPE_CHECKING import counts), each
+#: with why.  A new circle fails; so does a listed one that has gone.
+KNOWN_CYCLES: dict[frozenset[str], str] = {
+    frozenset({"datapunk_recovery.breaker", "datapunk_recovery.stores"}): (
+        "the shared breaker link; the store helper reworks stores/ this session"
+    ),
+    frozenset({"datapunk_recovery.simulate.peers", "datapunk_recovery.simulate.policies"}): (
+        "the named peer policies are looked up by the policy reader; the layout work splits them"
+    ),
+}
+
+
+def test_no_new_import_circle_appears_anywhere_in_the_package() -> None:
+    cycles = _cycles(_import_graph())
+    assert not sorted(map(sorted, cycles - KNOWN_CYCLES.keys())), "new import circle"
+    assert not sorted(map(sorted, KNOWN_CYCLES.keys() - cycles)), "a listed circle has gone"
