@@ -1,4 +1,4 @@
-"""Sleeping and timing out, for threads, asyncio and trio: the only place that waits.
+"""Sleeping, waiting and spawning for threads, asyncio and trio: the only place that waits.
 
 Rules kept here once for the whole execution layer:
 
@@ -14,20 +14,27 @@ it was imported, asyncio otherwise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import Any, TypeVar
 
 from . import clock
 
 __all__ = [
+    "CancelAfter",
+    "TaskSignal",
     "async_library",
     "call_within",
     "run_in_thread",
     "set_instant",
+    "shielded",
     "sleep_async",
     "sleep_sync",
+    "task_signal",
 ]
 
 T = TypeVar("T")
@@ -119,3 +126,160 @@ async def run_in_thread(fn: Callable[..., T], *args: Any) -> T:
 
         return await trio.to_thread.run_sync(fn, *args)
     return await asyncio.to_thread(fn, *args)
+
+
+# ---------------------------------------------------------------------------
+# Waiting for another thread or task, cancelling a block at a time, running
+# work to its end through a cancellation, and racing tasks: one home for the
+# asyncio / trio differences, so the primitives above need neither library.
+
+
+class TaskSignal:
+    """A one-shot wake-up for the task that made it, settable from any thread.
+
+    Made inside the task that will wait (``task_signal()``); ``set()`` may be
+    called from that task, another task or another thread, and more than once.
+    """
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        raise NotImplementedError
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds; whether the signal was set."""
+        raise NotImplementedError
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _AsyncioSignal(TaskSignal):
+    __slots__ = ("fut", "loop", "thread")
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.fut: asyncio.Future[None] = self.loop.create_future()
+        self.thread = threading.get_ident()
+
+    def set(self) -> None:
+        if threading.get_ident() == self.thread:
+            _resolve(self.fut)
+        else:
+            # A closed loop raises RuntimeError: nobody waits there any more.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(_resolve, self.fut)
+
+    async def wait(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self.fut
+        except TimeoutError:
+            return False
+        return True
+
+
+class _TrioSignal(TaskSignal):
+    __slots__ = ("event", "thread", "token")
+
+    def __init__(self) -> None:
+        import trio
+
+        self.event = trio.Event()
+        self.token = trio.lowlevel.current_trio_token()
+        self.thread = threading.get_ident()
+
+    def set(self) -> None:
+        if threading.get_ident() == self.thread:
+            self.event.set()
+        else:
+            # An ended run raises RuntimeError: nobody waits there any more.
+            with contextlib.suppress(RuntimeError):
+                self.token.run_sync_soon(self.event.set)
+
+    async def wait(self, timeout: float) -> bool:
+        import trio
+
+        with trio.move_on_after(timeout):
+            await self.event.wait()
+            return True
+        return False
+
+
+def task_signal() -> TaskSignal:
+    """A `TaskSignal` for the running asyncio or trio task."""
+    return _TrioSignal() if async_library() == "trio" else _AsyncioSignal()
+
+
+class CancelAfter:
+    """``async with CancelAfter(seconds):`` cancels the block when ``seconds`` pass.
+
+    On exit, ``expired`` says whether this scope cancelled the block (the
+    cancellation it caused is then swallowed, and ``cause`` is the error that
+    carried it, for chaining); a cancellation from outside, or a
+    ``TimeoutError`` the block raised itself, passes through untouched.
+    """
+
+    __slots__ = ("_scope", "cause", "expired", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = max(seconds, 0.0)
+        self.expired = False
+        self.cause: BaseException | None = None
+        self._scope: Any = None
+
+    async def __aenter__(self) -> CancelAfter:
+        scope: Any
+        if async_library() == "trio":
+            import trio
+
+            scope = trio.CancelScope(deadline=trio.current_time() + self.seconds)
+            scope.__enter__()
+        else:
+            loop = asyncio.get_running_loop()
+            scope = asyncio.timeout_at(loop.time() + self.seconds)
+            await scope.__aenter__()
+        self._scope = scope
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        scope, self._scope = self._scope, None
+        if isinstance(scope, asyncio.Timeout):
+            try:
+                await scope.__aexit__(et, exc, tb)
+            except TimeoutError as timeout:
+                if not scope.expired():
+                    raise
+                self.expired, self.cause = True, timeout
+                return True
+            return False
+        swallowed = bool(scope.__exit__(et, exc, tb))
+        if scope.cancelled_caught:
+            self.expired, self.cause = True, exc
+        return swallowed
+
+
+async def shielded(work: Awaitable[T]) -> tuple[T, bool]:
+    """Run ``work`` to the end even if the task is cancelled meanwhile.
+
+    Returns its result and whether a cancellation arrived while it ran (which
+    the caller must then re-raise).  ``work`` must bound itself in time.
+    """
+    if async_library() == "trio":
+        import trio
+
+        with trio.CancelScope(shield=True):
+            return await work, False
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            return await asyncio.shield(task), cancelled
+        except asyncio.CancelledError:
+            if task.done():  # the work itself was cancelled (loop shutting down)
+                raise
+            cancelled = True
