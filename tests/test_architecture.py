@@ -274,3 +274,58 @@ def test_no_new_import_circle_appears_anywhere_in_the_package() -> None:
     cycles = _cycles(_import_graph())
     assert not sorted(map(sorted, cycles - KNOWN_CYCLES.keys())), "new import circle"
     assert not sorted(map(sorted, KNOWN_CYCLES.keys() - cycles)), "a listed circle has gone"
+
+
+#: What spawns a task or waits on asyncio / trio directly (the execution layer's job).
+_WAITING = {
+    "asyncio": {
+        "Event",
+        "Queue",
+        "TaskGroup",
+        "create_task",
+        "ensure_future",
+        "gather",
+        "get_running_loop",
+        "shield",
+        "sleep",
+        "timeout",
+        "timeout_at",
+        "wait",
+        "wait_for",
+    },
+    "trio": {
+        "CancelScope",
+        "Event",
+        "fail_after",
+        "lowlevel",
+        "move_on_after",
+        "open_memory_channel",
+        "open_nursery",
+        "sleep",
+    },
+}
+
+#: Modules that still wait on a library themselves, each with why.
+KNOWN_WAITING: dict[str, str] = {
+    "datapunk_recovery._runtime": "the execution layer: the one place that should",
+    "datapunk_recovery.stores.redis": "stores/ is the store helper's this session",
+    "datapunk_recovery.stores.budget_redis": "stores/ is the store helper's this session",
+    "datapunk_recovery.cache.recovering": "its single-flight event; perf owns that hot path now",
+    "datapunk_recovery.demo.drill": "the demo's own asyncio load generator (a face, asyncio only)",
+}
+
+
+def test_only_the_execution_layer_spawns_tasks_or_waits_on_asyncio_or_trio() -> None:
+    waiting: set[str] = set()
+    for here, _, tree in _sources():
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.attr in _WAITING.get(node.value.id, ())
+            ):
+                waiting.add(here)
+            elif isinstance(node, ast.Attribute) and node.attr == "create_task":
+                waiting.add(here)  # loop.create_task(...)
+    assert sorted(waiting - KNOWN_WAITING.keys()) == [], "wait through datapunk_recovery._runtime"
+    assert sorted(KNOWN_WAITING.keys() - waiting) == [], "a listed module no longer waits itself"

@@ -15,25 +15,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from . import clock
 
 __all__ = [
     "CancelAfter",
+    "RaceGroup",
+    "TaskEvent",
     "TaskSignal",
     "async_library",
     "call_within",
+    "race_group",
     "run_in_thread",
     "set_instant",
     "shielded",
     "sleep_async",
     "sleep_sync",
+    "task_event",
     "task_signal",
 ]
 
@@ -283,3 +288,142 @@ async def shielded(work: Awaitable[T]) -> tuple[T, bool]:
             if task.done():  # the work itself was cancelled (loop shutting down)
                 raise
             cancelled = True
+
+
+class RaceGroup(Generic[T]):
+    """Tasks started together whose results are taken as they finish (``race_group()``).
+
+    ``start(fn, *args)`` runs ``await fn(*args)`` in a task of its own (with a
+    copy of the current context); ``await next(timeout)`` is the next result
+    to finish, or ``None`` when ``timeout`` seconds (``None``: no bound) pass
+    first; ``next_nowait()`` is one already finished, or ``None``.  Leaving the
+    group cancels the tasks still running and waits for them.  The tasks
+    should return their outcome rather than raise: raise nothing from inside
+    the ``async with`` block either (under trio it is a nursery), carry the
+    outcome out instead.
+    """
+
+    __slots__ = ()
+
+    def start(self, fn: Callable[..., Awaitable[T]], *args: Any) -> None:
+        raise NotImplementedError
+
+    async def next(self, timeout: float | None) -> T | None:
+        raise NotImplementedError
+
+    def next_nowait(self) -> T | None:
+        raise NotImplementedError
+
+
+class _AsyncioRace(RaceGroup[T]):
+    __slots__ = ("_done", "_loop", "_tasks")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[T]] = set()
+        self._done: asyncio.Queue[asyncio.Task[T]] = asyncio.Queue()
+
+    def start(self, fn: Callable[..., Awaitable[T]], *args: Any) -> None:
+        async def run() -> T:
+            return await fn(*args)
+
+        task = self._loop.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[T]) -> None:
+        if not task.cancelled():
+            self._done.put_nowait(task)
+
+    def _taken(self, task: asyncio.Task[T]) -> T:
+        self._tasks.discard(task)
+        return task.result()
+
+    async def next(self, timeout: float | None) -> T | None:
+        try:
+            async with asyncio.timeout(timeout):
+                task = await self._done.get()
+        except TimeoutError:
+            return None
+        return self._taken(task)
+
+    def next_nowait(self) -> T | None:
+        try:
+            task = self._done.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        return self._taken(task)
+
+    async def close(self) -> None:
+        pending = [task for task in self._tasks if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+
+class _TrioRace(RaceGroup[T]):
+    __slots__ = ("_nursery", "_receive", "_send")
+
+    def __init__(self, nursery: Any) -> None:
+        import trio
+
+        self._nursery = nursery
+        self._send, self._receive = trio.open_memory_channel[T](math.inf)
+
+    def start(self, fn: Callable[..., Awaitable[T]], *args: Any) -> None:
+        async def run() -> None:
+            self._send.send_nowait(await fn(*args))
+
+        self._nursery.start_soon(run)
+
+    async def next(self, timeout: float | None) -> T | None:
+        import trio
+
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            return await self._receive.receive()
+        return None
+
+    def next_nowait(self) -> T | None:
+        import trio
+
+        try:
+            return self._receive.receive_nowait()
+        except trio.WouldBlock:
+            return None
+
+
+@contextlib.asynccontextmanager
+async def race_group() -> AsyncIterator[RaceGroup[Any]]:
+    """A `RaceGroup` for the running asyncio or trio task."""
+    if async_library() == "trio":
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            yield _TrioRace(nursery)
+            nursery.cancel_scope.cancel()
+        return
+    group: _AsyncioRace[Any] = _AsyncioRace()
+    try:
+        yield group
+    finally:
+        await group.close()
+
+
+class TaskEvent(Protocol):
+    """A same-thread event of the running async library (``asyncio.Event`` / ``trio.Event``)."""
+
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> Any: ...
+
+
+def task_event() -> TaskEvent:
+    """A new `TaskEvent` for the running asyncio or trio task (set and awaited in one thread)."""
+    if async_library() == "trio":
+        import trio
+
+        return cast(TaskEvent, trio.Event())
+    return asyncio.Event()
