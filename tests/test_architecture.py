@@ -329,3 +329,22 @@ def test_only_the_execution_layer_spawns_tasks_or_waits_on_asyncio_or_trio() -> 
                 waiting.add(here)  # loop.create_task(...)
     assert sorted(waiting - KNOWN_WAITING.keys()) == [], "wait through datapunk_recovery._runtime"
     assert sorted(KNOWN_WAITING.keys() - waiting) == [], "a listed module no longer waits itself"
+
+
+def test_every_top_level_module_sits_in_one_import_linter_layer() -> None:
+    """A new module must be placed in a layer, or lint-imports would not check it."""
+    import tomllib
+
+    config = tomllib.loads((SRC.parent / "pyproject.toml").read_text("utf-8"))
+    (layers,) = [c for c in config["tool"]["importlinter"]["contracts"] if c["type"] == "layers"]
+    placed = [
+        name.strip() for layer in layers["layers"] for name in layer.replace("|", ":").split(":")
+    ]
+    top = {
+        path.stem if path.is_file() else path.name
+        for path in (SRC / PACKAGE).iterdir()
+        if (path.suffix == ".py" and path.stem != "__init__") or (path / "__init__.py").exists()
+    }
+    assert sorted(placed) == sorted(set(placed)), "a module sits in two layers"
+    assert sorted(top - set(placed)) == [], "modules in no layer"
+    assert sorted(set(placed) - top) == [], "layers name modules that do not exist"
