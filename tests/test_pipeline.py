@@ -310,7 +310,7 @@ async def test_cancellation_passes_through_every_stage_and_frees_everything() ->
     breaker = CircuitBreaker("dep", BreakerConfig(consecutive_failures=1))
     bulkhead = Bulkhead("dep", BulkheadConfig(max_concurrent=1))
     pipeline = full_pipeline(bulkhead=bulkhead, budget=budget, breaker=breaker)
-    adaptive = pipeline.stage("adaptive").limiter  # type: ignore[attr-defined]
+    adaptive = pipeline.stage("adaptive").limiter  # type: ignore[union-attr]
     attempts = 0
 
     async def hang() -> None:
