@@ -18,7 +18,9 @@ at a ``rate`` (the fraction of calls, drawn from a seeded RNG), and a
 [`Window`][datapunk_recovery.chaos.Window]\\ s of faults over time, read
 against [`datapunk_recovery.clock.now()`][datapunk_recovery.clock.now] (so a fake clock scripts them
 deterministically).  Every injector decorates sync and async functions (the
-signature is kept), and offers [`call()`][datapunk_recovery.chaos.Injector.call] for one-off calls.
+signature is kept), and offers [`call()`][datapunk_recovery.chaos.Injector.call] /
+[`call_async()`][datapunk_recovery.chaos.Injector.call_async] for one-off calls (``acall()``
+is the former name of ``call_async()``, still working).
 
 Each injector has its own switch ([`enable()`][datapunk_recovery.chaos.Injector.enable] /
 [`disable()`][datapunk_recovery.chaos.Injector.disable], flipped at run time), and
