@@ -81,3 +81,20 @@ async def test_a_race_group_hands_over_results_and_cancels_what_still_runs() -> 
         assert group.next_nowait() is None
         assert await group.next(0.0) is None  # the stuck one never answers
     assert cancelled == [True]  # leaving the group cancelled it and waited for it
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_asyncio_race_task_that_cancels_itself_is_not_waited_for_forever() -> None:
+    import asyncio
+
+    async def gives_up() -> int:
+        raise asyncio.CancelledError  # cancelled from inside, nobody cancelled the group
+
+    async def race() -> int | None:
+        async with _runtime.race_group() as group:
+            group.start(gives_up)
+            return await group.next(None)  # unbounded: only the hand-over ends it
+
+    with pytest.raises(asyncio.CancelledError):
+        await race()

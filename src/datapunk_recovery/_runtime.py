@@ -316,9 +316,10 @@ class RaceGroup(Generic[T]):
 
 
 class _AsyncioRace(RaceGroup[T]):
-    __slots__ = ("_done", "_loop", "_tasks")
+    __slots__ = ("_closing", "_done", "_loop", "_tasks")
 
     def __init__(self) -> None:
+        self._closing = False
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[T]] = set()
         self._done: asyncio.Queue[asyncio.Task[T]] = asyncio.Queue()
@@ -332,7 +333,9 @@ class _AsyncioRace(RaceGroup[T]):
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[T]) -> None:
-        if not task.cancelled():
+        # A task that ended cancelled before the group closed is handed over
+        # too: taking it re-raises its CancelledError, as awaiting it would.
+        if not self._closing:
             self._done.put_nowait(task)
 
     def _taken(self, task: asyncio.Task[T]) -> T:
@@ -355,6 +358,7 @@ class _AsyncioRace(RaceGroup[T]):
         return self._taken(task)
 
     async def close(self) -> None:
+        self._closing = True
         pending = [task for task in self._tasks if not task.done()]
         for task in pending:
             task.cancel()
