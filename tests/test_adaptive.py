@@ -10,7 +10,7 @@ import pytest
 
 from datapunk_recovery import events
 from datapunk_recovery.adaptive import AIMD, AdaptiveLimiter, Gradient, LimitChanged
-from datapunk_recovery.bulkhead import BulkheadFull, BulkheadState, _Slots
+from datapunk_recovery.bulkhead import BulkheadFull, BulkheadState, SlotPool
 from datapunk_recovery.errors import OverloadedError
 
 
@@ -183,7 +183,7 @@ def test_two_limit_changes_reach_the_pool_in_the_order_they_were_made() -> None:
     second_done = threading.Event()
     calls: list[int] = []
 
-    class SlowSlots(_Slots):
+    class SlowSlots(SlotPool):
         __slots__ = ()
 
         def set_limit(self, limit: int) -> None:

@@ -270,6 +270,25 @@ def test_the_decorator_keeps_name_signature_and_kind() -> None:
     assert wrapped.chaos is injector  # type: ignore[attr-defined]
 
 
+def test_the_wrappers_are_plain_closures_and_no_code_is_generated() -> None:
+    injector = chaos.Chaos(chaos.Outcome(0), enabled=False)
+    for fn in (_double, _adouble, _positional_only, _keyword_only):
+        wrapped = injector(fn)
+        assert wrapped.__code__.co_filename == chaos.__file__
+        assert wrapped.__wrapped__ is fn  # type: ignore[attr-defined]
+        assert inspect.signature(wrapped) == inspect.signature(fn)
+    source = inspect.getsource(chaos)
+    assert "exec(" not in source and "compile(" not in source
+
+
+@pytest.mark.anyio
+async def test_acall_is_the_former_name_of_call_async() -> None:
+    injector = chaos.Chaos(chaos.Outcome(9))
+    assert chaos.Injector.acall is chaos.Injector.call_async
+    assert await injector.acall(_adouble, 1) == 9
+    assert injector.statistics().injected == 1
+
+
 def test_methods_are_decorated_like_functions() -> None:
     injector = chaos.Chaos(chaos.Behaviour(lambda self, x: -x), enabled=False)
 
@@ -340,8 +359,8 @@ async def test_async_calls_get_every_kind() -> None:
     async def aslow(x: int) -> int:
         return x + 100
 
-    assert await chaos.Chaos(chaos.Behaviour(aslow)).acall(_adouble, 1) == 101
-    assert await chaos.Chaos(chaos.Behaviour(lambda x: x - 1)).acall(_adouble, 1) == 0
+    assert await chaos.Chaos(chaos.Behaviour(aslow)).call_async(_adouble, 1) == 101
+    assert await chaos.Chaos(chaos.Behaviour(lambda x: x - 1)).call_async(_adouble, 1) == 0
     with fake_clock() as clock:
         assert await chaos.Chaos(chaos.Latency(1.5))(_adouble)(4) == 8
     assert clock.slept == [1.5]

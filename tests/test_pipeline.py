@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -19,9 +20,11 @@ from datapunk_recovery.errors import CircuitOpenError, DeadlineExceeded
 from datapunk_recovery.fallback import Fallback, FallbackUsed
 from datapunk_recovery.hedging import HedgeConfig, HedgeStarted
 from datapunk_recovery.pipeline import (
+    ARun,
     BulkheadStage,
     Pipeline,
     RetryStage,
+    Run,
     StageEntered,
 )
 from datapunk_recovery.ratelimit import RateLimiter, RateLimiterConfig
@@ -122,6 +125,51 @@ def test_users_may_build_other_orders(seen: list[events.Event]) -> None:
     assert stages_entered(seen) == ["retry"] + ["bulkhead"] * 3  # a slot per attempt
     with pytest.raises(TypeError, match=r"Pipeline\.of: expected stages"):
         Pipeline.of("dep", [object()])  # type: ignore[list-item]
+
+
+class _Doubling:
+    """A user's stage with the current names: it doubles the call's result."""
+
+    name = "doubling"
+
+    def wrap(self, nxt: Run) -> Run:
+        return lambda fn, args, kwargs: 2 * nxt(fn, args, kwargs)
+
+    def wrap_async(self, nxt: ARun) -> ARun:
+        async def run(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            return 2 * await nxt(fn, args, kwargs)
+
+        return run
+
+
+class _OldDoubling:
+    """The same stage written for an older release: ``sync()`` / ``asyn()``."""
+
+    name = "old-doubling"
+
+    def sync(self, nxt: Run) -> Run:
+        return _Doubling().wrap(nxt)
+
+    def asyn(self, nxt: ARun) -> ARun:
+        return _Doubling().wrap_async(nxt)
+
+
+@pytest.mark.anyio
+async def test_stages_with_the_twin_names_and_with_the_former_names_both_run() -> None:
+    pipeline = Pipeline.of("dep", [_Doubling(), _OldDoubling(), RetryStage(QUICK)])
+    assert pipeline.call(lambda x: x, 3) == 12
+
+    async def identity(x: int) -> int:
+        return x
+
+    assert await pipeline.call_async(identity, 3) == 12
+
+
+def test_the_library_stages_still_answer_to_the_former_names() -> None:
+    stage = RetryStage(QUICK)
+    run = stage.sync(lambda fn, args, kwargs: fn(*args, **kwargs))
+    assert run(lambda x: x + 1, (1,), {}) == 2
+    assert callable(stage.asyn) and callable(stage.wrap_async)
 
 
 # ---------------------------------------------------------------------------
@@ -262,7 +310,7 @@ async def test_cancellation_passes_through_every_stage_and_frees_everything() ->
     breaker = CircuitBreaker("dep", BreakerConfig(consecutive_failures=1))
     bulkhead = Bulkhead("dep", BulkheadConfig(max_concurrent=1))
     pipeline = full_pipeline(bulkhead=bulkhead, budget=budget, breaker=breaker)
-    adaptive = pipeline.stage("adaptive").limiter  # type: ignore[attr-defined]
+    adaptive = pipeline.stage("adaptive").limiter  # type: ignore[union-attr]
     attempts = 0
 
     async def hang() -> None:

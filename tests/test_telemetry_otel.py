@@ -173,7 +173,12 @@ def test_no_span_events_when_asked_for_none(
 
 def test_without_an_sdk_every_instrument_is_a_no_op() -> None:
     # The API alone hands out no-op instruments and a non-recording span.
-    exporter = OpenTelemetryExporter()
+    from opentelemetry import metrics, trace
+
+    exporter = OpenTelemetryExporter(meter_provider=metrics.NoOpMeterProvider())
+    instruments = {type(record.__self__) for record in exporter._record.values()}
+    assert instruments == {metrics.NoOpCounter, metrics.NoOpHistogram}
+    assert not trace.get_current_span().is_recording()  # span events have nowhere to go
     exporter(
         GaveUp(
             operation="op",
@@ -185,6 +190,7 @@ def test_without_an_sdk_every_instrument_is_a_no_op() -> None:
         )
     )
     exporter(AttemptFinished(operation="op", at=0.0, attempt=1, duration=0.1, succeeded=True))
+    assert not trace.get_current_span().is_recording()  # the events left no span behind
 
 
 def test_gauges_report_the_last_value_and_the_current_state(

@@ -15,6 +15,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 
 __all__ = [
+    "CALLER",
     "CURRENT",
     "RACE",
     "REPORTING",
@@ -27,6 +28,12 @@ __all__ = [
 CallContext = tuple[float | None, int]
 
 CURRENT: ContextVar[CallContext | None] = ContextVar("datapunk_recovery_call", default=None)
+
+#: Who the calls made now count against (``None``: nobody in particular), set
+#: by ``bulkhead.as_caller()`` and read by every primitive with per-caller
+#: quotas (bulkheads, adaptive limiters, rate limiters, pipeline stages), so
+#: that none of them has to reach into another for it.
+CALLER: ContextVar[str | None] = ContextVar("datapunk_recovery_caller", default=None)
 
 #: The retry budgets whose attempts an enclosing layer already reports (the
 #: retry engine reports each of its attempts, whole hedged races included).

@@ -43,9 +43,10 @@ from dataclasses import dataclass
 from typing import ClassVar, ParamSpec, TypeVar
 
 from . import clock
+from ._context import CALLER as _CALLER
 from ._decorate import CallDecorator
 from ._validate import check_count, check_fraction, check_number, check_seconds
-from .bulkhead import _CALLER, BulkheadState, _Slots
+from .bulkhead import BulkheadState, SlotPool
 from .errors import ErrorCategory, classify
 from .events import Event, EventBus, emit, global_bus
 
@@ -301,7 +302,7 @@ class AdaptiveLimiter(CallDecorator):
         self.bus = bus if bus is not None else EventBus()
         self._estimate = float(algorithm.initial)
         self._limit = algorithm.initial
-        self._slots = _Slots(
+        self._slots = SlotPool(
             name, algorithm.initial, max_queue, max_wait, per_caller, self.bus, "adaptive limiter"
         )
         self._lock = threading.Lock()

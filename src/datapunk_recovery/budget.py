@@ -43,11 +43,15 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar
 
 from . import clock
 from ._validate import check_count, check_fraction, check_number, check_seconds
 from .events import Event, EventBus, emit, listening
+
+# The protocol lives with the retry policy (core), where the engine finds it;
+# ``budget.RetryGate`` stays its documented path.
+from .policy import RetryGate
 
 __all__ = [
     "BudgetCorruptStateIgnored",
@@ -63,17 +67,6 @@ __all__ = [
     "criticality",
     "current_criticality",
 ]
-
-
-@runtime_checkable
-class RetryGate(Protocol):
-    """What the retry engine needs from a budget."""
-
-    def on_attempt(self, succeeded: bool) -> None:
-        """Record the outcome of one attempt (first attempts included)."""
-
-    def allow_retry(self) -> bool:
-        """Spend what a retry costs and say whether it may happen."""
 
 
 class Criticality(IntEnum):

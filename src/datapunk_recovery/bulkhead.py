@@ -29,18 +29,16 @@ overload only adds to the overload, so no outer retry layer retries it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
 from typing import ClassVar, ParamSpec, TypeVar
 
 from . import _runtime, clock
+from ._context import CALLER as _CALLER
 from ._context import CURRENT
 from ._decorate import CallDecorator
 from ._validate import check_count, check_seconds
@@ -62,8 +60,6 @@ __all__ = [
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-_CALLER: ContextVar[str | None] = ContextVar("datapunk_recovery_caller", default=None)
 
 
 @contextmanager
@@ -209,55 +205,31 @@ class _ThreadWaiter(_Waiter):
         self.event.set()
 
 
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+class _TaskWaiter(_Waiter):
+    """A queued asyncio or trio task; woken through the execution layer's signal."""
 
-
-class _AsyncioWaiter(_Waiter):
-    __slots__ = ("fut", "loop", "thread")
+    __slots__ = ("signal",)
 
     def __init__(self, caller: str | None) -> None:
         super().__init__(caller)
-        self.loop = asyncio.get_running_loop()
-        self.fut: asyncio.Future[None] = self.loop.create_future()
-        self.thread = threading.get_ident()
+        self.signal = _runtime.task_signal()
 
     def wake(self) -> None:
-        if threading.get_ident() == self.thread:
-            _resolve(self.fut)
-        else:
-            # A closed loop raises RuntimeError: nobody waits there any more.
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(_resolve, self.fut)
-
-
-class _TrioWaiter(_Waiter):
-    __slots__ = ("event", "thread", "token")
-
-    def __init__(self, caller: str | None) -> None:
-        import trio
-
-        super().__init__(caller)
-        self.event = trio.Event()
-        self.token = trio.lowlevel.current_trio_token()
-        self.thread = threading.get_ident()
-
-    def wake(self) -> None:
-        if threading.get_ident() == self.thread:
-            self.event.set()
-        else:
-            # An ended run raises RuntimeError: nobody waits there any more.
-            with contextlib.suppress(RuntimeError):
-                self.token.run_sync_soon(self.event.set)
+        self.signal.set()
 
 
 # ---------------------------------------------------------------------------
 # The slot pool shared by Bulkhead and the adaptive limiter.
 
 
-class _Slots:
-    """Counts slots under one lock and queues waiters; limit may change at run time."""
+class SlotPool:
+    """Counts slots under one lock and queues waiters; limit may change at run time.
+
+    The pool behind a [`Bulkhead`][datapunk_recovery.bulkhead.Bulkhead] and an
+    adaptive limiter, and what a pipeline stage holds around its call
+    (``Bulkhead.slots``).  ``acquire(caller)`` / ``await acquire_async(caller)``
+    take a slot (or raise ``BulkheadFull``), ``release(caller)`` gives it back.
+    """
 
     __slots__ = (
         "_held",
@@ -526,15 +498,11 @@ class _Slots:
             self._admitted(None)
             return
         bound, by_deadline = self._wait_bound()
-        trio_task = _runtime.async_library() == "trio"
-        waiter: _Waiter = _TrioWaiter(caller) if trio_task else _AsyncioWaiter(caller)
+        waiter = _TaskWaiter(caller)
         start = clock.now()
         if not self._queue_up(caller, waiter):
             try:
-                if trio_task:
-                    woken = await _wait_trio(waiter, bound)
-                else:
-                    woken = await _wait_asyncio(waiter, bound)
+                woken = await waiter.signal.wait(bound)
             except BaseException:
                 self._abandon(waiter)
                 raise
@@ -549,26 +517,6 @@ class _Refused(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         self.reason = reason
         self.detail = detail
-
-
-async def _wait_asyncio(waiter: _Waiter, bound: float) -> bool:
-    assert isinstance(waiter, _AsyncioWaiter)
-    try:
-        async with asyncio.timeout(bound):
-            await waiter.fut
-    except TimeoutError:
-        return False
-    return True
-
-
-async def _wait_trio(waiter: _Waiter, bound: float) -> bool:
-    import trio
-
-    assert isinstance(waiter, _TrioWaiter)
-    with trio.move_on_after(bound):
-        await waiter.event.wait()
-        return True
-    return False
 
 
 # ---------------------------------------------------------------------------
@@ -598,7 +546,7 @@ class Bulkhead(CallDecorator):
             raise TypeError(f"Bulkhead.config: expected a BulkheadConfig, got {config!r}")
         #: Where this bulkhead's events go first (then the global bus).
         self.bus = bus if bus is not None else EventBus()
-        self._slots = _Slots(
+        self._slots = SlotPool(
             name,
             config.max_concurrent,
             config.max_queue,
@@ -610,6 +558,11 @@ class Bulkhead(CallDecorator):
     def state(self) -> BulkheadState:
         """Calls running and waiting now."""
         return self._slots.state()
+
+    @property
+    def slots(self) -> SlotPool:
+        """The slot pool, for a layer that holds a slot around its own call (a pipeline stage)."""
+        return self._slots
 
     def reconfigure(self, config: BulkheadConfig) -> None:
         """Take ``config`` while calls run, keeping every slot held and every place queued.

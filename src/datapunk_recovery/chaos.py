@@ -18,7 +18,9 @@ at a ``rate`` (the fraction of calls, drawn from a seeded RNG), and a
 [`Window`][datapunk_recovery.chaos.Window]\\ s of faults over time, read
 against [`datapunk_recovery.clock.now()`][datapunk_recovery.clock.now] (so a fake clock scripts them
 deterministically).  Every injector decorates sync and async functions (the
-signature is kept), and offers [`call()`][datapunk_recovery.chaos.Injector.call] for one-off calls.
+signature is kept), and offers [`call()`][datapunk_recovery.chaos.Injector.call] /
+[`call_async()`][datapunk_recovery.chaos.Injector.call_async] for one-off calls (``acall()``
+is the former name of ``call_async()``, still working).
 
 Each injector has its own switch ([`enable()`][datapunk_recovery.chaos.Injector.enable] /
 [`disable()`][datapunk_recovery.chaos.Injector.disable], flipped at run time), and
@@ -51,16 +53,15 @@ import itertools
 import logging
 import os
 import random
-import types
 import warnings
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, ParamSpec, TypeVar, cast
 
 from . import _runtime, clock
 from ._validate import check_fraction, check_number, check_seconds
 from .events import Event, EventBus, emit, global_bus
-from .pipeline import ARun, Run
+from .pipeline import ARun, Run, StageAliases
 from .stats import count_value
 
 __all__ = [
@@ -443,11 +444,24 @@ class Injector:
         return exc
 
     def _apply_sync(
-        self, fn: Callable[..., R], args: Any, kwargs: Any, nxt: Run | None = None
+        self,
+        fn: Callable[..., R],
+        args: Any,
+        kwargs: Any,
+        nxt: Run | None = None,
+        check: Callable[..., object] | None = None,
     ) -> R:
-        """Apply what `_pick()` chose, then call ``fn`` (through ``nxt``, in a pipeline)."""
+        """Apply what `_pick()` chose, then call ``fn`` (through ``nxt``, in a pipeline).
+
+        ``check(*args, **kwargs)`` (a signature's ``bind``) runs first when an
+        injection is due, so a call ``fn`` would refuse is refused even when
+        the injection would not call ``fn`` at all.
+        """
+        injections = self._pick()
+        if injections and check is not None:
+            check(*args, **kwargs)
         next(self._calls)
-        for injection in self._pick():
+        for injection in injections:
             if isinstance(injection, Latency):
                 delay = injection.draw(self._rng)
                 self._record(injection, None, delay)
@@ -465,11 +479,19 @@ class Injector:
         return fn(*args, **kwargs)
 
     async def _apply_async(
-        self, fn: Callable[..., Awaitable[R]], args: Any, kwargs: Any, nxt: ARun | None = None
+        self,
+        fn: Callable[..., Awaitable[R]],
+        args: Any,
+        kwargs: Any,
+        nxt: ARun | None = None,
+        check: Callable[..., object] | None = None,
     ) -> R:
         """The async twin of `_apply_sync()`."""
+        injections = self._pick()
+        if injections and check is not None:
+            check(*args, **kwargs)
         next(self._calls)
-        for injection in self._pick():
+        for injection in injections:
             if isinstance(injection, Latency):
                 delay = injection.draw(self._rng)
                 self._record(injection, None, delay)
@@ -502,11 +524,11 @@ class Injector:
             raise TypeError(f"{self.name}: expected a callable to wrap, got {fn!r}")
         if not _ARMED:
             return fn
-        is_async = inspect.iscoroutinefunction(fn)
-        wrapper: Any = _exact_wrapper(fn, self, is_async)
-        if wrapper is None:
-            wrapper = _generic_wrapper(fn, self, is_async)
-        functools.update_wrapper(wrapper, fn)
+        wrapper: Any
+        if inspect.iscoroutinefunction(fn):
+            wrapper = _async_wrapper(cast(Callable[P, Awaitable[Any]], fn), self)
+        else:
+            wrapper = _sync_wrapper(fn, self)
         wrapper.chaos = self
         return cast(Callable[P, R], wrapper)
 
@@ -525,14 +547,20 @@ class Injector:
             return self._apply_sync(fn, args, kwargs)
         return fn(*args, **kwargs)
 
-    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Await an async ``fn`` once through this injector."""
+    async def call_async(
+        self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """Await an async ``fn`` once through this injector (the async twin of `call()`)."""
         if self._on and _GLOBAL.on:
             return await self._apply_async(fn, args, kwargs)
         return await fn(*args, **kwargs)
 
+    #: The former name of `call_async()`, kept working (the library's twins
+    #: are ``x()`` / ``x_async()``: see docs/architecture.md).
+    acall = call_async
 
-class ChaosStage:
+
+class ChaosStage(StageAliases):
     """An injector as a pipeline stage (it fits `datapunk_recovery.pipeline.Stage`).
 
     Switched off, each call costs one flag read on top of the stage's frame.
@@ -549,7 +577,7 @@ class ChaosStage:
         #: Names the stage in pipeline events.
         self.name = "chaos"
 
-    def sync(self, nxt: Run) -> Run:
+    def wrap(self, nxt: Run) -> Run:
         """The stage around ``nxt``, for sync calls (``nxt`` itself when chaos is disarmed)."""
         if not _ARMED:
             return nxt
@@ -562,7 +590,7 @@ class ChaosStage:
 
         return run
 
-    def asyn(self, nxt: ARun) -> ARun:
+    def wrap_async(self, nxt: ARun) -> ARun:
         """The stage around ``nxt``, for async calls (``nxt`` itself when chaos is disarmed)."""
         if not _ARMED:
             return nxt
@@ -577,97 +605,45 @@ class ChaosStage:
 
 
 # ---------------------------------------------------------------------------
-# Wrappers.  A switched-off injector must cost (almost) nothing, and what a
-# Python wrapper costs is mostly packing ``*args, **kwargs`` into a tuple and a
-# dict and unpacking them again (about 60 ns of the 85 ns such a wrapper adds
-# here).  So for a plain Python function the wrapper is generated with the
-# function's own parameter list, the way ``attrs`` and ``decorator`` generate
-# code: the switched-off path then passes each argument straight through.
-# Anything else (builtins, partials, callable objects, or parameter names the
-# template reserves) gets the generic wrapper.
-
-_RESERVED: Final = "_dp_chaos_"
-_TEMPLATE: Final = """
-def _dp_chaos_make(_dp_chaos_fn, _dp_chaos_inj, _dp_chaos_sw, _dp_chaos_apply):
-    {kw}def wrapper({params}):
-        if _dp_chaos_inj._on and _dp_chaos_sw.on:
-            return {aw}_dp_chaos_apply(_dp_chaos_fn, ({packed}), {{{named}}})
-        return {aw}_dp_chaos_fn({passed})
-    return wrapper
-"""
+# Wrappers: plain closures, ``functools.wraps`` for the name, the docstring
+# and ``inspect.signature`` (through ``__wrapped__``), ``ParamSpec`` so that a
+# type checker sees the decorated function's own parameters and result
+# (tests/typing/chaos.py).  Switched off, a wrapper reads two flags and calls
+# through; no code is generated at run time.
 
 
-def _exact_wrapper(fn: Callable[..., Any], injector: Injector, is_async: bool) -> Any | None:
-    """A wrapper with ``fn``'s exact parameters, or ``None`` when ``fn`` is not plain."""
-    if not isinstance(fn, types.FunctionType):
+def _binder(fn: Callable[..., Any]) -> Callable[..., object] | None:
+    """``fn``'s ``Signature.bind`` (refuses the calls ``fn`` would), or ``None`` without one."""
+    try:
+        return inspect.signature(fn).bind
+    except (TypeError, ValueError):  # some builtins have no signature
         return None
-    kinds = inspect.Parameter
-    params: list[str] = []
-    positional: list[str] = []
-    keyword: list[str] = []
-    named: list[str] = []
-    star_seen = False
-    for p in inspect.signature(fn, follow_wrapped=False).parameters.values():
-        if p.name.startswith(_RESERVED):
-            return None
-        if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD):
-            params.append(p.name)
-            positional.append(p.name)
-        elif p.kind is kinds.VAR_POSITIONAL:
-            params.append(f"*{p.name}")
-            positional.append(f"*{p.name}")
-            star_seen = True
-        elif p.kind is kinds.KEYWORD_ONLY:
-            if not star_seen:
-                params.append("*")
-                star_seen = True
-            params.append(p.name)
-            keyword.append(f"{p.name}={p.name}")
-            named.append(f"{p.name!r}: {p.name}")
-        else:  # VAR_KEYWORD
-            params.append(f"**{p.name}")
-            keyword.append(f"**{p.name}")
-            named.append(f"**{p.name}")
-    if fn.__code__.co_posonlyargcount:  # positional-only ones come first
-        params.insert(fn.__code__.co_posonlyargcount, "/")
-    source = _TEMPLATE.format(
-        kw="async " if is_async else "",
-        aw="await " if is_async else "",
-        params=", ".join(params),
-        packed="".join(f"{a}, " for a in positional),
-        named=", ".join(named),
-        passed=", ".join(positional + keyword),
-    )
-    namespace: dict[str, Any] = {}
-    exec(compile(source, f"<chaos wrapper of {fn.__qualname__}>", "exec"), namespace)
-    apply = injector._apply_async if is_async else injector._apply_sync
-    wrapper = namespace["_dp_chaos_make"](fn, injector, _GLOBAL, apply)
-    wrapper.__defaults__ = fn.__defaults__
-    wrapper.__kwdefaults__ = fn.__kwdefaults__
-    return wrapper
 
 
-def _generic_wrapper(fn: Callable[..., Any], injector: Injector, is_async: bool) -> Any:
-    """A ``*args, **kwargs`` wrapper for any callable."""
-    switch = _GLOBAL
-    if is_async:
-        afn = cast(Callable[..., Awaitable[Any]], fn)
-        apply_async = injector._apply_async
+def _sync_wrapper(fn: Callable[P, R], injector: Injector) -> Callable[P, R]:
+    switch, apply, check = _GLOBAL, injector._apply_sync, _binder(fn)
 
-        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-            if injector._on and switch.on:
-                return await apply_async(afn, args, kwargs)
-            return await afn(*args, **kwargs)
-
-        return async_wrapper
-    apply_sync = injector._apply_sync
-
-    def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         if injector._on and switch.on:
-            return apply_sync(fn, args, kwargs)
+            return apply(fn, args, kwargs, None, check)
         return fn(*args, **kwargs)
 
-    return sync_wrapper
+    return wrapper
+
+
+def _async_wrapper(
+    fn: Callable[P, Awaitable[R]], injector: Injector
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    switch, apply, check = _GLOBAL, injector._apply_async, _binder(fn)
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        if injector._on and switch.on:
+            return await apply(fn, args, kwargs, None, check)
+        return await fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _rng_of(owner: str, seed: int | None, rng: random.Random | None) -> random.Random:

@@ -23,11 +23,10 @@ A cancellation that comes from outside the block is never turned into
 
 from __future__ import annotations
 
-import asyncio
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from . import _runtime, clock
 from ._context import CURRENT, CallContext
@@ -83,7 +82,7 @@ class Deadline:
         self.at: float | None = None
         self._token: Token[CallContext | None] | None = None
         self._enforced_token: Token[float | None] | None = None
-        self._scope: Any = None
+        self._scope: _runtime.CancelAfter | None = None
 
     def _publish(self) -> float:
         if self._token is not None:
@@ -114,18 +113,9 @@ class Deadline:
         enforced = _ENFORCED.get()
         if enforced is not None and enforced <= at:
             return at  # an outer block already cancels at (or before) this deadline
-        left = max(at - clock.now(), 0.0)
-        scope: Any
+        scope = _runtime.CancelAfter(at - clock.now())
         try:
-            if _runtime.async_library() == "trio":
-                import trio
-
-                scope = trio.CancelScope(deadline=trio.current_time() + left)
-                scope.__enter__()
-            else:
-                loop = asyncio.get_running_loop()
-                scope = asyncio.timeout_at(loop.time() + left)
-                await scope.__aenter__()
+            await scope.__aenter__()
         except BaseException:
             self._withdraw()
             raise
@@ -143,17 +133,9 @@ class Deadline:
             if self._enforced_token is not None:
                 _ENFORCED.reset(self._enforced_token)
                 self._enforced_token = None
-            if isinstance(scope, asyncio.Timeout):
-                try:
-                    await scope.__aexit__(et, exc, tb)
-                except TimeoutError as timeout:
-                    if not scope.expired():
-                        raise
-                    raise self._exceeded() from timeout
-                return False
-            swallowed = bool(scope.__exit__(et, exc, tb))
-            if scope.cancelled_caught:
-                raise self._exceeded() from exc
+            swallowed = await scope.__aexit__(et, exc, tb)
+            if scope.expired:
+                raise self._exceeded() from scope.cause
             return swallowed
         finally:
             self._withdraw()

@@ -32,7 +32,6 @@ from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 from . import _runtime, clock
 from ._context import CURRENT, REPORTING
 from .backoff import RetryConfig, server_delay
-from .budget import RetryGate
 from .errors import (
     DeadlineExceeded,
     ErrorCategory,
@@ -54,7 +53,7 @@ from .events import (
     global_bus,
     listening,
 )
-from .policy import RetryPolicy
+from .policy import RetryGate, RetryPolicy
 from .redact import redact_text, safe_repr
 from .stats import FOLD_AT, OperationStats, Statistics
 

@@ -31,8 +31,6 @@ nothing.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import inspect
 import math
@@ -44,9 +42,9 @@ from typing import Any, ClassVar, ParamSpec, TypeVar, cast
 from . import _runtime, clock
 from ._context import CURRENT, RACE, RaceEntry, reported_outside
 from ._validate import check_count, check_fraction, check_seconds
-from .budget import RetryGate
 from .errors import classify, final_reason
 from .events import Event, EventBus, emit, global_bus
+from .policy import RetryGate
 
 __all__ = [
     "HedgeConfig",
@@ -247,7 +245,7 @@ class Hedger:
             self._tracked = min(config.max_delay, max(config.min_delay, value))
         return self._tracked
 
-    # -- decisions shared by the asyncio and trio loops
+    # -- decisions of the race loop (asyncio and trio alike)
 
     def _may_hedge(self, n: int, reason: str, delay: float) -> bool:
         """Whether extra attempt ``n`` may start now (budget, deadline); reports it."""
@@ -351,10 +349,7 @@ class Hedger:
         budget = self.budget
         outside = budget is None or reported_outside(budget)
         try:
-            if _runtime.async_library() == "trio":
-                value = cast(T, await self._race_trio(fn, args, kwargs))
-            else:
-                value = cast(T, await self._race_asyncio(fn, args, kwargs))
+            value = cast(T, await self._race(fn, args, kwargs))
         except Exception:
             if not outside:
                 assert budget is not None
@@ -365,87 +360,28 @@ class Hedger:
             budget.on_attempt(True)
         return value
 
-    async def _race_asyncio(self, fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any) -> Any:
-        loop = asyncio.get_running_loop()
+    async def _race(self, fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any) -> Any:
+        """The race itself; its tasks are spawned and awaited through ``_runtime.race_group``."""
         start = clock.now()
         delay = self.delay()
-        outer = RACE.get()
-        entries: dict[asyncio.Task[_Outcome], RaceEntry] = {}
-
-        def launch(n: int) -> asyncio.Task[_Outcome]:
-            entry = RaceEntry(outer)
-            task = loop.create_task(self._attempt(n, entry, fn, args, kwargs))
-            entries[task] = entry
-            return task
-
-        pending: set[asyncio.Task[_Outcome]] = {launch(0)}
-        started = 1
-        last: Exception | None = None
-        try:
-            while pending:
-                timeout = self._wait_for_next(started, delay)
-                done, pending = await asyncio.wait(
-                    pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:  # slower than the delay: hedge
-                    if self._may_hedge(started, "delay", delay):
-                        pending.add(launch(started))
-                        started += 1
-                    else:
-                        started = self.config.max_hedges + 1  # no more hedges for this call
-                    continue
-                for task in done:
-                    outcome = task.result()
-                    if self._settled(outcome, start):
-                        if outcome.error is not None:
-                            raise outcome.error
-                        for loser in pending:  # still running when the winner answered
-                            entries[loser].lost = True
-                        return outcome.value
-                    last = outcome.error
-                    # A retryable failure: the next hedge starts at once.
-                    if self._wait_for_next(started, 0.0) is not None and self._may_hedge(
-                        started, "failure", delay
-                    ):
-                        pending.add(launch(started))
-                        started += 1
-            assert last is not None
-            raise last
-        finally:
-            last = None
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-
-    async def _race_trio(self, fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any) -> Any:
-        import trio
-
-        start = clock.now()
-        delay = self.delay()
-        send, receive = trio.open_memory_channel[_Outcome](math.inf)
         outer = RACE.get()
         entries: dict[int, RaceEntry] = {}  # the attempts still running
-
-        async def run(n: int, entry: RaceEntry) -> None:
-            send.send_nowait(await self._attempt(n, entry, fn, args, kwargs))
-
-        def launch(n: int) -> None:
-            entry = entries[n] = RaceEntry(outer)
-            nursery.start_soon(run, n, entry)
-
         winner: _Outcome | None = None
-        async with trio.open_nursery() as nursery:
+        # Nothing is raised inside the group (a trio nursery would wrap it):
+        # the deciding outcome is carried out and raised after.
+        async with _runtime.race_group() as group:
+
+            def launch(n: int) -> None:
+                entry = entries[n] = RaceEntry(outer)
+                group.start(self._attempt, n, entry, fn, args, kwargs)
+
             launch(0)
             started, running = 1, 1
             while running:
                 timeout = self._wait_for_next(started, delay)
-                got: _Outcome | None = None
-                with trio.move_on_after(math.inf if timeout is None else timeout):
-                    got = await receive.receive()
+                got: _Outcome | None = await group.next(timeout)
                 if got is None:  # an answer that came as the delay ended is no reason to hedge
-                    with contextlib.suppress(trio.WouldBlock):
-                        got = receive.receive_nowait()
+                    got = group.next_nowait()
                 if got is None:  # slower than the delay: hedge
                     if self._may_hedge(started, "delay", delay):
                         launch(started)
@@ -467,7 +403,6 @@ class Hedger:
                 ):
                     launch(started)
                     started, running = started + 1, running + 1
-            nursery.cancel_scope.cancel()
         assert winner is not None
         if winner.error is not None:
             raise winner.error

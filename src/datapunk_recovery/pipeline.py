@@ -46,18 +46,18 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, ParamSpec, Protocol, TypeVar, cast, overload
 
 from . import clock
+from ._context import CALLER as _CALLER
 from ._context import CURRENT, REPORTING
 from ._validate import check_seconds
 from .adaptive import AIMD, AdaptiveLimiter, Gradient
 from .backoff import RetryConfig
-from .budget import RetryGate
-from .bulkhead import _CALLER, Bulkhead, BulkheadConfig
+from .bulkhead import Bulkhead, BulkheadConfig
 from .deadline import Deadline
 from .engine import On, ResultPredicate, Retried, retry
 from .events import Event, EventBus, emit, global_bus
 from .fallback import Fallback
 from .hedging import HedgeConfig, Hedger, is_idempotent
-from .policy import RetryPolicy
+from .policy import RetryGate, RetryPolicy
 from .ratelimit import RateLimiter, RateLimiterConfig
 from .stats import Statistics, count_value
 from .timeout import AttemptTimeout
@@ -70,10 +70,12 @@ __all__ = [
     "DeadlineStage",
     "FallbackStage",
     "HedgeStage",
+    "LegacyStage",
     "LimiterStage",
     "Pipeline",
     "RetryStage",
     "Stage",
+    "StageAliases",
     "StageEntered",
     "TimeoutStage",
 ]
@@ -98,18 +100,64 @@ class StageEntered(Event):
 
 
 class Stage(Protocol):
-    """A layer of a pipeline: wraps the rest of the chain, sync and async."""
+    """A layer of a pipeline: wraps the rest of the chain, sync and async.
+
+    ``wrap(nxt)`` / ``wrap_async(nxt)`` follow the library's twin convention
+    (``x()`` / ``x_async()``).  A stage written for an older release, with
+    ``sync(nxt)`` / ``asyn(nxt)`` instead (a
+    [`LegacyStage`][datapunk_recovery.pipeline.LegacyStage]), is still
+    accepted, and the library's own stages still answer to those names too.
+    """
 
     #: Names the stage in events (``"retry"``, ``"bulkhead"``, ...).
     name: str
 
-    def sync(self, nxt: Run) -> Run:
+    def wrap(self, nxt: Run) -> Run:
         """The sync entry of this stage around ``nxt``."""
         ...
 
-    def asyn(self, nxt: ARun) -> ARun:
+    def wrap_async(self, nxt: ARun) -> ARun:
         """The async entry of this stage around ``nxt``."""
         ...
+
+
+class LegacyStage(Protocol):
+    """A stage with the former method names ``sync(nxt)`` / ``asyn(nxt)`` (still accepted)."""
+
+    name: str
+
+    def sync(self, nxt: Run) -> Run: ...
+
+    def asyn(self, nxt: ARun) -> ARun: ...
+
+
+class StageAliases:
+    """Gives a stage with ``wrap()`` / ``wrap_async()`` the former names ``sync()`` / ``asyn()``."""
+
+    __slots__ = ()
+
+    def wrap(self, nxt: Run) -> Run:
+        raise NotImplementedError
+
+    def wrap_async(self, nxt: ARun) -> ARun:
+        raise NotImplementedError
+
+    def sync(self, nxt: Run) -> Run:
+        """The former name of ``wrap()``, kept working."""
+        return self.wrap(nxt)
+
+    def asyn(self, nxt: ARun) -> ARun:
+        """The former name of ``wrap_async()``, kept working."""
+        return self.wrap_async(nxt)
+
+
+def _entries(stage: object) -> tuple[Callable[[Run], Run], Callable[[ARun], ARun]] | None:
+    """A stage's sync and async entries, by the current names or the former ones."""
+    for sync_name, async_name in (("wrap", "wrap_async"), ("sync", "asyn")):
+        wrap, wrap_async = getattr(stage, sync_name, None), getattr(stage, async_name, None)
+        if callable(wrap) and callable(wrap_async):
+            return wrap, wrap_async
+    return None
 
 
 class BreakerLike(Protocol):
@@ -162,7 +210,7 @@ def _athrough(call: Callable[..., Awaitable[Any]], nxt: ARun) -> ARun:
     return run
 
 
-class FallbackStage:
+class FallbackStage(StageAliases):
     """Answer with the fallback when the rest of the chain fails as chosen."""
 
     name = "fallback"
@@ -172,14 +220,14 @@ class FallbackStage:
             raise TypeError(f"FallbackStage: expected a Fallback, got {fallback!r}")
         self.fallback = fallback
 
-    def sync(self, nxt: Run) -> Run:
+    def wrap(self, nxt: Run) -> Run:
         return _through(self.fallback.call, nxt)
 
-    def asyn(self, nxt: ARun) -> ARun:
+    def wrap_async(self, nxt: ARun) -> ARun:
         return _athrough(self.fallback.call_async, nxt)
 
 
-class BulkheadStage:
+class BulkheadStage(StageAliases):
     """Hold a bulkhead slot for the whole call (every attempt included)."""
 
     name = "bulkhead"
@@ -189,8 +237,8 @@ class BulkheadStage:
             raise TypeError(f"BulkheadStage: expected a Bulkhead, got {bulkhead!r}")
         self.bulkhead = bulkhead
 
-    def sync(self, nxt: Run) -> Run:
-        slots = self.bulkhead._slots
+    def wrap(self, nxt: Run) -> Run:
+        slots = self.bulkhead.slots
         acquire, release, caller = slots.acquire, slots.release, _CALLER.get
 
         def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -203,8 +251,8 @@ class BulkheadStage:
 
         return run
 
-    def asyn(self, nxt: ARun) -> ARun:
-        slots = self.bulkhead._slots
+    def wrap_async(self, nxt: ARun) -> ARun:
+        slots = self.bulkhead.slots
         acquire, release, caller = slots.acquire_async, slots.release, _CALLER.get
 
         async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -218,7 +266,7 @@ class BulkheadStage:
         return run
 
 
-class LimiterStage:
+class LimiterStage(StageAliases):
     """Take a rate-limiter token per call; drain on a throttled result or error."""
 
     name = "ratelimit"
@@ -228,7 +276,7 @@ class LimiterStage:
             raise TypeError(f"LimiterStage: expected a RateLimiter, got {limiter!r}")
         self.limiter = limiter
 
-    def sync(self, nxt: Run) -> Run:
+    def wrap(self, nxt: Run) -> Run:
         limiter = self.limiter
         acquire, observe, observe_error = limiter.acquire, limiter.observe, limiter.observe_error
         watch = limiter.config.throttled is not None
@@ -246,7 +294,7 @@ class LimiterStage:
 
         return run
 
-    def asyn(self, nxt: ARun) -> ARun:
+    def wrap_async(self, nxt: ARun) -> ARun:
         limiter = self.limiter
         acquire, observe, observe_error = (
             limiter.acquire_async,
@@ -269,7 +317,7 @@ class LimiterStage:
         return run
 
 
-class AdaptiveStage:
+class AdaptiveStage(StageAliases):
     """Run the call under an adaptive concurrency limit and teach it the outcome."""
 
     name = "adaptive"
@@ -279,7 +327,7 @@ class AdaptiveStage:
             raise TypeError(f"AdaptiveStage: expected an AdaptiveLimiter, got {limiter!r}")
         self.limiter = limiter
 
-    def sync(self, nxt: Run) -> Run:
+    def wrap(self, nxt: Run) -> Run:
         acquire, settle = self.limiter.acquire, self.limiter.settle
 
         def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -294,7 +342,7 @@ class AdaptiveStage:
 
         return run
 
-    def asyn(self, nxt: ARun) -> ARun:
+    def wrap_async(self, nxt: ARun) -> ARun:
         acquire, settle = self.limiter.acquire_async, self.limiter.settle
 
         async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -310,7 +358,7 @@ class AdaptiveStage:
         return run
 
 
-class DeadlineStage:
+class DeadlineStage(StageAliases):
     """One deadline over the whole call (published sync; enforced by cancellation async)."""
 
     name = "deadline"
@@ -319,7 +367,7 @@ class DeadlineStage:
         self.seconds = check_seconds("DeadlineStage", "seconds", seconds, positive=True)
         self.operation = operation
 
-    def sync(self, nxt: Run) -> Run:
+    def wrap(self, nxt: Run) -> Run:
         seconds, get, set_, reset = self.seconds, CURRENT.get, CURRENT.set, CURRENT.reset
 
         def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -338,7 +386,7 @@ class DeadlineStage:
 
         return run
 
-    def asyn(self, nxt: ARun) -> ARun:
+    def wrap_async(self, nxt: ARun) -> ARun:
         seconds, operation = self.seconds, self.operation
 
         async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -362,7 +410,7 @@ async def _replay_async(box: list[Exception], nxt: ARun, fn: Any, args: Any, kwa
     return await nxt(fn, args, kwargs)
 
 
-class RetryStage:
+class RetryStage(StageAliases):
     """Retry the rest of the chain with the retry engine, asking ``budget`` before each retry.
 
     ``config``, ``on`` and ``retry_if_result`` are the engine's (see
@@ -415,7 +463,7 @@ class RetryStage:
             giveups=giveups,
         )
 
-    def sync(self, nxt: Run) -> Run:
+    def wrap(self, nxt: Run) -> Run:
         retried, fast, budget = self._sync, self._fast, self.budget
         first_try = self._first_try.__next__
         engine_bus = retried.events
@@ -440,7 +488,7 @@ class RetryStage:
 
         return run
 
-    def asyn(self, nxt: ARun) -> ARun:
+    def wrap_async(self, nxt: ARun) -> ARun:
         retried, fast, budget = self._async, self._fast, self.budget
         first_try = self._first_try.__next__
         engine_bus = retried.events
@@ -464,7 +512,7 @@ class RetryStage:
         return run
 
 
-class HedgeStage:
+class HedgeStage(StageAliases):
     """Hedge each attempt of idempotent async calls (sync calls are refused)."""
 
     name = "hedging"
@@ -476,7 +524,7 @@ class HedgeStage:
         #: Treat every call as idempotent (else only functions marked with ``idempotent``).
         self.idempotent = idempotent
 
-    def sync(self, nxt: Run) -> Run:
+    def wrap(self, nxt: Run) -> Run:
         name = self.hedger.name
 
         def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -487,7 +535,7 @@ class HedgeStage:
 
         return run
 
-    def asyn(self, nxt: ARun) -> ARun:
+    def wrap_async(self, nxt: ARun) -> ARun:
         race, always = self.hedger.race, self.idempotent
 
         async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -498,7 +546,7 @@ class HedgeStage:
         return run
 
 
-class BreakerStage:
+class BreakerStage(StageAliases):
     """Run each attempt through the circuit breaker (its own fast path, its own rules)."""
 
     name = "breaker"
@@ -510,14 +558,14 @@ class BreakerStage:
             raise TypeError(f"BreakerStage: expected a circuit breaker, got {breaker!r}")
         self.breaker = breaker
 
-    def sync(self, nxt: Run) -> Run:
+    def wrap(self, nxt: Run) -> Run:
         return _through(self.breaker.call, nxt)
 
-    def asyn(self, nxt: ARun) -> ARun:
+    def wrap_async(self, nxt: ARun) -> ARun:
         return _athrough(self.breaker.call_async, nxt)
 
 
-class TimeoutStage:
+class TimeoutStage(StageAliases):
     """Bound each attempt (async: cancelled; sync: published and checked)."""
 
     name = "timeout"
@@ -527,10 +575,10 @@ class TimeoutStage:
             raise TypeError(f"TimeoutStage: expected an AttemptTimeout, got {timeout!r}")
         self.timeout = timeout
 
-    def sync(self, nxt: Run) -> Run:
+    def wrap(self, nxt: Run) -> Run:
         return _through(self.timeout.call, nxt)
 
-    def asyn(self, nxt: ARun) -> ARun:
+    def wrap_async(self, nxt: ARun) -> ARun:
         return _athrough(self.timeout.call_async, nxt)
 
 
@@ -636,38 +684,41 @@ class Pipeline:
         self._build(name, stages, bus)
 
     @classmethod
-    def of(cls, name: str, stages: Sequence[Stage], *, bus: EventBus | None = None) -> Pipeline:
+    def of(
+        cls, name: str, stages: Sequence[Stage | LegacyStage], *, bus: EventBus | None = None
+    ) -> Pipeline:
         """A pipeline with the given stages in the given order, outermost first."""
         for stage in stages:
-            if not callable(getattr(stage, "sync", None)) or not callable(
-                getattr(stage, "asyn", None)
-            ):
+            if _entries(stage) is None:
                 raise TypeError(f"Pipeline.of: expected stages, got {stage!r}")
         pipeline = cls.__new__(cls)
         pipeline._build(name, list(stages), bus if bus is not None else EventBus())
         return pipeline
 
-    def _build(self, name: str, stages: list[Stage], bus: EventBus) -> None:
+    def _build(self, name: str, stages: Sequence[Stage | LegacyStage], bus: EventBus) -> None:
         self.name = name
         #: Where the pipeline's own stages report (then the global bus).
         self.bus = bus
         #: The stages, outermost first.
-        self.stages: tuple[Stage, ...] = tuple(stages)
+        self.stages: tuple[Stage | LegacyStage, ...] = tuple(stages)
         run: Run = _call
         arun: ARun = _acall
         observed: Run = _call
         aobserved: ARun = _acall
         for stage in reversed(stages):
-            run = stage.sync(run)
-            arun = stage.asyn(arun)
-            observed = _observed_sync(stage.name, name, bus, stage.sync(observed))
-            aobserved = _observed_async(stage.name, name, bus, stage.asyn(aobserved))
+            entries = _entries(stage)
+            assert entries is not None  # checked by of(); the built-in stages have both
+            wrap, wrap_async = entries
+            run = wrap(run)
+            arun = wrap_async(arun)
+            observed = _observed_sync(stage.name, name, bus, wrap(observed))
+            aobserved = _observed_async(stage.name, name, bus, wrap_async(aobserved))
         self._sync = run
         self._async = arun
         self._sync_observed = observed
         self._async_observed = aobserved
 
-    def stage(self, name: str) -> Stage:
+    def stage(self, name: str) -> Stage | LegacyStage:
         """The (first) stage called ``name`` (``"retry"``, ``"bulkhead"``, ...)."""
         for stage in self.stages:
             if stage.name == name:

@@ -1,8 +1,14 @@
-"""Retry policies: a default `RetryConfig` plus one per error category.
+"""Retry policies: a default `RetryConfig` plus one per error category, and the retry gate.
 
 A rate-limited or too-many-connections failure deserves a slower backoff than
 a dropped connection; a policy maps categories to their own configuration and
 falls back to the default for the rest.
+
+[`RetryGate`][datapunk_recovery.policy.RetryGate] is what the retry engine
+asks before every retry: the protocol lives here, in the core, so that the
+engine, the hedger and the pipeline need no budget to know it; the budgets of
+``datapunk_recovery.budget`` implement it (and ``budget.RetryGate`` is the
+same class).
 """
 
 from __future__ import annotations
@@ -10,12 +16,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from .backoff import RetryConfig
 from .errors import ErrorCategory
 
-__all__ = ["RetryPolicy"]
+__all__ = ["RetryGate", "RetryPolicy"]
+
+
+@runtime_checkable
+class RetryGate(Protocol):
+    """What the retry engine needs from a budget."""
+
+    def on_attempt(self, succeeded: bool) -> None:
+        """Record the outcome of one attempt (first attempts included)."""
+
+    def allow_retry(self) -> bool:
+        """Spend what a retry costs and say whether it may happen."""
 
 
 @dataclass(frozen=True, slots=True)

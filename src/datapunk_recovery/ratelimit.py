@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final, ParamSpec, TypeVar
 
 from . import _runtime, clock
+from ._context import CALLER as _CALLER
 from ._context import CURRENT
 from ._decorate import CallDecorator
 from ._validate import check_count, check_number, check_seconds
-from .bulkhead import _CALLER
 from .errors import DeadlineExceeded, ErrorCategory, RecoveryError, classify
 from .events import Event, EventBus, HintIgnored, emit, global_bus
 from .redact import safe_repr

@@ -162,7 +162,7 @@ class _Service:
         "databases",
         "kept",
         "name",
-        "owner",
+        "on_fallback",
         "policy",
         "router",
         "run",
@@ -173,12 +173,14 @@ class _Service:
 
     def __init__(
         self,
-        owner: RecoveryStrategies,
+        on_fallback: Callable[[str, str], None],
         name: str,
         policy: ServicePolicy,
         previous: _Service | None,
     ) -> None:
-        self.owner = owner
+        #: Told ``(service, kind)`` when an answer came from elsewhere (a
+        #: failover endpoint): the owner counts it, the service needs no owner.
+        self.on_fallback = on_fallback
         self.name = name
         self.policy = policy
         # A reload keeps the live limits: the budget and the bulkhead of the
@@ -292,7 +294,7 @@ class _Service:
             else:
                 result = await timeout.call_async(call, endpoint, *args, **kwargs)
             if endpoint.priority > self.top:
-                self.owner._fell_back(self.name, "failover")
+                self.on_fallback(self.name, "failover")
             return result
 
         assert self.router is not None
@@ -439,13 +441,13 @@ class RecoveryStrategies:
         old = self._services
         services: dict[str, _Service] = {}
         for name, policy in config.services.items():
-            services[name] = _Service(self, name, policy, old.get(name))
+            services[name] = _Service(self._fell_back, name, policy, old.get(name))
         for name, service in old.items():
             # The others (built from the defaults, or dropped from the
             # configuration) stay, re-read from the defaults: their calls in
             # flight go on counting in their bulkhead, budget and breaker.
             if name not in services:
-                services[name] = _Service(self, name, config.defaults, service)
+                services[name] = _Service(self._fell_back, name, config.defaults, service)
         if config.cache.max_stale_entries != self._memory.max_entries:
             self._memory = MemoryCache(config.cache.max_stale_entries)
         pools: dict[str, ResourcePool[Any]] = {}
@@ -596,7 +598,7 @@ class RecoveryStrategies:
             if service is not None:
                 return service
         self._unnamed += 1
-        service = _Service(self, name, self._config.defaults, None)
+        service = _Service(self._fell_back, name, self._config.defaults, None)
         self._services = {**self._services, name: service}
         return service
 

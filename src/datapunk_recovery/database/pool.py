@@ -33,7 +33,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 from urllib.parse import urlsplit
 
 from datapunk_recovery import _runtime, clock
@@ -43,6 +43,15 @@ from datapunk_recovery._validate import check_seconds
 from datapunk_recovery.errors import ErrorCategory
 from datapunk_recovery.events import Event, EventBus, emit, listening
 
+from ._replay import (
+    ABORTED,
+    IDLE,
+    OPEN,
+    IdempotencyCheck,
+    TransactionConfig,
+    replay_run,
+    replay_transaction,
+)
 from .errors import (
     DatabaseUnavailable,
     DbErrorKind,
@@ -51,9 +60,6 @@ from .errors import (
     classify_database,
     describe,
 )
-
-if TYPE_CHECKING:
-    from .transaction import IdempotencyCheck, TransactionConfig
 
 __all__ = [
     "ConnectionDiscarded",
@@ -91,10 +97,8 @@ _ROLLED_BACK_TAG: Final = "ROLLBACK"
 # The SQLSTATE of every statement sent to an aborted transaction: not the cause.
 _IN_FAILED_TRANSACTION: Final = "25P02"
 
-#: Transaction states a driver reports before COMMIT (see ``_Driver.state``).
-OPEN: Final = "open"
-ABORTED: Final = "aborted"
-IDLE: Final = "idle"
+# Transaction states a driver reports before COMMIT (see ``_Driver.state``):
+# OPEN, ABORTED and IDLE, defined with the replay that reads them.
 
 
 @dataclass(frozen=True, slots=True)
@@ -668,6 +672,11 @@ class ManagedPool:
         return self._driver.kind
 
     @property
+    def adapter(self) -> _Driver:
+        """The driver adapter (begin, commit, transaction state) the transaction replay drives."""
+        return self._driver
+
+    @property
     def raw(self) -> Any:
         """The driver's own pool."""
         return self._driver.pool
@@ -889,11 +898,7 @@ class ManagedPool:
         name: str | None = None,
     ) -> T:
         """Run ``fn(conn)`` in a transaction, replayed from the start on a retryable failure."""
-        from .transaction import transaction
-
-        return await transaction(
-            self, fn, config=config, idempotency_check=idempotency_check, name=name
-        )
+        return await replay_transaction(self, fn, config, idempotency_check, name)
 
     async def run(
         self,
@@ -904,6 +909,4 @@ class ManagedPool:
         name: str | None = None,
     ) -> T:
         """Run ``fn(conn)`` outside a transaction; retried after it started only if idempotent."""
-        from .transaction import run
-
-        return await run(self, fn, idempotent=idempotent, config=config, name=name)
+        return await replay_run(self, fn, idempotent, config, name)

@@ -33,9 +33,8 @@ from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.engine import retry
 from datapunk_recovery.policy import RetryPolicy
 
+from ._replay import IDLE, _not_committed, replayable
 from .errors import DbErrorKind, MissingExtensionError, classify_database, explain_missing
-from .pool import IDLE
-from .transaction import _not_committed, replayable
 
 __all__ = ["BeginMode", "SqliteConfig", "SqliteDatabase"]
 

@@ -330,7 +330,7 @@ class _Mesh:
             await self.store.write(key)
         else:
             async with self.plain_pool.acquire():
-                await self.work.acall(self.hold)
+                await self.work.call_async(self.hold)
 
     # -- with recovery: the four recoveries of RecoveryStrategies ----------------------
 
@@ -347,7 +347,7 @@ class _Mesh:
             await recovery.with_resource_recovery(self._job, pool="workers", service="jobs")
 
     async def _job(self, scope: ResourceScope) -> None:
-        await self.work.acall(self.hold)
+        await self.work.call_async(self.hold)
 
     def calls(self, pool: ResourcePool[Any]) -> dict[str, int]:
         stats = pool.stats()

@@ -104,7 +104,7 @@ class Endpoint:
             path = head.split(b" ", 2)[1].decode("ascii", "replace")
             self.requests += 1
             try:
-                body = await self.injector.acall(self._answer, path)
+                body = await self.injector.call_async(self._answer, path)
                 status = "200 OK"
             except Exception:
                 body, status = b"unavailable", "503 Service Unavailable"
@@ -167,7 +167,7 @@ class FaultyCache:
 
     async def _reach(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         self.calls += 1
-        return await self.injector.acall(fn, *args)
+        return await self.injector.call_async(fn, *args)
 
     async def get(self, key: str) -> Any | None:
         """The value of ``key``, or ``None`` for a miss."""

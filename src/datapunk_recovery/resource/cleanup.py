@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Final, Literal
@@ -245,7 +245,7 @@ class Compensations:
             return False
         trigger = _trigger(exc)
         start = clock.now()
-        errors, cancelled_meanwhile = await _shielded(self._unwind(entries, trigger))
+        errors, cancelled_meanwhile = await _runtime.shielded(self._unwind(entries, trigger))
         if cancelled_meanwhile and (exc is None or isinstance(exc, Exception)):
             # Cancelled while cleaning up after a success or an ordinary
             # failure: the cleanup is done, now the cancellation goes on.
@@ -378,25 +378,3 @@ async def _invoke(entry: _Entry) -> None:
     result = entry.fn(*entry.args, **entry.kwargs)
     if inspect.isawaitable(result):
         await result
-
-
-async def _shielded(work: Awaitable[list[Exception]]) -> tuple[list[Exception], bool]:
-    """Run ``work`` to the end even if the task is cancelled meanwhile.
-
-    Returns its result and whether a cancellation arrived while it ran (which
-    the caller must then re-raise).  ``work`` bounds itself in time.
-    """
-    if _runtime.async_library() == "trio":
-        import trio
-
-        with trio.CancelScope(shield=True):
-            return await work, False
-    task = asyncio.ensure_future(work)
-    cancelled = False
-    while True:
-        try:
-            return await asyncio.shield(task), cancelled
-        except asyncio.CancelledError:
-            if task.done():  # the work itself was cancelled (loop shutting down)
-                raise
-            cancelled = True

@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Any, ClassVar, Final, Generic, Protocol, TypeVar, cast
+from typing import Any, ClassVar, Final, Generic, TypeVar, cast
 
 from datapunk_recovery import _runtime, clock
 from datapunk_recovery._validate import check_count, check_seconds
@@ -171,20 +171,11 @@ class PoolUsage(Event):
     waiting: int
 
 
-class _Signal(Protocol):
-    def set(self) -> None: ...
-
-    async def wait(self) -> Any: ...
+_Signal = _runtime.TaskEvent
 
 
 def _signal() -> _Signal:
-    if _runtime.async_library() == "trio":
-        import trio
-
-        return cast(_Signal, trio.Event())
-    import asyncio
-
-    return asyncio.Event()
+    return _runtime.task_event()
 
 
 class _Waiter:

@@ -1,0 +1,100 @@
+"""The execution layer's waiting helpers, under asyncio and trio alike."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import pytest
+
+from datapunk_recovery import _runtime
+
+
+@pytest.mark.anyio
+async def test_a_task_signal_set_from_another_thread_wakes_the_waiting_task() -> None:
+    signal = _runtime.task_signal()
+    thread = threading.Thread(target=signal.set)
+    thread.start()
+    assert await signal.wait(30.0)  # bounded: the thread sets it at once
+    thread.join()
+
+
+@pytest.mark.anyio
+async def test_a_task_signal_nobody_sets_reports_the_timeout() -> None:
+    assert not await _runtime.task_signal().wait(0.0)
+
+
+@pytest.mark.anyio
+async def test_cancel_after_cancels_the_block_and_says_it_did() -> None:
+    blocked = anyio.Event()
+    async with _runtime.CancelAfter(0.0) as scope:
+        await blocked.wait()  # never set: only the scope ends this
+    assert scope.expired and scope.cause is not None
+
+
+@pytest.mark.anyio
+async def test_cancel_after_lets_the_blocks_own_timeout_error_through() -> None:
+    with pytest.raises(TimeoutError, match="the block's own"):
+        async with _runtime.CancelAfter(60.0) as scope:
+            raise TimeoutError("the block's own")
+    assert not scope.expired
+
+
+@pytest.mark.anyio
+async def test_shielded_work_ends_even_when_the_task_is_cancelled_meanwhile() -> None:
+    finished: list[bool] = []
+
+    async def work() -> str:
+        outer.cancel()  # the task is cancelled while the work runs
+        await anyio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
+        finished.append(True)
+        return "done"
+
+    with anyio.CancelScope() as outer:
+        await _runtime.shielded(work())
+        await anyio.lowlevel.checkpoint()  # where a cancellation still pending lands
+    assert finished == [True]  # the cancellation did not cut the work short
+    assert outer.cancelled_caught  # and it still reached the caller
+
+
+@pytest.mark.anyio
+async def test_a_race_group_hands_over_results_and_cancels_what_still_runs() -> None:
+    never = anyio.Event()
+    cancelled: list[bool] = []
+
+    async def quick(value: int) -> int:
+        return value
+
+    async def stuck() -> int:
+        try:
+            await never.wait()
+        except BaseException:
+            cancelled.append(True)
+            raise
+        return 0
+
+    async with _runtime.race_group() as group:
+        group.start(stuck)
+        group.start(quick, 7)
+        assert await group.next(30.0) == 7
+        assert group.next_nowait() is None
+        assert await group.next(0.0) is None  # the stuck one never answers
+    assert cancelled == [True]  # leaving the group cancelled it and waited for it
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_asyncio_race_task_that_cancels_itself_is_not_waited_for_forever() -> None:
+    import asyncio
+
+    async def gives_up() -> int:
+        raise asyncio.CancelledError  # cancelled from inside, nobody cancelled the group
+
+    async def race() -> int | None:
+        async with _runtime.race_group() as group:
+            group.start(gives_up)
+            return await group.next(None)  # unbounded: only the hand-over ends it
+
+    with pytest.raises(asyncio.CancelledError):
+        await race()
