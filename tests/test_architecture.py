@@ -42,6 +42,11 @@ KNOWN_ATTRIBUTES: dict[tuple[str, str], str] = {
     ("datapunk_recovery.stores.budget_redis", "_adopt"): "budget adoption; stores/ is busy",
     ("datapunk_recovery.stores.budget_redis", "_eval"): "the Redis store's script call; busy",
     ("datapunk_recovery.simulate.policies", "_jittered"): "the simulator replays the jitter",
+    ("datapunk_recovery.cache.recovering", "_core"): "the cache-hit fast path asks the breaker's "
+    "state machine directly; a public breaker fast-path seam is next",
+    ("datapunk_recovery.cache.recovering", "_fast_failure"): "that fast path's failure hand-off",
+    ("datapunk_recovery.telemetry.fields", "_fields"): "an event class's field names, named as "
+    "namedtuple names them",
 }
 
 

@@ -150,7 +150,7 @@ class _Engine:
 
     def timed(self) -> bool:
         """Whether attempts are timed (a metrics reader or an event subscriber wants it)."""
-        return bool(global_bus._mode or self.bus._mode)
+        return bool(global_bus.mode or self.bus.mode)
 
     def deadline_at(self, start: float) -> float | None:
         own = self.policy.default.deadline
@@ -228,7 +228,7 @@ class _Call:
         """
         e = self.engine
         observed = global_bus._subscribers or e.bus._subscribers
-        timed = global_bus._mode or e.bus._mode
+        timed = global_bus.mode or e.bus.mode
         config = e.config
         if exc is None:
             category, hint, retry, forbidden = ErrorCategory.UNKNOWN, None, True, False
@@ -523,7 +523,7 @@ def _run_sync(
             if deadline_at is not None and clock.now() >= deadline_at:
                 raise call.deadline_passed(error) from None
             token = CURRENT.set((deadline_at, call.attempt))
-            if global_bus._mode or e.bus._mode:  # durations: for listeners and readers
+            if global_bus.mode or e.bus.mode:  # durations: for listeners and readers
                 call.attempt_start = clock.now()
             try:
                 result = fn(*args, **kwargs)
@@ -584,7 +584,7 @@ async def _run_async(
                 raise call.deadline_passed(error) from None
             token = CURRENT.set((deadline_at, call.attempt))
             # durations: for listeners and readers; the time left: for the timeout
-            if deadline_at is not None or global_bus._mode or e.bus._mode:
+            if deadline_at is not None or global_bus.mode or e.bus.mode:
                 call.attempt_start = clock.now()
             try:
                 if deadline_at is None:
@@ -673,8 +673,8 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
 
         @functools.wraps(fn)
         async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-            if slow or gbus._mode or lbus._mode or get_context() is not None:
-                if slow or (gbus._mode | lbus._mode) != 1 or get_context() is not None:
+            if slow or gbus.mode or lbus.mode or get_context() is not None:
+                if slow or (gbus.mode | lbus.mode) != 1 or get_context() is not None:
                     return await _run_async(e, afn, args, kwargs, clock.now(), None)
                 start = clk.now()
                 try:
@@ -711,8 +711,8 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
 
         @functools.wraps(fn)
         def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-            if slow or gbus._mode or lbus._mode or get_context() is not None:
-                if slow or (gbus._mode | lbus._mode) != 1 or get_context() is not None:
+            if slow or gbus.mode or lbus.mode or get_context() is not None:
+                if slow or (gbus.mode | lbus.mode) != 1 or get_context() is not None:
                     return _run_sync(e, fn, args, kwargs, clock.now(), None)
                 start = clk.now()
                 try:

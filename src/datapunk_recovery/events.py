@@ -336,14 +336,17 @@ class EventBus:
     subscriber wants a successful call's events.
     """
 
-    __slots__ = ("__weakref__", "_entries", "_mode", "_routes", "_subscribers", "_timers")
+    __slots__ = ("__weakref__", "_entries", "_routes", "_subscribers", "_timers", "mode")
 
     def __init__(self) -> None:
         self._subscribers: tuple[Subscriber, ...] = ()
         self._entries: tuple[tuple[Subscriber, Callable[[str], bool] | None], ...] = ()
         self._routes: dict[str, tuple[Subscriber, ...]] = {}
         self._timers = 0
-        self._mode = 0
+        #: 0: nothing to report; 1: time attempts; 2: a successful call's
+        #: events are wanted.  A plain attribute (the engine reads it on every
+        #: call); only the bus sets it.
+        self.mode = 0
 
     def subscribe(self, subscriber: Subscriber, kinds: Kinds = None) -> Callable[[], None]:
         """Add ``subscriber`` for ``kinds`` (default: its ``wants`` attribute, else every kind).
@@ -386,17 +389,12 @@ class EventBus:
         """Ask the subscribers again which kinds they want (their wishes changed)."""
         self._routes = {}
         hot = any(self._route(kind) for kind in _HOT_KINDS)
-        self._mode = 2 if hot else 1 if self._timers else 0
+        self.mode = 2 if hot else 1 if self._timers else 0
 
     def time_attempts(self, on: bool) -> None:
         """A metrics reader starts (``True``) or stops wanting the engine to time attempts."""
         self._timers += 1 if on else -1
         self.refresh()
-
-    @property
-    def mode(self) -> int:
-        """0: nothing to report; 1: time attempts; 2: a successful call's events are wanted."""
-        return self._mode
 
     def _route(self, name: str) -> tuple[Subscriber, ...]:
         routes = self._routes
