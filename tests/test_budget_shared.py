@@ -417,18 +417,25 @@ async def test_a_batch_whose_reply_was_lost_is_applied_once(
     seen: list[Event],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    shared = SharedBudget(tokens(name, max_tokens=100.0), stores())
+    shared = SharedBudget(tokens(name, max_tokens=100.0), stores(timeout=5.0))
     real = shared._script
+    applied, lost = asyncio.Event(), asyncio.Event()
 
-    async def applied_then_cancelled(**kwargs: Any) -> Any:
+    async def applied_then_lost(**kwargs: Any) -> Any:
         await real(**kwargs)  # Redis applied the batch...
-        raise asyncio.CancelledError  # ...and the sync was cancelled before the reply
+        applied.set()
+        await lost.wait()
+        raise ConnectionError("connection lost before the reply")  # ...and its reply is lost
 
-    monkeypatch.setattr(shared, "_script", applied_then_cancelled)
+    monkeypatch.setattr(shared, "_script", applied_then_lost)
     for _ in range(5):
         shared.on_attempt(False)
+    syncing = asyncio.create_task(shared.sync())
+    await applied.wait()
+    syncing.cancel()  # the caller gives up on the reply
     with pytest.raises(asyncio.CancelledError):
-        await shared.sync()
+        await syncing
+    lost.set()
     monkeypatch.setattr(shared, "_script", real)
     shared.on_attempt(False)
     assert await shared.sync()  # resends the first batch with the new outcome

@@ -93,7 +93,7 @@ from ..budget import (
     current_criticality,
 )
 from ..events import EventBus, emit, listening
-from .redis import RedisStore
+from .redis import RedisStore, _bounded
 
 __all__ = [
     "BudgetCorruptStateIgnored",
@@ -400,6 +400,7 @@ class SharedBudget:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
         self._wake: asyncio.Event | None = None
+        self._stopping = False
         self._flushing: asyncio.Lock | None = None
         #: Successful syncs so far.
         self.syncs = 0
@@ -485,17 +486,36 @@ class SharedBudget:
         self._loop, self._thread = loop, threading.get_ident()
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
+        self._stopping = False
         self._task = loop.create_task(self._run(), name=f"datapunk-budget-sync:{self.name}")
 
     async def aclose(self) -> None:
-        """Stop syncing, after pushing what is waiting (bounded by the store's timeout)."""
+        """Stop syncing, after pushing what is waiting; never hangs.
+
+        The sync task is asked to stop (a flag it checks, then a wake-up) and
+        given the store's ``timeout`` plus ``sync_interval`` to end; a task
+        still running after that is cancelled and given ``timeout`` more, then
+        left behind.  A flag, not only a cancellation: a driver that swallows a
+        cancellation landing as its reply arrives would otherwise leave the
+        task waiting for its next wake-up for ever, and ``aclose`` with it.
+        The last push is bounded by the store's ``timeout`` too.
+        """
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        await asyncio.wait([task])
-        if self._down_since is None:
-            await self._flush()
+        self._stopping = True
+        wake = self._wake
+        if wake is not None:
+            wake.set()
+        timeout = self.store.timeout
+        done, _ = await asyncio.wait((task,), timeout=timeout + self.sync_interval)
+        if not done:
+            task.cancel()
+            await asyncio.wait((task,), timeout=timeout)
+        if task.done() and not task.cancelled():
+            task.exception()  # (the loop catches every Exception: None)
+        if self._down_since is None and not self.store._closed:
+            await _bounded(self._flush(), 2 * timeout)
         self._loop = None
         self._wake = None
 
@@ -533,13 +553,17 @@ class SharedBudget:
     async def _run(self) -> None:
         wake = self._wake
         assert wake is not None
-        while True:
+        while not self._stopping:
             await self._flush()
+            if self._stopping:
+                return
+            # asyncio.wait, not asyncio.timeout + except TimeoutError: a wait
+            # that times out cannot turn a cancellation into a timeout.
+            waiter = asyncio.ensure_future(wake.wait())
             try:
-                async with asyncio.timeout(self.sync_interval):
-                    await wake.wait()
-            except TimeoutError:
-                pass
+                await asyncio.wait((waiter,), timeout=self.sync_interval)
+            finally:
+                waiter.cancel()
             wake.clear()
 
     # -- one sync ------------------------------------------------------------------------
@@ -584,7 +608,8 @@ class SharedBudget:
 
     async def _call(self, base: tuple[int, int], sent: tuple[int, int]) -> Any:
         args = [*self._args, self._ttl_ms, base[0], sent[0], base[1], sent[1]]
-        return await self.store._eval(self._script, self._keys, args)
+        # serial: a batch whose caller gave up on the reply lands before the next one
+        return await self.store._eval(self._script, self._keys, args, serial=self)
 
     def _seen(self, reason: str) -> None:
         now = clock.now()

@@ -362,6 +362,13 @@ class _Corrupt(Exception):
     """A reply from Redis that does not parse: treated like Redis being down."""
 
 
+class StoreBusy(RuntimeError):
+    """``max_pending`` commands already wait for Redis: the caller falls back at once.
+
+    Raised inside the store only, never to a caller.
+    """
+
+
 class StoreClosed(RuntimeError):
     """The store was closed (:meth:`RedisStore.aclose`): its primitives decide locally.
 
@@ -488,8 +495,9 @@ class RedisStore:
       it); at least ``2 * max_open_duration`` of the breakers is used.  Default 3600.
     - ``on_unavailable``: ``"local"`` (default: judge calls on the breaker's
       local state while Redis is away) or ``"closed"`` (refuse every call).
-    - ``max_pending``: outcome writes in flight per link; past it, outcomes
-      are applied locally only (so a slow Redis cannot pile up tasks).
+    - ``max_pending``: Redis commands in flight per store (and outcome writes
+      per breaker); past it, the caller decides locally at once and outcomes
+      are applied locally (so a slow Redis cannot pile up tasks).  Default 256.
     """
 
     kind = "redis"
@@ -541,6 +549,10 @@ class RedisStore:
         self._rng = random.Random()
         # Every link bound here, so that aclose() can land their background writes.
         self._links: weakref.WeakSet[_BreakerLink] = weakref.WeakSet()
+        # Commands running now (see _eval): owned here, cancelled by aclose().
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._serial: dict[object, asyncio.Task[Any]] = {}
+        self._closing = False
         self._closed = False
 
     def __repr__(self) -> str:
@@ -552,13 +564,68 @@ class RedisStore:
         tag = f"{self.prefix}:{{{kind}:{name}}}"
         return [f"{tag}:{part}" for part in parts]
 
-    async def _eval(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run ``script`` (one round trip), bounded by ``timeout`` seconds."""
-        if self._closed:
+    async def _eval(
+        self, script: Any, keys: list[str], args: list[Any], *, serial: object = None
+    ) -> Any:
+        """Run ``script`` (one round trip); the caller waits at most ``timeout`` seconds.
+
+        The command runs in a task of its own, owned by the store, and the
+        caller only *waits* for it.  Two faults follow from cancelling a
+        command inside the caller's task, and this shape avoids both:
+
+        - redis-py closes a connection whose command is cancelled mid-reply, so
+          every timeout on a busy loop would cost a new connection (churn, and
+          more timeouts while it is made);
+        - a driver may swallow a cancellation that lands as its reply arrives
+          and return the reply: the caller's task then carries on as if never
+          cancelled, and a background loop stopped by ``cancel()`` waits for
+          ever (the hang of 8 processes sharing a breaker and a budget).
+
+        A command our timeout gave up on keeps running on its connection and
+        lands (or fails on the driver's own socket timeout); :meth:`aclose`
+        cancels what is still running, after a bounded wait.  At most
+        ``max_pending`` commands run at once per store: past it the caller
+        falls back at once (:class:`StoreBusy`) instead of piling up tasks on a
+        Redis that does not answer.
+
+        Commands given the same ``serial`` key run one after the other: one
+        waits (within the same ``timeout``) for the previous one to land, so
+        Redis applies them in the order they were made even when a caller gave
+        up on a reply (a budget's batches rely on it).
+        """
+        if self._closed or self._closing:
             raise StoreClosed(f"{self!r} is closed")
-        # asyncio.timeout bounds a blackholed server that accepts and never answers.
-        async with asyncio.timeout(self.timeout):
-            return await script(keys=keys, args=args)
+        if len(self._inflight) >= self.max_pending:
+            raise StoreBusy(f"{self!r}: {len(self._inflight)} commands already in flight")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        if serial is not None:
+            previous = self._serial.get(serial)
+            if previous is not None and not previous.done():
+                await asyncio.wait((previous,), timeout=self.timeout)
+                if not previous.done():
+                    raise TimeoutError(f"{self!r}: the previous command is still running")
+        task = loop.create_task(script(keys=keys, args=args))
+        self._inflight.add(task)
+        task.add_done_callback(self._landed)
+        if serial is not None:
+            self._serial[serial] = task
+        done, _ = await asyncio.wait((task,), timeout=max(deadline - loop.time(), 0.0))
+        if not done:
+            raise TimeoutError(f"{self!r}: no reply within {self.timeout} s")
+        if task.cancelled():  # (by aclose, or inside the driver): never the caller's
+            if self._closing:
+                raise StoreClosed(f"{self!r} is closed")
+            raise ConnectionError(f"{self!r}: the command was cancelled inside the driver")
+        return task.result()
+
+    def _landed(self, task: asyncio.Task[Any]) -> None:
+        """A command ended: forget it; its error (if nobody waited for it) is consumed."""
+        self._inflight.discard(task)
+        for key in [k for k, t in self._serial.items() if t is task]:
+            del self._serial[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved" warning
 
     # -- breakers --------------------------------------------------------------------------
     def bind_breaker(self, breaker: CircuitBreaker) -> _BreakerLink:
@@ -584,14 +651,53 @@ class RedisStore:
     async def aclose(self) -> None:
         """Land the outcome writes in flight, then close the client if the store made it.
 
-        The wait is bounded: every write gives up after ``timeout`` seconds.
-        Afterwards the store opens no connection: its breakers decide on their
-        local state (as when Redis is away) and outcomes count there only.
+        Every wait is bounded: the writes get ``timeout`` seconds (a write
+        scheduled meanwhile is applied locally instead); commands still running
+        after that are cancelled and get ``timeout`` seconds more to end, and
+        closing the client gets ``timeout`` seconds too.  Whatever a driver
+        does, ``aclose`` returns.  Afterwards the store opens no connection: its
+        breakers decide on their local state (as when Redis is away) and
+        outcomes count there only.  Closing twice is harmless.
         """
-        await asyncio.gather(*(link.flush() for link in list(self._links)))
+        if self._closing:
+            return
+        await _bounded(
+            asyncio.gather(*(link.flush() for link in list(self._links))), self.timeout
+        )
+        self._closing = True  # from now on no new command starts
+        running = list(self._inflight)
+        if running:
+            _, late = await asyncio.wait(running, timeout=self.timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=self.timeout)
+        for link in list(self._links):
+            link.detach()
         self._closed = True
         if self._owns_client:
-            await self.client.aclose()
+            await _bounded(self.client.aclose(), self.timeout)
+
+
+async def _bounded(awaitable: Any, seconds: float) -> None:
+    """Await ``awaitable`` in a task of its own for at most ``seconds``; errors are dropped.
+
+    On time, the task is cancelled and left to end on its own: a closing step
+    must never hang its caller, whatever the driver does with a cancellation.
+    The caller's own cancellation still propagates at once.
+    """
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait((task,), timeout=seconds)
+    if not done:
+        task.cancel()
+        task.add_done_callback(_consume)
+        return
+    _consume(task)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class _BreakerLink:
@@ -829,8 +935,24 @@ class _BreakerLink:
             self._spawn("release", gen, 1)
 
     async def flush(self) -> None:
+        """Wait for the writes scheduled so far; at most about ``2 * timeout`` seconds.
+
+        Writes scheduled while waiting are waited for too, within the same bound
+        (a busy breaker must not keep ``aclose`` waiting for ever).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * self.store.timeout
         while self.pending:
-            await asyncio.gather(*list(self.pending), return_exceptions=True)
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            await asyncio.wait(list(self.pending), timeout=left)
+
+    def detach(self) -> None:
+        """The store closed: stop what is still scheduled (each is bounded anyway)."""
+        for task in list(self.pending):
+            task.cancel()
+        self.pending.clear()
 
     async def force(self, state: BreakerState, reason: str) -> None:
         if await self._op("force", _CODE_OF[state], reason) is None:
