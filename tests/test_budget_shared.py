@@ -799,3 +799,64 @@ def test_processes_all_see_the_budget_exhausted_within_the_lag_bound(
                 child.kill()
                 child.join()
     assert all(child.exitcode == 0 for child in children)
+
+
+# ---------------------------------------------------------------------------
+# never hang (issue 18)
+
+
+@pytest.mark.anyio
+async def test_aclose_returns_when_the_driver_swallows_the_cancellation_of_a_sync(
+    stores: Callable[..., RedisStore], name: str
+) -> None:
+    # The hang of 8 processes sharing a budget: a cancellation landing as the
+    # reply arrives was swallowed inside the driver, so the sync loop carried
+    # on to its next wait and aclose() waited for it for ever.
+    shared = SharedBudget(tokens(name), stores(timeout=0.3), sync_interval=0.01)
+    real = shared._script
+    inside, never = asyncio.Event(), asyncio.Event()
+
+    async def swallowing(**kwargs: Any) -> Any:
+        inside.set()
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            pass  # the driver swallows it and answers
+        return await real(**kwargs)
+
+    shared.on_attempt(False)
+    shared._script = swallowing
+    shared.start()
+    await inside.wait()
+    async with asyncio.timeout(5):  # (a hang fails here instead of stalling the suite)
+        await shared.aclose()
+    assert shared._task is None
+
+
+@pytest.mark.anyio
+async def test_aclose_returns_when_the_sync_task_ignores_cancellation(
+    stores: Callable[..., RedisStore], name: str
+) -> None:
+    store = stores(timeout=0.2)
+    shared = SharedBudget(tokens(name), store, sync_interval=0.01)
+    inside, done = asyncio.Event(), asyncio.Event()
+
+    async def stubborn(**kwargs: Any) -> Any:
+        inside.set()
+        while not done.is_set():
+            try:
+                await done.wait()
+            except asyncio.CancelledError:
+                continue  # never ends while the test runs
+        return None
+
+    shared._script = stubborn
+    shared.start()
+    await inside.wait()
+    try:
+        async with asyncio.timeout(5):
+            await shared.aclose()
+            await store.aclose()
+        assert store._closed
+    finally:
+        done.set()

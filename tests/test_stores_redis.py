@@ -702,3 +702,73 @@ def test_processes_all_see_the_breaker_open_within_the_cache_ttl(
         for child in children:
             child.kill()
             child.wait()
+
+
+# ---------------------------------------------------------------------------
+# never hang, and connections that last (issue 18)
+
+
+@pytest.mark.anyio
+async def test_aclose_returns_when_a_command_never_ends(
+    redis_server: RedisServer, name: str
+) -> None:
+    store = RedisStore(redis_server.url, cache_ttl=0.0, timeout=0.2)
+    breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=1), store=store)
+    assert await breaker.call_async(aok) == "ok"
+    done = asyncio.Event()
+    started = asyncio.Event()
+
+    async def stubborn(**kwargs: Any) -> Any:
+        started.set()
+        while not done.is_set():
+            try:
+                await done.wait()
+            except asyncio.CancelledError:
+                continue  # a driver that never lets go
+        return None
+
+    permit = await breaker.allow_async()
+    store._breaker_script = stubborn
+    permit.failure(Boom())  # a write that never lands
+    await started.wait()
+    try:
+        async with asyncio.timeout(5):
+            await store.aclose()
+        assert store._closed
+        with pytest.raises(Boom):  # decided locally now
+            await breaker.call_async(aboom)
+    finally:
+        done.set()
+
+
+@pytest.mark.anyio
+async def test_a_store_timeout_does_not_close_a_healthy_connection(
+    redis_server: RedisServer, name: str, seen: list[Event]
+) -> None:
+    # redis-py closes a connection whose command is cancelled mid-reply: the
+    # store's own timeout must not cancel the command, only stop waiting.
+    watcher = aioredis.Redis.from_url(redis_server.url)
+
+    async def received() -> int:
+        info = await watcher.info("stats")
+        return int(info["total_connections_received"])
+
+    store = RedisStore(redis_server.url, cache_ttl=0.0, timeout=0.1, retry_interval=0.0)
+    breaker = CircuitBreaker(name, store=store)
+    try:
+        assert await breaker.call_async(aok) == "ok"
+        before = await received()
+        await watcher.execute_command("CLIENT", "PAUSE", "300", "ALL")
+        assert await breaker.call_async(aok) == "ok"  # on local state: Redis paused
+        assert [type(e) for e in seen if isinstance(e, StoreFallback)] == [StoreFallback]
+        for _ in range(200):  # bounded: the paused command lands once the pause ends
+            if not store._inflight:
+                break
+            await asyncio.sleep(0.01)
+        assert not store._inflight
+        assert await breaker.call_async(aok) == "ok"
+        assert [type(e) for e in seen if isinstance(e, StoreResumed)] == [StoreResumed]
+        assert await received() == before  # not one new connection
+    finally:
+        await store.aclose()
+        await watcher.aclose()

@@ -533,8 +533,14 @@ class RedisStore:
         if isinstance(client, str):
             import redis.asyncio as aioredis
 
+            # The driver's own socket timeouts are looser than ``timeout``: the
+            # store stops *waiting* after ``timeout`` (see _eval) while the
+            # command lands on its connection; a driver timeout would close a
+            # healthy connection that is merely slow.  They still bound a
+            # blackholed server (the command then fails and its task ends).
+            slack = _driver_timeout(self.timeout)
             self.client = aioredis.Redis.from_url(
-                client, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+                client, socket_timeout=slack, socket_connect_timeout=slack
             )
             self._owns_client = True
         elif hasattr(client, "register_script") and hasattr(client, "evalsha"):
@@ -677,6 +683,11 @@ class RedisStore:
         self._closed = True
         if self._owns_client:
             await _bounded(self.client.aclose(), self.timeout)
+
+
+def _driver_timeout(timeout: float) -> float:
+    """Socket timeouts of a client the store makes: 4x its own, at least 2 s (seconds)."""
+    return max(4.0 * timeout, 2.0)
 
 
 async def _bounded(awaitable: Any, seconds: float) -> None:
