@@ -772,3 +772,87 @@ async def test_a_store_timeout_does_not_close_a_healthy_connection(
     finally:
         await store.aclose()
         await watcher.aclose()
+
+
+_LOAD_CHILD = r"""
+import asyncio, json, sys
+from datapunk_recovery import events
+from datapunk_recovery.breaker import CircuitBreaker, StoreFallback
+from datapunk_recovery.budget import TokenBudget
+from datapunk_recovery.stores.budget_redis import SharedBudget
+from datapunk_recovery.stores.redis import RedisStore
+
+async def main(url, name, tasks, calls):
+    fallbacks = []
+    events.subscribe(lambda e: fallbacks.append(e) if isinstance(e, StoreFallback) else None)
+    store = RedisStore(url)  # default settings, as users run it
+    breaker = CircuitBreaker(name, store=store)
+    budget = SharedBudget(TokenBudget(name), store, sync_interval=0.001)
+    real = budget._script
+
+    async def swallowing(**kwargs):
+        # redis-py may swallow a cancellation landing with its reply: do it every
+        # time, on a reply that takes a while (a busy loop), so stopping the sync
+        # loop lands there.
+        try:
+            await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            pass
+        return await real(**kwargs)
+
+    budget._script = swallowing
+    budget.start()
+
+    async def ok():
+        await asyncio.sleep(0)
+        return 1
+
+    async def task():
+        for _ in range(calls):
+            await breaker.call_async(ok)
+            budget.on_attempt(True)
+
+    await asyncio.gather(*(task() for _ in range(tasks)))
+    await budget.aclose()
+    await store.aclose()
+    print(json.dumps({"calls": tasks * calls, "fallbacks": len(fallbacks)}), flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+"""
+
+
+@pytest.mark.drill
+def test_drill_processes_sharing_a_breaker_and_a_budget_all_finish(
+    name: str, redis_server: RedisServer
+) -> None:
+    # Issue 18: 1-3 of 8 processes never finished, in the calls or in aclose().
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "src"))
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LOAD_CHILD, redis_server.url, name, "100", "10"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(4)
+    ]
+    hung = []
+    reports = []
+    deadline = time.monotonic() + 18
+    try:
+        for child in children:
+            try:
+                out, err = child.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                hung.append(child.pid)
+                continue
+            assert child.returncode == 0, err
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    assert not hung, f"processes that never finished: {hung}"
+    assert [r["calls"] for r in reports] == [1000] * 4
