@@ -667,9 +667,7 @@ class RedisStore:
         """
         if self._closing:
             return
-        await _bounded(
-            asyncio.gather(*(link.flush() for link in list(self._links))), self.timeout
-        )
+        await _bounded(asyncio.gather(*(link.flush() for link in list(self._links))), self.timeout)
         self._closing = True  # from now on no new command starts
         running = list(self._inflight)
         if running:
