@@ -856,3 +856,149 @@ def test_drill_processes_sharing_a_breaker_and_a_budget_all_finish(
                 child.wait()
     assert not hung, f"processes that never finished: {hung}"
     assert [r["calls"] for r in reports] == [1000] * 4
+
+
+# ---------------------------------------------------------------------------
+# forced and open states outlive their keys (issue 13 item 3)
+
+
+@pytest.fixture
+def private_redis() -> Any:
+    """A Redis of the test's own, to restart empty on the same port."""
+    server = RedisServer()
+    try:
+        server.start()
+    except Exception as exc:  # same rule as the session servers
+        server.close()
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"redis-server unavailable: {exc}", pytrace=False)
+        pytest.skip(f"redis-server unavailable: {exc}")
+    yield server
+    server.close()
+
+
+async def refused_within(breaker: CircuitBreaker, tries: int = 300) -> None:
+    """Bounded polling: ``breaker`` refuses a call within ``tries`` short looks."""
+    for _ in range(tries):
+        try:
+            await breaker.call_async(aok)
+        except CircuitOpenError:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{breaker.name} kept admitting calls")
+
+
+def state_key(name: str) -> str:
+    return f"datapunk:{{breaker:{name}}}:state"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("force", "state"),
+    [
+        ("isolate_async", BreakerState.FORCED_OPEN),
+        ("disable_async", BreakerState.DISABLED),
+        ("metrics_only_async", BreakerState.METRICS_ONLY),
+    ],
+)
+async def test_a_forced_state_is_kept_without_expiry_until_reset(
+    stores: Callable[..., RedisStore], name: str, force: str, state: BreakerState
+) -> None:
+    store = stores(key_ttl=0.5)
+    config = BreakerConfig(open_duration=0.05, max_open_duration=0.1)
+    breaker = CircuitBreaker(name, config, store=store)
+    await getattr(breaker, force)()
+    assert await store.client.pttl(state_key(name)) == -1  # no expiry while forced
+    await breaker.reset_async()
+    assert 0 < await store.client.pttl(state_key(name)) <= 500  # expires again once reset
+
+
+@pytest.mark.anyio
+async def test_an_isolated_breaker_is_reasserted_when_its_keys_expire(
+    stores: Callable[..., RedisStore], name: str
+) -> None:
+    holder = CircuitBreaker(name, store=stores(key_ttl=0.5))
+    await holder.isolate_async()
+    await holder._link.store.client.delete(state_key(name))  # type: ignore[union-attr]
+    other = CircuitBreaker(name, store=stores())  # another process, no memory of it
+    await refused_within(other)  # the holder's keeper re-asserted it
+    assert other.state is BreakerState.FORCED_OPEN
+    with pytest.raises(CircuitOpenError):
+        await holder.call_async(aok)
+
+
+@pytest.mark.anyio
+async def test_an_isolated_breaker_survives_an_empty_restart(
+    private_redis: RedisServer, stores: Callable[..., RedisStore], name: str, seen: list[Event]
+) -> None:
+    holder = CircuitBreaker(name, store=stores(private_redis.url, retry_interval=0.0))
+    await holder.isolate_async()
+    private_redis.restart()  # empty: the shared state is gone
+    other = CircuitBreaker(name, store=stores(private_redis.url))
+    await refused_within(other)
+    assert other.state is BreakerState.FORCED_OPEN
+    with pytest.raises(CircuitOpenError):  # and the holder never admitted a call
+        await holder.call_async(aok)
+    assert not [
+        e
+        for e in seen
+        if isinstance(e, BreakerStateChanged)
+        and e.operation == name
+        and e.to_state is BreakerState.CLOSED
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_breaker_isolated_while_redis_was_away_is_pushed_when_it_answers(
+    private_redis: RedisServer, stores: Callable[..., RedisStore], name: str
+) -> None:
+    holder = CircuitBreaker(name, store=stores(private_redis.url, retry_interval=0.0, timeout=0.2))
+    assert await holder.call_async(aok) == "ok"
+    private_redis.stop()
+    await holder.isolate_async()  # Redis away: obeyed here, remembered
+    with pytest.raises(CircuitOpenError):
+        await holder.call_async(aok)
+    private_redis.start()
+    other = CircuitBreaker(name, store=stores(private_redis.url))
+    await refused_within(other)
+    assert other.state is BreakerState.FORCED_OPEN
+
+
+@pytest.mark.anyio
+async def test_a_reset_elsewhere_lets_the_holder_go(
+    private_redis: RedisServer, stores: Callable[..., RedisStore], name: str
+) -> None:
+    holder = CircuitBreaker(name, store=stores(private_redis.url))
+    await holder.isolate_async()
+    other = CircuitBreaker(name, store=stores(private_redis.url))
+    await other.reset_async()  # the operator changed their mind, from another process
+    assert await holder.call_async(aok) == "ok"  # the holder read the reset...
+    private_redis.restart()
+    assert await holder.call_async(aok) == "ok"  # ...and does not force it back
+    assert await other.call_async(aok) == "ok"
+    assert other.state is BreakerState.CLOSED
+
+
+@pytest.mark.anyio
+async def test_an_open_breaker_stays_open_through_an_empty_restart(
+    private_redis: RedisServer, stores: Callable[..., RedisStore], name: str
+) -> None:
+    config = BreakerConfig(consecutive_failures=1, open_duration=30.0)
+    breaker = CircuitBreaker(name, config, store=stores(private_redis.url, retry_interval=0.0))
+    await trip(breaker, 1)
+    await breaker._flush()
+    with pytest.raises(CircuitOpenError):
+        await breaker.call_async(aok)
+    private_redis.restart()  # empty
+    other = CircuitBreaker(name, config, store=stores(private_redis.url))
+    for _ in range(300):  # bounded: the holder's next round trip re-asserts it
+        with pytest.raises(CircuitOpenError):  # its open period still runs here...
+            await breaker.call_async(aok)
+        try:
+            await other.call_async(aok)
+        except CircuitOpenError:
+            break  # ...and every process sees it again
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the open state was lost with the restart")
+    assert 20.0 < other.retry_after() <= 30.0

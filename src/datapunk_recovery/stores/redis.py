@@ -76,6 +76,10 @@ _CODES: Final = (
 )
 _CODE_OF: Final = {state: i for i, state in enumerate(_CODES)}
 _PASSING: Final = frozenset({BreakerState.CLOSED, BreakerState.DISABLED, BreakerState.METRICS_ONLY})
+# States an operator forces: kept without expiry, re-asserted by the process holding them.
+_HELD: Final = frozenset(
+    {BreakerState.FORCED_OPEN, BreakerState.DISABLED, BreakerState.METRICS_ONLY}
+)
 _REASONS: Final = frozenset(
     {
         "",
@@ -98,12 +102,13 @@ _MAX_REMAINING_US: Final = 10**13  # ~116 days: anything longer is garbage
 
 # One script per primitive: ARGV[1] is the operation (read, acquire, record,
 # release, force), ARGV[2] the configuration as JSON, ARGV[3] a uniform random
-# number for the open-duration jitter, the rest the operation's arguments.
+# number for the open-duration jitter, then the operation's arguments, and last
+# the state the caller holds (code or -1) with its seconds left (see "hold").
 # Reply: {state, generation, remaining_us, granted (0/1/2=probe), free permits,
 # consecutive failures, window calls, window failures, window slow calls,
 # corrupt (0: no, 1: reset, 2: an open or half-open period longer than this
 # configuration allows, shortened), reason of a transition made now (or ""),
-# shadow trip (0/1)}.
+# shadow trip (0/1), pristine (1: made from nothing and no transition since)}.
 # Every number read is checked: integers must be exact in a Lua number (at
 # most 2^52, or the reply would carry a garbled integer and every process
 # would fall back for good), times finite, a window head not in the future.
@@ -134,12 +139,17 @@ end
 local S
 local function fresh(g)
   S = {s = CLOSED, g = g, ou = 0, hu = 0, c = 0, pi = 0, po = 0, r = 0,
-       wc = 0, wf = 0, ws = 0, wp = 0, wh = false, wz = ''}
+       wc = 0, wf = 0, ws = 0, wp = 0, wh = false, wz = '', p = 1}
 end
 
 local corrupt = 0
+-- The last two arguments: a state the caller holds (-1: none) and, for an
+-- open one, the seconds it has left.  They are obeyed only by a fresh state
+-- (the keys expired, or Redis restarted empty): an operator's forced state,
+-- or an open period still running, is never lost with the keys.
+local hold, hold_left = tonumber(ARGV[#ARGV - 1]) or -1, tonumber(ARGV[#ARGV]) or 0
 local raw = redis.call('HMGET', key, 's', 'g', 'ou', 'hu', 'c', 'pi', 'po', 'r',
-                       'wc', 'wf', 'ws', 'wp', 'wh', 'wz')
+                       'wc', 'wf', 'ws', 'wp', 'wh', 'wz', 'p')
 if raw[1] == false and raw[2] == false then
   -- A new (or expired, or lost with a restart) state starts at Redis's time
   -- in ms: above every generation handed out before, so a link never takes
@@ -149,7 +159,8 @@ else
   S = {s = int(raw[1]), g = int(raw[2]), ou = num(raw[3]), hu = num(raw[4]),
        c = int(raw[5]), pi = int(raw[6]), po = int(raw[7]), r = int(raw[8]),
        wc = int(raw[9]), wf = int(raw[10]), ws = int(raw[11]), wp = int(raw[12]),
-       wh = false, wz = raw[14] or ''}
+       wh = false, wz = raw[14] or '', p = 0}
+  if raw[15] == '1' then S.p = 1 end
   local whok = true
   if raw[13] then
     S.wh = num(raw[13])
@@ -192,6 +203,14 @@ end
 if S.s == HALF and S.hu - now > cfg.ht + 0.001 then
   S.hu = now + cfg.ht
   if corrupt == 0 then corrupt = 2 end
+end
+
+-- (pristine: made from nothing and never changed state since)
+if S.p == 1 and (hold == FORCED or hold == DISABLED or hold == METRICS) then
+  S.s, S.g, S.p = hold, S.g + 1, 0
+elseif S.p == 1 and hold == OPEN and hold_left > 0 then
+  S.s, S.g, S.p, S.r = OPEN, S.g + 1, 0, 1
+  S.ou = now + math.min(hold_left, longest)
 end
 
 local function win_advance()
@@ -253,6 +272,7 @@ local reason_out, shadow = '', 0
 local function to(new, reason)
   S.s = new
   S.g = S.g + 1
+  S.p = 0
   reason_out = reason
   if new == HALF then
     S.pi, S.po, S.hu = 0, 0, now + cfg.ht
@@ -342,10 +362,15 @@ if S.wh ~= false then wh = string.format('%.0f', S.wh) end
 redis.call('HSET', key, 's', S.s, 'g', string.format('%.0f', S.g),
            'ou', string.format('%.6f', S.ou), 'hu', string.format('%.6f', S.hu),
            'c', S.c, 'pi', S.pi, 'po', S.po, 'r', S.r, 'wc', S.wc, 'wf', S.wf,
-           'ws', S.ws, 'wp', S.wp, 'wz', S.wz)
+           'ws', S.ws, 'wp', S.wp, 'wz', S.wz, 'p', S.p)
 if wh == '' then redis.call('HDEL', key, 'wh') else redis.call('HSET', key, 'wh', wh) end
 local ttl = cfg.kt
-redis.call('PEXPIRE', key, ttl)
+if S.s == FORCED or S.s == DISABLED or S.s == METRICS then
+  -- an operator's decision does not expire with traffic: kept until reset
+  redis.call('PERSIST', key)
+else
+  redis.call('PEXPIRE', key, ttl)
+end
 if redis.call('EXISTS', ringk) == 1 then redis.call('PEXPIRE', ringk, ttl) end
 if redis.call('EXISTS', wink) == 1 then redis.call('PEXPIRE', wink, ttl) end
 
@@ -354,7 +379,7 @@ if S.s == OPEN then rem = S.ou - now elseif S.s == HALF then rem = S.hu - now en
 if rem < 0 then rem = 0 end
 -- (free permits never below 0: another process may allow fewer probes)
 return {S.s, S.g, math.floor(rem * 1000000), granted, math.max(0, cfg.hp - S.pi), S.c,
-        S.wc, S.wf, S.ws, corrupt, reason_out, shadow}
+        S.wc, S.wf, S.ws, corrupt, reason_out, shadow, S.p}
 """
 
 
@@ -389,6 +414,7 @@ class _Shared:
         "gen",
         "granted",
         "reason",
+        "pristine",
         "shadow",
         "slow",
         "state",
@@ -396,8 +422,8 @@ class _Shared:
     )
 
     def __init__(self, reply: Any, now: float) -> None:
-        if not isinstance(reply, list | tuple) or len(reply) != 12:
-            raise _Corrupt("reply is not a 12-item array")
+        if not isinstance(reply, list | tuple) or len(reply) != 13:
+            raise _Corrupt("reply is not a 13-item array")
         ints = reply[:10]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
             raise _Corrupt("reply fields are not non-negative integers")
@@ -413,6 +439,8 @@ class _Shared:
             raise _Corrupt("unknown transition reason")
         if type(reply[11]) is not int or reply[11] not in (0, 1):
             raise _Corrupt("shadow trip flag is not 0 or 1")
+        if type(reply[12]) is not int or reply[12] not in (0, 1):
+            raise _Corrupt("pristine flag is not 0 or 1")
         self.state = _CODES[code]
         self.gen: int = gen
         #: When the open period (or the half-open time limit) ends, on the local clock.
@@ -425,6 +453,8 @@ class _Shared:
         self.slow: int = slow
         self.reason: str = reason
         self.shadow = reply[11] == 1
+        #: Made from nothing (keys expired, Redis restarted empty) and unchanged since.
+        self.pristine = reply[12] == 1
         #: 0: sound; 1: did not parse, reset; 2: a period too long, shortened.
         self.corrupt = corrupt
 
@@ -722,14 +752,36 @@ class _BreakerLink:
         self.retry_at = 0.0
         self.refreshing = False
         self.pending: set[asyncio.Task[Any]] = set()
+        # The state this process forced (isolate, disable, metrics only) until
+        # a reset, here or in another process: it is re-asserted on a fresh
+        # shared state (keys expired, Redis restarted empty) by every round
+        # trip, and by a keeper task while the breaker is forced.
+        self.forced: BreakerState | None = None
+        self.forced_reason = ""
+        self.force_unsent = False  # forced while Redis was away: push it when it answers
+        self.keeper: asyncio.Task[None] | None = None
+        self.stop_keeping: asyncio.Event | None = None
+
+    def _hold(self) -> tuple[int, str]:
+        """The state this process holds for a fresh shared state: (code or -1, seconds left)."""
+        forced = self.forced
+        if forced is not None:
+            return _CODE_OF[forced], "0"
+        cached = self.cached
+        if cached is not None and cached.state is BreakerState.OPEN:
+            left = cached.until - clock.now()
+            if left > 0:
+                return _CODE_OF[BreakerState.OPEN], repr(left)
+        return -1, "0"
 
     # -- store calls --------------------------------------------------------------------
     async def _op(self, op: str, *args: Any) -> _Shared | None:
         """Run ``op``; on success update the cache and return it, else fall back (None)."""
         store, core = self.store, self.core
         config = core.config
+        hold = self._hold() if op != "force" else (-1, "0")
         try:
-            reply = await store.breaker_op(self.breaker.name, config, op, *args)
+            reply = await store.breaker_op(self.breaker.name, config, op, *args, *hold)
             shared = _Shared(reply, clock.now())
         except _Corrupt as exc:
             if core.listening():
@@ -766,6 +818,13 @@ class _BreakerLink:
             return
         self.cached = shared
         self.fetched_at = now
+        if (
+            self.forced is not None
+            and not self.force_unsent
+            and shared.state is not self.forced
+            and not shared.pristine
+        ):
+            self.forced = None  # changed elsewhere (a reset in another process): let go
         if not core.listening():
             return
         if shared.corrupt:
@@ -962,10 +1021,51 @@ class _BreakerLink:
         for task in list(self.pending):
             task.cancel()
         self.pending.clear()
+        if self.stop_keeping is not None:
+            self.stop_keeping.set()
+        if self.keeper is not None:
+            self.keeper.cancel()
 
     async def force(self, state: BreakerState, reason: str) -> None:
+        held = state in _HELD
+        self.forced = state if held else None
+        self.forced_reason = reason
+        self.force_unsent = False
         if await self._op("force", _CODE_OF[state], reason) is None:
             self.core.force(state, reason)  # at least this process obeys
+            self.force_unsent = True  # and Redis learns it when it answers again
+        if held or self.force_unsent:
+            self._keep()
+
+    def _keep(self) -> None:
+        """Start the keeper task (one per link, owned; ended by detach)."""
+        if self.keeper is not None and not self.keeper.done():
+            return
+        self.stop_keeping = asyncio.Event()
+        self.keeper = asyncio.get_running_loop().create_task(
+            self._keeping(self.stop_keeping), name=f"datapunk-breaker-keeper:{self.core.name}"
+        )
+
+    async def _keeping(self, stop: asyncio.Event) -> None:
+        """While this process holds a forced state: re-read it (re-asserting it on a
+        fresh shared state) every ``cache_ttl`` seconds (at least 0.05), and push a
+        force made while Redis was away once it answers.  Every step is bounded
+        by the store's ``timeout``."""
+        interval = max(self.store.cache_ttl, 0.05)
+        while (self.forced is not None or self.force_unsent) and not self.store._closing:
+            waiter = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait((waiter,), timeout=interval)
+            finally:
+                waiter.cancel()
+            if stop.is_set() or self.store._closing:
+                return
+            if self.force_unsent:
+                state = self.forced or BreakerState.CLOSED
+                if await self._op("force", _CODE_OF[state], self.forced_reason) is not None:
+                    self.force_unsent = False
+            elif self.forced is not None:
+                await self._op("read")
 
     # -- inspection ------------------------------------------------------------------------
     def _refusing(self) -> bool:
