@@ -60,8 +60,14 @@ state it adopted (``on_unavailable="local"``, the default, taken from the
 store) or refuses every retry (``"closed"``) and emits
 :class:`BudgetStoreFallback`.  Redis is tried again every
 ``store.retry_interval`` seconds; when it answers, the budget adopts the
-shared state again (:class:`BudgetStoreResumed`).  As for breakers, outcomes
-counted while Redis was away stay local: they are not pushed on resume.
+shared state again (:class:`BudgetStoreResumed`).  Every sync sends what
+was counted since the last batch Redis acknowledged, so outcomes counted while
+Redis was away (and a batch whose sync failed or timed out) are merged into
+the shared state when it answers again, never overwritten by it; the link key
+makes a batch that did land count once.  A shared state found missing (its
+keys expired, or Redis restarted empty) starts from the syncing process's own
+budget (its fill, or its window's counts in the current bucket), so an empty
+restart never refills a budget this process saw drained.
 Redis errors never reach a caller: only the background task talks to Redis.
 
 Async only, asyncio only (redis.asyncio): :meth:`SharedBudget.start` needs a
@@ -158,7 +164,9 @@ end
 """
 
 # KEYS: state, link.  ARGV: max_tokens, token_ratio, ttl_ms, then the batch as
-# cumulative counts: successes from, to, failures from, to.
+# cumulative counts: successes from, to, failures from, to; last, the sender's
+# local fill, which already counts the batch: a bucket found missing (expired,
+# or lost with an empty restart) starts from it, not full.
 # Reply: {tokens as a decimal string, corrupt reason or ""}.
 _TOKENS_LUA: Final = (
     _LUA_COMMON
@@ -166,10 +174,12 @@ _TOKENS_LUA: Final = (
 local key, linkk = KEYS[1], KEYS[2]
 local top, ratio, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local sf, st, ff, ft = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local here = num(ARGV[8])
 hash_or_drop(key, 'state')
 hash_or_drop(linkk, 'link')
 local tokens = top
 local raw = redis.call('HGET', key, 't')
+local ls, lf
 if raw then
   local t = num(raw)
   if t == nil or t < 0 then
@@ -177,8 +187,13 @@ if raw then
   else
     tokens = math.min(t, top)
   end
+  ls, lf = applied(linkk, sf, ff, st, ft)
+elseif here ~= nil and here >= 0 and corrupt == '' then
+  -- No bucket: start from what the sender holds (its batch included).
+  tokens, ls, lf = math.min(here, top), st, ft
+else
+  ls, lf = applied(linkk, sf, ff, st, ft)
 end
-local ls, lf = applied(linkk, sf, ff, st, ft)
 if st > ls then tokens = math.min(tokens + (st - ls) * ratio, top); ls = st end
 if ft > lf then tokens = math.max(tokens - (ft - lf), 0); lf = ft end
 local out = string.format('%.17g', tokens)
@@ -190,7 +205,10 @@ return {out, corrupt}
 )
 
 # KEYS: window, link.  ARGV: buckets, bucket width (microseconds), ttl_ms,
-# then the batch: attempts from, to, granted retries from, to.
+# then the batch: attempts from, to, granted retries from, to; last, the
+# attempts and retries the sender's window holds (its batch included): a
+# window found missing (expired, or lost with an empty restart) starts from
+# them, in the current bucket, not empty.
 # Reply: {corrupt reason or "", attempts, retries of the current bucket, of
 # the one before, ... (buckets pairs, newest first)}.
 _RATIO_LUA: Final = (
@@ -200,6 +218,7 @@ _RATIO_LUA: Final = (
 local key, linkk = KEYS[1], KEYS[2]
 local n, width, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local af, at, rf, rt = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local ha, hr = count(ARGV[8]), count(ARGV[9])
 local time = redis.call('TIME')
 local epoch = math.floor((tonumber(time[1]) * 1000000 + tonumber(time[2])) / width)
 hash_or_drop(key, 'window')
@@ -230,7 +249,13 @@ if bad then
 end
 local idx = epoch % n
 if E[idx] ~= epoch then E[idx], A[idx], R[idx] = epoch, 0, 0 end
-local la, lr = applied(linkk, af, rf, at, rt)
+local la, lr
+if #flat == 0 and ha ~= nil and hr ~= nil and corrupt == '' then
+  -- No window: start from what the sender counted (its batch included).
+  A[idx], R[idx], la, lr = ha, hr, at, rt
+else
+  la, lr = applied(linkk, af, rf, at, rt)
+end
 if at > la then A[idx] = A[idx] + (at - la); la = at end
 if rt > lr then R[idx] = R[idx] + (rt - lr); lr = rt end
 redis.call('HSET', key, 'z', shape, 'e' .. idx, string.format('%.0f', epoch),
@@ -575,12 +600,16 @@ class SharedBudget:
                 return False
             with self._lock:
                 sent = (self._x, self._y)
+                here = self._here()
                 self._unsynced = 0
-            # While Redis is away, what is counted stays local: the sync that
-            # resumes sharing sends no batch, it only reads.
-            base = sent if self._down_since is not None else self._acked
+            # Always from what Redis is known to hold: a batch whose sync failed
+            # or timed out (Redis paused, blackholed, restarted) is resent by the
+            # next one, and what was counted while Redis was away is merged into
+            # the shared state when it answers again, never overwritten by it.
+            # (The link key makes a resent batch count once.)
+            base = self._acked
             try:
-                reply = await self._call(base, sent)
+                reply = await self._call(base, sent, here)
                 adopt, reason = self._reading(reply)
             except _Corrupt as exc:
                 self._corrupt(str(exc))
@@ -606,8 +635,20 @@ class SharedBudget:
         window, reason = _parse_window(reply, budget.config.buckets)
         return (lambda dx, dy: budget._adopt(window, dx, dy)), reason
 
-    async def _call(self, base: tuple[int, int], sent: tuple[int, int]) -> Any:
-        args = [*self._args, self._ttl_ms, base[0], sent[0], base[1], sent[1]]
+    def _here(self) -> tuple[str, ...]:
+        """What the local budget holds (lock held): the seed of a shared state found missing."""
+        budget = self.budget
+        if isinstance(budget, TokenBudget):
+            return (repr(budget.tokens),)
+        with budget._lock:
+            _, epoch = budget._slot(clock.now())
+            attempts, retries = budget._totals(epoch)
+        return (str(attempts), str(retries))
+
+    async def _call(
+        self, base: tuple[int, int], sent: tuple[int, int], here: tuple[str, ...] = ()
+    ) -> Any:
+        args = [*self._args, self._ttl_ms, base[0], sent[0], base[1], sent[1], *here]
         # serial: a batch whose caller gave up on the reply lands before the next one
         return await self.store._eval(self._script, self._keys, args, serial=self)
 
