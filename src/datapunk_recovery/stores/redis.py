@@ -27,7 +27,10 @@ Redis errors never reach the caller: every store operation is bounded by
 local state (``on_unavailable="local"``, calls keep flowing and are judged
 locally) or refuses every call (``"closed"``) until Redis answers again; the
 store is tried again every ``retry_interval`` seconds.  Sharing then resumes;
-outcomes recorded locally during the outage are not pushed to Redis.
+outcomes recorded locally during the outage are not pushed to Redis.  A
+forced state, and an open period still running, outlive the keys: the
+process holding them re-asserts them on a pristine shared state (keys
+expired, or Redis restarted empty).
 
 Async only, asyncio only (redis.asyncio); a sync breaker asked to use it raises
 ``TypeError``.  Time in shared state is Redis's own clock (``TIME``), so
