@@ -102,6 +102,7 @@ _REASONS: Final = frozenset(
     }
 )
 _MAX_REMAINING_US: Final = 10**13  # ~116 days: anything longer is garbage
+_MAX_RUNS: Final = 256  # runs in a batch before they are folded (see _BreakerLink._merge)
 
 # One script per primitive: ARGV[1] is the operation (read, acquire, record,
 # release, force), ARGV[2] the configuration as JSON, ARGV[3] a uniform random
@@ -352,6 +353,31 @@ elseif op == 'record' then
       end
     end
   end
+elseif op == 'batch' then
+  -- Outcomes of closed calls aggregated by one process, in order, as runs
+  -- "<code>x<count>,..." (code: 1 failed + 2 slow).  Each is judged as a
+  -- 'record' would be; once one trips the breaker the rest belong to an
+  -- older generation and count for nothing, exactly as if sent one by one.
+  local gen = tonumber(ARGV[4])
+  for code, n in string.gmatch(ARGV[5], '(%d)x(%d+)') do
+    code, n = tonumber(code), tonumber(n)
+    local failed, slow = code % 2, math.floor(code / 2) % 2
+    for _ = 1, n do
+      if gen ~= S.g or (S.s ~= CLOSED and S.s ~= METRICS) then break end
+      if failed == 1 then S.c = S.c + 1 else S.c = 0 end
+      win_add(failed, slow)
+      local reason = judge()
+      if reason then
+        if S.s == METRICS then
+          clear_counts()
+          shadow = 1
+          reason_out = reason
+        else
+          open(nil, reason)
+        end
+      end
+    end
+  end
 elseif op == 'release' then
   local gen, probe = tonumber(ARGV[4]), tonumber(ARGV[5])
   if probe == 1 and gen == S.g and S.s == HALF and S.pi > 0 then S.pi = S.pi - 1 end
@@ -531,6 +557,15 @@ class RedisStore:
     - ``max_pending``: Redis commands in flight per store (and outcome writes
       per breaker); past it, the caller decides locally at once and outcomes
       are applied locally (so a slow Redis cannot pile up tasks).  Default 256.
+    - ``flush_interval``: outcomes of closed calls are aggregated per breaker
+      and sent in one script call; a batch holding a failure or a slow call
+      is sent within this many seconds (default 0.005), a batch of plain
+      successes within ``cache_ttl`` (or with the next read, which carries
+      it).  A batch that would trip the breaker is sent at once, as are probe
+      results and server delays.
+    - ``flush_max``: a batch of this many outcomes is sent at once (default
+      200): with it, a busy closed breaker sends at most one command per
+      ``flush_max`` calls, plus one read per ``cache_ttl``.
     """
 
     kind = "redis"
@@ -547,12 +582,16 @@ class RedisStore:
         key_ttl: float = 3600.0,
         on_unavailable: Literal["local", "closed"] = "local",
         max_pending: int = 256,
+        flush_interval: float = 0.005,
+        flush_max: int = 200,
     ) -> None:
         self.cache_ttl = check_seconds(_OWNER, "cache_ttl", cache_ttl)
         self.timeout = check_seconds(_OWNER, "timeout", timeout, positive=True)
         self.retry_interval = check_seconds(_OWNER, "retry_interval", retry_interval)
         self.key_ttl = check_seconds(_OWNER, "key_ttl", key_ttl, positive=True)
         self.max_pending = check_count(_OWNER, "max_pending", max_pending)
+        self.flush_interval = check_seconds(_OWNER, "flush_interval", flush_interval)
+        self.flush_max = check_count(_OWNER, "flush_max", flush_max)
         if on_unavailable not in ("local", "closed"):
             raise ValueError(
                 f"{_OWNER}.on_unavailable: expected 'local' or 'closed', got {on_unavailable!r}"
@@ -764,6 +803,16 @@ class _BreakerLink:
         self.force_unsent = False  # forced while Redis was away: push it when it answers
         self.keeper: asyncio.Task[None] | None = None
         self.stop_keeping: asyncio.Event | None = None
+        # Outcomes of closed calls not sent yet, as runs [code, count] in order
+        # (code: 1 failed + 2 slow), all of generation batch_gen; one send in
+        # flight at a time (sending), started by a timer or at once.
+        self.batch: list[list[int]] = []
+        self.batch_gen = -1
+        self.batch_n = self.batch_failed = self.batch_slow = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.sending: asyncio.Task[None] | None = None
+        #: Times a batch was merged (counts kept, order of outcomes folded).
+        self.merged = 0
 
     def _hold(self) -> tuple[int, str]:
         """The state this process holds for a fresh shared state: (code or -1, seconds left)."""
@@ -946,6 +995,15 @@ class _BreakerLink:
     async def _refresh(self) -> _Shared | None:
         self.refreshing = True
         try:
+            if self.batch or (self.sending is not None and not self.sending.done()):
+                # The read waits for this process's own outcomes: their send
+                # returns the shared state, so it is the read (no extra round trip).
+                self._kick()
+                sending = self.sending
+                if sending is not None:
+                    await asyncio.wait((sending,), timeout=2 * self.store.timeout)
+                    if sending.done() and self.down_since is None and self.cached is not None:
+                        return self.cached
             return await self._op("read")
         finally:
             self.refreshing = False
@@ -996,10 +1054,129 @@ class _BreakerLink:
         duration: float | None,
         hint: float | None,
     ) -> None:
-        args = (gen, int(probe), int(failed), int(slow), -1.0 if hint is None else hint)
-        if not self._spawn("record", *args):
+        store = self.store
+        if self.down_since is not None or store._closing or store._closed:
             # Redis is away: the outcome still counts, on the local state.
             self.core.record(-1, False, failed, slow, duration, hint)
+            return
+        if probe or hint is not None:
+            # a probe result or a server delay is a transition: sent at once
+            args = (gen, int(probe), int(failed), int(slow), -1.0 if hint is None else hint)
+            if not self._spawn("record", *args):
+                self.core.record(-1, False, failed, slow, duration, hint)
+            return
+        self._add(gen, int(failed) + 2 * int(slow))
+
+    def _add(self, gen: int, code: int) -> None:
+        """Aggregate one outcome of a closed call; send when due (see RedisStore)."""
+        if self.batch and gen != self.batch_gen:
+            self._kick()  # another generation: the batch so far goes now
+            if self.batch:  # (a send is in flight: it will take this one first)
+                self._send_sync_fallback()
+        runs = self.batch
+        if runs and runs[-1][0] == code:
+            runs[-1][1] += 1
+        else:
+            runs.append([code, 1])
+        self.batch_gen = gen
+        self.batch_n += 1
+        self.batch_failed += code & 1
+        self.batch_slow += code >> 1
+        if len(runs) > _MAX_RUNS:
+            self._merge()
+        store = self.store
+        if self.batch_n >= store.flush_max or (code and self._would_trip()):
+            self._kick()
+            return
+        delay = store.flush_interval if code or self.batch_failed or self.batch_slow else None
+        self._arm(max(store.cache_ttl, 0.05) if delay is None else delay)
+
+    def _send_sync_fallback(self) -> None:
+        """A batch of an older generation still waits behind a send in flight: its
+        outcomes count for nothing in Redis (the generation moved on), so drop
+        them the way the script would."""
+        self.batch, self.batch_n, self.batch_failed, self.batch_slow = [], 0, 0, 0
+
+    def _merge(self) -> None:
+        """Too many runs (a send is slow to land): fold them into one run per kind.
+
+        Counts are additive, so nothing is lost; only the order within the batch
+        is folded (successes first, failures last, which never trips later than
+        the real order would for the consecutive rule).
+        """
+        totals = [0, 0, 0, 0]
+        for code, n in self.batch:
+            totals[code] += n
+        self.batch = [[code, totals[code]] for code in (0, 2, 1, 3) if totals[code]]
+        self.merged += 1
+
+    def _would_trip(self) -> bool:
+        """Whether the shared state as last read plus this batch may trip the breaker."""
+        cached = self.cached
+        if cached is None:
+            return True
+        config = self.core.config
+        runs = self.batch
+        if all(code & 1 for code, _ in runs):
+            consecutive = cached.consecutive + self.batch_n
+        else:
+            consecutive = runs[-1][1] if runs[-1][0] & 1 else 0
+        cf = config.consecutive_failures
+        if cf and consecutive >= cf:
+            return True
+        if config.windowed:
+            calls = cached.calls + self.batch_n
+            if calls >= config.minimum_calls:
+                fr, sr = config.failure_rate_threshold, config.slow_call_rate_threshold
+                if fr and cached.failures + self.batch_failed >= fr * calls:
+                    return True
+                if sr and cached.slow + self.batch_slow >= sr * calls:
+                    return True
+        return False
+
+    def _arm(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        timer = self.timer
+        if timer is not None:
+            if timer.when() <= loop.time() + delay:
+                return
+            timer.cancel()
+        self.timer = loop.call_later(delay, self._kick)
+
+    def _kick(self) -> None:
+        """Send the batch now (one send in flight; one waiting is taken by it)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.batch or (self.sending is not None and not self.sending.done()):
+            return
+        runs, gen = self._take()
+        task = asyncio.get_running_loop().create_task(self._send(runs, gen))
+        self.sending = task
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    def _take(self) -> tuple[list[list[int]], int]:
+        runs, gen = self.batch, self.batch_gen
+        self.batch, self.batch_n, self.batch_failed, self.batch_slow = [], 0, 0, 0
+        return runs, gen
+
+    async def _send(self, runs: list[list[int]], gen: int) -> None:
+        while runs:
+            try:
+                got = await self._op("batch", gen, ",".join(f"{c}x{n}" for c, n in runs))
+            except BaseException:
+                self._locally(runs)  # cancelled (the store closed): they count here
+                raise
+            if got is None:
+                self._locally(runs)  # Redis is away: they count here
+            runs, gen = self._take()
+
+    def _locally(self, runs: list[list[int]]) -> None:
+        record = self.core.record
+        for code, n in runs:
+            for _ in range(n):
+                record(-1, False, bool(code & 1), bool(code & 2), None, None)
 
     def release(self, gen: int, probe: bool) -> None:
         if probe:
@@ -1011,6 +1188,7 @@ class _BreakerLink:
         Writes scheduled while waiting are waited for too, within the same bound
         (a busy breaker must not keep ``aclose`` waiting for ever).
         """
+        self._kick()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 2 * self.store.timeout
         while self.pending:
@@ -1021,6 +1199,12 @@ class _BreakerLink:
 
     def detach(self) -> None:
         """The store closed: stop what is still scheduled (each is bounded anyway)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.batch:
+            self._locally(self.batch)
+            self._send_sync_fallback()
         for task in list(self.pending):
             task.cancel()
         self.pending.clear()
