@@ -1026,3 +1026,125 @@ async def test_an_open_breaker_stays_open_through_an_empty_restart(
     else:
         raise AssertionError("the open state was lost with the restart")
     assert 20.0 < other.retry_after() <= 30.0
+
+
+# ---------------------------------------------------------------------------
+# the write path: aggregate, then flush (issue 18)
+
+
+async def _commands(client: aioredis.Redis) -> int:
+    info = await client.info("stats")
+    return int(info["total_commands_processed"])
+
+
+@pytest.mark.anyio
+async def test_a_thousand_closed_calls_cost_a_bounded_number_of_redis_commands(
+    private_redis: RedisServer, name: str
+) -> None:
+    from datapunk_recovery.budget import TokenBudget
+    from datapunk_recovery.stores.budget_redis import SharedBudget
+
+    watcher = aioredis.Redis.from_url(private_redis.url)
+    await watcher.ping()
+    try:
+        before = await _commands(watcher)
+        received = int((await watcher.info("stats"))["total_connections_received"])
+        store = RedisStore(private_redis.url)  # default settings
+        breaker = CircuitBreaker(name, store=store)
+        async with SharedBudget(TokenBudget(name), store) as budget:
+            for _ in range(1000):
+                assert await breaker.call_async(aok) == "ok"
+                budget.on_attempt(True)
+        await store.aclose()
+        # (less the watcher's own INFO commands: the one below and the one above)
+        used = await _commands(watcher) - before - 2
+        opened = int((await watcher.info("stats"))["total_connections_received"]) - received
+    finally:
+        await watcher.aclose()
+    # Script-internal commands count in total_commands_processed: one sync or
+    # read is ~7; the target of issue 18 (20) is not reached yet, see the docs.
+    assert used <= 40, f"{used} Redis commands for 1,000 calls (connection setup included)"
+    assert opened <= 3, f"{opened} connections opened for 1,000 calls"
+
+
+@pytest.mark.anyio
+async def test_an_idle_closed_breaker_sends_nothing(private_redis: RedisServer, name: str) -> None:
+    watcher = aioredis.Redis.from_url(private_redis.url)
+    store = RedisStore(private_redis.url, cache_ttl=0.05)
+    breaker = CircuitBreaker(name, store=store)
+    try:
+        assert await breaker.call_async(aok) == "ok"
+        await breaker._flush()
+        before = await _commands(watcher)
+        link = breaker._link
+        assert isinstance(link, _BreakerLink)
+        assert link.timer is None and not link.batch and not link.pending
+        assert await _commands(watcher) - before == 1  # (that INFO itself)
+    finally:
+        await store.aclose()
+        await watcher.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_trip_is_sent_at_once_and_seen_by_another_process(
+    stores: Callable[..., RedisStore], name: str
+) -> None:
+    config = BreakerConfig(consecutive_failures=3)
+    slow_flush = stores(cache_ttl=60.0, flush_interval=60.0)  # only a trip may hurry it
+    here = CircuitBreaker(name, config, store=slow_flush)
+    there = CircuitBreaker(name, config, store=stores())
+    assert await here.call_async(aok) == "ok"
+    for _ in range(3):
+        with pytest.raises(Boom):
+            await here.call_async(aboom)
+    await refused_within(there)  # no flush_interval (60 s) waited
+
+
+@pytest.mark.anyio
+async def test_a_batch_judges_each_outcome_as_one_by_one_writes_would(
+    stores: Callable[..., RedisStore], name: str
+) -> None:
+    config = BreakerConfig(
+        failure_rate_threshold=0.5, window="count", window_size=10, minimum_calls=10
+    )
+    store = stores(cache_ttl=60.0, flush_interval=60.0, flush_max=1000)
+    breaker = CircuitBreaker(name, config, store=store)
+    assert await breaker.call_async(aok) == "ok"
+    await breaker._flush()
+    for ok in [True] * 6 + [False] * 3:
+        permit = await breaker.allow_async()
+        permit.success() if ok else permit.failure(Boom())
+    link = breaker._link
+    assert isinstance(link, _BreakerLink)
+    assert link.batch == [[0, 6], [1, 3]]  # aggregated: nothing sent yet
+    await breaker._flush()
+    assert link.cached is not None
+    assert (link.cached.calls, link.cached.failures) == (10, 3)
+    assert breaker.state is BreakerState.CLOSED
+
+
+@pytest.mark.anyio
+async def test_a_batch_too_long_is_folded_never_dropped(
+    stores: Callable[..., RedisStore], name: str
+) -> None:
+    config = BreakerConfig(
+        consecutive_failures=100_000,
+        failure_rate_threshold=0.9,
+        window="count",
+        window_size=1000,
+        minimum_calls=1000,
+    )
+    store = stores(cache_ttl=60.0, flush_interval=60.0, flush_max=100_000)
+    breaker = CircuitBreaker(name, config, store=store)
+    assert await breaker.call_async(aok) == "ok"
+    await breaker._flush()
+    link = breaker._link
+    assert isinstance(link, _BreakerLink)
+    for i in range(600):  # alternating: one run per outcome
+        permit = await breaker.allow_async()
+        permit.success() if i % 2 else permit.failure(Boom())
+    assert link.merged >= 1
+    assert sum(n for _, n in link.batch) == 600  # every outcome still counted
+    await breaker._flush()
+    assert link.cached is not None
+    assert (link.cached.calls, link.cached.failures) == (601, 300)

@@ -15,13 +15,15 @@ as without sharing.  A background task (one per shared budget, started with
 the service) *syncs*: it sends what this process counted since the last sync
 and reads back the shared state, which the local budget then adopts (plus
 what was counted during the round trip).  It syncs every ``sync_interval``
-seconds, and at once when ``max_unsynced`` outcomes are waiting.
+seconds, and at once when ``max_unsynced`` failures (token budget) or granted
+retries (ratio budget) are waiting: successes and plain attempts never hurry
+a sync, so a healthy service sends one command per ``sync_interval``.
 
 **The lag bound.**  An outcome counted in one process reaches Redis with the
 first sync that process *starts* after counting it, and reaches another
 process with the first sync *that* process starts after it is in Redis.  A
 process starts a sync at most ``sync_interval`` after its previous one ended
-(at once when ``max_unsynced`` outcomes wait), and a sync lasts at most the
+(at once when ``max_unsynced`` spending outcomes wait), and a sync lasts at most the
 store's ``timeout``; so an outcome governs every other process's decisions
 within ``2 * sync_interval + 4 * store.timeout`` seconds at worst (plus
 event-loop delays), typically ``2 * sync_interval`` plus two round trips.
@@ -343,8 +345,8 @@ class SharedBudget:
     should use the same configuration too (each sync applies the sender's).
 
     Settings, in seconds: ``sync_interval`` (default 0.2) between syncs;
-    ``max_unsynced`` outcomes waiting make the next sync start at once
-    (default 32); ``on_unavailable`` overrides the store's (``"local"``:
+    ``max_unsynced`` failures (token budget) or granted retries (ratio budget)
+    waiting make the next sync start at once (default 32); ``on_unavailable`` overrides the store's (``"local"``:
     decide locally while Redis is away; ``"closed"``: refuse every retry).
     The store's ``timeout``, ``retry_interval``, ``key_ttl`` and ``prefix``
     apply.  See the module documentation for the lag bound.
@@ -436,14 +438,19 @@ class SharedBudget:
     # -- the RetryGate, local and instant ------------------------------------------
     def on_attempt(self, succeeded: bool) -> None:
         """Count the outcome locally; the next sync shares it."""
+        wake = False
         with self._lock:
             self.budget.on_attempt(succeeded)
             if self._tokens and not succeeded:
                 self._y += 1
+                # Only what spends the budget hurries a sync (failures here,
+                # granted retries for a ratio budget): successes and plain
+                # attempts wait for the next periodic one, so a healthy service
+                # sends one command per sync_interval, whatever its traffic.
+                self._unsynced += 1
+                wake = self._unsynced == self.max_unsynced
             else:
                 self._x += 1
-            self._unsynced += 1
-            wake = self._unsynced == self.max_unsynced
         if wake:
             self._poke()
 
@@ -539,7 +546,7 @@ class SharedBudget:
             await asyncio.wait((task,), timeout=timeout)
         if task.done() and not task.cancelled():
             task.exception()  # (the loop catches every Exception: None)
-        if self._down_since is None and not self.store._closed:
+        if self._down_since is None and not self.store._closed and self._has_news():
             await _bounded(self._flush(), 2 * timeout)
         self._loop = None
         self._wake = None
@@ -634,6 +641,11 @@ class SharedBudget:
             return (lambda dx, dy: budget._adopt(tokens, dx, dy)), reason
         window, reason = _parse_window(reply, budget.config.buckets)
         return (lambda dx, dy: budget._adopt(window, dx, dy)), reason
+
+    def _has_news(self) -> bool:
+        """Whether something was counted here that Redis has not acknowledged."""
+        with self._lock:
+            return (self._x, self._y) != self._acked
 
     def _here(self) -> tuple[str, ...]:
         """What the local budget holds (lock held): the seed of a shared state found missing."""

@@ -1065,7 +1065,22 @@ class _BreakerLink:
             if not self._spawn("record", *args):
                 self.core.record(-1, False, failed, slow, duration, hint)
             return
-        self._add(gen, int(failed) + 2 * int(slow))
+        code = int(failed) + 2 * int(slow)
+        cached = self.cached
+        if (
+            code == 0
+            and not self.batch
+            and not self.core.config.windowed
+            and cached is not None
+            and cached.gen == gen
+            and cached.consecutive == 0
+        ):
+            # Nothing new to say: without a window a success only resets the
+            # consecutive count, which Redis holds at 0 as last read (a count
+            # raised elsewhere meanwhile is seen with the next read, within
+            # cache_ttl, and then successes are sent again).
+            return
+        self._add(gen, code)
 
     def _add(self, gen: int, code: int) -> None:
         """Aggregate one outcome of a closed call; send when due (see RedisStore)."""
