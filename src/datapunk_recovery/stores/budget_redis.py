@@ -346,8 +346,9 @@ class SharedBudget:
 
     Settings, in seconds: ``sync_interval`` (default 0.2) between syncs;
     ``max_unsynced`` failures (token budget) or granted retries (ratio budget)
-    waiting make the next sync start at once (default 32); ``on_unavailable`` overrides the store's (``"local"``:
-    decide locally while Redis is away; ``"closed"``: refuse every retry).
+    waiting make the next sync start at once (default 32); ``on_unavailable``
+    overrides the store's (``"local"``: decide locally while Redis is away;
+    ``"closed"``: refuse every retry).
     The store's ``timeout``, ``retry_interval``, ``key_ttl`` and ``prefix``
     apply.  See the module documentation for the lag bound.
 
