@@ -18,9 +18,14 @@ How it is organised, per primitive (breakers now, budgets may follow):
   Nothing is pickled.
 - **Links** (:class:`_BreakerLink`) do the rest for one primitive: a local
   read cache (``cache_ttl`` seconds; it bounds how long replicas may
-  disagree), outcome writes in the background (the caller never waits for
-  Redis after its call), and the fallback to local state when Redis is
-  unreachable or answers garbage.
+  disagree), outcomes aggregated and sent in batches in the background (the
+  caller never waits for Redis after its call; see ``flush_interval`` and
+  ``flush_max``), and the fallback to local state when Redis is unreachable
+  or answers garbage.
+- **Commands** run in tasks the store owns (:meth:`RedisStore._eval`): a
+  caller waits at most ``timeout`` for one and never cancels it, so our
+  timeouts close no connection and no driver can swallow a caller's
+  cancellation; :meth:`RedisStore.aclose` ends every task, within bounds.
 
 Redis errors never reach the caller: every store operation is bounded by
 ``timeout`` seconds, and a failing one switches the link to its breaker's
