@@ -40,6 +40,9 @@ KNOWN_ATTRIBUTES: dict[tuple[str, str], str] = {
     ("datapunk_recovery.registry", "_core"): "the breaker's state machine; breaker.py is busy",
     ("datapunk_recovery.stores.redis", "_core"): "the shared breaker link; stores/ is busy",
     ("datapunk_recovery.stores.budget_redis", "_adopt"): "budget adoption; stores/ is busy",
+    ("datapunk_recovery.stores.budget_redis", "_slot"): "a ratio budget's window, read to seed "
+    "a shared state found empty; the budget's shared-link seam replaces it",
+    ("datapunk_recovery.stores.budget_redis", "_totals"): "the same window's counts",
     ("datapunk_recovery.stores.budget_redis", "_eval"): "the Redis store's script call; busy",
     ("datapunk_recovery.simulate.policies", "_jittered"): "the simulator replays the jitter",
     ("datapunk_recovery.cache.recovering", "_core"): "the cache-hit fast path asks the breaker's "

@@ -441,6 +441,8 @@ async def test_shared_shadow_mode_keeps_its_counts(
     for i in range(10):
         await (await (a, b)[i % 2].allow_async()).failure_async(Boom())
     await (await a.allow_async()).success_async()
+    await b.flush_async()
+    await a.flush_async()  # its reply carries b's outcomes too
     snap = a.snapshot()
     assert (snap.calls, snap.failures) == (11, 10)
     assert snap.failure_rate == pytest.approx(10 / 11)

@@ -8,7 +8,9 @@ done with events and bounded polling; no test asserts how fast anything is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
+import os
 import queue
 import random
 import uuid
@@ -417,18 +419,25 @@ async def test_a_batch_whose_reply_was_lost_is_applied_once(
     seen: list[Event],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    shared = SharedBudget(tokens(name, max_tokens=100.0), stores())
+    shared = SharedBudget(tokens(name, max_tokens=100.0), stores(timeout=5.0))
     real = shared._script
+    applied, lost = asyncio.Event(), asyncio.Event()
 
-    async def applied_then_cancelled(**kwargs: Any) -> Any:
+    async def applied_then_lost(**kwargs: Any) -> Any:
         await real(**kwargs)  # Redis applied the batch...
-        raise asyncio.CancelledError  # ...and the sync was cancelled before the reply
+        applied.set()
+        await lost.wait()
+        raise ConnectionError("connection lost before the reply")  # ...and its reply is lost
 
-    monkeypatch.setattr(shared, "_script", applied_then_cancelled)
+    monkeypatch.setattr(shared, "_script", applied_then_lost)
     for _ in range(5):
         shared.on_attempt(False)
+    syncing = asyncio.create_task(shared.sync())
+    await applied.wait()
+    syncing.cancel()  # the caller gives up on the reply
     with pytest.raises(asyncio.CancelledError):
-        await shared.sync()
+        await syncing
+    lost.set()
     monkeypatch.setattr(shared, "_script", real)
     shared.on_attempt(False)
     assert await shared.sync()  # resends the first batch with the new outcome
@@ -792,3 +801,165 @@ def test_processes_all_see_the_budget_exhausted_within_the_lag_bound(
                 child.kill()
                 child.join()
     assert all(child.exitcode == 0 for child in children)
+
+
+# ---------------------------------------------------------------------------
+# never hang (issue 18)
+
+
+@pytest.mark.anyio
+async def test_aclose_returns_when_the_driver_swallows_the_cancellation_of_a_sync(
+    stores: Callable[..., RedisStore], name: str
+) -> None:
+    # The hang of 8 processes sharing a budget: a cancellation landing as the
+    # reply arrives was swallowed inside the driver, so the sync loop carried
+    # on to its next wait and aclose() waited for it for ever.
+    shared = SharedBudget(tokens(name), stores(timeout=0.3), sync_interval=0.01)
+    real = shared._script
+    inside, never = asyncio.Event(), asyncio.Event()
+
+    async def swallowing(**kwargs: Any) -> Any:
+        inside.set()
+        with contextlib.suppress(asyncio.CancelledError):  # the driver swallows it...
+            await never.wait()
+        return await real(**kwargs)  # ...and answers
+
+    shared.on_attempt(False)
+    shared._script = swallowing
+    shared.start()
+    await inside.wait()
+    async with asyncio.timeout(5):  # (a hang fails here instead of stalling the suite)
+        await shared.aclose()
+    assert shared._task is None
+
+
+@pytest.mark.anyio
+async def test_aclose_returns_when_the_sync_task_ignores_cancellation(
+    stores: Callable[..., RedisStore], name: str
+) -> None:
+    store = stores(timeout=0.2)
+    shared = SharedBudget(tokens(name), store, sync_interval=0.01)
+    inside, done = asyncio.Event(), asyncio.Event()
+
+    async def stubborn(**kwargs: Any) -> Any:
+        inside.set()
+        while not done.is_set():
+            try:
+                await done.wait()
+            except asyncio.CancelledError:
+                continue  # never ends while the test runs
+        return None
+
+    shared._script = stubborn
+    shared.start()
+    await inside.wait()
+    try:
+        async with asyncio.timeout(5):
+            await shared.aclose()
+            await store.aclose()
+        assert store._closed
+    finally:
+        done.set()
+
+
+# ---------------------------------------------------------------------------
+# Redis blinks: what was counted meanwhile is merged, never lost (issue 14 item 7)
+
+
+@pytest.fixture
+def private_redis() -> Any:
+    """A Redis of the test's own, to restart empty on the same port."""
+    server = RedisServer()
+    try:
+        server.start()
+    except Exception as exc:  # same rule as the session servers
+        server.close()
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"redis-server unavailable: {exc}", pytrace=False)
+        pytest.skip(f"redis-server unavailable: {exc}")
+    yield server
+    server.close()
+
+
+async def sync_when_back(shared: SharedBudget, tries: int = 300) -> None:
+    """Bounded polling: a sync succeeds within ``tries`` short looks."""
+    for _ in range(tries):
+        if await shared.sync():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("Redis never answered again")
+
+
+@pytest.mark.anyio
+async def test_failures_counted_while_redis_is_paused_reach_the_shared_budget(
+    stores: Callable[..., RedisStore], name: str, client: aioredis.Redis, seen: list[Event]
+) -> None:
+    shared = SharedBudget(tokens(name), stores(timeout=0.1, retry_interval=0.0))
+    other = SharedBudget(tokens(name), stores())  # another replica
+    assert await shared.sync()
+    await client.execute_command("CLIENT", "PAUSE", "400", "ALL")
+    for _ in range(3):
+        shared.on_attempt(False)
+    assert not await shared.sync()  # this batch's sync times out...
+    for _ in range(3):
+        shared.on_attempt(False)  # ...and more failures come during the outage
+    assert count(seen, BudgetStoreFallback) == 1
+    await sync_when_back(shared)
+    assert await stored(client, name) == 4.0  # merged, not overwritten by the old 10
+    assert held(shared) == 4.0
+    assert not shared.allow_retry()  # still drained: retries refused
+    assert await other.sync()
+    assert held(other) == 4.0 and not other.allow_retry()
+
+
+@pytest.mark.anyio
+async def test_a_batch_whose_sync_timed_out_is_applied_once(
+    stores: Callable[..., RedisStore], name: str, client: aioredis.Redis
+) -> None:
+    # The paused sync does land once the pause ends; the next one resends it.
+    shared = SharedBudget(tokens(name), stores(timeout=0.1, retry_interval=0.0))
+    assert await shared.sync()
+    await client.execute_command("CLIENT", "PAUSE", "300", "WRITE")
+    for _ in range(2):
+        shared.on_attempt(False)
+    assert not await shared.sync()
+    await sync_when_back(shared)
+    assert await stored(client, name) == 8.0
+    assert held(shared) == 8.0
+
+
+@pytest.mark.anyio
+async def test_an_empty_restart_does_not_refill_a_drained_budget(
+    private_redis: RedisServer, stores: Callable[..., RedisStore], name: str
+) -> None:
+    shared = SharedBudget(tokens(name), stores(private_redis.url, retry_interval=0.0))
+    for _ in range(6):
+        shared.on_attempt(False)
+    assert await shared.sync()
+    assert held(shared) == 4.0 and not shared.allow_retry()
+    private_redis.restart()  # empty: the bucket is gone
+    shared.on_attempt(False)  # one more failure during the blink
+    await sync_when_back(shared)
+    assert held(shared) == 3.0 and not shared.allow_retry()
+    other = SharedBudget(tokens(name), stores(private_redis.url))
+    assert await other.sync()
+    assert held(other) == 3.0  # every replica sees it drained, not full
+
+
+@pytest.mark.anyio
+async def test_an_empty_restart_keeps_the_retries_a_ratio_budget_granted(
+    private_redis: RedisServer, stores: Callable[..., RedisStore], name: str
+) -> None:
+    config = RatioBudgetConfig(ratio=0.1, min_per_second=0.0, window=60.0, buckets=6)
+    shared = SharedBudget(RatioBudget(name, config), stores(private_redis.url, retry_interval=0.0))
+    for _ in range(40):
+        shared.on_attempt(True)
+    assert shared.allow_retry() and shared.allow_retry() and shared.allow_retry()
+    assert not shared.allow_retry()  # the window's allowance is spent
+    assert await shared.sync()
+    private_redis.restart()
+    await sync_when_back(shared)
+    assert not shared.allow_retry()  # the window was not emptied by the restart
+    other = SharedBudget(RatioBudget(name, config), stores(private_redis.url))
+    assert await other.sync()
+    assert not other.allow_retry()

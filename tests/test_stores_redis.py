@@ -279,7 +279,7 @@ async def test_a_cancelled_probe_frees_its_permit(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await breaker._flush()
+    await breaker.flush_async()
     assert (await breaker.allow_async()).probe
 
 
@@ -307,7 +307,7 @@ async def test_a_caller_cancelled_while_taking_a_probe_gives_it_back(
     with pytest.raises(asyncio.CancelledError):
         await caller
     reply_lands.set()
-    await breaker._flush()
+    await breaker.flush_async()
     monkeypatch.undo()
     assert (await breaker.allow_async()).probe  # the probe came back
 
@@ -316,33 +316,54 @@ async def test_a_caller_cancelled_while_taking_a_probe_gives_it_back(
 async def test_a_reply_overtaken_by_a_newer_one_never_turns_the_cache_back(
     stores: Callable[..., RedisStore], name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Background writes run on several connections: their replies may come
-    # back in another order than Redis ran them.
+    # Probe results are sent at once, each in its own round trip: their
+    # replies may come back in another order than Redis ran them.
     store = stores(cache_ttl=60.0, timeout=5.0)
-    breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=2), store=store)
+    config = BreakerConfig(consecutive_failures=1, open_duration=30.0, half_open_permits=2)
+    breaker = CircuitBreaker(name, config, store=store)
+    await store.client.hset(  # half-open, two probes free
+        f"datapunk:{{breaker:{name}}}:state",
+        mapping={
+            "s": 2,
+            "g": 7,
+            "ou": 0,
+            "hu": 2e9,
+            "c": 0,
+            "pi": 0,
+            "po": 0,
+            "r": 1,
+            "wc": 0,
+            "wf": 0,
+            "ws": 0,
+            "wp": 0,
+            "wz": "",
+        },
+    )
     real = store.breaker_op
     ran, overtaken = asyncio.Event(), asyncio.Event()
 
     async def first_record_answers_late(*args: Any) -> Any:
         reply = await real(*args)
         if args[2] == "record" and not ran.is_set():
-            ran.set()  # Redis ran it (still closed, one failure)...
+            ran.set()  # Redis ran it (still half-open, one probe ok)...
             await overtaken.wait()  # ...but its reply comes back last
         return reply
 
     monkeypatch.setattr(store, "breaker_op", first_record_answers_late)
     first, second = await breaker.allow_async(), await breaker.allow_async()
-    first.failure(Boom())
+    assert first.probe and second.probe
+    first.success()
     await ran.wait()
     second.failure(Boom())  # opens it
+    link = breaker._link
+    assert isinstance(link, _BreakerLink)
     for _ in range(500):  # bounded polling: the second reply lands
-        if breaker.state is BreakerState.OPEN:
+        if link.cached is not None and link.cached.state is BreakerState.OPEN:
             break
         await asyncio.sleep(0.01)
-    assert breaker.state is BreakerState.OPEN
     overtaken.set()
-    await breaker._flush()
-    assert breaker.state is BreakerState.OPEN  # not back to the older "closed"
+    await breaker.flush_async()
+    assert breaker.state is BreakerState.OPEN  # not back to the older "half-open"
     with pytest.raises(CircuitOpenError):
         await breaker.allow_async()
 
@@ -703,3 +724,428 @@ def test_processes_all_see_the_breaker_open_within_the_cache_ttl(
         for child in children:
             child.kill()
             child.wait()
+
+
+# ---------------------------------------------------------------------------
+# never hang, and connections that last (issue 18)
+
+
+@pytest.mark.anyio
+async def test_aclose_returns_when_a_command_never_ends(
+    redis_server: RedisServer, name: str
+) -> None:
+    store = RedisStore(redis_server.url, cache_ttl=0.0, timeout=0.2)
+    breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=1), store=store)
+    assert await breaker.call_async(aok) == "ok"
+    done = asyncio.Event()
+    started = asyncio.Event()
+
+    async def stubborn(**kwargs: Any) -> Any:
+        started.set()
+        while not done.is_set():
+            try:
+                await done.wait()
+            except asyncio.CancelledError:
+                continue  # a driver that never lets go
+        return None
+
+    permit = await breaker.allow_async()
+    store._breaker_script = stubborn
+    permit.failure(Boom())  # a write that never lands
+    await started.wait()
+    try:
+        async with asyncio.timeout(5):
+            await store.aclose()
+        assert store._closed
+        with pytest.raises(CircuitOpenError):  # the failure that never landed counts here
+            await breaker.call_async(aok)
+    finally:
+        done.set()
+
+
+@pytest.mark.anyio
+async def test_a_store_timeout_does_not_close_a_healthy_connection(
+    redis_server: RedisServer, name: str, seen: list[Event]
+) -> None:
+    # redis-py closes a connection whose command is cancelled mid-reply: the
+    # store's own timeout must not cancel the command, only stop waiting.
+    watcher = aioredis.Redis.from_url(redis_server.url)
+
+    async def ours() -> set[int]:
+        return {c["id"] for c in await watcher.client_list() if c.get("name") == name}
+
+    store = RedisStore(
+        f"{redis_server.url}?client_name={name}", cache_ttl=0.0, timeout=0.1, retry_interval=0.0
+    )
+    breaker = CircuitBreaker(name, store=store)
+    try:
+        assert await breaker.call_async(aok) == "ok"
+        await breaker.flush_async()
+        before = await ours()
+        assert before
+        await watcher.execute_command("CLIENT", "PAUSE", "300", "ALL")
+        assert await breaker.call_async(aok) == "ok"  # on local state: Redis paused
+        assert [type(e) for e in seen if isinstance(e, StoreFallback)] == [StoreFallback]
+        for _ in range(200):  # bounded: the paused command lands once the pause ends
+            if not store._inflight:
+                break
+            await asyncio.sleep(0.01)
+        assert not store._inflight
+        assert await breaker.call_async(aok) == "ok"
+        assert [type(e) for e in seen if isinstance(e, StoreResumed)] == [StoreResumed]
+        assert before <= await ours()  # every connection open before the pause still is
+    finally:
+        await store.aclose()
+        await watcher.aclose()
+
+
+_LOAD_CHILD = r"""
+import asyncio, json, sys
+from datapunk_recovery import events
+from datapunk_recovery.breaker import CircuitBreaker, StoreFallback
+from datapunk_recovery.budget import TokenBudget
+from datapunk_recovery.stores.budget_redis import SharedBudget
+from datapunk_recovery.stores.redis import RedisStore
+
+async def main(url, name, tasks, calls):
+    fallbacks = []
+    events.subscribe(lambda e: fallbacks.append(e) if isinstance(e, StoreFallback) else None)
+    store = RedisStore(url)  # default settings, as users run it
+    breaker = CircuitBreaker(name, store=store)
+    budget = SharedBudget(TokenBudget(name), store, sync_interval=0.001)
+    real = budget._script
+
+    async def swallowing(**kwargs):
+        # redis-py may swallow a cancellation landing with its reply: do it every
+        # time, on a reply that takes a while (a busy loop), so stopping the sync
+        # loop lands there.
+        try:
+            await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            pass
+        return await real(**kwargs)
+
+    budget._script = swallowing
+    budget.start()
+
+    async def ok():
+        await asyncio.sleep(0)
+        return 1
+
+    async def task():
+        for _ in range(calls):
+            await breaker.call_async(ok)
+            budget.on_attempt(True)
+
+    await asyncio.gather(*(task() for _ in range(tasks)))
+    await budget.aclose()
+    await store.aclose()
+    print(json.dumps({"calls": tasks * calls, "fallbacks": len(fallbacks)}), flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+"""
+
+
+@pytest.mark.drill
+def test_drill_processes_sharing_a_breaker_and_a_budget_all_finish(
+    name: str, redis_server: RedisServer
+) -> None:
+    # Issue 18: 1-3 of 8 processes never finished, in the calls or in aclose().
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "src"))
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LOAD_CHILD, redis_server.url, name, "100", "10"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(4)
+    ]
+    hung = []
+    reports = []
+    deadline = time.monotonic() + 18
+    try:
+        for child in children:
+            try:
+                out, err = child.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                hung.append(child.pid)
+                continue
+            assert child.returncode == 0, err
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    assert not hung, f"processes that never finished: {hung}"
+    assert [r["calls"] for r in reports] == [1000] * 4
+
+
+# ---------------------------------------------------------------------------
+# forced and open states outlive their keys (issue 13 item 3)
+
+
+@pytest.fixture
+def private_redis() -> Any:
+    """A Redis of the test's own, to restart empty on the same port."""
+    server = RedisServer()
+    try:
+        server.start()
+    except Exception as exc:  # same rule as the session servers
+        server.close()
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"redis-server unavailable: {exc}", pytrace=False)
+        pytest.skip(f"redis-server unavailable: {exc}")
+    yield server
+    server.close()
+
+
+async def refused_within(breaker: CircuitBreaker, tries: int = 300) -> None:
+    """Bounded polling: ``breaker`` refuses a call within ``tries`` short looks."""
+    for _ in range(tries):
+        try:
+            await breaker.call_async(aok)
+        except CircuitOpenError:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{breaker.name} kept admitting calls")
+
+
+def state_key(name: str) -> str:
+    return f"datapunk:{{breaker:{name}}}:state"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("force", "state"),
+    [
+        ("isolate_async", BreakerState.FORCED_OPEN),
+        ("disable_async", BreakerState.DISABLED),
+        ("metrics_only_async", BreakerState.METRICS_ONLY),
+    ],
+)
+async def test_a_forced_state_is_kept_without_expiry_until_reset(
+    stores: Callable[..., RedisStore], name: str, force: str, state: BreakerState
+) -> None:
+    store = stores(key_ttl=0.5)
+    config = BreakerConfig(open_duration=0.05, max_open_duration=0.1)
+    breaker = CircuitBreaker(name, config, store=store)
+    await getattr(breaker, force)()
+    assert await store.client.pttl(state_key(name)) == -1  # no expiry while forced
+    await breaker.reset_async()
+    assert 0 < await store.client.pttl(state_key(name)) <= 500  # expires again once reset
+
+
+@pytest.mark.anyio
+async def test_an_isolated_breaker_is_reasserted_when_its_keys_expire(
+    stores: Callable[..., RedisStore], name: str
+) -> None:
+    holder = CircuitBreaker(name, store=stores(key_ttl=0.5))
+    await holder.isolate_async()
+    await holder._link.store.client.delete(state_key(name))  # type: ignore[union-attr]
+    other = CircuitBreaker(name, store=stores())  # another process, no memory of it
+    await refused_within(other)  # the holder's keeper re-asserted it
+    assert other.state is BreakerState.FORCED_OPEN
+    with pytest.raises(CircuitOpenError):
+        await holder.call_async(aok)
+
+
+@pytest.mark.anyio
+async def test_an_isolated_breaker_survives_an_empty_restart(
+    private_redis: RedisServer, stores: Callable[..., RedisStore], name: str, seen: list[Event]
+) -> None:
+    holder = CircuitBreaker(name, store=stores(private_redis.url, retry_interval=0.0))
+    await holder.isolate_async()
+    private_redis.restart()  # empty: the shared state is gone
+    other = CircuitBreaker(name, store=stores(private_redis.url))
+    await refused_within(other)
+    assert other.state is BreakerState.FORCED_OPEN
+    with pytest.raises(CircuitOpenError):  # and the holder never admitted a call
+        await holder.call_async(aok)
+    assert not [
+        e
+        for e in seen
+        if isinstance(e, BreakerStateChanged)
+        and e.operation == name
+        and e.to_state is BreakerState.CLOSED
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_breaker_isolated_while_redis_was_away_is_pushed_when_it_answers(
+    private_redis: RedisServer, stores: Callable[..., RedisStore], name: str
+) -> None:
+    holder = CircuitBreaker(name, store=stores(private_redis.url, retry_interval=0.0, timeout=0.2))
+    assert await holder.call_async(aok) == "ok"
+    private_redis.stop()
+    await holder.isolate_async()  # Redis away: obeyed here, remembered
+    with pytest.raises(CircuitOpenError):
+        await holder.call_async(aok)
+    private_redis.start()
+    other = CircuitBreaker(name, store=stores(private_redis.url))
+    await refused_within(other)
+    assert other.state is BreakerState.FORCED_OPEN
+
+
+@pytest.mark.anyio
+async def test_a_reset_elsewhere_lets_the_holder_go(
+    private_redis: RedisServer, stores: Callable[..., RedisStore], name: str
+) -> None:
+    holder = CircuitBreaker(name, store=stores(private_redis.url))
+    await holder.isolate_async()
+    other = CircuitBreaker(name, store=stores(private_redis.url))
+    await other.reset_async()  # the operator changed their mind, from another process
+    assert await holder.call_async(aok) == "ok"  # the holder read the reset...
+    private_redis.restart()
+    assert await holder.call_async(aok) == "ok"  # ...and does not force it back
+    assert await other.call_async(aok) == "ok"
+    assert other.state is BreakerState.CLOSED
+
+
+@pytest.mark.anyio
+async def test_an_open_breaker_stays_open_through_an_empty_restart(
+    private_redis: RedisServer, stores: Callable[..., RedisStore], name: str
+) -> None:
+    config = BreakerConfig(consecutive_failures=1, open_duration=30.0)
+    breaker = CircuitBreaker(name, config, store=stores(private_redis.url, retry_interval=0.0))
+    await trip(breaker, 1)
+    await breaker.flush_async()
+    with pytest.raises(CircuitOpenError):
+        await breaker.call_async(aok)
+    private_redis.restart()  # empty
+    other = CircuitBreaker(name, config, store=stores(private_redis.url))
+    for _ in range(300):  # bounded: the holder's next round trip re-asserts it
+        with pytest.raises(CircuitOpenError):  # its open period still runs here...
+            await breaker.call_async(aok)
+        try:
+            await other.call_async(aok)
+        except CircuitOpenError:
+            break  # ...and every process sees it again
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the open state was lost with the restart")
+    assert 20.0 < other.retry_after() <= 30.0
+
+
+# ---------------------------------------------------------------------------
+# the write path: aggregate, then flush (issue 18)
+
+
+async def _commands(client: aioredis.Redis) -> int:
+    info = await client.info("stats")
+    return int(info["total_commands_processed"])
+
+
+@pytest.mark.anyio
+async def test_a_thousand_closed_calls_cost_a_bounded_number_of_redis_commands(
+    private_redis: RedisServer, name: str
+) -> None:
+    from datapunk_recovery.budget import TokenBudget
+    from datapunk_recovery.stores.budget_redis import SharedBudget
+
+    watcher = aioredis.Redis.from_url(private_redis.url)
+    await watcher.ping()
+    try:
+        before = await _commands(watcher)
+        received = int((await watcher.info("stats"))["total_connections_received"])
+        store = RedisStore(private_redis.url)  # default settings
+        breaker = CircuitBreaker(name, store=store)
+        async with SharedBudget(TokenBudget(name), store) as budget:
+            for _ in range(1000):
+                assert await breaker.call_async(aok) == "ok"
+                budget.on_attempt(True)
+        await store.aclose()
+        # (less the watcher's own INFO commands: the one below and the one above)
+        used = await _commands(watcher) - before - 2
+        opened = int((await watcher.info("stats"))["total_connections_received"]) - received
+    finally:
+        await watcher.aclose()
+    # Script-internal commands count in total_commands_processed: one sync or
+    # read is ~7; the target of issue 18 (20) is not reached yet, see the docs.
+    assert used <= 40, f"{used} Redis commands for 1,000 calls (connection setup included)"
+    assert opened <= 3, f"{opened} connections opened for 1,000 calls"
+
+
+@pytest.mark.anyio
+async def test_an_idle_closed_breaker_sends_nothing(private_redis: RedisServer, name: str) -> None:
+    watcher = aioredis.Redis.from_url(private_redis.url)
+    store = RedisStore(private_redis.url, cache_ttl=0.05)
+    breaker = CircuitBreaker(name, store=store)
+    try:
+        assert await breaker.call_async(aok) == "ok"
+        await breaker.flush_async()
+        before = await _commands(watcher)
+        link = breaker._link
+        assert isinstance(link, _BreakerLink)
+        assert link.timer is None and not link.batch and not link.pending
+        assert await _commands(watcher) - before == 1  # (that INFO itself)
+    finally:
+        await store.aclose()
+        await watcher.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_trip_is_sent_at_once_and_seen_by_another_process(
+    stores: Callable[..., RedisStore], name: str
+) -> None:
+    config = BreakerConfig(consecutive_failures=3)
+    slow_flush = stores(cache_ttl=60.0, flush_interval=60.0)  # only a trip may hurry it
+    here = CircuitBreaker(name, config, store=slow_flush)
+    there = CircuitBreaker(name, config, store=stores())
+    assert await here.call_async(aok) == "ok"
+    for _ in range(3):
+        with pytest.raises(Boom):
+            await here.call_async(aboom)
+    await refused_within(there)  # no flush_interval (60 s) waited
+
+
+@pytest.mark.anyio
+async def test_a_batch_judges_each_outcome_as_one_by_one_writes_would(
+    stores: Callable[..., RedisStore], name: str
+) -> None:
+    config = BreakerConfig(
+        failure_rate_threshold=0.5, window="count", window_size=10, minimum_calls=10
+    )
+    store = stores(cache_ttl=60.0, flush_interval=60.0, flush_max=1000)
+    breaker = CircuitBreaker(name, config, store=store)
+    assert await breaker.call_async(aok) == "ok"
+    await breaker.flush_async()
+    for ok in [True] * 6 + [False] * 3:
+        permit = await breaker.allow_async()
+        permit.success() if ok else permit.failure(Boom())
+    link = breaker._link
+    assert isinstance(link, _BreakerLink)
+    assert link.batch == [[0, 6], [1, 3]]  # aggregated: nothing sent yet
+    await breaker.flush_async()
+    assert link.cached is not None
+    assert (link.cached.calls, link.cached.failures) == (10, 3)
+    assert breaker.state is BreakerState.CLOSED
+
+
+@pytest.mark.anyio
+async def test_a_batch_too_long_is_folded_never_dropped(
+    stores: Callable[..., RedisStore], name: str
+) -> None:
+    config = BreakerConfig(
+        consecutive_failures=100_000,
+        failure_rate_threshold=0.9,
+        window="count",
+        window_size=1000,
+        minimum_calls=1000,
+    )
+    store = stores(cache_ttl=60.0, flush_interval=60.0, flush_max=100_000)
+    breaker = CircuitBreaker(name, config, store=store)
+    assert await breaker.call_async(aok) == "ok"
+    await breaker.flush_async()
+    link = breaker._link
+    assert isinstance(link, _BreakerLink)
+    for i in range(600):  # alternating: one run per outcome
+        permit = await breaker.allow_async()
+        permit.success() if i % 2 else permit.failure(Boom())
+    assert link.merged >= 1
+    assert sum(n for _, n in link.batch) == 600  # every outcome still counted
+    await breaker.flush_async()
+    assert link.cached is not None
+    assert (link.cached.calls, link.cached.failures) == (601, 300)

@@ -431,3 +431,24 @@ def task_event() -> TaskEvent:
 
         return cast(TaskEvent, trio.Event())
     return asyncio.Event()
+
+
+async def await_bounded(awaitable: Any, seconds: float) -> None:
+    """Await ``awaitable`` in an asyncio task of its own for at most ``seconds``; errors dropped.
+
+    On time, the task is cancelled and left to end on its own: a closing step
+    must never hang its caller, whatever the driver does with a cancellation.
+    The caller's own cancellation still propagates at once.
+    """
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait((task,), timeout=seconds)
+    if not done:
+        task.cancel()
+        task.add_done_callback(_consume_result)
+        return
+    _consume_result(task)
+
+
+def _consume_result(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

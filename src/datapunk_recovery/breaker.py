@@ -971,24 +971,24 @@ class Permit:
     async def success_async(self, duration: float | None = None) -> None:
         """`success()`, waiting for a shared store's write."""
         self.success(duration)
-        await self._breaker._flush()
+        await self._breaker.flush_async()
 
     async def failure_async(
         self, exc: BaseException | None = None, duration: float | None = None
     ) -> None:
         """`failure()`, waiting for a shared store's write."""
         self.failure(exc, duration)
-        await self._breaker._flush()
+        await self._breaker.flush_async()
 
     async def result_async(self, value: object, duration: float | None = None) -> None:
         """`result()`, waiting for a shared store's write."""
         self.result(value, duration)
-        await self._breaker._flush()
+        await self._breaker.flush_async()
 
     async def cancel_async(self) -> None:
         """`cancel()`, waiting for a shared store's write."""
         self.cancel()
-        await self._breaker._flush()
+        await self._breaker.flush_async()
 
 
 # ``with breaker:`` keeps its permits here: a linked stack per context, so
@@ -1222,7 +1222,14 @@ class CircuitBreaker:
         gen, probe, remote = await self._link.allow()
         return Permit(self, gen, probe, remote, clock.now() if self.config.timed else None)
 
-    async def _flush(self) -> None:
+    async def flush_async(self) -> None:
+        """Wait until the outcomes recorded so far have reached the shared store.
+
+        A breaker shared through a store sends its outcomes in batches (see
+        the write path in the breaker guide); this waits for those in flight,
+        bounded by about twice the store's ``timeout`` seconds.  Without a
+        store it returns at once.
+        """
         if self._link is not None:
             await self._link.flush()
 

@@ -16,13 +16,15 @@ as without sharing.  A background task (one per shared budget, started with
 the service) *syncs*: it sends what this process counted since the last sync
 and reads back the shared state, which the local budget then adopts (plus
 what was counted during the round trip).  It syncs every ``sync_interval``
-seconds, and at once when ``max_unsynced`` outcomes are waiting.
+seconds, and at once when ``max_unsynced`` failures (token budget) or granted
+retries (ratio budget) are waiting: successes and plain attempts never hurry
+a sync, so a healthy service sends one command per ``sync_interval``.
 
 **The lag bound.**  An outcome counted in one process reaches Redis with the
 first sync that process *starts* after counting it, and reaches another
 process with the first sync *that* process starts after it is in Redis.  A
 process starts a sync at most ``sync_interval`` after its previous one ended
-(at once when ``max_unsynced`` outcomes wait), and a sync lasts at most the
+(at once when ``max_unsynced`` spending outcomes wait), and a sync lasts at most the
 store's ``timeout``; so an outcome governs every other process's decisions
 within ``2 * sync_interval + 4 * store.timeout`` seconds at worst (plus
 event-loop delays), typically ``2 * sync_interval`` plus two round trips.
@@ -62,9 +64,15 @@ state it adopted (``on_unavailable="local"``, the default, taken from the
 store) or refuses every retry (``"closed"``) and emits
 [`BudgetStoreFallback`][datapunk_recovery.budget.BudgetStoreFallback].  Redis is tried again every
 ``store.retry_interval`` seconds; when it answers, the budget adopts the
-shared state again ([`BudgetStoreResumed`][datapunk_recovery.budget.BudgetStoreResumed]).  As for
-breakers, outcomes
-counted while Redis was away stay local: they are not pushed on resume.
+shared state again ([`BudgetStoreResumed`][datapunk_recovery.budget.BudgetStoreResumed]).  Every
+sync sends what
+was counted since the last batch Redis acknowledged, so outcomes counted while
+Redis was away (and a batch whose sync failed or timed out) are merged into
+the shared state when it answers again, never overwritten by it; the link key
+makes a batch that did land count once.  A shared state found missing (its
+keys expired, or Redis restarted empty) starts from the syncing process's own
+budget (its fill, or its window's counts in the current bucket), so an empty
+restart never refills a budget this process saw drained.
 Redis errors never reach a caller: only the background task talks to Redis.
 
 Async only, asyncio only (redis.asyncio):
@@ -162,7 +170,9 @@ end
 """
 
 # KEYS: state, link.  ARGV: max_tokens, token_ratio, ttl_ms, then the batch as
-# cumulative counts: successes from, to, failures from, to.
+# cumulative counts: successes from, to, failures from, to; last, the sender's
+# local fill, which already counts the batch: a bucket found missing (expired,
+# or lost with an empty restart) starts from it, not full.
 # Reply: {tokens as a decimal string, corrupt reason or ""}.
 _TOKENS_LUA: Final = (
     _LUA_COMMON
@@ -170,10 +180,12 @@ _TOKENS_LUA: Final = (
 local key, linkk = KEYS[1], KEYS[2]
 local top, ratio, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local sf, st, ff, ft = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local here = num(ARGV[8])
 hash_or_drop(key, 'state')
 hash_or_drop(linkk, 'link')
 local tokens = top
 local raw = redis.call('HGET', key, 't')
+local ls, lf
 if raw then
   local t = num(raw)
   if t == nil or t < 0 then
@@ -181,8 +193,13 @@ if raw then
   else
     tokens = math.min(t, top)
   end
+  ls, lf = applied(linkk, sf, ff, st, ft)
+elseif here ~= nil and here >= 0 and corrupt == '' then
+  -- No bucket: start from what the sender holds (its batch included).
+  tokens, ls, lf = math.min(here, top), st, ft
+else
+  ls, lf = applied(linkk, sf, ff, st, ft)
 end
-local ls, lf = applied(linkk, sf, ff, st, ft)
 if st > ls then tokens = math.min(tokens + (st - ls) * ratio, top); ls = st end
 if ft > lf then tokens = math.max(tokens - (ft - lf), 0); lf = ft end
 local out = string.format('%.17g', tokens)
@@ -194,7 +211,10 @@ return {out, corrupt}
 )
 
 # KEYS: window, link.  ARGV: buckets, bucket width (microseconds), ttl_ms,
-# then the batch: attempts from, to, granted retries from, to.
+# then the batch: attempts from, to, granted retries from, to; last, the
+# attempts and retries the sender's window holds (its batch included): a
+# window found missing (expired, or lost with an empty restart) starts from
+# them, in the current bucket, not empty.
 # Reply: {corrupt reason or "", attempts, retries of the current bucket, of
 # the one before, ... (buckets pairs, newest first)}.
 _RATIO_LUA: Final = (
@@ -204,6 +224,7 @@ _RATIO_LUA: Final = (
 local key, linkk = KEYS[1], KEYS[2]
 local n, width, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local af, at, rf, rt = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local ha, hr = count(ARGV[8]), count(ARGV[9])
 local time = redis.call('TIME')
 local epoch = math.floor((tonumber(time[1]) * 1000000 + tonumber(time[2])) / width)
 hash_or_drop(key, 'window')
@@ -234,7 +255,13 @@ if bad then
 end
 local idx = epoch % n
 if E[idx] ~= epoch then E[idx], A[idx], R[idx] = epoch, 0, 0 end
-local la, lr = applied(linkk, af, rf, at, rt)
+local la, lr
+if #flat == 0 and ha ~= nil and hr ~= nil and corrupt == '' then
+  -- No window: start from what the sender counted (its batch included).
+  A[idx], R[idx], la, lr = ha, hr, at, rt
+else
+  la, lr = applied(linkk, af, rf, at, rt)
+end
 if at > la then A[idx] = A[idx] + (at - la); la = at end
 if rt > lr then R[idx] = R[idx] + (rt - lr); lr = rt end
 redis.call('HSET', key, 'z', shape, 'e' .. idx, string.format('%.0f', epoch),
@@ -323,9 +350,10 @@ class SharedBudget:
     should use the same configuration too (each sync applies the sender's).
 
     Settings, in seconds: ``sync_interval`` (default 0.2) between syncs;
-    ``max_unsynced`` outcomes waiting make the next sync start at once
-    (default 32); ``on_unavailable`` overrides the store's (``"local"``:
-    decide locally while Redis is away; ``"closed"``: refuse every retry).
+    ``max_unsynced`` failures (token budget) or granted retries (ratio budget)
+    waiting make the next sync start at once (default 32); ``on_unavailable``
+    overrides the store's (``"local"``: decide locally while Redis is away;
+    ``"closed"``: refuse every retry).
     The store's ``timeout``, ``retry_interval``, ``key_ttl`` and ``prefix``
     apply.  See the module documentation for the lag bound.
 
@@ -405,6 +433,7 @@ class SharedBudget:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
         self._wake: asyncio.Event | None = None
+        self._stopping = False
         self._flushing: asyncio.Lock | None = None
         #: Successful syncs so far.
         self.syncs = 0
@@ -415,14 +444,19 @@ class SharedBudget:
     # -- the RetryGate, local and instant ------------------------------------------
     def on_attempt(self, succeeded: bool) -> None:
         """Count the outcome locally; the next sync shares it."""
+        wake = False
         with self._lock:
             self.budget.on_attempt(succeeded)
             if self._tokens and not succeeded:
                 self._y += 1
+                # Only what spends the budget hurries a sync (failures here,
+                # granted retries for a ratio budget): successes and plain
+                # attempts wait for the next periodic one, so a healthy service
+                # sends one command per sync_interval, whatever its traffic.
+                self._unsynced += 1
+                wake = self._unsynced == self.max_unsynced
             else:
                 self._x += 1
-            self._unsynced += 1
-            wake = self._unsynced == self.max_unsynced
         if wake:
             self._poke()
 
@@ -490,17 +524,36 @@ class SharedBudget:
         self._loop, self._thread = loop, threading.get_ident()
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
+        self._stopping = False
         self._task = loop.create_task(self._run(), name=f"datapunk-budget-sync:{self.name}")
 
     async def aclose(self) -> None:
-        """Stop syncing, after pushing what is waiting (bounded by the store's timeout)."""
+        """Stop syncing, after pushing what is waiting; never hangs.
+
+        The sync task is asked to stop (a flag it checks, then a wake-up) and
+        given the store's ``timeout`` plus ``sync_interval`` to end; a task
+        still running after that is cancelled and given ``timeout`` more, then
+        left behind.  A flag, not only a cancellation: a driver that swallows a
+        cancellation landing as its reply arrives would otherwise leave the
+        task waiting for its next wake-up for ever, and ``aclose`` with it.
+        The last push is bounded by the store's ``timeout`` too.
+        """
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        await asyncio.wait([task])
-        if self._down_since is None:
-            await self._flush()
+        self._stopping = True
+        wake = self._wake
+        if wake is not None:
+            wake.set()
+        timeout = self.store.timeout
+        done, _ = await asyncio.wait((task,), timeout=timeout + self.sync_interval)
+        if not done:
+            task.cancel()
+            await asyncio.wait((task,), timeout=timeout)
+        if task.done() and not task.cancelled():
+            task.exception()  # (the loop catches every Exception: None)
+        if self._down_since is None and not self.store.closed and self._has_news():
+            await _runtime.await_bounded(self._flush(), 2 * timeout)
         self._loop = None
         self._wake = None
 
@@ -538,13 +591,17 @@ class SharedBudget:
     async def _run(self) -> None:
         wake = self._wake
         assert wake is not None
-        while True:
+        while not self._stopping:
             await self._flush()
+            if self._stopping:
+                return
+            # asyncio.wait, not asyncio.timeout + except TimeoutError: a wait
+            # that times out cannot turn a cancellation into a timeout.
+            waiter = asyncio.ensure_future(wake.wait())
             try:
-                async with asyncio.timeout(self.sync_interval):
-                    await wake.wait()
-            except TimeoutError:
-                pass
+                await asyncio.wait((waiter,), timeout=self.sync_interval)
+            finally:
+                waiter.cancel()
             wake.clear()
 
     # -- one sync ------------------------------------------------------------------------
@@ -556,12 +613,16 @@ class SharedBudget:
                 return False
             with self._lock:
                 sent = (self._x, self._y)
+                here = self._here()
                 self._unsynced = 0
-            # While Redis is away, what is counted stays local: the sync that
-            # resumes sharing sends no batch, it only reads.
-            base = sent if self._down_since is not None else self._acked
+            # Always from what Redis is known to hold: a batch whose sync failed
+            # or timed out (Redis paused, blackholed, restarted) is resent by the
+            # next one, and what was counted while Redis was away is merged into
+            # the shared state when it answers again, never overwritten by it.
+            # (The link key makes a resent batch count once.)
+            base = self._acked
             try:
-                reply = await self._call(base, sent)
+                reply = await self._call(base, sent, here)
                 adopt, reason = self._reading(reply)
             except _Corrupt as exc:
                 self._corrupt(str(exc))
@@ -587,9 +648,27 @@ class SharedBudget:
         window, reason = _parse_window(reply, budget.config.buckets)
         return (lambda dx, dy: budget._adopt(window, dx, dy)), reason
 
-    async def _call(self, base: tuple[int, int], sent: tuple[int, int]) -> Any:
-        args = [*self._args, self._ttl_ms, base[0], sent[0], base[1], sent[1]]
-        return await self.store._eval(self._script, self._keys, args)
+    def _has_news(self) -> bool:
+        """Whether something was counted here that Redis has not acknowledged."""
+        with self._lock:
+            return (self._x, self._y) != self._acked
+
+    def _here(self) -> tuple[str, ...]:
+        """What the local budget holds (lock held): the seed of a shared state found missing."""
+        budget = self.budget
+        if isinstance(budget, TokenBudget):
+            return (repr(budget.tokens),)
+        with budget._lock:
+            _, epoch = budget._slot(clock.now())
+            attempts, retries = budget._totals(epoch)
+        return (str(attempts), str(retries))
+
+    async def _call(
+        self, base: tuple[int, int], sent: tuple[int, int], here: tuple[str, ...] = ()
+    ) -> Any:
+        args = [*self._args, self._ttl_ms, base[0], sent[0], base[1], sent[1], *here]
+        # serial: a batch whose caller gave up on the reply lands before the next one
+        return await self.store._eval(self._script, self._keys, args, serial=self)
 
     def _seen(self, reason: str) -> None:
         now = clock.now()

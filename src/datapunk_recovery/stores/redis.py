@@ -19,16 +19,25 @@ How it is organised, per primitive (breakers now, budgets may follow):
   Nothing is pickled.
 - **Links** (`_BreakerLink`) do the rest for one primitive: a local
   read cache (``cache_ttl`` seconds; it bounds how long replicas may
-  disagree), outcome writes in the background (the caller never waits for
-  Redis after its call), and the fallback to local state when Redis is
-  unreachable or answers garbage.
+  disagree), outcomes aggregated and sent in batches in the background (the
+  caller never waits for Redis after its call; see ``flush_interval`` and
+  ``flush_max``), and the fallback to local state when Redis is unreachable
+  or answers garbage.
+- **Commands** run in tasks the store owns (`RedisStore._eval()`): a
+  caller waits at most ``timeout`` for one and never cancels it, so our
+  timeouts close no connection and no driver can swallow a caller's
+  cancellation; [`RedisStore.aclose()`][datapunk_recovery.stores.redis.RedisStore.aclose] ends every
+  task, within bounds.
 
 Redis errors never reach the caller: every store operation is bounded by
 ``timeout`` seconds, and a failing one switches the link to its breaker's
 local state (``on_unavailable="local"``, calls keep flowing and are judged
 locally) or refuses every call (``"closed"``) until Redis answers again; the
 store is tried again every ``retry_interval`` seconds.  Sharing then resumes;
-outcomes recorded locally during the outage are not pushed to Redis.
+outcomes recorded locally during the outage are not pushed to Redis.  A
+forced state, and an open period still running, outlive the keys: the
+process holding them re-asserts them on a pristine shared state (keys
+expired, or Redis restarted empty).
 
 Async only, asyncio only (redis.asyncio); a sync breaker asked to use it raises
 ``TypeError``.  Time in shared state is Redis's own clock (``TIME``), so
@@ -78,6 +87,10 @@ _CODES: Final = (
 )
 _CODE_OF: Final = {state: i for i, state in enumerate(_CODES)}
 _PASSING: Final = frozenset({BreakerState.CLOSED, BreakerState.DISABLED, BreakerState.METRICS_ONLY})
+# States an operator forces: kept without expiry, re-asserted by the process holding them.
+_HELD: Final = frozenset(
+    {BreakerState.FORCED_OPEN, BreakerState.DISABLED, BreakerState.METRICS_ONLY}
+)
 _REASONS: Final = frozenset(
     {
         "",
@@ -97,15 +110,17 @@ _REASONS: Final = frozenset(
     }
 )
 _MAX_REMAINING_US: Final = 10**13  # ~116 days: anything longer is garbage
+_MAX_RUNS: Final = 256  # runs in a batch before they are folded (see _BreakerLink._merge)
 
 # One script per primitive: ARGV[1] is the operation (read, acquire, record,
 # release, force), ARGV[2] the configuration as JSON, ARGV[3] a uniform random
-# number for the open-duration jitter, the rest the operation's arguments.
+# number for the open-duration jitter, then the operation's arguments, and last
+# the state the caller holds (code or -1) with its seconds left (see "hold").
 # Reply: {state, generation, remaining_us, granted (0/1/2=probe), free permits,
 # consecutive failures, window calls, window failures, window slow calls,
 # corrupt (0: no, 1: reset, 2: an open or half-open period longer than this
 # configuration allows, shortened), reason of a transition made now (or ""),
-# shadow trip (0/1)}.
+# shadow trip (0/1), pristine (1: made from nothing and no transition since)}.
 # Every number read is checked: integers must be exact in a Lua number (at
 # most 2^52, or the reply would carry a garbled integer and every process
 # would fall back for good), times finite, a window head not in the future.
@@ -136,12 +151,17 @@ end
 local S
 local function fresh(g)
   S = {s = CLOSED, g = g, ou = 0, hu = 0, c = 0, pi = 0, po = 0, r = 0,
-       wc = 0, wf = 0, ws = 0, wp = 0, wh = false, wz = '', pf = 0, ps = 0, sh = 0}
+       wc = 0, wf = 0, ws = 0, wp = 0, wh = false, wz = '', pf = 0, ps = 0, sh = 0, p = 1}
 end
 
 local corrupt = 0
+-- The last two arguments: a state the caller holds (-1: none) and, for an
+-- open one, the seconds it has left.  They are obeyed only by a fresh state
+-- (the keys expired, or Redis restarted empty): an operator's forced state,
+-- or an open period still running, is never lost with the keys.
+local hold, hold_left = tonumber(ARGV[#ARGV - 1]) or -1, tonumber(ARGV[#ARGV]) or 0
 local raw = redis.call('HMGET', key, 's', 'g', 'ou', 'hu', 'c', 'pi', 'po', 'r',
-                       'wc', 'wf', 'ws', 'wp', 'wh', 'wz')
+                       'wc', 'wf', 'ws', 'wp', 'wh', 'wz', 'p')
 if raw[1] == false and raw[2] == false then
   -- A new (or expired, or lost with a restart) state starts at Redis's time
   -- in ms: above every generation handed out before, so a link never takes
@@ -151,7 +171,8 @@ else
   S = {s = int(raw[1]), g = int(raw[2]), ou = num(raw[3]), hu = num(raw[4]),
        c = int(raw[5]), pi = int(raw[6]), po = int(raw[7]), r = int(raw[8]),
        wc = int(raw[9]), wf = int(raw[10]), ws = int(raw[11]), wp = int(raw[12]),
-       wh = false, wz = raw[14] or ''}
+       wh = false, wz = raw[14] or '', p = 0}
+  if raw[15] == '1' then S.p = 1 end
   -- probe failures and slow probes ("rate" half-open) and the shadow-trip
   -- flag: absent in a state written before they existed, so absent means 0.
   local extra = redis.call('HMGET', key, 'pf', 'ps', 'sh')
@@ -199,6 +220,14 @@ end
 if S.s == HALF and cfg.ht >= 0 and S.hu - now > cfg.ht + 0.001 then
   S.hu = now + cfg.ht
   if corrupt == 0 then corrupt = 2 end
+end
+
+-- (pristine: made from nothing and never changed state since)
+if S.p == 1 and (hold == FORCED or hold == DISABLED or hold == METRICS) then
+  S.s, S.g, S.p = hold, S.g + 1, 0
+elseif S.p == 1 and hold == OPEN and hold_left > 0 then
+  S.s, S.g, S.p, S.r = OPEN, S.g + 1, 0, 1
+  S.ou = now + math.min(hold_left, longest)
 end
 
 local function win_advance()
@@ -260,6 +289,7 @@ local reason_out, shadow = '', 0
 local function to(new, reason)
   S.s = new
   S.g = S.g + 1
+  S.p = 0
   reason_out = reason
   S.sh = 0
   if new == HALF then
@@ -304,6 +334,31 @@ end
 if S.s == OPEN and now >= S.ou then to(HALF, 'open_elapsed') end
 
 local granted = 0
+
+-- One outcome of a call admitted while closed (or in shadow mode): the one
+-- rule for 'record' and 'batch' alike.
+local function closed_outcome(failed, slow, hint)
+  if failed == 1 then S.c = S.c + 1 else S.c = 0 end
+  win_add(failed, slow)
+  local reason
+  if hint then reason = 'server_delay' else reason = judge() end
+  if reason then
+    if S.s == METRICS then
+      -- shadow mode keeps its counts; a would-be trip is reported once,
+      -- when the criterion starts to hold
+      if S.sh == 0 then
+        S.sh = 1
+        shadow = 1
+        reason_out = reason
+      end
+    else
+      open(hint, reason)
+    end
+  else
+    S.sh = 0
+  end
+end
+
 if op == 'acquire' then
   if S.s == CLOSED or S.s == DISABLED or S.s == METRICS then
     granted = 1
@@ -335,25 +390,21 @@ elseif op == 'record' then
         end
       end
     elseif S.s == CLOSED or S.s == METRICS then
-      if failed == 1 then S.c = S.c + 1 else S.c = 0 end
-      win_add(failed, slow)
-      local reason
-      if hint then reason = 'server_delay' else reason = judge() end
-      if reason then
-        if S.s == METRICS then
-          -- shadow mode keeps its counts; a would-be trip is reported once,
-          -- when the criterion starts to hold
-          if S.sh == 0 then
-            S.sh = 1
-            shadow = 1
-            reason_out = reason
-          end
-        else
-          open(hint, reason)
-        end
-      else
-        S.sh = 0
-      end
+      closed_outcome(failed, slow, hint)
+    end
+  end
+elseif op == 'batch' then
+  -- Outcomes of closed calls aggregated by one process, in order, as runs
+  -- "<code>x<count>,..." (code: 1 failed + 2 slow).  Each is judged as a
+  -- 'record' would be; once one trips the breaker the rest belong to an
+  -- older generation and count for nothing, exactly as if sent one by one.
+  local gen = tonumber(ARGV[4])
+  for code, n in string.gmatch(ARGV[5], '(%d)x(%d+)') do
+    code, n = tonumber(code), tonumber(n)
+    local failed, slow = code % 2, math.floor(code / 2) % 2
+    for _ = 1, n do
+      if gen ~= S.g or (S.s ~= CLOSED and S.s ~= METRICS) then break end
+      closed_outcome(failed, slow, nil)
     end
   end
 elseif op == 'release' then
@@ -369,10 +420,15 @@ if S.wh ~= false then wh = string.format('%.0f', S.wh) end
 redis.call('HSET', key, 's', S.s, 'g', string.format('%.0f', S.g),
            'ou', string.format('%.6f', S.ou), 'hu', string.format('%.6f', S.hu),
            'c', S.c, 'pi', S.pi, 'po', S.po, 'r', S.r, 'wc', S.wc, 'wf', S.wf,
-           'ws', S.ws, 'wp', S.wp, 'wz', S.wz, 'pf', S.pf, 'ps', S.ps, 'sh', S.sh)
+           'ws', S.ws, 'wp', S.wp, 'wz', S.wz, 'pf', S.pf, 'ps', S.ps, 'sh', S.sh, 'p', S.p)
 if wh == '' then redis.call('HDEL', key, 'wh') else redis.call('HSET', key, 'wh', wh) end
 local ttl = cfg.kt
-redis.call('PEXPIRE', key, ttl)
+if S.s == FORCED or S.s == DISABLED or S.s == METRICS then
+  -- an operator's decision does not expire with traffic: kept until reset
+  redis.call('PERSIST', key)
+else
+  redis.call('PEXPIRE', key, ttl)
+end
 if redis.call('EXISTS', ringk) == 1 then redis.call('PEXPIRE', ringk, ttl) end
 if redis.call('EXISTS', wink) == 1 then redis.call('PEXPIRE', wink, ttl) end
 
@@ -381,7 +437,7 @@ if S.s == OPEN then rem = S.ou - now elseif S.s == HALF and cfg.ht >= 0 then rem
 if rem < 0 then rem = 0 end
 -- (free permits never below 0: another process may allow fewer probes)
 return {S.s, S.g, math.floor(rem * 1000000), granted, math.max(0, cfg.hp - S.pi), S.c,
-        S.wc, S.wf, S.ws, corrupt, reason_out, shadow}
+        S.wc, S.wf, S.ws, corrupt, reason_out, shadow, S.p}
 """
 
 
@@ -396,6 +452,13 @@ AUTH_RETRY_INTERVAL: Final = 300.0
 
 class StoreRefused(RuntimeError):
     """Redis refused this store's login or command lately: not asked again yet."""
+
+
+class StoreBusy(RuntimeError):
+    """``max_pending`` commands already wait for Redis: the caller falls back at once.
+
+    Raised inside the store only, never to a caller.
+    """
 
 
 class StoreClosed(RuntimeError):
@@ -418,6 +481,7 @@ class _Shared:
         "gen",
         "granted",
         "reason",
+        "pristine",
         "shadow",
         "slow",
         "state",
@@ -425,8 +489,8 @@ class _Shared:
     )
 
     def __init__(self, reply: Any, now: float) -> None:
-        if not isinstance(reply, list | tuple) or len(reply) != 12:
-            raise _Corrupt("reply is not a 12-item array")
+        if not isinstance(reply, list | tuple) or len(reply) != 13:
+            raise _Corrupt("reply is not a 13-item array")
         ints = reply[:10]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
             raise _Corrupt("reply fields are not non-negative integers")
@@ -442,6 +506,8 @@ class _Shared:
             raise _Corrupt("unknown transition reason")
         if type(reply[11]) is not int or reply[11] not in (0, 1):
             raise _Corrupt("shadow trip flag is not 0 or 1")
+        if type(reply[12]) is not int or reply[12] not in (0, 1):
+            raise _Corrupt("pristine flag is not 0 or 1")
         self.state = _CODES[code]
         self.gen: int = gen
         #: When the open period (or the half-open time limit) ends, on the local clock.
@@ -454,6 +520,8 @@ class _Shared:
         self.slow: int = slow
         self.reason: str = reason
         self.shadow = reply[11] == 1
+        #: Made from nothing (keys expired, Redis restarted empty) and unchanged since.
+        self.pristine = reply[12] == 1
         #: 0: sound; 1: did not parse, reset; 2: a period too long, shortened.
         self.corrupt = corrupt
 
@@ -530,8 +598,18 @@ class RedisStore:
       it); at least ``2 * max_open_duration`` of the breakers is used.  Default 3600.
     - ``on_unavailable``: ``"local"`` (default: judge calls on the breaker's
       local state while Redis is away) or ``"closed"`` (refuse every call).
-    - ``max_pending``: outcome writes in flight per link; past it, outcomes
-      are applied locally only (so a slow Redis cannot pile up tasks).
+    - ``max_pending``: Redis commands in flight per store (and outcome writes
+      per breaker); past it, the caller decides locally at once and outcomes
+      are applied locally (so a slow Redis cannot pile up tasks).  Default 256.
+    - ``flush_interval``: outcomes of closed calls are aggregated per breaker
+      and sent in one script call; a batch holding a failure or a slow call
+      is sent within this many seconds (default 0.005), a batch of plain
+      successes within ``cache_ttl`` (or with the next read, which carries
+      it).  A batch that would trip the breaker is sent at once, as are probe
+      results and server delays.
+    - ``flush_max``: a batch of this many outcomes is sent at once (default
+      200): with it, a busy closed breaker sends at most one command per
+      ``flush_max`` calls, plus one read per ``cache_ttl``.
     """
 
     kind = "redis"
@@ -548,12 +626,16 @@ class RedisStore:
         key_ttl: float = 3600.0,
         on_unavailable: Literal["local", "closed"] = "local",
         max_pending: int = 256,
+        flush_interval: float = 0.005,
+        flush_max: int = 200,
     ) -> None:
         self.cache_ttl = check_seconds(_OWNER, "cache_ttl", cache_ttl)
         self.timeout = check_seconds(_OWNER, "timeout", timeout, positive=True)
         self.retry_interval = check_seconds(_OWNER, "retry_interval", retry_interval)
         self.key_ttl = check_seconds(_OWNER, "key_ttl", key_ttl, positive=True)
         self.max_pending = check_count(_OWNER, "max_pending", max_pending)
+        self.flush_interval = check_seconds(_OWNER, "flush_interval", flush_interval)
+        self.flush_max = check_count(_OWNER, "flush_max", flush_max)
         if on_unavailable not in ("local", "closed"):
             raise ValueError(
                 f"{_OWNER}.on_unavailable: expected 'local' or 'closed', got {on_unavailable!r}"
@@ -569,8 +651,14 @@ class RedisStore:
                 import redis.asyncio as aioredis
             except ImportError as exc:
                 raise_missing(exc, "RedisStore", "redis", extra="redis")
+            # The driver's own socket timeouts are looser than ``timeout``: the
+            # store stops *waiting* after ``timeout`` (see _eval) while the
+            # command lands on its connection; a driver timeout would close a
+            # healthy connection that is merely slow.  They still bound a
+            # blackholed server (the command then fails and its task ends).
+            slack = _driver_timeout(self.timeout)
             self.client = aioredis.Redis.from_url(
-                client, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+                client, socket_timeout=slack, socket_connect_timeout=slack
             )
             self._owns_client = True
         elif hasattr(client, "register_script") and hasattr(client, "evalsha"):
@@ -585,6 +673,10 @@ class RedisStore:
         self._rng = random.Random()
         # Every link bound here, so that aclose() can land their background writes.
         self._links: weakref.WeakSet[_BreakerLink] = weakref.WeakSet()
+        # Commands running now (see _eval): owned here, cancelled by aclose().
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._serial: dict[object, asyncio.Task[Any]] = {}
+        self._closing = False
         self._closed = False
         self._refused_until = 0.0  # clock.now() before which Redis is not asked (auth)
 
@@ -597,26 +689,83 @@ class RedisStore:
         tag = f"{self.prefix}:{{{kind}:{name}}}"
         return [f"{tag}:{part}" for part in parts]
 
-    async def _eval(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run ``script`` (one round trip), bounded by ``timeout`` seconds.
+    async def _eval(
+        self, script: Any, keys: list[str], args: list[Any], *, serial: object = None
+    ) -> Any:
+        """Run ``script`` (one round trip); the caller waits at most ``timeout`` seconds.
+
+        The command runs in a task of its own, owned by the store, and the
+        caller only *waits* for it.  Two faults follow from cancelling a
+        command inside the caller's task, and this shape avoids both:
+
+        - redis-py closes a connection whose command is cancelled mid-reply, so
+          every timeout on a busy loop would cost a new connection (churn, and
+          more timeouts while it is made);
+        - a driver may swallow a cancellation that lands as its reply arrives
+          and return the reply: the caller's task then carries on as if never
+          cancelled, and a background loop stopped by ``cancel()`` waits for
+          ever (the hang of 8 processes sharing a breaker and a budget).
+
+        A command our timeout gave up on keeps running on its connection and
+        lands (or fails on the driver's own socket timeout);
+        [`aclose()`][datapunk_recovery.stores.redis.RedisStore.aclose]
+        cancels what is still running, after a bounded wait.  At most
+        ``max_pending`` commands run at once per store: past it the caller
+        falls back at once ([`StoreBusy`][datapunk_recovery.stores.redis.StoreBusy]) instead of
+        piling up tasks on a
+        Redis that does not answer.
 
         After Redis refused the login or the command (``WRONGPASS``,
-        ``NOAUTH``, ``NOPERM``), no link tries it again for
-        `AUTH_RETRY_INTERVAL` seconds: each try would be another failed
-        login, which can lock the account.
+        ``NOAUTH``, ``NOPERM``), nothing is sent for `AUTH_RETRY_INTERVAL`
+        seconds (`StoreRefused`).
+
+        Commands given the same ``serial`` key run one after the other: one
+        waits (within the same ``timeout``) for the previous one to land, so
+        Redis applies them in the order they were made even when a caller gave
+        up on a reply (a budget's batches rely on it).
         """
-        if self._closed:
+        if self._closed or self._closing:
             raise StoreClosed(f"{self!r} is closed")
         if clock.now() < self._refused_until:
             raise StoreRefused(f"{self!r}: Redis refused our login or command; not asked again yet")
+        if len(self._inflight) >= self.max_pending:
+            raise StoreBusy(f"{self!r}: {len(self._inflight)} commands already in flight")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        if serial is not None:
+            previous = self._serial.get(serial)
+            if previous is not None and not previous.done():
+                await asyncio.wait((previous,), timeout=self.timeout)
+                if not previous.done():
+                    raise TimeoutError(f"{self!r}: the previous command is still running")
+        task = loop.create_task(script(keys=keys, args=args))
+        self._inflight.add(task)
+        task.add_done_callback(self._landed)
+        if serial is not None:
+            self._serial[serial] = task
+        done, _ = await asyncio.wait((task,), timeout=max(deadline - loop.time(), 0.0))
+        if not done:
+            raise TimeoutError(f"{self!r}: no reply within {self.timeout} s")
+        if task.cancelled():  # (by aclose, or inside the driver): never the caller's
+            if self._closing:
+                raise StoreClosed(f"{self!r} is closed")
+            raise ConnectionError(f"{self!r}: the command was cancelled inside the driver")
         try:
-            # asyncio.timeout bounds a blackholed server that accepts and never answers.
-            async with asyncio.timeout(self.timeout):
-                return await script(keys=keys, args=args)
+            return task.result()
         except Exception as exc:
             if classify(exc).category is ErrorCategory.AUTH:
+                # Another try would be another failed login, which can lock
+                # the account: no link asks again for AUTH_RETRY_INTERVAL s.
                 self._refused_until = clock.now() + AUTH_RETRY_INTERVAL
             raise
+
+    def _landed(self, task: asyncio.Task[Any]) -> None:
+        """A command ended: forget it; its error (if nobody waited for it) is consumed."""
+        self._inflight.discard(task)
+        for key in [k for k, t in self._serial.items() if t is task]:
+            del self._serial[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved" warning
 
     # -- breakers --------------------------------------------------------------------------
     def bind_breaker(self, breaker: CircuitBreaker) -> _BreakerLink:
@@ -639,17 +788,45 @@ class RedisStore:
             self._breaker_script, keys, [op, cfg, repr(self._rng.random()), *args]
         )
 
+    @property
+    def closed(self) -> bool:
+        """Whether `aclose()` has finished: the store sends nothing more."""
+        return self._closed
+
     async def aclose(self) -> None:
         """Land the outcome writes in flight, then close the client if the store made it.
 
-        The wait is bounded: every write gives up after ``timeout`` seconds.
-        Afterwards the store opens no connection: its breakers decide on their
-        local state (as when Redis is away) and outcomes count there only.
+        Every wait is bounded: the writes get ``timeout`` seconds (a write
+        scheduled meanwhile is applied locally instead); commands still running
+        after that are cancelled and get ``timeout`` seconds more to end, and
+        closing the client gets ``timeout`` seconds too.  Whatever a driver
+        does, ``aclose`` returns.  Afterwards the store opens no connection: its
+        breakers decide on their local state (as when Redis is away) and
+        outcomes count there only.  Closing twice is harmless.
         """
-        await asyncio.gather(*(link.flush() for link in list(self._links)))
+        if self._closing:
+            return
+        await _runtime.await_bounded(
+            asyncio.gather(*(link.flush() for link in list(self._links))), self.timeout
+        )
+        self._closing = True  # from now on no new command starts
+        running = list(self._inflight)
+        if running:
+            _, late = await asyncio.wait(running, timeout=self.timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=self.timeout)
+        for link in list(self._links):
+            link.detach()
         self._closed = True
         if self._owns_client:
-            await self.client.aclose()
+            await _runtime.await_bounded(self.client.aclose(), self.timeout)
+
+
+def _driver_timeout(timeout: float) -> float:
+    """Socket timeouts of a client the store makes: 4x its own, at least 2 s (seconds)."""
+    return max(4.0 * timeout, 2.0)
 
 
 class _BreakerLink:
@@ -665,14 +842,46 @@ class _BreakerLink:
         self.retry_at = 0.0
         self.refreshing = False
         self.pending: set[asyncio.Task[Any]] = set()
+        # The state this process forced (isolate, disable, metrics only) until
+        # a reset, here or in another process: it is re-asserted on a fresh
+        # shared state (keys expired, Redis restarted empty) by every round
+        # trip, and by a keeper task while the breaker is forced.
+        self.forced: BreakerState | None = None
+        self.forced_reason = ""
+        self.force_unsent = False  # forced while Redis was away: push it when it answers
+        self.keeper: asyncio.Task[None] | None = None
+        self.stop_keeping: asyncio.Event | None = None
+        # Outcomes of closed calls not sent yet, as runs [code, count] in order
+        # (code: 1 failed + 2 slow), all of generation batch_gen; one send in
+        # flight at a time (sending), started by a timer or at once.
+        self.batch: list[list[int]] = []
+        self.batch_gen = -1
+        self.batch_n = self.batch_failed = self.batch_slow = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.sending: asyncio.Task[None] | None = None
+        #: Times a batch was merged (counts kept, order of outcomes folded).
+        self.merged = 0
+
+    def _hold(self) -> tuple[int, str]:
+        """The state this process holds for a fresh shared state: (code or -1, seconds left)."""
+        forced = self.forced
+        if forced is not None:
+            return _CODE_OF[forced], "0"
+        cached = self.cached
+        if cached is not None and cached.state is BreakerState.OPEN:
+            left = cached.until - clock.now()
+            if left > 0:
+                return _CODE_OF[BreakerState.OPEN], repr(left)
+        return -1, "0"
 
     # -- store calls --------------------------------------------------------------------
     async def _op(self, op: str, *args: Any) -> _Shared | None:
         """Run ``op``; on success update the cache and return it, else fall back (None)."""
         store, core = self.store, self.core
         config = core.config
+        hold = self._hold() if op != "force" else (-1, "0")
         try:
-            reply = await store.breaker_op(self.breaker.name, config, op, *args)
+            reply = await store.breaker_op(self.breaker.name, config, op, *args, *hold)
             shared = _Shared(reply, clock.now())
         except _Corrupt as exc:
             if core.listening():
@@ -709,6 +918,13 @@ class _BreakerLink:
             return
         self.cached = shared
         self.fetched_at = now
+        if (
+            self.forced is not None
+            and not self.force_unsent
+            and shared.state is not self.forced
+            and not shared.pristine
+        ):
+            self.forced = None  # changed elsewhere (a reset in another process): let go
         if not core.listening():
             return
         if shared.corrupt:
@@ -827,6 +1043,15 @@ class _BreakerLink:
     async def _refresh(self) -> _Shared | None:
         self.refreshing = True
         try:
+            if self.batch or (self.sending is not None and not self.sending.done()):
+                # The read waits for this process's own outcomes: their send
+                # returns the shared state, so it is the read (no extra round trip).
+                self._kick()
+                sending = self.sending
+                if sending is not None:
+                    await asyncio.wait((sending,), timeout=2 * self.store.timeout)
+                    if sending.done() and self.down_since is None and self.cached is not None:
+                        return self.cached
             return await self._op("read")
         finally:
             self.refreshing = False
@@ -877,22 +1102,220 @@ class _BreakerLink:
         duration: float | None,
         hint: float | None,
     ) -> None:
-        args = (gen, int(probe), int(failed), int(slow), -1.0 if hint is None else hint)
-        if not self._spawn("record", *args):
+        store = self.store
+        if self.down_since is not None or store._closing or store._closed:
             # Redis is away: the outcome still counts, on the local state.
             self.core.record(-1, False, failed, slow, duration, hint)
+            return
+        if probe or hint is not None:
+            # a probe result or a server delay is a transition: sent at once
+            args = (gen, int(probe), int(failed), int(slow), -1.0 if hint is None else hint)
+            if not self._spawn("record", *args):
+                self.core.record(-1, False, failed, slow, duration, hint)
+            return
+        code = int(failed) + 2 * int(slow)
+        cached = self.cached
+        if (
+            code == 0
+            and not self.batch
+            and not self.core.config.windowed
+            and cached is not None
+            and cached.gen == gen
+            and cached.consecutive == 0
+        ):
+            # Nothing new to say: without a window a success only resets the
+            # consecutive count, which Redis holds at 0 as last read (a count
+            # raised elsewhere meanwhile is seen with the next read, within
+            # cache_ttl, and then successes are sent again).
+            return
+        self._add(gen, code)
+
+    def _add(self, gen: int, code: int) -> None:
+        """Aggregate one outcome of a closed call; send when due (see RedisStore)."""
+        if self.batch and gen != self.batch_gen:
+            self._kick()  # another generation: the batch so far goes now
+            if self.batch:  # (a send is in flight: it will take this one first)
+                self._send_sync_fallback()
+        runs = self.batch
+        if runs and runs[-1][0] == code:
+            runs[-1][1] += 1
+        else:
+            runs.append([code, 1])
+        self.batch_gen = gen
+        self.batch_n += 1
+        self.batch_failed += code & 1
+        self.batch_slow += code >> 1
+        if len(runs) > _MAX_RUNS:
+            self._merge()
+        store = self.store
+        if self.batch_n >= store.flush_max or (code and self._would_trip()):
+            self._kick()
+            return
+        delay = store.flush_interval if code or self.batch_failed or self.batch_slow else None
+        self._arm(max(store.cache_ttl, 0.05) if delay is None else delay)
+
+    def _send_sync_fallback(self) -> None:
+        """A batch of an older generation still waits behind a send in flight: its
+        outcomes count for nothing in Redis (the generation moved on), so drop
+        them the way the script would."""
+        self.batch, self.batch_n, self.batch_failed, self.batch_slow = [], 0, 0, 0
+
+    def _merge(self) -> None:
+        """Too many runs (a send is slow to land): fold them into one run per kind.
+
+        Counts are additive, so nothing is lost; only the order within the batch
+        is folded (successes first, failures last, which never trips later than
+        the real order would for the consecutive rule).
+        """
+        totals = [0, 0, 0, 0]
+        for code, n in self.batch:
+            totals[code] += n
+        self.batch = [[code, totals[code]] for code in (0, 2, 1, 3) if totals[code]]
+        self.merged += 1
+
+    def _would_trip(self) -> bool:
+        """Whether the shared state as last read plus this batch may trip the breaker."""
+        cached = self.cached
+        if cached is None:
+            return True
+        config = self.core.config
+        runs = self.batch
+        if all(code & 1 for code, _ in runs):
+            consecutive = cached.consecutive + self.batch_n
+        else:
+            consecutive = runs[-1][1] if runs[-1][0] & 1 else 0
+        cf = config.consecutive_failures
+        if cf and consecutive >= cf:
+            return True
+        if config.windowed:
+            calls = cached.calls + self.batch_n
+            if calls >= config.minimum_calls:
+                fr, sr = config.failure_rate_threshold, config.slow_call_rate_threshold
+                if fr and cached.failures + self.batch_failed >= fr * calls:
+                    return True
+                if sr and cached.slow + self.batch_slow >= sr * calls:
+                    return True
+        return False
+
+    def _arm(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        timer = self.timer
+        if timer is not None:
+            if timer.when() <= loop.time() + delay:
+                return
+            timer.cancel()
+        self.timer = loop.call_later(delay, self._kick)
+
+    def _kick(self) -> None:
+        """Send the batch now (one send in flight; one waiting is taken by it)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.batch or (self.sending is not None and not self.sending.done()):
+            return
+        runs, gen = self._take()
+        task = asyncio.get_running_loop().create_task(self._send(runs, gen))
+        self.sending = task
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    def _take(self) -> tuple[list[list[int]], int]:
+        runs, gen = self.batch, self.batch_gen
+        self.batch, self.batch_n, self.batch_failed, self.batch_slow = [], 0, 0, 0
+        return runs, gen
+
+    async def _send(self, runs: list[list[int]], gen: int) -> None:
+        while runs:
+            try:
+                got = await self._op("batch", gen, ",".join(f"{c}x{n}" for c, n in runs))
+            except BaseException:
+                self._locally(runs)  # cancelled (the store closed): they count here
+                raise
+            if got is None:
+                self._locally(runs)  # Redis is away: they count here
+            runs, gen = self._take()
+
+    def _locally(self, runs: list[list[int]]) -> None:
+        record = self.core.record
+        for code, n in runs:
+            for _ in range(n):
+                record(-1, False, bool(code & 1), bool(code & 2), None, None)
 
     def release(self, gen: int, probe: bool) -> None:
         if probe:
             self._spawn("release", gen, 1)
 
     async def flush(self) -> None:
+        """Wait for the writes scheduled so far; at most about ``2 * timeout`` seconds.
+
+        Writes scheduled while waiting are waited for too, within the same bound
+        (a busy breaker must not keep ``aclose`` waiting for ever).
+        """
+        self._kick()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * self.store.timeout
         while self.pending:
-            await asyncio.gather(*list(self.pending), return_exceptions=True)
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            await asyncio.wait(list(self.pending), timeout=left)
+
+    def detach(self) -> None:
+        """The store closed: stop what is still scheduled (each is bounded anyway)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.batch:
+            self._locally(self.batch)
+            self._send_sync_fallback()
+        for task in list(self.pending):
+            task.cancel()
+        self.pending.clear()
+        if self.stop_keeping is not None:
+            self.stop_keeping.set()
+        if self.keeper is not None:
+            self.keeper.cancel()
 
     async def force(self, state: BreakerState, reason: str) -> None:
+        held = state in _HELD
+        self.forced = state if held else None
+        self.forced_reason = reason
+        self.force_unsent = False
         if await self._op("force", _CODE_OF[state], reason) is None:
             self.core.force(state, reason)  # at least this process obeys
+            self.force_unsent = True  # and Redis learns it when it answers again
+        if held or self.force_unsent:
+            self._keep()
+
+    def _keep(self) -> None:
+        """Start the keeper task (one per link, owned; ended by detach)."""
+        if self.keeper is not None and not self.keeper.done():
+            return
+        self.stop_keeping = asyncio.Event()
+        self.keeper = asyncio.get_running_loop().create_task(
+            self._keeping(self.stop_keeping), name=f"datapunk-breaker-keeper:{self.core.name}"
+        )
+
+    async def _keeping(self, stop: asyncio.Event) -> None:
+        """While this process holds a forced state: re-read it (re-asserting it on a
+        fresh shared state) every ``cache_ttl`` seconds (at least 0.05), and push a
+        force made while Redis was away once it answers.  Every step is bounded
+        by the store's ``timeout``."""
+        interval = max(self.store.cache_ttl, 0.05)
+        while (self.forced is not None or self.force_unsent) and not self.store._closing:
+            waiter = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait((waiter,), timeout=interval)
+            finally:
+                waiter.cancel()
+            if stop.is_set() or self.store._closing:
+                return
+            if self.force_unsent:
+                state = self.forced or BreakerState.CLOSED
+                if await self._op("force", _CODE_OF[state], self.forced_reason) is not None:
+                    self.force_unsent = False
+            elif self.forced is not None:
+                await self._op("read")
 
     # -- inspection ------------------------------------------------------------------------
     def _waits_forever(self) -> bool:
