@@ -112,6 +112,15 @@ def redis_server() -> Iterator[RedisServer]:
     _finish(server)
 
 
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A Redis of the test's own (no persistence), to restart empty on the same port."""
+    server = _start(RedisServer, "redis-server (private)")
+    _STARTED.remove(server)  # its test stops and restarts it on purpose
+    yield server
+    server.close()
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """Real PostgreSQL for the session. ``.dsn`` (superuser, trust) / ``.app_dsn`` (scram)."""

@@ -887,21 +887,6 @@ def test_drill_processes_sharing_a_breaker_and_a_budget_all_finish(
 # forced and open states outlive their keys (issue 13 item 3)
 
 
-@pytest.fixture
-def private_redis() -> Any:
-    """A Redis of the test's own, to restart empty on the same port."""
-    server = RedisServer()
-    try:
-        server.start()
-    except Exception as exc:  # same rule as the session servers
-        server.close()
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"redis-server unavailable: {exc}", pytrace=False)
-        pytest.skip(f"redis-server unavailable: {exc}")
-    yield server
-    server.close()
-
-
 async def refused_within(breaker: CircuitBreaker, tries: int = 300) -> None:
     """Bounded polling: ``breaker`` refuses a call within ``tries`` short looks."""
     for _ in range(tries):
