@@ -5,6 +5,9 @@ computed and reported, only the sleeping is skipped), globally with
 :func:`set_instant_retries` or inside a ``with`` block.  ``fake_clock()``
 installs a :class:`~datapunk_recovery.clock.FakeClock`: sleeps advance it,
 deadlines and breaker windows follow it, and nothing waits for real.
+``forget_classifications()`` empties the per-type verdicts that
+:func:`~datapunk_recovery.errors.classify` remembers, so that a test sees the
+classifier at work whatever ran before it in the same process.
 """
 
 from __future__ import annotations
@@ -12,10 +15,25 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from . import _runtime, clock
+from . import _runtime, clock, errors
 from .clock import FakeClock
 
-__all__ = ["FakeClock", "fake_clock", "instant_retries", "set_instant_retries"]
+__all__ = [
+    "FakeClock",
+    "fake_clock",
+    "forget_classifications",
+    "instant_retries",
+    "set_instant_retries",
+]
+
+
+def forget_classifications() -> None:
+    """Forget every verdict :func:`~datapunk_recovery.errors.classify` remembered per type.
+
+    The remembered verdicts only save time; a test that starts from none checks
+    the classifier itself, not what an earlier test left behind.
+    """
+    errors._by_type.clear()
 
 
 def set_instant_retries(on: bool) -> None:
