@@ -66,7 +66,11 @@ def test_equal_jitter_is_uniform_over_the_upper_half_of_the_envelope(retry: int)
 @pytest.mark.parametrize("retry", [1, 3])
 def test_proportional_jitter_spreads_the_envelope_by_its_factor(retry: int) -> None:
     c = RetryConfig(
-        jitter=Jitter.PROPORTIONAL, jitter_factor=0.3, base_delay=1.0, max_delay=60.0, max_attempts=5
+        jitter=Jitter.PROPORTIONAL,
+        jitter_factor=0.3,
+        base_delay=1.0,
+        max_delay=60.0,
+        max_attempts=5,
     )
     e = c.envelope(retry)
     assert_uniform(draws(c, retry, seed=20 + retry), 0.7 * e, 1.3 * e)
@@ -74,7 +78,11 @@ def test_proportional_jitter_spreads_the_envelope_by_its_factor(retry: int) -> N
 
 def test_proportional_jitter_is_capped_at_max_delay() -> None:
     c = RetryConfig(
-        jitter=Jitter.PROPORTIONAL, jitter_factor=0.5, base_delay=8.0, max_delay=10.0, max_attempts=3
+        jitter=Jitter.PROPORTIONAL,
+        jitter_factor=0.5,
+        base_delay=8.0,
+        max_delay=10.0,
+        max_attempts=3,
     )
     samples = draws(c, 2, seed=3)  # envelope 10, drawn from [5, 15], cut at 10
     assert max(samples) == 10.0
@@ -174,9 +182,7 @@ def test_decorrelated_first_window_is_base_to_three_times_base() -> None:
 
 
 def test_decorrelated_v2_follows_its_formula_draw_by_draw() -> None:
-    c = RetryConfig(
-        jitter=Jitter.DECORRELATED_V2, base_delay=0.2, max_delay=50.0, max_attempts=30
-    )
+    c = RetryConfig(jitter=Jitter.DECORRELATED_V2, base_delay=0.2, max_delay=50.0, max_attempts=30)
     got = list(islice(c.delays(random.Random(9)), 100))
     replay, previous, expected = random.Random(9), 0.0, []
     for i in range(29):
@@ -197,7 +203,10 @@ def test_decorrelated_v2_first_delay_median() -> None:
 
 def test_decorrelated_v2_far_past_the_overflow_point_yields_the_cap() -> None:
     c = RetryConfig(
-        jitter=Jitter.DECORRELATED_V2, base_delay=1.0, max_delay=9.0, max_attempts=None,
+        jitter=Jitter.DECORRELATED_V2,
+        base_delay=1.0,
+        max_delay=9.0,
+        max_attempts=None,
         deadline=1.0,
     )
     seq = list(islice(c.delays(random.Random(2)), 1005))
