@@ -1,1 +1,446 @@
-"""placeholder"""
+"""The retry engine pinned to what it decides, not only to its bounds.
+
+Every delay the engine sleeps is compared with the one its configuration
+draws from the same seeded generator; the deadline is used up to the last
+sleep that fits, to the boundary; every setting survives ``retry_with``; the
+block form leaves no context behind.  Time is a fake clock throughout.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any
+
+import pytest
+
+from datapunk_recovery import (
+    AttemptFinished,
+    CallFinished,
+    ErrorCategory,
+    Event,
+    EventBus,
+    GaveUp,
+    GiveUpReason,
+    Jitter,
+    RecoveryError,
+    RetryConfig,
+    RetryExhausted,
+    RetryPolicy,
+    RetryScheduled,
+    current_attempt,
+    deadline,
+    final_reason,
+    retry,
+    retrying,
+)
+from datapunk_recovery.clock import FakeClock
+from datapunk_recovery.deadline import remaining
+from datapunk_recovery.testing import fake_clock
+
+NO_JITTER = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_delay=100.0, max_attempts=4)
+
+
+class Flaky:
+    """Fails ``failures`` times with ``error`` (advancing the clock by ``takes`` s each call)."""
+
+    def __init__(
+        self,
+        failures: int,
+        error: type[Exception] = ConnectionError,
+        value: Any = "ok",
+        takes: float = 0.0,
+        clock: FakeClock | None = None,
+    ) -> None:
+        self.failures, self.error, self.value = failures, error, value
+        self.takes, self.clock = takes, clock
+        self.calls = 0
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        if self.clock is not None:
+            self.clock.advance(self.takes)
+        if self.calls <= self.failures:
+            raise self.error(f"failure {self.calls}")
+        return self.value
+
+
+class Gate:
+    """A retry budget that records what the engine told it and refuses after ``allow``."""
+
+    def __init__(self, allow: int) -> None:
+        self.allow = allow
+        self.outcomes: list[bool] = []
+        self.asked = 0
+
+    def on_attempt(self, succeeded: bool) -> None:
+        self.outcomes.append(succeeded)
+
+    def allow_retry(self) -> bool:
+        self.asked += 1
+        return self.asked <= self.allow
+
+
+@pytest.fixture
+def clock() -> Iterator[FakeClock]:
+    with fake_clock(1000.0) as fake:
+        yield fake
+
+
+def seeded(config: RetryConfig, seed: int, n: int) -> list[float]:
+    return list(islice(config.delays(random.Random(seed)), n))
+
+
+# -- the rng and the jitter kinds through the engine ----------------------------------
+
+
+@pytest.mark.parametrize("kind", list(Jitter))
+def test_the_engine_sleeps_exactly_the_seeded_delays_of_every_kind(
+    clock: FakeClock, kind: Jitter
+) -> None:
+    config = RetryConfig(jitter=kind, base_delay=1.0, max_delay=50.0, max_attempts=6)
+    wrapped = retry(config, rng=random.Random(7))(Flaky(5))
+    assert wrapped() == "ok"
+    assert clock.slept == [d for d in seeded(config, 7, 5) if d > 0.0]
+    assert len(clock.slept) == 5
+
+
+@pytest.mark.parametrize("kind", [Jitter.DECORRELATED, Jitter.DECORRELATED_V2])
+def test_the_block_form_sleeps_the_seeded_decorrelated_delays(
+    clock: FakeClock, kind: Jitter
+) -> None:
+    config = RetryConfig(jitter=kind, base_delay=1.0, max_delay=50.0, max_attempts=5)
+    for attempt in retrying(config, rng=random.Random(3)):
+        with attempt:
+            if attempt.number < 5:
+                raise ConnectionError
+    assert clock.slept == seeded(config, 3, 4)
+
+
+def test_each_category_keeps_its_own_decorrelated_sequence(clock: FakeClock) -> None:
+    net = RetryConfig(jitter=Jitter.DECORRELATED, base_delay=1.0, max_delay=50.0, max_attempts=9)
+    rate = RetryConfig(jitter=Jitter.DECORRELATED, base_delay=2.0, max_delay=80.0, max_attempts=9)
+    policy = RetryPolicy(net, per_category={ErrorCategory.RATE_LIMITED: rate})
+    limited = RecoveryError("slow down", category=ErrorCategory.RATE_LIMITED, retryable=True)
+    errors = iter([ConnectionError(), limited, ConnectionError(), limited])
+
+    def call() -> str:
+        exc = next(errors, None)
+        if exc is not None:
+            raise exc
+        return "ok"
+
+    assert retry(policy, rng=random.Random(5))(call)() == "ok"
+    # One generator feeds both sequences, in the order the delays are drawn.
+    rng = random.Random(5)
+    a, b = net.delays(rng), rate.delays(rng)
+    assert clock.slept == [next(a), next(b), next(a), next(b)]
+
+
+def test_a_zero_base_delay_never_sleeps_whatever_the_kind(clock: FakeClock) -> None:
+    for kind in Jitter:
+        config = RetryConfig(jitter=kind, base_delay=0.0, max_delay=0.0, max_attempts=4)
+        assert retry(config)(Flaky(3))() == "ok"
+    assert clock.slept == []
+
+
+# -- the deadline, used to the last sleep that fits -----------------------------------------
+
+
+def test_the_last_sleep_that_ends_before_the_deadline_is_taken(clock: FakeClock) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=10, deadline=7.5)
+    with pytest.raises(ConnectionError):
+        retry(config)(Flaky(100))()
+    assert clock.slept == [1.0, 2.0, 4.0]  # 7 s slept; the next 8 s would not fit
+
+
+def test_a_sleep_that_would_end_exactly_at_the_deadline_is_not_started(clock: FakeClock) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=10, deadline=7.0)
+    flaky = Flaky(100)
+    with pytest.raises(ConnectionError) as info:
+        retry(config)(flaky)()
+    assert clock.slept == [1.0, 2.0]  # after 3 s, a 4 s wait would leave no time to try
+    assert flaky.calls == 3
+    assert "would end past the deadline (4.000 s left)" in info.value.__notes__[-1]
+
+
+def test_less_than_a_second_left_still_allows_a_retry_without_delay(clock: FakeClock) -> None:
+    config = RetryConfig(base_delay=0.0, max_delay=0.0, max_attempts=5, deadline=2.0)
+    flaky = Flaky(2, takes=0.75, clock=clock)
+    assert retry(config)(flaky)() == "ok"  # the third attempt starts with 0.5 s left
+    assert flaky.calls == 3
+
+
+def test_an_outer_deadline_sooner_than_the_own_one_wins(clock: FakeClock) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=10, deadline=100.0)
+    with deadline(3.5), pytest.raises(ConnectionError):
+        retry(config)(Flaky(100))()
+    assert clock.slept == [1.0, 2.0]
+
+
+def test_an_outer_deadline_later_than_the_own_one_does_not_extend_it(clock: FakeClock) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=10, deadline=3.5)
+    with deadline(100.0), pytest.raises(ConnectionError):
+        retry(config)(Flaky(100))()
+    assert clock.slept == [1.0, 2.0]
+
+
+def test_a_hint_of_exactly_the_time_left_is_not_obeyed(clock: FakeClock) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=5, deadline=10.0)
+
+    def call() -> None:
+        raise RecoveryError("busy", retryable=True, retry_after=10.0)
+
+    with pytest.raises(RecoveryError) as info:
+        retry(config)(call)()
+    assert clock.slept == []
+    assert "would end past the deadline (10.000 s left)" in info.value.__notes__[-1]
+
+
+def test_the_async_engine_uses_the_deadline_to_the_last_sleep(clock: FakeClock) -> None:
+    import asyncio
+
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=10, deadline=7.5)
+    calls = 0
+
+    async def work() -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError
+
+    with pytest.raises(ConnectionError):
+        asyncio.run(retry(config)(work)())
+    assert clock.slept == [1.0, 2.0, 4.0]
+    assert calls == 4
+
+
+# -- async: the block form sleeps, retry_if_result works ------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_async_block_form_sleeps_between_attempts(clock: FakeClock) -> None:
+    seen = []
+    async for attempt in retrying(NO_JITTER):
+        with attempt:
+            seen.append((attempt.number, current_attempt()))
+            if attempt.number < 3:
+                raise ConnectionError
+    assert clock.slept == [1.0, 2.0]
+    assert seen == [(1, 1), (2, 2), (3, 3)]
+
+
+@pytest.mark.anyio
+async def test_async_retry_if_result_retries_rejected_results(clock: FakeClock) -> None:
+    answers = iter([503, 503, 200])
+
+    async def fetch() -> int:
+        return next(answers)
+
+    wrapped = retry(NO_JITTER, retry_if_result=lambda status: status >= 500)(fetch)
+    assert await wrapped() == 200
+    assert clock.slept == [1.0, 2.0]
+
+
+@pytest.mark.anyio
+async def test_async_retry_if_result_gives_up_with_the_last_result(clock: FakeClock) -> None:
+    async def fetch() -> int:
+        return 503
+
+    wrapped = retry(NO_JITTER, retry_if_result=lambda status: status >= 500)(fetch)
+    with pytest.raises(RetryExhausted) as info:
+        await wrapped()
+    assert (info.value.last_result, info.value.attempts) == (503, 4)
+    assert clock.slept == [1.0, 2.0, 4.0]
+
+
+# -- retry_with keeps every setting it does not change --------------------------------------
+
+
+def test_retry_with_keeps_the_on_types(clock: FakeClock) -> None:
+    wrapped = retry(NO_JITTER, on=KeyError)(Flaky(2, error=KeyError))
+    assert wrapped.retry_with(max_attempts=5)() == "ok"
+    refused = retry(NO_JITTER, on=KeyError)(Flaky(2, error=ConnectionError))
+    with pytest.raises(ConnectionError):
+        refused.retry_with(max_attempts=5)()
+
+
+def test_retry_with_keeps_the_on_predicate(clock: FakeClock) -> None:
+    flaky = Flaky(2, error=ConnectionError)
+    wrapped = retry(NO_JITTER, on=lambda e: False)(flaky)
+    with pytest.raises(ConnectionError):
+        wrapped.retry_with(max_attempts=5)()
+    assert flaky.calls == 1
+
+
+def test_retry_with_a_new_on_replaces_the_old_one(clock: FakeClock) -> None:
+    flaky = Flaky(2, error=KeyError)
+    wrapped = retry(NO_JITTER, on=ValueError)(flaky)
+    assert wrapped.retry_with(on=KeyError)() == "ok"
+    assert flaky.calls == 3
+
+
+def test_retry_with_keeps_retry_if_result(clock: FakeClock) -> None:
+    answers = iter([503, 200])
+    wrapped = retry(NO_JITTER, retry_if_result=lambda s: s >= 500)(lambda: next(answers))
+    assert wrapped.retry_with(max_attempts=2)() == 200
+    assert clock.slept == [1.0]
+
+
+def test_retry_with_a_new_retry_if_result_replaces_the_old_one(clock: FakeClock) -> None:
+    answers = iter([404, 200])
+    wrapped = retry(NO_JITTER, retry_if_result=lambda s: s >= 500)(lambda: next(answers))
+    assert wrapped.retry_with(retry_if_result=lambda s: s != 200)() == 200
+
+
+def test_retry_with_keeps_the_budget(clock: FakeClock) -> None:
+    gate = Gate(allow=1)
+    flaky = Flaky(100)
+    wrapped = retry(NO_JITTER, budget=gate)(flaky)  # type: ignore[arg-type]
+    with pytest.raises(ConnectionError) as info:
+        wrapped.retry_with(max_attempts=10)()
+    assert flaky.calls == 2
+    assert gate.outcomes == [False, False]
+    assert final_reason(info.value) == "retry budget exhausted"
+
+
+def test_retry_with_keeps_the_rng(clock: FakeClock) -> None:
+    wrapped = retry(NO_JITTER, rng=random.Random(11))(Flaky(3))
+    full = RetryConfig(base_delay=1.0, max_delay=100.0, max_attempts=4)
+    assert wrapped.retry_with(full)() == "ok"
+    assert clock.slept == seeded(full, 11, 3)
+
+
+def test_retry_with_keeps_the_bus_name_and_statistics(clock: FakeClock) -> None:
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    wrapped = retry(NO_JITTER, name="orders.load", bus=bus)(Flaky(1))
+    other = wrapped.retry_with(max_attempts=2)
+    assert other() == "ok"
+    assert other.operation == "orders.load" and other.events is bus
+    assert [type(e) for e in seen] == [
+        AttemptFinished,
+        RetryScheduled,
+        AttemptFinished,
+        CallFinished,
+    ]
+    assert {e.operation for e in seen} == {"orders.load"}
+    assert wrapped.statistics().retries == 1
+
+
+def test_retry_with_a_changed_setting_keeps_the_other_settings(clock: FakeClock) -> None:
+    config = RetryConfig(
+        jitter=Jitter.NONE, base_delay=2.0, max_delay=5.0, exponential_base=3.0, max_attempts=3
+    )
+    wrapped = retry(config)(Flaky(100))
+    with pytest.raises(ConnectionError):
+        wrapped.retry_with(max_attempts=4)()
+    assert clock.slept == [2.0, 5.0, 5.0]
+
+
+# -- the budget through the engine ------------------------------------------------------
+
+
+def test_the_budget_hears_every_attempt_and_is_asked_before_every_retry(clock: FakeClock) -> None:
+    gate = Gate(allow=10)
+    assert retry(NO_JITTER, budget=gate)(Flaky(2))() == "ok"  # type: ignore[arg-type]
+    assert gate.outcomes == [False, False, True]
+    assert gate.asked == 2
+
+
+def test_a_refusing_budget_stops_the_block_form(clock: FakeClock) -> None:
+    gate = Gate(allow=0)
+    with pytest.raises(ConnectionError) as info:  # noqa: PT012
+        for attempt in retrying(NO_JITTER, budget=gate):  # type: ignore[arg-type]
+            with attempt:
+                raise ConnectionError
+    assert gate.outcomes == [False]
+    assert final_reason(info.value) == "retry budget exhausted"
+
+
+# -- the block form leaves no context behind ------------------------------------------------
+
+
+def test_the_block_form_resets_the_attempt_and_deadline_after_each_block(clock: FakeClock) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=3, deadline=50.0)
+    inside: list[tuple[int, float | None]] = []
+    between: list[tuple[int, float | None]] = []
+    for attempt in retrying(config):
+        with attempt:
+            inside.append((current_attempt(), remaining()))
+            if attempt.number < 3:
+                raise ConnectionError
+        between.append((current_attempt(), remaining()))
+    assert inside == [(1, 50.0), (2, 49.0), (3, 47.0)]
+    assert between == [(1, None)] * 3
+    assert (current_attempt(), remaining()) == (1, None)
+
+
+def test_the_block_form_resets_the_context_when_it_gives_up(clock: FakeClock) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=2, deadline=50.0)
+    with pytest.raises(ConnectionError):  # noqa: PT012
+        for attempt in retrying(config):
+            with attempt:
+                raise ConnectionError
+    assert (current_attempt(), remaining()) == (1, None)
+
+
+def test_the_decorator_resets_the_context_after_the_call(clock: FakeClock) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=3, deadline=50.0)
+    seen: list[tuple[int, float | None]] = []
+
+    def work() -> str:
+        seen.append((current_attempt(), remaining()))
+        if len(seen) < 2:
+            raise ConnectionError
+        return "ok"
+
+    assert retry(config)(work)() == "ok"
+    assert seen == [(1, 50.0), (2, 49.0)]
+    assert (current_attempt(), remaining()) == (1, None)
+
+
+def test_the_block_form_checks_the_deadline_before_each_attempt(clock: FakeClock) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=10, deadline=5.0)
+    numbers = []
+    with pytest.raises(ConnectionError) as info:  # noqa: PT012
+        for attempt in retrying(config):
+            numbers.append(attempt.number)
+            with attempt:
+                raise ConnectionError
+            clock.advance(10.0)  # time spent between the blocks, outside any attempt
+    assert numbers == [1]
+    assert clock.slept == []
+    assert info.value.__notes__[-1].endswith("the deadline passed")
+
+
+def test_the_block_form_reports_its_give_up(clock: FakeClock) -> None:
+    seen: list[Event] = []
+    bus = EventBus()
+    bus.subscribe(seen.append)
+    with pytest.raises(ConnectionError):  # noqa: PT012
+        for attempt in retrying(NO_JITTER, name="block", bus=bus):
+            with attempt:
+                raise ConnectionError
+    gave_up = [e for e in seen if isinstance(e, GaveUp)]
+    assert [(e.operation, e.attempts, e.reason) for e in gave_up] == [
+        ("block", 4, GiveUpReason.ATTEMPTS)
+    ]
+    assert clock.slept == [1.0, 2.0, 4.0]
+
+
+@pytest.mark.anyio
+async def test_the_async_block_form_never_starts_a_wait_past_the_deadline(
+    clock: FakeClock,
+) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=10, deadline=5.0)
+    numbers = []
+    with pytest.raises(ConnectionError):  # noqa: PT012
+        async for attempt in retrying(config):
+            numbers.append(attempt.number)
+            with attempt:
+                raise ConnectionError
+            clock.advance(4.5)  # 0.5 s left: the 1 s wait would end past the deadline
+    assert numbers == [1]
+    assert clock.slept == []

@@ -766,13 +766,25 @@ class Retrying:
             raise call.deadline_passed(self._error)
         return AttemptContext(self, call.attempt)
 
+    def _wait_fits(self, call: _Call) -> None:
+        # The delay was decided when the block failed; the loop's own code may
+        # have spent time since: never start a wait that would end past the deadline.
+        at = call.deadline_at
+        if at is not None:
+            left = at - clock.now()
+            if left <= 0.0 or (self._delay > 0.0 and self._delay >= left):
+                self._done = True
+                raise call.deadline_passed(self._error)
+
     def __iter__(self) -> Retrying:
         return self
 
     def __next__(self) -> AttemptContext:
         if self._done:
             raise StopIteration
-        if self._call is not None:
+        call = self._call
+        if call is not None:
+            self._wait_fits(call)
             _runtime.sleep_sync(self._delay)
         return self._next_attempt()
 
@@ -782,7 +794,9 @@ class Retrying:
     async def __anext__(self) -> AttemptContext:
         if self._done:
             raise StopAsyncIteration
-        if self._call is not None:
+        call = self._call
+        if call is not None:
+            self._wait_fits(call)
             await _runtime.sleep_async(self._delay)
         return self._next_attempt()
 
