@@ -13,11 +13,13 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
+import anyio
 import pytest
 
 from datapunk_recovery import (
     AttemptFinished,
     CallFinished,
+    DeadlineExceeded,
     ErrorCategory,
     Event,
     EventBus,
@@ -444,3 +446,27 @@ async def test_the_async_block_form_never_starts_a_wait_past_the_deadline(
             clock.advance(4.5)  # 0.5 s left: the 1 s wait would end past the deadline
     assert numbers == [1]
     assert clock.slept == []
+
+
+@pytest.mark.anyio
+async def test_a_later_async_attempt_is_cut_at_the_time_left_not_the_whole_deadline(
+    clock: FakeClock,
+) -> None:
+    # The fake clock says 0.04 s are left when the second attempt starts; it
+    # takes 0.2 s of real time, so only a timeout of the whole deadline (0.5 s)
+    # would let it finish.  No listener: the engine must still know when it began.
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=0.01, max_attempts=5, deadline=0.5)
+    calls = 0
+
+    async def work() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            clock.advance(0.45)
+            raise ConnectionError
+        await anyio.sleep(0.2)
+        return "ok"
+
+    with pytest.raises(DeadlineExceeded, match="during attempt 2"):
+        await retry(config)(work)()
+    assert calls == 2

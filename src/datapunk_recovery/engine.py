@@ -526,8 +526,9 @@ async def _run_async(
                 if deadline_at is None:
                     result = await fn(*args, **kwargs)
                 else:
+                    # The time left now: attempt_start is kept only for listeners.
                     timed_out, got = await _runtime.call_within(
-                        fn, args, kwargs, deadline_at - call.attempt_start
+                        fn, args, kwargs, deadline_at - clock.now()
                     )
                     if timed_out:
                         raise call.deadline_passed(error, during=True) from error
