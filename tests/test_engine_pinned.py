@@ -8,6 +8,7 @@ block form leaves no context behind.  Time is a fake clock throughout.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterator
 from itertools import islice
@@ -25,6 +26,7 @@ from datapunk_recovery import (
     EventBus,
     GaveUp,
     GiveUpReason,
+    HintIgnored,
     Jitter,
     RecoveryError,
     RetryConfig,
@@ -470,3 +472,243 @@ async def test_a_later_async_attempt_is_cut_at_the_time_left_not_the_whole_deadl
     with pytest.raises(DeadlineExceeded, match="during attempt 2"):
         await retry(config)(work)()
     assert calls == 2
+
+
+# -- what the engine reports: events, notes, statistics, exactly -----------------------------
+
+NET = ErrorCategory.NETWORK
+
+
+def _listened(name: str = "op") -> tuple[EventBus, list[Event]]:
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    return bus, seen
+
+
+def test_the_event_stream_of_a_call_that_recovers(clock: FakeClock) -> None:
+    bus, seen = _listened()
+    flaky = Flaky(2, takes=0.5, clock=clock)
+    assert retry(NO_JITTER, name="op", bus=bus)(flaky)() == "ok"
+    assert seen == [
+        AttemptFinished(
+            operation="op",
+            at=1000.5,
+            attempt=1,
+            duration=0.5,
+            succeeded=False,
+            error_type="ConnectionError",
+            category=NET,
+        ),
+        RetryScheduled(
+            operation="op",
+            at=1000.5,
+            retry=1,
+            delay=1.0,
+            from_server=False,
+            category=NET,
+            error_type="ConnectionError",
+        ),
+        AttemptFinished(
+            operation="op",
+            at=1002.0,
+            attempt=2,
+            duration=0.5,
+            succeeded=False,
+            error_type="ConnectionError",
+            category=NET,
+        ),
+        RetryScheduled(
+            operation="op",
+            at=1002.0,
+            retry=2,
+            delay=2.0,
+            from_server=False,
+            category=NET,
+            error_type="ConnectionError",
+        ),
+        AttemptFinished(operation="op", at=1004.5, attempt=3, duration=0.5, succeeded=True),
+        CallFinished(operation="op", at=1004.5, attempts=3, elapsed=4.5, succeeded=True),
+    ]
+
+
+def test_the_event_stream_of_a_call_that_gives_up(clock: FakeClock) -> None:
+    bus, seen = _listened()
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=2)
+    with pytest.raises(ConnectionError):
+        retry(config, name="op", bus=bus)(Flaky(9, takes=0.5, clock=clock))()
+    assert seen[-2:] == [
+        GaveUp(
+            operation="op",
+            at=1002.0,
+            attempts=2,
+            elapsed=2.0,
+            reason=GiveUpReason.ATTEMPTS,
+            error_type="ConnectionError",
+        ),
+        CallFinished(operation="op", at=1002.0, attempts=2, elapsed=2.0, succeeded=False),
+    ]
+
+
+def test_the_event_stream_of_a_first_try_success(clock: FakeClock) -> None:
+    bus, seen = _listened()
+    assert retry(NO_JITTER, name="op", bus=bus)(Flaky(0, takes=0.5, clock=clock))() == "ok"
+    assert seen == [
+        AttemptFinished(operation="op", at=1000.5, attempt=1, duration=0.5, succeeded=True),
+        CallFinished(operation="op", at=1000.5, attempts=1, elapsed=0.5, succeeded=True),
+    ]
+
+
+def test_a_rejected_result_is_reported_as_such(clock: FakeClock) -> None:
+    bus, seen = _listened()
+    answers = iter([503, 200])
+    wrapped = retry(NO_JITTER, name="op", bus=bus, retry_if_result=lambda s: s >= 500)
+    assert wrapped(lambda: next(answers))() == 200
+    first = seen[0]
+    assert isinstance(first, AttemptFinished)
+    assert (first.error_type, first.category) == ("rejected result", ErrorCategory.UNKNOWN)
+
+
+@pytest.mark.parametrize("deadline_s", [None, 1000.0])
+def test_statistics_count_every_call_attempt_retry_and_give_up(
+    clock: FakeClock, deadline_s: float | None
+) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=4, deadline=deadline_s)
+    outcomes = iter([0, 2, 9])
+    flaky = Flaky(0)
+
+    def work() -> str:
+        return flaky()
+
+    wrapped = retry(config)(work)
+    for failures in outcomes:
+        flaky.failures, flaky.calls = failures, 0
+        with contextlib.suppress(ConnectionError):
+            wrapped()
+    stats = wrapped.statistics()
+    assert (stats.calls, stats.successes, stats.failures) == (3, 2, 1)
+    assert (stats.attempts, stats.retries) == (8, 5)
+    assert dict(stats.giveups) == {GiveUpReason.ATTEMPTS: 1}
+
+
+def test_the_give_up_note_after_a_first_failure_on_the_fast_path(clock: FakeClock) -> None:
+    with pytest.raises(ConnectionError) as info:
+        retry(NO_JITTER, name="op")(Flaky(9))()
+    assert info.value.__notes__ == [
+        "datapunk-recovery: 'op' gave up after 4 attempts, 7.000 s after the first failure: "
+        "max_attempts=4 reached"
+    ]
+
+
+def test_the_give_up_note_counts_from_the_start_on_the_slow_path(clock: FakeClock) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=2, deadline=60.0)
+    with pytest.raises(ConnectionError) as info:
+        retry(config, name="op")(Flaky(9, takes=0.25, clock=clock))()
+    assert info.value.__notes__ == [
+        "datapunk-recovery: 'op' gave up after 2 attempts, 1.500 s in all: max_attempts=2 reached"
+    ]
+
+
+def test_a_first_attempt_that_is_not_retryable_gets_no_note(clock: FakeClock) -> None:
+    with pytest.raises(ValueError) as info:
+        retry(NO_JITTER)(Flaky(9, error=ValueError))()
+    assert getattr(info.value, "__notes__", []) == []
+
+
+def test_a_later_attempt_that_is_not_retryable_says_why(clock: FakeClock) -> None:
+    errors = iter([ConnectionError(), ValueError("bug")])
+
+    def work() -> None:
+        raise next(errors)
+
+    with pytest.raises(ValueError) as info:
+        retry(NO_JITTER, name="op")(work)()
+    assert info.value.__notes__[-1].endswith(
+        "gave up after 2 attempts, 1.000 s after the first failure: ValueError is not retryable"
+    )
+
+
+def test_a_later_attempt_an_inner_layer_made_final_says_which(clock: FakeClock) -> None:
+    from datapunk_recovery import CircuitOpenError
+
+    errors = iter([ConnectionError(), CircuitOpenError("b", 1.0)])
+
+    def work() -> None:
+        raise next(errors)
+
+    with pytest.raises(CircuitOpenError) as info:
+        retry(NO_JITTER, on=Exception)(work)()
+    assert info.value.__notes__[-1].endswith(": an inner layer forbade retrying (CircuitOpenError)")
+
+
+def test_a_budget_refusal_at_the_first_failure_says_one_attempt(clock: FakeClock) -> None:
+    with pytest.raises(ConnectionError) as info:
+        retry(NO_JITTER, name="op", budget=Gate(allow=0))(Flaky(9))()  # type: ignore[arg-type]
+    assert info.value.__notes__[-1] == (
+        "datapunk-recovery: 'op' gave up after 1 attempt, 0.000 s in all: the retry budget refused"
+    )
+
+
+def test_a_budget_refusal_of_a_rejected_result_raises_retry_exhausted(clock: FakeClock) -> None:
+    gate = Gate(allow=0)
+    wrapped = retry(NO_JITTER, budget=gate, retry_if_result=bool)  # type: ignore[arg-type]
+    with pytest.raises(RetryExhausted) as info:
+        wrapped(lambda: 1)()
+    assert info.value.attempts == 1
+    assert final_reason(info.value) is None
+
+
+def test_retry_exhausted_says_how_many_attempts_over_how_long(clock: FakeClock) -> None:
+    wrapped = retry(NO_JITTER, name="op", retry_if_result=bool)(lambda: 1)
+    with pytest.raises(RetryExhausted) as info:
+        wrapped()
+    assert str(info.value) == "'op': every attempt returned a rejected result"
+    assert info.value.__notes__ == ["datapunk-recovery: 4 attempts over 7.000 s"]
+
+
+def test_a_deadline_passed_before_the_first_attempt_says_so(clock: FakeClock) -> None:
+    with deadline(1.0):
+        clock.advance(1.0)
+        with pytest.raises(DeadlineExceeded) as info:
+            retry(NO_JITTER, name="op")(Flaky(0))()
+    assert str(info.value) == "'op': the deadline passed before attempt 1"
+
+
+def test_a_hint_beyond_the_time_left_gives_up_saying_so(clock: FakeClock) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=5, deadline=10.0)
+
+    def call() -> None:
+        raise RecoveryError("busy", retryable=True, retry_after=20.0)
+
+    with pytest.raises(RecoveryError) as info:
+        retry(config)(call)()
+    assert info.value.__notes__[-1].endswith(
+        "the server asked to wait 20.000 s, more than the time left"
+    )
+
+
+@pytest.mark.parametrize(
+    ("hint", "shown"),
+    [("x" * 38, "'" + "x" * 38 + "'"), ("y" * 60, "'" + "y" * 36 + "...")],
+)
+def test_an_ignored_hint_is_shown_cut_to_forty_characters(
+    clock: FakeClock, hint: str, shown: str
+) -> None:
+    bus, seen = _listened()
+    errors = iter([RecoveryError("busy", retryable=True, retry_after=hint)])  # type: ignore[arg-type]
+
+    def call() -> str:
+        exc = next(errors, None)
+        if exc is not None:
+            raise exc
+        return "ok"
+
+    assert retry(NO_JITTER, bus=bus)(call)() == "ok"
+    ignored = [e for e in seen if isinstance(e, HintIgnored)]
+    assert [(e.value, e.at) for e in ignored] == [(shown, 1000.0)]
+    assert ignored[0].reason == "server delay is not a finite number >= 0"
+
+
+def test_a_first_try_success_with_a_budget_is_reported_to_it(clock: FakeClock) -> None:
+    gate = Gate(allow=5)
+    assert retry(NO_JITTER, budget=gate)(Flaky(0))() == "ok"  # type: ignore[arg-type]
+    assert (gate.outcomes, gate.asked) == ([True], 0)
