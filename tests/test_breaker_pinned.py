@@ -395,3 +395,167 @@ def test_outcome_events_say_what_was_recorded(fake: FakeClock, seen: list[Event]
         ("ignored", False, 0.0, "KeyError"),
         ("cancelled", False, 0.0, None),  # measured from allow()
     ]
+
+
+# -- configuration: exact messages, boundaries, derived flags --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"slow_call_duration": -1.0}, ValueError, "slow_call_duration: must be >= 0, got -1.0"),
+        (
+            {"slow_call_rate_threshold": 0.5},
+            ValueError,
+            "slow_call_duration: required when slow_call_rate_threshold is set, got None",
+        ),
+        (
+            {"slow_call_rate_threshold": 1.5, "slow_call_duration": 1.0},
+            ValueError,
+            "slow_call_rate_threshold: must be between 0 (exclusive) and 1, got 1.5",
+        ),
+        ({"window": "sliding"}, ValueError, "window: expected 'count' or 'time', got 'sliding'"),
+        (
+            {"window_size": 1_000_001},
+            ValueError,
+            "window_size: must be <= 1000000 calls, got 1000001",
+        ),
+        ({"window_buckets": 10_001}, ValueError, "window_buckets: must be <= 10000, got 10001"),
+        ({"keep_window": 1}, TypeError, "keep_window: expected a bool, got 1"),
+        ({"trip_policy": 3}, TypeError, "trip_policy: expected a callable or None, got 3"),
+        (
+            {"max_open_duration": 1.0},
+            ValueError,
+            "max_open_duration: must be >= open_duration (30.0), got 1.0",
+        ),
+        (
+            {"failure_on": 3},
+            TypeError,
+            "failure_on: expected exception types or a predicate, got 3 (int)",
+        ),
+        (
+            {"failure_on": (ValueError, 3)},
+            TypeError,
+            "failure_on: expected exception types or a predicate, got "
+            "(<class 'ValueError'>, 3) (tuple)",
+        ),
+        (
+            {"ignore_on": "x"},
+            TypeError,
+            "ignore_on: expected exception types or a predicate, got 'x' (str)",
+        ),
+        (
+            {"ignored_counts_as": "failure"},
+            ValueError,
+            "ignored_counts_as: expected 'nothing' or 'success', got 'failure'",
+        ),
+        ({"record_result": 3}, TypeError, "record_result: expected a callable or None, got 3"),
+        ({"result_delay": 3}, TypeError, "result_delay: expected a callable or None, got 3"),
+        ({"honor_server_delay": 1}, TypeError, "honor_server_delay: expected a bool, got 1"),
+        ({"max_server_delay": -1}, ValueError, "max_server_delay: must be >= 0, got -1"),
+        ({"half_open_timeout": 0}, ValueError, "half_open_timeout: must be > 0 seconds, got 0"),
+        ({"window_duration": 0}, ValueError, "window_duration: must be > 0 seconds, got 0"),
+        ({"open_backoff": 0.5}, ValueError, "open_backoff: must be >= 1, got 0.5"),
+        ({"open_jitter": 2}, ValueError, "open_jitter: must be between 0 and 1, got 2"),
+        ({"minimum_calls": 0}, ValueError, "minimum_calls: must be >= 1, got 0"),
+        ({"window_size": 0}, ValueError, "window_size: must be >= 1, got 0"),
+        ({"window_buckets": 0}, ValueError, "window_buckets: must be >= 1, got 0"),
+        ({"half_open_permits": 0}, ValueError, "half_open_permits: must be >= 1, got 0"),
+        (
+            {"failure_rate_threshold": 0.5, "window_size": 10},
+            ValueError,
+            "minimum_calls: must be <= window_size (10) with a count window, got 20",
+        ),
+        (
+            {"slow_call_rate_threshold": 0.5, "slow_call_duration": 1.0, "window_size": 10},
+            ValueError,
+            "minimum_calls: must be <= window_size (10) with a count window, got 20",
+        ),
+        (
+            {"keep_window": True, "window_size": 5, "minimum_calls": 6},
+            ValueError,
+            "minimum_calls: must be <= window_size (5) with a count window, got 6",
+        ),
+    ],
+)
+def test_a_bad_configuration_is_refused_with_an_exact_message(
+    changes: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error) as info:
+        BreakerConfig(**changes)  # type: ignore[arg-type]
+    assert str(info.value) == f"BreakerConfig.{message}"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"window_size": 1_000_000, "minimum_calls": 1},
+        {"window_buckets": 10_000},
+        {"failure_rate_threshold": 1.0, "window_size": 20, "minimum_calls": 20},
+        {"failure_rate_threshold": 0.5, "window": "time", "window_size": 5, "minimum_calls": 50},
+        {"window_size": 5, "minimum_calls": 50},  # no window kept: nothing to judge
+        {"max_open_duration": 30.0},
+        {"open_duration": 0.0, "max_open_duration": 0.0},
+        {"failure_on": (ValueError, KeyError)},
+        {"ignore_on": lambda e: True, "ignored_counts_as": "success"},
+        {"slow_call_duration": 0.0},
+    ],
+)
+def test_configurations_at_the_limits_are_accepted(changes: dict[str, object]) -> None:
+    BreakerConfig(**changes)  # type: ignore[arg-type]
+
+
+def test_the_window_kind_accepts_its_string_name() -> None:
+    from datapunk_recovery.breaker import WindowKind
+
+    assert BreakerConfig(window="time").window is WindowKind.TIME  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("changes", "windowed", "timed", "simple"),
+    [
+        ({}, False, False, True),
+        ({"keep_window": True}, True, False, False),
+        ({"failure_rate_threshold": 0.5}, True, False, False),
+        ({"slow_call_rate_threshold": 0.5, "slow_call_duration": 1.0}, True, True, False),
+        ({"slow_call_duration": 1.0}, False, True, False),
+        ({"trip_policy": list}, False, True, False),
+        ({"record_result": bool}, False, False, False),
+        ({"result_delay": bool}, False, False, False),
+    ],
+)
+def test_what_a_configuration_measures(
+    changes: dict[str, object], windowed: bool, timed: bool, simple: bool
+) -> None:
+    config = BreakerConfig(**changes)  # type: ignore[arg-type]
+    assert (config.windowed, config.timed, config.simple) == (windowed, timed, simple)
+    assert (config.new_window() is not None) is windowed
+
+
+def test_window_shapes() -> None:
+    from datapunk_recovery.breaker import WindowKind
+
+    assert BreakerConfig().window_shape() == ()
+    assert BreakerConfig(keep_window=True, window_size=50).window_shape() == (
+        WindowKind.COUNT,
+        50,
+    )
+    timed = BreakerConfig(keep_window=True, window="time", window_duration=9.0, window_buckets=3)  # type: ignore[arg-type]
+    assert timed.window_shape() == (WindowKind.TIME, 9.0, 3)
+
+
+def test_a_call_is_slow_only_past_the_limit() -> None:
+    config = BreakerConfig(slow_call_duration=1.0)
+    assert (config.is_slow(1.0), config.is_slow(1.01), config.is_slow(None)) == (
+        False,
+        True,
+        False,
+    )
+    assert BreakerConfig().is_slow(100.0) is False
+
+
+def test_open_time_grows_caps_and_survives_overflow() -> None:
+    config = BreakerConfig(open_duration=2.0, open_backoff=10.0, max_open_duration=500.0)
+    rng = random.Random(0)
+    assert [config.open_time(n, rng) for n in range(4)] == [2.0, 20.0, 200.0, 500.0]
+    assert config.open_time(10_000, rng) == 500.0
