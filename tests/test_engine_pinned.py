@@ -688,7 +688,11 @@ def test_a_hint_beyond_the_time_left_gives_up_saying_so(clock: FakeClock) -> Non
 
 @pytest.mark.parametrize(
     ("hint", "shown"),
-    [("x" * 38, "'" + "x" * 38 + "'"), ("y" * 60, "'" + "y" * 36 + "...")],
+    [
+        ("x" * 38, "'" + "x" * 38 + "'"),
+        ("z" * 39, "'" + "z" * 36 + "..."),
+        ("y" * 60, "'" + "y" * 36 + "..."),
+    ],
 )
 def test_an_ignored_hint_is_shown_cut_to_forty_characters(
     clock: FakeClock, hint: str, shown: str
@@ -702,9 +706,9 @@ def test_an_ignored_hint_is_shown_cut_to_forty_characters(
             raise exc
         return "ok"
 
-    assert retry(NO_JITTER, bus=bus)(call)() == "ok"
+    assert retry(NO_JITTER, name="op", bus=bus)(call)() == "ok"
     ignored = [e for e in seen if isinstance(e, HintIgnored)]
-    assert [(e.value, e.at) for e in ignored] == [(shown, 1000.0)]
+    assert [(e.operation, e.value, e.at) for e in ignored] == [("op", shown, 1000.0)]
     assert ignored[0].reason == "server delay is not a finite number >= 0"
 
 
@@ -712,3 +716,264 @@ def test_a_first_try_success_with_a_budget_is_reported_to_it(clock: FakeClock) -
     gate = Gate(allow=5)
     assert retry(NO_JITTER, budget=gate)(Flaky(0))() == "ok"  # type: ignore[arg-type]
     assert (gate.outcomes, gate.asked) == ([True], 0)
+
+
+# -- arguments, names and the less travelled paths --------------------------------------------
+
+
+def _echo_after(failures: int) -> Any:
+    calls = 0
+
+    def echo(a: int, b: int, *, c: int) -> tuple[int, int, int]:
+        nonlocal calls
+        calls += 1
+        if calls <= failures:
+            raise ConnectionError
+        return a, b, c
+
+    return echo
+
+
+@pytest.mark.parametrize("deadline_s", [None, 60.0])
+def test_arguments_reach_every_attempt(clock: FakeClock, deadline_s: float | None) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=3, deadline=deadline_s)
+    assert retry(config)(_echo_after(1))(1, 2, c=3) == (1, 2, 3)
+    assert retry(config)(_echo_after(0))(1, 2, c=3) == (1, 2, 3)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("deadline_s", [None, 60.0])
+async def test_arguments_reach_every_async_attempt(
+    clock: FakeClock, deadline_s: float | None
+) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=3, deadline=deadline_s)
+    sync = _echo_after(1)
+
+    async def echo(a: int, b: int, *, c: int) -> tuple[int, int, int]:
+        return sync(a, b, c=c)  # type: ignore[no-any-return]
+
+    assert await retry(config)(echo)(1, 2, c=3) == (1, 2, 3)
+    assert clock.slept == [1.0]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("deadline_s", [None, 60.0])
+async def test_an_async_error_that_is_not_retryable_is_not_retried(
+    clock: FakeClock, deadline_s: float | None
+) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=3, deadline=deadline_s)
+    errors = iter([ConnectionError(), ValueError("bug")]) if deadline_s else iter([ValueError()])
+    calls = 0
+
+    async def work() -> None:
+        nonlocal calls
+        calls += 1
+        raise next(errors)
+
+    with pytest.raises(ValueError):
+        await retry(config)(work)()
+    assert calls == (2 if deadline_s else 1)
+
+
+@pytest.mark.anyio
+async def test_async_events_measure_each_attempt(clock: FakeClock) -> None:
+    bus, seen = _listened()
+
+    async def work() -> str:
+        clock.advance(0.25)
+        if len(seen) < 2:
+            raise ConnectionError
+        return "ok"
+
+    assert await retry(NO_JITTER, name="op", bus=bus)(work)() == "ok"
+    finished = [(e.attempt, e.duration) for e in seen if isinstance(e, AttemptFinished)]
+    assert finished == [(1, 0.25), (2, 0.25)]
+
+
+@pytest.mark.anyio
+async def test_an_async_deadline_passed_exactly_prevents_the_first_attempt(
+    clock: FakeClock,
+) -> None:
+    calls = 0
+
+    async def work() -> str:
+        nonlocal calls
+        calls += 1
+        return "ok"
+
+    with deadline(1.0):
+        clock.advance(1.0)
+        with pytest.raises(DeadlineExceeded, match="before attempt 1"):
+            await retry(NO_JITTER)(work)()
+    assert calls == 0
+
+
+def test_the_block_form_does_not_start_once_the_deadline_passed(clock: FakeClock) -> None:
+    ran = []
+    with deadline(1.0):
+        clock.advance(1.0)
+        it = retrying(NO_JITTER)
+        with pytest.raises(DeadlineExceeded, match="before attempt 1"):
+            next(it)
+        with pytest.raises(StopIteration):
+            next(it)  # ended, and stays ended
+    assert ran == []
+
+
+def test_a_block_form_that_gave_up_stays_ended(clock: FakeClock) -> None:
+    it = retrying(NO_JITTER)
+    attempt = next(it)
+    with pytest.raises(ValueError), attempt:
+        raise ValueError("not retryable")
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_a_block_form_cancelled_stays_ended(clock: FakeClock) -> None:
+    it = retrying(NO_JITTER)
+    attempt = next(it)
+    with pytest.raises(KeyboardInterrupt), attempt:
+        raise KeyboardInterrupt
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_a_block_form_past_its_deadline_between_blocks_stays_ended(clock: FakeClock) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=5, deadline=5.0)
+    it = retrying(config)
+    attempt = next(it)
+    with attempt:
+        raise ConnectionError
+    clock.advance(4.0)  # 1 s left, and the wait is 1 s: it would end at the deadline
+    with pytest.raises(ConnectionError):
+        next(it)
+    assert clock.slept == []
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_the_block_form_retries_at_once_with_little_time_left(clock: FakeClock) -> None:
+    config = RetryConfig(base_delay=0.0, max_delay=0.0, max_attempts=5, deadline=5.0)
+    numbers = []
+    for attempt in retrying(config):
+        numbers.append(attempt.number)
+        with attempt:
+            if attempt.number == 1:
+                raise ConnectionError
+        clock.advance(4.5)
+    assert numbers == [1, 2]
+
+
+def test_the_block_form_keeps_its_on_and_default_name(clock: FakeClock) -> None:
+    seen: list[Event] = []
+    from datapunk_recovery import subscribe
+
+    unsubscribe = subscribe(seen.append)
+    try:
+        for attempt in retrying(NO_JITTER, on=KeyError):
+            with attempt:
+                if attempt.number == 1:
+                    raise KeyError("k")
+    finally:
+        unsubscribe()
+    assert {e.operation for e in seen} == {"retrying"}
+    assert clock.slept == [1.0]
+
+
+def test_an_inner_deadline_inside_a_retry_without_one(clock: FakeClock) -> None:
+    inner_config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=3, deadline=10.0)
+    inner = retry(inner_config)(Flaky(1))
+    outer = retry(NO_JITTER)(lambda: (inner(), remaining())[1])
+    assert outer() is None
+    assert clock.slept == [1.0]
+
+
+def test_the_operation_is_named_after_the_function() -> None:
+    def job() -> None:
+        pass
+
+    assert retry(job).operation == f"{job.__module__}.{job.__qualname__}"
+    assert retry(NO_JITTER)(job).operation == f"{job.__module__}.{job.__qualname__}"
+    job.__module__ = None  # type: ignore[assignment]
+    assert retry(job).operation == job.__qualname__
+
+
+def test_a_callable_object_is_named_by_its_repr() -> None:
+    class Job:
+        def __call__(self) -> None:
+            pass
+
+        def __repr__(self) -> str:
+            return "Job()"
+
+    assert retry(Job()).operation == f"{Job.__module__}.Job()"
+
+
+def test_statistics_count_each_reason_for_giving_up(clock: FakeClock) -> None:
+    not_retryable = retry(NO_JITTER)(Flaky(9, error=ValueError))
+    with pytest.raises(ValueError):
+        not_retryable()
+    assert dict(not_retryable.statistics().giveups) == {GiveUpReason.NON_RETRYABLE: 1}
+    refused = retry(NO_JITTER, budget=Gate(allow=0))(Flaky(9))  # type: ignore[arg-type]
+    with pytest.raises(ConnectionError):
+        refused()
+    assert dict(refused.statistics().giveups) == {GiveUpReason.BUDGET: 1}
+
+
+def test_retry_with_keeps_the_per_category_policies(clock: FakeClock) -> None:
+    slow = RetryConfig(jitter=Jitter.NONE, base_delay=10.0, max_delay=100.0, max_attempts=5)
+    policy = RetryPolicy(NO_JITTER, per_category={ErrorCategory.RATE_LIMITED: slow})
+    limited = RecoveryError("slow down", category=ErrorCategory.RATE_LIMITED, retryable=True)
+    errors = iter([limited])
+
+    def call() -> str:
+        exc = next(errors, None)
+        if exc is not None:
+            raise exc
+        return "ok"
+
+    assert retry(policy)(call).retry_with(max_attempts=6)() == "ok"
+    assert clock.slept == [10.0]
+
+
+def test_a_hint_at_max_server_delay_but_past_the_deadline_blames_the_deadline(
+    clock: FakeClock,
+) -> None:
+    config = RetryConfig(max_attempts=3, deadline=10.0, max_server_delay=20.0)
+
+    def call() -> None:
+        raise RecoveryError("busy", retryable=True, retry_after=20.0)
+
+    with pytest.raises(RecoveryError) as info:
+        retry(config)(call)()
+    assert info.value.__notes__[-1].endswith("more than the time left")
+
+
+def test_no_time_left_after_an_attempt_gives_up_even_without_a_delay(clock: FakeClock) -> None:
+    config = RetryConfig(base_delay=0.0, max_delay=0.0, max_attempts=5, deadline=2.0)
+    flaky = Flaky(9, takes=1.0, clock=clock)
+    with pytest.raises(ConnectionError) as info:
+        retry(config)(flaky)()
+    assert flaky.calls == 2
+    assert info.value.__notes__[-1].endswith(
+        "the next wait (0.000 s) would end past the deadline (0.000 s left)"
+    )
+
+
+def test_the_give_up_note_says_how_little_time_was_left(clock: FakeClock) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=10, deadline=7.5)
+    with pytest.raises(ConnectionError) as info:
+        retry(config)(Flaky(100))()
+    assert info.value.__notes__[-1].endswith(
+        "the next wait (8.000 s) would end past the deadline (0.500 s left)"
+    )
+
+
+@pytest.mark.anyio
+async def test_an_async_call_under_a_deadline_returns_its_value(clock: FakeClock) -> None:
+    config = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_attempts=3, deadline=60.0)
+
+    async def work() -> str:
+        return "ok"
+
+    assert await retry(config)(work)() == "ok"
