@@ -559,3 +559,541 @@ def test_open_time_grows_caps_and_survives_overflow() -> None:
     rng = random.Random(0)
     assert [config.open_time(n, rng) for n in range(4)] == [2.0, 20.0, 200.0, 500.0]
     assert config.open_time(10_000, rng) == 500.0
+
+
+# -- exact events ------------------------------------------------------------------------------
+
+
+def _own_events(b: CircuitBreaker) -> list[Event]:
+    got: list[Event] = []
+    b.events.subscribe(got.append)
+    return got
+
+
+def test_every_manual_control_is_reported_with_its_reason(fake: FakeClock) -> None:
+    b = CircuitBreaker("ctl")
+    got = _own_events(b)
+    b.isolate()
+    b.reset()
+    b.disable()
+    b.metrics_only()
+    b.reset()
+    S = BreakerState
+    assert got == [
+        BreakerStateChanged(operation="ctl", at=1000.0, from_state=a, to_state=z, reason=r)
+        for a, z, r in [
+            (S.CLOSED, S.FORCED_OPEN, "isolate"),
+            (S.FORCED_OPEN, S.CLOSED, "reset"),
+            (S.CLOSED, S.DISABLED, "disable"),
+            (S.DISABLED, S.METRICS_ONLY, "metrics_only"),
+            (S.METRICS_ONLY, S.CLOSED, "reset"),
+        ]
+    ]
+
+
+@pytest.mark.anyio
+async def test_every_async_manual_control_is_reported_with_its_reason(fake: FakeClock) -> None:
+    b = CircuitBreaker("ctl")
+    got = _own_events(b)
+    await b.isolate_async()
+    await b.reset_async()
+    await b.disable_async()
+    await b.metrics_only_async()
+    assert [(e.to_state, e.reason) for e in got if isinstance(e, BreakerStateChanged)] == [
+        (BreakerState.FORCED_OPEN, "isolate"),
+        (BreakerState.CLOSED, "reset"),
+        (BreakerState.DISABLED, "disable"),
+        (BreakerState.METRICS_ONLY, "metrics_only"),
+    ]
+
+
+def test_the_whole_cycle_is_reported_exactly(fake: FakeClock) -> None:
+    b = CircuitBreaker("cyc", BreakerConfig(consecutive_failures=1, half_open_permits=1))
+    got = _own_events(b)
+    fail(b)
+    with pytest.raises(CircuitOpenError):
+        b.call(ok)
+    fake.advance(30.0)
+    b.call(ok)
+    S = BreakerState
+    changes = [e for e in got if isinstance(e, BreakerStateChanged)]
+    assert changes == [
+        BreakerStateChanged(
+            operation="cyc",
+            at=1000.0,
+            from_state=S.CLOSED,
+            to_state=S.OPEN,
+            reason="consecutive_failures",
+        ),
+        BreakerStateChanged(
+            operation="cyc",
+            at=1030.0,
+            from_state=S.OPEN,
+            to_state=S.HALF_OPEN,
+            reason="open_elapsed",
+        ),
+        BreakerStateChanged(
+            operation="cyc",
+            at=1030.0,
+            from_state=S.HALF_OPEN,
+            to_state=S.CLOSED,
+            reason="probes_succeeded",
+        ),
+    ]
+    assert [e for e in got if isinstance(e, CallRejected)] == [
+        CallRejected(operation="cyc", at=1000.0, state=S.OPEN, remaining=30.0)
+    ]
+
+
+def test_a_half_open_time_limit_with_a_success_closes_and_says_so(fake: FakeClock) -> None:
+    b = CircuitBreaker("h", BreakerConfig(half_open_permits=2, half_open_timeout=5.0))
+    to_half_open(b, fake)
+    got = _own_events(b)
+    b.allow().success()
+    b.allow()
+    fake.advance(5.0)
+    assert b.state is BreakerState.CLOSED
+    assert got[-1] == BreakerStateChanged(
+        operation="h",
+        at=fake.now(),
+        from_state=BreakerState.HALF_OPEN,
+        to_state=BreakerState.CLOSED,
+        reason="half_open_timeout",
+    )
+
+
+def test_a_shadow_trip_reaches_the_breakers_own_bus(fake: FakeClock) -> None:
+    from datapunk_recovery.breaker import ShadowTrip
+
+    b = CircuitBreaker("sh", BreakerConfig(consecutive_failures=2))
+    b.metrics_only()
+    got = _own_events(b)
+    fail(b, 2)
+    assert [e for e in got if isinstance(e, ShadowTrip)] == [
+        ShadowTrip(operation="sh", at=1000.0, reason="consecutive_failures")
+    ]
+    assert b.call(ok) == "ok"  # never refuses
+
+
+def test_an_ignored_hint_is_reported_exactly(fake: FakeClock) -> None:
+    b = CircuitBreaker("hi", BreakerConfig(result_delay=_delay, max_server_delay=60.0))  # type: ignore[arg-type]
+    got = _own_events(b)
+    b.call(Response, 503, "z" * 39)
+    b.call(Response, 503, "y" * 38)
+    b.call(Response, 503, 61.0)
+    ignored = [e for e in got if isinstance(e, HintIgnored)]
+    assert ignored == [
+        HintIgnored(
+            operation="hi",
+            at=1000.0,
+            value="'" + "z" * 36 + "...",
+            reason="server delay is not a finite number >= 0",
+        ),
+        HintIgnored(
+            operation="hi",
+            at=1000.0,
+            value="'" + "y" * 38 + "'",
+            reason="server delay is not a finite number >= 0",
+        ),
+        HintIgnored(
+            operation="hi",
+            at=1000.0,
+            value="61.0",
+            reason="server delay above max_server_delay=60 s",
+        ),
+    ]
+    assert b.state is BreakerState.CLOSED
+
+
+def test_a_short_server_delay_is_obeyed(fake: FakeClock) -> None:
+    b = CircuitBreaker("x", BreakerConfig(result_delay=_delay))  # type: ignore[arg-type]
+    b.call(Response, 503, 0.5)
+    assert b.state is BreakerState.OPEN
+    assert b.retry_after() == pytest.approx(0.5)
+
+
+# -- time left, probes given back, permits settled once ---------------------------------------
+
+
+def test_the_time_left_shrinks_to_zero_not_to_a_second(fake: FakeClock) -> None:
+    b = CircuitBreaker("x", BreakerConfig(consecutive_failures=1, half_open_timeout=4.0))
+    fail(b)
+    fake.advance(29.5)
+    assert b.retry_after() == pytest.approx(0.5)
+    fake.advance(0.5)
+    b.allow()  # the probe goes out
+    fake.advance(3.5)
+    assert b.retry_after() == pytest.approx(0.5)
+
+
+def test_a_cancelled_probe_gives_back_exactly_one_permit(fake: FakeClock) -> None:
+    b = CircuitBreaker("x", BreakerConfig(half_open_permits=2))
+    to_half_open(b, fake)
+    first = b.allow()
+    b.allow()
+    first.cancel()
+    b.allow()
+    with pytest.raises(CircuitOpenError):
+        b.allow()
+
+
+@pytest.mark.parametrize("settle", ["success", "result", "cancel"])
+def test_a_permit_counts_only_its_first_outcome(fake: FakeClock, settle: str) -> None:
+    b = CircuitBreaker("x", BreakerConfig(half_open_permits=2))
+    to_half_open(b, fake)
+    probe = b.allow()
+    for _ in range(2):
+        if settle == "success":
+            probe.success()
+        elif settle == "result":
+            probe.result("fine")
+        else:
+            probe.cancel()
+    assert b.state is BreakerState.HALF_OPEN
+    b.allow()
+    if settle == "cancel":
+        b.allow()  # one permit given back, not two
+    with pytest.raises(CircuitOpenError):
+        b.allow()
+
+
+def test_given_durations_of_results_and_plain_failures_decide_slowness(fake: FakeClock) -> None:
+    config = BreakerConfig(
+        consecutive_failures=None,
+        slow_call_rate_threshold=1.0,
+        slow_call_duration=1.0,
+        window_size=2,
+        minimum_calls=2,
+    )
+    b = CircuitBreaker("x", config)
+    b.allow().result("fine", duration=2.0)
+    b.allow().failure(duration=3.0)
+    assert b.state is BreakerState.OPEN
+    assert b.snapshot().slow_calls == 2
+
+
+@pytest.mark.anyio
+async def test_async_settlements_keep_their_error_and_duration(fake: FakeClock) -> None:
+    config = BreakerConfig(
+        consecutive_failures=None,
+        slow_call_rate_threshold=1.0,
+        slow_call_duration=1.0,
+        window_size=3,
+        minimum_calls=3,
+        ignore_on=KeyError,
+    )
+    b = CircuitBreaker("x", config)
+    got = _own_events(b)
+    await (await b.allow_async()).success_async(duration=2.0)
+    await (await b.allow_async()).failure_async(Boom(), duration=2.0)
+    await (await b.allow_async()).failure_async(KeyError("k"), duration=2.0)
+    await (await b.allow_async()).result_async("fine", duration=2.0)
+    recorded = [
+        (e.outcome, e.duration, e.error_type) for e in got if isinstance(e, OutcomeRecorded)
+    ]
+    assert recorded == [
+        ("success", 2.0, None),
+        ("failure", 2.0, "Boom"),
+        ("ignored", 2.0, "KeyError"),
+        ("success", 2.0, None),
+    ]
+    assert b.state is BreakerState.OPEN  # three slow calls recorded
+
+
+def test_an_untimed_breaker_measures_no_duration(fake: FakeClock) -> None:
+    b = CircuitBreaker("x", BreakerConfig(record_result=bool))
+    got = _own_events(b)
+    permit = b.allow()
+    fake.advance(3.0)
+    permit.success()
+    assert [e.duration for e in got if isinstance(e, OutcomeRecorded)] == [None]
+
+
+@pytest.mark.anyio
+async def test_an_untimed_breaker_measures_no_duration_async(fake: FakeClock) -> None:
+    b = CircuitBreaker("x", BreakerConfig(record_result=bool))
+    got = _own_events(b)
+    permit = await b.allow_async()
+    fake.advance(3.0)
+    permit.success()
+    assert [e.duration for e in got if isinstance(e, OutcomeRecorded)] == [None]
+    timed = CircuitBreaker("t", BreakerConfig(slow_call_duration=1.0))
+    got = _own_events(timed)
+    permit = await timed.allow_async()
+    fake.advance(3.0)
+    permit.success()
+    assert [(e.duration, e.slow) for e in got if isinstance(e, OutcomeRecorded)] == [(3.0, True)]
+
+
+# -- what a custom policy sees on each path ----------------------------------------------------
+
+
+@dataclass
+class Recorder:
+    """A trip policy that never trips and keeps what it was told."""
+
+    seen: list[tuple[bool, bool, float | None, float]]
+
+    def record(self, failed: bool, slow: bool, duration: float | None, now: float) -> bool:
+        self.seen.append((failed, slow, duration, now))
+        return False
+
+    def reset(self) -> None:
+        self.seen.clear()
+
+
+def _recording(**changes: object) -> tuple[CircuitBreaker, Recorder]:
+    recorder = Recorder([])
+    config = BreakerConfig(trip_policy=lambda: recorder, slow_call_duration=1.0, **changes)  # type: ignore[arg-type]
+    return CircuitBreaker("x", config), recorder
+
+
+def test_the_quick_path_tells_the_policy_each_outcome_exactly(fake: FakeClock) -> None:
+    b, recorder = _recording()
+
+    def slow_ok(x: int, *, y: int) -> int:
+        fake.advance(2.0)
+        return x + y
+
+    def quick_fail(x: int, *, y: int) -> None:
+        fake.advance(0.5)
+        raise Boom
+
+    assert b.call(slow_ok, 1, y=2) == 3
+    with pytest.raises(Boom):
+        b.call(quick_fail, 1, y=2)
+    assert recorder.seen == [(False, True, 2.0, 1002.0), (True, False, 0.5, 1002.5)]
+
+
+@pytest.mark.anyio
+async def test_the_async_quick_path_tells_the_policy_each_outcome_exactly(
+    fake: FakeClock,
+) -> None:
+    b, recorder = _recording(consecutive_failures=2)
+
+    async def slow_ok(x: int, *, y: int) -> int:
+        fake.advance(2.0)
+        return x + y
+
+    async def quick_fail(x: int, *, y: int) -> None:
+        fake.advance(0.5)
+        raise Boom
+
+    assert await b.call_async(slow_ok, 1, y=2) == 3
+    with pytest.raises(Boom):
+        await b.call_async(quick_fail, 1, y=2)
+    assert await b.call_async(slow_ok, 1, y=2) == 3  # resets the count
+    with pytest.raises(Boom):
+        await b.call_async(quick_fail, 1, y=2)
+    assert b.state is BreakerState.CLOSED
+    assert recorder.seen[:2] == [(False, True, 2.0, 1002.0), (True, False, 0.5, 1002.5)]
+
+
+def test_a_quick_path_error_with_a_server_delay_opens(fake: FakeClock) -> None:
+    b, _ = _recording(honor_server_delay=True)
+    with pytest.raises(RecoveryError):
+        b.call(_raise, RecoveryError("later", retry_after=9.0))
+    assert b.retry_after() == pytest.approx(9.0)
+
+
+def test_a_quick_path_ignored_error_counts_nothing(fake: FakeClock) -> None:
+    b, recorder = _recording(ignore_on=KeyError)
+    with pytest.raises(KeyError):
+        b.call(_raise, KeyError("k"))
+    assert recorder.seen == []
+
+
+# -- the faces: arguments, slow paths, refusals without listeners ------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_async_faces_pass_arguments_on_every_path(fake: FakeClock) -> None:
+    async def add(x: int, *, y: int) -> int:
+        return x + y
+
+    for config in (
+        BreakerConfig(),
+        BreakerConfig(slow_call_duration=1.0),
+        BreakerConfig(record_result=bool),
+    ):
+        b = CircuitBreaker("x", config)
+        assert await b.call_async(add, 1, y=2) == 3
+        assert await b(add)(1, y=2) == 3
+
+
+def test_the_sync_faces_pass_arguments_on_every_path(fake: FakeClock) -> None:
+    def add(x: int, *, y: int) -> int:
+        return x + y
+
+    for config in (
+        BreakerConfig(),
+        BreakerConfig(slow_call_duration=1.0),
+        BreakerConfig(record_result=bool),
+    ):
+        b = CircuitBreaker("x", config)
+        assert b.call(add, 1, y=2) == 3
+        assert b(add)(1, y=2) == 3
+
+
+@pytest.mark.anyio
+async def test_an_open_breaker_refuses_async_calls_without_listeners(fake: FakeClock) -> None:
+    b = CircuitBreaker("x", BreakerConfig(consecutive_failures=1))
+
+    async def aboom() -> None:
+        raise Boom
+
+    async def aok() -> str:
+        return "ok"
+
+    guarded = b(aok)
+    with pytest.raises(Boom):
+        await b.call_async(aboom)
+    with pytest.raises(CircuitOpenError):
+        await b.call_async(aok)
+    with pytest.raises(CircuitOpenError):
+        await guarded()
+
+
+def test_an_open_breaker_refuses_decorated_sync_calls(fake: FakeClock) -> None:
+    b = CircuitBreaker("x", BreakerConfig(consecutive_failures=1))
+    guarded = b(ok)
+    fail(b)
+    with pytest.raises(CircuitOpenError):
+        guarded()
+    fake.advance(30.0)
+    assert guarded() == "ok"  # the probe, through the decorator's slow path
+    assert b.state is BreakerState.CLOSED
+
+
+@pytest.mark.anyio
+async def test_an_async_success_resets_the_consecutive_count(fake: FakeClock) -> None:
+    b = CircuitBreaker("x", BreakerConfig(consecutive_failures=3))
+
+    async def aboom() -> None:
+        raise Boom
+
+    async def aok() -> str:
+        return "ok"
+
+    guarded = b(aok)
+    for face in (b.call_async, lambda fn: guarded()):
+        for _ in range(2):
+            with pytest.raises(Boom):
+                await b.call_async(aboom)
+        await face(aok)
+        assert b.snapshot().consecutive_failures == 0
+
+
+@pytest.mark.anyio
+async def test_async_permit_path_judges_errors_and_results(fake: FakeClock) -> None:
+    config = BreakerConfig(
+        consecutive_failures=2, ignore_on=KeyError, record_result=lambda r: r >= 500
+    )
+    b = CircuitBreaker("x", config)
+
+    async def missing() -> None:
+        raise KeyError("k")
+
+    async def status(code: int) -> int:
+        return code
+
+    for _ in range(3):
+        with pytest.raises(KeyError):
+            await b.call_async(missing)
+    assert b.snapshot().consecutive_failures == 0
+    assert await b.call_async(status, 503) == 503
+    assert b.snapshot().consecutive_failures == 1
+
+
+# -- construction, stores, snapshots, blocks ---------------------------------------------------
+
+
+def test_construction_errors_say_what_was_wrong() -> None:
+    with pytest.raises(TypeError, match=r"CircuitBreaker\.config: expected a BreakerConfig, got 3"):
+        CircuitBreaker("x", 3)  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError, match=r"CircuitBreaker\.reconfigure: expected a BreakerConfig, got 3"
+    ):
+        CircuitBreaker("x").reconfigure(3)  # type: ignore[arg-type]
+
+
+def test_a_memory_store_breaker_keeps_its_name_rng_and_new_config(fake: FakeClock) -> None:
+    from datapunk_recovery.stores.memory import MemoryStore
+
+    store = MemoryStore()
+    config = BreakerConfig(consecutive_failures=1, open_jitter=0.5)
+    b = CircuitBreaker("shared", config, store=store, rng=random.Random(4))
+    got = _own_events(b)
+    fail(b)
+    assert b.retry_after() == pytest.approx(30.0 * random.Random(4).uniform(0.5, 1.5))
+    assert {e.operation for e in got} == {"shared"}
+    again = CircuitBreaker("shared", BreakerConfig(consecutive_failures=3), store=store)
+    assert again.config.consecutive_failures == 3
+    assert b.config.consecutive_failures == 3  # one breaker, reconfigured
+
+
+def test_a_snapshot_without_a_window_counts_zero_calls(fake: FakeClock) -> None:
+    b = CircuitBreaker("snap")
+    fail(b, 2)
+    snap = b.snapshot()
+    assert (snap.name, snap.calls, snap.failures, snap.slow_calls) == ("snap", 0, 0, 0)
+    assert (snap.failure_rate, snap.slow_call_rate, snap.consecutive_failures) == (None, None, 2)
+    assert snap.shared is False
+
+
+def test_a_snapshot_judges_rates_from_minimum_calls(fake: FakeClock) -> None:
+    b = CircuitBreaker("x", BreakerConfig(keep_window=True, window_size=10, minimum_calls=4))
+    fail(b)
+    b.call(ok)
+    b.call(ok)
+    assert b.snapshot().failure_rate is None
+    assert b.failure_rate() is None
+    fail(b)
+    assert b.snapshot().failure_rate == 0.5
+    assert b.failure_rate() == 0.5
+    one = CircuitBreaker("y", BreakerConfig(keep_window=True, window_size=10, minimum_calls=1))
+    fail(one)
+    assert (one.snapshot().failure_rate, one.snapshot().slow_call_rate) == (1.0, 0.0)
+
+
+def test_one_slow_call_in_four_is_below_a_half(fake: FakeClock) -> None:
+    config = BreakerConfig(
+        consecutive_failures=None,
+        slow_call_rate_threshold=0.5,
+        slow_call_duration=1.0,
+        window_size=4,
+        minimum_calls=4,
+    )
+    b = CircuitBreaker("x", config)
+    b.allow().success(duration=2.0)
+    for _ in range(3):
+        b.allow().success(duration=0.1)
+    assert b.state is BreakerState.CLOSED
+
+
+def test_a_reconfigured_trip_policy_starts_fresh(fake: FakeClock) -> None:
+    first, second = Recorder([]), Recorder([])
+    b = CircuitBreaker("x", BreakerConfig(trip_policy=lambda: first))
+    b.call(ok)
+    same = b.config
+    b.reconfigure(BreakerConfig(trip_policy=same.trip_policy, consecutive_failures=4))
+    b.call(ok)
+    assert len(first.seen) == 2  # the same factory: the same policy kept
+    b.reconfigure(BreakerConfig(trip_policy=lambda: second))
+    b.call(ok)
+    assert (len(first.seen), len(second.seen)) == (2, 1)
+    b.reconfigure(BreakerConfig())
+    b.call(ok)
+    assert len(second.seen) == 1
+
+
+def test_block_exits_are_checked() -> None:
+    a, b = CircuitBreaker("a"), CircuitBreaker("b")
+    with pytest.raises(AssertionError, match="breaker block exited without being entered"):
+        a.__exit__(None, None, None)
+    a.__enter__()
+    b.__enter__()
+    with pytest.raises(AssertionError, match="breaker blocks exited out of order"):
+        a.__exit__(None, None, None)
+    b.__exit__(None, None, None)
+    a.__exit__(None, None, None)
