@@ -1097,3 +1097,49 @@ def test_block_exits_are_checked() -> None:
         a.__exit__(None, None, None)
     b.__exit__(None, None, None)
     a.__exit__(None, None, None)
+
+
+def test_a_cancelled_probe_cancelled_again_gives_back_nothing_more(fake: FakeClock) -> None:
+    b = CircuitBreaker("x", BreakerConfig(half_open_permits=2))
+    to_half_open(b, fake)
+    first = b.allow()
+    b.allow()
+    first.cancel()
+    first.cancel()
+    b.allow()
+    with pytest.raises(CircuitOpenError):
+        b.allow()
+
+
+def test_a_plain_failure_counts_as_a_failure(fake: FakeClock) -> None:
+    b = CircuitBreaker("x", BreakerConfig(consecutive_failures=1))
+    b.allow().failure()
+    assert b.state is BreakerState.OPEN
+
+
+def test_a_cancellation_given_as_a_failure_is_reported_as_cancelled(fake: FakeClock) -> None:
+    b = CircuitBreaker("x")
+    got = _own_events(b)
+    b.allow().failure(KeyboardInterrupt())
+    assert [(e.outcome, e.error_type) for e in got if isinstance(e, OutcomeRecorded)] == [
+        ("cancelled", "KeyboardInterrupt")
+    ]
+
+
+@pytest.mark.anyio
+async def test_an_async_result_is_judged(fake: FakeClock) -> None:
+    b = CircuitBreaker("x", BreakerConfig(consecutive_failures=1, record_result=lambda r: r >= 500))
+    await (await b.allow_async()).result_async(503)
+    assert b.state is BreakerState.OPEN
+
+
+def test_block_exit_messages_are_exact() -> None:
+    a, b = CircuitBreaker("a"), CircuitBreaker("b")
+    with pytest.raises(AssertionError) as info:
+        a.__exit__(None, None, None)
+    assert str(info.value) == "breaker block exited without being entered"
+    a.__enter__()
+    b.__enter__()
+    with pytest.raises(AssertionError) as info:
+        a.__exit__(None, None, None)
+    assert str(info.value) == "breaker blocks exited out of order"
