@@ -1145,3 +1145,48 @@ def test_block_exit_messages_are_exact() -> None:
     assert str(info.value).splitlines()[0] == "breaker blocks exited out of order"
     b.__exit__(None, None, None)
     a.__exit__(None, None, None)
+
+
+def test_a_quick_path_error_outside_failure_on_counts_as_a_success(fake: FakeClock) -> None:
+    b = CircuitBreaker(
+        "x", BreakerConfig(consecutive_failures=2, slow_call_duration=1.0, failure_on=KeyError)
+    )
+    with pytest.raises(KeyError):
+        b.call(_raise, KeyError("k"))
+    with pytest.raises(Boom):
+        b.call(boom)  # the caller's bug, not the dependency's health
+    with pytest.raises(KeyError):
+        b.call(_raise, KeyError("k"))
+    assert b.state is BreakerState.CLOSED
+
+
+def test_a_slow_failure_on_the_quick_path_counts_as_slow(fake: FakeClock) -> None:
+    config = BreakerConfig(
+        consecutive_failures=None,
+        slow_call_rate_threshold=1.0,
+        slow_call_duration=1.0,
+        window_size=2,
+        minimum_calls=2,
+    )
+    b = CircuitBreaker("x", config)
+
+    def slow_boom() -> None:
+        fake.advance(2.0)
+        raise Boom
+
+    for _ in range(2):
+        with pytest.raises(Boom):
+            b.call(slow_boom)
+    assert b.state is BreakerState.OPEN
+
+
+@pytest.mark.anyio
+async def test_an_async_quick_config_reports_outcomes_when_listened_to(fake: FakeClock) -> None:
+    b = CircuitBreaker("x", BreakerConfig(slow_call_duration=1.0))
+    got = _own_events(b)
+
+    async def aok() -> str:
+        return "ok"
+
+    assert await b.call_async(aok) == "ok"
+    assert [e.outcome for e in got if isinstance(e, OutcomeRecorded)] == ["success"]
