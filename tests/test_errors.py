@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+from collections.abc import Iterator
 
 import pytest
 
@@ -20,6 +21,15 @@ from datapunk_recovery import (
     register_rule,
     unregister_rule,
 )
+from datapunk_recovery.testing import forget_classifications
+
+
+@pytest.fixture(autouse=True)
+def _clean_classification_memory() -> Iterator[None]:
+    # classify() remembers verdicts per type: start each test from none.
+    forget_classifications()
+    yield
+    forget_classifications()
 
 
 @pytest.mark.parametrize(

@@ -590,8 +590,9 @@ async def _run_async(
                 if deadline_at is None:
                     result = await fn(*args, **kwargs)
                 else:
+                    # The time left now: attempt_start is kept only for listeners.
                     timed_out, got = await _runtime.call_within(
-                        fn, args, kwargs, deadline_at - call.attempt_start
+                        fn, args, kwargs, deadline_at - clock.now()
                     )
                     if timed_out:
                         raise call.deadline_passed(error, during=True) from error
@@ -886,14 +887,27 @@ class Retrying:
             raise call.deadline_passed(self._error)
         return AttemptContext(self, call.attempt)
 
+    def _wait_fits(self, call: _Call) -> None:
+        # The delay was decided when the block failed; the loop's own code may
+        # have spent time since: never start a wait that would end past the deadline.
+        at = call.deadline_at
+        if at is not None:
+            left = at - clock.now()
+            if left <= 0.0 or (self._delay > 0.0 and self._delay >= left):
+                self._done = True
+                raise call.deadline_passed(self._error)
+
     def __iter__(self) -> Retrying:
         return self
 
     def __next__(self) -> AttemptContext:
         if self._done:
             raise StopIteration
-        if self._call is not None and not _sleep_sync(self._call, self._delay, self._error):
-            raise self._broken()
+        call = self._call
+        if call is not None:
+            self._wait_fits(call)
+            if not _sleep_sync(call, self._delay, self._error):
+                raise self._broken()
         return self._next_attempt()
 
     def __aiter__(self) -> Retrying:
@@ -902,8 +916,11 @@ class Retrying:
     async def __anext__(self) -> AttemptContext:
         if self._done:
             raise StopAsyncIteration
-        if self._call is not None and not await _sleep_async(self._call, self._delay, self._error):
-            raise self._broken()
+        call = self._call
+        if call is not None:
+            self._wait_fits(call)
+            if not await _sleep_async(call, self._delay, self._error):
+                raise self._broken()
         return self._next_attempt()
 
     def _broken(self) -> Exception:

@@ -35,6 +35,7 @@ __all__ = [
     "RetryExhausted",
     "classify",
     "final_reason",
+    "forget_verdicts",
     "is_fatal",
     "mark_final",
     "register_rule",
@@ -269,6 +270,15 @@ def register_rule(rule: Rule, *, for_type: type[BaseException] | None = None) ->
 def unregister_rule(rule: Rule) -> None:
     """Remove a rule registered with `register_rule()` (no error if absent)."""
     _rules[:] = [(t, r) for t, r in _rules if r is not rule]
+
+
+def forget_verdicts() -> None:
+    """Forget the verdicts `classify()` remembered per exception type.
+
+    They only save time; a test that starts from none sees the classifier at
+    work, not what an earlier test left behind.
+    """
+    _by_type.clear()
 
 
 _FINAL_MARK: Final = "_datapunk_recovery_final"

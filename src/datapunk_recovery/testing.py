@@ -15,6 +15,9 @@ classification rules, instant mode, the clock, the chaos kill switch).
 The pytest plugin ([`datapunk_recovery.pytest_plugin`][datapunk_recovery.pytest_plugin], installed
 with the
 package) offers each of them as a fixture.
+``forget_classifications()`` empties the per-type verdicts that
+[`classify()`][datapunk_recovery.errors.classify] remembers, so that a test sees the
+classifier at work whatever ran before it in the same process.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "EventRecorder",
     "FakeClock",
     "fake_clock",
+    "forget_classifications",
     "instant_retries",
     "isolated",
     "record_events",
@@ -38,6 +42,15 @@ __all__ = [
 ]
 
 E = TypeVar("E", bound=Event)
+
+
+def forget_classifications() -> None:
+    """Forget every verdict [`classify()`][datapunk_recovery.errors.classify] remembered per type.
+
+    The remembered verdicts only save time; a test that starts from none checks
+    the classifier itself, not what an earlier test left behind.
+    """
+    errors.forget_verdicts()
 
 
 def set_instant_retries(on: bool) -> None:
