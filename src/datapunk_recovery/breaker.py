@@ -455,6 +455,8 @@ def _wants_outcomes(bus: EventBus) -> bool:
     no permit, whoever else listens (a metrics exporter that wants only the
     rare kinds, say).  The rare kinds are checked where they are emitted.
     """
+    if not (global_bus._subscribers or bus._subscribers):
+        return False
     return listening(bus, OutcomeRecorded)
 
 

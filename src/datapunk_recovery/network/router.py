@@ -59,10 +59,17 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, TypeVar
 
 from datapunk_recovery import clock
-from datapunk_recovery._context import REPORTING
+from datapunk_recovery._context import REPORTING, lost_race
 from datapunk_recovery._validate import check_count
+from datapunk_recovery._windows import CountWindow
 from datapunk_recovery.backoff import RetryConfig
-from datapunk_recovery.breaker import BreakerConfig, BreakerState, CircuitBreaker, Permit
+from datapunk_recovery.breaker import (
+    BreakerConfig,
+    BreakerState,
+    CircuitBreaker,
+    Permit,
+    _wants_outcomes,
+)
 from datapunk_recovery.budget import RetryGate
 from datapunk_recovery.engine import Retried, current_attempt, retry
 from datapunk_recovery.errors import CircuitOpenError, ErrorCategory, RecoveryError, classify
@@ -372,7 +379,7 @@ class Router:
     retries and hedges.  Every endpoint name is unique.
     """
 
-    __slots__ = ("_engine", "_gate", "_hedger", "_members", "_turn", "config", "name")
+    __slots__ = ("_engine", "_gate", "_groups", "_hedger", "_members", "_turn", "config", "name")
 
     def __init__(
         self,
@@ -384,6 +391,7 @@ class Router:
     ) -> None:
         self.name = name
         self._members: tuple[_Member, ...] = ()
+        self._groups: tuple[tuple[_Member, ...], ...] = ()
         self._turn = itertools.count()
         self._compile(config if config is not None else RouterConfig(), budget, EventBus())
         self.replace(endpoints)
@@ -452,8 +460,16 @@ class Router:
         raise KeyError(f"{self.name!r} has no endpoint {name!r}")
 
     def _install(self, members: Iterable[_Member]) -> None:
-        # Copy-on-write: a call that is selecting keeps the tuple it read.
-        self._members = tuple(sorted(members, key=lambda m: m.endpoint.priority))
+        # Copy-on-write: a call that is selecting keeps the tuples it read.
+        ordered = tuple(sorted(members, key=lambda m: m.endpoint.priority))
+        groups: list[list[_Member]] = []
+        for m in ordered:
+            if not groups or groups[-1][0].endpoint.priority != m.endpoint.priority:
+                groups.append([])
+            groups[-1].append(m)
+        # The levels, best first, worked out once per change of the endpoints.
+        self._groups = tuple(tuple(g) for g in groups)
+        self._members = ordered
 
     def replace(self, endpoints: Iterable[Endpoint]) -> None:
         """Make ``endpoints`` the router's endpoints; those that stay keep their breakers."""
@@ -566,6 +582,25 @@ class Router:
 
     def _select(self, call: _Call, refused: set[_Member]) -> _Member | None:
         """The endpoint for the next attempt, or None when every endpoint refuses."""
+        if call.last is None and not refused and not call.running:
+            # A call's first attempt (nothing failed, nothing forced, nothing
+            # running): the best level with an admitting endpoint, whatever
+            # the fall-through rule; levels after it are not looked at.
+            groups = self._groups
+            for group in groups:
+                if len(group) == 1:
+                    m = group[0]
+                    if m.breaker.state in _ADMITTING:
+                        if group is not groups[0]:
+                            self._fell_through(groups[0][0], m)
+                        return m
+                    continue
+                pool = [m for m in group if m.breaker.state in _ADMITTING]
+                if pool:
+                    if group is not groups[0]:
+                        self._fell_through(groups[0][0], pool[0])
+                    return pool[0] if len(pool) == 1 else self._least_loaded(pool)
+            return None
         best, level, first_level = self._level(call, refused)
         if not best:
             return None
@@ -584,10 +619,31 @@ class Router:
         pool = [m for m in best if m not in avoid] or best
         if len(pool) == 1:
             return pool[0]
-        keyed = [(_rate(m), m.in_flight, m) for m in pool]
-        low = min(k[:2] for k in keyed)
-        ties = [m for rate, load, m in keyed if (rate, load) == low]
+        return self._least_loaded(pool)
+
+    def _least_loaded(self, pool: list[_Member]) -> _Member:
+        """The lowest failure rate, then the fewest calls in flight, then in turn."""
+        low: tuple[float, int] | None = None
+        ties: list[_Member] = []
+        for m in pool:
+            key = (_rate(m), m.in_flight)
+            if low is None or key < low:
+                low, ties = key, [m]
+            elif key == low:
+                ties.append(m)
         return ties[next(self._turn) % len(ties)]
+
+    def _fell_through(self, first: _Member, chosen: _Member) -> None:
+        if listening(self.bus):
+            emit(
+                PriorityFallthrough(
+                    operation=self.name,
+                    at=clock.now(),
+                    from_priority=first.endpoint.priority,
+                    to_priority=chosen.endpoint.priority,
+                ),
+                self.bus,
+            )
 
     def _untried_level_below(self, call: _Call) -> bool:
         """Whether a level below the last endpoint's, untried in ``call``, admits calls."""
@@ -606,8 +662,14 @@ class Router:
         best, _, _ = self._level(call, set())
         return any(m is not member and m not in call.failed for m in best)
 
-    async def _admit(self, call: _Call) -> tuple[_Member, Permit]:
-        """Select an endpoint and take a permit from its breaker (next one if it refuses)."""
+    async def _admit(self, call: _Call) -> tuple[_Member, Permit | None, int]:
+        """Select an endpoint and take a permit from its breaker (next one if it refuses).
+
+        Returns the endpoint, the permit and the breaker generation the call
+        was granted in.  No permit (None) when the breaker is closed, in this
+        process, judges no result and nobody wants its per-call event: the
+        outcome then goes straight to the breaker, as its own faces do.
+        """
         refused: set[_Member] = set()
         while True:
             member = self._select(call, refused)
@@ -615,15 +677,19 @@ class Router:
                 if call.running:  # a hedge with nowhere to go: the running attempts go on
                     raise NoHedgeTarget(f"{self.name!r}: no other endpoint admits a hedge")
                 raise AllEndpointsDown(self.name, self.states()) from call.error
+            core = member.breaker._core
+            gen = core.gen  # before ``quick``: a transition in between makes the outcome late
+            if core.quick and not _wants_outcomes(core.bus):
+                return member, None, gen
             try:
-                return member, await member.breaker.allow_async()
+                return member, await member.breaker.allow_async(), gen
             except CircuitOpenError:  # opened (or its half-open probe went) meanwhile
                 refused.add(member)
 
     # -- calling ---------------------------------------------------------------------------
 
     async def _attempt(self, call: _Call) -> Any:
-        member, permit = await self._admit(call)
+        member, permit, gen = await self._admit(call)
         call.forced = False
         last = call.last
         if last is not None and last is not member and listening(self.bus):
@@ -645,7 +711,10 @@ class Router:
         try:
             result = await call.fn(member.endpoint)
         except BaseException as exc:
-            permit.failure(exc)  # a cancellation counts as nothing and frees a probe
+            if permit is not None:
+                permit.failure(exc)  # a cancellation counts as nothing and frees a probe
+            else:
+                self._settle_quick(member.breaker, gen, start, exc)
             if isinstance(exc, Exception):
                 call.last, call.error = member, exc
                 call.failed.add(member)
@@ -673,8 +742,25 @@ class Router:
         finally:
             member.in_flight -= 1
             call.running.discard(member)
-        permit.success()
+        if permit is not None:
+            permit.success()
+        else:
+            core = member.breaker._core
+            if core.lean:
+                core.succeed(gen)
+            else:
+                member.breaker._quick_success(gen, start if core.config.timed else None)
         return result
+
+    @staticmethod
+    def _settle_quick(breaker: CircuitBreaker, gen: int, start: float, exc: BaseException) -> None:
+        """What ``permit.failure(exc)`` does for a call granted without a permit."""
+        core = breaker._core
+        timed = core.config.timed
+        if isinstance(exc, Exception):
+            breaker._quick_failure(gen, start if timed else None, exc)
+        elif lost_race():  # a hedge that lost its race: a slow call; else nothing counts
+            core.record_lost(gen, False, clock.now() - start if timed else None)
 
     async def _run(self, call: _Call) -> Any:
         """One attempt of the engine: a plain one, or a race of hedges."""
@@ -725,7 +811,20 @@ def _tried(call: _Call) -> set[int]:
 
 
 def _rate(m: _Member) -> float:
-    rate = m.breaker.failure_rate()
+    """The endpoint's failure rate (0.0 when its breaker does not judge one yet)."""
+    breaker = m.breaker
+    if breaker._link is None:
+        core = breaker._core
+        window = core.window
+        if window is None:
+            return 0.0
+        if type(window) is CountWindow:  # `failure_rate()`, without its layers
+            with core.lock:
+                calls, failures = window.calls, window.failures
+            if calls < core.config.minimum_calls or calls == 0:
+                return 0.0
+            return failures / calls
+    rate = breaker.failure_rate()
     return 0.0 if rate is None else rate
 
 
