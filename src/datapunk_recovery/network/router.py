@@ -54,6 +54,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Set as AbstractSet
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, TypeVar
@@ -330,6 +331,8 @@ class _Call:
         self.forced = False
 
 
+_NONE_REFUSED: Final[frozenset[Any]] = frozenset()
+
 # The running call, read by the budget gate in the caller's task.
 _CALL: ContextVar[_Call | None] = ContextVar("datapunk_recovery_router_call", default=None)
 
@@ -411,7 +414,7 @@ class Router:
             name=self.name,
             budget=budget if self._gate is None else self._gate,
             bus=bus,
-        )(self._run)
+        )(self._run if config.hedge is not None else self._attempt)  # no hedger: no race
         old: Hedger | None = getattr(self, "_hedger", None)
         self._hedger = (
             None
@@ -546,7 +549,7 @@ class Router:
     # -- selection -------------------------------------------------------------------------
 
     def _level(
-        self, call: _Call, refused: set[_Member]
+        self, call: _Call, refused: AbstractSet[_Member]
     ) -> tuple[list[_Member], int | None, int | None]:
         """The admitting endpoints of the level the next attempt goes to, that level, the first.
 
@@ -580,7 +583,7 @@ class Router:
         priority, group = admitting[0]
         return group, priority, first_level
 
-    def _select(self, call: _Call, refused: set[_Member]) -> _Member | None:
+    def _select(self, call: _Call, refused: AbstractSet[_Member]) -> _Member | None:
         """The endpoint for the next attempt, or None when every endpoint refuses."""
         if call.last is None and not refused and not call.running:
             # A call's first attempt (nothing failed, nothing forced, nothing
@@ -662,8 +665,10 @@ class Router:
         best, _, _ = self._level(call, set())
         return any(m is not member and m not in call.failed for m in best)
 
-    async def _admit(self, call: _Call) -> tuple[_Member, Permit | None, int]:
-        """Select an endpoint and take a permit from its breaker (next one if it refuses).
+    async def _admit(
+        self, call: _Call, member: _Member | None
+    ) -> tuple[_Member, Permit | None, int]:
+        """Take a permit from ``member``'s breaker (select the next one if it refuses).
 
         Returns the endpoint, the permit and the breaker generation the call
         was granted in.  No permit (None) when the breaker is closed, in this
@@ -672,7 +677,6 @@ class Router:
         """
         refused: set[_Member] = set()
         while True:
-            member = self._select(call, refused)
             if member is None:
                 if call.running:  # a hedge with nowhere to go: the running attempts go on
                     raise NoHedgeTarget(f"{self.name!r}: no other endpoint admits a hedge")
@@ -685,11 +689,20 @@ class Router:
                 return member, await member.breaker.allow_async(), gen
             except CircuitOpenError:  # opened (or its half-open probe went) meanwhile
                 refused.add(member)
+            member = self._select(call, refused)
 
     # -- calling ---------------------------------------------------------------------------
 
     async def _attempt(self, call: _Call) -> Any:
-        member, permit, gen = await self._admit(call)
+        member = self._select(call, _NONE_REFUSED)
+        permit: Permit | None = None
+        if member is None:
+            member, permit, gen = await self._admit(call, None)  # raises
+        else:
+            core = member.breaker._core
+            gen = core.gen  # before ``quick``: see `_admit()`
+            if not core.quick or _wants_outcomes(core.bus):
+                member, permit, gen = await self._admit(call, member)
         call.forced = False
         last = call.last
         if last is not None and last is not member and listening(self.bus):
@@ -706,7 +719,9 @@ class Router:
                 self.bus,
             )
         member.in_flight += 1
-        call.running.add(member)
+        hedged = call.hedge  # only a hedged call runs attempts side by side
+        if hedged:
+            call.running.add(member)
         start = clock.now()
         try:
             result = await call.fn(member.endpoint)
@@ -741,7 +756,8 @@ class Router:
             raise
         finally:
             member.in_flight -= 1
-            call.running.discard(member)
+            if hedged:
+                call.running.discard(member)
         if permit is not None:
             permit.success()
         else:
@@ -793,12 +809,19 @@ class Router:
         calls that are safe to run twice.
         """
         call = _Call(fn, hedge)
-        token, current = _RETRY_ON.set(retry_on), _CALL.set(call)
+        # Only the budget gate reads the running call, and the engine's ``on=`` the
+        # predicate: each is set when someone reads it or an outer call's must be hidden.
+        current = _CALL.set(call) if self._gate is not None else None
+        token = (
+            _RETRY_ON.set(retry_on) if retry_on is not None or _RETRY_ON.get() is not None else None
+        )
         try:
             return await self._engine(call)  # type: ignore[no-any-return]
         finally:
-            _CALL.reset(current)
-            _RETRY_ON.reset(token)
+            if current is not None:
+                _CALL.reset(current)
+            if token is not None:
+                _RETRY_ON.reset(token)
 
     def statistics(self) -> Statistics:
         """The retry engine's counters for this router's calls."""
