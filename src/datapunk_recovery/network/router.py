@@ -65,6 +65,7 @@ from datapunk_recovery._validate import check_count
 from datapunk_recovery._windows import CountWindow
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.breaker import (
+    _PASSING,
     BreakerConfig,
     BreakerState,
     CircuitBreaker,
@@ -295,12 +296,38 @@ class RoutingChanged(Event):
 class _Member:
     """An endpoint in a router, with what outlives its re-configuration: the breaker."""
 
-    __slots__ = ("breaker", "endpoint", "in_flight")
+    __slots__ = ("breaker", "core", "endpoint", "in_flight")
 
     def __init__(self, endpoint: Endpoint, breaker: CircuitBreaker) -> None:
         self.endpoint = endpoint
         self.breaker = breaker
+        # The breaker's state in this process (None if a store kept it): selection
+        # reads a closed state and a count window there, without the public layers.
+        self.core = breaker._core if breaker._link is None else None
         self.in_flight = 0
+
+    def admitting(self) -> bool:
+        """Whether the breaker admits calls now (``breaker.state in _ADMITTING``)."""
+        core = self.core
+        if core is not None and core.state in _PASSING:
+            return True  # what ``breaker.state`` answers at once for these
+        return self.breaker.state in _ADMITTING
+
+    def rate(self) -> float:
+        """The failure rate (0.0 when the breaker judges none yet)."""
+        core = self.core
+        if core is not None:
+            window = core.window
+            if window is None:
+                return 0.0
+            if type(window) is CountWindow:  # `failure_rate()`, without its layers
+                with core.lock:
+                    calls, failures = window.calls, window.failures
+                if calls < core.config.minimum_calls or calls == 0:
+                    return 0.0
+                return failures / calls
+        rate = self.breaker.failure_rate()
+        return 0.0 if rate is None else rate
 
     def state(self) -> EndpointState:
         b = self.breaker
@@ -593,12 +620,16 @@ class Router:
             for group in groups:
                 if len(group) == 1:
                     m = group[0]
-                    if m.breaker.state in _ADMITTING:
+                    if m.admitting():
                         if group is not groups[0]:
                             self._fell_through(groups[0][0], m)
                         return m
                     continue
-                pool = [m for m in group if m.breaker.state in _ADMITTING]
+                pool = [
+                    m
+                    for m in group
+                    if ((c := m.core) is not None and c.state in _PASSING) or m.admitting()
+                ]
                 if pool:
                     if group is not groups[0]:
                         self._fell_through(groups[0][0], pool[0])
@@ -629,7 +660,16 @@ class Router:
         low: tuple[float, int] | None = None
         ties: list[_Member] = []
         for m in pool:
-            key = (_rate(m), m.in_flight)
+            core = m.core
+            window = core.window if core is not None else None
+            if type(window) is CountWindow:  # `m.rate()`, inlined: it runs per endpoint
+                assert core is not None
+                with core.lock:
+                    calls, failures = window.calls, window.failures
+                rate = failures / calls if calls >= core.config.minimum_calls and calls else 0.0
+            else:
+                rate = m.rate()
+            key = (rate, m.in_flight)
             if low is None or key < low:
                 low, ties = key, [m]
             elif key == low:
@@ -831,24 +871,6 @@ class Router:
 def _tried(call: _Call) -> set[int]:
     """The priority levels on which ``call`` has had a failure."""
     return {m.endpoint.priority for m in call.failed}
-
-
-def _rate(m: _Member) -> float:
-    """The endpoint's failure rate (0.0 when its breaker does not judge one yet)."""
-    breaker = m.breaker
-    if breaker._link is None:
-        core = breaker._core
-        window = core.window
-        if window is None:
-            return 0.0
-        if type(window) is CountWindow:  # `failure_rate()`, without its layers
-            with core.lock:
-                calls, failures = window.calls, window.failures
-            if calls < core.config.minimum_calls or calls == 0:
-                return 0.0
-            return failures / calls
-    rate = breaker.failure_rate()
-    return 0.0 if rate is None else rate
 
 
 def _retryable(exc: BaseException) -> bool:
