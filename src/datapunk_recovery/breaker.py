@@ -448,6 +448,9 @@ class OutcomeRecorded(Event):
     error_type: str | None = None
 
 
+_OUTCOME: Final = OutcomeRecorded.name
+
+
 def _wants_outcomes(bus: EventBus) -> bool:
     """Whether a subscriber (of ``bus`` or global) wants `OutcomeRecorded` events.
 
@@ -457,7 +460,18 @@ def _wants_outcomes(bus: EventBus) -> bool:
     """
     if not (global_bus._subscribers or bus._subscribers):
         return False
-    return listening(bus, OutcomeRecorded)
+    # `listening(bus, OutcomeRecorded)`, reading the buses' cached routes first:
+    # this runs per call while an exporter that wants other kinds is installed.
+    name = _OUTCOME
+    route = global_bus._routes.get(name)
+    if route is None:
+        route = global_bus._route(name)
+    if route:
+        return True
+    route = bus._routes.get(name)
+    if route is None:
+        route = bus._route(name)
+    return bool(route)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
