@@ -9,7 +9,10 @@ Groups (ns per call; ``bare`` is the undecorated call, the baseline):
 - ``breaker-policies-sync`` / ``breaker-policies-async``: our other trip
   policies, closed, as decorators: failure rate over a count window, over a
   time window, slow-call rate (which reads the clock twice a call), a custom
-  policy, and the default with a listener subscribed (events built).
+  policy, the default with a listener subscribed (events built), the count
+  window with a subscriber that wants only other kinds (``rate_count_other_kinds``:
+  an installed exporter), and ``hand_window``: a minimal hand-written
+  failure-rate check over a 100-call ring under a lock, the floor for ``rate_count``.
 - ``breaker-open-sync`` / ``breaker-open-async``: refusing a call while open
   (raise and catch the library's open error).
 - ``breaker-redis-async`` (only with ``--redis-url URL``): a call
@@ -166,7 +169,43 @@ def policies_sync() -> dict[str, Callable[[], Any]]:
     listened = CircuitBreaker("listened")
     listened.events.subscribe(lambda event: None)
     cases["listening"] = listened(ok)
+    # A subscriber that wants none of the breaker's per-call events (a metrics
+    # exporter that pulls its counts): the rate breaker stays on its fast path.
+    others = CircuitBreaker("others", POLICIES["rate_count"])
+    others.events.subscribe(lambda event: None, kinds=("retry.giveup", "breaker.state"))
+    cases["rate_count_other_kinds"] = others(ok)
+    cases["hand_window"] = _hand_window()
     return cases
+
+
+def _hand_window() -> Callable[[], Any]:
+    """A minimal hand-written failure-rate check over a 100-call ring, under a lock."""
+    import threading
+
+    ring = bytearray(100)
+    state = [0, 0, 0]  # position, calls, failures
+    lock = threading.Lock()
+
+    def call() -> int:
+        try:
+            result = ok()
+        except Exception:
+            failed = 1
+            raise
+        else:
+            failed = 0
+        finally:
+            with lock:
+                i = state[0]
+                state[2] += failed - ring[i]
+                ring[i] = failed
+                state[0] = (i + 1) % 100
+                state[1] = min(state[1] + 1, 100)
+                if failed and state[1] >= 100 and state[2] >= 50:
+                    state[1] = 0  # would open (a real breaker would refuse for a while)
+        return result
+
+    return call
 
 
 def policies_async() -> dict[str, Callable[[], Callable[[], Awaitable[Any]]]]:

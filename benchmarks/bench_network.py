@@ -1,11 +1,14 @@
 """Network recovery: what routing costs per call, and what the HTTP adapter adds.
 
-Run: ``.venv/bin/python benchmarks/bench_network.py --fast`` (pyperf).
+Run: ``.venv/bin/python benchmarks/bench_network.py --fast`` (pyperf;
+``--routing-only`` skips the HTTP rows).
 
 - ``bare call`` / ``router, 1 level`` / ``router, 2 levels of 3``: an
   ``async (endpoint) -> result`` that answers at once, called directly and
   through a :class:`Router` (selection, a breaker permit, the retry engine):
   the difference is the router's own cost on the happy path.
+- ``hand-written failover``: a loop over the endpoints that calls the first
+  and moves on when one raises ``ConnectionError``: the floor for the router.
 - ``router, failover``: every call's first attempt fails (no breaker trips),
   so every call fails over once to the other endpoint: the failure path.
 - ``httpx direct`` / ``httpx recovered``: a real GET to a loopback server
@@ -45,6 +48,18 @@ async def first_fails(endpoint: Endpoint) -> str:
     return endpoint.name
 
 
+async def hand_failover(endpoints: list[Endpoint]) -> str:
+    """A minimal hand-written failover loop: the floor for the router rows."""
+    error: Exception | None = None
+    for endpoint in endpoints:
+        try:
+            return await answer(endpoint)
+        except ConnectionError as exc:
+            error = exc
+    assert error is not None
+    raise error
+
+
 def routing_cases() -> dict[str, Callable[[], Awaitable[Any]]]:
     one = Router("one", [Endpoint("a")], CONFIG)
     two = Router(
@@ -56,6 +71,7 @@ def routing_cases() -> dict[str, Callable[[], Awaitable[Any]]]:
     target = Endpoint("a")
     return {
         "bare call": lambda: answer(target),
+        "hand-written failover": lambda: hand_failover([target]),
         "router, 1 level": lambda: one.call(answer),
         "router, 2 levels of 3": lambda: two.call(answer),
         "router, failover": lambda: failover.call(first_fails),
@@ -109,10 +125,22 @@ def time_http(url: str, recovered: bool) -> Callable[[int], float]:
     return run
 
 
+def _forward(cmd: list[str], args: Any) -> None:
+    # pyperf workers get no unknown options unless forwarded.
+    if args.routing_only:
+        cmd.append("--routing-only")
+
+
 def main() -> None:
-    runner = pyperf.Runner()
+    runner = pyperf.Runner(add_cmdline_args=_forward)
+    runner.argparser.add_argument(
+        "--routing-only", action="store_true", help="skip the HTTP rows (no server started)"
+    )
+    args = runner.parse_args()
     for name, afn in routing_cases().items():
         runner.bench_time_func(name, time_async(lambda afn=afn: afn))
+    if args.routing_only:
+        return
     url = start_server()
     runner.bench_time_func("httpx direct", time_http(url, recovered=False))
     runner.bench_time_func("httpx recovered", time_http(url, recovered=True))

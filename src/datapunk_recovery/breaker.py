@@ -49,7 +49,7 @@ from ._validate import check_count, check_fraction, check_number, check_seconds
 from ._windows import CountWindow, TimeWindow, Window
 from .backoff import RetryConfig, server_delay
 from .errors import CircuitOpenError, classify
-from .events import Event, EventBus, HintIgnored, emit, global_bus
+from .events import Event, EventBus, HintIgnored, emit, global_bus, listening
 from .redact import safe_repr
 
 if TYPE_CHECKING:
@@ -448,6 +448,32 @@ class OutcomeRecorded(Event):
     error_type: str | None = None
 
 
+_OUTCOME: Final = OutcomeRecorded.name
+
+
+def _wants_outcomes(bus: EventBus) -> bool:
+    """Whether a subscriber (of ``bus`` or global) wants `OutcomeRecorded` events.
+
+    The per-call event: when nobody wants it, calls take the paths that build
+    no permit, whoever else listens (a metrics exporter that wants only the
+    rare kinds, say).  The rare kinds are checked where they are emitted.
+    """
+    if not (global_bus._subscribers or bus._subscribers):
+        return False
+    # `listening(bus, OutcomeRecorded)`, reading the buses' cached routes first:
+    # this runs per call while an exporter that wants other kinds is installed.
+    name = _OUTCOME
+    route = global_bus._routes.get(name)
+    if route is None:
+        route = global_bus._route(name)
+    if route:
+        return True
+    route = bus._routes.get(name)
+    if route is None:
+        route = bus._route(name)
+    return bool(route)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ShadowTrip(Event):
     """In ``METRICS_ONLY`` mode, the breaker would have opened because of ``reason``."""
@@ -522,7 +548,14 @@ class _Core:
     read admits a call that raced with the opening, which is a valid order).
     ``quick`` is True when the state is CLOSED and no result needs judging:
     the faces then record an outcome straight into `record()`, with the
-    generation read before the call, without building a permit.
+    generation read before the call, without building a permit.  ``lean``
+    is ``quick`` with nothing timed: a success goes to `succeed()`; ``plain``
+    is ``lean`` over a count window with no custom policy (`succeed()`'s
+    inlined path).
+
+    ``lock`` is re-entrant on purpose: transitions emit their event under it,
+    and a subscriber may read the breaker (``state``, ``snapshot()``) from
+    the emitting thread.
     """
 
     __slots__ = (
@@ -532,11 +565,13 @@ class _Core:
         "fast",
         "gen",
         "half_open_until",
+        "lean",
         "local_only",
         "lock",
         "name",
         "open_until",
         "opened",
+        "plain",
         "policy",
         "probes_failed",
         "probes_issued",
@@ -573,11 +608,14 @@ class _Core:
         self.window = config.new_window()
         self.policy = config.trip_policy() if config.trip_policy is not None else None
         self.local_only = True
-        self.fast = self.quick = False
+        self.fast = self.quick = self.lean = self.plain = False
         self._refresh_fast()
 
-    def listening(self) -> bool:
-        return bool(global_bus._subscribers) or bool(self.bus._subscribers)
+    def listening(self, kind: type[Event] | None = None) -> bool:
+        """Whether an event (of ``kind``, if given) on this breaker's bus reaches anyone."""
+        if not (global_bus._subscribers or self.bus._subscribers):
+            return False
+        return kind is None or listening(self.bus, kind)
 
     # -- configuration ---------------------------------------------------------
     def configure(self, config: BreakerConfig) -> None:
@@ -596,6 +634,10 @@ class _Core:
         self.fast = closed and config.simple
         # Closed, and no result to judge: the faces record without building a permit.
         self.quick = closed and config.record_result is None and config.result_delay is None
+        # Quick and nothing timed: the faces record a success with `succeed()`.
+        self.lean = self.quick and not config.timed
+        # Lean, over a count window, no custom policy: `succeed()` inlines the window update.
+        self.plain = self.lean and self.policy is None and type(self.window) is CountWindow
 
     # -- transitions -------------------------------------------------------------
     def _to(self, new: BreakerState, reason: str, now: float) -> None:
@@ -610,7 +652,7 @@ class _Core:
             if new is not BreakerState.FORCED_OPEN:
                 self.reopenings = 0
         self._refresh_fast()
-        if self.listening():
+        if self.listening(BreakerStateChanged):
             emit(
                 BreakerStateChanged(
                     operation=self.name, at=now, from_state=old, to_state=new, reason=reason
@@ -703,7 +745,7 @@ class _Core:
                 return self.gen, True
             remaining = self._remaining(now)
             self.rejected += 1
-        if self.listening():
+        if self.listening(CallRejected):
             emit(
                 CallRejected(operation=self.name, at=now, state=state, remaining=remaining),
                 self.bus,
@@ -751,6 +793,40 @@ class _Core:
         with self.lock:
             if gen == self.gen and self.state is BreakerState.CLOSED:
                 self.consecutive = 0
+
+    def succeed(self, gen: int) -> None:
+        """A success, not timed, of a call granted in generation ``gen`` (``lean`` faces).
+
+        The same as ``record(gen, False, False, False, None, None)``.  With a
+        count window and no custom policy the window update is inlined and
+        the success is not judged while the window holds no failure and no
+        slow call: a success clears the consecutive count, and a rate of zero
+        never reaches a threshold (thresholds are > 0), so no verdict could
+        come of it (nor is the clock read: a count window has no time).
+        """
+        with self.lock:
+            if self.plain and gen == self.gen:  # closed (``plain`` changes under the lock)
+                self.consecutive = 0
+                # CountWindow.add(False, False, now), inlined.
+                window: CountWindow = self.window  # type: ignore[assignment]
+                ring = window._ring
+                i = window._pos
+                old = ring[i]
+                if not old:
+                    window.calls += 1
+                elif old != 4:  # the slot held a failed or slow call
+                    window.failures -= old & 1
+                    window.slow -= (old & 2) >> 1
+                ring[i] = 4
+                i += 1
+                window._pos = 0 if i == window.size else i
+                if not window.failures and not window.slow:
+                    self.shadow_tripped = False  # what `_conclude()` does with no verdict
+                    return
+                now = clock.now()
+                self._conclude(now, BreakerState.CLOSED, self._judge(now, False), None)
+                return
+        self.record(gen, False, False, False, None, None)
 
     def record(
         self,
@@ -813,7 +889,7 @@ class _Core:
             # starts to hold; again only after it stopped holding.
             if not self.shadow_tripped:
                 self.shadow_tripped = True
-                if self.listening():
+                if self.listening(ShadowTrip):
                     emit(ShadowTrip(operation=self.name, at=now, reason=reason), self.bus)
             return
         self._open(now, reason, hint)
@@ -1274,7 +1350,7 @@ class CircuitBreaker:
         if hint is not None:
             verdict = _FAILURE  # a "come back later" from the server is no success
         slow = verdict == _LOST or config.is_slow(duration)
-        if core.listening() and core.state is not BreakerState.DISABLED:
+        if core.listening(OutcomeRecorded) and core.state is not BreakerState.DISABLED:
             outcome = (
                 "lost"
                 if verdict == _LOST
@@ -1318,7 +1394,7 @@ class CircuitBreaker:
         decision = server_delay(0.0, raw, self.config._hints, None)
         if decision.ignored or decision.give_up:
             core = self._core
-            if core.listening():
+            if core.listening(HintIgnored):
                 text = safe_repr(raw)
                 emit(
                     HintIgnored(
@@ -1379,7 +1455,9 @@ class CircuitBreaker:
         # The generation is read before ``fast``: a transition in between makes
         # the outcome late (counted nowhere), never counted in a later period.
         gen = core.gen
-        if core.fast and not global_bus._subscribers and not core.bus._subscribers:
+        if core.fast and (
+            not (global_bus._subscribers or core.bus._subscribers) or not _wants_outcomes(core.bus)
+        ):
             try:
                 result = fn(*args, **kwargs)
             except Exception as exc:
@@ -1393,7 +1471,7 @@ class CircuitBreaker:
     def _call_slow(self, fn: Callable[..., R], args: Any, kwargs: Any) -> R:
         core = self._core
         gen = core.gen  # before ``quick``: see call()
-        if core.quick and not core.listening():
+        if core.quick and not _wants_outcomes(core.bus):
             start = clock.now() if core.config.timed else None
             try:
                 result = fn(*args, **kwargs)
@@ -1404,7 +1482,10 @@ class CircuitBreaker:
                 if lost_race():  # a hedge that lost its race: a slow call
                     core.record_lost(gen, False, None if start is None else clock.now() - start)
                 raise
-            self._quick_success(gen, start)
+            if start is None:
+                core.succeed(gen)
+            else:
+                self._quick_success(gen, start)
             return result
         permit = self.allow()
         try:
@@ -1424,7 +1505,9 @@ class CircuitBreaker:
         """Await ``fn(*args, **kwargs)`` through the breaker (every store)."""
         core = self._core
         gen = core.gen  # before ``fast``: see call()
-        if core.fast and not global_bus._subscribers and not core.bus._subscribers:
+        if core.fast and (
+            not (global_bus._subscribers or core.bus._subscribers) or not _wants_outcomes(core.bus)
+        ):
             try:
                 result = await fn(*args, **kwargs)
             except Exception as exc:
@@ -1438,7 +1521,7 @@ class CircuitBreaker:
     async def _call_slow_async(self, fn: Callable[..., Awaitable[R]], args: Any, kwargs: Any) -> R:
         core = self._core
         gen = core.gen  # before ``quick``: see call()
-        if core.quick and not core.listening():
+        if core.quick and not _wants_outcomes(core.bus):
             start = clock.now() if core.config.timed else None
             try:
                 result = await fn(*args, **kwargs)
@@ -1449,7 +1532,10 @@ class CircuitBreaker:
                 if lost_race():  # a hedge that lost its race: a slow call
                     core.record_lost(gen, False, None if start is None else clock.now() - start)
                 raise
-            self._quick_success(gen, start)
+            if start is None:
+                core.succeed(gen)
+            else:
+                self._quick_success(gen, start)
             return result
         permit = await self.allow_async()
         try:
@@ -1473,6 +1559,8 @@ class CircuitBreaker:
         core = self._core
         gbus = global_bus
         fast_failure = self._fast_failure
+        quick_failure = self._quick_failure
+        wants_outcomes = _wants_outcomes
         if inspect.iscoroutinefunction(fn):
             afn = cast(Callable[..., Coroutine[Any, Any, Any]], fn)
             call_slow_async = self._call_slow_async
@@ -1480,15 +1568,28 @@ class CircuitBreaker:
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 gen = core.gen  # before ``fast``: see call()
-                if core.fast and not gbus._subscribers and not core.bus._subscribers:
-                    try:
-                        result = await afn(*args, **kwargs)
-                    except Exception as exc:
-                        fast_failure(exc, gen)
-                        raise
-                    if core.consecutive:
-                        core.reset_consecutive(gen)
-                    return result
+                if not (gbus._subscribers or core.bus._subscribers) or not wants_outcomes(core.bus):
+                    if core.fast:
+                        try:
+                            result = await afn(*args, **kwargs)
+                        except Exception as exc:
+                            fast_failure(exc, gen)
+                            raise
+                        if core.consecutive:
+                            core.reset_consecutive(gen)
+                        return result
+                    if core.lean:  # a window or rule to feed, nothing timed: no permit
+                        try:
+                            result = await afn(*args, **kwargs)
+                        except Exception as exc:
+                            quick_failure(gen, None, exc)
+                            raise
+                        except BaseException:
+                            if lost_race():  # a hedge that lost its race: a slow call
+                                core.record_lost(gen, False, None)
+                            raise
+                        core.succeed(gen)
+                        return result
                 return await call_slow_async(afn, args, kwargs)
 
             return cast(F, async_wrapper)
@@ -1502,15 +1603,28 @@ class CircuitBreaker:
         @functools.wraps(fn)
         def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
             gen = core.gen  # before ``fast``: see call()
-            if core.fast and not gbus._subscribers and not core.bus._subscribers:
-                try:
-                    result = fn(*args, **kwargs)
-                except Exception as exc:
-                    fast_failure(exc, gen)
-                    raise
-                if core.consecutive:
-                    core.reset_consecutive(gen)
-                return result
+            if not (gbus._subscribers or core.bus._subscribers) or not wants_outcomes(core.bus):
+                if core.fast:
+                    try:
+                        result = fn(*args, **kwargs)
+                    except Exception as exc:
+                        fast_failure(exc, gen)
+                        raise
+                    if core.consecutive:
+                        core.reset_consecutive(gen)
+                    return result
+                if core.lean:  # a window or rule to feed, nothing timed: no permit
+                    try:
+                        result = fn(*args, **kwargs)
+                    except Exception as exc:
+                        quick_failure(gen, None, exc)
+                        raise
+                    except BaseException:
+                        if lost_race():  # a hedge that lost its race: a slow call
+                            core.record_lost(gen, False, None)
+                        raise
+                    core.succeed(gen)
+                    return result
             return call_slow(fn, args, kwargs)
 
         return cast(F, sync_wrapper)

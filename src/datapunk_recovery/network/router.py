@@ -54,15 +54,24 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Set as AbstractSet
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, TypeVar
 
 from datapunk_recovery import clock
-from datapunk_recovery._context import REPORTING
+from datapunk_recovery._context import REPORTING, lost_race
 from datapunk_recovery._validate import check_count
+from datapunk_recovery._windows import CountWindow
 from datapunk_recovery.backoff import RetryConfig
-from datapunk_recovery.breaker import BreakerConfig, BreakerState, CircuitBreaker, Permit
+from datapunk_recovery.breaker import (
+    _PASSING,
+    BreakerConfig,
+    BreakerState,
+    CircuitBreaker,
+    Permit,
+    _wants_outcomes,
+)
 from datapunk_recovery.budget import RetryGate
 from datapunk_recovery.engine import Retried, current_attempt, retry
 from datapunk_recovery.errors import CircuitOpenError, ErrorCategory, RecoveryError, classify
@@ -287,12 +296,38 @@ class RoutingChanged(Event):
 class _Member:
     """An endpoint in a router, with what outlives its re-configuration: the breaker."""
 
-    __slots__ = ("breaker", "endpoint", "in_flight")
+    __slots__ = ("breaker", "core", "endpoint", "in_flight")
 
     def __init__(self, endpoint: Endpoint, breaker: CircuitBreaker) -> None:
         self.endpoint = endpoint
         self.breaker = breaker
+        # The breaker's state in this process (None if a store kept it): selection
+        # reads a closed state and a count window there, without the public layers.
+        self.core = breaker._core if breaker._link is None else None
         self.in_flight = 0
+
+    def admitting(self) -> bool:
+        """Whether the breaker admits calls now (``breaker.state in _ADMITTING``)."""
+        core = self.core
+        if core is not None and core.state in _PASSING:
+            return True  # what ``breaker.state`` answers at once for these
+        return self.breaker.state in _ADMITTING
+
+    def rate(self) -> float:
+        """The failure rate (0.0 when the breaker judges none yet)."""
+        core = self.core
+        if core is not None:
+            window = core.window
+            if window is None:
+                return 0.0
+            if type(window) is CountWindow:  # `failure_rate()`, without its layers
+                with core.lock:
+                    calls, failures = window.calls, window.failures
+                if calls < core.config.minimum_calls or calls == 0:
+                    return 0.0
+                return failures / calls
+        rate = self.breaker.failure_rate()
+        return 0.0 if rate is None else rate
 
     def state(self) -> EndpointState:
         b = self.breaker
@@ -322,6 +357,8 @@ class _Call:
         # a level below them that the call has not tried (see _FallthroughGate).
         self.forced = False
 
+
+_NONE_REFUSED: Final[frozenset[Any]] = frozenset()
 
 # The running call, read by the budget gate in the caller's task.
 _CALL: ContextVar[_Call | None] = ContextVar("datapunk_recovery_router_call", default=None)
@@ -372,7 +409,7 @@ class Router:
     retries and hedges.  Every endpoint name is unique.
     """
 
-    __slots__ = ("_engine", "_gate", "_hedger", "_members", "_turn", "config", "name")
+    __slots__ = ("_engine", "_gate", "_groups", "_hedger", "_members", "_turn", "config", "name")
 
     def __init__(
         self,
@@ -384,6 +421,7 @@ class Router:
     ) -> None:
         self.name = name
         self._members: tuple[_Member, ...] = ()
+        self._groups: tuple[tuple[_Member, ...], ...] = ()
         self._turn = itertools.count()
         self._compile(config if config is not None else RouterConfig(), budget, EventBus())
         self.replace(endpoints)
@@ -403,7 +441,7 @@ class Router:
             name=self.name,
             budget=budget if self._gate is None else self._gate,
             bus=bus,
-        )(self._run)
+        )(self._run if config.hedge is not None else self._attempt)  # no hedger: no race
         old: Hedger | None = getattr(self, "_hedger", None)
         self._hedger = (
             None
@@ -452,8 +490,16 @@ class Router:
         raise KeyError(f"{self.name!r} has no endpoint {name!r}")
 
     def _install(self, members: Iterable[_Member]) -> None:
-        # Copy-on-write: a call that is selecting keeps the tuple it read.
-        self._members = tuple(sorted(members, key=lambda m: m.endpoint.priority))
+        # Copy-on-write: a call that is selecting keeps the tuples it read.
+        ordered = tuple(sorted(members, key=lambda m: m.endpoint.priority))
+        groups: list[list[_Member]] = []
+        for m in ordered:
+            if not groups or groups[-1][0].endpoint.priority != m.endpoint.priority:
+                groups.append([])
+            groups[-1].append(m)
+        # The levels, best first, worked out once per change of the endpoints.
+        self._groups = tuple(tuple(g) for g in groups)
+        self._members = ordered
 
     def replace(self, endpoints: Iterable[Endpoint]) -> None:
         """Make ``endpoints`` the router's endpoints; those that stay keep their breakers."""
@@ -530,7 +576,7 @@ class Router:
     # -- selection -------------------------------------------------------------------------
 
     def _level(
-        self, call: _Call, refused: set[_Member]
+        self, call: _Call, refused: AbstractSet[_Member]
     ) -> tuple[list[_Member], int | None, int | None]:
         """The admitting endpoints of the level the next attempt goes to, that level, the first.
 
@@ -564,8 +610,31 @@ class Router:
         priority, group = admitting[0]
         return group, priority, first_level
 
-    def _select(self, call: _Call, refused: set[_Member]) -> _Member | None:
+    def _select(self, call: _Call, refused: AbstractSet[_Member]) -> _Member | None:
         """The endpoint for the next attempt, or None when every endpoint refuses."""
+        if call.last is None and not refused and not call.running:
+            # A call's first attempt (nothing failed, nothing forced, nothing
+            # running): the best level with an admitting endpoint, whatever
+            # the fall-through rule; levels after it are not looked at.
+            groups = self._groups
+            for group in groups:
+                if len(group) == 1:
+                    m = group[0]
+                    if m.admitting():
+                        if group is not groups[0]:
+                            self._fell_through(groups[0][0], m)
+                        return m
+                    continue
+                pool = [
+                    m
+                    for m in group
+                    if ((c := m.core) is not None and c.state in _PASSING) or m.admitting()
+                ]
+                if pool:
+                    if group is not groups[0]:
+                        self._fell_through(groups[0][0], pool[0])
+                    return pool[0] if len(pool) == 1 else self._least_loaded(pool)
+            return None
         best, level, first_level = self._level(call, refused)
         if not best:
             return None
@@ -584,10 +653,40 @@ class Router:
         pool = [m for m in best if m not in avoid] or best
         if len(pool) == 1:
             return pool[0]
-        keyed = [(_rate(m), m.in_flight, m) for m in pool]
-        low = min(k[:2] for k in keyed)
-        ties = [m for rate, load, m in keyed if (rate, load) == low]
+        return self._least_loaded(pool)
+
+    def _least_loaded(self, pool: list[_Member]) -> _Member:
+        """The lowest failure rate, then the fewest calls in flight, then in turn."""
+        low: tuple[float, int] | None = None
+        ties: list[_Member] = []
+        for m in pool:
+            core = m.core
+            window = core.window if core is not None else None
+            if type(window) is CountWindow:  # `m.rate()`, inlined: it runs per endpoint
+                assert core is not None
+                with core.lock:
+                    calls, failures = window.calls, window.failures
+                rate = failures / calls if calls >= core.config.minimum_calls and calls else 0.0
+            else:
+                rate = m.rate()
+            key = (rate, m.in_flight)
+            if low is None or key < low:
+                low, ties = key, [m]
+            elif key == low:
+                ties.append(m)
         return ties[next(self._turn) % len(ties)]
+
+    def _fell_through(self, first: _Member, chosen: _Member) -> None:
+        if listening(self.bus):
+            emit(
+                PriorityFallthrough(
+                    operation=self.name,
+                    at=clock.now(),
+                    from_priority=first.endpoint.priority,
+                    to_priority=chosen.endpoint.priority,
+                ),
+                self.bus,
+            )
 
     def _untried_level_below(self, call: _Call) -> bool:
         """Whether a level below the last endpoint's, untried in ``call``, admits calls."""
@@ -606,24 +705,44 @@ class Router:
         best, _, _ = self._level(call, set())
         return any(m is not member and m not in call.failed for m in best)
 
-    async def _admit(self, call: _Call) -> tuple[_Member, Permit]:
-        """Select an endpoint and take a permit from its breaker (next one if it refuses)."""
+    async def _admit(
+        self, call: _Call, member: _Member | None
+    ) -> tuple[_Member, Permit | None, int]:
+        """Take a permit from ``member``'s breaker (select the next one if it refuses).
+
+        Returns the endpoint, the permit and the breaker generation the call
+        was granted in.  No permit (None) when the breaker is closed, in this
+        process, judges no result and nobody wants its per-call event: the
+        outcome then goes straight to the breaker, as its own faces do.
+        """
         refused: set[_Member] = set()
         while True:
-            member = self._select(call, refused)
             if member is None:
                 if call.running:  # a hedge with nowhere to go: the running attempts go on
                     raise NoHedgeTarget(f"{self.name!r}: no other endpoint admits a hedge")
                 raise AllEndpointsDown(self.name, self.states()) from call.error
+            core = member.breaker._core
+            gen = core.gen  # before ``quick``: a transition in between makes the outcome late
+            if core.quick and not _wants_outcomes(core.bus):
+                return member, None, gen
             try:
-                return member, await member.breaker.allow_async()
+                return member, await member.breaker.allow_async(), gen
             except CircuitOpenError:  # opened (or its half-open probe went) meanwhile
                 refused.add(member)
+            member = self._select(call, refused)
 
     # -- calling ---------------------------------------------------------------------------
 
     async def _attempt(self, call: _Call) -> Any:
-        member, permit = await self._admit(call)
+        member = self._select(call, _NONE_REFUSED)
+        permit: Permit | None = None
+        if member is None:
+            member, permit, gen = await self._admit(call, None)  # raises
+        else:
+            core = member.breaker._core
+            gen = core.gen  # before ``quick``: see `_admit()`
+            if not core.quick or _wants_outcomes(core.bus):
+                member, permit, gen = await self._admit(call, member)
         call.forced = False
         last = call.last
         if last is not None and last is not member and listening(self.bus):
@@ -640,12 +759,17 @@ class Router:
                 self.bus,
             )
         member.in_flight += 1
-        call.running.add(member)
+        hedged = call.hedge  # only a hedged call runs attempts side by side
+        if hedged:
+            call.running.add(member)
         start = clock.now()
         try:
             result = await call.fn(member.endpoint)
         except BaseException as exc:
-            permit.failure(exc)  # a cancellation counts as nothing and frees a probe
+            if permit is not None:
+                permit.failure(exc)  # a cancellation counts as nothing and frees a probe
+            else:
+                self._settle_quick(member.breaker, gen, start, exc)
             if isinstance(exc, Exception):
                 call.last, call.error = member, exc
                 call.failed.add(member)
@@ -672,9 +796,27 @@ class Router:
             raise
         finally:
             member.in_flight -= 1
-            call.running.discard(member)
-        permit.success()
+            if hedged:
+                call.running.discard(member)
+        if permit is not None:
+            permit.success()
+        else:
+            core = member.breaker._core
+            if core.lean:
+                core.succeed(gen)
+            else:
+                member.breaker._quick_success(gen, start if core.config.timed else None)
         return result
+
+    @staticmethod
+    def _settle_quick(breaker: CircuitBreaker, gen: int, start: float, exc: BaseException) -> None:
+        """What ``permit.failure(exc)`` does for a call granted without a permit."""
+        core = breaker._core
+        timed = core.config.timed
+        if isinstance(exc, Exception):
+            breaker._quick_failure(gen, start if timed else None, exc)
+        elif lost_race():  # a hedge that lost its race: a slow call; else nothing counts
+            core.record_lost(gen, False, clock.now() - start if timed else None)
 
     async def _run(self, call: _Call) -> Any:
         """One attempt of the engine: a plain one, or a race of hedges."""
@@ -707,12 +849,19 @@ class Router:
         calls that are safe to run twice.
         """
         call = _Call(fn, hedge)
-        token, current = _RETRY_ON.set(retry_on), _CALL.set(call)
+        # Only the budget gate reads the running call, and the engine's ``on=`` the
+        # predicate: each is set when someone reads it or an outer call's must be hidden.
+        current = _CALL.set(call) if self._gate is not None else None
+        token = (
+            _RETRY_ON.set(retry_on) if retry_on is not None or _RETRY_ON.get() is not None else None
+        )
         try:
             return await self._engine(call)  # type: ignore[no-any-return]
         finally:
-            _CALL.reset(current)
-            _RETRY_ON.reset(token)
+            if current is not None:
+                _CALL.reset(current)
+            if token is not None:
+                _RETRY_ON.reset(token)
 
     def statistics(self) -> Statistics:
         """The retry engine's counters for this router's calls."""
@@ -722,11 +871,6 @@ class Router:
 def _tried(call: _Call) -> set[int]:
     """The priority levels on which ``call`` has had a failure."""
     return {m.endpoint.priority for m in call.failed}
-
-
-def _rate(m: _Member) -> float:
-    rate = m.breaker.failure_rate()
-    return 0.0 if rate is None else rate
 
 
 def _retryable(exc: BaseException) -> bool:

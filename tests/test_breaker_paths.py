@@ -1,0 +1,161 @@
+"""The breaker's permit-free paths count exactly what the permit path counts.
+
+A breaker whose per-call event (`OutcomeRecorded`) nobody wants records an
+outcome without building a permit; a success over a count window with no
+failure in it is not judged.  These tests drive the same outcomes through
+both paths and compare every count, and check that a subscriber wanting
+only other kinds (a metrics exporter) keeps calls on the permit-free path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from datapunk_recovery import events
+from datapunk_recovery.breaker import (
+    BreakerConfig,
+    BreakerState,
+    BreakerStateChanged,
+    CircuitBreaker,
+    OutcomeRecorded,
+)
+from datapunk_recovery.clock import FakeClock
+from datapunk_recovery.errors import CircuitOpenError
+from datapunk_recovery.events import Event
+from datapunk_recovery.testing import fake_clock
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeClock]:
+    with fake_clock(1000.0) as clock:
+        yield clock
+
+
+def _ok() -> int:
+    return 1
+
+
+def _boom() -> int:
+    raise ConnectionError("down")
+
+
+def _drive(breaker: CircuitBreaker, outcomes: list[bool], clock: FakeClock) -> list[object]:
+    """Call through ``breaker`` (as a decorator and with ``call()``), 0.4 s apart.
+
+    Returns the error and the snapshot after each call.
+    """
+    ok, boom = breaker(_ok), breaker(_boom)
+    seen: list[object] = []
+    for i, success in enumerate(outcomes):
+        fn = (ok if success else boom) if i % 2 else (_ok if success else _boom)
+        try:
+            if i % 2:
+                fn()
+            else:
+                breaker.call(fn)
+        except (ConnectionError, CircuitOpenError) as exc:
+            seen.append(type(exc).__name__)
+        seen.append(breaker.snapshot())
+        clock.advance(0.4)
+    return seen
+
+
+@st.composite
+def configs(draw: st.DrawFn) -> BreakerConfig:
+    size = draw(st.integers(1, 6))
+    return BreakerConfig(
+        consecutive_failures=draw(st.one_of(st.none(), st.integers(1, 4))),
+        failure_rate_threshold=draw(st.sampled_from([0.01, 0.25, 0.5, 1.0])),
+        window_size=size,
+        minimum_calls=draw(st.integers(1, size)),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(config=configs(), outcomes=st.lists(st.booleans(), max_size=40))
+def test_a_rate_breaker_nobody_listens_to_counts_what_the_permit_path_counts(
+    config: BreakerConfig, outcomes: list[bool]
+) -> None:
+    with fake_clock(1000.0) as clock:  # each on its own clock: the same times, to the bit
+        lean = _drive(CircuitBreaker("b", config), outcomes, clock)
+    with fake_clock(1000.0) as clock:
+        permits = CircuitBreaker("b", config)
+        permits.events.subscribe(lambda event: None, kinds=OutcomeRecorded)
+        assert lean == _drive(permits, outcomes, clock)
+
+
+def test_a_success_after_failures_still_trips_a_rate_breaker_at_its_minimum_calls(
+    fake: FakeClock,
+) -> None:
+    config = BreakerConfig(consecutive_failures=None, failure_rate_threshold=0.5, minimum_calls=4)
+    breaker = CircuitBreaker("b", config)
+    for fn in (_boom, _boom, _ok):
+        with pytest.raises(ConnectionError) if fn is _boom else _nothing():
+            breaker.call(fn)
+    assert breaker.state is BreakerState.CLOSED
+    breaker.call(_ok)  # 2 failures in 4 calls: 50 %
+    assert breaker.state is BreakerState.OPEN
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        BreakerConfig(),
+        BreakerConfig(consecutive_failures=None, failure_rate_threshold=0.5),
+        BreakerConfig(consecutive_failures=None, failure_rate_threshold=0.5, window="time"),
+    ],
+    ids=["consecutive", "count-window", "time-window"],
+)
+def test_a_subscriber_wanting_other_kinds_keeps_calls_off_the_permit_path(
+    fake: FakeClock, monkeypatch: pytest.MonkeyPatch, config: BreakerConfig
+) -> None:
+    permits: list[object] = []
+    allow, allow_async = CircuitBreaker.allow, CircuitBreaker.allow_async
+
+    def counting_allow(self: CircuitBreaker) -> object:
+        permits.append(self)
+        return allow(self)
+
+    async def counting_allow_async(self: CircuitBreaker) -> object:
+        permits.append(self)
+        return await allow_async(self)
+
+    monkeypatch.setattr(CircuitBreaker, "allow", counting_allow)
+    monkeypatch.setattr(CircuitBreaker, "allow_async", counting_allow_async)
+    seen: list[Event] = []
+    unsubscribe = events.subscribe(seen.append, kinds=("retry.giveup", BreakerStateChanged))
+    try:
+        breaker = CircuitBreaker("b", config)
+
+        async def aok() -> int:
+            return 1
+
+        breaker(_ok)()
+        breaker.call(_ok)
+        asyncio.run(breaker(aok)())
+        asyncio.run(breaker.call_async(aok))
+        assert permits == []
+        assert breaker.snapshot().consecutive_failures == 0
+        # Wanting the per-call event takes calls through permits again.
+        breaker.events.subscribe(seen.append, kinds=OutcomeRecorded)
+        breaker(_ok)()
+        breaker.call(_ok)
+        assert permits == [breaker, breaker]
+        assert [e.name for e in seen] == ["breaker.outcome", "breaker.outcome"]
+    finally:
+        unsubscribe()
+    if config.windowed:
+        assert breaker.snapshot().calls == 6
