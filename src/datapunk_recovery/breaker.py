@@ -95,7 +95,11 @@ class BreakerState(StrEnum):
     METRICS_ONLY = "metrics_only"
 
 
-_PASSING: Final = frozenset({BreakerState.CLOSED, BreakerState.DISABLED, BreakerState.METRICS_ONLY})
+#: The states that admit every call without asking (read by the router's
+#: endpoint selection on its hot path).
+PASSING_STATES: Final = frozenset(
+    {BreakerState.CLOSED, BreakerState.DISABLED, BreakerState.METRICS_ONLY}
+)
 
 
 class WindowKind(StrEnum):
@@ -451,7 +455,7 @@ class OutcomeRecorded(Event):
 _OUTCOME: Final = OutcomeRecorded.name
 
 
-def _wants_outcomes(bus: EventBus) -> bool:
+def wants_outcomes(bus: EventBus) -> bool:
     """Whether a subscriber (of ``bus`` or global) wants `OutcomeRecorded` events.
 
     The per-call event: when nobody wants it, calls take the paths that build
@@ -729,13 +733,13 @@ class _Core:
     def admit(self) -> tuple[int, bool]:
         """``(generation, is_probe)`` of a granted call; raises CircuitOpenError otherwise."""
         state = self.state
-        if state in _PASSING:
+        if state in PASSING_STATES:
             return self.gen, False
         with self.lock:
             now = clock.now()
             self._settle_time(now)
             state = self.state
-            if state in _PASSING:
+            if state in PASSING_STATES:
                 return self.gen, False
             if (
                 state is BreakerState.HALF_OPEN
@@ -765,7 +769,7 @@ class _Core:
         return 0.0
 
     def retry_after(self) -> float:
-        if self.state in _PASSING:
+        if self.state in PASSING_STATES:
             return 0.0
         with self.lock:
             now = clock.now()
@@ -773,7 +777,7 @@ class _Core:
             return self._remaining(now)
 
     def current_state(self) -> BreakerState:
-        if self.state in _PASSING or self.state is BreakerState.FORCED_OPEN:
+        if self.state in PASSING_STATES or self.state is BreakerState.FORCED_OPEN:
             return self.state
         with self.lock:
             self._settle_time(clock.now())
@@ -929,6 +933,7 @@ class _Core:
                 self.window.add(False, True, now)
             tripped = self.policy is not None and self.policy.record(False, True, duration, now)
             self._conclude(now, state, self._judge(now, tripped), None)
+
     def _record_probe_rate(self, now: float, failed: bool, slow: bool) -> None:
         """``"rate"`` mode: count a probe; once all permitted ones are in, judge their rates."""
         config = self.config
@@ -1456,7 +1461,7 @@ class CircuitBreaker:
         # the outcome late (counted nowhere), never counted in a later period.
         gen = core.gen
         if core.fast and (
-            not (global_bus._subscribers or core.bus._subscribers) or not _wants_outcomes(core.bus)
+            not (global_bus._subscribers or core.bus._subscribers) or not wants_outcomes(core.bus)
         ):
             try:
                 result = fn(*args, **kwargs)
@@ -1471,7 +1476,7 @@ class CircuitBreaker:
     def _call_slow(self, fn: Callable[..., R], args: Any, kwargs: Any) -> R:
         core = self._core
         gen = core.gen  # before ``quick``: see call()
-        if core.quick and not _wants_outcomes(core.bus):
+        if core.quick and not wants_outcomes(core.bus):
             start = clock.now() if core.config.timed else None
             try:
                 result = fn(*args, **kwargs)
@@ -1506,7 +1511,7 @@ class CircuitBreaker:
         core = self._core
         gen = core.gen  # before ``fast``: see call()
         if core.fast and (
-            not (global_bus._subscribers or core.bus._subscribers) or not _wants_outcomes(core.bus)
+            not (global_bus._subscribers or core.bus._subscribers) or not wants_outcomes(core.bus)
         ):
             try:
                 result = await fn(*args, **kwargs)
@@ -1521,7 +1526,7 @@ class CircuitBreaker:
     async def _call_slow_async(self, fn: Callable[..., Awaitable[R]], args: Any, kwargs: Any) -> R:
         core = self._core
         gen = core.gen  # before ``quick``: see call()
-        if core.quick and not _wants_outcomes(core.bus):
+        if core.quick and not wants_outcomes(core.bus):
             start = clock.now() if core.config.timed else None
             try:
                 result = await fn(*args, **kwargs)
@@ -1560,7 +1565,6 @@ class CircuitBreaker:
         gbus = global_bus
         fast_failure = self._fast_failure
         quick_failure = self._quick_failure
-        wants_outcomes = _wants_outcomes
         if inspect.iscoroutinefunction(fn):
             afn = cast(Callable[..., Coroutine[Any, Any, Any]], fn)
             call_slow_async = self._call_slow_async

@@ -65,12 +65,12 @@ from datapunk_recovery._validate import check_count
 from datapunk_recovery._windows import CountWindow
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.breaker import (
-    _PASSING,
+    PASSING_STATES,
     BreakerConfig,
     BreakerState,
     CircuitBreaker,
     Permit,
-    _wants_outcomes,
+    wants_outcomes,
 )
 from datapunk_recovery.budget import RetryGate
 from datapunk_recovery.engine import Retried, current_attempt, retry
@@ -309,7 +309,7 @@ class _Member:
     def admitting(self) -> bool:
         """Whether the breaker admits calls now (``breaker.state in _ADMITTING``)."""
         core = self.core
-        if core is not None and core.state in _PASSING:
+        if core is not None and core.state in PASSING_STATES:
             return True  # what ``breaker.state`` answers at once for these
         return self.breaker.state in _ADMITTING
 
@@ -628,7 +628,7 @@ class Router:
                 pool = [
                     m
                     for m in group
-                    if ((c := m.core) is not None and c.state in _PASSING) or m.admitting()
+                    if ((c := m.core) is not None and c.state in PASSING_STATES) or m.admitting()
                 ]
                 if pool:
                     if group is not groups[0]:
@@ -723,7 +723,7 @@ class Router:
                 raise AllEndpointsDown(self.name, self.states()) from call.error
             core = member.breaker._core
             gen = core.gen  # before ``quick``: a transition in between makes the outcome late
-            if core.quick and not _wants_outcomes(core.bus):
+            if core.quick and not wants_outcomes(core.bus):
                 return member, None, gen
             try:
                 return member, await member.breaker.allow_async(), gen
@@ -741,7 +741,7 @@ class Router:
         else:
             core = member.breaker._core
             gen = core.gen  # before ``quick``: see `_admit()`
-            if not core.quick or _wants_outcomes(core.bus):
+            if not core.quick or wants_outcomes(core.bus):
                 member, permit, gen = await self._admit(call, member)
         call.forced = False
         last = call.last
