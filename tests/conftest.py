@@ -17,7 +17,9 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from datapunk_recovery import events  # noqa: E402
+from datapunk_recovery.clock import FakeClock  # noqa: E402
 from datapunk_recovery.events import Event  # noqa: E402
+from datapunk_recovery.testing import fake_clock  # noqa: E402
 from tests.harness import PostgresServer, RedisServer, ThreadedProxy  # noqa: E402
 from tests.harness.servers import (  # noqa: E402
     RedisClusterServers,
@@ -169,6 +171,13 @@ def seen() -> Iterator[list[Event]]:
     unsubscribe = events.subscribe(got.append)
     yield got
     unsubscribe()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeClock]:
+    """A fake clock installed for the test, starting at 1000 s."""
+    with fake_clock(1000.0) as clock:
+        yield clock
 
 
 @pytest.fixture

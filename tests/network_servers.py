@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Self
 
 from aiohttp import web
 
@@ -38,7 +39,43 @@ class Seen:
     headers: dict[str, str]
 
 
-class ScriptedServer:
+class _ThreadedLoop:
+    """A server whose asyncio loop runs in its own thread, started and stopped from outside.
+
+    Subclasses define ``_start`` (bind, set ``port``) and ``_stop`` (close),
+    run on that loop; ``start``/``stop`` wait at most 10 s for each.
+    """
+
+    def __init__(self, thread_name: str) -> None:
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=thread_name)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+
+
+class ScriptedServer(_ThreadedLoop):
     """An aiohttp server on 127.0.0.1 that answers with ``name`` as the body."""
 
     def __init__(self, name: str) -> None:
@@ -46,19 +83,13 @@ class ScriptedServer:
         self.default = Reply()
         self.script: list[Reply] = []
         self.seen: list[Seen] = []
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"http-{name}")
+        super().__init__(f"http-{name}")
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
 
     @property
     def address(self) -> tuple[str, int]:
         return ("127.0.0.1", self.port)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def answer(self, *replies: Reply, default: Reply | None = None) -> ScriptedServer:
         """Answer the next requests with ``replies``, then with ``default`` (if given)."""
@@ -92,19 +123,6 @@ class ScriptedServer:
         self._stopping.set()
         await self._runner.cleanup()
 
-    def start(self) -> ScriptedServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop.close()
-
 
 @contextmanager
 def scripted_servers(*names: str) -> Iterator[dict[str, ScriptedServer]]:
@@ -119,7 +137,7 @@ def scripted_servers(*names: str) -> Iterator[dict[str, ScriptedServer]]:
             server.stop()
 
 
-class DroppingServer:
+class DroppingServer(_ThreadedLoop):
     """A raw HTTP/1.1 server on 127.0.0.1 that drops connections, counting every request.
 
     On each connection it answers the first ``answered`` requests with a
@@ -135,15 +153,9 @@ class DroppingServer:
         self.requests = 0
         self.dropped = 0
         self.connections = 0
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="http-dropping")
+        super().__init__("http-dropping")
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -192,19 +204,6 @@ class DroppingServer:
         for writer in list(self._writers):
             writer.transport.abort()
         await self._server.wait_closed()
-
-    def start(self) -> DroppingServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop.close()
 
 
 @contextmanager

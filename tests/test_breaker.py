@@ -12,12 +12,11 @@ import inspect
 import math
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 
-from datapunk_recovery import events
 from datapunk_recovery.breaker import (
     BreakerConfig,
     BreakerState,
@@ -31,39 +30,7 @@ from datapunk_recovery.clock import FakeClock
 from datapunk_recovery.errors import CircuitOpenError, RecoveryError
 from datapunk_recovery.events import Event, HintIgnored
 from datapunk_recovery.stores.memory import MemoryStore
-from datapunk_recovery.testing import fake_clock
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeClock]:
-    with fake_clock(1000.0) as clock:
-        yield clock
-
-
-@pytest.fixture
-def seen() -> Iterator[list[Event]]:
-    got: list[Event] = []
-    unsubscribe = events.subscribe(got.append)
-    yield got
-    unsubscribe()
-
-
-class Boom(Exception):
-    pass
-
-
-def boom() -> None:
-    raise Boom("down")
-
-
-def ok() -> str:
-    return "ok"
-
-
-def fail(b: CircuitBreaker, times: int = 1) -> None:
-    for _ in range(times):
-        with pytest.raises(Boom):
-            b.call(boom)
+from tests.breaker_helpers import Boom, Response, _delay, _raise, boom, fail, ok
 
 
 def states(seen: list[Event]) -> list[tuple[str, str, str]]:
@@ -427,10 +394,6 @@ def test_failure_on_accepts_a_predicate(fake: FakeClock) -> None:
     assert b.state is BreakerState.OPEN
 
 
-def _raise(exc: BaseException) -> None:
-    raise exc
-
-
 def test_results_can_be_failures(fake: FakeClock) -> None:
     config = BreakerConfig(consecutive_failures=2, record_result=lambda r: r >= 500)
     b = CircuitBreaker("x", config)
@@ -443,16 +406,6 @@ def test_results_can_be_failures(fake: FakeClock) -> None:
 
 # ---------------------------------------------------------------------------
 # server-given delays
-
-
-@dataclass
-class Response:
-    status: int
-    retry_after: object = None
-
-
-def _delay(r: Response) -> object:
-    return r.retry_after if r.status in (429, 503) else None
 
 
 def test_a_result_with_retry_after_forces_the_breaker_open_for_that_long(

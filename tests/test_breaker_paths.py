@@ -10,7 +10,6 @@ only other kinds (a metrics exporter) keeps calls on the permit-free path.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -28,12 +27,6 @@ from datapunk_recovery.clock import FakeClock
 from datapunk_recovery.errors import CircuitOpenError
 from datapunk_recovery.events import Event
 from datapunk_recovery.testing import fake_clock
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeClock]:
-    with fake_clock(1000.0) as clock:
-        yield clock
 
 
 def _ok() -> int:

@@ -8,13 +8,11 @@ admission arithmetic, each checked through the public faces on a fake clock.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from datapunk_recovery import events
 from datapunk_recovery.breaker import (
     BreakerConfig as _BreakerConfig,
 )
@@ -28,7 +26,7 @@ from datapunk_recovery.breaker import (
 from datapunk_recovery.clock import FakeClock
 from datapunk_recovery.errors import CircuitOpenError, RecoveryError
 from datapunk_recovery.events import Event, HintIgnored
-from datapunk_recovery.testing import fake_clock
+from tests.breaker_helpers import Boom, Response, _delay, _raise, boom, fail, ok
 
 
 def BreakerConfig(**settings: Any) -> _BreakerConfig:
@@ -41,54 +39,8 @@ def BreakerConfig(**settings: Any) -> _BreakerConfig:
     return _BreakerConfig(**settings)
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeClock]:
-    with fake_clock(1000.0) as clock:
-        yield clock
-
-
-@pytest.fixture
-def seen() -> Iterator[list[Event]]:
-    got: list[Event] = []
-    unsubscribe = events.subscribe(got.append)
-    yield got
-    unsubscribe()
-
-
-class Boom(Exception):
-    pass
-
-
-def boom() -> None:
-    raise Boom("down")
-
-
-def ok() -> str:
-    return "ok"
-
-
-def _raise(exc: BaseException) -> None:
-    raise exc
-
-
-def fail(b: CircuitBreaker, times: int = 1) -> None:
-    for _ in range(times):
-        with pytest.raises(Boom):
-            b.call(boom)
-
-
 def reasons(seen: list[Event]) -> list[str]:
     return [e.reason for e in seen if isinstance(e, BreakerStateChanged)]
-
-
-@dataclass
-class Response:
-    status: int
-    retry_after: object = None
-
-
-def _delay(r: Response) -> object:
-    return r.retry_after if r.status in (429, 503) else None
 
 
 def to_half_open(b: CircuitBreaker, fake: FakeClock, failures: int = 5) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,17 +28,8 @@ from datapunk_recovery.errors import CircuitOpenError
 from datapunk_recovery.events import Event
 from datapunk_recovery.stores.redis import RedisStore
 from datapunk_recovery.testing import fake_clock
+from tests.breaker_helpers import Boom
 from tests.harness import RedisServer
-
-
-class Boom(Exception):
-    pass
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeClock]:
-    with fake_clock(1000.0) as clock:
-        yield clock
 
 
 def rate_config(**overrides: Any) -> BreakerConfig:

@@ -777,3 +777,13 @@ async def test_asyncpg_connections_go_back_without_the_transactions_query_logger
             assert not conn._con._query_loggers  # none left behind on the pooled connection
     finally:
         await pool.close()
+
+
+def test_an_unknown_isolation_level_names_the_field_the_value_and_every_level() -> None:
+    with pytest.raises(ValueError) as info:
+        TransactionConfig(isolation="chaotic")  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "TransactionConfig.isolation: expected one of read_committed, repeatable_read, "
+        "serializable, got 'chaotic'"
+    )
+    assert TransactionConfig(isolation="serializable").isolation is Isolation.SERIALIZABLE  # type: ignore[arg-type]

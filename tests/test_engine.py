@@ -47,28 +47,9 @@ from datapunk_recovery import (
 )
 from datapunk_recovery.clock import FakeClock
 from datapunk_recovery.testing import fake_clock, instant_retries
+from tests.engine_helpers import Flaky
 
 NO_JITTER = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_delay=100.0, max_attempts=4)
-
-
-class Flaky:
-    """A callable that fails ``failures`` times with ``error``, then returns ``value``."""
-
-    def __init__(
-        self, failures: int, error: type[Exception] = ConnectionError, value: Any = "ok"
-    ) -> None:
-        self.failures = failures
-        self.error = error
-        self.value = value
-        self.calls = 0
-        self.attempts_seen: list[int] = []
-
-    def __call__(self) -> Any:
-        self.calls += 1
-        self.attempts_seen.append(current_attempt())
-        if self.calls <= self.failures:
-            raise self.error(f"failure {self.calls}")
-        return self.value
 
 
 @pytest.fixture

@@ -42,32 +42,9 @@ from datapunk_recovery import (
 from datapunk_recovery.clock import FakeClock
 from datapunk_recovery.deadline import remaining
 from datapunk_recovery.testing import fake_clock
+from tests.engine_helpers import Flaky
 
 NO_JITTER = RetryConfig(jitter=Jitter.NONE, base_delay=1.0, max_delay=100.0, max_attempts=4)
-
-
-class Flaky:
-    """Fails ``failures`` times with ``error`` (advancing the clock by ``takes`` s each call)."""
-
-    def __init__(
-        self,
-        failures: int,
-        error: type[Exception] = ConnectionError,
-        value: Any = "ok",
-        takes: float = 0.0,
-        clock: FakeClock | None = None,
-    ) -> None:
-        self.failures, self.error, self.value = failures, error, value
-        self.takes, self.clock = takes, clock
-        self.calls = 0
-
-    def __call__(self) -> Any:
-        self.calls += 1
-        if self.clock is not None:
-            self.clock.advance(self.takes)
-        if self.calls <= self.failures:
-            raise self.error(f"failure {self.calls}")
-        return self.value
 
 
 class Gate:

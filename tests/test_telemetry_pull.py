@@ -54,6 +54,25 @@ def slow_paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
+def call_from_threads(call: Callable[[int], str], threads: int, calls_each: int) -> None:
+    """Call ``call(i)`` ``calls_each`` times from each of ``threads`` threads at once.
+
+    Thread ``k`` passes ``i`` from ``k * 1000`` on; the ``ConnectionError``s
+    that ``call`` raises are expected and ignored.
+    """
+
+    def worker(offset: int) -> None:
+        for i in range(offset, offset + calls_each):
+            with contextlib.suppress(ConnectionError):
+                call(i)
+
+    started = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(threads)]
+    for thread in started:
+        thread.start()
+    for thread in started:
+        thread.join()
+
+
 def failing_every(n: int, name: str) -> Callable[[int], str]:
     """Call ``i`` fails once with a network error when ``i % n == 0``, twice when ``i % 7 == 0``."""
     lock = threading.Lock()
@@ -102,17 +121,7 @@ def test_a_scrape_after_calls_from_many_threads_matches_the_statistics() -> None
     registry = CollectorRegistry()
     call = failing_every(5, "threads")
     with PrometheusExporter(registry).install():
-
-        def worker(offset: int) -> None:
-            for i in range(offset, offset + 300):
-                with contextlib.suppress(ConnectionError):
-                    call(i)
-
-        threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        call_from_threads(call, threads=6, calls_each=300)
         got = scraped(registry, "threads")
     stats = call.statistics()  # type: ignore[attr-defined]
     assert stats.calls == 1800
@@ -274,17 +283,7 @@ def test_otel_counters_after_calls_from_many_threads_match_the_statistics() -> N
     call = failing_every(3, "otel-threads")
     call(1)  # before the exporter: not shown
     with OpenTelemetryExporter(meter_provider=MeterProvider(metric_readers=[reader])).install():
-
-        def worker(offset: int) -> None:
-            for i in range(offset, offset + 200):
-                with contextlib.suppress(ConnectionError):
-                    call(i)
-
-        threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        call_from_threads(call, threads=4, calls_each=200)
         data = reader.get_metrics_data()
     assert data is not None
     points = {

@@ -14,9 +14,19 @@ limit (``None``), never as a huge number.
 from __future__ import annotations
 
 import math
-from typing import Any, Final
+from enum import Enum
+from typing import Any, Final, TypeVar
 
-__all__ = ["MAX_SECONDS", "check_count", "check_fraction", "check_number", "check_seconds"]
+__all__ = [
+    "MAX_SECONDS",
+    "check_choice",
+    "check_count",
+    "check_fraction",
+    "check_number",
+    "check_seconds",
+]
+
+E = TypeVar("E", bound=Enum)
 
 #: The longest duration any setting of the library accepts, in seconds (one day).
 MAX_SECONDS: Final = 86_400.0
@@ -78,3 +88,12 @@ def check_fraction(owner: str, name: str, value: Any, *, allow_zero: bool = True
         low = "0" if allow_zero else "0 (exclusive)"
         raise ValueError(f"{owner}.{name}: must be between {low} and 1, got {value!r}")
     return fraction
+
+
+def check_choice(owner: str, name: str, value: Any, choices: type[E]) -> E:
+    """One of the enum ``choices``, given as a member or its value."""
+    try:
+        return choices(value)
+    except ValueError:
+        kinds = ", ".join(str(c.value) for c in choices)
+        raise ValueError(f"{owner}.{name}: expected one of {kinds}, got {value!r}") from None

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-from ._validate import check_count, check_fraction, check_number, check_seconds
+from ._validate import check_choice, check_count, check_fraction, check_number, check_seconds
 
 __all__ = ["Jitter", "RetryConfig", "ServerDelay", "server_delay"]
 
@@ -95,13 +95,7 @@ class RetryConfig:
             "exponential_base",
             check_number(_OWNER, "exponential_base", self.exponential_base, minimum=1.0),
         )
-        try:
-            s(self, "jitter", Jitter(self.jitter))
-        except ValueError:
-            kinds = ", ".join(j.value for j in Jitter)
-            raise ValueError(
-                f"{_OWNER}.jitter: expected one of {kinds}, got {self.jitter!r}"
-            ) from None
+        s(self, "jitter", check_choice(_OWNER, "jitter", self.jitter, Jitter))
         s(self, "stateful", self.jitter in _STATEFUL)
         s(self, "jitter_factor", check_fraction(_OWNER, "jitter_factor", self.jitter_factor))
         if self.deadline is not None:

@@ -10,8 +10,6 @@ adapter flips, so that one attempt is one request.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import aiohttp
 import pytest
 
@@ -23,7 +21,6 @@ from tests.network_servers import (
     ScriptedServer,
     dropping_server,
     refused_address,
-    scripted_servers,
 )
 
 pytestmark = pytest.mark.anyio
@@ -32,12 +29,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-def server() -> Iterator[ScriptedServer]:
-    with scripted_servers("s") as started:
-        yield started["s"]
 
 
 async def test_raw_aiohttp_resends_a_get_once_when_its_connection_drops() -> None:

@@ -10,8 +10,6 @@ and that a status is an answer, not an exception.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 
@@ -23,7 +21,6 @@ from tests.network_servers import (
     ScriptedServer,
     dropping_server,
     refused_address,
-    scripted_servers,
 )
 
 pytestmark = pytest.mark.anyio
@@ -32,12 +29,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-def server() -> Iterator[ScriptedServer]:
-    with scripted_servers("s") as started:
-        yield started["s"]
 
 
 def router_for(url: str, attempts: int = 3) -> Router:

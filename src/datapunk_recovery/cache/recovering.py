@@ -254,6 +254,23 @@ def _wall() -> float:
     return fake.now() if fake is not None else time.time()
 
 
+def _envelope(entry: Any) -> tuple[float, Any] | None:
+    """``(fresh_until, value)`` of a stored entry, or None when it is not our envelope.
+
+    ``fresh_until`` is a wall-clock time in seconds; an entry that is not a
+    pair, or whose time is not a finite number, is garbage (the caller reports
+    it as corrupt and treats it as a miss).
+    """
+    try:
+        fresh_until, value = entry
+        fresh_until = float(fresh_until)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(fresh_until):
+        return None
+    return fresh_until, value
+
+
 #: Seconds a cache is not asked again after it refused our login or a command
 #: (``WRONGPASS``, ``NOAUTH``, ``NOPERM``): each try would be another failed
 #: login, which can lock the account, so the breaker's probes do not retry it.
@@ -523,14 +540,11 @@ class ReadThroughCache(Generic[V]):
             if self._down:
                 self._recovered()
             if entry is not None:
-                try:
-                    fresh_until, value = entry
-                    fresh_until = float(fresh_until)
-                    if not math.isfinite(fresh_until):
-                        raise ValueError(fresh_until)
-                except (TypeError, ValueError):
+                envelope = _envelope(entry)
+                if envelope is None:
                     self._failed("get", "corrupt", "CorruptEntry")
                 else:
+                    fresh_until, value = envelope
                     if _wall() < fresh_until:
                         self._hits += 1
                         return value
@@ -558,15 +572,12 @@ class ReadThroughCache(Generic[V]):
             return Lookup(await self._load(key, refill=False), "source")
         ok, entry = await self._call("get", self.cache.get, prefix + key)
         if ok and entry is not None:
-            try:
-                fresh_until, value = entry
-                fresh_until = float(fresh_until)
-                if not math.isfinite(fresh_until):
-                    raise ValueError(fresh_until)
-            except (TypeError, ValueError):
+            envelope = _envelope(entry)
+            if envelope is None:
                 # Not our envelope: a miss, and the refill overwrites it.
                 self._failed("get", "corrupt", "CorruptEntry")
             else:
+                fresh_until, value = envelope
                 if _wall() < fresh_until:
                     self._hits += 1
                     return Lookup(value, "cache")

@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Any, ClassVar, Final, Protocol, TypeVar
 
 from datapunk_recovery import _runtime, clock
+from datapunk_recovery._validate import check_choice
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.engine import retry
 from datapunk_recovery.errors import ErrorCategory, classify, mark_final
@@ -125,13 +126,8 @@ class TransactionConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "retry", RetryPolicy.of(self.retry))
         if self.isolation is not None:
-            try:
-                object.__setattr__(self, "isolation", Isolation(self.isolation))
-            except ValueError:
-                kinds = ", ".join(i.value for i in Isolation)
-                raise ValueError(
-                    f"TransactionConfig.isolation: expected one of {kinds}, got {self.isolation!r}"
-                ) from None
+            isolation = check_choice("TransactionConfig", "isolation", self.isolation, Isolation)
+            object.__setattr__(self, "isolation", isolation)
         if not isinstance(self.read_only, bool):
             raise TypeError(f"TransactionConfig.read_only: expected a bool, got {self.read_only!r}")
 

@@ -28,7 +28,7 @@ from enum import StrEnum
 from typing import Final, TypeVar
 
 from datapunk_recovery._runtime import run_in_thread
-from datapunk_recovery._validate import check_seconds
+from datapunk_recovery._validate import check_choice, check_seconds
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.engine import retry
 from datapunk_recovery.policy import RetryPolicy
@@ -68,13 +68,7 @@ class SqliteConfig:
         object.__setattr__(
             self, "busy_timeout", check_seconds(_OWNER, "busy_timeout", self.busy_timeout)
         )
-        try:
-            object.__setattr__(self, "begin", BeginMode(self.begin))
-        except ValueError:
-            kinds = ", ".join(m.value for m in BeginMode)
-            raise ValueError(
-                f"{_OWNER}.begin: expected one of {kinds}, got {self.begin!r}"
-            ) from None
+        object.__setattr__(self, "begin", check_choice(_OWNER, "begin", self.begin, BeginMode))
         object.__setattr__(self, "retry", RetryPolicy.of(self.retry))
 
 
