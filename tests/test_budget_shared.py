@@ -168,8 +168,10 @@ def test_a_token_budget_adopts_a_fill_then_what_it_has_not_shared() -> None:
     budget = tokens("adopt", max_tokens=10.0, ratio=0.5)
     budget._adopt(7.0)
     assert budget.tokens == 7.0
-    budget._adopt(9.5, successes=3, failures=2)  # successes first: 10 (clamped), then 8
-    assert budget.tokens == 8.0
+    budget._adopt(9.5, successes=3, failures=2)  # net: 9.5 + 1.5 - 2, clamped once
+    assert budget.tokens == 9.0
+    budget._adopt(10.0, successes=8, failures=4)  # a net zero: no drain at a full bucket
+    assert budget.tokens == 10.0
     budget._adopt(42.0)  # a larger bucket elsewhere: clamped to this one
     assert budget.tokens == 10.0
     budget._adopt(0.0, failures=5)
@@ -230,6 +232,23 @@ async def test_the_script_uses_the_budgets_arithmetic(
         b.on_attempt(True)  # clamped at max_tokens
     assert await b.sync() and await a.sync()
     assert held(a) == 10.0
+
+
+@pytest.mark.anyio
+async def test_a_long_batch_of_balanced_outcomes_does_not_drain_the_shared_bucket(
+    stores: Callable[..., RedisStore], name: str, client: aioredis.Redis
+) -> None:
+    # As after an outage: 600 calls that each failed once, then succeeded,
+    # counted here and sent in one batch to a full shared bucket.
+    shared = SharedBudget(tokens(name, max_tokens=1000.0, ratio=1.0), stores())
+    assert await shared.sync()
+    for _ in range(600):
+        shared.on_attempt(False)
+        shared.on_attempt(True)
+    assert held(shared) == 1000.0
+    assert await shared.sync()
+    assert await stored(client, name) == 1000.0  # not 400: successes first, clamped
+    assert held(shared) == 1000.0 and shared.allow_retry()
 
 
 @pytest.mark.anyio

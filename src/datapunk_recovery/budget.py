@@ -319,15 +319,14 @@ class TokenBudget:
         """Take the fill of a shared bucket, then apply outcomes it has not seen yet.
 
         For shared-store links (``stores.budget_redis``): ``tokens`` is clamped
-        to the bucket; the unseen ``successes`` are applied before the
-        ``failures`` (the lower of the two orders).
+        to the bucket; the unseen outcomes are applied as their net change,
+        clamped once (as the shared script applies a batch: their order is
+        unknown, and successes first would be clamped away at a full bucket).
         """
         top = self._max
         tokens = min(max(tokens, 0.0), top)
-        if successes:
-            tokens = min(tokens + successes * self._ratio, top)
-        if failures:
-            tokens = max(tokens - failures, 0.0)
+        if successes or failures:
+            tokens = min(max(tokens + successes * self._ratio - failures, 0.0), top)
         with self._lock:
             self._tokens = tokens
 

@@ -34,9 +34,12 @@ applies the batch with the budget's own arithmetic and returns the shared
 state:
 
 - token bucket: ``{prefix}:{budget:<name>}:tokens`` (a hash; ``t`` is the
-  fill, a decimal string).  A batch applies its successes, then its failures,
-  clamping to ``[0, max_tokens]`` after each (of the two orders, the one that
-  leaves fewer tokens).
+  fill, a decimal string).  A batch applies its net change (successes times
+  ``token_ratio``, minus failures), clamped to ``[0, max_tokens]`` once: the
+  order of its outcomes is unknown, and applying all its successes first
+  would clamp them away at a full bucket, so a long batch of calls that each
+  failed once then succeeded (resent after an outage) would drain the bucket
+  by its length although the calls never did.
 - ratio window: ``{prefix}:{budget:<name>}:ratio`` (a hash of bucketed
   counters ``e<i>`` epoch, ``a<i>`` attempts, ``r<i>`` retries, and ``z`` the
   window's shape), on Redis's own clock (``TIME``), so replicas agree on
@@ -200,8 +203,13 @@ elseif here ~= nil and here >= 0 and corrupt == '' then
 else
   ls, lf = applied(linkk, sf, ff, st, ft)
 end
-if st > ls then tokens = math.min(tokens + (st - ls) * ratio, top); ls = st end
-if ft > lf then tokens = math.max(tokens - (ft - lf), 0); lf = ft end
+-- The batch's net change, clamped once: its order is unknown, and all its
+-- successes before all its failures would clamp away the successes of a
+-- batch sent to a full bucket (a long balanced batch would drain it).
+local gain, loss = 0, 0
+if st > ls then gain = (st - ls) * ratio; ls = st end
+if ft > lf then loss = ft - lf; lf = ft end
+tokens = math.min(math.max(tokens + gain - loss, 0), top)
 local out = string.format('%.17g', tokens)
 redis.call('HSET', key, 't', out)
 redis.call('PEXPIRE', key, ttl)
