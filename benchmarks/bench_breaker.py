@@ -43,9 +43,9 @@ import pybreaker
 import pyperf
 from _timing import time_async, time_sync
 
-from datapunk_recovery import events
+from datapunk_recovery._core import events
+from datapunk_recovery._core.errors import CircuitOpenError
 from datapunk_recovery.breaker import BreakerConfig, CircuitBreaker
-from datapunk_recovery.errors import CircuitOpenError
 
 
 def _refusing_sync(fn: Callable[[], Any], error: type[BaseException]) -> Callable[[], None]:

@@ -13,17 +13,17 @@ from typing import Any
 import pyperf
 from _timing import time_async, time_sync
 
-from datapunk_recovery.adaptive import AIMD, AdaptiveLimiter
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._execution.deadline import deadline
+from datapunk_recovery._execution.timeout import AttemptTimeout
 from datapunk_recovery.breaker import CircuitBreaker
 from datapunk_recovery.budget import RatioBudget, TokenBudget
-from datapunk_recovery.bulkhead import Bulkhead, BulkheadConfig
-from datapunk_recovery.deadline import deadline
-from datapunk_recovery.fallback import Fallback
-from datapunk_recovery.hedging import HedgeConfig, Hedger, idempotent
-from datapunk_recovery.pipeline import Pipeline
-from datapunk_recovery.ratelimit import RateLimiter, RateLimiterConfig
-from datapunk_recovery.timeout import AttemptTimeout
+from datapunk_recovery.flow.adaptive import AIMD, AdaptiveLimiter
+from datapunk_recovery.flow.bulkhead import Bulkhead, BulkheadConfig
+from datapunk_recovery.flow.fallback import Fallback
+from datapunk_recovery.flow.hedging import HedgeConfig, Hedger, idempotent
+from datapunk_recovery.flow.pipeline import Pipeline
+from datapunk_recovery.flow.ratelimit import RateLimiter, RateLimiterConfig
 
 LOOPS = 1000
 

@@ -28,9 +28,9 @@ import pyperf
 from _timing import time_async
 from aiohttp import web
 
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._execution.engine import current_attempt
 from datapunk_recovery.breaker import BreakerConfig
-from datapunk_recovery.engine import current_attempt
 from datapunk_recovery.network import Endpoint, Router, RouterConfig
 from datapunk_recovery.network.httpx import HttpxRecovery
 

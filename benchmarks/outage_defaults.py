@@ -26,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from datapunk_recovery.backoff import RetryConfig  # noqa: E402
+from datapunk_recovery._core.backoff import RetryConfig  # noqa: E402
 from datapunk_recovery.breaker import BreakerConfig  # noqa: E402
 from datapunk_recovery.budget import RatioBudgetConfig, TokenBudgetConfig  # noqa: E402
 from datapunk_recovery.simulate.outage import OutageSetup, simulate_outage  # noqa: E402

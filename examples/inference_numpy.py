@@ -27,7 +27,7 @@ except ImportError:
         "this example needs NumPy: pip install 'datapunk-recovery[examples]'"
     ) from None
 
-from datapunk_recovery import events
+from datapunk_recovery._core import events
 from datapunk_recovery.resource import InferenceConfig, InferenceRecovery, InferenceResult
 
 

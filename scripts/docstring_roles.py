@@ -1,7 +1,7 @@
 """Rewrite Sphinx roles in docstrings as cross-references mkdocstrings renders.
 
 mkdocstrings (the API pages of the docs site) does not render reStructuredText
-roles: ``:class:`~datapunk_recovery.errors.CircuitOpenError``` showed as raw
+roles: ``:class:`~datapunk_recovery._core.errors.CircuitOpenError``` showed as raw
 text.  This script rewrites, in docstrings only (module, class, function and
 attribute docstrings, found with ``ast``; no other line is touched):
 

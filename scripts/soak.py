@@ -43,18 +43,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from datapunk_recovery import (
-    BudgetExhausted,
-    CircuitOpenError,
-    RetryConfig,
-    chaos,
-    errors,
-    retry,
-)
+from datapunk_recovery import BudgetExhausted, CircuitOpenError, RetryConfig, chaos, retry
+from datapunk_recovery._core import errors
 from datapunk_recovery.breaker import BreakerConfig, BreakerState
+from datapunk_recovery.breaker.registry import BreakerRegistry
 from datapunk_recovery.budget import RatioBudget, RatioBudgetConfig
-from datapunk_recovery.bulkhead import Bulkhead, BulkheadConfig, BulkheadFull
-from datapunk_recovery.registry import BreakerRegistry
+from datapunk_recovery.flow.bulkhead import Bulkhead, BulkheadConfig, BulkheadFull
 
 MiB = 1024 * 1024
 REGISTRY_SIZE = 200

@@ -16,9 +16,9 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from datapunk_recovery import events  # noqa: E402
-from datapunk_recovery.clock import FakeClock  # noqa: E402
-from datapunk_recovery.events import Event  # noqa: E402
+from datapunk_recovery._core import events  # noqa: E402
+from datapunk_recovery._core.clock import FakeClock  # noqa: E402
+from datapunk_recovery._core.events import Event  # noqa: E402
 from datapunk_recovery.testing import fake_clock  # noqa: E402
 from tests.harness import PostgresServer, RedisServer, ThreadedProxy  # noqa: E402
 from tests.harness.servers import (  # noqa: E402

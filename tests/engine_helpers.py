@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from datapunk_recovery import current_attempt
-from datapunk_recovery.clock import FakeClock
+from datapunk_recovery._core.clock import FakeClock
 
 
 class Flaky:

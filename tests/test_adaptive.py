@@ -8,10 +8,10 @@ import threading
 import anyio
 import pytest
 
-from datapunk_recovery import events
-from datapunk_recovery.adaptive import AIMD, AdaptiveLimiter, Gradient, LimitChanged
-from datapunk_recovery.bulkhead import BulkheadFull, BulkheadState, SlotPool
-from datapunk_recovery.errors import OverloadedError
+from datapunk_recovery._core import events
+from datapunk_recovery._core.errors import OverloadedError
+from datapunk_recovery.flow.adaptive import AIMD, AdaptiveLimiter, Gradient, LimitChanged
+from datapunk_recovery.flow.bulkhead import BulkheadFull, BulkheadState, SlotPool
 
 
 class Dependency:

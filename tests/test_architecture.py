@@ -26,7 +26,7 @@ KNOWN: dict[tuple[str, str, str], str] = {
     ): "stores/ drives budget internals; the store helper owns stores/ this session",
     (
         "datapunk_recovery.testing",
-        "datapunk_recovery.errors",
+        "datapunk_recovery._core.errors",
         "_rules",
     ): "the test fixture saves and restores the classifier's user rules; needs an errors seam",
 }
@@ -37,7 +37,7 @@ KNOWN: dict[tuple[str, str, str], str] = {
 KNOWN_ATTRIBUTES: dict[tuple[str, str], str] = {
     ("*", "_subscribers"): "EventBus's cheap listening check; the events helper reworks it now",
     ("datapunk_recovery.cli", "_run"): "an argparse namespace attribute the cli sets itself",
-    ("datapunk_recovery.registry", "_core"): "the breaker's state machine; breaker.py is busy",
+    ("datapunk_recovery.breaker.registry", "_core"): "the breaker's state machine; breaker.py is busy",
     ("datapunk_recovery.stores.redis", "_core"): "the shared breaker link; stores/ is busy",
     ("datapunk_recovery.stores.budget_redis", "_adopt"): "budget adoption; stores/ is busy",
     ("datapunk_recovery.stores.budget_redis", "_slot"): "a ratio budget's window, read to seed "
@@ -160,15 +160,15 @@ def _reach_ins() -> tuple[set[tuple[str, str, str]], set[tuple[str, str]]]:
 
 
 def test_the_scan_resolves_relative_imports_and_tells_private_modules() -> None:
-    assert _resolve("datapunk_recovery.adaptive", False, 1, "bulkhead") == (
-        "datapunk_recovery.bulkhead"
+    assert _resolve("datapunk_recovery.flow.adaptive", False, 1, "bulkhead") == (
+        "datapunk_recovery.flow.bulkhead"
     )
     assert _resolve("datapunk_recovery.stores", True, 2, "breaker") == "datapunk_recovery.breaker"
     assert _resolve("datapunk_recovery.database.sqlite", False, 1, None) == (
         "datapunk_recovery.database"
     )
-    assert _is_public_module("datapunk_recovery.bulkhead")
-    assert not _is_public_module("datapunk_recovery._runtime")
+    assert _is_public_module("datapunk_recovery.flow.bulkhead")
+    assert not _is_public_module("datapunk_recovery._execution.runtime")
     assert not _is_private("__init__")
 
 
@@ -206,10 +206,11 @@ def _imports_of(module: str) -> set[str]:
 
 
 def test_the_retry_engine_finds_its_gate_in_the_core_not_in_a_budget() -> None:
-    from datapunk_recovery import budget, policy
+    from datapunk_recovery import budget
+    from datapunk_recovery._core import policy
 
-    assert "datapunk_recovery.budget" not in _imports_of("datapunk_recovery.engine")
-    assert "datapunk_recovery.budget" not in _imports_of("datapunk_recovery.hedging")
+    assert "datapunk_recovery.budget" not in _imports_of("datapunk_recovery._execution.engine")
+    assert "datapunk_recovery.budget" not in _imports_of("datapunk_recovery.flow.hedging")
     assert budget.RetryGate is policy.RetryGate  # the documented path keeps working
     assert isinstance(budget.TokenBudget(), policy.RetryGate)
 
@@ -325,7 +326,7 @@ _WAITING = {
 
 #: Modules that still wait on a library themselves, each with why.
 KNOWN_WAITING: dict[str, str] = {
-    "datapunk_recovery._runtime": "the execution layer: the one place that should",
+    "datapunk_recovery._execution.runtime": "the execution layer: the one place that should",
     "datapunk_recovery.stores.redis": "stores/ is the store helper's this session",
     "datapunk_recovery.stores.budget_redis": "stores/ is the store helper's this session",
     "datapunk_recovery.cache.recovering": "its single-flight event; perf owns that hot path now",
@@ -345,7 +346,7 @@ def test_only_the_execution_layer_spawns_tasks_or_waits_on_asyncio_or_trio() -> 
                 waiting.add(here)
             elif isinstance(node, ast.Attribute) and node.attr == "create_task":
                 waiting.add(here)  # loop.create_task(...)
-    assert sorted(waiting - KNOWN_WAITING.keys()) == [], "wait through datapunk_recovery._runtime"
+    assert sorted(waiting - KNOWN_WAITING.keys()) == [], "wait through datapunk_recovery._execution.runtime"
     assert sorted(KNOWN_WAITING.keys() - waiting) == [], "a listed module no longer waits itself"
 
 

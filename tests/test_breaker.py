@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from datapunk_recovery._core.clock import FakeClock
+from datapunk_recovery._core.errors import CircuitOpenError, RecoveryError
+from datapunk_recovery._core.events import Event, HintIgnored
 from datapunk_recovery.breaker import (
     BreakerConfig,
     BreakerState,
@@ -26,9 +29,6 @@ from datapunk_recovery.breaker import (
     OutcomeRecorded,
     ShadowTrip,
 )
-from datapunk_recovery.clock import FakeClock
-from datapunk_recovery.errors import CircuitOpenError, RecoveryError
-from datapunk_recovery.events import Event, HintIgnored
 from datapunk_recovery.stores.memory import MemoryStore
 from tests.breaker_helpers import Boom, Response, _delay, _raise, boom, fail, ok
 
@@ -977,7 +977,7 @@ from hypothesis.stateful import (  # noqa: E402
     rule,
 )
 
-from datapunk_recovery import clock as _clock  # noqa: E402
+from datapunk_recovery._core import clock as _clock  # noqa: E402
 from datapunk_recovery.breaker import Permit  # noqa: E402
 
 

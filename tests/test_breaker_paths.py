@@ -15,7 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datapunk_recovery import events
+from datapunk_recovery._core import events
+from datapunk_recovery._core.clock import FakeClock
+from datapunk_recovery._core.errors import CircuitOpenError
+from datapunk_recovery._core.events import Event
 from datapunk_recovery.breaker import (
     BreakerConfig,
     BreakerState,
@@ -23,9 +26,6 @@ from datapunk_recovery.breaker import (
     CircuitBreaker,
     OutcomeRecorded,
 )
-from datapunk_recovery.clock import FakeClock
-from datapunk_recovery.errors import CircuitOpenError
-from datapunk_recovery.events import Event
 from datapunk_recovery.testing import fake_clock
 
 

@@ -13,6 +13,9 @@ from typing import Any
 
 import pytest
 
+from datapunk_recovery._core.clock import FakeClock
+from datapunk_recovery._core.errors import CircuitOpenError, RecoveryError
+from datapunk_recovery._core.events import Event, HintIgnored
 from datapunk_recovery.breaker import (
     BreakerConfig as _BreakerConfig,
 )
@@ -23,9 +26,6 @@ from datapunk_recovery.breaker import (
     CircuitBreaker,
     OutcomeRecorded,
 )
-from datapunk_recovery.clock import FakeClock
-from datapunk_recovery.errors import CircuitOpenError, RecoveryError
-from datapunk_recovery.events import Event, HintIgnored
 from tests.breaker_helpers import Boom, Response, _delay, _raise, boom, fail, ok
 
 

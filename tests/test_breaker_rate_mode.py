@@ -15,6 +15,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from datapunk_recovery._core.clock import FakeClock
+from datapunk_recovery._core.errors import CircuitOpenError
+from datapunk_recovery._core.events import Event
 from datapunk_recovery.breaker import (
     BreakerConfig,
     BreakerState,
@@ -23,9 +26,6 @@ from datapunk_recovery.breaker import (
     Permit,
     ShadowTrip,
 )
-from datapunk_recovery.clock import FakeClock
-from datapunk_recovery.errors import CircuitOpenError
-from datapunk_recovery.events import Event
 from datapunk_recovery.stores.redis import RedisStore
 from datapunk_recovery.testing import fake_clock
 from tests.breaker_helpers import Boom

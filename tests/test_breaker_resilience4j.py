@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
+from datapunk_recovery._core.clock import FakeClock
+from datapunk_recovery._core.errors import CircuitOpenError
+from datapunk_recovery._core.events import Event
 from datapunk_recovery.breaker import BreakerConfig, BreakerState, CircuitBreaker, ShadowTrip
-from datapunk_recovery.clock import FakeClock
-from datapunk_recovery.errors import CircuitOpenError
-from datapunk_recovery.events import Event
 from datapunk_recovery.testing import fake_clock
 
 

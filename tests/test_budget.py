@@ -7,8 +7,9 @@ import threading
 import anyio
 import pytest
 
-from datapunk_recovery import errors, events
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core import errors, events
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._execution.engine import retry
 from datapunk_recovery.budget import (
     BudgetRefused,
     Criticality,
@@ -20,7 +21,6 @@ from datapunk_recovery.budget import (
     criticality,
     current_criticality,
 )
-from datapunk_recovery.engine import retry
 from datapunk_recovery.testing import fake_clock
 
 # ---------------------------------------------------------------------------

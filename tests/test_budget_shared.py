@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.events import Event
+from datapunk_recovery._execution.engine import retry
 from datapunk_recovery.budget import (
     BudgetRefused,
     RatioBudget,
@@ -29,8 +31,6 @@ from datapunk_recovery.budget import (
     TokenBudget,
     TokenBudgetConfig,
 )
-from datapunk_recovery.engine import retry
-from datapunk_recovery.events import Event
 from datapunk_recovery.stores.budget_redis import (
     BudgetCorruptStateIgnored,
     BudgetStoreFallback,

@@ -9,9 +9,12 @@ from collections.abc import Callable
 import anyio
 import pytest
 
-from datapunk_recovery import errors, events
-from datapunk_recovery.backoff import RetryConfig
-from datapunk_recovery.bulkhead import (
+from datapunk_recovery._core import errors, events
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.errors import DeadlineExceeded
+from datapunk_recovery._execution.deadline import deadline
+from datapunk_recovery._execution.engine import retry
+from datapunk_recovery.flow.bulkhead import (
     Bulkhead,
     BulkheadAdmitted,
     BulkheadConfig,
@@ -22,9 +25,6 @@ from datapunk_recovery.bulkhead import (
     as_caller,
     current_caller,
 )
-from datapunk_recovery.deadline import deadline
-from datapunk_recovery.engine import retry
-from datapunk_recovery.errors import DeadlineExceeded
 from datapunk_recovery.testing import fake_clock
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import anyio
 import pytest
 
+from datapunk_recovery._core.clock import FakeClock
+from datapunk_recovery._core.events import Event
 from datapunk_recovery.breaker import BreakerConfig, BreakerState
 from datapunk_recovery.cache import (
     CacheConfig,
@@ -28,8 +30,6 @@ from datapunk_recovery.cache import (
     WarmHottest,
     WarmKeys,
 )
-from datapunk_recovery.clock import FakeClock
-from datapunk_recovery.events import Event
 from datapunk_recovery.testing import fake_clock
 
 pytestmark = pytest.mark.anyio

@@ -23,6 +23,7 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
+from datapunk_recovery._core.events import Event
 from datapunk_recovery.breaker import BreakerConfig
 from datapunk_recovery.cache import (
     CacheConfig,
@@ -32,7 +33,6 @@ from datapunk_recovery.cache import (
     RedisCache,
     WarmKeys,
 )
-from datapunk_recovery.events import Event
 from tests.harness import RedisServer, ThreadedProxy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.drill, pytest.mark.timeout(20)]

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from datapunk_recovery._core.events import Event
 from datapunk_recovery.breaker import BreakerConfig
 from datapunk_recovery.cache import (
     CacheConfig,
@@ -20,7 +21,6 @@ from datapunk_recovery.cache import (
     ReadThroughCache,
     RedisCache,
 )
-from datapunk_recovery.events import Event
 from tests.harness import RedisServer, ThreadedProxy
 
 pytestmark = pytest.mark.anyio

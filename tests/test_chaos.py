@@ -17,8 +17,8 @@ import anyio.lowlevel
 import pytest
 
 from datapunk_recovery import RetryConfig, chaos, retry
-from datapunk_recovery.events import Event
-from datapunk_recovery.pipeline import Pipeline, RetryStage
+from datapunk_recovery._core.events import Event
+from datapunk_recovery.flow.pipeline import Pipeline, RetryStage
 from datapunk_recovery.testing import fake_clock
 
 

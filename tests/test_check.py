@@ -19,13 +19,13 @@ from datapunk_recovery import (
     RetryConfig,
     RetryPolicy,
     cli,
-    clock,
     retry,
 )
-from datapunk_recovery.bulkhead import BulkheadConfig
-from datapunk_recovery.commands.check import worst_case
+from datapunk_recovery._core import clock
+from datapunk_recovery._execution.deadline import remaining
+from datapunk_recovery.cli.commands.check import worst_case
 from datapunk_recovery.config import ServicePolicy, build_config
-from datapunk_recovery.deadline import remaining
+from datapunk_recovery.flow.bulkhead import BulkheadConfig
 
 
 def test_prints_each_service_with_its_worst_case(

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from datapunk_recovery import ErrorCategory, RetryConfig, cli
 from datapunk_recovery.config import RecoveryConfig, ServicePolicy, build_config, load_config
-from datapunk_recovery.schema import ConfigError, Problem, env_overrides, merge
+from datapunk_recovery.config.schema import ConfigError, Problem, env_overrides, merge
 from datapunk_recovery.strategies import RecoveryStrategies
 
 GOOD = """

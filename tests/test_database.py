@@ -18,7 +18,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.errors import ErrorCategory, classify, final_reason
+from datapunk_recovery._core.events import Event, RetryScheduled, subscribe
+from datapunk_recovery._core.policy import RetryPolicy
 from datapunk_recovery.database import (
     CommitOutcomeUnknown,
     CommitUncertain,
@@ -34,9 +37,6 @@ from datapunk_recovery.database import (
     run,
     transaction,
 )
-from datapunk_recovery.errors import ErrorCategory, classify, final_reason
-from datapunk_recovery.events import Event, RetryScheduled, subscribe
-from datapunk_recovery.policy import RetryPolicy
 from tests.harness import PostgresServer, ThreadedProxy
 
 pytestmark = pytest.mark.anyio

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core.backoff import RetryConfig
 from datapunk_recovery.database import (
     CommitOutcomeUnknown,
     ManagedPool,

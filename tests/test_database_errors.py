@@ -14,6 +14,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from datapunk_recovery._core.errors import ErrorCategory, classify
 from datapunk_recovery.database import (
     CommitOutcomeUnknown,
     ConnectionLost,
@@ -26,7 +27,6 @@ from datapunk_recovery.database import (
     replayable,
     sqlstate_of,
 )
-from datapunk_recovery.errors import ErrorCategory, classify
 
 
 def _psycopg(state: str) -> Exception:
@@ -212,8 +212,8 @@ def test_auth_failures_of_both_drivers_are_auth_for_the_one_classifier() -> None
 
 
 def test_a_transaction_rolled_back_is_never_replayed_by_any_layer() -> None:
+    from datapunk_recovery._core.errors import final_reason
     from datapunk_recovery.database import TransactionRolledBack
-    from datapunk_recovery.errors import final_reason
 
     exc = TransactionRolledBack("rolled back", code="23505")
     assert exc.code == "23505" and replayable(exc) is False

@@ -9,7 +9,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.events import Event, RetryScheduled, subscribe
 from datapunk_recovery.database import (
     BeginMode,
     MissingExtensionError,
@@ -17,7 +18,6 @@ from datapunk_recovery.database import (
     SqliteDatabase,
     TransactionRolledBack,
 )
-from datapunk_recovery.events import Event, RetryScheduled, subscribe
 
 
 @pytest.fixture

@@ -6,9 +6,10 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from datapunk_recovery import events
-from datapunk_recovery.backoff import RetryConfig
-from datapunk_recovery.deadline import (
+from datapunk_recovery._core import events
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.errors import DeadlineExceeded
+from datapunk_recovery._execution.deadline import (
     DeadlineExpired,
     check,
     deadline,
@@ -16,8 +17,7 @@ from datapunk_recovery.deadline import (
     expired,
     remaining,
 )
-from datapunk_recovery.engine import retry
-from datapunk_recovery.errors import DeadlineExceeded
+from datapunk_recovery._execution.engine import retry
 from datapunk_recovery.testing import fake_clock
 
 

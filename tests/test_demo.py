@@ -11,10 +11,10 @@ import pytest
 import redis.asyncio as redis
 
 from datapunk_recovery import cli
-from datapunk_recovery.commands import demo as demo_command
+from datapunk_recovery._core.redact import redact_url
+from datapunk_recovery.cli.commands import demo as demo_command
 from datapunk_recovery.demo import DrillSetup, RunResult, run_drill
 from datapunk_recovery.demo.drill import fault_windows
-from datapunk_recovery.redact import redact_url
 from tests.harness import APP_PASSWORD, PostgresServer, RedisServer
 
 # Seed 5 puts the primary outage early enough in a 3-s run for failover to show

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from datapunk_recovery.durations import (
+from datapunk_recovery._core.durations import (
     MAX_DURATION,
     DurationError,
     format_duration,

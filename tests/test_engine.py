@@ -45,7 +45,7 @@ from datapunk_recovery import (
     subscribe,
     unregister_rule,
 )
-from datapunk_recovery.clock import FakeClock
+from datapunk_recovery._core.clock import FakeClock
 from datapunk_recovery.testing import fake_clock, instant_retries
 from tests.engine_helpers import Flaky
 

@@ -18,7 +18,7 @@ from datapunk_recovery import RetryConfig, retry
 async def test_a_later_attempt_under_a_deadline_gets_only_the_time_left_when_unobserved(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from datapunk_recovery import _runtime
+    from datapunk_recovery._execution import runtime as _runtime
     from datapunk_recovery.testing import fake_clock
 
     timeouts: list[float] = []

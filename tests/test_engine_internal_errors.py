@@ -14,16 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from datapunk_recovery import (
-    EventBus,
-    GaveUp,
-    GiveUpReason,
-    Jitter,
-    RetryConfig,
-    clock,
-    retry,
-    retrying,
-)
+from datapunk_recovery import EventBus, GaveUp, GiveUpReason, Jitter, RetryConfig, retry, retrying
+from datapunk_recovery._core import clock
 
 
 class Refused(ConnectionError):

@@ -39,8 +39,8 @@ from datapunk_recovery import (
     retry,
     retrying,
 )
-from datapunk_recovery.clock import FakeClock
-from datapunk_recovery.deadline import remaining
+from datapunk_recovery._core.clock import FakeClock
+from datapunk_recovery._execution.deadline import remaining
 from datapunk_recovery.testing import fake_clock
 from tests.engine_helpers import Flaky
 

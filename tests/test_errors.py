@@ -152,7 +152,7 @@ def test_driver_auth_refusals_are_never_retryable_whatever_a_rule_says() -> None
     import httpx
     import redis.exceptions as rx
 
-    from datapunk_recovery.errors import register_rule, unregister_rule
+    from datapunk_recovery._core.errors import register_rule, unregister_rule
 
     request = httpx.Request("GET", "http://a/")
     refusals: list[Exception] = [

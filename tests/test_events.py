@@ -9,7 +9,7 @@ import typing
 import pytest
 
 from datapunk_recovery import CallFinished, EventBus, GaveUp, GiveUpReason, subscribe
-from datapunk_recovery.events import (
+from datapunk_recovery._core.events import (
     AttemptFinished,
     Event,
     emit,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from datapunk_recovery._extras import MissingExtra, install_hint, raise_missing
+from datapunk_recovery._core.extras import MissingExtra, install_hint, raise_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from datapunk_recovery import events
-from datapunk_recovery.fallback import Fallback, FallbackReason, FallbackUsed
+from datapunk_recovery._core import events
+from datapunk_recovery.flow.fallback import Fallback, FallbackReason, FallbackUsed
 
 
 def failing() -> int:

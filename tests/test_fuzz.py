@@ -35,20 +35,20 @@ from datapunk_recovery import (
     RecoveryError,
     RetryConfig,
     classify,
-    errors,
     mark_final,
     retry,
     server_delay,
 )
-from datapunk_recovery.durations import DurationError, parse_duration
+from datapunk_recovery._core import errors
+from datapunk_recovery._core.durations import DurationError, parse_duration
+from datapunk_recovery._core.redact import REDACTED, redact_headers, redact_text, redact_url
+from datapunk_recovery.config.schema import ConfigError, Text, build, env_overrides, read_toml
 from datapunk_recovery.network.delays import (
     parse_grpc_pushback,
     parse_rate_limit_reset,
     parse_retry_after,
     server_hint,
 )
-from datapunk_recovery.redact import REDACTED, redact_headers, redact_text, redact_url
-from datapunk_recovery.schema import ConfigError, Text, build, env_overrides, read_toml
 from datapunk_recovery.testing import fake_clock
 
 T = TypeVar("T")

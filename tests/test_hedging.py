@@ -6,14 +6,14 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from datapunk_recovery import events
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core import events
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.clock import FakeClock
+from datapunk_recovery._execution.deadline import deadline
+from datapunk_recovery._execution.engine import retry
 from datapunk_recovery.breaker import BreakerConfig, BreakerState, CircuitBreaker, OutcomeRecorded
 from datapunk_recovery.budget import RatioBudget, RatioBudgetConfig, TokenBudget, TokenBudgetConfig
-from datapunk_recovery.clock import FakeClock
-from datapunk_recovery.deadline import deadline
-from datapunk_recovery.engine import retry
-from datapunk_recovery.hedging import (
+from datapunk_recovery.flow.hedging import (
     HedgeConfig,
     Hedger,
     HedgeRefused,
@@ -22,8 +22,8 @@ from datapunk_recovery.hedging import (
     idempotent,
     is_idempotent,
 )
+from datapunk_recovery.flow.pipeline import Pipeline
 from datapunk_recovery.network import Endpoint, Router, RouterConfig
-from datapunk_recovery.pipeline import Pipeline
 from datapunk_recovery.testing import fake_clock
 
 pytestmark = pytest.mark.anyio

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 
 import datapunk_recovery as dr
-from datapunk_recovery import clock, testing
-from datapunk_recovery.clock import FakeClock
-from datapunk_recovery.events import RetryScheduled
+from datapunk_recovery import testing
+from datapunk_recovery._core import clock
+from datapunk_recovery._core.clock import FakeClock
+from datapunk_recovery._core.events import RetryScheduled
 
 tenacity = pytest.importorskip("tenacity")
 stamina = pytest.importorskip("stamina")

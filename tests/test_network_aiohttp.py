@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 import aiohttp
 import pytest
 
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core.backoff import RetryConfig
 from datapunk_recovery.breaker import BreakerConfig
-from datapunk_recovery.hedging import HedgeConfig
+from datapunk_recovery.flow.hedging import HedgeConfig
 from datapunk_recovery.network import Endpoint, Router, RouterConfig
 from datapunk_recovery.network.aiohttp import AiohttpRecovery, retryable_aiohttp_error
 from datapunk_recovery.network.http import HttpStatusError

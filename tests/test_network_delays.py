@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datapunk_recovery import events
-from datapunk_recovery.backoff import RetryConfig, server_delay
-from datapunk_recovery.events import HintIgnored
+from datapunk_recovery._core import events
+from datapunk_recovery._core.backoff import RetryConfig, server_delay
+from datapunk_recovery._core.events import HintIgnored
 from datapunk_recovery.network import (
     ServerHint,
     parse_grpc_pushback,

@@ -37,11 +37,11 @@ import aiohttp
 import anyio
 import pytest
 
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.events import Event, EventBus
 from datapunk_recovery.breaker import BreakerConfig
 from datapunk_recovery.budget import BudgetRefused, RatioBudget, RatioBudgetConfig
-from datapunk_recovery.events import Event, EventBus
-from datapunk_recovery.hedging import HedgeConfig, HedgeStarted
+from datapunk_recovery.flow.hedging import HedgeConfig, HedgeStarted
 from datapunk_recovery.network import (
     Endpoint,
     FailedOver,

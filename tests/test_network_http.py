@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from datapunk_recovery import errors
-from datapunk_recovery.deadline import deadline
-from datapunk_recovery.errors import ErrorCategory, OverloadedError
+from datapunk_recovery._core import errors
+from datapunk_recovery._core.errors import ErrorCategory, OverloadedError
+from datapunk_recovery._execution.deadline import deadline
 from datapunk_recovery.network.http import DEFAULT_RETRY_STATUSES, HttpPolicy, HttpStatusError
 from datapunk_recovery.testing import fake_clock
 

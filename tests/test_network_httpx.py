@@ -14,14 +14,15 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from datapunk_recovery import RecoveryStrategies, events
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery import RecoveryStrategies
+from datapunk_recovery._core import events
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.errors import DeadlineExceeded, OverloadedError, final_reason
+from datapunk_recovery._core.events import GaveUp, GiveUpReason
+from datapunk_recovery._execution.deadline import deadline
 from datapunk_recovery.breaker import BreakerConfig, BreakerState
 from datapunk_recovery.budget import TokenBudget, TokenBudgetConfig
-from datapunk_recovery.deadline import deadline
-from datapunk_recovery.errors import DeadlineExceeded, OverloadedError, final_reason
-from datapunk_recovery.events import GaveUp, GiveUpReason
-from datapunk_recovery.hedging import HedgeConfig, HedgeWon
+from datapunk_recovery.flow.hedging import HedgeConfig, HedgeWon
 from datapunk_recovery.network import AllEndpointsDown, Endpoint, FailedOver, Router, RouterConfig
 from datapunk_recovery.network.http import HttpPolicy, HttpStatusError
 from datapunk_recovery.network.httpx import HttpxRecovery, retryable_httpx_error

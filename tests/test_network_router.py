@@ -16,14 +16,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datapunk_recovery import events
-from datapunk_recovery.backoff import Jitter, RetryConfig
+from datapunk_recovery._core import events
+from datapunk_recovery._core.backoff import Jitter, RetryConfig
+from datapunk_recovery._core.errors import DeadlineExceeded, RecoveryError, final_reason
+from datapunk_recovery._core.events import GaveUp, GiveUpReason
+from datapunk_recovery._execution.deadline import deadline
 from datapunk_recovery.breaker import BreakerConfig, BreakerState
 from datapunk_recovery.budget import TokenBudget, TokenBudgetConfig
-from datapunk_recovery.deadline import deadline
-from datapunk_recovery.errors import DeadlineExceeded, RecoveryError, final_reason
-from datapunk_recovery.events import GaveUp, GiveUpReason
-from datapunk_recovery.hedging import HedgeConfig, HedgeStarted, HedgeWon
+from datapunk_recovery.flow.hedging import HedgeConfig, HedgeStarted, HedgeWon
 from datapunk_recovery.network import (
     AllEndpointsDown,
     Endpoint,

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datapunk_recovery import events
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core import events
+from datapunk_recovery._core.backoff import RetryConfig
 from datapunk_recovery.breaker import BreakerConfig, CircuitBreaker, OutcomeRecorded, Permit
 from datapunk_recovery.network import Endpoint, Router, RouterConfig
 from datapunk_recovery.testing import fake_clock

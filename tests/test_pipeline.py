@@ -10,16 +10,16 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from datapunk_recovery import errors, events
-from datapunk_recovery.adaptive import AIMD
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core import errors, events
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.errors import CircuitOpenError, DeadlineExceeded
 from datapunk_recovery.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from datapunk_recovery.budget import TokenBudget, TokenBudgetConfig
-from datapunk_recovery.bulkhead import Bulkhead, BulkheadConfig, BulkheadState
-from datapunk_recovery.errors import CircuitOpenError, DeadlineExceeded
-from datapunk_recovery.fallback import Fallback, FallbackUsed
-from datapunk_recovery.hedging import HedgeConfig, HedgeStarted
-from datapunk_recovery.pipeline import (
+from datapunk_recovery.flow.adaptive import AIMD
+from datapunk_recovery.flow.bulkhead import Bulkhead, BulkheadConfig, BulkheadState
+from datapunk_recovery.flow.fallback import Fallback, FallbackUsed
+from datapunk_recovery.flow.hedging import HedgeConfig, HedgeStarted
+from datapunk_recovery.flow.pipeline import (
     ARun,
     BulkheadStage,
     Pipeline,
@@ -27,7 +27,7 @@ from datapunk_recovery.pipeline import (
     Run,
     StageEntered,
 )
-from datapunk_recovery.ratelimit import RateLimiter, RateLimiterConfig
+from datapunk_recovery.flow.ratelimit import RateLimiter, RateLimiterConfig
 from datapunk_recovery.testing import fake_clock
 
 QUICK = RetryConfig(max_attempts=3, base_delay=0.0)

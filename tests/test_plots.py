@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("matplotlib.figure")
 
-from datapunk_recovery.commands.demo import figure
+from datapunk_recovery.cli.commands.demo import figure
 from datapunk_recovery.demo import DrillSetup, RunResult, fault_windows
 from datapunk_recovery.simulate import report
 from datapunk_recovery.simulate.outage import OutageSetup, run_outage

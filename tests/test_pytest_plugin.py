@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from datapunk_recovery import events
+from datapunk_recovery._core import events
 from datapunk_recovery.testing import EventRecorder, isolated, record_events
 
 pytest_plugins = ["pytester"]
@@ -104,7 +104,7 @@ def test_plain():
 
 
 def test_the_recorder_answers_by_class_name_area_and_operation() -> None:
-    from datapunk_recovery.events import GaveUp, GiveUpReason, RetryScheduled
+    from datapunk_recovery._core.events import GaveUp, GiveUpReason, RetryScheduled
 
     recorder = EventRecorder()
     retry = RetryScheduled(

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 import anyio
 import pytest
 
-from datapunk_recovery import events
-from datapunk_recovery.bulkhead import as_caller
-from datapunk_recovery.deadline import deadline
-from datapunk_recovery.errors import DeadlineExceeded, ErrorCategory, RecoveryError
-from datapunk_recovery.ratelimit import (
+from datapunk_recovery._core import events
+from datapunk_recovery._core.errors import DeadlineExceeded, ErrorCategory, RecoveryError
+from datapunk_recovery._execution.deadline import deadline
+from datapunk_recovery.flow.bulkhead import as_caller
+from datapunk_recovery.flow.ratelimit import (
     RateLimitAdmitted,
     RateLimitDrained,
     RateLimiter,

@@ -1,7 +1,7 @@
 """Redaction: a secret of any length, in any of the forms it takes, never survives; time is linear.
 
 Every rule is a scan that looks at each character a bounded number of times
-(see :mod:`datapunk_recovery.redact`), so the hostile inputs below are
+(see :mod:`datapunk_recovery._core.redact`), so the hostile inputs below are
 checked on their *result* (the secret is gone, the text around it stays),
 never on a stopwatch.
 """
@@ -13,13 +13,11 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from datapunk_recovery import retry
-from datapunk_recovery.backoff import RetryConfig
-from datapunk_recovery.config import ConfigError, ServicePolicy, build_config
-from datapunk_recovery.durations import DurationError, parse_duration
-from datapunk_recovery.errors import RecoveryError
-from datapunk_recovery.events import Event, EventBus, HintIgnored
-from datapunk_recovery.network import Endpoint
-from datapunk_recovery.redact import (
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.durations import DurationError, parse_duration
+from datapunk_recovery._core.errors import RecoveryError
+from datapunk_recovery._core.events import Event, EventBus, HintIgnored
+from datapunk_recovery._core.redact import (
     REDACTED,
     is_secret_name,
     redact_headers,
@@ -27,6 +25,8 @@ from datapunk_recovery.redact import (
     redact_url,
     safe_repr,
 )
+from datapunk_recovery.config import ConfigError, ServicePolicy, build_config
+from datapunk_recovery.network import Endpoint
 from datapunk_recovery.testing import instant_retries
 
 LONG = "Zq9" * 400  # 1,200 characters: an RDS IAM token is longer than 255

@@ -11,11 +11,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from datapunk_recovery import clock
+from datapunk_recovery._core import clock
+from datapunk_recovery._core.clock import FakeClock
+from datapunk_recovery._core.errors import CircuitOpenError
 from datapunk_recovery.breaker import BreakerConfig, BreakerState
-from datapunk_recovery.clock import FakeClock
-from datapunk_recovery.errors import CircuitOpenError
-from datapunk_recovery.registry import BreakerRegistry
+from datapunk_recovery.breaker.registry import BreakerRegistry
 from datapunk_recovery.stores.memory import MemoryStore
 from datapunk_recovery.testing import fake_clock
 

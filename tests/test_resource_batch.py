@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from datapunk_recovery import errors, events
-from datapunk_recovery.backoff import Jitter, RetryConfig
+from datapunk_recovery._core import errors, events
+from datapunk_recovery._core.backoff import Jitter, RetryConfig
+from datapunk_recovery._core.errors import RecoveryError
+from datapunk_recovery._execution.deadline import deadline
 from datapunk_recovery.budget import TokenBudget
-from datapunk_recovery.deadline import deadline
-from datapunk_recovery.errors import RecoveryError
 from datapunk_recovery.resource import (
     BatchFailed,
     BatchFinished,

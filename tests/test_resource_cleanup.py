@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from datapunk_recovery import errors, events
+from datapunk_recovery._core import errors, events
 from datapunk_recovery.resource import (
     CleanupConfig,
     CleanupFailed,

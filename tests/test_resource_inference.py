@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from datapunk_recovery import _runtime, events
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core import events
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._execution import runtime as _runtime
 from datapunk_recovery.resource import (
     InferenceConfig,
     InferenceFallback,

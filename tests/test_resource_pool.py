@@ -8,11 +8,11 @@ from collections.abc import Callable
 import anyio
 import pytest
 
-from datapunk_recovery import errors, events
-from datapunk_recovery.backoff import RetryConfig
-from datapunk_recovery.bulkhead import BulkheadFull, as_caller
-from datapunk_recovery.deadline import deadline
-from datapunk_recovery.errors import DeadlineExceeded
+from datapunk_recovery._core import errors, events
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.errors import DeadlineExceeded
+from datapunk_recovery._execution.deadline import deadline
+from datapunk_recovery.flow.bulkhead import BulkheadFull, as_caller
 from datapunk_recovery.resource import (
     AllocationTimeout,
     LeakKind,

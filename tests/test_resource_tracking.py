@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from datapunk_recovery import events
+from datapunk_recovery._core import events
 from datapunk_recovery.resource import (
     LeakKind,
     LeakReport,

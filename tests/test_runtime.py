@@ -7,7 +7,7 @@ import threading
 import anyio
 import pytest
 
-from datapunk_recovery import _runtime
+from datapunk_recovery._execution import runtime as _runtime
 
 
 @pytest.mark.anyio

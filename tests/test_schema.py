@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from datapunk_recovery import ErrorCategory, Jitter, RetryConfig, RetryPolicy
-from datapunk_recovery.schema import (
+from datapunk_recovery.config.schema import (
     ConfigError,
     Problem,
     Text,
@@ -352,7 +352,7 @@ def _configuration_classes() -> list[type[Any]]:
     import pkgutil
 
     import datapunk_recovery
-    from datapunk_recovery.events import Event
+    from datapunk_recovery._core.events import Event
 
     found: dict[str, type[Any]] = {}
     for info in pkgutil.walk_packages(datapunk_recovery.__path__, "datapunk_recovery."):
@@ -393,8 +393,8 @@ def _buildable(cls: type[Any]) -> dict[str, Any] | None:
 
 
 def test_every_duration_setting_is_bounded_by_one_day_and_reads_duration_texts() -> None:
-    from datapunk_recovery._validate import MAX_SECONDS
-    from datapunk_recovery.durations import format_duration
+    from datapunk_recovery._core.durations import format_duration
+    from datapunk_recovery._core.validate import MAX_SECONDS
 
     checked = 0
     for cls in _configuration_classes():

@@ -25,6 +25,8 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
 
+from datapunk_recovery._core.errors import CircuitOpenError
+from datapunk_recovery._core.events import Event
 from datapunk_recovery.breaker import (
     BreakerConfig,
     BreakerState,
@@ -32,8 +34,6 @@ from datapunk_recovery.breaker import (
     CorruptStateIgnored,
     StoreFallback,
 )
-from datapunk_recovery.errors import CircuitOpenError
-from datapunk_recovery.events import Event
 from datapunk_recovery.stores.redis import RedisStore
 from tests.harness import RedisServer
 

@@ -158,7 +158,7 @@ def test_a_progress_bar_on_a_terminal_once_a_run_lasts(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("rich")
-    from datapunk_recovery.commands import simulate as command
+    from datapunk_recovery.cli.commands import simulate as command
 
     monkeypatch.setattr(command, "_PROGRESS_AFTER", 0.0)  # every run "lasts"
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
@@ -171,7 +171,7 @@ def test_a_progress_bar_on_a_terminal_once_a_run_lasts(
 def test_a_plain_progress_line_without_rich(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from datapunk_recovery.commands import simulate as command
+    from datapunk_recovery.cli.commands import simulate as command
 
     monkeypatch.setattr(command, "_PROGRESS_AFTER", 0.0)
     monkeypatch.setattr(report, "has_rich", lambda: False)
@@ -186,7 +186,7 @@ def test_the_progress_bar_never_enters_json_output_even_with_rich(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("rich")
-    from datapunk_recovery.commands import simulate as command
+    from datapunk_recovery.cli.commands import simulate as command
 
     monkeypatch.setattr(command, "_PROGRESS_AFTER", 0.0)
     assert main([*SHORT_OUTAGE, "--format", "json", "--progress"]) == 0
@@ -198,7 +198,7 @@ def test_the_progress_bar_never_enters_json_output_even_with_rich(
 def test_no_progress_turns_the_bar_off_on_a_terminal(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from datapunk_recovery.commands import simulate as command
+    from datapunk_recovery.cli.commands import simulate as command
 
     monkeypatch.setattr(command, "_PROGRESS_AFTER", 0.0)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)

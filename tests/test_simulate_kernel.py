@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from datapunk_recovery import clock
+from datapunk_recovery._core import clock
 from datapunk_recovery.simulate.kernel import Simulation, network_delay
 
 

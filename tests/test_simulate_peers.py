@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from datapunk_recovery.backoff import Jitter
+from datapunk_recovery._core.backoff import Jitter
 from datapunk_recovery.breaker import WindowKind
 from datapunk_recovery.cli import main
 from datapunk_recovery.simulate import OutageSetup, builtin_policies, run_outage

@@ -11,7 +11,7 @@ import pytest
 from datapunk_recovery import Jitter, RetryConfig
 from datapunk_recovery.breaker import BreakerConfig
 from datapunk_recovery.budget import RatioBudgetConfig, TokenBudgetConfig
-from datapunk_recovery.schema import NO_VALUE, ConfigError
+from datapunk_recovery.config.schema import NO_VALUE, ConfigError
 from datapunk_recovery.simulate.policies import (
     DEFAULT_POLICY,
     SawtoothBackoff,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from datapunk_recovery.events import GiveUpReason
-from datapunk_recovery.stats import Statistics
+from datapunk_recovery._core.events import GiveUpReason
+from datapunk_recovery._core.stats import Statistics
 
 
 def test_statistics_without_give_ups_print_readably() -> None:

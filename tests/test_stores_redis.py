@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from datapunk_recovery._core.errors import CircuitOpenError, RecoveryError
+from datapunk_recovery._core.events import Event
 from datapunk_recovery.breaker import (
     BreakerConfig,
     BreakerState,
@@ -29,8 +31,6 @@ from datapunk_recovery.breaker import (
     StoreFallback,
     StoreResumed,
 )
-from datapunk_recovery.errors import CircuitOpenError, RecoveryError
-from datapunk_recovery.events import Event
 from datapunk_recovery.stores import SharedStore
 from datapunk_recovery.stores.redis import RedisStore, _BreakerLink
 from tests.harness import RedisServer, ThreadedProxy
@@ -658,7 +658,7 @@ async def test_drill_blackhole_reset_restart_mid_run(
 _CHILD = r"""
 import asyncio, json, sys, time
 from datapunk_recovery.breaker import CircuitBreaker
-from datapunk_recovery.errors import CircuitOpenError
+from datapunk_recovery._core.errors import CircuitOpenError
 from datapunk_recovery.stores.redis import RedisStore
 
 async def main(url, name, ttl):

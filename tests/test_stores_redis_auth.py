@@ -14,8 +14,8 @@ from collections.abc import Callable
 import pytest
 import redis
 
+from datapunk_recovery._core.events import Event
 from datapunk_recovery.breaker import CircuitBreaker, StoreFallback
-from datapunk_recovery.events import Event
 from datapunk_recovery.stores.redis import AUTH_RETRY_INTERVAL, RedisStore
 from datapunk_recovery.testing import fake_clock
 from tests.harness import RedisServer

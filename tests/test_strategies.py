@@ -22,19 +22,19 @@ from datapunk_recovery import (
     Jitter,
     RetryConfig,
     RetryPolicy,
-    _runtime,
     retry,
     subscribe,
 )
 from datapunk_recovery import strategies as strategies_module
+from datapunk_recovery._core.clock import FakeClock, use_clock
+from datapunk_recovery._core.events import Event
+from datapunk_recovery._execution import runtime as _runtime
 from datapunk_recovery.breaker import BreakerState
 from datapunk_recovery.cache import MemoryCache
-from datapunk_recovery.clock import FakeClock, use_clock
+from datapunk_recovery.config.schema import ConfigError
 from datapunk_recovery.database import DatabaseUnavailable, ManagedPool, TransactionRolledBack
 from datapunk_recovery.demo.mesh import busy_error
-from datapunk_recovery.events import Event
 from datapunk_recovery.network import AllEndpointsDown, Endpoint
-from datapunk_recovery.schema import ConfigError
 from datapunk_recovery.strategies import (
     CacheResult,
     RecoveryFallback,

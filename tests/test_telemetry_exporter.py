@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from datapunk_recovery import events
-from datapunk_recovery.events import CallFinished, Event, EventBus
+from datapunk_recovery._core import events
+from datapunk_recovery._core.events import CallFinished, Event, EventBus
 from datapunk_recovery.telemetry import Exporter
 
 

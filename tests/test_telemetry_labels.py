@@ -17,8 +17,9 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import CollectorRegistry
 
-from datapunk_recovery import events, retrying, stats
-from datapunk_recovery.events import CallFinished, Event
+from datapunk_recovery import retrying
+from datapunk_recovery._core import events, stats
+from datapunk_recovery._core.events import CallFinished, Event
 from datapunk_recovery.telemetry.labels import Labeler, LabelPolicy
 from datapunk_recovery.telemetry.metrics import MEASURES, METRICS, Measure, Metric, MetricKind
 from datapunk_recovery.telemetry.otel import OpenTelemetryExporter
@@ -50,7 +51,7 @@ def test_per_label_limits_and_long_values() -> None:
 
 
 def test_values_are_rendered_as_text() -> None:
-    from datapunk_recovery.errors import ErrorCategory
+    from datapunk_recovery._core.errors import ErrorCategory
 
     labeler = Labeler()
     assert labeler("category", ErrorCategory.NETWORK) == "network"

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from datapunk_recovery import Jitter, RetryConfig, retry
+from datapunk_recovery._core.events import AttemptFinished, CallFinished, Event
 from datapunk_recovery.breaker import BreakerConfig, CircuitBreaker
-from datapunk_recovery.events import AttemptFinished, CallFinished, Event
 from datapunk_recovery.telemetry.levels import Level
 from datapunk_recovery.telemetry.logging import LoggingExporter
 from datapunk_recovery.testing import fake_clock, instant_retries

@@ -9,11 +9,11 @@ from collections.abc import Callable
 
 import pytest
 
-from datapunk_recovery import events
+from datapunk_recovery._core import events
+from datapunk_recovery._core.errors import ErrorCategory
+from datapunk_recovery._core.events import CallFinished, Event, RetryScheduled
 from datapunk_recovery.breaker import BreakerState
-from datapunk_recovery.bulkhead import BulkheadRejected
-from datapunk_recovery.errors import ErrorCategory
-from datapunk_recovery.events import CallFinished, Event, RetryScheduled
+from datapunk_recovery.flow.bulkhead import BulkheadRejected
 from datapunk_recovery.telemetry.labels import Labeler
 from datapunk_recovery.telemetry.levels import LEVELS
 from datapunk_recovery.telemetry.metrics import (

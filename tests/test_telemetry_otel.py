@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from datapunk_recovery import RetryConfig, retry
-from datapunk_recovery.events import AttemptFinished, GaveUp, GiveUpReason
+from datapunk_recovery._core.events import AttemptFinished, GaveUp, GiveUpReason
 from datapunk_recovery.telemetry.metrics import METRICS
 from datapunk_recovery.telemetry.otel import OpenTelemetryExporter
 from datapunk_recovery.testing import FakeClock, fake_clock, instant_retries
@@ -219,9 +219,9 @@ def test_gauges_report_the_last_value_and_the_current_state(
 def test_breaker_rejections_and_failovers_are_span_events(
     clock: FakeClock, spans: InMemorySpanExporter, tracer_provider: TracerProvider
 ) -> None:
+    from datapunk_recovery._core.errors import CircuitOpenError
+    from datapunk_recovery._core.events import emit
     from datapunk_recovery.breaker import BreakerConfig, CircuitBreaker
-    from datapunk_recovery.errors import CircuitOpenError
-    from datapunk_recovery.events import emit
     from datapunk_recovery.network.router import FailedOver
 
     breaker = CircuitBreaker("db", BreakerConfig(consecutive_failures=1, open_duration=5.0))

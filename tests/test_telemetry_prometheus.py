@@ -192,8 +192,8 @@ async def test_async_calls_are_counted_the_same(clock: FakeClock) -> None:
 
 
 def test_breaker_state_and_rejections(clock: FakeClock) -> None:
+    from datapunk_recovery._core.errors import CircuitOpenError
     from datapunk_recovery.breaker import BreakerConfig, CircuitBreaker
-    from datapunk_recovery.errors import CircuitOpenError
 
     registry = CollectorRegistry()
     breaker = CircuitBreaker("payments", BreakerConfig(consecutive_failures=2, open_duration=10.0))
@@ -235,10 +235,10 @@ def test_breaker_state_and_rejections(clock: FakeClock) -> None:
 def area_events() -> list[tuple[object, str, dict[str, str], float]]:
     """(a real event of each area, the sample it moves, its labels, the value after it)."""
     from datapunk_recovery.budget import BudgetRefused
-    from datapunk_recovery.bulkhead import BulkheadRejected
     from datapunk_recovery.cache.recovering import CacheWarmed, StaleServed
-    from datapunk_recovery.fallback import FallbackUsed
-    from datapunk_recovery.hedging import HedgeWon
+    from datapunk_recovery.flow.bulkhead import BulkheadRejected
+    from datapunk_recovery.flow.fallback import FallbackUsed
+    from datapunk_recovery.flow.hedging import HedgeWon
     from datapunk_recovery.network.router import FailedOver
     from datapunk_recovery.resource.inference import InferenceFallback
     from datapunk_recovery.resource.pool import PoolAcquisition, PoolUsage
@@ -335,7 +335,7 @@ def area_events() -> list[tuple[object, str, dict[str, str], float]]:
 
 
 def test_bulkhead_slots_in_use_follow_admissions_and_releases() -> None:
-    from datapunk_recovery.bulkhead import Bulkhead, BulkheadConfig
+    from datapunk_recovery.flow.bulkhead import Bulkhead, BulkheadConfig
 
     registry = CollectorRegistry()
     bulkhead = Bulkhead("reports", BulkheadConfig(max_concurrent=3))
@@ -365,7 +365,7 @@ def test_every_area_moves_its_metric() -> None:
 
 
 def test_a_hedge_that_lost_to_the_original_is_no_fallback() -> None:
-    from datapunk_recovery.hedging import HedgeWon
+    from datapunk_recovery.flow.hedging import HedgeWon
 
     registry = CollectorRegistry()
     PrometheusExporter(registry)(HedgeWon(operation="search", at=0.0, attempt=0, latency=0.01))

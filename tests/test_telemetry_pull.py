@@ -18,9 +18,10 @@ import anyio
 import pytest
 from prometheus_client import CollectorRegistry
 
-from datapunk_recovery import RetryConfig, engine, retry
-from datapunk_recovery.events import GaveUp, global_bus, subscribe
-from datapunk_recovery.stats import DURATION_BOUNDS, Statistics
+from datapunk_recovery import RetryConfig, retry
+from datapunk_recovery._core.events import GaveUp, global_bus, subscribe
+from datapunk_recovery._core.stats import DURATION_BOUNDS, Statistics
+from datapunk_recovery._execution import engine
 from datapunk_recovery.telemetry.logging import LoggingExporter
 from datapunk_recovery.telemetry.prometheus import PrometheusExporter
 from datapunk_recovery.testing import instant_retries

@@ -24,9 +24,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from structlog.testing import capture_logs
 
 from datapunk_recovery import RetryConfig, retry
-from datapunk_recovery.errors import Classification, ErrorCategory, register_rule, unregister_rule
-from datapunk_recovery.events import Event, emit
-from datapunk_recovery.redact import redact_url
+from datapunk_recovery._core.errors import (
+    Classification,
+    ErrorCategory,
+    register_rule,
+    unregister_rule,
+)
+from datapunk_recovery._core.events import Event, emit
+from datapunk_recovery._core.redact import redact_url
 from datapunk_recovery.telemetry import (
     CallbackExporter,
     LoggingExporter,

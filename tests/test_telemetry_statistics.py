@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from datapunk_recovery import RetryConfig, retry
+from datapunk_recovery._core.errors import CircuitOpenError
 from datapunk_recovery.breaker import BreakerConfig, CircuitBreaker
-from datapunk_recovery.errors import CircuitOpenError
 from datapunk_recovery.telemetry import OperationSnapshot, StatisticsCollector
 from datapunk_recovery.testing import FakeClock, fake_clock, instant_retries
 

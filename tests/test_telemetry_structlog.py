@@ -11,7 +11,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from datapunk_recovery import Jitter, RetryConfig, retry
-from datapunk_recovery.events import AttemptFinished
+from datapunk_recovery._core.events import AttemptFinished
 from datapunk_recovery.telemetry.structlog import StructlogExporter
 from datapunk_recovery.testing import fake_clock, instant_retries
 

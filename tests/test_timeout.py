@@ -5,18 +5,18 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from datapunk_recovery import errors, events
-from datapunk_recovery.backoff import RetryConfig
-from datapunk_recovery.deadline import deadline, remaining
-from datapunk_recovery.engine import retry
-from datapunk_recovery.errors import DeadlineExceeded
-from datapunk_recovery.testing import fake_clock
-from datapunk_recovery.timeout import (
+from datapunk_recovery._core import errors, events
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.errors import DeadlineExceeded
+from datapunk_recovery._execution.deadline import deadline, remaining
+from datapunk_recovery._execution.engine import retry
+from datapunk_recovery._execution.timeout import (
     AttemptOverran,
     AttemptTimedOut,
     AttemptTimeout,
     AttemptTimeoutExpired,
 )
+from datapunk_recovery.testing import fake_clock
 
 
 def test_seconds_are_validated() -> None:

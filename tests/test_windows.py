@@ -7,7 +7,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from datapunk_recovery._windows import CountWindow, TimeWindow
+from datapunk_recovery._core.windows import CountWindow, TimeWindow
 
 calls = st.lists(st.tuples(st.booleans(), st.booleans()), max_size=300)
 

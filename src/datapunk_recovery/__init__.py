@@ -13,22 +13,8 @@ recoveries.
 
 from typing import TYPE_CHECKING, Any
 
-from .adaptive import AIMD, AdaptiveLimiter, Gradient
-from .backoff import Jitter, RetryConfig, ServerDelay, server_delay
-from .breaker import BreakerConfig, BreakerSnapshot, BreakerState, CircuitBreaker, Permit
-from .budget import (
-    Criticality,
-    RatioBudget,
-    RatioBudgetConfig,
-    RetryGate,
-    TokenBudget,
-    TokenBudgetConfig,
-    criticality,
-)
-from .bulkhead import Bulkhead, BulkheadConfig, BulkheadFull, CallerQuotaExceeded, as_caller
-from .deadline import deadline, remaining
-from .engine import AttemptContext, Retried, Retrying, current_attempt, retry, retrying
-from .errors import (
+from ._core.backoff import Jitter, RetryConfig, ServerDelay, server_delay
+from ._core.errors import (
     BudgetExhausted,
     CircuitOpenError,
     Classification,
@@ -44,7 +30,7 @@ from .errors import (
     register_rule,
     unregister_rule,
 )
-from .events import (
+from ._core.events import (
     AttemptFinished,
     CallFinished,
     Event,
@@ -55,14 +41,28 @@ from .events import (
     RetryScheduled,
     subscribe,
 )
-from .fallback import Fallback
-from .hedging import HedgeConfig, Hedger, idempotent
-from .pipeline import Pipeline
-from .policy import RetryPolicy
-from .ratelimit import RateLimiter, RateLimiterConfig, RateLimitExceeded
-from .registry import BreakerRegistry
-from .stats import Statistics
-from .timeout import AttemptTimedOut, AttemptTimeout
+from ._core.policy import RetryPolicy
+from ._core.stats import Statistics
+from ._execution.deadline import deadline, remaining
+from ._execution.engine import AttemptContext, Retried, Retrying, current_attempt, retry, retrying
+from ._execution.timeout import AttemptTimedOut, AttemptTimeout
+from .breaker import BreakerConfig, BreakerSnapshot, BreakerState, CircuitBreaker, Permit
+from .breaker.registry import BreakerRegistry
+from .budget import (
+    Criticality,
+    RatioBudget,
+    RatioBudgetConfig,
+    RetryGate,
+    TokenBudget,
+    TokenBudgetConfig,
+    criticality,
+)
+from .flow.adaptive import AIMD, AdaptiveLimiter, Gradient
+from .flow.bulkhead import Bulkhead, BulkheadConfig, BulkheadFull, CallerQuotaExceeded, as_caller
+from .flow.fallback import Fallback
+from .flow.hedging import HedgeConfig, Hedger, idempotent
+from .flow.pipeline import Pipeline
+from .flow.ratelimit import RateLimiter, RateLimiterConfig, RateLimitExceeded
 
 if TYPE_CHECKING:
     from .config import RecoveryConfig, load_config

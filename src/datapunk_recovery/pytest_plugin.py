@@ -5,7 +5,7 @@ fixtures are available in every test of a project that has the package:
 
 - ``recovery_instant``: retries of the test do not wait (delays are still
   computed and reported in events, only the sleeping is skipped);
-- ``recovery_clock``: a [`FakeClock`][datapunk_recovery.clock.FakeClock] for the
+- ``recovery_clock``: a [`FakeClock`][datapunk_recovery._core.clock.FakeClock] for the
   test: sleeps advance it, deadlines, breaker windows and budgets follow it,
   and ``recovery_clock.slept`` lists every sleep in seconds;
 - ``recovery_events``: an [`EventRecorder`][datapunk_recovery.testing.EventRecorder] of
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from .clock import FakeClock
+    from ._core.clock import FakeClock
     from .testing import EventRecorder
 
 __all__ = ["recovery_clock", "recovery_events", "recovery_instant", "recovery_isolated"]
@@ -53,7 +53,7 @@ def recovery_instant(recovery_isolated: None) -> None:
 @pytest.fixture
 def recovery_clock(recovery_isolated: None) -> FakeClock:
     """A fake clock installed for the test (time starts at 0.0 seconds)."""
-    from .clock import FakeClock, use_clock
+    from ._core.clock import FakeClock, use_clock
 
     fake = FakeClock(0.0)
     use_clock(fake)
@@ -63,7 +63,7 @@ def recovery_clock(recovery_isolated: None) -> FakeClock:
 @pytest.fixture
 def recovery_events(recovery_isolated: None) -> EventRecorder:
     """Every event the library emits during the test, in order."""
-    from .events import subscribe
+    from ._core.events import subscribe
     from .testing import EventRecorder
 
     recorder = EventRecorder()

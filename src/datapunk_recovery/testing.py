@@ -4,7 +4,7 @@
 computed and reported, only the sleeping is skipped), globally with
 [`set_instant_retries()`][datapunk_recovery.testing.set_instant_retries] or inside a ``with`` block.
 ``fake_clock()``
-installs a [`FakeClock`][datapunk_recovery.clock.FakeClock]: sleeps advance it,
+installs a [`FakeClock`][datapunk_recovery._core.clock.FakeClock]: sleeps advance it,
 deadlines and breaker windows follow it, and nothing waits for real.
 ``record_events()`` collects every event into an
 [`EventRecorder`][datapunk_recovery.testing.EventRecorder] that
@@ -16,7 +16,7 @@ The pytest plugin ([`datapunk_recovery.pytest_plugin`][datapunk_recovery.pytest_
 with the
 package) offers each of them as a fixture.
 ``forget_classifications()`` empties the per-type verdicts that
-[`classify()`][datapunk_recovery.errors.classify] remembers, so that a test sees the
+[`classify()`][datapunk_recovery._core.errors.classify] remembers, so that a test sees the
 classifier at work whatever ran before it in the same process.
 """
 
@@ -26,9 +26,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, overload
 
-from . import _runtime, chaos, clock, errors, events
-from .clock import FakeClock
-from .events import Event, RetryScheduled
+from . import chaos
+from ._core import clock, errors, events
+from ._core.clock import FakeClock
+from ._core.events import Event, RetryScheduled
+from ._execution import runtime as _runtime
 
 __all__ = [
     "EventRecorder",
@@ -45,7 +47,7 @@ E = TypeVar("E", bound=Event)
 
 
 def forget_classifications() -> None:
-    """Forget every verdict [`classify()`][datapunk_recovery.errors.classify] remembered per type.
+    """Forget every verdict [`classify()`][datapunk_recovery._core.errors.classify] remembered per type.
 
     The remembered verdicts only save time; a test that starts from none checks
     the classifier itself, not what an earlier test left behind.
@@ -86,7 +88,7 @@ class EventRecorder:
     A subscriber: ``events.subscribe(recorder)``, or use
     [`record_events()`][datapunk_recovery.testing.record_events].
     Events carry names and numbers only (see
-    [`datapunk_recovery.events`][datapunk_recovery.events]),
+    [`datapunk_recovery._core.events`][datapunk_recovery._core.events]),
     so asserting on them never depends on an error message.
     """
 
@@ -166,7 +168,7 @@ def isolated() -> Iterator[None]:
     """Whatever the block changes in the library's process-wide state is undone at its end.
 
     Restored: the global event subscribers, the error classification rules
-    ([`register_rule()`][datapunk_recovery.errors.register_rule]), instant retries, the
+    ([`register_rule()`][datapunk_recovery._core.errors.register_rule]), instant retries, the
     installed clock and the chaos kill switch.  Objects the block created
     (breakers, registries, budgets) are its own and need no restoring.
     """

@@ -13,7 +13,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core.backoff import RetryConfig
 from datapunk_recovery.network import Endpoint, Router, RouterConfig
 from datapunk_recovery.network.aiohttp import AiohttpRecovery, retryable_aiohttp_error
 from tests.network_servers import (

@@ -14,9 +14,9 @@ import asyncpg
 import psycopg
 import pytest
 
+from datapunk_recovery._core.errors import ErrorCategory, classify
+from datapunk_recovery._execution.engine import retry
 from datapunk_recovery.database import DbErrorKind, classify_database
-from datapunk_recovery.engine import retry
-from datapunk_recovery.errors import ErrorCategory, classify
 from tests.harness import PostgresServer
 
 pytestmark = pytest.mark.anyio

@@ -20,8 +20,8 @@ import redis
 import redis.asyncio as aioredis
 import redis.exceptions as rx
 
+from datapunk_recovery._core.errors import ErrorCategory, classify
 from datapunk_recovery.cache import RedisCache
-from datapunk_recovery.errors import ErrorCategory, classify
 from tests.harness import RedisServer, ThreadedProxy
 
 pytestmark = pytest.mark.anyio

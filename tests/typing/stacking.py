@@ -10,7 +10,7 @@ import asyncio
 from typing import assert_type
 
 import datapunk_recovery as dr
-from datapunk_recovery.stats import Statistics
+from datapunk_recovery._core.stats import Statistics
 
 payments = dr.CircuitBreaker("typing-payments")
 bulkhead = dr.Bulkhead("typing-pool", dr.BulkheadConfig(max_concurrent=2))

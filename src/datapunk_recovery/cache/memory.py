@@ -3,7 +3,7 @@
 Nothing can fail here except memory, so it needs no breaker; it exists so
 that the read-through recovery works without any server, and so that tests
 can drive it under a fake clock (expiry follows
-[`datapunk_recovery.clock.now()`][datapunk_recovery.clock.now]).
+[`datapunk_recovery._core.clock.now()`][datapunk_recovery._core.clock.now]).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Final
 
-from datapunk_recovery import clock
-from datapunk_recovery._validate import check_count
+from datapunk_recovery._core import clock
+from datapunk_recovery._core.validate import check_count
 
 __all__ = ["MemoryCache"]
 

@@ -57,11 +57,12 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Generic, Literal, TypeVar
 
-from datapunk_recovery import _runtime, clock
-from datapunk_recovery._validate import check_count, check_number, check_seconds
+from datapunk_recovery._core import clock
+from datapunk_recovery._core.errors import CircuitOpenError, ErrorCategory, classify
+from datapunk_recovery._core.events import Event, EventBus, emit, global_bus, listening
+from datapunk_recovery._core.validate import check_count, check_number, check_seconds
+from datapunk_recovery._execution import runtime as _runtime
 from datapunk_recovery.breaker import BreakerConfig, CircuitBreaker
-from datapunk_recovery.errors import CircuitOpenError, ErrorCategory, classify
-from datapunk_recovery.events import Event, EventBus, emit, global_bus, listening
 
 from .memory import MemoryCache
 from .protocols import Cache, CorruptEntry, Source

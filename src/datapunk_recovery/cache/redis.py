@@ -27,9 +27,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from datapunk_recovery._redis_clients import client_from_url, is_cluster
-from datapunk_recovery._validate import check_seconds
-from datapunk_recovery.redact import redact_url
+from datapunk_recovery._core.redact import redact_url
+from datapunk_recovery._core.validate import check_seconds
+from datapunk_recovery.stores.clients import client_from_url, is_cluster
 
 from .codecs import JsonCodec
 from .protocols import Codec, CorruptEntry

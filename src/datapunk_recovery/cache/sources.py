@@ -25,8 +25,8 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from datapunk_recovery._runtime import run_in_thread
-from datapunk_recovery._validate import check_seconds
+from datapunk_recovery._core.validate import check_seconds
+from datapunk_recovery._execution.runtime import run_in_thread
 from datapunk_recovery.database import ManagedPool, run
 
 __all__ = ["FunctionSource", "PostgresSource", "SqliteSource"]

@@ -27,7 +27,7 @@ import hashlib
 from collections.abc import Iterable
 from typing import Final, Literal, Protocol, runtime_checkable
 
-from datapunk_recovery._validate import check_count
+from datapunk_recovery._core.validate import check_count
 
 __all__ = ["HotKeySketch", "WarmHottest", "WarmKeys", "WarmReason", "WarmingPolicy"]
 

@@ -18,14 +18,14 @@
   event loop.
 
 Importing this package teaches
-[`datapunk_recovery.errors.classify()`][datapunk_recovery.errors.classify]
+[`datapunk_recovery._core.errors.classify()`][datapunk_recovery._core.errors.classify]
 about database errors (see [`database_rule()`][datapunk_recovery.database.errors.database_rule]), so
 per-category retry
 policies work on them.
 """
 
-from datapunk_recovery._runtime import run_in_thread
-from datapunk_recovery.errors import register_rule
+from datapunk_recovery._core.errors import register_rule
+from datapunk_recovery._execution.runtime import run_in_thread
 
 from .errors import (
     CommitOutcomeUnknown,

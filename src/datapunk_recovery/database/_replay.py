@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Final, Protocol, TypeVar
 
-from datapunk_recovery import _runtime, clock
-from datapunk_recovery._validate import check_choice
-from datapunk_recovery.backoff import RetryConfig
-from datapunk_recovery.engine import retry
-from datapunk_recovery.errors import ErrorCategory, classify, mark_final
-from datapunk_recovery.events import Event, EventBus, emit, listening
-from datapunk_recovery.policy import RetryPolicy
+from datapunk_recovery._core import clock
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.errors import ErrorCategory, classify, mark_final
+from datapunk_recovery._core.events import Event, EventBus, emit, listening
+from datapunk_recovery._core.policy import RetryPolicy
+from datapunk_recovery._core.validate import check_choice
+from datapunk_recovery._execution import runtime as _runtime
+from datapunk_recovery._execution.engine import retry
 
 from .errors import (
     CommitOutcomeUnknown,
@@ -111,8 +112,8 @@ class Isolation(StrEnum):
 class TransactionConfig:
     """How transactions and statements are run and replayed.
 
-    ``retry``: a [`RetryConfig`][datapunk_recovery.backoff.RetryConfig] or a per-category
-    [`RetryPolicy`][datapunk_recovery.policy.RetryPolicy]
+    ``retry``: a [`RetryConfig`][datapunk_recovery._core.backoff.RetryConfig] or a per-category
+    [`RetryPolicy`][datapunk_recovery._core.policy.RetryPolicy]
     (default [`DEFAULT_POLICY`][datapunk_recovery.database.transaction.DEFAULT_POLICY]);
     ``isolation``: the isolation level
     (``None``: the server's default); ``read_only``: begin a read-only

@@ -27,7 +27,7 @@ names the case once:
 
 Importing [`datapunk_recovery.database`][datapunk_recovery.database] registers
 [`database_rule()`][datapunk_recovery.database.errors.database_rule]
-with [`datapunk_recovery.errors.register_rule()`][datapunk_recovery.errors.register_rule], so the
+with [`datapunk_recovery._core.errors.register_rule()`][datapunk_recovery._core.errors.register_rule], so the
 one classifier of
 the library (and therefore per-category retry policies) knows these errors.
 Driver modules are never imported here: errors are recognised by their
@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from datapunk_recovery.errors import Classification, ErrorCategory, RecoveryError
-from datapunk_recovery.redact import redact_text
+from datapunk_recovery._core.errors import Classification, ErrorCategory, RecoveryError
+from datapunk_recovery._core.redact import redact_text
 
 __all__ = [
     "CommitOutcomeUnknown",
@@ -353,7 +353,7 @@ _CATEGORY: Final[Mapping[DbErrorKind, ErrorCategory]] = {
 
 
 def database_rule(exc: BaseException) -> Classification | None:
-    """A rule for `datapunk_recovery.errors.classify()`: database errors by SQLSTATE.
+    """A rule for `datapunk_recovery._core.errors.classify()`: database errors by SQLSTATE.
 
     Returns ``None`` for everything that is not a database driver's error, so
     other rules and the built-in knowledge decide those.  Too-many-connections

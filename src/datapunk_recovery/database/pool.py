@@ -36,12 +36,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final, TypeVar
 from urllib.parse import urlsplit
 
-from datapunk_recovery import _runtime, clock
-from datapunk_recovery._context import CURRENT
-from datapunk_recovery._extras import raise_missing
-from datapunk_recovery._validate import check_seconds
-from datapunk_recovery.errors import ErrorCategory
-from datapunk_recovery.events import Event, EventBus, emit, listening
+from datapunk_recovery._core import clock
+from datapunk_recovery._core.context import CURRENT
+from datapunk_recovery._core.errors import ErrorCategory
+from datapunk_recovery._core.events import Event, EventBus, emit, listening
+from datapunk_recovery._core.extras import raise_missing
+from datapunk_recovery._core.validate import check_seconds
+from datapunk_recovery._execution import runtime as _runtime
 
 from ._replay import (
     ABORTED,

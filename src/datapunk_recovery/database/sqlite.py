@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final, TypeVar
 
-from datapunk_recovery._runtime import run_in_thread
-from datapunk_recovery._validate import check_choice, check_seconds
-from datapunk_recovery.backoff import RetryConfig
-from datapunk_recovery.engine import retry
-from datapunk_recovery.policy import RetryPolicy
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.policy import RetryPolicy
+from datapunk_recovery._core.validate import check_choice, check_seconds
+from datapunk_recovery._execution.engine import retry
+from datapunk_recovery._execution.runtime import run_in_thread
 
 from ._replay import IDLE, _not_committed, replayable
 from .errors import DbErrorKind, MissingExtensionError, classify_database, explain_missing

@@ -32,7 +32,7 @@ connection, a full server) are retried as usual.  Once ``fn`` has started,
 only work the caller marks idempotent is retried: even an error the server
 reported (a deadlock) may come after earlier statements of ``fn`` committed,
 which a replay would repeat.  Without the mark, such an error is raised
-marked final ([`mark_final()`][datapunk_recovery.errors.mark_final]: no outer layer
+marked final ([`mark_final()`][datapunk_recovery._core.errors.mark_final]: no outer layer
 retries it either), and a connection lost while a statement was in flight
 becomes [`CommitOutcomeUnknown`][datapunk_recovery.database.errors.CommitOutcomeUnknown].
 """

@@ -33,13 +33,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .. import clock, network
-from .._validate import check_count, check_number, check_seconds
+from .. import network
+from .._core import clock
+from .._core.events import Event, subscribe
+from .._core.validate import check_count, check_number, check_seconds
 from ..breaker import BreakerStateChanged
 from ..cache import Cache, MemoryCache, RedisCache
 from ..chaos import Fault, Latency, Timeline, Window
 from ..config import build_config
-from ..events import Event, subscribe
 from ..resource.pool import PoolConfig, ResourcePool
 from ..strategies import RecoveryStrategies, ResourceScope
 from .mesh import (

@@ -14,13 +14,13 @@ A server that is rate limiting or restarting usually says when to come back:
 the most specific,
 then ``Retry-After``, then ``X-RateLimit-Reset``) into a
 [`ServerHint`][datapunk_recovery.network.delays.ServerHint]:
-a delay in seconds for [`datapunk_recovery.errors.classify()`][datapunk_recovery.errors.classify]'s
+a delay in seconds for [`datapunk_recovery._core.errors.classify()`][datapunk_recovery._core.errors.classify]'s
 ``delay_hint``, or ``never``.  A value that cannot be parsed or is negative
 (a ``Retry-After: -5``, a date that is not a date) is ignored and reported
-with [`HintIgnored`][datapunk_recovery.events.HintIgnored]; a value that parses but
+with [`HintIgnored`][datapunk_recovery._core.events.HintIgnored]; a value that parses but
 is absurdly long is passed on (capped at `MAX_HINT_SECONDS`), so that
 the core's rule
-([`datapunk_recovery.backoff.server_delay()`][datapunk_recovery.backoff.server_delay]) gives up
+([`datapunk_recovery._core.backoff.server_delay()`][datapunk_recovery._core.backoff.server_delay]) gives up
 instead of waiting hours.
 
 The grammars are strict, as RFC 9110 writes them: seconds are ASCII digits
@@ -40,9 +40,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from datapunk_recovery import clock
-from datapunk_recovery.events import EventBus, HintIgnored, emit, listening
-from datapunk_recovery.redact import redact_text
+from datapunk_recovery._core import clock
+from datapunk_recovery._core.events import EventBus, HintIgnored, emit, listening
+from datapunk_recovery._core.redact import redact_text
 
 __all__ = [
     "GRPC_PUSHBACK",
@@ -253,7 +253,7 @@ def server_hint(
     ``headers`` may be any mapping (or anything with ``items()``); names are
     matched without regard to case, names that are not text are skipped.
     Values that cannot be parsed (including values that are not text: ints,
-    lists, ``None``) are reported as [`HintIgnored`][datapunk_recovery.events.HintIgnored] on
+    lists, ``None``) are reported as [`HintIgnored`][datapunk_recovery._core.events.HintIgnored] on
     ``bus`` (and the
     global bus) under ``operation``, then ignored.  ``TypeError`` if
     ``headers`` has no ``items()``; nothing else is ever raised.

@@ -11,7 +11,7 @@
   repeat.  Any other status is an answer, returned as it is.
 - **"Overloaded, don't retry".** A status in ``overloaded_statuses``, a
   response carrying ``overloaded_header``, or a negative gRPC pushback becomes
-  [`OverloadedError`][datapunk_recovery.errors.OverloadedError]: retries stop here and
+  [`OverloadedError`][datapunk_recovery._core.errors.OverloadedError]: retries stop here and
   every layer above (it carries ``do_not_retry_above``).
 - **Transport failures.** A request that never left (connection refused, DNS,
   connect timeout) may be retried whatever its method; one that may have
@@ -33,9 +33,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Literal, TypeVar
 
-from datapunk_recovery.deadline import remaining
-from datapunk_recovery.errors import ErrorCategory, OverloadedError, RecoveryError
-from datapunk_recovery.events import EventBus
+from datapunk_recovery._core.errors import ErrorCategory, OverloadedError, RecoveryError
+from datapunk_recovery._core.events import EventBus
+from datapunk_recovery._execution.deadline import remaining
 
 from .delays import server_hint
 from .router import Endpoint, Router

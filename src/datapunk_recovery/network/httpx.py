@@ -31,8 +31,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from datapunk_recovery._extras import raise_missing
-from datapunk_recovery.errors import classify
+from datapunk_recovery._core.errors import classify
+from datapunk_recovery._core.extras import raise_missing
 
 from .http import HttpPolicy, HttpRecovery, HttpStatusError
 from .router import Router

@@ -30,14 +30,14 @@ then in turn.  So:
   may be tried again.
 
 Retries are the retry engine's
-([`datapunk_recovery.engine.retry()`][datapunk_recovery.engine.retry]):
+([`datapunk_recovery._execution.engine.retry()`][datapunk_recovery._execution.engine.retry]):
 backoff, server-given delays (``Retry-After`` through
-[`classify()`][datapunk_recovery.errors.classify]'s ``delay_hint``), the overall
+[`classify()`][datapunk_recovery._core.errors.classify]'s ``delay_hint``), the overall
 deadline (each attempt is cancelled when it passes, and
-[`datapunk_recovery.deadline.remaining()`][datapunk_recovery.deadline.remaining] tells the callee
+[`datapunk_recovery._execution.deadline.remaining()`][datapunk_recovery._execution.deadline.remaining] tells the callee
 how long it
 has), the retry budget and the engine's events and statistics all apply.
-With a [`HedgeConfig`][datapunk_recovery.hedging.HedgeConfig], an idempotent call is
+With a [`HedgeConfig`][datapunk_recovery.flow.hedging.HedgeConfig], an idempotent call is
 hedged across endpoints: a slow attempt gets a twin on another endpoint, and
 the first good answer wins (hedges draw on the same budget).
 
@@ -59,11 +59,17 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, TypeVar
 
-from datapunk_recovery import clock
-from datapunk_recovery._context import REPORTING, lost_race
-from datapunk_recovery._validate import check_count
-from datapunk_recovery._windows import CountWindow
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core import clock
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.context import REPORTING, lost_race
+from datapunk_recovery._core.errors import CircuitOpenError, ErrorCategory, RecoveryError, classify
+from datapunk_recovery._core.events import Event, EventBus, emit, listening
+from datapunk_recovery._core.policy import RetryPolicy
+from datapunk_recovery._core.redact import redact_url
+from datapunk_recovery._core.stats import Statistics
+from datapunk_recovery._core.validate import check_count
+from datapunk_recovery._core.windows import CountWindow
+from datapunk_recovery._execution.engine import Retried, current_attempt, retry
 from datapunk_recovery.breaker import (
     PASSING_STATES,
     BreakerConfig,
@@ -73,13 +79,7 @@ from datapunk_recovery.breaker import (
     wants_outcomes,
 )
 from datapunk_recovery.budget import RetryGate
-from datapunk_recovery.engine import Retried, current_attempt, retry
-from datapunk_recovery.errors import CircuitOpenError, ErrorCategory, RecoveryError, classify
-from datapunk_recovery.events import Event, EventBus, emit, listening
-from datapunk_recovery.hedging import HedgeConfig, Hedger
-from datapunk_recovery.policy import RetryPolicy
-from datapunk_recovery.redact import redact_url
-from datapunk_recovery.stats import Statistics
+from datapunk_recovery.flow.hedging import HedgeConfig, Hedger
 
 __all__ = [
     "AllEndpointsDown",
@@ -113,7 +113,7 @@ class Endpoint:
     ``priority`` 0 is the preferred level; higher numbers are used only when
     every endpoint of the levels before them refuses calls.  ``address`` is
     whatever the call needs (a base URL, ``host:port``); it never appears in
-    events or errors except through [`redact_url()`][datapunk_recovery.redact.redact_url].
+    events or errors except through [`redact_url()`][datapunk_recovery._core.redact.redact_url].
     """
 
     name: str
@@ -150,7 +150,7 @@ class RouterConfig:
     """How a router retries, trips endpoints and hedges.
 
     ``retry``: attempts over all endpoints (the first included), backoff and
-    the call's own deadline, in seconds (a [`RetryPolicy`][datapunk_recovery.policy.RetryPolicy]
+    the call's own deadline, in seconds (a [`RetryPolicy`][datapunk_recovery._core.policy.RetryPolicy]
     gives some
     error categories a configuration of their own).  ``breaker``: the configuration of
     each endpoint's breaker (keep its window so that selection sees failure
@@ -843,7 +843,7 @@ class Router:
         """Run ``fn(endpoint)`` on the best endpoint, retrying elsewhere as needed.
 
         ``retry_on`` decides which failures are retried (default: what
-        [`classify()`][datapunk_recovery.errors.classify] calls retryable); errors an
+        [`classify()`][datapunk_recovery._core.errors.classify] calls retryable); errors an
         inner layer marked final never are.  ``hedge=True`` hedges the call
         across endpoints when the router has a hedge configuration: only for
         calls that are safe to run twice.

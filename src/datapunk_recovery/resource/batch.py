@@ -13,11 +13,11 @@ item, in order: a value for an item that succeeded, an ``Exception``
 *instance* for one that failed (``asyncio.gather(..., return_exceptions=True)``
 style).  If it raises, every item it was given failed with that error.
 Each failed item is judged on its own by
-[`datapunk_recovery.errors.classify()`][datapunk_recovery.errors.classify]
+[`datapunk_recovery._core.errors.classify()`][datapunk_recovery._core.errors.classify]
 (or ``on``): non-retryable items stop at once, retryable ones go into the
 next round.  Rounds are spaced by the ``RetryConfig`` backoff; the largest
 server-given delay among the failures is honoured by the core's rule
-([`datapunk_recovery.backoff.server_delay()`][datapunk_recovery.backoff.server_delay]); the overall
+([`datapunk_recovery._core.backoff.server_delay()`][datapunk_recovery._core.backoff.server_delay]); the overall
 deadline and a
 retry budget (one ``on_attempt`` per item attempt, one ``allow_retry`` per
 item retried) are respected.  Cancellation propagates at once.
@@ -32,13 +32,14 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
-from datapunk_recovery import _runtime, clock
-from datapunk_recovery._context import CURRENT
-from datapunk_recovery.backoff import RetryConfig, server_delay
+from datapunk_recovery._core import clock
+from datapunk_recovery._core.backoff import RetryConfig, server_delay
+from datapunk_recovery._core.context import CURRENT
+from datapunk_recovery._core.errors import classify, final_reason, mark_final
+from datapunk_recovery._core.events import Event, EventBus, HintIgnored, emit, listening
+from datapunk_recovery._core.redact import safe_repr
+from datapunk_recovery._execution import runtime as _runtime
 from datapunk_recovery.budget import RetryGate
-from datapunk_recovery.errors import classify, final_reason, mark_final
-from datapunk_recovery.events import Event, EventBus, HintIgnored, emit, listening
-from datapunk_recovery.redact import safe_repr
 
 __all__ = [
     "BatchFailed",

@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Final, Literal
 
-from datapunk_recovery import _runtime, clock
-from datapunk_recovery._validate import check_seconds
-from datapunk_recovery.errors import ErrorCategory, RecoveryError, mark_final
-from datapunk_recovery.events import Event, EventBus, emit, listening
+from datapunk_recovery._core import clock
+from datapunk_recovery._core.errors import ErrorCategory, RecoveryError, mark_final
+from datapunk_recovery._core.events import Event, EventBus, emit, listening
+from datapunk_recovery._core.validate import check_seconds
+from datapunk_recovery._execution import runtime as _runtime
 
 __all__ = [
     "CleanupConfig",

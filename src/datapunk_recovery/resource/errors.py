@@ -1,6 +1,6 @@
 """The errors of resource pools: why a caller did not get the units it asked for.
 
-They are bulkhead rejections ([`BulkheadFull`][datapunk_recovery.bulkhead.BulkheadFull],
+They are bulkhead rejections ([`BulkheadFull`][datapunk_recovery.flow.bulkhead.BulkheadFull],
 with its ``reason``), so every layer treats a saturated pool the way it treats
 a saturated bulkhead: not retryable, and no outer layer retries it either,
 because retrying a call refused for local overload only adds to the overload.
@@ -9,7 +9,7 @@ because retrying a call refused for local overload only adds to the overload.
 
 from __future__ import annotations
 
-from datapunk_recovery.bulkhead import BulkheadFull, CallerQuotaExceeded
+from datapunk_recovery.flow.bulkhead import BulkheadFull, CallerQuotaExceeded
 
 __all__ = ["AllocationTimeout", "PoolFull", "QuotaExceeded"]
 

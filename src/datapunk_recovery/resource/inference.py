@@ -12,7 +12,7 @@ smaller model) for every item not yet served.  Each step is an event.
 Out-of-memory errors are recognised by the *name* of their type or of one
 of its bases (``OutOfMemoryError`` as torch raises, ``MemoryError``,
 TensorFlow's ``ResourceExhaustedError``), so no framework is imported.
-Transient errors (what [`classify()`][datapunk_recovery.errors.classify] calls
+Transient errors (what [`classify()`][datapunk_recovery._core.errors.classify] calls
 retryable) get a plain retry of the same chunk through the retry engine;
 anything else propagates.  Works with any callable that maps a list of
 inputs to a sequence of outputs of the same length.
@@ -25,13 +25,13 @@ from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Generic, TypeVar, cast
 
-from datapunk_recovery import clock
-from datapunk_recovery._validate import check_count
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core import clock
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.errors import classify
+from datapunk_recovery._core.events import Event, EventBus, emit, listening
+from datapunk_recovery._core.validate import check_count
+from datapunk_recovery._execution.engine import retry
 from datapunk_recovery.budget import RetryGate
-from datapunk_recovery.engine import retry
-from datapunk_recovery.errors import classify
-from datapunk_recovery.events import Event, EventBus, emit, listening
 
 from ._calls import as_async
 

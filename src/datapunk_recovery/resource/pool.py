@@ -45,15 +45,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Any, ClassVar, Final, Generic, TypeVar, cast
 
-from datapunk_recovery import _runtime, clock
-from datapunk_recovery._validate import check_count, check_seconds
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core import clock
+from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.errors import DeadlineExceeded
+from datapunk_recovery._core.events import Event, EventBus, emit, listening
+from datapunk_recovery._core.validate import check_count, check_seconds
+from datapunk_recovery._execution import runtime as _runtime
+from datapunk_recovery._execution.deadline import remaining
+from datapunk_recovery._execution.engine import retry
 from datapunk_recovery.budget import RetryGate
-from datapunk_recovery.bulkhead import current_caller
-from datapunk_recovery.deadline import remaining
-from datapunk_recovery.engine import retry
-from datapunk_recovery.errors import DeadlineExceeded
-from datapunk_recovery.events import Event, EventBus, emit, listening
+from datapunk_recovery.flow.bulkhead import current_caller
 
 from ._calls import as_async
 from .errors import AllocationTimeout, PoolFull, QuotaExceeded
@@ -356,7 +357,7 @@ class ResourcePool(Generic[T]):
         """Ask for ``units`` as ``caller``: ``await`` it, or use it with ``async with``.
 
         ``caller`` defaults to the one set by
-        [`as_caller()`][datapunk_recovery.bulkhead.as_caller], else ``"default"``.
+        [`as_caller()`][datapunk_recovery.flow.bulkhead.as_caller], else ``"default"``.
         """
         check_count("ResourcePool.acquire", "units", units)
         if units > self.config.capacity:

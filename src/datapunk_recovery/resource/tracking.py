@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Final, Generic, TypeVar
 
-from datapunk_recovery import clock
-from datapunk_recovery._validate import check_count
-from datapunk_recovery.events import Event, EventBus, emit, listening
+from datapunk_recovery._core import clock
+from datapunk_recovery._core.events import Event, EventBus, emit, listening
+from datapunk_recovery._core.validate import check_count
 
 __all__ = [
     "LeakKind",

@@ -9,7 +9,7 @@ made ("calls": the work the record's server does) and the time when the last
 client succeeded; both are averaged over ``runs`` runs.
 
 Delays come from the policy's own
-[`RetryConfig.delays()`][datapunk_recovery.backoff.RetryConfig.delays] iterator (see
+[`RetryConfig.delays()`][datapunk_recovery._core.backoff.RetryConfig.delays] iterator (see
 [`SimPolicy.delays()`][datapunk_recovery.simulate.policies.SimPolicy.delays]), one per client,
 drawing from the run's seeded
 generator.  Every client retries until
@@ -23,7 +23,7 @@ import statistics
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from .._validate import check_count, check_seconds
+from .._core.validate import check_count, check_seconds
 from .kernel import Simulation, network_delay
 from .policies import SimPolicy
 

@@ -3,9 +3,9 @@
 Events are callables scheduled at a time;
 [`Simulation.run()`][datapunk_recovery.simulate.kernel.Simulation.run] pops them in
 time order (ties in the order they were scheduled), moves the
-[`FakeClock`][datapunk_recovery.clock.FakeClock] to each event's time and runs it.
+[`FakeClock`][datapunk_recovery._core.clock.FakeClock] to each event's time and runs it.
 While it runs, that fake clock is the library's clock, so the real breaker
-and budget (which read [`datapunk_recovery.clock.now()`][datapunk_recovery.clock.now]) see simulated
+and budget (which read [`datapunk_recovery._core.clock.now()`][datapunk_recovery._core.clock.now]) see simulated
 time.  One seeded `random.Random` draws every random number, so a run
 is a pure function of its seed: no thread, no wall clock, no sleep.
 """
@@ -18,8 +18,8 @@ import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from .. import clock
-from ..clock import FakeClock
+from .._core import clock
+from .._core.clock import FakeClock
 
 __all__ = ["Simulation", "network_delay"]
 

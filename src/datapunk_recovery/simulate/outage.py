@@ -10,7 +10,7 @@ real [`CircuitBreaker`][datapunk_recovery.breaker.CircuitBreaker],
 [`RatioBudget`][datapunk_recovery.budget.RatioBudget], reading the simulation's fake
 clock.  Each request is retried as the retry engine would: the attempt limit
 first, then the deadline, then the budget is asked; a breaker's refusal
-([`CircuitOpenError`][datapunk_recovery.errors.CircuitOpenError]) is never retried.
+([`CircuitOpenError`][datapunk_recovery._core.errors.CircuitOpenError]) is never retried.
 
 What a run reports:
 
@@ -33,10 +33,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from .._validate import check_count, check_number, check_seconds
+from .._core.errors import CircuitOpenError
+from .._core.validate import check_count, check_number, check_seconds
 from ..breaker import CircuitBreaker, Permit
 from ..budget import RatioBudget, RetryGate, TokenBudget
-from ..errors import CircuitOpenError
 from .kernel import Simulation, network_delay
 from .peers import RetryQuota
 from .policies import SimPolicy

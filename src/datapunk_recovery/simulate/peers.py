@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from ..backoff import Jitter, RetryConfig
+from .._core.backoff import Jitter, RetryConfig
 from ..breaker import BreakerConfig, WindowKind
 from ..budget import TokenBudgetConfig
 from .policies import AdditiveJitter, RetryQuotaConfig, SimPolicy

@@ -2,7 +2,7 @@
 
 A [`SimPolicy`][datapunk_recovery.simulate.policies.SimPolicy] is what one client does on failure,
 made of the
-library's own configurations: a [`RetryConfig`][datapunk_recovery.backoff.RetryConfig], and
+library's own configurations: a [`RetryConfig`][datapunk_recovery._core.backoff.RetryConfig], and
 optionally a retry budget ([`TokenBudgetConfig`][datapunk_recovery.budget.TokenBudgetConfig]
 or [`RatioBudgetConfig`][datapunk_recovery.budget.RatioBudgetConfig]) and a circuit breaker
 ([`BreakerConfig`][datapunk_recovery.breaker.BreakerConfig]).
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
-from .._validate import check_number, check_seconds
-from ..backoff import Jitter, RetryConfig
+from .._core.backoff import Jitter, RetryConfig
+from .._core.validate import check_number, check_seconds
 from ..breaker import BreakerConfig
 from ..budget import RatioBudgetConfig, TokenBudgetConfig
-from ..schema import ConfigError, Problem, build, read_toml
+from ..config.schema import ConfigError, Problem, build, read_toml
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -52,7 +52,7 @@ __all__ = [
 class SawtoothBackoff:
     """EXPERIMENTAL: sawtooth full jitter, the simulation's candidate for a better default.
 
-    Not (yet) a jitter kind of [`datapunk_recovery.backoff`][datapunk_recovery.backoff]; it lives
+    Not (yet) a jitter kind of [`datapunk_recovery._core.backoff`][datapunk_recovery._core.backoff]; it lives
     here
     so that it can be compared.  Retries go in phases ``k = 1, 2, 3, ...`` of
     ``k`` retries each; within phase ``k`` the windows shrink back down:
@@ -96,7 +96,7 @@ class AdditiveJitter:
 
     The delay of retry ``n`` is ``min(max_delay, base_delay * exponential_base
     ** (n - 1) + uniform(0, jitter))`` seconds, with the base, factor and cap
-    of the policy's [`RetryConfig`][datapunk_recovery.backoff.RetryConfig] (the peers' ``initial`` /
+    of the policy's [`RetryConfig`][datapunk_recovery._core.backoff.RetryConfig] (the peers' ``initial`` /
     ``wait_initial``, ``exp_base`` and ``max`` / ``wait_max``).  Not a jitter
     kind of the library: it lives here to reproduce the peers in the lab.
     """
@@ -155,7 +155,7 @@ class SimPolicy:
     ``indexing`` says how retries are numbered against the exponential
     envelope.  ``"library"`` (the default): retry ``n`` waits under
     ``base_delay * exponential_base ** (n - 1)``, as
-    [`RetryConfig`][datapunk_recovery.backoff.RetryConfig]
+    [`RetryConfig`][datapunk_recovery._core.backoff.RetryConfig]
     does, so retry 1's window is ``base_delay``.  ``"published"``: the AWS
     post's setup, where the ``k``-th retry waits under
     ``min(cap, base * 2 ** k)``, so retry 1's window is twice the base
@@ -215,7 +215,7 @@ class SimPolicy:
     def delays(self, rng: random.Random, *, endless: bool = False) -> Iterator[float]:
         """The delays of one call's retries, in seconds: ``max_attempts - 1``, or ``endless``.
 
-        [`RetryConfig.delays()`][datapunk_recovery.backoff.RetryConfig.delays] itself unless
+        [`RetryConfig.delays()`][datapunk_recovery._core.backoff.RetryConfig.delays] itself unless
         ``sawtooth`` is set.
         """
         retry = self.retry
@@ -287,7 +287,7 @@ def builtin_policies(
     - ``ours``: the library's default jitter as a user gets it, through
       ``RetryConfig(base_delay=2 * base, max_delay=cap)`` (library numbering),
       so its first window is the published one;
-    - ``plain``: the default [`RetryConfig`][datapunk_recovery.backoff.RetryConfig] alone, no
+    - ``plain``: the default [`RetryConfig`][datapunk_recovery._core.backoff.RetryConfig] alone, no
       budget, no breaker;
     - ``default``: `DEFAULT_POLICY`, the library's defaults;
     - ``sawtooth``: plain retries with the experimental
@@ -344,7 +344,7 @@ def resolve_policies(
     """The policies named, in order, from the file at ``path`` first, then the built-ins.
 
     With no names, every policy of the file; an unknown name is a
-    [`ConfigError`][datapunk_recovery.schema.ConfigError] listing what exists.
+    [`ConfigError`][datapunk_recovery.config.schema.ConfigError] listing what exists.
     """
     from_file = load_policies(path) if path is not None else {}
     if not names:

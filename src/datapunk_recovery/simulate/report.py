@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from ..durations import format_duration
+from .._core.durations import format_duration
 from .contention import ContentionPoint, ContentionSetup
 from .outage import OutageResult, OutageSetup
 from .policies import SimPolicy

@@ -96,8 +96,10 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final, Literal
 
-from .. import _runtime, clock
-from .._validate import check_count, check_seconds
+from .._core import clock
+from .._core.events import EventBus, emit, listening
+from .._core.validate import check_count, check_seconds
+from .._execution import runtime as _runtime
 from ..budget import (
     BudgetCorruptStateIgnored,
     BudgetStoreFallback,
@@ -107,7 +109,6 @@ from ..budget import (
     _refused,
     current_criticality,
 )
-from ..events import EventBus, emit, listening
 from .redis import RedisStore
 
 __all__ = [

@@ -52,9 +52,12 @@ import random
 import weakref
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from .. import _runtime, clock
-from .._extras import raise_missing
-from .._validate import check_count, check_seconds
+from .._core import clock
+from .._core.errors import CircuitOpenError, ErrorCategory, classify
+from .._core.events import emit
+from .._core.extras import raise_missing
+from .._core.validate import check_count, check_seconds
+from .._execution import runtime as _runtime
 from ..breaker import (
     BreakerConfig,
     BreakerState,
@@ -66,8 +69,6 @@ from ..breaker import (
     StoreResumed,
     WindowKind,
 )
-from ..errors import CircuitOpenError, ErrorCategory, classify
-from ..events import emit
 
 if TYPE_CHECKING:
     from ..breaker import CircuitBreaker

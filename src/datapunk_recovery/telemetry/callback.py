@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 
-from datapunk_recovery.events import Event
+from datapunk_recovery._core.events import Event
 
 from .exporter import Exporter
 from .fields import FieldValue, event_fields

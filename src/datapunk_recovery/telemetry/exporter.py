@@ -1,7 +1,7 @@
 """The base of every exporter: a subscriber with a lifetime.
 
 An exporter is a plain event subscriber (a callable taking an
-[`Event`][datapunk_recovery.events.Event]), so ``events.subscribe(exporter)``
+[`Event`][datapunk_recovery._core.events.Event]), so ``events.subscribe(exporter)``
 works; [`Exporter.install()`][datapunk_recovery.telemetry.exporter.Exporter.install] adds the
 bookkeeping to take it off again::
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
-from datapunk_recovery.events import Event, EventBus, global_bus
+from datapunk_recovery._core.events import Event, EventBus, global_bus
 
 __all__ = ["Exporter"]
 

@@ -4,7 +4,7 @@ Events already carry names, numbers and exception type names rather than
 messages; this module is the second line of defence.  Every string an
 exporter writes (a log field, a label value, a span-event attribute) goes
 through [`safe_text()`][datapunk_recovery.telemetry.fields.safe_text]
-([`datapunk_recovery.redact.redact_text()`][datapunk_recovery.redact.redact_text]),
+([`datapunk_recovery._core.redact.redact_text()`][datapunk_recovery._core.redact.redact_text]),
 which removes passwords from URLs and DSNs, ``key=value`` secrets, bearer
 tokens and the value of credential headers written as text.
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from enum import Enum
 
-from datapunk_recovery.events import Event
-from datapunk_recovery.redact import redact_headers, redact_text
+from datapunk_recovery._core.events import Event
+from datapunk_recovery._core.redact import redact_headers, redact_text
 
 __all__ = ["FieldValue", "event_fields", "label_text", "safe_text"]
 

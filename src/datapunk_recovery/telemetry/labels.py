@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
-from datapunk_recovery._validate import check_count
+from datapunk_recovery._core.validate import check_count
 
 from .fields import label_text
 

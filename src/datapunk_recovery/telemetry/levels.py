@@ -17,7 +17,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Final
 
-from datapunk_recovery.events import Event
+from datapunk_recovery._core.events import Event
 
 __all__ = ["LEVELS", "Level", "level_of", "with_overrides"]
 

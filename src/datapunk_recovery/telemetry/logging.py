@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Final, Self
 
-from datapunk_recovery.events import Event, EventBus, event_kinds, global_bus
+from datapunk_recovery._core.events import Event, EventBus, event_kinds, global_bus
 
 from .exporter import Exporter
 from .fields import FieldValue, event_fields

@@ -34,7 +34,7 @@ from operator import attrgetter
 from types import MappingProxyType
 from typing import Any, Final, cast
 
-from datapunk_recovery.events import Event
+from datapunk_recovery._core.events import Event
 
 from .labels import LABEL_NAMES, Labeler
 

@@ -20,7 +20,7 @@ has no asynchronous one, and reporting the engine's buckets as gauges would
 change the instrument's kind and name and lose what the SDK does with a
 histogram (views choosing its buckets).  But it is not fed per call: the
 engine times each attempt (as for Prometheus) and the exporter receives the
-exact durations in batches when they are folded ([`add_tap()`][datapunk_recovery.stats.add_tap]),
+exact durations in batches when they are folded ([`add_tap()`][datapunk_recovery._core.stats.add_tap]),
 keeps them, and records them all at the next collection, in the reader's
 thread, before the SDK reads the histogram.  A call therefore costs what it
 costs under Prometheus; the SDK's own ``record`` (microseconds per value) is
@@ -48,9 +48,9 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Final, Self
 
 from datapunk_recovery import __version__
-from datapunk_recovery import stats as _stats
-from datapunk_recovery._extras import raise_missing
-from datapunk_recovery.events import Event, EventBus, global_bus
+from datapunk_recovery._core import stats as _stats
+from datapunk_recovery._core.events import Event, EventBus, global_bus
+from datapunk_recovery._core.extras import raise_missing
 
 from .exporter import Exporter
 from .fields import event_fields

@@ -21,7 +21,7 @@ so a call costs the exporter nothing but the timing of its attempts.  The
 rest (breaker states, rejections, fallbacks, ...) is rare and updated from
 events as [`MEASURES`][datapunk_recovery.telemetry.metrics.MEASURES] says; the
 exporter subscribes to those kinds only.  Histogram ``buckets`` that are not
-all among [`DURATION_BOUNDS`][datapunk_recovery.stats.DURATION_BOUNDS] cannot be read
+all among [`DURATION_BOUNDS`][datapunk_recovery._core.stats.DURATION_BOUNDS] cannot be read
 from the engine: the attempt durations are then recorded from events.
 
 Each label combination's child is looked up once and kept with the compiled
@@ -36,9 +36,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final, Self
 
-from datapunk_recovery._extras import raise_missing
-from datapunk_recovery.events import Event, EventBus, global_bus
-from datapunk_recovery.stats import DURATION_BOUNDS
+from datapunk_recovery._core.events import Event, EventBus, global_bus
+from datapunk_recovery._core.extras import raise_missing
+from datapunk_recovery._core.stats import DURATION_BOUNDS
 
 from .exporter import Exporter
 from .labels import Labeler, LabelPolicy

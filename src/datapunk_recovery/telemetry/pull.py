@@ -2,7 +2,7 @@
 
 Calls by outcome, retries by category, give-ups by reason and attempt
 durations are kept by the engine in its own lock-free statistics
-([`datapunk_recovery.stats`][datapunk_recovery.stats]); a metrics exporter reads them when it is
+([`datapunk_recovery._core.stats`][datapunk_recovery._core.stats]); a metrics exporter reads them when it is
 scraped or collected instead of receiving an event per call.  A
 [`Puller`][datapunk_recovery.telemetry.pull.Puller] is the exporter's view: it takes a baseline when
 the exporter
@@ -18,8 +18,13 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-from datapunk_recovery.events import EventBus, global_bus
-from datapunk_recovery.stats import DURATION_BOUNDS, OVERFLOW, OperationReading, read_operations
+from datapunk_recovery._core.events import EventBus, global_bus
+from datapunk_recovery._core.stats import (
+    DURATION_BOUNDS,
+    OVERFLOW,
+    OperationReading,
+    read_operations,
+)
 
 from .labels import Labeler
 from .metrics import ATTEMPT_DURATION, CALLS, GIVEUPS, RETRIES, Metric

@@ -10,7 +10,7 @@ every operation at once::
         print(name, s.calls, s.failures, s.retries, s.events)
 
 It counts the retry engine's events into the same numbers as
-[`Statistics`][datapunk_recovery.stats.Statistics] (calls, successes, failures,
+[`Statistics`][datapunk_recovery._core.stats.Statistics] (calls, successes, failures,
 attempts, retries, give-ups by reason), adds the time spent in attempts, and
 counts every event kind by name, so breaker rejections, fallbacks and the
 rest of the library appear too.  Operations are bounded like a label: past
@@ -24,7 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from datapunk_recovery.events import AttemptFinished, CallFinished, Event, GaveUp, RetryScheduled
+from datapunk_recovery._core.events import (
+    AttemptFinished,
+    CallFinished,
+    Event,
+    GaveUp,
+    RetryScheduled,
+)
 
 from .exporter import Exporter
 from .labels import Labeler, LabelPolicy

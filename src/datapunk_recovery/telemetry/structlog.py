@@ -19,8 +19,8 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from datapunk_recovery._extras import raise_missing
-from datapunk_recovery.events import Event
+from datapunk_recovery._core.events import Event
+from datapunk_recovery._core.extras import raise_missing
 
 from .exporter import Exporter
 from .fields import event_fields
