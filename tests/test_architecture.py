@@ -37,7 +37,9 @@ KNOWN: dict[tuple[str, str, str], str] = {
 KNOWN_ATTRIBUTES: dict[tuple[str, str], str] = {
     ("*", "_subscribers"): "EventBus's cheap listening check; the events helper reworks it now",
     ("datapunk_recovery.cli", "_run"): "an argparse namespace attribute the cli sets itself",
-    ("datapunk_recovery.breaker.registry", "_core"): "the breaker's state machine; breaker.py is busy",
+    ("datapunk_recovery.breaker.registry", "_core"): (
+        "the breaker's state machine; breaker.py is busy"
+    ),
     ("datapunk_recovery.stores.redis", "_core"): "the shared breaker link; stores/ is busy",
     ("datapunk_recovery.stores.budget_redis", "_adopt"): "budget adoption; stores/ is busy",
     ("datapunk_recovery.stores.budget_redis", "_slot"): "a ratio budget's window, read to seed "
@@ -346,7 +348,9 @@ def test_only_the_execution_layer_spawns_tasks_or_waits_on_asyncio_or_trio() -> 
                 waiting.add(here)
             elif isinstance(node, ast.Attribute) and node.attr == "create_task":
                 waiting.add(here)  # loop.create_task(...)
-    assert sorted(waiting - KNOWN_WAITING.keys()) == [], "wait through datapunk_recovery._execution.runtime"
+    assert sorted(waiting - KNOWN_WAITING.keys()) == [], (
+        "wait through datapunk_recovery._execution.runtime"
+    )
     assert sorted(KNOWN_WAITING.keys() - waiting) == [], "a listed module no longer waits itself"
 
 

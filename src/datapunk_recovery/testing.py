@@ -47,7 +47,8 @@ E = TypeVar("E", bound=Event)
 
 
 def forget_classifications() -> None:
-    """Forget every verdict [`classify()`][datapunk_recovery._core.errors.classify] remembered per type.
+    """Forget every verdict [`classify()`][datapunk_recovery._core.errors.classify] remembered per
+    type.
 
     The remembered verdicts only save time; a test that starts from none checks
     the classifier itself, not what an earlier test left behind.

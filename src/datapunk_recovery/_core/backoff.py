@@ -181,7 +181,8 @@ class RetryConfig:
         ``draws`` is the call's own sequence for the decorrelated kinds (its
         next value is retry ``n``'s), ``None`` for the others.  The engine
         calls it on its failure path;
-        [`retry_delay()`][datapunk_recovery._core.backoff.RetryConfig.retry_delay] is its checked face.
+        [`retry_delay()`][datapunk_recovery._core.backoff.RetryConfig.retry_delay] is its checked
+        face.
         """
         if self.base_delay == 0.0:  # every jitter kind then waits zero
             return 0.0

@@ -2,7 +2,8 @@
 
 Every primitive reads time through [`now()`][datapunk_recovery._core.clock.now] so that a
 [`FakeClock`][datapunk_recovery._core.clock.FakeClock]
-installed with [`use_clock()`][datapunk_recovery._core.clock.use_clock] makes deadlines, breaker windows
+installed with [`use_clock()`][datapunk_recovery._core.clock.use_clock] makes deadlines, breaker
+windows
 and budgets
 deterministic.  With a fake clock installed, the execution layer's sleeps
 advance the fake time instead of waiting.

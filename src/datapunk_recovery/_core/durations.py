@@ -2,7 +2,8 @@
 
 The library keeps every duration as a float of seconds; configuration files and
 environment variables are written by people, who think in ``250ms`` and ``1m``.
-[`parse_duration()`][datapunk_recovery._core.durations.parse_duration] is the one bridge, used by the
+[`parse_duration()`][datapunk_recovery._core.durations.parse_duration] is the one bridge, used by
+the
 configuration schema and
 the command line alike, so that every place accepts the same spellings:
 

@@ -312,7 +312,8 @@ def is_fatal(exc: BaseException) -> bool:
 def classify(exc: BaseException) -> Classification:
     """Classify ``exc``: user rules first, then the library's own knowledge.
 
-    Built in: [`RecoveryError`][datapunk_recovery._core.errors.RecoveryError] carries its own verdict;
+    Built in: [`RecoveryError`][datapunk_recovery._core.errors.RecoveryError] carries its own
+    verdict;
     ``ConnectionError``
     and transient ``OSError`` errnos are retryable network errors;
     ``TimeoutError`` is a retryable timeout; urllib's ``URLError`` is

@@ -1,6 +1,7 @@
 """One event model for the whole library.
 
-Every primitive reports what it did as a typed, immutable [`Event`][datapunk_recovery._core.events.Event]
+Every primitive reports what it did as a typed, immutable
+[`Event`][datapunk_recovery._core.events.Event]
 (an attempt finished, a retry was scheduled, the engine gave up, a breaker
 opened, ...).  Subscribers are plain callables registered globally with
 [`subscribe()`][datapunk_recovery._core.events.subscribe] or on one
@@ -9,14 +10,16 @@ its own).  Exporters to logging, Prometheus and OpenTelemetry are subscribers
 like any other: there is no second mechanism.
 
 When nobody listens, no event object is built: producers check
-[`listening()`][datapunk_recovery._core.events.listening] first, so an unobserved call pays two attribute
+[`listening()`][datapunk_recovery._core.events.listening] first, so an unobserved call pays two
+attribute
 reads.
 Subscribers may say which event kinds they want (``subscribe(fn,
 kinds={RetryScheduled, GaveUp})``, or a ``wants(name) -> bool`` attribute):
 a bus delivers an event only to those who want its kind, and the retry
 engine stays on its fast path when nobody wants a successful call's events.
 
-Events are plain ``__slots__`` classes built by [`Event`][datapunk_recovery._core.events.Event] itself:
+Events are plain ``__slots__`` classes built by [`Event`][datapunk_recovery._core.events.Event]
+itself:
 the
 annotated fields of a subclass become its slots and its constructor
 (positional or keyword), with equality, hashing and a repr.  They are

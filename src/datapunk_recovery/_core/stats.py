@@ -7,15 +7,18 @@ Nothing per call lives on the shared object, so concurrent calls cannot
 overwrite each other's numbers (tenacity's shared-statistics bug).
 
 The same counters feed the metrics exporters at scrape time ("pull what is
-counted"): every [`OperationStats`][datapunk_recovery._core.stats.OperationStats] is listed in a registry
+counted"): every [`OperationStats`][datapunk_recovery._core.stats.OperationStats] is listed in a
+registry
 read by
-[`read_operations()`][datapunk_recovery._core.stats.read_operations], which sums them per operation name
+[`read_operations()`][datapunk_recovery._core.stats.read_operations], which sums them per operation
+name
 (those of
 operations already garbage collected included, so a counter never goes
 back).  When a metrics reader asks for it (``EventBus.time_attempts``), the
 engine also times each attempt: the duration (seconds) is appended to a
 ``deque`` (atomic, no lock) and folded into per-operation histogram buckets
-([`DURATION_BOUNDS`][datapunk_recovery._core.stats.DURATION_BOUNDS]) and a sum by whoever reads, or by the
+([`DURATION_BOUNDS`][datapunk_recovery._core.stats.DURATION_BOUNDS]) and a sum by whoever reads, or
+by the
 call that
 finds more than [`FOLD_AT`][datapunk_recovery._core.stats.FOLD_AT] pending.
 """
@@ -294,7 +297,8 @@ class OperationReading:
     ``success_after_retry``, ``failure``, ``failure_after_retry``);
     ``retries`` retries by error category, ``giveups`` give-ups by reason
     (values of the enumerations); ``buckets`` attempt durations per bucket of
-    [`DURATION_BOUNDS`][datapunk_recovery._core.stats.DURATION_BOUNDS] (not cumulative; the last one above
+    [`DURATION_BOUNDS`][datapunk_recovery._core.stats.DURATION_BOUNDS]
+    (not cumulative; the last one above
     every bound)
     and ``duration_sum`` their total in seconds.
     """

@@ -9,7 +9,8 @@ Two faces, one object:
 
 - ``with deadline(s):`` only *publishes* the deadline.  Sync code cannot be
   interrupted safely, so the primitives inside check it between steps and
-  callees read [`remaining()`][datapunk_recovery._execution.deadline.remaining] to size their own I/O timeouts.
+  callees read [`remaining()`][datapunk_recovery._execution.deadline.remaining] to size their own
+  I/O timeouts.
 - ``async with deadline(s):`` also *enforces* it: when the block's deadline is
   the earliest one and nothing outside already enforces it, the block is
   cancelled when it passes (``asyncio.timeout`` or a trio cancel scope) and
@@ -70,7 +71,8 @@ class Deadline:
     """A deadline ``seconds`` from when the block is entered (see the module doc).
 
     Entering yields the absolute deadline on the library clock.  One object is
-    entered once; build a new one with [`deadline()`][datapunk_recovery._execution.deadline.deadline] for each
+    entered once; build a new one with
+    [`deadline()`][datapunk_recovery._execution.deadline.deadline] for each
     block.
     """
 
@@ -185,7 +187,8 @@ def expired() -> bool:
 
 
 def check(what: str) -> None:
-    """Raise [`DeadlineExceeded`][datapunk_recovery._core.errors.DeadlineExceeded] if the deadline passed.
+    """Raise [`DeadlineExceeded`][datapunk_recovery._core.errors.DeadlineExceeded] if the deadline
+    passed.
 
     ``what`` names the step that was about to start (it goes into the message);
     primitives call this before any step that would take time.

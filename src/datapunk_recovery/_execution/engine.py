@@ -816,7 +816,8 @@ def retry(
     calls retryable (so a bare ``@retry`` is always bounded and never retries
     a bug).  ``retry_if_result`` retries a returned value it accepts (an HTTP
     503 returned, not raised); when attempts run out it raises
-    [`RetryExhausted`][datapunk_recovery._core.errors.RetryExhausted] holding the last result.  ``name``
+    [`RetryExhausted`][datapunk_recovery._core.errors.RetryExhausted] holding the last result.
+    ``name``
     names the
     operation in events and statistics (default: the function's qualified
     name).  ``budget`` is asked before every retry.  ``rng`` makes the jitter
@@ -977,7 +978,8 @@ def retrying(
 ) -> Retrying:
     """Retry a block: ``for attempt in retrying(): with attempt: ...``.
 
-    Same settings as [`retry()`][datapunk_recovery._execution.engine.retry] (without ``retry_if_result``);
+    Same settings as [`retry()`][datapunk_recovery._execution.engine.retry]
+    (without ``retry_if_result``);
     works as a
     sync iterator (sleeping the thread) and an async one (``async for``).
     """

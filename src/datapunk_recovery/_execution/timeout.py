@@ -1,17 +1,20 @@
 """Per-attempt timeouts: one slow attempt must not eat the whole deadline.
 
-An [`AttemptTimeout`][datapunk_recovery._execution.timeout.AttemptTimeout] bounds each attempt of a call (put
+An [`AttemptTimeout`][datapunk_recovery._execution.timeout.AttemptTimeout] bounds each attempt of a
+call (put
 it *inside* the
 retry, as the pipeline does, so that a timed-out attempt can be retried while
 the overall deadline still has room).  The attempt gets ``seconds`` or what is
 left of the overall deadline, whichever is shorter, and that limit is
-published through [`datapunk_recovery._execution.deadline.remaining()`][datapunk_recovery._execution.deadline.remaining]
+published through
+[`datapunk_recovery._execution.deadline.remaining()`][datapunk_recovery._execution.deadline.remaining]
 for the
 duration of the attempt, so the callee and any primitive inside it see it.
 
 - **async**: the attempt is cancelled when the limit passes (through
   ``_runtime.call_within``, on asyncio and trio).  If the attempt's own
-  ``seconds`` ran out, [`AttemptTimedOut`][datapunk_recovery._execution.timeout.AttemptTimedOut] is raised
+  ``seconds`` ran out, [`AttemptTimedOut`][datapunk_recovery._execution.timeout.AttemptTimedOut] is
+  raised
   (retryable, category
   ``timeout``); if the overall deadline did,
   [`DeadlineExceeded`][datapunk_recovery._core.errors.DeadlineExceeded] (not retryable).
@@ -21,7 +24,8 @@ duration of the attempt, so the callee and any primitive inside it see it.
   I/O timeouts (``socket.settimeout(remaining())``, a driver's
   ``timeout=``).  An attempt that overran still returns its result (the work
   is done; throwing it away would only cost another call) and an
-  [`AttemptOverran`][datapunk_recovery._execution.timeout.AttemptOverran] event reports it.  The retry engine
+  [`AttemptOverran`][datapunk_recovery._execution.timeout.AttemptOverran] event reports it.  The
+  retry engine
   checks the
   overall deadline again between attempts.
 
@@ -104,7 +108,8 @@ class AttemptTimeout(CallDecorator):
     """Bound every attempt to ``seconds`` (or the overall deadline if sooner).
 
     Use [`call()`][datapunk_recovery._execution.timeout.AttemptTimeout.call] /
-    [`call_async()`][datapunk_recovery._execution.timeout.AttemptTimeout.call_async], or decorate a function
+    [`call_async()`][datapunk_recovery._execution.timeout.AttemptTimeout.call_async], or decorate a
+    function
     with the
     object itself (``@AttemptTimeout(0.5)``).  ``name`` names the operation in
     errors and events.  Cheap: two clock reads and a context-variable swap

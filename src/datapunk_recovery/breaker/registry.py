@@ -29,7 +29,8 @@ def _pinned(breaker: CircuitBreaker) -> bool:
 
     Called under the registry's lock, so it never waits for the breaker's:
     a thread holding that (a subscriber of the breaker's events calling
-    [`BreakerRegistry.get()`][datapunk_recovery.breaker.registry.BreakerRegistry.get], say) would deadlock
+    [`BreakerRegistry.get()`][datapunk_recovery.breaker.registry.BreakerRegistry.get],
+    say) would deadlock
     with us.  A breaker in
     use right now is kept this time.
     """
@@ -46,7 +47,8 @@ class BreakerRegistry:
     """Named breakers made on demand with ``config`` and ``store``, bounded by ``max_size``.
 
     Thread-safe.  ``config`` is the configuration of breakers made by
-    [`get()`][datapunk_recovery.breaker.registry.BreakerRegistry.get] without one of their own; ``store``
+    [`get()`][datapunk_recovery.breaker.registry.BreakerRegistry.get] without one of their own;
+    ``store``
     the store they use.
     """
 

@@ -30,7 +30,8 @@ first, then default ones, and critical ones last.  The configured figures
 traffic gets a smaller share and critical traffic a bounded larger one.
 
 Budgets are thread-safe (one short lock per update), read time through
-[`datapunk_recovery._core.clock.now()`][datapunk_recovery._core.clock.now] (so a fake clock drives them) and
+[`datapunk_recovery._core.clock.now()`][datapunk_recovery._core.clock.now]
+(so a fake clock drives them) and
 never
 sleep.
 """

@@ -16,7 +16,8 @@ injection
 at a ``rate`` (the fraction of calls, drawn from a seeded RNG), and a
 [`Timeline`][datapunk_recovery.chaos.Timeline] applies scripted
 [`Window`][datapunk_recovery.chaos.Window]\\ s of faults over time, read
-against [`datapunk_recovery._core.clock.now()`][datapunk_recovery._core.clock.now] (so a fake clock scripts them
+against [`datapunk_recovery._core.clock.now()`][datapunk_recovery._core.clock.now]
+(so a fake clock scripts them
 deterministically).  Every injector decorates sync and async functions (the
 signature is kept), and offers [`call()`][datapunk_recovery.chaos.Injector.call] /
 [`call_async()`][datapunk_recovery.chaos.Injector.call_async] for one-off calls (``acall()``

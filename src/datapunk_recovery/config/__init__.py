@@ -3,8 +3,10 @@
 One document describes how every service of a process recovers.  It comes
 from a TOML file, from environment variables, or both (variables win, key by
 key), and is validated into frozen dataclasses with the library's own
-configuration schema ([`datapunk_recovery.config.schema`][datapunk_recovery.config.schema]): durations read
-``"250ms"`` or ``"2s"`` ([`datapunk_recovery._core.durations`][datapunk_recovery._core.durations]), and every
+configuration schema ([`datapunk_recovery.config.schema`][datapunk_recovery.config.schema]):
+durations read
+``"250ms"`` or ``"2s"`` ([`datapunk_recovery._core.durations`][datapunk_recovery._core.durations]),
+and every
 problem is reported at once, naming the file or the variable, the key path
 and the value.
 

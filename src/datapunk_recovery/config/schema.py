@@ -2,7 +2,8 @@
 
 Every configuration object of the library is a frozen, validated dataclass
 (``RetryConfig``, ``RetryPolicy``, breaker and budget configurations, ...).
-[`build()`][datapunk_recovery.config.schema.build] makes one from a plain mapping, such as a parsed TOML
+[`build()`][datapunk_recovery.config.schema.build] makes one from a plain mapping, such as a parsed
+TOML
 table,
 reading the dataclass's own field types, so that no second description of the
 configuration exists to drift out of date:
@@ -10,7 +11,8 @@ configuration exists to drift out of date:
 - numbers, booleans, strings, enums (by value), ``X | None``, tuples (from
   lists), ``Mapping[K, V]`` (keys converted to ``K``, an enum or ``str``) and
   nested dataclasses (from tables);
-- a duration field (see [`is_duration_field()`][datapunk_recovery.config.schema.is_duration_field]) also
+- a duration field (see [`is_duration_field()`][datapunk_recovery.config.schema.is_duration_field])
+also
   takes a duration
   text such as ``"250ms"`` or ``"1m"``
   ([`datapunk_recovery._core.durations`][datapunk_recovery._core.durations]);
@@ -19,11 +21,13 @@ configuration exists to drift out of date:
 
 Values that came from environment variables are text;
 [`env_overrides()`][datapunk_recovery.config.schema.env_overrides]
-wraps each in [`Text`][datapunk_recovery.config.schema.Text], which carries the variable's name and lets
+wraps each in [`Text`][datapunk_recovery.config.schema.Text], which carries the variable's name and
+lets
 numbers, booleans and comma-separated lists be read from text.  Merged into a
 file's table with [`merge()`][datapunk_recovery.config.schema.merge], they override it key by key.
 
-Problems are collected, never stopped at: [`ConfigError`][datapunk_recovery.config.schema.ConfigError]
+Problems are collected, never stopped at:
+[`ConfigError`][datapunk_recovery.config.schema.ConfigError]
 lists every one,
 each naming its source (a file or an environment variable), the key path and
 the value, so that a bad configuration is fixed in one pass.  The dataclass's
@@ -183,7 +187,8 @@ def env_overrides(environ: Mapping[str, str], prefix: str = "DATAPUNK_RECOVERY")
     """The overrides that environment variables ``PREFIX__KEY__PATH=value`` make, as a table.
 
     Keys are lower-cased (``DATAPUNK_RECOVERY__RETRY__MAX_ATTEMPTS=5`` sets
-    ``retry.max_attempts``); each value is a [`Text`][datapunk_recovery.config.schema.Text] naming its
+    ``retry.max_attempts``); each value is a [`Text`][datapunk_recovery.config.schema.Text] naming
+    its
     variable.
     A variable that sets a table and another that sets a key inside it
     conflict: [`ConfigError`][datapunk_recovery.config.schema.ConfigError] names both.

@@ -27,7 +27,7 @@ names the case once:
 
 Importing [`datapunk_recovery.database`][datapunk_recovery.database] registers
 [`database_rule()`][datapunk_recovery.database.errors.database_rule]
-with [`datapunk_recovery._core.errors.register_rule()`][datapunk_recovery._core.errors.register_rule], so the
+with [`datapunk_recovery.register_rule()`][datapunk_recovery._core.errors.register_rule], so the
 one classifier of
 the library (and therefore per-category retry policies) knows these errors.
 Driver modules are never imported here: errors are recognised by their

@@ -1,18 +1,21 @@
 """Adaptive concurrency limits: find how much a dependency can take, and follow it.
 
 A fixed bulkhead size is a guess made once; a dependency's capacity changes
-with deploys, load and failures.  An [`AdaptiveLimiter`][datapunk_recovery.flow.adaptive.AdaptiveLimiter]
+with deploys, load and failures.  An
+[`AdaptiveLimiter`][datapunk_recovery.flow.adaptive.AdaptiveLimiter]
 is a bulkhead
 whose limit moves with what every finished call says (Netflix's
 concurrency-limits):
 
-- [`AIMD`][datapunk_recovery.flow.adaptive.AIMD] (additive increase, multiplicative decrease): the limit
+- [`AIMD`][datapunk_recovery.flow.adaptive.AIMD] (additive increase, multiplicative decrease): the
+limit
   grows
   by ``increase`` for each success while the limit is actually used, and is
   multiplied by ``backoff_ratio`` for each call that failed for overload
   (dropped, timed out, rate limited) or took longer than ``timeout`` seconds.
   Simple and robust; finds the capacity by probing past it.
-- [`Gradient`][datapunk_recovery.flow.adaptive.Gradient] (after Netflix's GradientLimit): compares each
+- [`Gradient`][datapunk_recovery.flow.adaptive.Gradient] (after Netflix's GradientLimit): compares
+each
   call's
   latency with the no-load latency (the fastest call since the last probe);
   when latency rises above ``tolerance`` times it, queues are building and

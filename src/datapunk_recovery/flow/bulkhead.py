@@ -16,7 +16,7 @@ the first waiter (no barging), woken the way its kind needs (a thread event,
 an asyncio future, a trio event; across threads when it waits elsewhere).
 
 Waits respect the overall deadline
-([`datapunk_recovery._execution.deadline.remaining()`][datapunk_recovery._execution.deadline.remaining]): a queued call
+([`datapunk_recovery.remaining()`][datapunk_recovery._execution.deadline.remaining]): a queued call
 never waits
 past it, and gets [`DeadlineExceeded`][datapunk_recovery._core.errors.DeadlineExceeded] if the
 deadline is what ended its wait.  A waiter that is cancelled leaves the queue
@@ -530,7 +530,8 @@ class Bulkhead(CallDecorator):
     Faces: ``with bulkhead:`` / ``async with bulkhead:``, ``with
     bulkhead.slot(caller):`` / ``async with bulkhead.slot_async(caller):``,
     [`call()`][datapunk_recovery.flow.bulkhead.Bulkhead.call] /
-    [`call_async()`][datapunk_recovery.flow.bulkhead.Bulkhead.call_async], and the object itself as a
+    [`call_async()`][datapunk_recovery.flow.bulkhead.Bulkhead.call_async], and the object itself as
+    a
     decorator
     for sync and async functions (signature kept).  The caller for quotas is
     ``caller=`` or else the one set by [`as_caller()`][datapunk_recovery.flow.bulkhead.as_caller].

@@ -9,7 +9,8 @@ a predicate; default: every ``Exception``) and on results chosen with
 an event ([`FallbackUsed`][datapunk_recovery.flow.fallback.FallbackUsed]), so a service that runs on
 fallbacks is seen.
 
-The handler receives a [`FallbackReason`][datapunk_recovery.flow.fallback.FallbackReason] (the error, or
+The handler receives a [`FallbackReason`][datapunk_recovery.flow.fallback.FallbackReason]
+(the error, or
 the rejected
 result).  For async calls it may be a coroutine function.  An error raised by
 the handler itself propagates, chained to the original one.  Cancellation
@@ -64,7 +65,8 @@ class Fallback(CallDecorator, Generic[T]):
     ``on`` chooses the errors (types, or a predicate over the exception;
     default every ``Exception``); ``on_result`` the results (a predicate).
     Faces: [`call()`][datapunk_recovery.flow.fallback.Fallback.call],
-    [`call_async()`][datapunk_recovery.flow.fallback.Fallback.call_async], and the object as a decorator.
+    [`call_async()`][datapunk_recovery.flow.fallback.Fallback.call_async], and the object as a
+    decorator.
     """
 
     __slots__ = ("_handler", "_on_pred", "_on_types", "_value", "bus", "name", "on_result")

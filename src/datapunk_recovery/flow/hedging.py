@@ -2,7 +2,8 @@
 
 Tail latency comes from a few slow replicas or packets; a second copy of a
 slow request usually finds a fast path (Dean and Barroso, "The Tail at
-Scale").  A [`Hedger`][datapunk_recovery.flow.hedging.Hedger] starts the first attempt and, if it has not
+Scale").  A [`Hedger`][datapunk_recovery.flow.hedging.Hedger] starts the first attempt and, if it
+has not
 answered after the hedge delay, starts another (up to ``max_hedges``
 extra attempts), takes the first success and cancels the rest.
 
@@ -10,7 +11,8 @@ extra attempts), takes the first success and cancels the rest.
   tracks over its recent successful attempts (``percentile=0.95``: hedge the
   slowest 5%); until ``min_samples`` are known the fixed delay is used.
 - **Only idempotent calls** are hedged: two copies of a payment are two
-  payments.  Mark a function with [`idempotent()`][datapunk_recovery.flow.hedging.idempotent] (or give
+  payments.  Mark a function with [`idempotent()`][datapunk_recovery.flow.hedging.idempotent]
+  (or give
   the pipeline
   ``idempotent=True``); an unmarked call runs once, unhedged.
 - **Budget**: every extra attempt draws on the retry budget (it asks
@@ -71,7 +73,8 @@ def idempotent(fn: F) -> F:
 
 
 def is_idempotent(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` was marked with [`idempotent()`][datapunk_recovery.flow.hedging.idempotent]."""
+    """Whether ``fn`` was marked with
+    [`idempotent()`][datapunk_recovery.flow.hedging.idempotent]."""
     return getattr(fn, _IDEMPOTENT, False) is True
 
 
@@ -169,7 +172,8 @@ class Hedger:
     ``budget`` is the service's retry budget (any
     [`RetryGate`][datapunk_recovery.budget.RetryGate]); ``None``
     means hedges are limited by ``max_hedges`` only.  Faces:
-    [`call_async()`][datapunk_recovery.flow.hedging.Hedger.call_async] and the object as a decorator of
+    [`call_async()`][datapunk_recovery.flow.hedging.Hedger.call_async] and the object as a
+    decorator of
     async functions.
     """
 

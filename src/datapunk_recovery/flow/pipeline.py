@@ -1,6 +1,7 @@
 """One pipeline that composes the flow-control primitives in a documented order.
 
-A service holds one [`Pipeline`][datapunk_recovery.flow.pipeline.Pipeline] per dependency and sends every
+A service holds one [`Pipeline`][datapunk_recovery.flow.pipeline.Pipeline] per dependency and sends
+every
 call
 through it.  The default order, outermost first::
 
@@ -26,12 +27,14 @@ and why:
 - **attempt timeout** innermost: it bounds one attempt, so a timed-out
   attempt can be retried while the deadline still has room.
 
-Users may build other orders with [`Pipeline.of()`][datapunk_recovery.flow.pipeline.Pipeline.of] and the
+Users may build other orders with [`Pipeline.of()`][datapunk_recovery.flow.pipeline.Pipeline.of]
+and the
 stage classes.
 Each stage costs little on the happy path: the retry stage makes the first
 attempt itself and hands over to the retry engine only on a failure (or when
 someone listens to events, so that every event is emitted).  With anybody
-listening, the pipeline also emits [`StageEntered`][datapunk_recovery.flow.pipeline.StageEntered] as each
+listening, the pipeline also emits [`StageEntered`][datapunk_recovery.flow.pipeline.StageEntered]
+as each
 stage is
 entered, which shows the order.
 """
@@ -414,7 +417,8 @@ class RetryStage(StageAliases):
     """Retry the rest of the chain with the retry engine, asking ``budget`` before each retry.
 
     ``config``, ``on`` and ``retry_if_result`` are the engine's (see
-    [`datapunk_recovery._execution.engine.retry()`][datapunk_recovery._execution.engine.retry]); the operation is named
+    [`datapunk_recovery._execution.engine.retry()`][datapunk_recovery._execution.engine.retry]);
+    the operation is named
     ``name``.
     """
 
@@ -609,7 +613,8 @@ class Pipeline:
     the default order.  ``retry`` defaults to the engine's defaults (3
     attempts, full jitter); pass ``retry=None`` for no retry stage.  Configs
     build primitives owned by the pipeline (sharing its event bus); ready
-    primitives (a [`Bulkhead`][datapunk_recovery.flow.bulkhead.Bulkhead] shared with another pipeline, a
+    primitives
+    (a [`Bulkhead`][datapunk_recovery.flow.bulkhead.Bulkhead] shared with another pipeline, a
     breaker
     from a registry) are used as they are.  ``hedge`` hedges async calls
     marked idempotent, or every async call with ``idempotent=True``; hedges
@@ -617,7 +622,8 @@ class Pipeline:
     (each attempt) are in seconds.
 
     Faces: [`call()`][datapunk_recovery.flow.pipeline.Pipeline.call],
-    [`call_async()`][datapunk_recovery.flow.pipeline.Pipeline.call_async], and the object as a decorator
+    [`call_async()`][datapunk_recovery.flow.pipeline.Pipeline.call_async], and the object as a
+    decorator
     (sync and async, signature kept).
     """
 

@@ -1,29 +1,34 @@
 """Client-side rate limiting: a token bucket with a bounded wait and a 429 drain.
 
-A [`RateLimiter`][datapunk_recovery.flow.ratelimit.RateLimiter] lets calls through at ``rate`` per second
+A [`RateLimiter`][datapunk_recovery.flow.ratelimit.RateLimiter] lets calls through at ``rate`` per
+second
 on average
 with bursts of up to ``burst``.  A call that finds the bucket empty
 *reserves* its token (the bucket goes into debt) and then waits until the
 token would have arrived, so waiting callers are served in order and never
 stampede when tokens come back.  A wait longer than ``max_wait`` seconds (or
 than the overall deadline allows) is refused at once with
-[`RateLimitExceeded`][datapunk_recovery.flow.ratelimit.RateLimitExceeded], whose ``retry_after`` says
+[`RateLimitExceeded`][datapunk_recovery.flow.ratelimit.RateLimitExceeded], whose ``retry_after``
+says
 when a token will be
 there.  A caller cancelled while it waits gives its token back.
 
 When the server says it throttles us (a 429 result, or an error classified as
-``rate_limited``), [`RateLimiter.drain()`][datapunk_recovery.flow.ratelimit.RateLimiter.drain] empties
+``rate_limited``), [`RateLimiter.drain()`][datapunk_recovery.flow.ratelimit.RateLimiter.drain]
+empties
 the bucket, for the
 server's ``Retry-After`` when it gives one: the next calls wait instead of
 hammering a server that already said no.
 
 Per-caller quotas: with ``per_caller_rate`` set, every caller (``caller=``
-or [`datapunk_recovery.flow.bulkhead.as_caller()`][datapunk_recovery.flow.bulkhead.as_caller]) also has its
+or [`datapunk_recovery.flow.bulkhead.as_caller()`][datapunk_recovery.flow.bulkhead.as_caller]) also
+has its
 own bucket, so
 one caller cannot use up the whole rate.  Idle callers' buckets are dropped
 when more than ``max_callers`` are tracked.
 
-Time is read through [`datapunk_recovery._core.clock.now()`][datapunk_recovery._core.clock.now] and waits go
+Time is read through [`datapunk_recovery._core.clock.now()`][datapunk_recovery._core.clock.now] and
+waits go
 through
 ``_runtime`` sleeps, so a fake clock drives the limiter exactly.
 """
@@ -239,11 +244,14 @@ class RateLimiter(CallDecorator):
     """A token-bucket rate limiter (see the module doc and `RateLimiterConfig`).
 
     Faces: [`acquire()`][datapunk_recovery.flow.ratelimit.RateLimiter.acquire] /
-    [`acquire_async()`][datapunk_recovery.flow.ratelimit.RateLimiter.acquire_async] (wait if allowed,
+    [`acquire_async()`][datapunk_recovery.flow.ratelimit.RateLimiter.acquire_async]
+    (wait if allowed,
     else
-    raise), [`try_acquire()`][datapunk_recovery.flow.ratelimit.RateLimiter.try_acquire] (never waits),
+    raise), [`try_acquire()`][datapunk_recovery.flow.ratelimit.RateLimiter.try_acquire] (never
+    waits),
     [`call()`][datapunk_recovery.flow.ratelimit.RateLimiter.call] /
-    [`call_async()`][datapunk_recovery.flow.ratelimit.RateLimiter.call_async] (also drain on a throttled
+    [`call_async()`][datapunk_recovery.flow.ratelimit.RateLimiter.call_async]
+    (also drain on a throttled
     result or error), and the
     object as a decorator.  Thread-safe; one lock taken per call.
     """

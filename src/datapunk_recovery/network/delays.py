@@ -14,13 +14,15 @@ A server that is rate limiting or restarting usually says when to come back:
 the most specific,
 then ``Retry-After``, then ``X-RateLimit-Reset``) into a
 [`ServerHint`][datapunk_recovery.network.delays.ServerHint]:
-a delay in seconds for [`datapunk_recovery._core.errors.classify()`][datapunk_recovery._core.errors.classify]'s
+a delay in seconds for
+[`datapunk_recovery._core.errors.classify()`][datapunk_recovery._core.errors.classify]'s
 ``delay_hint``, or ``never``.  A value that cannot be parsed or is negative
 (a ``Retry-After: -5``, a date that is not a date) is ignored and reported
 with [`HintIgnored`][datapunk_recovery._core.events.HintIgnored]; a value that parses but
 is absurdly long is passed on (capped at `MAX_HINT_SECONDS`), so that
 the core's rule
-([`datapunk_recovery._core.backoff.server_delay()`][datapunk_recovery._core.backoff.server_delay]) gives up
+([`datapunk_recovery._core.backoff.server_delay()`][datapunk_recovery._core.backoff.server_delay])
+gives up
 instead of waiting hours.
 
 The grammars are strict, as RFC 9110 writes them: seconds are ASCII digits

@@ -34,7 +34,7 @@ Retries are the retry engine's
 backoff, server-given delays (``Retry-After`` through
 [`classify()`][datapunk_recovery._core.errors.classify]'s ``delay_hint``), the overall
 deadline (each attempt is cancelled when it passes, and
-[`datapunk_recovery._execution.deadline.remaining()`][datapunk_recovery._execution.deadline.remaining] tells the callee
+[`datapunk_recovery.remaining()`][datapunk_recovery._execution.deadline.remaining] tells the callee
 how long it
 has), the retry budget and the engine's events and statistics all apply.
 With a [`HedgeConfig`][datapunk_recovery.flow.hedging.HedgeConfig], an idempotent call is
@@ -150,7 +150,8 @@ class RouterConfig:
     """How a router retries, trips endpoints and hedges.
 
     ``retry``: attempts over all endpoints (the first included), backoff and
-    the call's own deadline, in seconds (a [`RetryPolicy`][datapunk_recovery._core.policy.RetryPolicy]
+    the call's own deadline, in seconds
+    (a [`RetryPolicy`][datapunk_recovery._core.policy.RetryPolicy]
     gives some
     error categories a configuration of their own).  ``breaker``: the configuration of
     each endpoint's breaker (keep its window so that selection sees failure

@@ -17,7 +17,8 @@ Each failed item is judged on its own by
 (or ``on``): non-retryable items stop at once, retryable ones go into the
 next round.  Rounds are spaced by the ``RetryConfig`` backoff; the largest
 server-given delay among the failures is honoured by the core's rule
-([`datapunk_recovery._core.backoff.server_delay()`][datapunk_recovery._core.backoff.server_delay]); the overall
+([`datapunk_recovery._core.backoff.server_delay()`][datapunk_recovery._core.backoff.server_delay]);
+the overall
 deadline and a
 retry budget (one ``on_attempt`` per item attempt, one ``allow_retry`` per
 item retried) are respected.  Cancellation propagates at once.

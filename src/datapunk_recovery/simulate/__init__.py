@@ -2,7 +2,8 @@
 
 A discrete-event simulation ([`kernel`][datapunk_recovery.simulate.kernel]) on the library's fake
 clock runs
-the library's own code — [`RetryConfig.delays()`][datapunk_recovery._core.backoff.RetryConfig.delays], the
+the library's own code —
+[`RetryConfig.delays()`][datapunk_recovery._core.backoff.RetryConfig.delays], the
 retry budgets, the
 circuit breaker — for many simulated clients at once, seeded and
 deterministic, far faster than real time:

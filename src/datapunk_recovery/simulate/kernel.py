@@ -5,7 +5,8 @@ Events are callables scheduled at a time;
 time order (ties in the order they were scheduled), moves the
 [`FakeClock`][datapunk_recovery._core.clock.FakeClock] to each event's time and runs it.
 While it runs, that fake clock is the library's clock, so the real breaker
-and budget (which read [`datapunk_recovery._core.clock.now()`][datapunk_recovery._core.clock.now]) see simulated
+and budget (which read [`datapunk_recovery._core.clock.now()`][datapunk_recovery._core.clock.now])
+see simulated
 time.  One seeded `random.Random` draws every random number, so a run
 is a pure function of its seed: no thread, no wall clock, no sleep.
 """

@@ -52,7 +52,8 @@ __all__ = [
 class SawtoothBackoff:
     """EXPERIMENTAL: sawtooth full jitter, the simulation's candidate for a better default.
 
-    Not (yet) a jitter kind of [`datapunk_recovery._core.backoff`][datapunk_recovery._core.backoff]; it lives
+    Not (yet) a jitter kind of
+    [`datapunk_recovery._core.backoff`][datapunk_recovery._core.backoff]; it lives
     here
     so that it can be compared.  Retries go in phases ``k = 1, 2, 3, ...`` of
     ``k`` retries each; within phase ``k`` the windows shrink back down:
@@ -96,7 +97,8 @@ class AdditiveJitter:
 
     The delay of retry ``n`` is ``min(max_delay, base_delay * exponential_base
     ** (n - 1) + uniform(0, jitter))`` seconds, with the base, factor and cap
-    of the policy's [`RetryConfig`][datapunk_recovery._core.backoff.RetryConfig] (the peers' ``initial`` /
+    of the policy's [`RetryConfig`][datapunk_recovery._core.backoff.RetryConfig]
+    (the peers' ``initial`` /
     ``wait_initial``, ``exp_base`` and ``max`` / ``wait_max``).  Not a jitter
     kind of the library: it lives here to reproduce the peers in the lab.
     """

@@ -670,7 +670,8 @@ class RecoveryStrategies:
 
         Uses the policy of ``service`` (the defaults when ``None``) and of
         ``category`` when it has its own, with the engine's own rule
-        ([`RetryConfig.retry_delay()`][datapunk_recovery._core.backoff.RetryConfig.retry_delay]): any
+        ([`RetryConfig.retry_delay()`][datapunk_recovery._core.backoff.RetryConfig.retry_delay]):
+        any
         ``retry_number >= 0`` is
         answered whatever ``max_attempts`` allows (0 means no retry yet and
         gives 0), capped at ``max_delay``.  The decorrelated kinds depend on

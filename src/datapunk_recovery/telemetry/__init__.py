@@ -1,6 +1,7 @@
 """Observability: the library's events exported to logs, metrics and traces.
 
-Exporters are event subscribers ([`datapunk_recovery._core.events`][datapunk_recovery._core.events]), nothing
+Exporters are event subscribers
+([`datapunk_recovery._core.events`][datapunk_recovery._core.events]), nothing
 more: when none is installed, no event is even built.  Each adapts one
 system and imports that system's library only when it is built:
 

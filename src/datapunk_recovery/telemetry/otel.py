@@ -20,7 +20,8 @@ has no asynchronous one, and reporting the engine's buckets as gauges would
 change the instrument's kind and name and lose what the SDK does with a
 histogram (views choosing its buckets).  But it is not fed per call: the
 engine times each attempt (as for Prometheus) and the exporter receives the
-exact durations in batches when they are folded ([`add_tap()`][datapunk_recovery._core.stats.add_tap]),
+exact durations in batches when they are folded
+([`add_tap()`][datapunk_recovery._core.stats.add_tap]),
 keeps them, and records them all at the next collection, in the reader's
 thread, before the SDK reads the histogram.  A call therefore costs what it
 costs under Prometheus; the SDK's own ``record`` (microseconds per value) is

@@ -2,7 +2,8 @@
 
 Calls by outcome, retries by category, give-ups by reason and attempt
 durations are kept by the engine in its own lock-free statistics
-([`datapunk_recovery._core.stats`][datapunk_recovery._core.stats]); a metrics exporter reads them when it is
+([`datapunk_recovery._core.stats`][datapunk_recovery._core.stats]); a metrics exporter reads them
+when it is
 scraped or collected instead of receiving an event per call.  A
 [`Puller`][datapunk_recovery.telemetry.pull.Puller] is the exporter's view: it takes a baseline when
 the exporter

@@ -248,7 +248,8 @@ def _transitions(result: RunResult, out: IO[str]) -> None:
 
 
 def plot(results: Sequence[RunResult], setup: DrillSetup, path: Path) -> None:
-    """Draw [`figure()`][datapunk_recovery.cli.commands.demo.figure] of the runs to ``path`` (PNG)."""
+    """Draw [`figure()`][datapunk_recovery.cli.commands.demo.figure] of the runs to ``path``
+    (PNG)."""
     figure(results, setup).savefig(path)
 
 
