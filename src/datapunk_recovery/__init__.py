@@ -13,6 +13,7 @@ recoveries.
 
 from typing import TYPE_CHECKING, Any
 
+from . import _compat
 from ._core.backoff import Jitter, RetryConfig, ServerDelay, server_delay
 from ._core.errors import (
     BudgetExhausted,
@@ -70,6 +71,9 @@ if TYPE_CHECKING:
 
 __version__ = "0.2.0"
 
+# The module paths of 0.2.0 (datapunk_recovery.bulkhead, ...) still import.
+_compat.install()
+
 # Loaded on first use: the facade imports every recovery package.
 _LAZY = {
     "RecoveryStrategies": "strategies",
@@ -81,6 +85,9 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
+        moved = _compat.module(name)  # datapunk_recovery.errors, as in 0.2.0
+        if moved is not None:
+            return moved
         raise AttributeError(f"module 'datapunk_recovery' has no attribute {name!r}")
     import importlib
 

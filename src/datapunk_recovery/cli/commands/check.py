@@ -67,7 +67,8 @@ def _worst_waits(configs: Sequence[RetryConfig], retries: int, *, server_delays:
     sequence, which never gets longer than retry ``k``'s bound).  Failures
     can mix categories in any order, so retry ``k`` waits at most the longest
     bound of the configurations that may still retry then; the bounds come
-    from [`RetryConfig.longest_delays()`][datapunk_recovery._core.backoff.RetryConfig.longest_delays],
+    from
+    [`RetryConfig.longest_delays()`][datapunk_recovery._core.backoff.RetryConfig.longest_delays],
     the engine's own formulas run at
     the top of every jitter range.  A server-given delay (``Retry-After``)
     replaces a shorter computed one when it is at most ``max_server_delay``
