@@ -1,7 +1,9 @@
 """Write docs/api/: one page per public module, and print the API part of mkdocs.yml's nav.
 
 A public module is every module of ``datapunk_recovery`` whose dotted path has
-no part starting with an underscore (``__init__`` stands for its package).
+no part starting with an underscore (``__init__`` stands for its package),
+the layer packages ``_core`` and ``_execution`` aside: their modules are
+public unless listed in ``INTERNAL`` (the modules shared inside the package).
 ``tests/test_docs.py`` checks that docs/api/ and the nav hold exactly them, so
 after adding a module run::
 
@@ -20,23 +22,10 @@ API = ROOT / "docs" / "api"
 #: Nav sections of the API reference, in the order of the guides; a module
 #: goes to the first section whose prefix it has.
 SECTIONS: list[tuple[str, tuple[str, ...]]] = [
-    ("Front door", ("strategies", "config", "schema", "durations")),
+    ("Front door", ("strategies", "config", "durations")),
     ("Retries", ("errors", "backoff", "policy", "engine", "stats")),
-    ("Circuit breakers", ("breaker", "registry")),
-    (
-        "Flow control",
-        (
-            "budget",
-            "bulkhead",
-            "ratelimit",
-            "adaptive",
-            "deadline",
-            "timeout",
-            "hedging",
-            "fallback",
-            "pipeline",
-        ),
-    ),
+    ("Circuit breakers", ("breaker",)),
+    ("Flow control", ("budget", "flow", "deadline", "timeout")),
     ("Network", ("network",)),
     ("Cache", ("cache",)),
     ("Database", ("database",)),
@@ -45,8 +34,39 @@ SECTIONS: list[tuple[str, tuple[str, ...]]] = [
     ("Observability", ("events", "telemetry", "redact")),
     ("Testing", ("testing", "pytest_plugin", "clock")),
     ("Lab", ("chaos", "simulate", "demo")),
-    ("Command line", ("cli", "commands")),
+    ("Command line", ("cli",)),
 ]
+
+#: The layer packages: folders that show a layer, not a part of a module's name.
+LAYERS = ("_core", "_execution")
+
+#: Modules of the layer packages (and stores/) shared inside the package only.
+INTERNAL = {
+    "_core.validate",
+    "_core.windows",
+    "_core.context",
+    "_core.extras",
+    "_core.decorate",
+    "_execution.runtime",
+    "stores.clients",
+}
+
+
+def is_public(dotted: str) -> bool:
+    """Whether a dotted path below ``datapunk_recovery`` (a module or an object in
+    one) is public: no private part once the layer package is set aside."""
+    if any(dotted == m or dotted.startswith(f"{m}.") for m in INTERNAL):
+        return False
+    parts = dotted.split(".")
+    if parts[0] in LAYERS:
+        parts = parts[1:]
+    return not any(part.startswith("_") for part in parts)
+
+
+def _key(module: str) -> str:
+    """A module's name without its layer package (``_core.errors`` -> ``errors``)."""
+    top, _, rest = module.partition(".")
+    return rest if top in LAYERS and rest else module
 
 
 def public_modules() -> list[str]:
@@ -58,8 +78,8 @@ def public_modules() -> list[str]:
             parts = parts[:-1]
             if not parts:
                 continue  # the package itself: the guides are its documentation
-        if any(part.startswith("_") for part in parts):
-            continue
+        if parts in ([layer] for layer in LAYERS) or not is_public(".".join(parts)):
+            continue  # a layer package holds no API of its own
         found.append(".".join(parts))
     return found
 
@@ -102,7 +122,7 @@ def defined_in_package(module: str) -> list[str]:
 
 
 def section(module: str) -> str:
-    top = module.split(".")[0]
+    top = _key(module).split(".")[0]
     for title, prefixes in SECTIONS:
         if top in prefixes:
             return title
@@ -114,7 +134,9 @@ def nav() -> list[str]:
     lines = ["  - API reference:"]
     for title, prefixes in SECTIONS:
         modules = [m for m in public_modules() if section(m) == title]
-        modules.sort(key=lambda m: (prefixes.index(m.split(".")[0]), m.count("."), m))
+        modules.sort(
+            key=lambda m: (prefixes.index(_key(m).split(".")[0]), _key(m).count("."), _key(m))
+        )
         lines.append(f"      - {title}:")
         for module in modules:
             rel = page(module).relative_to(ROOT / "docs").as_posix()

@@ -37,6 +37,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import api_pages
+
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 DOCS = ROOT / "docs"
@@ -72,8 +75,7 @@ def _lookup(path: str) -> Any | None:
 
 def _shown(obj: Any) -> bool:
     """Whether the API pages show ``obj`` (so a cross-reference to it resolves)."""
-    parts = obj.path.split(".")
-    if any(p.startswith("_") for p in parts[1:]):
+    if not api_pages.is_public(obj.path.removeprefix(f"{PACKAGE}.")):
         return False
     if obj.is_module:
         return True

@@ -1,10 +1,11 @@
 """The seams between modules, read from the source with ``ast`` (no import runs).
 
 A public module's ``_private`` names are its own: another module that needs
-one is missing a public seam (a helper, a property, a callback).  Underscore
-*modules* (``_runtime``, ``_validate``, ``_context``, ``_windows``,
-``_decorate``, ``_extras``, ``_redis_clients``, ...) exist to be shared inside
-the package, so their names are fair game.
+one is missing a public seam (a helper, a property, a callback).  Shared
+modules (``_execution.runtime``, ``_core.validate``, ``_core.context``,
+``_core.windows``, ``_core.decorate``, ``_core.extras``, ``stores.clients``:
+``SHARED``) and underscore modules exist to be shared inside the package, so
+their names are fair game.
 """
 
 from __future__ import annotations
@@ -88,7 +89,29 @@ def _is_private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
+#: The layer packages: their modules are named without an underscore, and those
+#: that were public in 0.2.0 keep their ``_private`` names to themselves.
+LAYERS = {f"{PACKAGE}._core", f"{PACKAGE}._execution"}
+
+#: Modules shared inside the package (underscore modules before issue 15's
+#: layout), whose names are fair game.
+SHARED = {
+    f"{PACKAGE}._core.validate",
+    f"{PACKAGE}._core.windows",
+    f"{PACKAGE}._core.context",
+    f"{PACKAGE}._core.extras",
+    f"{PACKAGE}._core.decorate",
+    f"{PACKAGE}._execution.runtime",
+    f"{PACKAGE}.stores.clients",
+}
+
+
 def _is_public_module(module: str) -> bool:
+    if module in SHARED:
+        return False
+    for layer in LAYERS:
+        if module.startswith(f"{layer}."):
+            module = PACKAGE + module[len(layer) :]
     return not any(_is_private(part) for part in module.split("."))
 
 
@@ -170,7 +193,9 @@ def test_the_scan_resolves_relative_imports_and_tells_private_modules() -> None:
         "datapunk_recovery.database"
     )
     assert _is_public_module("datapunk_recovery.flow.bulkhead")
+    assert _is_public_module("datapunk_recovery._core.errors")
     assert not _is_public_module("datapunk_recovery._execution.runtime")
+    assert not _is_public_module("datapunk_recovery.database._replay")
     assert not _is_private("__init__")
 
 
