@@ -2,11 +2,11 @@
 # Mutation testing of the core with mutmut 3 (configured in pyproject.toml, [tool.mutmut]).
 #
 # Too slow for every CI run: run it on demand, before a release or after changing
-# backoff.py, errors.py, engine.py or breaker.py.  Each module is run on its own so
+# _core/backoff.py, _core/errors.py, _execution/engine.py or breaker/.  Each module is run on its own so
 # that a partial run still gives a score per module.
 #
 #   scripts/mutation.sh                 # every core module
-#   scripts/mutation.sh backoff errors  # only these
+#   scripts/mutation.sh _core.backoff _core.errors  # only these (dotted, below the package)
 #   JOBS=2 NICE=15 scripts/mutation.sh  # parallel children / niceness (defaults 1 / 15)
 #
 # Mutants are written under mutants/ (git-ignored); `mutmut results` and
@@ -22,10 +22,10 @@ NICE=${NICE:-15}
 export HYPOTHESIS_PROFILE=ci  # derandomized: a mutant's verdict never depends on luck
 
 modules=("$@")
-if [[ ${#modules[@]} -eq 0 ]]; then modules=(backoff errors engine breaker); fi
+if [[ ${#modules[@]} -eq 0 ]]; then modules=(_core.backoff _core.errors _execution.engine breaker); fi
 
 for m in "${modules[@]}"; do
-    echo "== datapunk_recovery/${m}.py"
+    echo "== datapunk_recovery.${m}"
     nice -n "$NICE" "$MUTMUT" run --max-children "$JOBS" "datapunk_recovery.${m}.*" || true
 done
 
@@ -43,7 +43,9 @@ KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 modules = sys.argv[1:]
 totals = {m: [0, 0] for m in modules}
 for meta in sorted(pathlib.Path("mutants").rglob("*.py.meta")):
-    module = meta.name.removesuffix(".py.meta")
+    parts = meta.parts[meta.parts.index("datapunk_recovery") + 1 :]
+    module = ".".join([*parts[:-1], parts[-1].removesuffix(".py.meta")])
+    module = module.removesuffix(".__init__")  # breaker/__init__.py is "breaker"
     if module not in totals:
         continue
     for code in json.loads(meta.read_text())["exit_code_by_key"].values():
@@ -55,5 +57,5 @@ for meta in sorted(pathlib.Path("mutants").rglob("*.py.meta")):
 all_n = sum(n for n, _ in totals.values())
 all_k = sum(k for _, k in totals.values())
 for m, (n, k) in [*totals.items(), ("all", (all_n, all_k))]:
-    print(f"{m:8s} {n:5d} mutants {k:5d} killed {n - k:4d} left  {100 * k / max(n, 1):5.1f}%")
+    print(f"{m:18s} {n:5d} mutants {k:5d} killed {n - k:4d} left  {100 * k / max(n, 1):5.1f}%")
 PY
