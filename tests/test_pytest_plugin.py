@@ -55,7 +55,9 @@ def test_each_example_of_the_testing_guide_passes(pytester: pytest.Pytester, ind
 
 
 STATE = """
-from datapunk_recovery import _runtime, chaos, clock, errors, events
+from datapunk_recovery import chaos
+from datapunk_recovery._core import clock, errors, events
+from datapunk_recovery._execution import runtime as _runtime
 
 def state():
     return (

@@ -801,7 +801,7 @@ async def test_a_store_timeout_does_not_close_a_healthy_connection(
 
 _LOAD_CHILD = r"""
 import asyncio, json, sys
-from datapunk_recovery import events
+from datapunk_recovery._core import events
 from datapunk_recovery.breaker import CircuitBreaker, StoreFallback
 from datapunk_recovery.budget import TokenBudget
 from datapunk_recovery.stores.budget_redis import SharedBudget

@@ -54,7 +54,7 @@ def test_an_exporter_is_a_subscriber_like_any_other() -> None:
 def test_importing_telemetry_loads_no_optional_library_and_listens_to_nothing() -> None:
     code = (
         "import sys, datapunk_recovery.telemetry\n"
-        "from datapunk_recovery import events\n"
+        "from datapunk_recovery._core import events\n"
         "loaded = {m.split('.')[0] for m in sys.modules}\n"
         "print(sorted(loaded & {'prometheus_client', 'opentelemetry', 'structlog'}))\n"
         "print(events.listening())\n"
