@@ -46,14 +46,14 @@ def test_every_old_module_path_imports_the_very_module_at_its_new_home(old: str)
 
 
 def test_a_name_imported_from_an_old_path_is_the_same_object() -> None:
-    from datapunk_recovery._core.errors import CircuitOpenError  # an old path, kept on purpose
+    from datapunk_recovery.errors import CircuitOpenError  # an old path, kept on purpose
 
     assert CircuitOpenError is datapunk_recovery.CircuitOpenError
 
 
 def test_importing_an_old_path_keeps_the_top_level_deadline_the_function() -> None:
     code = (
-        "import datapunk_recovery._execution.deadline, datapunk_recovery as dr, types; "
+        "import datapunk_recovery.deadline, datapunk_recovery as dr, types; "  # old path
         "assert not isinstance(dr.deadline, types.ModuleType), dr.deadline"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -64,7 +64,7 @@ def test_old_paths_import_nothing_until_they_are_imported() -> None:
         "import sys, datapunk_recovery; "
         "assert 'datapunk_recovery.config.schema' not in sys.modules; "
         "assert 'datapunk_recovery.cli.commands' not in sys.modules; "
-        "import datapunk_recovery.cli.commands.check as old; "
+        "import datapunk_recovery.commands.check as old; "  # an old path
         "assert old is sys.modules['datapunk_recovery.cli.commands.check']"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

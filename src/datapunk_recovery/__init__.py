@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.2.0"
 
-# The module paths of 0.2.0 (datapunk_recovery.flow.bulkhead, ...) still import.
+# The old paths of 0.2.0 (datapunk_recovery.bulkhead, ...) still import.
 _compat.install()
 
 # Loaded on first use: the facade imports every recovery package.
@@ -85,7 +85,7 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
-        moved = _compat.module(name)  # datapunk_recovery._core.errors, as in 0.2.0
+        moved = _compat.module(name)  # an old path: datapunk_recovery.errors, as in 0.2.0
         if moved is not None:
             return moved
         raise AttributeError(f"module 'datapunk_recovery' has no attribute {name!r}")
