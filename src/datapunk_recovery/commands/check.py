@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..backoff import RetryConfig
+from ..budget import TokenBudgetConfig
 from ..config import RecoveryConfig, ServicePolicy, load_config
 from ..durations import format_duration
 from ..schema import ConfigError
@@ -169,7 +170,14 @@ def _describe(policy: ServicePolicy) -> tuple[str, ...]:
             + f", open {format_duration(b.open_duration)}"
         )
     )
-    budget = "off" if policy.budget is None else f"{policy.budget.max_tokens:g} tokens"
+    g = policy.budget
+    budget = (
+        "off"
+        if g is None
+        else f"{g.max_tokens:g} tokens"
+        if isinstance(g, TokenBudgetConfig)
+        else f"{g.ratio:.0%} + {g.min_per_second:g}/s over {format_duration(g.window)}"
+    )
     bulkhead = "off" if policy.bulkhead is None else str(policy.bulkhead.max_concurrent)
     timeout = "none" if policy.attempt_timeout is None else format_duration(policy.attempt_timeout)
     attempts, longest = worst_case(policy)

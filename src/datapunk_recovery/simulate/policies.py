@@ -173,6 +173,7 @@ class SimPolicy:
     indexing: Literal["library", "published"] = "library"
     additive: AdditiveJitter | None = None
     retry_quota: RetryQuotaConfig | None = None
+    shared_budget: bool = False
 
     def __post_init__(self) -> None:
         owner = "SimPolicy"
@@ -205,6 +206,8 @@ class SimPolicy:
                 f"{owner}.additive: at most one replacement jitter, and sawtooth is set too, "
                 f"got {self.additive!r}"
             )
+        if not isinstance(self.shared_budget, bool):
+            raise TypeError(f"{owner}.shared_budget: expected a bool, got {self.shared_budget!r}")
         if not isinstance(self.description, str):
             raise TypeError(f"{owner}.description: expected a str, got {self.description!r}")
         if self.indexing not in ("library", "published"):
