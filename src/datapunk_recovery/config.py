@@ -125,9 +125,7 @@ class ServicePolicy:
     retry: RetryConfig = field(default_factory=RetryConfig)
     categories: Mapping[ErrorCategory, RetryConfig] = field(default_factory=dict)
     breaker: BreakerConfig | None = field(default_factory=BreakerConfig)
-    budget: TokenBudgetConfig | RatioBudgetConfig | None = field(
-        default_factory=TokenBudgetConfig
-    )
+    budget: TokenBudgetConfig | RatioBudgetConfig | None = field(default_factory=TokenBudgetConfig)
     bulkhead: BulkheadConfig | None = None
     attempt_timeout: float | None = None
     endpoints: tuple[str, ...] = ()

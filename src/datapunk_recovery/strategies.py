@@ -188,9 +188,7 @@ class _Service:
         # go on counting), and one the new policy drops is kept aside, so
         # that a later reload restoring it finds it as it was.
         kept_budget, kept_bulkhead = previous.kept if previous is not None else (None, None)
-        self.budget: TokenBudget | RatioBudget | None = _budget(
-            name, policy.budget, kept_budget
-        )
+        self.budget: TokenBudget | RatioBudget | None = _budget(name, policy.budget, kept_budget)
         self.bulkhead: Bulkhead | None = _bulkhead(name, policy.bulkhead, kept_bulkhead)
         self.kept: tuple[TokenBudget | RatioBudget | None, Bulkhead | None] = (
             kept_budget if self.budget is None else self.budget,

@@ -176,7 +176,7 @@ def _describe(policy: ServicePolicy) -> tuple[str, ...]:
         if g is None
         else f"{g.max_tokens:g} tokens"
         if isinstance(g, TokenBudgetConfig)
-        else f"{g.ratio:.0%} + {g.min_per_second:g}/s over {format_duration(g.window)}"
+        else f"ratio {g.ratio:.0%} + {g.min_per_second:g}/s over {format_duration(g.window)}"
     )
     bulkhead = "off" if policy.bulkhead is None else str(policy.bulkhead.max_concurrent)
     timeout = "none" if policy.attempt_timeout is None else format_duration(policy.attempt_timeout)
