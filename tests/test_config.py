@@ -556,3 +556,15 @@ def test_a_bad_budget_kind_or_value_is_named_with_its_field_and_value(tmp_path: 
     ]
     with pytest.raises(TypeError, match=r"ServicePolicy\.budget: expected a TokenBudgetConfig or"):
         ServicePolicy(budget=RetryConfig())  # type: ignore[arg-type]
+
+
+def test_a_reload_switches_the_budget_kind_and_keeps_a_ratio_budget_whose_figures_stay() -> None:
+    ratio = {"services": {"reports": {"budget": {"kind": "ratio", "min_per_second": 0}}}}
+    recovery = RecoveryStrategies.from_config(ratio, environ={})
+    first = recovery.budget("reports")
+    assert isinstance(first, RatioBudget)
+    recovery.reload({**ratio, "cache": {"ttl": "5s"}}, environ={})
+    assert recovery.budget("reports") is first  # the same figures: the same window
+    recovery.reload({"services": {"reports": {"budget": {"max_tokens": 4}}}}, environ={})
+    tokens = recovery.budget("reports")
+    assert isinstance(tokens, TokenBudget) and tokens.config.max_tokens == 4.0
