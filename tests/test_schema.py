@@ -538,3 +538,22 @@ def test_a_union_kind_comes_from_an_environment_variable() -> None:
     assert [str(p) for p in caught.value.problems] == [
         "env APP__GATE__KIND: gate.kind: expected one of 'token', 'window' (got 'nope')"
     ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KindedConfig:
+    kind: str = "mine"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ambiguous:
+    gate: KindedConfig | WindowGateConfig = dataclasses.field(default_factory=WindowGateConfig)
+    mixed: int | str = 0
+
+
+def test_a_union_that_cannot_be_told_apart_cannot_come_from_a_file() -> None:
+    # A dataclass with a field named kind, or a union of plain types: no key tells the arm.
+    with pytest.raises(ConfigError) as caught:
+        build(Ambiguous, {"gate": {"kind": "mine"}, "mixed": 1}, source="f")
+    assert [p.path for p in caught.value.problems] == ["gate", "mixed"]
+    assert all("cannot be set from configuration" in p.message for p in caught.value.problems)

@@ -482,7 +482,12 @@ class _Builder:
                 return None
             if len(arms) == 1:
                 return self.value(arms[0], raw, path, field, base)
-            if all(isinstance(a, type) and dataclasses.is_dataclass(a) for a in arms):
+            if all(
+                isinstance(a, type)
+                and dataclasses.is_dataclass(a)
+                and KIND_KEY not in {f.name for f in dataclasses.fields(a)}
+                for a in arms
+            ):
                 return self.union(arms, raw, path, base)
             return self.unsupported(raw, path)
         if tp is bool:
