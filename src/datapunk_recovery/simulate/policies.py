@@ -162,6 +162,11 @@ class SimPolicy:
     (``expo(1) = 10 ms`` for the post's base of 5 ms).  Only the kinds built
     on the envelope (none, full, equal, proportional) shift; the decorrelated
     kinds and the sawtooth keep their own published formulas.
+
+    ``shared_budget``: in the outage model, one budget for every client
+    process instead of one each, as a budget shared through a store
+    ([`SharedBudget`][datapunk_recovery.stores.budget_redis.SharedBudget]) would be, idealised
+    as synced at once.
     """
 
     retry: RetryConfig = field(default_factory=RetryConfig)
