@@ -10,12 +10,15 @@ on the open period, half-open permits) and the budget, keeping the library's
 default retries (3 attempts, full jitter, 100 ms base).  Every scenario runs
 with a fixed seed (``--seeds`` to add more); each outage starts at 5 s and the
 run lasts 15 s after it.  Writes ``docs/benchmarks/outage-defaults.json`` and
-``docs/img/simulate-outage-sweep.png``.  Run under ``nice -n 15``.
+``docs/img/simulate-outage-sweep.png`` (``--grid``: the goal's full grid for the
+default and the budgets tried for sparse clients, into
+``docs/benchmarks/outage-grid.json``).  Run under ``nice -n 15``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -36,6 +39,8 @@ from datapunk_recovery.simulate.policies import SimPolicy  # noqa: E402
 LOADS = ((10.0, 1), (10.0, 100), (100.0, 10), (300.0, 30), (1000.0, 1), (1000.0, 100))
 OUTAGES = (2.0, 5.0, 20.0, 60.0)
 LONG = 300.0  # checked for the chosen defaults only (a run of 320 simulated s at 1,000 rps)
+#: The goal's full grid (``--grid``): outages x requests per second x client processes.
+GRID = ((2.0, 20.0, 300.0), (10.0, 100.0, 1000.0), (1, 10, 100))
 
 
 def scenario(outage: float, rate: float, clients: int, seed: int) -> OutageSetup:
@@ -98,6 +103,89 @@ def policies() -> dict[str, SimPolicy]:
             breaker=b1,
         )
     out["no budget, open 1s j0.2"] = SimPolicy(retry, breaker=b1)
+    return out
+
+
+def grid_policies() -> dict[str, SimPolicy]:
+    """The default and the budgets that try to meet the goal for sparse clients too."""
+    from datapunk_recovery._core.backoff import Jitter
+    from datapunk_recovery.simulate.policies import DEFAULT_POLICY
+
+    def with_(**kw: Any) -> SimPolicy:
+        return dataclasses.replace(DEFAULT_POLICY, **kw)
+
+    def late(delay: float) -> RetryConfig:
+        return RetryConfig(max_attempts=2, base_delay=delay, jitter=Jitter.NONE)
+
+    three = TokenBudgetConfig(max_tokens=3.0)
+    return {
+        "default (token budget 10)": DEFAULT_POLICY,
+        "token budget 3 (one retry per process)": with_(token_budget=three),
+        "ratio 10% / 10 s, floor 0.1/s": with_(
+            token_budget=None, ratio_budget=RatioBudgetConfig(ratio=0.1, min_per_second=0.1)
+        ),
+        "ratio 10% / 10 s, no floor": with_(
+            token_budget=None, ratio_budget=RatioBudgetConfig(ratio=0.1, min_per_second=0.0)
+        ),
+        "token budget 3, one retry after 2 s": with_(token_budget=three, retry=late(2.0)),
+        "token budget 3, one retry after 10 s": with_(token_budget=three, retry=late(10.0)),
+        "token budget 10 shared by every process": with_(shared_budget=True),
+    }
+
+
+def grid(seeds: list[int]) -> list[Any]:
+    rows = []
+    outages, rates, clients = GRID
+    for name, pol in grid_policies().items():
+        for outage in outages:
+            for rate in rates:
+                for count in clients:
+                    for seed in seeds:
+                        r = simulate_outage(name, pol, scenario(outage, rate, count, seed))
+                        rows.append(
+                            {
+                                "policy": name,
+                                "outage": outage,
+                                "rate": rate,
+                                "clients": count,
+                                "seed": seed,
+                                "recovery": r.recovery_time,
+                                "amplification": r.amplification,
+                                "offered_during": r.offered_during,
+                            }
+                        )
+        print(name, flush=True)
+    return rows
+
+
+def blip(seeds: int = 20) -> dict[str, tuple[int, int]]:
+    """Requests a 0.3-s blip fails, and how many of them retries save, per budget.
+
+    10 requests/s over 100 processes (a rare caller each), the blip at 30 s,
+    seeds 0 to ``seeds - 1``: what a budget costs a rare caller's isolated failure.
+    """
+    pols = grid_policies()
+    chosen = {
+        "default": pols["default (token budget 10)"],
+        "ratio, no floor": pols["ratio 10% / 10 s, no floor"],
+        "shared token": pols["token budget 10 shared by every process"],
+    }
+    out = {}
+    for name, pol in chosen.items():
+        offered = saved = 0
+        for seed in range(seeds):
+            setup = OutageSetup(
+                rate=10.0,
+                clients=100,
+                duration=40.0,
+                outage_start=30.0,
+                outage_duration=0.3,
+                seed=seed,
+            )
+            r = simulate_outage(name, pol, setup)
+            offered += r.offered_during
+            saved += round(r.success_during * r.offered_during)
+        out[name] = (offered, saved)
     return out
 
 
@@ -198,8 +286,26 @@ def main() -> None:
         action="store_true",
         help="check the library's default policy over every outage, 5 min included",
     )
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="the goal's grid (outages 2 s / 20 s / 5 min x 10 / 100 / 1,000 rps x 1 / 10 / "
+        "100 processes) for the default and the budgets that try the sparse loads",
+    )
+    parser.add_argument(
+        "--blip", action="store_true", help="a 0.3-s blip for rare callers, per budget"
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.blip:
+        for name, (offered, saved) in blip().items():
+            print(f"{name:20s} {saved} of {offered} failed requests saved")
+        return
+    if args.grid:
+        rows = grid(seeds)
+        path = ROOT / "docs" / "benchmarks" / "outage-grid.json"
+        path.write_text(json.dumps({"seeds": seeds, "grid": GRID, "rows": rows}, indent=1))
+        return
     if args.replot:
         saved = json.loads((ROOT / "docs" / "benchmarks" / "outage-defaults.json").read_text())
         plot(saved["rows"], ROOT / "docs" / "img" / "simulate-outage-sweep.png")

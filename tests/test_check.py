@@ -424,3 +424,27 @@ def test_reports_keys_naming_unknown_endpoints_beside_every_other_problem(
     assert "addresses names endpoints that are not listed: ['typo']" in out
     assert "priorities names endpoints that are not listed: ['other']" in out
 
+
+
+DEFAULTS_PLAIN = """\
+effective recovery policies
+service                   retry  per category              breaker     budget  bulkhead  attempt timeout  worst attempts  worst time
+----------  -------------------  ------------  -------------------  ---------  --------  ---------------  --------------  ----------
+(defaults)  3 x full 100ms..10s             -  5 in a row, open 1s  10 tokens       off             none               3   unbounded
+"""  # noqa: E501
+
+
+def test_the_plain_table_of_the_defaults_is_unchanged_and_a_ratio_budget_is_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "recovery.toml"
+    path.write_text("")
+    assert cli.main(["check", str(path), "--no-env", "--plain"]) == 0
+    assert capsys.readouterr().out.startswith(DEFAULTS_PLAIN)
+    path.write_text(
+        '[services.reports]\nbudget = { kind = "ratio", ratio = 0.1, min_per_second = 0 }\n'
+    )
+    assert cli.main(["check", str(path), "--no-env", "--plain"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (reports,) = [line for line in lines if line.startswith("reports")]
+    assert "ratio 10% + 0/s over 10s" in reports

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datapunk_recovery import ErrorCategory, RetryConfig, cli
+from datapunk_recovery.budget import RatioBudget, RatioBudgetConfig, TokenBudget, TokenBudgetConfig
 from datapunk_recovery.config import RecoveryConfig, ServicePolicy, build_config, load_config
 from datapunk_recovery.config.schema import ConfigError, Problem, env_overrides, merge
 from datapunk_recovery.strategies import RecoveryStrategies
@@ -477,3 +478,93 @@ def test_a_service_chooses_its_fallthrough_rule_and_a_wrong_one_is_named() -> No
     assert config.policy("other").fallthrough == "call"
     with pytest.raises(ConfigError, match=r"services\.api\.fallthrough"):
         build_config({"services": {"api": {"fallthrough": "sometimes"}}})
+
+
+def test_a_service_chooses_a_ratio_budget_in_toml_and_others_keep_the_token_budget(
+    tmp_path: Path,
+) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            "[services.reports]\n"
+            'budget = { kind = "ratio", ratio = 0.1, min_per_second = 0, window = "5s" }\n'
+            "[services.search]\nbudget = { ratio = 0.05 }\n"
+            "[services.payments]\nbudget = { max_tokens = 20 }\n",
+        ),
+        environ={},
+    )
+    assert config.policy("reports").budget == RatioBudgetConfig(
+        ratio=0.1, min_per_second=0.0, window=5.0
+    )
+    assert config.policy("search").budget == RatioBudgetConfig(ratio=0.05)  # chosen by its keys
+    assert config.policy("payments").budget == TokenBudgetConfig(max_tokens=20.0)
+    assert config.defaults.budget == TokenBudgetConfig()
+    strategies = RecoveryStrategies(config)
+    assert isinstance(strategies.budget("reports"), RatioBudget)
+    assert isinstance(strategies.budget("payments"), TokenBudget)
+
+
+def test_a_ratio_budget_in_the_defaults_is_inherited_key_by_key(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            '[defaults]\nbudget = { kind = "ratio", ratio = 0.1 }\n'
+            "[services.reports]\nbudget = { min_per_second = 1 }\n"
+            '[services.payments]\nbudget = { kind = "token" }\n',
+        ),
+        environ={},
+    )
+    assert config.policy("reports").budget == RatioBudgetConfig(ratio=0.1, min_per_second=1.0)
+    assert config.policy("payments").budget == TokenBudgetConfig()
+
+
+def test_the_budget_kind_comes_from_the_environment() -> None:
+    config = load_config(
+        environ={
+            "DATAPUNK_RECOVERY__SERVICES__REPORTS__BUDGET__KIND": "ratio",
+            "DATAPUNK_RECOVERY__SERVICES__REPORTS__BUDGET__MIN_PER_SECOND": "0",
+        }
+    )
+    assert config.policy("reports").budget == RatioBudgetConfig(min_per_second=0.0)
+
+
+def test_a_bad_budget_kind_or_value_is_named_with_its_field_and_value(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            write(
+                tmp_path,
+                '[services.a]\nbudget = { kind = "leaky" }\n'
+                '[services.b]\nbudget = { kind = "ratio", ratio = -1 }\n'
+                '[services.c]\nbudget = { kind = "ratio", max_tokens = 5 }\n',
+            ),
+            environ={},
+        )
+    lines = [str(p) for p in caught.value.problems]
+    source = str(tmp_path / "recovery.toml")
+    assert lines[:2] == [
+        f"{source}: services.a.budget.kind: expected one of 'token', 'ratio' (got 'leaky')",
+        f"{source}: services.b.budget.ratio: must be >= 0 (got -1)",
+    ]
+    assert lines[2].startswith(
+        f"{source}: services.c.budget.max_tokens: unknown key for RatioBudgetConfig"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={"DATAPUNK_RECOVERY__DEFAULTS__BUDGET__KIND": "bucket"})
+    assert [str(p) for p in caught.value.problems] == [
+        "env DATAPUNK_RECOVERY__DEFAULTS__BUDGET__KIND: defaults.budget.kind: "
+        "expected one of 'token', 'ratio' (got 'bucket')"
+    ]
+    with pytest.raises(TypeError, match=r"ServicePolicy\.budget: expected a TokenBudgetConfig or"):
+        ServicePolicy(budget=RetryConfig())  # type: ignore[arg-type]
+
+
+def test_a_reload_switches_the_budget_kind_and_keeps_a_ratio_budget_whose_figures_stay() -> None:
+    ratio = {"services": {"reports": {"budget": {"kind": "ratio", "min_per_second": 0}}}}
+    recovery = RecoveryStrategies.from_config(ratio, environ={})
+    first = recovery.budget("reports")
+    assert isinstance(first, RatioBudget)
+    recovery.reload({**ratio, "cache": {"ttl": "5s"}}, environ={})
+    assert recovery.budget("reports") is first  # the same figures: the same window
+    recovery.reload({"services": {"reports": {"budget": {"max_tokens": 4}}}}, environ={})
+    tokens = recovery.budget("reports")
+    assert isinstance(tokens, TokenBudget) and tokens.config.max_tokens == 4.0

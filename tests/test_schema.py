@@ -21,6 +21,7 @@ from datapunk_recovery.config.schema import (
     is_duration_field,
     merge,
     read_toml,
+    union_kinds,
 )
 
 
@@ -458,3 +459,101 @@ def test_a_rule_between_fields_of_any_dataclass_judges_the_values_given() -> Non
     assert problems_of(Span, {"low": 3.0, "high": 0.5}) == [
         "app.toml: high: must be >= low (3.0) (got 0.5)"
     ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenGateConfig:
+    tokens: float = 10.0
+    ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise ValueError(f"TokenGateConfig.tokens: must be >= 1, got {self.tokens!r}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WindowGateConfig:
+    ratio: float = 0.2
+    window: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Gated:
+    gate: TokenGateConfig | WindowGateConfig | None = dataclasses.field(
+        default_factory=TokenGateConfig
+    )
+
+
+def test_a_union_of_dataclasses_is_chosen_by_its_kind_key() -> None:
+    assert union_kinds([TokenGateConfig, WindowGateConfig]) == {
+        TokenGateConfig: "token",
+        WindowGateConfig: "window",
+    }
+    built = build(Gated, {"gate": {"kind": "window", "window": "2s"}}, source="f")
+    assert built.gate == WindowGateConfig(window=2.0)
+    assert build(Gated, {"gate": {"kind": " Token "}}, source="f").gate == TokenGateConfig()
+    assert build(Gated, {"gate": "none"}, source="f").gate is None
+
+
+def test_without_a_kind_the_keys_choose_and_an_empty_table_is_the_first_kind() -> None:
+    assert build(Gated, {"gate": {}}, source="f").gate == TokenGateConfig()
+    assert build(Gated, {"gate": {"window": 5}}, source="f").gate == WindowGateConfig(window=5.0)
+    # "ratio" fits both: the first kind of the union wins a tie ...
+    assert build(Gated, {"gate": {"ratio": 0.3}}, source="f").gate == TokenGateConfig(ratio=0.3)
+    # ... unless the table overrides a base of the other kind.
+    base = Gated(gate=WindowGateConfig(window=4.0))
+    rebuilt = build(Gated, {"gate": {"ratio": 0.3}}, source="f", base=base).gate
+    assert rebuilt == WindowGateConfig(ratio=0.3, window=4.0)
+    # A kind other than the base's starts from that kind's defaults.
+    other = build(Gated, {"gate": {"kind": "token"}}, source="f", base=base).gate
+    assert other == TokenGateConfig()
+
+
+def test_a_bad_kind_or_value_in_a_union_names_the_key_path_and_value() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build(Gated, {"gate": {"kind": "bucket"}}, source="f")
+    assert [str(p) for p in caught.value.problems] == [
+        "f: gate.kind: expected one of 'token', 'window' (got 'bucket')"
+    ]
+    with pytest.raises(ConfigError) as caught:
+        build(Gated, {"gate": {"kind": "window", "tokens": 3}}, source="f")
+    (problem,) = caught.value.problems
+    assert problem.path == "gate.tokens" and problem.value == 3
+    assert "unknown key for WindowGateConfig" in problem.message
+    with pytest.raises(ConfigError) as caught:
+        build(Gated, {"gate": {"tokens": 0}}, source="f")
+    assert [str(p) for p in caught.value.problems] == ["f: gate.tokens: must be >= 1 (got 0)"]
+    with pytest.raises(ConfigError) as caught:
+        build(Gated, {"gate": 5}, source="f")
+    assert [str(p) for p in caught.value.problems] == [
+        "f: gate: expected a table of TokenGateConfig or WindowGateConfig settings (got 5)"
+    ]
+
+
+def test_a_union_kind_comes_from_an_environment_variable() -> None:
+    env = env_overrides({"APP__GATE__KIND": "window", "APP__GATE__WINDOW": "250ms"}, "APP")
+    assert build(Gated, env, source="f").gate == WindowGateConfig(window=0.25)
+    with pytest.raises(ConfigError) as caught:
+        build(Gated, env_overrides({"APP__GATE__KIND": "nope"}, "APP"), source="f")
+    assert [str(p) for p in caught.value.problems] == [
+        "env APP__GATE__KIND: gate.kind: expected one of 'token', 'window' (got 'nope')"
+    ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KindedConfig:
+    kind: str = "mine"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ambiguous:
+    gate: KindedConfig | WindowGateConfig = dataclasses.field(default_factory=WindowGateConfig)
+    mixed: int | str = 0
+
+
+def test_a_union_that_cannot_be_told_apart_cannot_come_from_a_file() -> None:
+    # A dataclass with a field named kind, or a union of plain types: no key tells the arm.
+    with pytest.raises(ConfigError) as caught:
+        build(Ambiguous, {"gate": {"kind": "mine"}, "mixed": 1}, source="f")
+    assert [p.path for p in caught.value.problems] == ["gate", "mixed"]
+    assert all("cannot be set from configuration" in p.message for p in caught.value.problems)

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from datapunk_recovery import RetryConfig
+from datapunk_recovery import Jitter, RetryConfig
 from datapunk_recovery.breaker import BreakerConfig
 from datapunk_recovery.budget import RatioBudgetConfig, TokenBudgetConfig
 from datapunk_recovery.simulate.outage import (
@@ -142,3 +142,77 @@ def test_the_setup_is_validated() -> None:
         OutageSetup(duration=10.0, outage_start=5.0, outage_duration=10.0)
     with pytest.raises(ValueError, match=r"OutageSetup\.rate"):
         OutageSetup(rate=0.0)
+
+
+def grid_cell(outage: float, rate: float, clients: int, seed: int = 0) -> OutageSetup:
+    # A cell of the goal's grid as benchmarks/outage_defaults.py --grid runs it.
+    return OutageSetup(
+        rate=rate,
+        clients=clients,
+        duration=5.0 + outage + 15.0,
+        outage_start=5.0,
+        outage_duration=outage,
+        seed=seed,
+    )
+
+
+#: The cells of the goal's grid (outage, rps, processes) the default misses on amplification.
+SPARSE_CELLS = [(2.0, 10.0, 10), (2.0, 10.0, 100), (2.0, 100.0, 100), (20.0, 10.0, 100)]
+
+
+@pytest.mark.parametrize(("outage", "rate", "clients"), SPARSE_CELLS)
+def test_the_default_misses_the_amplification_goal_only_where_processes_see_a_request_or_two(
+    outage: float, rate: float, clients: int
+) -> None:
+    # Each process sees one or two requests during the outage; its full token
+    # bucket retries them (docs/simulate.md, "The goal's grid").  Recovery holds.
+    result = simulate_outage("default", DEFAULT_POLICY, grid_cell(outage, rate, clients))
+    assert 1.5 < result.amplification < 3.0
+    assert result.recovery_time is not None and result.recovery_time <= 2.0
+
+
+def test_a_budget_that_retries_a_first_failure_once_still_misses_it_even_retrying_late() -> None:
+    # One retry per process and outage (3 tokens, threshold 1.5), even sent
+    # 10 s later: a sparse process's first failure looks like an isolated one.
+    one = dataclasses.replace(DEFAULT_POLICY, token_budget=TokenBudgetConfig(max_tokens=3.0))
+    assert simulate_outage("one", one, grid_cell(2.0, 10.0, 100)).amplification > 1.5
+    late = dataclasses.replace(
+        one, retry=RetryConfig(max_attempts=2, base_delay=10.0, jitter=Jitter.NONE)
+    )
+    assert simulate_outage("late", late, grid_cell(20.0, 10.0, 100)).amplification > 1.2
+
+
+def test_one_budget_shared_by_every_process_brings_sparse_clients_near_one() -> None:
+    setup = grid_cell(20.0, 10.0, 100)
+    shared = dataclasses.replace(DEFAULT_POLICY, shared_budget=True)
+    assert simulate_outage("shared", shared, setup).amplification <= 1.1
+    assert simulate_outage("default", DEFAULT_POLICY, setup).amplification > 2.0
+
+
+def test_sparse_callers_ride_out_a_blip_with_the_default_budget_but_not_a_ratio_one() -> None:
+    # A 0.3 s blip at 10 requests/s over 100 processes, ten seeds: the default
+    # token budget retries a rare caller's failure, a ratio budget without a
+    # floor has no allowance for a process that sees a request every 10 s.
+    ratio = dataclasses.replace(
+        DEFAULT_POLICY,
+        token_budget=None,
+        ratio_budget=RatioBudgetConfig(ratio=0.1, min_per_second=0.0),
+    )
+    saved = {"default": 0, "ratio": 0}
+    offered = 0
+    for seed in range(10):
+        setup = OutageSetup(
+            rate=10.0,
+            clients=100,
+            duration=35.0,
+            outage_start=30.0,
+            outage_duration=0.3,
+            seed=seed,
+        )
+        for name, policy in (("default", DEFAULT_POLICY), ("ratio", ratio)):
+            result = simulate_outage(name, policy, setup)
+            saved[name] += round(result.success_during * result.offered_during)
+        offered += result.offered_during
+    assert offered >= 20
+    assert saved["default"] >= 0.5 * offered
+    assert saved["ratio"] <= 0.2 * offered

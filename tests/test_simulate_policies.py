@@ -92,6 +92,13 @@ def test_a_policy_has_at_most_one_budget() -> None:
         SimPolicy(retry=None)  # type: ignore[arg-type]
 
 
+def test_a_shared_budget_is_read_from_a_policy_file_and_must_be_a_bool(tmp_path: Path) -> None:
+    path = write(tmp_path, "[policies.fleet]\ntoken_budget = {}\nshared_budget = true\n")
+    assert load_policies(path)["fleet"].shared_budget is True
+    with pytest.raises(TypeError, match=r"SimPolicy\.shared_budget"):
+        SimPolicy(shared_budget="yes")  # type: ignore[arg-type]
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "policies.toml"
     path.write_text(text)

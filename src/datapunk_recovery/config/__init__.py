@@ -16,6 +16,7 @@ The layout::
     retry = { max_attempts = 3, base_delay = "100ms", max_delay = "10s" }
     breaker = { consecutive_failures = 5, open_duration = "30s" }
     budget = {}                        # gRPC-style token budget, its defaults
+                                       # (kind = "ratio": Finagle's ratio budget)
     attempt_timeout = "2s"
 
     [defaults.categories.rate_limited] # per error category, inherits [defaults.retry]
@@ -37,10 +38,11 @@ The layout::
 
 Inheritance is by key: a service's ``retry`` table starts from the defaults'
 ``retry`` and changes only the keys it writes; so do ``breaker``, ``budget``
-and ``bulkhead``.  A category table starts from the ``retry`` table of its
-own service, and a service inherits every category table of the defaults
-(re-read against its own ``retry``).  ``"none"`` switches an optional part
-off (``breaker = "none"``).
+and ``bulkhead`` (a ``budget`` table whose ``kind`` differs from the
+defaults' starts from that kind's defaults instead).  A category table
+starts from the ``retry`` table of its own service, and a service inherits
+every category table of the defaults (re-read against its own ``retry``).
+``"none"`` switches an optional part off (``breaker = "none"``).
 
 Environment variables use the key path with double underscores:
 ``DATAPUNK_RECOVERY__SERVICES__PAYMENTS__RETRY__MAX_ATTEMPTS=5``.  Names are
@@ -62,7 +64,7 @@ from .._core.errors import ErrorCategory
 from .._core.redact import redact_text, redact_url
 from .._core.validate import check_count, check_seconds
 from ..breaker import BreakerConfig
-from ..budget import TokenBudgetConfig
+from ..budget import RatioBudgetConfig, TokenBudgetConfig
 from ..flow.bulkhead import BulkheadConfig
 from ..flow.hedging import HedgeConfig
 from ..resource.pool import PoolConfig
@@ -101,8 +103,10 @@ class ServicePolicy:
       ``rate_limited``, say); each counts attempts over the whole call.
     - ``breaker``: the circuit breaker of the service (one per endpoint when
       ``endpoints`` are given); ``None`` for none.
-    - ``budget``: the gRPC-style retry budget shared by every retry of the
-      service; ``None`` for none.
+    - ``budget``: the retry budget shared by every retry of the service: a
+      gRPC-style token budget (`TokenBudgetConfig`, the default) or a
+      Finagle/SRE ratio budget (`RatioBudgetConfig`; ``kind = "ratio"`` in
+      a configuration table); ``None`` for none.
     - ``bulkhead``: at most so many concurrent calls; ``None`` for no limit.
     - ``attempt_timeout``: seconds one attempt may take (async attempts are
       cancelled); ``None`` for no limit.
@@ -123,7 +127,7 @@ class ServicePolicy:
     retry: RetryConfig = field(default_factory=RetryConfig)
     categories: Mapping[ErrorCategory, RetryConfig] = field(default_factory=dict)
     breaker: BreakerConfig | None = field(default_factory=BreakerConfig)
-    budget: TokenBudgetConfig | None = field(default_factory=TokenBudgetConfig)
+    budget: TokenBudgetConfig | RatioBudgetConfig | None = field(default_factory=TokenBudgetConfig)
     bulkhead: BulkheadConfig | None = None
     attempt_timeout: float | None = None
     endpoints: tuple[str, ...] = ()
@@ -138,16 +142,17 @@ class ServicePolicy:
             raise ValueError(
                 f"{owner}.fallthrough: expected 'call' or 'breaker', got {self.fallthrough!r}"
             )
-        for name, kind in (
-            ("retry", RetryConfig),
-            ("breaker", BreakerConfig),
-            ("budget", TokenBudgetConfig),
-            ("bulkhead", BulkheadConfig),
-            ("hedge", HedgeConfig),
+        for name, kinds in (
+            ("retry", (RetryConfig,)),
+            ("breaker", (BreakerConfig,)),
+            ("budget", (TokenBudgetConfig, RatioBudgetConfig)),
+            ("bulkhead", (BulkheadConfig,)),
+            ("hedge", (HedgeConfig,)),
         ):
             value = getattr(self, name)
-            if not isinstance(value, kind) and not (value is None and name != "retry"):
-                raise TypeError(f"{owner}.{name}: expected a {kind.__name__}, got {value!r}")
+            if not isinstance(value, kinds) and not (value is None and name != "retry"):
+                expected = " or ".join(kind.__name__ for kind in kinds)
+                raise TypeError(f"{owner}.{name}: expected a {expected}, got {value!r}")
         categories: dict[ErrorCategory, RetryConfig] = {}
         for key, config in dict(self.categories).items():
             try:

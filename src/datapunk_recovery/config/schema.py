@@ -17,6 +17,10 @@ also
   text such as ``"250ms"`` or ``"1m"``
   ([`datapunk_recovery._core.durations`][datapunk_recovery._core.durations]);
 - an optional field is set to ``None`` with the text ``"none"`` (TOML has no null);
+- a union of configuration dataclasses (``TokenBudgetConfig | RatioBudgetConfig``)
+  from a table whose ``kind`` key names one (``kind = "ratio"``; see
+  [`union_kinds()`][datapunk_recovery.config.schema.union_kinds]), or, without it, by the keys
+  the table holds;
 - an unknown key is an error, with the closest known key suggested.
 
 Values that came from environment variables are text;
@@ -52,6 +56,7 @@ from typing import Any, Final, TypeVar
 from .._core.durations import DurationError, parse_duration
 
 __all__ = [
+    "KIND_KEY",
     "NO_VALUE",
     "ConfigError",
     "Problem",
@@ -61,6 +66,7 @@ __all__ = [
     "is_duration_field",
     "merge",
     "read_toml",
+    "union_kinds",
 ]
 
 T = TypeVar("T")
@@ -144,6 +150,31 @@ def is_duration_field(field: dataclasses.Field[Any]) -> bool:
     if unit is not NO_VALUE:
         return bool(unit == "seconds")
     return _DURATION_NAME.search(field.name) is not None
+
+
+#: The key of a table that names which configuration dataclass of a union it holds.
+KIND_KEY: Final = "kind"
+
+
+def union_kinds(arms: typing.Sequence[type[Any]]) -> dict[type[Any], str]:
+    """The ``kind`` names of a union's dataclasses: ``TokenBudgetConfig | RatioBudgetConfig``
+    gives ``"token"`` and ``"ratio"``.
+
+    A name is the class's name without the ending all of them share
+    (``BudgetConfig``), in snake case; the whole name when nothing else is left.
+    """
+    full = [cls.__name__ for cls in arms]
+    shared = 0
+    while shared < min(len(n) for n in full) and len({n[-shared - 1] for n in full}) == 1:
+        shared += 1
+    # Cut at a word boundary (a capital letter), never inside a word.
+    while shared and not full[0][len(full[0]) - shared].isupper():
+        shared -= 1
+    names = {}
+    for cls, name in zip(arms, full, strict=True):
+        stem = name[: len(name) - shared] or name
+        names[cls] = re.sub(r"(?<!^)(?=[A-Z])", "_", stem).lower()
+    return names
 
 
 def build(
@@ -449,11 +480,21 @@ class _Builder:
             return value
         if origin in (types.UnionType, typing.Union):
             arms = [a for a in args if a is not type(None)]
-            if len(arms) != 1:
-                return self.unsupported(raw, path)
-            if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+            optional = len(arms) != len(args)
+            if optional and (
+                value is None or (isinstance(value, str) and value.strip().lower() == "none")
+            ):
                 return None
-            return self.value(arms[0], raw, path, field, base)
+            if len(arms) == 1:
+                return self.value(arms[0], raw, path, field, base)
+            if all(
+                isinstance(a, type)
+                and dataclasses.is_dataclass(a)
+                and KIND_KEY not in {f.name for f in dataclasses.fields(a)}
+                for a in arms
+            ):
+                return self.union(arms, raw, path, base)
+            return self.unsupported(raw, path)
         if tp is bool:
             return self.boolean(raw, value, text, path)
         if tp is int:
@@ -479,6 +520,44 @@ class _Builder:
             choices = ", ".join(repr(a) for a in args)
             return self.problem(raw, path, f"expected one of {choices}")
         return self.unsupported(raw, path)
+
+    def union(self, arms: list[type[Any]], raw: object, path: str, base: object) -> object:
+        """One of several configuration dataclasses, chosen by the table's ``kind`` key.
+
+        Without ``kind``: the kind of ``base`` (what the table overrides) if
+        its fields hold every key given, else the kind whose fields hold the
+        most of them (the first kind of the union on a tie, so that an empty
+        table is the first kind with its defaults).
+        """
+        names = union_kinds(arms)
+        if not isinstance(raw, Mapping):
+            choices = " or ".join(cls.__name__ for cls in names)
+            return self.problem(raw, path, f"expected a table of {choices} settings")
+        table = dict(raw)
+        given = table.pop(KIND_KEY, NO_VALUE)
+        if given is not NO_VALUE:
+            word = given.value if isinstance(given, Text) else given
+            chosen = next(
+                (
+                    cls
+                    for cls, name in names.items()
+                    if isinstance(word, str) and word.strip().lower() == name
+                ),
+                None,
+            )
+            if chosen is None:
+                choices = ", ".join(repr(name) for name in names.values())
+                return self.problem(given, _join(path, KIND_KEY), f"expected one of {choices}")
+        else:
+            keys = {str(key) for key in table}
+
+            def fit(cls: type[Any]) -> int:
+                return len(keys & {f.name for f in dataclasses.fields(cls) if f.init})
+
+            own = type(base) if type(base) in names else None
+            # The first of the best, on a tie.
+            chosen = own if own is not None and fit(own) == len(keys) else max(arms, key=fit)
+        return self.dataclass(chosen, table, path, base if type(base) is chosen else None)
 
     def unsupported(self, raw: object, path: str) -> _Invalid:
         # Callables, exception types and the like: Python objects, not text.

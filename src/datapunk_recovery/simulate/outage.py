@@ -4,7 +4,9 @@
 (Poisson arrivals) to one dependency.  From ``outage_start`` for
 ``outage_duration`` seconds every call to it fails (a fast failure, one round
 trip); before and after, every call succeeds.  Each process has its own
-circuit breaker and retry budget, as separate processes would: the library's
+circuit breaker and retry budget, as separate processes would (unless the
+policy's ``shared_budget`` gives them one budget, as a budget shared through a
+store would be, synced at once): the library's
 real [`CircuitBreaker`][datapunk_recovery.breaker.CircuitBreaker],
 [`TokenBudget`][datapunk_recovery.budget.TokenBudget] or
 [`RatioBudget`][datapunk_recovery.budget.RatioBudget], reading the simulation's fake
@@ -146,6 +148,7 @@ class _Process:
         until: float,
         delay: Callable[[], float],
         arrivals: random.Random,
+        shared: RetryGate | None = None,
     ) -> None:
         self.sim = sim
         self.arrivals = arrivals
@@ -159,13 +162,7 @@ class _Process:
             if policy.breaker is None
             else CircuitBreaker(name, config=policy.breaker, rng=sim.rng)
         )
-        self.budget: RetryGate | None = None
-        if policy.token_budget is not None:
-            self.budget = TokenBudget(name, config=policy.token_budget)
-        elif policy.ratio_budget is not None:
-            self.budget = RatioBudget(name, config=policy.ratio_budget)
-        elif policy.retry_quota is not None:
-            self.budget = RetryQuota(policy.retry_quota)
+        self.budget: RetryGate | None = shared if shared is not None else _budget(policy, name)
 
     def arrive(self) -> None:
         now = self.sim.now
@@ -177,6 +174,17 @@ class _Process:
         nxt = now + self.arrivals.expovariate(1.0) * self.gap
         if nxt < self.until:
             self.sim.at(nxt, self.arrive)
+
+
+def _budget(policy: SimPolicy, name: str) -> RetryGate | None:
+    """A fresh budget of ``policy``'s kind, or ``None`` without one."""
+    if policy.token_budget is not None:
+        return TokenBudget(name, config=policy.token_budget)
+    if policy.ratio_budget is not None:
+        return RatioBudget(name, config=policy.ratio_budget)
+    if policy.retry_quota is not None:
+        return RetryQuota(policy.retry_quota)
+    return None
 
 
 class _Request:
@@ -262,12 +270,13 @@ def simulate_outage(
         return network_delay(rng, setup.latency, setup.latency_sd)
 
     per_client = setup.rate / setup.clients
+    shared = _budget(policy, name) if policy.shared_budget else None
     for i in range(setup.clients):
         # Arrivals draw from a generator of their own, so that every policy is
         # offered exactly the same requests at the same times.
         arrivals = random.Random(f"outage:{setup.seed}:arrivals:{i}")
         process = _Process(
-            sim, world, policy, f"{name}-{i}", per_client, setup.duration, delay, arrivals
+            sim, world, policy, f"{name}-{i}", per_client, setup.duration, delay, arrivals, shared
         )
         sim.at(arrivals.expovariate(per_client), process.arrive)
     if tick is not None:

@@ -164,6 +164,11 @@ class SimPolicy:
     (``expo(1) = 10 ms`` for the post's base of 5 ms).  Only the kinds built
     on the envelope (none, full, equal, proportional) shift; the decorrelated
     kinds and the sawtooth keep their own published formulas.
+
+    ``shared_budget``: in the outage model, one budget for every client
+    process instead of one each, as a budget shared through a store
+    ([`SharedBudget`][datapunk_recovery.stores.budget_redis.SharedBudget]) would be, idealised
+    as synced at once.
     """
 
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -175,6 +180,7 @@ class SimPolicy:
     indexing: Literal["library", "published"] = "library"
     additive: AdditiveJitter | None = None
     retry_quota: RetryQuotaConfig | None = None
+    shared_budget: bool = False
 
     def __post_init__(self) -> None:
         owner = "SimPolicy"
@@ -207,6 +213,8 @@ class SimPolicy:
                 f"{owner}.additive: at most one replacement jitter, and sawtooth is set too, "
                 f"got {self.additive!r}"
             )
+        if not isinstance(self.shared_budget, bool):
+            raise TypeError(f"{owner}.shared_budget: expected a bool, got {self.shared_budget!r}")
         if not isinstance(self.description, str):
             raise TypeError(f"{owner}.description: expected a str, got {self.description!r}")
         if self.indexing not in ("library", "published"):

@@ -59,7 +59,7 @@ from .._core.policy import RetryPolicy
 from .._execution.engine import retry
 from .._execution.timeout import AttemptTimeout
 from ..breaker import BreakerConfig, CircuitBreaker
-from ..budget import TokenBudget, TokenBudgetConfig
+from ..budget import RatioBudget, RatioBudgetConfig, TokenBudget, TokenBudgetConfig
 from ..cache import (
     Cache,
     CacheConfig,
@@ -188,9 +188,9 @@ class _Service:
         # go on counting), and one the new policy drops is kept aside, so
         # that a later reload restoring it finds it as it was.
         kept_budget, kept_bulkhead = previous.kept if previous is not None else (None, None)
-        self.budget: TokenBudget | None = _budget(name, policy.budget, kept_budget)
+        self.budget: TokenBudget | RatioBudget | None = _budget(name, policy.budget, kept_budget)
         self.bulkhead: Bulkhead | None = _bulkhead(name, policy.bulkhead, kept_bulkhead)
-        self.kept: tuple[TokenBudget | None, Bulkhead | None] = (
+        self.kept: tuple[TokenBudget | RatioBudget | None, Bulkhead | None] = (
             kept_budget if self.budget is None else self.budget,
             kept_bulkhead if self.bulkhead is None else self.bulkhead,
         )
@@ -336,11 +336,19 @@ def _breaker(name: str, config: BreakerConfig, old: CircuitBreaker | None) -> Ci
 
 
 def _budget(
-    name: str, config: TokenBudgetConfig | None, old: TokenBudget | None
-) -> TokenBudget | None:
+    name: str,
+    config: TokenBudgetConfig | RatioBudgetConfig | None,
+    old: TokenBudget | RatioBudget | None,
+) -> TokenBudget | RatioBudget | None:
     if config is None:
         return None
-    if old is None:
+    if isinstance(config, RatioBudgetConfig):
+        # A ratio budget is kept while its figures stay; new figures (or a
+        # new kind) start a new window.
+        if isinstance(old, RatioBudget) and old.config == config:
+            return old
+        return RatioBudget(name, config)
+    if not isinstance(old, TokenBudget):
         return TokenBudget(name, config)
     if old.config != config:
         old.reconfigure(config)  # keeps its tokens (never refilled), new thresholds
@@ -626,7 +634,7 @@ class RecoveryStrategies:
         """The router of ``service`` over its endpoints, or ``None`` if it has no endpoints."""
         return self._service(service).router
 
-    def budget(self, service: str) -> TokenBudget | None:
+    def budget(self, service: str) -> TokenBudget | RatioBudget | None:
         """The retry budget of ``service``, or ``None`` if it has none."""
         return self._service(service).budget
 

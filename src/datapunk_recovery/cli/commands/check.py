@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..._core.backoff import RetryConfig
 from ..._core.durations import format_duration
+from ...budget import TokenBudgetConfig
 from ...config import RecoveryConfig, ServicePolicy, load_config
 from ...config.schema import ConfigError
 from ...simulate.report import Table, render
@@ -170,7 +171,14 @@ def _describe(policy: ServicePolicy) -> tuple[str, ...]:
             + f", open {format_duration(b.open_duration)}"
         )
     )
-    budget = "off" if policy.budget is None else f"{policy.budget.max_tokens:g} tokens"
+    g = policy.budget
+    budget = (
+        "off"
+        if g is None
+        else f"{g.max_tokens:g} tokens"
+        if isinstance(g, TokenBudgetConfig)
+        else f"ratio {g.ratio:.0%} + {g.min_per_second:g}/s over {format_duration(g.window)}"
+    )
     bulkhead = "off" if policy.bulkhead is None else str(policy.bulkhead.max_concurrent)
     timeout = "none" if policy.attempt_timeout is None else format_duration(policy.attempt_timeout)
     attempts, longest = worst_case(policy)
