@@ -1392,19 +1392,24 @@ class CircuitBreaker:
             core.record_lost(gen, False, clock.now() - start if timed else None)
 
     def ranking_rate(self) -> float:
-        """The failure rate to rank breakers by (a router's endpoint choice): 0.0 when unjudged.
+        """A number to rank breakers by, lowest first (a router's choice of endpoint).
 
-        [`failure_rate()`][datapunk_recovery.breaker.CircuitBreaker.failure_rate]
-        as a plain number (0.0 where it is None); an in-process count window
-        is read without the lock, so the rate may be a call behind.
+        ``inf`` when the breaker refuses calls (not `admitting()`); else
+        [`failure_rate()`][datapunk_recovery.breaker.CircuitBreaker.failure_rate],
+        0.0 where that is None.  An in-process count window is read without
+        the lock, so the rate may be a call behind.
         """
         core = self._core
-        window = core.window
-        if type(window) is CountWindow and self._link is None:
-            calls = window.calls
-            if calls and calls >= core.config.minimum_calls:
-                return window.failures / calls
-            return 0.0
+        if self._link is None and core.state in PASSING_STATES:
+            window = core.window
+            if type(window) is CountWindow:
+                failures = window.failures
+                if not failures:
+                    return 0.0
+                calls = window.calls
+                return failures / calls if calls >= core.config.minimum_calls else 0.0
+        elif not self.admitting():
+            return math.inf
         rate = self.failure_rate()
         return 0.0 if rate is None else rate
 

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -318,6 +318,7 @@ class _Call:
 
 
 _NO_MEMBERS: Final[frozenset[Any]] = frozenset()
+_REFUSES: Final = math.inf  # the ranking rate of a breaker that refuses calls
 
 # The running call, read by the budget gate in the caller's task.
 _CALL: ContextVar[_Call | None] = ContextVar("datapunk_recovery_router_call", default=None)
@@ -597,11 +598,11 @@ class Router:
                             self._fell_through(groups[0][0], m)
                         return m
                     continue
-                pool = [m for m in group if m.breaker.admitting()]
-                if pool:
+                chosen = self._least_loaded(group)
+                if chosen is not None:
                     if group is not groups[0]:
-                        self._fell_through(groups[0][0], pool[0])
-                    return pool[0] if len(pool) == 1 else self._least_loaded(pool)
+                        self._fell_through(groups[0][0], chosen)
+                    return chosen
             return None
         best, level, first_level = self._level(call, refused)
         if not best:
@@ -621,18 +622,26 @@ class Router:
         pool = [m for m in best if m not in avoid] or best
         if len(pool) == 1:
             return pool[0]
-        return self._least_loaded(pool)
+        return self._least_loaded(pool) or pool[0]  # refused meanwhile: admission says so
 
-    def _least_loaded(self, pool: list[_Member]) -> _Member:
-        """The lowest failure rate, then the fewest calls in flight, then in turn."""
-        low_rate, low_load = math.inf, 0
+    def _least_loaded(self, pool: Sequence[_Member]) -> _Member | None:
+        """Of ``pool``'s admitting endpoints, the lowest failure rate, then the fewest calls
+        in flight, then in turn (None when none admits)."""
+        low_rate, low_load = _REFUSES, 0
         ties: list[_Member] = []
+        admitting = 0
         for m in pool:
-            rate = m.breaker.ranking_rate()
-            if rate < low_rate or (rate == low_rate and m.in_flight < low_load):
-                low_rate, low_load, ties = rate, m.in_flight, [m]
-            elif rate == low_rate and m.in_flight == low_load:
+            rate = m.breaker.ranking_rate()  # _REFUSES (inf) when it refuses calls
+            if rate == _REFUSES:
+                continue
+            admitting += 1
+            load = m.in_flight
+            if rate < low_rate or (rate == low_rate and load < low_load):
+                low_rate, low_load, ties = rate, load, [m]
+            elif rate == low_rate and load == low_load:
                 ties.append(m)
+        if admitting < 2:  # in turn only among several
+            return ties[0] if ties else None
         return ties[next(self._turn) % len(ties)]
 
     def _fell_through(self, first: _Member, chosen: _Member) -> None:
@@ -669,9 +678,9 @@ class Router:
     ) -> tuple[_Member, Permit | None, int]:
         """Take a permit from ``member``'s breaker (select the next one if it refuses).
 
-        Returns the endpoint, the permit and, without a permit, the breaker
-        generation the call was granted in: no permit when the breaker grants
-        the call without one
+        ``member``'s breaker did not grant the call without a permit.  Returns
+        the endpoint, the permit, and the generation of a grant: no permit
+        when a next endpoint's breaker grants the call without one
         ([`CircuitBreaker.grant()`][datapunk_recovery.breaker.CircuitBreaker.grant]:
         closed, in this process, no result to judge, nobody wants its per-call
         event); the outcome then goes straight to the breaker, as its own faces do.
@@ -682,22 +691,21 @@ class Router:
                 if call.running:  # a hedge with nowhere to go: the running attempts go on
                     raise NoHedgeTarget(f"{self.name!r}: no other endpoint admits a hedge")
                 raise AllEndpointsDown(self.name, self.states()) from call.error
-            breaker = member.breaker
-            gen = breaker.grant()
-            if gen is not None:
-                return member, None, gen
             try:
-                return member, await breaker.allow_async(), -1
+                return member, await member.breaker.allow_async(), -1
             except CircuitOpenError:  # opened (or its half-open probe went) meanwhile
                 refused.add(member)
             member = self._select(call, refused)
+            if member is not None:
+                gen = member.breaker.grant()
+                if gen is not None:
+                    return member, None, gen
 
     # -- calling ---------------------------------------------------------------------------
 
     async def _attempt(self, call: _Call) -> Any:
-        lone = self._lone
         permit: Permit | None = None
-        granted: int | None
+        lone = self._lone
         if (
             lone is not None
             and call.last is None
@@ -708,15 +716,17 @@ class Router:
             # admits calls): what `_select()` and `_admit()` choose, asked once.
             member, gen = lone, granted
         else:
-            selected = self._select(call, _NO_MEMBERS)
-            if selected is None:
-                member, permit, gen = await self._admit(call, None)  # raises
+            selected = (
+                self._least_loaded(self._groups[0])  # `_select()`'s choice when one admits
+                if lone is None and call.last is None and not call.running and self._groups
+                else None
+            ) or self._select(call, _NO_MEMBERS)
+            granted = None if selected is None else selected.breaker.grant()
+            if granted is None:
+                member, permit, gen = await self._admit(call, selected)
             else:
-                granted = selected.breaker.grant()
-                if granted is None:
-                    member, permit, gen = await self._admit(call, selected)
-                else:
-                    member, gen = selected, granted
+                assert selected is not None
+                member, gen = selected, granted
         if call.forced:
             call.forced = False
         last = call.last
