@@ -318,6 +318,12 @@ class _Call:
 
 
 _NO_MEMBERS: Final[frozenset[Any]] = frozenset()
+
+#: What the engine passes to each attempt: a one-item list holding a plain call's
+#: function until its first attempt needs routing memory (a failure, a permit, a
+#: fall-through), then the call's `_Call`; a hedged call's `_Call` from the start.
+#: A call whose first attempt succeeds on a granted endpoint builds no `_Call`.
+_Slot = list[Any]
 _REFUSES: Final = math.inf  # the ranking rate of a breaker that refuses calls
 
 # The running call, read by the budget gate in the caller's task.
@@ -406,7 +412,7 @@ class Router:
             if budget is not None and config.fallthrough == "call"
             else None
         )
-        self._engine: Retried[[_Call], Awaitable[Any]] = retry(
+        self._engine: Retried[[_Slot], Awaitable[Any]] = retry(
             config.retry,
             on=_retryable,
             name=self.name,
@@ -627,20 +633,22 @@ class Router:
     def _least_loaded(self, pool: Sequence[_Member]) -> _Member | None:
         """Of ``pool``'s admitting endpoints, the lowest failure rate, then the fewest calls
         in flight, then in turn (None when none admits)."""
-        low_rate, low_load = _REFUSES, 0
+        refuses = low_rate = _REFUSES
+        low_load = 0
         ties: list[_Member] = []
-        admitting = 0
         for m in pool:
-            rate = m.breaker.ranking_rate()  # _REFUSES (inf) when it refuses calls
-            if rate == _REFUSES:
+            rate = m.breaker.ranking_rate()  # `refuses` (inf) when it refuses calls
+            if rate > low_rate or rate == refuses:
                 continue
-            admitting += 1
             load = m.in_flight
-            if rate < low_rate or (rate == low_rate and load < low_load):
-                low_rate, low_load, ties = rate, load, [m]
-            elif rate == low_rate and load == low_load:
-                ties.append(m)
-        if admitting < 2:  # in turn only among several
+            if rate == low_rate:
+                if load > low_load:
+                    continue
+                if load == low_load:
+                    ties.append(m)
+                    continue
+            low_rate, low_load, ties = rate, load, [m]
+        if len(ties) < 2:
             return ties[0] if ties else None
         return ties[next(self._turn) % len(ties)]
 
@@ -703,30 +711,47 @@ class Router:
 
     # -- calling ---------------------------------------------------------------------------
 
-    async def _attempt(self, call: _Call) -> Any:
+    async def _attempt(self, slot: _Slot) -> Any:
+        """One attempt of the engine; ``slot`` holds the call (see `_Slot`)."""
+        fn = slot[0]
+        if type(fn) is _Call:
+            return await self._attempt_call(fn, None)
+        # A plain call's first attempt: the best level's lone endpoint, or the least
+        # loaded of its admitting ones (what `_select()` chooses when one admits).
+        groups = self._groups
+        chosen = self._lone or (self._least_loaded(groups[0]) if groups else None)
+        gen = None if chosen is None else chosen.breaker.grant()
+        if gen is None:  # a permit to take, or a level to fall through: routing memory
+            call = slot[0] = _Call(fn, False)
+            if chosen is not None and not chosen.breaker.admitting():
+                chosen = None  # the lone endpoint refuses: `_select()` falls through
+            return await self._attempt_call(call, chosen)
+        assert chosen is not None
+        chosen.in_flight += 1
+        start = clock.now()
+        try:
+            result = await fn(chosen.endpoint)
+        except BaseException as exc:
+            chosen.breaker.granted_failure(gen, exc, start)
+            if isinstance(exc, Exception):
+                call = slot[0] = _Call(fn, False)  # the next attempt remembers this one
+                self._failed(call, chosen, exc, start)
+            raise
+        finally:
+            chosen.in_flight -= 1
+        chosen.breaker.granted_success(gen, start)
+        return result
+
+    async def _attempt_call(self, call: _Call, chosen: _Member | None) -> Any:
+        """An attempt of ``call`` on ``chosen``, or on the endpoint `_select()` chooses."""
         permit: Permit | None = None
-        lone = self._lone
-        if (
-            lone is not None
-            and call.last is None
-            and not call.running
-            and (granted := lone.breaker.grant()) is not None
-        ):
-            # A first attempt, and the best level's lone endpoint grants it (so it
-            # admits calls): what `_select()` and `_admit()` choose, asked once.
-            member, gen = lone, granted
+        selected = chosen if chosen is not None else self._select(call, _NO_MEMBERS)
+        granted = None if selected is None else selected.breaker.grant()
+        if granted is None:
+            member, permit, gen = await self._admit(call, selected)
         else:
-            selected = (
-                self._least_loaded(self._groups[0])  # `_select()`'s choice when one admits
-                if lone is None and call.last is None and not call.running and self._groups
-                else None
-            ) or self._select(call, _NO_MEMBERS)
-            granted = None if selected is None else selected.breaker.grant()
-            if granted is None:
-                member, permit, gen = await self._admit(call, selected)
-            else:
-                assert selected is not None
-                member, gen = selected, granted
+            assert selected is not None
+            member, gen = selected, granted
         if call.forced:
             call.forced = False
         last = call.last
@@ -798,20 +823,21 @@ class Router:
                 self.bus,
             )
 
-    async def _run(self, call: _Call) -> Any:
+    async def _run(self, slot: _Slot) -> Any:
         """One attempt of the engine: a plain one, or a race of hedges."""
-        if call.hedge and self._hedger is not None:
+        call = slot[0]
+        if type(call) is _Call and call.hedge and self._hedger is not None:
             gate = self._gate
             if gate is None:
-                return await self._hedger.race(self._attempt, (call,), {})
+                return await self._hedger.race(self._attempt, (slot,), {})
             # The engine reports each attempt to the budget through the gate: the
             # hedger must know its budget is reported, to report each attempt once.
             token = REPORTING.set((*REPORTING.get(), gate.inner))
             try:
-                return await self._hedger.race(self._attempt, (call,), {})
+                return await self._hedger.race(self._attempt, (slot,), {})
             finally:
                 REPORTING.reset(token)
-        return await self._attempt(call)
+        return await self._attempt(slot)
 
     def call(
         self,
@@ -831,7 +857,7 @@ class Router:
         """
         if retry_on is None and self._gate is None and _RETRY_ON.get() is None:
             # Nothing for the context: the engine's coroutine is the call (a frame less).
-            return self._engine(_Call(fn, hedge))  # type: ignore[return-value]
+            return self._engine([_Call(fn, True) if hedge else fn])  # type: ignore[return-value]
         return self._call_in_context(_Call(fn, hedge), retry_on)
 
     async def _call_in_context(
@@ -848,7 +874,7 @@ class Router:
             _RETRY_ON.set(retry_on) if retry_on is not None or _RETRY_ON.get() is not None else None
         )
         try:
-            return await self._engine(call)
+            return await self._engine([call])
         finally:
             if current is not None:
                 _CALL.reset(current)
