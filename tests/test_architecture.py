@@ -48,19 +48,11 @@ KNOWN_ATTRIBUTES: dict[tuple[str, str], str] = {
     ("datapunk_recovery.stores.budget_redis", "_totals"): "the same window's counts",
     ("datapunk_recovery.stores.budget_redis", "_eval"): "the Redis store's script call; busy",
     ("datapunk_recovery.simulate.policies", "_jittered"): "the simulator replays the jitter",
-    ("datapunk_recovery.cache.recovering", "_core"): "the cache-hit fast path asks the breaker's "
-    "state machine directly; a public breaker fast-path seam is next",
-    ("datapunk_recovery.cache.recovering", "_fast_failure"): "that fast path's failure hand-off",
     ("datapunk_recovery.breaker", "_ring"): "the count window's ring, updated in place on "
     "the success fast path (issue 16); a window method for it is next",
     ("datapunk_recovery.breaker", "_routes"): "the buses' cached routes, read per call to ask "
     "whether anyone wants OutcomeRecorded; EventBus.wants() is the seam to speed up",
     ("datapunk_recovery.breaker", "_route"): "the same check, filling the route",
-    ("datapunk_recovery.network.router", "_core"): "endpoint selection reads each breaker's "
-    "state machine on the hot path; a public breaker fast-path seam is next",
-    ("datapunk_recovery.network.router", "_link"): "whether the endpoint breaker is shared",
-    ("datapunk_recovery.network.router", "_quick_failure"): "the breaker's permit-free failure",
-    ("datapunk_recovery.network.router", "_quick_success"): "the breaker's permit-free success",
     ("datapunk_recovery.telemetry.fields", "_fields"): "an event class's field names, named as "
     "namedtuple names them",
 }

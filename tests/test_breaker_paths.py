@@ -152,3 +152,141 @@ def test_a_subscriber_wanting_other_kinds_keeps_calls_off_the_permit_path(
         unsubscribe()
     if config.windowed:
         assert breaker.snapshot().calls == 6
+
+
+# --- the seam for faces built on a breaker: grant(), granted_*(), admitting(), ranking_rate()
+
+
+def _drive_granted(breaker: CircuitBreaker, outcomes: list[bool], clock: FakeClock) -> list[object]:
+    """`_drive()` through `grant()` (a permit only when it grants none), as a router does."""
+    seen: list[object] = []
+    for success in outcomes:
+        start = clock.now()
+        gen = breaker.grant()
+        if gen is None:
+            try:
+                permit = breaker.allow()
+            except CircuitOpenError as exc:
+                seen.append(type(exc).__name__)
+            else:
+                if success:
+                    permit.success()
+                else:
+                    permit.failure(ConnectionError("down"))
+                    seen.append("ConnectionError")
+        elif success:
+            breaker.granted_success(gen, start)
+        else:
+            breaker.granted_failure(gen, ConnectionError("down"), start)
+            seen.append("ConnectionError")
+        seen.append(breaker.snapshot())
+        clock.advance(0.4)
+    return seen
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    config=configs(),
+    slow=st.booleans(),
+    outcomes=st.lists(st.booleans(), max_size=40),
+)
+def test_granted_calls_count_what_permits_count(
+    config: BreakerConfig, slow: bool, outcomes: list[bool]
+) -> None:
+    if slow:  # timed: a granted success is judged with its duration
+        config = BreakerConfig(
+            consecutive_failures=config.consecutive_failures,
+            failure_rate_threshold=config.failure_rate_threshold,
+            slow_call_rate_threshold=0.5,
+            slow_call_duration=0.1,
+            window_size=config.window_size,
+            minimum_calls=config.minimum_calls,
+        )
+    with fake_clock(1000.0) as clock:
+        granted = _drive_granted(CircuitBreaker("b", config), outcomes, clock)
+    with fake_clock(1000.0) as clock:
+        permits = CircuitBreaker("b", config)
+        permits.events.subscribe(lambda event: None, kinds=OutcomeRecorded)
+        assert granted == _drive_granted(permits, outcomes, clock)
+
+
+def test_a_full_window_of_successes_takes_another_unchanged_and_still_counts_a_failure(
+    fake: FakeClock,
+) -> None:
+    config = BreakerConfig(
+        consecutive_failures=None, failure_rate_threshold=0.5, window_size=4, minimum_calls=4
+    )
+    breaker = CircuitBreaker("b", config)
+    for _ in range(6):  # the window fills (4 calls), then takes successes unchanged
+        breaker.call(_ok)
+    assert (breaker.snapshot().calls, breaker.snapshot().failures) == (4, 0)
+    with pytest.raises(ConnectionError):
+        breaker.call(_boom)
+    assert (breaker.snapshot().calls, breaker.snapshot().failures) == (4, 1)
+    for _ in range(3):  # a success after a failure is written: the failure stays in
+        breaker.call(_ok)
+    assert breaker.snapshot().failures == 1
+    breaker.call(_ok)  # four calls later the failure leaves the window
+    assert (breaker.snapshot().calls, breaker.snapshot().failures) == (4, 0)
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_grant_asks_for_a_permit_when_the_breaker_must_see_the_call(fake: FakeClock) -> None:
+    assert CircuitBreaker("b").grant() == 0  # closed, nobody listening: granted
+    judged = CircuitBreaker("b", BreakerConfig(record_result=lambda value: value is None))
+    assert judged.grant() is None  # a result to judge
+    wanted = CircuitBreaker("b")
+    wanted.events.subscribe(lambda event: None, kinds=OutcomeRecorded)
+    assert wanted.grant() is None  # someone wants the per-call event
+    isolated = CircuitBreaker("b")
+    isolated.isolate()
+    assert isolated.grant() is None
+
+
+def test_a_granted_call_settled_after_a_transition_counts_nowhere(fake: FakeClock) -> None:
+    breaker = CircuitBreaker("b", BreakerConfig(consecutive_failures=2))
+    gen = breaker.grant()
+    assert gen is not None
+    breaker.reset()  # a new generation: the call's outcome is late
+    breaker.granted_failure(gen, ConnectionError("down"), fake.now())
+    assert breaker.snapshot().consecutive_failures == 0
+
+
+@pytest.mark.parametrize(
+    "cancel", [asyncio.CancelledError(), KeyboardInterrupt()], ids=["cancelled", "interrupt"]
+)
+def test_a_cancelled_granted_call_counts_nothing(fake: FakeClock, cancel: BaseException) -> None:
+    config = BreakerConfig(consecutive_failures=1, keep_window=True, minimum_calls=1)
+    breaker = CircuitBreaker("b", config)
+    gen = breaker.grant()
+    assert gen is not None
+    breaker.granted_failure(gen, cancel, fake.now())
+    snapshot = breaker.snapshot()
+    assert (snapshot.state, snapshot.calls, snapshot.consecutive_failures) == (
+        BreakerState.CLOSED,
+        0,
+        0,
+    )
+
+
+def test_admitting_and_ranking_rate_follow_the_state(fake: FakeClock) -> None:
+    config = BreakerConfig(consecutive_failures=3, keep_window=True, minimum_calls=2)
+    breaker = CircuitBreaker("b", config)
+    assert breaker.admitting() and breaker.ranking_rate() == 0.0
+    with pytest.raises(ConnectionError):
+        breaker.call(_boom)
+    assert breaker.ranking_rate() == 0.0  # below minimum_calls: unjudged
+    breaker.call(_ok)
+    assert breaker.ranking_rate() == breaker.failure_rate() == 0.5
+    breaker.isolate()
+    assert not breaker.admitting() and breaker.ranking_rate() == float("inf")
+    breaker.disable()
+    assert breaker.admitting()
+    breaker.reset()
+    for _ in range(3):
+        with pytest.raises(ConnectionError):
+            breaker.call(_boom)
+    assert breaker.state is BreakerState.OPEN and not breaker.admitting()
+    fake.advance(config.open_duration)
+    assert breaker.admitting()  # half-open: admits its probe
+    assert breaker.state is BreakerState.HALF_OPEN

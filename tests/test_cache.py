@@ -12,9 +12,16 @@ from typing import Any
 import anyio
 import pytest
 
+from datapunk_recovery._core import events
 from datapunk_recovery._core.clock import FakeClock
 from datapunk_recovery._core.events import Event
-from datapunk_recovery.breaker import BreakerConfig, BreakerState
+from datapunk_recovery.breaker import (
+    BreakerConfig,
+    BreakerState,
+    CircuitBreaker,
+    OutcomeRecorded,
+    Permit,
+)
 from datapunk_recovery.cache import (
     CacheConfig,
     CacheFailed,
@@ -555,3 +562,31 @@ async def test_a_hit_read_by_get_is_counted_like_one_read_by_lookup(db: Database
     await rtc.get("k1")
     assert await rtc.get("k1") == (await rtc.lookup("k1")).value == {"n": 1}
     assert (rtc.stats().hits, rtc.stats().misses, db.loads) == (2, 1, 1)
+
+
+async def test_a_hit_takes_a_breaker_permit_only_when_someone_wants_its_outcome(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    permits: list[object] = []
+    allow = CircuitBreaker.allow
+
+    def counting(self: CircuitBreaker) -> Permit:
+        permits.append(self)
+        return allow(self)
+
+    monkeypatch.setattr(CircuitBreaker, "allow", counting)
+    rtc, _ = make(db)
+    await rtc.get("k1")
+    permits.clear()
+    unsubscribe = events.subscribe(lambda event: None, kinds=("retry.giveup",))
+    try:
+        assert await rtc.get("k1") == {"n": 1}  # a metrics exporter's wishes: no permit
+        assert permits == []
+        outcomes: list[Event] = []
+        rtc.breaker.events.subscribe(outcomes.append, kinds=OutcomeRecorded)
+        assert await rtc.get("k1") == {"n": 1}  # the per-call event is wanted: a permit
+        assert permits == [rtc.breaker]
+        assert [e.outcome for e in outcomes] == ["success"]  # type: ignore[attr-defined]
+    finally:
+        unsubscribe()
+    assert (rtc.stats().hits, rtc.stats().misses) == (2, 1)

@@ -6,6 +6,7 @@ tests/test_network_http.py drives the same router through real HTTP servers.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import math
 from collections import Counter
@@ -21,7 +22,7 @@ from datapunk_recovery._core.backoff import Jitter, RetryConfig
 from datapunk_recovery._core.errors import DeadlineExceeded, RecoveryError, final_reason
 from datapunk_recovery._core.events import GaveUp, GiveUpReason
 from datapunk_recovery._execution.deadline import deadline
-from datapunk_recovery.breaker import BreakerConfig, BreakerState
+from datapunk_recovery.breaker import BreakerConfig, BreakerState, OutcomeRecorded
 from datapunk_recovery.budget import TokenBudget, TokenBudgetConfig
 from datapunk_recovery.flow.hedging import HedgeConfig, HedgeStarted, HedgeWon
 from datapunk_recovery.network import (
@@ -359,6 +360,50 @@ async def test_errors_that_are_not_retryable_end_the_call_at_once() -> None:
     with pytest.raises(ValueError, match="bad payload"):
         await r.call(bad_request, retry_on=lambda exc: isinstance(exc, ValueError))
     assert len(calls) == 4
+
+
+async def test_a_call_made_inside_another_does_not_take_its_retry_predicate() -> None:
+    inner_calls: list[str] = []
+
+    async def bad_request(endpoint: Endpoint) -> None:
+        inner_calls.append(endpoint.name)
+        raise ValueError("bad payload")
+
+    inner = router(Endpoint("x"), Endpoint("y"), breaker=WINDOW_ONLY)
+
+    async def through_inner(endpoint: Endpoint) -> None:
+        await inner.call(bad_request)
+
+    outer = router(Endpoint("a"), breaker=WINDOW_ONLY)
+    with pytest.raises(ValueError, match="bad payload"):
+        await outer.call(through_inner, retry_on=lambda exc: isinstance(exc, ValueError))
+    # The outer call retried its 3 attempts; each inner call made one: not retryable there.
+    assert len(inner_calls) == 3
+    # Without any predicate around (the call's own coroutine, nothing set), the same.
+    with pytest.raises(ValueError, match="bad payload"):
+        await outer.call(through_inner)
+    assert len(inner_calls) == 4
+
+
+async def test_a_lone_best_endpoint_that_refuses_or_wants_permits_still_routes() -> None:
+    r = router(Endpoint("a"), Endpoint("b", priority=1), Endpoint("c", priority=1))
+    service = Service()
+    r.breaker("a").isolate()
+    assert await r.call(service) in ("b", "c")  # refused: the next level, first attempt
+    r.breaker("a").reset()
+    outcomes: list[events.Event] = []
+    r.breaker("a").events.subscribe(outcomes.append, kinds=OutcomeRecorded)
+    assert await r.call(service) == "a"  # through a permit: its outcome is an event
+    assert [e.outcome for e in outcomes] == ["success"]  # type: ignore[attr-defined]
+
+
+def test_call_returns_a_coroutine_that_runs_as_a_task() -> None:
+    r = router(Endpoint("a"))
+
+    async def main() -> str:
+        return await asyncio.create_task(r.call(Service()))
+
+    assert asyncio.run(main()) == "a"
 
 
 async def test_attempts_are_counted_over_all_endpoints() -> None:

@@ -24,6 +24,8 @@ from datapunk_recovery.testing import fake_clock
 
 QUICK = RetryConfig(max_attempts=3, base_delay=0.0)
 ENDPOINTS = [Endpoint(n, priority=p) for p, names in enumerate(("ab", "cd")) for n in names]
+#: A lone best endpoint (its first attempts ask only its grant), then a level of three.
+LONE_FIRST = [Endpoint(n, priority=p) for p, names in enumerate(("a", "bcd")) for n in names]
 
 
 def _calls(failing: frozenset[str]) -> Callable[[Endpoint], Awaitable[str]]:
@@ -36,16 +38,20 @@ def _calls(failing: frozenset[str]) -> Callable[[Endpoint], Awaitable[str]]:
 
 
 def _run(
-    config: BreakerConfig, script: list[frozenset[str]], fallthrough: str, permits: bool
+    config: BreakerConfig,
+    script: list[frozenset[str]],
+    fallthrough: str,
+    permits: bool,
+    endpoints: list[Endpoint] = ENDPOINTS,
 ) -> list[object]:
     """Each call of ``script`` (the endpoints failing in it); every breaker's snapshot after."""
     seen: list[object] = []
     with fake_clock(1000.0) as clock:
         r = Router(
-            "svc", ENDPOINTS, RouterConfig(retry=QUICK, breaker=config, fallthrough=fallthrough)
+            "svc", endpoints, RouterConfig(retry=QUICK, breaker=config, fallthrough=fallthrough)
         )  # type: ignore[arg-type]
         if permits:
-            for e in ENDPOINTS:
+            for e in endpoints:
                 r.breaker(e.name).events.subscribe(lambda event: None, kinds=OutcomeRecorded)
 
         async def main() -> None:
@@ -54,7 +60,7 @@ def _run(
                     seen.append(await r.call(_calls(failing)))
                 except Exception as exc:
                     seen.append(type(exc).__name__)
-                seen.append([r.breaker(e.name).snapshot() for e in ENDPOINTS])
+                seen.append([r.breaker(e.name).snapshot() for e in endpoints])
                 clock.advance(0.4)
 
         asyncio.run(main())
@@ -79,12 +85,16 @@ def breaker_configs(draw: st.DrawFn) -> BreakerConfig:
     config=breaker_configs(),
     script=st.lists(st.frozensets(st.sampled_from("abcd")), max_size=12),
     fallthrough=st.sampled_from(["call", "breaker"]),
+    endpoints=st.sampled_from([ENDPOINTS, LONE_FIRST]),
 )
 def test_attempts_without_permits_count_what_attempts_with_permits_count(
-    config: BreakerConfig, script: list[frozenset[str]], fallthrough: str
+    config: BreakerConfig,
+    script: list[frozenset[str]],
+    fallthrough: str,
+    endpoints: list[Endpoint],
 ) -> None:
-    without = _run(config, script, fallthrough, permits=False)
-    assert without == _run(config, script, fallthrough, permits=True)
+    without = _run(config, script, fallthrough, permits=False, endpoints=endpoints)
+    assert without == _run(config, script, fallthrough, permits=True, endpoints=endpoints)
 
 
 def test_a_subscriber_wanting_other_kinds_keeps_router_attempts_permit_free(

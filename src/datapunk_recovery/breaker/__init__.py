@@ -806,8 +806,21 @@ class _Core:
         the success is not judged while the window holds no failure and no
         slow call: a success clears the consecutive count, and a rate of zero
         never reaches a threshold (thresholds are > 0), so no verdict could
-        come of it (nor is the clock read: a count window has no time).
+        come of it (nor is the clock read: a count window has no time).  A
+        full window of successes, with no failure counted, takes another one
+        unchanged: a ring of equal slots has no position, so nothing is
+        written (nor the lock taken; a failure recorded meanwhile is ordered
+        after this success).
         """
+        if self.plain and not self.consecutive:
+            full = self.window
+            if (
+                type(full) is CountWindow
+                and full.calls == full.size
+                and not full.failures
+                and not full.slow
+            ):
+                return
         with self.lock:
             if self.plain and gen == self.gen:  # closed (``plain`` changes under the lock)
                 self.consecutive = 0
@@ -1313,6 +1326,92 @@ class CircuitBreaker:
         """
         if self._link is not None:
             await self._link.flush()
+
+    # -- the hot-path seam for faces built on a breaker (a router, a cache) -----------------
+    def admitting(self) -> bool:
+        """Whether the breaker admits calls now: closed, half-open, disabled or metrics-only.
+
+        What ``breaker.state in {...}`` answers, without a lock or a clock
+        read for a state in this process that passes every call: a router
+        asks it of each endpoint per call.  A half-open breaker counts as
+        admitting even when its probes are out
+        ([`allow()`][datapunk_recovery.breaker.CircuitBreaker.allow] then refuses).
+        """
+        if self._link is None and self._core.state in PASSING_STATES:
+            return True
+        state = self.state
+        return state is not BreakerState.OPEN and state is not BreakerState.FORCED_OPEN
+
+    def grant(self) -> int | None:
+        """The generation of a call that may run now without a permit, else None (take one).
+
+        A breaker in this process, closed, judging no result value, whose
+        per-call event ([`OutcomeRecorded`][datapunk_recovery.breaker.OutcomeRecorded])
+        nobody wants, admits every call and needs only its outcome: the
+        caller runs the call and settles it with exactly one of
+        [`granted_success()`][datapunk_recovery.breaker.CircuitBreaker.granted_success]
+        or [`granted_failure()`][datapunk_recovery.breaker.CircuitBreaker.granted_failure],
+        passing the generation back (an outcome of an earlier generation is
+        late and counts nowhere), as the breaker's own faces do.
+        """
+        core = self._core
+        gen = core.gen  # before ``quick``: a transition in between makes the outcome late
+        if core.quick and (
+            not (global_bus._subscribers or core.bus._subscribers) or not wants_outcomes(core.bus)
+        ):
+            return gen
+        return None
+
+    def granted_success(self, gen: int, start: float) -> None:
+        """Settle a call of generation ``gen`` from `grant()` that succeeded.
+
+        ``start`` is when it started (``clock.now()``, seconds): its duration
+        counts when the configuration times calls.
+        """
+        core = self._core
+        if core.fast:  # nothing to feed but the consecutive count
+            if core.consecutive:
+                core.reset_consecutive(gen)
+        elif core.lean:
+            core.succeed(gen)
+        else:
+            self._quick_success(gen, start if core.config.timed else None)
+
+    def granted_failure(self, gen: int, exc: BaseException, start: float) -> None:
+        """Settle a call of generation ``gen`` from `grant()` that raised ``exc``.
+
+        What a permit's `failure()` does: an exception is judged (and may carry
+        a server delay); a cancellation counts as nothing, except a hedge that
+        lost its race, which is a slow call.  ``start`` as for `granted_success()`.
+        """
+        core = self._core
+        timed = core.config.timed
+        if isinstance(exc, Exception):
+            self._quick_failure(gen, start if timed else None, exc)
+        elif lost_race():
+            core.record_lost(gen, False, clock.now() - start if timed else None)
+
+    def ranking_rate(self) -> float:
+        """A number to rank breakers by, lowest first (a router's choice of endpoint).
+
+        ``inf`` when the breaker refuses calls (not `admitting()`); else
+        [`failure_rate()`][datapunk_recovery.breaker.CircuitBreaker.failure_rate],
+        0.0 where that is None.  An in-process count window is read without
+        the lock, so the rate may be a call behind.
+        """
+        core = self._core
+        if self._link is None and core.state in PASSING_STATES:
+            window = core.window
+            if type(window) is CountWindow:
+                failures = window.failures
+                if not failures:
+                    return 0.0
+                calls = window.calls
+                return failures / calls if calls >= core.config.minimum_calls else 0.0
+        elif not self.admitting():
+            return math.inf
+        rate = self.failure_rate()
+        return 0.0 if rate is None else rate
 
     def _settle_error(
         self, permit: Permit, exc: BaseException | None, duration: float | None

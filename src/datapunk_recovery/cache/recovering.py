@@ -59,7 +59,7 @@ from typing import Any, ClassVar, Final, Generic, Literal, TypeVar
 
 from datapunk_recovery._core import clock
 from datapunk_recovery._core.errors import CircuitOpenError, ErrorCategory, classify
-from datapunk_recovery._core.events import Event, EventBus, emit, global_bus, listening
+from datapunk_recovery._core.events import Event, EventBus, emit, listening
 from datapunk_recovery._core.validate import check_count, check_number, check_seconds
 from datapunk_recovery._execution import runtime as _runtime
 from datapunk_recovery.breaker import BreakerConfig, CircuitBreaker
@@ -253,6 +253,10 @@ class CacheWarmed(Event):
 def _wall() -> float:
     fake = clock.current_fake()
     return fake.now() if fake is not None else time.time()
+
+
+#: No envelope's time is this far: an infinite one is garbage (see `_envelope()`).
+_NO_TIME: Final = math.inf
 
 
 def _envelope(entry: Any) -> tuple[float, Any] | None:
@@ -507,46 +511,54 @@ class ReadThroughCache(Generic[V]):
 
     async def get(self, key: str) -> V | None:
         """The value of ``key``: from the cache, else the source (``None``: no such key)."""
-        core = self.breaker._core
+        now = clock.now()
+        breaker = self.breaker
         if (
-            core.fast
-            and self._gen is not None
+            self._gen is not None
             and not self._refused_until
             and not self._repairs
             and not self._bump_pending
             and self.sketch is None
             and self.config.cache_timeout is None
-            and not global_bus._subscribers
-            and not core.bus._subscribers
-            and clock.now() - self._gen_read_at < self._refresh
+            and now - self._gen_read_at < self._refresh
+            and (gen := breaker.grant()) is not None
         ):
             # The fast path: what lookup() does, without a Lookup, a breaker
-            # permit (the breaker's own fast path: nothing to judge on a
-            # success) or two coroutine frames.
-            gen = core.gen
+            # permit (the breaker grants the call without one: closed, nobody
+            # wants its per-call event) or two coroutine frames.
             try:
                 entry = await self.cache.get(self._prefix + key)
             except CorruptEntry:
                 self._failed("get", "corrupt", "CorruptEntry")
                 entry = None
             except Exception as exc:
-                self.breaker._fast_failure(exc, gen)
+                breaker.granted_failure(gen, exc, now)
                 self._down = True
                 self._failed("get", _failure_kind(exc), type(exc).__name__)
                 self._misses += 1
                 value: V | None = await self._load(key, refill=False)
                 return value
-            if core.consecutive:
-                core.reset_consecutive(gen)
+            except BaseException as exc:
+                breaker.granted_failure(gen, exc, now)  # counts as nothing
+                raise
+            breaker.granted_success(gen, now)
             if self._down:
                 self._recovered()
             if entry is not None:
+                fake = clock.current_fake()
+                wall = time.time() if fake is None else fake.now()  # _wall()
+                if type(entry) is list and len(entry) == 2:
+                    # Our envelope as JSON gives it back: a fresh one is served here.
+                    fresh_until, value = entry
+                    if type(fresh_until) is float and wall < fresh_until < _NO_TIME:
+                        self._hits += 1
+                        return value
                 envelope = _envelope(entry)
                 if envelope is None:
                     self._failed("get", "corrupt", "CorruptEntry")
                 else:
                     fresh_until, value = envelope
-                    if _wall() < fresh_until:
+                    if wall < fresh_until:
                         self._hits += 1
                         return value
                     return (await self._refresh_stale(key, value, fresh_until)).value

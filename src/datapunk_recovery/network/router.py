@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -61,22 +61,19 @@ from typing import Any, ClassVar, Final, Literal, TypeVar
 
 from datapunk_recovery._core import clock
 from datapunk_recovery._core.backoff import RetryConfig
-from datapunk_recovery._core.context import REPORTING, lost_race
+from datapunk_recovery._core.context import REPORTING
 from datapunk_recovery._core.errors import CircuitOpenError, ErrorCategory, RecoveryError, classify
 from datapunk_recovery._core.events import Event, EventBus, emit, listening
 from datapunk_recovery._core.policy import RetryPolicy
 from datapunk_recovery._core.redact import redact_url
 from datapunk_recovery._core.stats import Statistics
 from datapunk_recovery._core.validate import check_count
-from datapunk_recovery._core.windows import CountWindow
 from datapunk_recovery._execution.engine import Retried, current_attempt, retry
 from datapunk_recovery.breaker import (
-    PASSING_STATES,
     BreakerConfig,
     BreakerState,
     CircuitBreaker,
     Permit,
-    wants_outcomes,
 )
 from datapunk_recovery.budget import RetryGate
 from datapunk_recovery.flow.hedging import HedgeConfig, Hedger
@@ -95,15 +92,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-_ADMITTING: Final = frozenset(
-    {
-        BreakerState.CLOSED,
-        BreakerState.HALF_OPEN,
-        BreakerState.DISABLED,
-        BreakerState.METRICS_ONLY,
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,38 +285,12 @@ class RoutingChanged(Event):
 class _Member:
     """An endpoint in a router, with what outlives its re-configuration: the breaker."""
 
-    __slots__ = ("breaker", "core", "endpoint", "in_flight")
+    __slots__ = ("breaker", "endpoint", "in_flight")
 
     def __init__(self, endpoint: Endpoint, breaker: CircuitBreaker) -> None:
         self.endpoint = endpoint
         self.breaker = breaker
-        # The breaker's state in this process (None if a store kept it): selection
-        # reads a closed state and a count window there, without the public layers.
-        self.core = breaker._core if breaker._link is None else None
         self.in_flight = 0
-
-    def admitting(self) -> bool:
-        """Whether the breaker admits calls now (``breaker.state in _ADMITTING``)."""
-        core = self.core
-        if core is not None and core.state in PASSING_STATES:
-            return True  # what ``breaker.state`` answers at once for these
-        return self.breaker.state in _ADMITTING
-
-    def rate(self) -> float:
-        """The failure rate (0.0 when the breaker judges none yet)."""
-        core = self.core
-        if core is not None:
-            window = core.window
-            if window is None:
-                return 0.0
-            if type(window) is CountWindow:  # `failure_rate()`, without its layers
-                with core.lock:
-                    calls, failures = window.calls, window.failures
-                if calls < core.config.minimum_calls or calls == 0:
-                    return 0.0
-                return failures / calls
-        rate = self.breaker.failure_rate()
-        return 0.0 if rate is None else rate
 
     def state(self) -> EndpointState:
         b = self.breaker
@@ -352,14 +314,23 @@ class _Call:
         self.hedge = hedge
         self.last: _Member | None = None
         self.error: Exception | None = None  # the last failure, the cause of AllEndpointsDown
-        self.running: set[_Member] = set()
-        self.failed: set[_Member] = set()  # endpoints that failed in this call
+        # Only a hedged call runs attempts side by side; ``failed`` (the endpoints
+        # that failed in this call) becomes a set at the first failure.
+        self.running: AbstractSet[_Member] = set() if hedge else _NO_MEMBERS
+        self.failed: AbstractSet[_Member] = _NO_MEMBERS
         # The budget refused a retry on the levels tried: the next attempt must go to
         # a level below them that the call has not tried (see _FallthroughGate).
         self.forced = False
 
 
-_NONE_REFUSED: Final[frozenset[Any]] = frozenset()
+_NO_MEMBERS: Final[frozenset[Any]] = frozenset()
+
+#: What the engine passes to each attempt: a one-item list holding a plain call's
+#: function until its first attempt needs routing memory (a failure, a permit, a
+#: fall-through), then the call's `_Call`; a hedged call's `_Call` from the start.
+#: A call whose first attempt succeeds on a granted endpoint builds no `_Call`.
+_Slot = list[Any]
+_REFUSES: Final = math.inf  # the ranking rate of a breaker that refuses calls
 
 # The running call, read by the budget gate in the caller's task.
 _CALL: ContextVar[_Call | None] = ContextVar("datapunk_recovery_router_call", default=None)
@@ -410,7 +381,17 @@ class Router:
     retries and hedges.  Every endpoint name is unique.
     """
 
-    __slots__ = ("_engine", "_gate", "_groups", "_hedger", "_members", "_turn", "config", "name")
+    __slots__ = (
+        "_engine",
+        "_gate",
+        "_groups",
+        "_hedger",
+        "_lone",
+        "_members",
+        "_turn",
+        "config",
+        "name",
+    )
 
     def __init__(
         self,
@@ -423,6 +404,7 @@ class Router:
         self.name = name
         self._members: tuple[_Member, ...] = ()
         self._groups: tuple[tuple[_Member, ...], ...] = ()
+        self._lone: _Member | None = None
         self._turn = itertools.count()
         self._compile(config if config is not None else RouterConfig(), budget, EventBus())
         self.replace(endpoints)
@@ -436,7 +418,7 @@ class Router:
             if budget is not None and config.fallthrough == "call"
             else None
         )
-        self._engine: Retried[[_Call], Awaitable[Any]] = retry(
+        self._engine: Retried[[_Slot], Awaitable[Any]] = retry(
             config.retry,
             on=_retryable,
             name=self.name,
@@ -500,6 +482,8 @@ class Router:
             groups[-1].append(m)
         # The levels, best first, worked out once per change of the endpoints.
         self._groups = tuple(tuple(g) for g in groups)
+        # The best level's endpoint when it is alone there: a first attempt asks only it.
+        self._lone = groups[0][0] if groups and len(groups[0]) == 1 else None
         self._members = ordered
 
     def replace(self, endpoints: Iterable[Endpoint]) -> None:
@@ -594,7 +578,7 @@ class Router:
             priority = m.endpoint.priority
             if not levels or levels[-1][0] != priority:
                 levels.append((priority, []))
-            if m not in refused and m.breaker.state in _ADMITTING:
+            if m not in refused and m.breaker.admitting():
                 levels[-1][1].append(m)
         admitting = [(priority, group) for priority, group in levels if group]
         if not admitting:
@@ -621,25 +605,21 @@ class Router:
             for group in groups:
                 if len(group) == 1:
                     m = group[0]
-                    if m.admitting():
+                    if m.breaker.admitting():
                         if group is not groups[0]:
                             self._fell_through(groups[0][0], m)
                         return m
                     continue
-                pool = [
-                    m
-                    for m in group
-                    if ((c := m.core) is not None and c.state in PASSING_STATES) or m.admitting()
-                ]
-                if pool:
+                chosen = self._least_loaded(group)
+                if chosen is not None:
                     if group is not groups[0]:
-                        self._fell_through(groups[0][0], pool[0])
-                    return pool[0] if len(pool) == 1 else self._least_loaded(pool)
+                        self._fell_through(groups[0][0], chosen)
+                    return chosen
             return None
         best, level, first_level = self._level(call, refused)
         if not best:
             return None
-        if level != first_level and listening(self.bus):
+        if level != first_level and listening(self.bus, PriorityFallthrough):
             assert first_level is not None and level is not None
             emit(
                 PriorityFallthrough(
@@ -654,31 +634,32 @@ class Router:
         pool = [m for m in best if m not in avoid] or best
         if len(pool) == 1:
             return pool[0]
-        return self._least_loaded(pool)
+        return self._least_loaded(pool) or pool[0]  # refused meanwhile: admission says so
 
-    def _least_loaded(self, pool: list[_Member]) -> _Member:
-        """The lowest failure rate, then the fewest calls in flight, then in turn."""
-        low: tuple[float, int] | None = None
+    def _least_loaded(self, pool: Sequence[_Member]) -> _Member | None:
+        """Of ``pool``'s admitting endpoints, the lowest failure rate, then the fewest calls
+        in flight, then in turn (None when none admits)."""
+        refuses = low_rate = _REFUSES
+        low_load = 0
         ties: list[_Member] = []
         for m in pool:
-            core = m.core
-            window = core.window if core is not None else None
-            if type(window) is CountWindow:  # `m.rate()`, inlined: it runs per endpoint
-                assert core is not None
-                with core.lock:
-                    calls, failures = window.calls, window.failures
-                rate = failures / calls if calls >= core.config.minimum_calls and calls else 0.0
-            else:
-                rate = m.rate()
-            key = (rate, m.in_flight)
-            if low is None or key < low:
-                low, ties = key, [m]
-            elif key == low:
-                ties.append(m)
+            rate = m.breaker.ranking_rate()  # `refuses` (inf) when it refuses calls
+            if rate > low_rate or rate == refuses:
+                continue
+            load = m.in_flight
+            if rate == low_rate:
+                if load > low_load:
+                    continue
+                if load == low_load:
+                    ties.append(m)
+                    continue
+            low_rate, low_load, ties = rate, load, [m]
+        if len(ties) < 2:
+            return ties[0] if ties else None
         return ties[next(self._turn) % len(ties)]
 
     def _fell_through(self, first: _Member, chosen: _Member) -> None:
-        if listening(self.bus):
+        if listening(self.bus, PriorityFallthrough):
             emit(
                 PriorityFallthrough(
                     operation=self.name,
@@ -697,7 +678,7 @@ class Router:
         return any(
             m.endpoint.priority > below
             and m.endpoint.priority not in tried
-            and m.breaker.state in _ADMITTING
+            and m.breaker.admitting()
             for m in self._members
         )
 
@@ -711,10 +692,12 @@ class Router:
     ) -> tuple[_Member, Permit | None, int]:
         """Take a permit from ``member``'s breaker (select the next one if it refuses).
 
-        Returns the endpoint, the permit and the breaker generation the call
-        was granted in.  No permit (None) when the breaker is closed, in this
-        process, judges no result and nobody wants its per-call event: the
-        outcome then goes straight to the breaker, as its own faces do.
+        ``member``'s breaker did not grant the call without a permit.  Returns
+        the endpoint, the permit, and the generation of a grant: no permit
+        when a next endpoint's breaker grants the call without one
+        ([`CircuitBreaker.grant()`][datapunk_recovery.breaker.CircuitBreaker.grant]:
+        closed, in this process, no result to judge, nobody wants its per-call
+        event); the outcome then goes straight to the breaker, as its own faces do.
         """
         refused: set[_Member] = set()
         while True:
@@ -722,31 +705,63 @@ class Router:
                 if call.running:  # a hedge with nowhere to go: the running attempts go on
                     raise NoHedgeTarget(f"{self.name!r}: no other endpoint admits a hedge")
                 raise AllEndpointsDown(self.name, self.states()) from call.error
-            core = member.breaker._core
-            gen = core.gen  # before ``quick``: a transition in between makes the outcome late
-            if core.quick and not wants_outcomes(core.bus):
-                return member, None, gen
             try:
-                return member, await member.breaker.allow_async(), gen
+                return member, await member.breaker.allow_async(), -1
             except CircuitOpenError:  # opened (or its half-open probe went) meanwhile
                 refused.add(member)
             member = self._select(call, refused)
+            if member is not None:
+                gen = member.breaker.grant()
+                if gen is not None:
+                    return member, None, gen
 
     # -- calling ---------------------------------------------------------------------------
 
-    async def _attempt(self, call: _Call) -> Any:
-        member = self._select(call, _NONE_REFUSED)
+    async def _attempt(self, slot: _Slot) -> Any:
+        """One attempt of the engine; ``slot`` holds the call (see `_Slot`)."""
+        fn = slot[0]
+        if type(fn) is _Call:
+            return await self._attempt_call(fn, None)
+        # A plain call's first attempt: the best level's lone endpoint, or the least
+        # loaded of its admitting ones (what `_select()` chooses when one admits).
+        groups = self._groups
+        chosen = self._lone or (self._least_loaded(groups[0]) if groups else None)
+        gen = None if chosen is None else chosen.breaker.grant()
+        if gen is None:  # a permit to take, or a level to fall through: routing memory
+            call = slot[0] = _Call(fn, False)
+            if chosen is not None and not chosen.breaker.admitting():
+                chosen = None  # the lone endpoint refuses: `_select()` falls through
+            return await self._attempt_call(call, chosen)
+        assert chosen is not None
+        chosen.in_flight += 1
+        start = clock.now()
+        try:
+            result = await fn(chosen.endpoint)
+        except BaseException as exc:
+            chosen.breaker.granted_failure(gen, exc, start)
+            if isinstance(exc, Exception):
+                call = slot[0] = _Call(fn, False)  # the next attempt remembers this one
+                self._failed(call, chosen, exc, start)
+            raise
+        finally:
+            chosen.in_flight -= 1
+        chosen.breaker.granted_success(gen, start)
+        return result
+
+    async def _attempt_call(self, call: _Call, chosen: _Member | None) -> Any:
+        """An attempt of ``call`` on ``chosen``, or on the endpoint `_select()` chooses."""
         permit: Permit | None = None
-        if member is None:
-            member, permit, gen = await self._admit(call, None)  # raises
+        selected = chosen if chosen is not None else self._select(call, _NO_MEMBERS)
+        granted = None if selected is None else selected.breaker.grant()
+        if granted is None:
+            member, permit, gen = await self._admit(call, selected)
         else:
-            core = member.breaker._core
-            gen = core.gen  # before ``quick``: see `_admit()`
-            if not core.quick or wants_outcomes(core.bus):
-                member, permit, gen = await self._admit(call, member)
-        call.forced = False
+            assert selected is not None
+            member, gen = selected, granted
+        if call.forced:
+            call.forced = False
         last = call.last
-        if last is not None and last is not member and listening(self.bus):
+        if last is not None and last is not member and listening(self.bus, FailedOver):
             emit(
                 FailedOver(
                     operation=self.name,
@@ -762,7 +777,9 @@ class Router:
         member.in_flight += 1
         hedged = call.hedge  # only a hedged call runs attempts side by side
         if hedged:
-            call.running.add(member)
+            running = call.running
+            assert isinstance(running, set)
+            running.add(member)
         start = clock.now()
         try:
             result = await call.fn(member.endpoint)
@@ -770,94 +787,100 @@ class Router:
             if permit is not None:
                 permit.failure(exc)  # a cancellation counts as nothing and frees a probe
             else:
-                self._settle_quick(member.breaker, gen, start, exc)
+                member.breaker.granted_failure(gen, exc, start)
             if isinstance(exc, Exception):
-                call.last, call.error = member, exc
-                call.failed.add(member)
-                if (
-                    isinstance(exc, RecoveryError)
-                    and exc.retry_after is not None
-                    and self._elsewhere(call, member)
-                ):
-                    # The server's delay is this endpoint's: the next attempt goes elsewhere.
-                    exc.retry_after = None
-                if listening(self.bus):
-                    now = clock.now()
-                    emit(
-                        EndpointFailed(
-                            operation=self.name,
-                            at=now,
-                            endpoint=member.endpoint.name,
-                            priority=member.endpoint.priority,
-                            error_type=type(exc).__name__,
-                            duration=now - start,
-                        ),
-                        self.bus,
-                    )
+                self._failed(call, member, exc, start)
             raise
         finally:
             member.in_flight -= 1
             if hedged:
-                call.running.discard(member)
+                call.running.discard(member)  # type: ignore[attr-defined]
         if permit is not None:
             permit.success()
         else:
-            core = member.breaker._core
-            if core.lean:
-                core.succeed(gen)
-            else:
-                member.breaker._quick_success(gen, start if core.config.timed else None)
+            member.breaker.granted_success(gen, start)
         return result
 
-    @staticmethod
-    def _settle_quick(breaker: CircuitBreaker, gen: int, start: float, exc: BaseException) -> None:
-        """What ``permit.failure(exc)`` does for a call granted without a permit."""
-        core = breaker._core
-        timed = core.config.timed
-        if isinstance(exc, Exception):
-            breaker._quick_failure(gen, start if timed else None, exc)
-        elif lost_race():  # a hedge that lost its race: a slow call; else nothing counts
-            core.record_lost(gen, False, clock.now() - start if timed else None)
+    def _failed(self, call: _Call, member: _Member, exc: Exception, start: float) -> None:
+        """Remember that ``member`` failed in ``call`` with ``exc`` (started at ``start``)."""
+        call.last, call.error = member, exc
+        failed = call.failed
+        if not isinstance(failed, set):
+            call.failed = failed = set()
+        failed.add(member)
+        if (
+            isinstance(exc, RecoveryError)
+            and exc.retry_after is not None
+            and self._elsewhere(call, member)
+        ):
+            # The server's delay is this endpoint's: the next attempt goes elsewhere.
+            exc.retry_after = None
+        if listening(self.bus, EndpointFailed):
+            now = clock.now()
+            emit(
+                EndpointFailed(
+                    operation=self.name,
+                    at=now,
+                    endpoint=member.endpoint.name,
+                    priority=member.endpoint.priority,
+                    error_type=type(exc).__name__,
+                    duration=now - start,
+                ),
+                self.bus,
+            )
 
-    async def _run(self, call: _Call) -> Any:
+    async def _run(self, slot: _Slot) -> Any:
         """One attempt of the engine: a plain one, or a race of hedges."""
-        if call.hedge and self._hedger is not None:
+        call = slot[0]
+        if type(call) is _Call and call.hedge and self._hedger is not None:
             gate = self._gate
             if gate is None:
-                return await self._hedger.race(self._attempt, (call,), {})
+                return await self._hedger.race(self._attempt, (slot,), {})
             # The engine reports each attempt to the budget through the gate: the
             # hedger must know its budget is reported, to report each attempt once.
             token = REPORTING.set((*REPORTING.get(), gate.inner))
             try:
-                return await self._hedger.race(self._attempt, (call,), {})
+                return await self._hedger.race(self._attempt, (slot,), {})
             finally:
                 REPORTING.reset(token)
-        return await self._attempt(call)
+        return await self._attempt(slot)
 
-    async def call(
+    def call(
         self,
         fn: Callable[[Endpoint], Awaitable[T]],
         *,
         retry_on: Callable[[BaseException], bool] | None = None,
         hedge: bool = False,
-    ) -> T:
+    ) -> Coroutine[Any, Any, T]:
         """Run ``fn(endpoint)`` on the best endpoint, retrying elsewhere as needed.
 
         ``retry_on`` decides which failures are retried (default: what
         [`classify()`][datapunk_recovery._core.errors.classify] calls retryable); errors an
         inner layer marked final never are.  ``hedge=True`` hedges the call
         across endpoints when the router has a hedge configuration: only for
-        calls that are safe to run twice.
+        calls that are safe to run twice.  Returns a coroutine: await it (or
+        make it a task), as with an ``async def`` method.
         """
-        call = _Call(fn, hedge)
-        # Only the budget gate reads the running call, and the engine's ``on=`` the
-        # predicate: each is set when someone reads it or an outer call's must be hidden.
+        if retry_on is None and self._gate is None and _RETRY_ON.get() is None:
+            # Nothing for the context: the engine's coroutine is the call (a frame less).
+            return self._engine([_Call(fn, True) if hedge else fn])  # type: ignore[return-value]
+        return self._call_in_context(_Call(fn, hedge), retry_on)
+
+    async def _call_in_context(
+        self, call: _Call, retry_on: Callable[[BaseException], bool] | None
+    ) -> Any:
+        """The call with what the engine reads from the context set around it.
+
+        Only the budget gate reads the running call, and the engine's ``on=``
+        the predicate: each is set when someone reads it or an outer call's
+        must be hidden.
+        """
         current = _CALL.set(call) if self._gate is not None else None
         token = (
             _RETRY_ON.set(retry_on) if retry_on is not None or _RETRY_ON.get() is not None else None
         )
         try:
-            return await self._engine(call)  # type: ignore[no-any-return]
+            return await self._engine([call])
         finally:
             if current is not None:
                 _CALL.reset(current)
