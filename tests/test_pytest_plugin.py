@@ -59,7 +59,7 @@ from datapunk_recovery import _runtime, chaos, clock, errors, events
 
 def state():
     return (
-        events.global_bus._subscribers,
+        events.global_bus.subscriptions(),
         list(errors._rules),
         _runtime._instant,
         clock.current_fake(),
@@ -137,10 +137,10 @@ def test_the_recorder_answers_by_class_name_area_and_operation() -> None:
 
 
 def test_record_events_and_isolated_undo_their_subscriptions() -> None:
-    before = events.global_bus._subscribers
+    before = events.global_bus.subscriptions()
     with isolated():
         events.subscribe(print)
         with record_events() as recorder:
-            assert recorder in events.global_bus._subscribers
-        assert recorder not in events.global_bus._subscribers
-    assert events.global_bus._subscribers == before
+            assert recorder in [s for s, _ in events.global_bus.subscriptions()]
+        assert recorder not in [s for s, _ in events.global_bus.subscriptions()]
+    assert events.global_bus.subscriptions() == before

@@ -515,8 +515,8 @@ class ReadThroughCache(Generic[V]):
             and not self._bump_pending
             and self.sketch is None
             and self.config.cache_timeout is None
-            and not global_bus._subscribers
-            and not core.bus._subscribers
+            and not global_bus.active
+            and not core.bus.active
             and clock.now() - self._gen_read_at < self._refresh
         ):
             # The fast path: what lookup() does, without a Lookup, a breaker
