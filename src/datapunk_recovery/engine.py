@@ -670,9 +670,9 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
     gbus, lbus = global_bus, e.bus
     # The timed fast path (a metrics reader pulls attempt durations).
     stats = e.stats
-    pending = stats.pending
-    pend = pending.append
-    fold_at = FOLD_AT
+    pend = stats.pending.append
+    # Every FOLD_AT-th first-try success folds (the counter's value, no len()).
+    fold_mask = FOLD_AT - 1
     clk = clock
 
     if inspect.iscoroutinefunction(fn):
@@ -690,8 +690,7 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
                     error = exc
                 else:
                     pend(clk.now() - start)
-                    first_try()
-                    if len(pending) > fold_at:
+                    if not first_try() & fold_mask:
                         stats.fold()
                     return result
                 try:
@@ -728,8 +727,7 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
                     error = exc
                 else:
                     pend(clk.now() - start)
-                    first_try()
-                    if len(pending) > fold_at:
+                    if not first_try() & fold_mask:
                         stats.fold()
                     return result
                 try:
