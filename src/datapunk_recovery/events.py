@@ -353,6 +353,7 @@ class EventBus:
         "_routes",
         "_subscribers",
         "_timers",
+        "_unless",
         "active",
         "mode",
     )
@@ -361,6 +362,7 @@ class EventBus:
         self._subscribers: tuple[Subscriber, ...] = ()
         self._entries: tuple[tuple[Subscriber, Callable[[str], bool] | None], ...] = ()
         self._routes: dict[str, tuple[Subscriber, ...]] = {}
+        self._unless: dict[tuple[str, str], tuple[Subscriber, ...]] = {}
         self._timers = 0
         #: 0: nothing to report; 1: time attempts; 2: a successful call's
         #: events are wanted.  A plain attribute (the engine reads it on every
@@ -411,6 +413,7 @@ class EventBus:
     def refresh(self) -> None:
         """Ask the subscribers again which kinds they want (their wishes changed)."""
         self._routes = {}
+        self._unless = {}
         self.active = bool(self._subscribers)
         hot = any(self._route(kind) for kind in _HOT_KINDS)
         self.mode = 2 if hot else 1 if self._timers else 0
@@ -420,17 +423,24 @@ class EventBus:
         self._timers += 1 if on else -1
         self.refresh()
 
-    def _route(self, name: str, unless: str | None = None) -> tuple[Subscriber, ...]:
+    def _route(self, name: str) -> tuple[Subscriber, ...]:
         routes = self._routes
-        key = name if unless is None else f"{name}\x00{unless}"
-        route = routes.get(key)
+        route = routes.get(name)
         if route is None:
-            route = routes[key] = tuple(
+            route = routes[name] = tuple(
+                [s for s, wants in self._entries if wants is None or wants(name)]
+            )
+        return route
+
+    def _route_unless(self, name: str, unless: str) -> tuple[Subscriber, ...]:
+        key = (name, unless)
+        route = self._unless.get(key)
+        if route is None:
+            route = self._unless[key] = tuple(
                 [
                     s
                     for s, wants in self._entries
-                    if (wants is None or wants(name))
-                    and (unless is None or not (wants is None or wants(unless)))
+                    if (wants is None or wants(name)) and not (wants is None or wants(unless))
                 ]
             )
         return route
@@ -445,7 +455,7 @@ class EventBus:
         if unless is None:
             route = self._routes.get(name)
             return bool(route if route is not None else self._route(name))
-        return bool(self._route(name, unless if isinstance(unless, str) else unless.name))
+        return bool(self._route_unless(name, unless if isinstance(unless, str) else unless.name))
 
     def emit(self, event: Event, unless: type[Event] | str | None = None) -> None:
         """Deliver ``event`` to every subscriber of this bus that wants its kind.
@@ -460,7 +470,9 @@ class EventBus:
             if route is None:
                 route = self._route(event.name)
         else:
-            route = self._route(event.name, unless if isinstance(unless, str) else unless.name)
+            route = self._route_unless(
+                event.name, unless if isinstance(unless, str) else unless.name
+            )
         for subscriber in route:
             try:
                 subscriber(event)
