@@ -344,7 +344,9 @@ class EventBus:
     engine reads on every call: 0 when it may run bare, 1 when a metrics
     reader wants attempt durations timed
     ([`time_attempts()`][datapunk_recovery.events.EventBus.time_attempts]), 2 when a
-    subscriber wants a successful call's events.
+    subscriber wants a successful call's events.  ``active`` is whether anyone
+    is subscribed: the one check a hot path makes before building an event
+    (``global_bus.active or bus.active``).
     """
 
     __slots__ = (
