@@ -36,7 +36,8 @@ KNOWN: dict[tuple[str, str, str], str] = {
 #: this module defines no ``_x`` of its own), as ``(importing module, name)``;
 #: ``"*"`` allows the name in every module.
 KNOWN_ATTRIBUTES: dict[tuple[str, str], str] = {
-    ("*", "_subscribers"): "EventBus's cheap listening check; the events helper reworks it now",
+    ("datapunk_recovery.breaker", "_subscribers"): "EventBus's cheap listening check; "
+    "EventBus.active is the public seam (breaker.py is busy this session)",
     ("datapunk_recovery.cli", "_run"): "an argparse namespace attribute the cli sets itself",
     ("datapunk_recovery.breaker.registry", "_core"): (
         "the breaker's state machine; breaker.py is busy"

@@ -526,12 +526,30 @@ def test_the_event_stream_of_a_call_that_gives_up(clock: FakeClock) -> None:
     ]
 
 
-def test_the_event_stream_of_a_first_try_success(clock: FakeClock) -> None:
+def test_a_first_try_success_is_one_event_for_a_subscriber_of_every_kind(
+    clock: FakeClock,
+) -> None:
     bus, seen = _listened()
     assert retry(NO_JITTER, name="op", bus=bus)(Flaky(0, takes=0.5, clock=clock))() == "ok"
     assert seen == [
-        AttemptFinished(operation="op", at=1000.5, attempt=1, duration=0.5, succeeded=True),
         CallFinished(operation="op", at=1000.5, attempts=1, elapsed=0.5, succeeded=True),
+    ]
+    assert isinstance(seen[0], CallFinished) and seen[0].first_try
+
+
+def test_a_first_try_success_reaches_a_subscriber_of_attempts_only_as_its_attempt(
+    clock: FakeClock,
+) -> None:
+    bus, everything = _listened()
+    attempts: list[Event] = []
+    calls: list[Event] = []
+    bus.subscribe(attempts.append, kinds={AttemptFinished})
+    bus.subscribe(calls.append, kinds={CallFinished})
+    assert retry(NO_JITTER, name="op", bus=bus)(Flaky(0, takes=0.5, clock=clock))() == "ok"
+    call = CallFinished(operation="op", at=1000.5, attempts=1, elapsed=0.5, succeeded=True)
+    assert everything == calls == [call]
+    assert attempts == [
+        AttemptFinished(operation="op", at=1000.5, attempt=1, duration=0.5, succeeded=True)
     ]
 
 

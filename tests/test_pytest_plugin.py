@@ -61,7 +61,7 @@ from datapunk_recovery._execution import runtime as _runtime
 
 def state():
     return (
-        events.global_bus._subscribers,
+        events.global_bus.subscriptions(),
         list(errors._rules),
         _runtime._instant,
         clock.current_fake(),
@@ -139,10 +139,10 @@ def test_the_recorder_answers_by_class_name_area_and_operation() -> None:
 
 
 def test_record_events_and_isolated_undo_their_subscriptions() -> None:
-    before = events.global_bus._subscribers
+    before = events.global_bus.subscriptions()
     with isolated():
         events.subscribe(print)
         with record_events() as recorder:
-            assert recorder in events.global_bus._subscribers
-        assert recorder not in events.global_bus._subscribers
-    assert events.global_bus._subscribers == before
+            assert recorder in [s for s, _ in events.global_bus.subscriptions()]
+        assert recorder not in [s for s, _ in events.global_bus.subscriptions()]
+    assert events.global_bus.subscriptions() == before

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from datapunk_recovery._core.events import GiveUpReason
-from datapunk_recovery._core.stats import Statistics
+from datapunk_recovery._core.stats import DURATION_BOUNDS, OperationStats, Statistics
 
 
 def test_statistics_without_give_ups_print_readably() -> None:
@@ -31,3 +31,30 @@ def test_give_ups_print_as_a_plain_mapping_of_reasons() -> None:
 def test_statistics_still_compare_by_value() -> None:
     one = Statistics(calls=1, successes=1, failures=0, attempts=1, retries=0)
     assert one == Statistics(calls=1, successes=1, failures=0, attempts=1, retries=0)
+
+
+def _folded(durations: list[float]) -> tuple[list[int], float]:
+    stats = OperationStats("fold")
+    for seconds in durations:
+        stats.observe(seconds)
+    reading = stats.reading()
+    return reading.buckets, reading.duration_sum
+
+
+def test_folding_puts_each_duration_in_its_bucket_a_bound_in_its_own() -> None:
+    durations = [0.0005, 0.001, 0.0011, 0.3, 60.0, 61.0]
+    buckets, total = _folded(durations)
+    expected = [0] * (len(DURATION_BOUNDS) + 1)
+    expected[0] = 2  # 0.0005 and 0.001 (a bound is inclusive)
+    expected[DURATION_BOUNDS.index(0.0025)] = 1
+    expected[DURATION_BOUNDS.index(0.5)] = 1
+    expected[DURATION_BOUNDS.index(60.0)] = 1
+    expected[-1] = 1  # above every bound
+    assert buckets == expected
+    assert total == sum(durations)
+
+
+def test_folding_durations_that_sum_under_the_first_bound_puts_all_in_the_first_bucket() -> None:
+    buckets, total = _folded([0.0002, 0.0003, 0.0005])  # sum: exactly the first bound
+    assert buckets == [3] + [0] * len(DURATION_BOUNDS)
+    assert total == 0.0002 + 0.0003 + 0.0005

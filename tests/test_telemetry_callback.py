@@ -44,6 +44,22 @@ def test_updates_carry_metric_labels_and_value() -> None:
     ]
 
 
+def test_a_first_try_success_feeds_calls_and_attempt_durations_from_one_event() -> None:
+    updates: list[Update] = []
+
+    @retry(name="fetch")
+    def fetch() -> str:
+        return "ok"
+
+    with CallbackExporter(on_update=updates.append).install():
+        fetch()
+    got = [(u.metric.prometheus_name, u.attributes, u.value) for u in updates]
+    assert got == [
+        ("datapunk_recovery_calls", {"operation": "fetch", "outcome": "success"}, 1.0),
+        ("datapunk_recovery_attempt_duration_seconds", {"operation": "fetch"}, 0.0),
+    ]
+
+
 def test_events_as_flat_fields_filtered_by_name() -> None:
     seen: list[Mapping[str, Any]] = []
     fetch = fetch_failing_once()
@@ -59,6 +75,7 @@ def test_events_as_flat_fields_filtered_by_name() -> None:
             "elapsed": 0.0,
             "succeeded": True,
             "outcome": "success_after_retry",
+            "first_try": False,
         }
     ]
 

@@ -106,6 +106,35 @@ def test_a_scripted_run_as_otel_metrics(clock: FakeClock, reader: InMemoryMetric
     }
 
 
+def test_attempt_durations_as_bucket_counters_are_the_engine_buckets_exactly(
+    clock: FakeClock, reader: InMemoryMetricReader
+) -> None:
+    @retry(RetryConfig(max_attempts=3), name="fetch")
+    def fetch(seconds: float) -> None:
+        clock.advance(seconds)
+
+    provider = MeterProvider(metric_readers=[reader])
+    with OpenTelemetryExporter(meter_provider=provider, attempt_histogram="buckets").install():
+        for seconds in (0.04, 0.08, 0.2, 61.0):
+            fetch(seconds)
+    got = points(reader)
+    assert ("datapunk.recovery.attempt.duration", attrs(operation="fetch")) not in got
+    bucket = {
+        le: got[("datapunk.recovery.attempt.duration.bucket", attrs(operation="fetch", le=le))]
+        for le in ("0.025", "0.05", "0.1", "0.25", "60", "+Inf")
+    }
+    # cumulative, by upper bound
+    assert bucket == {"0.025": 0, "0.05": 1, "0.1": 2, "0.25": 3, "60": 3, "+Inf": 4}
+    assert got[("datapunk.recovery.attempt.duration.count", attrs(operation="fetch"))] == 4
+    total = got[("datapunk.recovery.attempt.duration.sum", attrs(operation="fetch"))]
+    assert total == pytest.approx(61.32)
+
+
+def test_an_unknown_attempt_histogram_kind_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"attempt_histogram.*'sparse'"):
+        OpenTelemetryExporter(meter_provider=MeterProvider(), attempt_histogram="sparse")
+
+
 def test_durations_are_in_seconds_and_names_are_dotted(reader: InMemoryMetricReader) -> None:
     OpenTelemetryExporter(meter_provider=MeterProvider(metric_readers=[reader]))
     names = {m.otel_name for m in METRICS}

@@ -271,44 +271,103 @@ def test_a_logging_exporter_at_warning_asks_for_no_success_event_until_levels_ch
             retry_logger.setLevel(logging.WARNING)
         assert global_bus.mode == 0
     assert slow_paths == ["logged"]
-    assert [r.getMessage().split()[0] for r in caplog.records] == ["retry.attempt", "retry.call"]
+    # A first-try success is one event: the call's, standing for its one attempt.
+    assert [r.getMessage().split()[0] for r in caplog.records] == ["retry.call"]
 
 
-def test_otel_counters_after_calls_from_many_threads_match_the_statistics() -> None:
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
-    from datapunk_recovery.telemetry.otel import OpenTelemetryExporter
-
-    reader = InMemoryMetricReader()
-    call = failing_every(3, "otel-threads")
-    call(1)  # before the exporter: not shown
-    with OpenTelemetryExporter(meter_provider=MeterProvider(metric_readers=[reader])).install():
-        call_from_threads(call, threads=4, calls_each=200)
-        data = reader.get_metrics_data()
+def otel_points(reader: Any) -> dict[tuple[str, tuple[tuple[str, Any], ...]], Any]:
+    """Every data point the in-memory reader collects now, by (name, sorted attributes)."""
+    data = reader.get_metrics_data()
     assert data is not None
-    points = {
+    return {
         (m.name, tuple(sorted(p.attributes.items()))): p
         for r in data.resource_metrics
         for s in r.scope_metrics
         for m in s.metrics
         for p in m.data.data_points
     }
-    stats = call.statistics()  # type: ignore[attr-defined]
-    want = expected(stats)
-    op = ("operation", "otel-threads")
+
+
+def otel_scraped(points: dict[Any, Any], operation: str) -> dict[str, float]:
+    """What ``scraped()`` reads from Prometheus, read from OpenTelemetry points."""
+    op = ("operation", operation)
 
     def value(name: str, *labels: tuple[str, str]) -> float:
         point = points.get((f"datapunk.recovery.{name}", tuple(sorted((op, *labels)))))
-        return 0.0 if point is None else point.value
+        return 0.0 if point is None else float(point.value)
 
-    assert value("calls", ("outcome", "success")) == want["success"] - 1
-    assert value("calls", ("outcome", "success_after_retry")) == want["success_after_retry"]
-    assert value("calls", ("outcome", "failure_after_retry")) == want["failure_after_retry"]
-    assert value("retries", ("category", "network")) == want["retries"]
-    assert value("giveups", ("reason", "attempts")) == want["giveups"]
-    duration = points[("datapunk.recovery.attempt.duration", (op,))]
-    assert duration.count == want["attempts"] - 1
+    out = {
+        outcome: value("calls", ("outcome", outcome))
+        for outcome in ("success", "success_after_retry", "failure", "failure_after_retry")
+    }
+    out["retries"] = value("retries", ("category", "network"))
+    out["giveups"] = value("giveups", ("reason", "attempts"))
+    histogram = points.get(("datapunk.recovery.attempt.duration", (op,)))
+    if histogram is not None:  # attempt_histogram="synchronous"
+        out["attempts"] = float(histogram.count)
+    else:  # attempt_histogram="buckets": the +Inf bucket and the count agree
+        out["attempts"] = value("attempt.duration.count")
+        assert value("attempt.duration.bucket", ("le", "+Inf")) == out["attempts"]
+    return out
+
+
+def otel_exporter(reader: Any, attempt_histogram: str) -> Any:
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    from datapunk_recovery.telemetry.otel import OpenTelemetryExporter
+
+    return OpenTelemetryExporter(
+        meter_provider=MeterProvider(metric_readers=[reader]),
+        attempt_histogram=attempt_histogram,
+    )
+
+
+@pytest.mark.parametrize("attempt_histogram", ["synchronous", "buckets"])
+def test_otel_metrics_after_calls_from_many_threads_match_the_statistics(
+    attempt_histogram: str,
+) -> None:
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    call = failing_every(3, "otel-threads")
+    call(1)  # before the exporter: not shown
+    with otel_exporter(reader, attempt_histogram).install():
+        call_from_threads(call, threads=4, calls_each=200)
+        got = otel_scraped(otel_points(reader), "otel-threads")
+    want = expected(call.statistics())  # type: ignore[attr-defined]
+    want["success"] -= 1  # call(1), before the exporter
+    want["attempts"] -= 1
+    assert got == want
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("attempt_histogram", ["synchronous", "buckets"])
+async def test_otel_metrics_after_concurrent_tasks_match_the_statistics(
+    attempt_histogram: str,
+) -> None:
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+
+    @retry(RetryConfig(max_attempts=2), name="otel-tasks")
+    async def call(i: int) -> str:
+        await anyio.lowlevel.checkpoint()
+        if i % 7 == 0:
+            raise ConnectionError("reset")
+        return "ok"
+
+    async def one(i: int) -> None:
+        with contextlib.suppress(ConnectionError):
+            await call(i)
+
+    with otel_exporter(reader, attempt_histogram).install():
+        async with anyio.create_task_group() as tasks:
+            for i in range(400):
+                tasks.start_soon(one, i)
+        got = otel_scraped(otel_points(reader), "otel-tasks")
+    stats = call.statistics()  # type: ignore[attr-defined]
+    assert stats.calls == 400
+    assert got == expected(stats)
 
 
 def test_with_otel_installed_a_first_try_success_stays_on_the_fast_path(

@@ -89,3 +89,15 @@ def test_exact_under_threads(clock: FakeClock) -> None:
     assert collector.snapshot("hot").calls == 8_000
     collector.reset()
     assert collector.statistics() == {}
+
+
+def test_a_first_try_success_counts_its_attempt_and_its_time(clock: FakeClock) -> None:
+    @retry(name="quick")
+    def quick() -> None:
+        clock.advance(0.25)
+
+    with StatisticsCollector().install() as collector:
+        quick()
+    snapshot = collector.snapshot("quick")
+    assert (snapshot.calls, snapshot.attempts, snapshot.attempt_seconds) == (1, 1, 0.25)
+    assert snapshot.attempts == quick.statistics().attempts

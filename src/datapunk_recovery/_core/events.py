@@ -258,7 +258,8 @@ class CallFinished(Event):
     """A whole call (all its attempts) ended, successfully or not.
 
     ``outcome`` is one of ``success``, ``success_after_retry``, ``failure``,
-    ``failure_after_retry`` (resilience4j's kinds).
+    ``failure_after_retry`` (resilience4j's kinds).  For a first-try success
+    (``first_try``) it is also the report of the call's one attempt.
     """
 
     name: ClassVar[str] = "retry.call"
@@ -272,6 +273,16 @@ class CallFinished(Event):
     def outcome(self) -> str:
         kind = "success" if self.succeeded else "failure"
         return kind if self.attempts == 1 else f"{kind}_after_retry"
+
+    @property
+    def first_try(self) -> bool:
+        """Whether the call succeeded at its first attempt.
+
+        This event then stands for that attempt too (``elapsed`` is its
+        duration): a subscriber that takes ``CallFinished`` gets no
+        ``AttemptFinished`` for it (a first-try success builds one event).
+        """
+        return self.succeeded and self.attempts == 1
 
 
 class HintIgnored(Event):
@@ -336,20 +347,36 @@ class EventBus:
     engine reads on every call: 0 when it may run bare, 1 when a metrics
     reader wants attempt durations timed
     ([`time_attempts()`][datapunk_recovery._core.events.EventBus.time_attempts]), 2 when a
-    subscriber wants a successful call's events.
+    subscriber wants a successful call's events.  ``active`` is whether anyone
+    is subscribed: the one check a hot path makes before building an event
+    (``global_bus.active or bus.active``).
     """
 
-    __slots__ = ("__weakref__", "_entries", "_routes", "_subscribers", "_timers", "mode")
+    __slots__ = (
+        "__weakref__",
+        "_entries",
+        "_routes",
+        "_subscribers",
+        "_timers",
+        "_unless",
+        "active",
+        "mode",
+    )
 
     def __init__(self) -> None:
         self._subscribers: tuple[Subscriber, ...] = ()
         self._entries: tuple[tuple[Subscriber, Callable[[str], bool] | None], ...] = ()
         self._routes: dict[str, tuple[Subscriber, ...]] = {}
+        self._unless: dict[tuple[str, str], tuple[Subscriber, ...]] = {}
         self._timers = 0
         #: 0: nothing to report; 1: time attempts; 2: a successful call's
         #: events are wanted.  A plain attribute (the engine reads it on every
         #: call); only the bus sets it.
         self.mode = 0
+        #: Whether anyone listens on this bus: the cheap check hot paths make
+        #: (``global_bus.active or bus.active``) before building an event.  A
+        #: plain attribute; only the bus sets it.
+        self.active = False
 
     def subscribe(self, subscriber: Subscriber, kinds: Kinds = None) -> Callable[[], None]:
         """Add ``subscriber`` for ``kinds`` (default: its ``wants`` attribute, else every kind).
@@ -391,6 +418,8 @@ class EventBus:
     def refresh(self) -> None:
         """Ask the subscribers again which kinds they want (their wishes changed)."""
         self._routes = {}
+        self._unless = {}
+        self.active = bool(self._subscribers)
         hot = any(self._route(kind) for kind in _HOT_KINDS)
         self.mode = 2 if hot else 1 if self._timers else 0
 
@@ -408,20 +437,47 @@ class EventBus:
             )
         return route
 
-    def wants(self, kind: type[Event] | str) -> bool:
-        """Whether a subscriber of this bus wants events of ``kind``."""
-        return bool(self._route(kind if isinstance(kind, str) else kind.name))
-
-    @property
-    def active(self) -> bool:
-        """Whether anyone listens on this bus."""
-        return bool(self._subscribers)
-
-    def emit(self, event: Event) -> None:
-        """Deliver ``event`` to every subscriber of this bus that wants its kind."""
-        route = self._routes.get(event.name)
+    def _route_unless(self, name: str, unless: str) -> tuple[Subscriber, ...]:
+        key = (name, unless)
+        route = self._unless.get(key)
         if route is None:
-            route = self._route(event.name)
+            route = self._unless[key] = tuple(
+                [
+                    s
+                    for s, wants in self._entries
+                    if (wants is None or wants(name)) and not (wants is None or wants(unless))
+                ]
+            )
+        return route
+
+    def wants(self, kind: type[Event] | str, unless: type[Event] | str | None = None) -> bool:
+        """Whether a subscriber of this bus wants events of ``kind``.
+
+        With ``unless``, only subscribers that do not also want ``unless``
+        count (see [`emit()`][datapunk_recovery._core.events.EventBus.emit]).
+        """
+        name = kind if isinstance(kind, str) else kind.name
+        if unless is None:
+            route = self._routes.get(name)
+            return bool(route if route is not None else self._route(name))
+        return bool(self._route_unless(name, unless if isinstance(unless, str) else unless.name))
+
+    def emit(self, event: Event, unless: type[Event] | str | None = None) -> None:
+        """Deliver ``event`` to every subscriber of this bus that wants its kind.
+
+        With ``unless``, only to those that do not also want the kind
+        ``unless``: the retry engine reports a first-try success as one
+        ``CallFinished`` and sends its ``AttemptFinished`` only to subscribers
+        that do not take the call's event.
+        """
+        if unless is None:
+            route = self._routes.get(event.name)
+            if route is None:
+                route = self._route(event.name)
+        else:
+            route = self._route_unless(
+                event.name, unless if isinstance(unless, str) else unless.name
+            )
         for subscriber in route:
             try:
                 subscriber(event)
@@ -441,16 +497,24 @@ def subscribe(subscriber: Subscriber, kinds: Kinds = None) -> Callable[[], None]
     return global_bus.subscribe(subscriber, kinds)
 
 
-def listening(bus: EventBus | None = None, kind: type[Event] | str | None = None) -> bool:
-    """Whether an event (of ``kind``, if given) emitted on ``bus`` or globally reaches anyone."""
+def listening(
+    bus: EventBus | None = None,
+    kind: type[Event] | str | None = None,
+    unless: type[Event] | str | None = None,
+) -> bool:
+    """Whether an event (of ``kind``, if given) emitted on ``bus`` or globally reaches anyone.
+
+    With ``unless``: anyone who does not also want events of kind ``unless``.
+    """
     if kind is None:
-        # Read the private tuple directly: this check sits on hot paths.
-        return bool(global_bus._subscribers) or (bus is not None and bool(bus._subscribers))
-    return global_bus.wants(kind) or (bus is not None and bus.wants(kind))
+        return global_bus.active or (bus is not None and bus.active)
+    return global_bus.wants(kind, unless) or (bus is not None and bus.wants(kind, unless))
 
 
-def emit(event: Event, bus: EventBus | None = None) -> None:
-    """Deliver ``event`` to ``bus``'s subscribers, then to the global ones."""
+def emit(
+    event: Event, bus: EventBus | None = None, unless: type[Event] | str | None = None
+) -> None:
+    """Deliver ``event`` to ``bus``'s subscribers, then to the global ones (see `EventBus.emit`)."""
     if bus is not None and bus is not global_bus:
-        bus.emit(event)
-    global_bus.emit(event)
+        bus.emit(event, unless)
+    global_bus.emit(event, unless)

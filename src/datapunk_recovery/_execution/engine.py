@@ -147,7 +147,7 @@ class _Engine:
         )
 
     def observed(self) -> bool:
-        return bool(global_bus._subscribers) or bool(self.bus._subscribers)
+        return global_bus.active or self.bus.active
 
     def timed(self) -> bool:
         """Whether attempts are timed (a metrics reader or an event subscriber wants it)."""
@@ -162,12 +162,18 @@ class _Engine:
         return at
 
     def emit_first_try(self, start: float, at: float) -> None:
-        """Report a first-try success to those who want its events."""
+        """Report a first-try success to those who want its events: one event each.
+
+        The call and its one attempt say the same (one attempt, succeeded,
+        the same duration): a subscriber that wants ``CallFinished`` gets
+        that alone; ``AttemptFinished`` is built only for subscribers that
+        want it and not the call's event.
+        """
         bus = self.bus
-        if listening(bus, AttemptFinished):
-            emit(AttemptFinished(self.name, at, 1, at - start, True), bus)
         if listening(bus, CallFinished):
             emit(CallFinished(self.name, at, 1, at - start, True), bus)
+        if listening(bus, AttemptFinished, CallFinished):
+            emit(AttemptFinished(self.name, at, 1, at - start, True), bus, CallFinished)
 
 
 class _Call:
@@ -228,7 +234,7 @@ class _Call:
         method for both, because this is the failure path's whole cost.
         """
         e = self.engine
-        observed = global_bus._subscribers or e.bus._subscribers
+        observed = global_bus.active or e.bus.active
         timed = global_bus.mode or e.bus.mode
         config = e.config
         if exc is None:
@@ -665,9 +671,9 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
     gbus, lbus = global_bus, e.bus
     # The timed fast path (a metrics reader pulls attempt durations).
     stats = e.stats
-    pending = stats.pending
-    pend = pending.append
-    fold_at = FOLD_AT
+    pend = stats.pending.append
+    # Every FOLD_AT-th first-try success folds (the counter's value, no len()).
+    fold_mask = FOLD_AT - 1
     clk = clock
 
     if inspect.iscoroutinefunction(fn):
@@ -685,8 +691,7 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
                     error = exc
                 else:
                     pend(clk.now() - start)
-                    first_try()
-                    if len(pending) > fold_at:
+                    if not first_try() & fold_mask:
                         stats.fold()
                     return result
                 try:
@@ -723,8 +728,7 @@ def _wrap(fn: Callable[..., Any], e: _Engine) -> Any:
                     error = exc
                 else:
                     pend(clk.now() - start)
-                    first_try()
-                    if len(pending) > fold_at:
+                    if not first_try() & fold_mask:
                         stats.fold()
                     return result
                 try:

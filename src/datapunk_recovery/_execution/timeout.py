@@ -148,7 +148,7 @@ class AttemptTimeout(CallDecorator):
             result = fn(*args, **kwargs)
         finally:
             CURRENT.reset(token)
-            if global_bus._subscribers or self.bus._subscribers:
+            if global_bus.active or self.bus.active:
                 duration = clock.now() - start
                 if duration > limit:
                     emit(
@@ -174,7 +174,7 @@ class AttemptTimeout(CallDecorator):
             CURRENT.reset(token)
         if not timed_out:
             return cast(T, result)
-        if global_bus._subscribers or self.bus._subscribers:
+        if global_bus.active or self.bus.active:
             emit(
                 AttemptTimeoutExpired(
                     operation=self.name, at=clock.now(), seconds=limit, by_deadline=by_deadline

@@ -426,7 +426,7 @@ class Injector:
 
     def _record(self, injection: Injection, error: Exception | None, delay: float) -> None:
         next(self._counts[injection.kind])
-        if global_bus._subscribers or self.events._subscribers:
+        if global_bus.active or self.events.active:
             emit(
                 ChaosInjected(
                     operation=self.name,

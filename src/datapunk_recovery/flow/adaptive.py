@@ -346,7 +346,7 @@ class AdaptiveLimiter(CallDecorator):
             self._estimate = estimate
             new = self._limit = max(1, math.floor(estimate))
             self._slots.reconfigure(new, max_queue, max_wait, per_caller)
-        if new != old and (global_bus._subscribers or self.bus._subscribers):
+        if new != old and (global_bus.active or self.bus.active):
             emit(LimitChanged(operation=self.name, at=clock.now(), old=old, new=new), self.bus)
 
     @property
@@ -372,7 +372,7 @@ class AdaptiveLimiter(CallDecorator):
                 # the older limit while ``limit`` reports the newer one.
                 slots.set_limit(new)
         slots.release(permit._caller)
-        if new != old and (global_bus._subscribers or self.bus._subscribers):
+        if new != old and (global_bus.active or self.bus.active):
             emit(LimitChanged(operation=self.name, at=clock.now(), old=old, new=new), self.bus)
 
     def acquire(self, caller: str | None = None) -> AdaptivePermit:

@@ -310,7 +310,7 @@ class SlotPool:
 
     def _reject(self, refused: _Refused) -> BulkheadFull:
         """The error for a refusal, reported as an event (never under the lock)."""
-        if global_bus._subscribers or self.bus._subscribers:
+        if global_bus.active or self.bus.active:
             emit(
                 BulkheadRejected(
                     operation=self.name,
@@ -359,7 +359,7 @@ class SlotPool:
             woken = self._grant_waiters() if self._queue else []
         for waiter in woken:
             waiter.wake()
-        if global_bus._subscribers or self.bus._subscribers:
+        if global_bus.active or self.bus.active:
             emit(BulkheadReleased(operation=self.name, at=clock.now(), active=active), self.bus)
 
     def set_limit(self, limit: int) -> None:
@@ -425,7 +425,7 @@ class SlotPool:
         self.release(waiter.caller)
 
     def _admitted(self, start: float | None) -> None:
-        if global_bus._subscribers or self.bus._subscribers:
+        if global_bus.active or self.bus.active:
             now = clock.now()
             emit(
                 BulkheadAdmitted(

@@ -117,7 +117,7 @@ class Fallback(CallDecorator, Generic[T]):
         return bool(self._on_pred(exc))
 
     def _answer(self, error: Exception | None, result: Any) -> T | Awaitable[T]:
-        if global_bus._subscribers or self.bus._subscribers:
+        if global_bus.active or self.bus.active:
             emit(
                 FallbackUsed(
                     operation=self.name,

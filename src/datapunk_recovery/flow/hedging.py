@@ -254,7 +254,7 @@ class Hedger:
 
     def _may_hedge(self, n: int, reason: str, delay: float) -> bool:
         """Whether extra attempt ``n`` may start now (budget, deadline); reports it."""
-        observed = bool(global_bus._subscribers) or bool(self.bus._subscribers)
+        observed = global_bus.active or self.bus.active
         ctx = CURRENT.get()
         if ctx is not None and ctx[0] is not None and clock.now() >= ctx[0]:
             if observed:
@@ -291,7 +291,7 @@ class Hedger:
             self.budget.on_attempt(outcome.error is None)
         if outcome.error is None:
             self.record(outcome.duration)
-            if outcome.n > 0 and (global_bus._subscribers or self.bus._subscribers):
+            if outcome.n > 0 and (global_bus.active or self.bus.active):
                 now = clock.now()
                 emit(
                     HedgeWon(operation=self.name, at=now, attempt=outcome.n, latency=now - start),

@@ -473,7 +473,7 @@ class RetryStage(StageAliases):
         engine_bus = retried.events
 
         def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if not fast or global_bus._subscribers or engine_bus._subscribers:
+            if not fast or global_bus.active or engine_bus.active:
                 return retried([], nxt, fn, args, kwargs)
             # This stage reports the first attempt to the budget (the engine
             # the others): the stages inside must not report it again.
@@ -498,7 +498,7 @@ class RetryStage(StageAliases):
         engine_bus = retried.events
 
         async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if not fast or global_bus._subscribers or engine_bus._subscribers:
+            if not fast or global_bus.active or engine_bus.active:
                 return await retried([], nxt, fn, args, kwargs)
             reporting = None if budget is None else REPORTING.set((*REPORTING.get(), budget))
             try:  # see sync()
@@ -737,7 +737,7 @@ class Pipeline:
 
     def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn(*args, **kwargs)`` through every stage."""
-        if global_bus._subscribers or self.bus._subscribers:
+        if global_bus.active or self.bus.active:
             return cast(T, self._sync_observed(fn, args, kwargs))
         return cast(T, self._sync(fn, args, kwargs))
 
@@ -745,7 +745,7 @@ class Pipeline:
         self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
         """Await ``fn(*args, **kwargs)`` through every stage."""
-        if global_bus._subscribers or self.bus._subscribers:
+        if global_bus.active or self.bus.active:
             return cast(T, await self._async_observed(fn, args, kwargs))
         return cast(T, await self._async(fn, args, kwargs))
 
@@ -764,7 +764,7 @@ class Pipeline:
 
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                if global_bus._subscribers or bus._subscribers:
+                if global_bus.active or bus.active:
                     return await aobserved(fn, args, kwargs)
                 return await arun(fn, args, kwargs)
 
@@ -774,7 +774,7 @@ class Pipeline:
 
         @functools.wraps(fn)
         def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            if global_bus._subscribers or bus._subscribers:
+            if global_bus.active or bus.active:
                 return observed(fn, args, kwargs)
             return run(fn, args, kwargs)
 

@@ -373,7 +373,7 @@ class RateLimiter(CallDecorator):
                 f"rate limiter {self.name!r}: the next token ({wait:.3f} s away) "
                 "would come after the deadline"
             )
-        if global_bus._subscribers or self.bus._subscribers:
+        if global_bus.active or self.bus.active:
             emit(
                 RateLimitRejected(operation=self.name, at=clock.now(), wait=wait, allowed=allowed),
                 self.bus,
@@ -387,7 +387,7 @@ class RateLimiter(CallDecorator):
                 own.give_back()
 
     def _admitted(self, waited: float) -> None:
-        if global_bus._subscribers or self.bus._subscribers:
+        if global_bus.active or self.bus.active:
             emit(RateLimitAdmitted(operation=self.name, at=clock.now(), waited=waited), self.bus)
 
     # -- faces
@@ -438,7 +438,7 @@ class RateLimiter(CallDecorator):
         with self._lock:
             self._bucket.wait(clock.now())
             self._bucket.drain(retry_after)
-        if global_bus._subscribers or self.bus._subscribers:
+        if global_bus.active or self.bus.active:
             emit(
                 RateLimitDrained(operation=self.name, at=clock.now(), retry_after=retry_after),
                 self.bus,
@@ -453,7 +453,7 @@ class RateLimiter(CallDecorator):
                 return self.config.max_drain
             if seconds >= 0.0 and math.isfinite(seconds):
                 return min(seconds, self.config.max_drain)
-        if global_bus._subscribers or self.bus._subscribers:
+        if global_bus.active or self.bus.active:
             emit(
                 HintIgnored(
                     operation=self.name,

@@ -661,7 +661,7 @@ class RecoveryStrategies:
 
     def _fell_back(self, service: str, kind: str) -> None:
         self._fallbacks[service, kind] += 1
-        if global_bus._subscribers:
+        if global_bus.active:
             emit(RecoveryFallback(operation=service, at=clock.now(), kind=kind))
 
     # -- the numbers ---------------------------------------------------------------

@@ -243,7 +243,12 @@ _OP: Final = {"operation": "operation"}
 
 MEASURES: Final[Mapping[str, tuple[Measure, ...]]] = MappingProxyType(
     {
-        "retry.call": (Measure(CALLS, {**_OP, "outcome": "outcome"}),),
+        # A first-try success reports its one attempt in its CallFinished
+        # alone (no AttemptFinished is built for a subscriber taking both).
+        "retry.call": (
+            Measure(CALLS, {**_OP, "outcome": "outcome"}),
+            Measure(ATTEMPT_DURATION, _OP, value="elapsed", when="first_try"),
+        ),
         "retry.scheduled": (Measure(RETRIES, {**_OP, "category": "category"}),),
         "retry.gave_up": (Measure(GIVEUPS, {**_OP, "reason": "reason"}),),
         "retry.attempt": (Measure(ATTEMPT_DURATION, _OP, value="duration"),),

@@ -32,6 +32,17 @@ What is lost: exemplars (a duration recorded at collection is outside its
 call's trace context).  Without the pulled counters (``metrics`` without
 ``calls``), the histogram is fed from one ``AttemptFinished`` event per attempt.
 
+The SDK's ``record`` still runs once per attempt, wherever it runs: several
+microseconds, a large share of a retrying call that succeeds at once.
+``attempt_histogram="buckets"`` pulls the histogram too: the engine's own
+bucket counts ([`DURATION_BOUNDS`][datapunk_recovery._core.stats.DURATION_BOUNDS]) are
+read at collection by observable counters,
+``datapunk.recovery.attempt.duration.bucket`` (cumulative, attribute ``le``
+as in Prometheus, ``+Inf`` last), ``.count`` and ``.sum`` (seconds).  No
+``record`` at all, exact, and a call costs what it costs under Prometheus;
+but the backend receives counters, not a histogram: the SDK's views cannot
+re-bucket it, and the instrument's name and kind differ from the default's.
+
 Span events: the event kinds of [`SPAN_EVENTS`][datapunk_recovery.telemetry.otel.SPAN_EVENTS]
 (retries, give-ups,
 failovers, breaker rejections) are added to the *current* span, when it
@@ -70,7 +81,10 @@ from .pull import PULLED, Puller
 PENDING_MAX: Final = 65_536
 """Attempt durations an exporter keeps between collections before recording them at once."""
 
-__all__ = ["PENDING_MAX", "SPAN_EVENTS", "OpenTelemetryExporter"]
+__all__ = ["HISTOGRAM_KINDS", "PENDING_MAX", "SPAN_EVENTS", "OpenTelemetryExporter"]
+
+HISTOGRAM_KINDS: Final = ("synchronous", "buckets")
+"""The ways the attempt-duration histogram can be exported (``attempt_histogram=``)."""
 
 _ATTEMPT: Final = "retry.attempt"
 
@@ -97,7 +111,10 @@ class OpenTelemetryExporter(Exporter):
 
     ``meter_provider`` defaults to the global one; ``labels`` bounds attribute
     cardinality like Prometheus labels; ``span_events`` lists the event names
-    that become span events (empty to add none).
+    that become span events (empty to add none).  ``attempt_histogram`` is
+    ``"synchronous"`` (an SDK histogram, each duration recorded at
+    collection) or ``"buckets"`` (the engine's buckets as observable
+    counters: no ``record`` per attempt; see the module's notes).
     """
 
     def __init__(
@@ -108,8 +125,14 @@ class OpenTelemetryExporter(Exporter):
         span_events: Collection[str] = SPAN_EVENTS,
         metrics: Sequence[Metric] = METRICS,
         measures: Mapping[str, Sequence[Measure]] = MEASURES,
+        attempt_histogram: str = "synchronous",
     ) -> None:
         super().__init__()
+        if attempt_histogram not in HISTOGRAM_KINDS:
+            raise ValueError(
+                f"OpenTelemetryExporter attempt_histogram: expected one of {HISTOGRAM_KINDS}, "
+                f"got {attempt_histogram!r}"
+            )
         try:
             from opentelemetry import metrics as otel_metrics
             from opentelemetry import trace
@@ -128,17 +151,20 @@ class OpenTelemetryExporter(Exporter):
             and metric in metrics
             and measures.get(name) == MEASURES.get(name)
         }
-        # The histogram is fed at collection, which the pulled counters' callbacks trigger.
-        self._tapped = bool(
+        # The histogram is fed at collection, which the pulled counters' callbacks
+        # trigger; or, as buckets, read at collection like them.
+        histogram_pulled = bool(
             pulled
             and ATTEMPT_DURATION in metrics
             and measures.get(_ATTEMPT) == MEASURES.get(_ATTEMPT)
         )
-        if self._tapped:
+        self._buckets = histogram_pulled and attempt_histogram == "buckets"
+        self._tapped = histogram_pulled and not self._buckets
+        if histogram_pulled:
             pulled[_ATTEMPT] = ATTEMPT_DURATION
         pushed = {name: m for name, m in measures.items() if name not in pulled}
         self._router = Router(self.labeler, pushed)
-        self._puller = Puller(self.labeler, time_attempts=self._tapped)
+        self._puller = Puller(self.labeler, time_attempts=histogram_pulled)
         self._pending: list[tuple[str, list[float]]] = []
         self._pending_count = 0
         self._pending_lock = threading.Lock()
@@ -158,6 +184,8 @@ class OpenTelemetryExporter(Exporter):
                 meter.create_observable_counter(
                     **common, description=doc, callbacks=[self._pulled_reader(metric)]
                 )
+            elif metric is ATTEMPT_DURATION and self._buckets:
+                self._bucket_counters(meter, metric)
             elif metric.kind is MetricKind.COUNTER:
                 self._record[metric] = meter.create_counter(**common, description=doc).add
             elif metric.kind is MetricKind.HISTOGRAM:
@@ -250,6 +278,44 @@ class OpenTelemetryExporter(Exporter):
                 yield self._observation(value, self._attributes_of(metric, labels))
 
         return read
+
+    def _bucket_counters(self, meter: Any, metric: Metric) -> None:
+        """The histogram as observable counters of the engine's buckets, count and sum."""
+        les = [*(f"{bound:g}" for bound in _stats.DURATION_BOUNDS), "+Inf"]
+        doc = metric.description
+
+        def histograms() -> dict[tuple[str, ...], tuple[list[int], float]]:
+            return self._puller.histograms(self._puller.read())
+
+        def buckets(options: Any) -> Iterable[Any]:
+            for labels, (counts, _) in histograms().items():
+                attributes = dict(zip(metric.labels, labels, strict=True))
+                cumulative = 0
+                for le, count in zip(les, counts, strict=True):
+                    cumulative += count
+                    yield self._observation(cumulative, {**attributes, "le": le})
+
+        def count(options: Any) -> Iterable[Any]:
+            for labels, (counts, _) in histograms().items():
+                yield self._observation(sum(counts), self._attributes_of(metric, labels))
+
+        def total(options: Any) -> Iterable[Any]:
+            for labels, (_, seconds) in histograms().items():
+                yield self._observation(seconds, self._attributes_of(metric, labels))
+
+        name = metric.otel_name
+        meter.create_observable_counter(
+            name + ".bucket",
+            unit="1",
+            description=doc + " Cumulative, by upper bound (le).",
+            callbacks=[buckets],
+        )
+        meter.create_observable_counter(
+            name + ".count", unit="1", description=doc + " Count.", callbacks=[count]
+        )
+        meter.create_observable_counter(
+            name + ".sum", unit="s", description=doc + " Sum.", callbacks=[total]
+        )
 
     def _gauge_reader(self, metric: Metric, last: dict[tuple[str, ...], float]) -> Any:
         def read(options: Any) -> Iterable[Any]:

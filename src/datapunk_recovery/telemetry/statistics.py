@@ -60,10 +60,11 @@ class OperationSnapshot:
 
 
 class _Counts:
-    __slots__ = ("attempt_seconds", "events", "giveups", "successes")
+    __slots__ = ("attempt_seconds", "attempts", "events", "giveups", "successes")
 
     def __init__(self) -> None:
         self.successes = 0
+        self.attempts = 0
         self.attempt_seconds = 0.0
         self.giveups: dict[str, int] = {}
         self.events: dict[str, int] = {}
@@ -92,7 +93,11 @@ class StatisticsCollector(Exporter):
             counts.events[event.name] = counts.events.get(event.name, 0) + 1
             if isinstance(event, CallFinished):
                 counts.successes += event.succeeded
+                if event.first_try:  # it stands for its one attempt (no AttemptFinished)
+                    counts.attempts += 1
+                    counts.attempt_seconds += event.elapsed
             elif isinstance(event, AttemptFinished):
+                counts.attempts += 1
                 counts.attempt_seconds += event.duration
             elif isinstance(event, GaveUp):
                 reason = event.reason.value
@@ -123,7 +128,7 @@ def _snapshot(operation: str, counts: _Counts) -> OperationSnapshot:
         calls=calls,
         successes=counts.successes,
         failures=calls - counts.successes,
-        attempts=events.get(AttemptFinished.name, 0),
+        attempts=counts.attempts,
         retries=events.get(RetryScheduled.name, 0),
         attempt_seconds=counts.attempt_seconds,
         giveups=MappingProxyType(dict(counts.giveups)),
