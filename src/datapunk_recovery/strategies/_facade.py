@@ -1,51 +1,19 @@
-"""``RecoveryStrategies``: one object, built from configuration, for the four recoveries.
+"""``RecoveryStrategies``: the facade, the one object a service process holds.
 
-A service holds one [`RecoveryStrategies`][datapunk_recovery.strategies.RecoveryStrategies] for its
-whole life::
-
-    async with RecoveryStrategies.from_config("recovery.toml") as recovery:
-        order = await recovery.with_network_recovery("orders", fetch_order, order_id)
-        user = await recovery.with_cache_recovery(f"user:{uid}", load_user, service="users")
-        await recovery.with_database_recovery(write_ledger, database="ledger")
-        await recovery.with_resource_recovery(run_model, pool="gpu")
-
-It owns, per service, the retry policy (per error category too), the circuit
-breaker, the retry budget and the bulkhead that the configuration asks for
-([`datapunk_recovery.config`][datapunk_recovery.config]); a service with endpoints is routed by a
-[`Router`][datapunk_recovery.network.router.Router] (a breaker per endpoint,
-priorities, failover, hedging); reads with cache recovery go through a
-[`ReadThroughCache`][datapunk_recovery.cache.recovering.ReadThroughCache] (single-flight,
-stale-if-error, the cache's own breaker).  It also owns the pools, databases
-and the Redis cache it was asked to create: it opens them on entry (making
-no connection: the first use connects, so a dependency that is down never
-stops the entry) and closes them on exit, even after failures.
-
-What a call goes through, outermost first: fallback, bulkhead, retry (asking
-the budget before every retry), endpoint choice, breaker, attempt timeout,
-the call.  Each service's pipeline is compiled once, when the configuration
-is applied, so a call pays one dictionary lookup to find it.
-
-[`RecoveryStrategies.reload()`][datapunk_recovery.strategies.RecoveryStrategies.reload] applies a
-new configuration while calls
-run: callers keep their handle; routers, breakers, budgets, bulkheads and
-pools are re-configured in place, so they keep their state (tokens are never
-refilled, slots and units held go on counting against the new limits) and
-take the new thresholds; and a bad configuration is rejected with every
-problem listed while the old one keeps running.
+It owns the services' pipelines (`_service`), the read-through caches (reading
+through `_reading`), the pools, and the connections of `_resources`, and it
+applies a configuration, first or reloaded (`_reload`).  The package's
+documentation describes it for users.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
-import os
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Final, TypeVar
 from urllib.parse import quote
@@ -54,46 +22,28 @@ from .._core import clock
 from .._core.backoff import RetryConfig
 from .._core.errors import ErrorCategory
 from .._core.events import Event, EventBus, emit, global_bus
-from .._core.extras import MissingExtra
 from .._core.policy import RetryPolicy
-from .._execution.engine import retry
-from .._execution.timeout import AttemptTimeout
-from ..breaker import BreakerConfig, CircuitBreaker
-from ..budget import RatioBudget, RatioBudgetConfig, TokenBudget, TokenBudgetConfig
+from ..breaker import CircuitBreaker
+from ..budget import RatioBudget, TokenBudget
 from ..cache import (
     Cache,
     CacheConfig,
-    CacheFailed,
     CacheStats,
     FunctionSource,
     Lookup,
     MemoryCache,
     ReadThroughCache,
-    RedisCache,
 )
-from ..config import (
-    CacheSettings,
-    DatabaseSettings,
-    RecoveryConfig,
-    ServicePolicy,
-    build_config,
-    load_config,
-)
-from ..config.schema import ConfigError, Problem, env_overrides, merge
-from ..database import ManagedPool, SqliteConfig, SqliteDatabase, TransactionConfig
-from ..database.pool import PoolConfig as DbPoolConfig
-from ..flow.bulkhead import Bulkhead, BulkheadConfig
-from ..network import Endpoint, Router, RouterConfig
+from ..config import CacheSettings, RecoveryConfig, ServicePolicy
+from ..config.schema import ConfigError
+from ..database import ManagedPool, SqliteDatabase
+from ..network import Router
 from ..resource.cleanup import Compensations
 from ..resource.pool import Lease, ResourcePool
-
-__all__ = [
-    "Cache",
-    "CacheResult",
-    "RecoveryFallback",
-    "RecoveryStrategies",
-    "ResourceScope",
-]
+from ._reading import _READING, _note_cache_failure, _Read
+from ._reload import _resolve, _retry_only, _Source, carry_pools, refused_changes
+from ._resources import Resources
+from ._service import _NEVER_TRIPS, _breaker, _Service
 
 T = TypeVar("T")
 
@@ -109,17 +59,7 @@ MAX_READERS: Final = 1024
 #: where it came from (``origin``: ``"cache"``, ``"source"`` or ``"stale"``).
 CacheResult = Lookup
 
-#: What a configuration can be given as (see :meth:`RecoveryStrategies.from_config`).
-_Source = RecoveryConfig | RetryConfig | RetryPolicy | Mapping[str, Any] | str | Path | None
-
 _NO_FALLBACK: Any = object()
-# A service configured with `breaker = "none"` still needs breakers to route
-# over its endpoints: these never trip.
-_NEVER_TRIPS: Final = BreakerConfig(consecutive_failures=None)
-
-_Attempt = Callable[
-    [Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]], Awaitable[Any]
-]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,221 +92,8 @@ class ResourceScope:
     lease: Lease[Any] | None
 
 
-class _Service:
-    """The compiled pipeline of one service: built on (re)configuration, read per call."""
-
-    __slots__ = (
-        "breaker",
-        "budget",
-        "bulkhead",
-        "databases",
-        "kept",
-        "name",
-        "on_fallback",
-        "policy",
-        "router",
-        "run",
-        "timeout",
-        "top",
-        "transaction",
-    )
-
-    def __init__(
-        self,
-        on_fallback: Callable[[str, str], None],
-        name: str,
-        policy: ServicePolicy,
-        previous: _Service | None,
-    ) -> None:
-        #: Told ``(service, kind)`` when an answer came from elsewhere (a
-        #: failover endpoint): the owner counts it, the service needs no owner.
-        self.on_fallback = on_fallback
-        self.name = name
-        self.policy = policy
-        # A reload keeps the live limits: the budget and the bulkhead of the
-        # previous pipeline are re-configured in place (tokens and held slots
-        # go on counting), and one the new policy drops is kept aside, so
-        # that a later reload restoring it finds it as it was.
-        kept_budget, kept_bulkhead = previous.kept if previous is not None else (None, None)
-        self.budget: TokenBudget | RatioBudget | None = _budget(name, policy.budget, kept_budget)
-        self.bulkhead: Bulkhead | None = _bulkhead(name, policy.bulkhead, kept_bulkhead)
-        self.kept: tuple[TokenBudget | RatioBudget | None, Bulkhead | None] = (
-            kept_budget if self.budget is None else self.budget,
-            kept_bulkhead if self.bulkhead is None else self.bulkhead,
-        )
-        self.timeout = (
-            None
-            if policy.attempt_timeout is None
-            else AttemptTimeout(policy.attempt_timeout, name=name)
-        )
-        retry_policy = RetryPolicy(policy.retry, policy.categories)
-        #: How this service's database transactions are replayed (built once
-        #: per configuration, so that a reload changes them too).
-        self.transaction = TransactionConfig(retry=retry_policy)
-        #: The SQLite databases of the configuration, replaying with this
-        #: service's retry policy (made on first use).
-        self.databases: dict[str, SqliteDatabase] = {}
-        self.breaker: CircuitBreaker | None = None
-        self.router: Router | None = None
-        self.run: _Attempt
-        if policy.endpoints:
-            self.router = self._route(retry_policy, previous)
-            self.top = self.router.endpoints[0].priority
-            self.run = self.routed
-        else:
-            if policy.breaker is not None:
-                old = previous.breaker if previous is not None else None
-                self.breaker = _breaker(name, policy.breaker, old)
-            self.top = 0
-            self.run = retry(retry_policy, budget=self.budget, name=name)(self.attempt)
-
-    def _route(self, retry_policy: RetryPolicy, previous: _Service | None) -> Router:
-        """The service's router: the previous one re-configured, or a new one."""
-        policy = self.policy
-        config = RouterConfig(
-            retry=retry_policy,
-            breaker=policy.breaker or _NEVER_TRIPS,
-            hedge=policy.hedge,
-            fallthrough=policy.fallthrough,
-        )
-        endpoints = [
-            Endpoint(name, policy.addresses.get(name, ""), policy.priorities.get(name, i))
-            for i, name in enumerate(policy.endpoints)
-        ]
-        router = previous.router if previous is not None else None
-        if router is None:
-            return Router(self.name, endpoints, config, budget=self.budget)
-        assert previous is not None
-        if router.config != config or previous.budget is not self.budget:
-            router.reconfigure(config, budget=self.budget)
-        router.replace(endpoints)
-        return router
-
-    def sqlite(self, name: str, opened: SqliteDatabase) -> SqliteDatabase:
-        """The SQLite database ``name`` replaying its transactions with this service's policy.
-
-        ``opened`` is the one the facade opened; it is used as it is when its
-        policy is this service's, else a twin of it is made once (a
-        [`SqliteDatabase`][datapunk_recovery.database.sqlite.SqliteDatabase] holds no connection,
-        only its settings).
-        """
-        mine = self.databases.get(name)
-        if mine is None or mine.path != opened.path:
-            policy = self.transaction.retry
-            mine = (
-                opened
-                if opened.config.retry == policy
-                else SqliteDatabase(
-                    opened.path, dataclasses.replace(opened.config, retry=policy), uri=opened.uri
-                )
-            )
-            self.databases[name] = mine
-        return mine
-
-    async def attempt(
-        self,
-        call: Callable[..., Awaitable[T]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> T:
-        """One attempt of a service without endpoints: breaker, timeout, call."""
-        breaker, timeout = self.breaker, self.timeout
-        if breaker is None:
-            if timeout is None:
-                return await call(*args, **kwargs)
-            return await timeout.call_async(call, *args, **kwargs)
-        if timeout is None:
-            return await breaker.call_async(call, *args, **kwargs)
-        return await breaker.call_async(timeout.call_async, call, *args, **kwargs)
-
-    async def routed(
-        self,
-        call: Callable[..., Awaitable[T]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> T:
-        """A call over the service's endpoints: the router retries, fails over and hedges."""
-        timeout = self.timeout
-
-        async def attempt(endpoint: Endpoint) -> T:
-            if timeout is None:
-                result = await call(endpoint, *args, **kwargs)
-            else:
-                result = await timeout.call_async(call, endpoint, *args, **kwargs)
-            if endpoint.priority > self.top:
-                self.on_fallback(self.name, "failover")
-            return result
-
-        assert self.router is not None
-        return await self.router.call(attempt, hedge=True)
-
-
-class _Read:
-    """One read with cache recovery: its source, and whether the cache failed it."""
-
-    __slots__ = ("cache_failed", "source")
-
-    def __init__(self, source: Callable[[str], Awaitable[Any]]) -> None:
-        self.source = source
-        self.cache_failed = False
-
-
-# The read in progress in this task: the facade's read-through caches load
-# through the source of the read that missed (concurrent readers of a key
-# share the first one's load).
-_READING: ContextVar[_Read | None] = ContextVar("datapunk_recovery_reading", default=None)
-
-
-def _note_cache_failure(event: Event) -> None:
-    # Called in the reading task, while its lookup runs: a failed cache read
-    # (not a failed write-back, nor a corrupt entry read as a miss) means the
-    # answer came from the source instead.
-    if isinstance(event, CacheFailed) and event.op != "set" and event.kind != "corrupt":
-        read = _READING.get()
-        if read is not None:
-            read.cache_failed = True
-
-
-def _breaker(name: str, config: BreakerConfig, old: CircuitBreaker | None) -> CircuitBreaker:
-    if old is None:
-        return CircuitBreaker(name, config)
-    if old.config != config:
-        old.reconfigure(config)  # keeps its state, takes the new thresholds
-    return old
-
-
-def _budget(
-    name: str,
-    config: TokenBudgetConfig | RatioBudgetConfig | None,
-    old: TokenBudget | RatioBudget | None,
-) -> TokenBudget | RatioBudget | None:
-    if config is None:
-        return None
-    if isinstance(config, RatioBudgetConfig):
-        # A ratio budget is kept while its figures stay; new figures (or a
-        # new kind) start a new window.
-        if isinstance(old, RatioBudget) and old.config == config:
-            return old
-        return RatioBudget(name, config)
-    if not isinstance(old, TokenBudget):
-        return TokenBudget(name, config)
-    if old.config != config:
-        old.reconfigure(config)  # keeps its tokens (never refilled), new thresholds
-    return old
-
-
-def _bulkhead(name: str, config: BulkheadConfig | None, old: Bulkhead | None) -> Bulkhead | None:
-    if config is None:
-        return None
-    if old is None:
-        return Bulkhead(name, config)
-    if old.config != config:
-        old.reconfigure(config)  # held slots keep counting against the new limit
-    return old
-
-
 class RecoveryStrategies:
-    """The front door of the library for one service process; see the module documentation.
+    """The front door of the library for one service process; see the package documentation.
 
     Build it with [`from_config()`][datapunk_recovery.strategies.RecoveryStrategies.from_config] (or
     from a [`RecoveryConfig`][datapunk_recovery.config.RecoveryConfig]; a
@@ -382,12 +109,11 @@ class RecoveryStrategies:
 
     __slots__ = (
         "_config",
-        "_databases",
         "_fallbacks",
         "_memory",
         "_pools",
         "_readers",
-        "_redis",
+        "_resources",
         "_retired",
         "_services",
         "_unnamed",
@@ -411,8 +137,7 @@ class RecoveryStrategies:
         self._pools: dict[str, ResourcePool[Any]] = {}
         # Pools a reload removed, kept for a reload that brings them back.
         self._retired: dict[str, ResourcePool[Any]] = {}
-        self._databases: dict[str, SqliteDatabase | ManagedPool] = {}
-        self._redis: RedisCache | None = None
+        self._resources = Resources()
         self._memory = MemoryCache(config.cache.max_stale_entries)
         # (service, id of the cache given or 0, ttl) -> (its read-through cache, the cache given)
         self._readers: dict[tuple[str, int, float | None], tuple[ReadThroughCache[Any], Any]] = {}
@@ -458,21 +183,7 @@ class RecoveryStrategies:
                 services[name] = _Service(self._fell_back, name, config.defaults, service)
         if config.cache.max_stale_entries != self._memory.max_entries:
             self._memory = MemoryCache(config.cache.max_stale_entries)
-        pools: dict[str, ResourcePool[Any]] = {}
-        for name, pool_config in config.pools.items():
-            # A pool that stays (or comes back) is re-configured in place:
-            # the units its leases hold go on counting against the new capacity.
-            current = self._pools.get(name)
-            if current is None:
-                current = self._retired.pop(name, None)
-            if current is None:
-                current = ResourcePool(name, pool_config)
-            elif current.config != pool_config:
-                current.reconfigure(pool_config)
-            pools[name] = current
-        for name, pool in self._pools.items():
-            if name not in pools:
-                self._retired[name] = pool  # its leases may still be held
+        pools = carry_pools(config, self._pools, self._retired)
         self._config = config
         self._services = services
         self._pools = pools
@@ -501,14 +212,7 @@ class RecoveryStrategies:
         problem; nothing changes then.
         """
         config = _resolve(source, environ)
-        problems = [
-            Problem("reload", path, f"{what} cannot change while running; restart to change it")
-            for path, what, changed in (
-                ("databases", "databases", dict(config.databases) != dict(self._config.databases)),
-                ("cache.redis", "the Redis cache", config.cache.redis != self._config.cache.redis),
-            )
-            if changed
-        ]
+        problems = refused_changes(config, self._config)
         if problems:
             raise ConfigError(problems)
         self._apply(config)
@@ -532,16 +236,7 @@ class RecoveryStrategies:
         recovers like any call.  On a failure, close those opened first.
         """
         try:
-            for name, settings in self._config.databases.items():
-                if name not in self._databases:
-                    self._databases[name] = await self._open_database(name, settings)
-            url = self._config.cache.redis
-            if url is not None and self._redis is None:
-                try:
-                    self._redis = RedisCache.from_url(url)
-                except MissingExtra as missing:
-                    # Say which key of the configuration needs the driver.
-                    raise MissingExtra("[cache] redis", missing.module, missing.extra) from missing
+            await self._resources.open(self._config)
         except BaseException as exc:
             # The first failure (or the cancellation) is what the caller must
             # see; a failure to close what was opened only adds a note to it.
@@ -551,48 +246,11 @@ class RecoveryStrategies:
                 exc.add_note(f"and closing what was opened failed: {close_error!r}")
             raise
 
-    async def _open_database(
-        self, name: str, settings: DatabaseSettings
-    ) -> SqliteDatabase | ManagedPool:
-        retry_policy = self._retry_policy(name)
-        if settings.sqlite is not None:
-            return SqliteDatabase(settings.sqlite, SqliteConfig(retry=retry_policy))
-        assert settings.postgres is not None
-        try:
-            return await ManagedPool.create_asyncpg(
-                settings.postgres, DbPoolConfig(name=name), min_size=0, max_size=settings.max_size
-            )
-        except MissingExtra as missing:
-            # Say which key of the configuration needs the driver.
-            where = f"[databases.{name}] postgres"
-            raise MissingExtra(where, missing.module, missing.extra) from missing
-
     async def close(self) -> None:
         """Close every database and cache this object opened (each one, even if another fails)."""
-        databases, self._databases = self._databases, {}
-        redis, self._redis = self._redis, None
-        closing: list[ManagedPool | RedisCache] = [
-            d for d in databases.values() if isinstance(d, ManagedPool)
-        ]
-        if redis is not None:
+        if self._resources.redis is not None:
             self._readers.clear()  # they read through the closed client
-            closing.append(redis)
-        errors: list[Exception] = []
-        interrupted: BaseException | None = None
-        for resource in closing:
-            try:
-                await resource.close()
-            except Exception as exc:
-                errors.append(exc)
-            except BaseException as exc:
-                # Cancelled (or interrupted) while closing one: the others are
-                # still closed, then the cancellation goes on untouched.
-                if interrupted is None:
-                    interrupted = exc
-        if interrupted is not None:
-            raise interrupted
-        if errors:
-            raise ExceptionGroup("RecoveryStrategies.close: some failed to close", errors)
+        await self._resources.close()
 
     # -- looking up --------------------------------------------------------------
 
@@ -613,10 +271,6 @@ class RecoveryStrategies:
     def policy(self, service: str) -> ServicePolicy:
         """The effective policy of ``service`` (its own, or the defaults)."""
         return self._config.policy(service)
-
-    def _retry_policy(self, service: str) -> RetryPolicy:
-        policy = self.policy(service)
-        return RetryPolicy(policy.retry, policy.categories)
 
     def breaker(self, service: str, endpoint: str | None = None) -> CircuitBreaker | None:
         """The breaker of ``service`` (of one of its endpoints), or ``None`` if it has none."""
@@ -648,7 +302,7 @@ class RecoveryStrategies:
     def database(self, name: str) -> SqliteDatabase | ManagedPool:
         """The database ``name`` of the configuration (open once the object is entered)."""
         try:
-            return self._databases[name]
+            return self._resources.databases[name]
         except KeyError:
             known = ", ".join(self._config.databases) or "none"
             raise KeyError(
@@ -829,8 +483,9 @@ class RecoveryStrategies:
         return reader
 
     def _default_cache(self) -> Cache:
-        if self._redis is not None:
-            return self._redis
+        redis = self._resources.redis
+        if redis is not None:
+            return redis
         if self._config.cache.redis is not None:
             raise RuntimeError(
                 "the Redis cache of the configuration opens when the object is entered "
@@ -912,30 +567,3 @@ async def _through(
     if breaker is None:
         return await fn(*args, **kwargs)
     return await breaker.call_async(fn, *args, **kwargs)
-
-
-def _retry_only(retry: RetryConfig | RetryPolicy) -> RecoveryConfig:
-    """The default configuration with ``retry`` as the retry policy of every service."""
-    policy = RetryPolicy.of(retry)
-    return RecoveryConfig(
-        defaults=ServicePolicy(retry=policy.default, categories=policy.per_category)
-    )
-
-
-def _resolve(
-    source: _Source,
-    environ: Mapping[str, str] | None,
-) -> RecoveryConfig:
-    if isinstance(source, RecoveryConfig):
-        return source
-    if isinstance(source, RetryConfig | RetryPolicy):
-        return _retry_only(source)
-    if source is None or isinstance(source, str | Path):
-        return load_config(source, environ=environ)
-    if isinstance(source, Mapping):
-        overrides = env_overrides(os.environ if environ is None else environ)
-        return build_config(merge(source, overrides), source="configuration")
-    raise TypeError(
-        f"RecoveryStrategies.from_config: expected a path, a table or a RecoveryConfig, "
-        f"got {source!r}"
-    )
