@@ -12,6 +12,7 @@ after adding a module run::
 
 from __future__ import annotations
 
+import ast
 import sys
 from pathlib import Path
 
@@ -109,16 +110,27 @@ def text(module: str) -> str:
     return f"::: {dotted}{options}\n"
 
 
+def _is_private_sibling(node: ast.ImportFrom) -> bool:
+    """Whether an import in a package's ``__init__`` reads one of its private modules."""
+    return node.level == 1 and (node.module or "").startswith("_")
+
+
 def defined_in_package(module: str) -> list[str]:
-    """Public names a package's ``__init__`` defines itself (not imports, not submodules)."""
+    """Public names a package's ``__init__`` defines itself, or re-exports from its
+    private modules (``from ._switch import armed``: a private module has no page,
+    so the package's page is their home); not what its public modules define."""
     import ast
 
     init = SRC / "datapunk_recovery" / Path(*module.split(".")) / "__init__.py"
     tree = ast.parse(init.read_text(encoding="utf-8"))
     kinds = ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
-    return [
-        node.name for node in tree.body if isinstance(node, kinds) and not node.name.startswith("_")
-    ]
+    names: list[str] = []
+    for node in tree.body:
+        if isinstance(node, kinds):
+            names.append(node.name)
+        elif isinstance(node, ast.ImportFrom) and _is_private_sibling(node):
+            names.extend(alias.asname or alias.name for alias in node.names)
+    return [name for name in names if not name.startswith("_")]
 
 
 def section(module: str) -> str:

@@ -25,7 +25,6 @@ from datapunk_recovery import (
     retry,
     subscribe,
 )
-from datapunk_recovery import strategies as strategies_module
 from datapunk_recovery._core.clock import FakeClock, use_clock
 from datapunk_recovery._core.events import Event
 from datapunk_recovery._execution import runtime as _runtime
@@ -40,6 +39,8 @@ from datapunk_recovery.strategies import (
     RecoveryFallback,
     RecoveryStrategies,
     ResourceScope,
+    _facade,
+    _reload,
 )
 from datapunk_recovery.testing import fake_clock, instant_retries
 from tests.harness import APP_PASSWORD, PostgresServer, RedisServer, ThreadedProxy
@@ -337,7 +338,7 @@ async def test_cancellation_passes_through_untouched() -> None:
 async def test_fallback_counts_stay_bounded_whatever_service_names_callers_send(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(strategies_module, "MAX_UNNAMED_SERVICES", 4)
+    monkeypatch.setattr(_facade, "MAX_UNNAMED_SERVICES", 4)
     calls, reads = strategies(), strategies()
 
     async def broken(*args: object) -> str:
@@ -983,7 +984,7 @@ async def test_reloading_a_pool_never_exceeds_the_largest_capacity_in_force() ->
         await _settle()
         assert running == 2
         for capacity in (3, 2, 3, 1, 3):
-            recovery.reload(strategies_module._resolve({**CONFIG, **pools(capacity)}, {}))
+            recovery.reload(_reload._resolve({**CONFIG, **pools(capacity)}, {}))
             await _settle()
             assert recovery.pool("gpu") is pool
             assert running <= 3
