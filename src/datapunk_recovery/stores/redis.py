@@ -53,7 +53,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from .. import _runtime, clock
-from .._extras import raise_missing
+from .._redis_clients import client_from_url
 from .._validate import check_count, check_seconds
 from ..breaker import (
     BreakerConfig,
@@ -582,9 +582,14 @@ def _config_json(config: BreakerConfig, key_ttl_ms: int) -> str:
 class RedisStore:
     """Shared state in Redis for breakers of every process using it.
 
-    ``client`` is a ``redis.asyncio.Redis`` (the store never closes it) or a
-    URL (the store makes a client with ``timeout`` as its socket timeouts and
-    closes it in [`aclose()`][datapunk_recovery.stores.redis.RedisStore.aclose]).  Settings, in
+    ``client`` is a ``redis.asyncio.Redis``, a
+    ``redis.asyncio.cluster.RedisCluster`` or a
+    ``Sentinel(...).master_for(...)`` client (the store never closes it), or
+    a URL: ``redis://`` / ``rediss://`` / ``unix://`` (one server),
+    ``redis+cluster://host:port[,host:port...]`` (a Redis Cluster) or
+    ``redis+sentinel://host:port[,host:port...]/service[/db]`` (the master
+    the sentinels name); the store makes that client and closes it in
+    [`aclose()`][datapunk_recovery.stores.redis.RedisStore.aclose].  Settings, in
     seconds:
 
     - ``cache_ttl``: how long a read of the shared state is trusted locally;
@@ -646,28 +651,30 @@ class RedisStore:
                 f"{_OWNER}.prefix: expected a non-empty str without braces, got {prefix!r}"
             )
         self.prefix = prefix
+        # The sentinels' clients of a redis+sentinel URL: closed with the client.
+        self._also_close: list[Any] = []
         if isinstance(client, str):
-            try:
-                import redis.asyncio as aioredis
-            except ImportError as exc:
-                raise_missing(exc, "RedisStore", "redis", extra="redis")
             # The driver's own socket timeouts are looser than ``timeout``: the
             # store stops *waiting* after ``timeout`` (see _eval) while the
             # command lands on its connection; a driver timeout would close a
             # healthy connection that is merely slow.  They still bound a
             # blackholed server (the command then fails and its task ends).
             slack = _driver_timeout(self.timeout)
-            self.client = aioredis.Redis.from_url(
-                client, socket_timeout=slack, socket_connect_timeout=slack
+            self.client, self._also_close = client_from_url(
+                client, timeout=slack, owner=_OWNER
             )
             self._owns_client = True
         elif hasattr(client, "register_script") and hasattr(client, "evalsha"):
+            # A Redis, a RedisCluster or a Sentinel's master_for(): every
+            # script call names all its keys (one hash tag, one slot), so a
+            # cluster client routes it, follows MOVED/ASK and reloads a script
+            # a new master lacks (NOSCRIPT) on its own.
             self.client = client
             self._owns_client = False
         else:
             raise TypeError(
-                f"{_OWNER}.client: expected a redis.asyncio.Redis or a URL, "
-                f"got {type(client).__name__}"
+                f"{_OWNER}.client: expected a redis.asyncio.Redis, RedisCluster, "
+                f"Sentinel master_for() client or a URL, got {type(client).__name__}"
             )
         self._breaker_script = self.client.register_script(_BREAKER_LUA)
         self._rng = random.Random()
@@ -822,6 +829,8 @@ class RedisStore:
         self._closed = True
         if self._owns_client:
             await _runtime.await_bounded(self.client.aclose(), self.timeout)
+            for extra in self._also_close:
+                await _runtime.await_bounded(extra.aclose(), self.timeout)
 
 
 def _driver_timeout(timeout: float) -> float:
