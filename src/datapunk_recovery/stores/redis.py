@@ -423,14 +423,21 @@ redis.call('HSET', key, 's', S.s, 'g', string.format('%.0f', S.g),
            'ws', S.ws, 'wp', S.wp, 'wz', S.wz, 'pf', S.pf, 'ps', S.ps, 'sh', S.sh, 'p', S.p)
 if wh == '' then redis.call('HDEL', key, 'wh') else redis.call('HSET', key, 'wh', wh) end
 local ttl = cfg.kt
-if S.s == FORCED or S.s == DISABLED or S.s == METRICS then
-  -- an operator's decision does not expire with traffic: kept until reset
-  redis.call('PERSIST', key)
-else
-  redis.call('PEXPIRE', key, ttl)
+-- Every key of the script exists after it (an empty placeholder at least),
+-- and they expire together: on a Redis Cluster slot being migrated, a script
+-- runs only on the node holding all its keys; one missing key means TRYAGAIN
+-- for as long as the migration lasts, and the breaker would fall back
+-- instead of following its keys.
+if redis.call('EXISTS', ringk) == 0 then redis.call('SET', ringk, '') end
+if redis.call('EXISTS', wink) == 0 then redis.call('HSET', wink, '_', '') end
+for _, k in ipairs({key, ringk, wink}) do
+  if S.s == FORCED or S.s == DISABLED or S.s == METRICS then
+    -- an operator's decision does not expire with traffic: kept until reset
+    redis.call('PERSIST', k)
+  else
+    redis.call('PEXPIRE', k, ttl)
+  end
 end
-if redis.call('EXISTS', ringk) == 1 then redis.call('PEXPIRE', ringk, ttl) end
-if redis.call('EXISTS', wink) == 1 then redis.call('PEXPIRE', wink, ttl) end
 
 local rem = 0
 if S.s == OPEN then rem = S.ou - now elseif S.s == HALF and cfg.ht >= 0 then rem = S.hu - now end
