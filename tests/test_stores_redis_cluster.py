@@ -34,11 +34,14 @@ from datapunk_recovery.breaker import (
 from datapunk_recovery.budget import TokenBudget, TokenBudgetConfig
 from datapunk_recovery.errors import CircuitOpenError
 from datapunk_recovery.events import Event
-from datapunk_recovery.stores.budget_redis import SharedBudget
+from datapunk_recovery.stores.budget_redis import BudgetStoreFallback, SharedBudget
 from datapunk_recovery.stores.redis import RedisStore
 from tests.harness import RedisClusterServers, RedisSentinelServers
 
 pytestmark = pytest.mark.anyio
+
+#: This checkout's sources, for the other OS process.
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 #: Bound on waiting for a failover or a resumption in a drill (seconds; a failover takes ~2 s).
 BOUND = 15.0
@@ -73,9 +76,7 @@ async def made() -> AsyncIterator[list[Any]]:
 
 
 @pytest.fixture
-def cluster_store(
-    redis_cluster: RedisClusterServers, made: list[Any]
-) -> Callable[..., RedisStore]:
+def cluster_store(redis_cluster: RedisClusterServers, made: list[Any]) -> Callable[..., RedisStore]:
     """Stores on the cluster: a ``RedisCluster`` client object, or the URL with ``url=True``."""
 
     def make(*, url: bool = False, **settings: Any) -> RedisStore:
@@ -192,8 +193,7 @@ async def test_a_breaker_tripped_on_the_cluster_is_seen_open_by_another_process(
     a = CircuitBreaker(name, config, store=cluster_store())
     await trip(a)
     assert a.state is BreakerState.OPEN
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": src}
+    env = {**os.environ, "PYTHONPATH": SRC}
     other = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-c", _OTHER_PROCESS, cluster_url(redis_cluster), name],
@@ -294,9 +294,7 @@ async def test_a_killed_cluster_master_costs_a_bounded_fallback_and_sharing_resu
         killed.append(redis_cluster.kill_master_of(key))
 
     store = cluster_store(retry_interval=0.2)
-    outage = await _calls_survive_a_failover(
-        store, cluster_store(url=True), name, seen, kill
-    )
+    outage = await _calls_survive_a_failover(store, cluster_store(url=True), name, seen, kill)
     assert 0 < outage < BOUND
     print(f"cluster failover: fallback lasted {outage:.2f} s")
 
@@ -367,9 +365,8 @@ async def test_a_slot_migrated_live_is_followed_and_the_state_moves_with_its_key
     finally:
         stop.set()
         await running
-    assert [e for e in seen if isinstance(e, StoreFallback)] == []
+    assert [e for e in seen if isinstance(e, StoreFallback | BudgetStoreFallback)] == []
     assert await budget.sync()
     await trip(breaker, 50)  # the state moved with the keys: the trip is shared
     with pytest.raises(CircuitOpenError):
         await watcher.call_async(aok)
-
