@@ -85,6 +85,7 @@ async def test_a_script_whose_keys_all_exist_follows_ask_through_a_whole_migrati
         assert target.get(keys[2]) == b"4"  # the state lives on the target now
 
 
+@pytest.mark.drill  # waits for the driver's retries: about 0.5 s
 async def test_tryagain_is_retried_by_the_client_for_about_0_4_s_then_raised(
     redis_cluster: RedisClusterServers, cluster_client: RedisCluster
 ) -> None:
