@@ -39,6 +39,13 @@ forced state, and an open period still running, outlive the keys: the
 process holding them re-asserts them on a pristine shared state (keys
 expired, or Redis restarted empty).
 
+A Redis Cluster or a Sentinel-managed master is used like one server (a
+client object, or a ``redis+cluster://`` / ``redis+sentinel://`` URL): every
+script names all its keys, which share one hash tag, and keeps them all in
+existence, so the cluster client routes it, follows ``MOVED`` and ``ASK``
+through a failover or a live slot migration, and reloads a script a new
+master lacks (``NOSCRIPT``).
+
 Async only, asyncio only (redis.asyncio); a sync breaker asked to use it raises
 ``TypeError``.  Time in shared state is Redis's own clock (``TIME``), so
 processes whose monotonic clocks differ still agree on when an open period ends.
