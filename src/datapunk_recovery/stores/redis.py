@@ -39,6 +39,13 @@ forced state, and an open period still running, outlive the keys: the
 process holding them re-asserts them on a pristine shared state (keys
 expired, or Redis restarted empty).
 
+A Redis Cluster or a Sentinel-managed master is used like one server (a
+client object, or a ``redis+cluster://`` / ``redis+sentinel://`` URL): every
+script names all its keys, which share one hash tag, and keeps them all in
+existence, so the cluster client routes it, follows ``MOVED`` and ``ASK``
+through a failover or a live slot migration, and reloads a script a new
+master lacks (``NOSCRIPT``).
+
 Async only, asyncio only (redis.asyncio); a sync breaker asked to use it raises
 ``TypeError``.  Time in shared state is Redis's own clock (``TIME``), so
 processes whose monotonic clocks differ still agree on when an open period ends.
@@ -55,7 +62,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from .._core import clock
 from .._core.errors import CircuitOpenError, ErrorCategory, classify
 from .._core.events import emit
-from .._core.extras import raise_missing
 from .._core.validate import check_count, check_seconds
 from .._execution import runtime as _runtime
 from ..breaker import (
@@ -69,6 +75,7 @@ from ..breaker import (
     StoreResumed,
     WindowKind,
 )
+from .clients import client_from_url
 
 if TYPE_CHECKING:
     from ..breaker import CircuitBreaker
@@ -424,14 +431,21 @@ redis.call('HSET', key, 's', S.s, 'g', string.format('%.0f', S.g),
            'ws', S.ws, 'wp', S.wp, 'wz', S.wz, 'pf', S.pf, 'ps', S.ps, 'sh', S.sh, 'p', S.p)
 if wh == '' then redis.call('HDEL', key, 'wh') else redis.call('HSET', key, 'wh', wh) end
 local ttl = cfg.kt
-if S.s == FORCED or S.s == DISABLED or S.s == METRICS then
-  -- an operator's decision does not expire with traffic: kept until reset
-  redis.call('PERSIST', key)
-else
-  redis.call('PEXPIRE', key, ttl)
+-- Every key of the script exists after it (an empty placeholder at least),
+-- and they expire together: on a Redis Cluster slot being migrated, a script
+-- runs only on the node holding all its keys; one missing key means TRYAGAIN
+-- for as long as the migration lasts, and the breaker would fall back
+-- instead of following its keys.
+if redis.call('EXISTS', ringk) == 0 then redis.call('SET', ringk, '') end
+if redis.call('EXISTS', wink) == 0 then redis.call('HSET', wink, '_', '') end
+for _, k in ipairs({key, ringk, wink}) do
+  if S.s == FORCED or S.s == DISABLED or S.s == METRICS then
+    -- an operator's decision does not expire with traffic: kept until reset
+    redis.call('PERSIST', k)
+  else
+    redis.call('PEXPIRE', k, ttl)
+  end
 end
-if redis.call('EXISTS', ringk) == 1 then redis.call('PEXPIRE', ringk, ttl) end
-if redis.call('EXISTS', wink) == 1 then redis.call('PEXPIRE', wink, ttl) end
 
 local rem = 0
 if S.s == OPEN then rem = S.ou - now elseif S.s == HALF and cfg.ht >= 0 then rem = S.hu - now end
@@ -583,9 +597,14 @@ def _config_json(config: BreakerConfig, key_ttl_ms: int) -> str:
 class RedisStore:
     """Shared state in Redis for breakers of every process using it.
 
-    ``client`` is a ``redis.asyncio.Redis`` (the store never closes it) or a
-    URL (the store makes a client with ``timeout`` as its socket timeouts and
-    closes it in [`aclose()`][datapunk_recovery.stores.redis.RedisStore.aclose]).  Settings, in
+    ``client`` is a ``redis.asyncio.Redis``, a
+    ``redis.asyncio.cluster.RedisCluster`` or a
+    ``Sentinel(...).master_for(...)`` client (the store never closes it), or
+    a URL: ``redis://`` / ``rediss://`` / ``unix://`` (one server),
+    ``redis+cluster://host:port[,host:port...]`` (a Redis Cluster) or
+    ``redis+sentinel://host:port[,host:port...]/service[/db]`` (the master
+    the sentinels name); the store makes that client and closes it in
+    [`aclose()`][datapunk_recovery.stores.redis.RedisStore.aclose].  Settings, in
     seconds:
 
     - ``cache_ttl``: how long a read of the shared state is trusted locally;
@@ -647,28 +666,30 @@ class RedisStore:
                 f"{_OWNER}.prefix: expected a non-empty str without braces, got {prefix!r}"
             )
         self.prefix = prefix
+        # The sentinels' clients of a redis+sentinel URL: closed with the client.
+        self._also_close: list[Any] = []
         if isinstance(client, str):
-            try:
-                import redis.asyncio as aioredis
-            except ImportError as exc:
-                raise_missing(exc, "RedisStore", "redis", extra="redis")
             # The driver's own socket timeouts are looser than ``timeout``: the
             # store stops *waiting* after ``timeout`` (see _eval) while the
             # command lands on its connection; a driver timeout would close a
             # healthy connection that is merely slow.  They still bound a
             # blackholed server (the command then fails and its task ends).
             slack = _driver_timeout(self.timeout)
-            self.client = aioredis.Redis.from_url(
-                client, socket_timeout=slack, socket_connect_timeout=slack
+            self.client, self._also_close = client_from_url(
+                client, timeout=slack, owner=_OWNER
             )
             self._owns_client = True
         elif hasattr(client, "register_script") and hasattr(client, "evalsha"):
+            # A Redis, a RedisCluster or a Sentinel's master_for(): every
+            # script call names all its keys (one hash tag, one slot), so a
+            # cluster client routes it, follows MOVED/ASK and reloads a script
+            # a new master lacks (NOSCRIPT) on its own.
             self.client = client
             self._owns_client = False
         else:
             raise TypeError(
-                f"{_OWNER}.client: expected a redis.asyncio.Redis or a URL, "
-                f"got {type(client).__name__}"
+                f"{_OWNER}.client: expected a redis.asyncio.Redis, RedisCluster, "
+                f"Sentinel master_for() client or a URL, got {type(client).__name__}"
             )
         self._breaker_script = self.client.register_script(_BREAKER_LUA)
         self._rng = random.Random()
@@ -823,6 +844,8 @@ class RedisStore:
         self._closed = True
         if self._owns_client:
             await _runtime.await_bounded(self.client.aclose(), self.timeout)
+            for extra in self._also_close:
+                await _runtime.await_bounded(extra.aclose(), self.timeout)
 
 
 def _driver_timeout(timeout: float) -> float:

@@ -1,0 +1,133 @@
+"""Driver contracts, Redis Cluster: what redis-py does with Lua scripts when the topology moves.
+
+The shared stores (``RedisStore``, ``SharedBudget``) run every operation as
+one script over keys of one hash tag, through ``register_script``.  Pinned
+by name against a real cluster (3 masters + 3 replicas), because the stores
+rely on exactly these behaviours:
+
+- A script whose keys ALL exist is served through a whole live migration:
+  by the source while the keys are there, by the target after ``ASK`` once
+  they moved, after ``MOVED`` once the slot moved.  (One absent key means
+  ``TRYAGAIN`` for the whole migration: see
+  ``test_contract_redis_cluster.py``; the breaker script therefore keeps
+  every key it names in existence.)
+- A replica promoted by a failover has none of the scripts its old master
+  had (``SCRIPT LOAD`` is not replicated): ``EVALSHA`` meets ``NOSCRIPT``, and
+  a ``register_script`` object loads the script again and succeeds, on its
+  own, within the same call.
+- ``TRYAGAIN`` is retried by redis-py itself (16 tries, the last eight 50 ms
+  apart, about 0.4 s) before ``ClusterError``: longer than the store's
+  default timeout (0.25 s), so the store's own bound is what ends the wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+import redis.exceptions as rx
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from tests.harness import RedisClusterServers
+
+pytestmark = pytest.mark.anyio
+
+#: How long a drill waits for a failover before failing (seconds); it takes about 2 s.
+FAILOVER_BOUND = 15.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # redis.asyncio
+
+
+@pytest.fixture
+async def cluster_client(redis_cluster: RedisClusterServers) -> AsyncIterator[RedisCluster]:
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(h, p) for h, p in redis_cluster.startup_nodes],
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+    )
+    yield client
+    await client.aclose()
+
+
+def raw(node: object) -> redis.Redis:
+    host, port = node.address  # type: ignore[attr-defined]
+    return redis.Redis(host=host, port=port, socket_timeout=2.0)
+
+
+INCR_ALL = (
+    "for _, k in ipairs(KEYS) do redis.call('INCR', k) end; return redis.call('GET', KEYS[1])"
+)
+
+
+async def test_a_script_whose_keys_all_exist_follows_ask_through_a_whole_migration(
+    redis_cluster: RedisClusterServers, cluster_client: RedisCluster
+) -> None:
+    keys = ["p:{breaker:all}:state", "p:{breaker:all}:ring", "p:{breaker:all}:win"]
+    await cluster_client.delete(*keys)
+    script = cluster_client.register_script(INCR_ALL)
+    assert await script(keys=keys) == b"1"  # every key exists from now on
+    migration = redis_cluster.begin_migration(redis_cluster.key_slot(keys[0]))
+    try:
+        assert await script(keys=keys) == b"2"  # nothing moved: the source serves it
+        migration.move_keys()
+        with raw(migration.source) as source, pytest.raises(rx.AskError):
+            source.evalsha(script.sha, len(keys), *keys)  # what the client meets
+        assert await script(keys=keys) == b"3"  # ASK: the target serves it
+    finally:
+        migration.move_keys()
+        migration.finish()
+    assert await script(keys=keys) == b"4"  # MOVED, followed
+    with raw(migration.target) as target:
+        assert target.get(keys[2]) == b"4"  # the state lives on the target now
+
+
+@pytest.mark.drill  # waits for the driver's retries: about 0.5 s
+async def test_tryagain_is_retried_by_the_client_for_about_0_4_s_then_raised(
+    redis_cluster: RedisClusterServers, cluster_client: RedisCluster
+) -> None:
+    keys = ["p:{breaker:half}:state", "p:{breaker:half}:ring"]
+    await cluster_client.delete(*keys)
+    await cluster_client.set(keys[0], b"1")  # the second key is absent
+    script = cluster_client.register_script(INCR_ALL)
+    migration = redis_cluster.begin_migration(redis_cluster.key_slot(keys[0]))
+    try:
+        with pytest.raises(rx.ClusterError, match="TTL exhausted"):
+            await script(keys=keys)
+        assert cluster_client.RedisClusterRequestTTL == 16  # 8 tries at once, 8 after 50 ms
+    finally:
+        migration.move_keys()
+        migration.finish()
+
+
+@pytest.mark.drill
+async def test_a_replica_promoted_by_failover_lacks_the_scripts_and_a_registered_script_reloads(
+    redis_cluster: RedisClusterServers, cluster_client: RedisCluster
+) -> None:
+    keys = ["p:{breaker:noscript}:state", "p:{breaker:noscript}:ring"]
+    await cluster_client.delete(*keys)
+    script = cluster_client.register_script(INCR_ALL)
+    assert await script(keys=keys) == b"1"
+    old = redis_cluster.master_for_key(keys[0])
+    with raw(old) as admin:
+        assert admin.script_exists(script.sha) == [True]
+        assert admin.execute_command("WAIT", 1, 2000) == 1
+    old_id = redis_cluster.node_id(old)
+    replica = next(
+        redis_cluster.node_at(n["host"], n["port"])
+        for n in redis_cluster._view(old)
+        if n["master_id"] == old_id
+    )
+    redis_cluster.touch()  # the harness checks the cluster after this test
+    with raw(replica) as admin:
+        assert admin.script_exists(script.sha) == [False]  # SCRIPT LOAD is not replicated
+        admin.execute_command("CLUSTER", "FAILOVER")
+    new = redis_cluster.wait_for_new_master(keys[0], old, timeout=FAILOVER_BOUND)
+    with raw(new) as admin, pytest.raises(rx.NoScriptError):
+        admin.evalsha(script.sha, len(keys), *keys)  # what the client meets first
+    assert await script(keys=keys) == b"2"  # MOVED, NOSCRIPT, SCRIPT LOAD, EVALSHA: one call
+    with raw(new) as admin:
+        assert admin.script_exists(script.sha) == [True]
