@@ -866,7 +866,16 @@ class AttemptContext:
 class Retrying:
     """The iterator behind `retrying()`; iterate it once, sync or async."""
 
-    __slots__ = ("_call", "_delay", "_done", "_engine", "_error", "_reporting", "_token")
+    __slots__ = (
+        "_call",
+        "_delay",
+        "_done",
+        "_engine",
+        "_error",
+        "_pending",
+        "_reporting",
+        "_token",
+    )
 
     def __init__(self, engine: _Engine) -> None:
         self._engine = engine
@@ -876,6 +885,9 @@ class Retrying:
         self._error: Exception | None = None
         self._token: Any = None
         self._reporting: Any = None
+        # The attempt handed out and not yet entered: a body that skips ``with attempt``
+        # would otherwise get the same attempt again for ever (nothing failed, nothing counted).
+        self._pending: AttemptContext | None = None
 
     def _next_attempt(self) -> AttemptContext:
         call = self._call
@@ -885,7 +897,18 @@ class Retrying:
         if call.deadline_at is not None and clock.now() >= call.deadline_at:
             self._done = True
             raise call.deadline_passed(self._error)
-        return AttemptContext(self, call.attempt)
+        attempt = self._pending = AttemptContext(self, call.attempt)
+        return attempt
+
+    def _check_entered(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            self._done = True
+            self._pending = None
+            raise RuntimeError(
+                f"retrying {self._engine.name!r}: attempt {pending.number} was never entered;"
+                " the loop body must run its work inside `with attempt:`"
+            )
 
     def _wait_fits(self, call: _Call) -> None:
         # The delay was decided when the block failed; the loop's own code may
@@ -903,6 +926,7 @@ class Retrying:
     def __next__(self) -> AttemptContext:
         if self._done:
             raise StopIteration
+        self._check_entered()
         call = self._call
         if call is not None:
             self._wait_fits(call)
@@ -916,6 +940,7 @@ class Retrying:
     async def __anext__(self) -> AttemptContext:
         if self._done:
             raise StopAsyncIteration
+        self._check_entered()
         call = self._call
         if call is not None:
             self._wait_fits(call)
@@ -933,6 +958,12 @@ class Retrying:
     def _enter(self, attempt: AttemptContext) -> None:
         call = self._call
         assert call is not None
+        if attempt is not self._pending:
+            raise RuntimeError(
+                f"retrying {self._engine.name!r}: attempt {attempt.number} was already entered;"
+                " enter each attempt once"
+            )
+        self._pending = None
         self._token = CURRENT.set((call.deadline_at, attempt.number))
         budget = self._engine.budget
         if budget is not None:  # see _run_sync: the block's attempts are reported here
