@@ -344,7 +344,7 @@ class _Member:
 class _Call:
     """One call's routing memory: who failed last, who is running now (for hedges)."""
 
-    __slots__ = ("error", "failed", "fn", "forced", "hedge", "last", "running")
+    __slots__ = ("error", "failed", "fn", "forced", "hedge", "last", "running", "ungranted")
 
     def __init__(self, fn: Callable[[Endpoint], Awaitable[Any]], hedge: bool) -> None:
         self.fn = fn
@@ -356,6 +356,8 @@ class _Call:
         # The budget refused a retry on the levels tried: the next attempt must go to
         # a level below them that the call has not tried (see _FallthroughGate).
         self.forced = False
+        # The attempt running now is one the budget refused (see _FallthroughGate.on_attempt).
+        self.ungranted = False
 
 
 _NONE_REFUSED: Final[frozenset[Any]] = frozenset()
@@ -373,7 +375,9 @@ class _FallthroughGate:
     being retried; the first attempt on a level nobody has tried in this call
     is not a retry of anything that failed.  So the attempts the budget did
     not grant are at most one per level, and ``max_attempts`` and the deadline
-    bound them as any attempt.
+    bound them as any attempt.  Such an attempt stays off the budget's books:
+    reported, it would count as a request that earns retries (a ratio budget)
+    or its success would earn tokens, so refusals would refill the budget.
     """
 
     __slots__ = ("inner", "router")
@@ -383,6 +387,10 @@ class _FallthroughGate:
         self.inner = inner
 
     def on_attempt(self, succeeded: bool) -> None:
+        call = _CALL.get()
+        if call is not None and call.ungranted:
+            call.ungranted = False
+            return
         self.inner.on_attempt(succeeded)
 
     def allow_retry(self) -> bool:
@@ -390,7 +398,7 @@ class _FallthroughGate:
             return True
         call = _CALL.get()
         if call is not None and self.router._untried_level_below(call):
-            call.forced = True
+            call.forced = call.ungranted = True
             return True
         return False
 
