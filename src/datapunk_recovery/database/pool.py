@@ -753,7 +753,11 @@ class ManagedPool:
                 await self.discard(conn, exc)
                 failures += 1
                 if failures >= _MAX_PING_FAILURES:
-                    raise
+                    # Reported as a failed acquire is: classified, redacted, the cause kept.
+                    replacement = self._unavailable(exc, "failed its health check")
+                    if replacement is exc:
+                        raise
+                    raise replacement from exc
                 continue
             except BaseException:
                 await self.discard(conn, None)
@@ -764,18 +768,18 @@ class ManagedPool:
             self._report("acquired")
         return conn
 
-    def _unavailable(self, exc: Exception) -> Exception:
-        """A connection could not be made: name the pool and the address, keep the cause.
+    def _unavailable(self, exc: Exception, failed: str = "could not be reached") -> Exception:
+        """A connection could not be made (or ``failed``): name the pool and the address.
 
         Only connection and authentication failures are renamed; anything else
-        (a bug, a driver misuse) is raised as itself.
+        (a bug, a driver misuse) is raised as itself.  The cause is kept.
         """
         verdict = classify_database(exc)
         if verdict.kind not in (DbErrorKind.CONNECTION, DbErrorKind.AUTH):
             return exc
         auth = verdict.kind is DbErrorKind.AUTH
         where = f" at {self.address}" if self.address else ""
-        what = "refused the login" if auth else "could not be reached"
+        what = "refused the login" if auth else failed
         return DatabaseUnavailable(
             f"database {self.config.name!r}{where} {what} ({describe(exc)}"
             + ("; not retried: another try is another failed login)" if auth else ")"),
