@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, ParamSpec, TypeVar, cast
 
 from . import _runtime, clock
-from ._validate import check_fraction, check_number, check_seconds
+from ._validate import check_fraction, check_number, check_seconds, shown
 from .events import Event, EventBus, emit, global_bus
 from .pipeline import ARun, Run, StageAliases
 from .stats import count_value
@@ -223,11 +223,11 @@ class Fault:
             if not issubclass(error, Exception):
                 raise ValueError(
                     f"Fault.error: expected an Exception subclass (cancellation and exit are "
-                    f"never injected), got {error!r}"
+                    f"never injected), got {shown(error)}"
                 )
         elif not callable(error):
             raise TypeError(
-                f"Fault.error: expected an exception type or a factory, got {error!r} "
+                f"Fault.error: expected an exception type or a factory, got {shown(error)} "
                 f"({type(error).__name__})"
             )
 
@@ -236,7 +236,7 @@ class Fault:
         exc = self.error()
         if not isinstance(exc, Exception):
             raise TypeError(
-                f"Fault.error: the factory must return an Exception, got {exc!r} "
+                f"Fault.error: the factory must return an Exception, got {shown(exc)} "
                 f"({type(exc).__name__})"
             )
         return exc
@@ -261,7 +261,7 @@ class Latency:
             up_to = check_seconds("Latency", "up_to", self.up_to)
             if up_to < self.seconds:
                 raise ValueError(
-                    f"Latency.up_to: must be >= seconds ({self.seconds!r}), got {self.up_to!r}"
+                    f"Latency.up_to: must be >= seconds ({self.seconds!r}), got {shown(self.up_to)}"
                 )
             object.__setattr__(self, "up_to", up_to)
 
@@ -297,7 +297,8 @@ class Behaviour:
     def __post_init__(self) -> None:
         if not callable(self.fn):
             raise TypeError(
-                f"Behaviour.fn: expected a callable, got {self.fn!r} ({type(self.fn).__name__})"
+                f"Behaviour.fn: expected a callable,"
+                f" got {shown(self.fn)} ({type(self.fn).__name__})"
             )
 
 
@@ -310,7 +311,7 @@ _KINDS: Final = (Fault, Latency, Outcome, Behaviour)
 def _check_injection(owner: str, value: object) -> Injection:
     if not isinstance(value, _KINDS):
         raise TypeError(
-            f"{owner}: expected a Fault, Latency, Outcome or Behaviour, got {value!r} "
+            f"{owner}: expected a Fault, Latency, Outcome or Behaviour, got {shown(value)} "
             f"({type(value).__name__})"
         )
     return value
@@ -374,9 +375,11 @@ class Injector:
 
     def __init__(self, name: str, rng: random.Random, enabled: bool) -> None:
         if not isinstance(name, str) or not name:
-            raise TypeError(f"{type(self).__name__}.name: expected a non-empty str, got {name!r}")
+            raise TypeError(
+                f"{type(self).__name__}.name: expected a non-empty str, got {shown(name)}"
+            )
         if not isinstance(enabled, bool):
-            raise TypeError(f"{type(self).__name__}.enabled: expected a bool, got {enabled!r}")
+            raise TypeError(f"{type(self).__name__}.enabled: expected a bool, got {shown(enabled)}")
         self.name = name
         #: This injector's own bus; events reach the global subscribers as well.
         self.events = EventBus()
@@ -521,7 +524,7 @@ class Injector:
         (see [`armed()`][datapunk_recovery.chaos.armed]), ``fn`` itself is returned.
         """
         if not callable(fn):
-            raise TypeError(f"{self.name}: expected a callable to wrap, got {fn!r}")
+            raise TypeError(f"{self.name}: expected a callable to wrap, got {shown(fn)}")
         if not _ARMED:
             return fn
         wrapper: Any
@@ -572,7 +575,7 @@ class ChaosStage(StageAliases):
 
     def __init__(self, injector: Injector) -> None:
         if not isinstance(injector, Injector):
-            raise TypeError(f"ChaosStage: expected a chaos injector, got {injector!r}")
+            raise TypeError(f"ChaosStage: expected a chaos injector, got {shown(injector)}")
         self.injector = injector
         #: Names the stage in pipeline events.
         self.name = "chaos"
@@ -651,10 +654,10 @@ def _rng_of(owner: str, seed: int | None, rng: random.Random | None) -> random.R
         if seed is not None:
             raise ValueError(f"{owner}: give a seed or an rng, not both")
         if not isinstance(rng, random.Random):
-            raise TypeError(f"{owner}.rng: expected a random.Random, got {rng!r}")
+            raise TypeError(f"{owner}.rng: expected a random.Random, got {shown(rng)}")
         return rng
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"{owner}.seed: expected an int or None, got {seed!r}")
+        raise TypeError(f"{owner}.seed: expected an int or None, got {shown(seed)}")
     return random.Random(seed)
 
 
@@ -721,12 +724,14 @@ class Window:
         if self.end is not None:
             end = check_seconds("Window", "end", self.end)
             if end <= self.start:
-                raise ValueError(f"Window.end: must be > start ({self.start!r}), got {self.end!r}")
+                raise ValueError(
+                    f"Window.end: must be > start ({self.start!r}), got {shown(self.end)}"
+                )
             object.__setattr__(self, "end", end)
         _check_injection("Window.injection", self.injection)
         object.__setattr__(self, "rate", check_fraction("Window", "rate", self.rate))
         if self.target is not None and not isinstance(self.target, str):
-            raise TypeError(f"Window.target: expected a str or None, got {self.target!r}")
+            raise TypeError(f"Window.target: expected a str or None, got {shown(self.target)}")
 
     def covers(self, elapsed: float) -> bool:
         """Whether the window is open ``elapsed`` seconds after the timeline started."""
@@ -758,9 +763,9 @@ class Timeline:
         checked = tuple(windows)
         for window in checked:
             if not isinstance(window, Window):
-                raise TypeError(f"Timeline.windows: expected Window items, got {window!r}")
+                raise TypeError(f"Timeline.windows: expected Window items, got {shown(window)}")
         if not isinstance(name, str) or not name:
-            raise TypeError(f"Timeline.name: expected a non-empty str, got {name!r}")
+            raise TypeError(f"Timeline.name: expected a non-empty str, got {shown(name)}")
         self.windows = tuple(sorted(checked, key=lambda w: w.start))
         self.name = name
         self._rng = _rng_of("Timeline", seed, rng)
@@ -802,7 +807,7 @@ class Timeline:
     def injector(self, target: str | None = None, *, enabled: bool = True) -> Injector:
         """An injector applying the windows for ``target`` (every window for ``None``)."""
         if target is not None and not isinstance(target, str):
-            raise TypeError(f"Timeline.injector: target must be a str or None, got {target!r}")
+            raise TypeError(f"Timeline.injector: target must be a str or None, got {shown(target)}")
         windows = tuple(w for w in self.windows if target is None or w.target in (None, target))
         name = self.name if target is None else f"{self.name}:{target}"
         return _TimelineInjector(self, windows, name, enabled)

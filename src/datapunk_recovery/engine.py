@@ -29,6 +29,8 @@ import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
+from datapunk_recovery._validate import shown
+
 from . import _runtime, clock
 from ._context import CURRENT, REPORTING
 from .backoff import RetryConfig, server_delay
@@ -119,18 +121,18 @@ class _Engine:
             self.on_types = (on,)
         elif isinstance(on, tuple):
             if not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
-                raise TypeError(f"retry on=: expected exception types, got {on!r}")
+                raise TypeError(f"retry on=: expected exception types, got {shown(on)}")
             self.on_types = on
         elif on is not None:
             if not callable(on):
-                raise TypeError(f"retry on=: expected types, a predicate or None, got {on!r}")
+                raise TypeError(f"retry on=: expected types, a predicate or None, got {shown(on)}")
             self.on_pred = cast(Callable[[BaseException], bool], on)
         if retry_if_result is not None and not callable(retry_if_result):
             raise TypeError(
-                f"retry retry_if_result=: expected a predicate, got {retry_if_result!r}"
+                f"retry retry_if_result=: expected a predicate, got {shown(retry_if_result)}"
             )
         if budget is not None and not isinstance(budget, RetryGate):
-            raise TypeError(f"retry budget=: expected a RetryGate, got {budget!r}")
+            raise TypeError(f"retry budget=: expected a RetryGate, got {shown(budget)}")
         self.retry_if_result = retry_if_result
         self.budget = budget
         self.rng = rng

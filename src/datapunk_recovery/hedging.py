@@ -41,7 +41,7 @@ from typing import Any, ClassVar, ParamSpec, TypeVar, cast
 
 from . import _runtime, clock
 from ._context import CURRENT, RACE, RaceEntry, reported_outside
-from ._validate import check_count, check_fraction, check_seconds
+from ._validate import check_count, check_fraction, check_seconds, shown
 from .errors import classify, final_reason
 from .events import Event, EventBus, emit, global_bus
 from .policy import RetryGate
@@ -111,7 +111,7 @@ class HedgeConfig:
         if self.max_delay < self.min_delay:
             raise ValueError(
                 f"{owner}.max_delay: must be >= min_delay ({self.min_delay!r}), "
-                f"got {self.max_delay!r}"
+                f"got {shown(self.max_delay)}"
             )
 
 
@@ -194,9 +194,9 @@ class Hedger:
     ) -> None:
         self.config = config = config if config is not None else HedgeConfig()
         if not isinstance(config, HedgeConfig):
-            raise TypeError(f"Hedger.config: expected a HedgeConfig, got {config!r}")
+            raise TypeError(f"Hedger.config: expected a HedgeConfig, got {shown(config)}")
         if budget is not None and not isinstance(budget, RetryGate):
-            raise TypeError(f"Hedger.budget: expected a RetryGate, got {budget!r}")
+            raise TypeError(f"Hedger.budget: expected a RetryGate, got {shown(budget)}")
         self.name = name
         self.budget = budget
         #: Where this hedger's events go first (then the global bus).
@@ -415,7 +415,7 @@ class Hedger:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(
                 f"Hedger {self.name!r}: hedging needs an async function (a sync call "
-                f"cannot be cancelled), got {fn!r}"
+                f"cannot be cancelled), got {shown(fn)}"
             )
 
         @functools.wraps(fn)

@@ -50,6 +50,8 @@ from types import TracebackType
 from typing import Any, ClassVar, Final, TypeVar
 from urllib.parse import quote
 
+from datapunk_recovery._validate import shown
+
 from . import clock
 from ._extras import MissingExtra
 from .backoff import RetryConfig
@@ -394,7 +396,7 @@ class RecoveryStrategies:
         if not isinstance(config, RecoveryConfig):
             raise TypeError(
                 "RecoveryStrategies.config: expected a RecoveryConfig, a RetryConfig or a "
-                f"RetryPolicy, got {config!r}"
+                f"RetryPolicy, got {shown(config)}"
             )
         self._config = config
         self._services: dict[str, _Service] = {}
@@ -928,5 +930,5 @@ def _resolve(
         return build_config(merge(source, overrides), source="configuration")
     raise TypeError(
         f"RecoveryStrategies.from_config: expected a path, a table or a RecoveryConfig, "
-        f"got {source!r}"
+        f"got {shown(source)}"
     )

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from datapunk_recovery._validate import shown
+
 from .._extras import install_hint
 from ..demo import DrillSetup, RunResult, RunStatus, fault_windows, run_drill
 from ..demo.drill import FAULTS, fault_script
@@ -37,7 +39,7 @@ def _duration(text: str) -> float:
     except DurationError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"expected a duration > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a duration > 0, got {shown(text)}")
     return seconds
 
 

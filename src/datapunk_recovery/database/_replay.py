@@ -19,7 +19,7 @@ from enum import StrEnum
 from typing import Any, ClassVar, Final, Protocol, TypeVar
 
 from datapunk_recovery import _runtime, clock
-from datapunk_recovery._validate import check_choice
+from datapunk_recovery._validate import check_choice, shown
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.engine import retry
 from datapunk_recovery.errors import ErrorCategory, classify, mark_final
@@ -124,12 +124,15 @@ class TransactionConfig:
     read_only: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "retry", RetryPolicy.of(self.retry))
+        retry = RetryPolicy.of(self.retry, where="TransactionConfig.retry")
+        object.__setattr__(self, "retry", retry)
         if self.isolation is not None:
             isolation = check_choice("TransactionConfig", "isolation", self.isolation, Isolation)
             object.__setattr__(self, "isolation", isolation)
         if not isinstance(self.read_only, bool):
-            raise TypeError(f"TransactionConfig.read_only: expected a bool, got {self.read_only!r}")
+            raise TypeError(
+                f"TransactionConfig.read_only: expected a bool, got {shown(self.read_only)}"
+            )
 
 
 _DEFAULT_CONFIG: Final = TransactionConfig()

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 from datapunk_recovery import _runtime, clock
 from datapunk_recovery._context import CURRENT
 from datapunk_recovery._extras import raise_missing
-from datapunk_recovery._validate import check_seconds
+from datapunk_recovery._validate import check_seconds, shown
 from datapunk_recovery.errors import ErrorCategory
 from datapunk_recovery.events import Event, EventBus, emit, listening
 
@@ -129,7 +129,7 @@ class PoolConfig:
                 check_seconds(_OWNER, "ping_after_idle", self.ping_after_idle),
             )
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"{_OWNER}.name: expected a non-empty string, got {self.name!r}")
+            raise ValueError(f"{_OWNER}.name: expected a non-empty string, got {shown(self.name)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,7 +592,7 @@ class ManagedPool:
         self._driver = pool if isinstance(pool, _Driver) else _driver_for(pool)
         self.config = config if config is not None else PoolConfig()
         if not isinstance(self.config, PoolConfig):
-            raise TypeError(f"ManagedPool.config: expected a PoolConfig, got {config!r}")
+            raise TypeError(f"ManagedPool.config: expected a PoolConfig, got {shown(config)}")
         self.bus = bus if bus is not None else EventBus()
         self._waiting = 0
         self._last_ok = clock.now()

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .. import clock, network
-from .._validate import check_count, check_number, check_seconds
+from .._validate import check_count, check_number, check_seconds, shown
 from ..breaker import BreakerStateChanged
 from ..cache import Cache, MemoryCache, RedisCache
 from ..chaos import Fault, Latency, Timeline, Window
@@ -96,7 +96,7 @@ class DrillSetup:
     def __post_init__(self) -> None:
         check_seconds("DrillSetup", "duration", self.duration, positive=True)
         if check_number("DrillSetup", "rate", self.rate) <= 0:
-            raise ValueError(f"DrillSetup.rate: must be > 0, got {self.rate!r}")
+            raise ValueError(f"DrillSetup.rate: must be > 0, got {shown(self.rate)}")
         check_count("DrillSetup", "seed", self.seed, minimum=0)
         check_seconds("DrillSetup", "request_timeout", self.request_timeout, positive=True)
 

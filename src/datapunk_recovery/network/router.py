@@ -61,7 +61,7 @@ from typing import Any, ClassVar, Final, Literal, TypeVar
 
 from datapunk_recovery import clock
 from datapunk_recovery._context import REPORTING, lost_race
-from datapunk_recovery._validate import check_count
+from datapunk_recovery._validate import check_count, shown
 from datapunk_recovery._windows import CountWindow
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.breaker import (
@@ -122,11 +122,9 @@ class Endpoint:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise TypeError(f"Endpoint.name: expected a non-empty str, got {self.name!r}")
+            raise TypeError(f"Endpoint.name: expected a non-empty str, got {shown(self.name)}")
         if not isinstance(self.address, str):
-            raise TypeError(
-                f"Endpoint.address: expected a str, got {redact_url(repr(self.address))}"
-            )
+            raise TypeError(f"Endpoint.address: expected a str, got {shown(self.address)}")
         check_count("Endpoint", "priority", self.priority, minimum=0)
 
     def __repr__(self) -> str:
@@ -171,15 +169,19 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.retry, RetryConfig | RetryPolicy):
             raise TypeError(
-                f"RouterConfig.retry: expected a RetryConfig or a RetryPolicy, got {self.retry!r}"
+                f"RouterConfig.retry: expected a RetryConfig or a RetryPolicy,"
+                f" got {shown(self.retry)}"
             )
         if not isinstance(self.breaker, BreakerConfig):
-            raise TypeError(f"RouterConfig.breaker: expected a BreakerConfig, got {self.breaker!r}")
+            raise TypeError(
+                f"RouterConfig.breaker: expected a BreakerConfig, got {shown(self.breaker)}"
+            )
         if self.hedge is not None and not isinstance(self.hedge, HedgeConfig):
-            raise TypeError(f"RouterConfig.hedge: expected a HedgeConfig, got {self.hedge!r}")
+            raise TypeError(f"RouterConfig.hedge: expected a HedgeConfig, got {shown(self.hedge)}")
         if self.fallthrough not in ("call", "breaker"):
             raise ValueError(
-                f"RouterConfig.fallthrough: expected 'call' or 'breaker', got {self.fallthrough!r}"
+                f"RouterConfig.fallthrough: expected 'call' or 'breaker',"
+                f" got {shown(self.fallthrough)}"
             )
 
 
@@ -436,7 +438,7 @@ class Router:
 
     def _compile(self, config: RouterConfig, budget: RetryGate | None, bus: EventBus) -> None:
         if not isinstance(config, RouterConfig):
-            raise TypeError(f"Router.config: expected a RouterConfig, got {config!r}")
+            raise TypeError(f"Router.config: expected a RouterConfig, got {shown(config)}")
         self.config = config
         self._gate = (
             _FallthroughGate(self, budget)
@@ -517,7 +519,7 @@ class Router:
             raise ValueError(f"Router {self.name!r}: endpoint names must be unique, got {names}")
         for e in new:
             if not isinstance(e, Endpoint):
-                raise TypeError(f"Router {self.name!r}: expected Endpoint objects, got {e!r}")
+                raise TypeError(f"Router {self.name!r}: expected Endpoint objects, got {shown(e)}")
         old = {m.endpoint.name: m for m in self._members}
         members: list[_Member] = []
         added: list[str] = []
@@ -558,7 +560,7 @@ class Router:
 
     def _new_member(self, endpoint: Endpoint) -> _Member:
         if not isinstance(endpoint, Endpoint):
-            raise TypeError(f"Router {self.name!r}: expected an Endpoint, got {endpoint!r}")
+            raise TypeError(f"Router {self.name!r}: expected an Endpoint, got {shown(endpoint)}")
         return _Member(
             endpoint, CircuitBreaker(f"{self.name}/{endpoint.name}", self.config.breaker)
         )

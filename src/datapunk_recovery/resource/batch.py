@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from datapunk_recovery import _runtime, clock
 from datapunk_recovery._context import CURRENT
+from datapunk_recovery._validate import shown
 from datapunk_recovery.backoff import RetryConfig, server_delay
 from datapunk_recovery.budget import RetryGate
 from datapunk_recovery.errors import classify, final_reason, mark_final
@@ -321,9 +322,9 @@ def _plan(
     if config is None:
         config = RetryConfig()
     elif not isinstance(config, RetryConfig):
-        raise TypeError(f"recover_batch config=: expected a RetryConfig, got {config!r}")
+        raise TypeError(f"recover_batch config=: expected a RetryConfig, got {shown(config)}")
     if budget is not None and not isinstance(budget, RetryGate):
-        raise TypeError(f"recover_batch budget=: expected a RetryGate, got {budget!r}")
+        raise TypeError(f"recover_batch budget=: expected a RetryGate, got {shown(budget)}")
     return _Plan(list(items), config, on, budget, rng, name, bus)
 
 

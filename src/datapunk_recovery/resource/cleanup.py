@@ -33,7 +33,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Final, Literal
 
 from datapunk_recovery import _runtime, clock
-from datapunk_recovery._validate import check_seconds
+from datapunk_recovery._validate import check_seconds, shown
 from datapunk_recovery.errors import ErrorCategory, RecoveryError, mark_final
 from datapunk_recovery.events import Event, EventBus, emit, listening
 
@@ -158,7 +158,7 @@ class Compensations:
         bus: EventBus | None = None,
     ) -> None:
         if config is not None and not isinstance(config, CleanupConfig):
-            raise TypeError(f"Compensations.config: expected a CleanupConfig, got {config!r}")
+            raise TypeError(f"Compensations.config: expected a CleanupConfig, got {shown(config)}")
         self.name = name
         self.config = config if config is not None else CleanupConfig()
         self._bus = bus
@@ -177,7 +177,7 @@ class Compensations:
 
     def _push(self, entry: _Entry) -> None:
         if not callable(entry.fn):
-            raise TypeError(f"Compensations: expected a callable, got {entry.fn!r}")
+            raise TypeError(f"Compensations: expected a callable, got {shown(entry.fn)}")
         if self._mode is None:
             raise RuntimeError("Compensations: register inside its `with` block")
         if self._mode == "sync" and _is_async(entry.fn):

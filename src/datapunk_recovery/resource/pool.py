@@ -46,7 +46,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, ClassVar, Final, Generic, TypeVar, cast
 
 from datapunk_recovery import _runtime, clock
-from datapunk_recovery._validate import check_count, check_seconds
+from datapunk_recovery._validate import check_count, check_mapping, check_seconds, shown
 from datapunk_recovery.backoff import RetryConfig
 from datapunk_recovery.budget import RetryGate
 from datapunk_recovery.bulkhead import current_caller
@@ -102,15 +102,16 @@ class PoolConfig:
             check_count(_OWNER, "max_waiting", self.max_waiting, minimum=0)
         if self.per_caller is not None:
             check_count(_OWNER, "per_caller", self.per_caller)
-        quotas = dict(self.quotas)
+        quotas = check_mapping(_OWNER, "quotas", self.quotas)
         for caller, quota in quotas.items():
             if not isinstance(caller, str):
-                raise TypeError(f"{_OWNER}.quotas: caller names must be str, got {caller!r}")
+                raise TypeError(f"{_OWNER}.quotas: caller names must be str, got {shown(caller)}")
             check_count(_OWNER, f"quotas[{caller!r}]", quota)
         object.__setattr__(self, "quotas", MappingProxyType(quotas))
         if not isinstance(self.allocation_retry, RetryConfig):
             raise TypeError(
-                f"{_OWNER}.allocation_retry: expected a RetryConfig, got {self.allocation_retry!r}"
+                f"{_OWNER}.allocation_retry: expected a RetryConfig,"
+                f" got {shown(self.allocation_retry)}"
             )
 
     def quota(self, caller: str) -> int | None:
@@ -302,7 +303,7 @@ class ResourcePool(Generic[T]):
         bus: EventBus | None = None,
     ) -> None:
         if not isinstance(config, PoolConfig):
-            raise TypeError(f"ResourcePool.config: expected a PoolConfig, got {config!r}")
+            raise TypeError(f"ResourcePool.config: expected a PoolConfig, got {shown(config)}")
         self.kind = kind
         self.config = config
         self.tracker = tracker if tracker is not None else ResourceTracker(kind, bus=bus)
@@ -342,7 +343,7 @@ class ResourcePool(Generic[T]):
         Call it from the pool's event loop (as a reload does).
         """
         if not isinstance(config, PoolConfig):
-            raise TypeError(f"ResourcePool.reconfigure: expected a PoolConfig, got {config!r}")
+            raise TypeError(f"ResourcePool.reconfigure: expected a PoolConfig, got {shown(config)}")
         retry_changed = config.allocation_retry != self.config.allocation_retry
         self.config = config
         if retry_changed:
@@ -362,7 +363,7 @@ class ResourcePool(Generic[T]):
         if units > self.config.capacity:
             raise ValueError(
                 f"ResourcePool.acquire: units must be <= capacity ({self.config.capacity}), "
-                f"got {units!r}"
+                f"got {shown(units)}"
             )
         if caller is None:
             caller = current_caller() or "default"
