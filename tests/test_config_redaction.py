@@ -162,3 +162,12 @@ def test_shown_values_keep_what_is_no_secret_and_are_bounded() -> None:
     assert shown(TOKEN) == "'***'"
     assert shown(["ok", TOKEN]) == "['ok', '***']"
     assert len(shown("x" * 10_000)) <= 200
+
+
+def test_a_duration_error_quotes_no_token() -> None:
+    from datapunk_recovery.durations import DurationError, parse_duration
+
+    for bad in (TOKEN, DSN):
+        with pytest.raises(DurationError) as caught:
+            parse_duration(bad)
+        assert all(secret not in str(caught.value) for secret in SECRETS)
