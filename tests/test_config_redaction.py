@@ -34,6 +34,8 @@ BAD_VALUES: tuple[object, ...] = (
     {"main": TOKEN},
     [DSN],
     (TOKEN,),
+    {DSN: 1},  # a mapping the wrong way round: the secret is a key
+    {TOKEN: "x"},
 )
 
 

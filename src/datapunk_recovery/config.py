@@ -151,7 +151,9 @@ class ServicePolicy:
             try:
                 category = ErrorCategory(key)
             except ValueError:
-                raise ValueError(f"{owner}.categories: unknown error category {key!r}") from None
+                raise ValueError(
+                    f"{owner}.categories: unknown error category {shown(key)}"
+                ) from None
             if not isinstance(config, RetryConfig):
                 raise TypeError(
                     f"{owner}.categories: expected a RetryConfig for {category.value}, "
@@ -174,7 +176,7 @@ class ServicePolicy:
         # Every table naming unknown endpoints in one complaint, named after
         # `endpoints`: the rule ties the fields together.
         strays = [
-            f"{name} names endpoints that are not listed: {unknown!r}"
+            f"{name} names endpoints that are not listed: {shown(unknown)}"
             for name in ("addresses", "priorities")
             if (
                 unknown := [
@@ -190,7 +192,7 @@ class ServicePolicy:
                 if name == "priorities":
                     check_count(owner, name, value, minimum=0)
                 elif not isinstance(value, str):
-                    raise TypeError(f"{owner}.{name}: expected a text for {key!r}")
+                    raise TypeError(f"{owner}.{name}: expected a text for {shown(key)}")
             object.__setattr__(self, name, MappingProxyType(table))
 
     def __repr__(self) -> str:
@@ -304,7 +306,8 @@ class RecoveryConfig:
                     )
                 if not isinstance(value, kind):
                     raise TypeError(
-                        f"{owner}.{name}[{key!r}]: expected a {kind.__name__}, got {shown(value)}"
+                        f"{owner}.{name}[{shown(key)}]: expected a {kind.__name__}, "
+                        f"got {shown(value)}"
                     )
             object.__setattr__(self, name, MappingProxyType(table))
         if not isinstance(self.cache, CacheSettings):

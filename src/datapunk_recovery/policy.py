@@ -60,7 +60,7 @@ class RetryPolicy:
                 category = ErrorCategory(key)
             except ValueError:
                 raise ValueError(
-                    f"RetryPolicy.per_category: unknown error category {key!r}"
+                    f"RetryPolicy.per_category: unknown error category {shown(key)}"
                 ) from None
             if not isinstance(config, RetryConfig):
                 raise TypeError(

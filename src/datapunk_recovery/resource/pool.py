@@ -106,7 +106,7 @@ class PoolConfig:
         for caller, quota in quotas.items():
             if not isinstance(caller, str):
                 raise TypeError(f"{_OWNER}.quotas: caller names must be str, got {shown(caller)}")
-            check_count(_OWNER, f"quotas[{caller!r}]", quota)
+            check_count(_OWNER, f"quotas[{shown(caller)}]", quota)
         object.__setattr__(self, "quotas", MappingProxyType(quotas))
         if not isinstance(self.allocation_retry, RetryConfig):
             raise TypeError(

@@ -103,7 +103,7 @@ class LabelPolicy:
 
 def _check_label(label: object, where: str) -> None:
     if not isinstance(label, str) or not _LABEL_NAME.match(label):
-        raise ValueError(f"{_OWNER}.{where}: {label!r} is not a label name")
+        raise ValueError(f"{_OWNER}.{where}: {shown(label)} is not a label name")
 
 
 class Labeler:

@@ -149,7 +149,7 @@ class Measure:
         if given != sorted(self.metric.labels):
             raise ValueError(
                 f"{owner}: labels and fixed must give exactly {list(self.metric.labels)}, "
-                f"got {given}"
+                f"got {shown(given)}"
             )
         if self.value is None and self.metric.kind in (MetricKind.HISTOGRAM, MetricKind.GAUGE):
             raise ValueError(f"{owner}.value: a {self.metric.kind.value} needs an attribute")
