@@ -26,6 +26,7 @@ from datapunk_recovery.database import (
     CommitOutcomeUnknown,
     CommitUncertain,
     ConnectionDiscarded,
+    DatabaseUnavailable,
     Isolation,
     ManagedPool,
     MissingExtensionError,
@@ -442,6 +443,56 @@ async def test_a_pool_recovers_after_the_server_restarts(
             assert after != before
         finally:
             await managed.close()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_health_check_that_keeps_failing_is_reported_like_any_unreachable_database(
+    driver: str,
+    postgres_server: PostgresServer,
+    database: str,
+    make_proxy: Callable[[tuple[str, int]], ThreadedProxy],
+) -> None:
+    proxy = make_proxy(postgres_server.address)
+    secret = postgres_server.app_password
+    dsn = postgres_server.dsn_for(
+        postgres_server.app_user, secret, postgres_server.app_database, port=proxy.port
+    )
+    managed = await make_pool(driver, dsn, PoolConfig(name="pinged", ping_after_idle=0.0))
+    seen, stop = recording()
+    try:
+        proxy.cut_on_pattern(b"SELECT 1", times=None)  # every health check's connection dies
+        with pytest.raises(DatabaseUnavailable, match="failed its health check") as caught:
+            await managed.acquire()
+    finally:
+        stop()
+        proxy.clear()
+        await managed.close()
+    error = caught.value
+    assert "'pinged'" in str(error) and f"127.0.0.1:{proxy.port}" in str(error)
+    assert secret not in str(error)
+    assert error.__cause__ is not None  # the driver's error, kept as the cause
+    assert classify(error).retryable is True
+    discarded = [e for e in seen if isinstance(e, ConnectionDiscarded)]
+    assert len(discarded) == 3  # each failed health check is reported
+
+
+async def test_a_lazy_pool_for_a_missing_database_fails_its_first_use_without_a_retry(
+    postgres_server: PostgresServer,
+) -> None:
+    """The facade's path: an asyncpg pool with min_size=0 connects on first use."""
+    secret = postgres_server.app_password
+    missing = postgres_server.dsn_for(postgres_server.app_user, secret, "no_such_database")
+    managed = await ManagedPool.create_asyncpg(missing, PoolConfig(name="lazy"), min_size=0)
+    seen, stop = recording()
+    try:
+        with pytest.raises(Exception, match="does not exist") as caught:
+            await managed.run(lambda c: fetchval(c, "SELECT 1"), idempotent=True)
+    finally:
+        stop()
+        await managed.close()
+    assert classify(caught.value).retryable is False
+    assert secret not in str(caught.value)
+    assert not [e for e in seen if isinstance(e, RetryScheduled)]
 
 
 async def test_acquire_is_bounded_and_reports_size_and_waiters(database: str) -> None:

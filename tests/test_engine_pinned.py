@@ -974,3 +974,57 @@ async def test_an_async_call_under_a_deadline_returns_its_value(clock: FakeClock
         return "ok"
 
     assert await retry(config)(work)() == "ok"
+
+
+def test_a_block_form_whose_body_skips_the_attempt_raises_instead_of_looping(
+    clock: FakeClock,
+) -> None:
+    handed = []
+
+    def loop() -> None:
+        for attempt in retrying(NO_JITTER, name="skipper"):
+            handed.append(attempt.number)
+            if len(handed) > 10:  # the old behaviour: the same attempt for ever
+                break
+            continue
+
+    with pytest.raises(RuntimeError, match="'skipper': attempt 1 was never entered"):
+        loop()
+    assert handed == [1]
+    assert clock.slept == []
+
+
+def test_a_block_form_that_skips_a_later_attempt_raises_and_stays_ended(clock: FakeClock) -> None:
+    it = retrying(NO_JITTER)
+    with next(it):
+        raise ConnectionError
+    second = next(it)
+    assert second.number == 2
+    with pytest.raises(RuntimeError, match="'retrying': attempt 2 was never entered"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+@pytest.mark.anyio
+async def test_an_async_block_form_whose_body_skips_the_attempt_raises(clock: FakeClock) -> None:
+    handed = []
+
+    async def loop() -> None:
+        async for attempt in retrying(NO_JITTER):
+            handed.append(attempt.number)
+            if len(handed) > 10:
+                break
+
+    with pytest.raises(RuntimeError, match="attempt 1 was never entered"):
+        await loop()
+    assert handed == [1]
+
+
+def test_an_attempt_entered_twice_is_refused(clock: FakeClock) -> None:
+    it = retrying(NO_JITTER)
+    attempt = next(it)
+    with attempt:
+        raise ConnectionError
+    with pytest.raises(RuntimeError, match="attempt 1 was already entered"), attempt:
+        pass

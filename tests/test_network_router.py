@@ -23,7 +23,12 @@ from datapunk_recovery._core.errors import DeadlineExceeded, RecoveryError, fina
 from datapunk_recovery._core.events import GaveUp, GiveUpReason
 from datapunk_recovery._execution.deadline import deadline
 from datapunk_recovery.breaker import BreakerConfig, BreakerState, OutcomeRecorded
-from datapunk_recovery.budget import TokenBudget, TokenBudgetConfig
+from datapunk_recovery.budget import (
+    RatioBudget,
+    RatioBudgetConfig,
+    TokenBudget,
+    TokenBudgetConfig,
+)
 from datapunk_recovery.flow.hedging import HedgeConfig, HedgeStarted, HedgeWon
 from datapunk_recovery.network import (
     AllEndpointsDown,
@@ -234,6 +239,27 @@ async def test_a_budget_that_refuses_retries_still_lets_the_call_try_a_level_it_
         await r.call(service)  # every level tried once: nothing more without the budget
     assert len(service.calls) == 2 and service.calls[-1] == "backup"
     assert final_reason(caught.value) == "retry budget exhausted"
+
+
+async def test_a_fallthrough_attempt_the_budget_refused_earns_the_budget_nothing() -> None:
+    # No floor, 50% of requests: the first failure's request allows 0.5 retries, too few.
+    config = RatioBudgetConfig(ratio=0.5, min_per_second=0.0)
+    endpoints = [Endpoint("a"), Endpoint("backup", priority=1)]
+    with fake_clock():
+        budget = RatioBudget("svc", config)
+        r = Router("svc", endpoints, RouterConfig(retry=QUICK, breaker=WINDOW_ONLY), budget=budget)
+        assert await r.call(Service(down={"a"})) == "backup"
+        # One request (the call's first attempt); the attempt on backup was a retry the
+        # budget refused: it must not count as a request that earns allowance.
+        assert budget.allowance() == 0.5
+
+
+async def test_a_fallthrough_attempt_the_budget_refused_neither_earns_nor_costs_tokens() -> None:
+    budget = TokenBudget("svc", TokenBudgetConfig(max_tokens=2, token_ratio=1.0))
+    endpoints = [Endpoint("a"), Endpoint("backup", priority=1)]
+    r = Router("svc", endpoints, RouterConfig(retry=QUICK, breaker=WINDOW_ONLY), budget=budget)
+    assert await r.call(Service(down={"a"})) == "backup"
+    assert budget.tokens == 1.0  # a's failure cost one; backup's success was not granted
 
 
 async def test_the_strict_rule_gives_up_when_the_budget_refuses() -> None:

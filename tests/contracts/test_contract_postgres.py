@@ -16,7 +16,7 @@ import pytest
 
 from datapunk_recovery._core.errors import ErrorCategory, classify
 from datapunk_recovery._execution.engine import retry
-from datapunk_recovery.database import DbErrorKind, classify_database
+from datapunk_recovery.database import DbErrorKind, ManagedPool, classify_database
 from tests.harness import PostgresServer
 
 pytestmark = pytest.mark.anyio
@@ -296,3 +296,63 @@ async def test_a_terminated_backend_is_a_connection_failure_in_doubt(
         ), repr(exc)
     finally:
         await conn.close()
+
+
+async def test_both_drivers_report_a_missing_database_as_a_configuration_error_never_retried(
+    postgres_server: PostgresServer,
+) -> None:
+    """3D000 invalid_catalog_name: asyncpg says so; psycopg gives libpq's bare message."""
+    missing = postgres_server.dsn_for(
+        postgres_server.app_user, postgres_server.app_password, "no_such_database"
+    )
+    with pytest.raises(asyncpg.InvalidCatalogNameError) as apg:
+        await asyncpg.connect(missing)
+    assert apg.value.sqlstate == "3D000"
+    with pytest.raises(psycopg.OperationalError) as pg:
+        await psycopg.AsyncConnection.connect(missing)
+    assert pg.value.sqlstate is None
+    assert 'database "no_such_database" does not exist' in str(pg.value)
+    for exc in (apg.value, pg.value):
+        verdict = classify_database(exc)
+        assert (verdict.kind, verdict.code, verdict.retryable) == (
+            DbErrorKind.FATAL,
+            "3D000",
+            False,
+        )
+        assert classify(exc).retryable is False
+
+
+async def test_a_bare_retry_connects_once_to_a_database_that_does_not_exist(
+    postgres_server: PostgresServer,
+) -> None:
+    missing = postgres_server.dsn_for(
+        postgres_server.app_user, postgres_server.app_password, "no_such_database"
+    )
+    connects = 0
+
+    @retry
+    async def connect(driver: str) -> Any:
+        nonlocal connects
+        connects += 1
+        if driver == "asyncpg":
+            return await asyncpg.connect(missing)
+        return await psycopg.AsyncConnection.connect(missing)
+
+    for driver in ("asyncpg", "psycopg"):
+        connects = 0
+        with pytest.raises(Exception, match="does not exist"):
+            await connect(driver)
+        assert connects == 1, driver
+
+
+async def test_a_managed_pool_for_a_missing_database_fails_at_once_not_retryable(
+    postgres_server: PostgresServer,
+) -> None:
+    missing = postgres_server.dsn_for(
+        postgres_server.app_user, postgres_server.app_password, "no_such_database"
+    )
+    for create in (ManagedPool.create_asyncpg, ManagedPool.create_psycopg):
+        with pytest.raises(Exception, match="does not exist") as caught:
+            await create(missing)
+        assert classify(caught.value).retryable is False, create
+        assert postgres_server.app_password not in str(caught.value)

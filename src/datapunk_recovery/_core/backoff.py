@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-from .validate import check_choice, check_count, check_fraction, check_number, check_seconds
+from .validate import check_choice, check_count, check_fraction, check_number, check_seconds, shown
 
 __all__ = ["Jitter", "RetryConfig", "ServerDelay", "server_delay"]
 
@@ -88,7 +88,7 @@ class RetryConfig:
         if self.max_delay < self.base_delay:
             raise ValueError(
                 f"{_OWNER}.max_delay: must be >= base_delay ({self.base_delay!r}), "
-                f"got {self.max_delay!r}"
+                f"got {shown(self.max_delay)}"
             )
         s(
             self,
@@ -125,7 +125,7 @@ class RetryConfig:
         [`delays()`][datapunk_recovery._core.backoff.RetryConfig.delays].
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"compute_delay: retry number must be an int >= 1, got {n!r}")
+            raise ValueError(f"compute_delay: retry number must be an int >= 1, got {shown(n)}")
         if self.jitter in _STATEFUL:
             raise ValueError(
                 f"compute_delay: jitter {self.jitter.value!r} depends on the previous delay; "
@@ -160,9 +160,9 @@ class RetryConfig:
         jitter the delay never decreases as ``n`` grows.
         """
         if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError(f"the retry number must be an int, got {n!r}")
+            raise TypeError(f"the retry number must be an int, got {shown(n)}")
         if n < 0:
-            raise ValueError(f"the retry number must be >= 0, got {n!r}")
+            raise ValueError(f"the retry number must be >= 0, got {shown(n)}")
         if n == 0:
             return 0.0
         draws = None

@@ -15,6 +15,8 @@ import math
 import time
 from collections.abc import Callable
 
+from datapunk_recovery._core.validate import shown
+
 __all__ = ["FakeClock", "current_fake", "now", "use_clock"]
 
 now: Callable[[], float] = time.monotonic
@@ -44,7 +46,9 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         """Move time forward by ``seconds`` (>= 0)."""
         if not seconds >= 0 or not math.isfinite(seconds):
-            raise ValueError(f"FakeClock.advance: seconds must be finite and >= 0, got {seconds!r}")
+            raise ValueError(
+                f"FakeClock.advance: seconds must be finite and >= 0, got {shown(seconds)}"
+            )
         self._time += seconds
 
     def set(self, when: float) -> None:

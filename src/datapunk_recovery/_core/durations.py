@@ -25,8 +25,7 @@ import math
 import re
 from typing import Final
 
-from .redact import redact_text
-from .validate import MAX_SECONDS
+from .validate import MAX_SECONDS, shown
 
 __all__ = ["MAX_DURATION", "DurationError", "format_duration", "parse_duration"]
 
@@ -49,8 +48,8 @@ _EXAMPLES: Final = "a duration such as '250ms', '2s', '1m30s' or a number of sec
 
 
 def _shown(value: object) -> str:
-    """``value`` as a message quotes it: redacted (a DSN given for a duration keeps its secret)."""
-    return redact_text(repr(value))
+    """``value`` as a message quotes it: redacted (a DSN or token given for a duration)."""
+    return shown(value)
 
 
 class DurationError(ValueError):

@@ -24,6 +24,8 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Final
 
+from datapunk_recovery._core.validate import shown
+
 __all__ = [
     "BudgetExhausted",
     "CircuitOpenError",
@@ -262,7 +264,7 @@ def register_rule(rule: Rule, *, for_type: type[BaseException] | None = None) ->
     [`unregister_rule()`][datapunk_recovery._core.errors.unregister_rule].
     """
     if not callable(rule):
-        raise TypeError(f"rule: expected a callable, got {rule!r}")
+        raise TypeError(f"rule: expected a callable, got {shown(rule)}")
     _rules.insert(0, (for_type, rule))
     return rule
 

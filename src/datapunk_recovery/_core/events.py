@@ -38,6 +38,8 @@ from collections.abc import Callable, Collection
 from enum import StrEnum
 from typing import Any, ClassVar, dataclass_transform
 
+from datapunk_recovery._core.validate import shown
+
 from .errors import ErrorCategory
 
 __all__ = [
@@ -332,7 +334,7 @@ def _predicate(kinds: Kinds) -> Callable[[str], bool] | None:
         elif isinstance(kind, type) and issubclass(kind, Event):
             names.add(kind.name)
         else:
-            raise TypeError(f"kinds: expected event classes or names, got {kind!r}")
+            raise TypeError(f"kinds: expected event classes or names, got {shown(kind)}")
     return frozenset(names).__contains__
 
 
@@ -384,7 +386,7 @@ class EventBus:
         Returns a function that removes it again.
         """
         if not callable(subscriber):
-            raise TypeError(f"subscriber: expected a callable, got {subscriber!r}")
+            raise TypeError(f"subscriber: expected a callable, got {shown(subscriber)}")
         if kinds is None:
             kinds = getattr(subscriber, "wants", None)
         wants = _predicate(kinds)

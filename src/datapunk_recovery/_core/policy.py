@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
+from datapunk_recovery._core.validate import check_mapping, shown
+
 from .backoff import RetryConfig
 from .errors import ErrorCategory
 
@@ -49,19 +51,21 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if not isinstance(self.default, RetryConfig):
-            raise TypeError(f"RetryPolicy.default: expected a RetryConfig, got {self.default!r}")
+            raise TypeError(
+                f"RetryPolicy.default: expected a RetryConfig, got {shown(self.default)}"
+            )
         checked: dict[ErrorCategory, RetryConfig] = {}
-        for key, config in dict(self.per_category).items():
+        for key, config in check_mapping("RetryPolicy", "per_category", self.per_category).items():
             try:
                 category = ErrorCategory(key)
             except ValueError:
                 raise ValueError(
-                    f"RetryPolicy.per_category: unknown error category {key!r}"
+                    f"RetryPolicy.per_category: unknown error category {shown(key)}"
                 ) from None
             if not isinstance(config, RetryConfig):
                 raise TypeError(
                     f"RetryPolicy.per_category[{category.value}]: expected a RetryConfig, "
-                    f"got {config!r}"
+                    f"got {shown(config)}"
                 )
             checked[category] = config
         object.__setattr__(self, "per_category", MappingProxyType(checked))
@@ -71,19 +75,24 @@ class RetryPolicy:
         return self.per_category.get(category, self.default)
 
     @classmethod
-    def of(cls, spec: RetryConfig | RetryPolicy | None) -> RetryPolicy:
-        """Accept a config, a policy or ``None`` (the defaults) wherever a policy is wanted."""
+    def of(
+        cls, spec: RetryConfig | RetryPolicy | None, *, where: str = "retry policy"
+    ) -> RetryPolicy:
+        """Accept a config, a policy or ``None`` (the defaults) wherever a policy is wanted.
+
+        ``where`` names the setting in the error for anything else (``"SqliteConfig.retry"``).
+        """
         if spec is None:
             return _DEFAULT
         if isinstance(spec, RetryPolicy):
             return spec
         if isinstance(spec, RetryConfig):
             return cls(spec)
-        raise TypeError(f"retry policy: expected RetryConfig or RetryPolicy, got {_kind(spec)}")
+        raise TypeError(f"{where}: expected RetryConfig or RetryPolicy, got {_kind(spec)}")
 
 
 def _kind(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    return f"{shown(value)} ({type(value).__name__})"
 
 
 _DEFAULT = RetryPolicy()

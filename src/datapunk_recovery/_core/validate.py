@@ -14,16 +14,22 @@ limit (``None``), never as a huge number.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any, Final, TypeVar
+
+from .redact import REDACTED, redact_text
 
 __all__ = [
     "MAX_SECONDS",
     "check_choice",
     "check_count",
     "check_fraction",
+    "check_mapping",
     "check_number",
     "check_seconds",
+    "shown",
 ]
 
 E = TypeVar("E", bound=Enum)
@@ -32,16 +38,43 @@ E = TypeVar("E", bound=Enum)
 MAX_SECONDS: Final = 86_400.0
 
 
+#: How long a quoted value may be in a message: enough to recognise it, not a whole document.
+_SHOWN_LIMIT: Final = 200
+# A quoted text that looks like a token (an API key, a bearer token): one word of 16 or more
+# token characters, with letters and digits; a URL is redacted by redact_text instead.
+_TOKEN_LIKE: Final = re.compile(r"""(['"])([A-Za-z0-9_.+/=~-]{16,})\1""")
+
+
+def _mask_token(match: re.Match[str]) -> str:
+    body = match.group(2)
+    if any(c.isdigit() for c in body) and any(c.isalpha() for c in body):
+        quote = match.group(1)
+        return f"{quote}{REDACTED}{quote}"
+    return match.group(0)
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` as a configuration error quotes it: without secrets, bounded.
+
+    A URL, DSN or token given to the wrong field is the usual way a password
+    reaches a message: passwords in URLs and ``key=value`` pairs are redacted
+    (`redact_text`), and so is a quoted text that looks like a bare token.
+    Redacted before it is cut, at 200 characters (enough to recognise it).
+    """
+    text = _TOKEN_LIKE.sub(_mask_token, redact_text(repr(value)))
+    return text if len(text) <= _SHOWN_LIMIT else f"{text[: _SHOWN_LIMIT - 3]}..."
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _type_error(owner: str, name: str, want: str, value: Any) -> TypeError:
-    from .redact import redact_text
-
-    shown = redact_text(repr(value))  # a DSN given for a number keeps its password
-    return TypeError(f"{owner}.{name}: expected {want}, got {shown} ({type(value).__name__})")
+    # A DSN given for a number keeps its password.
+    return TypeError(
+        f"{owner}.{name}: expected {want}, got {shown(value)} ({type(value).__name__})"
+    )
 
 
 def check_number(owner: str, name: str, value: Any, *, minimum: float = 0.0) -> float:
@@ -53,9 +86,9 @@ def check_number(owner: str, name: str, value: Any, *, minimum: float = 0.0) -> 
     except OverflowError:  # an int too large for a float
         raise ValueError(f"{owner}.{name}: must be finite, got {_short(value)}") from None
     if not math.isfinite(number):
-        raise ValueError(f"{owner}.{name}: must be finite, got {value!r}")
+        raise ValueError(f"{owner}.{name}: must be finite, got {shown(value)}")
     if number < minimum:
-        raise ValueError(f"{owner}.{name}: must be >= {minimum:g}, got {value!r}")
+        raise ValueError(f"{owner}.{name}: must be >= {minimum:g}, got {shown(value)}")
     return number
 
 
@@ -64,7 +97,7 @@ def check_seconds(owner: str, name: str, value: Any, *, positive: bool = False) 
     `MAX_SECONDS` (one day)."""
     seconds = check_number(owner, name, value)
     if positive and seconds <= 0:
-        raise ValueError(f"{owner}.{name}: must be > 0 seconds, got {value!r}")
+        raise ValueError(f"{owner}.{name}: must be > 0 seconds, got {shown(value)}")
     if seconds > MAX_SECONDS:
         raise ValueError(
             f"{owner}.{name}: must be <= {MAX_SECONDS:g} seconds (one day), got {_short(value)}"
@@ -77,7 +110,7 @@ def check_count(owner: str, name: str, value: Any, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _type_error(owner, name, "an integer", value)
     if value < minimum:
-        raise ValueError(f"{owner}.{name}: must be >= {minimum}, got {value!r}")
+        raise ValueError(f"{owner}.{name}: must be >= {minimum}, got {shown(value)}")
     return value
 
 
@@ -86,7 +119,7 @@ def check_fraction(owner: str, name: str, value: Any, *, allow_zero: bool = True
     fraction = check_number(owner, name, value)
     if fraction > 1.0 or (not allow_zero and fraction == 0.0):
         low = "0" if allow_zero else "0 (exclusive)"
-        raise ValueError(f"{owner}.{name}: must be between {low} and 1, got {value!r}")
+        raise ValueError(f"{owner}.{name}: must be between {low} and 1, got {shown(value)}")
     return fraction
 
 
@@ -96,4 +129,12 @@ def check_choice(owner: str, name: str, value: Any, choices: type[E]) -> E:
         return choices(value)
     except ValueError:
         kinds = ", ".join(str(c.value) for c in choices)
-        raise ValueError(f"{owner}.{name}: expected one of {kinds}, got {value!r}") from None
+        raise ValueError(f"{owner}.{name}: expected one of {kinds}, got {shown(value)}") from None
+
+
+def check_mapping(owner: str, name: str, value: Any) -> dict[Any, Any]:
+    """A mapping, returned as a new ``dict`` (a list of pairs is not one: ``dict()`` would
+    take it and fail far from the field with a message that names nothing)."""
+    if not isinstance(value, Mapping):
+        raise _type_error(owner, name, "a mapping", value)
+    return dict(value)

@@ -56,6 +56,7 @@ from .._core.events import (
 from .._core.policy import RetryGate, RetryPolicy
 from .._core.redact import redact_text, safe_repr
 from .._core.stats import FOLD_AT, OperationStats, Statistics
+from .._core.validate import shown
 from . import runtime as _runtime
 
 __all__ = ["AttemptContext", "Retried", "Retrying", "current_attempt", "retry", "retrying"]
@@ -120,18 +121,18 @@ class _Engine:
             self.on_types = (on,)
         elif isinstance(on, tuple):
             if not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
-                raise TypeError(f"retry on=: expected exception types, got {on!r}")
+                raise TypeError(f"retry on=: expected exception types, got {shown(on)}")
             self.on_types = on
         elif on is not None:
             if not callable(on):
-                raise TypeError(f"retry on=: expected types, a predicate or None, got {on!r}")
+                raise TypeError(f"retry on=: expected types, a predicate or None, got {shown(on)}")
             self.on_pred = cast(Callable[[BaseException], bool], on)
         if retry_if_result is not None and not callable(retry_if_result):
             raise TypeError(
-                f"retry retry_if_result=: expected a predicate, got {retry_if_result!r}"
+                f"retry retry_if_result=: expected a predicate, got {shown(retry_if_result)}"
             )
         if budget is not None and not isinstance(budget, RetryGate):
-            raise TypeError(f"retry budget=: expected a RetryGate, got {budget!r}")
+            raise TypeError(f"retry budget=: expected a RetryGate, got {shown(budget)}")
         self.retry_if_result = retry_if_result
         self.budget = budget
         self.rng = rng
@@ -872,7 +873,16 @@ class AttemptContext:
 class Retrying:
     """The iterator behind `retrying()`; iterate it once, sync or async."""
 
-    __slots__ = ("_call", "_delay", "_done", "_engine", "_error", "_reporting", "_token")
+    __slots__ = (
+        "_call",
+        "_delay",
+        "_done",
+        "_engine",
+        "_error",
+        "_pending",
+        "_reporting",
+        "_token",
+    )
 
     def __init__(self, engine: _Engine) -> None:
         self._engine = engine
@@ -882,6 +892,9 @@ class Retrying:
         self._error: Exception | None = None
         self._token: Any = None
         self._reporting: Any = None
+        # The attempt handed out and not yet entered: a body that skips ``with attempt``
+        # would otherwise get the same attempt again for ever (nothing failed, nothing counted).
+        self._pending: AttemptContext | None = None
 
     def _next_attempt(self) -> AttemptContext:
         call = self._call
@@ -891,7 +904,18 @@ class Retrying:
         if call.deadline_at is not None and clock.now() >= call.deadline_at:
             self._done = True
             raise call.deadline_passed(self._error)
-        return AttemptContext(self, call.attempt)
+        attempt = self._pending = AttemptContext(self, call.attempt)
+        return attempt
+
+    def _check_entered(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            self._done = True
+            self._pending = None
+            raise RuntimeError(
+                f"retrying {self._engine.name!r}: attempt {pending.number} was never entered;"
+                " the loop body must run its work inside `with attempt:`"
+            )
 
     def _wait_fits(self, call: _Call) -> None:
         # The delay was decided when the block failed; the loop's own code may
@@ -909,6 +933,7 @@ class Retrying:
     def __next__(self) -> AttemptContext:
         if self._done:
             raise StopIteration
+        self._check_entered()
         call = self._call
         if call is not None:
             self._wait_fits(call)
@@ -922,6 +947,7 @@ class Retrying:
     async def __anext__(self) -> AttemptContext:
         if self._done:
             raise StopAsyncIteration
+        self._check_entered()
         call = self._call
         if call is not None:
             self._wait_fits(call)
@@ -939,6 +965,12 @@ class Retrying:
     def _enter(self, attempt: AttemptContext) -> None:
         call = self._call
         assert call is not None
+        if attempt is not self._pending:
+            raise RuntimeError(
+                f"retrying {self._engine.name!r}: attempt {attempt.number} was already entered;"
+                " enter each attempt once"
+            )
+        self._pending = None
         self._token = CURRENT.set((call.deadline_at, attempt.number))
         budget = self._engine.budget
         if budget is not None:  # see _run_sync: the block's attempts are reported here

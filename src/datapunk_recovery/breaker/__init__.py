@@ -49,7 +49,7 @@ from .._core.context import lost_race
 from .._core.errors import CircuitOpenError, classify
 from .._core.events import Event, EventBus, HintIgnored, emit, global_bus, listening
 from .._core.redact import safe_repr
-from .._core.validate import check_count, check_fraction, check_number, check_seconds
+from .._core.validate import check_count, check_fraction, check_number, check_seconds, shown
 from .._core.windows import CountWindow, TimeWindow, Window
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ def _check_match(name: str, value: object) -> None:
     elif callable(value):
         return
     raise TypeError(
-        f"{_OWNER}.{name}: expected exception types or a predicate, got {value!r} "
+        f"{_OWNER}.{name}: expected exception types or a predicate, got {shown(value)} "
         f"({type(value).__name__})"
     )
 
@@ -150,7 +150,7 @@ def _matches(spec: ExceptionMatch, exc: BaseException) -> bool:
 
 def _check_callable(name: str, value: object) -> None:
     if value is not None and not callable(value):
-        raise TypeError(f"{_OWNER}.{name}: expected a callable or None, got {value!r}")
+        raise TypeError(f"{_OWNER}.{name}: expected a callable or None, got {shown(value)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,13 +264,13 @@ class BreakerConfig:
             s(self, "window", WindowKind(self.window))
         except ValueError:
             raise ValueError(
-                f"{_OWNER}.window: expected 'count' or 'time', got {self.window!r}"
+                f"{_OWNER}.window: expected 'count' or 'time', got {shown(self.window)}"
             ) from None
         check_count(_OWNER, "window_size", self.window_size)
         if self.window_size > _MAX_WINDOW_SIZE:
             raise ValueError(
                 f"{_OWNER}.window_size: must be <= {_MAX_WINDOW_SIZE} calls, "
-                f"got {self.window_size!r}"
+                f"got {shown(self.window_size)}"
             )
         s(
             self,
@@ -281,11 +281,11 @@ class BreakerConfig:
         if self.window_buckets > _MAX_WINDOW_BUCKETS:
             raise ValueError(
                 f"{_OWNER}.window_buckets: must be <= {_MAX_WINDOW_BUCKETS}, "
-                f"got {self.window_buckets!r}"
+                f"got {shown(self.window_buckets)}"
             )
         check_count(_OWNER, "minimum_calls", self.minimum_calls)
         if not isinstance(self.keep_window, bool):
-            raise TypeError(f"{_OWNER}.keep_window: expected a bool, got {self.keep_window!r}")
+            raise TypeError(f"{_OWNER}.keep_window: expected a bool, got {shown(self.keep_window)}")
         _check_callable("trip_policy", self.trip_policy)
         check_count(_OWNER, "half_open_permits", self.half_open_permits)
         if self.half_open_timeout is not None:
@@ -297,7 +297,7 @@ class BreakerConfig:
         if self.half_open_decision not in ("first_failure", "rate"):
             raise ValueError(
                 f"{_OWNER}.half_open_decision: expected 'first_failure' or 'rate', "
-                f"got {self.half_open_decision!r}"
+                f"got {shown(self.half_open_decision)}"
             )
         if self.half_open_decision == "rate" and self.failure_rate_threshold is None:
             raise ValueError(
@@ -318,7 +318,7 @@ class BreakerConfig:
         if self.max_open_duration < self.open_duration:
             raise ValueError(
                 f"{_OWNER}.max_open_duration: must be >= open_duration "
-                f"({self.open_duration!r}), got {self.max_open_duration!r}"
+                f"({self.open_duration!r}), got {shown(self.max_open_duration)}"
             )
         s(self, "open_jitter", check_fraction(_OWNER, "open_jitter", self.open_jitter))
         _check_match("failure_on", self.failure_on)
@@ -327,13 +327,14 @@ class BreakerConfig:
         if self.ignored_counts_as not in ("nothing", "success"):
             raise ValueError(
                 f"{_OWNER}.ignored_counts_as: expected 'nothing' or 'success', "
-                f"got {self.ignored_counts_as!r}"
+                f"got {shown(self.ignored_counts_as)}"
             )
         _check_callable("record_result", self.record_result)
         _check_callable("result_delay", self.result_delay)
         if not isinstance(self.honor_server_delay, bool):
             raise TypeError(
-                f"{_OWNER}.honor_server_delay: expected a bool, got {self.honor_server_delay!r}"
+                f"{_OWNER}.honor_server_delay: expected a bool,"
+                f" got {shown(self.honor_server_delay)}"
             )
         s(
             self,
@@ -351,7 +352,7 @@ class BreakerConfig:
             # would ever be judged (nor failure_rate() answer).
             raise ValueError(
                 f"{_OWNER}.minimum_calls: must be <= window_size ({self.window_size!r}) "
-                f"with a count window, got {self.minimum_calls!r}"
+                f"with a count window, got {shown(self.minimum_calls)}"
             )
         timed = self.slow_call_duration is not None or self.trip_policy is not None
         s(self, "windowed", windowed)
@@ -1142,9 +1143,9 @@ class CircuitBreaker:
         rng: random.Random | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
-            raise TypeError(f"CircuitBreaker.name: expected a non-empty str, got {name!r}")
+            raise TypeError(f"CircuitBreaker.name: expected a non-empty str, got {shown(name)}")
         if config is not None and not isinstance(config, BreakerConfig):
-            raise TypeError(f"CircuitBreaker.config: expected a BreakerConfig, got {config!r}")
+            raise TypeError(f"CircuitBreaker.config: expected a BreakerConfig, got {shown(config)}")
         self.name = name
         self._link: BreakerLink | None = None
         cfg = config or _DEFAULT_CONFIG
@@ -1165,7 +1166,7 @@ class CircuitBreaker:
             self._core._refresh_fast()
             self._link = store.bind_breaker(self)  # type: ignore[attr-defined]
         else:
-            raise TypeError(f"CircuitBreaker.store: expected a state store, got {store!r}")
+            raise TypeError(f"CircuitBreaker.store: expected a state store, got {shown(store)}")
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.name!r}, state={self.state.value})"
@@ -1237,7 +1238,9 @@ class CircuitBreaker:
     def reconfigure(self, config: BreakerConfig) -> None:
         """Take ``config`` from now on, keeping the state (and the window if its shape holds)."""
         if not isinstance(config, BreakerConfig):
-            raise TypeError(f"CircuitBreaker.reconfigure: expected a BreakerConfig, got {config!r}")
+            raise TypeError(
+                f"CircuitBreaker.reconfigure: expected a BreakerConfig, got {shown(config)}"
+            )
         if self._link is not None and config.trip_policy is not None:
             raise TypeError(
                 f"CircuitBreaker.reconfigure: {self.name!r} shares its state through a store; "

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Final
 
-from .._core.validate import check_count
+from .._core.validate import check_count, shown
 from . import BreakerConfig, BreakerSnapshot, BreakerState, CircuitBreaker
 
 __all__ = ["BreakerRegistry"]
@@ -61,7 +61,9 @@ class BreakerRegistry:
     ) -> None:
         check_count("BreakerRegistry", "max_size", max_size)
         if config is not None and not isinstance(config, BreakerConfig):
-            raise TypeError(f"BreakerRegistry.config: expected a BreakerConfig, got {config!r}")
+            raise TypeError(
+                f"BreakerRegistry.config: expected a BreakerConfig, got {shown(config)}"
+            )
         self.config = config
         self.max_size = max_size
         self.store = store

@@ -52,7 +52,7 @@ from .._core.events import Event, EventBus, emit, listening
 # The protocol lives with the retry policy (core), where the engine finds it;
 # ``budget.RetryGate`` stays its documented path.
 from .._core.policy import RetryGate
-from .._core.validate import check_count, check_fraction, check_number, check_seconds
+from .._core.validate import check_count, check_fraction, check_number, check_seconds, shown
 
 __all__ = [
     "BudgetCorruptStateIgnored",
@@ -113,7 +113,7 @@ def _parse_criticality(level: Criticality | str) -> Criticality:
         except KeyError:
             pass
     names = ", ".join(c.name.lower() for c in Criticality)
-    raise ValueError(f"criticality: expected one of {names}, got {level!r}")
+    raise ValueError(f"criticality: expected one of {names}, got {shown(level)}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,7 +223,7 @@ class TokenBudgetConfig:
         if not self.critical_threshold <= self.threshold <= self.sheddable_threshold:
             raise ValueError(
                 f"{owner}.threshold: need critical_threshold <= threshold <= "
-                f"sheddable_threshold, got {self.critical_threshold!r} <= {self.threshold!r} "
+                f"sheddable_threshold, got {shown(self.critical_threshold)} <= {self.threshold!r} "
                 f"<= {self.sheddable_threshold!r}"
             )
 
@@ -248,7 +248,9 @@ class TokenBudget:
         self.name = name
         self.config = config = config if config is not None else TokenBudgetConfig()
         if not isinstance(config, TokenBudgetConfig):
-            raise TypeError(f"TokenBudget.config: expected a TokenBudgetConfig, got {config!r}")
+            raise TypeError(
+                f"TokenBudget.config: expected a TokenBudgetConfig, got {shown(config)}"
+            )
         #: Where refusals are reported (besides the global bus).
         self.bus = bus
         self._max = config.max_tokens
@@ -302,7 +304,7 @@ class TokenBudget:
         """
         if not isinstance(config, TokenBudgetConfig):
             raise TypeError(
-                f"TokenBudget.reconfigure: expected a TokenBudgetConfig, got {config!r}"
+                f"TokenBudget.reconfigure: expected a TokenBudgetConfig, got {shown(config)}"
             )
         top = config.max_tokens
         with self._lock:
@@ -405,7 +407,9 @@ class RatioBudget:
         self.name = name
         self.config = config = config if config is not None else RatioBudgetConfig()
         if not isinstance(config, RatioBudgetConfig):
-            raise TypeError(f"RatioBudget.config: expected a RatioBudgetConfig, got {config!r}")
+            raise TypeError(
+                f"RatioBudget.config: expected a RatioBudgetConfig, got {shown(config)}"
+            )
         self.bus = bus
         self._n = n = config.buckets
         self._width = config.window / n

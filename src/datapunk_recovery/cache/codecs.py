@@ -13,6 +13,8 @@ import json
 import pickle
 from typing import Any
 
+from datapunk_recovery._core.validate import shown
+
 __all__ = ["JsonCodec", "PickleCodec"]
 
 
@@ -44,7 +46,7 @@ class PickleCodec:
             raise ValueError(
                 "PickleCodec.i_trust_the_cache: decoding a pickle runs code chosen by whoever "
                 "wrote it; pass i_trust_the_cache=True only for a cache nobody else can write, "
-                f"got {i_trust_the_cache!r}"
+                f"got {shown(i_trust_the_cache)}"
             )
 
     def encode(self, value: Any) -> bytes:

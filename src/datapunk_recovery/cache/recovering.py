@@ -60,7 +60,7 @@ from typing import Any, ClassVar, Final, Generic, Literal, TypeVar
 from datapunk_recovery._core import clock
 from datapunk_recovery._core.errors import CircuitOpenError, ErrorCategory, classify
 from datapunk_recovery._core.events import Event, EventBus, emit, listening
-from datapunk_recovery._core.validate import check_count, check_number, check_seconds
+from datapunk_recovery._core.validate import check_count, check_number, check_seconds, shown
 from datapunk_recovery._execution import runtime as _runtime
 from datapunk_recovery.breaker import BreakerConfig, CircuitBreaker
 
@@ -132,7 +132,7 @@ class CacheConfig:
         if not isinstance(self.namespace, str) or not self.namespace or ":" in self.namespace:
             raise ValueError(
                 f"{_OWNER}.namespace: expected a non-empty string without ':', "
-                f"got {self.namespace!r}"
+                f"got {shown(self.namespace)}"
             )
         if self.cache_timeout is not None:
             s(
@@ -147,10 +147,12 @@ class CacheConfig:
             check_seconds(_OWNER, "generation_refresh", self.generation_refresh),
         )
         if not isinstance(self.breaker, BreakerConfig):
-            raise TypeError(f"{_OWNER}.breaker: expected a BreakerConfig, got {self.breaker!r}")
+            raise TypeError(
+                f"{_OWNER}.breaker: expected a BreakerConfig, got {shown(self.breaker)}"
+            )
         rate = check_number(_OWNER, "warm_rate", self.warm_rate)
         if rate <= 0:
-            raise ValueError(f"{_OWNER}.warm_rate: must be > 0 keys per second, got {rate!r}")
+            raise ValueError(f"{_OWNER}.warm_rate: must be > 0 keys per second, got {shown(rate)}")
         s(self, "warm_rate", rate)
         check_count(_OWNER, "warm_batch", self.warm_batch)
 
@@ -348,7 +350,7 @@ class ReadThroughCache(Generic[V]):
     ) -> None:
         self.config = config if config is not None else CacheConfig()
         if not isinstance(self.config, CacheConfig):
-            raise TypeError(f"ReadThroughCache.config: expected a CacheConfig, got {config!r}")
+            raise TypeError(f"ReadThroughCache.config: expected a CacheConfig, got {shown(config)}")
         self.source = source
         self.cache: Cache = cache if cache is not None else MemoryCache()
         self.name = name
@@ -359,7 +361,7 @@ class ReadThroughCache(Generic[V]):
             if not isinstance(policy, WarmingPolicy):
                 raise TypeError(
                     "ReadThroughCache.warming: expected objects with keys_to_warm(), "
-                    f"got {policy!r}"
+                    f"got {shown(policy)}"
                 )
         self.sketch = sketch if sketch is not None or not self.warming else HotKeySketch()
         cfg = self.config

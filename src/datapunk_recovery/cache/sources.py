@@ -25,7 +25,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from datapunk_recovery._core.validate import check_seconds
+from datapunk_recovery._core.validate import check_seconds, shown
 from datapunk_recovery._execution.runtime import run_in_thread
 from datapunk_recovery.database import ManagedPool, run
 
@@ -43,7 +43,7 @@ class FunctionSource:
         load_many: Callable[[Sequence[str]], Awaitable[Mapping[str, Any]]] | None = None,
     ) -> None:
         if not callable(load):
-            raise TypeError(f"FunctionSource.load: expected an async callable, got {load!r}")
+            raise TypeError(f"FunctionSource.load: expected an async callable, got {shown(load)}")
         self._load = load
         self._load_many = load_many
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
-from .._core.validate import check_seconds
+from .._core.validate import check_seconds, shown
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +36,11 @@ class Fault:
             if not issubclass(error, Exception):
                 raise ValueError(
                     f"Fault.error: expected an Exception subclass (cancellation and exit are "
-                    f"never injected), got {error!r}"
+                    f"never injected), got {shown(error)}"
                 )
         elif not callable(error):
             raise TypeError(
-                f"Fault.error: expected an exception type or a factory, got {error!r} "
+                f"Fault.error: expected an exception type or a factory, got {shown(error)} "
                 f"({type(error).__name__})"
             )
 
@@ -49,7 +49,7 @@ class Fault:
         exc = self.error()
         if not isinstance(exc, Exception):
             raise TypeError(
-                f"Fault.error: the factory must return an Exception, got {exc!r} "
+                f"Fault.error: the factory must return an Exception, got {shown(exc)} "
                 f"({type(exc).__name__})"
             )
         return exc
@@ -74,7 +74,7 @@ class Latency:
             up_to = check_seconds("Latency", "up_to", self.up_to)
             if up_to < self.seconds:
                 raise ValueError(
-                    f"Latency.up_to: must be >= seconds ({self.seconds!r}), got {self.up_to!r}"
+                    f"Latency.up_to: must be >= seconds ({self.seconds!r}), got {shown(self.up_to)}"
                 )
             object.__setattr__(self, "up_to", up_to)
 
@@ -110,7 +110,8 @@ class Behaviour:
     def __post_init__(self) -> None:
         if not callable(self.fn):
             raise TypeError(
-                f"Behaviour.fn: expected a callable, got {self.fn!r} ({type(self.fn).__name__})"
+                f"Behaviour.fn: expected a callable,"
+                f" got {shown(self.fn)} ({type(self.fn).__name__})"
             )
 
 
@@ -123,7 +124,7 @@ _KINDS: Final = (Fault, Latency, Outcome, Behaviour)
 def _check_injection(owner: str, value: object) -> Injection:
     if not isinstance(value, _KINDS):
         raise TypeError(
-            f"{owner}: expected a Fault, Latency, Outcome or Behaviour, got {value!r} "
+            f"{owner}: expected a Fault, Latency, Outcome or Behaviour, got {shown(value)} "
             f"({type(value).__name__})"
         )
     return value

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Final, ParamSpec, TypeVar, cast
 from .._core import clock
 from .._core.events import Event, EventBus, emit, global_bus
 from .._core.stats import count_value
+from .._core.validate import shown
 from .._execution import runtime as _runtime
 from ..flow.pipeline import ARun, Run, StageAliases
 from ._injections import _KINDS, Fault, Injection, Latency, Outcome
@@ -100,9 +101,11 @@ class Injector:
 
     def __init__(self, name: str, rng: random.Random, enabled: bool) -> None:
         if not isinstance(name, str) or not name:
-            raise TypeError(f"{type(self).__name__}.name: expected a non-empty str, got {name!r}")
+            raise TypeError(
+                f"{type(self).__name__}.name: expected a non-empty str, got {shown(name)}"
+            )
         if not isinstance(enabled, bool):
-            raise TypeError(f"{type(self).__name__}.enabled: expected a bool, got {enabled!r}")
+            raise TypeError(f"{type(self).__name__}.enabled: expected a bool, got {shown(enabled)}")
         self.name = name
         #: This injector's own bus; events reach the global subscribers as well.
         self.events = EventBus()
@@ -247,7 +250,7 @@ class Injector:
         (see [`armed()`][datapunk_recovery.chaos.armed]), ``fn`` itself is returned.
         """
         if not callable(fn):
-            raise TypeError(f"{self.name}: expected a callable to wrap, got {fn!r}")
+            raise TypeError(f"{self.name}: expected a callable to wrap, got {shown(fn)}")
         if not _ARMED:
             return fn
         wrapper: Any
@@ -298,7 +301,7 @@ class ChaosStage(StageAliases):
 
     def __init__(self, injector: Injector) -> None:
         if not isinstance(injector, Injector):
-            raise TypeError(f"ChaosStage: expected a chaos injector, got {injector!r}")
+            raise TypeError(f"ChaosStage: expected a chaos injector, got {shown(injector)}")
         self.injector = injector
         #: Names the stage in pipeline events.
         self.name = "chaos"
@@ -381,8 +384,8 @@ def _rng_of(owner: str, seed: int | None, rng: random.Random | None) -> random.R
         if seed is not None:
             raise ValueError(f"{owner}: give a seed or an rng, not both")
         if not isinstance(rng, random.Random):
-            raise TypeError(f"{owner}.rng: expected a random.Random, got {rng!r}")
+            raise TypeError(f"{owner}.rng: expected a random.Random, got {shown(rng)}")
         return rng
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"{owner}.seed: expected an int or None, got {seed!r}")
+        raise TypeError(f"{owner}.seed: expected an int or None, got {shown(seed)}")
     return random.Random(seed)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from .._core import clock
-from .._core.validate import check_fraction, check_number, check_seconds
+from .._core.validate import check_fraction, check_number, check_seconds, shown
 from ._injections import Injection, Latency, _check_injection
 from ._injector import Injector, _rng_of
 
@@ -39,12 +39,14 @@ class Window:
         if self.end is not None:
             end = check_seconds("Window", "end", self.end)
             if end <= self.start:
-                raise ValueError(f"Window.end: must be > start ({self.start!r}), got {self.end!r}")
+                raise ValueError(
+                    f"Window.end: must be > start ({self.start!r}), got {shown(self.end)}"
+                )
             object.__setattr__(self, "end", end)
         _check_injection("Window.injection", self.injection)
         object.__setattr__(self, "rate", check_fraction("Window", "rate", self.rate))
         if self.target is not None and not isinstance(self.target, str):
-            raise TypeError(f"Window.target: expected a str or None, got {self.target!r}")
+            raise TypeError(f"Window.target: expected a str or None, got {shown(self.target)}")
 
     def covers(self, elapsed: float) -> bool:
         """Whether the window is open ``elapsed`` seconds after the timeline started."""
@@ -76,9 +78,9 @@ class Timeline:
         checked = tuple(windows)
         for window in checked:
             if not isinstance(window, Window):
-                raise TypeError(f"Timeline.windows: expected Window items, got {window!r}")
+                raise TypeError(f"Timeline.windows: expected Window items, got {shown(window)}")
         if not isinstance(name, str) or not name:
-            raise TypeError(f"Timeline.name: expected a non-empty str, got {name!r}")
+            raise TypeError(f"Timeline.name: expected a non-empty str, got {shown(name)}")
         self.windows = tuple(sorted(checked, key=lambda w: w.start))
         self.name = name
         self._rng = _rng_of("Timeline", seed, rng)
@@ -120,7 +122,7 @@ class Timeline:
     def injector(self, target: str | None = None, *, enabled: bool = True) -> Injector:
         """An injector applying the windows for ``target`` (every window for ``None``)."""
         if target is not None and not isinstance(target, str):
-            raise TypeError(f"Timeline.injector: target must be a str or None, got {target!r}")
+            raise TypeError(f"Timeline.injector: target must be a str or None, got {shown(target)}")
         windows = tuple(w for w in self.windows if target is None or w.target in (None, target))
         name = self.name if target is None else f"{self.name}:{target}"
         return _TimelineInjector(self, windows, name, enabled)

@@ -19,6 +19,7 @@ from typing import Any, Final
 from .._core.backoff import RetryConfig
 from .._core.errors import ErrorCategory
 from .._core.redact import redact_text
+from .._core.validate import shown
 from ..resource.pool import PoolConfig
 from ._model import CacheSettings, DatabaseSettings, RecoveryConfig, ServicePolicy
 from .schema import (
@@ -143,9 +144,9 @@ def _redacted(problem: Problem) -> Problem:
     message = redact_text(problem.message)
     value = problem.value
     if value is not NO_VALUE:
-        shown = repr(value)
-        hidden = redact_text(shown)
-        if hidden != shown:
+        quoted = repr(value)
+        hidden = shown(value)
+        if hidden != quoted:
             value = _Shown(hidden)
     if message == problem.message and value is problem.value:
         return problem

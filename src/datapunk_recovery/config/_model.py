@@ -17,7 +17,7 @@ from typing import Literal
 from .._core.backoff import RetryConfig
 from .._core.errors import ErrorCategory
 from .._core.redact import redact_text, redact_url
-from .._core.validate import check_count, check_seconds
+from .._core.validate import check_count, check_mapping, check_seconds, shown
 from ..breaker import BreakerConfig
 from ..budget import RatioBudgetConfig, TokenBudgetConfig
 from ..flow.bulkhead import BulkheadConfig
@@ -71,7 +71,7 @@ class ServicePolicy:
         owner = "ServicePolicy"
         if self.fallthrough not in ("call", "breaker"):
             raise ValueError(
-                f"{owner}.fallthrough: expected 'call' or 'breaker', got {self.fallthrough!r}"
+                f"{owner}.fallthrough: expected 'call' or 'breaker', got {shown(self.fallthrough)}"
             )
         for name, kinds in (
             ("retry", (RetryConfig,)),
@@ -83,17 +83,19 @@ class ServicePolicy:
             value = getattr(self, name)
             if not isinstance(value, kinds) and not (value is None and name != "retry"):
                 expected = " or ".join(kind.__name__ for kind in kinds)
-                raise TypeError(f"{owner}.{name}: expected a {expected}, got {value!r}")
+                raise TypeError(f"{owner}.{name}: expected a {expected}, got {shown(value)}")
         categories: dict[ErrorCategory, RetryConfig] = {}
-        for key, config in dict(self.categories).items():
+        for key, config in check_mapping(owner, "categories", self.categories).items():
             try:
                 category = ErrorCategory(key)
             except ValueError:
-                raise ValueError(f"{owner}.categories: unknown error category {key!r}") from None
+                raise ValueError(
+                    f"{owner}.categories: unknown error category {shown(key)}"
+                ) from None
             if not isinstance(config, RetryConfig):
                 raise TypeError(
                     f"{owner}.categories: expected a RetryConfig for {category.value}, "
-                    f"got {config!r}"
+                    f"got {shown(config)}"
                 )
             categories[category] = config
         object.__setattr__(self, "categories", MappingProxyType(categories))
@@ -105,26 +107,30 @@ class ServicePolicy:
             )
         endpoints = tuple(self.endpoints)
         if not all(isinstance(e, str) and e for e in endpoints):
-            raise TypeError(f"{owner}.endpoints: expected non-empty names, got {endpoints!r}")
+            raise TypeError(f"{owner}.endpoints: expected non-empty names, got {shown(endpoints)}")
         if len(set(endpoints)) != len(endpoints):
-            raise ValueError(f"{owner}.endpoints: names must be unique, got {endpoints!r}")
+            raise ValueError(f"{owner}.endpoints: names must be unique, got {shown(endpoints)}")
         object.__setattr__(self, "endpoints", endpoints)
         # Every table naming unknown endpoints in one complaint, named after
         # `endpoints`: the rule ties the fields together.
         strays = [
-            f"{name} names endpoints that are not listed: {unknown!r}"
+            f"{name} names endpoints that are not listed: {shown(unknown)}"
             for name in ("addresses", "priorities")
-            if (unknown := [k for k in dict(getattr(self, name)) if k not in endpoints])
+            if (
+                unknown := [
+                    k for k in check_mapping(owner, name, getattr(self, name)) if k not in endpoints
+                ]
+            )
         ]
         if strays:
             raise ValueError(f"{owner}.endpoints: {'; '.join(strays)}")
         for name in ("priorities", "addresses"):
-            table = dict(getattr(self, name))
+            table = check_mapping(owner, name, getattr(self, name))
             for key, value in table.items():
                 if name == "priorities":
                     check_count(owner, name, value, minimum=0)
                 elif not isinstance(value, str):
-                    raise TypeError(f"{owner}.{name}: expected a text for {key!r}")
+                    raise TypeError(f"{owner}.{name}: expected a text for {shown(key)}")
             object.__setattr__(self, name, MappingProxyType(table))
 
     def __repr__(self) -> str:
@@ -162,7 +168,8 @@ class CacheSettings:
             raise TypeError(f"{owner}.redis: expected a non-empty text or None")
         if not isinstance(self.namespace, str) or not self.namespace or ":" in self.namespace:
             raise ValueError(
-                f"{owner}.namespace: expected a non-empty text without ':', got {self.namespace!r}"
+                f"{owner}.namespace: expected a non-empty text without ':',"
+                f" got {shown(self.namespace)}"
             )
 
     def __repr__(self) -> str:
@@ -221,23 +228,28 @@ class RecoveryConfig:
     def __post_init__(self) -> None:
         owner = "RecoveryConfig"
         if not isinstance(self.defaults, ServicePolicy):
-            raise TypeError(f"{owner}.defaults: expected a ServicePolicy, got {self.defaults!r}")
+            raise TypeError(
+                f"{owner}.defaults: expected a ServicePolicy, got {shown(self.defaults)}"
+            )
         for name, kind in (
             ("services", ServicePolicy),
             ("pools", PoolConfig),
             ("databases", DatabaseSettings),
         ):
-            table = dict(getattr(self, name))
+            table = check_mapping(owner, name, getattr(self, name))
             for key, value in table.items():
                 if not isinstance(key, str) or not key:
-                    raise TypeError(f"{owner}.{name}: names must be non-empty str, got {key!r}")
+                    raise TypeError(
+                        f"{owner}.{name}: names must be non-empty str, got {shown(key)}"
+                    )
                 if not isinstance(value, kind):
                     raise TypeError(
-                        f"{owner}.{name}[{key!r}]: expected a {kind.__name__}, got {value!r}"
+                        f"{owner}.{name}[{shown(key)}]: expected a {kind.__name__}, "
+                        f"got {shown(value)}"
                     )
             object.__setattr__(self, name, MappingProxyType(table))
         if not isinstance(self.cache, CacheSettings):
-            raise TypeError(f"{owner}.cache: expected a CacheSettings, got {self.cache!r}")
+            raise TypeError(f"{owner}.cache: expected a CacheSettings, got {shown(self.cache)}")
 
     def policy(self, service: str) -> ServicePolicy:
         """The effective policy of ``service`` (the defaults when it is not configured)."""

@@ -53,6 +53,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from datapunk_recovery._core.validate import shown
+
 from .._core.durations import DurationError, parse_duration
 
 __all__ = [
@@ -109,7 +111,7 @@ class Problem:
 
     def __str__(self) -> str:
         where = self.path or "(top level)"
-        got = "" if self.value is NO_VALUE else f" (got {self.value!r})"
+        got = "" if self.value is NO_VALUE else f" (got {shown(self.value)})"
         return f"{self.source}: {where}: {self.message}{got}"
 
 
@@ -332,7 +334,7 @@ class _Builder:
 
     def dataclass(self, cls: type[Any], raw: object, path: str, base: object) -> object:
         if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-            raise TypeError(f"schema.build: expected a dataclass type, got {cls!r}")
+            raise TypeError(f"schema.build: expected a dataclass type, got {shown(cls)}")
         if not isinstance(raw, Mapping):
             return self.problem(raw, path, f"expected a table of {cls.__name__} settings")
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

@@ -23,7 +23,7 @@ from datapunk_recovery._core.backoff import RetryConfig
 from datapunk_recovery._core.errors import ErrorCategory, classify, mark_final
 from datapunk_recovery._core.events import Event, EventBus, emit, listening
 from datapunk_recovery._core.policy import RetryPolicy
-from datapunk_recovery._core.validate import check_choice
+from datapunk_recovery._core.validate import check_choice, shown
 from datapunk_recovery._execution import runtime as _runtime
 from datapunk_recovery._execution.engine import retry
 
@@ -125,12 +125,15 @@ class TransactionConfig:
     read_only: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "retry", RetryPolicy.of(self.retry))
+        retry = RetryPolicy.of(self.retry, where="TransactionConfig.retry")
+        object.__setattr__(self, "retry", retry)
         if self.isolation is not None:
             isolation = check_choice("TransactionConfig", "isolation", self.isolation, Isolation)
             object.__setattr__(self, "isolation", isolation)
         if not isinstance(self.read_only, bool):
-            raise TypeError(f"TransactionConfig.read_only: expected a bool, got {self.read_only!r}")
+            raise TypeError(
+                f"TransactionConfig.read_only: expected a bool, got {shown(self.read_only)}"
+            )
 
 
 _DEFAULT_CONFIG: Final = TransactionConfig()

@@ -23,7 +23,9 @@ names the case once:
   SQLSTATE and are recognised by libpq's message): never retried, since each
   retry is another failed login that can lock an account (LDAP, PAM).
 - ``fatal``: integrity (class ``23``), data (class ``22``), syntax and other
-  program errors: never retried.
+  program errors, and configuration errors such as a database that does not
+  exist (``3D000``; psycopg's connection-time message has no SQLSTATE and is
+  recognised by libpq's words): never retried.
 
 Importing [`datapunk_recovery.database`][datapunk_recovery.database] registers
 [`database_rule()`][datapunk_recovery.database.errors.database_rule]
@@ -198,6 +200,11 @@ _AUTH_MESSAGE: Final = re.compile(
     r"server requested a (?:cleartext )?password|channel binding required",
     re.IGNORECASE,
 )
+# libpq's words for a database that does not exist (SQLSTATE 3D000, invalid_catalog_name):
+# psycopg raises it at connect time as a plain OperationalError with no SQLSTATE.  A
+# configuration error, never cured by reconnecting (pinned by the Postgres contract tests).
+_MISSING_DATABASE: Final = re.compile(r"database \"[^\"]*\" does not exist")
+_MISSING_DATABASE_STATE: Final = "3D000"
 _SQLITE_CONFLICT: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 # sqlite3 extended codes keep the primary code in their low byte.
 _SQLITE_PRIMARY_MASK: Final = 0xFF
@@ -284,6 +291,8 @@ def classify_database(exc: BaseException) -> DbVerdict:
         name = type(exc).__name__
         if _AUTH_MESSAGE.search(str(exc)):
             return DbVerdict(DbErrorKind.AUTH, None, False, True)
+        if _MISSING_DATABASE.search(str(exc)):
+            return DbVerdict(DbErrorKind.FATAL, _MISSING_DATABASE_STATE, False, True)
         if (
             name in _CLIENT_CONNECTION_TYPES
             or name == "OperationalError"

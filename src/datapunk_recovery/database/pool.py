@@ -41,7 +41,7 @@ from datapunk_recovery._core.context import CURRENT
 from datapunk_recovery._core.errors import ErrorCategory
 from datapunk_recovery._core.events import Event, EventBus, emit, listening
 from datapunk_recovery._core.extras import raise_missing
-from datapunk_recovery._core.validate import check_seconds
+from datapunk_recovery._core.validate import check_seconds, shown
 from datapunk_recovery._execution import runtime as _runtime
 
 from ._replay import (
@@ -130,7 +130,7 @@ class PoolConfig:
                 check_seconds(_OWNER, "ping_after_idle", self.ping_after_idle),
             )
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"{_OWNER}.name: expected a non-empty string, got {self.name!r}")
+            raise ValueError(f"{_OWNER}.name: expected a non-empty string, got {shown(self.name)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -593,7 +593,7 @@ class ManagedPool:
         self._driver = pool if isinstance(pool, _Driver) else _driver_for(pool)
         self.config = config if config is not None else PoolConfig()
         if not isinstance(self.config, PoolConfig):
-            raise TypeError(f"ManagedPool.config: expected a PoolConfig, got {config!r}")
+            raise TypeError(f"ManagedPool.config: expected a PoolConfig, got {shown(config)}")
         self.bus = bus if bus is not None else EventBus()
         self._waiting = 0
         self._last_ok = clock.now()
@@ -754,7 +754,11 @@ class ManagedPool:
                 await self.discard(conn, exc)
                 failures += 1
                 if failures >= _MAX_PING_FAILURES:
-                    raise
+                    # Reported as a failed acquire is: classified, redacted, the cause kept.
+                    replacement = self._unavailable(exc, "failed its health check")
+                    if replacement is exc:
+                        raise
+                    raise replacement from exc
                 continue
             except BaseException:
                 await self.discard(conn, None)
@@ -765,18 +769,18 @@ class ManagedPool:
             self._report("acquired")
         return conn
 
-    def _unavailable(self, exc: Exception) -> Exception:
-        """A connection could not be made: name the pool and the address, keep the cause.
+    def _unavailable(self, exc: Exception, failed: str = "could not be reached") -> Exception:
+        """A connection could not be made (or ``failed``): name the pool and the address.
 
         Only connection and authentication failures are renamed; anything else
-        (a bug, a driver misuse) is raised as itself.
+        (a bug, a driver misuse) is raised as itself.  The cause is kept.
         """
         verdict = classify_database(exc)
         if verdict.kind not in (DbErrorKind.CONNECTION, DbErrorKind.AUTH):
             return exc
         auth = verdict.kind is DbErrorKind.AUTH
         where = f" at {self.address}" if self.address else ""
-        what = "refused the login" if auth else "could not be reached"
+        what = "refused the login" if auth else failed
         return DatabaseUnavailable(
             f"database {self.config.name!r}{where} {what} ({describe(exc)}"
             + ("; not retried: another try is another failed login)" if auth else ")"),

@@ -29,7 +29,7 @@ from typing import Final, TypeVar
 
 from datapunk_recovery._core.backoff import RetryConfig
 from datapunk_recovery._core.policy import RetryPolicy
-from datapunk_recovery._core.validate import check_choice, check_seconds
+from datapunk_recovery._core.validate import check_choice, check_seconds, shown
 from datapunk_recovery._execution.engine import retry
 from datapunk_recovery._execution.runtime import run_in_thread
 
@@ -69,7 +69,7 @@ class SqliteConfig:
             self, "busy_timeout", check_seconds(_OWNER, "busy_timeout", self.busy_timeout)
         )
         object.__setattr__(self, "begin", check_choice(_OWNER, "begin", self.begin, BeginMode))
-        object.__setattr__(self, "retry", RetryPolicy.of(self.retry))
+        object.__setattr__(self, "retry", RetryPolicy.of(self.retry, where=f"{_OWNER}.retry"))
 
 
 class SqliteDatabase:
@@ -85,7 +85,7 @@ class SqliteDatabase:
         self.uri = uri
         self.config = config if config is not None else SqliteConfig()
         if not isinstance(self.config, SqliteConfig):
-            raise TypeError(f"SqliteDatabase.config: expected a SqliteConfig, got {config!r}")
+            raise TypeError(f"SqliteDatabase.config: expected a SqliteConfig, got {shown(config)}")
         policy = self.config.retry
         name = "sqlite.transaction"
         self._sync = retry(policy, on=replayable, name=name)(self._attempt)

@@ -36,7 +36,7 @@ from typing import Any, Final
 from .. import network
 from .._core import clock
 from .._core.events import Event, subscribe
-from .._core.validate import check_count, check_number, check_seconds
+from .._core.validate import check_count, check_number, check_seconds, shown
 from ..breaker import BreakerStateChanged
 from ..cache import Cache, MemoryCache, RedisCache
 from ..chaos import Fault, Latency, Timeline, Window
@@ -97,7 +97,7 @@ class DrillSetup:
     def __post_init__(self) -> None:
         check_seconds("DrillSetup", "duration", self.duration, positive=True)
         if check_number("DrillSetup", "rate", self.rate) <= 0:
-            raise ValueError(f"DrillSetup.rate: must be > 0, got {self.rate!r}")
+            raise ValueError(f"DrillSetup.rate: must be > 0, got {shown(self.rate)}")
         check_count("DrillSetup", "seed", self.seed, minimum=0)
         check_seconds("DrillSetup", "request_timeout", self.request_timeout, positive=True)
 

@@ -50,7 +50,7 @@ from .._core.context import CALLER as _CALLER
 from .._core.decorate import CallDecorator
 from .._core.errors import ErrorCategory, classify
 from .._core.events import Event, EventBus, emit, global_bus
-from .._core.validate import check_count, check_fraction, check_number, check_seconds
+from .._core.validate import check_count, check_fraction, check_number, check_seconds, shown
 from .bulkhead import BulkheadState, SlotPool
 
 __all__ = [
@@ -76,7 +76,7 @@ def _check_bounds(owner: str, initial: int, min_limit: int, max_limit: int) -> N
     if not min_limit <= initial <= max_limit:
         raise ValueError(
             f"{owner}.initial: must be within [min_limit, max_limit] = "
-            f"[{min_limit}, {max_limit}], got {initial!r}"
+            f"[{min_limit}, {max_limit}], got {shown(initial)}"
         )
 
 
@@ -298,7 +298,7 @@ class AdaptiveLimiter(CallDecorator):
             self._update = _GradientState(algorithm).update
         else:
             raise TypeError(
-                f"AdaptiveLimiter.algorithm: expected AIMD or Gradient, got {algorithm!r}"
+                f"AdaptiveLimiter.algorithm: expected AIMD or Gradient, got {shown(algorithm)}"
             )
         max_wait = _check_queue("AdaptiveLimiter", max_queue, max_wait, per_caller)
         #: Where this limiter's events go first (then the global bus).
@@ -334,7 +334,7 @@ class AdaptiveLimiter(CallDecorator):
             same = isinstance(self.algorithm, Gradient) and self.algorithm == algorithm
             update = self._update if same else _GradientState(algorithm).update
         else:
-            raise TypeError(f"{owner}: expected AIMD or Gradient, got {algorithm!r}")
+            raise TypeError(f"{owner}: expected AIMD or Gradient, got {shown(algorithm)}")
         max_wait = _check_queue(owner, max_queue, max_wait, per_caller)
         with self._lock:
             old = self._limit

@@ -43,7 +43,7 @@ from .._core.context import CURRENT
 from .._core.decorate import CallDecorator
 from .._core.errors import DeadlineExceeded, ErrorCategory, RecoveryError
 from .._core.events import Event, EventBus, emit, global_bus
-from .._core.validate import check_count, check_seconds
+from .._core.validate import check_count, check_seconds, shown
 from .._execution import runtime as _runtime
 
 __all__ = [
@@ -72,7 +72,7 @@ def as_caller(caller: str) -> Iterator[str]:
     with a copied context and async tasks, like a request does.
     """
     if not isinstance(caller, str):
-        raise TypeError(f"as_caller: expected a str, got {caller!r}")
+        raise TypeError(f"as_caller: expected a str, got {shown(caller)}")
     token = _CALLER.set(caller)
     try:
         yield caller
@@ -174,7 +174,8 @@ class BulkheadConfig:
         object.__setattr__(self, "max_wait", check_seconds(owner, "max_wait", self.max_wait))
         if self.max_queue > 0 and self.max_wait == 0.0:
             raise ValueError(
-                f"{owner}.max_wait: must be > 0 seconds when max_queue > 0, got {self.max_wait!r}"
+                f"{owner}.max_wait: must be > 0 seconds when max_queue > 0,"
+                f" got {shown(self.max_wait)}"
             )
         if self.per_caller is not None:
             check_count(owner, "per_caller", self.per_caller)
@@ -545,7 +546,7 @@ class Bulkhead(CallDecorator):
         self.name = name
         self.config = config = config if config is not None else BulkheadConfig()
         if not isinstance(config, BulkheadConfig):
-            raise TypeError(f"Bulkhead.config: expected a BulkheadConfig, got {config!r}")
+            raise TypeError(f"Bulkhead.config: expected a BulkheadConfig, got {shown(config)}")
         #: Where this bulkhead's events go first (then the global bus).
         self.bus = bus if bus is not None else EventBus()
         self._slots = SlotPool(
@@ -578,7 +579,7 @@ class Bulkhead(CallDecorator):
         slots taken from now on.
         """
         if not isinstance(config, BulkheadConfig):
-            raise TypeError(f"Bulkhead.reconfigure: expected a BulkheadConfig, got {config!r}")
+            raise TypeError(f"Bulkhead.reconfigure: expected a BulkheadConfig, got {shown(config)}")
         self._slots.reconfigure(
             config.max_concurrent, config.max_queue, config.max_wait, config.per_caller
         )

@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, ParamSpec, TypeVar
 
+from datapunk_recovery._core.validate import shown
+
 from .._core import clock
 from .._core.decorate import CallDecorator
 from .._core.events import Event, EventBus, emit, global_bus
@@ -84,7 +86,7 @@ class Fallback(CallDecorator, Generic[T]):
         if (value is _MISSING) == (handler is None):
             raise TypeError("Fallback: give exactly one of value= or handler=")
         if handler is not None and not callable(handler):
-            raise TypeError(f"Fallback.handler: expected a callable, got {handler!r}")
+            raise TypeError(f"Fallback.handler: expected a callable, got {shown(handler)}")
         self._value = value
         self._handler = handler
         self._on_types: tuple[type[Exception], ...] | None = None
@@ -99,11 +101,11 @@ class Fallback(CallDecorator, Generic[T]):
             self._on_pred = on
         else:
             raise TypeError(
-                f"Fallback.on: expected Exception types or a predicate, got {on!r} "
+                f"Fallback.on: expected Exception types or a predicate, got {shown(on)} "
                 "(cancellation can never trigger a fallback)"
             )
         if on_result is not None and not callable(on_result):
-            raise TypeError(f"Fallback.on_result: expected a predicate, got {on_result!r}")
+            raise TypeError(f"Fallback.on_result: expected a predicate, got {shown(on_result)}")
         self.on_result = on_result
         self.name = name
         #: Where this fallback's events go first (then the global bus).

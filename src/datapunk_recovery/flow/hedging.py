@@ -46,7 +46,7 @@ from .._core.context import CURRENT, RACE, RaceEntry, reported_outside
 from .._core.errors import classify, final_reason
 from .._core.events import Event, EventBus, emit, global_bus
 from .._core.policy import RetryGate
-from .._core.validate import check_count, check_fraction, check_seconds
+from .._core.validate import check_count, check_fraction, check_seconds, shown
 from .._execution import runtime as _runtime
 
 __all__ = [
@@ -115,7 +115,7 @@ class HedgeConfig:
         if self.max_delay < self.min_delay:
             raise ValueError(
                 f"{owner}.max_delay: must be >= min_delay ({self.min_delay!r}), "
-                f"got {self.max_delay!r}"
+                f"got {shown(self.max_delay)}"
             )
 
 
@@ -199,9 +199,9 @@ class Hedger:
     ) -> None:
         self.config = config = config if config is not None else HedgeConfig()
         if not isinstance(config, HedgeConfig):
-            raise TypeError(f"Hedger.config: expected a HedgeConfig, got {config!r}")
+            raise TypeError(f"Hedger.config: expected a HedgeConfig, got {shown(config)}")
         if budget is not None and not isinstance(budget, RetryGate):
-            raise TypeError(f"Hedger.budget: expected a RetryGate, got {budget!r}")
+            raise TypeError(f"Hedger.budget: expected a RetryGate, got {shown(budget)}")
         self.name = name
         self.budget = budget
         #: Where this hedger's events go first (then the global bus).
@@ -420,7 +420,7 @@ class Hedger:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(
                 f"Hedger {self.name!r}: hedging needs an async function (a sync call "
-                f"cannot be cancelled), got {fn!r}"
+                f"cannot be cancelled), got {shown(fn)}"
             )
 
         @functools.wraps(fn)

@@ -55,7 +55,7 @@ from .._core.context import CURRENT, REPORTING
 from .._core.events import Event, EventBus, emit, global_bus
 from .._core.policy import RetryGate, RetryPolicy
 from .._core.stats import Statistics, count_value
-from .._core.validate import check_seconds
+from .._core.validate import check_seconds, shown
 from .._execution.deadline import Deadline
 from .._execution.engine import On, ResultPredicate, Retried, retry
 from .._execution.timeout import AttemptTimeout
@@ -220,7 +220,7 @@ class FallbackStage(StageAliases):
 
     def __init__(self, fallback: Fallback[Any]) -> None:
         if not isinstance(fallback, Fallback):
-            raise TypeError(f"FallbackStage: expected a Fallback, got {fallback!r}")
+            raise TypeError(f"FallbackStage: expected a Fallback, got {shown(fallback)}")
         self.fallback = fallback
 
     def wrap(self, nxt: Run) -> Run:
@@ -237,7 +237,7 @@ class BulkheadStage(StageAliases):
 
     def __init__(self, bulkhead: Bulkhead) -> None:
         if not isinstance(bulkhead, Bulkhead):
-            raise TypeError(f"BulkheadStage: expected a Bulkhead, got {bulkhead!r}")
+            raise TypeError(f"BulkheadStage: expected a Bulkhead, got {shown(bulkhead)}")
         self.bulkhead = bulkhead
 
     def wrap(self, nxt: Run) -> Run:
@@ -276,7 +276,7 @@ class LimiterStage(StageAliases):
 
     def __init__(self, limiter: RateLimiter) -> None:
         if not isinstance(limiter, RateLimiter):
-            raise TypeError(f"LimiterStage: expected a RateLimiter, got {limiter!r}")
+            raise TypeError(f"LimiterStage: expected a RateLimiter, got {shown(limiter)}")
         self.limiter = limiter
 
     def wrap(self, nxt: Run) -> Run:
@@ -327,7 +327,7 @@ class AdaptiveStage(StageAliases):
 
     def __init__(self, limiter: AdaptiveLimiter) -> None:
         if not isinstance(limiter, AdaptiveLimiter):
-            raise TypeError(f"AdaptiveStage: expected an AdaptiveLimiter, got {limiter!r}")
+            raise TypeError(f"AdaptiveStage: expected an AdaptiveLimiter, got {shown(limiter)}")
         self.limiter = limiter
 
     def wrap(self, nxt: Run) -> Run:
@@ -523,7 +523,7 @@ class HedgeStage(StageAliases):
 
     def __init__(self, hedger: Hedger, *, idempotent: bool = False) -> None:
         if not isinstance(hedger, Hedger):
-            raise TypeError(f"HedgeStage: expected a Hedger, got {hedger!r}")
+            raise TypeError(f"HedgeStage: expected a Hedger, got {shown(hedger)}")
         self.hedger = hedger
         #: Treat every call as idempotent (else only functions marked with ``idempotent``).
         self.idempotent = idempotent
@@ -559,7 +559,7 @@ class BreakerStage(StageAliases):
         if not callable(getattr(breaker, "call", None)) or not callable(
             getattr(breaker, "call_async", None)
         ):
-            raise TypeError(f"BreakerStage: expected a circuit breaker, got {breaker!r}")
+            raise TypeError(f"BreakerStage: expected a circuit breaker, got {shown(breaker)}")
         self.breaker = breaker
 
     def wrap(self, nxt: Run) -> Run:
@@ -576,7 +576,7 @@ class TimeoutStage(StageAliases):
 
     def __init__(self, timeout: AttemptTimeout) -> None:
         if not isinstance(timeout, AttemptTimeout):
-            raise TypeError(f"TimeoutStage: expected an AttemptTimeout, got {timeout!r}")
+            raise TypeError(f"TimeoutStage: expected an AttemptTimeout, got {shown(timeout)}")
         self.timeout = timeout
 
     def wrap(self, nxt: Run) -> Run:
@@ -696,7 +696,7 @@ class Pipeline:
         """A pipeline with the given stages in the given order, outermost first."""
         for stage in stages:
             if _entries(stage) is None:
-                raise TypeError(f"Pipeline.of: expected stages, got {stage!r}")
+                raise TypeError(f"Pipeline.of: expected stages, got {shown(stage)}")
         pipeline = cls.__new__(cls)
         pipeline._build(name, list(stages), bus if bus is not None else EventBus())
         return pipeline

@@ -49,7 +49,7 @@ from .._core.decorate import CallDecorator
 from .._core.errors import DeadlineExceeded, ErrorCategory, RecoveryError, classify
 from .._core.events import Event, EventBus, HintIgnored, emit, global_bus
 from .._core.redact import safe_repr
-from .._core.validate import check_count, check_number, check_seconds
+from .._core.validate import check_count, check_number, check_seconds, shown
 from .._execution import runtime as _runtime
 
 __all__ = [
@@ -183,7 +183,7 @@ class RateLimiterConfig:
         s = object.__setattr__
         s(self, "rate", check_number(owner, "rate", self.rate))
         if self.rate <= 0:
-            raise ValueError(f"{owner}.rate: must be > 0 calls per second, got {self.rate!r}")
+            raise ValueError(f"{owner}.rate: must be > 0 calls per second, got {shown(self.rate)}")
         check_count(owner, "burst", self.burst)
         s(self, "max_wait", check_seconds(owner, "max_wait", self.max_wait))
         if self.per_caller_rate is not None:
@@ -191,14 +191,14 @@ class RateLimiterConfig:
             if self.per_caller_rate <= 0:
                 raise ValueError(
                     f"{owner}.per_caller_rate: must be > 0 calls per second, "
-                    f"got {self.per_caller_rate!r}"
+                    f"got {shown(self.per_caller_rate)}"
                 )
         if self.per_caller_burst is not None:
             check_count(owner, "per_caller_burst", self.per_caller_burst)
         check_count(owner, "max_callers", self.max_callers)
         s(self, "max_drain", check_seconds(owner, "max_drain", self.max_drain))
         if self.throttled is not None and not callable(self.throttled):
-            raise TypeError(f"{owner}.throttled: expected a callable, got {self.throttled!r}")
+            raise TypeError(f"{owner}.throttled: expected a callable, got {shown(self.throttled)}")
 
 
 class _Bucket:
@@ -276,7 +276,9 @@ class RateLimiter(CallDecorator):
         self.name = name
         self.config = config = config if config is not None else RateLimiterConfig()
         if not isinstance(config, RateLimiterConfig):
-            raise TypeError(f"RateLimiter.config: expected a RateLimiterConfig, got {config!r}")
+            raise TypeError(
+                f"RateLimiter.config: expected a RateLimiterConfig, got {shown(config)}"
+            )
         #: Where this limiter's events go first (then the global bus).
         self.bus = bus if bus is not None else EventBus()
         self._bucket = _Bucket(config.rate, float(config.burst), clock.now())
@@ -295,7 +297,7 @@ class RateLimiter(CallDecorator):
         """
         if not isinstance(config, RateLimiterConfig):
             raise TypeError(
-                f"RateLimiter.reconfigure: expected a RateLimiterConfig, got {config!r}"
+                f"RateLimiter.reconfigure: expected a RateLimiterConfig, got {shown(config)}"
             )
         with self._lock:
             now = clock.now()

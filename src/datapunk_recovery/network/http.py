@@ -35,6 +35,7 @@ from typing import Any, Final, Generic, Literal, TypeVar
 
 from datapunk_recovery._core.errors import ErrorCategory, OverloadedError, RecoveryError
 from datapunk_recovery._core.events import EventBus
+from datapunk_recovery._core.validate import shown
 from datapunk_recovery._execution.deadline import remaining
 
 from .delays import server_hint
@@ -124,19 +125,23 @@ class HttpPolicy:
                 if isinstance(c, bool) or not isinstance(c, int) or not 100 <= c <= 599
             ]
             if bad:
-                raise ValueError(f"{owner}.{name}: expected HTTP status codes, got {bad!r}")
+                raise ValueError(f"{owner}.{name}: expected HTTP status codes, got {shown(bad)}")
             s(self, name, statuses)
         methods = _frozen(owner, "idempotent_methods", self.idempotent_methods)
         if not all(isinstance(m, str) and m for m in methods):
-            raise ValueError(f"{owner}.idempotent_methods: expected method names, got {methods!r}")
+            raise ValueError(
+                f"{owner}.idempotent_methods: expected method names, got {shown(methods)}"
+            )
         s(self, "idempotent_methods", frozenset(m.upper() for m in methods))
         for name in ("overloaded_header", "deadline_header"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"{owner}.{name}: expected a header name or None, got {value!r}")
+                raise ValueError(
+                    f"{owner}.{name}: expected a header name or None, got {shown(value)}"
+                )
         if self.deadline_unit not in ("ms", "s"):
             raise ValueError(
-                f"{owner}.deadline_unit: expected 'ms' or 's', got {self.deadline_unit!r}"
+                f"{owner}.deadline_unit: expected 'ms' or 's', got {shown(self.deadline_unit)}"
             )
 
     def idempotent(self, method: str, override: bool | None = None) -> bool:
@@ -226,9 +231,11 @@ class HttpRecovery(Generic[R]):
 
     def __init__(self, router: Router, policy: HttpPolicy | None) -> None:
         if not isinstance(router, Router):
-            raise TypeError(f"{type(self).__name__}.router: expected a Router, got {router!r}")
+            raise TypeError(f"{type(self).__name__}.router: expected a Router, got {shown(router)}")
         if policy is not None and not isinstance(policy, HttpPolicy):
-            raise TypeError(f"{type(self).__name__}.policy: expected an HttpPolicy, got {policy!r}")
+            raise TypeError(
+                f"{type(self).__name__}.policy: expected an HttpPolicy, got {shown(policy)}"
+            )
         self.router = router
         self.policy = policy if policy is not None else HttpPolicy()
 

@@ -67,7 +67,7 @@ from datapunk_recovery._core.events import Event, EventBus, emit, listening
 from datapunk_recovery._core.policy import RetryPolicy
 from datapunk_recovery._core.redact import redact_url
 from datapunk_recovery._core.stats import Statistics
-from datapunk_recovery._core.validate import check_count
+from datapunk_recovery._core.validate import check_count, shown
 from datapunk_recovery._execution.engine import Retried, current_attempt, retry
 from datapunk_recovery.breaker import (
     BreakerConfig,
@@ -110,11 +110,9 @@ class Endpoint:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise TypeError(f"Endpoint.name: expected a non-empty str, got {self.name!r}")
+            raise TypeError(f"Endpoint.name: expected a non-empty str, got {shown(self.name)}")
         if not isinstance(self.address, str):
-            raise TypeError(
-                f"Endpoint.address: expected a str, got {redact_url(repr(self.address))}"
-            )
+            raise TypeError(f"Endpoint.address: expected a str, got {shown(self.address)}")
         check_count("Endpoint", "priority", self.priority, minimum=0)
 
     def __repr__(self) -> str:
@@ -160,15 +158,19 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.retry, RetryConfig | RetryPolicy):
             raise TypeError(
-                f"RouterConfig.retry: expected a RetryConfig or a RetryPolicy, got {self.retry!r}"
+                f"RouterConfig.retry: expected a RetryConfig or a RetryPolicy,"
+                f" got {shown(self.retry)}"
             )
         if not isinstance(self.breaker, BreakerConfig):
-            raise TypeError(f"RouterConfig.breaker: expected a BreakerConfig, got {self.breaker!r}")
+            raise TypeError(
+                f"RouterConfig.breaker: expected a BreakerConfig, got {shown(self.breaker)}"
+            )
         if self.hedge is not None and not isinstance(self.hedge, HedgeConfig):
-            raise TypeError(f"RouterConfig.hedge: expected a HedgeConfig, got {self.hedge!r}")
+            raise TypeError(f"RouterConfig.hedge: expected a HedgeConfig, got {shown(self.hedge)}")
         if self.fallthrough not in ("call", "breaker"):
             raise ValueError(
-                f"RouterConfig.fallthrough: expected 'call' or 'breaker', got {self.fallthrough!r}"
+                f"RouterConfig.fallthrough: expected 'call' or 'breaker',"
+                f" got {shown(self.fallthrough)}"
             )
 
 
@@ -307,7 +309,7 @@ class _Member:
 class _Call:
     """One call's routing memory: who failed last, who is running now (for hedges)."""
 
-    __slots__ = ("error", "failed", "fn", "forced", "hedge", "last", "running")
+    __slots__ = ("error", "failed", "fn", "forced", "hedge", "last", "running", "ungranted")
 
     def __init__(self, fn: Callable[[Endpoint], Awaitable[Any]], hedge: bool) -> None:
         self.fn = fn
@@ -321,6 +323,8 @@ class _Call:
         # The budget refused a retry on the levels tried: the next attempt must go to
         # a level below them that the call has not tried (see _FallthroughGate).
         self.forced = False
+        # The attempt running now is one the budget refused (see _FallthroughGate.on_attempt).
+        self.ungranted = False
 
 
 _NO_MEMBERS: Final[frozenset[Any]] = frozenset()
@@ -345,7 +349,9 @@ class _FallthroughGate:
     being retried; the first attempt on a level nobody has tried in this call
     is not a retry of anything that failed.  So the attempts the budget did
     not grant are at most one per level, and ``max_attempts`` and the deadline
-    bound them as any attempt.
+    bound them as any attempt.  Such an attempt stays off the budget's books:
+    reported, it would count as a request that earns retries (a ratio budget)
+    or its success would earn tokens, so refusals would refill the budget.
     """
 
     __slots__ = ("inner", "router")
@@ -355,6 +361,10 @@ class _FallthroughGate:
         self.inner = inner
 
     def on_attempt(self, succeeded: bool) -> None:
+        call = _CALL.get()
+        if call is not None and call.ungranted:
+            call.ungranted = False
+            return
         self.inner.on_attempt(succeeded)
 
     def allow_retry(self) -> bool:
@@ -362,7 +372,7 @@ class _FallthroughGate:
             return True
         call = _CALL.get()
         if call is not None and self.router._untried_level_below(call):
-            call.forced = True
+            call.forced = call.ungranted = True
             return True
         return False
 
@@ -411,7 +421,7 @@ class Router:
 
     def _compile(self, config: RouterConfig, budget: RetryGate | None, bus: EventBus) -> None:
         if not isinstance(config, RouterConfig):
-            raise TypeError(f"Router.config: expected a RouterConfig, got {config!r}")
+            raise TypeError(f"Router.config: expected a RouterConfig, got {shown(config)}")
         self.config = config
         self._gate = (
             _FallthroughGate(self, budget)
@@ -494,7 +504,7 @@ class Router:
             raise ValueError(f"Router {self.name!r}: endpoint names must be unique, got {names}")
         for e in new:
             if not isinstance(e, Endpoint):
-                raise TypeError(f"Router {self.name!r}: expected Endpoint objects, got {e!r}")
+                raise TypeError(f"Router {self.name!r}: expected Endpoint objects, got {shown(e)}")
         old = {m.endpoint.name: m for m in self._members}
         members: list[_Member] = []
         added: list[str] = []
@@ -535,7 +545,7 @@ class Router:
 
     def _new_member(self, endpoint: Endpoint) -> _Member:
         if not isinstance(endpoint, Endpoint):
-            raise TypeError(f"Router {self.name!r}: expected an Endpoint, got {endpoint!r}")
+            raise TypeError(f"Router {self.name!r}: expected an Endpoint, got {shown(endpoint)}")
         return _Member(
             endpoint, CircuitBreaker(f"{self.name}/{endpoint.name}", self.config.breaker)
         )

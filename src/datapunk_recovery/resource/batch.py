@@ -39,6 +39,7 @@ from datapunk_recovery._core.context import CURRENT
 from datapunk_recovery._core.errors import classify, final_reason, mark_final
 from datapunk_recovery._core.events import Event, EventBus, HintIgnored, emit, listening
 from datapunk_recovery._core.redact import safe_repr
+from datapunk_recovery._core.validate import shown
 from datapunk_recovery._execution import runtime as _runtime
 from datapunk_recovery.budget import RetryGate
 
@@ -323,9 +324,9 @@ def _plan(
     if config is None:
         config = RetryConfig()
     elif not isinstance(config, RetryConfig):
-        raise TypeError(f"recover_batch config=: expected a RetryConfig, got {config!r}")
+        raise TypeError(f"recover_batch config=: expected a RetryConfig, got {shown(config)}")
     if budget is not None and not isinstance(budget, RetryGate):
-        raise TypeError(f"recover_batch budget=: expected a RetryGate, got {budget!r}")
+        raise TypeError(f"recover_batch budget=: expected a RetryGate, got {shown(budget)}")
     return _Plan(list(items), config, on, budget, rng, name, bus)
 
 

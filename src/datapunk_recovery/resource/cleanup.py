@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Final, Literal
 from datapunk_recovery._core import clock
 from datapunk_recovery._core.errors import ErrorCategory, RecoveryError, mark_final
 from datapunk_recovery._core.events import Event, EventBus, emit, listening
-from datapunk_recovery._core.validate import check_seconds
+from datapunk_recovery._core.validate import check_seconds, shown
 from datapunk_recovery._execution import runtime as _runtime
 
 __all__ = [
@@ -159,7 +159,7 @@ class Compensations:
         bus: EventBus | None = None,
     ) -> None:
         if config is not None and not isinstance(config, CleanupConfig):
-            raise TypeError(f"Compensations.config: expected a CleanupConfig, got {config!r}")
+            raise TypeError(f"Compensations.config: expected a CleanupConfig, got {shown(config)}")
         self.name = name
         self.config = config if config is not None else CleanupConfig()
         self._bus = bus
@@ -178,7 +178,7 @@ class Compensations:
 
     def _push(self, entry: _Entry) -> None:
         if not callable(entry.fn):
-            raise TypeError(f"Compensations: expected a callable, got {entry.fn!r}")
+            raise TypeError(f"Compensations: expected a callable, got {shown(entry.fn)}")
         if self._mode is None:
             raise RuntimeError("Compensations: register inside its `with` block")
         if self._mode == "sync" and _is_async(entry.fn):

@@ -29,7 +29,7 @@ from datapunk_recovery._core import clock
 from datapunk_recovery._core.backoff import RetryConfig
 from datapunk_recovery._core.errors import classify
 from datapunk_recovery._core.events import Event, EventBus, emit, listening
-from datapunk_recovery._core.validate import check_count
+from datapunk_recovery._core.validate import check_count, shown
 from datapunk_recovery._execution.engine import retry
 from datapunk_recovery.budget import RetryGate
 
@@ -80,11 +80,14 @@ class InferenceConfig:
     def __post_init__(self) -> None:
         check_count("InferenceConfig", "min_batch_size", self.min_batch_size)
         if not isinstance(self.retry, RetryConfig):
-            raise TypeError(f"InferenceConfig.retry: expected a RetryConfig, got {self.retry!r}")
+            raise TypeError(
+                f"InferenceConfig.retry: expected a RetryConfig, got {shown(self.retry)}"
+            )
         names = frozenset(self.oom_types)
         if not names or not all(isinstance(n, str) and n for n in names):
             raise ValueError(
-                f"InferenceConfig.oom_types: expected non-empty type names, got {self.oom_types!r}"
+                f"InferenceConfig.oom_types: expected non-empty type names,"
+                f" got {shown(self.oom_types)}"
             )
         object.__setattr__(self, "oom_types", names)
 
@@ -197,7 +200,9 @@ class InferenceRecovery(Generic[I, O]):
         bus: EventBus | None = None,
     ) -> None:
         if config is not None and not isinstance(config, InferenceConfig):
-            raise TypeError(f"InferenceRecovery.config: expected InferenceConfig, got {config!r}")
+            raise TypeError(
+                f"InferenceRecovery.config: expected InferenceConfig, got {shown(config)}"
+            )
         self.config = config if config is not None else InferenceConfig()
         self.name = name
         self._bus = bus
@@ -205,7 +210,7 @@ class InferenceRecovery(Generic[I, O]):
         for label, fn in models:
             if not isinstance(label, str) or not callable(fn):
                 raise TypeError(
-                    f"InferenceRecovery: expected (name, callable) pairs, got {(label, fn)!r}"
+                    f"InferenceRecovery: expected (name, callable) pairs, got {shown((label, fn))}"
                 )
         self._names = tuple(label for label, _ in models)
         oom = self.config.oom_types

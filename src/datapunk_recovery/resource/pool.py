@@ -49,7 +49,7 @@ from datapunk_recovery._core import clock
 from datapunk_recovery._core.backoff import RetryConfig
 from datapunk_recovery._core.errors import DeadlineExceeded
 from datapunk_recovery._core.events import Event, EventBus, emit, listening
-from datapunk_recovery._core.validate import check_count, check_seconds
+from datapunk_recovery._core.validate import check_count, check_mapping, check_seconds, shown
 from datapunk_recovery._execution import runtime as _runtime
 from datapunk_recovery._execution.deadline import remaining
 from datapunk_recovery._execution.engine import retry
@@ -103,15 +103,16 @@ class PoolConfig:
             check_count(_OWNER, "max_waiting", self.max_waiting, minimum=0)
         if self.per_caller is not None:
             check_count(_OWNER, "per_caller", self.per_caller)
-        quotas = dict(self.quotas)
+        quotas = check_mapping(_OWNER, "quotas", self.quotas)
         for caller, quota in quotas.items():
             if not isinstance(caller, str):
-                raise TypeError(f"{_OWNER}.quotas: caller names must be str, got {caller!r}")
-            check_count(_OWNER, f"quotas[{caller!r}]", quota)
+                raise TypeError(f"{_OWNER}.quotas: caller names must be str, got {shown(caller)}")
+            check_count(_OWNER, f"quotas[{shown(caller)}]", quota)
         object.__setattr__(self, "quotas", MappingProxyType(quotas))
         if not isinstance(self.allocation_retry, RetryConfig):
             raise TypeError(
-                f"{_OWNER}.allocation_retry: expected a RetryConfig, got {self.allocation_retry!r}"
+                f"{_OWNER}.allocation_retry: expected a RetryConfig,"
+                f" got {shown(self.allocation_retry)}"
             )
 
     def quota(self, caller: str) -> int | None:
@@ -303,7 +304,7 @@ class ResourcePool(Generic[T]):
         bus: EventBus | None = None,
     ) -> None:
         if not isinstance(config, PoolConfig):
-            raise TypeError(f"ResourcePool.config: expected a PoolConfig, got {config!r}")
+            raise TypeError(f"ResourcePool.config: expected a PoolConfig, got {shown(config)}")
         self.kind = kind
         self.config = config
         self.tracker = tracker if tracker is not None else ResourceTracker(kind, bus=bus)
@@ -343,7 +344,7 @@ class ResourcePool(Generic[T]):
         Call it from the pool's event loop (as a reload does).
         """
         if not isinstance(config, PoolConfig):
-            raise TypeError(f"ResourcePool.reconfigure: expected a PoolConfig, got {config!r}")
+            raise TypeError(f"ResourcePool.reconfigure: expected a PoolConfig, got {shown(config)}")
         retry_changed = config.allocation_retry != self.config.allocation_retry
         self.config = config
         if retry_changed:
@@ -363,7 +364,7 @@ class ResourcePool(Generic[T]):
         if units > self.config.capacity:
             raise ValueError(
                 f"ResourcePool.acquire: units must be <= capacity ({self.config.capacity}), "
-                f"got {units!r}"
+                f"got {shown(units)}"
             )
         if caller is None:
             caller = current_caller() or "default"

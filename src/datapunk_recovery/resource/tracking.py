@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Final, Generic, TypeVar
 
 from datapunk_recovery._core import clock
 from datapunk_recovery._core.events import Event, EventBus, emit, listening
-from datapunk_recovery._core.validate import check_count
+from datapunk_recovery._core.validate import check_count, shown
 
 __all__ = [
     "LeakKind",
@@ -188,7 +188,7 @@ class ResourceTracker:
         self.capture_stack = capture_stack
         self._depth = check_count("ResourceTracker", "stack_depth", stack_depth)
         if on_leak is not None and not callable(on_leak):
-            raise TypeError(f"ResourceTracker.on_leak: expected a callable, got {on_leak!r}")
+            raise TypeError(f"ResourceTracker.on_leak: expected a callable, got {shown(on_leak)}")
         self.on_leak = on_leak
         self._bus = bus
         self._ids = itertools.count(1)

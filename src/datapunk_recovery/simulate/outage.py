@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .._core.errors import CircuitOpenError
-from .._core.validate import check_count, check_number, check_seconds
+from .._core.validate import check_count, check_number, check_seconds, shown
 from ..breaker import CircuitBreaker, Permit
 from ..budget import RatioBudget, RetryGate, TokenBudget
 from .kernel import Simulation, network_delay
@@ -69,7 +69,9 @@ class OutageSetup:
         s = object.__setattr__
         s(self, "rate", check_number(owner, "rate", self.rate))
         if self.rate <= 0:
-            raise ValueError(f"{owner}.rate: must be > 0 requests per second, got {self.rate!r}")
+            raise ValueError(
+                f"{owner}.rate: must be > 0 requests per second, got {shown(self.rate)}"
+            )
         check_count(owner, "clients", self.clients)
         for name in ("duration", "outage_start", "outage_duration", "latency", "latency_sd"):
             s(self, name, check_seconds(owner, name, getattr(self, name)))
@@ -77,7 +79,7 @@ class OutageSetup:
             raise ValueError(
                 f"{owner}.duration: must leave time after the outage "
                 f"(which ends at {self.outage_start + self.outage_duration!r}), "
-                f"got {self.duration!r}"
+                f"got {shown(self.duration)}"
             )
         check_count(owner, "seed", self.seed, minimum=0)
 

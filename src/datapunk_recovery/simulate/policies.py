@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from .._core.backoff import Jitter, RetryConfig
-from .._core.validate import check_number, check_seconds
+from .._core.validate import check_number, check_seconds, shown
 from ..breaker import BreakerConfig
 from ..budget import RatioBudgetConfig, TokenBudgetConfig
 from ..config.schema import ConfigError, Problem, build, read_toml
@@ -195,31 +195,33 @@ class SimPolicy:
         ):
             value = getattr(self, name)
             if not isinstance(value, kind) and not (value is None and name != "retry"):
-                raise TypeError(f"{owner}.{name}: expected a {kind.__name__}, got {value!r}")
+                raise TypeError(f"{owner}.{name}: expected a {kind.__name__}, got {shown(value)}")
         if self.token_budget is not None and self.ratio_budget is not None:
             raise ValueError(
                 f"{owner}.ratio_budget: at most one budget, and token_budget is set too, "
-                f"got {self.ratio_budget!r}"
+                f"got {shown(self.ratio_budget)}"
             )
         if self.retry_quota is not None and (
             self.token_budget is not None or self.ratio_budget is not None
         ):
             raise ValueError(
                 f"{owner}.retry_quota: at most one budget, and another is set too, "
-                f"got {self.retry_quota!r}"
+                f"got {shown(self.retry_quota)}"
             )
         if self.sawtooth is not None and self.additive is not None:
             raise ValueError(
                 f"{owner}.additive: at most one replacement jitter, and sawtooth is set too, "
-                f"got {self.additive!r}"
+                f"got {shown(self.additive)}"
             )
         if not isinstance(self.shared_budget, bool):
-            raise TypeError(f"{owner}.shared_budget: expected a bool, got {self.shared_budget!r}")
+            raise TypeError(
+                f"{owner}.shared_budget: expected a bool, got {shown(self.shared_budget)}"
+            )
         if not isinstance(self.description, str):
-            raise TypeError(f"{owner}.description: expected a str, got {self.description!r}")
+            raise TypeError(f"{owner}.description: expected a str, got {shown(self.description)}")
         if self.indexing not in ("library", "published"):
             raise ValueError(
-                f"{owner}.indexing: expected 'library' or 'published', got {self.indexing!r}"
+                f"{owner}.indexing: expected 'library' or 'published', got {shown(self.indexing)}"
             )
 
     def delays(self, rng: random.Random, *, endless: bool = False) -> Iterator[float]:

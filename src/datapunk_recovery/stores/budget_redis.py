@@ -98,7 +98,7 @@ from typing import Any, Final, Literal
 
 from .._core import clock
 from .._core.events import EventBus, emit, listening
-from .._core.validate import check_count, check_seconds
+from .._core.validate import check_count, check_seconds, shown
 from .._execution import runtime as _runtime
 from ..budget import (
     BudgetCorruptStateIgnored,
@@ -387,11 +387,11 @@ class SharedBudget:
     ) -> None:
         if not isinstance(budget, TokenBudget | RatioBudget):
             raise TypeError(
-                f"{_OWNER}.budget: expected a TokenBudget or RatioBudget, got {budget!r}"
+                f"{_OWNER}.budget: expected a TokenBudget or RatioBudget, got {shown(budget)}"
             )
         if not isinstance(store, RedisStore):
             raise TypeError(
-                f"{_OWNER}.store: expected a RedisStore, got {store!r} (budgets in one "
+                f"{_OWNER}.store: expected a RedisStore, got {shown(store)} (budgets in one "
                 "process are shared by sharing the budget object)"
             )
         self.budget = budget
@@ -402,7 +402,8 @@ class SharedBudget:
         mode = store.on_unavailable if on_unavailable is None else on_unavailable
         if mode not in ("local", "closed"):
             raise ValueError(
-                f"{_OWNER}.on_unavailable: expected 'local' or 'closed', got {on_unavailable!r}"
+                f"{_OWNER}.on_unavailable: expected 'local' or 'closed',"
+                f" got {shown(on_unavailable)}"
             )
         self.on_unavailable: str = mode
         self._tokens = isinstance(budget, TokenBudget)
@@ -419,7 +420,7 @@ class SharedBudget:
             if cfg.buckets > MAX_SHARED_BUCKETS:
                 raise ValueError(
                     f"{_OWNER}.budget: a shared RatioBudget has at most {MAX_SHARED_BUCKETS} "
-                    f"buckets, got {cfg.buckets!r}"
+                    f"buckets, got {shown(cfg.buckets)}"
                 )
             self._part = "ratio"
             ttl = max(store.key_ttl, 2 * cfg.window)

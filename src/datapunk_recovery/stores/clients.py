@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from datapunk_recovery._core.extras import raise_missing
+from datapunk_recovery._core.validate import shown
 
 __all__ = ["client_from_url", "is_cluster"]
 
@@ -57,7 +58,7 @@ def _hosts(
         if not sep:
             host, port = item.strip(), str(default_port)
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{owner}.url: expected host:port items, got {item.strip()!r}")
+            raise ValueError(f"{owner}.url: expected host:port items, got {shown(item.strip())}")
         found.append((host.strip("[]"), int(port)))
     return found, user, password
 

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from .._core import clock
 from .._core.errors import CircuitOpenError, ErrorCategory, classify
 from .._core.events import emit
-from .._core.validate import check_count, check_seconds
+from .._core.validate import check_count, check_seconds, shown
 from .._execution import runtime as _runtime
 from ..breaker import (
     BreakerConfig,
@@ -658,12 +658,13 @@ class RedisStore:
         self.flush_max = check_count(_OWNER, "flush_max", flush_max)
         if on_unavailable not in ("local", "closed"):
             raise ValueError(
-                f"{_OWNER}.on_unavailable: expected 'local' or 'closed', got {on_unavailable!r}"
+                f"{_OWNER}.on_unavailable: expected 'local' or 'closed',"
+                f" got {shown(on_unavailable)}"
             )
         self.on_unavailable = on_unavailable
         if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(
-                f"{_OWNER}.prefix: expected a non-empty str without braces, got {prefix!r}"
+                f"{_OWNER}.prefix: expected a non-empty str without braces, got {shown(prefix)}"
             )
         self.prefix = prefix
         # The sentinels' clients of a redis+sentinel URL: closed with the client.

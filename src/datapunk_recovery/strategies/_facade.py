@@ -23,6 +23,7 @@ from .._core.backoff import RetryConfig
 from .._core.errors import ErrorCategory
 from .._core.events import Event, EventBus, emit, global_bus
 from .._core.policy import RetryPolicy
+from .._core.validate import shown
 from ..breaker import CircuitBreaker
 from ..budget import RatioBudget, TokenBudget
 from ..cache import (
@@ -128,7 +129,7 @@ class RecoveryStrategies:
         if not isinstance(config, RecoveryConfig):
             raise TypeError(
                 "RecoveryStrategies.config: expected a RecoveryConfig, a RetryConfig or a "
-                f"RetryPolicy, got {config!r}"
+                f"RetryPolicy, got {shown(config)}"
             )
         self._config = config
         self._services: dict[str, _Service] = {}

@@ -16,6 +16,7 @@ from typing import Any
 
 from .._core.backoff import RetryConfig
 from .._core.policy import RetryPolicy
+from .._core.validate import shown
 from ..config import RecoveryConfig, ServicePolicy, build_config, load_config
 from ..config.schema import Problem, env_overrides, merge
 from ..resource.pool import ResourcePool
@@ -50,7 +51,7 @@ def _resolve(
         return build_config(merge(source, overrides), source="configuration")
     raise TypeError(
         f"RecoveryStrategies.from_config: expected a path, a table or a RecoveryConfig, "
-        f"got {source!r}"
+        f"got {shown(source)}"
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 
 from datapunk_recovery._core.events import Event
+from datapunk_recovery._core.validate import shown
 
 from .exporter import Exporter
 from .fields import FieldValue, event_fields
@@ -47,7 +48,7 @@ class CallbackExporter(Exporter):
             raise TypeError("CallbackExporter: give on_update, on_event or both")
         for what, fn in (("on_update", on_update), ("on_event", on_event)):
             if fn is not None and not callable(fn):
-                raise TypeError(f"CallbackExporter.{what}: expected a callable, got {fn!r}")
+                raise TypeError(f"CallbackExporter.{what}: expected a callable, got {shown(fn)}")
         self._on_update = on_update
         self._on_event = on_event
         self._names = None if names is None else frozenset(names)

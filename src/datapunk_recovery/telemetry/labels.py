@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
-from datapunk_recovery._core.validate import check_count
+from datapunk_recovery._core.validate import check_count, check_mapping, shown
 
 from .fields import label_text
 
@@ -78,19 +78,21 @@ class LabelPolicy:
         check_count(_OWNER, "max_values", self.max_values)
         check_count(_OWNER, "max_length", self.max_length, minimum=8)
         limits: dict[str, int] = {}
-        for label, limit in dict(self.limits).items():
+        for label, limit in check_mapping(_OWNER, "limits", self.limits).items():
             _check_label(label, "limits")
             limits[label] = check_count(_OWNER, f"limits[{label}]", limit)
         allowed: dict[str, frozenset[str]] = {}
-        for label, names in dict(self.allowed).items():
+        for label, names in check_mapping(_OWNER, "allowed", self.allowed).items():
             _check_label(label, "allowed")
             if isinstance(names, str) or not all(isinstance(n, str) for n in names):
                 raise TypeError(
-                    f"{_OWNER}.allowed[{label}]: expected a collection of names, got {names!r}"
+                    f"{_OWNER}.allowed[{label}]: expected a collection of names, got {shown(names)}"
                 )
             allowed[label] = frozenset(names)
         if not isinstance(self.other, str) or not self.other:
-            raise ValueError(f"{_OWNER}.other: expected a non-empty string, got {self.other!r}")
+            raise ValueError(
+                f"{_OWNER}.other: expected a non-empty string, got {shown(self.other)}"
+            )
         object.__setattr__(self, "limits", MappingProxyType(limits))
         object.__setattr__(self, "allowed", MappingProxyType(allowed))
 
@@ -101,7 +103,7 @@ class LabelPolicy:
 
 def _check_label(label: object, where: str) -> None:
     if not isinstance(label, str) or not _LABEL_NAME.match(label):
-        raise ValueError(f"{_OWNER}.{where}: {label!r} is not a label name")
+        raise ValueError(f"{_OWNER}.{where}: {shown(label)} is not a label name")
 
 
 class Labeler:

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Final
 
 from datapunk_recovery._core.events import Event
+from datapunk_recovery._core.validate import check_mapping, shown
 
 __all__ = ["LEVELS", "Level", "level_of", "with_overrides"]
 
@@ -36,10 +37,11 @@ class Level:
 
     def __post_init__(self) -> None:
         if isinstance(self.default, bool) or not isinstance(self.default, int):
-            raise TypeError(f"Level.default: expected a logging level, got {self.default!r}")
+            raise TypeError(f"Level.default: expected a logging level, got {shown(self.default)}")
         if (self.field is None) != (not self.by_value):
             raise ValueError("Level: give field and by_value together, or neither")
-        object.__setattr__(self, "by_value", MappingProxyType(dict(self.by_value)))
+        by_value = check_mapping("Level", "by_value", self.by_value)
+        object.__setattr__(self, "by_value", MappingProxyType(by_value))
 
     def of(self, event: Event) -> int:
         """The level to log ``event`` at."""

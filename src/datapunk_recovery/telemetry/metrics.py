@@ -35,6 +35,7 @@ from types import MappingProxyType
 from typing import Any, Final, cast
 
 from datapunk_recovery._core.events import Event
+from datapunk_recovery._core.validate import check_choice, check_mapping, shown
 
 from .labels import LABEL_NAMES, Labeler
 
@@ -88,13 +89,15 @@ class Metric:
     def __post_init__(self) -> None:
         owner = f"Metric({self.name!r})"
         if not isinstance(self.name, str) or not _NAME.match(self.name):
-            raise ValueError(f"Metric.name: expected a dotted lower-case name, got {self.name!r}")
-        object.__setattr__(self, "kind", MetricKind(self.kind))
+            raise ValueError(
+                f"Metric.name: expected a dotted lower-case name, got {shown(self.name)}"
+            )
+        object.__setattr__(self, "kind", check_choice("Metric", "kind", self.kind, MetricKind))
         unknown = [label for label in self.labels if label not in LABEL_NAMES]
         if unknown:
-            raise ValueError(f"{owner}.labels: {unknown} are not label names of the library")
+            raise ValueError(f"{owner}.labels: {shown(unknown)} are not label names of the library")
         if self.unit not in ("", "seconds"):
-            raise ValueError(f"{owner}.unit: expected '' or 'seconds', got {self.unit!r}")
+            raise ValueError(f"{owner}.unit: expected '' or 'seconds', got {shown(self.unit)}")
         is_state = self.kind is MetricKind.STATE
         if is_state != bool(self.states) or (is_state and self.labels[-1:] != ("state",)):
             raise ValueError(
@@ -137,13 +140,16 @@ class Measure:
     when: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.metric, Metric):
+            raise TypeError(f"Measure.metric: expected a Metric, got {shown(self.metric)}")
         owner = f"Measure({self.metric.name})"
-        labels, fixed = dict(self.labels), dict(self.fixed)
+        labels = check_mapping(owner, "labels", self.labels)
+        fixed = check_mapping(owner, "fixed", self.fixed)
         given = sorted([*labels, *fixed])
         if given != sorted(self.metric.labels):
             raise ValueError(
                 f"{owner}: labels and fixed must give exactly {list(self.metric.labels)}, "
-                f"got {given}"
+                f"got {shown(given)}"
             )
         if self.value is None and self.metric.kind in (MetricKind.HISTOGRAM, MetricKind.GAUGE):
             raise ValueError(f"{owner}.value: a {self.metric.kind.value} needs an attribute")

@@ -63,6 +63,7 @@ from datapunk_recovery import __version__
 from datapunk_recovery._core import stats as _stats
 from datapunk_recovery._core.events import Event, EventBus, global_bus
 from datapunk_recovery._core.extras import raise_missing
+from datapunk_recovery._core.validate import shown
 
 from .exporter import Exporter
 from .fields import event_fields
@@ -131,7 +132,7 @@ class OpenTelemetryExporter(Exporter):
         if attempt_histogram not in HISTOGRAM_KINDS:
             raise ValueError(
                 f"OpenTelemetryExporter attempt_histogram: expected one of {HISTOGRAM_KINDS}, "
-                f"got {attempt_histogram!r}"
+                f"got {shown(attempt_histogram)}"
             )
         try:
             from opentelemetry import metrics as otel_metrics

@@ -8,6 +8,8 @@ import re
 from collections.abc import Mapping
 from typing import NoReturn
 
+from datapunk_recovery._core.validate import shown
+
 __all__ = ["plain_help", "positive_number", "usage_error"]
 
 _ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
@@ -36,7 +38,7 @@ def positive_number(text: str) -> float:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {shown(text)}")
     return value
 
 

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from datapunk_recovery._core.validate import shown
+
 from ..._core.durations import DurationError, format_duration, parse_duration
 from ..._core.extras import install_hint
 from ..._core.redact import redact_url
@@ -37,7 +39,7 @@ def _duration(text: str) -> float:
     except DurationError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"expected a duration > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a duration > 0, got {shown(text)}")
     return seconds
 
 

@@ -18,6 +18,8 @@ import time
 from types import TracebackType
 from typing import Any
 
+from datapunk_recovery._core.validate import shown
+
 from ..._core.durations import DurationError, parse_duration
 from ..._core.extras import install_hint
 from ...config.schema import ConfigError
@@ -321,7 +323,7 @@ def _whole(text: str, minimum: int) -> int:
     except ValueError:
         value = minimum - 1
     if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {shown(text)}")
     return value
 
 
