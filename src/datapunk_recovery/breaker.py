@@ -582,6 +582,7 @@ class _Core:
         "probes_ok",
         "probes_slow",
         "quick",
+        "quick_result",
         "rejected",
         "reopenings",
         "rng",
@@ -612,7 +613,7 @@ class _Core:
         self.window = config.new_window()
         self.policy = config.trip_policy() if config.trip_policy is not None else None
         self.local_only = True
-        self.fast = self.quick = self.lean = self.plain = False
+        self.fast = self.quick = self.lean = self.plain = self.quick_result = False
         self._refresh_fast()
 
     def listening(self, kind: type[Event] | None = None) -> bool:
@@ -640,6 +641,8 @@ class _Core:
         self.quick = closed and config.record_result is None and config.result_delay is None
         # Quick and nothing timed: the faces record a success with `succeed()`.
         self.lean = self.quick and not config.timed
+        # No result to judge (whatever the state): a shared breaker's success needs no permit.
+        self.quick_result = config.record_result is None and config.result_delay is None
         # Lean, over a count window, no custom policy: `succeed()` inlines the window update.
         self.plain = self.lean and self.policy is None and type(self.window) is CountWindow
 
@@ -1541,6 +1544,25 @@ class CircuitBreaker:
                 core.succeed(gen)
             else:
                 self._quick_success(gen, start)
+            return result
+        link = self._link
+        shared = link.admitted() if link is not None and not wants_outcomes(core.bus) else None
+        if shared is not None:
+            # Closed as last read from the store: no permit unless there is a verdict to judge.
+            assert link is not None
+            start = clock.now() if core.config.timed else None
+            try:
+                result = await fn(*args, **kwargs)
+            except Exception as exc:
+                Permit(self, shared, False, True, start).failure(exc)
+                raise
+            except BaseException:
+                Permit(self, shared, False, True, start).cancel()
+                raise
+            if start is None and core.quick_result:
+                link.record(shared, False, False, False, None, None)
+            else:
+                Permit(self, shared, False, True, start).result(result)
             return result
         permit = await self.allow_async()
         try:

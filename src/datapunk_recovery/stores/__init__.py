@@ -66,6 +66,14 @@ class BreakerLink(Protocol):
 
     async def allow(self) -> tuple[int, bool, bool]: ...
 
+    def admitted(self) -> int | None:
+        """The generation a plain call is admitted under, if known without waiting.
+
+        ``None`` unless the state as last read admits it (closed, fresh, the store
+        answering); the caller then goes through ``allow``.
+        """
+        ...
+
     def record(
         self,
         gen: int,

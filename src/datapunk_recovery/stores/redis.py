@@ -679,6 +679,9 @@ class RedisStore:
         self._closing = False
         self._closed = False
         self._refused_until = 0.0  # clock.now() before which Redis is not asked (auth)
+        # No reply yet: the first commands also make the first connection (and,
+        # in a process starting up, pay for first use of the driver's code).
+        self._answered = False
 
     def __repr__(self) -> str:
         return f"RedisStore(prefix={self.prefix!r})"
@@ -731,7 +734,11 @@ class RedisStore:
         if len(self._inflight) >= self.max_pending:
             raise StoreBusy(f"{self!r}: {len(self._inflight)} commands already in flight")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
+        # Until the store's first reply, a command is waited for as long as the
+        # driver's connect timeout: making the first connection in a busy
+        # process starting up is not Redis being away (8 processes starting at
+        # once took 0.1-0.4 s for it, and fell back on a healthy Redis).
+        deadline = loop.time() + (self.timeout if self._answered else _driver_timeout(self.timeout))
         if serial is not None:
             previous = self._serial.get(serial)
             if previous is not None and not previous.done():
@@ -751,21 +758,23 @@ class RedisStore:
                 raise StoreClosed(f"{self!r} is closed")
             raise ConnectionError(f"{self!r}: the command was cancelled inside the driver")
         try:
-            return task.result()
+            reply = task.result()
         except Exception as exc:
             if classify(exc).category is ErrorCategory.AUTH:
                 # Another try would be another failed login, which can lock
                 # the account: no link asks again for AUTH_RETRY_INTERVAL s.
                 self._refused_until = clock.now() + AUTH_RETRY_INTERVAL
             raise
+        self._answered = True
+        return reply
 
     def _landed(self, task: asyncio.Task[Any]) -> None:
         """A command ended: forget it; its error (if nobody waited for it) is consumed."""
         self._inflight.discard(task)
         for key in [k for k, t in self._serial.items() if t is task]:
             del self._serial[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: no "exception was never retrieved" warning
+        if not task.cancelled() and task.exception() is None:  # (retrieved: no warning)
+            self._answered = True
 
     # -- breakers --------------------------------------------------------------------------
     def bind_breaker(self, breaker: CircuitBreaker) -> _BreakerLink:
@@ -841,6 +850,8 @@ class _BreakerLink:
         self.down_since: float | None = None
         self.retry_at = 0.0
         self.refreshing = False
+        #: Done when the read in progress ends (see _join_read).
+        self.reading: asyncio.Future[None] | None = None
         self.pending: set[asyncio.Task[Any]] = set()
         # The state this process forced (isolate, disable, metrics only) until
         # a reset, here or in another process: it is re-asserted on a fresh
@@ -993,7 +1004,7 @@ class _BreakerLink:
                 return self._fallback_allow()
         elif self.cached is None or now - self.fetched_at >= self.store.cache_ttl:
             if self.refreshing:  # someone is already reading: use what we have
-                if self.cached is None:
+                if self.cached is None and not await self._join_read():
                     return self._fallback_allow()
             elif await self._refresh() is None:
                 return self._fallback_allow()
@@ -1019,6 +1030,23 @@ class _BreakerLink:
         self._reject(got.state, got.remaining(now, self._waits_forever()), now)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def admitted(self) -> int | None:
+        """The shared generation, when the state as last read admits a call at once.
+
+        Closed, read less than ``cache_ttl`` ago, Redis answering: the call
+        needs no round trip and no permit (the breaker's quick shared path).
+        """
+        cached = self.cached
+        if (
+            cached is None
+            or cached.state is not BreakerState.CLOSED
+            or self.down_since is not None
+            or clock.now() - self.fetched_at >= self.store.cache_ttl
+            or _runtime.async_library() != "asyncio"
+        ):
+            return None
+        return cached.gen
+
     async def _acquire(self) -> _Shared | None:
         """The acquire round trip.  A caller cancelled meanwhile gives back the probe
         the script may have granted it, once the reply lands (within ``timeout``):
@@ -1040,8 +1068,24 @@ class _BreakerLink:
         if got is not None and got.granted == 2:
             self._spawn("release", got.gen, 1)
 
+    async def _join_read(self) -> bool:
+        """Wait (within ``timeout``) for the first read another caller started.
+
+        Callers arriving before the shared state was ever read wait for that one
+        read instead of each deciding locally: a burst of callers deciding
+        locally keeps the event loop too busy to take the reply in, so the read
+        would time out on a healthy Redis and the breaker fall back for
+        ``retry_interval`` (the start-up fallbacks of 8 busy processes).
+        True when the shared state is known now.
+        """
+        reading = self.reading
+        if reading is not None and not reading.done():
+            await asyncio.wait((reading,), timeout=self.store.timeout)
+        return self.cached is not None and self.down_since is None
+
     async def _refresh(self) -> _Shared | None:
         self.refreshing = True
+        reading = self.reading = asyncio.get_running_loop().create_future()
         try:
             if self.batch or (self.sending is not None and not self.sending.done()):
                 # The read waits for this process's own outcomes: their send
@@ -1055,6 +1099,7 @@ class _BreakerLink:
             return await self._op("read")
         finally:
             self.refreshing = False
+            reading.set_result(None)
 
     def _fallback_allow(self) -> tuple[int, bool, bool]:
         if self.store.on_unavailable == "closed":
