@@ -161,8 +161,9 @@ local corrupt = 0
 -- or an open period still running, is never lost with the keys.
 local hold, hold_left = tonumber(ARGV[#ARGV - 1]) or -1, tonumber(ARGV[#ARGV]) or 0
 local raw = redis.call('HMGET', key, 's', 'g', 'ou', 'hu', 'c', 'pi', 'po', 'r',
-                       'wc', 'wf', 'ws', 'wp', 'wh', 'wz', 'p')
-if raw[1] == false and raw[2] == false then
+                       'wc', 'wf', 'ws', 'wp', 'wh', 'wz', 'p', 'pf', 'ps', 'sh')
+local made = raw[1] == false and raw[2] == false
+if made then
   -- A new (or expired, or lost with a restart) state starts at Redis's time
   -- in ms: above every generation handed out before, so a link never takes
   -- the new state's replies for older ones.
@@ -175,8 +176,7 @@ else
   if raw[15] == '1' then S.p = 1 end
   -- probe failures and slow probes ("rate" half-open) and the shadow-trip
   -- flag: absent in a state written before they existed, so absent means 0.
-  local extra = redis.call('HMGET', key, 'pf', 'ps', 'sh')
-  S.pf, S.ps, S.sh = int(extra[1] or 0), int(extra[2] or 0), int(extra[3] or 0)
+  S.pf, S.ps, S.sh = int(raw[16] or 0), int(raw[17] or 0), int(raw[18] or 0)
   local whok = true
   if raw[13] then
     S.wh = num(raw[13])
@@ -194,12 +194,24 @@ else
   end
 end
 
+-- What this run found, to tell whether it changed anything (see 'dirty').
+local was_s, was_g, was_wz, moved = S.s, S.g, S.wz, false
+-- The count window's ring, read once (GET) and written once (SET) per run,
+-- and a time window's increments, applied once per field: a batch of n
+-- outcomes costs a few commands, not 2 per outcome.
+local ring, ringset, winadd = nil, nil, nil
+local function ring_byte(p)
+  if ringset ~= nil and ringset[p] ~= nil then return ringset[p] end
+  if ring == nil then ring = redis.call('GET', ringk) or '' end
+  return string.byte(ring, p + 1) or 0
+end
 local wk = cfg.wk
 local shape = ''
 if wk == 0 then shape = 'c:' .. cfg.ws elseif wk == 1 then
   shape = 't:' .. cfg.wd .. ':' .. cfg.wb end
 local function win_clear()
   S.wc, S.wf, S.ws, S.wp, S.wh = 0, 0, 0, 0, false
+  ring, ringset, winadd, moved = '', nil, nil, true
   redis.call('DEL', ringk, wink)
 end
 if S.wz ~= shape then win_clear(); S.wz = shape end
@@ -233,10 +245,12 @@ end
 local function win_advance()
   local n = cfg.wb
   local epoch = math.floor(now / (cfg.wd / n))
-  if S.wh == false then S.wh = epoch; return epoch % n end
+  if S.wh == false then S.wh, moved = epoch, true; return epoch % n end
   if epoch > S.wh then
+    moved = true
     if epoch - S.wh >= n then
       S.wc, S.wf, S.ws = 0, 0, 0
+      winadd = nil
       redis.call('DEL', wink)
     else
       for e = S.wh + 1, epoch do
@@ -257,9 +271,7 @@ local function win_add(failed, slow)
   if wk == 0 then
     local p = S.wp
     if p >= cfg.ws then p = 0 end
-    local old = redis.call('GETRANGE', ringk, p, p)
-    local ob = 0
-    if old ~= '' then ob = string.byte(old) end
+    local ob = ring_byte(p)
     if ob >= 4 then
       ob = ob - 4
       S.wf = S.wf - (ob % 2)
@@ -267,16 +279,18 @@ local function win_add(failed, slow)
     else
       S.wc = S.wc + 1
     end
-    redis.call('SETRANGE', ringk, p, string.char(4 + failed + 2 * slow))
+    if ringset == nil then ringset = {} end
+    ringset[p] = 4 + failed + 2 * slow
     S.wf = S.wf + failed
     S.ws = S.ws + slow
     S.wp = (p + 1) % cfg.ws
   elseif wk == 1 then
     local i = win_advance()
-    redis.call('HINCRBY', wink, 'c' .. i, 1)
+    if winadd == nil then winadd = {} end
+    winadd['c' .. i] = (winadd['c' .. i] or 0) + 1
     S.wc = S.wc + 1
-    if failed == 1 then redis.call('HINCRBY', wink, 'f' .. i, 1); S.wf = S.wf + 1 end
-    if slow == 1 then redis.call('HINCRBY', wink, 's' .. i, 1); S.ws = S.ws + 1 end
+    if failed == 1 then winadd['f' .. i] = (winadd['f' .. i] or 0) + 1; S.wf = S.wf + 1 end
+    if slow == 1 then winadd['s' .. i] = (winadd['s' .. i] or 0) + 1; S.ws = S.ws + 1 end
   end
 end
 
@@ -415,13 +429,32 @@ elseif op == 'force' then
 end
 if wk == 1 then win_advance() end
 
-local wh = ''
-if S.wh ~= false then wh = string.format('%.0f', S.wh) end
-redis.call('HSET', key, 's', S.s, 'g', string.format('%.0f', S.g),
-           'ou', string.format('%.6f', S.ou), 'hu', string.format('%.6f', S.hu),
-           'c', S.c, 'pi', S.pi, 'po', S.po, 'r', S.r, 'wc', S.wc, 'wf', S.wf,
-           'ws', S.ws, 'wp', S.wp, 'wz', S.wz, 'pf', S.pf, 'ps', S.ps, 'sh', S.sh, 'p', S.p)
-if wh == '' then redis.call('HDEL', key, 'wh') else redis.call('HSET', key, 'wh', wh) end
+if ringset ~= nil then
+  local top = #ring
+  for p in pairs(ringset) do if p + 1 > top then top = p + 1 end end
+  local out = {}
+  for p = 0, top - 1 do out[p + 1] = string.char(ring_byte(p)) end
+  redis.call('SET', ringk, table.concat(out))
+end
+if winadd ~= nil then
+  for f, v in pairs(winadd) do redis.call('HINCRBY', wink, f, v) end
+end
+
+-- A read that changed nothing writes nothing (it only renews the expiry).
+local dirty = op ~= 'read' or made or corrupt ~= 0 or moved or S.s ~= was_s
+              or S.g ~= was_g or S.wz ~= was_wz
+if dirty then
+  local f = {'s', S.s, 'g', string.format('%.0f', S.g),
+             'ou', string.format('%.6f', S.ou), 'hu', string.format('%.6f', S.hu),
+             'c', S.c, 'pi', S.pi, 'po', S.po, 'r', S.r, 'wc', S.wc, 'wf', S.wf,
+             'ws', S.ws, 'wp', S.wp, 'wz', S.wz, 'pf', S.pf, 'ps', S.ps, 'sh', S.sh, 'p', S.p}
+  if S.wh ~= false then
+    f[#f + 1] = 'wh'
+    f[#f + 1] = string.format('%.0f', S.wh)
+  end
+  redis.call('HSET', key, unpack(f))
+  if S.wh == false and raw[13] then redis.call('HDEL', key, 'wh') end
+end
 local ttl = cfg.kt
 if S.s == FORCED or S.s == DISABLED or S.s == METRICS then
   -- an operator's decision does not expire with traffic: kept until reset
@@ -429,8 +462,9 @@ if S.s == FORCED or S.s == DISABLED or S.s == METRICS then
 else
   redis.call('PEXPIRE', key, ttl)
 end
-if redis.call('EXISTS', ringk) == 1 then redis.call('PEXPIRE', ringk, ttl) end
-if redis.call('EXISTS', wink) == 1 then redis.call('PEXPIRE', wink, ttl) end
+-- (a window key absent is left absent: PEXPIRE on it does nothing)
+if wk == 0 then redis.call('PEXPIRE', ringk, ttl) elseif wk == 1 then
+  redis.call('PEXPIRE', wink, ttl) end
 
 local rem = 0
 if S.s == OPEN then rem = S.ou - now elseif S.s == HALF and cfg.ht >= 0 then rem = S.hu - now end
