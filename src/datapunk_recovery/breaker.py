@@ -64,6 +64,7 @@ __all__ = [
     "CircuitBreaker",
     "CorruptStateIgnored",
     "OutcomeRecorded",
+    "OutcomesFolded",
     "Permit",
     "ShadowTrip",
     "StoreFallback",
@@ -513,6 +514,24 @@ class StoreResumed(Event):
 
     store: str
     outage: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutcomesFolded(Event):
+    """Outcomes waiting for the shared store were folded: ``outcomes`` outcomes in
+    ``runs`` runs kept as one count per kind (successes, slow, failures).
+
+    No outcome is lost (counts add up), but their order is: the store judges
+    the folded batch as if its failures came last.  It happens when a send is
+    slow to land, or outcomes pile up while the store is away.
+    """
+
+    name: ClassVar[str] = "breaker.outcomes_folded"
+    area: ClassVar[str] = "breaker"
+
+    store: str
+    outcomes: int
+    runs: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1397,6 +1416,8 @@ class CircuitBreaker:
             link.record(permit._gen, permit._probe, failed, slow, duration, hint)
         else:
             core.record(permit._gen, permit._probe, failed, slow, duration, hint)
+            if link is not None and not permit._probe:
+                link.missed(failed, slow)  # judged here while the store was away
 
     def _validate_hint(self, raw: object) -> float | None:
         decision = server_delay(0.0, raw, self.config._hints, None)

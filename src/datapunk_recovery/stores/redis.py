@@ -61,6 +61,7 @@ from ..breaker import (
     BreakerStateChanged,
     CallRejected,
     CorruptStateIgnored,
+    OutcomesFolded,
     ShadowTrip,
     StoreFallback,
     StoreResumed,
@@ -87,6 +88,8 @@ _CODES: Final = (
 )
 _CODE_OF: Final = {state: i for i, state in enumerate(_CODES)}
 _PASSING: Final = frozenset({BreakerState.CLOSED, BreakerState.DISABLED, BreakerState.METRICS_ONLY})
+# States whose shared state judges outcomes of admitted calls (a batch).
+_JUDGING: Final = frozenset({BreakerState.CLOSED, BreakerState.METRICS_ONLY})
 # States an operator forces: kept without expiry, re-asserted by the process holding them.
 _HELD: Final = frozenset(
     {BreakerState.FORCED_OPEN, BreakerState.DISABLED, BreakerState.METRICS_ONLY}
@@ -904,8 +907,11 @@ class _BreakerLink:
         self.batch_n = self.batch_failed = self.batch_slow = 0
         self.timer: asyncio.TimerHandle | None = None
         self.sending: asyncio.Task[None] | None = None
-        #: Times a batch was merged (counts kept, order of outcomes folded).
+        #: Times a batch was folded (counts kept, order of outcomes lost; see _fold).
         self.merged = 0
+        # Outcomes judged locally while Redis was away, as runs: merged into the
+        # shared state when it answers again (see _share_unshared).
+        self.unshared: list[list[int]] = []
 
     def _hold(self) -> tuple[int, str]:
         """The state this process holds for a fresh shared state: (code or -1, seconds left)."""
@@ -963,6 +969,8 @@ class _BreakerLink:
             return
         self.cached = shared
         self.fetched_at = now
+        if self.unshared:
+            self._share_unshared(shared)
         if (
             self.forced is not None
             and not self.force_unsent
@@ -1183,8 +1191,11 @@ class _BreakerLink:
     ) -> None:
         store = self.store
         if self.down_since is not None or store._closing or store._closed:
-            # Redis is away: the outcome still counts, on the local state.
+            # Redis is away: the outcome still counts, on the local state, and
+            # reaches the shared state when Redis answers again.
             self.core.record(-1, False, failed, slow, duration, hint)
+            if not probe:
+                self._unshared_add(int(failed) + 2 * int(slow), 1)
             return
         if probe or hint is not None:
             # a probe result or a server delay is a transition: sent at once
@@ -1209,23 +1220,64 @@ class _BreakerLink:
             return
         self._add(gen, code)
 
-    def _add(self, gen: int, code: int) -> None:
-        """Aggregate one outcome of a closed call; send when due (see RedisStore)."""
+    def missed(self, failed: bool, slow: bool) -> None:
+        """An outcome of a call admitted on local state (Redis was away, or not read
+        yet): into the batch if sharing now, else kept for when Redis answers."""
+        code = int(failed) + 2 * int(slow)
+        cached, store = self.cached, self.store
+        if store._closing or store._closed:
+            return
+        if self.down_since is None and cached is not None:
+            if cached.state in _JUDGING:
+                self._add(cached.gen, code)
+            return
+        self._unshared_add(code, 1)
+
+    def _unshared_add(self, code: int, n: int) -> None:
+        """Keep outcomes judged locally while Redis is away, as runs (folded past a bound)."""
+        if self.store._closing or self.store._closed:
+            return
+        runs = self.unshared
+        if runs and runs[-1][0] == code:
+            runs[-1][1] += n
+        else:
+            runs.append([code, n])
+        if len(runs) > _MAX_RUNS:
+            self.unshared = self._fold(runs)
+
+    def _share_unshared(self, shared: _Shared) -> None:
+        """Redis answers again: what was counted here meanwhile joins the shared state.
+
+        Counts are merged as one batch of the current shared generation, judged
+        outcome by outcome as they happened (so they may trip the breaker for
+        every process).  A shared state that is not closed (it opened elsewhere,
+        or was forced) takes no outcomes of closed calls, as the script would
+        treat any outcome of an older generation.
+        """
+        runs, self.unshared = self.unshared, []
+        if shared.state not in _JUDGING:
+            return
+        for code, n in runs:
+            self._add(shared.gen, code, n)
+        self._kick()
+
+    def _add(self, gen: int, code: int, n: int = 1) -> None:
+        """Aggregate ``n`` outcomes of closed calls; send when due (see RedisStore)."""
         if self.batch and gen != self.batch_gen:
             self._kick()  # another generation: the batch so far goes now
             if self.batch:  # (a send is in flight: it will take this one first)
                 self._send_sync_fallback()
         runs = self.batch
         if runs and runs[-1][0] == code:
-            runs[-1][1] += 1
+            runs[-1][1] += n
         else:
-            runs.append([code, 1])
+            runs.append([code, n])
         self.batch_gen = gen
-        self.batch_n += 1
-        self.batch_failed += code & 1
-        self.batch_slow += code >> 1
+        self.batch_n += n
+        self.batch_failed += (code & 1) * n
+        self.batch_slow += (code >> 1) * n
         if len(runs) > _MAX_RUNS:
-            self._merge()
+            self.batch = self._fold(runs)
         store = self.store
         if self.batch_n >= store.flush_max or (code and self._would_trip()):
             self._kick()
@@ -1239,18 +1291,30 @@ class _BreakerLink:
         them the way the script would."""
         self.batch, self.batch_n, self.batch_failed, self.batch_slow = [], 0, 0, 0
 
-    def _merge(self) -> None:
-        """Too many runs (a send is slow to land): fold them into one run per kind.
+    def _fold(self, runs: list[list[int]]) -> list[list[int]]:
+        """Too many runs (a send is slow to land, or Redis is away): one run per kind.
 
-        Counts are additive, so nothing is lost; only the order within the batch
-        is folded (successes first, failures last, which never trips later than
-        the real order would for the consecutive rule).
+        Counts are additive, so no outcome is lost; only their order is folded
+        (successes first, failures last, which never trips later than the real
+        order would for the consecutive rule).  Reported: `OutcomesFolded`.
         """
         totals = [0, 0, 0, 0]
-        for code, n in self.batch:
+        for code, n in runs:
             totals[code] += n
-        self.batch = [[code, totals[code]] for code in (0, 2, 1, 3) if totals[code]]
         self.merged += 1
+        core = self.core
+        if core.listening(OutcomesFolded):
+            emit(
+                OutcomesFolded(
+                    operation=core.name,
+                    at=clock.now(),
+                    store=self.store.kind,
+                    outcomes=sum(totals),
+                    runs=len(runs),
+                ),
+                core.bus,
+            )
+        return [[code, totals[code]] for code in (0, 2, 1, 3) if totals[code]]
 
     def _would_trip(self) -> bool:
         """Whether the shared state as last read plus this batch may trip the breaker."""
@@ -1315,10 +1379,12 @@ class _BreakerLink:
             runs, gen = self._take()
 
     def _locally(self, runs: list[list[int]]) -> None:
+        """A batch Redis did not take: it counts here, and joins the shared state later."""
         record = self.core.record
         for code, n in runs:
             for _ in range(n):
                 record(-1, False, bool(code & 1), bool(code & 2), None, None)
+            self._unshared_add(code, n)
 
     def release(self, gen: int, probe: bool) -> None:
         if probe:
