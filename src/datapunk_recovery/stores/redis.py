@@ -33,8 +33,9 @@ Redis errors never reach the caller: every store operation is bounded by
 ``timeout`` seconds, and a failing one switches the link to its breaker's
 local state (``on_unavailable="local"``, calls keep flowing and are judged
 locally) or refuses every call (``"closed"``) until Redis answers again; the
-store is tried again every ``retry_interval`` seconds.  Sharing then resumes;
-outcomes recorded locally during the outage are not pushed to Redis.  A
+store is tried again every ``retry_interval`` seconds.  Sharing then resumes,
+and the outcomes judged locally during the outage join the shared state (one
+batch of the current generation; see ``_BreakerLink._share_unshared``).  A
 forced state, and an open period still running, outlive the keys: the
 process holding them re-asserts them on a pristine shared state (keys
 expired, or Redis restarted empty).
