@@ -15,9 +15,14 @@ Groups (ns per call; ``bare`` is the undecorated call, the baseline):
   failure-rate check over a 100-call ring under a lock, the floor for ``rate_count``.
 - ``breaker-open-sync`` / ``breaker-open-async``: refusing a call while open
   (raise and catch the library's open error).
-- ``breaker-redis-async`` (only with ``--redis-url URL``): a call
-  through a closed breaker whose state lives in Redis (cached read, the
-  outcome written in the background).
+- ``breaker-redis-async`` (only with ``--redis-url URL``): a call through a
+  closed breaker whose state lives in Redis, with the store's defaults, on
+  the path users run: the called function yields to the event loop once (as
+  real I/O does), so the store's cache refreshes (every ``cache_ttl``) and
+  background batch sends run between calls and are paid for.  Beside it the
+  same call through a local breaker (``datapunk_local``), the decorator
+  (``datapunk_deco``) and a count-window breaker (``datapunk_window``, whose
+  successes are batched and sent every ``flush_max`` calls).
 
 Sync calls are timed in a plain loop; async calls in a loop inside one
 coroutine on a running asyncio event loop.
@@ -30,6 +35,7 @@ breaker.json``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable
@@ -286,18 +292,40 @@ def open_async() -> dict[str, Callable[[], Callable[[], Awaitable[Any]]]]:
 # Redis
 
 
+async def ayielding() -> str:
+    """A call that yields to the event loop once, as real I/O does: the store's
+    timers and background sends run between calls, as in a service."""
+    await asyncio.sleep(0)
+    return "ok"
+
+
 def redis_async(url: str) -> dict[str, Callable[[], Callable[[], Awaitable[Any]]]]:
     from datapunk_recovery.stores.redis import RedisStore
 
-    def ours() -> Callable[[], Awaitable[Any]]:
-        b = CircuitBreaker("bench-redis", store=RedisStore(url, cache_ttl=0.5))
-        return b(aok)
+    windowed = BreakerConfig(failure_rate_threshold=0.5, window="count", window_size=100)
 
-    def ours_call() -> Callable[[], Awaitable[Any]]:
-        b = CircuitBreaker("bench-redis", store=RedisStore(url, cache_ttl=0.5))
-        return lambda: b.call_async(aok)
+    def local() -> Callable[[], Awaitable[Any]]:
+        b = CircuitBreaker("bench-local")
+        return lambda: b.call_async(ayielding)
 
-    return {"bare": lambda: aok, "datapunk_deco": ours, "datapunk": ours_call}
+    def ours(config: BreakerConfig | None = None) -> Callable[[], Callable[[], Awaitable[Any]]]:
+        def make() -> Callable[[], Awaitable[Any]]:
+            b = CircuitBreaker("bench-redis", config, store=RedisStore(url))  # store defaults
+            return lambda: b.call_async(ayielding)
+
+        return make
+
+    def ours_deco() -> Callable[[], Awaitable[Any]]:
+        b = CircuitBreaker("bench-redis", store=RedisStore(url))
+        return b(ayielding)
+
+    return {
+        "bare": lambda: ayielding,
+        "datapunk_local": local,
+        "datapunk": ours(),
+        "datapunk_deco": ours_deco,
+        "datapunk_window": ours(windowed),
+    }
 
 
 def _forward(cmd: list[str], args: Any) -> None:

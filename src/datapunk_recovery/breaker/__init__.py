@@ -64,6 +64,7 @@ __all__ = [
     "CircuitBreaker",
     "CorruptStateIgnored",
     "OutcomeRecorded",
+    "OutcomesFolded",
     "Permit",
     "ShadowTrip",
     "StoreFallback",
@@ -517,6 +518,24 @@ class StoreResumed(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OutcomesFolded(Event):
+    """Outcomes waiting for the shared store were folded: ``outcomes`` outcomes in
+    ``runs`` runs kept as one count per kind (successes, slow, failures).
+
+    No outcome is lost (counts add up), but their order is: the store judges
+    the folded batch as if its failures came last.  It happens when a send is
+    slow to land, or outcomes pile up while the store is away.
+    """
+
+    name: ClassVar[str] = "breaker.outcomes_folded"
+    area: ClassVar[str] = "breaker"
+
+    store: str
+    outcomes: int
+    runs: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CorruptStateIgnored(Event):
     """The shared store held a state that does not parse; it was ignored (``reason``)."""
 
@@ -583,6 +602,7 @@ class _Core:
         "probes_ok",
         "probes_slow",
         "quick",
+        "quick_result",
         "rejected",
         "reopenings",
         "rng",
@@ -613,7 +633,7 @@ class _Core:
         self.window = config.new_window()
         self.policy = config.trip_policy() if config.trip_policy is not None else None
         self.local_only = True
-        self.fast = self.quick = self.lean = self.plain = False
+        self.fast = self.quick = self.lean = self.plain = self.quick_result = False
         self._refresh_fast()
 
     def listening(self, kind: type[Event] | None = None) -> bool:
@@ -641,6 +661,8 @@ class _Core:
         self.quick = closed and config.record_result is None and config.result_delay is None
         # Quick and nothing timed: the faces record a success with `succeed()`.
         self.lean = self.quick and not config.timed
+        # No result to judge (whatever the state): a shared breaker's success needs no permit.
+        self.quick_result = config.record_result is None and config.result_delay is None
         # Lean, over a count window, no custom policy: `succeed()` inlines the window update.
         self.plain = self.lean and self.policy is None and type(self.window) is CountWindow
 
@@ -1496,6 +1518,8 @@ class CircuitBreaker:
             link.record(permit._gen, permit._probe, failed, slow, duration, hint)
         else:
             core.record(permit._gen, permit._probe, failed, slow, duration, hint)
+            if link is not None and not permit._probe:
+                link.missed(failed, slow)  # judged here while the store was away
 
     def _validate_hint(self, raw: object) -> float | None:
         decision = server_delay(0.0, raw, self.config._hints, None)
@@ -1643,6 +1667,25 @@ class CircuitBreaker:
                 core.succeed(gen)
             else:
                 self._quick_success(gen, start)
+            return result
+        link = self._link
+        shared = link.admitted() if link is not None and not wants_outcomes(core.bus) else None
+        if shared is not None:
+            # Closed as last read from the store: no permit unless there is a verdict to judge.
+            assert link is not None
+            start = clock.now() if core.config.timed else None
+            try:
+                result = await fn(*args, **kwargs)
+            except Exception as exc:
+                Permit(self, shared, False, True, start).failure(exc)
+                raise
+            except BaseException:
+                Permit(self, shared, False, True, start).cancel()
+                raise
+            if start is None and core.quick_result:
+                link.record(shared, False, False, False, None, None)
+            else:
+                Permit(self, shared, False, True, start).result(result)
             return result
         permit = await self.allow_async()
         try:

@@ -66,6 +66,14 @@ class BreakerLink(Protocol):
 
     async def allow(self) -> tuple[int, bool, bool]: ...
 
+    def admitted(self) -> int | None:
+        """The generation a plain call is admitted under, if known without waiting.
+
+        ``None`` unless the state as last read admits it (closed, fresh, the store
+        answering); the caller then goes through ``allow``.
+        """
+        ...
+
     def record(
         self,
         gen: int,
@@ -77,6 +85,11 @@ class BreakerLink(Protocol):
     ) -> None: ...
 
     def release(self, gen: int, probe: bool) -> None: ...
+
+    def missed(self, failed: bool, slow: bool) -> None:
+        """An outcome of a call judged on local state (the store was away): the
+        link merges it into the shared state once the store answers again."""
+        ...
 
     async def flush(self) -> None: ...
 

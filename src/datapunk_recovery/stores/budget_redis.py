@@ -128,7 +128,8 @@ MAX_SHARED_BUCKETS: Final = 1000
 # Lua
 
 # Shared by both scripts: validation helpers, and a key of the wrong type is
-# dropped (a GET-able string planted at a hash key would fail every HGET).
+# dropped (a GET-able string planted at a hash key would fail every HGET):
+# found by the command itself failing (WRONGTYPE), not by a TYPE before it.
 _LUA_COMMON: Final = r"""
 local corrupt = ''
 local function num(x)
@@ -141,20 +142,24 @@ local function count(x)
   if n == nil or n < 0 or n ~= math.floor(n) then return nil end
   return n
 end
-local function hash_or_drop(k, what)
-  local t = redis.call('TYPE', k)
-  if type(t) == 'table' then t = t.ok end
-  if t ~= 'hash' and t ~= 'none' then
+-- A hash command on k; a key of another type is dropped (and reported) and
+-- the command runs again on the now empty key.  Other errors are raised.
+local function hcall(what, cmd, k, ...)
+  local r = redis.pcall(cmd, k, ...)
+  if type(r) == 'table' and r.err then
+    if string.find(r.err, 'WRONGTYPE', 1, true) == nil then error(r.err) end
     redis.call('DEL', k)
     corrupt = what .. ' key is not a hash'
+    r = redis.call(cmd, k, ...)
   end
+  return r
 end
 -- What this link applied so far (cumulative counts); a batch covers
 -- (from, to], so a batch resent after a lost reply is applied once.  The
 -- link never holds more than its process sent (to): a count beyond that
 -- would silently swallow every later batch.
 local function applied(linkk, fx, fy, tx, ty)
-  local l = redis.call('HMGET', linkk, 'x', 'y')
+  local l = hcall('link', 'HMGET', linkk, 'x', 'y')
   if l[1] == false and l[2] == false then return fx, fy end
   local x, y = count(l[1]), count(l[2])
   if x == nil or y == nil then
@@ -168,7 +173,7 @@ local function applied(linkk, fx, fy, tx, ty)
   return math.max(x, fx), math.max(y, fy)
 end
 local function save_link(linkk, x, y, ttl)
-  redis.call('HSET', linkk, 'x', string.format('%.0f', x), 'y', string.format('%.0f', y))
+  hcall('link', 'HSET', linkk, 'x', string.format('%.0f', x), 'y', string.format('%.0f', y))
   redis.call('PEXPIRE', linkk, ttl)
 end
 """
@@ -185,36 +190,38 @@ local key, linkk = KEYS[1], KEYS[2]
 local top, ratio, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local sf, st, ff, ft = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local here = num(ARGV[8])
-hash_or_drop(key, 'state')
-hash_or_drop(linkk, 'link')
 local tokens = top
-local raw = redis.call('HGET', key, 't')
-local ls, lf
+local raw = hcall('state', 'HGET', key, 't')
+local news = st > sf or ft > ff
+local ls, lf = sf, ff
+local save = false  -- whether the link must learn what this batch applied
 if raw then
   local t = num(raw)
   if t == nil or t < 0 then
     corrupt = 'tokens do not parse'
+    raw = false
   else
     tokens = math.min(t, top)
   end
-  ls, lf = applied(linkk, sf, ff, st, ft)
+  if news then ls, lf = applied(linkk, sf, ff, st, ft) end
 elseif here ~= nil and here >= 0 and corrupt == '' then
   -- No bucket: start from what the sender holds (its batch included).
-  tokens, ls, lf = math.min(here, top), st, ft
-else
+  tokens, ls, lf, save = math.min(here, top), st, ft, news
+elseif news then
   ls, lf = applied(linkk, sf, ff, st, ft)
 end
 -- The batch's net change, clamped once: its order is unknown, and all its
 -- successes before all its failures would clamp away the successes of a
 -- batch sent to a full bucket (a long balanced batch would drain it).
 local gain, loss = 0, 0
-if st > ls then gain = (st - ls) * ratio; ls = st end
-if ft > lf then loss = ft - lf; lf = ft end
+if st > ls then gain = (st - ls) * ratio; ls = st; save = true end
+if ft > lf then loss = ft - lf; lf = ft; save = true end
 tokens = math.min(math.max(tokens + gain - loss, 0), top)
 local out = string.format('%.17g', tokens)
-redis.call('HSET', key, 't', out)
+-- Only what changed is written (a sync with nothing new only renews the expiry).
+if out ~= raw then hcall('state', 'HSET', key, 't', out) end
 redis.call('PEXPIRE', key, ttl)
-save_link(linkk, ls, lf, ttl)
+if save then save_link(linkk, ls, lf, ttl) end
 return {out, corrupt}
 """
 )
@@ -236,11 +243,9 @@ local af, at, rf, rt = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), 
 local ha, hr = count(ARGV[8]), count(ARGV[9])
 local time = redis.call('TIME')
 local epoch = math.floor((tonumber(time[1]) * 1000000 + tonumber(time[2])) / width)
-hash_or_drop(key, 'window')
-hash_or_drop(linkk, 'link')
 local shape = string.format('%d:%.0f', n, width)
 local h = {}
-local flat = redis.call('HGETALL', key)
+local flat = hcall('window', 'HGETALL', key)
 for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
 if h.z ~= nil and h.z ~= shape then
   redis.call('DEL', key)  -- another window shape: start again

@@ -33,8 +33,9 @@ Redis errors never reach the caller: every store operation is bounded by
 ``timeout`` seconds, and a failing one switches the link to its breaker's
 local state (``on_unavailable="local"``, calls keep flowing and are judged
 locally) or refuses every call (``"closed"``) until Redis answers again; the
-store is tried again every ``retry_interval`` seconds.  Sharing then resumes;
-outcomes recorded locally during the outage are not pushed to Redis.  A
+store is tried again every ``retry_interval`` seconds.  Sharing then resumes,
+and the outcomes judged locally during the outage join the shared state (one
+batch of the current generation; see ``_BreakerLink._share_unshared``).  A
 forced state, and an open period still running, outlive the keys: the
 process holding them re-asserts them on a pristine shared state (keys
 expired, or Redis restarted empty).
@@ -70,6 +71,7 @@ from ..breaker import (
     BreakerStateChanged,
     CallRejected,
     CorruptStateIgnored,
+    OutcomesFolded,
     ShadowTrip,
     StoreFallback,
     StoreResumed,
@@ -95,6 +97,8 @@ _CODES: Final = (
 )
 _CODE_OF: Final = {state: i for i, state in enumerate(_CODES)}
 _PASSING: Final = frozenset({BreakerState.CLOSED, BreakerState.DISABLED, BreakerState.METRICS_ONLY})
+# States whose shared state judges outcomes of admitted calls (a batch).
+_JUDGING: Final = frozenset({BreakerState.CLOSED, BreakerState.METRICS_ONLY})
 # States an operator forces: kept without expiry, re-asserted by the process holding them.
 _HELD: Final = frozenset(
     {BreakerState.FORCED_OPEN, BreakerState.DISABLED, BreakerState.METRICS_ONLY}
@@ -169,8 +173,9 @@ local corrupt = 0
 -- or an open period still running, is never lost with the keys.
 local hold, hold_left = tonumber(ARGV[#ARGV - 1]) or -1, tonumber(ARGV[#ARGV]) or 0
 local raw = redis.call('HMGET', key, 's', 'g', 'ou', 'hu', 'c', 'pi', 'po', 'r',
-                       'wc', 'wf', 'ws', 'wp', 'wh', 'wz', 'p')
-if raw[1] == false and raw[2] == false then
+                       'wc', 'wf', 'ws', 'wp', 'wh', 'wz', 'p', 'pf', 'ps', 'sh')
+local made = raw[1] == false and raw[2] == false
+if made then
   -- A new (or expired, or lost with a restart) state starts at Redis's time
   -- in ms: above every generation handed out before, so a link never takes
   -- the new state's replies for older ones.
@@ -183,8 +188,7 @@ else
   if raw[15] == '1' then S.p = 1 end
   -- probe failures and slow probes ("rate" half-open) and the shadow-trip
   -- flag: absent in a state written before they existed, so absent means 0.
-  local extra = redis.call('HMGET', key, 'pf', 'ps', 'sh')
-  S.pf, S.ps, S.sh = int(extra[1] or 0), int(extra[2] or 0), int(extra[3] or 0)
+  S.pf, S.ps, S.sh = int(raw[16] or 0), int(raw[17] or 0), int(raw[18] or 0)
   local whok = true
   if raw[13] then
     S.wh = num(raw[13])
@@ -202,12 +206,24 @@ else
   end
 end
 
+-- What this run found, to tell whether it changed anything (see 'dirty').
+local was_s, was_g, was_wz, moved = S.s, S.g, S.wz, false
+-- The count window's ring, read once (GET) and written once (SET) per run,
+-- and a time window's increments, applied once per field: a batch of n
+-- outcomes costs a few commands, not 2 per outcome.
+local ring, ringset, winadd = nil, nil, nil
+local function ring_byte(p)
+  if ringset ~= nil and ringset[p] ~= nil then return ringset[p] end
+  if ring == nil then ring = redis.call('GET', ringk) or '' end
+  return string.byte(ring, p + 1) or 0
+end
 local wk = cfg.wk
 local shape = ''
 if wk == 0 then shape = 'c:' .. cfg.ws elseif wk == 1 then
   shape = 't:' .. cfg.wd .. ':' .. cfg.wb end
 local function win_clear()
   S.wc, S.wf, S.ws, S.wp, S.wh = 0, 0, 0, 0, false
+  ring, ringset, winadd, moved = '', nil, nil, true
   redis.call('DEL', ringk, wink)
 end
 if S.wz ~= shape then win_clear(); S.wz = shape end
@@ -241,10 +257,12 @@ end
 local function win_advance()
   local n = cfg.wb
   local epoch = math.floor(now / (cfg.wd / n))
-  if S.wh == false then S.wh = epoch; return epoch % n end
+  if S.wh == false then S.wh, moved = epoch, true; return epoch % n end
   if epoch > S.wh then
+    moved = true
     if epoch - S.wh >= n then
       S.wc, S.wf, S.ws = 0, 0, 0
+      winadd = nil
       redis.call('DEL', wink)
     else
       for e = S.wh + 1, epoch do
@@ -265,9 +283,7 @@ local function win_add(failed, slow)
   if wk == 0 then
     local p = S.wp
     if p >= cfg.ws then p = 0 end
-    local old = redis.call('GETRANGE', ringk, p, p)
-    local ob = 0
-    if old ~= '' then ob = string.byte(old) end
+    local ob = ring_byte(p)
     if ob >= 4 then
       ob = ob - 4
       S.wf = S.wf - (ob % 2)
@@ -275,16 +291,18 @@ local function win_add(failed, slow)
     else
       S.wc = S.wc + 1
     end
-    redis.call('SETRANGE', ringk, p, string.char(4 + failed + 2 * slow))
+    if ringset == nil then ringset = {} end
+    ringset[p] = 4 + failed + 2 * slow
     S.wf = S.wf + failed
     S.ws = S.ws + slow
     S.wp = (p + 1) % cfg.ws
   elseif wk == 1 then
     local i = win_advance()
-    redis.call('HINCRBY', wink, 'c' .. i, 1)
+    if winadd == nil then winadd = {} end
+    winadd['c' .. i] = (winadd['c' .. i] or 0) + 1
     S.wc = S.wc + 1
-    if failed == 1 then redis.call('HINCRBY', wink, 'f' .. i, 1); S.wf = S.wf + 1 end
-    if slow == 1 then redis.call('HINCRBY', wink, 's' .. i, 1); S.ws = S.ws + 1 end
+    if failed == 1 then winadd['f' .. i] = (winadd['f' .. i] or 0) + 1; S.wf = S.wf + 1 end
+    if slow == 1 then winadd['s' .. i] = (winadd['s' .. i] or 0) + 1; S.ws = S.ws + 1 end
   end
 end
 
@@ -423,21 +441,44 @@ elseif op == 'force' then
 end
 if wk == 1 then win_advance() end
 
-local wh = ''
-if S.wh ~= false then wh = string.format('%.0f', S.wh) end
-redis.call('HSET', key, 's', S.s, 'g', string.format('%.0f', S.g),
-           'ou', string.format('%.6f', S.ou), 'hu', string.format('%.6f', S.hu),
-           'c', S.c, 'pi', S.pi, 'po', S.po, 'r', S.r, 'wc', S.wc, 'wf', S.wf,
-           'ws', S.ws, 'wp', S.wp, 'wz', S.wz, 'pf', S.pf, 'ps', S.ps, 'sh', S.sh, 'p', S.p)
-if wh == '' then redis.call('HDEL', key, 'wh') else redis.call('HSET', key, 'wh', wh) end
+if ringset ~= nil then
+  local top = #ring
+  for p in pairs(ringset) do if p + 1 > top then top = p + 1 end end
+  local out = {}
+  for p = 0, top - 1 do out[p + 1] = string.char(ring_byte(p)) end
+  redis.call('SET', ringk, table.concat(out))
+end
+if winadd ~= nil then
+  for f, v in pairs(winadd) do redis.call('HINCRBY', wink, f, v) end
+end
+
+-- A read that changed nothing writes nothing (it only renews the expiry).
+local dirty = op ~= 'read' or made or corrupt ~= 0 or moved or S.s ~= was_s
+              or S.g ~= was_g or S.wz ~= was_wz
+if dirty then
+  local f = {'s', S.s, 'g', string.format('%.0f', S.g),
+             'ou', string.format('%.6f', S.ou), 'hu', string.format('%.6f', S.hu),
+             'c', S.c, 'pi', S.pi, 'po', S.po, 'r', S.r, 'wc', S.wc, 'wf', S.wf,
+             'ws', S.ws, 'wp', S.wp, 'wz', S.wz, 'pf', S.pf, 'ps', S.ps, 'sh', S.sh, 'p', S.p}
+  if S.wh ~= false then
+    f[#f + 1] = 'wh'
+    f[#f + 1] = string.format('%.0f', S.wh)
+  end
+  redis.call('HSET', key, unpack(f))
+  if S.wh == false and raw[13] then redis.call('HDEL', key, 'wh') end
+end
 local ttl = cfg.kt
 -- Every key of the script exists after it (an empty placeholder at least),
 -- and they expire together: on a Redis Cluster slot being migrated, a script
 -- runs only on the node holding all its keys; one missing key means TRYAGAIN
 -- for as long as the migration lasts, and the breaker would fall back
 -- instead of following its keys.
-if redis.call('EXISTS', ringk) == 0 then redis.call('SET', ringk, '') end
-if redis.call('EXISTS', wink) == 0 then redis.call('HSET', wink, '_', '') end
+-- (a clean read needs no placeholder: the keys were made by the write that
+-- made the state, and they expire together)
+if dirty then
+  redis.call('SET', ringk, '', 'NX')
+  redis.call('HSETNX', wink, '_', '')
+end
 for _, k in ipairs({key, ringk, wink}) do
   if S.s == FORCED or S.s == DISABLED or S.s == METRICS then
     -- an operator's decision does not expire with traffic: kept until reset
@@ -702,6 +743,9 @@ class RedisStore:
         self._closing = False
         self._closed = False
         self._refused_until = 0.0  # clock.now() before which Redis is not asked (auth)
+        # No reply yet: the first commands also make the first connection (and,
+        # in a process starting up, pay for first use of the driver's code).
+        self._answered = False
 
     def __repr__(self) -> str:
         return f"RedisStore(prefix={self.prefix!r})"
@@ -754,7 +798,11 @@ class RedisStore:
         if len(self._inflight) >= self.max_pending:
             raise StoreBusy(f"{self!r}: {len(self._inflight)} commands already in flight")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
+        # Until the store's first reply, a command is waited for as long as the
+        # driver's connect timeout: making the first connection in a busy
+        # process starting up is not Redis being away (8 processes starting at
+        # once took 0.1-0.4 s for it, and fell back on a healthy Redis).
+        deadline = loop.time() + (self.timeout if self._answered else _driver_timeout(self.timeout))
         if serial is not None:
             previous = self._serial.get(serial)
             if previous is not None and not previous.done():
@@ -774,21 +822,23 @@ class RedisStore:
                 raise StoreClosed(f"{self!r} is closed")
             raise ConnectionError(f"{self!r}: the command was cancelled inside the driver")
         try:
-            return task.result()
+            reply = task.result()
         except Exception as exc:
             if classify(exc).category is ErrorCategory.AUTH:
                 # Another try would be another failed login, which can lock
                 # the account: no link asks again for AUTH_RETRY_INTERVAL s.
                 self._refused_until = clock.now() + AUTH_RETRY_INTERVAL
             raise
+        self._answered = True
+        return reply
 
     def _landed(self, task: asyncio.Task[Any]) -> None:
         """A command ended: forget it; its error (if nobody waited for it) is consumed."""
         self._inflight.discard(task)
         for key in [k for k, t in self._serial.items() if t is task]:
             del self._serial[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: no "exception was never retrieved" warning
+        if not task.cancelled() and task.exception() is None:  # (retrieved: no warning)
+            self._answered = True
 
     # -- breakers --------------------------------------------------------------------------
     def bind_breaker(self, breaker: CircuitBreaker) -> _BreakerLink:
@@ -866,6 +916,8 @@ class _BreakerLink:
         self.down_since: float | None = None
         self.retry_at = 0.0
         self.refreshing = False
+        #: Done when the read in progress ends (see _join_read).
+        self.reading: asyncio.Future[None] | None = None
         self.pending: set[asyncio.Task[Any]] = set()
         # The state this process forced (isolate, disable, metrics only) until
         # a reset, here or in another process: it is re-asserted on a fresh
@@ -884,8 +936,11 @@ class _BreakerLink:
         self.batch_n = self.batch_failed = self.batch_slow = 0
         self.timer: asyncio.TimerHandle | None = None
         self.sending: asyncio.Task[None] | None = None
-        #: Times a batch was merged (counts kept, order of outcomes folded).
+        #: Times a batch was folded (counts kept, order of outcomes lost; see _fold).
         self.merged = 0
+        # Outcomes judged locally while Redis was away, as runs: merged into the
+        # shared state when it answers again (see _share_unshared).
+        self.unshared: list[list[int]] = []
 
     def _hold(self) -> tuple[int, str]:
         """The state this process holds for a fresh shared state: (code or -1, seconds left)."""
@@ -943,6 +998,8 @@ class _BreakerLink:
             return
         self.cached = shared
         self.fetched_at = now
+        if self.unshared:
+            self._share_unshared(shared)
         if (
             self.forced is not None
             and not self.force_unsent
@@ -1018,7 +1075,7 @@ class _BreakerLink:
                 return self._fallback_allow()
         elif self.cached is None or now - self.fetched_at >= self.store.cache_ttl:
             if self.refreshing:  # someone is already reading: use what we have
-                if self.cached is None:
+                if self.cached is None and not await self._join_read():
                     return self._fallback_allow()
             elif await self._refresh() is None:
                 return self._fallback_allow()
@@ -1044,6 +1101,23 @@ class _BreakerLink:
         self._reject(got.state, got.remaining(now, self._waits_forever()), now)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def admitted(self) -> int | None:
+        """The shared generation, when the state as last read admits a call at once.
+
+        Closed, read less than ``cache_ttl`` ago, Redis answering: the call
+        needs no round trip and no permit (the breaker's quick shared path).
+        """
+        cached = self.cached
+        if (
+            cached is None
+            or cached.state is not BreakerState.CLOSED
+            or self.down_since is not None
+            or clock.now() - self.fetched_at >= self.store.cache_ttl
+            or _runtime.async_library() != "asyncio"
+        ):
+            return None
+        return cached.gen
+
     async def _acquire(self) -> _Shared | None:
         """The acquire round trip.  A caller cancelled meanwhile gives back the probe
         the script may have granted it, once the reply lands (within ``timeout``):
@@ -1065,8 +1139,24 @@ class _BreakerLink:
         if got is not None and got.granted == 2:
             self._spawn("release", got.gen, 1)
 
+    async def _join_read(self) -> bool:
+        """Wait (within ``timeout``) for the first read another caller started.
+
+        Callers arriving before the shared state was ever read wait for that one
+        read instead of each deciding locally: a burst of callers deciding
+        locally keeps the event loop too busy to take the reply in, so the read
+        would time out on a healthy Redis and the breaker fall back for
+        ``retry_interval`` (the start-up fallbacks of 8 busy processes).
+        True when the shared state is known now.
+        """
+        reading = self.reading
+        if reading is not None and not reading.done():
+            await asyncio.wait((reading,), timeout=self.store.timeout)
+        return self.cached is not None and self.down_since is None
+
     async def _refresh(self) -> _Shared | None:
         self.refreshing = True
+        reading = self.reading = asyncio.get_running_loop().create_future()
         try:
             if self.batch or (self.sending is not None and not self.sending.done()):
                 # The read waits for this process's own outcomes: their send
@@ -1080,6 +1170,7 @@ class _BreakerLink:
             return await self._op("read")
         finally:
             self.refreshing = False
+            reading.set_result(None)
 
     def _fallback_allow(self) -> tuple[int, bool, bool]:
         if self.store.on_unavailable == "closed":
@@ -1129,8 +1220,11 @@ class _BreakerLink:
     ) -> None:
         store = self.store
         if self.down_since is not None or store._closing or store._closed:
-            # Redis is away: the outcome still counts, on the local state.
+            # Redis is away: the outcome still counts, on the local state, and
+            # reaches the shared state when Redis answers again.
             self.core.record(-1, False, failed, slow, duration, hint)
+            if not probe:
+                self._unshared_add(int(failed) + 2 * int(slow), 1)
             return
         if probe or hint is not None:
             # a probe result or a server delay is a transition: sent at once
@@ -1155,23 +1249,64 @@ class _BreakerLink:
             return
         self._add(gen, code)
 
-    def _add(self, gen: int, code: int) -> None:
-        """Aggregate one outcome of a closed call; send when due (see RedisStore)."""
+    def missed(self, failed: bool, slow: bool) -> None:
+        """An outcome of a call admitted on local state (Redis was away, or not read
+        yet): into the batch if sharing now, else kept for when Redis answers."""
+        code = int(failed) + 2 * int(slow)
+        cached, store = self.cached, self.store
+        if store._closing or store._closed:
+            return
+        if self.down_since is None and cached is not None:
+            if cached.state in _JUDGING:
+                self._add(cached.gen, code)
+            return
+        self._unshared_add(code, 1)
+
+    def _unshared_add(self, code: int, n: int) -> None:
+        """Keep outcomes judged locally while Redis is away, as runs (folded past a bound)."""
+        if self.store._closing or self.store._closed:
+            return
+        runs = self.unshared
+        if runs and runs[-1][0] == code:
+            runs[-1][1] += n
+        else:
+            runs.append([code, n])
+        if len(runs) > _MAX_RUNS:
+            self.unshared = self._fold(runs)
+
+    def _share_unshared(self, shared: _Shared) -> None:
+        """Redis answers again: what was counted here meanwhile joins the shared state.
+
+        Counts are merged as one batch of the current shared generation, judged
+        outcome by outcome as they happened (so they may trip the breaker for
+        every process).  A shared state that is not closed (it opened elsewhere,
+        or was forced) takes no outcomes of closed calls, as the script would
+        treat any outcome of an older generation.
+        """
+        runs, self.unshared = self.unshared, []
+        if shared.state not in _JUDGING:
+            return
+        for code, n in runs:
+            self._add(shared.gen, code, n)
+        self._kick()
+
+    def _add(self, gen: int, code: int, n: int = 1) -> None:
+        """Aggregate ``n`` outcomes of closed calls; send when due (see RedisStore)."""
         if self.batch and gen != self.batch_gen:
             self._kick()  # another generation: the batch so far goes now
             if self.batch:  # (a send is in flight: it will take this one first)
                 self._send_sync_fallback()
         runs = self.batch
         if runs and runs[-1][0] == code:
-            runs[-1][1] += 1
+            runs[-1][1] += n
         else:
-            runs.append([code, 1])
+            runs.append([code, n])
         self.batch_gen = gen
-        self.batch_n += 1
-        self.batch_failed += code & 1
-        self.batch_slow += code >> 1
+        self.batch_n += n
+        self.batch_failed += (code & 1) * n
+        self.batch_slow += (code >> 1) * n
         if len(runs) > _MAX_RUNS:
-            self._merge()
+            self.batch = self._fold(runs)
         store = self.store
         if self.batch_n >= store.flush_max or (code and self._would_trip()):
             self._kick()
@@ -1185,18 +1320,30 @@ class _BreakerLink:
         them the way the script would."""
         self.batch, self.batch_n, self.batch_failed, self.batch_slow = [], 0, 0, 0
 
-    def _merge(self) -> None:
-        """Too many runs (a send is slow to land): fold them into one run per kind.
+    def _fold(self, runs: list[list[int]]) -> list[list[int]]:
+        """Too many runs (a send is slow to land, or Redis is away): one run per kind.
 
-        Counts are additive, so nothing is lost; only the order within the batch
-        is folded (successes first, failures last, which never trips later than
-        the real order would for the consecutive rule).
+        Counts are additive, so no outcome is lost; only their order is folded
+        (successes first, failures last, which never trips later than the real
+        order would for the consecutive rule).  Reported: `OutcomesFolded`.
         """
         totals = [0, 0, 0, 0]
-        for code, n in self.batch:
+        for code, n in runs:
             totals[code] += n
-        self.batch = [[code, totals[code]] for code in (0, 2, 1, 3) if totals[code]]
         self.merged += 1
+        core = self.core
+        if core.listening(OutcomesFolded):
+            emit(
+                OutcomesFolded(
+                    operation=core.name,
+                    at=clock.now(),
+                    store=self.store.kind,
+                    outcomes=sum(totals),
+                    runs=len(runs),
+                ),
+                core.bus,
+            )
+        return [[code, totals[code]] for code in (0, 2, 1, 3) if totals[code]]
 
     def _would_trip(self) -> bool:
         """Whether the shared state as last read plus this batch may trip the breaker."""
@@ -1261,10 +1408,12 @@ class _BreakerLink:
             runs, gen = self._take()
 
     def _locally(self, runs: list[list[int]]) -> None:
+        """A batch Redis did not take: it counts here, and joins the shared state later."""
         record = self.core.record
         for code, n in runs:
             for _ in range(n):
                 record(-1, False, bool(code & 1), bool(code & 2), None, None)
+            self._unshared_add(code, n)
 
     def release(self, gen: int, probe: bool) -> None:
         if probe:

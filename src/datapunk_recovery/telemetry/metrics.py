@@ -192,6 +192,12 @@ BREAKER_STATE: Final = Metric(
 BREAKER_REJECTIONS: Final = Metric(
     "breaker.rejections", MetricKind.COUNTER, ("breaker",), "Calls an open breaker refused."
 )
+BREAKER_FOLDED: Final = Metric(
+    "breaker.outcomes_folded",
+    MetricKind.COUNTER,
+    ("breaker",),
+    "Outcomes a shared breaker folded (counts kept, their order lost) before sending them.",
+)
 BUDGET_REFUSALS: Final = Metric(
     "budget.refusals", MetricKind.COUNTER, ("budget",), "Retries a retry budget refused."
 )
@@ -231,6 +237,7 @@ METRICS: Final[tuple[Metric, ...]] = (
     ATTEMPT_DURATION,
     BREAKER_STATE,
     BREAKER_REJECTIONS,
+    BREAKER_FOLDED,
     BUDGET_REFUSALS,
     BULKHEAD_IN_USE,
     BULKHEAD_REJECTIONS,
@@ -260,6 +267,9 @@ MEASURES: Final[Mapping[str, tuple[Measure, ...]]] = MappingProxyType(
         "retry.attempt": (Measure(ATTEMPT_DURATION, _OP, value="duration"),),
         "breaker.state": (Measure(BREAKER_STATE, {"breaker": "operation", "state": "to_state"}),),
         "breaker.rejected": (Measure(BREAKER_REJECTIONS, {"breaker": "operation"}),),
+        "breaker.outcomes_folded": (
+            Measure(BREAKER_FOLDED, {"breaker": "operation"}, value="outcomes"),
+        ),
         "budget.refused": (Measure(BUDGET_REFUSALS, {"budget": "operation"}),),
         "bulkhead.rejected": (Measure(BULKHEAD_REJECTIONS, {"bulkhead": "operation"}),),
         "bulkhead.admitted": (Measure(BULKHEAD_IN_USE, {"bulkhead": "operation"}, value="active"),),
