@@ -41,7 +41,9 @@ expired, or Redis restarted empty).
 
 Async only, asyncio only (redis.asyncio); a sync breaker asked to use it raises
 ``TypeError``.  Time in shared state is Redis's own clock (``TIME``), so
-processes whose monotonic clocks differ still agree on when an open period ends.
+processes whose monotonic clocks differ still agree on when an open period ends;
+under an installed [`FakeClock`][datapunk_recovery.clock.FakeClock] the scripts take the
+fake time instead (see `script_time()`), so tests drive shared state like local state.
 """
 
 from __future__ import annotations
@@ -114,8 +116,9 @@ _MAX_RUNS: Final = 256  # runs in a batch before they are folded (see _BreakerLi
 
 # One script per primitive: ARGV[1] is the operation (read, acquire, record,
 # release, force), ARGV[2] the configuration as JSON, ARGV[3] a uniform random
-# number for the open-duration jitter, then the operation's arguments, and last
-# the state the caller holds (code or -1) with its seconds left (see "hold").
+# number for the open-duration jitter, then the operation's arguments, the
+# state the caller holds (code or -1) with its seconds left (see "hold"), and
+# last the time of an installed fake clock ('' for Redis's ``TIME``).
 # Reply: {state, generation, remaining_us, granted (0/1/2=probe), free permits,
 # consecutive failures, window calls, window failures, window slow calls,
 # corrupt (0: no, 1: reset, 2: an open or half-open period longer than this
@@ -132,8 +135,13 @@ local key, ringk, wink = KEYS[1], KEYS[2], KEYS[3]
 local op = ARGV[1]
 local cfg = cjson.decode(ARGV[2])
 local u = tonumber(ARGV[3]) or 0.5
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+-- The last argument: the time (seconds) of a fake clock installed in the
+-- caller (tests, simulations), or '' for Redis's own clock.
+local now = tonumber(ARGV[#ARGV])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 local CLOSED, OPEN, HALF, DISABLED, FORCED, METRICS = 0, 1, 2, 3, 4, 5
 
 local function num(x)
@@ -155,11 +163,11 @@ local function fresh(g)
 end
 
 local corrupt = 0
--- The last two arguments: a state the caller holds (-1: none) and, for an
--- open one, the seconds it has left.  They are obeyed only by a fresh state
+-- The two arguments before the time: a state the caller holds (-1: none)
+-- and, for an open one, the seconds it has left.  They are obeyed only by a fresh state
 -- (the keys expired, or Redis restarted empty): an operator's forced state,
 -- or an open period still running, is never lost with the keys.
-local hold, hold_left = tonumber(ARGV[#ARGV - 1]) or -1, tonumber(ARGV[#ARGV]) or 0
+local hold, hold_left = tonumber(ARGV[#ARGV - 2]) or -1, tonumber(ARGV[#ARGV - 1]) or 0
 local raw = redis.call('HMGET', key, 's', 'g', 'ou', 'hu', 'c', 'pi', 'po', 'r',
                        'wc', 'wf', 'ws', 'wp', 'wh', 'wz', 'p')
 if raw[1] == false and raw[2] == false then
@@ -785,7 +793,7 @@ class RedisStore:
         ttl_ms = int(max(self.key_ttl, 2 * config.max_open_duration) * 1000)
         cfg = _config_json(config, ttl_ms)
         return await self._eval(
-            self._breaker_script, keys, [op, cfg, repr(self._rng.random()), *args]
+            self._breaker_script, keys, [op, cfg, repr(self._rng.random()), *args, script_time()]
         )
 
     @property
@@ -822,6 +830,20 @@ class RedisStore:
         self._closed = True
         if self._owns_client:
             await _runtime.await_bounded(self.client.aclose(), self.timeout)
+
+
+def script_time() -> str:
+    """The time a script takes as "now": the installed fake clock's, else Redis's own.
+
+    Shared state is timed on Redis's clock (``TIME``) so that processes whose
+    monotonic clocks differ agree; under a
+    [`FakeClock`][datapunk_recovery.clock.FakeClock] (tests, simulations) the
+    scripts run on the fake time instead, so that a shared primitive moves
+    exactly as a local one driven by the same clock.  Returns seconds as a
+    string, or ``""`` for Redis's clock.
+    """
+    fake = clock.current_fake()
+    return "" if fake is None else repr(fake.now())
 
 
 def _driver_timeout(timeout: float) -> float:

@@ -1,0 +1,255 @@
+"""The shared (Redis) breaker runs the local breaker's rules: a differential property test.
+
+The state machine is specified once, in ``breaker._Core``; the Redis store
+runs the same rules in Lua for atomicity.  Hypothesis drives one sequence of
+admissions, outcomes (with durations), forced states and clock steps through
+a local breaker and a breaker shared through a real Redis, both on one fake
+clock (the scripts take the fake time, see ``stores.redis.script_time``), and
+the two must admit the same calls (the same probes) and go through the same
+states with the same counts and the same time until they admit again.
+
+Configurations cover count and time windows, failure-rate and slow-call-rate
+thresholds, minimum calls, consecutive failures, one or several half-open
+permits under both ``half_open_decision`` modes, with and without a
+half-open time limit, forced states and a growing, capped open duration.
+Jitter is left out: the local breaker and the store draw from different
+random sources (its bounds are tested in test_breaker.py).  Times are
+multiples of 1/64 s, exact in binary and in the script's 6-decimal storage,
+so that a period ending exactly at a step ends there on both sides.
+
+Redis is reached through redis.asyncio: each example runs its own asyncio
+loop, store and breaker name (``asyncio.run``), so examples never share keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from datapunk_recovery.breaker import BreakerConfig, CircuitBreaker, Permit
+from datapunk_recovery.clock import FakeClock
+from datapunk_recovery.errors import CircuitOpenError
+from datapunk_recovery.stores.redis import RedisStore
+from datapunk_recovery.testing import fake_clock
+from tests.harness import RedisServer
+
+pytestmark = pytest.mark.drill  # a real Redis round trip per step: a few seconds in all
+
+STEP = 1 / 64  # seconds: every time and duration is a multiple of it
+
+
+class Boom(Exception):
+    pass
+
+
+@st.composite
+def configs(draw: st.DrawFn) -> BreakerConfig:
+    """A breaker configuration from the space both implementations support."""
+    rate = draw(st.sampled_from([None, 0.25, 0.34, 0.5, 1.0]))
+    slow_rate = draw(st.sampled_from([None, 0.5, 0.75, 1.0]))
+    consecutive = draw(st.sampled_from([None, 1, 2, 3]))
+    if rate is None and slow_rate is None and consecutive is None:
+        consecutive = 2
+    window = draw(st.sampled_from(["count", "time"]))
+    size = draw(st.integers(1, 5))
+    duration = draw(st.sampled_from([0.5, 1.0, 2.0]))
+    open_duration = draw(st.sampled_from([0.25, 0.5, 1.0]))
+    return BreakerConfig(
+        consecutive_failures=consecutive,
+        failure_rate_threshold=rate,
+        slow_call_rate_threshold=slow_rate,
+        slow_call_duration=0.5 if slow_rate is not None else None,
+        window=window,  # type: ignore[arg-type]
+        window_size=size,
+        window_duration=duration,
+        window_buckets=draw(st.sampled_from([1, 2, 4])),
+        minimum_calls=draw(st.integers(1, size)),
+        half_open_permits=draw(st.integers(1, 3)),
+        half_open_timeout=draw(st.sampled_from([None, 0.5, 1.0])),
+        half_open_decision=draw(
+            st.sampled_from(["first_failure", "rate"] if rate is not None else ["first_failure"])
+        ),
+        open_duration=open_duration,
+        open_backoff=draw(st.sampled_from([1.0, 1.5, 2.0])),
+        max_open_duration=open_duration * draw(st.sampled_from([1, 2, 4])),
+    )
+
+
+@dataclass(frozen=True)
+class Allow:
+    """Ask both breakers for a permit."""
+
+
+@dataclass(frozen=True)
+class Settle:
+    """End the ``which``-th permit still out (modulo their number) with ``outcome``."""
+
+    which: int
+    outcome: str  # "success", "failure" or "cancel"
+    duration: float  # seconds
+
+
+@dataclass(frozen=True)
+class Advance:
+    """Move the clock by ``steps`` times `STEP`."""
+
+    steps: int
+
+
+@dataclass(frozen=True)
+class Force:
+    """An operator's control: ``isolate``, ``reset``, ``disable`` or ``metrics_only``."""
+
+    control: str
+
+
+
+@dataclass(frozen=True)
+class Call:
+    """Ask both breakers for a permit and, if granted, end it at once with ``outcome``."""
+
+    outcome: str
+    duration: float
+
+
+Op = Allow | Call | Settle | Advance | Force
+
+outcomes = st.sampled_from(["success", "success", "failure", "failure", "cancel"])
+durations = st.sampled_from([0.25, 0.5, 0.75])
+calls = st.builds(Call, outcomes, durations)
+advances = st.builds(Advance, st.one_of(st.integers(1, 32), st.integers(33, 160)))
+# Weighted by repetition: calls and clock steps most.  Operator controls in
+# one program of three (a control holds the breaker until a reset).
+steps = [
+    *[calls] * 5,
+    *[st.just(Allow())] * 2,
+    *[st.builds(Settle, st.integers(0, 3), outcomes, durations)] * 2,
+    *[advances] * 3,
+]
+controls = st.builds(Force, st.sampled_from(["isolate", "reset", "reset", "disable", "metrics_only"]))
+programs = st.sampled_from([False, False, True]).flatmap(
+    lambda forced: st.lists(st.one_of(*steps, *([controls] if forced else [])), min_size=20, max_size=60)
+)
+
+
+def view(breaker: CircuitBreaker) -> tuple[object, ...]:
+    """What both breakers must agree on: state, counts, and seconds until they admit."""
+    snap = breaker.snapshot()
+    retry = snap.retry_after
+    return (
+        snap.state,
+        snap.consecutive_failures,
+        snap.calls,
+        snap.failures,
+        snap.slow_calls,
+        math.inf if math.isinf(retry) else round(retry, 5),
+    )
+
+
+async def _admit(breaker: CircuitBreaker) -> Permit | None:
+    try:
+        return await breaker.allow_async()
+    except CircuitOpenError:
+        return None
+
+
+def _settle(permit: Permit, outcome: str, duration: float) -> None:
+    if outcome == "success":
+        permit.success(duration)
+    elif outcome == "failure":
+        permit.failure(Boom("down"), duration)
+    else:
+        permit.cancel()
+
+
+async def _run(url: str, config: BreakerConfig, program: list[Op], every: int) -> list[str]:
+    """Drive ``program`` through both breakers; return the log of what each step saw.
+
+    ``every``: flush the shared breaker's writes after every ``every`` steps
+    (1: after each).  Asserts agreement as the docstrings of the tests say.
+    """
+    log: list[str] = []
+    with fake_clock(1000.0) as clock:
+        store = RedisStore(url, cache_ttl=0.0, flush_interval=3600.0, flush_max=10_000)
+        try:
+            name = f"diff-{uuid.uuid4().hex[:12]}"
+            local = CircuitBreaker(name, config)
+            shared = CircuitBreaker(name, config, store=store)
+            out: list[tuple[Permit, Permit]] = []
+            for i, op in enumerate(program):
+                observe = await _step(op, local, shared, out, clock, log)
+                flushed = (i + 1) % every == 0
+                if flushed:
+                    await shared.flush_async()
+                if observe and (flushed or every == 1):
+                    here, there = view(local), view(shared)
+                    log.append(f"  local {here}\n  shared {there}")
+                    assert here == there, "\n".join(log)
+                    event(f"reached {here[0]}")  # (--hypothesis-show-statistics)
+        finally:
+            await store.aclose()
+    return log
+
+
+async def _step(
+    op: Op,
+    local: CircuitBreaker,
+    shared: CircuitBreaker,
+    out: list[tuple[Permit, Permit]],
+    clock: FakeClock,
+    log: list[str],
+) -> bool:
+    """Apply ``op`` to both breakers; whether the shared side made a round trip (compare)."""
+    if isinstance(op, Advance):
+        clock.advance(op.steps * STEP)
+        log.append(f"advance {op.steps * STEP} s -> {clock.now()}")
+        return False  # nobody looked: both settle time at the next step, at the same time
+    if isinstance(op, Force):
+        await getattr(local, f"{op.control}_async")()
+        await getattr(shared, f"{op.control}_async")()
+        log.append(f"{op.control}")
+        return True
+    if isinstance(op, Allow | Call):
+        a, b = await _admit(local), await _admit(shared)
+        log.append(
+            f"allow -> local {a and ('probe' if a.probe else 'call')}, "
+            f"shared {b and ('probe' if b.probe else 'call')}"
+        )
+        assert (a is None) == (b is None), "\n".join(log)
+        if a is not None and b is not None:
+            assert a.probe == b.probe, "\n".join(log)
+            if a.probe:
+                event("probe admitted")
+            if isinstance(op, Call):
+                out.append((a, b))
+                return await _step(Settle(len(out) - 1, op.outcome, op.duration), local, shared, out, clock, log)
+            out.append((a, b))
+        return True
+    if not out:
+        return False
+    a, b = out.pop(op.which % len(out))
+    log.append(f"{op.outcome} ({op.duration} s) of a {'probe' if a.probe else 'call'}")
+    _settle(a, op.outcome, op.duration)
+    _settle(b, op.outcome, op.duration)
+    # A cancelled call that is no probe has nothing to send: no round trip,
+    # and the shared state as last read says nothing about time since.
+    return a.probe or op.outcome != "cancel"
+
+
+@settings(
+    max_examples=int(__import__("os").environ.get("DIFF_N", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(config=configs(), program=programs)
+def test_a_shared_breaker_decides_every_step_as_the_local_one_when_flushed_each_step(
+    redis_server: RedisServer, config: BreakerConfig, program: list[Op]
+) -> None:
+    """Flushed after every step (no lag): identical admissions, states, counts, times."""
+    asyncio.run(_run(redis_server.url, config, program, every=1))
