@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from datapunk_recovery.breaker import BreakerConfig, CircuitBreaker, Permit
@@ -109,7 +109,6 @@ class Force:
     control: str
 
 
-
 @dataclass(frozen=True)
 class Call:
     """Ask both breakers for a permit and, if granted, end it at once with ``outcome``."""
@@ -132,9 +131,13 @@ steps = [
     *[st.builds(Settle, st.integers(0, 3), outcomes, durations)] * 2,
     *[advances] * 3,
 ]
-controls = st.builds(Force, st.sampled_from(["isolate", "reset", "reset", "disable", "metrics_only"]))
+controls = st.builds(
+    Force, st.sampled_from(["isolate", "reset", "reset", "disable", "metrics_only"])
+)
 programs = st.sampled_from([False, False, True]).flatmap(
-    lambda forced: st.lists(st.one_of(*steps, *([controls] if forced else [])), min_size=20, max_size=60)
+    lambda forced: st.lists(
+        st.one_of(*steps, *([controls] if forced else [])), min_size=20, max_size=60
+    )
 )
 
 
@@ -228,7 +231,9 @@ async def _step(
                 event("probe admitted")
             if isinstance(op, Call):
                 out.append((a, b))
-                return await _step(Settle(len(out) - 1, op.outcome, op.duration), local, shared, out, clock, log)
+                return await _step(
+                    Settle(len(out) - 1, op.outcome, op.duration), local, shared, out, clock, log
+                )
             out.append((a, b))
         return True
     if not out:
@@ -242,12 +247,120 @@ async def _step(
     return a.probe or op.outcome != "cancel"
 
 
+_TRIP_ONCE = BreakerConfig(consecutive_failures=1, open_duration=0.25, max_open_duration=0.25)
+
+
 @settings(
-    max_examples=int(__import__("os").environ.get("DIFF_N", "60")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(config=configs(), program=programs)
+# The corners, every run: the "rate" decision at its threshold exactly...
+@example(
+    config=BreakerConfig(
+        consecutive_failures=1,
+        failure_rate_threshold=0.5,
+        window_size=2,
+        minimum_calls=2,
+        half_open_permits=2,
+        half_open_decision="rate",
+        open_duration=0.25,
+        max_open_duration=0.25,
+    ),
+    program=[
+        Call("failure", 0.25),
+        Advance(16),
+        Allow(),
+        Allow(),
+        Settle(0, "failure", 0.25),
+        Settle(0, "success", 0.25),
+        Allow(),
+    ],
+)
+# ... a half-open time limit passing with one probe of two succeeded, and then
+# with none (the open period then runs from the limit) ...
+@example(
+    config=BreakerConfig(
+        consecutive_failures=1,
+        half_open_permits=2,
+        half_open_timeout=0.5,
+        open_duration=0.25,
+        max_open_duration=0.25,
+    ),
+    program=[
+        Call("failure", 0.25),
+        Advance(64),
+        Allow(),
+        Allow(),
+        Settle(0, "success", 0.25),
+        Advance(40),
+        Allow(),
+        Call("failure", 0.25),
+        Advance(16),
+        Allow(),
+        Advance(40),
+        Allow(),
+        Advance(8),
+        Allow(),
+    ],
+)
+# ... an open duration growing to its cap, ending exactly on a step ...
+@example(
+    config=BreakerConfig(
+        consecutive_failures=1,
+        open_duration=0.25,
+        open_backoff=2.0,
+        max_open_duration=0.5,
+    ),
+    program=[
+        Call("failure", 0.25),
+        Advance(16),
+        Call("failure", 0.25),
+        Advance(32),
+        Call("failure", 0.25),
+        Advance(31),
+        Allow(),
+        Advance(1),
+        Call("success", 0.25),
+    ],
+)
+# ... a time window emptied by a step of exactly its length, slow calls ...
+@example(
+    config=BreakerConfig(
+        consecutive_failures=None,
+        slow_call_rate_threshold=0.5,
+        slow_call_duration=0.5,
+        window="time",  # type: ignore[arg-type]
+        window_duration=1.0,
+        window_buckets=4,
+        minimum_calls=2,
+    ),
+    program=[
+        Call("success", 0.75),
+        Advance(64),
+        Call("success", 0.25),
+        Call("success", 0.5),
+        Advance(15),
+        Call("failure", 0.75),
+    ],
+)
+# ... and the operator's controls.
+@example(
+    config=_TRIP_ONCE,
+    program=[
+        Force("isolate"),
+        Allow(),
+        Force("reset"),
+        Force("metrics_only"),
+        Call("failure", 0.25),
+        Call("failure", 0.25),
+        Force("disable"),
+        Call("failure", 0.25),
+        Force("reset"),
+        Call("failure", 0.25),
+        Allow(),
+    ],
+)
 def test_a_shared_breaker_decides_every_step_as_the_local_one_when_flushed_each_step(
     redis_server: RedisServer, config: BreakerConfig, program: list[Op]
 ) -> None:
