@@ -1065,15 +1065,25 @@ class _BreakerLink:
     async def _refresh(self) -> _Shared | None:
         self.refreshing = True
         try:
-            if self.batch or (self.sending is not None and not self.sending.done()):
-                # The read waits for this process's own outcomes: their send
-                # returns the shared state, so it is the read (no extra round trip).
+            # The read waits for this process's own writes: its batch (whose
+            # send returns the shared state, so it is the read: no extra round
+            # trip), and its probe results and releases, sent at once in tasks
+            # of their own, which the read would otherwise overtake (a call
+            # refused on a state this process already changed).
+            if self.batch:
                 self._kick()
-                sending = self.sending
-                if sending is not None:
-                    await asyncio.wait((sending,), timeout=2 * self.store.timeout)
-                    if sending.done() and self.down_since is None and self.cached is not None:
-                        return self.cached
+            sending = self.sending
+            writes = [task for task in self.pending if not task.done()]
+            if writes:
+                await asyncio.wait(writes, timeout=2 * self.store.timeout)
+                if (
+                    sending is not None
+                    and writes == [sending]
+                    and sending.done()
+                    and self.down_since is None
+                    and self.cached is not None
+                ):
+                    return self.cached
             return await self._op("read")
         finally:
             self.refreshing = False
