@@ -247,9 +247,10 @@ def test_a_shared_token_budget_synced_every_few_steps_applies_each_batch_clamped
 
     Between syncs both decide on the same local arithmetic; at each sync the
     shared fill is the batch's net change clamped once (to within rounding:
-    a sum in another order), which is the local fill whenever the local budget never touched ``0`` or ``max_tokens``
-    during the batch, and otherwise differs from it by at most what the
-    local clamps cut (the test then goes on from the shared fill).
+    a sum in another order), which is the local fill whenever the local
+    budget never touched ``0`` or ``max_tokens`` during the batch, and
+    otherwise differs from it by at most what the local clamps cut (the
+    comparison ends there: the two went apart by the rule).
     """
     asyncio.run(_tokens(redis_server.url, config, program, every=every))
 

@@ -43,9 +43,10 @@ state:
 - ratio window: ``{prefix}:{budget:<name>}:ratio`` (a hash of bucketed
   counters ``e<i>`` epoch, ``a<i>`` attempts, ``r<i>`` retries, and ``z`` the
   window's shape), on Redis's own clock (``TIME``), so replicas agree on
-  which bucket is current (on the fake clock's time when one is installed).  A batch lands in the bucket current when it
-  arrives.  The local window adopts the shared buckets by age (within one
-  bucket of the others, since local clocks differ).
+  which bucket is current (on an installed fake clock's time, in tests).  A
+  batch lands in the bucket current when it arrives.  The local window
+  adopts the shared buckets by age (within one bucket of the others, since
+  local clocks differ).
 - ``{prefix}:{budget:<name>}:link:<id>``: per process, the cumulative counts
   already applied.  A batch says which cumulative counts it covers, so a sync
   whose reply was lost (timeout, cancellation) is resent by the next one and
