@@ -179,7 +179,9 @@ async def _run(url: str, config: BreakerConfig, program: list[Op], every: int) -
     """
     log: list[str] = []
     with fake_clock(1000.0) as clock:
-        store = RedisStore(url, cache_ttl=0.0, flush_interval=3600.0, flush_max=10_000)
+        store = RedisStore(  # (timeout: a busy machine is no outage here)
+            url, cache_ttl=0.0, flush_interval=3600.0, flush_max=10_000, timeout=5.0
+        )
         try:
             name = f"diff-{uuid.uuid4().hex[:12]}"
             local = CircuitBreaker(name, config)

@@ -128,7 +128,7 @@ def _ratio_view(budget: RatioBudget) -> tuple[float, ...]:
 
 async def _tokens(url: str, config: TokenBudgetConfig, program: list[Op], every: int) -> None:
     with fake_clock(1000.0):
-        store = RedisStore(url)
+        store = RedisStore(url, timeout=5.0)  # (a busy machine is no outage here)
         name = f"diff-{uuid.uuid4().hex[:12]}"
         local, inner = TokenBudget(name, config), TokenBudget(name, config)
         shared = SharedBudget(inner, store)
@@ -187,7 +187,7 @@ async def _tokens(url: str, config: TokenBudgetConfig, program: list[Op], every:
 
 async def _ratio(url: str, config: RatioBudgetConfig, program: list[Op], every: int) -> None:
     with fake_clock(1000.0) as clock:
-        store = RedisStore(url)
+        store = RedisStore(url, timeout=5.0)  # (a busy machine is no outage here)
         name = f"diff-{uuid.uuid4().hex[:12]}"
         local, inner = RatioBudget(name, config), RatioBudget(name, config)
         shared = SharedBudget(inner, store)
