@@ -413,3 +413,62 @@ def test_a_shared_breaker_flushed_every_few_steps_agrees_within_the_lag_bound(
     its last round trip, behind by at most the outcomes recorded since.
     """
     asyncio.run(_run(redis_server.url, config, program, every=every))
+
+
+async def _boundary(url: str) -> None:
+    config = BreakerConfig(consecutive_failures=1, open_duration=0.2, max_open_duration=0.2)
+    with fake_clock(1000.0) as clock:
+        store = RedisStore(url, cache_ttl=0.0, timeout=5.0)
+        try:
+            name = f"diff-{uuid.uuid4().hex[:12]}"
+            local = CircuitBreaker(name, config)
+            shared = CircuitBreaker(name, config, store=store)
+            clock.set(1000.0 + 0.1)
+            for breaker in (local, shared):
+                permit = await breaker.allow_async()
+                await permit.failure_async(Boom("down"))
+            # open until 1000.1 + 0.2 == 1000.3000000000001: not yet ended at 1000.3
+            clock.set(1000.0 + 0.3)
+            a, b = await _admit(local), await _admit(shared)
+            assert (a is None, b is None) == (True, True)
+            assert view(local) == view(shared)
+        finally:
+            await store.aclose()
+
+
+def test_an_open_period_ends_at_the_same_instant_to_the_bit_on_both_sides(
+    redis_server: RedisServer,
+) -> None:
+    """Found by the differential test with times off the 1/64 s grid.
+
+    Times kept in Redis round-trip exactly (they were cut to 6 decimals, so a
+    period ending a fraction of a microsecond after a round number ended early
+    in Redis: a probe admitted there while the local breaker still refused),
+    and the time left in a reply is rounded up to the microsecond (rounded
+    down, the link's cached view showed half-open while Redis was open).
+    """
+    asyncio.run(_boundary(redis_server.url))
+
+
+def test_a_snapshot_taken_as_a_half_open_limit_passes_shows_the_counts_of_the_new_state(
+    fake: FakeClock,
+) -> None:
+    """Found by the differential test: the local snapshot read the window before
+    the state, whose reading closed the breaker (half-open limit passed, a
+    probe had succeeded) and cleared the window: ``closed`` with the old counts."""
+    config = BreakerConfig(
+        consecutive_failures=1,
+        keep_window=True,
+        minimum_calls=1,
+        half_open_permits=2,
+        half_open_timeout=0.5,
+        open_duration=0.25,
+        max_open_duration=0.25,
+    )
+    breaker = CircuitBreaker("b", config)
+    breaker.allow().failure(Boom("down"))
+    fake.advance(0.25)
+    breaker.allow().success()  # one probe of two succeeded
+    fake.advance(0.5)  # the half-open limit passes while nobody looks
+    snap = breaker.snapshot()
+    assert (snap.state, snap.calls, snap.failures) == ("closed", 0, 0)

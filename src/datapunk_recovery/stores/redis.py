@@ -219,7 +219,7 @@ if (wk == 0 and S.wc > cfg.ws)
   win_clear()
 end
 -- Never obey an open (or half-open) period longer than this configuration
--- could set: shorten it and say so.  (1 ms of slack for the 6-decimal storage.)
+-- could set: shorten it and say so.  (1 ms of slack for rounding.)
 local longest = math.max(cfg.om * (1 + cfg.oj), cfg.sd)
 if S.s == OPEN and S.ou - now > longest + 0.001 then
   S.ou = now + longest
@@ -426,7 +426,7 @@ if wk == 1 then win_advance() end
 local wh = ''
 if S.wh ~= false then wh = string.format('%.0f', S.wh) end
 redis.call('HSET', key, 's', S.s, 'g', string.format('%.0f', S.g),
-           'ou', string.format('%.6f', S.ou), 'hu', string.format('%.6f', S.hu),
+           'ou', string.format('%.17g', S.ou), 'hu', string.format('%.17g', S.hu),
            'c', S.c, 'pi', S.pi, 'po', S.po, 'r', S.r, 'wc', S.wc, 'wf', S.wf,
            'ws', S.ws, 'wp', S.wp, 'wz', S.wz, 'pf', S.pf, 'ps', S.ps, 'sh', S.sh, 'p', S.p)
 if wh == '' then redis.call('HDEL', key, 'wh') else redis.call('HSET', key, 'wh', wh) end
@@ -443,8 +443,10 @@ if redis.call('EXISTS', wink) == 1 then redis.call('PEXPIRE', wink, ttl) end
 local rem = 0
 if S.s == OPEN then rem = S.ou - now elseif S.s == HALF and cfg.ht >= 0 then rem = S.hu - now end
 if rem < 0 then rem = 0 end
--- (free permits never below 0: another process may allow fewer probes)
-return {S.s, S.g, math.floor(rem * 1000000), granted, math.max(0, cfg.hp - S.pi), S.c,
+-- (free permits never below 0: another process may allow fewer probes; the
+-- time left rounded up to the microsecond: a link's cached view never ends a
+-- period before Redis does)
+return {S.s, S.g, math.ceil(rem * 1000000), granted, math.max(0, cfg.hp - S.pi), S.c,
         S.wc, S.wf, S.ws, corrupt, reason_out, shadow, S.p}
 """
 
