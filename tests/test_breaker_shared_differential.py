@@ -39,7 +39,7 @@ from datapunk_recovery.stores.redis import RedisStore
 from datapunk_recovery.testing import fake_clock
 from tests.harness import RedisServer
 
-pytestmark = pytest.mark.drill  # a real Redis round trip per step: a few seconds in all
+pytestmark = pytest.mark.drill  # Redis round trips every step: about 1 s a property
 
 STEP = 1 / 64  # seconds: every time and duration is a multiple of it
 

@@ -29,7 +29,6 @@ import asyncio
 import uuid
 from dataclasses import dataclass
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -45,8 +44,6 @@ from datapunk_recovery.stores.budget_redis import SharedBudget
 from datapunk_recovery.stores.redis import RedisStore
 from datapunk_recovery.testing import fake_clock
 from tests.harness import RedisServer
-
-pytestmark = pytest.mark.drill  # a real Redis round trip per step: a few seconds in all
 
 STEP = 1 / 64  # seconds
 EPS = 1e-9  # tokens: the rounding a batch's sum may differ by from one-by-one sums
