@@ -53,12 +53,12 @@ _CHILD = r"""
 import asyncio, json, sys, threading, time
 import aiohttp
 from datapunk_recovery import events
-from datapunk_recovery.backoff import RetryConfig
+from datapunk_recovery._core.backoff import RetryConfig
 from datapunk_recovery.breaker import (
     BreakerConfig, BreakerState, CircuitBreaker, StoreFallback,
 )
 from datapunk_recovery.budget import BudgetStoreFallback, RatioBudget, RatioBudgetConfig
-from datapunk_recovery.engine import retry
+from datapunk_recovery._execution.engine import retry
 from datapunk_recovery.stores.budget_redis import SharedBudget
 from datapunk_recovery.stores.redis import RedisStore
 

@@ -1237,13 +1237,16 @@ class CircuitBreaker:
     def snapshot(self) -> BreakerSnapshot:
         """The state and counts now."""
         core = self._core
+        # The state first: reading it applies a transition time made (a
+        # half-open time limit passed), which may clear the counts.
+        state = self.state
         totals = self._totals()
         calls, failures, slow = totals or (0, 0, 0)
         judged = totals is not None and calls >= core.config.minimum_calls and calls > 0
         consecutive = self._link.consecutive() if self._link is not None else core.consecutive
         return BreakerSnapshot(
             name=self.name,
-            state=self.state,
+            state=state,
             consecutive_failures=consecutive,
             calls=calls,
             failures=failures,

@@ -43,9 +43,10 @@ state:
 - ratio window: ``{prefix}:{budget:<name>}:ratio`` (a hash of bucketed
   counters ``e<i>`` epoch, ``a<i>`` attempts, ``r<i>`` retries, and ``z`` the
   window's shape), on Redis's own clock (``TIME``), so replicas agree on
-  which bucket is current.  A batch lands in the bucket current when it
-  arrives.  The local window adopts the shared buckets by age (within one
-  bucket of the others, since local clocks differ).
+  which bucket is current (on an installed fake clock's time, in tests).  A
+  batch lands in the bucket current when it arrives.  The local window
+  adopts the shared buckets by age (within one bucket of the others, since
+  local clocks differ).
 - ``{prefix}:{budget:<name>}:link:<id>``: per process, the cumulative counts
   already applied.  A batch says which cumulative counts it covers, so a sync
   whose reply was lost (timeout, cancellation) is resent by the next one and
@@ -109,7 +110,7 @@ from ..budget import (
     _refused,
     current_criticality,
 )
-from .redis import RedisStore
+from .redis import RedisStore, script_time
 
 __all__ = [
     "BudgetCorruptStateIgnored",
@@ -230,7 +231,8 @@ return {out, corrupt}
 # then the batch: attempts from, to, granted retries from, to; last, the
 # attempts and retries the sender's window holds (its batch included): a
 # window found missing (expired, or lost with an empty restart) starts from
-# them, in the current bucket, not empty.
+# them, in the current bucket, not empty; last, the time of an installed fake
+# clock ('' for Redis's ``TIME``, see ``stores.redis.script_time``).
 # Reply: {corrupt reason or "", attempts, retries of the current bucket, of
 # the one before, ... (buckets pairs, newest first)}.
 _RATIO_LUA: Final = (
@@ -241,8 +243,16 @@ local key, linkk = KEYS[1], KEYS[2]
 local n, width, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local af, at, rf, rt = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local ha, hr = count(ARGV[8]), count(ARGV[9])
-local time = redis.call('TIME')
-local epoch = math.floor((tonumber(time[1]) * 1000000 + tonumber(time[2])) / width)
+-- ARGV[10]: the time (seconds) of a fake clock installed in the caller
+-- (tests, simulations), or '' for Redis's own clock.
+local us = tonumber(ARGV[10])
+if us == nil then
+  local time = redis.call('TIME')
+  us = tonumber(time[1]) * 1000000 + tonumber(time[2])
+else
+  us = us * 1000000
+end
+local epoch = math.floor(us / width)
 local shape = string.format('%d:%.0f', n, width)
 local h = {}
 local flat = hcall('window', 'HGETALL', key)
@@ -682,6 +692,8 @@ class SharedBudget:
         self, base: tuple[int, int], sent: tuple[int, int], here: tuple[str, ...] = ()
     ) -> Any:
         args = [*self._args, self._ttl_ms, base[0], sent[0], base[1], sent[1], *here]
+        if not self._tokens:
+            args.append(script_time())  # which bucket is current
         # serial: a batch whose caller gave up on the reply lands before the next one
         return await self.store._eval(self._script, self._keys, args, serial=self)
 

@@ -49,7 +49,9 @@ master lacks (``NOSCRIPT``).
 
 Async only, asyncio only (redis.asyncio); a sync breaker asked to use it raises
 ``TypeError``.  Time in shared state is Redis's own clock (``TIME``), so
-processes whose monotonic clocks differ still agree on when an open period ends.
+processes whose monotonic clocks differ still agree on when an open period ends;
+under an installed [`FakeClock`][datapunk_recovery._core.clock.FakeClock] the scripts take the
+fake time instead (see `script_time()`), so tests drive shared state like local state.
 """
 
 from __future__ import annotations
@@ -126,8 +128,9 @@ _MAX_RUNS: Final = 256  # runs in a batch before they are folded (see _BreakerLi
 
 # One script per primitive: ARGV[1] is the operation (read, acquire, record,
 # release, force), ARGV[2] the configuration as JSON, ARGV[3] a uniform random
-# number for the open-duration jitter, then the operation's arguments, and last
-# the state the caller holds (code or -1) with its seconds left (see "hold").
+# number for the open-duration jitter, then the operation's arguments, the
+# state the caller holds (code or -1) with its seconds left (see "hold"), and
+# last the time of an installed fake clock ('' for Redis's ``TIME``).
 # Reply: {state, generation, remaining_us, granted (0/1/2=probe), free permits,
 # consecutive failures, window calls, window failures, window slow calls,
 # corrupt (0: no, 1: reset, 2: an open or half-open period longer than this
@@ -140,12 +143,22 @@ _MAX_RUNS: Final = 256  # runs in a batch before they are folded (see _BreakerLi
 # link can tell an older reply from a newer one.
 _BREAKER_LUA: Final = r"""
 pcall(redis.replicate_commands)
-local key, ringk, wink = KEYS[1], KEYS[2], KEYS[3]
+-- KEYS[2], when given, is the one window key this breaker's window kind uses
+-- (the count window's ring, or the time window's buckets): only the keys a
+-- run uses are named, so that each exists after it (see the expiry below).
+local key, wkey = KEYS[1], KEYS[2]
+local ringk, wink = wkey, wkey
+local function drop_window() if wkey ~= nil then redis.call('DEL', wkey) end end
 local op = ARGV[1]
 local cfg = cjson.decode(ARGV[2])
 local u = tonumber(ARGV[3]) or 0.5
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+-- The last argument: the time (seconds) of a fake clock installed in the
+-- caller (tests, simulations), or '' for Redis's own clock.
+local now = tonumber(ARGV[#ARGV])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 local CLOSED, OPEN, HALF, DISABLED, FORCED, METRICS = 0, 1, 2, 3, 4, 5
 
 local function num(x)
@@ -167,11 +180,11 @@ local function fresh(g)
 end
 
 local corrupt = 0
--- The last two arguments: a state the caller holds (-1: none) and, for an
--- open one, the seconds it has left.  They are obeyed only by a fresh state
+-- The two arguments before the time: a state the caller holds (-1: none)
+-- and, for an open one, the seconds it has left.  They are obeyed only by a fresh state
 -- (the keys expired, or Redis restarted empty): an operator's forced state,
 -- or an open period still running, is never lost with the keys.
-local hold, hold_left = tonumber(ARGV[#ARGV - 1]) or -1, tonumber(ARGV[#ARGV]) or 0
+local hold, hold_left = tonumber(ARGV[#ARGV - 2]) or -1, tonumber(ARGV[#ARGV - 1]) or 0
 local raw = redis.call('HMGET', key, 's', 'g', 'ou', 'hu', 'c', 'pi', 'po', 'r',
                        'wc', 'wf', 'ws', 'wp', 'wh', 'wz', 'p', 'pf', 'ps', 'sh')
 local made = raw[1] == false and raw[2] == false
@@ -201,7 +214,7 @@ else
     corrupt = 1
     local g = int(raw[2])
     if g == nil then g = math.floor(now * 1000) else g = g + 1 end
-    redis.call('DEL', ringk, wink)
+    drop_window()
     fresh(g)
   end
 end
@@ -224,7 +237,7 @@ if wk == 0 then shape = 'c:' .. cfg.ws elseif wk == 1 then
 local function win_clear()
   S.wc, S.wf, S.ws, S.wp, S.wh = 0, 0, 0, 0, false
   ring, ringset, winadd, moved = '', nil, nil, true
-  redis.call('DEL', ringk, wink)
+  drop_window()
 end
 if S.wz ~= shape then win_clear(); S.wz = shape end
 -- A window that cannot be right: more calls than a count window holds, or a
@@ -235,7 +248,7 @@ if (wk == 0 and S.wc > cfg.ws)
   win_clear()
 end
 -- Never obey an open (or half-open) period longer than this configuration
--- could set: shorten it and say so.  (1 ms of slack for the 6-decimal storage.)
+-- could set: shorten it and say so.  (1 ms of slack for rounding.)
 local longest = math.max(cfg.om * (1 + cfg.oj), cfg.sd)
 if S.s == OPEN and S.ou - now > longest + 0.001 then
   S.ou = now + longest
@@ -457,7 +470,7 @@ local dirty = op ~= 'read' or made or corrupt ~= 0 or moved or S.s ~= was_s
               or S.g ~= was_g or S.wz ~= was_wz
 if dirty then
   local f = {'s', S.s, 'g', string.format('%.0f', S.g),
-             'ou', string.format('%.6f', S.ou), 'hu', string.format('%.6f', S.hu),
+             'ou', string.format('%.17g', S.ou), 'hu', string.format('%.17g', S.hu),
              'c', S.c, 'pi', S.pi, 'po', S.po, 'r', S.r, 'wc', S.wc, 'wf', S.wf,
              'ws', S.ws, 'wp', S.wp, 'wz', S.wz, 'pf', S.pf, 'ps', S.ps, 'sh', S.sh, 'p', S.p}
   if S.wh ~= false then
@@ -476,10 +489,10 @@ local ttl = cfg.kt
 -- (a clean read needs no placeholder: the keys were made by the write that
 -- made the state, and they expire together)
 if dirty then
-  redis.call('SET', ringk, '', 'NX')
-  redis.call('HSETNX', wink, '_', '')
+  if wk == 0 and ringset == nil then redis.call('SET', ringk, '', 'NX')
+  elseif wk == 1 then redis.call('HSETNX', wink, '_', '') end
 end
-for _, k in ipairs({key, ringk, wink}) do
+for _, k in ipairs(KEYS) do
   if S.s == FORCED or S.s == DISABLED or S.s == METRICS then
     -- an operator's decision does not expire with traffic: kept until reset
     redis.call('PERSIST', k)
@@ -491,8 +504,10 @@ end
 local rem = 0
 if S.s == OPEN then rem = S.ou - now elseif S.s == HALF and cfg.ht >= 0 then rem = S.hu - now end
 if rem < 0 then rem = 0 end
--- (free permits never below 0: another process may allow fewer probes)
-return {S.s, S.g, math.floor(rem * 1000000), granted, math.max(0, cfg.hp - S.pi), S.c,
+-- (free permits never below 0: another process may allow fewer probes; the
+-- time left rounded up to the microsecond: a link's cached view never ends a
+-- period before Redis does)
+return {S.s, S.g, math.ceil(rem * 1000000), granted, math.max(0, cfg.hp - S.pi), S.c,
         S.wc, S.wf, S.ws, corrupt, reason_out, shadow, S.p}
 """
 
@@ -633,6 +648,10 @@ def _config_json(config: BreakerConfig, key_ttl_ms: int) -> str:
         },
         separators=(",", ":"),
     )
+
+
+#: The one window key a breaker's window kind keeps beside its state.
+_WINDOW_KEY: Final[dict[str, tuple[str, ...]]] = {"count": ("ring",), "time": ("win",)}
 
 
 class RedisStore:
@@ -854,11 +873,13 @@ class RedisStore:
 
     async def breaker_op(self, name: str, config: BreakerConfig, op: str, *args: Any) -> Any:
         """Run one operation of the breaker script (one round trip); returns the raw reply."""
-        keys = self.keys("breaker", name, "state", "ring", "win")
+        # only the window key this kind of window uses (see the script's KEYS)
+        window = _WINDOW_KEY.get(config.window, ()) if config.windowed else ()
+        keys = self.keys("breaker", name, "state", *window)
         ttl_ms = int(max(self.key_ttl, 2 * config.max_open_duration) * 1000)
         cfg = _config_json(config, ttl_ms)
         return await self._eval(
-            self._breaker_script, keys, [op, cfg, repr(self._rng.random()), *args]
+            self._breaker_script, keys, [op, cfg, repr(self._rng.random()), *args, script_time()]
         )
 
     @property
@@ -897,6 +918,20 @@ class RedisStore:
             await _runtime.await_bounded(self.client.aclose(), self.timeout)
             for extra in self._also_close:
                 await _runtime.await_bounded(extra.aclose(), self.timeout)
+
+
+def script_time() -> str:
+    """The time a script takes as "now": the installed fake clock's, else Redis's own.
+
+    Shared state is timed on Redis's clock (``TIME``) so that processes whose
+    monotonic clocks differ agree; under a
+    [`FakeClock`][datapunk_recovery._core.clock.FakeClock] (tests, simulations) the
+    scripts run on the fake time instead, so that a shared primitive moves
+    exactly as a local one driven by the same clock.  Returns seconds as a
+    string, or ``""`` for Redis's clock.
+    """
+    fake = clock.current_fake()
+    return "" if fake is None else repr(fake.now())
 
 
 def _driver_timeout(timeout: float) -> float:
@@ -1158,15 +1193,25 @@ class _BreakerLink:
         self.refreshing = True
         reading = self.reading = asyncio.get_running_loop().create_future()
         try:
-            if self.batch or (self.sending is not None and not self.sending.done()):
-                # The read waits for this process's own outcomes: their send
-                # returns the shared state, so it is the read (no extra round trip).
+            # The read waits for this process's own writes: its batch (whose
+            # send returns the shared state, so it is the read: no extra round
+            # trip), and its probe results and releases, sent at once in tasks
+            # of their own, which the read would otherwise overtake (a call
+            # refused on a state this process already changed).
+            if self.batch:
                 self._kick()
-                sending = self.sending
-                if sending is not None:
-                    await asyncio.wait((sending,), timeout=2 * self.store.timeout)
-                    if sending.done() and self.down_since is None and self.cached is not None:
-                        return self.cached
+            sending = self.sending
+            writes = [task for task in self.pending if not task.done()]
+            if writes:
+                await asyncio.wait(writes, timeout=2 * self.store.timeout)
+                if (
+                    sending is not None
+                    and writes == [sending]
+                    and sending.done()
+                    and self.down_since is None
+                    and self.cached is not None
+                ):
+                    return self.cached
             return await self._op("read")
         finally:
             self.refreshing = False
