@@ -315,61 +315,110 @@ def test_no_new_import_circle_appears_anywhere_in_the_package() -> None:
     assert not sorted(map(sorted, KNOWN_CYCLES.keys() - cycles)), "a listed circle has gone"
 
 
-#: What spawns a task or waits on asyncio / trio directly (the execution layer's job).
-_WAITING = {
-    "asyncio": {
-        "Event",
-        "Queue",
-        "TaskGroup",
-        "create_task",
-        "ensure_future",
-        "gather",
-        "get_running_loop",
-        "shield",
-        "sleep",
-        "timeout",
-        "timeout_at",
-        "wait",
-        "wait_for",
-    },
-    "trio": {
-        "CancelScope",
-        "Event",
-        "fail_after",
-        "lowlevel",
-        "move_on_after",
-        "open_memory_channel",
-        "open_nursery",
-        "sleep",
-    },
+#: What spawns a task or waits on asyncio / trio (or blocks a thread) directly: the
+#: execution layer's job.  ``None``: every name of that library.
+_WAITING: dict[str, frozenset[str] | None] = {
+    "asyncio": frozenset(
+        {
+            "Condition",
+            "Event",
+            "Queue",
+            "Semaphore",
+            "TaskGroup",
+            "create_task",
+            "ensure_future",
+            "gather",
+            "get_running_loop",
+            "shield",
+            "sleep",
+            "timeout",
+            "timeout_at",
+            "to_thread",
+            "wait",
+            "wait_for",
+        }
+    ),
+    "trio": frozenset(
+        {
+            "CancelScope",
+            "Event",
+            "fail_after",
+            "lowlevel",
+            "move_on_after",
+            "open_memory_channel",
+            "open_nursery",
+            "sleep",
+            "to_thread",
+        }
+    ),
+    "anyio": None,
+    "threading": frozenset({"Barrier", "Condition", "Event", "Semaphore", "Thread", "Timer"}),
+    "time": frozenset({"sleep"}),
+    "concurrent.futures": None,
 }
+
+#: Methods that spawn or schedule whatever object they are called on (a loop, a nursery).
+_SPAWNING = {"create_task", "run_in_executor", "call_later", "call_at", "start_soon"}
+
+
+def _waits(tree: ast.Module) -> bool:
+    """Whether a module waits itself: ``asyncio.sleep``, an alias, ``from asyncio import sleep``."""
+    aliases: dict[str, str] = {}  # local name -> waiting library
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in _WAITING:
+                    aliases[alias.asname or alias.name] = alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module in _WAITING and not node.level:
+            names = _WAITING[node.module]
+            if names is None or any(alias.name in names for alias in node.names):
+                return True
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        if node.attr in _SPAWNING:
+            return True  # loop.create_task(...), nursery.start_soon(...)
+        if isinstance(node.value, ast.Name) and node.value.id in aliases:
+            names = _WAITING[aliases[node.value.id]]
+            if names is None or node.attr in names:
+                return True
+    return False
+
 
 #: Modules that still wait on a library themselves, each with why.
 KNOWN_WAITING: dict[str, str] = {
     "datapunk_recovery._execution.runtime": "the execution layer: the one place that should",
     "datapunk_recovery.stores.redis": "stores/ is the store helper's this session",
     "datapunk_recovery.stores.budget_redis": "stores/ is the store helper's this session",
-    "datapunk_recovery.cache.recovering": "its single-flight event; perf owns that hot path now",
-    "datapunk_recovery.demo.drill": "the demo's own asyncio load generator (a face, asyncio only)",
 }
 
 
 def test_only_the_execution_layer_spawns_tasks_or_waits_on_asyncio_or_trio() -> None:
-    waiting: set[str] = set()
-    for here, _, tree in _sources():
-        for node in ast.walk(tree):
-            if (
-                isinstance(node, ast.Attribute)
-                and isinstance(node.value, ast.Name)
-                and node.attr in _WAITING.get(node.value.id, ())
-            ):
-                waiting.add(here)
-            elif isinstance(node, ast.Attribute) and node.attr == "create_task":
-                waiting.add(here)  # loop.create_task(...)
+    waiting = {here for here, _, tree in _sources() if _waits(tree)}
     assert sorted(waiting - KNOWN_WAITING.keys()) == [], (
         "wait through datapunk_recovery._execution.runtime"
     )
     assert sorted(KNOWN_WAITING.keys() - waiting) == [], "a listed module no longer waits itself"
+
+
+def test_the_waiting_check_sees_aliases_and_imported_names() -> None:
+    for source in (
+        "import asyncio as aio\nasync def f():\n    await aio.sleep(1)\n",
+        "from asyncio import wait_for\n",
+        "from trio import sleep as nap\n",
+        "import time\ntime.sleep(1)\n",
+        "import anyio\nanyio.run(f)\n",
+        "def f(loop):\n    loop.run_in_executor(None, print)\n",
+        "import threading\nthreading.Event().wait(1)\n",
+    ):
+        assert _waits(ast.parse(source)), source
+    for source in (
+        "import asyncio\nasyncio.CancelledError\n",
+        "import time\ntime.monotonic()\n",
+        "import threading\nthreading.Lock()\n",
+        "from .._execution import runtime as _runtime\n_runtime.sleep_sync(1)\n",
+    ):
+        assert not _waits(ast.parse(source)), source
 
 
 def test_every_top_level_module_sits_in_one_import_linter_layer() -> None:

@@ -173,6 +173,31 @@ async def test_a_cancelled_leader_does_not_strand_its_followers(db: Database) ->
     assert db.loads == 2
 
 
+async def test_a_cancelled_follower_leaves_its_leader_and_the_other_followers_loading(
+    db: Database,
+) -> None:
+    rtc, _ = make(db)
+    db.gate = anyio.Event()
+    results: list[Any] = []
+
+    async def reader() -> None:
+        results.append(await rtc.get("k5"))
+
+    async with anyio.create_task_group() as outer:
+        outer.start_soon(reader)  # the leader
+        await anyio.wait_all_tasks_blocked()
+        async with anyio.create_task_group() as quitter:
+            quitter.start_soon(reader)
+            await anyio.wait_all_tasks_blocked()
+            quitter.cancel_scope.cancel()  # a follower goes; the load must go on
+        outer.start_soon(reader)  # a follower that stays
+        await anyio.wait_all_tasks_blocked()
+        db.gate.set()
+    assert results == [{"n": 5}, {"n": 5}]
+    assert db.loads == 1
+    assert rtc.stats().shared_loads == 1
+
+
 async def test_a_dead_cache_sends_reads_to_the_source_and_its_breaker_opens(
     db: Database, clock: FakeClock
 ) -> None:

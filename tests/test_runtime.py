@@ -24,6 +24,36 @@ async def test_a_task_signal_nobody_sets_reports_the_timeout() -> None:
     assert not await _runtime.task_signal().wait(0.0)
 
 
+def test_a_thread_signal_set_from_another_thread_wakes_the_blocked_thread() -> None:
+    signal = _runtime.thread_signal()
+    thread = threading.Thread(target=signal.set)
+    thread.start()
+    assert signal.wait(30.0)  # bounded: the thread sets it at once
+    thread.join()
+
+
+def test_a_thread_signal_nobody_sets_reports_the_timeout() -> None:
+    assert not _runtime.thread_signal().wait(0.0)
+
+
+@pytest.mark.anyio
+async def test_a_task_event_set_by_another_task_wakes_every_waiter() -> None:
+    event = _runtime.task_event()
+    woken: list[int] = []
+
+    async def waiter(n: int) -> None:
+        await event.wait()
+        woken.append(n)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter, 1)
+        tg.start_soon(waiter, 2)
+        await anyio.wait_all_tasks_blocked()
+        assert not event.is_set() and woken == []
+        event.set()
+    assert event.is_set() and sorted(woken) == [1, 2]
+
+
 @pytest.mark.anyio
 async def test_cancel_after_cancels_the_block_and_says_it_did() -> None:
     blocked = anyio.Event()

@@ -30,6 +30,7 @@ __all__ = [
     "RaceGroup",
     "TaskEvent",
     "TaskSignal",
+    "ThreadSignal",
     "async_library",
     "call_within",
     "race_group",
@@ -40,6 +41,7 @@ __all__ = [
     "sleep_sync",
     "task_event",
     "task_signal",
+    "thread_signal",
 ]
 
 T = TypeVar("T")
@@ -216,6 +218,24 @@ class _TrioSignal(TaskSignal):
 def task_signal() -> TaskSignal:
     """A `TaskSignal` for the running asyncio or trio task."""
     return _TrioSignal() if async_library() == "trio" else _AsyncioSignal()
+
+
+class ThreadSignal(Protocol):
+    """A one-shot wake-up for a blocked thread, settable from any thread (``threading.Event``)."""
+
+    def set(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block at most ``timeout`` seconds (``None``: no bound); whether the signal was set."""
+        ...
+
+
+def thread_signal() -> ThreadSignal:
+    """A new `ThreadSignal`: the thread-side twin of `task_signal()` (bulkhead queues).
+
+    Its wait is in real time, fake clock or not: only another thread can end it early.
+    """
+    return threading.Event()
 
 
 class CancelAfter:

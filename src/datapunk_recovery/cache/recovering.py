@@ -48,7 +48,6 @@ monotonic clocks are not.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import math
 import time
@@ -297,14 +296,6 @@ def _failure_kind(exc: BaseException) -> str:
     return "error"
 
 
-def _new_event() -> Any:
-    if _runtime.async_library() == "trio":
-        import trio
-
-        return trio.Event()
-    return asyncio.Event()
-
-
 class _Flight:
     """One source load that concurrent readers of a key share.
 
@@ -314,7 +305,7 @@ class _Flight:
     __slots__ = ("done", "error", "value")
 
     def __init__(self) -> None:
-        self.done: Any = None
+        self.done: _runtime.TaskEvent | None = None
         self.value: Any = None
         self.error: BaseException | None = None
 
@@ -382,7 +373,7 @@ class ReadThroughCache(Generic[V]):
         self._down = False
         self._refused_until = 0.0
         self._recoveries = 0
-        self._wake: Any = None
+        self._wake: _runtime.TaskEvent | None = None
         self._hits = self._misses = self._stale = self._loads = self._shared = 0
         self._failures: dict[str, int] = {}
 
@@ -625,7 +616,7 @@ class ReadThroughCache(Generic[V]):
             if flight is None:
                 break
             if flight.done is None:
-                flight.done = _new_event()
+                flight.done = _runtime.task_event()
             await flight.done.wait()
             if flight.error is _ABANDONED:
                 continue  # its leader was cancelled: lead a new load
@@ -859,7 +850,7 @@ class ReadThroughCache(Generic[V]):
         handled = self._recoveries
         while True:
             if self._recoveries == handled:
-                self._wake = _new_event()
+                self._wake = _runtime.task_event()
                 await self._wake.wait()
                 self._wake = None
             handled = self._recoveries

@@ -23,7 +23,6 @@ removed at the end.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import random
@@ -37,6 +36,7 @@ from .. import network
 from .._core import clock
 from .._core.events import Event, subscribe
 from .._core.validate import check_count, check_number, check_seconds, shown
+from .._execution import runtime as _runtime
 from ..breaker import BreakerStateChanged
 from ..cache import Cache, MemoryCache, RedisCache
 from ..chaos import Fault, Latency, Timeline, Window
@@ -314,7 +314,7 @@ class _Mesh:
                     await self.redis.close()
 
     async def hold(self) -> None:
-        await asyncio.sleep(_JOB_SECONDS)
+        await _runtime.sleep_async(_JOB_SECONDS)
 
     # -- without recovery: one attempt, the first choice, no fallback ----------------
 
@@ -400,21 +400,21 @@ async def run_drill(
                     )
                 )
 
-        async def one(at: float, kind: str, key: str) -> None:
-            start = loop.time()
+        async def one(at: float, kind: str, key: str) -> bool:
+            start = clock.now()
             ok = False
             try:
-                async with asyncio.timeout(setup.request_timeout):
+                async with _runtime.CancelAfter(setup.request_timeout) as bound:
                     if strategies is None:
                         await mesh.plain(kind, key)
                     else:
                         await mesh.recovered(strategies, kind, key)
-                ok = True
+                ok = not bound.expired
             except Exception:
                 ok = False
-            outcomes.append((at, kind, ok, loop.time() - start))
+            outcomes.append((at, kind, ok, clock.now() - start))
+            return True  # finished (``None`` from the group means "none yet")
 
-        loop = asyncio.get_running_loop()
         unsubscribe = subscribe(watch)
         strategies: RecoveryStrategies | None = None
         try:
@@ -426,23 +426,27 @@ async def run_drill(
                     await stack.enter_async_context(strategies)
                 origin = clock.now()
                 timeline.start()
-                t0 = loop.time()
-                tasks: set[asyncio.Task[None]] = set()
+                t0 = clock.now()
+                running = 0
                 next_status = 0.0
-                for at, kind, key in _plan(setup):
-                    delay = t0 + at - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    task = asyncio.create_task(one(at, kind, key))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    if on_status is not None and at >= next_status:
-                        next_status = at + status_every
-                        on_status(_status(label, setup, at, outcomes, timeline))
-                while tasks:
-                    await asyncio.wait(set(tasks), timeout=status_every)
-                    if on_status is not None:
-                        on_status(_status(label, setup, setup.duration, outcomes, timeline))
+                async with _runtime.race_group() as requests:
+                    for at, kind, key in _plan(setup):
+                        delay = t0 + at - clock.now()
+                        if delay > 0:
+                            await _runtime.sleep_async(delay)
+                        requests.start(one, at, kind, key)
+                        running += 1
+                        while running and requests.next_nowait() is not None:
+                            running -= 1
+                        if on_status is not None and at >= next_status:
+                            next_status = at + status_every
+                            on_status(_status(label, setup, at, outcomes, timeline))
+                    while running:
+                        tick = clock.now() + status_every
+                        while running and await requests.next(max(tick - clock.now(), 0.0)):
+                            running -= 1
+                        if on_status is not None:
+                            on_status(_status(label, setup, setup.duration, outcomes, timeline))
                 timeline.stop()
                 pool = strategies.pool("workers") if strategies is not None else mesh.plain_pool
                 calls = mesh.calls(pool)

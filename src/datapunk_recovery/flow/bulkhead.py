@@ -201,7 +201,7 @@ class _ThreadWaiter(_Waiter):
 
     def __init__(self, caller: str | None) -> None:
         super().__init__(caller)
-        self.event = threading.Event()
+        self.event = _runtime.thread_signal()
 
     def wake(self) -> None:
         self.event.set()
