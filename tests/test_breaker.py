@@ -694,8 +694,11 @@ def test_sync_faces_refuse_an_async_store() -> None:
         kind = "fake"
         is_async = True
 
-        def bind_breaker(self, breaker: CircuitBreaker) -> object:
-            return object()
+        def script(self, source: str) -> object:
+            return source
+
+        def attach(self, link: object) -> None:
+            pass
 
     b = CircuitBreaker("x", store=FakeShared())
     assert b.shared

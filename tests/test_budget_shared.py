@@ -166,15 +166,15 @@ def test_trio_is_refused(redis_server: RedisServer, name: str) -> None:
 
 def test_a_token_budget_adopts_a_fill_then_what_it_has_not_shared() -> None:
     budget = tokens("adopt", max_tokens=10.0, ratio=0.5)
-    budget._adopt(7.0)
+    budget.adopt(7.0)
     assert budget.tokens == 7.0
-    budget._adopt(9.5, successes=3, failures=2)  # net: 9.5 + 1.5 - 2, clamped once
+    budget.adopt(9.5, successes=3, failures=2)  # net: 9.5 + 1.5 - 2, clamped once
     assert budget.tokens == 9.0
-    budget._adopt(10.0, successes=8, failures=4)  # a net zero: no drain at a full bucket
+    budget.adopt(10.0, successes=8, failures=4)  # a net zero: no drain at a full bucket
     assert budget.tokens == 10.0
-    budget._adopt(42.0)  # a larger bucket elsewhere: clamped to this one
+    budget.adopt(42.0)  # a larger bucket elsewhere: clamped to this one
     assert budget.tokens == 10.0
-    budget._adopt(0.0, failures=5)
+    budget.adopt(0.0, failures=5)
     assert budget.tokens == 0.0
 
 
@@ -185,7 +185,7 @@ def test_a_ratio_budget_adopts_shared_buckets_by_age() -> None:
         window = [(0, 0)] * 10
         window[0] = (4, 0)  # the current bucket
         window[9] = (6, 0)  # the oldest one still in the window
-        budget._adopt(window, attempts=2)  # 2 more counted here meanwhile
+        budget.adopt(window, attempts=2)  # 2 more counted here meanwhile
         assert budget.allowance() == 0.5 * 12
         fake.advance(1.0)  # the oldest bucket leaves the window
         assert budget.allowance() == 0.5 * 6
@@ -878,7 +878,7 @@ async def test_aclose_returns_when_the_sync_task_ignores_cancellation(
         async with asyncio.timeout(5):
             await shared.aclose()
             await store.aclose()
-        assert store._closed
+        assert store.closed
     finally:
         done.set()
 

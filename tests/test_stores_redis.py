@@ -34,7 +34,8 @@ from datapunk_recovery.breaker import (
     StoreResumed,
 )
 from datapunk_recovery.stores import SharedStore
-from datapunk_recovery.stores.redis import RedisStore, _BreakerLink
+from datapunk_recovery.breaker.shared import _BreakerLink
+from datapunk_recovery.stores.redis import RedisStore
 from tests.harness import RedisServer, ThreadedProxy
 
 
@@ -293,17 +294,17 @@ async def test_a_caller_cancelled_while_taking_a_probe_gives_it_back(
     store = stores(timeout=5.0)
     breaker = CircuitBreaker(name, BreakerConfig(open_duration=0.0), store=store)
     await trip(breaker)
-    real = store.breaker_op
+    real = store.run
     granted, reply_lands = asyncio.Event(), asyncio.Event()
 
-    async def slow_reply(*args: Any) -> Any:
-        reply = await real(*args)
-        if args[2] == "acquire":
+    async def slow_reply(script: Any, keys: list[str], argv: list[Any], **kw: Any) -> Any:
+        reply = await real(script, keys, argv, **kw)
+        if argv[0] == "acquire":
             granted.set()  # the script gave the probe; its reply is still on the way
             await reply_lands.wait()
         return reply
 
-    monkeypatch.setattr(store, "breaker_op", slow_reply)
+    monkeypatch.setattr(store, "run", slow_reply)
     caller = asyncio.create_task(breaker.call_async(aok))
     await granted.wait()
     caller.cancel()
@@ -342,17 +343,19 @@ async def test_a_reply_overtaken_by_a_newer_one_never_turns_the_cache_back(
             "wz": "",
         },
     )
-    real = store.breaker_op
+    real = store.run
     ran, overtaken = asyncio.Event(), asyncio.Event()
 
-    async def first_record_answers_late(*args: Any) -> Any:
-        reply = await real(*args)
-        if args[2] == "record" and not ran.is_set():
+    async def first_record_answers_late(
+        script: Any, keys: list[str], argv: list[Any], **kw: Any
+    ) -> Any:
+        reply = await real(script, keys, argv, **kw)
+        if argv[0] == "record" and not ran.is_set():
             ran.set()  # Redis ran it (still half-open, one probe ok)...
             await overtaken.wait()  # ...but its reply comes back last
         return reply
 
-    monkeypatch.setattr(store, "breaker_op", first_record_answers_late)
+    monkeypatch.setattr(store, "run", first_record_answers_late)
     first, second = await breaker.allow_async(), await breaker.allow_async()
     assert first.probe and second.probe
     first.success()
@@ -486,7 +489,7 @@ async def test_a_garbage_reply_falls_back_to_local_state(
     async def garbage(*args: Any) -> Any:
         return reply
 
-    monkeypatch.setattr(store, "breaker_op", garbage)
+    monkeypatch.setattr(store, "run", garbage)
     assert await breaker.call_async(aok) == "ok"
     kinds = [type(e) for e in seen]
     assert CorruptStateIgnored in kinds and StoreFallback in kinds
@@ -759,13 +762,18 @@ async def test_aclose_returns_when_a_command_never_ends(
         return None
 
     permit = await breaker.allow_async()
-    store._breaker_script = stubborn
+    real = store.run
+
+    async def runs_stubborn(script: Any, keys: list[str], argv: list[Any], **kw: Any) -> Any:
+        return await real(stubborn, keys, argv, **kw)
+
+    store.run = runs_stubborn  # type: ignore[method-assign]
     permit.failure(Boom())  # a write that never lands
     await started.wait()
     try:
         async with asyncio.timeout(5):
             await store.aclose()
-        assert store._closed
+        assert store.closed
         with pytest.raises(CircuitOpenError):  # the failure that never landed counts here
             await breaker.call_async(aok)
     finally:

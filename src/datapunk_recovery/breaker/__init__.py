@@ -53,7 +53,7 @@ from .._core.validate import check_count, check_fraction, check_number, check_se
 from .._core.windows import CountWindow, TimeWindow, Window
 
 if TYPE_CHECKING:
-    from ..stores import BreakerLink
+    from .shared import BreakerLink
 
 __all__ = [
     "BreakerConfig",
@@ -1186,7 +1186,9 @@ class CircuitBreaker:
             self._core = _Core(name, cfg, rng)
             self._core.local_only = False
             self._core._refresh_fast()
-            self._link = store.bind_breaker(self)  # type: ignore[attr-defined]
+            from .shared import bind
+
+            self._link = bind(store, self._core)  # type: ignore[arg-type]
         else:
             raise TypeError(f"CircuitBreaker.store: expected a state store, got {shown(store)}")
 

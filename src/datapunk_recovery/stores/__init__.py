@@ -1,4 +1,4 @@
-"""State stores: where the state of breakers and retry budgets lives.
+"""State stores: where the state of breakers and retry budgets lives (no primitive known).
 
 Two kinds, told apart by ``is_async``:
 
@@ -9,28 +9,22 @@ Two kinds, told apart by ``is_async``:
   [`MemoryStore`][datapunk_recovery.stores.memory.MemoryStore] is the one shipped.
 - **shared** stores (``is_async = True``, [`SharedStore`][datapunk_recovery.stores.SharedStore])
   keep the state
-  outside the process (Redis) and are reached with ``await`` only.  A
-  primitive binds itself to the store and gets a *link* that does the
-  round trips, the local read cache and the fallback to local state when the
-  store is down; for breakers that is [`BreakerLink`][datapunk_recovery.stores.BreakerLink].  A
-  retry budget
-  is shared by
-  [`datapunk_recovery.stores.budget_redis.bind_budget()`][datapunk_recovery.stores.budget_redis.bind_budget],
-  which wraps it in a ``SharedBudget`` syncing through the same Redis store.
+  outside the process (Redis) and are reached with ``await`` only: they run
+  scripts on named keys.  A primitive builds its own *link* on the store
+  (the breaker's in ``breaker/shared.py``, the budget's in
+  ``budget/shared.py``): its script, round trips, local read cache and the
+  fallback to local state when the store is down.
 
-The protocols are small on purpose: a store knows keys and plain fields, never
-a pickled object, and a primitive knows only its link.
+The protocols are small on purpose: a store knows keys, scripts and plain
+fields, never a pickled object and never what a breaker or a budget is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-if TYPE_CHECKING:
-    from datapunk_recovery.breaker import BreakerState, CircuitBreaker
-
-__all__ = ["BreakerLink", "LocalStore", "SharedStore", "Store"]
+__all__ = ["Attached", "LocalStore", "SharedStore", "Store"]
 
 T = TypeVar("T")
 
@@ -54,62 +48,70 @@ class LocalStore(Store, Protocol):
         ...
 
 
-class BreakerLink(Protocol):
-    """A breaker's connection to a shared store (one per breaker).
+class Attached(Protocol):
+    """A primitive's link to a shared store, landed and let go by the store's ``aclose()``."""
 
-    ``allow`` returns ``(generation, is_probe, remote)``; ``remote`` False
-    means the permit was granted by the breaker's local state (the store is
-    down) and its outcome goes there.  ``record`` and ``release`` never wait:
-    they schedule the write; ``flush`` waits for writes scheduled so far.
-    Store errors never escape any of these: the link falls back instead.
-    """
-
-    async def allow(self) -> tuple[int, bool, bool]: ...
-
-    def admitted(self) -> int | None:
-        """The generation a plain call is admitted under, if known without waiting.
-
-        ``None`` unless the state as last read admits it (closed, fresh, the store
-        answering); the caller then goes through ``allow``.
-        """
+    async def flush(self) -> None:
+        """Wait (bounded) for the writes scheduled so far."""
         ...
 
-    def record(
-        self,
-        gen: int,
-        probe: bool,
-        failed: bool,
-        slow: bool,
-        duration: float | None,
-        hint: float | None,
-    ) -> None: ...
-
-    def release(self, gen: int, probe: bool) -> None: ...
-
-    def missed(self, failed: bool, slow: bool) -> None:
-        """An outcome of a call judged on local state (the store was away): the
-        link merges it into the shared state once the store answers again."""
+    def detach(self) -> None:
+        """The store closed: stop what is still scheduled."""
         ...
-
-    async def flush(self) -> None: ...
-
-    async def force(self, state: BreakerState, reason: str) -> None: ...
-
-    def state(self) -> BreakerState: ...
-
-    def retry_after(self) -> float: ...
-
-    def totals(self) -> tuple[int, int, int] | None: ...
-
-    def consecutive(self) -> int: ...
 
 
 @runtime_checkable
 class SharedStore(Store, Protocol):
-    """A store shared between processes, reached with ``await``."""
+    """A store shared between processes, reached with ``await``.
 
-    def bind_breaker(self, breaker: CircuitBreaker) -> BreakerLink:
-        """Attach ``breaker``; raises ``TypeError`` for a configuration it cannot share."""
+    It runs scripts on named keys; the primitives' links (their own scripts,
+    caches and fallbacks) are built on it by the primitives themselves.
+    Seconds throughout.
+    """
+
+    #: How long a read of the shared state is trusted locally.
+    cache_ttl: float
+    #: The longest one command may take before a link falls back.
+    timeout: float
+    #: How often a link whose store failed tries it again.
+    retry_interval: float
+    #: Abandoned keys expire after this long.
+    key_ttl: float
+    #: ``"local"`` (decide on local state while the store is away) or ``"closed"``.
+    on_unavailable: str
+    #: Commands in flight per store (and writes per link) before links decide locally.
+    max_pending: int
+    #: How soon a link sends a batch of outcomes holding a failure.
+    flush_interval: float
+    #: A batch of this many outcomes is sent at once.
+    flush_max: int
+
+    def keys(self, kind: str, name: str, *parts: str) -> list[str]:
+        """Keys of one primitive, all in one cluster slot."""
+        ...
+
+    def script(self, source: str) -> Any:
+        """``source`` registered once per store, for `run`."""
+        ...
+
+    async def run(
+        self, script: Any, keys: list[str], args: list[Any], *, serial: object = None
+    ) -> Any:
+        """One round trip, waited for at most ``timeout``; raises on any trouble."""
+        ...
+
+    def attach(self, link: Attached) -> None:
+        """Land ``link``'s writes when the store closes."""
+        ...
+
+    @property
+    def closing(self) -> bool:
+        """Whether closing has begun (send nothing new)."""
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """Whether the store is closed."""
         ...
 
     async def aclose(self) -> None:
