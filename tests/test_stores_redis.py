@@ -33,8 +33,8 @@ from datapunk_recovery.breaker import (
     StoreFallback,
     StoreResumed,
 )
-from datapunk_recovery.stores import SharedStore
 from datapunk_recovery.breaker.shared import _BreakerLink
+from datapunk_recovery.stores import SharedStore
 from datapunk_recovery.stores.redis import RedisStore
 from tests.harness import RedisServer, ThreadedProxy
 
