@@ -87,7 +87,7 @@ async def trip(breaker: CircuitBreaker, times: int) -> None:
     for _ in range(times):
         with pytest.raises((ConnectionResetError, CircuitOpenError)):
             await breaker.call_async(aboom)
-    await breaker._link.flush()  # type: ignore[union-attr]
+    await breaker.flush_async()
 
 
 # -- least privilege ------------------------------------------------------------------------------
@@ -290,12 +290,12 @@ async def test_a_hostile_number_is_repaired_not_a_permanent_outage(
     await _plant(redis_server, _state_key(store.prefix, name), plant)
     for _ in range(3):
         assert await breaker.call_async(aok) == "ok"
-    await breaker._link.flush()  # type: ignore[union-attr]
+    await breaker.flush_async()
     assert any(isinstance(e, CorruptStateIgnored) for e in seen)
     assert not any(isinstance(e, StoreFallback) for e in seen)  # the state was reset, shared
     assert breaker.snapshot().calls >= 1  # the repaired window counts again
     for _ in range(3):  # and sharing works: failures open the breaker
         with pytest.raises((ConnectionResetError, CircuitOpenError)):
             await breaker.call_async(aboom)
-    await breaker._link.flush()  # type: ignore[union-attr]
+    await breaker.flush_async()
     assert breaker.state is BreakerState.OPEN
