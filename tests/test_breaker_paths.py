@@ -152,3 +152,87 @@ def test_a_subscriber_wanting_other_kinds_keeps_calls_off_the_permit_path(
         unsubscribe()
     if config.windowed:
         assert breaker.snapshot().calls == 6
+
+
+@st.composite
+def runs(draw: st.DrawFn) -> list[bool]:
+    """Outcomes in runs: long runs of successes fill a window (settled), failures break it."""
+    outcomes: list[bool] = []
+    for success, n in draw(st.lists(st.tuples(st.booleans(), st.integers(1, 14)), max_size=8)):
+        outcomes += [success] * n
+    return outcomes
+
+
+async def _adrive(breaker: CircuitBreaker, outcomes: list[bool], clock: FakeClock) -> list[object]:
+    """`_drive()` through the async faces (decorator and ``call_async()``)."""
+
+    async def aok() -> int:
+        return 1
+
+    async def aboom() -> int:
+        raise ConnectionError("down")
+
+    ok, boom = breaker(aok), breaker(aboom)
+    seen: list[object] = []
+    for i, success in enumerate(outcomes):
+        try:
+            if i % 2:
+                await (ok if success else boom)()
+            else:
+                await breaker.call_async(aok if success else aboom)
+        except (ConnectionError, CircuitOpenError) as exc:
+            seen.append(type(exc).__name__)
+        seen.append(breaker.snapshot())
+        clock.advance(0.4)
+    return seen
+
+
+@settings(max_examples=80, deadline=None)
+@given(config=configs(), outcomes=runs(), run_async=st.booleans())
+def test_a_window_full_of_successes_skips_its_successes_and_still_trips_like_the_permit_path(
+    config: BreakerConfig, outcomes: list[bool], run_async: bool
+) -> None:
+    def drive(breaker: CircuitBreaker, clock: FakeClock) -> list[object]:
+        if run_async:
+            return asyncio.run(_adrive(breaker, outcomes, clock))
+        return _drive(breaker, outcomes, clock)
+
+    with fake_clock(1000.0) as clock:
+        lean = drive(CircuitBreaker("b", config), clock)
+    with fake_clock(1000.0) as clock:
+        permits = CircuitBreaker("b", config)
+        permits.events.subscribe(lambda event: None, kinds=OutcomeRecorded)
+        assert lean == drive(permits, clock)
+
+
+@pytest.mark.parametrize("face", ["decorator", "call"])
+def test_a_rate_breaker_after_a_window_of_successes_opens_at_exactly_its_threshold(
+    fake: FakeClock, face: str
+) -> None:
+    config = BreakerConfig(
+        consecutive_failures=None, failure_rate_threshold=0.5, window_size=4, minimum_calls=4
+    )
+    breaker = CircuitBreaker("b", config)
+    ok, boom = (
+        (breaker(_ok), breaker(_boom))
+        if face == "decorator"
+        else (
+            lambda: breaker.call(_ok),
+            lambda: breaker.call(_boom),
+        )
+    )
+    for _ in range(10):  # the window is full of successes: later ones change nothing
+        ok()
+    assert breaker.snapshot().calls == 4
+    with pytest.raises(ConnectionError):
+        boom()  # 1 failure in 4 calls
+    assert breaker.state is BreakerState.CLOSED
+    ok()  # 1 in 4 still: the success replaced a success
+    assert (breaker.snapshot().calls, breaker.snapshot().failures) == (4, 1)
+    for _ in range(3):
+        ok()  # the failure leaves the window
+    assert (breaker.snapshot().calls, breaker.snapshot().failures) == (4, 0)
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            boom()  # 1 in 4, then 2 in 4: 50 %
+    assert breaker.state is BreakerState.OPEN

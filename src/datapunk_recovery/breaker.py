@@ -555,7 +555,11 @@ class _Core:
     generation read before the call, without building a permit.  ``lean``
     is ``quick`` with nothing timed: a success goes to `succeed()`; ``plain``
     is ``lean`` over a count window with no custom policy (`succeed()`'s
-    inlined path).
+    inlined path).  ``settled`` is ``plain`` with a full count window that
+    holds only successes: a success then changes nothing at all (every slot
+    of the ring is the same, the consecutive count is already 0), so the
+    faces skip `succeed()` without the lock; every other path that records
+    clears it, and only `succeed()` sets it.
 
     ``lock`` is re-entrant on purpose: transitions emit their event under it,
     and a subscriber may read the breaker (``state``, ``snapshot()``) from
@@ -585,6 +589,7 @@ class _Core:
         "rejected",
         "reopenings",
         "rng",
+        "settled",
         "shadow_tripped",
         "state",
         "window",
@@ -612,7 +617,7 @@ class _Core:
         self.window = config.new_window()
         self.policy = config.trip_policy() if config.trip_policy is not None else None
         self.local_only = True
-        self.fast = self.quick = self.lean = self.plain = False
+        self.fast = self.quick = self.lean = self.plain = self.settled = False
         self._refresh_fast()
 
     def listening(self, kind: type[Event] | None = None) -> bool:
@@ -642,6 +647,8 @@ class _Core:
         self.lean = self.quick and not config.timed
         # Lean, over a count window, no custom policy: `succeed()` inlines the window update.
         self.plain = self.lean and self.policy is None and type(self.window) is CountWindow
+        # Only `succeed()` finds a settled window, under the lock.
+        self.settled = False
 
     # -- transitions -------------------------------------------------------------
     def _to(self, new: BreakerState, reason: str, now: float) -> None:
@@ -806,7 +813,9 @@ class _Core:
         the success is not judged while the window holds no failure and no
         slow call: a success clears the consecutive count, and a rate of zero
         never reaches a threshold (thresholds are > 0), so no verdict could
-        come of it (nor is the clock read: a count window has no time).
+        come of it (nor is the clock read: a count window has no time).  Once
+        that window is full of successes it is ``settled``: the next success
+        changes nothing, and the faces do not call this at all.
         """
         with self.lock:
             if self.plain and gen == self.gen:  # closed (``plain`` changes under the lock)
@@ -826,6 +835,7 @@ class _Core:
                 window._pos = 0 if i == window.size else i
                 if not window.failures and not window.slow:
                     self.shadow_tripped = False  # what `_conclude()` does with no verdict
+                    self.settled = window.calls == window.size
                     return
                 now = clock.now()
                 self._conclude(now, BreakerState.CLOSED, self._judge(now, False), None)
@@ -873,6 +883,7 @@ class _Core:
                 return
             if state is not BreakerState.CLOSED and state is not BreakerState.METRICS_ONLY:
                 return
+            self.settled = False
             self.consecutive = self.consecutive + 1 if failed else 0
             if self.window is not None:
                 self.window.add(failed, slow, now)
@@ -930,6 +941,7 @@ class _Core:
             if state is not BreakerState.CLOSED and state is not BreakerState.METRICS_ONLY:
                 return
             if self.window is not None and judged:
+                self.settled = False
                 self.window.add(False, True, now)
             tripped = self.policy is not None and self.policy.record(False, True, duration, now)
             self._conclude(now, state, self._judge(now, tripped), None)
@@ -1488,7 +1500,8 @@ class CircuitBreaker:
                     core.record_lost(gen, False, None if start is None else clock.now() - start)
                 raise
             if start is None:
-                core.succeed(gen)
+                if not core.settled:  # settled: the success would change nothing
+                    core.succeed(gen)
             else:
                 self._quick_success(gen, start)
             return result
@@ -1538,7 +1551,8 @@ class CircuitBreaker:
                     core.record_lost(gen, False, None if start is None else clock.now() - start)
                 raise
             if start is None:
-                core.succeed(gen)
+                if not core.settled:  # settled: the success would change nothing
+                    core.succeed(gen)
             else:
                 self._quick_success(gen, start)
             return result
@@ -1592,7 +1606,8 @@ class CircuitBreaker:
                             if lost_race():  # a hedge that lost its race: a slow call
                                 core.record_lost(gen, False, None)
                             raise
-                        core.succeed(gen)
+                        if not core.settled:  # settled: the success would change nothing
+                            core.succeed(gen)
                         return result
                 return await call_slow_async(afn, args, kwargs)
 
@@ -1627,7 +1642,8 @@ class CircuitBreaker:
                         if lost_race():  # a hedge that lost its race: a slow call
                             core.record_lost(gen, False, None)
                         raise
-                    core.succeed(gen)
+                    if not core.settled:  # settled: the success would change nothing
+                        core.succeed(gen)
                     return result
             return call_slow(fn, args, kwargs)
 
