@@ -10,6 +10,7 @@ only other kinds (a metrics exporter) keeps calls on the permit-free path.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -235,4 +236,41 @@ def test_a_rate_breaker_after_a_window_of_successes_opens_at_exactly_its_thresho
     for _ in range(2):
         with pytest.raises(ConnectionError):
             boom()  # 1 in 4, then 2 in 4: 50 %
+    assert breaker.state is BreakerState.OPEN
+
+
+@pytest.mark.parametrize("face", ["decorator", "call"])
+def test_a_rate_breaker_reconfigured_to_a_lower_threshold_opens_on_its_next_success(
+    fake: FakeClock, face: str
+) -> None:
+    config = BreakerConfig(
+        consecutive_failures=None, failure_rate_threshold=0.5, window_size=4, minimum_calls=4
+    )
+    breaker = CircuitBreaker("b", config)
+    ok = breaker(_ok) if face == "decorator" else (lambda: breaker.call(_ok))
+    with pytest.raises(ConnectionError):
+        breaker.call(_boom)
+    for _ in range(3):
+        ok()  # 1 failure in 4 calls: under 50 %
+    ok()  # the failure leaves: 0 in 4
+    with pytest.raises(ConnectionError):
+        breaker.call(_boom)  # 1 in 4, judged: no verdict
+    ok()
+    assert breaker.state is BreakerState.CLOSED
+    breaker.reconfigure(replace(config, failure_rate_threshold=0.25))
+    ok()  # the same 1 in 4, judged again under the new threshold
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_a_success_that_brings_a_window_to_its_minimum_calls_is_judged(fake: FakeClock) -> None:
+    config = BreakerConfig(
+        consecutive_failures=None, failure_rate_threshold=0.5, window_size=10, minimum_calls=3
+    )
+    breaker = CircuitBreaker("b", config)
+    ok = breaker(_ok)
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            breaker.call(_boom)
+    assert breaker.state is BreakerState.CLOSED  # 2 calls: under minimum_calls
+    ok()  # 2 failures in 3 calls
     assert breaker.state is BreakerState.OPEN

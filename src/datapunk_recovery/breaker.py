@@ -559,7 +559,10 @@ class _Core:
     holds only successes: a success then changes nothing at all (every slot
     of the ring is the same, the consecutive count is already 0), so the
     faces skip `succeed()` without the lock; every other path that records
-    clears it, and only `succeed()` sets it.
+    clears it, and only `succeed()` sets it.  ``judged`` says that the
+    window as it is was judged, under this configuration, without a
+    verdict; `succeed()` then judges only when its call brings the window
+    to ``minimum_calls`` (a success never raises a rate otherwise).
 
     ``lock`` is re-entrant on purpose: transitions emit their event under it,
     and a subscriber may read the breaker (``state``, ``snapshot()``) from
@@ -573,6 +576,7 @@ class _Core:
         "fast",
         "gen",
         "half_open_until",
+        "judged",
         "lean",
         "local_only",
         "lock",
@@ -617,7 +621,7 @@ class _Core:
         self.window = config.new_window()
         self.policy = config.trip_policy() if config.trip_policy is not None else None
         self.local_only = True
-        self.fast = self.quick = self.lean = self.plain = self.settled = False
+        self.fast = self.quick = self.lean = self.plain = self.settled = self.judged = False
         self._refresh_fast()
 
     def listening(self, kind: type[Event] | None = None) -> bool:
@@ -647,8 +651,9 @@ class _Core:
         self.lean = self.quick and not config.timed
         # Lean, over a count window, no custom policy: `succeed()` inlines the window update.
         self.plain = self.lean and self.policy is None and type(self.window) is CountWindow
-        # Only `succeed()` finds a settled window, under the lock.
-        self.settled = False
+        # Only `succeed()` finds a settled window, under the lock; a new
+        # configuration (or state) has not judged the window yet.
+        self.settled = self.judged = False
 
     # -- transitions -------------------------------------------------------------
     def _to(self, new: BreakerState, reason: str, now: float) -> None:
@@ -813,7 +818,10 @@ class _Core:
         the success is not judged while the window holds no failure and no
         slow call: a success clears the consecutive count, and a rate of zero
         never reaches a threshold (thresholds are > 0), so no verdict could
-        come of it (nor is the clock read: a count window has no time).  Once
+        come of it (nor is the clock read: a count window has no time).  Nor
+        is it judged when the window was judged without a verdict just before
+        (``judged``) unless it now reaches ``minimum_calls``: a success lowers
+        the rates or keeps them.  Once
         that window is full of successes it is ``settled``: the next success
         changes nothing, and the faces do not call this at all.
         """
@@ -836,9 +844,17 @@ class _Core:
                 if not window.failures and not window.slow:
                     self.shadow_tripped = False  # what `_conclude()` does with no verdict
                     self.settled = window.calls == window.size
+                    self.judged = True
+                    return
+                if self.judged and (old or window.calls != self.config.minimum_calls):
+                    # The rates are no higher than when they were last judged
+                    # (no verdict): the same calls with fewer failed or slow,
+                    # or one more call above ``minimum_calls``.
                     return
                 now = clock.now()
-                self._conclude(now, BreakerState.CLOSED, self._judge(now, False), None)
+                reason = self._judge(now, False)
+                self._conclude(now, BreakerState.CLOSED, reason, None)
+                self.judged = reason is None
                 return
         self.record(gen, False, False, False, None, None)
 
@@ -890,6 +906,7 @@ class _Core:
             tripped = self.policy is not None and self.policy.record(failed, slow, duration, now)
             reason = "server_delay" if hint is not None else self._judge(now, tripped)
             self._conclude(now, state, reason, hint)
+            self.judged = reason is None
 
     def _conclude(
         self, now: float, state: BreakerState, reason: str | None, hint: float | None
@@ -944,7 +961,9 @@ class _Core:
                 self.settled = False
                 self.window.add(False, True, now)
             tripped = self.policy is not None and self.policy.record(False, True, duration, now)
-            self._conclude(now, state, self._judge(now, tripped), None)
+            reason = self._judge(now, tripped)
+            self._conclude(now, state, reason, None)
+            self.judged = reason is None
 
     def _record_probe_rate(self, now: float, failed: bool, slow: bool) -> None:
         """``"rate"`` mode: count a probe; once all permitted ones are in, judge their rates."""
