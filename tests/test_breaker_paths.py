@@ -10,6 +10,7 @@ only other kinds (a metrics exporter) keeps calls on the permit-free path.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -290,3 +291,124 @@ def test_admitting_and_ranking_rate_follow_the_state(fake: FakeClock) -> None:
     fake.advance(config.open_duration)
     assert breaker.admitting()  # half-open: admits its probe
     assert breaker.state is BreakerState.HALF_OPEN
+
+
+async def _adrive(breaker: CircuitBreaker, outcomes: list[bool], clock: FakeClock) -> list[object]:
+    """`_drive()` through the async faces (decorator and ``call_async()``)."""
+
+    async def aok() -> int:
+        return 1
+
+    async def aboom() -> int:
+        raise ConnectionError("down")
+
+    ok, boom = breaker(aok), breaker(aboom)
+    seen: list[object] = []
+    for i, success in enumerate(outcomes):
+        try:
+            if i % 2:
+                await (ok if success else boom)()
+            else:
+                await breaker.call_async(aok if success else aboom)
+        except (ConnectionError, CircuitOpenError) as exc:
+            seen.append(type(exc).__name__)
+        seen.append(breaker.snapshot())
+        clock.advance(0.4)
+    return seen
+
+
+@st.composite
+def runs(draw: st.DrawFn) -> list[bool]:
+    """Outcomes in runs: long runs of successes fill a window (settled), failures break it."""
+    outcomes: list[bool] = []
+    for success, n in draw(st.lists(st.tuples(st.booleans(), st.integers(1, 14)), max_size=8)):
+        outcomes += [success] * n
+    return outcomes
+
+
+@settings(max_examples=80, deadline=None)
+@given(config=configs(), outcomes=runs(), run_async=st.booleans())
+def test_a_window_full_of_successes_skips_its_successes_and_still_trips_like_the_permit_path(
+    config: BreakerConfig, outcomes: list[bool], run_async: bool
+) -> None:
+    def drive(breaker: CircuitBreaker, clock: FakeClock) -> list[object]:
+        if run_async:
+            return asyncio.run(_adrive(breaker, outcomes, clock))
+        return _drive(breaker, outcomes, clock)
+
+    with fake_clock(1000.0) as clock:
+        lean = drive(CircuitBreaker("b", config), clock)
+    with fake_clock(1000.0) as clock:
+        permits = CircuitBreaker("b", config)
+        permits.events.subscribe(lambda event: None, kinds=OutcomeRecorded)
+        assert lean == drive(permits, clock)
+
+
+@pytest.mark.parametrize("face", ["decorator", "call"])
+def test_a_rate_breaker_after_a_window_of_successes_opens_at_exactly_its_threshold(
+    fake: FakeClock, face: str
+) -> None:
+    config = BreakerConfig(
+        consecutive_failures=None, failure_rate_threshold=0.5, window_size=4, minimum_calls=4
+    )
+    breaker = CircuitBreaker("b", config)
+    ok, boom = (
+        (breaker(_ok), breaker(_boom))
+        if face == "decorator"
+        else (
+            lambda: breaker.call(_ok),
+            lambda: breaker.call(_boom),
+        )
+    )
+    for _ in range(10):  # the window is full of successes: later ones change nothing
+        ok()
+    assert breaker.snapshot().calls == 4
+    with pytest.raises(ConnectionError):
+        boom()  # 1 failure in 4 calls
+    assert breaker.state is BreakerState.CLOSED
+    ok()  # 1 in 4 still: the success replaced a success
+    assert (breaker.snapshot().calls, breaker.snapshot().failures) == (4, 1)
+    for _ in range(3):
+        ok()  # the failure leaves the window
+    assert (breaker.snapshot().calls, breaker.snapshot().failures) == (4, 0)
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            boom()  # 1 in 4, then 2 in 4: 50 %
+    assert breaker.state is BreakerState.OPEN
+
+
+@pytest.mark.parametrize("face", ["decorator", "call"])
+def test_a_rate_breaker_reconfigured_to_a_lower_threshold_opens_on_its_next_success(
+    fake: FakeClock, face: str
+) -> None:
+    config = BreakerConfig(
+        consecutive_failures=None, failure_rate_threshold=0.5, window_size=4, minimum_calls=4
+    )
+    breaker = CircuitBreaker("b", config)
+    ok = breaker(_ok) if face == "decorator" else (lambda: breaker.call(_ok))
+    with pytest.raises(ConnectionError):
+        breaker.call(_boom)
+    for _ in range(3):
+        ok()  # 1 failure in 4 calls: under 50 %
+    ok()  # the failure leaves: 0 in 4
+    with pytest.raises(ConnectionError):
+        breaker.call(_boom)  # 1 in 4, judged: no verdict
+    ok()
+    assert breaker.state is BreakerState.CLOSED
+    breaker.reconfigure(replace(config, failure_rate_threshold=0.25))
+    ok()  # the same 1 in 4, judged again under the new threshold
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_a_success_that_brings_a_window_to_its_minimum_calls_is_judged(fake: FakeClock) -> None:
+    config = BreakerConfig(
+        consecutive_failures=None, failure_rate_threshold=0.5, window_size=10, minimum_calls=3
+    )
+    breaker = CircuitBreaker("b", config)
+    ok = breaker(_ok)
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            breaker.call(_boom)
+    assert breaker.state is BreakerState.CLOSED  # 2 calls: under minimum_calls
+    ok()  # 2 failures in 3 calls
+    assert breaker.state is BreakerState.OPEN

@@ -614,3 +614,46 @@ def test_a_retried_attempts_frames_are_released_before_the_next_attempt() -> Non
         assert _Held.live == 0
     finally:
         gc.enable()
+
+
+def test_the_block_forms_failed_attempts_frames_are_released_before_the_next_attempt() -> None:
+    import gc
+
+    seen_at_start: list[int] = []
+
+    def attempt_body() -> str:
+        seen_at_start.append(_Held.live)
+        buffers = [_Held() for _ in range(4)]  # held by this frame
+        if len(seen_at_start) < 3:
+            raise ConnectionError(f"reset after {len(buffers)} buffers")
+        return "ok"
+
+    gc.collect()
+    gc.disable()  # reference counting alone must free them
+    try:
+        for attempt in retrying(RetryConfig(max_attempts=3, base_delay=0.0)):
+            with attempt:
+                result = attempt_body()
+        assert result == "ok"
+        assert seen_at_start == [0, 0, 0]
+    finally:
+        gc.enable()
+
+
+def test_an_error_raised_again_from_a_running_frame_is_retried_with_that_frame_intact() -> None:
+    marker = "still here"  # a local of this running frame, which the stored error passed through
+    try:
+        raise ConnectionError("stored")
+    except ConnectionError as exc:
+        stored = exc  # its traceback holds this (running) frame
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise stored
+        return marker
+
+    assert retry(RetryConfig(max_attempts=3, base_delay=0.0))(flaky)() == "still here"
+    assert len(calls) == 3
+    assert marker == "still here"

@@ -156,3 +156,57 @@ def test_a_subclass_with_empty_slots_can_still_be_marked() -> None:
     exc = Slotted()
     mark_final(exc, "budget")
     assert final_reason(exc) == "budget"
+
+
+def test_a_refusal_that_shows_in_the_instance_is_judged_per_instance_after_its_type_was_seen() -> (
+    None
+):
+    import httpx
+    import redis.exceptions as rx
+
+    request = httpx.Request("GET", "http://a/")
+    for _ in range(2):  # the second time, the type's earlier verdicts were there to remember
+        assert classify(rx.ResponseError("ERR unknown command")).category is ErrorCategory.UNKNOWN
+        assert classify(rx.ResponseError("NOAUTH Authentication required.")).category is (
+            ErrorCategory.AUTH
+        )
+        status_503 = httpx.HTTPStatusError("503", request=request, response=httpx.Response(503))
+        status_401 = httpx.HTTPStatusError("401", request=request, response=httpx.Response(401))
+        assert classify(status_503).category is ErrorCategory.UNKNOWN
+        assert classify(status_401).category is ErrorCategory.AUTH
+
+
+def test_a_refusal_by_type_name_stays_unretryable_once_remembered_whatever_a_later_rule_says() -> (
+    None
+):
+    import redis.exceptions as rx
+
+    from datapunk_recovery._core.errors import register_rule, unregister_rule
+
+    def everything_is_retryable(exc: BaseException) -> Classification:
+        return Classification(ErrorCategory.NETWORK, True)
+
+    first = classify(rx.AuthenticationError("invalid username-password pair"))
+    register_rule(everything_is_retryable)
+    try:
+        again = classify(rx.AuthenticationError("invalid username-password pair"))
+        other = classify(ValueError())
+    finally:
+        unregister_rule(everything_is_retryable)
+    assert (first.category, first.retryable) == (ErrorCategory.AUTH, False)
+    assert (again.category, again.retryable) == (ErrorCategory.AUTH, False)
+    assert other.retryable  # the rule still decides for the rest
+
+
+def test_a_type_remembered_before_a_rule_was_registered_is_judged_by_the_rule() -> None:
+    from datapunk_recovery._core.errors import register_rule, unregister_rule
+
+    def value_errors_are_retryable(exc: BaseException) -> Classification:
+        return Classification(ErrorCategory.VALIDATION, True)
+
+    assert classify(ValueError()) == UNKNOWN  # remembered
+    register_rule(value_errors_are_retryable, for_type=ValueError)
+    try:
+        assert classify(ValueError()).category is ErrorCategory.VALIDATION
+    finally:
+        unregister_rule(value_errors_are_retryable)

@@ -26,20 +26,18 @@ cluster support is built on exactly these behaviours of redis-py:
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
-import redis
 import redis.exceptions as rx
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
+from tests.contracts.redis_cluster_helpers import FAILOVER_BOUND, cluster_client_of, raw
 from tests.harness import RedisClusterServers, RedisSentinelServers
 
 pytestmark = pytest.mark.anyio
 
-#: How long a drill waits for a failover before failing (seconds); it takes about 2 s.
-FAILOVER_BOUND = 15.0
 
 
 @pytest.fixture
@@ -47,20 +45,7 @@ def anyio_backend() -> str:
     return "asyncio"  # redis.asyncio
 
 
-@pytest.fixture
-async def cluster_client(redis_cluster: RedisClusterServers) -> AsyncIterator[RedisCluster]:
-    client = RedisCluster(
-        startup_nodes=[ClusterNode(h, p) for h, p in redis_cluster.startup_nodes],
-        socket_timeout=0.5,
-        socket_connect_timeout=0.5,
-    )
-    yield client
-    await client.aclose()
-
-
-def raw(node: object) -> redis.Redis:
-    host, port = node.address  # type: ignore[attr-defined]
-    return redis.Redis(host=host, port=port, socket_timeout=2.0)
+cluster_client = pytest.fixture(cluster_client_of, name="cluster_client")
 
 
 def replicate(node: object) -> None:

@@ -22,19 +22,15 @@ rely on exactly these behaviours:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
-import redis
 import redis.exceptions as rx
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 
+from tests.contracts.redis_cluster_helpers import FAILOVER_BOUND, cluster_client_of, raw
 from tests.harness import RedisClusterServers
 
 pytestmark = pytest.mark.anyio
 
-#: How long a drill waits for a failover before failing (seconds); it takes about 2 s.
-FAILOVER_BOUND = 15.0
 
 
 @pytest.fixture
@@ -42,20 +38,7 @@ def anyio_backend() -> str:
     return "asyncio"  # redis.asyncio
 
 
-@pytest.fixture
-async def cluster_client(redis_cluster: RedisClusterServers) -> AsyncIterator[RedisCluster]:
-    client = RedisCluster(
-        startup_nodes=[ClusterNode(h, p) for h, p in redis_cluster.startup_nodes],
-        socket_timeout=0.5,
-        socket_connect_timeout=0.5,
-    )
-    yield client
-    await client.aclose()
-
-
-def raw(node: object) -> redis.Redis:
-    host, port = node.address  # type: ignore[attr-defined]
-    return redis.Redis(host=host, port=port, socket_timeout=2.0)
+cluster_client = pytest.fixture(cluster_client_of, name="cluster_client")
 
 
 INCR_ALL = (

@@ -219,6 +219,9 @@ _AUTH_TYPE_NAMES: Final = frozenset(
 _AUTH_REPLY_PREFIXES: Final = ("NOAUTH", "WRONGPASS", "NOPERM")
 # HTTP answers refusing who we are or what we may do (RFC 9110 15.5.2, 15.5.4).
 _AUTH_STATUSES: Final = frozenset({401, 403})
+# Types whose refusal shows in the instance (a reply, a status), not the type:
+# their verdicts are never remembered per type.
+_AUTH_BY_INSTANCE: Final = frozenset({"ResponseError", "HTTPStatusError", "ClientResponseError"})
 
 
 def _refused_auth(exc: BaseException) -> bool:
@@ -328,7 +331,16 @@ def classify(exc: BaseException) -> Classification:
     """
     if not isinstance(exc, Exception):
         return _FATAL
-    if _refused_auth(exc):
+    kind = type(exc)
+    cached = _by_type.get(kind)
+    # A remembered type is a refusal by its name (before any rule) or never
+    # one: only a type seen for the first time, or one whose refusal shows in
+    # the instance (never remembered), needs the look.
+    if cached is _AUTH:
+        return _AUTH
+    if cached is None and _refused_auth(exc):
+        if kind.__name__ in _AUTH_TYPE_NAMES:
+            _remember(kind, _AUTH)
         return _AUTH
     if _rules:
         for for_type, rule in _rules:
@@ -336,8 +348,6 @@ def classify(exc: BaseException) -> Classification:
                 verdict = rule(exc)
                 if verdict is not None:
                     return verdict
-    kind = type(exc)
-    cached = _by_type.get(kind)
     if cached is not None:
         return cached
     if isinstance(exc, RecoveryError):
@@ -363,13 +373,14 @@ def classify(exc: BaseException) -> Classification:
 
 
 # Verdicts that follow from the type alone, remembered per type so the failure
-# path of a retry pays one dictionary lookup.  Bounded: exception types are few,
+# path of a retry pays one dictionary lookup (the authentication look
+# included: `classify()` skips it for a remembered type).  Bounded: exception types are few,
 # but a program that makes them dynamically must not grow this forever.
 _by_type: dict[type[BaseException], Classification] = {}
 _BY_TYPE_MAX: Final = 1024
 
 
 def _remember(kind: type[BaseException], verdict: Classification) -> Classification:
-    if len(_by_type) < _BY_TYPE_MAX:
+    if len(_by_type) < _BY_TYPE_MAX and kind.__name__ not in _AUTH_BY_INSTANCE:
         _by_type[kind] = verdict
     return verdict

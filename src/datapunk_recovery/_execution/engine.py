@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import inspect
 import random
-import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
@@ -453,9 +452,21 @@ def _release_frames(error: BaseException) -> None:
     raises), and its traceback keeps the frames of the failed attempt alive:
     a model's activations, a buffer, a connection.  Clearing those frames'
     locals frees them now; the traceback still shows every file and line.
-    Frames still running (the engine's own) are left alone.
+    Frames still running are left alone: the first one, always (the frame
+    that caught the error: the engine's, or the ``with`` block's), which
+    ``traceback.clear_frames()`` would try and fail at, at the cost of a
+    raised error per attempt; any other (an error raised again from an
+    outer frame) as ``clear_frames()`` does.
     """
-    traceback.clear_frames(error.__traceback__)
+    tb = error.__traceback__
+    if tb is not None:
+        tb = tb.tb_next
+    while tb is not None:
+        try:  # noqa: SIM105 - contextlib.suppress costs a context manager per frame
+            tb.tb_frame.clear()
+        except RuntimeError:  # still running
+            pass
+        tb = tb.tb_next
 
 
 def _new_call(e: _Engine, start: float | None) -> _Call:

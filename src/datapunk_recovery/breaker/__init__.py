@@ -575,7 +575,14 @@ class _Core:
     generation read before the call, without building a permit.  ``lean``
     is ``quick`` with nothing timed: a success goes to `succeed()`; ``plain``
     is ``lean`` over a count window with no custom policy (`succeed()`'s
-    inlined path).
+    inlined path).  ``settled`` is ``plain`` with a full count window that
+    holds only successes: a success then changes nothing at all (every slot
+    of the ring is the same, the consecutive count is already 0), so the
+    faces skip `succeed()` without the lock; every other path that records
+    clears it, and only `succeed()` sets it.  ``judged`` says that the
+    window as it is was judged, under this configuration, without a
+    verdict; `succeed()` then judges only when its call brings the window
+    to ``minimum_calls`` (a success never raises a rate otherwise).
 
     ``lock`` is re-entrant on purpose: transitions emit their event under it,
     and a subscriber may read the breaker (``state``, ``snapshot()``) from
@@ -589,6 +596,7 @@ class _Core:
         "fast",
         "gen",
         "half_open_until",
+        "judged",
         "lean",
         "local_only",
         "lock",
@@ -606,6 +614,7 @@ class _Core:
         "rejected",
         "reopenings",
         "rng",
+        "settled",
         "shadow_tripped",
         "state",
         "window",
@@ -634,6 +643,7 @@ class _Core:
         self.policy = config.trip_policy() if config.trip_policy is not None else None
         self.local_only = True
         self.fast = self.quick = self.lean = self.plain = self.quick_result = False
+        self.settled = self.judged = False
         self._refresh_fast()
 
     def listening(self, kind: type[Event] | None = None) -> bool:
@@ -665,6 +675,9 @@ class _Core:
         self.quick_result = config.record_result is None and config.result_delay is None
         # Lean, over a count window, no custom policy: `succeed()` inlines the window update.
         self.plain = self.lean and self.policy is None and type(self.window) is CountWindow
+        # Only `succeed()` finds a settled window, under the lock; a new
+        # configuration (or state) has not judged the window yet.
+        self.settled = self.judged = False
 
     # -- transitions -------------------------------------------------------------
     def _to(self, new: BreakerState, reason: str, now: float) -> None:
@@ -829,11 +842,14 @@ class _Core:
         the success is not judged while the window holds no failure and no
         slow call: a success clears the consecutive count, and a rate of zero
         never reaches a threshold (thresholds are > 0), so no verdict could
-        come of it (nor is the clock read: a count window has no time).  A
-        full window of successes, with no failure counted, takes another one
-        unchanged: a ring of equal slots has no position, so nothing is
-        written (nor the lock taken; a failure recorded meanwhile is ordered
-        after this success).
+        come of it (nor is the clock read: a count window has no time).  Nor
+        is it judged when the window was judged without a verdict just before
+        (``judged``) unless it now reaches ``minimum_calls``: a success lowers
+        the rates or keeps them.  Once
+        that window is full of successes it is ``settled``: the next success
+        changes nothing, and the faces do not call this at all (a caller that
+        does, such as the router's grant seam, returns at once without the lock:
+        a failure recorded meanwhile is ordered after this success).
         """
         if self.plain and not self.consecutive:
             full = self.window
@@ -862,9 +878,18 @@ class _Core:
                 window._pos = 0 if i == window.size else i
                 if not window.failures and not window.slow:
                     self.shadow_tripped = False  # what `_conclude()` does with no verdict
+                    self.settled = window.calls == window.size
+                    self.judged = True
+                    return
+                if self.judged and (old or window.calls != self.config.minimum_calls):
+                    # The rates are no higher than when they were last judged
+                    # (no verdict): the same calls with fewer failed or slow,
+                    # or one more call above ``minimum_calls``.
                     return
                 now = clock.now()
-                self._conclude(now, BreakerState.CLOSED, self._judge(now, False), None)
+                reason = self._judge(now, False)
+                self._conclude(now, BreakerState.CLOSED, reason, None)
+                self.judged = reason is None
                 return
         self.record(gen, False, False, False, None, None)
 
@@ -909,12 +934,14 @@ class _Core:
                 return
             if state is not BreakerState.CLOSED and state is not BreakerState.METRICS_ONLY:
                 return
+            self.settled = False
             self.consecutive = self.consecutive + 1 if failed else 0
             if self.window is not None:
                 self.window.add(failed, slow, now)
             tripped = self.policy is not None and self.policy.record(failed, slow, duration, now)
             reason = "server_delay" if hint is not None else self._judge(now, tripped)
             self._conclude(now, state, reason, hint)
+            self.judged = reason is None
 
     def _conclude(
         self, now: float, state: BreakerState, reason: str | None, hint: float | None
@@ -966,9 +993,12 @@ class _Core:
             if state is not BreakerState.CLOSED and state is not BreakerState.METRICS_ONLY:
                 return
             if self.window is not None and judged:
+                self.settled = False
                 self.window.add(False, True, now)
             tripped = self.policy is not None and self.policy.record(False, True, duration, now)
-            self._conclude(now, state, self._judge(now, tripped), None)
+            reason = self._judge(now, tripped)
+            self._conclude(now, state, reason, None)
+            self.judged = reason is None
 
     def _record_probe_rate(self, now: float, failed: bool, slow: bool) -> None:
         """``"rate"`` mode: count a probe; once all permitted ones are in, judge their rates."""
@@ -1619,7 +1649,8 @@ class CircuitBreaker:
                     core.record_lost(gen, False, None if start is None else clock.now() - start)
                 raise
             if start is None:
-                core.succeed(gen)
+                if not core.settled:  # settled: the success would change nothing
+                    core.succeed(gen)
             else:
                 self._quick_success(gen, start)
             return result
@@ -1669,7 +1700,8 @@ class CircuitBreaker:
                     core.record_lost(gen, False, None if start is None else clock.now() - start)
                 raise
             if start is None:
-                core.succeed(gen)
+                if not core.settled:  # settled: the success would change nothing
+                    core.succeed(gen)
             else:
                 self._quick_success(gen, start)
             return result
@@ -1742,7 +1774,8 @@ class CircuitBreaker:
                             if lost_race():  # a hedge that lost its race: a slow call
                                 core.record_lost(gen, False, None)
                             raise
-                        core.succeed(gen)
+                        if not core.settled:  # settled: the success would change nothing
+                            core.succeed(gen)
                         return result
                 return await call_slow_async(afn, args, kwargs)
 
@@ -1777,7 +1810,8 @@ class CircuitBreaker:
                         if lost_race():  # a hedge that lost its race: a slow call
                             core.record_lost(gen, False, None)
                         raise
-                    core.succeed(gen)
+                    if not core.settled:  # settled: the success would change nothing
+                        core.succeed(gen)
                     return result
             return call_slow(fn, args, kwargs)
 
