@@ -2,7 +2,8 @@
 # Mutation testing of the core with mutmut 3 (configured in pyproject.toml, [tool.mutmut]).
 #
 # Too slow for every CI run: run it on demand, before a release or after changing
-# _core/backoff.py, _core/errors.py, _execution/engine.py or breaker/.  Each module is run on its own so
+# _core/backoff.py, _core/errors.py, _execution/engine.py, breaker/machine.py or breaker/breaker.py.
+# Each module is run on its own so
 # that a partial run still gives a score per module.
 #
 #   scripts/mutation.sh                 # every core module
@@ -22,7 +23,7 @@ NICE=${NICE:-15}
 export HYPOTHESIS_PROFILE=ci  # derandomized: a mutant's verdict never depends on luck
 
 modules=("$@")
-if [[ ${#modules[@]} -eq 0 ]]; then modules=(_core.backoff _core.errors _execution.engine breaker); fi
+if [[ ${#modules[@]} -eq 0 ]]; then modules=(_core.backoff _core.errors _execution.engine breaker.machine breaker.breaker); fi
 
 for m in "${modules[@]}"; do
     echo "== datapunk_recovery.${m}"
@@ -45,7 +46,7 @@ totals = {m: [0, 0] for m in modules}
 for meta in sorted(pathlib.Path("mutants").rglob("*.py.meta")):
     parts = meta.parts[meta.parts.index("datapunk_recovery") + 1 :]
     module = ".".join([*parts[:-1], parts[-1].removesuffix(".py.meta")])
-    module = module.removesuffix(".__init__")  # breaker/__init__.py is "breaker"
+    module = module.removesuffix(".__init__")  # a package's __init__.py is the package
     if module not in totals:
         continue
     for code in json.loads(meta.read_text())["exit_code_by_key"].values():

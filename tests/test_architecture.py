@@ -21,11 +21,6 @@ PACKAGE = "datapunk_recovery"
 #: there.  Remove an entry when its seam lands: a stale entry fails too.
 KNOWN: dict[tuple[str, str, str], str] = {
     (
-        "datapunk_recovery.breaker.shared",
-        "datapunk_recovery.breaker",
-        "_Core",
-    ): "the link's type of the state machine; the split of breaker/ names it in machine.py",
-    (
         "datapunk_recovery.testing",
         "datapunk_recovery._core.errors",
         "_rules",
@@ -36,18 +31,13 @@ KNOWN: dict[tuple[str, str, str], str] = {
 #: this module defines no ``_x`` of its own), as ``(importing module, name)``;
 #: ``"*"`` allows the name in every module.
 KNOWN_ATTRIBUTES: dict[tuple[str, str], str] = {
-    ("datapunk_recovery.breaker", "_subscribers"): "EventBus's cheap listening check; "
-    "EventBus.active is the public seam (breaker.py is busy this session)",
     ("datapunk_recovery.cli", "_run"): "an argparse namespace attribute the cli sets itself",
     ("datapunk_recovery.breaker.registry", "_core"): (
-        "the breaker's state machine; breaker.py is busy"
+        "the registry tries the breaker's lock without waiting; a seam would make the lock API"
     ),
     ("datapunk_recovery.simulate.policies", "_jittered"): "the simulator replays the jitter",
-    ("datapunk_recovery.breaker", "_ring"): "the count window's ring, updated in place on "
+    ("datapunk_recovery.breaker.machine", "_ring"): "the count window's ring, updated in place on "
     "the success fast path (issue 16); a window method for it is next",
-    ("datapunk_recovery.breaker", "_routes"): "the buses' cached routes, read per call to ask "
-    "whether anyone wants OutcomeRecorded; EventBus.wants() is the seam to speed up",
-    ("datapunk_recovery.breaker", "_route"): "the same check, filling the route",
     ("datapunk_recovery.telemetry.fields", "_fields"): "an event class's field names, named as "
     "namedtuple names them",
 }
@@ -294,9 +284,6 @@ def test_the_database_pool_and_transaction_import_no_circle() -> None:
 #: Import circles still in the code (a deferred or TYPE_CHECKING import counts), each
 #: with why.  A new circle fails; so does a listed one that has gone.
 KNOWN_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"datapunk_recovery.breaker", "datapunk_recovery.breaker.shared"}): (
-        "the shared link still imports the breaker's package until breaker/ is split by concept"
-    ),
     frozenset({"datapunk_recovery.simulate.peers", "datapunk_recovery.simulate.policies"}): (
         "the named peer policies are looked up by the policy reader; the layout work splits them"
     ),

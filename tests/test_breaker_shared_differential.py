@@ -1,6 +1,6 @@
 """The shared (Redis) breaker runs the local breaker's rules: a differential property test.
 
-The state machine is specified once, in ``breaker._Core``; the Redis store
+The state machine is specified once, in ``breaker.machine.Machine``; the Redis store
 runs the same rules in Lua for atomicity.  Hypothesis drives one sequence of
 admissions, outcomes (with durations), forced states and clock steps through
 a local breaker and a breaker shared through a real Redis, both on one fake

@@ -74,8 +74,8 @@ class BreakerRegistry:
         """The breaker called ``name``, made with ``config`` (or the registry's) if new.
 
         An existing breaker keeps its configuration: use
-        [`CircuitBreaker.reconfigure()`][datapunk_recovery.breaker.CircuitBreaker.reconfigure] to
-        change it.
+        [`CircuitBreaker.reconfigure()`][datapunk_recovery.breaker.breaker.CircuitBreaker.reconfigure]
+        to change it.
         """
         with self._lock:
             breaker = self._breakers.get(name)

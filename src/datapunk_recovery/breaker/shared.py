@@ -31,7 +31,7 @@ import asyncio
 import json
 import random
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
 from .._core import clock
 from .._core.errors import CircuitOpenError
@@ -39,9 +39,8 @@ from .._core.events import emit
 from .._execution import runtime as _runtime
 from ..stores import SharedStore
 from ..stores.redis import script_time
-from . import (
-    BreakerConfig,
-    BreakerState,
+from .config import BreakerConfig, BreakerState, WindowKind
+from .events import (
     BreakerStateChanged,
     CallRejected,
     CorruptStateIgnored,
@@ -49,11 +48,8 @@ from . import (
     ShadowTrip,
     StoreFallback,
     StoreResumed,
-    WindowKind,
 )
-
-if TYPE_CHECKING:
-    from . import _Core
+from .machine import Machine
 
 __all__ = ["BreakerLink", "bind"]
 
@@ -266,7 +262,7 @@ class BreakerLink(Protocol):
     def consecutive(self) -> int: ...
 
 
-def bind(store: SharedStore, core: _Core) -> BreakerLink:
+def bind(store: SharedStore, core: Machine) -> BreakerLink:
     """Share ``core``'s state through ``store``; custom trip policies cannot be shared."""
     if core.config.trip_policy is not None:
         raise TypeError(
@@ -281,7 +277,7 @@ def bind(store: SharedStore, core: _Core) -> BreakerLink:
 class _BreakerLink:
     """One breaker's connection to the Redis store: cache, background writes, fallback."""
 
-    def __init__(self, store: SharedStore, core: _Core) -> None:
+    def __init__(self, store: SharedStore, core: Machine) -> None:
         self.store = store
         self.core = core
         self.script = store.script(_LUA)

@@ -80,7 +80,7 @@ restart never refills a budget this process saw drained.
 Redis errors never reach a caller: only the background task talks to Redis.
 
 Async only, asyncio only (redis.asyncio):
-[`SharedBudget.start()`][datapunk_recovery.stores.budget_redis.SharedBudget.start] needs a
+[`SharedBudget.start()`][datapunk_recovery.budget.shared.SharedBudget.start] needs a
 running asyncio loop and a sync ``with`` raises ``TypeError``.  The budget
 itself may be used from any thread (a sync retry in a worker thread, say)
 while the loop syncs it.

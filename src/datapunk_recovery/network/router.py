@@ -705,7 +705,7 @@ class Router:
         ``member``'s breaker did not grant the call without a permit.  Returns
         the endpoint, the permit, and the generation of a grant: no permit
         when a next endpoint's breaker grants the call without one
-        ([`CircuitBreaker.grant()`][datapunk_recovery.breaker.CircuitBreaker.grant]:
+        ([`CircuitBreaker.grant()`][datapunk_recovery.breaker.breaker.CircuitBreaker.grant]:
         closed, in this process, no result to judge, nobody wants its per-call
         event); the outcome then goes straight to the breaker, as its own faces do.
         """
