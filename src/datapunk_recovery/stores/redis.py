@@ -88,7 +88,7 @@ class StoreClosed(RuntimeError):
 
 
 class RedisStore:
-    """Shared state in Redis for breakers of every process using it.
+    """A connection to Redis that shared breakers and budgets keep their state through.
 
     ``client`` is a ``redis.asyncio.Redis``, a
     ``redis.asyncio.cluster.RedisCluster`` or a
