@@ -39,7 +39,7 @@ from .._core.events import emit
 from .._execution import runtime as _runtime
 from ..stores import SharedStore
 from ..stores.redis import script_time
-from .config import BreakerConfig, BreakerState, WindowKind
+from .config import PASSING_STATES, BreakerConfig, BreakerState, WindowKind
 from .events import (
     BreakerStateChanged,
     CallRejected,
@@ -53,6 +53,7 @@ from .machine import Machine
 
 __all__ = ["BreakerLink", "bind"]
 
+# State codes shared with the Lua script (shared.lua).
 _CODES: Final = (
     BreakerState.CLOSED,
     BreakerState.OPEN,
@@ -62,7 +63,6 @@ _CODES: Final = (
     BreakerState.METRICS_ONLY,
 )
 _CODE_OF: Final = {state: i for i, state in enumerate(_CODES)}
-_PASSING: Final = frozenset({BreakerState.CLOSED, BreakerState.DISABLED, BreakerState.METRICS_ONLY})
 # States whose shared state judges outcomes of admitted calls (a batch).
 _JUDGING: Final = frozenset({BreakerState.CLOSED, BreakerState.METRICS_ONLY})
 # States an operator forces: kept without expiry, re-asserted by the process holding them.
@@ -163,7 +163,7 @@ class _Shared:
     def remaining(self, now: float, waits_forever: bool = False) -> float:
         """Seconds until it may admit; ``waits_forever``: half-open has no time limit."""
         state = self.state
-        if state in _PASSING:
+        if state in PASSING_STATES:
             return 0.0
         if state is BreakerState.FORCED_OPEN:
             return float("inf")
@@ -466,7 +466,7 @@ class _BreakerLink:
         assert shared is not None
         now = clock.now()
         state = shared.current(now)
-        if state in _PASSING:
+        if state in PASSING_STATES:
             return shared.gen, False, True
         if (
             state is BreakerState.FORCED_OPEN
