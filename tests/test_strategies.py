@@ -787,7 +787,8 @@ async def test_reload_keeps_a_ratio_budgets_window() -> None:
             assert budget.allow_retry()
         assert not budget.allow_retry()
         faster = {**ratio, "min_per_second": 2.0}
-        recovery.reload({**CONFIG, "defaults": {**CONFIG["defaults"], "budget": faster}}, environ={})
+        new = {**CONFIG, "defaults": {**CONFIG["defaults"], "budget": faster}}
+        recovery.reload(new, environ={})
         carried = recovery.budget("slow")
         assert carried is budget  # reconfigured in place: the 10 retries still count
         assert carried.config.min_per_second == 2.0
