@@ -32,6 +32,7 @@ from datapunk_recovery.breaker import (
     OutcomesFolded,
     StoreFallback,
     StoreResumed,
+    WriteShed,
 )
 from datapunk_recovery.stores import SharedStore
 from datapunk_recovery.stores.redis import RedisStore, _BreakerLink
@@ -1150,6 +1151,32 @@ async def test_a_batch_too_long_is_folded_never_dropped(
     await breaker.flush_async()
     assert link.cached is not None
     assert (link.cached.calls, link.cached.failures) == (601, 300)
+
+
+@pytest.mark.anyio
+async def test_writes_due_at_once_past_max_pending_are_counted_and_reported(
+    stores: Callable[..., RedisStore], name: str, seen: list[Event]
+) -> None:
+    store = stores(max_pending=2)
+    breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=100), store=store)
+    assert await breaker.call_async(aok) == "ok"
+    await breaker.flush_async()
+    link = breaker._link
+    assert isinstance(link, _BreakerLink)
+    assert link.cached is not None
+    gen = link.cached.gen
+    # (no await in between: the two sends spawned first are still pending)
+    for _ in range(3):
+        link.record(gen, False, True, False, None, 0.001)  # a failure with a server delay
+    link.release(gen, True)
+    assert link.shed == 2
+    shed = [e for e in seen if isinstance(e, WriteShed)]
+    assert [(e.operation, e.what) for e in shed] == [
+        (name, "server delay"),
+        (name, "probe release"),
+    ]
+    assert breaker._core.consecutive == 1  # the shed failure still counts here
+    await breaker.flush_async()
 
 
 @pytest.mark.anyio
