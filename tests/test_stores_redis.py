@@ -1154,10 +1154,10 @@ async def test_a_batch_too_long_is_folded_never_dropped(
 
 
 @pytest.mark.anyio
-async def test_writes_due_at_once_past_max_pending_are_counted_and_reported(
-    stores: Callable[..., RedisStore], name: str, seen: list[Event]
+async def test_writes_due_at_once_past_max_pending_wait_for_room_and_all_land(
+    private_redis: RedisServer, stores: Callable[..., RedisStore], name: str, seen: list[Event]
 ) -> None:
-    store = stores(max_pending=2)
+    store = stores(private_redis.url, max_pending=2)
     breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=100), store=store)
     assert await breaker.call_async(aok) == "ok"
     await breaker.flush_async()
@@ -1165,10 +1165,41 @@ async def test_writes_due_at_once_past_max_pending_are_counted_and_reported(
     assert isinstance(link, _BreakerLink)
     assert link.cached is not None
     gen = link.cached.gen
-    # (no await in between: the two sends spawned first are still pending)
-    for _ in range(3):
-        link.record(gen, False, True, False, None, 0.001)  # a failure with a server delay
-    link.release(gen, True)
+    watcher = aioredis.Redis.from_url(private_redis.url)
+    try:
+        before = await _scripts_run(watcher)
+        # (no await in between: the two sends spawned first are still pending)
+        for _ in range(4):
+            link.record(gen, False, True, False, None, 0.001)  # a failure with a server delay
+        assert len(link.pending) == 2 and len(link.waiting) == 2
+        await breaker.flush_async()
+        assert await _scripts_run(watcher) - before == 4  # every one was sent
+    finally:
+        await watcher.aclose()
+    assert not link.waiting and not [e for e in seen if isinstance(e, WriteShed)]
+    assert breaker._core.consecutive == 0  # none counted here only
+
+
+async def _scripts_run(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+
+@pytest.mark.anyio
+async def test_writes_past_max_pending_waiting_too_are_counted_and_reported(
+    stores: Callable[..., RedisStore], name: str, seen: list[Event]
+) -> None:
+    store = stores(max_pending=1)
+    breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=100), store=store)
+    assert await breaker.call_async(aok) == "ok"
+    await breaker.flush_async()
+    link = breaker._link
+    assert isinstance(link, _BreakerLink)
+    assert link.cached is not None
+    gen = link.cached.gen
+    for _ in range(3):  # one sent, one waiting, one shed
+        link.record(gen, False, True, False, None, 0.001)
+    link.release(gen, True)  # shed too
     assert link.shed == 2
     shed = [e for e in seen if isinstance(e, WriteShed)]
     assert [(e.operation, e.what) for e in shed] == [

@@ -541,8 +541,8 @@ class WriteShed(Event):
     """A write the shared store should have had at once was counted here only.
 
     ``what`` is ``"probe result"``, ``"server delay"`` or ``"probe release"``:
-    sent at once in a task of its own, but the store already had
-    ``max_pending`` commands in flight for this process.  The outcome still
+    sent at once in a task of its own, but the breaker already had
+    ``max_pending`` sends in flight and as many waiting.  The outcome still
     counts on this process's own breaker; the shared state learns of it with
     the next trip or read (a probe not released stays out until the
     half-open time limit).

@@ -972,7 +972,10 @@ class _BreakerLink:
         self.sending: asyncio.Task[None] | None = None
         #: Times a batch was folded (counts kept, order of outcomes lost; see _fold).
         self.merged = 0
-        #: Probe results, server delays and probe releases kept local (see _shed).
+        # Probe results, server delays and probe releases due at once while
+        # max_pending sends are in flight: sent as sends land (see _spawn).
+        self.waiting: list[tuple[str, tuple[Any, ...]]] = []
+        #: Of those, the ones past max_pending waiting too, kept local (see _shed).
         self.shed = 0
         # Outcomes judged locally while Redis was away, as runs: merged into the
         # shared state when it answers again (see _share_unshared).
@@ -1084,6 +1087,7 @@ class _BreakerLink:
         if cached is not None:  # decide locally from the last shared state
             state = cached.current(now)
             self.core.adopt(state, max(cached.until - now, 0.0))
+        self._unwait()
         core = self.core
         if core.listening():
             emit(
@@ -1168,7 +1172,7 @@ class _BreakerLink:
             raise
 
     def _give_back(self, task: asyncio.Task[_Shared | None]) -> None:
-        self.pending.discard(task)
+        self._done(task)
         if task.cancelled() or task.exception() is not None:
             return
         got = task.result()
@@ -1234,20 +1238,33 @@ class _BreakerLink:
     def _spawn(self, op: str, *args: Any) -> bool:
         if self.down_since is not None or self.store._closed:
             return False
-        if len(self.pending) >= self.store.max_pending:
-            self._shed(op, args)
-            return False
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return False
+        if len(self.pending) >= self.store.max_pending:
+            # Not shed: it waits for a send to land (in order), up to as
+            # many as are in flight; only past that is one kept local.
+            if len(self.waiting) < self.store.max_pending:
+                self.waiting.append((op, args))
+                return True
+            self._shed(op, args)
+            return False
         task = loop.create_task(self._background(op, *args))
         self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+        task.add_done_callback(self._done)
         return True
 
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        """A send landed: the oldest write waiting for room goes now."""
+        self.pending.discard(task)
+        if self.waiting and self.down_since is None and not self.store._closing:
+            op, args = self.waiting.pop(0)
+            self._spawn(op, *args)
+
     def _shed(self, op: str, args: tuple[Any, ...]) -> None:
-        """A write due at once found ``max_pending`` sends in flight: counted, reported."""
+        """A write due at once found ``max_pending`` sends in flight and as many
+        waiting: kept local (the caller counts it on the local state), reported."""
         what = "probe release" if op == "release" else "probe result" if args[1] else "server delay"
         self.shed += 1
         core = self.core
@@ -1440,7 +1457,7 @@ class _BreakerLink:
         task = asyncio.get_running_loop().create_task(self._send(runs, gen))
         self.sending = task
         self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+        task.add_done_callback(self._done)
 
     def _take(self) -> tuple[list[list[int]], int]:
         runs, gen = self.batch, self.batch_gen
@@ -1485,8 +1502,18 @@ class _BreakerLink:
                 return
             await asyncio.wait(list(self.pending), timeout=left)
 
+    def _unwait(self) -> None:
+        """Writes still waiting for room will not be sent: results count here."""
+        waiting, self.waiting = self.waiting, []
+        for op, args in waiting:
+            if op == "record":
+                _, _, failed, slow, hint = args
+                delay = hint if hint >= 0 else None
+                self.core.record(-1, False, bool(failed), bool(slow), None, delay)
+
     def detach(self) -> None:
         """The store closed: stop what is still scheduled (each is bounded anyway)."""
+        self._unwait()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
