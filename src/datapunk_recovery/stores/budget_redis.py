@@ -15,19 +15,25 @@ never touch Redis: they update and read the wrapped budget, in this process,
 as without sharing.  A background task (one per shared budget, started with
 the service) *syncs*: it sends what this process counted since the last sync
 and reads back the shared state, which the local budget then adopts (plus
-what was counted during the round trip).  It syncs every ``sync_interval``
-seconds, and at once when ``max_unsynced`` failures (token budget) or granted
-retries (ratio budget) are waiting: successes and plain attempts never hurry
-a sync, so a healthy service sends one command per ``sync_interval``.
+what was counted during the round trip).  It syncs at start, then every
+``sync_interval`` seconds while the budget is used (an outcome counted or a
+retry asked for since the last sync started), and at once when
+``max_unsynced`` failures (token budget) or granted retries (ratio budget)
+are waiting: successes and plain attempts never hurry a sync, so a busy
+service sends one command per ``sync_interval``, and an unused budget none
+(its first use wakes a sync at once).
 
 **The lag bound.**  An outcome counted in one process reaches Redis with the
 first sync that process *starts* after counting it, and reaches another
 process with the first sync *that* process starts after it is in Redis.  A
-process starts a sync at most ``sync_interval`` after its previous one ended
-(at once when ``max_unsynced`` spending outcomes wait), and a sync lasts at most the
-store's ``timeout``; so an outcome governs every other process's decisions
-within ``2 * sync_interval + 4 * store.timeout`` seconds at worst (plus
-event-loop delays), typically ``2 * sync_interval`` plus two round trips.
+process using its budget starts a sync at most ``sync_interval`` after its
+previous one ended (at once when ``max_unsynced`` spending outcomes wait), and
+a sync lasts at most the store's ``timeout``; so an outcome governs the
+decisions of every other process using its budget within
+``2 * sync_interval + 4 * store.timeout`` seconds at worst (plus event-loop
+delays), typically ``2 * sync_interval`` plus two round trips.  A process
+that idled syncs at its first use; until that sync lands (at most
+``timeout``) it decides on the shared state it held when it went idle.
 
 **One Lua script per budget kind, one round trip per sync.**  The script
 applies the batch with the budget's own arithmetic and returns the shared
