@@ -1154,6 +1154,40 @@ async def test_a_batch_too_long_is_folded_never_dropped(
 
 
 @pytest.mark.anyio
+async def test_callers_during_the_first_read_do_not_wait_and_their_outcomes_are_merged(
+    stores: Callable[..., RedisStore], name: str, seen: list[Event]
+) -> None:
+    config = BreakerConfig(consecutive_failures=100)
+    breaker = CircuitBreaker(name, config, store=stores())
+    link = breaker._link
+    assert isinstance(link, _BreakerLink)
+    before_the_read: list[bool] = []
+
+    async def fails() -> str:
+        before_the_read.append(link.cached is None)
+        raise Boom("judged locally, before the shared state is known")
+
+    # the first caller makes the first read; the two others arrive during it
+    got = await asyncio.gather(
+        breaker.call_async(aok),
+        breaker.call_async(fails),
+        breaker.call_async(fails),
+        return_exceptions=True,
+    )
+    assert got[0] == "ok" and all(isinstance(e, Boom) for e in got[1:])
+    assert before_the_read == [True, True]  # admitted without waiting for the read
+    await breaker.flush_async()
+    assert not [e for e in seen if isinstance(e, StoreFallback)]  # no fallback
+    reader = CircuitBreaker(name, config, store=stores())
+    permit = await reader.allow_async()  # (its first read)
+    reader_link = reader._link
+    assert isinstance(reader_link, _BreakerLink)
+    assert reader_link.cached is not None
+    assert reader_link.cached.consecutive == 2  # both failures reached Redis
+    permit.success()
+
+
+@pytest.mark.anyio
 async def test_writes_due_at_once_past_max_pending_wait_for_room_and_all_land(
     private_redis: RedisServer, stores: Callable[..., RedisStore], name: str, seen: list[Event]
 ) -> None:

@@ -573,7 +573,7 @@ class SharedBudget:
         self._loop, self._thread = loop, threading.get_ident()
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
-        self._stopping = False
+        self._stopping = self._idle = False
         self._task = loop.create_task(self._run(), name=f"datapunk-budget-sync:{self.name}")
 
     async def aclose(self) -> None:
