@@ -245,6 +245,53 @@ def test_ratio_budget_config_is_validated() -> None:
         RatioBudget(config=TokenBudgetConfig())  # type: ignore[arg-type]
 
 
+def test_reconfiguring_a_ratio_budget_keeps_its_window() -> None:
+    config = RatioBudgetConfig(ratio=0.0, min_per_second=1.0, window=10.0, buckets=10)
+    with fake_clock():
+        budget = RatioBudget(config=config)
+        for _ in range(10):
+            assert budget.allow_retry()
+        budget.reconfigure(RatioBudgetConfig(ratio=0.0, min_per_second=2.0, window=10.0))
+        # the 10 retries granted still count: 20 allowed, 10 more
+        granted = 0
+        while budget.allow_retry():
+            granted += 1
+        assert granted == 10
+        assert budget.config.min_per_second == 2.0
+
+
+def test_a_reshaped_ratio_budget_keeps_the_counts_its_new_window_covers() -> None:
+    config = RatioBudgetConfig(ratio=0.0, min_per_second=1.0, window=10.0, buckets=10)
+    with fake_clock() as clock:
+        budget = RatioBudget(config=config)
+        for _ in range(3):
+            assert budget.allow_retry()  # in the bucket [0, 1)
+        clock.advance(8.0)
+        for _ in range(4):
+            assert budget.allow_retry()  # in the bucket [8, 9)
+        # a 5 s window in 5 buckets covers (3.5, 8.5]: the newest 4 stay, the oldest 3 leave
+        budget.reconfigure(RatioBudgetConfig(ratio=0.0, min_per_second=1.0, window=5.0, buckets=5))
+        assert budget.allowance() == 5.0
+        granted = 0
+        while budget.allow_retry():
+            granted += 1
+        assert granted == 1
+        clock.advance(4.99)  # 12.99: the bucket [8, 9) is still inside the new window
+        assert not budget.allow_retry()
+        clock.advance(0.01)  # 13: it has left, with its 5 retries
+        granted = 0
+        while budget.allow_retry():
+            granted += 1
+        assert granted == 5
+
+
+def test_a_ratio_budget_reconfigured_with_a_token_config_is_refused() -> None:
+    budget = RatioBudget()
+    with pytest.raises(TypeError, match=r"RatioBudget\.reconfigure: expected a RatioBudgetConfig"):
+        budget.reconfigure(TokenBudgetConfig())  # type: ignore[arg-type]
+    assert budget.config == RatioBudgetConfig()
+
+
 # ---------------------------------------------------------------------------
 # with the retry engine
 

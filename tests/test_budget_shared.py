@@ -928,6 +928,61 @@ def private_redis() -> Any:
     server.close()
 
 
+async def _commands(client: aioredis.Redis) -> int:
+    info = await client.info("stats")
+    return int(info["total_commands_processed"])
+
+
+@pytest.mark.anyio
+async def test_an_idle_shared_budget_sends_nothing(private_redis: RedisServer, name: str) -> None:
+    store = RedisStore(private_redis.url)
+    watcher = aioredis.Redis.from_url(private_redis.url)
+    try:
+        async with SharedBudget(tokens(name), store, sync_interval=0.001) as shared:
+            await until(lambda: shared.syncs == 1 and shared._idle, "first sync, then idle")
+            before = await _commands(watcher)
+            loop = asyncio.get_running_loop()
+            start, pings = loop.time(), 0
+            # fifty sync intervals of real work: a budget syncing on a timer would send 50
+            while loop.time() - start < 50 * shared.sync_interval:
+                await watcher.ping()
+                pings += 1
+            used = await _commands(watcher) - before - pings - 1  # (less the INFO above)
+            assert used == 0, f"an idle budget sent {used} commands"
+            assert shared.syncs == 1
+            shared.on_attempt(True)  # the first use after idling syncs at once
+            await until(lambda: shared.syncs == 2, "woken by the first outcome")
+    finally:
+        await store.aclose()
+        await watcher.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_busy_shared_budget_sends_one_sync_per_interval_however_many_outcomes(
+    private_redis: RedisServer, name: str
+) -> None:
+    store = RedisStore(private_redis.url)
+    watcher = aioredis.Redis.from_url(private_redis.url)
+    try:
+        # an interval far longer than the test: every sync seen is a wake-up
+        budget = tokens(name, max_tokens=1000.0)
+        async with SharedBudget(budget, store, sync_interval=600.0) as shared:
+            await until(lambda: shared.syncs == 1, "first sync")
+            before = await _commands(watcher)
+            for _ in range(1000):
+                shared.on_attempt(True)
+                assert shared.allow_retry()
+            for _ in range(20):
+                await asyncio.sleep(0)  # (the sync task gets its turns)
+            assert shared.syncs == 1  # a thousand outcomes wait for the interval
+        assert shared.syncs == 2  # closing pushed them, in one sync
+        used = await _commands(watcher) - before - 1  # (less the INFO above)
+        assert used <= 7, f"{used} commands for 1,000 outcomes"
+    finally:
+        await store.aclose()
+        await watcher.aclose()
+
+
 async def sync_when_back(shared: SharedBudget, tries: int = 300) -> None:
     """Bounded polling: a sync succeeds within ``tries`` short looks."""
     for _ in range(tries):

@@ -32,6 +32,7 @@ from datapunk_recovery.breaker import (
     OutcomesFolded,
     StoreFallback,
     StoreResumed,
+    WriteShed,
 )
 from datapunk_recovery.breaker.shared import _BreakerLink
 from datapunk_recovery.stores import SharedStore
@@ -1152,6 +1153,97 @@ async def test_a_batch_too_long_is_folded_never_dropped(
     await breaker.flush_async()
     snap = breaker.snapshot()
     assert (snap.calls, snap.failures) == (601, 300)  # every outcome still counted
+
+
+@pytest.mark.anyio
+async def test_callers_during_the_first_read_do_not_wait_and_their_outcomes_are_merged(
+    stores: Callable[..., RedisStore], name: str, seen: list[Event]
+) -> None:
+    config = BreakerConfig(consecutive_failures=100)
+    breaker = CircuitBreaker(name, config, store=stores())
+    link = breaker._link
+    assert isinstance(link, _BreakerLink)
+    before_the_read: list[bool] = []
+
+    async def fails() -> str:
+        before_the_read.append(link.cached is None)
+        raise Boom("judged locally, before the shared state is known")
+
+    # the first caller makes the first read; the two others arrive during it
+    got = await asyncio.gather(
+        breaker.call_async(aok),
+        breaker.call_async(fails),
+        breaker.call_async(fails),
+        return_exceptions=True,
+    )
+    assert got[0] == "ok" and all(isinstance(e, Boom) for e in got[1:])
+    assert before_the_read == [True, True]  # admitted without waiting for the read
+    await breaker.flush_async()
+    assert not [e for e in seen if isinstance(e, StoreFallback)]  # no fallback
+    reader = CircuitBreaker(name, config, store=stores())
+    permit = await reader.allow_async()  # (its first read)
+    reader_link = reader._link
+    assert isinstance(reader_link, _BreakerLink)
+    assert reader_link.cached is not None
+    assert reader_link.cached.consecutive == 2  # both failures reached Redis
+    permit.success()
+
+
+@pytest.mark.anyio
+async def test_writes_due_at_once_past_max_pending_wait_for_room_and_all_land(
+    private_redis: RedisServer, stores: Callable[..., RedisStore], name: str, seen: list[Event]
+) -> None:
+    store = stores(private_redis.url, max_pending=2)
+    breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=100), store=store)
+    assert await breaker.call_async(aok) == "ok"
+    await breaker.flush_async()
+    link = breaker._link
+    assert isinstance(link, _BreakerLink)
+    assert link.cached is not None
+    gen = link.cached.gen
+    watcher = aioredis.Redis.from_url(private_redis.url)
+    try:
+        before = await _scripts_run(watcher)
+        # (no await in between: the two sends spawned first are still pending)
+        for _ in range(4):
+            link.record(gen, False, True, False, None, 0.001)  # a failure with a server delay
+        assert len(link.pending) == 2 and len(link.waiting) == 2
+        await breaker.flush_async()
+        assert await _scripts_run(watcher) - before == 4  # every one was sent
+    finally:
+        await watcher.aclose()
+    assert not link.waiting and not [e for e in seen if isinstance(e, WriteShed)]
+    assert breaker._core.consecutive == 0  # none counted here only
+
+
+async def _scripts_run(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+
+@pytest.mark.anyio
+async def test_writes_past_max_pending_waiting_too_are_counted_and_reported(
+    stores: Callable[..., RedisStore], name: str, seen: list[Event]
+) -> None:
+    store = stores(max_pending=1)
+    breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=100), store=store)
+    assert await breaker.call_async(aok) == "ok"
+    await breaker.flush_async()
+    link = breaker._link
+    assert isinstance(link, _BreakerLink)
+    assert link.cached is not None
+    gen = link.cached.gen
+    for _ in range(3):  # one sent, one waiting, one shed
+        link.record(gen, False, True, False, None, 0.001)
+    link.release(gen, True)  # shed too
+    assert link.shed == 2
+    shed = [e for e in seen if isinstance(e, WriteShed)]
+    assert [(e.operation, e.what) for e in shed] == [
+        (name, "server delay"),
+        (name, "probe release"),
+    ]
+    assert breaker._core.consecutive == 1  # the shed failure still counts here
+    await breaker.flush_async()
 
 
 @pytest.mark.anyio

@@ -29,6 +29,7 @@ from datapunk_recovery._core.clock import FakeClock, use_clock
 from datapunk_recovery._core.events import Event
 from datapunk_recovery._execution import runtime as _runtime
 from datapunk_recovery.breaker import BreakerState
+from datapunk_recovery.budget import RatioBudget
 from datapunk_recovery.cache import MemoryCache
 from datapunk_recovery.config.schema import ConfigError
 from datapunk_recovery.database import DatabaseUnavailable, ManagedPool, TransactionRolledBack
@@ -773,6 +774,28 @@ async def test_reload_carries_the_budget_fill_over() -> None:
     assert carried is budget  # the same bucket, re-configured: its tokens are kept
     assert carried.config.max_tokens == 20
     assert carried.tokens == 7.0
+
+
+async def test_reload_keeps_a_ratio_budgets_window() -> None:
+    ratio = {"kind": "ratio", "ratio": 0.0, "min_per_second": 1.0, "window": "10s"}
+    config = {**CONFIG, "defaults": {**CONFIG["defaults"], "budget": ratio}}
+    with fake_clock():
+        recovery = RecoveryStrategies.from_config(config, environ={})
+        budget = recovery.budget("slow")
+        assert isinstance(budget, RatioBudget)
+        for _ in range(10):
+            assert budget.allow_retry()
+        assert not budget.allow_retry()
+        faster = {**ratio, "min_per_second": 2.0}
+        new = {**CONFIG, "defaults": {**CONFIG["defaults"], "budget": faster}}
+        recovery.reload(new, environ={})
+        carried = recovery.budget("slow")
+        assert carried is budget  # reconfigured in place: the 10 retries still count
+        assert carried.config.min_per_second == 2.0
+        granted = 0
+        while carried.allow_retry():
+            granted += 1
+        assert granted == 10
 
 
 async def test_a_bad_reload_is_rejected_whole_and_the_old_config_keeps_running() -> None:

@@ -35,6 +35,7 @@ REQUIRED_PROMETHEUS_NAMES = {
     "datapunk_recovery_breaker_state": ("breaker", "state"),
     "datapunk_recovery_breaker_rejections": ("breaker",),
     "datapunk_recovery_breaker_outcomes_folded": ("breaker",),
+    "datapunk_recovery_breaker_writes_shed": ("breaker", "kind"),
     "datapunk_recovery_budget_refusals": ("budget",),
     "datapunk_recovery_bulkhead_in_use": ("bulkhead",),
     "datapunk_recovery_bulkhead_rejections": ("bulkhead",),

@@ -49,6 +49,7 @@ from .events import (
     ShadowTrip,
     StoreFallback,
     StoreResumed,
+    WriteShed,
 )
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "CorruptStateIgnored",
     "OutcomeRecorded",
     "OutcomesFolded",
+    "WriteShed",
     "Permit",
     "ShadowTrip",
     "StoreFallback",

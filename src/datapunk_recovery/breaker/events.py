@@ -19,6 +19,7 @@ __all__ = [
     "ShadowTrip",
     "StoreFallback",
     "StoreResumed",
+    "WriteShed",
     "wants_outcomes",
 ]
 
@@ -152,6 +153,25 @@ class OutcomesFolded(Event):
     store: str
     outcomes: int
     runs: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WriteShed(Event):
+    """A write the shared store should have had at once was counted here only.
+
+    ``what`` is ``"probe result"``, ``"server delay"`` or ``"probe release"``:
+    sent at once in a task of its own, but the breaker already had
+    ``max_pending`` sends in flight and as many waiting.  The outcome still
+    counts on this process's own breaker; the shared state learns of it with
+    the next trip or read (a probe not released stays out until the
+    half-open time limit).
+    """
+
+    name: ClassVar[str] = "breaker.write_shed"
+    area: ClassVar[str] = "breaker"
+
+    store: str
+    what: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

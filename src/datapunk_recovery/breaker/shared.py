@@ -48,6 +48,7 @@ from .events import (
     ShadowTrip,
     StoreFallback,
     StoreResumed,
+    WriteShed,
 )
 from .machine import Machine
 
@@ -287,8 +288,6 @@ class _BreakerLink:
         self.down_since: float | None = None
         self.retry_at = 0.0
         self.refreshing = False
-        #: Done when the read in progress ends (see _join_read).
-        self.reading: asyncio.Future[None] | None = None
         self.pending: set[asyncio.Task[Any]] = set()
         # The state this process forced (isolate, disable, metrics only) until
         # a reset, here or in another process: it is re-asserted on a fresh
@@ -309,6 +308,11 @@ class _BreakerLink:
         self.sending: asyncio.Task[None] | None = None
         #: Times a batch was folded (counts kept, order of outcomes lost; see _fold).
         self.merged = 0
+        # Probe results, server delays and probe releases due at once while
+        # max_pending sends are in flight: sent as sends land (see _spawn).
+        self.waiting: list[tuple[str, tuple[Any, ...]]] = []
+        #: Of those, the ones past max_pending waiting too, kept local (see _shed).
+        self.shed = 0
         # Outcomes judged locally while Redis was away, as runs: merged into the
         # shared state when it answers again (see _share_unshared).
         self.unshared: list[list[int]] = []
@@ -431,6 +435,7 @@ class _BreakerLink:
         if cached is not None:  # decide locally from the last shared state
             state = cached.current(now)
             self.core.adopt(state, max(cached.until - now, 0.0))
+        self._unwait()
         core = self.core
         if core.listening():
             emit(
@@ -458,8 +463,8 @@ class _BreakerLink:
                 return self._fallback_allow()
         elif self.cached is None or now - self.fetched_at >= self.store.cache_ttl:
             if self.refreshing:  # someone is already reading: use what we have
-                if self.cached is None and not await self._join_read():
-                    return self._fallback_allow()
+                if self.cached is None:
+                    return self._before_first_read()
             elif await self._refresh() is None:
                 return self._fallback_allow()
         shared = self.cached
@@ -515,31 +520,27 @@ class _BreakerLink:
             raise
 
     def _give_back(self, task: asyncio.Task[_Shared | None]) -> None:
-        self.pending.discard(task)
+        self._done(task)
         if task.cancelled() or task.exception() is not None:
             return
         got = task.result()
         if got is not None and got.granted == 2:
             self._spawn("release", got.gen, 1)
 
-    async def _join_read(self) -> bool:
-        """Wait (within ``timeout``) for the first read another caller started.
+    def _before_first_read(self) -> tuple[int, bool, bool]:
+        """Admit a caller that arrives while the first read is in flight, on local state.
 
-        Callers arriving before the shared state was ever read wait for that one
-        read instead of each deciding locally: a burst of callers deciding
-        locally keeps the event loop too busy to take the reply in, so the read
-        would time out on a healthy Redis and the breaker fall back for
-        ``retry_interval`` (the start-up fallbacks of 8 busy processes).
-        True when the shared state is known now.
+        It does not wait for that read (a start-up burst would each wait a
+        round trip, or up to ``timeout`` on a busy loop): it decides on this
+        process's own breaker, as the shared state is unknown yet, and its
+        outcome is kept (`missed`) and merged into the shared state with the
+        read's reply.  No fallback: Redis is not known to be away.
         """
-        reading = self.reading
-        if reading is not None and not reading.done():
-            await asyncio.wait((reading,), timeout=self.store.timeout)
-        return self.cached is not None and self.down_since is None
+        gen, probe = self.core.admit()
+        return gen, probe, False
 
     async def _refresh(self) -> _Shared | None:
         self.refreshing = True
-        reading = self.reading = asyncio.get_running_loop().create_future()
         try:
             # The read waits for this process's own writes: its batch (whose
             # send returns the shared state, so it is the read: no extra round
@@ -563,7 +564,6 @@ class _BreakerLink:
             return await self._op("read")
         finally:
             self.refreshing = False
-            reading.set_result(None)
 
     def _fallback_allow(self) -> tuple[int, bool, bool]:
         if self.store.on_unavailable == "closed":
@@ -584,20 +584,43 @@ class _BreakerLink:
 
     # -- outcomes --------------------------------------------------------------------------
     def _spawn(self, op: str, *args: Any) -> bool:
-        if (
-            self.down_since is not None
-            or self.store.closed
-            or len(self.pending) >= self.store.max_pending
-        ):
+        if self.down_since is not None or self.store.closed:
             return False
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return False
+        if len(self.pending) >= self.store.max_pending:
+            # Not shed: it waits for a send to land (in order), up to as
+            # many as are in flight; only past that is one kept local.
+            if len(self.waiting) < self.store.max_pending:
+                self.waiting.append((op, args))
+                return True
+            self._shed(op, args)
+            return False
         task = loop.create_task(self._background(op, *args))
         self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+        task.add_done_callback(self._done)
         return True
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        """A send landed: the oldest write waiting for room goes now."""
+        self.pending.discard(task)
+        if self.waiting and self.down_since is None and not self.store.closing:
+            op, args = self.waiting.pop(0)
+            self._spawn(op, *args)
+
+    def _shed(self, op: str, args: tuple[Any, ...]) -> None:
+        """A write due at once found ``max_pending`` sends in flight and as many
+        waiting: kept local (the caller counts it on the local state), reported."""
+        what = "probe release" if op == "release" else "probe result" if args[1] else "server delay"
+        self.shed += 1
+        core = self.core
+        if core.listening(WriteShed):
+            emit(
+                WriteShed(operation=core.name, at=clock.now(), store=self.store.kind, what=what),
+                core.bus,
+            )
 
     async def _background(self, op: str, *args: Any) -> None:
         await self._op(op, *args)
@@ -782,7 +805,7 @@ class _BreakerLink:
         task = asyncio.get_running_loop().create_task(self._send(runs, gen))
         self.sending = task
         self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+        task.add_done_callback(self._done)
 
     def _take(self) -> tuple[list[list[int]], int]:
         runs, gen = self.batch, self.batch_gen
@@ -827,8 +850,18 @@ class _BreakerLink:
                 return
             await asyncio.wait(list(self.pending), timeout=left)
 
+    def _unwait(self) -> None:
+        """Writes still waiting for room will not be sent: results count here."""
+        waiting, self.waiting = self.waiting, []
+        for op, args in waiting:
+            if op == "record":
+                _, _, failed, slow, hint = args
+                delay = hint if hint >= 0 else None
+                self.core.record(-1, False, bool(failed), bool(slow), None, delay)
+
     def detach(self) -> None:
         """The store closed: stop what is still scheduled (each is bounded anyway)."""
+        self._unwait()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

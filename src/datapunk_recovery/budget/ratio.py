@@ -182,6 +182,52 @@ class RatioBudget:
             self._attempts[i] += attempts
             self._retries[i] += retries
 
+    def reconfigure(self, config: RatioBudgetConfig) -> None:
+        """Take ``config`` while calls run, keeping the window's counts.
+
+        This is how a hot reload changes a ratio budget: the attempts and
+        retries already counted stay, so a reload during a storm does not hand
+        out a fresh allowance.  With the same ``window`` and ``buckets`` every
+        bucket is kept as it is.  With another shape each old bucket's counts
+        move to the new bucket holding the old bucket's end (its newest
+        moment, capped at now), so the current bucket stays current; buckets
+        older than the new ``window`` are dropped (the new window does not
+        cover them).  Ratio, floor and shares are the new ones from the next
+        decision on.
+        """
+        if not isinstance(config, RatioBudgetConfig):
+            raise TypeError(
+                f"RatioBudget.reconfigure: expected a RatioBudgetConfig, got {shown(config)}"
+            )
+        n, width = config.buckets, config.window / config.buckets
+        with self._lock:
+            now = clock.now()
+            kept = [
+                (e, self._attempts[i], self._retries[i])
+                for i, e in enumerate(self._epochs)
+                if e >= 0 and e > int(now // self._width) - self._n
+            ]
+            old_width = self._width
+            self.config = config
+            self._n, self._width = n, width
+            self._floor = config.min_per_second * config.window
+            self._ratio = config.ratio
+            self._shares = (config.sheddable_share, 1.0, config.critical_share)
+            self._epochs = [-1] * n
+            self._attempts = [0] * n
+            self._retries = [0] * n
+            current = int(now // width)
+            for e, a, r in kept:
+                end = min((e + 1) * old_width, now)
+                epoch = min(int(end // width), current)
+                if epoch <= current - n:
+                    continue  # older than the new window
+                i = epoch % n
+                if self._epochs[i] != epoch:
+                    self._epochs[i], self._attempts[i], self._retries[i] = epoch, 0, 0
+                self._attempts[i] += a
+                self._retries[i] += r
+
     def reset(self) -> None:
         """Forget the window (between tests, or after a deploy)."""
         with self._lock:

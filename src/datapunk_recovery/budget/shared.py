@@ -15,19 +15,25 @@ never touch Redis: they update and read the wrapped budget, in this process,
 as without sharing.  A background task (one per shared budget, started with
 the service) *syncs*: it sends what this process counted since the last sync
 and reads back the shared state, which the local budget then adopts (plus
-what was counted during the round trip).  It syncs every ``sync_interval``
-seconds, and at once when ``max_unsynced`` failures (token budget) or granted
-retries (ratio budget) are waiting: successes and plain attempts never hurry
-a sync, so a healthy service sends one command per ``sync_interval``.
+what was counted during the round trip).  It syncs at start, then every
+``sync_interval`` seconds while the budget is used (an outcome counted or a
+retry asked for since the last sync started), and at once when
+``max_unsynced`` failures (token budget) or granted retries (ratio budget)
+are waiting: successes and plain attempts never hurry a sync, so a busy
+service sends one command per ``sync_interval``, and an unused budget none
+(its first use wakes a sync at once).
 
 **The lag bound.**  An outcome counted in one process reaches Redis with the
 first sync that process *starts* after counting it, and reaches another
 process with the first sync *that* process starts after it is in Redis.  A
-process starts a sync at most ``sync_interval`` after its previous one ended
-(at once when ``max_unsynced`` spending outcomes wait), and a sync lasts at most the
-store's ``timeout``; so an outcome governs every other process's decisions
-within ``2 * sync_interval + 4 * store.timeout`` seconds at worst (plus
-event-loop delays), typically ``2 * sync_interval`` plus two round trips.
+process using its budget starts a sync at most ``sync_interval`` after its
+previous one ended (at once when ``max_unsynced`` spending outcomes wait), and
+a sync lasts at most the store's ``timeout``; so an outcome governs the
+decisions of every other process using its budget within
+``2 * sync_interval + 4 * store.timeout`` seconds at worst (plus event-loop
+delays), typically ``2 * sync_interval`` plus two round trips.  A process
+that idled syncs at its first use; until that sync lands (at most
+``timeout``) it decides on the shared state it held when it went idle.
 
 **One Lua script per budget kind, one round trip per sync.**  The script
 applies the batch with the budget's own arithmetic and returns the shared
@@ -452,6 +458,10 @@ class SharedBudget:
         self._x = self._y = 0
         self._acked = (0, 0)  # the counts Redis is known to hold
         self._unsynced = 0
+        # Whether the gate was used since the last sync started (a decision
+        # wants a fresh view), and whether the task waits for that (idle).
+        self._wanted = False
+        self._idle = False
         self._down_since: float | None = None
         self._retry_at = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -482,6 +492,7 @@ class SharedBudget:
                 wake = self._unsynced == self.max_unsynced
             else:
                 self._x += 1
+            wake = self._used() or wake
         if wake:
             self._poke()
 
@@ -493,14 +504,19 @@ class SharedBudget:
             report_refused(self.name, self.budget.bus, current_criticality(), fill, math.inf)
             return False
         if self._tokens:  # spends nothing
+            if not self._wanted:
+                with self._lock:
+                    wake = self._used()
+                if wake:
+                    self._poke()
             return self.budget.allow_retry()
-        wake = False
         with self._lock:
+            wake = self._used()
             granted = self.budget.allow_retry()
             if granted:
                 self._y += 1
                 self._unsynced += 1
-                wake = self._unsynced == self.max_unsynced
+                wake = self._unsynced == self.max_unsynced or wake
         if wake:
             self._poke()
         return granted
@@ -514,6 +530,14 @@ class SharedBudget:
     def bus(self) -> EventBus | None:
         """The wrapped budget's event bus."""
         return self.budget.bus
+
+    def _used(self) -> bool:
+        """The gate was used (lock held): sync soon; True to wake an idle sync task."""
+        self._wanted = True
+        if self._idle:
+            self._idle = False
+            return True
+        return False
 
     def _poke(self) -> None:
         """Wake the sync task (from any thread)."""
@@ -549,7 +573,7 @@ class SharedBudget:
         self._loop, self._thread = loop, threading.get_ident()
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
-        self._stopping = False
+        self._stopping = self._idle = False
         self._task = loop.create_task(self._run(), name=f"datapunk-budget-sync:{self.name}")
 
     async def aclose(self) -> None:
@@ -614,20 +638,40 @@ class SharedBudget:
         return await self._flush(force=True)
 
     async def _run(self) -> None:
+        """Sync at start, then every ``sync_interval`` while the gate is used.
+
+        A budget nobody used since the last sync started (no outcome to send,
+        no decision wanting a fresh view) sends nothing: the task waits,
+        without a timeout, for the next use of the gate, which wakes it at
+        once (the last sync is at least ``sync_interval`` old by then).
+        """
         wake = self._wake
         assert wake is not None
         while not self._stopping:
+            with self._lock:
+                self._wanted = False
             await self._flush()
             if self._stopping:
                 return
-            # asyncio.wait, not asyncio.timeout + except TimeoutError: a wait
-            # that times out cannot turn a cancellation into a timeout.
-            waiter = asyncio.ensure_future(wake.wait())
-            try:
-                await asyncio.wait((waiter,), timeout=self.sync_interval)
-            finally:
-                waiter.cancel()
-            wake.clear()
+            await self._wait(wake, self.sync_interval)
+            if self._stopping:
+                return
+            with self._lock:
+                # (cleared before going idle: a use from now on wakes the task)
+                self._idle = not self._wanted and (self._x, self._y) == self._acked
+            if self._idle:
+                await self._wait(wake, None)
+
+    async def _wait(self, wake: asyncio.Event, timeout: float | None) -> None:
+        """Wait for a wake-up (or ``timeout`` seconds), then clear it."""
+        # asyncio.wait, not asyncio.timeout + except TimeoutError: a wait
+        # that times out cannot turn a cancellation into a timeout.
+        waiter = asyncio.ensure_future(wake.wait())
+        try:
+            await asyncio.wait((waiter,), timeout=timeout)
+        finally:
+            waiter.cancel()
+        wake.clear()
 
     # -- one sync ------------------------------------------------------------------------
     async def _flush(self, force: bool = False) -> bool:

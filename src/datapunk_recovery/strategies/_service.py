@@ -199,11 +199,13 @@ def _budget(
     if config is None:
         return None
     if isinstance(config, RatioBudgetConfig):
-        # A ratio budget is kept while its figures stay; new figures (or a
-        # new kind) start a new window.
-        if isinstance(old, RatioBudget) and old.config == config:
-            return old
-        return RatioBudget(name, config)
+        # A ratio budget keeps its window through new figures (a new kind
+        # starts a new one).
+        if not isinstance(old, RatioBudget):
+            return RatioBudget(name, config)
+        if old.config != config:
+            old.reconfigure(config)  # keeps the window's counts, new figures
+        return old
     if not isinstance(old, TokenBudget):
         return TokenBudget(name, config)
     if old.config != config:

@@ -71,6 +71,7 @@ LEVELS: Final[Mapping[str, Level]] = MappingProxyType(
         "breaker.store_fallback": Level(logging.WARNING),
         "breaker.store_resumed": Level(logging.INFO),
         "breaker.outcomes_folded": Level(logging.WARNING),
+        "breaker.write_shed": Level(logging.WARNING),
         "breaker.corrupt_state": Level(logging.WARNING),
         # per-call refusals: counted by metrics; a line each would flood the log
         # during the very overload that causes them

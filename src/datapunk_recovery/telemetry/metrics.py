@@ -198,6 +198,12 @@ BREAKER_FOLDED: Final = Metric(
     ("breaker",),
     "Outcomes a shared breaker folded (counts kept, their order lost) before sending them.",
 )
+BREAKER_SHED: Final = Metric(
+    "breaker.writes_shed",
+    MetricKind.COUNTER,
+    ("breaker", "kind"),
+    "Probe results, server delays and probe releases a shared breaker kept local (store busy).",
+)
 BUDGET_REFUSALS: Final = Metric(
     "budget.refusals", MetricKind.COUNTER, ("budget",), "Retries a retry budget refused."
 )
@@ -238,6 +244,7 @@ METRICS: Final[tuple[Metric, ...]] = (
     BREAKER_STATE,
     BREAKER_REJECTIONS,
     BREAKER_FOLDED,
+    BREAKER_SHED,
     BUDGET_REFUSALS,
     BULKHEAD_IN_USE,
     BULKHEAD_REJECTIONS,
@@ -270,6 +277,7 @@ MEASURES: Final[Mapping[str, tuple[Measure, ...]]] = MappingProxyType(
         "breaker.outcomes_folded": (
             Measure(BREAKER_FOLDED, {"breaker": "operation"}, value="outcomes"),
         ),
+        "breaker.write_shed": (Measure(BREAKER_SHED, {"breaker": "operation", "kind": "what"}),),
         "budget.refused": (Measure(BUDGET_REFUSALS, {"budget": "operation"}),),
         "bulkhead.rejected": (Measure(BULKHEAD_REJECTIONS, {"bulkhead": "operation"}),),
         "bulkhead.admitted": (Measure(BULKHEAD_IN_USE, {"bulkhead": "operation"}, value="active"),),
