@@ -1039,19 +1039,46 @@ class RedisClusterServers(_ServerGroup):
         _poll_until(promoted, timeout, f"failover of slot {self.key_slot(key)}", log=self.log_tail)
         return found[0]
 
+    def is_master(self, node: RedisServer) -> bool:
+        """Whether ``node`` itself says it is a master (``ROLE``), whatever others' gossip says.
+
+        After a failover the other nodes may still call a restarted old master
+        a master for a moment; ``CLUSTER SETSLOT`` on it then fails ("only
+        with masters"), so roles are asked of the node itself.
+        """
+        if not node.is_running:
+            return False
+        try:
+            with self._admin(node) as admin:
+                role = admin.execute_command("ROLE")
+        except Exception:
+            return False
+        return _text(role[0]) == "master"
+
     def other_master(self, than: RedisServer) -> RedisServer:
         for entry in self._view(than):
             if "master" in entry["flags"] and entry["slots"] and "fail" not in entry["flags"]:
                 node = self.node_at(entry["host"], entry["port"])
-                if node is not than:
+                if node is not than and self.is_master(node):
                     return node
         raise ServerError("no other master")
 
     def begin_migration(self, slot: int, target: RedisServer | None = None) -> SlotMigration:
         """Mark ``slot`` IMPORTING on ``target`` and MIGRATING on its owner (no key moved yet)."""
         self.touched = True
-        source = self.master_of_slot(slot)
-        target = target or self.other_master(source)
+        found: list[RedisServer] = []
+
+        def settled() -> bool:  # the slot's owner and another master both agree on their roles
+            try:
+                source = self.master_of_slot(slot)
+                other = target or self.other_master(source)
+            except Exception:
+                return False
+            found[:] = [source, other]
+            return self.is_master(source) and self.is_master(other)
+
+        _poll_until(settled, 15.0, f"masters for migrating slot {slot}", log=self.log_tail)
+        source, target = found
         migration = SlotMigration(self, slot, source, target)
         migration.begin()
         return migration
