@@ -252,6 +252,11 @@ async def soak(args: argparse.Namespace) -> Figures:
     ]
     sampler = asyncio.create_task(_sampler(stack, figures, start, args.sample, stop))
     await asyncio.sleep(args.seconds)
+    # On a busy machine the bounded caches fill later: go on, up to
+    # --max-seconds, until the steady state has enough samples to be judged.
+    deadline = start + max(args.max_seconds or 0.0, args.seconds)
+    while len(_steady(args, figures)) < MIN_STEADY_SAMPLES and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded polling of the samples
+        await asyncio.sleep(args.sample)
     stop.set()
     thread_stop.set()
     await asyncio.gather(*tasks, sampler)
@@ -263,14 +268,27 @@ async def soak(args: argparse.Namespace) -> Figures:
     return figures
 
 
+#: Heap samples after the warm-up needed to judge growth.
+MIN_STEADY_SAMPLES = 4
+
+
+def _warm(args: argparse.Namespace, figures: Figures) -> float | None:
+    """When the warm-up ended: --warmup seconds passed and the bounded caches are full."""
+    return next((t for t, _, full in figures.samples if t >= args.warmup and full), None)
+
+
+def _steady(args: argparse.Namespace, figures: Figures) -> list[int]:
+    """The heap samples (bytes) taken after the warm-up."""
+    warm = _warm(args, figures)
+    return [b for t, b, _ in figures.samples if warm is not None and t >= warm]
+
+
 def _judge(
     args: argparse.Namespace, stack: Stack, figures: Figures, elapsed: float, threads: int
 ) -> None:
     fail = figures.failures.append
-    # The warm-up lasts --warmup seconds and until the bounded caches are full.
-    warm = next((t for t, _, full in figures.samples if t >= args.warmup and full), None)
-    after = [b for t, b, _ in figures.samples if warm is not None and t >= warm]
-    if len(after) < 4:
+    warm, after = _warm(args, figures), _steady(args, figures)
+    if len(after) < MIN_STEADY_SAMPLES:
         fail(f"too few memory samples after the warm-up ({len(after)}): run longer")
         growth = 0
     else:
@@ -351,6 +369,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--names", type=int, default=100_000, help="distinct breaker names (100000)"
     )
     parser.add_argument("--sample", type=float, default=0.5, help="seconds between memory samples")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="run on past --seconds, up to this long, until the steady state has enough samples"
+        " (a busy machine warms up later); default: stop at --seconds",
+    )
     parser.add_argument(
         "--max-growth", type=int, default=MiB, help="bytes allowed to grow after warm-up (1 MiB)"
     )
