@@ -3,7 +3,9 @@
 An `Engine` is what an operation's retry settings compile to, once, shared
 by all its calls: what to retry (``on=``, ``retry_if_result=``), the policy,
 the budget, the bus and the statistics, and whether its calls can take the
-fast path.  A `Call` is the state of one call that left the fast path, and
+fast path.  A `Call` is the state of one call off the fast path (a
+decorated call from its first failure, or from its start when a deadline,
+a budget, a result check or a listener needs it; a block always), and
 holds every decision about it: `Call.failed()` decides after each failed
 attempt (the classifier or the ``on=`` rule, the final marks,
 ``max_attempts``, the delay rule of `RetryConfig.next_delay`, the server's
