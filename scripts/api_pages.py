@@ -24,7 +24,7 @@ API = ROOT / "docs" / "api"
 #: goes to the first section whose prefix it has.
 SECTIONS: list[tuple[str, tuple[str, ...]]] = [
     ("Front door", ("strategies", "config", "durations")),
-    ("Retries", ("errors", "backoff", "policy", "engine", "stats")),
+    ("Retries", ("errors", "backoff", "policy", "engine", "attempts", "stats")),
     ("Circuit breakers", ("breaker",)),
     ("Flow control", ("budget", "flow", "deadline", "timeout")),
     ("Network", ("network",)),
@@ -49,6 +49,8 @@ INTERNAL = {
     "_core.extras",
     "_core.decorate",
     "_execution.runtime",
+    "_execution.decision",
+    "_execution.pause",
     "stores.clients",
 }
 

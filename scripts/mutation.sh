@@ -2,7 +2,8 @@
 # Mutation testing of the core with mutmut 3 (configured in pyproject.toml, [tool.mutmut]).
 #
 # Too slow for every CI run: run it on demand, before a release or after changing
-# _core/backoff.py, _core/errors.py, _execution/engine.py, breaker/machine.py or breaker/breaker.py.
+# _core/backoff.py, _core/errors.py, the retry engine (_execution/engine.py,
+# decision.py, attempts.py, pause.py), breaker/machine.py or breaker/breaker.py.
 # Each module is run on its own so
 # that a partial run still gives a score per module.
 #
@@ -23,7 +24,8 @@ NICE=${NICE:-15}
 export HYPOTHESIS_PROFILE=ci  # derandomized: a mutant's verdict never depends on luck
 
 modules=("$@")
-if [[ ${#modules[@]} -eq 0 ]]; then modules=(_core.backoff _core.errors _execution.engine breaker.machine breaker.breaker); fi
+engine=(_execution.engine _execution.decision _execution.attempts _execution.pause)
+if [[ ${#modules[@]} -eq 0 ]]; then modules=(_core.backoff _core.errors "${engine[@]}" breaker.machine breaker.breaker); fi
 
 for m in "${modules[@]}"; do
     echo "== datapunk_recovery.${m}"

@@ -217,7 +217,9 @@ def test_the_retry_engine_finds_its_gate_in_the_core_not_in_a_budget() -> None:
     from datapunk_recovery import budget
     from datapunk_recovery._core import policy
 
-    assert "datapunk_recovery.budget" not in _imports_of("datapunk_recovery._execution.engine")
+    for part in ("engine", "decision", "attempts"):  # the decorator, the decision, the block
+        module = f"datapunk_recovery._execution.{part}"
+        assert "datapunk_recovery.budget" not in _imports_of(module), module
     assert "datapunk_recovery.budget" not in _imports_of("datapunk_recovery.flow.hedging")
     assert budget.RetryGate is policy.RetryGate  # the documented path keeps working
     assert isinstance(budget.TokenBudget(), policy.RetryGate)

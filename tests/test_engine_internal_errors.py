@@ -155,6 +155,69 @@ def test_a_clock_that_overflows_while_computing_the_wait_keeps_the_callers_excep
     assert "OverflowError" in notes(caught.value)
 
 
+class SleepBreaks(clock.FakeClock):
+    """A fake clock whose second sleep fails (a platform limit met by a later, longer wait)."""
+
+    sleeps = 0
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        if self.sleeps == 2:
+            raise OverflowError("sleep length is too large")
+        super().sleep(seconds)
+
+
+@pytest.fixture
+def second_sleep_breaks() -> Iterator[None]:
+    clock.use_clock(SleepBreaks())
+    yield
+    clock.use_clock(None)
+
+
+#: Waits 1 s, then 2 s (the wait that breaks), then 4 s.
+DOUBLING = RetryConfig(max_attempts=4, base_delay=1.0, jitter=Jitter.NONE)
+
+
+def test_a_wait_that_breaks_late_counts_the_attempts_made_and_names_the_wait(
+    second_sleep_breaks: None,
+) -> None:
+    attempts = 0
+
+    @retry(DOUBLING, on=Refused)
+    def call() -> None:
+        nonlocal attempts
+        attempts += 1
+        raise Refused("the caller's failure")
+
+    with pytest.raises(Refused, match="the caller's failure") as caught:
+        call()
+    assert attempts == 2
+    assert "gave up after 2 attempts," in notes(caught.value)
+    assert "while waiting 2.0 s: OverflowError: sleep length is too large" in notes(caught.value)
+    assert call.statistics().giveups == {GiveUpReason.INTERNAL_ERROR: 1}
+
+
+@pytest.mark.anyio
+async def test_an_async_wait_that_breaks_late_counts_the_attempts_made_and_names_the_wait(
+    second_sleep_breaks: None,
+) -> None:
+    attempts = 0
+
+    @retry(DOUBLING, on=Refused)
+    async def call() -> None:
+        nonlocal attempts
+        attempts += 1
+        raise Refused("the caller's failure")
+
+    with pytest.raises(Refused, match="the caller's failure") as caught:
+        await call()
+    assert attempts == 2
+    assert "gave up after 2 attempts," in notes(caught.value)
+    assert "while waiting 2.0 s: OverflowError: sleep length is too large" in notes(caught.value)
+    assert caught.value.__context__ is None  # the internal error is a note, not the context
+    assert call.statistics().giveups == {GiveUpReason.INTERNAL_ERROR: 1}
+
+
 def test_cancellation_while_waiting_still_passes_through_untouched(real_clock: None) -> None:
     class Interrupting(clock.FakeClock):
         def sleep(self, seconds: float) -> None:

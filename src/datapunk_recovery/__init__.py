@@ -44,8 +44,9 @@ from ._core.events import (
 )
 from ._core.policy import RetryPolicy
 from ._core.stats import Statistics
+from ._execution.attempts import AttemptContext, Retrying, retrying
 from ._execution.deadline import deadline, remaining
-from ._execution.engine import AttemptContext, Retried, Retrying, current_attempt, retry, retrying
+from ._execution.engine import Retried, current_attempt, retry
 from ._execution.timeout import AttemptTimedOut, AttemptTimeout
 from .breaker import BreakerConfig, BreakerSnapshot, BreakerState, CircuitBreaker, Permit
 from .breaker.registry import BreakerRegistry

@@ -1,0 +1,65 @@
+"""Between two attempts of one call: free the failed attempt's frames, then wait.
+
+Both faces of the retry engine (the loops of `engine` and the block form of
+`attempts`) pause the same way once `decision.Call` has chosen a delay: the
+failed attempt's finished frames are cleared first (what they hold must not
+live through the wait), then the wait runs through `runtime`.  A wait that
+breaks gives up with the caller's error, never its own.
+"""
+
+from __future__ import annotations
+
+from . import runtime as _runtime
+from .decision import Call
+
+__all__ = ["release_frames", "sleep_async", "sleep_sync"]
+
+
+def release_frames(error: BaseException) -> None:
+    """Free what the finished frames of a failed attempt hold, before the next attempt.
+
+    The engine keeps the last error (it is what a deadline passing later
+    raises), and its traceback keeps the frames of the failed attempt alive:
+    a model's activations, a buffer, a connection.  Clearing those frames'
+    locals frees them now; the traceback still shows every file and line.
+    Frames still running are left alone: the first one, always (the frame
+    that caught the error: the engine's, or the ``with`` block's), which
+    ``traceback.clear_frames()`` would try and fail at, at the cost of a
+    raised error per attempt; any other (an error raised again from an
+    outer frame) as ``clear_frames()`` does.
+    """
+    tb = error.__traceback__
+    if tb is not None:
+        tb = tb.tb_next
+    while tb is not None:
+        try:  # noqa: SIM105 - contextlib.suppress costs a context manager per frame
+            tb.tb_frame.clear()
+        except RuntimeError:  # still running
+            pass
+        tb = tb.tb_next
+
+
+def sleep_sync(call: Call, delay: float, error: Exception | None) -> bool:
+    """Wait ``delay`` before the next attempt; False (the call gave up) if the wait broke.
+
+    A sleep that raises (a delay past what the platform can sleep) must not
+    replace the caller's exception; cancellation and exit pass through.
+    """
+    try:
+        _runtime.sleep_sync(delay)
+    except Exception as internal:
+        call.attempt -= 1  # the next attempt was counted in, but will not be made
+        call.internal_error(error, internal, f"waiting {delay!r} s")
+        return False
+    return True
+
+
+async def sleep_async(call: Call, delay: float, error: Exception | None) -> bool:
+    """The async twin of `sleep_sync()`."""
+    try:
+        await _runtime.sleep_async(delay)
+    except Exception as internal:
+        call.attempt -= 1  # the next attempt was counted in, but will not be made
+        call.internal_error(error, internal, f"waiting {delay!r} s")
+        return False
+    return True
