@@ -100,6 +100,7 @@ class _EventType(type):
             # dataclasses may take a ClassVar for a field (when it cannot
             # resolve the annotation) and drop its value: put it back.
             ns.update(ns["_class_values"])
+            ns["__match_args__"] = ns["_fields"]  # every field, as for a plain event
             inherited_fields = {f for base in bases for f in getattr(base, "_fields", ())}
             ns["__slots__"] = tuple(f for f, _ in ns["_spec"] if f not in inherited_fields)
             ns["__init__"] = _make_init(name, ns["_spec"])
