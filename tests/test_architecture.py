@@ -24,12 +24,7 @@ KNOWN: dict[tuple[str, str, str], str] = {}
 #: Private attributes read on objects of another module (``thing._x`` where
 #: this module defines no ``_x`` of its own), as ``(importing module, name)``;
 #: ``"*"`` allows the name in every module.
-KNOWN_ATTRIBUTES: dict[tuple[str, str], str] = {
-    ("datapunk_recovery.breaker.events", "_routes"): "the buses' cached routes, read per call "
-    "(while an exporter wants other kinds) to ask whether anyone wants OutcomeRecorded: "
-    "EventBus.wants() costs a fifth more instructions on that path (callgrind)",
-    ("datapunk_recovery.breaker.events", "_route"): "the same check, filling the route",
-}
+KNOWN_ATTRIBUTES: dict[tuple[str, str], str] = {}
 
 
 def _module_name(path: Path) -> str:
