@@ -353,12 +353,6 @@ def _waits(tree: ast.Module) -> bool:
 #: Modules that still wait on a library themselves, each with why.
 KNOWN_WAITING: dict[str, str] = {
     "datapunk_recovery._execution.runtime": "the execution layer: the one place that should",
-    "datapunk_recovery.stores.redis": "the store owns its command tasks and bounds waiting for "
-    "them (asyncio only: redis.asyncio); _runtime has no owned-task seam yet",
-    "datapunk_recovery.breaker.shared": "the shared breaker's background writes, batch timer and "
-    "keeper task (asyncio only, as its store); moved as is from stores/redis.py",
-    "datapunk_recovery.budget.shared": "the shared budget's sync task and lock (asyncio only, as "
-    "its store); moved as is from stores/budget_redis.py",
 }
 
 
