@@ -527,6 +527,11 @@ class SharedBudget:
         return self._task is not None and self._down_since is None and self.syncs > 0
 
     @property
+    def syncing(self) -> bool:
+        """Whether the sync task runs: started, and neither closed nor ended."""
+        return self._task is not None and not self._task.done()
+
+    @property
     def bus(self) -> EventBus | None:
         """The wrapped budget's event bus."""
         return self.budget.bus

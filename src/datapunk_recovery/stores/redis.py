@@ -305,6 +305,11 @@ class RedisStore:
             self._answered = True
 
     @property
+    def in_flight(self) -> int:
+        """How many commands the store started that have not ended yet (at most ``max_pending``)."""
+        return len(self._inflight)
+
+    @property
     def closing(self) -> bool:
         """Whether `aclose()` has begun: links apply new outcomes locally."""
         return self._closing
