@@ -19,32 +19,12 @@ PACKAGE = "datapunk_recovery"
 #: Today's remaining ``from M import _x`` / ``M._x`` reach-ins, as
 #: ``(importing module, imported module, name)``, each with why it is still
 #: there.  Remove an entry when its seam lands: a stale entry fails too.
-KNOWN: dict[tuple[str, str, str], str] = {
-    (
-        "datapunk_recovery.testing",
-        "datapunk_recovery._core.errors",
-        "_rules",
-    ): "the test fixture saves and restores the classifier's user rules; needs an errors seam",
-}
+KNOWN: dict[tuple[str, str, str], str] = {}
 
 #: Private attributes read on objects of another module (``thing._x`` where
 #: this module defines no ``_x`` of its own), as ``(importing module, name)``;
 #: ``"*"`` allows the name in every module.
-KNOWN_ATTRIBUTES: dict[tuple[str, str], str] = {
-    ("datapunk_recovery.cli", "_run"): "an argparse namespace attribute the cli sets itself",
-    ("datapunk_recovery.breaker.registry", "_core"): (
-        "the registry tries the breaker's lock without waiting; a seam would make the lock API"
-    ),
-    ("datapunk_recovery.simulate.policies", "_jittered"): "the simulator replays the jitter",
-    ("datapunk_recovery.breaker.machine", "_ring"): "the count window's ring, updated in place on "
-    "the success fast path (issue 16); a window method for it is next",
-    ("datapunk_recovery.breaker.events", "_routes"): "the buses' cached routes, read per call "
-    "(while an exporter wants other kinds) to ask whether anyone wants OutcomeRecorded: "
-    "EventBus.wants() costs a fifth more instructions on that path (callgrind)",
-    ("datapunk_recovery.breaker.events", "_route"): "the same check, filling the route",
-    ("datapunk_recovery.telemetry.fields", "_fields"): "an event class's field names, named as "
-    "namedtuple names them",
-}
+KNOWN_ATTRIBUTES: dict[tuple[str, str], str] = {}
 
 
 def _module_name(path: Path) -> str:
@@ -375,12 +355,6 @@ def _waits(tree: ast.Module) -> bool:
 #: Modules that still wait on a library themselves, each with why.
 KNOWN_WAITING: dict[str, str] = {
     "datapunk_recovery._execution.runtime": "the execution layer: the one place that should",
-    "datapunk_recovery.stores.redis": "the store owns its command tasks and bounds waiting for "
-    "them (asyncio only: redis.asyncio); _runtime has no owned-task seam yet",
-    "datapunk_recovery.breaker.shared": "the shared breaker's background writes, batch timer and "
-    "keeper task (asyncio only, as its store); moved as is from stores/redis.py",
-    "datapunk_recovery.budget.shared": "the shared budget's sync task and lock (asyncio only, as "
-    "its store); moved as is from stores/budget_redis.py",
 }
 
 

@@ -128,3 +128,99 @@ async def test_an_asyncio_race_task_that_cancels_itself_is_not_waited_for_foreve
 
     with pytest.raises(asyncio.CancelledError):
         await race()
+
+
+# -- the asyncio-only helpers (the Redis store, shared breaker and budget use them) ------
+
+
+def test_running_loop_is_none_outside_asyncio_and_the_loop_inside() -> None:
+    import asyncio
+
+    async def inside() -> bool:
+        return _runtime.running_loop() is asyncio.get_running_loop()
+
+    assert _runtime.running_loop() is None
+    assert asyncio.run(inside())
+
+
+def test_a_spawned_task_is_reported_pending_by_a_bounded_wait_until_it_ends() -> None:
+    import asyncio
+
+    async def main() -> None:
+        go = _runtime.AsyncioEvent()
+        task = _runtime.spawn(go.wait(), name="owned")
+        assert task.get_name() == "owned"
+        done, pending = await _runtime.wait_tasks((task,), 0.0)
+        assert (done, pending) == (set(), {task})
+        go.set()
+        done, pending = await _runtime.wait_tasks((task,), 30.0)  # bounded; ends at once
+        assert (done, pending) == ({task}, set())
+
+    asyncio.run(main())
+
+
+def test_wait_event_returns_when_the_event_is_set_or_its_time_is_up() -> None:
+    import asyncio
+
+    async def main() -> None:
+        event = _runtime.AsyncioEvent()
+        await _runtime.wait_event(event, 0.0)  # nobody sets it: the bound ends the wait
+        assert not event.is_set()
+        _runtime.run_later(0.0, event.set)
+        await _runtime.wait_event(event, 30.0)  # bounded; the timer sets it at once
+        assert event.is_set()
+
+    asyncio.run(main())
+
+
+def test_wait_event_lets_the_callers_cancellation_through() -> None:
+    import asyncio
+
+    async def main() -> None:
+        waiting = _runtime.spawn(_runtime.wait_event(_runtime.AsyncioEvent(), None))
+        await _runtime.wait_tasks((waiting,), 0.0)  # let it start waiting
+        waiting.cancel()
+        await _runtime.wait_tasks((waiting,), 30.0)
+        assert waiting.cancelled()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_timer_never_runs_its_callback() -> None:
+    import asyncio
+
+    async def main() -> None:
+        ran: list[int] = []
+        _runtime.run_later(0.0, lambda: ran.append(1)).cancel()
+        later = _runtime.AsyncioEvent()
+        _runtime.run_later(0.0, later.set)
+        await _runtime.wait_event(later, 30.0)
+        assert later.is_set() and not ran
+
+    asyncio.run(main())
+
+
+def test_shielded_work_survives_the_callers_cancellation_and_gather_collects_results() -> None:
+    import asyncio
+
+    async def main() -> None:
+        go = _runtime.AsyncioEvent()
+
+        async def work() -> int:
+            await go.wait()
+            return 7
+
+        async def shielding() -> int:
+            return await _runtime.shield(task)
+
+        task = _runtime.spawn(work())
+        caller = _runtime.spawn(shielding())
+        await _runtime.wait_tasks((caller,), 0.0)
+        caller.cancel()
+        await _runtime.wait_tasks((caller,), 30.0)
+        assert caller.cancelled() and not task.cancelled()
+        go.set()
+        assert await _runtime.gather(task, asyncio.sleep(0, 1)) == [7, 1]
+        assert _runtime.loop_time() == pytest.approx(asyncio.get_running_loop().time(), abs=1.0)
+
+    asyncio.run(main())

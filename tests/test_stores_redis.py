@@ -803,10 +803,10 @@ async def test_a_store_timeout_does_not_close_a_healthy_connection(
         assert await breaker.call_async(aok) == "ok"  # on local state: Redis paused
         assert [type(e) for e in seen if isinstance(e, StoreFallback)] == [StoreFallback]
         for _ in range(200):  # bounded: the paused command lands once the pause ends
-            if not store._inflight:
+            if not store.in_flight:
                 break
             await asyncio.sleep(0.01)
-        assert not store._inflight
+        assert not store.in_flight
         assert await breaker.call_async(aok) == "ok"
         assert [type(e) for e in seen if isinstance(e, StoreResumed)] == [StoreResumed]
         assert before <= await ours()  # every connection open before the pause still is

@@ -174,7 +174,7 @@ def isolated() -> Iterator[None]:
     (breakers, registries, budgets) are its own and need no restoring.
     """
     subscribers = events.global_bus.subscriptions()
-    rules = list(errors._rules)
+    rules = errors.registered_rules()
     instant = _runtime._instant
     fake = clock.current_fake()
     chaos_on = chaos.all_enabled()
@@ -182,7 +182,7 @@ def isolated() -> Iterator[None]:
         yield
     finally:
         events.global_bus.restore(subscribers)
-        errors._rules[:] = rules
+        errors.restore_rules(rules)
         _runtime.set_instant(instant)
         clock.use_clock(fake)
         if chaos_on != chaos.all_enabled():

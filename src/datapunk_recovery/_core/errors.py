@@ -41,6 +41,8 @@ __all__ = [
     "is_fatal",
     "mark_final",
     "register_rule",
+    "registered_rules",
+    "restore_rules",
     "unregister_rule",
 ]
 
@@ -275,6 +277,19 @@ def register_rule(rule: Rule, *, for_type: type[BaseException] | None = None) ->
 def unregister_rule(rule: Rule) -> None:
     """Remove a rule registered with `register_rule()` (no error if absent)."""
     _rules[:] = [(t, r) for t, r in _rules if r is not rule]
+
+
+def registered_rules() -> tuple[tuple[type[BaseException] | None, Rule], ...]:
+    """The user rules now, newest first, as ``(for_type, rule)``: for `restore_rules()`."""
+    return tuple(_rules)
+
+
+def restore_rules(rules: tuple[tuple[type[BaseException] | None, Rule], ...]) -> None:
+    """Make ``rules`` (from `registered_rules()`) the user rules again, dropping any added since.
+
+    For test isolation ([`isolated()`][datapunk_recovery.testing.isolated]).
+    """
+    _rules[:] = rules
 
 
 def forget_verdicts() -> None:

@@ -100,6 +100,7 @@ class _EventType(type):
             # dataclasses may take a ClassVar for a field (when it cannot
             # resolve the annotation) and drop its value: put it back.
             ns.update(ns["_class_values"])
+            ns["__match_args__"] = ns["_fields"]  # every field, as for a plain event
             inherited_fields = {f for base in bases for f in getattr(base, "_fields", ())}
             ns["__slots__"] = tuple(f for f, _ in ns["_spec"] if f not in inherited_fields)
             ns["__init__"] = _make_init(name, ns["_spec"])
@@ -357,7 +358,7 @@ class EventBus:
     __slots__ = (
         "__weakref__",
         "_entries",
-        "_routes",
+        "routes",
         "_subscribers",
         "_timers",
         "_unless",
@@ -368,7 +369,12 @@ class EventBus:
     def __init__(self) -> None:
         self._subscribers: tuple[Subscriber, ...] = ()
         self._entries: tuple[tuple[Subscriber, Callable[[str], bool] | None], ...] = ()
-        self._routes: dict[str, tuple[Subscriber, ...]] = {}
+        #: The subscribers per kind name, filled by
+        #: [`route()`][datapunk_recovery._core.events.EventBus.route] and emptied
+        #: when subscriptions change.  Public so that a hot path can ask
+        #: ``bus.routes.get(name)`` without a method call; read it, never write
+        #: it (a missing name means "not asked yet": call ``route(name)``).
+        self.routes: dict[str, tuple[Subscriber, ...]] = {}
         self._unless: dict[tuple[str, str], tuple[Subscriber, ...]] = {}
         self._timers = 0
         #: 0: nothing to report; 1: time attempts; 2: a successful call's
@@ -419,10 +425,10 @@ class EventBus:
 
     def refresh(self) -> None:
         """Ask the subscribers again which kinds they want (their wishes changed)."""
-        self._routes = {}
+        self.routes = {}
         self._unless = {}
         self.active = bool(self._subscribers)
-        hot = any(self._route(kind) for kind in _HOT_KINDS)
+        hot = any(self.route(kind) for kind in _HOT_KINDS)
         self.mode = 2 if hot else 1 if self._timers else 0
 
     def time_attempts(self, on: bool) -> None:
@@ -430,8 +436,9 @@ class EventBus:
         self._timers += 1 if on else -1
         self.refresh()
 
-    def _route(self, name: str) -> tuple[Subscriber, ...]:
-        routes = self._routes
+    def route(self, name: str) -> tuple[Subscriber, ...]:
+        """The subscribers that want events named ``name`` (cached in ``routes``)."""
+        routes = self.routes
         route = routes.get(name)
         if route is None:
             route = routes[name] = tuple(
@@ -460,8 +467,8 @@ class EventBus:
         """
         name = kind if isinstance(kind, str) else kind.name
         if unless is None:
-            route = self._routes.get(name)
-            return bool(route if route is not None else self._route(name))
+            route = self.routes.get(name)
+            return bool(route if route is not None else self.route(name))
         return bool(self._route_unless(name, unless if isinstance(unless, str) else unless.name))
 
     def emit(self, event: Event, unless: type[Event] | str | None = None) -> None:
@@ -473,9 +480,9 @@ class EventBus:
         that do not take the call's event.
         """
         if unless is None:
-            route = self._routes.get(event.name)
+            route = self.routes.get(event.name)
             if route is None:
-                route = self._route(event.name)
+                route = self.route(event.name)
         else:
             route = self._route_unless(
                 event.name, unless if isinstance(unless, str) else unless.name

@@ -24,33 +24,39 @@ _SLOW = 2
 
 
 class CountWindow:
-    """The last ``size`` calls: how many, how many failed, how many were slow."""
+    """The last ``size`` calls: how many, how many failed, how many were slow.
 
-    __slots__ = ("_pos", "_ring", "calls", "failures", "size", "slow")
+    ``ring`` (one code per call: 4, plus 1 when it failed, plus 2 when slow;
+    0 for an empty slot) and ``pos`` (the slot the next call takes) are
+    public so that the breaker's success fast path can update them in place
+    without a method call.
+    """
+
+    __slots__ = ("calls", "failures", "pos", "ring", "size", "slow")
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._ring = bytearray(size)  # codes + 4 so that 0 means "empty slot"
-        self._pos = 0
+        self.ring = bytearray(size)  # codes + 4 so that 0 means "empty slot"
+        self.pos = 0
         self.calls = 0
         self.failures = 0
         self.slow = 0
 
     def add(self, failed: bool, slow: bool, now: float) -> None:
         """Record one call (``now`` is unused: a count window has no time)."""
-        i = self._pos
-        old = self._ring[i]
+        i = self.pos
+        old = self.ring[i]
         if old:
             self.failures -= old & _FAILED
             self.slow -= (old & _SLOW) >> 1
         else:
             self.calls += 1
         code = (_FAILED if failed else 0) | (_SLOW if slow else 0)
-        self._ring[i] = code | 4
+        self.ring[i] = code | 4
         self.failures += code & _FAILED
         self.slow += (code & _SLOW) >> 1
         i += 1
-        self._pos = 0 if i == self.size else i
+        self.pos = 0 if i == self.size else i
 
     def totals(self, now: float) -> tuple[int, int, int]:
         """``(calls, failures, slow calls)`` in the window."""
@@ -58,8 +64,8 @@ class CountWindow:
 
     def reset(self) -> None:
         """Forget every call."""
-        self._ring = bytearray(self.size)
-        self._pos = 0
+        self.ring = bytearray(self.size)
+        self.pos = 0
         self.calls = self.failures = self.slow = 0
 
 

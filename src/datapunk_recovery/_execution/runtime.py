@@ -19,13 +19,14 @@ import math
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from .._core import clock
 
 __all__ = [
+    "AsyncioEvent",
     "CancelAfter",
     "RaceGroup",
     "TaskEvent",
@@ -33,18 +34,27 @@ __all__ = [
     "ThreadSignal",
     "async_library",
     "call_within",
+    "gather",
+    "loop_time",
     "race_group",
     "run_in_thread",
+    "run_later",
+    "running_loop",
     "set_instant",
+    "shield",
     "shielded",
     "sleep_async",
     "sleep_sync",
+    "spawn",
     "task_event",
     "task_signal",
     "thread_signal",
+    "wait_event",
+    "wait_tasks",
 ]
 
 T = TypeVar("T")
+_F = TypeVar("_F", bound="asyncio.Future[Any]")
 
 _instant = False
 
@@ -472,3 +482,73 @@ async def await_bounded(awaitable: Any, seconds: float) -> None:
 def _consume_result(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+# -- asyncio only ------------------------------------------------------------------------
+# The Redis store, the shared breaker and the shared budget run on redis.asyncio,
+# so under asyncio only.  They spawn and wait through these (thin, on purpose:
+# the behaviour is asyncio's), so that this module stays the one place that does.
+# Each task spawned is owned by its caller: kept, cancelled on close, and every
+# wait for it bounded.
+
+#: The asyncio event class (``set``, ``clear``, ``wait``), for asyncio-only code.
+AsyncioEvent = asyncio.Event
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The asyncio event loop this thread runs right now, or ``None``."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def loop_time() -> float:
+    """The running asyncio loop's clock, in seconds (what its timers and timeouts use)."""
+    return asyncio.get_running_loop().time()
+
+
+def spawn(work: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+    """Start ``work`` as a task of the running asyncio loop (``RuntimeError`` outside one).
+
+    The caller owns the task: it keeps a reference, cancels it on close and
+    bounds every wait for it (`wait_tasks()`).
+    """
+    return asyncio.get_running_loop().create_task(work, name=name)
+
+
+async def wait_tasks(tasks: Iterable[_F], timeout: float | None) -> tuple[set[_F], set[_F]]:
+    """``(done, pending)`` of ``tasks`` after at most ``timeout`` seconds (``None``: all done).
+
+    Never raises the tasks' errors nor cancels them; the caller's own
+    cancellation propagates at once (``asyncio.wait``).
+    """
+    return await asyncio.wait(tasks, timeout=timeout)
+
+
+async def wait_event(event: TaskEvent, timeout: float | None) -> None:
+    """Wait until ``event`` is set or ``timeout`` seconds pass (``None``: no bound).
+
+    ``asyncio.wait``, not ``asyncio.timeout``: a wait that times out cannot
+    turn a cancellation into a timeout.  The caller's cancellation propagates.
+    """
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait((waiter,), timeout=timeout)
+    finally:
+        waiter.cancel()
+
+
+def run_later(delay: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
+    """Run ``callback`` on the running asyncio loop in ``delay`` seconds (the caller owns it)."""
+    return asyncio.get_running_loop().call_later(delay, callback)
+
+
+def shield(task: asyncio.Future[T]) -> asyncio.Future[T]:
+    """``task``, whose cancellation the caller's does not cause (``asyncio.shield``)."""
+    return asyncio.shield(task)
+
+
+def gather(*work: Awaitable[Any]) -> asyncio.Future[list[Any]]:
+    """One future for all of ``work``, run concurrently (``asyncio.gather``)."""
+    return asyncio.gather(*work)

@@ -239,6 +239,21 @@ class CircuitBreaker:
             return self._link.state()
         return self._core.current_state()
 
+    def state_unless_busy(self) -> BreakerState | None:
+        """The state now, or ``None`` while another thread holds the breaker's lock.
+
+        Never waits for that lock: for a caller that holds a lock of its own
+        which the breaker's event subscribers may take (a registry), waiting
+        could deadlock.
+        """
+        lock = self._core.lock
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            return self.state
+        finally:
+            lock.release()
+
     def retry_after(self) -> float:
         """Seconds until the breaker may admit a call: 0 when it admits now, inf when isolated."""
         if self._link is not None:

@@ -84,19 +84,19 @@ def wants_outcomes(bus: EventBus) -> bool:
     """
     if not (global_bus.active or bus.active):
         return False
-    # `listening(bus, OutcomeRecorded)`, reading the buses' cached routes first:
+    # `listening(bus, OutcomeRecorded)`, reading the buses' public cached routes first:
     # this runs per call while an exporter that wants other kinds is installed,
     # and `EventBus.wants()` (a method call, a type check) costs a fifth more
     # instructions on that path.
     name = _OUTCOME
-    route = global_bus._routes.get(name)
+    route = global_bus.routes.get(name)
     if route is None:
-        route = global_bus._route(name)
+        route = global_bus.route(name)
     if route:
         return True
-    route = bus._routes.get(name)
+    route = bus.routes.get(name)
     if route is None:
-        route = bus._route(name)
+        route = bus.route(name)
     return bool(route)
 
 

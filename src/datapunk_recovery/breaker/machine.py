@@ -341,8 +341,8 @@ class Machine:
                 self.consecutive = 0
                 # CountWindow.add(False, False, now), inlined.
                 window: CountWindow = self.window  # type: ignore[assignment]
-                ring = window._ring
-                i = window._pos
+                ring = window.ring
+                i = window.pos
                 old = ring[i]
                 if not old:
                     window.calls += 1
@@ -351,7 +351,7 @@ class Machine:
                     window.slow -= (old & 2) >> 1
                 ring[i] = 4
                 i += 1
-                window._pos = 0 if i == window.size else i
+                window.pos = 0 if i == window.size else i
                 if not window.failures and not window.slow:
                     self.shadow_tripped = False  # what `_conclude()` does with no verdict
                     self.settled = window.calls == window.size

@@ -34,13 +34,8 @@ def _pinned(breaker: CircuitBreaker) -> bool:
     with us.  A breaker in
     use right now is kept this time.
     """
-    lock = breaker._core.lock
-    if not lock.acquire(blocking=False):
-        return True
-    try:
-        return breaker.state in _KEEP
-    finally:
-        lock.release()
+    state = breaker.state_unless_busy()
+    return state is None or state in _KEEP
 
 
 class BreakerRegistry:

@@ -297,7 +297,7 @@ class _BreakerLink:
         self.forced_reason = ""
         self.force_unsent = False  # forced while Redis was away: push it when it answers
         self.keeper: asyncio.Task[None] | None = None
-        self.stop_keeping: asyncio.Event | None = None
+        self.stop_keeping: _runtime.AsyncioEvent | None = None
         # Outcomes of closed calls not sent yet, as runs [code, count] in order
         # (code: 1 failed + 2 slow), all of generation batch_gen; one send in
         # flight at a time (sending), started by a timer or at once.
@@ -511,9 +511,9 @@ class _BreakerLink:
         the script may have granted it, once the reply lands (within ``timeout``):
         otherwise that probe would be out for every process until the half-open
         time limit."""
-        task = asyncio.ensure_future(self._op("acquire"))
+        task = _runtime.spawn(self._op("acquire"))
         try:
-            return await asyncio.shield(task)
+            return await _runtime.shield(task)
         except BaseException:
             self.pending.add(task)
             task.add_done_callback(self._give_back)  # (runs soon if already done)
@@ -552,7 +552,7 @@ class _BreakerLink:
             sending = self.sending
             writes = [task for task in self.pending if not task.done()]
             if writes:
-                await asyncio.wait(writes, timeout=2 * self.store.timeout)
+                await _runtime.wait_tasks(writes, 2 * self.store.timeout)
                 if (
                     sending is not None
                     and writes == [sending]
@@ -586,9 +586,7 @@ class _BreakerLink:
     def _spawn(self, op: str, *args: Any) -> bool:
         if self.down_since is not None or self.store.closed:
             return False
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        if _runtime.running_loop() is None:
             return False
         if len(self.pending) >= self.store.max_pending:
             # Not shed: it waits for a send to land (in order), up to as
@@ -598,7 +596,7 @@ class _BreakerLink:
                 return True
             self._shed(op, args)
             return False
-        task = loop.create_task(self._background(op, *args))
+        task = _runtime.spawn(self._background(op, *args))
         self.pending.add(task)
         task.add_done_callback(self._done)
         return True
@@ -786,13 +784,12 @@ class _BreakerLink:
         return False
 
     def _arm(self, delay: float) -> None:
-        loop = asyncio.get_running_loop()
         timer = self.timer
         if timer is not None:
-            if timer.when() <= loop.time() + delay:
+            if timer.when() <= _runtime.loop_time() + delay:
                 return
             timer.cancel()
-        self.timer = loop.call_later(delay, self._kick)
+        self.timer = _runtime.run_later(delay, self._kick)
 
     def _kick(self) -> None:
         """Send the batch now (one send in flight; one waiting is taken by it)."""
@@ -802,7 +799,7 @@ class _BreakerLink:
         if not self.batch or (self.sending is not None and not self.sending.done()):
             return
         runs, gen = self._take()
-        task = asyncio.get_running_loop().create_task(self._send(runs, gen))
+        task = _runtime.spawn(self._send(runs, gen))
         self.sending = task
         self.pending.add(task)
         task.add_done_callback(self._done)
@@ -842,13 +839,12 @@ class _BreakerLink:
         (a busy breaker must not keep ``aclose`` waiting for ever).
         """
         self._kick()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 2 * self.store.timeout
+        deadline = _runtime.loop_time() + 2 * self.store.timeout
         while self.pending:
-            left = deadline - loop.time()
+            left = deadline - _runtime.loop_time()
             if left <= 0:
                 return
-            await asyncio.wait(list(self.pending), timeout=left)
+            await _runtime.wait_tasks(list(self.pending), left)
 
     def _unwait(self) -> None:
         """Writes still waiting for room will not be sent: results count here."""
@@ -891,23 +887,19 @@ class _BreakerLink:
         """Start the keeper task (one per link, owned; ended by detach)."""
         if self.keeper is not None and not self.keeper.done():
             return
-        self.stop_keeping = asyncio.Event()
-        self.keeper = asyncio.get_running_loop().create_task(
+        self.stop_keeping = _runtime.AsyncioEvent()
+        self.keeper = _runtime.spawn(
             self._keeping(self.stop_keeping), name=f"datapunk-breaker-keeper:{self.core.name}"
         )
 
-    async def _keeping(self, stop: asyncio.Event) -> None:
+    async def _keeping(self, stop: _runtime.AsyncioEvent) -> None:
         """While this process holds a forced state: re-read it (re-asserting it on a
         fresh shared state) every ``cache_ttl`` seconds (at least 0.05), and push a
         force made while Redis was away once it answers.  Every step is bounded
         by the store's ``timeout``."""
         interval = max(self.store.cache_ttl, 0.05)
         while (self.forced is not None or self.force_unsent) and not self.store.closing:
-            waiter = asyncio.ensure_future(stop.wait())
-            try:
-                await asyncio.wait((waiter,), timeout=interval)
-            finally:
-                waiter.cancel()
+            await _runtime.wait_event(stop, interval)
             if stop.is_set() or self.store.closing:
                 return
             if self.force_unsent:

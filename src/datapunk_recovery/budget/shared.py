@@ -467,7 +467,7 @@ class SharedBudget:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
-        self._wake: asyncio.Event | None = None
+        self._wake: _runtime.AsyncioEvent | None = None
         self._stopping = False
         self._flushing: asyncio.Lock | None = None
         #: Successful syncs so far.
@@ -527,6 +527,11 @@ class SharedBudget:
         return self._task is not None and self._down_since is None and self.syncs > 0
 
     @property
+    def syncing(self) -> bool:
+        """Whether the sync task runs: started, and neither closed nor ended."""
+        return self._task is not None and not self._task.done()
+
+    @property
     def bus(self) -> EventBus | None:
         """The wrapped budget's event bus."""
         return self.budget.bus
@@ -558,23 +563,22 @@ class SharedBudget:
                 f"{_OWNER} {self.name!r}: shares the budget through redis.asyncio, "
                 "which runs under asyncio only"
             )
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        loop = _runtime.running_loop()
+        if loop is None:
             raise TypeError(
                 f"{_OWNER} {self.name!r}: sharing a budget through Redis needs a running "
                 "asyncio event loop (start it with `async with` or `start()` in async code); "
                 "a sync service uses the budget unshared"
-            ) from None
+            )
         if self._task is not None and not self._task.done():
             if self._loop is not loop:
                 raise RuntimeError(f"{_OWNER} {self.name!r}: already started in another loop")
             return
         self._loop, self._thread = loop, threading.get_ident()
-        self._wake = asyncio.Event()
+        self._wake = _runtime.AsyncioEvent()
         self._flushing = asyncio.Lock()
         self._stopping = self._idle = False
-        self._task = loop.create_task(self._run(), name=f"datapunk-budget-sync:{self.name}")
+        self._task = _runtime.spawn(self._run(), name=f"datapunk-budget-sync:{self.name}")
 
     async def aclose(self) -> None:
         """Stop syncing, after pushing what is waiting; never hangs.
@@ -595,10 +599,10 @@ class SharedBudget:
         if wake is not None:
             wake.set()
         timeout = self.store.timeout
-        done, _ = await asyncio.wait((task,), timeout=timeout + self.sync_interval)
+        done, _ = await _runtime.wait_tasks((task,), timeout + self.sync_interval)
         if not done:
             task.cancel()
-            await asyncio.wait((task,), timeout=timeout)
+            await _runtime.wait_tasks((task,), timeout)
         if task.done() and not task.cancelled():
             task.exception()  # (the loop catches every Exception: None)
         if self._down_since is None and not self.store.closed and self._has_news():
@@ -662,15 +666,9 @@ class SharedBudget:
             if self._idle:
                 await self._wait(wake, None)
 
-    async def _wait(self, wake: asyncio.Event, timeout: float | None) -> None:
+    async def _wait(self, wake: _runtime.AsyncioEvent, timeout: float | None) -> None:
         """Wait for a wake-up (or ``timeout`` seconds), then clear it."""
-        # asyncio.wait, not asyncio.timeout + except TimeoutError: a wait
-        # that times out cannot turn a cancellation into a timeout.
-        waiter = asyncio.ensure_future(wake.wait())
-        try:
-            await asyncio.wait((waiter,), timeout=timeout)
-        finally:
-            waiter.cancel()
+        await _runtime.wait_event(wake, timeout)
         wake.clear()
 
     # -- one sync ------------------------------------------------------------------------

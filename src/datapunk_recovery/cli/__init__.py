@@ -37,7 +37,7 @@ def build_parser(prog: str = "datapunk-recovery") -> argparse.ArgumentParser:
         doc = text.strip().splitlines()[0]
         command = sub.add_parser(name, help=doc, description=text)
         module.add_arguments(command)
-        command.set_defaults(_run=module.run)
+        command.set_defaults(run_command=module.run)
     return parser
 
 
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "datapunk-recovery") 
     if args.command is None:
         parser.print_help()
         return 0
-    code: int = args._run(args)
+    code: int = args.run_command(args)
     return code
 
 

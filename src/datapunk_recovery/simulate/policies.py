@@ -251,7 +251,7 @@ def _published(retry: RetryConfig, rng: random.Random, count: int | None) -> Ite
     # The k-th retry under envelope(k + 1) = base * factor ** k: the post's numbering.
     k = 1
     while count is None or k <= count:
-        yield retry._jittered(k + 1, rng)
+        yield retry.next_delay(k + 1, rng, None)
         k += 1
 
 

@@ -261,24 +261,24 @@ class RedisStore:
             raise StoreRefused(f"{self!r}: Redis refused our login or command; not asked again yet")
         if len(self._inflight) >= self.max_pending:
             raise StoreBusy(f"{self!r}: {len(self._inflight)} commands already in flight")
-        loop = asyncio.get_running_loop()
         # Until the store's first reply, a command is waited for as long as the
         # driver's connect timeout: making the first connection in a busy
         # process starting up is not Redis being away (8 processes starting at
         # once took 0.1-0.4 s for it, and fell back on a healthy Redis).
-        deadline = loop.time() + (self.timeout if self._answered else _driver_timeout(self.timeout))
+        wait = self.timeout if self._answered else _driver_timeout(self.timeout)
+        deadline = _runtime.loop_time() + wait
         if serial is not None:
             previous = self._serial.get(serial)
             if previous is not None and not previous.done():
-                await asyncio.wait((previous,), timeout=self.timeout)
+                await _runtime.wait_tasks((previous,), self.timeout)
                 if not previous.done():
                     raise TimeoutError(f"{self!r}: the previous command is still running")
-        task = loop.create_task(script(keys=keys, args=args))
+        task = _runtime.spawn(script(keys=keys, args=args))
         self._inflight.add(task)
         task.add_done_callback(self._landed)
         if serial is not None:
             self._serial[serial] = task
-        done, _ = await asyncio.wait((task,), timeout=max(deadline - loop.time(), 0.0))
+        done, _ = await _runtime.wait_tasks((task,), max(deadline - _runtime.loop_time(), 0.0))
         if not done:
             raise TimeoutError(f"{self!r}: no reply within {self.timeout} s")
         if task.cancelled():  # (by aclose, or inside the driver): never the caller's
@@ -305,6 +305,11 @@ class RedisStore:
             self._answered = True
 
     @property
+    def in_flight(self) -> int:
+        """How many commands the store started that have not ended yet (at most ``max_pending``)."""
+        return len(self._inflight)
+
+    @property
     def closing(self) -> bool:
         """Whether `aclose()` has begun: links apply new outcomes locally."""
         return self._closing
@@ -328,16 +333,16 @@ class RedisStore:
         if self._closing:
             return
         await _runtime.await_bounded(
-            asyncio.gather(*(link.flush() for link in list(self._links))), self.timeout
+            _runtime.gather(*(link.flush() for link in list(self._links))), self.timeout
         )
         self._closing = True  # from now on no new command starts
         running = list(self._inflight)
         if running:
-            _, late = await asyncio.wait(running, timeout=self.timeout)
+            _, late = await _runtime.wait_tasks(running, self.timeout)
             for task in late:
                 task.cancel()
             if late:
-                await asyncio.wait(late, timeout=self.timeout)
+                await _runtime.wait_tasks(late, self.timeout)
         for link in list(self._links):
             link.detach()
         self._closed = True

@@ -61,7 +61,7 @@ _shapes: dict[type[Event], tuple[str, ...]] = {}
 def _shape(kind: type[Event]) -> tuple[str, ...]:
     shape = _shapes.get(kind)
     if shape is None:
-        names = list(kind._fields)
+        names = list(kind.__match_args__)  # the fields, base fields first
         for klass in kind.__mro__:
             names += (
                 n
