@@ -1066,22 +1066,38 @@ class RedisClusterServers(_ServerGroup):
     def begin_migration(self, slot: int, target: RedisServer | None = None) -> SlotMigration:
         """Mark ``slot`` IMPORTING on ``target`` and MIGRATING on its owner (no key moved yet)."""
         self.touched = True
-        found: list[RedisServer] = []
+        found: list[SlotMigration] = []
 
-        def settled() -> bool:  # the slot's owner and another master both agree on their roles
+        def begun() -> bool:
+            # After a failover a restarted old master still calls itself a
+            # master for a moment (ROLE says so) before it turns into a
+            # replica and refuses SETSLOT ("only with masters"): such a
+            # refusal is not the contract under test, so the migration is
+            # set up again on the masters of that moment (bounded).
             try:
                 source = self.master_of_slot(slot)
                 other = target or self.other_master(source)
-            except Exception:
+                if not (self.is_master(source) and self.is_master(other)):
+                    return False
+                migration = SlotMigration(self, slot, source, other)
+                migration.begin()
+            except Exception as exc:
+                if "master" not in str(exc):
+                    raise
+                self._stabilise(slot)
                 return False
-            found[:] = [source, other]
-            return self.is_master(source) and self.is_master(other)
+            found[:] = [migration]
+            return True
 
-        _poll_until(settled, 15.0, f"masters for migrating slot {slot}", log=self.log_tail)
-        source, target = found
-        migration = SlotMigration(self, slot, source, target)
-        migration.begin()
-        return migration
+        _poll_until(begun, 15.0, f"masters for migrating slot {slot}", log=self.log_tail)
+        return found[0]
+
+    def _stabilise(self, slot: int) -> None:
+        """Clear a half-begun migration of ``slot`` (IMPORTING/MIGRATING) on every live master."""
+        for node in self.nodes:
+            if self.is_master(node):
+                with self._admin(node) as admin, contextlib.suppress(Exception):
+                    admin.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
 
     def migrate_slot(self, slot: int, target: RedisServer | None = None) -> RedisServer:
         """Move ``slot`` and all of its keys to ``target`` (another master by default)."""
