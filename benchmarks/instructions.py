@@ -13,16 +13,19 @@ worktree (``git worktree add --detach``; removed afterwards) and, for each
 case, runs one worker process under callgrind with that worktree's ``src``
 first on ``PYTHONPATH`` and ``PYTHONHASHSEED=0``.  The worker builds the case,
 warms it up (so the interpreter's specialised instructions are in place),
-then makes ``--loops`` calls inside ``sys.call_tracing``, the only region
-callgrind counts (``--collect-atstart=no --toggle-collect=sys_call_tracing``:
-no start-up, import or set-up is counted).  Async cases await their calls in
+collects and freezes the heap (``gc.freeze``: a collection in the loop then
+costs the same at every revision), then makes ``--loops`` calls inside
+``sys.call_tracing``, the only region callgrind counts
+(``--collect-atstart=no --toggle-collect=sys_call_tracing``: no start-up,
+import or set-up is counted).  Async cases await their calls in
 one loop inside one coroutine, started on a running asyncio event loop and
 driven inside the counted region; a call that suspends is an error (every
 case answers at once).  The same loop around a bare call is counted too;
 the figure printed is ``(case - bare) / loops``: the instructions the
 library adds to one call.  The last column is the ratio of the last
-revision's figure to the first's.  Counts are exactly repeatable: the
-``control`` case uses no library code, so its ratio is 1.000.
+revision's figure to the first's.  Counts repeat exactly run after run; the
+``control`` case uses no library code, so its ratio shows the method's
+floor between revisions (1.000 expected).
 
 Cases use only names that exist at every revision of issue 15's round:
 top-level ``datapunk_recovery`` names, ``datapunk_recovery.network`` and
@@ -42,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import gc
 import json
 import os
 import re
@@ -247,6 +251,14 @@ def _drive(coro: Coroutine[Any, Any, None]) -> None:
     raise RuntimeError("an async case suspended; cases must answer at once")
 
 
+def _settle() -> None:
+    """Collect, then freeze what is alive: a collection inside the counted loop
+    then walks only what the calls made, not the heap each revision's imports
+    left (its size differs between revisions and is not a per-call cost)."""
+    gc.collect()
+    gc.freeze()
+
+
 def worker(name: str, loops: int) -> None:
     import datapunk_recovery
 
@@ -255,12 +267,14 @@ def worker(name: str, loops: int) -> None:
     if not is_async:
         fn = build()
         _loop(fn, WARMUP)
+        _settle()
         sys.call_tracing(_loop, (fn, loops))
         return
 
     async def body() -> None:
         afn = build()
         await _aloop(afn, WARMUP)
+        _settle()
         sys.call_tracing(_drive, (_aloop(afn, loops),))
 
     asyncio.run(body())
