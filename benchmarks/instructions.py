@@ -46,6 +46,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import gc
+import itertools
 import json
 import os
 import re
@@ -231,13 +232,17 @@ CASES: dict[str, tuple[str, bool, Callable[[], Any]]] = {
 # worker: runs inside callgrind; only sys.call_tracing's call is counted
 
 
+# itertools.repeat, not range: the loop allocates no int per call, whose cost
+# would depend on where the revision's heap left free memory.
+
+
 def _loop(fn: Sync, loops: int) -> None:
-    for _ in range(loops):
+    for _ in itertools.repeat(None, loops):
         fn()
 
 
 async def _aloop(fn: Async, loops: int) -> None:
-    for _ in range(loops):
+    for _ in itertools.repeat(None, loops):
         await fn()
 
 
