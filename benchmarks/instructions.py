@@ -323,8 +323,11 @@ def count(tree: Path, name: str, loops: int) -> int:
     return int(found[-1])
 
 
-def measure(rev: str, names: list[str], loops: int, jobs: int) -> dict[str, float | None]:
-    """Per-call instructions of each bare call, and of each case above its bare call."""
+def measure(
+    rev: str, names: list[str], loops: int, jobs: int
+) -> tuple[str, dict[str, float | None]]:
+    """The commit measured; per-call instructions of each bare call, and of each case above
+    its bare call."""
     sha = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
     with tempfile.TemporaryDirectory(prefix="instructions-") as tmp:
         tree = Path(tmp) / sha[:12]
@@ -346,7 +349,7 @@ def measure(rev: str, names: list[str], loops: int, jobs: int) -> dict[str, floa
     for n in wanted:
         value, base = raw[n], raw.get(CASES[n][0]) if n in CASES else 0
         out[n] = None if value is None or base is None else (value - base) / loops
-    return out
+    return sha[:9], out
 
 
 def table(revs: list[str], results: list[dict[str, float | None]], names: list[str]) -> str:
@@ -385,14 +388,17 @@ def main() -> None:
         parser.error("name at least one revision")
     words = [w for w in args.cases.split(",") if w]
     names = [n for n in CASES if not words or any(w in n for w in words)]
-    results = [measure(rev, names, args.loops, args.jobs) for rev in args.revs]
-    print(f"callgrind, {args.loops} calls per case, python {sys.version.split()[0]}; ")
+    # A branch may move while the tool runs: each revision is resolved once, when measured.
+    measured = [measure(rev, names, args.loops, args.jobs) for rev in args.revs]
+    shas = [sha for sha, _ in measured]
+    results = [figures for _, figures in measured]
+    print(f"callgrind, {args.loops} calls per case, python {sys.version.split()[0]}")
     print("'+N': instructions a call adds above its bare call; ratio: last / first revision")
-    print(table(args.revs, results, names))
+    print(table(shas, results, names))
     if args.json:
-        shas = [_git("rev-parse", "--short", f"{r}^{{commit}}") for r in args.revs]
-        payload = {"loops": args.loops, "revisions": dict(zip(args.revs, shas, strict=True))}
-        payload["instructions"] = dict(zip(args.revs, results, strict=True))
+        payload: dict[str, Any] = {"loops": args.loops}
+        payload["revisions"] = dict(zip(args.revs, shas, strict=True))
+        payload["instructions"] = dict(zip(shas, results, strict=True))
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
 
 
