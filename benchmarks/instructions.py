@@ -329,22 +329,25 @@ def measure(
     """The commit measured; per-call instructions of each bare call, and of each case above
     its bare call."""
     sha = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
-    with tempfile.TemporaryDirectory(prefix="instructions-") as tmp:
-        tree = Path(tmp) / sha[:12]
-        _git("worktree", "add", "--detach", str(tree), sha)
-        try:
-            wanted = sorted({CASES[n][0] for n in names}) + names
-            with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-                futures = {n: pool.submit(count, tree, n, loops) for n in wanted}
-            raw: dict[str, int | None] = {}
-            for n, future in futures.items():
-                try:
-                    raw[n] = future.result()
-                except RuntimeError as exc:
-                    print(f"{rev}: {exc}", file=sys.stderr)
-                    raw[n] = None
-        finally:
-            _git("worktree", "remove", "--force", str(tree))
+    # The same path for a commit every run: file names reach the measured code
+    # (tracebacks, module names), and a random one moved the failure paths' counts.
+    tree = Path(tempfile.gettempdir()) / f"instructions-{sha[:12]}"
+    if tree.exists():
+        raise SystemExit(f"{tree} exists: another run of this tool, or a stale worktree")
+    _git("worktree", "add", "--detach", str(tree), sha)
+    try:
+        wanted = sorted({CASES[n][0] for n in names}) + names
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            futures = {n: pool.submit(count, tree, n, loops) for n in wanted}
+        raw: dict[str, int | None] = {}
+        for n, future in futures.items():
+            try:
+                raw[n] = future.result()
+            except RuntimeError as exc:
+                print(f"{rev}: {exc}", file=sys.stderr)
+                raw[n] = None
+    finally:
+        _git("worktree", "remove", "--force", str(tree))
     out: dict[str, float | None] = {}
     for n in wanted:
         value, base = raw[n], raw.get(CASES[n][0]) if n in CASES else 0
