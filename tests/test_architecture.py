@@ -269,11 +269,7 @@ def test_the_database_pool_and_transaction_import_no_circle() -> None:
 
 #: Import circles still in the code (a deferred or TYPE_CHECKING import counts), each
 #: with why.  A new circle fails; so does a listed one that has gone.
-KNOWN_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"datapunk_recovery.simulate.peers", "datapunk_recovery.simulate.policies"}): (
-        "the named peer policies are looked up by the policy reader; the layout work splits them"
-    ),
-}
+KNOWN_CYCLES: dict[frozenset[str], str] = {}
 
 
 def test_no_new_import_circle_appears_anywhere_in_the_package() -> None:

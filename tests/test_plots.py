@@ -11,8 +11,8 @@ pytest.importorskip("matplotlib.figure")
 from datapunk_recovery.cli.commands.demo import figure
 from datapunk_recovery.demo import DrillSetup, RunResult, fault_windows
 from datapunk_recovery.simulate import report
+from datapunk_recovery.simulate.catalog import resolve_policies
 from datapunk_recovery.simulate.outage import OutageSetup, run_outage
-from datapunk_recovery.simulate.policies import resolve_policies
 
 SETUP = DrillSetup(duration=8.0, rate=10.0, seed=7)
 

@@ -207,8 +207,8 @@ def test_no_progress_turns_the_bar_off_on_a_terminal(
 
 
 def test_an_outage_run_reports_progress_within_each_policy() -> None:
+    from datapunk_recovery.simulate.catalog import resolve_policies
     from datapunk_recovery.simulate.outage import OutageSetup, run_outage
-    from datapunk_recovery.simulate.policies import resolve_policies
 
     setup = OutageSetup(duration=20.0, outage_start=2.0, outage_duration=5.0)
     policies = resolve_policies(["plain", "default"], None)

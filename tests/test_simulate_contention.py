@@ -6,12 +6,12 @@ import pytest
 
 from datapunk_recovery import Jitter, RetryConfig
 from datapunk_recovery.simulate import SimPolicy
+from datapunk_recovery.simulate.catalog import builtin_policies
 from datapunk_recovery.simulate.contention import (
     ContentionSetup,
     run_contention,
     simulate_contention,
 )
-from datapunk_recovery.simulate.policies import builtin_policies
 
 BENCHMARK = SimPolicy(RetryConfig(base_delay=0.005, max_delay=2.0))  # the blog's base and cap
 

@@ -9,13 +9,14 @@ import pytest
 from datapunk_recovery import Jitter, RetryConfig
 from datapunk_recovery.breaker import BreakerConfig
 from datapunk_recovery.budget import RatioBudgetConfig, TokenBudgetConfig
+from datapunk_recovery.simulate.catalog import builtin_policies
 from datapunk_recovery.simulate.outage import (
     OutageResult,
     OutageSetup,
     run_outage,
     simulate_outage,
 )
-from datapunk_recovery.simulate.policies import DEFAULT_POLICY, SimPolicy, builtin_policies
+from datapunk_recovery.simulate.policies import DEFAULT_POLICY, SimPolicy
 
 SETUP = OutageSetup(rate=100.0, clients=10, duration=45.0, outage_start=5.0, outage_duration=20.0)
 

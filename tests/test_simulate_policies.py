@@ -12,13 +12,12 @@ from datapunk_recovery import Jitter, RetryConfig
 from datapunk_recovery.breaker import BreakerConfig
 from datapunk_recovery.budget import RatioBudgetConfig, TokenBudgetConfig
 from datapunk_recovery.config.schema import NO_VALUE, ConfigError
+from datapunk_recovery.simulate.catalog import builtin_policies, resolve_policies
 from datapunk_recovery.simulate.policies import (
     DEFAULT_POLICY,
     SawtoothBackoff,
     SimPolicy,
-    builtin_policies,
     load_policies,
-    resolve_policies,
 )
 
 

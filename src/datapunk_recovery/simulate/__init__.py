@@ -24,10 +24,11 @@ deterministic, far faster than real time:
 
 from __future__ import annotations
 
+from .catalog import builtin_policies, resolve_policies
 from .contention import ContentionPoint, ContentionSetup, run_contention, simulate_contention
 from .kernel import Simulation
 from .outage import OutageResult, OutageSetup, Second, run_outage, simulate_outage
-from .policies import DEFAULT_POLICY, SimPolicy, builtin_policies, load_policies, resolve_policies
+from .policies import DEFAULT_POLICY, SimPolicy, load_policies
 
 __all__ = [
     "DEFAULT_POLICY",

@@ -24,9 +24,10 @@ from ..._core.durations import DurationError, parse_duration
 from ..._core.extras import install_hint
 from ...config.schema import ConfigError
 from ...simulate import report
+from ...simulate.catalog import resolve_policies
 from ...simulate.contention import ContentionSetup, run_contention
 from ...simulate.outage import OutageSetup, run_outage
-from ...simulate.policies import SimPolicy, resolve_policies
+from ...simulate.policies import SimPolicy
 from ._options import positive_number, usage_error
 
 __all__ = ["add_arguments", "run"]
