@@ -42,3 +42,29 @@ def test_busy_and_locked_carry_the_codes_the_classifier_maps(tmp_path: Path) -> 
     finally:
         holder.close()
         other.close()
+
+
+def test_a_missing_database_file_is_fatal_and_never_retried(tmp_path: Path) -> None:
+    """The sibling of PostgreSQL's 3D000: SQLite's CANTOPEN is configuration, not an outage."""
+    missing = tmp_path / "absent" / "no.db"
+    with pytest.raises(sqlite3.OperationalError, match="unable to open") as caught:
+        sqlite3.connect(f"file:{missing}?mode=ro", uri=True)
+    assert caught.value.sqlite_errorname == "SQLITE_CANTOPEN"
+    verdict = classify_database(caught.value)
+    assert (verdict.kind, verdict.retryable) == (DbErrorKind.FATAL, False)
+
+
+def test_a_write_to_a_read_only_database_is_fatal_and_never_retried(tmp_path: Path) -> None:
+    path = tmp_path / "ro.db"
+    with sqlite3.connect(path) as setup:
+        setup.execute("CREATE TABLE t (x)")
+    setup.close()
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="readonly") as caught:
+            conn.execute("INSERT INTO t VALUES (1)")
+        assert caught.value.sqlite_errorname == "SQLITE_READONLY"
+        verdict = classify_database(caught.value)
+        assert (verdict.kind, verdict.retryable) == (DbErrorKind.FATAL, False)
+    finally:
+        conn.close()
