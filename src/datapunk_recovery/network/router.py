@@ -581,16 +581,13 @@ class Router:
         has not (when every level's have, the best level again: attempts
         bound the call, not the routing).
         """
-        members = self._members
-        first_level = members[0].endpoint.priority if members else None
-        levels: list[tuple[int, list[_Member]]] = []
-        for m in members:  # best priority first
-            priority = m.endpoint.priority
-            if not levels or levels[-1][0] != priority:
-                levels.append((priority, []))
-            if m not in refused and m.breaker.admitting():
-                levels[-1][1].append(m)
-        admitting = [(priority, group) for priority, group in levels if group]
+        groups = self._groups  # the levels, best first (see `_install()`)
+        first_level = groups[0][0].endpoint.priority if groups else None
+        admitting: list[tuple[int, list[_Member]]] = []
+        for level in groups:
+            admitted = [m for m in level if m not in refused and m.breaker.admitting()]
+            if admitted:
+                admitting.append((level[0].endpoint.priority, admitted))
         if not admitting:
             return [], None, first_level
         if self.config.fallthrough == "call":
@@ -617,29 +614,21 @@ class Router:
                     m = group[0]
                     if m.breaker.admitting():
                         if group is not groups[0]:
-                            self._fell_through(groups[0][0], m)
+                            self._fell_through(groups[0][0].endpoint.priority, m.endpoint.priority)
                         return m
                     continue
                 chosen = self._least_loaded(group)
                 if chosen is not None:
                     if group is not groups[0]:
-                        self._fell_through(groups[0][0], chosen)
+                        self._fell_through(groups[0][0].endpoint.priority, chosen.endpoint.priority)
                     return chosen
             return None
         best, level, first_level = self._level(call, refused)
         if not best:
             return None
-        if level != first_level and listening(self.bus, PriorityFallthrough):
+        if level != first_level:
             assert first_level is not None and level is not None
-            emit(
-                PriorityFallthrough(
-                    operation=self.name,
-                    at=clock.now(),
-                    from_priority=first_level,
-                    to_priority=level,
-                ),
-                self.bus,
-            )
+            self._fell_through(first_level, level)
         avoid = call.running | ({call.last} if call.last is not None else set())
         pool = [m for m in best if m not in avoid] or best
         if len(pool) == 1:
@@ -668,14 +657,14 @@ class Router:
             return ties[0] if ties else None
         return ties[next(self._turn) % len(ties)]
 
-    def _fell_through(self, first: _Member, chosen: _Member) -> None:
+    def _fell_through(self, from_priority: int, to_priority: int) -> None:
         if listening(self.bus, PriorityFallthrough):
             emit(
                 PriorityFallthrough(
                     operation=self.name,
                     at=clock.now(),
-                    from_priority=first.endpoint.priority,
-                    to_priority=chosen.endpoint.priority,
+                    from_priority=from_priority,
+                    to_priority=to_priority,
                 ),
                 self.bus,
             )
