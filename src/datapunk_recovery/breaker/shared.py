@@ -306,8 +306,6 @@ class _BreakerLink:
         self.batch_n = self.batch_failed = self.batch_slow = 0
         self.timer: asyncio.TimerHandle | None = None
         self.sending: asyncio.Task[None] | None = None
-        #: Times a batch was folded (counts kept, order of outcomes lost; see _fold).
-        self.merged = 0
         # Probe results, server delays and probe releases due at once while
         # max_pending sends are in flight: sent as sends land (see _spawn).
         self.waiting: list[tuple[str, tuple[Any, ...]]] = []
@@ -744,7 +742,6 @@ class _BreakerLink:
         totals = [0, 0, 0, 0]
         for code, n in runs:
             totals[code] += n
-        self.merged += 1
         core = self.core
         if core.listening(OutcomesFolded):
             emit(
