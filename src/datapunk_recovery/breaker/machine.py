@@ -324,18 +324,11 @@ class Machine:
         the rates or keeps them.  Once
         that window is full of successes it is ``settled``: the next success
         changes nothing, and the faces do not call this at all (a caller that
-        does, such as the router's grant seam, returns at once without the lock:
-        a failure recorded meanwhile is ordered after this success).
+        does, such as the router's grant seam, returns at once on ``settled``
+        without the lock: a failure recorded meanwhile is ordered after this success).
         """
-        if self.plain and not self.consecutive:
-            full = self.window
-            if (
-                type(full) is CountWindow
-                and full.calls == full.size
-                and not full.failures
-                and not full.slow
-            ):
-                return
+        if self.settled:
+            return
         with self.lock:
             if self.plain and gen == self.gen:  # closed (``plain`` changes under the lock)
                 self.consecutive = 0

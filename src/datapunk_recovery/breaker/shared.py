@@ -306,8 +306,6 @@ class _BreakerLink:
         self.batch_n = self.batch_failed = self.batch_slow = 0
         self.timer: asyncio.TimerHandle | None = None
         self.sending: asyncio.Task[None] | None = None
-        #: Times a batch was folded (counts kept, order of outcomes lost; see _fold).
-        self.merged = 0
         # Probe results, server delays and probe releases due at once while
         # max_pending sends are in flight: sent as sends land (see _spawn).
         self.waiting: list[tuple[str, tuple[Any, ...]]] = []
@@ -709,7 +707,7 @@ class _BreakerLink:
         if self.batch and gen != self.batch_gen:
             self._kick()  # another generation: the batch so far goes now
             if self.batch:  # (a send is in flight: it will take this one first)
-                self._send_sync_fallback()
+                self._clear_batch()
         runs = self.batch
         if runs and runs[-1][0] == code:
             runs[-1][1] += n
@@ -728,10 +726,11 @@ class _BreakerLink:
         delay = store.flush_interval if code or self.batch_failed or self.batch_slow else None
         self._arm(max(store.cache_ttl, 0.05) if delay is None else delay)
 
-    def _send_sync_fallback(self) -> None:
-        """A batch of an older generation still waits behind a send in flight: its
-        outcomes count for nothing in Redis (the generation moved on), so drop
-        them the way the script would."""
+    def _clear_batch(self) -> None:
+        """Empty the batch: its outcomes were counted here (`detach`), or they are of
+        an older generation still waiting behind a send in flight (`_add`), which
+        count for nothing in Redis (the generation moved on): dropped the way the
+        script would."""
         self.batch, self.batch_n, self.batch_failed, self.batch_slow = [], 0, 0, 0
 
     def _fold(self, runs: list[list[int]]) -> list[list[int]]:
@@ -744,7 +743,6 @@ class _BreakerLink:
         totals = [0, 0, 0, 0]
         for code, n in runs:
             totals[code] += n
-        self.merged += 1
         core = self.core
         if core.listening(OutcomesFolded):
             emit(
@@ -863,7 +861,7 @@ class _BreakerLink:
             self.timer = None
         if self.batch:
             self._locally(self.batch)
-            self._send_sync_fallback()
+            self._clear_batch()
         for task in list(self.pending):
             task.cancel()
         self.pending.clear()
