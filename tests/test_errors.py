@@ -182,6 +182,34 @@ def test_driver_auth_refusals_are_never_retryable_whatever_a_rule_says() -> None
         classify(refusals[-1])
     )
     assert classify(rx.ResponseError("ERR unknown command")).category is not ErrorCategory.AUTH
+
+
+def test_a_refusal_shown_by_a_status_counts_in_subclasses_and_for_urllib_and_requests() -> None:
+    """The status decides for every type of the family: none is remembered per type."""
+    import email.message
+    import urllib.error
+
+    import aiohttp
+    import requests
+
+    def handshake(status: int) -> Exception:
+        return aiohttp.WSServerHandshakeError(None, (), status=status)  # type: ignore[arg-type]
+
+    def urllib_error(status: int) -> Exception:
+        return urllib.error.HTTPError("http://a/", status, "no", email.message.Message(), None)
+
+    def requests_error(status: int) -> Exception:
+        response = requests.Response()
+        response.status_code = status
+        return requests.HTTPError(str(status), response=response)
+
+    for make in (handshake, urllib_error, requests_error):
+        assert classify(make(500)).category is not ErrorCategory.AUTH, make
+        verdict = classify(make(403))
+        assert (verdict.category, verdict.retryable) == (ErrorCategory.AUTH, False), make
+        assert classify(make(401)).category is ErrorCategory.AUTH, make
+
+
 def test_urllib_errors_are_classified_by_the_error_they_wrap() -> None:
     import urllib.error
 

@@ -221,26 +221,38 @@ _AUTH_TYPE_NAMES: Final = frozenset(
 _AUTH_REPLY_PREFIXES: Final = ("NOAUTH", "WRONGPASS", "NOPERM")
 # HTTP answers refusing who we are or what we may do (RFC 9110 15.5.2, 15.5.4).
 _AUTH_STATUSES: Final = frozenset({401, 403})
-# Types whose refusal shows in the instance (a reply, a status), not the type:
-# their verdicts are never remembered per type.
-_AUTH_BY_INSTANCE: Final = frozenset({"ResponseError", "HTTPStatusError", "ClientResponseError"})
+# Types whose refusal shows in the instance (a reply, a status), not the type,
+# with their subclasses (aiohttp's WSServerHandshakeError, ClientHttpProxyError):
+# their verdicts are never remembered per type.  ``HTTPError`` is urllib's and
+# requests' (a status in ``.status`` / ``.response.status_code``).
+_AUTH_BY_INSTANCE: Final = frozenset(
+    {"ResponseError", "HTTPStatusError", "ClientResponseError", "HTTPError"}
+)
+
+
+def _instance_family(kind: type[BaseException]) -> str | None:
+    """The `_AUTH_BY_INSTANCE` name ``kind`` is or derives from, if any."""
+    for base in kind.__mro__:
+        if base.__name__ in _AUTH_BY_INSTANCE:
+            return base.__name__
+    return None
 
 
 def _refused_auth(exc: BaseException) -> bool:
     """Whether ``exc`` is a driver's authentication or authorization refusal."""
     kind = type(exc)
-    name = kind.__name__
-    if name in _AUTH_TYPE_NAMES:
+    if kind.__name__ in _AUTH_TYPE_NAMES:
         return True
-    if name == "ResponseError":
+    family = _instance_family(kind)
+    if family is None:
+        return False
+    if family == "ResponseError":
         return str(exc).lstrip().startswith(_AUTH_REPLY_PREFIXES)
-    if name in ("HTTPStatusError", "ClientResponseError"):
-        # httpx: .response.status_code; aiohttp: .status
-        status = getattr(exc, "status", None)
-        if status is None:
-            status = getattr(getattr(exc, "response", None), "status_code", None)
-        return status in _AUTH_STATUSES
-    return False
+    # httpx: .response.status_code; aiohttp, urllib: .status; requests: .response.status_code
+    status = getattr(exc, "status", None)
+    if status is None:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status in _AUTH_STATUSES
 
 
 _TRANSIENT_ERRNOS: Final = frozenset(
@@ -341,7 +353,7 @@ def classify(exc: BaseException) -> Classification:
     exceptions are not retryable.  Cancellation and exit are never retryable,
     and neither are authentication or authorization refusals of known drivers
     (asyncpg's class ``28``, redis-py's ``NOAUTH``/``WRONGPASS``/``NOPERM``,
-    httpx's and aiohttp's 401/403 status errors): those are ``AUTH``, before
+    the 401/403 status errors of httpx, aiohttp, urllib and requests): those are ``AUTH``, before
     any rule, since another try is another failed login.
     """
     if not isinstance(exc, Exception):
@@ -396,6 +408,7 @@ _BY_TYPE_MAX: Final = 1024
 
 
 def _remember(kind: type[BaseException], verdict: Classification) -> Classification:
-    if len(_by_type) < _BY_TYPE_MAX and kind.__name__ not in _AUTH_BY_INSTANCE:
+    # A refusal by type name stays one whatever its family (redis-py's NoPermissionError).
+    if len(_by_type) < _BY_TYPE_MAX and (verdict is _AUTH or _instance_family(kind) is None):
         _by_type[kind] = verdict
     return verdict

@@ -359,7 +359,6 @@ class EventBus:
         "__weakref__",
         "_entries",
         "routes",
-        "_subscribers",
         "_timers",
         "_unless",
         "active",
@@ -367,7 +366,6 @@ class EventBus:
     )
 
     def __init__(self) -> None:
-        self._subscribers: tuple[Subscriber, ...] = ()
         self._entries: tuple[tuple[Subscriber, Callable[[str], bool] | None], ...] = ()
         #: The subscribers per kind name, filled by
         #: [`route()`][datapunk_recovery._core.events.EventBus.route] and emptied
@@ -397,14 +395,12 @@ class EventBus:
             kinds = getattr(subscriber, "wants", None)
         wants = _predicate(kinds)
         self._entries = (*self._entries, (subscriber, wants))
-        self._subscribers = (*self._subscribers, subscriber)
         self.refresh()
         return lambda: self.unsubscribe(subscriber)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Remove ``subscriber`` (no error if it is not there)."""
         self._entries = tuple(e for e in self._entries if e[0] is not subscriber)
-        self._subscribers = tuple(s for s in self._subscribers if s is not subscriber)
         self.refresh()
 
     def subscriptions(self) -> tuple[tuple[Subscriber, Callable[[str], bool] | None], ...]:
@@ -420,14 +416,13 @@ class EventBus:
     ) -> None:
         """Put back the subscriptions that ``subscriptions()`` returned."""
         self._entries = subscriptions
-        self._subscribers = tuple(subscriber for subscriber, _ in subscriptions)
         self.refresh()
 
     def refresh(self) -> None:
         """Ask the subscribers again which kinds they want (their wishes changed)."""
         self.routes = {}
         self._unless = {}
-        self.active = bool(self._subscribers)
+        self.active = bool(self._entries)
         hot = any(self.route(kind) for kind in _HOT_KINDS)
         self.mode = 2 if hot else 1 if self._timers else 0
 

@@ -231,10 +231,25 @@ def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+# A quoted text that looks like a token (an API key, a bearer token): one word of 16 or more
+# token characters, with letters and digits; a URL is redacted by redact_text instead.
+_TOKEN_LIKE: Final = re.compile(r"""(['"])([A-Za-z0-9_.+/=~-]{16,})\1""")
+
+
+def _mask_token(match: re.Match[str]) -> str:
+    body = match.group(2)
+    if any(c.isdigit() for c in body) and any(c.isalpha() for c in body):
+        quote = match.group(1)
+        return f"{quote}{REDACTED}{quote}"
+    return match.group(0)
+
+
 def safe_repr(value: object, limit: int = 40) -> str:
     """``repr(value)`` redacted, then cut to ``limit`` characters: a garbage value in an event.
 
-    Redacted before it is cut, so that no part of a secret is shown either.
+    Passwords in URLs and ``key=value`` pairs are redacted (`redact_text`), and so is
+    a quoted text that looks like a bare token: a garbage value is often a token given
+    in the wrong place.  Redacted before it is cut, so that no part of a secret is shown either.
     """
-    text = redact_text(repr(value))
+    text = _TOKEN_LIKE.sub(_mask_token, redact_text(repr(value)))
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -14,12 +14,11 @@ limit (``None``), never as a huge number.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any, Final, TypeVar
 
-from .redact import REDACTED, redact_text
+from .redact import safe_repr
 
 __all__ = [
     "MAX_SECONDS",
@@ -40,29 +39,16 @@ MAX_SECONDS: Final = 86_400.0
 
 #: How long a quoted value may be in a message: enough to recognise it, not a whole document.
 _SHOWN_LIMIT: Final = 200
-# A quoted text that looks like a token (an API key, a bearer token): one word of 16 or more
-# token characters, with letters and digits; a URL is redacted by redact_text instead.
-_TOKEN_LIKE: Final = re.compile(r"""(['"])([A-Za-z0-9_.+/=~-]{16,})\1""")
-
-
-def _mask_token(match: re.Match[str]) -> str:
-    body = match.group(2)
-    if any(c.isdigit() for c in body) and any(c.isalpha() for c in body):
-        quote = match.group(1)
-        return f"{quote}{REDACTED}{quote}"
-    return match.group(0)
 
 
 def shown(value: object) -> str:
     """``repr(value)`` as a configuration error quotes it: without secrets, bounded.
 
     A URL, DSN or token given to the wrong field is the usual way a password
-    reaches a message: passwords in URLs and ``key=value`` pairs are redacted
-    (`redact_text`), and so is a quoted text that looks like a bare token.
-    Redacted before it is cut, at 200 characters (enough to recognise it).
+    reaches a message; `safe_repr` redacts it before cutting at 200 characters
+    (enough to recognise it).
     """
-    text = _TOKEN_LIKE.sub(_mask_token, redact_text(repr(value)))
-    return text if len(text) <= _SHOWN_LIMIT else f"{text[: _SHOWN_LIMIT - 3]}..."
+    return safe_repr(value, _SHOWN_LIMIT)
 
 
 def _short(value: Any) -> str:

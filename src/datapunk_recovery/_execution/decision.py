@@ -284,7 +284,7 @@ class Call:
                         HintIgnored(
                             operation=e.name,
                             at=now,
-                            value=_safe_repr(hint),
+                            value=safe_repr(hint),  # a garbage hint may hold a token
                             reason="server delay is not a finite number >= 0",
                         ),
                         e.bus,
@@ -440,7 +440,3 @@ def new_call(e: Engine, start: float | None) -> Call:
 
 def _error_type(exc: BaseException | None) -> str:
     return "rejected result" if exc is None else type(exc).__name__
-
-
-def _safe_repr(value: object) -> str:
-    return safe_repr(value)  # a garbage hint may hold a token: never shown, even in part
