@@ -114,3 +114,41 @@ async def test_a_replica_promoted_by_failover_lacks_the_scripts_and_a_registered
     assert await script(keys=keys) == b"2"  # MOVED, NOSCRIPT, SCRIPT LOAD, EVALSHA: one call
     with raw(new) as admin:
         assert admin.script_exists(script.sha) == [True]
+
+
+PLACEHOLDERS = """
+redis.call('HSET', KEYS[1], 's', ARGV[1])
+redis.call('SET', KEYS[2], '', 'NX')
+redis.call('HSETNX', KEYS[3], '_', '')
+for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, 60000) end
+return redis.call('EXISTS', unpack(KEYS))
+"""
+
+
+async def test_set_nx_and_hsetnx_placeholders_keep_every_key_of_a_script_through_a_migration(
+    redis_cluster: RedisClusterServers, cluster_client: RedisCluster
+) -> None:
+    """The breaker script's placeholders: an empty string and a one-field hash are real keys.
+
+    They exist (so the script never meets ``TRYAGAIN``), migrate with their
+    TTLs, and a second run keeps what is there (``NX``: the placeholder never
+    overwrites a ring or a window the script already wrote).
+    """
+    keys = ["p:{breaker:nx}:state", "p:{breaker:nx}:ring", "p:{breaker:nx}:win"]
+    await cluster_client.delete(*keys)
+    script = cluster_client.register_script(PLACEHOLDERS)
+    assert await script(keys=keys, args=["closed"]) == 3  # every key exists
+    await cluster_client.set(keys[1], b"ring", keepttl=True)
+    await cluster_client.hset(keys[2], "w", "1")
+    assert await script(keys=keys, args=["closed"]) == 3
+    assert await cluster_client.get(keys[1]) == b"ring"  # NX: not overwritten
+    assert await cluster_client.hget(keys[2], "w") == b"1"
+    migration = redis_cluster.begin_migration(redis_cluster.key_slot(keys[0]))
+    try:
+        assert migration.move_keys(keys) == 3
+        assert await script(keys=keys, args=["open"]) == 3  # ASK: the target serves it
+    finally:
+        migration.move_keys()
+        migration.finish()
+    assert await cluster_client.hget(keys[0], "s") == b"open"
+    assert [await cluster_client.pttl(k) > 0 for k in keys] == [True, True, True]  # TTLs moved
