@@ -98,12 +98,7 @@ async def test_a_replica_promoted_by_failover_lacks_the_scripts_and_a_registered
     with raw(old) as admin:
         assert admin.script_exists(script.sha) == [True]
         assert admin.execute_command("WAIT", 1, 2000) == 1
-    old_id = redis_cluster.node_id(old)
-    replica = next(
-        redis_cluster.node_at(n["host"], n["port"])
-        for n in redis_cluster._view(old)
-        if n["master_id"] == old_id
-    )
+    replica = redis_cluster.replica_of(old)
     redis_cluster.touch()  # the harness checks the cluster after this test
     with raw(replica) as admin:
         assert admin.script_exists(script.sha) == [False]  # SCRIPT LOAD is not replicated
