@@ -22,10 +22,14 @@ rely on exactly these behaviours:
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+
 import pytest
 import redis.exceptions as rx
 from redis.asyncio.cluster import RedisCluster
 
+from datapunk_recovery.stores.redis import RedisStore
 from tests.contracts.redis_cluster_helpers import FAILOVER_BOUND, cluster_client_of, raw
 from tests.harness import RedisClusterServers
 
@@ -81,6 +85,30 @@ async def test_tryagain_is_retried_by_the_client_for_about_0_4_s_then_raised(
         with pytest.raises(rx.ClusterError, match="TTL exhausted"):
             await script(keys=keys)
         assert cluster_client.RedisClusterRequestTTL == 16  # 8 tries at once, 8 after 50 ms
+    finally:
+        migration.move_keys()
+        migration.finish()
+
+
+@pytest.mark.drill  # waits out the store's default timeout: 0.25 s
+async def test_tryagain_retries_outlast_the_stores_default_timeout_so_the_store_ends_the_wait(
+    redis_cluster: RedisClusterServers, cluster_client: RedisCluster
+) -> None:
+    """The driver still retries when ``RedisStore``'s default ``timeout`` (0.25 s) ends.
+
+    A lower bound only (the driver's retries are sleeps: a slow machine makes
+    them longer, never shorter), so it cannot fail from load.
+    """
+    keys = ["p:{breaker:outlast}:state", "p:{breaker:outlast}:ring"]
+    await cluster_client.delete(*keys)
+    await cluster_client.set(keys[0], b"1")  # the second key is absent
+    script = cluster_client.register_script(INCR_ALL)
+    store_default_timeout = inspect.signature(RedisStore).parameters["timeout"].default
+    assert store_default_timeout == 0.25
+    migration = redis_cluster.begin_migration(redis_cluster.key_slot(keys[0]))
+    try:
+        with pytest.raises(TimeoutError):  # still retrying TRYAGAIN, not given up
+            await asyncio.wait_for(script(keys=keys), store_default_timeout)
     finally:
         migration.move_keys()
         migration.finish()
