@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import multiprocessing
-import os
 import queue
 import random
 import re
@@ -911,21 +910,6 @@ async def test_aclose_returns_when_the_sync_task_ignores_cancellation(
 
 # ---------------------------------------------------------------------------
 # Redis blinks: what was counted meanwhile is merged, never lost (issue 14 item 7)
-
-
-@pytest.fixture
-def private_redis() -> Any:
-    """A Redis of the test's own, to restart empty on the same port."""
-    server = RedisServer()
-    try:
-        server.start()
-    except Exception as exc:  # same rule as the session servers
-        server.close()
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"redis-server unavailable: {exc}", pytrace=False)
-        pytest.skip(f"redis-server unavailable: {exc}")
-    yield server
-    server.close()
 
 
 async def _commands(client: aioredis.Redis) -> int:

@@ -230,11 +230,12 @@ async def test_aclose_lands_the_background_writes_and_leaves_no_task(
 ) -> None:
     store = RedisStore(redis_server.url, cache_ttl=0.0)
     breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=1), store=store)
+    before = asyncio.all_tasks()
     (await breaker.allow_async()).failure(Boom())  # written in the background
-    link = breaker._link
-    assert isinstance(link, _BreakerLink) and link.pending
+    assert asyncio.all_tasks() - before  # (a task of the breaker's sends the write)
     await store.aclose()
-    assert not link.pending  # nothing left running against a closed client
+    assert not asyncio.all_tasks() - before  # nothing left running against a closed client
+    assert store.closed and store.in_flight == 0
     with pytest.raises(CircuitOpenError):  # and the write landed
         await CircuitBreaker(name, store=stores()).allow_async()
 

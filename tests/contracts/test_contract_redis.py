@@ -7,11 +7,14 @@ timeout.  Both hold for clients built from a URL (``Redis.from_url``: what
 carry no retry of their own.  A client built as ``Redis(host=..., port=...)``
 does retry (three times, with a backoff of seconds, a refused login included):
 pass such a client to the library with ``retry=Retry(NoBackoff(), 0)``.
+A command cancelled while it waits for its reply closes its connection (the
+reason ``RedisStore`` never lets a caller's cancellation reach a command).
 Each behaviour is pinned by name against a real ``redis-server``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 from collections.abc import Callable
 
@@ -129,3 +132,35 @@ async def test_a_blackholed_redis_fails_one_command_with_redis_timeout_error(
     assert not isinstance(caught.value, builtins.TimeoutError)
     # ...and the command was sent once, not re-sent by redis-py's own retry.
     assert proxy.stats.blackholed_bytes == len(b"*2\r\n$3\r\nGET\r\n$1\r\nx\r\n")
+
+
+async def test_a_command_cancelled_while_awaiting_its_reply_closes_its_connection(
+    redis_server: RedisServer,
+) -> None:
+    """redis-py drops the connection rather than leave a late reply for the next command."""
+    client = aioredis.Redis.from_url(redis_server.url_for(0), single_connection_client=True)
+    admin = aioredis.Redis.from_url(redis_server.url_for(0))
+
+    async def eventually(probe: Callable[[list[dict[str, str]]], bool], what: str) -> None:
+        for _ in range(500):  # bounded: round trips to the server, no sleeping
+            if probe(await admin.client_list()):
+                return
+        pytest.fail(f"the server never showed {what}")
+
+    try:
+        first = str(await client.client_id())
+        task = asyncio.create_task(client.blpop(["contract:cancel:never"], timeout=30))
+        await eventually(
+            lambda clients: any(c["id"] == first and c["cmd"] == "blpop" for c in clients),
+            "the command blocked, awaiting its reply",
+        )
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await eventually(
+            lambda clients: all(c["id"] != first for c in clients), "the connection closed"
+        )
+        assert str(await client.client_id()) != first  # the next command gets a new connection
+    finally:
+        await client.aclose()
+        await admin.aclose()

@@ -57,7 +57,7 @@ def replicate(node: object) -> None:
 def test_the_cluster_has_three_masters_with_a_replica_each(
     redis_cluster: RedisClusterServers,
 ) -> None:
-    view = redis_cluster._view(redis_cluster.nodes[0])
+    view = redis_cluster.view(redis_cluster.nodes[0])
     assert sum("master" in n["flags"] and bool(n["slots"]) for n in view) == 3
     assert sum("slave" in n["flags"] for n in view) == 3
 
@@ -101,12 +101,7 @@ async def test_a_command_after_a_manual_failover_follows_moved_without_an_error(
     await cluster_client.set("moved-key", b"v")  # the client now knows the slot's master
     old = redis_cluster.master_for_key("moved-key")
     replicate(old)
-    old_id = redis_cluster.node_id(old)
-    replica = next(
-        redis_cluster.node_at(n["host"], n["port"])
-        for n in redis_cluster._view(old)
-        if n["master_id"] == old_id
-    )
+    replica = redis_cluster.replica_of(old)
     redis_cluster.touch()  # the harness checks the cluster after this test
     with raw(replica) as admin:
         admin.execute_command("CLUSTER", "FAILOVER")

@@ -22,10 +22,14 @@ rely on exactly these behaviours:
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+
 import pytest
 import redis.exceptions as rx
 from redis.asyncio.cluster import RedisCluster
 
+from datapunk_recovery.stores.redis import RedisStore
 from tests.contracts.redis_cluster_helpers import FAILOVER_BOUND, cluster_client_of, raw
 from tests.harness import RedisClusterServers
 
@@ -86,6 +90,30 @@ async def test_tryagain_is_retried_by_the_client_for_about_0_4_s_then_raised(
         migration.finish()
 
 
+@pytest.mark.drill  # waits out the store's default timeout: 0.25 s
+async def test_tryagain_retries_outlast_the_stores_default_timeout_so_the_store_ends_the_wait(
+    redis_cluster: RedisClusterServers, cluster_client: RedisCluster
+) -> None:
+    """The driver still retries when ``RedisStore``'s default ``timeout`` (0.25 s) ends.
+
+    A lower bound only (the driver's retries are sleeps: a slow machine makes
+    them longer, never shorter), so it cannot fail from load.
+    """
+    keys = ["p:{breaker:outlast}:state", "p:{breaker:outlast}:ring"]
+    await cluster_client.delete(*keys)
+    await cluster_client.set(keys[0], b"1")  # the second key is absent
+    script = cluster_client.register_script(INCR_ALL)
+    store_default_timeout = inspect.signature(RedisStore).parameters["timeout"].default
+    assert store_default_timeout == 0.25
+    migration = redis_cluster.begin_migration(redis_cluster.key_slot(keys[0]))
+    try:
+        with pytest.raises(TimeoutError):  # still retrying TRYAGAIN, not given up
+            await asyncio.wait_for(script(keys=keys), store_default_timeout)
+    finally:
+        migration.move_keys()
+        migration.finish()
+
+
 @pytest.mark.drill
 async def test_a_replica_promoted_by_failover_lacks_the_scripts_and_a_registered_script_reloads(
     redis_cluster: RedisClusterServers, cluster_client: RedisCluster
@@ -98,12 +126,7 @@ async def test_a_replica_promoted_by_failover_lacks_the_scripts_and_a_registered
     with raw(old) as admin:
         assert admin.script_exists(script.sha) == [True]
         assert admin.execute_command("WAIT", 1, 2000) == 1
-    old_id = redis_cluster.node_id(old)
-    replica = next(
-        redis_cluster.node_at(n["host"], n["port"])
-        for n in redis_cluster._view(old)
-        if n["master_id"] == old_id
-    )
+    replica = redis_cluster.replica_of(old)
     redis_cluster.touch()  # the harness checks the cluster after this test
     with raw(replica) as admin:
         assert admin.script_exists(script.sha) == [False]  # SCRIPT LOAD is not replicated
@@ -114,3 +137,41 @@ async def test_a_replica_promoted_by_failover_lacks_the_scripts_and_a_registered
     assert await script(keys=keys) == b"2"  # MOVED, NOSCRIPT, SCRIPT LOAD, EVALSHA: one call
     with raw(new) as admin:
         assert admin.script_exists(script.sha) == [True]
+
+
+PLACEHOLDERS = """
+redis.call('HSET', KEYS[1], 's', ARGV[1])
+redis.call('SET', KEYS[2], '', 'NX')
+redis.call('HSETNX', KEYS[3], '_', '')
+for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, 60000) end
+return redis.call('EXISTS', unpack(KEYS))
+"""
+
+
+async def test_set_nx_and_hsetnx_placeholders_keep_every_key_of_a_script_through_a_migration(
+    redis_cluster: RedisClusterServers, cluster_client: RedisCluster
+) -> None:
+    """The breaker script's placeholders: an empty string and a one-field hash are real keys.
+
+    They exist (so the script never meets ``TRYAGAIN``), migrate with their
+    TTLs, and a second run keeps what is there (``NX``: the placeholder never
+    overwrites a ring or a window the script already wrote).
+    """
+    keys = ["p:{breaker:nx}:state", "p:{breaker:nx}:ring", "p:{breaker:nx}:win"]
+    await cluster_client.delete(*keys)
+    script = cluster_client.register_script(PLACEHOLDERS)
+    assert await script(keys=keys, args=["closed"]) == 3  # every key exists
+    await cluster_client.set(keys[1], b"ring", keepttl=True)
+    await cluster_client.hset(keys[2], "w", "1")
+    assert await script(keys=keys, args=["closed"]) == 3
+    assert await cluster_client.get(keys[1]) == b"ring"  # NX: not overwritten
+    assert await cluster_client.hget(keys[2], "w") == b"1"
+    migration = redis_cluster.begin_migration(redis_cluster.key_slot(keys[0]))
+    try:
+        assert migration.move_keys(keys) == 3
+        assert await script(keys=keys, args=["open"]) == 3  # ASK: the target serves it
+    finally:
+        migration.move_keys()
+        migration.finish()
+    assert await cluster_client.hget(keys[0], "s") == b"open"
+    assert [await cluster_client.pttl(k) > 0 for k in keys] == [True, True, True]  # TTLs moved

@@ -914,7 +914,7 @@ class RedisClusterServers(_ServerGroup):
 
         return redis_sync.Redis(host=node.host, port=node.port, socket_timeout=2.0)
 
-    def _view(self, node: RedisServer) -> list[dict[str, Any]]:
+    def view(self, node: RedisServer) -> list[dict[str, Any]]:
         """``CLUSTER NODES`` as seen by ``node``: id, address, flags, master id, slots."""
         with self._admin(node) as admin:
             raw = admin.execute_command("CLUSTER", "NODES")
@@ -960,7 +960,7 @@ class RedisClusterServers(_ServerGroup):
                 return False
         # every node agrees: `masters` masters owning every slot, each with its replicas
         try:
-            view = self._view(self.nodes[0])
+            view = self.view(self.nodes[0])
         except Exception:
             return False
         masters = [n for n in view if "master" in n["flags"] and n["slots"]]
@@ -1009,6 +1009,15 @@ class RedisClusterServers(_ServerGroup):
     def master_for_key(self, key: str) -> RedisServer:
         return self.master_of_slot(self.key_slot(key))
 
+    def replica_of(self, master: RedisServer) -> RedisServer:
+        """A replica of ``master``, as ``master`` sees the cluster (for a manual failover)."""
+        master_id = self.node_id(master)
+        return next(
+            self.node_at(n["host"], n["port"])
+            for n in self.view(master)
+            if n["master_id"] == master_id
+        )
+
     def node_id(self, node: RedisServer) -> str:
         with self._admin(node) as admin:
             raw = admin.execute_command("CLUSTER", "MYID")
@@ -1056,7 +1065,7 @@ class RedisClusterServers(_ServerGroup):
         return _text(role[0]) == "master"
 
     def other_master(self, than: RedisServer) -> RedisServer:
-        for entry in self._view(than):
+        for entry in self.view(than):
             if "master" in entry["flags"] and entry["slots"] and "fail" not in entry["flags"]:
                 node = self.node_at(entry["host"], entry["port"])
                 if node is not than and self.is_master(node):
@@ -1146,7 +1155,7 @@ class SlotMigration:
         for node in (self.target, self.source):
             with self.cluster._admin(node) as admin:
                 admin.execute_command("CLUSTER", "SETSLOT", self.slot, "NODE", self.target_id)
-        for entry in self.cluster._view(self.target):
+        for entry in self.cluster.view(self.target):
             if "master" in entry["flags"] and "fail" not in entry["flags"]:
                 node = self.cluster.node_at(entry["host"], entry["port"])
                 if node in (self.target, self.source) or not node.is_running:
