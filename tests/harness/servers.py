@@ -1158,7 +1158,9 @@ class SlotMigration:
         for entry in self.cluster.view(self.target):
             if "master" in entry["flags"] and "fail" not in entry["flags"]:
                 node = self.cluster.node_at(entry["host"], entry["port"])
-                if node in (self.target, self.source) or not node.is_running:
+                # (the target's gossip may still call a restarted old master a
+                # master: ask the node itself, or SETSLOT is refused)
+                if node in (self.target, self.source) or not self.cluster.is_master(node):
                     continue
                 with self.cluster._admin(node) as admin:
                     admin.execute_command("CLUSTER", "SETSLOT", self.slot, "NODE", self.target_id)
