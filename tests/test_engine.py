@@ -640,6 +640,96 @@ def test_the_block_forms_failed_attempts_frames_are_released_before_the_next_att
         gc.enable()
 
 
+def _read_with_buffers(how: str) -> None:
+    """Fail deep inside, holding buffers only in this frame; chain the failure as ``how`` says."""
+    buffers = [_Held() for _ in range(4)]  # held by this frame only
+    try:
+        raise KeyError(f"no page after {len(buffers)} buffers")
+    except KeyError as inner:
+        if how == "cause":
+            raise ConnectionError("read failed") from inner
+        raise ConnectionError("read failed")  # noqa: B904 - the implicit __context__ is the point
+
+
+def test_frames_held_only_by_a_failed_attempts_chained_errors_are_freed_before_retrying() -> None:
+    import gc
+
+    seen_at_start: list[int] = []
+
+    def flaky(how: str) -> str:
+        seen_at_start.append(_Held.live)
+        if len(seen_at_start) < 3:
+            try:
+                _read_with_buffers(how)
+            except ConnectionError as exc:  # chain once more: the buffers sit two links down
+                raise TimeoutError("gave up reading") from exc
+        return "ok"
+
+    async def aflaky(how: str) -> str:
+        return flaky(how)
+
+    gc.collect()
+    gc.disable()  # reference counting alone must free them
+    try:
+        for how in ("cause", "context"):
+            seen_at_start.clear()
+            assert retry(RetryConfig(max_attempts=3, base_delay=0.0))(flaky)(how) == "ok"
+            assert seen_at_start == [0, 0, 0]
+            seen_at_start.clear()
+            wrapped = retry(RetryConfig(max_attempts=3, base_delay=0.0))(aflaky)
+            assert asyncio.run(wrapped(how)) == "ok"
+            assert seen_at_start == [0, 0, 0]
+            seen_at_start.clear()
+            for attempt in retrying(RetryConfig(max_attempts=3, base_delay=0.0)):
+                with attempt:
+                    result = flaky(how)
+            assert result == "ok"
+            assert seen_at_start == [0, 0, 0]
+        assert _Held.live == 0
+    finally:
+        gc.enable()
+
+
+def test_the_final_error_reaches_the_caller_with_its_whole_chain_and_traceback() -> None:
+    import traceback
+
+    def always_fails() -> str:
+        try:
+            _read_with_buffers("cause")
+        except ConnectionError as exc:
+            raise TimeoutError("gave up reading") from exc
+        return "unreachable"
+
+    with pytest.raises(TimeoutError) as caught:
+        retry(RetryConfig(max_attempts=3, base_delay=0.0))(always_fails)()
+    final = caught.value
+    assert isinstance(final.__cause__, ConnectionError)
+    assert isinstance(final.__cause__.__cause__, KeyError)
+    text = "".join(traceback.format_exception(final))
+    assert "always_fails" in text and "_read_with_buffers" in text
+    assert "no page after 4 buffers" in text
+    # the last attempt's frames are the caller's to inspect: nothing cleared them
+    tb = final.__cause__.__cause__.__traceback__
+    assert tb is not None
+    assert len(tb.tb_frame.f_locals["buffers"]) == 4
+
+
+def test_a_chain_that_loops_back_on_itself_is_walked_once_and_retried() -> None:
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            first, second = ConnectionError("first"), ConnectionError("second")
+            first.__context__ = second
+            second.__cause__ = first  # a loop: first -> second -> first
+            raise first
+        return "ok"
+
+    assert retry(RetryConfig(max_attempts=3, base_delay=0.0))(flaky)() == "ok"
+    assert len(calls) == 3
+
+
 def test_an_error_raised_again_from_a_running_frame_is_retried_with_that_frame_intact() -> None:
     marker = "still here"  # a local of this running frame, which the stored error passed through
     try:

@@ -9,6 +9,8 @@ breaks gives up with the caller's error, never its own.
 
 from __future__ import annotations
 
+from types import TracebackType
+
 from . import runtime as _runtime
 from .decision import Call
 
@@ -20,16 +22,36 @@ def release_frames(error: BaseException) -> None:
 
     The engine keeps the last error (it is what a deadline passing later
     raises), and its traceback keeps the frames of the failed attempt alive:
-    a model's activations, a buffer, a connection.  Clearing those frames'
-    locals frees them now; the traceback still shows every file and line.
-    Frames still running are left alone: the first one, always (the frame
-    that caught the error: the engine's, or the ``with`` block's), which
+    a model's activations, a buffer, a connection.  So do the tracebacks of
+    the errors chained to it (``raise ... from``, an error raised while
+    handling another): those are walked too, each once, as a chain can loop
+    (``a.__context__ = b; b.__cause__ = a``).  Clearing those frames' locals
+    frees them now; every traceback still shows every file and line, and
+    the chain itself is kept.  Frames still running are left alone: the
+    first one of the error's own traceback, always (the frame that caught
+    the error: the engine's, or the ``with`` block's), which
     ``traceback.clear_frames()`` would try and fail at, at the cost of a
     raised error per attempt; any other (an error raised again from an
     outer frame) as ``clear_frames()`` does.
     """
-    tb = error.__traceback__
-    if tb is not None:
+    _clear(error.__traceback__, skip_first=True)
+    cause, context = error.__cause__, error.__context__
+    if cause is None and context is None:
+        return  # the common case: no chain, no set
+    seen = {id(error)}
+    todo = [e for e in (cause, context) if e is not None]
+    while todo:
+        chained = todo.pop()
+        if id(chained) in seen:
+            continue
+        seen.add(id(chained))
+        _clear(chained.__traceback__, skip_first=False)
+        todo.extend(e for e in (chained.__cause__, chained.__context__) if e is not None)
+
+
+def _clear(tb: TracebackType | None, *, skip_first: bool) -> None:
+    """Clear the finished frames of one traceback (see `release_frames()`)."""
+    if tb is not None and skip_first:
         tb = tb.tb_next
     while tb is not None:
         try:  # noqa: SIM105 - contextlib.suppress costs a context manager per frame
