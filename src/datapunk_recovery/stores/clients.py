@@ -17,6 +17,7 @@ URL forms (``timeout`` seconds becomes the socket and connect timeouts):
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -63,6 +64,40 @@ def _hosts(
     return found, user, password
 
 
+@cache
+def _redis_py_version() -> str | None:
+    """redis-py's own version, read once per process; None where redis-py reads it once itself.
+
+    A redis-py with ``redis.driver_info`` (8.x here) builds a ``DriverInfo`` for
+    every new connection unless given one, and that reads the package's
+    metadata (``importlib.metadata.version``, a walk of ``sys.path``) every
+    time: the cost of each connection a shared breaker or store opens on its
+    first calls.  Earlier versions read it once, at import.
+    """
+    try:
+        import redis.driver_info  # noqa: F401 - the redis-py that reads it per connection
+        from redis.utils import get_lib_version
+    except ImportError:
+        return None
+    return str(get_lib_version())  # type: ignore[no-untyped-call]
+
+
+def _driver_info(client_kwargs: dict[str, Any]) -> None:
+    """Give the client redis-py's own ``CLIENT SETINFO`` identity, its version read once.
+
+    Nothing changes on the wire (the same name, the installed version); a
+    caller's own ``driver_info``, ``lib_name`` or ``lib_version`` wins.  A new
+    ``DriverInfo`` per client: redis-py's is mutable (``add_upstream_driver``).
+    """
+    if {"driver_info", "lib_name", "lib_version"} & client_kwargs.keys():
+        return
+    version = _redis_py_version()
+    if version is not None:
+        from redis.driver_info import DriverInfo
+
+        client_kwargs["driver_info"] = DriverInfo(lib_version=version)
+
+
 def client_from_url(
     url: str, *, timeout: float, owner: str, **client_kwargs: Any
 ) -> tuple[Any, list[Any]]:
@@ -78,6 +113,7 @@ def client_from_url(
         raise_missing(exc, owner, "redis", extra="redis")
     client_kwargs.setdefault("socket_timeout", timeout)
     client_kwargs.setdefault("socket_connect_timeout", timeout)
+    _driver_info(client_kwargs)
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme not in CLUSTER_SCHEMES and scheme not in SENTINEL_SCHEMES:
         return aioredis.Redis.from_url(url, **client_kwargs), []
