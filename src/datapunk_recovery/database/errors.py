@@ -192,7 +192,10 @@ _MISSING_STATES: Final = frozenset({"42883", "42704", "0A000", "58P01"})
 _AUTH_CLASS: Final = "28"
 _AUTH_STATES: Final = frozenset({"42501"})
 # libpq's words for a refused login: psycopg raises a plain OperationalError
-# with no SQLSTATE for them (pinned by tests/contracts/test_postgres_drivers.py).
+# with no SQLSTATE, diagnostics or result for them, in any language, and the
+# server words them in its own lc_messages, even before authentication (pinned
+# by tests/contracts/test_contract_postgres.py and test_contract_postgres_locale.py).
+# So English only: a refusal in another language reads as a lost connection.
 _AUTH_MESSAGE: Final = re.compile(
     r"authentication failed|no pg_hba\.conf entry|pg_hba\.conf rejects|"
     r"no password (?:was )?supplied|role \"[^\"]*\" does not exist|"
