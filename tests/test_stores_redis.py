@@ -817,7 +817,7 @@ async def test_a_store_timeout_does_not_close_a_healthy_connection(
 
 
 _LOAD_CHILD = r"""
-import asyncio, json, sys
+import asyncio, functools, json, sys
 from datapunk_recovery._core import events
 from datapunk_recovery.breaker import CircuitBreaker, StoreFallback
 from datapunk_recovery.budget import TokenBudget
@@ -830,9 +830,8 @@ async def main(url, name, tasks, calls):
     store = RedisStore(url)  # default settings, as users run it
     breaker = CircuitBreaker(name, store=store)
     budget = SharedBudget(TokenBudget(name), store, sync_interval=0.001)
-    real = budget._script
 
-    async def swallowing(**kwargs):
+    async def swallowing(script, **kwargs):
         # redis-py may swallow a cancellation landing with its reply: do it every
         # time, on a reply that takes a while (a busy loop), so stopping the sync
         # loop lands there.
@@ -840,9 +839,21 @@ async def main(url, name, tasks, calls):
             await asyncio.sleep(0.02)
         except asyncio.CancelledError:
             pass
-        return await real(**kwargs)
+        return await script(**kwargs)
 
-    budget._script = swallowing
+    real_run = store.run
+    slowed = []
+
+    async def run(script, keys, args, *, serial=None):
+        # The store's public run() is the seam (as tests/test_budget_shared.py's
+        # through()): the budget's round trips (serial=budget) go through a
+        # driver that swallows cancellations, the breaker's go straight.
+        if serial is budget:
+            script = functools.partial(swallowing, script)
+            slowed.append(1)
+        return await real_run(script, keys, args, serial=serial)
+
+    store.run = run
     budget.start()
 
     async def ok():
@@ -857,7 +868,8 @@ async def main(url, name, tasks, calls):
     await asyncio.gather(*(task() for _ in range(tasks)))
     await budget.aclose()
     await store.aclose()
-    print(json.dumps({"calls": tasks * calls, "fallbacks": len(fallbacks)}), flush=True)
+    report = {"calls": tasks * calls, "fallbacks": len(fallbacks), "slowed": len(slowed)}
+    print(json.dumps(report), flush=True)
 
 asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
 """
@@ -898,6 +910,7 @@ def test_drill_processes_sharing_a_breaker_and_a_budget_all_finish(
                 child.wait()
     assert not hung, f"processes that never finished: {hung}"
     assert [r["calls"] for r in reports] == [1000] * 4
+    assert all(r["slowed"] > 0 for r in reports)  # every budget met the swallowing driver
 
 
 # ---------------------------------------------------------------------------
