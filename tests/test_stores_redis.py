@@ -34,7 +34,6 @@ from datapunk_recovery.breaker import (
     StoreResumed,
     WriteShed,
 )
-from datapunk_recovery.breaker.shared import _BreakerLink
 from datapunk_recovery.stores import SharedStore
 from datapunk_recovery.stores.redis import RedisStore
 from tests.harness import RedisServer, ThreadedProxy
@@ -1092,16 +1091,23 @@ async def test_a_thousand_closed_calls_cost_at_most_20_redis_commands(
 @pytest.mark.anyio
 async def test_an_idle_closed_breaker_sends_nothing(private_redis: RedisServer, name: str) -> None:
     watcher = aioredis.Redis.from_url(private_redis.url)
-    store = RedisStore(private_redis.url, cache_ttl=0.05)
+    store = RedisStore(private_redis.url, cache_ttl=0.005, flush_interval=0.002)
     breaker = CircuitBreaker(name, store=store)
     try:
         assert await breaker.call_async(aok) == "ok"
         await breaker.flush_async()
+        assert store.in_flight == 0
         before = await _commands(watcher)
-        link = breaker._link
-        assert isinstance(link, _BreakerLink)
-        assert link.timer is None and not link.batch and not link.pending
-        assert await _commands(watcher) - before == 1  # (that INFO itself)
+        loop = asyncio.get_running_loop()
+        start, pings = loop.time(), 0
+        # fifty flush intervals (ten cache lifetimes) of real work: a link that
+        # kept a timer armed, or re-read the state on its own, would send there
+        while loop.time() - start < 50 * store.flush_interval:
+            await watcher.ping()
+            pings += 1
+        used = await _commands(watcher) - before - pings - 1  # (less the INFO above)
+        assert used == 0, f"an idle breaker sent {used} commands"
+        assert store.in_flight == 0
     finally:
         await store.aclose()
         await watcher.aclose()
@@ -1174,13 +1180,12 @@ async def test_callers_during_the_first_read_do_not_wait_and_their_outcomes_are_
     stores: Callable[..., RedisStore], name: str, seen: list[Event]
 ) -> None:
     config = BreakerConfig(consecutive_failures=100)
-    breaker = CircuitBreaker(name, config, store=stores())
-    link = breaker._link
-    assert isinstance(link, _BreakerLink)
+    store = stores()
+    breaker = CircuitBreaker(name, config, store=store)
     before_the_read: list[bool] = []
 
     async def fails() -> str:
-        before_the_read.append(link.cached is None)
+        before_the_read.append(store.in_flight == 1)  # the first read, still on its way
         raise Boom("judged locally, before the shared state is known")
 
     # the first caller makes the first read; the two others arrive during it
@@ -1196,38 +1201,47 @@ async def test_callers_during_the_first_read_do_not_wait_and_their_outcomes_are_
     assert not [e for e in seen if isinstance(e, StoreFallback)]  # no fallback
     reader = CircuitBreaker(name, config, store=stores())
     permit = await reader.allow_async()  # (its first read)
-    reader_link = reader._link
-    assert isinstance(reader_link, _BreakerLink)
-    assert reader_link.cached is not None
-    assert reader_link.cached.consecutive == 2  # both failures reached Redis
+    assert reader.snapshot().consecutive_failures == 2  # both failures reached Redis
     permit.success()
+
+
+def _server_delay() -> RecoveryError:
+    """A failure with a server-given delay: a transition, written to Redis at once."""
+    return RecoveryError("slow down", retry_after=0.001)
 
 
 @pytest.mark.anyio
 async def test_writes_due_at_once_past_max_pending_wait_for_room_and_all_land(
     private_redis: RedisServer, stores: Callable[..., RedisStore], name: str, seen: list[Event]
 ) -> None:
-    store = stores(private_redis.url, max_pending=2)
-    breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=100), store=store)
+    store = stores(private_redis.url, max_pending=2, cache_ttl=60.0, timeout=5.0)
+    config = BreakerConfig(consecutive_failures=100, honor_server_delay=True)
+    breaker = CircuitBreaker(name, config, store=store)
     assert await breaker.call_async(aok) == "ok"
     await breaker.flush_async()
-    link = breaker._link
-    assert isinstance(link, _BreakerLink)
-    assert link.cached is not None
-    gen = link.cached.gen
+    permits = [await breaker.allow_async() for _ in range(4)]  # on the state as read
     watcher = aioredis.Redis.from_url(private_redis.url)
     try:
         before = await _scripts_run(watcher)
-        # (no await in between: the two sends spawned first are still pending)
-        for _ in range(4):
-            link.record(gen, False, True, False, None, 0.001)  # a failure with a server delay
-        assert len(link.pending) == 2 and len(link.waiting) == 2
+        await watcher.execute_command("CLIENT", "PAUSE", "5000", "WRITE")  # sends stall
+        try:
+            for permit in permits:  # four writes due at once, two sends allowed
+                permit.failure(_server_delay())
+            for _ in range(200):  # bounded: the two sends reach the paused server
+                if store.in_flight == 2:
+                    break
+                await asyncio.sleep(0.005)
+            for _ in range(10):  # the loop turns: nothing else starts, nothing is shed
+                await asyncio.sleep(0)
+            assert store.in_flight == 2
+            assert not [e for e in seen if isinstance(e, WriteShed)]
+        finally:
+            await watcher.execute_command("CLIENT", "UNPAUSE")
         await breaker.flush_async()
-        assert await _scripts_run(watcher) - before == 4  # every one was sent
+        assert await _scripts_run(watcher) - before == 4  # every one was sent, in turn
     finally:
         await watcher.aclose()
-    assert not link.waiting and not [e for e in seen if isinstance(e, WriteShed)]
-    assert breaker._core.consecutive == 0  # none counted here only
+    assert not [e for e in seen if isinstance(e, (WriteShed, StoreFallback))]
 
 
 async def _scripts_run(client: aioredis.Redis) -> int:
@@ -1239,24 +1253,45 @@ async def _scripts_run(client: aioredis.Redis) -> int:
 async def test_writes_past_max_pending_waiting_too_are_counted_and_reported(
     stores: Callable[..., RedisStore], name: str, seen: list[Event]
 ) -> None:
-    store = stores(max_pending=1)
-    breaker = CircuitBreaker(name, BreakerConfig(consecutive_failures=100), store=store)
+    store = stores(max_pending=1, cache_ttl=60.0)
+    config = BreakerConfig(consecutive_failures=100, honor_server_delay=True)
+    breaker = CircuitBreaker(name, config, store=store)
     assert await breaker.call_async(aok) == "ok"
     await breaker.flush_async()
-    link = breaker._link
-    assert isinstance(link, _BreakerLink)
-    assert link.cached is not None
-    gen = link.cached.gen
-    for _ in range(3):  # one sent, one waiting, one shed
-        link.record(gen, False, True, False, None, 0.001)
-    link.release(gen, True)  # shed too
-    assert link.shed == 2
-    shed = [e for e in seen if isinstance(e, WriteShed)]
-    assert [(e.operation, e.what) for e in shed] == [
-        (name, "server delay"),
-        (name, "probe release"),
-    ]
-    assert breaker._core.consecutive == 1  # the shed failure still counts here
+    permits = [await breaker.allow_async() for _ in range(3)]
+    for permit in permits:  # (no await in between) one sent, one waiting, one shed
+        permit.failure(_server_delay())
+    shed = [(e.operation, e.what) for e in seen if isinstance(e, WriteShed)]
+    assert shed == [(name, "server delay")]
+    await breaker.flush_async()
+
+
+@pytest.mark.anyio
+async def test_probe_releases_past_max_pending_waiting_too_are_counted_and_reported(
+    stores: Callable[..., RedisStore], name: str, seen: list[Event]
+) -> None:
+    store = stores(max_pending=1)
+    config = BreakerConfig(consecutive_failures=1, open_duration=0.05, half_open_permits=3)
+    breaker = CircuitBreaker(name, config, store=store)
+    with pytest.raises(Boom):
+        await breaker.call_async(aboom)  # open for 50 ms, for everyone
+    await breaker.flush_async()
+    probes = []
+    for _ in range(300):  # bounded: until the open time passes and three probes are out
+        try:
+            permit = await breaker.allow_async()
+        except CircuitOpenError:
+            await asyncio.sleep(0.005)
+            continue
+        assert permit.probe
+        probes.append(permit)
+        if len(probes) == 3:
+            break
+    assert len(probes) == 3
+    for permit in probes:  # (no await in between) one sent, one waiting, one shed
+        permit.cancel()
+    shed = [(e.operation, e.what) for e in seen if isinstance(e, WriteShed)]
+    assert shed == [(name, "probe release")]
     await breaker.flush_async()
 
 
