@@ -714,6 +714,35 @@ def test_the_final_error_reaches_the_caller_with_its_whole_chain_and_traceback()
     assert len(tb.tb_frame.f_locals["buffers"]) == 4
 
 
+def test_a_chained_error_held_by_a_suspended_generator_leaves_that_generator_running() -> None:
+    closed: list[bool] = []
+
+    def reader() -> Iterator[BaseException]:
+        try:
+            try:
+                raise KeyError("page")
+            except KeyError as exc:  # caught here: its traceback starts at this frame
+                while True:
+                    yield exc  # suspended, still handing out what it caught
+        finally:
+            closed.append(True)
+
+    pages = reader()
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("read failed") from next(pages)
+        return "ok"
+
+    assert retry(RetryConfig(max_attempts=3, base_delay=0.0))(flaky)() == "ok"
+    assert closed == []  # clearing the frame of a suspended generator would have closed it
+    assert isinstance(next(pages), KeyError)
+    pages.close()
+    assert closed == [True]
+
+
 def test_a_chain_that_loops_back_on_itself_is_walked_once_and_retried() -> None:
     calls: list[int] = []
 

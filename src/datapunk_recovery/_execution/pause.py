@@ -27,14 +27,19 @@ def release_frames(error: BaseException) -> None:
     handling another): those are walked too, each once, as a chain can loop
     (``a.__context__ = b; b.__cause__ = a``).  Clearing those frames' locals
     frees them now; every traceback still shows every file and line, and
-    the chain itself is kept.  Frames still running are left alone: the
-    first one of the error's own traceback, always (the frame that caught
-    the error: the engine's, or the ``with`` block's), which
-    ``traceback.clear_frames()`` would try and fail at, at the cost of a
-    raised error per attempt; any other (an error raised again from an
-    outer frame) as ``clear_frames()`` does.
+    the chain itself is kept.
+
+    The first frame of each traceback is left alone: the frame that caught
+    that error, which may still be running (the engine's, or the ``with``
+    block's, which ``traceback.clear_frames()`` would try and fail at, at
+    the cost of a raised error per attempt) or suspended (a generator
+    keeping what it caught: clearing its frame would close it).  When it is
+    finished, the error raised from it holds it further down its own
+    traceback and clears it there.  Frames still running further down (an
+    error raised again from an outer frame) are skipped as
+    ``clear_frames()`` skips them.
     """
-    _clear(error.__traceback__, skip_first=True)
+    _clear(error.__traceback__)
     cause, context = error.__cause__, error.__context__
     if cause is None and context is None:
         return  # the common case: no chain, no set
@@ -45,13 +50,13 @@ def release_frames(error: BaseException) -> None:
         if id(chained) in seen:
             continue
         seen.add(id(chained))
-        _clear(chained.__traceback__, skip_first=False)
+        _clear(chained.__traceback__)
         todo.extend(e for e in (chained.__cause__, chained.__context__) if e is not None)
 
 
-def _clear(tb: TracebackType | None, *, skip_first: bool) -> None:
-    """Clear the finished frames of one traceback (see `release_frames()`)."""
-    if tb is not None and skip_first:
+def _clear(tb: TracebackType | None) -> None:
+    """Clear the frames of one traceback after its first (see `release_frames()`)."""
+    if tb is not None:
         tb = tb.tb_next
     while tb is not None:
         try:  # noqa: SIM105 - contextlib.suppress costs a context manager per frame
