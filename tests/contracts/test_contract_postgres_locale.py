@@ -28,7 +28,7 @@ import pytest
 from datapunk_recovery.database import DbErrorKind, classify_database
 from tests.harness import PostgresServer, ServerUnavailable
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.drill]  # starts a server of its own
 
 _LOCALE = "de_DE.UTF-8"
 
