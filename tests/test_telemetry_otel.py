@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
+    Histogram,
     HistogramDataPoint,
     InMemoryMetricReader,
     NumberDataPoint,
@@ -74,7 +75,26 @@ def attrs(**labels: str) -> frozenset[tuple[str, str]]:
     return frozenset(labels.items())
 
 
-def test_a_scripted_run_as_otel_metrics(clock: FakeClock, reader: InMemoryMetricReader) -> None:
+def attempt_durations(got: Points, operation: str) -> tuple[int, float]:
+    """Pop the attempt-duration histogram of ``operation``, either shape: (count, sum)."""
+    op = attrs(operation=operation)
+    histogram = got.pop(("datapunk.recovery.attempt.duration", op), None)
+    if histogram is not None:  # attempt_histogram="synchronous"
+        count, total = histogram
+        return int(count), float(total)
+    count = got.pop(("datapunk.recovery.attempt.duration.count", op))
+    total = got.pop(("datapunk.recovery.attempt.duration.sum", op))
+    buckets = [key for key in got if key[0] == "datapunk.recovery.attempt.duration.bucket"]
+    assert got[("datapunk.recovery.attempt.duration.bucket", op | {("le", "+Inf")})] == count
+    for key in buckets:
+        del got[key]
+    return int(count), float(total)
+
+
+@pytest.mark.parametrize("attempt_histogram", ["buckets", "synchronous"])
+def test_a_scripted_run_as_otel_metrics(
+    clock: FakeClock, reader: InMemoryMetricReader, attempt_histogram: str
+) -> None:
     plan: list[tuple[float, type[Exception] | None]] = [
         (0.1, ConnectionError),
         (0.05, None),  # call 1: success after retry
@@ -88,14 +108,16 @@ def test_a_scripted_run_as_otel_metrics(clock: FakeClock, reader: InMemoryMetric
         if error is not None:
             raise error("boom")
 
-    exporter = OpenTelemetryExporter(meter_provider=MeterProvider(metric_readers=[reader]))
+    exporter = OpenTelemetryExporter(
+        meter_provider=MeterProvider(metric_readers=[reader]), attempt_histogram=attempt_histogram
+    )
     with exporter.install():
         fetch()
         with pytest.raises(ValueError, match="boom"):
             fetch()
 
     got = points(reader)
-    count, total = got.pop(("datapunk.recovery.attempt.duration", attrs(operation="fetch")))
+    count, total = attempt_durations(got, "fetch")
     assert count == 3
     assert total == pytest.approx(0.35)
     assert got == {
@@ -106,7 +128,7 @@ def test_a_scripted_run_as_otel_metrics(clock: FakeClock, reader: InMemoryMetric
     }
 
 
-def test_attempt_durations_as_bucket_counters_are_the_engine_buckets_exactly(
+def test_by_default_attempt_durations_are_bucket_counters_of_the_engine_buckets_exactly(
     clock: FakeClock, reader: InMemoryMetricReader
 ) -> None:
     @retry(RetryConfig(max_attempts=3), name="fetch")
@@ -114,7 +136,7 @@ def test_attempt_durations_as_bucket_counters_are_the_engine_buckets_exactly(
         clock.advance(seconds)
 
     provider = MeterProvider(metric_readers=[reader])
-    with OpenTelemetryExporter(meter_provider=provider, attempt_histogram="buckets").install():
+    with OpenTelemetryExporter(meter_provider=provider).install():
         for seconds in (0.04, 0.08, 0.2, 61.0):
             fetch(seconds)
     got = points(reader)
@@ -128,6 +150,33 @@ def test_attempt_durations_as_bucket_counters_are_the_engine_buckets_exactly(
     assert got[("datapunk.recovery.attempt.duration.count", attrs(operation="fetch"))] == 4
     total = got[("datapunk.recovery.attempt.duration.sum", attrs(operation="fetch"))]
     assert total == pytest.approx(61.32)
+
+
+def test_the_synchronous_choice_is_a_real_sdk_histogram_in_seconds(
+    clock: FakeClock, reader: InMemoryMetricReader
+) -> None:
+    @retry(name="fetch")
+    def fetch(seconds: float) -> None:
+        clock.advance(seconds)
+
+    provider = MeterProvider(metric_readers=[reader])
+    exporter = OpenTelemetryExporter(meter_provider=provider, attempt_histogram="synchronous")
+    with exporter.install():
+        for seconds in (0.04, 0.2):
+            fetch(seconds)
+    data = reader.get_metrics_data()
+    assert data is not None
+    (metric,) = [
+        m
+        for r in data.resource_metrics
+        for s in r.scope_metrics
+        for m in s.metrics
+        if m.name.startswith("datapunk.recovery.attempt.duration")
+    ]
+    assert (metric.name, metric.unit) == ("datapunk.recovery.attempt.duration", "s")
+    assert isinstance(metric.data, Histogram)
+    (point,) = metric.data.data_points
+    assert (point.count, point.sum) == (2, pytest.approx(0.24))
 
 
 def test_an_unknown_attempt_histogram_kind_is_refused_by_name() -> None:
