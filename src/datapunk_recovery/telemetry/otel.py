@@ -43,8 +43,9 @@ duration recorded at collection is outside its call's trace context).
 
 Without the pulled counters (``metrics`` without ``calls``), or with
 ``measures`` of its own for ``retry.attempt``, the histogram is a synchronous
-one fed from one ``AttemptFinished`` event per attempt, whatever
-``attempt_histogram`` says.
+one fed by events (a first-try success's ``CallFinished``, an
+``AttemptFinished`` for the other attempts), whatever ``attempt_histogram``
+says.
 
 Span events: the event kinds of [`SPAN_EVENTS`][datapunk_recovery.telemetry.otel.SPAN_EVENTS]
 (retries, give-ups,
