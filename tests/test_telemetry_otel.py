@@ -6,16 +6,24 @@ give-ups show up as events on the span that was current during the call.
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import Counter, MeterProvider, ObservableCounter
+from opentelemetry.sdk.metrics import Histogram as Histogram_
 from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
     Histogram,
     HistogramDataPoint,
     InMemoryMetricReader,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
     NumberDataPoint,
+    PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -321,3 +329,88 @@ def test_breaker_rejections_and_failovers_are_span_events(
     assert events["datapunk.recovery.breaker.rejected"]["remaining"] == 5.0
     assert events["datapunk.recovery.network.failover"]["to_endpoint"] == "replica"
     assert "datapunk.recovery.breaker.state" not in events  # state changes are metrics and logs
+
+
+class Collecting(MetricExporter):
+    """A push exporter that keeps every export, with the temporality it asks the reader for."""
+
+    def __init__(self, temporality: AggregationTemporality) -> None:
+        kinds = (Counter, Histogram_, ObservableCounter)
+        super().__init__(preferred_temporality=dict.fromkeys(kinds, temporality))
+        self.exports: list[MetricsData] = []
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> Any:
+        self.exports.append(metrics_data)
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        return None
+
+
+def exported_counts(data: MetricsData, operation: str) -> dict[str, float]:
+    """Attempts (``.count``, ``+Inf`` bucket) and calls of ``operation`` in one export."""
+    out = {"count": 0.0, "+Inf": 0.0, "calls": 0.0}
+    for metric in (m for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics):
+        for p in metric.data.data_points:
+            labels = dict(p.attributes or {})
+            if labels.get("operation") != operation:
+                continue
+            if metric.name == "datapunk.recovery.attempt.duration.count":
+                out["count"] += p.value
+            elif metric.name == "datapunk.recovery.attempt.duration.bucket":
+                out["+Inf"] += p.value if labels["le"] == "+Inf" else 0.0
+            elif metric.name == "datapunk.recovery.calls":
+                out["calls"] += p.value
+    return out
+
+
+@pytest.mark.parametrize(
+    "temporality",
+    [AggregationTemporality.DELTA, AggregationTemporality.CUMULATIVE],
+    ids=["delta", "cumulative"],
+)
+def test_a_push_exporter_receives_the_default_bucket_counters_exactly_in_its_temporality(
+    clock: FakeClock, temporality: AggregationTemporality
+) -> None:
+    exporter = Collecting(temporality)
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=math.inf)
+    otel = OpenTelemetryExporter(meter_provider=MeterProvider(metric_readers=[reader]))
+    fails_first: set[int] = set()
+    lock = threading.Lock()
+
+    @retry(RetryConfig(max_attempts=2), name="pushed")
+    def call(i: int) -> None:
+        with lock:
+            first = i % 3 == 0 and i not in fails_first
+            fails_first.add(i)
+        if first:
+            raise ConnectionError("reset")
+
+    def calls_from_threads(offset: int) -> None:
+        threads = [
+            threading.Thread(target=lambda k=k: [call(i) for i in range(k, k + 100)])
+            for k in range(offset, offset + 400, 100)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    with otel.install():
+        calls_from_threads(0)
+        reader.force_flush()
+        calls_from_threads(1200)  # as many calls fail first (i % 3 == 0) as in the first batch
+        reader.force_flush()
+    stats = call.statistics()  # type: ignore[attr-defined]
+    assert (stats.calls, stats.attempts) == (800, 800 + 268)
+    first, second = (exported_counts(data, "pushed") for data in exporter.exports)
+    assert first == {"count": 400 + 134, "+Inf": 400 + 134, "calls": 400}
+    if temporality is AggregationTemporality.DELTA:  # what happened since the last export
+        assert second == first
+    else:  # everything since install
+        assert second == {"count": stats.attempts, "+Inf": stats.attempts, "calls": stats.calls}

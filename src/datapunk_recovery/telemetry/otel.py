@@ -28,7 +28,7 @@ the SDK's views cannot re-bucket it, and a query rebuilds quantiles from the
 Why not a real histogram by default: OpenTelemetry has no asynchronous
 histogram, and the SDK (1.45) takes no pre-aggregated points (no
 ``MetricProducer``), so a histogram instrument needs one ``record`` per
-value: 2.4–3 µs each, more than the 0.1x-of-stamina budget of a whole
+value: 2.4 to 3 µs each, more than the 0.1x-of-stamina budget of a whole
 retrying call (issue 16).  ``attempt_histogram="synchronous"`` keeps that
 real SDK histogram (same name, kind histogram, unit ``s``, views apply) for
 whoever needs it.  It is not fed per call: the engine times each attempt (as
