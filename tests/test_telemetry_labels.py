@@ -222,5 +222,8 @@ def test_100000_distinct_names_keep_otel_series_bounded() -> None:
         # names first: CAP - 1 operations and "other"
         "datapunk.recovery.calls": CAP,
         "datapunk.recovery.endpoint.calls": CAP + 1,
-        "datapunk.recovery.attempt.duration": CAP,
+        # the default attempt histogram: the engine's buckets as counters
+        "datapunk.recovery.attempt.duration.bucket": CAP * (len(stats.DURATION_BOUNDS) + 1),
+        "datapunk.recovery.attempt.duration.count": CAP,
+        "datapunk.recovery.attempt.duration.sum": CAP,
     }

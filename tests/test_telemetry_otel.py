@@ -6,15 +6,24 @@ give-ups show up as events on the span that was current during the call.
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import Counter, MeterProvider, ObservableCounter
+from opentelemetry.sdk.metrics import Histogram as Histogram_
 from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Histogram,
     HistogramDataPoint,
     InMemoryMetricReader,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
     NumberDataPoint,
+    PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -74,7 +83,26 @@ def attrs(**labels: str) -> frozenset[tuple[str, str]]:
     return frozenset(labels.items())
 
 
-def test_a_scripted_run_as_otel_metrics(clock: FakeClock, reader: InMemoryMetricReader) -> None:
+def attempt_durations(got: Points, operation: str) -> tuple[int, float]:
+    """Pop the attempt-duration histogram of ``operation``, either shape: (count, sum)."""
+    op = attrs(operation=operation)
+    histogram = got.pop(("datapunk.recovery.attempt.duration", op), None)
+    if histogram is not None:  # attempt_histogram="synchronous"
+        count, total = histogram
+        return int(count), float(total)
+    count = got.pop(("datapunk.recovery.attempt.duration.count", op))
+    total = got.pop(("datapunk.recovery.attempt.duration.sum", op))
+    buckets = [key for key in got if key[0] == "datapunk.recovery.attempt.duration.bucket"]
+    assert got[("datapunk.recovery.attempt.duration.bucket", op | {("le", "+Inf")})] == count
+    for key in buckets:
+        del got[key]
+    return int(count), float(total)
+
+
+@pytest.mark.parametrize("attempt_histogram", ["buckets", "synchronous"])
+def test_a_scripted_run_as_otel_metrics(
+    clock: FakeClock, reader: InMemoryMetricReader, attempt_histogram: str
+) -> None:
     plan: list[tuple[float, type[Exception] | None]] = [
         (0.1, ConnectionError),
         (0.05, None),  # call 1: success after retry
@@ -88,14 +116,16 @@ def test_a_scripted_run_as_otel_metrics(clock: FakeClock, reader: InMemoryMetric
         if error is not None:
             raise error("boom")
 
-    exporter = OpenTelemetryExporter(meter_provider=MeterProvider(metric_readers=[reader]))
+    exporter = OpenTelemetryExporter(
+        meter_provider=MeterProvider(metric_readers=[reader]), attempt_histogram=attempt_histogram
+    )
     with exporter.install():
         fetch()
         with pytest.raises(ValueError, match="boom"):
             fetch()
 
     got = points(reader)
-    count, total = got.pop(("datapunk.recovery.attempt.duration", attrs(operation="fetch")))
+    count, total = attempt_durations(got, "fetch")
     assert count == 3
     assert total == pytest.approx(0.35)
     assert got == {
@@ -106,7 +136,7 @@ def test_a_scripted_run_as_otel_metrics(clock: FakeClock, reader: InMemoryMetric
     }
 
 
-def test_attempt_durations_as_bucket_counters_are_the_engine_buckets_exactly(
+def test_by_default_attempt_durations_are_bucket_counters_of_the_engine_buckets_exactly(
     clock: FakeClock, reader: InMemoryMetricReader
 ) -> None:
     @retry(RetryConfig(max_attempts=3), name="fetch")
@@ -114,7 +144,7 @@ def test_attempt_durations_as_bucket_counters_are_the_engine_buckets_exactly(
         clock.advance(seconds)
 
     provider = MeterProvider(metric_readers=[reader])
-    with OpenTelemetryExporter(meter_provider=provider, attempt_histogram="buckets").install():
+    with OpenTelemetryExporter(meter_provider=provider).install():
         for seconds in (0.04, 0.08, 0.2, 61.0):
             fetch(seconds)
     got = points(reader)
@@ -128,6 +158,33 @@ def test_attempt_durations_as_bucket_counters_are_the_engine_buckets_exactly(
     assert got[("datapunk.recovery.attempt.duration.count", attrs(operation="fetch"))] == 4
     total = got[("datapunk.recovery.attempt.duration.sum", attrs(operation="fetch"))]
     assert total == pytest.approx(61.32)
+
+
+def test_the_synchronous_choice_is_a_real_sdk_histogram_in_seconds(
+    clock: FakeClock, reader: InMemoryMetricReader
+) -> None:
+    @retry(name="fetch")
+    def fetch(seconds: float) -> None:
+        clock.advance(seconds)
+
+    provider = MeterProvider(metric_readers=[reader])
+    exporter = OpenTelemetryExporter(meter_provider=provider, attempt_histogram="synchronous")
+    with exporter.install():
+        for seconds in (0.04, 0.2):
+            fetch(seconds)
+    data = reader.get_metrics_data()
+    assert data is not None
+    (metric,) = [
+        m
+        for r in data.resource_metrics
+        for s in r.scope_metrics
+        for m in s.metrics
+        if m.name.startswith("datapunk.recovery.attempt.duration")
+    ]
+    assert (metric.name, metric.unit) == ("datapunk.recovery.attempt.duration", "s")
+    assert isinstance(metric.data, Histogram)
+    (point,) = metric.data.data_points
+    assert (point.count, point.sum) == (2, pytest.approx(0.24))
 
 
 def test_an_unknown_attempt_histogram_kind_is_refused_by_name() -> None:
@@ -272,3 +329,88 @@ def test_breaker_rejections_and_failovers_are_span_events(
     assert events["datapunk.recovery.breaker.rejected"]["remaining"] == 5.0
     assert events["datapunk.recovery.network.failover"]["to_endpoint"] == "replica"
     assert "datapunk.recovery.breaker.state" not in events  # state changes are metrics and logs
+
+
+class Collecting(MetricExporter):
+    """A push exporter that keeps every export, with the temporality it asks the reader for."""
+
+    def __init__(self, temporality: AggregationTemporality) -> None:
+        kinds = (Counter, Histogram_, ObservableCounter)
+        super().__init__(preferred_temporality=dict.fromkeys(kinds, temporality))
+        self.exports: list[MetricsData] = []
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> Any:
+        self.exports.append(metrics_data)
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        return None
+
+
+def exported_counts(data: MetricsData, operation: str) -> dict[str, float]:
+    """Attempts (``.count``, ``+Inf`` bucket) and calls of ``operation`` in one export."""
+    out = {"count": 0.0, "+Inf": 0.0, "calls": 0.0}
+    for metric in (m for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics):
+        for p in metric.data.data_points:
+            labels = dict(p.attributes or {})
+            if labels.get("operation") != operation:
+                continue
+            if metric.name == "datapunk.recovery.attempt.duration.count":
+                out["count"] += p.value
+            elif metric.name == "datapunk.recovery.attempt.duration.bucket":
+                out["+Inf"] += p.value if labels["le"] == "+Inf" else 0.0
+            elif metric.name == "datapunk.recovery.calls":
+                out["calls"] += p.value
+    return out
+
+
+@pytest.mark.parametrize(
+    "temporality",
+    [AggregationTemporality.DELTA, AggregationTemporality.CUMULATIVE],
+    ids=["delta", "cumulative"],
+)
+def test_a_push_exporter_receives_the_default_bucket_counters_exactly_in_its_temporality(
+    clock: FakeClock, temporality: AggregationTemporality
+) -> None:
+    exporter = Collecting(temporality)
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=math.inf)
+    otel = OpenTelemetryExporter(meter_provider=MeterProvider(metric_readers=[reader]))
+    fails_first: set[int] = set()
+    lock = threading.Lock()
+
+    @retry(RetryConfig(max_attempts=2), name="pushed")
+    def call(i: int) -> None:
+        with lock:
+            first = i % 3 == 0 and i not in fails_first
+            fails_first.add(i)
+        if first:
+            raise ConnectionError("reset")
+
+    def calls_from_threads(offset: int) -> None:
+        threads = [
+            threading.Thread(target=lambda k=k: [call(i) for i in range(k, k + 100)])
+            for k in range(offset, offset + 400, 100)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    with otel.install():
+        calls_from_threads(0)
+        reader.force_flush()
+        calls_from_threads(1200)  # as many calls fail first (i % 3 == 0) as in the first batch
+        reader.force_flush()
+    stats = call.statistics()  # type: ignore[attr-defined]
+    assert (stats.calls, stats.attempts) == (800, 800 + 268)
+    first, second = (exported_counts(data, "pushed") for data in exporter.exports)
+    assert first == {"count": 400 + 134, "+Inf": 400 + 134, "calls": 400}
+    if temporality is AggregationTemporality.DELTA:  # what happened since the last export
+        assert second == first
+    else:  # everything since install
+        assert second == {"count": stats.attempts, "+Inf": stats.attempts, "calls": stats.calls}

@@ -10,38 +10,42 @@ Metrics carry the dotted names of [`METRICS`][datapunk_recovery.telemetry.metric
 ...).  What the retry engine counts anyway (calls by outcome, retries by
 category, give-ups by reason) is *pulled*: observable counters read the
 engine's statistics at collection ([`pull`][datapunk_recovery.telemetry.pull]),
-so a call costs this exporter no event for them.  The other counters and the
+so a call costs this exporter no event for them.  The other counters and
 histograms are synchronous instruments fed by events; gauges (in use now, a
 breaker's state) are observable gauges reading the last value each label set
 reported, since a gauge is read at collection, not at each event.
 
-The attempt-duration histogram stays a *synchronous* histogram: OpenTelemetry
-has no asynchronous one, and reporting the engine's buckets as gauges would
-change the instrument's kind and name and lose what the SDK does with a
-histogram (views choosing its buckets).  But it is not fed per call: the
-engine times each attempt (as for Prometheus) and the exporter receives the
-exact durations in batches when they are folded
-([`add_tap()`][datapunk_recovery._core.stats.add_tap]),
-keeps them, and records them all at the next collection, in the reader's
-thread, before the SDK reads the histogram.  A call therefore costs what it
-costs under Prometheus; the SDK's own ``record`` (microseconds per value) is
-paid at collection time, off the calls' path, or by the call that finds more
-than [`PENDING_MAX`][datapunk_recovery.telemetry.otel.PENDING_MAX] durations waiting (a reader that
-never collects).
-What is lost: exemplars (a duration recorded at collection is outside its
-call's trace context).  Without the pulled counters (``metrics`` without
-``calls``), the histogram is fed from one ``AttemptFinished`` event per attempt.
+The attempt-duration histogram is pulled too, by default
+(``attempt_histogram="buckets"``): the engine's own bucket counts
+([`DURATION_BOUNDS`][datapunk_recovery._core.stats.DURATION_BOUNDS]) are read at
+collection by observable counters, ``datapunk.recovery.attempt.duration.bucket``
+(cumulative, attribute ``le`` as in Prometheus, ``+Inf`` last), ``.count`` and
+``.sum`` (seconds).  No ``record`` at all, exact, and a call costs what it
+costs under Prometheus; but the backend receives counters, not a histogram:
+the SDK's views cannot re-bucket it, and a query rebuilds quantiles from the
+``le`` series (as from Prometheus's own ``_bucket`` series).
 
-The SDK's ``record`` still runs once per attempt, wherever it runs: several
-microseconds, a large share of a retrying call that succeeds at once.
-``attempt_histogram="buckets"`` pulls the histogram too: the engine's own
-bucket counts ([`DURATION_BOUNDS`][datapunk_recovery._core.stats.DURATION_BOUNDS]) are
-read at collection by observable counters,
-``datapunk.recovery.attempt.duration.bucket`` (cumulative, attribute ``le``
-as in Prometheus, ``+Inf`` last), ``.count`` and ``.sum`` (seconds).  No
-``record`` at all, exact, and a call costs what it costs under Prometheus;
-but the backend receives counters, not a histogram: the SDK's views cannot
-re-bucket it, and the instrument's name and kind differ from the default's.
+Why not a real histogram by default: OpenTelemetry has no asynchronous
+histogram, and the SDK (1.45) takes no pre-aggregated points (no
+``MetricProducer``), so a histogram instrument needs one ``record`` per
+value: 2.4 to 3 µs each, more than the 0.1x-of-stamina budget of a whole
+retrying call (issue 16).  ``attempt_histogram="synchronous"`` keeps that
+real SDK histogram (same name, kind histogram, unit ``s``, views apply) for
+whoever needs it.  It is not fed per call: the engine times each attempt (as
+for Prometheus) and the exporter receives the exact durations in batches when
+they are folded ([`add_tap()`][datapunk_recovery._core.stats.add_tap]), keeps
+them, and records them all at the next collection, in the reader's thread,
+before the SDK reads the histogram; or the call that finds more than
+[`PENDING_MAX`][datapunk_recovery.telemetry.otel.PENDING_MAX] durations
+waiting records them (a reader that never collects).  The SDK's ``record``
+still runs once per attempt, wherever it runs; exemplars are lost (a
+duration recorded at collection is outside its call's trace context).
+
+Without the pulled counters (``metrics`` without ``calls``), or with
+``measures`` of its own for ``retry.attempt``, the histogram is a synchronous
+one fed by events (a first-try success's ``CallFinished``, an
+``AttemptFinished`` for the other attempts), whatever ``attempt_histogram``
+says.
 
 Span events: the event kinds of [`SPAN_EVENTS`][datapunk_recovery.telemetry.otel.SPAN_EVENTS]
 (retries, give-ups,
@@ -84,7 +88,7 @@ PENDING_MAX: Final = 65_536
 
 __all__ = ["HISTOGRAM_KINDS", "PENDING_MAX", "SPAN_EVENTS", "OpenTelemetryExporter"]
 
-HISTOGRAM_KINDS: Final = ("synchronous", "buckets")
+HISTOGRAM_KINDS: Final = ("buckets", "synchronous")
 """The ways the attempt-duration histogram can be exported (``attempt_histogram=``)."""
 
 _ATTEMPT: Final = "retry.attempt"
@@ -113,9 +117,11 @@ class OpenTelemetryExporter(Exporter):
     ``meter_provider`` defaults to the global one; ``labels`` bounds attribute
     cardinality like Prometheus labels; ``span_events`` lists the event names
     that become span events (empty to add none).  ``attempt_histogram`` is
-    ``"synchronous"`` (an SDK histogram, each duration recorded at
-    collection) or ``"buckets"`` (the engine's buckets as observable
-    counters: no ``record`` per attempt; see the module's notes).
+    ``"buckets"`` (the default: the engine's buckets as observable counters
+    ``….attempt.duration.bucket``/``.count``/``.sum``, no ``record`` per
+    attempt) or ``"synchronous"`` (a real SDK histogram, each duration
+    recorded at collection: views apply, microseconds per attempt; see the
+    module's notes).
     """
 
     def __init__(
@@ -126,7 +132,7 @@ class OpenTelemetryExporter(Exporter):
         span_events: Collection[str] = SPAN_EVENTS,
         metrics: Sequence[Metric] = METRICS,
         measures: Mapping[str, Sequence[Measure]] = MEASURES,
-        attempt_histogram: str = "synchronous",
+        attempt_histogram: str = "buckets",
     ) -> None:
         super().__init__()
         if attempt_histogram not in HISTOGRAM_KINDS:
@@ -144,7 +150,7 @@ class OpenTelemetryExporter(Exporter):
         provider = meter_provider if meter_provider is not None else otel_metrics
         meter = provider.get_meter("datapunk_recovery", __version__)
         self.labeler = Labeler(labels)
-        # The counters pulled from the engine's statistics (not the histogram: see above).
+        # The counters pulled from the engine's statistics (the histogram: see below).
         pulled = {
             name: metric
             for name, metric in PULLED.items()
