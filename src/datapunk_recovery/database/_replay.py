@@ -94,6 +94,10 @@ DEFAULT_POLICY: Final = RetryPolicy(
 )
 """Five attempts, 10 ms to 1 s full jitter; resource errors 0.25 s to 5 s."""
 
+# Why an error after fn ended the transaction itself is never replayed.
+_ENDED_BY_FN: Final = (
+    "fn ended the transaction itself before failing: what it committed would be committed again"
+)
 # How long to wait for the backend of a lost COMMIT to end before checking (s).
 _SETTLE_TIME: Final = 5.0
 # The idempotency check itself survives a connection or two failing.
@@ -298,9 +302,16 @@ async def _transaction_attempt(
             raise _not_committed(name, state, code)
     except BaseException as exc:
         broken = driver.is_broken(conn)
+        ended = handle is not None and not broken and driver.state(conn) == IDLE
         await pool.settle(conn, exc, handle)
-        if isinstance(exc, Exception) and (replacement := _surfaced(exc, broken)) is not None:
-            raise replacement from exc
+        if isinstance(exc, Exception):
+            raised = _surfaced(exc, broken) or exc
+            if ended:
+                # fn ended our transaction itself (COMMIT or ROLLBACK on conn)
+                # before failing: what it committed stays, a replay repeats it.
+                mark_final(raised, _ENDED_BY_FN)
+            if raised is not exc:
+                raise raised from exc
         raise
     pid = driver.backend_pid(conn)
     try:

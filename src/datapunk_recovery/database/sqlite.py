@@ -15,7 +15,9 @@ SQLite leaves nothing committed, so commits are never in doubt here.  A
 transaction SQLite ended under ``fn`` (``SQLITE_FULL``, ``INSERT OR
 ROLLBACK``, a ``ROLLBACK`` by ``fn``) raises
 [`TransactionRolledBack`][datapunk_recovery.database.errors.TransactionRolledBack], never
-replayed, instead of returning what ``fn`` returned.
+replayed, instead of returning what ``fn`` returned; an error after ``fn``
+ended the transaction itself is raised marked final (a replay would repeat
+what it committed).
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from enum import StrEnum
 from typing import Final, TypeVar
 
 from datapunk_recovery._core.backoff import RetryConfig
+from datapunk_recovery._core.errors import mark_final
 from datapunk_recovery._core.policy import RetryPolicy
 from datapunk_recovery._core.validate import check_choice, check_seconds, shown
 from datapunk_recovery._execution.engine import retry
 from datapunk_recovery._execution.runtime import run_in_thread
 
-from ._replay import IDLE, _not_committed, replayable
+from ._replay import _ENDED_BY_FN, IDLE, _not_committed, replayable
 from .errors import DbErrorKind, MissingExtensionError, classify_database, explain_missing
 
 __all__ = ["BeginMode", "SqliteConfig", "SqliteDatabase"]
@@ -106,8 +109,10 @@ class SqliteDatabase:
 
     def _attempt(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self.connect()
+        began = False
         try:
             conn.execute(f"BEGIN {self.config.begin.value.upper()}")
+            began = True
             result = fn(conn)
             if not conn.in_transaction:
                 # SQLite ended the transaction under fn (SQLITE_FULL, INSERT OR
@@ -119,6 +124,10 @@ class SqliteDatabase:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):  # it is closed next anyway
                     conn.execute("ROLLBACK")
+            elif began:
+                # fn ended the transaction itself (COMMIT or ROLLBACK) before
+                # failing: what it committed stays, a replay would repeat it.
+                mark_final(exc, _ENDED_BY_FN)
             if classify_database(exc).kind is DbErrorKind.MISSING and not isinstance(
                 exc, MissingExtensionError
             ):

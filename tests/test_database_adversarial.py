@@ -1,0 +1,120 @@
+"""Adversarial drills on the database recovery: work committed behind its back is never replayed.
+
+Written as a drill author would: each test drives a real PostgreSQL (asyncpg
+and psycopg 3) or a real SQLite file into a corner where acknowledging or
+replaying would duplicate or lose committed work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from datapunk_recovery._core.errors import final_reason
+from datapunk_recovery.database import ManagedPool, PoolConfig
+from datapunk_recovery.database.sqlite import SqliteDatabase
+from tests.harness import PostgresServer
+
+pytestmark = pytest.mark.anyio
+
+_names = itertools.count()
+
+# A retryable error the server itself reports (deadlock_detected), raised on demand.
+_DEADLOCK = "DO $$BEGIN RAISE EXCEPTION 'staged deadlock' USING ERRCODE = '40P01'; END$$"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def database(postgres_server: PostgresServer) -> str:
+    return postgres_server.create_database("recovery_db_adversarial")
+
+
+@pytest.fixture(params=["asyncpg", "psycopg"])
+async def pool(request: pytest.FixtureRequest, database: str) -> AsyncIterator[ManagedPool]:
+    config = PoolConfig(name=f"adversarial-{request.param}")
+    if request.param == "asyncpg":
+        managed = await ManagedPool.create_asyncpg(database, config, min_size=1, max_size=4)
+    else:
+        managed = await ManagedPool.create_psycopg(database, config, min_size=1, max_size=4)
+    yield managed
+    await managed.close()
+
+
+async def execute(conn: Any, sql: str) -> None:
+    await conn.execute(sql)
+
+
+async def count(pool: ManagedPool, table: str) -> int:
+    async def read(conn: Any) -> int:
+        if hasattr(conn, "fetchval"):
+            return int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+        row = await (await conn.execute(f"SELECT count(*) FROM {table}")).fetchone()
+        return int(row[0])
+
+    return await pool.run(read)
+
+
+async def fresh_table(pool: ManagedPool) -> str:
+    table = f"adv{next(_names)}"
+    await pool.run(lambda c: execute(c, f"CREATE TABLE {table} (id serial primary key)"))
+    return table
+
+
+async def test_work_fn_committed_itself_is_not_replayed_after_a_later_deadlock(
+    pool: ManagedPool,
+) -> None:
+    """fn sent COMMIT itself, then hit a retryable error: a replay would commit its work again."""
+    table = await fresh_table(pool)
+    calls = 0
+
+    async def commits_then_deadlocks(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await execute(conn, f"INSERT INTO {table} DEFAULT VALUES")
+        await execute(conn, "COMMIT")  # the insert is durable from here on
+        await execute(conn, _DEADLOCK)
+
+    with pytest.raises(Exception, match="staged deadlock") as caught:
+        await pool.transaction(commits_then_deadlocks)
+    assert calls == 1
+    assert await count(pool, table) == 1
+    assert final_reason(caught.value) is not None  # no outer layer replays it either
+
+
+def test_sqlite_work_fn_committed_itself_is_not_replayed_after_the_database_was_busy(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "ledger.db")
+    db = SqliteDatabase(path)
+    db.transaction_sync(lambda c: c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+    blocker = sqlite3.connect(path, isolation_level=None)
+    calls = 0
+
+    def commits_then_waits_for_the_lock(conn: sqlite3.Connection) -> None:
+        nonlocal calls
+        calls += 1
+        conn.execute("INSERT INTO t DEFAULT VALUES")
+        conn.execute("COMMIT")  # durable from here on
+        blocker.execute("BEGIN IMMEDIATE")  # another writer takes the lock ...
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # ... so this fails busy
+        finally:
+            blocker.execute("ROLLBACK")
+
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked") as caught:
+            db.transaction_sync(commits_then_waits_for_the_lock)
+    finally:
+        blocker.close()
+    assert calls == 1
+    assert db.transaction_sync(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0]) == 1
+    assert final_reason(caught.value) is not None
