@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
+import traceback
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,27 @@ def test_sqlite_work_fn_committed_itself_is_not_replayed_after_the_database_was_
     assert calls == 1
     assert db.transaction_sync(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0]) == 1
     assert final_reason(caught.value) is not None
+
+
+_SECRET = "hunter2-s3cret"
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        # An unclosed IPv6 bracket: libpq quotes the whole URI back.
+        f"postgresql://app:{_SECRET}@[::1/ledger",
+        # A "%" the user did not encode in the password: libpq quotes the password.
+        f"postgresql://app:{_SECRET}%zz@127.0.0.1:1/ledger",
+        f"postgresql://app@127.0.0.1:1/ledger?password={_SECRET}%zz",
+    ],
+    ids=["ipv6", "percent-in-password", "percent-in-query-password"],
+)
+async def test_a_malformed_dsn_never_shows_its_password_in_the_error(dsn: str) -> None:
+    with pytest.raises(Exception) as caught:
+        await ManagedPool.create_psycopg(dsn, PoolConfig(acquire_timeout=1.0))
+    shown = "".join(traceback.format_exception(caught.value)) + repr(caught.value)
+    assert _SECRET not in shown
+    chained = caught.value.__cause__ or caught.value.__context__  # what error trackers walk
+    assert chained is None or _SECRET not in repr(chained)
+    assert "malformed" in str(caught.value)  # and says what is wrong
