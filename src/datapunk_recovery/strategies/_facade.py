@@ -182,8 +182,9 @@ class RecoveryStrategies:
             # flight go on counting in their bulkhead, budget and breaker.
             if name not in services:
                 services[name] = _Service(self._fell_back, name, config.defaults, service)
-        if config.cache.max_stale_entries != self._memory.max_entries:
-            self._memory = MemoryCache(config.cache.max_stale_entries)
+        # Resized in place: its answers (stale ones served during an outage)
+        # and its counters outlive a reload.
+        self._memory.resize(config.cache.max_stale_entries)
         pools = carry_pools(config, self._pools, self._retired)
         self._config = config
         self._services = services
@@ -202,7 +203,8 @@ class RecoveryStrategies:
         """Apply a new configuration while calls run; on any problem, keep the old one.
 
         Routers, breakers, budgets, bulkheads and pools keep their state and
-        take the new thresholds (so do the caches' breakers): a budget keeps
+        take the new thresholds (so do the caches' breakers, and the embedded
+        cache keeps its answers through a new size): a budget keeps
         its tokens, a bulkhead its held slots and a pool its held units, so a
         limit in force is never exceeded (a smaller one admits nobody until
         use is below it); calls in flight finish with the retries they
