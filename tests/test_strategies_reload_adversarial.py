@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from datapunk_recovery import CircuitOpenError
+from datapunk_recovery.breaker import BreakerState
 from datapunk_recovery.strategies import RecoveryStrategies
 from datapunk_recovery.testing import fake_clock, instant_retries
 
@@ -71,3 +73,51 @@ async def test_a_reload_shrinking_the_embedded_cache_keeps_the_newest_answers() 
         assert newest.stale and newest.value == "value of k2"
         with pytest.raises(ConnectionRefusedError):  # the oldest made room (at most 2 kept)
             await recovery.with_cache_recovery("k0", source, service="bare")
+
+
+BREAKING: dict[str, Any] = {
+    "defaults": {
+        "retry": {"max_attempts": 3, "base_delay": "10ms", "jitter": "none"},
+        "breaker": {"consecutive_failures": 2, "open_duration": "30s"},
+    },
+}
+
+
+def without_breaker() -> dict[str, Any]:
+    return {"defaults": {**BREAKING["defaults"], "breaker": "none"}}
+
+
+async def test_an_open_breaker_removed_and_restored_by_reloads_is_still_open() -> None:
+    """Like a budget or a bulkhead, a breaker a reload removes comes back as it was."""
+    recovery = RecoveryStrategies.from_config(BREAKING, environ={})
+    calls = 0
+
+    async def down() -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionRefusedError("down")
+
+    with fake_clock():
+        with pytest.raises(CircuitOpenError):  # two failures open it
+            await recovery.with_network_recovery("payments", down)
+        opened = recovery.breaker("payments")
+        assert opened is not None and opened.state is BreakerState.OPEN
+        recovery.reload(without_breaker(), environ={})
+        recovery.reload(BREAKING, environ={})  # restored before its open period ended
+        restored = recovery.breaker("payments")
+        assert restored is not None and restored.state is BreakerState.OPEN
+        calls = 0
+        with pytest.raises(CircuitOpenError):
+            await recovery.with_network_recovery("payments", down)
+    assert calls == 0  # the dead dependency is not hit again
+
+
+async def test_a_forced_open_breaker_stays_forced_through_reloads_removing_it() -> None:
+    recovery = RecoveryStrategies.from_config(BREAKING, environ={})
+    breaker = recovery.breaker("payments")
+    assert breaker is not None
+    breaker.isolate()  # an operator's decision
+    recovery.reload(without_breaker(), environ={})
+    recovery.reload(BREAKING, environ={})
+    restored = recovery.breaker("payments")
+    assert restored is not None and restored.state is BreakerState.FORCED_OPEN

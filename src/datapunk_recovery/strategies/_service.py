@@ -65,17 +65,16 @@ class _Service:
         self.on_fallback = on_fallback
         self.name = name
         self.policy = policy
-        # A reload keeps the live limits: the budget and the bulkhead of the
-        # previous pipeline are re-configured in place (tokens and held slots
-        # go on counting), and one the new policy drops is kept aside, so
-        # that a later reload restoring it finds it as it was.
-        kept_budget, kept_bulkhead = previous.kept if previous is not None else (None, None)
+        # A reload keeps the live limits: the budget, the bulkhead and the
+        # breaker of the previous pipeline are re-configured in place (tokens,
+        # held slots, an open or forced state go on counting), and one the new
+        # policy drops is kept aside, so that a later reload restoring it
+        # finds it as it was.
+        kept_budget, kept_bulkhead, kept_breaker = (
+            previous.kept if previous is not None else (None, None, None)
+        )
         self.budget: TokenBudget | RatioBudget | None = _budget(name, policy.budget, kept_budget)
         self.bulkhead: Bulkhead | None = _bulkhead(name, policy.bulkhead, kept_bulkhead)
-        self.kept: tuple[TokenBudget | RatioBudget | None, Bulkhead | None] = (
-            kept_budget if self.budget is None else self.budget,
-            kept_bulkhead if self.bulkhead is None else self.bulkhead,
-        )
         self.timeout = (
             None
             if policy.attempt_timeout is None
@@ -97,10 +96,15 @@ class _Service:
             self.run = self.routed
         else:
             if policy.breaker is not None:
-                old = previous.breaker if previous is not None else None
-                self.breaker = _breaker(name, policy.breaker, old)
+                self.breaker = _breaker(name, policy.breaker, kept_breaker)
             self.top = 0
             self.run = retry(retry_policy, budget=self.budget, name=name)(self.attempt)
+        self.kept: tuple[TokenBudget | RatioBudget | None, Bulkhead | None, CircuitBreaker | None]
+        self.kept = (
+            kept_budget if self.budget is None else self.budget,
+            kept_bulkhead if self.bulkhead is None else self.bulkhead,
+            kept_breaker if self.breaker is None else self.breaker,
+        )
 
     def _route(self, retry_policy: RetryPolicy, previous: _Service | None) -> Router:
         """The service's router: the previous one re-configured, or a new one."""
