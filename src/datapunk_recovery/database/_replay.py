@@ -22,7 +22,7 @@ from datapunk_recovery._core import clock
 from datapunk_recovery._core.backoff import RetryConfig
 from datapunk_recovery._core.errors import ErrorCategory, classify, mark_final
 from datapunk_recovery._core.events import Event, EventBus, emit, listening
-from datapunk_recovery._core.policy import RetryPolicy
+from datapunk_recovery._core.policy import RetryGate, RetryPolicy
 from datapunk_recovery._core.validate import check_choice, shown
 from datapunk_recovery._execution import runtime as _runtime
 from datapunk_recovery._execution.engine import retry
@@ -121,12 +121,18 @@ class TransactionConfig:
     (default [`DEFAULT_POLICY`][datapunk_recovery.database.transaction.DEFAULT_POLICY]);
     ``isolation``: the isolation level
     (``None``: the server's default); ``read_only``: begin a read-only
-    transaction.
+    transaction; ``budget``: a retry budget
+    ([`TokenBudget`][datapunk_recovery.budget.TokenBudget],
+    [`RatioBudget`][datapunk_recovery.budget.RatioBudget], any
+    [`RetryGate`][datapunk_recovery._core.policy.RetryGate]) asked before every
+    replay, so that replays count against the same budget as the service's
+    other retries (``None``: no budget).
     """
 
     retry: RetryPolicy | RetryConfig = DEFAULT_POLICY
     isolation: Isolation | None = None
     read_only: bool = False
+    budget: RetryGate | None = None
 
     def __post_init__(self) -> None:
         retry = RetryPolicy.of(self.retry, where="TransactionConfig.retry")
@@ -138,6 +144,19 @@ class TransactionConfig:
             raise TypeError(
                 f"TransactionConfig.read_only: expected a bool, got {shown(self.read_only)}"
             )
+        check_gate("TransactionConfig", self.budget)
+
+
+def check_gate(owner: str, budget: object) -> None:
+    """Raise ``TypeError`` naming ``owner.budget`` unless it is ``None`` or a retry budget."""
+    if budget is not None and not (
+        callable(getattr(budget, "allow_retry", None))
+        and callable(getattr(budget, "on_attempt", None))
+    ):
+        raise TypeError(
+            f"{owner}.budget: expected a retry budget (allow_retry, on_attempt) or None, "
+            f"got {type(budget).__name__}"
+        )
 
 
 _DEFAULT_CONFIG: Final = TransactionConfig()
@@ -394,7 +413,7 @@ def _engine(kind: str, config: TransactionConfig, name: str, attempt: Any) -> An
         return found[1]
     policy = config.retry
     assert isinstance(policy, RetryPolicy)
-    wrapped = retry(policy, on=replayable, name=name)(attempt)
+    wrapped = retry(policy, on=replayable, name=name, budget=config.budget)(attempt)
     if len(_engines) >= _ENGINES_MAX:
         _engines.pop(next(iter(_engines)))
     _engines[key] = (config, wrapped)

@@ -31,12 +31,12 @@ from typing import Final, TypeVar
 
 from datapunk_recovery._core.backoff import RetryConfig
 from datapunk_recovery._core.errors import mark_final
-from datapunk_recovery._core.policy import RetryPolicy
+from datapunk_recovery._core.policy import RetryGate, RetryPolicy
 from datapunk_recovery._core.validate import check_choice, check_seconds, shown
 from datapunk_recovery._execution.engine import retry
 from datapunk_recovery._execution.runtime import run_in_thread
 
-from ._replay import _ENDED_BY_FN, IDLE, _not_committed, replayable
+from ._replay import _ENDED_BY_FN, IDLE, _not_committed, check_gate, replayable
 from .errors import DbErrorKind, MissingExtensionError, classify_database, explain_missing
 
 __all__ = ["BeginMode", "SqliteConfig", "SqliteDatabase"]
@@ -60,12 +60,14 @@ class SqliteConfig:
     """``busy_timeout``: seconds SQLite itself waits for a lock before failing with busy;
     ``begin``: the [`BeginMode`][datapunk_recovery.database.sqlite.BeginMode]; ``retry``: how busy
     transactions are replayed
-    (default: 10 attempts, 5 ms to 0.5 s full jitter).
+    (default: 10 attempts, 5 ms to 0.5 s full jitter); ``budget``: a retry
+    budget asked before every replay (``None``: no budget).
     """
 
     busy_timeout: float = 0.05
     begin: BeginMode = BeginMode.IMMEDIATE
     retry: RetryPolicy | RetryConfig = field(default_factory=lambda: _DEFAULT_RETRY)
+    budget: RetryGate | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -73,6 +75,7 @@ class SqliteConfig:
         )
         object.__setattr__(self, "begin", check_choice(_OWNER, "begin", self.begin, BeginMode))
         object.__setattr__(self, "retry", RetryPolicy.of(self.retry, where=f"{_OWNER}.retry"))
+        check_gate(_OWNER, self.budget)
 
 
 class SqliteDatabase:
@@ -91,8 +94,9 @@ class SqliteDatabase:
             raise TypeError(f"SqliteDatabase.config: expected a SqliteConfig, got {shown(config)}")
         policy = self.config.retry
         name = "sqlite.transaction"
-        self._sync = retry(policy, on=replayable, name=name)(self._attempt)
-        self._async = retry(policy, on=replayable, name=name)(self._attempt_async)
+        budget = self.config.budget
+        self._sync = retry(policy, on=replayable, name=name, budget=budget)(self._attempt)
+        self._async = retry(policy, on=replayable, name=name, budget=budget)(self._attempt_async)
 
     def __repr__(self) -> str:
         return f"SqliteDatabase({self.path!r})"

@@ -528,8 +528,8 @@ class RecoveryStrategies:
         db = self.database(database)
         s = self._service(service or database)
         if isinstance(db, SqliteDatabase):
-            return await _through(s.breaker, s.sqlite(database, db).transaction, work)
-        return await _through(s.breaker, db.transaction, work, config=s.transaction)
+            return await _through(s, s.sqlite(database, db).transaction, work)
+        return await _through(s, db.transaction, work, config=s.transaction)
 
     async def with_resource_recovery(
         self,
@@ -565,8 +565,14 @@ class RecoveryStrategies:
 
 
 async def _through(
-    breaker: CircuitBreaker | None, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any
+    s: _Service, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any
 ) -> T:
+    """``fn`` (a whole transaction, its replays inside) in the service's bulkhead and breaker."""
+    breaker, bulkhead = s.breaker, s.bulkhead
+    if bulkhead is not None:
+        if breaker is None:
+            return await bulkhead.call_async(fn, *args, **kwargs)
+        return await bulkhead.call_async(breaker.call_async, fn, *args, **kwargs)
     if breaker is None:
         return await fn(*args, **kwargs)
     return await breaker.call_async(fn, *args, **kwargs)

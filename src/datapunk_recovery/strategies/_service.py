@@ -83,7 +83,7 @@ class _Service:
         retry_policy = RetryPolicy(policy.retry, policy.categories)
         #: How this service's database transactions are replayed (built once
         #: per configuration, so that a reload changes them too).
-        self.transaction = TransactionConfig(retry=retry_policy)
+        self.transaction = TransactionConfig(retry=retry_policy, budget=self.budget)
         #: The SQLite databases of the configuration, replaying with this
         #: service's retry policy (made on first use).
         self.databases: dict[str, SqliteDatabase] = {}
@@ -138,12 +138,14 @@ class _Service:
         """
         mine = self.databases.get(name)
         if mine is None or mine.path != opened.path:
-            policy = self.transaction.retry
+            policy, budget = self.transaction.retry, self.budget
             mine = (
                 opened
-                if opened.config.retry == policy
+                if opened.config.retry == policy and opened.config.budget is budget
                 else SqliteDatabase(
-                    opened.path, dataclasses.replace(opened.config, retry=policy), uri=opened.uri
+                    opened.path,
+                    dataclasses.replace(opened.config, retry=policy, budget=budget),
+                    uri=opened.uri,
                 )
             )
             self.databases[name] = mine
