@@ -35,3 +35,13 @@ def test_callers_past_the_bound_share_one_quota_until_a_bucket_goes_idle() -> No
         assert not limiter.try_acquire("a")
         clock.advance(10.0)  # everyone idle again: room for a bucket of its own
         assert limiter.try_acquire("c") and not limiter.try_acquire("c")
+
+
+def test_a_per_caller_quota_removed_and_restored_still_counts_what_was_spent() -> None:
+    quota = RateLimiterConfig(rate=1000, burst=1000, per_caller_rate=1, per_caller_burst=1)
+    with fake_clock():
+        limiter = RateLimiter("api", quota)
+        assert limiter.try_acquire("a")  # its quota is spent
+        limiter.reconfigure(RateLimiterConfig(rate=1000, burst=1000))  # no quota a moment
+        limiter.reconfigure(quota)  # back, within the same second
+        assert not limiter.try_acquire("a")  # no fresh burst

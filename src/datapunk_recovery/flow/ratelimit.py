@@ -301,7 +301,8 @@ class RateLimiter(CallDecorator):
         now at the old rate, then keeps its tokens (clamped to the new
         ``burst``, never raised, a debt kept) and refills at the new rate, so
         a reload never hands out a fresh burst.  Per-caller buckets do the
-        same (all are dropped when ``per_caller_rate`` goes away).
+        same; when ``per_caller_rate`` goes away they are kept, unused, so
+        that a reload restoring it hands out no fresh burst either.
         """
         if not isinstance(config, RateLimiterConfig):
             raise TypeError(
@@ -311,10 +312,7 @@ class RateLimiter(CallDecorator):
             now = clock.now()
             _retune(self._bucket, config.rate, float(config.burst), now)
             rate = config.per_caller_rate
-            if rate is None:
-                self._callers.clear()
-                self._overflow = None
-            else:
+            if rate is not None:  # (without one the buckets wait, unused, for its return)
                 burst = float(config.per_caller_burst or config.burst)
                 for bucket in self._callers.values():
                     _retune(bucket, rate, burst, now)
