@@ -121,3 +121,37 @@ async def test_a_forced_open_breaker_stays_forced_through_reloads_removing_it() 
     recovery.reload(BREAKING, environ={})
     restored = recovery.breaker("payments")
     assert restored is not None and restored.state is BreakerState.FORCED_OPEN
+
+
+ROUTED: dict[str, Any] = {
+    "defaults": {
+        "retry": {"max_attempts": 3, "base_delay": "10ms", "jitter": "none"},
+        "breaker": {"consecutive_failures": 1, "open_duration": "30s"},
+        "budget": "none",
+    },
+    "services": {"api": {"endpoints": ["primary", "secondary"]}},
+}
+
+
+async def test_an_endpoint_removed_and_restored_by_reloads_keeps_its_open_breaker() -> None:
+    """An operator takes a dead endpoint out, then puts it back: it is still known dead."""
+    recovery = RecoveryStrategies.from_config(ROUTED, environ={})
+    hits: list[str] = []
+
+    async def call(endpoint: Any) -> str:
+        hits.append(endpoint.name)
+        if endpoint.name == "primary":
+            raise ConnectionRefusedError("primary down")
+        return endpoint.name
+
+    with fake_clock():
+        assert await recovery.with_network_recovery("api", call) == "secondary"
+        dead = recovery.breaker("api", "primary")
+        assert dead is not None and dead.state is BreakerState.OPEN
+        recovery.reload({**ROUTED, "services": {"api": {"endpoints": ["secondary"]}}}, environ={})
+        recovery.reload(ROUTED, environ={})  # back, well within its open period
+        restored = recovery.breaker("api", "primary")
+        assert restored is not None and restored.state is BreakerState.OPEN
+        hits.clear()
+        assert await recovery.with_network_recovery("api", call) == "secondary"
+    assert hits == ["secondary"]  # the dead one was not tried again
