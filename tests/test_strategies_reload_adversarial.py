@@ -155,3 +155,21 @@ async def test_an_endpoint_removed_and_restored_by_reloads_keeps_its_open_breake
         hits.clear()
         assert await recovery.with_network_recovery("api", call) == "secondary"
     assert hits == ["secondary"]  # the dead one was not tried again
+
+
+async def test_a_routed_service_dropped_and_restored_by_reloads_keeps_its_endpoints_breakers() -> (
+    None
+):
+    recovery = RecoveryStrategies.from_config(ROUTED, environ={})
+
+    async def call(endpoint: Any) -> str:
+        if endpoint.name == "primary":
+            raise ConnectionRefusedError("primary down")
+        return endpoint.name
+
+    with fake_clock():
+        assert await recovery.with_network_recovery("api", call) == "secondary"
+        recovery.reload({"defaults": ROUTED["defaults"]}, environ={})  # "api" on the defaults
+        recovery.reload(ROUTED, environ={})  # and back
+        restored = recovery.breaker("api", "primary")
+        assert restored is not None and restored.state is BreakerState.OPEN
