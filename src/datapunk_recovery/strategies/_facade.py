@@ -109,6 +109,7 @@ class RecoveryStrategies:
     """
 
     __slots__ = (
+        "_cache_breakers",
         "_config",
         "_fallbacks",
         "_memory",
@@ -142,6 +143,9 @@ class RecoveryStrategies:
         self._memory = MemoryCache(config.cache.max_stale_entries)
         # (service, id of the cache given or 0, ttl) -> (its read-through cache, the cache given)
         self._readers: dict[tuple[str, int, float | None], tuple[ReadThroughCache[Any], Any]] = {}
+        # (service, id of the cache given or 0) -> (the one breaker of reads of that cache,
+        # the cache given): reads with different ttls share it, as they share the cache.
+        self._cache_breakers: dict[tuple[str, int], tuple[CircuitBreaker, Any]] = {}
         self._apply(config)
 
     # -- building ----------------------------------------------------------------
@@ -253,6 +257,7 @@ class RecoveryStrategies:
         """Close every database and cache this object opened (each one, even if another fails)."""
         if self._resources.redis is not None:
             self._readers.clear()  # they read through the closed client
+            self._cache_breakers.clear()
         await self._resources.close()
 
     # -- looking up --------------------------------------------------------------
@@ -460,7 +465,9 @@ class RecoveryStrategies:
     ) -> ReadThroughCache[Any]:
         """The read-through cache of ``service`` over ``cache``: ``old`` if it still fits.
 
-        A new one takes over the breaker of ``old`` (its state, new thresholds).
+        A new one takes over the breaker of ``old``, or else the one other
+        reads of ``service`` over ``cache`` (another ``ttl``) use: one cache,
+        one breaker (its state, new thresholds).
         """
         settings: CacheSettings = self._config.cache
         store = cache if cache is not None else self._default_cache()
@@ -481,8 +488,16 @@ class RecoveryStrategies:
             name=service,
             bus=bus,
         )
-        if old is not None:
-            reader.breaker = _breaker(old.breaker.name, config.breaker, old.breaker)
+        key = (service, id(cache) if cache is not None else 0)
+        shared = old.breaker if old is not None else None
+        if shared is None and (found := self._cache_breakers.get(key)) is not None:
+            shared = found[0]  # another ttl's reads of the same cache found it dead or alive
+        if shared is not None:
+            reader.breaker = _breaker(shared.name, config.breaker, shared)
+        breakers = self._cache_breakers
+        if key not in breakers and len(breakers) >= MAX_READERS:
+            del breakers[next(iter(breakers))]
+        breakers[key] = (reader.breaker, cache)
         return reader
 
     def _default_cache(self) -> Cache:
