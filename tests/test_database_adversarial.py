@@ -143,3 +143,15 @@ async def test_a_malformed_dsn_never_shows_its_password_in_the_error(dsn: str) -
     chained = caught.value.__cause__ or caught.value.__context__  # what error trackers walk
     assert chained is None or _SECRET not in repr(chained)
     assert "malformed" in str(caught.value)  # and says what is wrong
+
+
+def test_a_sqlite_uri_key_never_shows_in_a_repr() -> None:
+    """SQLite's encryption extensions take the key in the URI: ``file:x.db?key=...``."""
+    from datapunk_recovery.strategies import RecoveryStrategies
+
+    uri = f"file:ledger.db?mode=rwc&key={_SECRET}"
+    shown = repr(SqliteDatabase(uri, uri=True))
+    config = RecoveryStrategies.from_config({"databases": {"l": {"sqlite": uri}}}, environ={})
+    shown += repr(config.config) + repr(config.config.databases)
+    assert _SECRET not in shown
+    assert "ledger.db" in shown  # and still says which file

@@ -32,6 +32,7 @@ from typing import Final, TypeVar
 from datapunk_recovery._core.backoff import RetryConfig
 from datapunk_recovery._core.errors import mark_final
 from datapunk_recovery._core.policy import RetryGate, RetryPolicy
+from datapunk_recovery._core.redact import redact_url
 from datapunk_recovery._core.validate import check_choice, check_seconds, shown
 from datapunk_recovery._execution.engine import retry
 from datapunk_recovery._execution.runtime import run_in_thread
@@ -99,7 +100,8 @@ class SqliteDatabase:
         self._async = retry(policy, on=replayable, name=name, budget=budget)(self._attempt_async)
 
     def __repr__(self) -> str:
-        return f"SqliteDatabase({self.path!r})"
+        # A URI may carry an encryption key (``file:x.db?key=...``).
+        return f"SqliteDatabase({redact_url(self.path)!r})"
 
     def connect(self) -> sqlite3.Connection:
         """A new connection in autocommit mode (transactions are begun explicitly)."""
