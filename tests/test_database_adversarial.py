@@ -155,3 +155,24 @@ def test_a_sqlite_uri_key_never_shows_in_a_repr() -> None:
     shown += repr(config.config) + repr(config.config.databases)
     assert _SECRET not in shown
     assert "ledger.db" in shown  # and still says which file
+
+
+async def test_a_users_own_psycopg_pool_gets_its_connections_back_as_it_lent_them(
+    database: str,
+) -> None:
+    """ManagedPool borrows from the application's pool: its transactions must stay atomic."""
+    from psycopg_pool import AsyncConnectionPool
+
+    users = AsyncConnectionPool(database, min_size=1, max_size=1, open=False)  # autocommit off
+    await users.open(wait=True)
+    try:
+        managed = ManagedPool(users)
+        table = await fresh_table(managed)
+        await managed.transaction(lambda c: execute(c, f"INSERT INTO {table} DEFAULT VALUES"))
+        with pytest.raises(RuntimeError, match="half way"):
+            async with users.connection() as conn:  # the application's own, atomic, block
+                await conn.execute(f"INSERT INTO {table} DEFAULT VALUES")
+                raise RuntimeError("half way")
+        assert await count(managed, table) == 1  # the block's insert was rolled back
+    finally:
+        await users.close()

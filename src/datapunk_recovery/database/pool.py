@@ -425,6 +425,10 @@ class _PsycopgDriver(_Driver):
         super().__init__(pool)
         # A pool we built runs reset_psycopg_session itself on every return.
         self.resets_itself = resets_itself
+        # Connections of the application's pool we switched to autocommit: they
+        # go back as they came, or its own blocks would commit statement by
+        # statement (and an error would no longer roll them back).
+        self.lent: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def acquire(self, timeout: float) -> Any:
         from psycopg_pool import PoolTimeout as DriverPoolTimeout
@@ -436,18 +440,23 @@ class _PsycopgDriver(_Driver):
         if not conn.autocommit:
             # Transactions are begun explicitly; statements outside one commit alone.
             await conn.set_autocommit(True)
+            self.lent.add(conn)
         return conn
 
     async def release(self, conn: Any) -> None:
         if not self.resets_itself:
             try:
                 await reset_psycopg_session(conn)
+                if conn in self.lent:
+                    self.lent.discard(conn)
+                    await conn.set_autocommit(False)
             except Exception:
                 await self.discard(conn)
                 return
         await self.pool.putconn(conn)
 
     async def discard(self, conn: Any) -> None:
+        self.lent.discard(conn)
         await conn.close()
         await self.pool.putconn(conn)  # the pool drops a closed connection
 
