@@ -169,10 +169,14 @@ async def test_a_users_own_psycopg_pool_gets_its_connections_back_as_it_lent_the
         managed = ManagedPool(users)
         table = await fresh_table(managed)
         await managed.transaction(lambda c: execute(c, f"INSERT INTO {table} DEFAULT VALUES"))
-        with pytest.raises(RuntimeError, match="half way"):
+
+        async def half_way() -> None:
             async with users.connection() as conn:  # the application's own, atomic, block
                 await conn.execute(f"INSERT INTO {table} DEFAULT VALUES")
                 raise RuntimeError("half way")
+
+        with pytest.raises(RuntimeError, match="half way"):
+            await half_way()
         assert await count(managed, table) == 1  # the block's insert was rolled back
     finally:
         await users.close()
