@@ -180,3 +180,28 @@ async def test_a_users_own_psycopg_pool_gets_its_connections_back_as_it_lent_the
         assert await count(managed, table) == 1  # the block's insert was rolled back
     finally:
         await users.close()
+
+
+async def test_a_users_own_psycopg_pool_keeps_the_session_its_configure_callback_set(
+    database: str,
+) -> None:
+    """The application's pool sets every new connection up (``configure=``): that stays."""
+    from psycopg_pool import AsyncConnectionPool
+
+    async def configure(conn: Any) -> None:
+        await conn.execute("SET statement_timeout = '1234ms'")
+        await conn.commit()
+
+    async def timeout_setting() -> str:
+        async with users.connection() as conn:
+            row = await (await conn.execute("SHOW statement_timeout")).fetchone()
+            return str(row[0])
+
+    users = AsyncConnectionPool(database, min_size=1, max_size=1, open=False, configure=configure)
+    await users.open(wait=True)
+    try:
+        assert await timeout_setting() == "1234ms"
+        await ManagedPool(users).transaction(lambda c: execute(c, "SELECT 1"))
+        assert await timeout_setting() == "1234ms"
+    finally:
+        await users.close()

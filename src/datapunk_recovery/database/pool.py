@@ -16,7 +16,10 @@ database needs:
   doubt (a lost socket, a timeout, a cancellation) is closed and discarded,
   never returned; every connection going back is reset to a clean session
   state (asyncpg's pool runs ``RESET ALL``, ``UNLISTEN *``, unlocks advisory
-  locks and closes cursors; psycopg connections get the same and lose their temporary tables);
+  locks and closes cursors; psycopg connections of a pool built here get the same and
+  lose their temporary tables; those of the application's own psycopg pool keep
+  the session its ``configure=`` set up, and go back out of any transaction, in
+  the autocommit mode they came in);
 - **server restarts**: the first connection failure expires every pooled
   connection, so the pool recovers without a process restart;
 - **metrics**: size, idle connections and waiters are reported as
@@ -445,8 +448,12 @@ class _PsycopgDriver(_Driver):
 
     async def release(self, conn: Any) -> None:
         if not self.resets_itself:
+            # The application's pool: its session is its own (what its
+            # ``configure=`` set up stays; its ``reset=`` cleans up, as for
+            # its own blocks); only what the recovery changed is undone.
             try:
-                await reset_psycopg_session(conn)
+                if conn.info.transaction_status != _PQ_IDLE:
+                    await conn.execute("ROLLBACK")
                 if conn in self.lent:
                     self.lent.discard(conn)
                     await conn.set_autocommit(False)
