@@ -443,7 +443,8 @@ class _PsycopgDriver(_Driver):
         if not conn.autocommit:
             # Transactions are begun explicitly; statements outside one commit alone.
             await conn.set_autocommit(True)
-            self.lent.add(conn)
+            if not self.resets_itself:
+                self.lent.add(conn)
         return conn
 
     async def release(self, conn: Any) -> None:
