@@ -39,9 +39,11 @@ REQUIRED_PROMETHEUS_NAMES = {
     "datapunk_recovery_budget_refusals": ("budget",),
     "datapunk_recovery_bulkhead_in_use": ("bulkhead",),
     "datapunk_recovery_bulkhead_rejections": ("bulkhead",),
+    "datapunk_recovery_ratelimit_rejections": ("operation",),
     "datapunk_recovery_fallbacks": ("operation", "kind"),
     "datapunk_recovery_resource_in_use": ("kind",),
     "datapunk_recovery_resource_wait_seconds": ("kind",),
+    "datapunk_recovery_resource_acquisitions": ("kind", "outcome"),
     "datapunk_recovery_resource_leaks": ("kind",),
     "datapunk_recovery_cache_warmed": ("cache",),
 }

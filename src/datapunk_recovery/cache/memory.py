@@ -79,6 +79,17 @@ class MemoryCache:
         """Counter ``key`` (0 when absent)."""
         return self._counters.get(key, 0)
 
+    def resize(self, max_entries: int) -> None:
+        """Hold at most ``max_entries`` values from now on, keeping the most recently used.
+
+        What a reload does to the embedded cache: the answers it holds (stale
+        ones served while a source is down) and its counters stay.
+        """
+        self.max_entries = check_count("MemoryCache", "max_entries", max_entries)
+        entries = self._entries
+        while len(entries) > self.max_entries:
+            entries.popitem(last=False)
+
     def clear(self) -> None:
         """Forget everything, counters included (a restarted cache)."""
         self._entries.clear()

@@ -204,7 +204,7 @@ class DatabaseSettings:
 
     def __repr__(self) -> str:
         target = (
-            f"sqlite={self.sqlite!r}"
+            f"sqlite={redact_url(self.sqlite)!r}"
             if self.sqlite is not None
             else (f"postgres={redact_url(self.postgres or '')!r}")
         )

@@ -22,7 +22,7 @@ from datapunk_recovery._core import clock
 from datapunk_recovery._core.backoff import RetryConfig
 from datapunk_recovery._core.errors import ErrorCategory, classify, mark_final
 from datapunk_recovery._core.events import Event, EventBus, emit, listening
-from datapunk_recovery._core.policy import RetryPolicy
+from datapunk_recovery._core.policy import RetryGate, RetryPolicy
 from datapunk_recovery._core.validate import check_choice, shown
 from datapunk_recovery._execution import runtime as _runtime
 from datapunk_recovery._execution.engine import retry
@@ -94,6 +94,10 @@ DEFAULT_POLICY: Final = RetryPolicy(
 )
 """Five attempts, 10 ms to 1 s full jitter; resource errors 0.25 s to 5 s."""
 
+# Why an error after fn ended the transaction itself is never replayed.
+_ENDED_BY_FN: Final = (
+    "fn ended the transaction itself before failing: what it committed would be committed again"
+)
 # How long to wait for the backend of a lost COMMIT to end before checking (s).
 _SETTLE_TIME: Final = 5.0
 # The idempotency check itself survives a connection or two failing.
@@ -117,12 +121,18 @@ class TransactionConfig:
     (default [`DEFAULT_POLICY`][datapunk_recovery.database.transaction.DEFAULT_POLICY]);
     ``isolation``: the isolation level
     (``None``: the server's default); ``read_only``: begin a read-only
-    transaction.
+    transaction; ``budget``: a retry budget
+    ([`TokenBudget`][datapunk_recovery.budget.TokenBudget],
+    [`RatioBudget`][datapunk_recovery.budget.RatioBudget], any
+    [`RetryGate`][datapunk_recovery._core.policy.RetryGate]) asked before every
+    replay, so that replays count against the same budget as the service's
+    other retries (``None``: no budget).
     """
 
     retry: RetryPolicy | RetryConfig = DEFAULT_POLICY
     isolation: Isolation | None = None
     read_only: bool = False
+    budget: RetryGate | None = None
 
     def __post_init__(self) -> None:
         retry = RetryPolicy.of(self.retry, where="TransactionConfig.retry")
@@ -134,6 +144,19 @@ class TransactionConfig:
             raise TypeError(
                 f"TransactionConfig.read_only: expected a bool, got {shown(self.read_only)}"
             )
+        check_gate("TransactionConfig", self.budget)
+
+
+def check_gate(owner: str, budget: object) -> None:
+    """Raise ``TypeError`` naming ``owner.budget`` unless it is ``None`` or a retry budget."""
+    if budget is not None and not (
+        callable(getattr(budget, "allow_retry", None))
+        and callable(getattr(budget, "on_attempt", None))
+    ):
+        raise TypeError(
+            f"{owner}.budget: expected a retry budget (allow_retry, on_attempt) or None, "
+            f"got {type(budget).__name__}"
+        )
 
 
 _DEFAULT_CONFIG: Final = TransactionConfig()
@@ -298,9 +321,16 @@ async def _transaction_attempt(
             raise _not_committed(name, state, code)
     except BaseException as exc:
         broken = driver.is_broken(conn)
+        ended = handle is not None and not broken and driver.state(conn) == IDLE
         await pool.settle(conn, exc, handle)
-        if isinstance(exc, Exception) and (replacement := _surfaced(exc, broken)) is not None:
-            raise replacement from exc
+        if isinstance(exc, Exception):
+            raised = _surfaced(exc, broken) or exc
+            if ended:
+                # fn ended our transaction itself (COMMIT or ROLLBACK on conn)
+                # before failing: what it committed stays, a replay repeats it.
+                mark_final(raised, _ENDED_BY_FN)
+            if raised is not exc:
+                raise raised from exc
         raise
     pid = driver.backend_pid(conn)
     try:
@@ -383,7 +413,7 @@ def _engine(kind: str, config: TransactionConfig, name: str, attempt: Any) -> An
         return found[1]
     policy = config.retry
     assert isinstance(policy, RetryPolicy)
-    wrapped = retry(policy, on=replayable, name=name)(attempt)
+    wrapped = retry(policy, on=replayable, name=name, budget=config.budget)(attempt)
     if len(_engines) >= _ENGINES_MAX:
         _engines.pop(next(iter(_engines)))
     _engines[key] = (config, wrapped)

@@ -16,7 +16,10 @@ database needs:
   doubt (a lost socket, a timeout, a cancellation) is closed and discarded,
   never returned; every connection going back is reset to a clean session
   state (asyncpg's pool runs ``RESET ALL``, ``UNLISTEN *``, unlocks advisory
-  locks and closes cursors; psycopg connections get the same and lose their temporary tables);
+  locks and closes cursors; psycopg connections of a pool built here get the same and
+  lose their temporary tables; those of the application's own psycopg pool keep
+  the session its ``configure=`` set up, and go back out of any transaction, in
+  the autocommit mode they came in);
 - **server restarts**: the first connection failure expires every pooled
   connection, so the pool recovers without a process restart;
 - **metrics**: size, idle connections and waiters are reported as
@@ -29,18 +32,20 @@ Drivers are imported lazily, and only by the factory that needs them.
 from __future__ import annotations
 
 import contextlib
+import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from datapunk_recovery._core import clock
 from datapunk_recovery._core.context import CURRENT
 from datapunk_recovery._core.errors import ErrorCategory
 from datapunk_recovery._core.events import Event, EventBus, emit, listening
 from datapunk_recovery._core.extras import raise_missing
+from datapunk_recovery._core.redact import REDACTED, is_secret_name, redact_text
 from datapunk_recovery._core.validate import check_seconds, shown
 from datapunk_recovery._execution import runtime as _runtime
 
@@ -423,6 +428,10 @@ class _PsycopgDriver(_Driver):
         super().__init__(pool)
         # A pool we built runs reset_psycopg_session itself on every return.
         self.resets_itself = resets_itself
+        # Connections of the application's pool we switched to autocommit: they
+        # go back as they came, or its own blocks would commit statement by
+        # statement (and an error would no longer roll them back).
+        self.lent: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def acquire(self, timeout: float) -> Any:
         from psycopg_pool import PoolTimeout as DriverPoolTimeout
@@ -434,18 +443,28 @@ class _PsycopgDriver(_Driver):
         if not conn.autocommit:
             # Transactions are begun explicitly; statements outside one commit alone.
             await conn.set_autocommit(True)
+            if not self.resets_itself:
+                self.lent.add(conn)
         return conn
 
     async def release(self, conn: Any) -> None:
         if not self.resets_itself:
+            # The application's pool: its session is its own (what its
+            # ``configure=`` set up stays; its ``reset=`` cleans up, as for
+            # its own blocks); only what the recovery changed is undone.
             try:
-                await reset_psycopg_session(conn)
+                if conn.info.transaction_status != _PQ_IDLE:
+                    await conn.execute("ROLLBACK")
+                if conn in self.lent:
+                    self.lent.discard(conn)
+                    await conn.set_autocommit(False)
             except Exception:
                 await self.discard(conn)
                 return
         await self.pool.putconn(conn)
 
     async def discard(self, conn: Any) -> None:
+        self.lent.discard(conn)
         await conn.close()
         await self.pool.putconn(conn)  # the pool drops a closed connection
 
@@ -553,6 +572,52 @@ def address_of(dsn: str) -> str | None:
     return f"{where}/{database}" if database else where
 
 
+def _secrets_of(dsn: str) -> set[str]:
+    """The passwords (and other secret parameters) written in ``dsn``, as written and decoded.
+
+    Read by hand, never by a URL parser: a malformed DSN (the case this is
+    for) is what makes parsers fail.
+    """
+    found: list[str] = []
+    if "://" in dsn:
+        rest = dsn.split("://", 1)[1]
+        at = rest.rfind("@")
+        if at != -1:
+            _, sep, password = rest[:at].partition(":")
+            if sep:
+                found.append(password)
+        pairs = [item.partition("=") for item in rest.partition("?")[2].split("&")]
+        found += [value for name, _, value in pairs if is_secret_name(unquote(name))]
+    else:
+        for name, value in _KEY_VALUE.findall(dsn):
+            if is_secret_name(name):
+                found.append(value.strip("'"))
+    return {text for value in found for text in (value, unquote(value)) if text}
+
+
+_KEY_VALUE: Final = re.compile(r"(\w+)\s*=\s*('(?:[^'\\]|\\.)*'?|\S+)")
+
+
+def _without_secrets(exc: Exception, dsn: str, owner: str) -> Exception | None:
+    """A ``ValueError`` to raise instead of ``exc`` when its message quotes a secret of ``dsn``.
+
+    libpq quotes what it could not parse: a whole URI (an unclosed IPv6
+    bracket), or the password itself (a ``%`` not percent-encoded).  ``None``
+    when the message shows none of it.
+    """
+    text = str(exc)
+    hidden = text
+    for secret in sorted(_secrets_of(dsn), key=len, reverse=True):
+        hidden = hidden.replace(secret, REDACTED)
+    hidden = redact_text(hidden)
+    if hidden == text:
+        return None
+    return ValueError(
+        f"{owner}: the driver refused the DSN as malformed "
+        f"({type(exc).__name__}: {hidden.strip()})"
+    )
+
+
 def _driver_for(pool: Any) -> _Driver:
     module = type(pool).__module__
     if module.startswith("asyncpg"):
@@ -625,7 +690,15 @@ class ManagedPool:
         except ImportError as exc:
             raise_missing(exc, "ManagedPool.create_asyncpg", "asyncpg", extra="asyncpg")
 
-        pool = await asyncpg.create_pool(dsn, **pool_kwargs)
+        hidden: Exception | None = None
+        try:
+            pool = await asyncpg.create_pool(dsn, **pool_kwargs)
+        except Exception as exc:
+            hidden = _without_secrets(exc, dsn, "ManagedPool.create_asyncpg")
+            if hidden is None:
+                raise
+        if hidden is not None:  # raised here: not even __context__ keeps the password
+            raise hidden
         return cls(pool, config, address=address_of(dsn))
 
     @classmethod
@@ -651,7 +724,15 @@ class ManagedPool:
         # One login first, reported as the driver's own error: psycopg_pool
         # would retry a refused login in the background and only say
         # "pool initialization incomplete".
-        _, probe = await _runtime.call_within(AsyncConnection.connect, (dsn,), kwargs, timeout)
+        hidden: Exception | None = None
+        try:
+            _, probe = await _runtime.call_within(AsyncConnection.connect, (dsn,), kwargs, timeout)
+        except Exception as exc:
+            hidden = _without_secrets(exc, dsn, "ManagedPool.create_psycopg")
+            if hidden is None:
+                raise
+        if hidden is not None:  # raised here: not even __context__ keeps the password
+            raise hidden
         if probe is not None:
             await probe.close()
         pool: Any = AsyncConnectionPool(

@@ -15,7 +15,9 @@ SQLite leaves nothing committed, so commits are never in doubt here.  A
 transaction SQLite ended under ``fn`` (``SQLITE_FULL``, ``INSERT OR
 ROLLBACK``, a ``ROLLBACK`` by ``fn``) raises
 [`TransactionRolledBack`][datapunk_recovery.database.errors.TransactionRolledBack], never
-replayed, instead of returning what ``fn`` returned.
+replayed, instead of returning what ``fn`` returned; an error after ``fn``
+ended the transaction itself is raised marked final (a replay would repeat
+what it committed).
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from enum import StrEnum
 from typing import Final, TypeVar
 
 from datapunk_recovery._core.backoff import RetryConfig
-from datapunk_recovery._core.policy import RetryPolicy
+from datapunk_recovery._core.errors import mark_final
+from datapunk_recovery._core.policy import RetryGate, RetryPolicy
+from datapunk_recovery._core.redact import redact_url
 from datapunk_recovery._core.validate import check_choice, check_seconds, shown
 from datapunk_recovery._execution.engine import retry
 from datapunk_recovery._execution.runtime import run_in_thread
 
-from ._replay import IDLE, _not_committed, replayable
+from ._replay import _ENDED_BY_FN, IDLE, _not_committed, check_gate, replayable
 from .errors import DbErrorKind, MissingExtensionError, classify_database, explain_missing
 
 __all__ = ["BeginMode", "SqliteConfig", "SqliteDatabase"]
@@ -57,12 +61,14 @@ class SqliteConfig:
     """``busy_timeout``: seconds SQLite itself waits for a lock before failing with busy;
     ``begin``: the [`BeginMode`][datapunk_recovery.database.sqlite.BeginMode]; ``retry``: how busy
     transactions are replayed
-    (default: 10 attempts, 5 ms to 0.5 s full jitter).
+    (default: 10 attempts, 5 ms to 0.5 s full jitter); ``budget``: a retry
+    budget asked before every replay (``None``: no budget).
     """
 
     busy_timeout: float = 0.05
     begin: BeginMode = BeginMode.IMMEDIATE
     retry: RetryPolicy | RetryConfig = field(default_factory=lambda: _DEFAULT_RETRY)
+    budget: RetryGate | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -70,6 +76,7 @@ class SqliteConfig:
         )
         object.__setattr__(self, "begin", check_choice(_OWNER, "begin", self.begin, BeginMode))
         object.__setattr__(self, "retry", RetryPolicy.of(self.retry, where=f"{_OWNER}.retry"))
+        check_gate(_OWNER, self.budget)
 
 
 class SqliteDatabase:
@@ -88,11 +95,13 @@ class SqliteDatabase:
             raise TypeError(f"SqliteDatabase.config: expected a SqliteConfig, got {shown(config)}")
         policy = self.config.retry
         name = "sqlite.transaction"
-        self._sync = retry(policy, on=replayable, name=name)(self._attempt)
-        self._async = retry(policy, on=replayable, name=name)(self._attempt_async)
+        budget = self.config.budget
+        self._sync = retry(policy, on=replayable, name=name, budget=budget)(self._attempt)
+        self._async = retry(policy, on=replayable, name=name, budget=budget)(self._attempt_async)
 
     def __repr__(self) -> str:
-        return f"SqliteDatabase({self.path!r})"
+        # A URI may carry an encryption key (``file:x.db?key=...``).
+        return f"SqliteDatabase({redact_url(self.path)!r})"
 
     def connect(self) -> sqlite3.Connection:
         """A new connection in autocommit mode (transactions are begun explicitly)."""
@@ -106,8 +115,10 @@ class SqliteDatabase:
 
     def _attempt(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self.connect()
+        began = False
         try:
             conn.execute(f"BEGIN {self.config.begin.value.upper()}")
+            began = True
             result = fn(conn)
             if not conn.in_transaction:
                 # SQLite ended the transaction under fn (SQLITE_FULL, INSERT OR
@@ -119,6 +130,10 @@ class SqliteDatabase:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):  # it is closed next anyway
                     conn.execute("ROLLBACK")
+            elif began:
+                # fn ended the transaction itself (COMMIT or ROLLBACK) before
+                # failing: what it committed stays, a replay would repeat it.
+                mark_final(exc, _ENDED_BY_FN)
             if classify_database(exc).kind is DbErrorKind.MISSING and not isinstance(
                 exc, MissingExtensionError
             ):

@@ -13,7 +13,9 @@ transaction at its first error, and when ``fn`` catches that error and
 returns, ``COMMIT`` answers ``ROLLBACK`` without raising: that (and a
 transaction ``fn`` ended itself) raises
 [`TransactionRolledBack`][datapunk_recovery.database.errors.TransactionRolledBack],
-never replayed, instead of returning what ``fn`` returned.
+never replayed, instead of returning what ``fn`` returned.  An error raised
+after ``fn`` ended the transaction itself (a ``COMMIT`` on ``conn``) is
+raised marked final, never replayed: a replay would commit that work again.
 
 The one failure never replayed blindly is a connection lost while ``COMMIT``
 was in flight: the server may have committed before the answer was lost.

@@ -267,7 +267,9 @@ class SlotPool:
         self.bus = bus
         self.active = 0
         self._queue: deque[_Waiter] = deque()
-        # Slots held plus places queued, per caller (only with a quota).
+        # Slots held plus places queued, per named caller, with a quota or
+        # not: a quota a reload adds (or restores) counts what is held already,
+        # and a slot taken before it goes back against the right count.
         self._held: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -279,9 +281,9 @@ class SlotPool:
     def _take(self, caller: str | None) -> bool:
         """Take a free slot (lock held); False when none is free; _Refused on a quota."""
         quota = self.per_caller
-        if quota is not None and caller is not None:
+        if caller is not None:
             held = self._held.get(caller, 0)
-            if held >= quota:
+            if quota is not None and held >= quota:
                 raise _Refused(
                     "caller_quota",
                     f"caller {caller!r} already holds or waits for {held} of its {quota} slots",
@@ -306,7 +308,7 @@ class SlotPool:
             )
         self._queue.append(waiter)
         caller = waiter.caller
-        if self.per_caller is not None and caller is not None:
+        if caller is not None:
             self._held[caller] = self._held.get(caller, 0) + 1
 
     def _reject(self, refused: _Refused) -> BulkheadFull:
@@ -330,7 +332,7 @@ class SlotPool:
         )
 
     def _forget(self, caller: str | None) -> None:
-        if self.per_caller is not None and caller is not None:
+        if caller is not None:
             left = self._held.get(caller, 0) - 1
             if left > 0:
                 self._held[caller] = left
@@ -353,8 +355,7 @@ class SlotPool:
     def release(self, caller: str | None) -> None:
         """Give a slot back; the first waiter (if any) gets it."""
         with self._lock:
-            if self.per_caller is not None:
-                self._forget(caller)
+            self._forget(caller)
             self.active -= 1
             active = self.active
             woken = self._grant_waiters() if self._queue else []
@@ -376,11 +377,9 @@ class SlotPool:
         than the new limit are held; a larger one admits waiters at once.
         Queued calls keep their place (a smaller queue refuses newcomers until
         it is below it); ``max_wait`` bounds the waits that start from now.
-        A quota added here counts the slots taken from now on.
+        A quota added here counts the slots its caller holds already.
         """
         with self._lock:
-            if per_caller is None:
-                self._held.clear()
             self.limit = limit
             self.max_queue = max_queue
             self.max_wait = max_wait
@@ -461,9 +460,9 @@ class SlotPool:
             raise self._reject(refused) from None
         return False
 
-    def _take_free(self) -> bool:
-        """The happy path without quotas: take a free slot if nobody is queued."""
-        if self.per_caller is not None:
+    def _take_free(self, caller: str | None) -> bool:
+        """The happy path of an unnamed caller without quotas: a free slot if nobody is queued."""
+        if self.per_caller is not None or caller is not None:
             return False
         with self._lock:
             if self.active >= self.limit or self._queue:
@@ -474,7 +473,7 @@ class SlotPool:
 
     def acquire(self, caller: str | None) -> None:
         """Take a slot for a thread, waiting in the queue if allowed."""
-        if self._take_free():
+        if self._take_free(caller):
             return
         if self._first_try(caller):
             self._admitted(None)
@@ -494,7 +493,7 @@ class SlotPool:
 
     async def acquire_async(self, caller: str | None) -> None:
         """Take a slot for an asyncio or trio task, waiting in the queue if allowed."""
-        if self._take_free():
+        if self._take_free(caller):
             return
         if self._first_try(caller):
             self._admitted(None)
@@ -576,7 +575,8 @@ class Bulkhead(CallDecorator):
         until fewer calls than it hold a slot; a larger one admits waiters at
         once.  Queued calls keep their place; ``max_wait`` applies to waits
         that start from now; a ``per_caller`` quota added here counts the
-        slots taken from now on.
+        slots its caller holds already (a caller at it is refused until one
+        of its slots goes back).
         """
         if not isinstance(config, BulkheadConfig):
             raise TypeError(f"Bulkhead.reconfigure: expected a BulkheadConfig, got {shown(config)}")

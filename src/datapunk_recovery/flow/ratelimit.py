@@ -25,7 +25,8 @@ or [`datapunk_recovery.flow.bulkhead.as_caller()`][datapunk_recovery.flow.bulkhe
 has its
 own bucket, so
 one caller cannot use up the whole rate.  Idle callers' buckets are dropped
-when more than ``max_callers`` are tracked.
+when more than ``max_callers`` are tracked; a busy one never is (it would come
+back to a fresh burst): past that many busy callers, new ones share one bucket.
 
 Time is read through [`datapunk_recovery._core.clock.now()`][datapunk_recovery._core.clock.now] and
 waits go
@@ -259,7 +260,9 @@ class RateLimiter(CallDecorator):
     __slots__ = (
         "_bucket",
         "_callers",
+        "_idle_at",
         "_lock",
+        "_overflow",
         "_throttled",
         "bus",
         "config",
@@ -283,6 +286,11 @@ class RateLimiter(CallDecorator):
         self.bus = bus if bus is not None else EventBus()
         self._bucket = _Bucket(config.rate, float(config.burst), clock.now())
         self._callers: dict[str, _Bucket] = {}
+        # The one bucket the callers past ``max_callers`` share while every
+        # tracked caller is busy (see _caller_bucket).
+        self._overflow: _Bucket | None = None
+        # Before this time no tracked bucket can be idle: no need to look.
+        self._idle_at = 0.0
         self._throttled = config.throttled
         self._lock = threading.Lock()
 
@@ -293,7 +301,8 @@ class RateLimiter(CallDecorator):
         now at the old rate, then keeps its tokens (clamped to the new
         ``burst``, never raised, a debt kept) and refills at the new rate, so
         a reload never hands out a fresh burst.  Per-caller buckets do the
-        same (all are dropped when ``per_caller_rate`` goes away).
+        same; when ``per_caller_rate`` goes away they are kept, unused, so
+        that a reload restoring it hands out no fresh burst either.
         """
         if not isinstance(config, RateLimiterConfig):
             raise TypeError(
@@ -303,12 +312,13 @@ class RateLimiter(CallDecorator):
             now = clock.now()
             _retune(self._bucket, config.rate, float(config.burst), now)
             rate = config.per_caller_rate
-            if rate is None:
-                self._callers.clear()
-            else:
+            if rate is not None:  # (without one the buckets wait, unused, for its return)
                 burst = float(config.per_caller_burst or config.burst)
                 for bucket in self._callers.values():
                     _retune(bucket, rate, burst, now)
+                if self._overflow is not None:
+                    _retune(self._overflow, rate, burst, now)
+            self._idle_at = 0.0
             self.config = config
             self._throttled = config.throttled
 
@@ -322,24 +332,39 @@ class RateLimiter(CallDecorator):
     # -- reservations
 
     def _caller_bucket(self, caller: str, now: float) -> _Bucket:
-        """The caller's own bucket (lock held), made on first use, idle ones evicted."""
+        """The caller's own bucket (lock held), made on first use, idle ones evicted.
+
+        With ``max_callers`` buckets tracked and none idle, a new caller is
+        charged to one bucket all such callers share: forgetting a busy
+        caller instead would hand it a fresh burst on its next call.
+        """
         bucket = self._callers.get(caller)
         if bucket is None:
             config = self.config
             rate = config.per_caller_rate
             assert rate is not None
-            burst = config.per_caller_burst or config.burst
+            burst = float(config.per_caller_burst or config.burst)
             if len(self._callers) >= config.max_callers:
                 self._evict(now)
-            bucket = self._callers[caller] = _Bucket(rate, float(burst), now)
+                if len(self._callers) >= config.max_callers:
+                    if self._overflow is None:
+                        self._overflow = _Bucket(rate, burst, now)
+                    return self._overflow
+            bucket = self._callers[caller] = _Bucket(rate, burst, now)
         return bucket
 
     def _evict(self, now: float) -> None:
-        # Idle callers (a full bucket) lose nothing by being forgotten; if
-        # none is idle, the oldest one goes (dicts keep insertion order).
-        idle = [k for k, b in self._callers.items() if b.wait(now) == 0.0 and b.tokens >= b.burst]
-        for key in idle or [next(iter(self._callers))]:
-            del self._callers[key]
+        # Idle callers (a full bucket) lose nothing by being forgotten; a
+        # busy one is never forgotten (it would come back to a fresh burst).
+        # With none idle, the scan is not repeated before one can be.
+        if now < self._idle_at:
+            return
+        buckets = self._callers
+        idle = [k for k, b in buckets.items() if b.wait(now) == 0.0 and b.tokens >= b.burst]
+        for key in idle:
+            del buckets[key]
+        if not idle:
+            self._idle_at = now + min((b.burst - b.tokens) / b.rate for b in buckets.values())
 
     def _reserve(self, caller: str | None, allowed: float | None) -> tuple[float, _Bucket | None]:
         """Take a token now or reserve one; the wait, and the caller bucket charged.

@@ -284,6 +284,10 @@ class RoutingChanged(Event):
     reprioritised: tuple[str, ...] = ()
 
 
+# Removed endpoints kept for their return (their breakers' state), at most.
+_RETIRED_MAX: Final = 256
+
+
 class _Member:
     """An endpoint in a router, with what outlives its re-configuration: the breaker."""
 
@@ -398,6 +402,7 @@ class Router:
         "_hedger",
         "_lone",
         "_members",
+        "_retired",
         "_turn",
         "config",
         "name",
@@ -415,6 +420,8 @@ class Router:
         self._members: tuple[_Member, ...] = ()
         self._groups: tuple[tuple[_Member, ...], ...] = ()
         self._lone: _Member | None = None
+        # Endpoints removed, kept (with their breakers) for their return.
+        self._retired: dict[str, _Member] = {}
         self._turn = itertools.count()
         self._compile(config if config is not None else RouterConfig(), budget, EventBus())
         self.replace(endpoints)
@@ -520,6 +527,8 @@ class Router:
             kept.endpoint = e
             members.append(kept)
         self._install(members)
+        for gone in old.values():
+            self._retire(gone)
         self._changed(tuple(added), tuple(old), tuple(moved))
 
     def add(self, endpoint: Endpoint) -> None:
@@ -533,6 +542,7 @@ class Router:
         """Remove endpoint ``name``; calls already running on it finish there."""
         member = self._member(name)
         self._install(m for m in self._members if m is not member)
+        self._retire(member)
         self._changed(removed=(name,))
 
     def set_priority(self, name: str, priority: int) -> None:
@@ -544,11 +554,30 @@ class Router:
         self._changed(reprioritised=(name,))
 
     def _new_member(self, endpoint: Endpoint) -> _Member:
+        """A member for ``endpoint``: the one it had before it was removed, else a new one.
+
+        An endpoint taken out and put back (by ``remove``/``add`` or a reload)
+        gets its breaker back: one that was open is still open, and an
+        operator's forced state still holds.
+        """
         if not isinstance(endpoint, Endpoint):
             raise TypeError(f"Router {self.name!r}: expected an Endpoint, got {shown(endpoint)}")
-        return _Member(
-            endpoint, CircuitBreaker(f"{self.name}/{endpoint.name}", self.config.breaker)
-        )
+        member = self._retired.pop(endpoint.name, None)
+        if member is None:
+            return _Member(
+                endpoint, CircuitBreaker(f"{self.name}/{endpoint.name}", self.config.breaker)
+            )
+        member.endpoint = endpoint
+        if member.breaker.config != self.config.breaker:
+            member.breaker.reconfigure(self.config.breaker)
+        return member
+
+    def _retire(self, member: _Member) -> None:
+        retired = self._retired
+        retired.pop(member.endpoint.name, None)
+        if len(retired) >= _RETIRED_MAX:
+            del retired[next(iter(retired))]  # the longest gone
+        retired[member.endpoint.name] = member
 
     def _changed(
         self,

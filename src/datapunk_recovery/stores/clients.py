@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 from datapunk_recovery._core.extras import raise_missing
 from datapunk_recovery._core.validate import shown
 
-__all__ = ["client_from_url", "is_cluster"]
+__all__ = ["client_from_url", "is_cluster", "no_hidden_resend"]
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -37,6 +37,25 @@ def is_cluster(client: Any) -> bool:
     except ImportError:  # pragma: no cover - no redis-py, so no cluster client either
         return False
     return isinstance(client, RedisCluster)
+
+
+def no_hidden_resend(client: Any) -> None:
+    """Turn off ``client``'s own re-sending of a command whose connection failed.
+
+    redis-py (6 and later) re-sends a command after a connection error or a
+    timeout, up to ten times for a ``Redis(host=..., port=...)`` or a
+    ``RedisCluster``: when Redis had run the command and only the reply was
+    lost, the re-send runs it again, unseen by the caller.  With this, one
+    command sent is at most one command run; the caller decides what a
+    failure means.  Changes the client for every user of it (its connection
+    pool's ``retry``).
+    """
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    setter = getattr(client, "set_retry", None)
+    if setter is not None:
+        setter(Retry(NoBackoff(), 0))
 
 
 def _hosts(

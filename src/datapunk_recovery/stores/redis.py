@@ -39,6 +39,14 @@ existence, so the cluster client routes it, follows ``MOVED`` and ``ASK``
 through a failover or a live slot migration, and reloads a script a new
 master lacks (``NOSCRIPT``).
 
+One command sent runs at most once: redis-py re-sends a command whose
+connection failed by itself (ten times for a ``Redis(host=..., port=...)`` or
+a ``RedisCluster`` in redis-py 6 and later), and when Redis had run it and
+only the reply was lost, the re-send runs it again unseen.  The store turns
+that off on the client it is given or builds
+(`no_hidden_resend()`, for every user of that client); a failed command is
+the link's to judge, as when Redis is away.
+
 Async only, asyncio only (redis.asyncio); a sync breaker asked to use it raises
 ``TypeError``.  Time in shared state is Redis's own clock (``TIME``), so
 processes whose monotonic clocks differ still agree on when an open period ends;
@@ -57,7 +65,7 @@ from .._core.errors import ErrorCategory, classify
 from .._core.validate import check_count, check_seconds, shown
 from .._execution import runtime as _runtime
 from . import Attached
-from .clients import client_from_url
+from .clients import client_from_url, no_hidden_resend
 
 __all__ = ["RedisStore"]
 
@@ -185,6 +193,9 @@ class RedisStore:
                 f"{_OWNER}.client: expected a redis.asyncio.Redis, RedisCluster, "
                 f"Sentinel master_for() client or a URL, got {type(client).__name__}"
             )
+        # The driver never re-sends a command by itself: a command whose reply
+        # was lost may have run, and a re-send would run it again unseen.
+        no_hidden_resend(self.client)
         # Registered scripts by source (see script()).
         self._scripts: dict[str, Any] = {}
         # Every link attached here, so that aclose() can land their background writes.

@@ -109,6 +109,7 @@ class RecoveryStrategies:
     """
 
     __slots__ = (
+        "_cache_breakers",
         "_config",
         "_fallbacks",
         "_memory",
@@ -142,6 +143,9 @@ class RecoveryStrategies:
         self._memory = MemoryCache(config.cache.max_stale_entries)
         # (service, id of the cache given or 0, ttl) -> (its read-through cache, the cache given)
         self._readers: dict[tuple[str, int, float | None], tuple[ReadThroughCache[Any], Any]] = {}
+        # (service, id of the cache given or 0) -> (the one breaker of reads of that cache,
+        # the cache given): reads with different ttls share it, as they share the cache.
+        self._cache_breakers: dict[tuple[str, int], tuple[CircuitBreaker, Any]] = {}
         self._apply(config)
 
     # -- building ----------------------------------------------------------------
@@ -182,8 +186,9 @@ class RecoveryStrategies:
             # flight go on counting in their bulkhead, budget and breaker.
             if name not in services:
                 services[name] = _Service(self._fell_back, name, config.defaults, service)
-        if config.cache.max_stale_entries != self._memory.max_entries:
-            self._memory = MemoryCache(config.cache.max_stale_entries)
+        # Resized in place: its answers (stale ones served during an outage)
+        # and its counters outlive a reload.
+        self._memory.resize(config.cache.max_stale_entries)
         pools = carry_pools(config, self._pools, self._retired)
         self._config = config
         self._services = services
@@ -202,7 +207,8 @@ class RecoveryStrategies:
         """Apply a new configuration while calls run; on any problem, keep the old one.
 
         Routers, breakers, budgets, bulkheads and pools keep their state and
-        take the new thresholds (so do the caches' breakers): a budget keeps
+        take the new thresholds (so do the caches' breakers, and the embedded
+        cache keeps its answers through a new size): a budget keeps
         its tokens, a bulkhead its held slots and a pool its held units, so a
         limit in force is never exceeded (a smaller one admits nobody until
         use is below it); calls in flight finish with the retries they
@@ -251,6 +257,7 @@ class RecoveryStrategies:
         """Close every database and cache this object opened (each one, even if another fails)."""
         if self._resources.redis is not None:
             self._readers.clear()  # they read through the closed client
+            self._cache_breakers.clear()
         await self._resources.close()
 
     # -- looking up --------------------------------------------------------------
@@ -458,7 +465,9 @@ class RecoveryStrategies:
     ) -> ReadThroughCache[Any]:
         """The read-through cache of ``service`` over ``cache``: ``old`` if it still fits.
 
-        A new one takes over the breaker of ``old`` (its state, new thresholds).
+        A new one takes over the breaker of ``old``, or else the one other
+        reads of ``service`` over ``cache`` (another ``ttl``) use: one cache,
+        one breaker (its state, new thresholds).
         """
         settings: CacheSettings = self._config.cache
         store = cache if cache is not None else self._default_cache()
@@ -479,8 +488,16 @@ class RecoveryStrategies:
             name=service,
             bus=bus,
         )
-        if old is not None:
-            reader.breaker = _breaker(old.breaker.name, config.breaker, old.breaker)
+        key = (service, id(cache) if cache is not None else 0)
+        shared = old.breaker if old is not None else None
+        if shared is None and (found := self._cache_breakers.get(key)) is not None:
+            shared = found[0]  # another ttl's reads of the same cache found it dead or alive
+        if shared is not None:
+            reader.breaker = _breaker(shared.name, config.breaker, shared)
+        breakers = self._cache_breakers
+        if key not in breakers and len(breakers) >= MAX_READERS:
+            del breakers[next(iter(breakers))]
+        breakers[key] = (reader.breaker, cache)
         return reader
 
     def _default_cache(self) -> Cache:
@@ -526,8 +543,8 @@ class RecoveryStrategies:
         db = self.database(database)
         s = self._service(service or database)
         if isinstance(db, SqliteDatabase):
-            return await _through(s.breaker, s.sqlite(database, db).transaction, work)
-        return await _through(s.breaker, db.transaction, work, config=s.transaction)
+            return await _through(s, s.sqlite(database, db).transaction, work)
+        return await _through(s, db.transaction, work, config=s.transaction)
 
     async def with_resource_recovery(
         self,
@@ -563,8 +580,14 @@ class RecoveryStrategies:
 
 
 async def _through(
-    breaker: CircuitBreaker | None, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any
+    s: _Service, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any
 ) -> T:
+    """``fn`` (a whole transaction, its replays inside) in the service's bulkhead and breaker."""
+    breaker, bulkhead = s.breaker, s.bulkhead
+    if bulkhead is not None:
+        if breaker is None:
+            return await bulkhead.call_async(fn, *args, **kwargs)
+        return await bulkhead.call_async(breaker.call_async, fn, *args, **kwargs)
     if breaker is None:
         return await fn(*args, **kwargs)
     return await breaker.call_async(fn, *args, **kwargs)

@@ -65,17 +65,16 @@ class _Service:
         self.on_fallback = on_fallback
         self.name = name
         self.policy = policy
-        # A reload keeps the live limits: the budget and the bulkhead of the
-        # previous pipeline are re-configured in place (tokens and held slots
-        # go on counting), and one the new policy drops is kept aside, so
-        # that a later reload restoring it finds it as it was.
-        kept_budget, kept_bulkhead = previous.kept if previous is not None else (None, None)
+        # A reload keeps the live limits: the budget, the bulkhead, the
+        # breaker and the router (its endpoints' breakers) of the previous
+        # pipeline are re-configured in place (tokens, held slots, an open or
+        # forced state go on counting), and one the new policy drops is kept
+        # aside, so that a later reload restoring it finds it as it was.
+        kept_budget, kept_bulkhead, kept_breaker, kept_router = (
+            previous.kept if previous is not None else (None, None, None, None)
+        )
         self.budget: TokenBudget | RatioBudget | None = _budget(name, policy.budget, kept_budget)
         self.bulkhead: Bulkhead | None = _bulkhead(name, policy.bulkhead, kept_bulkhead)
-        self.kept: tuple[TokenBudget | RatioBudget | None, Bulkhead | None] = (
-            kept_budget if self.budget is None else self.budget,
-            kept_bulkhead if self.bulkhead is None else self.bulkhead,
-        )
         self.timeout = (
             None
             if policy.attempt_timeout is None
@@ -84,7 +83,7 @@ class _Service:
         retry_policy = RetryPolicy(policy.retry, policy.categories)
         #: How this service's database transactions are replayed (built once
         #: per configuration, so that a reload changes them too).
-        self.transaction = TransactionConfig(retry=retry_policy)
+        self.transaction = TransactionConfig(retry=retry_policy, budget=self.budget)
         #: The SQLite databases of the configuration, replaying with this
         #: service's retry policy (made on first use).
         self.databases: dict[str, SqliteDatabase] = {}
@@ -92,18 +91,32 @@ class _Service:
         self.router: Router | None = None
         self.run: _Attempt
         if policy.endpoints:
-            self.router = self._route(retry_policy, previous)
+            same_budget = (
+                previous is not None
+                and previous.router is not None
+                and previous.budget is self.budget
+            )
+            self.router = self._route(retry_policy, kept_router, same_budget)
             self.top = self.router.endpoints[0].priority
             self.run = self.routed
         else:
             if policy.breaker is not None:
-                old = previous.breaker if previous is not None else None
-                self.breaker = _breaker(name, policy.breaker, old)
+                self.breaker = _breaker(name, policy.breaker, kept_breaker)
             self.top = 0
             self.run = retry(retry_policy, budget=self.budget, name=name)(self.attempt)
+        self.kept: tuple[
+            TokenBudget | RatioBudget | None, Bulkhead | None, CircuitBreaker | None, Router | None
+        ]
+        self.kept = (
+            kept_budget if self.budget is None else self.budget,
+            kept_bulkhead if self.bulkhead is None else self.bulkhead,
+            kept_breaker if self.breaker is None else self.breaker,
+            kept_router if self.router is None else self.router,
+        )
 
-    def _route(self, retry_policy: RetryPolicy, previous: _Service | None) -> Router:
-        """The service's router: the previous one re-configured, or a new one."""
+    def _route(self, retry_policy: RetryPolicy, router: Router | None, same_budget: bool) -> Router:
+        """The service's router: ``router`` (the previous one, or one kept aside) re-configured,
+        or a new one; ``same_budget``: ``router`` already draws on this service's budget."""
         policy = self.policy
         config = RouterConfig(
             retry=retry_policy,
@@ -115,11 +128,9 @@ class _Service:
             Endpoint(name, policy.addresses.get(name, ""), policy.priorities.get(name, i))
             for i, name in enumerate(policy.endpoints)
         ]
-        router = previous.router if previous is not None else None
         if router is None:
             return Router(self.name, endpoints, config, budget=self.budget)
-        assert previous is not None
-        if router.config != config or previous.budget is not self.budget:
+        if router.config != config or not same_budget:
             router.reconfigure(config, budget=self.budget)
         router.replace(endpoints)
         return router
@@ -134,12 +145,14 @@ class _Service:
         """
         mine = self.databases.get(name)
         if mine is None or mine.path != opened.path:
-            policy = self.transaction.retry
+            policy, budget = self.transaction.retry, self.budget
             mine = (
                 opened
-                if opened.config.retry == policy
+                if opened.config.retry == policy and opened.config.budget is budget
                 else SqliteDatabase(
-                    opened.path, dataclasses.replace(opened.config, retry=policy), uri=opened.uri
+                    opened.path,
+                    dataclasses.replace(opened.config, retry=policy, budget=budget),
+                    uri=opened.uri,
                 )
             )
             self.databases[name] = mine

@@ -219,6 +219,12 @@ FALLBACKS: Final = Metric(
     ("operation", "kind"),
     "Answers that came from elsewhere: source, stale, failover, hedge, fallback value.",
 )
+RATELIMIT_REJECTIONS: Final = Metric(
+    "ratelimit.rejections",
+    MetricKind.COUNTER,
+    ("operation",),
+    "Calls a rate limiter refused (the wait for a token was longer than allowed).",
+)
 RESOURCE_IN_USE: Final = Metric(
     "resource.in_use", MetricKind.GAUGE, ("kind",), "Resources of a kind held now."
 )
@@ -228,6 +234,13 @@ RESOURCE_WAIT: Final = Metric(
     ("kind",),
     "Time spent waiting to acquire a resource.",
     unit="seconds",
+)
+RESOURCE_ACQUISITIONS: Final = Metric(
+    "resource.acquisitions",
+    MetricKind.COUNTER,
+    ("kind", "outcome"),
+    "Requests for resources by outcome: acquired, timeout, rejected (line full), quota, "
+    "deadline, failed.",
 )
 RESOURCE_LEAKS: Final = Metric(
     "resource.leaks", MetricKind.COUNTER, ("kind",), "Resources found unreleased and reclaimed."
@@ -248,9 +261,11 @@ METRICS: Final[tuple[Metric, ...]] = (
     BUDGET_REFUSALS,
     BULKHEAD_IN_USE,
     BULKHEAD_REJECTIONS,
+    RATELIMIT_REJECTIONS,
     FALLBACKS,
     RESOURCE_IN_USE,
     RESOURCE_WAIT,
+    RESOURCE_ACQUISITIONS,
     RESOURCE_LEAKS,
     CACHE_WARMED,
 )
@@ -282,13 +297,17 @@ MEASURES: Final[Mapping[str, tuple[Measure, ...]]] = MappingProxyType(
         "bulkhead.rejected": (Measure(BULKHEAD_REJECTIONS, {"bulkhead": "operation"}),),
         "bulkhead.admitted": (Measure(BULKHEAD_IN_USE, {"bulkhead": "operation"}, value="active"),),
         "bulkhead.released": (Measure(BULKHEAD_IN_USE, {"bulkhead": "operation"}, value="active"),),
+        "ratelimit.rejected": (Measure(RATELIMIT_REJECTIONS, _OP),),
         "fallback.used": (Measure(FALLBACKS, _OP, fixed={"kind": "fallback"}),),
         "hedge.won": (Measure(FALLBACKS, _OP, fixed={"kind": "hedge"}, when="attempt"),),
         "network.failover": (Measure(FALLBACKS, _OP, fixed={"kind": "failover"}),),
         "recovery.fallback": (Measure(FALLBACKS, {**_OP, "kind": "kind"}),),
         "resource.inference_fallback": (Measure(FALLBACKS, _OP, fixed={"kind": "model"}),),
         "resource.usage": (Measure(RESOURCE_IN_USE, {"kind": "kind"}, value="in_use"),),
-        "resource.acquisition": (Measure(RESOURCE_WAIT, {"kind": "kind"}, value="waited"),),
+        "resource.acquisition": (
+            Measure(RESOURCE_WAIT, {"kind": "kind"}, value="waited"),
+            Measure(RESOURCE_ACQUISITIONS, {"kind": "kind", "outcome": "outcome"}),
+        ),
         "resource.leak": (Measure(RESOURCE_LEAKS, {"kind": "kind"}),),
         "cache.stale_served": (Measure(FALLBACKS, _OP, fixed={"kind": "stale"}),),
         "cache.warmed": (Measure(CACHE_WARMED, {"cache": "operation"}, value="stored"),),
