@@ -52,3 +52,25 @@ async def test_a_command_whose_reply_was_lost_runs_once_on_a_client_the_user_bui
         await store.aclose()
         await client.aclose()
         await direct.aclose()
+
+
+@pytest.mark.drill
+async def test_a_cache_incr_whose_reply_was_lost_runs_once_on_a_client_the_user_built(
+    make_proxy: Callable[[tuple[str, int]], ThreadedProxy], redis_server: RedisServer
+) -> None:
+    """The cache's sibling of the store's drill: a lost ``INCR`` reply bumps a generation once."""
+    from datapunk_recovery.cache.redis import RedisCache
+
+    proxy = make_proxy(redis_server.address)
+    client = aioredis.Redis(host="127.0.0.1", port=proxy.port)  # redis-py's default retries
+    cache = RedisCache(client)
+    key = f"adv:{uuid.uuid4().hex}"
+    direct = aioredis.Redis.from_url(redis_server.url)
+    try:
+        proxy.cut_on_pattern(b"INCR", forward=True)  # Redis runs it, the reply is lost
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await cache.incr(key)
+        assert int(await direct.get(key) or 0) == 1
+    finally:
+        await client.aclose()
+        await direct.aclose()

@@ -29,7 +29,7 @@ from typing import Any
 
 from datapunk_recovery._core.redact import redact_url
 from datapunk_recovery._core.validate import check_seconds
-from datapunk_recovery.stores.clients import client_from_url, is_cluster
+from datapunk_recovery.stores.clients import client_from_url, is_cluster, no_hidden_resend
 
 from .codecs import JsonCodec
 from .protocols import Codec, CorruptEntry
@@ -43,13 +43,18 @@ class RedisCache:
     ``client`` is a ``Redis``, a ``RedisCluster`` or a Sentinel
     ``master_for(...)`` client (see the module docs for what a cluster
     changes).  The client must return bytes (``decode_responses=False``, the
-    default).
+    default).  The client's own re-send of a failed command is turned off
+    ([`no_hidden_resend()`][datapunk_recovery.stores.clients.no_hidden_resend],
+    for every user of that client): a lost reply to ``INCR`` would otherwise
+    bump a generation twice, and ten silent re-sends of a read hide an outage
+    from the recovery's breaker for ten timeouts.
     """
 
     __slots__ = ("_also_close", "_cluster", "client", "codec", "label")
 
     def __init__(self, client: Any, codec: Codec | None = None, *, label: str = "redis") -> None:
         self.client = client
+        no_hidden_resend(client)
         self.codec: Codec = codec if codec is not None else JsonCodec()
         self.label = label
         self._cluster = is_cluster(client)
