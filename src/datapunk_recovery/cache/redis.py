@@ -44,8 +44,7 @@ class RedisCache:
     ``master_for(...)`` client (see the module docs for what a cluster
     changes).  The client must return bytes (``decode_responses=False``, the
     default).  The client's own re-send of a failed command is turned off
-    ([`no_hidden_resend()`][datapunk_recovery.stores.clients.no_hidden_resend],
-    for every user of that client): a lost reply to ``INCR`` would otherwise
+    (``stores.clients.no_hidden_resend()``, for every user of that client): a lost reply to ``INCR`` would otherwise
     bump a generation twice, and ten silent re-sends of a read hide an outage
     from the recovery's breaker for ten timeouts.
     """
