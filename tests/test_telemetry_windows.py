@@ -118,9 +118,7 @@ class View:
             "giveups": {r: n for r, n in giveups.items() if n},
         }
 
-    def _series(
-        self, operation: str
-    ) -> tuple[dict[str, int], dict[str, int], dict[str, int], int]:
+    def _series(self, operation: str) -> tuple[dict[str, int], dict[str, int], dict[str, int], int]:
         by: dict[str, dict[str, int]] = {"calls": {}, "retries": {}, "giveups": {}}
         attempts = 0
         if self.kind == "prometheus":
