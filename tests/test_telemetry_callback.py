@@ -96,3 +96,16 @@ def test_a_callback_is_required() -> None:
         CallbackExporter()
     with pytest.raises(TypeError, match="expected a callable"):
         CallbackExporter(on_event="print")  # type: ignore[arg-type]
+
+
+def test_the_exporter_asks_only_for_the_kinds_it_measures_or_names() -> None:
+    from datapunk_recovery._core.events import global_bus
+
+    with CallbackExporter(on_update=lambda u: None).install():
+        assert global_bus.wants("retry.call") and global_bus.wants("bulkhead.rejected")
+        assert not global_bus.wants("pipeline.stage")  # measures nothing
+    with CallbackExporter(on_event=lambda f: None, names={"breaker.state"}).install():
+        assert global_bus.wants("breaker.state") and not global_bus.wants("breaker.rejected")
+        assert global_bus.mode == 0  # a successful call stays on the engine's fast path
+    with CallbackExporter(on_event=lambda f: None).install():
+        assert global_bus.wants("pipeline.stage") and global_bus.mode == 2

@@ -12,7 +12,9 @@ test), give it a function::
 of [`MEASURES`][datapunk_recovery.telemetry.metrics.MEASURES], labels bounded
 like Prometheus labels; ``on_event`` receives each event as its flat,
 redacted fields ([`event_fields()`][datapunk_recovery.telemetry.fields.event_fields]),
-optionally only the event names in ``names``.  A subscriber that wants the
+optionally only the event names in ``names``.  The exporter asks its buses
+for those kinds only (`wants()`), so a call reporting nothing it uses builds
+no event.  A subscriber that wants the
 event objects themselves needs no exporter: ``events.subscribe(fn)``.
 """
 
@@ -54,6 +56,12 @@ class CallbackExporter(Exporter):
         self._names = None if names is None else frozenset(names)
         self.labeler = Labeler(labels)
         self._router = Router(self.labeler, measures)
+
+    def wants(self, name: str) -> bool:
+        """Whether events named ``name`` make an update or are passed on (the rest is not built)."""
+        if self._on_event is not None and (self._names is None or name in self._names):
+            return True
+        return self._on_update is not None and bool(self._router.get(name))
 
     def __call__(self, event: Event) -> None:
         if self._on_update is not None:
