@@ -28,7 +28,7 @@ from datapunk_recovery._core.validate import shown
 from .exporter import Exporter
 from .fields import FieldValue, event_fields
 from .labels import Labeler, LabelPolicy
-from .metrics import MEASURES, Measure, Router, Update
+from .metrics import MEASURES, Measure, Metric, Router, Update
 
 __all__ = ["CallbackExporter"]
 
@@ -56,6 +56,13 @@ class CallbackExporter(Exporter):
         self._names = None if names is None else frozenset(names)
         self.labeler = Labeler(labels)
         self._router = Router(self.labeler, measures)
+        self._recorder = self._updater  # one bound method: the router keeps its handlers
+
+    def _updater(self, metric: Metric, labels: tuple[str, ...]) -> Callable[[float], None]:
+        """The function sending ``metric`` at ``labels`` changed by a number as an `Update`."""
+        on_update = self._on_update
+        assert on_update is not None
+        return lambda value: on_update(Update(metric, labels, float(value)))
 
     def wants(self, name: str) -> bool:
         """Whether events named ``name`` make an update or are passed on (the rest is not built)."""
@@ -65,7 +72,7 @@ class CallbackExporter(Exporter):
 
     def __call__(self, event: Event) -> None:
         if self._on_update is not None:
-            for update in self._router.updates(event):
-                self._on_update(update)
+            # Compiled once per event class; labels worked out once per raw value.
+            self._router.handler(type(event), self._recorder)(event)
         if self._on_event is not None and (self._names is None or event.name in self._names):
             self._on_event(event_fields(event))
