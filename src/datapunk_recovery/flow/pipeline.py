@@ -476,8 +476,12 @@ class RetryStage(StageAliases):
         def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             # As the engine's own fast path: the engine takes the call when a
             # subscriber wants a successful call's events or a metrics reader
-            # times attempts (mode), not because someone listens for other kinds.
-            if not fast or global_bus.mode or engine_bus.mode:
+            # times attempts (mode), not because someone listens for other
+            # kinds.  ``active`` (a bool: the cheapest truth test) first, so
+            # the unobserved path reads no int.
+            if not fast or (
+                (global_bus.active or engine_bus.active) and (global_bus.mode or engine_bus.mode)
+            ):
                 return retried([], nxt, fn, args, kwargs)
             # This stage reports the first attempt to the budget (the engine
             # the others): the stages inside must not report it again.
@@ -502,7 +506,9 @@ class RetryStage(StageAliases):
         engine_bus = retried.events
 
         async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if not fast or global_bus.mode or engine_bus.mode:  # see wrap()
+            if not fast or (  # see wrap()
+                (global_bus.active or engine_bus.active) and (global_bus.mode or engine_bus.mode)
+            ):
                 return await retried([], nxt, fn, args, kwargs)
             reporting = None if budget is None else REPORTING.set((*REPORTING.get(), budget))
             try:  # see sync()
