@@ -209,3 +209,53 @@ def test_a_catch_all_subscriber_still_gets_every_event_of_a_call(
     assert Counter(got) == built
     if primitive in PER_CALL:
         assert PER_CALL[primitive] in got
+
+
+@pytest.mark.parametrize("primitive", ["engine", "bulkhead", "pipeline"])
+def test_a_subscriber_added_and_removed_while_another_thread_calls_takes_effect_at_once(
+    primitive: str,
+) -> None:
+    import threading
+
+    call, kind = sync_calls()[primitive], PER_CALL[primitive]
+    if primitive == "pipeline":  # no rate limiter: the fake clock never refills it
+        pipeline = Pipeline("pipeline", bulkhead=BulkheadConfig(max_concurrent=4))
+        call = lambda: pipeline.call(ok)  # noqa: E731
+    phase = [0]  # 0: before subscribing, 1: subscribed, 2: unsubscribed
+    started: list[tuple[int, int]] = []  # (call number, phase when it started)
+    delivered: set[int] = set()
+    current = [0]
+    enough = [threading.Event(), threading.Event()]
+    stop = threading.Event()
+
+    def worker() -> None:
+        seen = [0, 0, 0]
+        while not stop.is_set():
+            current[0] += 1
+            now = phase[0]
+            started.append((current[0], now))
+            call()
+            seen[now] += 1
+            if now and seen[now] >= 50:
+                enough[now - 1].set()
+
+    def subscriber(event: Event) -> None:
+        delivered.add(current[0])  # delivered in the calling thread, during its call
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        unsubscribe = subscribe(subscriber, kinds={kind})
+        phase[0] = 1
+        assert enough[0].wait(10.0)
+        unsubscribe()
+        phase[0] = 2
+        assert enough[1].wait(10.0)
+    finally:
+        stop.set()
+        thread.join()
+    after_subscribe = {n for n, p in started if p == 1}
+    after_unsubscribe = {n for n, p in started if p == 2}
+    # The last call started before the unsubscription may end after it: either way.
+    assert after_subscribe - {max(after_subscribe)} <= delivered
+    assert not (after_unsubscribe & delivered)
