@@ -327,3 +327,33 @@ def test_an_exporter_on_one_bus_sees_only_its_operations_and_a_global_one_sees_a
     nothing = View(kind).read("nobody")
     assert [scoped.read(n) for n in names] == [want[0], want[1], nothing]
     assert [everywhere.read(n) for n in names] == want
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_retrying_blocks_are_counted_alive_and_once_collected(kind: str) -> None:
+    import gc
+
+    from datapunk_recovery import retrying
+
+    name = f"blocks-{kind}"
+    view = View(kind)
+    with view.exporter.install():
+        for i in range(30):
+            failures = [ConnectionError("reset")] if i % 3 == 0 else []
+            if i == 0:
+                failures *= 2  # both attempts fail: a give-up
+            with contextlib.suppress(ConnectionError):
+                for attempt in retrying(RetryConfig(max_attempts=2), name=name):
+                    with attempt:
+                        if failures:
+                            raise failures.pop()
+        gc.collect()  # the blocks' engines are gone: their counts must stay
+        got = view.read(name)
+    assert got == {
+        "calls": 30,
+        "successes": 29,
+        "failures": 1,
+        "attempts": 30 + 10,
+        "retries": 10,
+        "giveups": {"attempts": 1},
+    }
