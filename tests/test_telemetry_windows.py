@@ -329,31 +329,37 @@ def test_an_exporter_on_one_bus_sees_only_its_operations_and_a_global_one_sees_a
     assert [everywhere.read(n) for n in names] == want
 
 
+@pytest.mark.parametrize("scope", ["global", "bus"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_retrying_blocks_are_counted_alive_and_once_collected(kind: str) -> None:
+def test_retrying_blocks_are_counted_alive_and_once_collected(kind: str, scope: str) -> None:
     import gc
 
     from datapunk_recovery import retrying
 
-    name = f"blocks-{kind}"
+    name = f"blocks-{kind}-{scope}"
     view = View(kind)
-    with view.exporter.install():
+    bus = EventBus() if scope == "bus" else None
+    elsewhere = flaky(name)  # same name, not on the bus: only a global exporter counts it
+    run(elsewhere, range(1, 3))
+    with view.exporter.install(*(() if bus is None else (bus,))):
+        run(elsewhere, range(1, 3))  # two first-try successes: a global exporter's only
         for i in range(30):
             failures = [ConnectionError("reset")] if i % 3 == 0 else []
             if i == 0:
                 failures *= 2  # both attempts fail: a give-up
             with contextlib.suppress(ConnectionError):
-                for attempt in retrying(RetryConfig(max_attempts=2), name=name):
+                for attempt in retrying(RetryConfig(max_attempts=2), name=name, bus=bus):
                     with attempt:
                         if failures:
                             raise failures.pop()
         gc.collect()  # the blocks' engines are gone: their counts must stay
         got = view.read(name)
+    extra = 2 if bus is None else 0
     assert got == {
-        "calls": 30,
-        "successes": 29,
+        "calls": 30 + extra,
+        "successes": 29 + extra,
         "failures": 1,
-        "attempts": 30 + 10,
+        "attempts": 30 + 10 + extra,
         "retries": 10,
         "giveups": {"attempts": 1},
     }
