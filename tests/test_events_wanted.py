@@ -259,3 +259,51 @@ def test_a_subscriber_added_and_removed_while_another_thread_calls_takes_effect_
     # The last call started before the unsubscription may end after it: either way.
     assert after_subscribe - {max(after_subscribe)} <= delivered
     assert not (after_unsubscribe & delivered)
+
+
+def rare_paths(clock: Any) -> dict[str, tuple[Callable[[], object], str]]:
+    """A call through each primitive's rarer path, and the kind it reports."""
+    from datapunk_recovery._execution.timeout import AttemptTimeout
+
+    fallback: Fallback[str] = Fallback("fallback", name="fallback")
+    timeout = AttemptTimeout(0.5, name="timeout")
+
+    def fails() -> str:
+        raise ConnectionError("down")
+
+    def overruns() -> str:
+        clock.advance(1.0)
+        return "ok"
+
+    def used() -> object:
+        return fallback.call(fails)
+
+    def overran() -> object:
+        return timeout.call(overruns)
+
+    return {
+        "fallback": (used, "fallback.used"),
+        "timeout": (overran, "timeout.overran"),
+    }
+
+
+@pytest.mark.parametrize("path", ["fallback", "timeout"])
+def test_a_rarer_path_builds_its_event_only_for_a_subscriber_of_its_kind(
+    built: Counter[str], path: str
+) -> None:
+    with fake_clock() as clock:
+        call, kind = rare_paths(clock)[path]
+        unsubscribe = subscribe(lambda e: None, kinds={RARE})
+        try:
+            built.clear()
+            call()
+            assert dict(built) == {}
+        finally:
+            unsubscribe()
+        got: list[str] = []
+        unsubscribe = subscribe(lambda e: got.append(e.name), kinds={kind})
+        try:
+            call()
+        finally:
+            unsubscribe()
+    assert kind in got and built[kind] == got.count(kind)
