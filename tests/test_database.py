@@ -516,6 +516,34 @@ async def test_acquire_is_bounded_and_reports_size_and_waiters(database: str) ->
         assert statuses[1].waiting == 1  # the waiter that gave up, counted while it waited
 
 
+async def test_a_subscriber_of_other_kinds_gets_no_pool_status_built_per_acquire(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[str] = []
+    init = vars(PoolStatus)["__init__"]
+
+    def counting(self: PoolStatus, *args: Any, **kwargs: Any) -> None:
+        built.append(kwargs.get("cause", "?"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(PoolStatus, "__init__", counting)
+    for driver in DRIVERS:
+        managed = await make_pool(driver, database, PoolConfig(name="quiet"))
+        stop = subscribe(lambda e: None, kinds={"resource.leak"})
+        try:
+            await managed.release(await managed.acquire())
+            assert built == []  # nobody wants database.pool: nothing built
+            got: list[Event] = []
+            stop_wanted = subscribe(got.append, kinds={PoolStatus})
+            await managed.release(await managed.acquire())
+            stop_wanted()
+            assert built == ["acquired", "released"] == [e.cause for e in got]  # type: ignore[attr-defined]
+            built.clear()
+        finally:
+            stop()
+            await managed.close()
+
+
 async def test_too_many_connections_backs_off_on_the_resource_policy(
     postgres_server: PostgresServer, database: str
 ) -> None:

@@ -177,3 +177,236 @@ def test_every_event_class_of_the_library_is_a_plain_slotted_class() -> None:
         assert not dataclasses.is_dataclass(klass), name
         assert "__setattr__" not in vars(klass), name
         assert not hasattr(klass(*range(len(klass._fields))), "__dict__"), name
+
+
+# Every event kind as it was named before events became plain classes (issue
+# 16; taken from b144b72): the class name and its ``.name``.  Dashboards,
+# log queries and subscribers filtering by name depend on both.
+BEFORE_ISSUE_16 = {
+    "adaptive.limit": "LimitChanged",
+    "breaker.corrupt_state": "CorruptStateIgnored",
+    "breaker.outcome": "OutcomeRecorded",
+    "breaker.rejected": "CallRejected",
+    "breaker.shadow_trip": "ShadowTrip",
+    "breaker.state": "BreakerStateChanged",
+    "breaker.store_fallback": "StoreFallback",
+    "breaker.store_resumed": "StoreResumed",
+    "budget.corrupt_state": "BudgetCorruptStateIgnored",
+    "budget.refused": "BudgetRefused",
+    "budget.store_fallback": "BudgetStoreFallback",
+    "budget.store_resumed": "BudgetStoreResumed",
+    "bulkhead.admitted": "BulkheadAdmitted",
+    "bulkhead.rejected": "BulkheadRejected",
+    "bulkhead.released": "BulkheadReleased",
+    "cache.failed": "CacheFailed",
+    "cache.recovered": "CacheRecovered",
+    "cache.repair_queued": "RepairQueued",
+    "cache.stale_served": "StaleServed",
+    "cache.warmed": "CacheWarmed",
+    "chaos.injected": "ChaosInjected",
+    "database.commit_uncertain": "CommitUncertain",
+    "database.discarded": "ConnectionDiscarded",
+    "database.pool": "PoolStatus",
+    "deadline.expired": "DeadlineExpired",
+    "fallback.used": "FallbackUsed",
+    "hedge.refused": "HedgeRefused",
+    "hedge.started": "HedgeStarted",
+    "hedge.won": "HedgeWon",
+    "hint.ignored": "HintIgnored",
+    "network.endpoint_failed": "EndpointFailed",
+    "network.failover": "FailedOver",
+    "network.fallthrough": "PriorityFallthrough",
+    "network.routing_changed": "RoutingChanged",
+    "pipeline.stage": "StageEntered",
+    "ratelimit.admitted": "RateLimitAdmitted",
+    "ratelimit.drained": "RateLimitDrained",
+    "ratelimit.rejected": "RateLimitRejected",
+    "recovery.fallback": "RecoveryFallback",
+    "resource.acquisition": "PoolAcquisition",
+    "resource.batch": "BatchFinished",
+    "resource.batch_round": "BatchRound",
+    "resource.cleanup": "CleanupFinished",
+    "resource.compensation": "CompensationRan",
+    "resource.inference": "InferenceFinished",
+    "resource.inference_fallback": "InferenceFallback",
+    "resource.inference_split": "InferenceSplit",
+    "resource.leak": "ResourceLeaked",
+    "resource.usage": "PoolUsage",
+    "retry.attempt": "AttemptFinished",
+    "retry.call": "CallFinished",
+    "retry.gave_up": "GaveUp",
+    "retry.scheduled": "RetryScheduled",
+    "timeout.expired": "AttemptTimeoutExpired",
+    "timeout.overran": "AttemptOverran",
+}
+
+
+def _library_kinds() -> dict[str, type[Event]]:
+    import importlib
+    import pkgutil
+
+    import datapunk_recovery
+
+    for module in pkgutil.walk_packages(datapunk_recovery.__path__, "datapunk_recovery."):
+        if not module.name.startswith("datapunk_recovery.demo"):
+            importlib.import_module(module.name)
+    return {
+        name: klass
+        for name, klass in event_kinds().items()
+        if klass.__module__.startswith("datapunk_recovery.")
+    }
+
+
+def test_every_event_class_and_name_of_before_the_plain_events_is_still_there() -> None:
+    kinds = _library_kinds()
+    now = {name: kinds[name].__name__ for name in BEFORE_ISSUE_16 if name in kinds}
+    assert now == BEFORE_ISSUE_16
+
+
+class _Mutated(AssertionError):
+    pass
+
+
+def test_no_exporter_of_the_library_changes_an_event_it_receives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Immutable by convention, checked here: once built, setting a field of
+    # an event (from any subscriber) is recorded and refused.
+    import logging
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from prometheus_client import CollectorRegistry
+    from structlog.testing import capture_logs
+
+    from datapunk_recovery import RetryConfig, retry
+    from datapunk_recovery.telemetry import CallbackExporter, LoggingExporter, StatisticsCollector
+    from datapunk_recovery.telemetry.otel import OpenTelemetryExporter
+    from datapunk_recovery.telemetry.prometheus import PrometheusExporter
+    from datapunk_recovery.telemetry.structlog import StructlogExporter
+    from datapunk_recovery.testing import fake_clock, instant_retries
+
+    kinds = _library_kinds()
+    mutations: list[str] = []
+
+    def guard(self: Event, name: str, value: object) -> None:
+        try:
+            object.__getattribute__(self, name)
+        except AttributeError:  # not set yet: the constructor
+            object.__setattr__(self, name, value)
+            return
+        mutations.append(f"{type(self).__name__}.{name}")
+        raise _Mutated(name)
+
+    monkeypatch.setattr(Event, "__setattr__", guard)
+    retry_logger = logging.getLogger("datapunk_recovery")
+    saved = retry_logger.level
+    retry_logger.setLevel(logging.DEBUG)
+    exporters = [
+        LoggingExporter(),
+        StructlogExporter(),
+        PrometheusExporter(CollectorRegistry(), buckets=(0.3, 1.0)),  # attempts from events
+        OpenTelemetryExporter(
+            meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
+            span_events=set(kinds),
+        ),
+        CallbackExporter(on_update=lambda u: None, on_event=lambda f: None),
+        StatisticsCollector(),
+    ]
+    tracer = TracerProvider().get_tracer("t")
+    samples = [klass(*range(len(klass._fields))) for klass in kinds.values()]
+    before = [event._values() for event in samples]
+    try:
+        for exporter in exporters:
+            exporter.install()
+        with (
+            instant_retries(),
+            fake_clock(),
+            capture_logs(),
+            tracer.start_as_current_span("request"),
+        ):
+            left = [1]
+
+            @retry(RetryConfig(max_attempts=2), name="mutable")
+            def call() -> str:
+                if left[0]:
+                    left[0] -= 1
+                    raise ConnectionError("reset")
+                return "ok"
+
+            call()
+            call()
+            for event in samples:
+                emit(event)
+    finally:
+        for exporter in exporters:
+            exporter.close()
+        retry_logger.setLevel(saved)
+    assert mutations == []
+    assert [event._values() for event in samples] == before
+    with pytest.raises(_Mutated):
+        samples[0].operation = "changed"  # the guard does catch a change
+
+
+def test_a_first_try_success_builds_one_event_whatever_is_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import logging
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from prometheus_client import CollectorRegistry
+    from structlog.testing import capture_logs
+
+    from datapunk_recovery import retry
+    from datapunk_recovery.telemetry import CallbackExporter, LoggingExporter, StatisticsCollector
+    from datapunk_recovery.telemetry.otel import OpenTelemetryExporter
+    from datapunk_recovery.telemetry.prometheus import PrometheusExporter
+    from datapunk_recovery.telemetry.structlog import StructlogExporter
+
+    built: list[str] = []
+    for klass in (CallFinished, AttemptFinished):
+        init = vars(klass)["__init__"]
+
+        def counting(self: Event, *a: object, _init: typing.Any = init, **k: object) -> None:
+            built.append(type(self).name)
+            _init(self, *a, **k)
+
+        monkeypatch.setattr(klass, "__init__", counting)
+
+    @retry(name="once")
+    def call() -> str:
+        return "ok"
+
+    logger = logging.getLogger("datapunk_recovery")
+    saved = logger.level
+    logger.setLevel(logging.DEBUG)
+    exporters = [
+        LoggingExporter(),
+        StructlogExporter(),
+        PrometheusExporter(CollectorRegistry(), buckets=(0.3, 1.0)),
+        OpenTelemetryExporter(
+            meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()])
+        ),
+        CallbackExporter(on_update=lambda u: None, on_event=lambda f: None),
+        StatisticsCollector(),
+    ]
+    attempts_only: list[Event] = []
+    try:
+        with capture_logs():
+            for exporter in exporters:
+                exporter.install()
+            call()
+            assert built == ["retry.call"]
+            built.clear()
+            for exporter in exporters:
+                exporter.close()
+            stop = subscribe(attempts_only.append, kinds={AttemptFinished})
+            call()
+            stop()
+    finally:
+        for exporter in exporters:
+            exporter.close()
+        logger.setLevel(saved)
+    assert built == ["retry.attempt"] and len(attempts_only) == 1

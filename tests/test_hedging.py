@@ -483,3 +483,31 @@ def test_reconfiguring_a_router_keeps_its_hedge_delay() -> None:
     assert router._hedger.delay() == pytest.approx(0.2)  # type: ignore[union-attr]
     router.reconfigure(RouterConfig(hedge=hedge, breaker=BreakerConfig(consecutive_failures=9)))
     assert router._hedger.delay() == pytest.approx(0.2)  # type: ignore[union-attr]
+
+
+async def test_hedge_events_are_built_only_for_a_subscriber_of_their_kind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built: list[str] = []
+    for klass in (HedgeStarted, HedgeWon, HedgeRefused):
+        init = vars(klass)["__init__"]
+
+        def counting(self: events.Event, *a: object, _init: object = init, **k: object) -> None:
+            built.append(type(self).name)
+            _init(self, *a, **k)  # type: ignore[operator]
+
+        monkeypatch.setattr(klass, "__init__", counting)
+    hedger = Hedger("kv", HedgeConfig(delay=0.001))
+    unsubscribe = events.subscribe(lambda e: None, kinds={"resource.leak"})
+    try:
+        assert await hedger.call_async(Replicas("hang", "ok").get, "k") == "k@1"
+    finally:
+        unsubscribe()
+    assert built == []
+    got: list[str] = []
+    unsubscribe = events.subscribe(lambda e: got.append(e.name), kinds={HedgeWon})
+    try:
+        assert await hedger.call_async(Replicas("hang", "ok").get, "k") == "k@1"
+    finally:
+        unsubscribe()
+    assert built == got == ["hedge.won"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
+import pytest
+
 from datapunk_recovery._core.events import GiveUpReason
 from datapunk_recovery._core.stats import DURATION_BOUNDS, OperationStats, Statistics
 
@@ -58,3 +60,37 @@ def test_folding_durations_that_sum_under_the_first_bound_puts_all_in_the_first_
     buckets, total = _folded([0.0002, 0.0003, 0.0005])  # sum: exactly the first bound
     assert buckets == [3] + [0] * len(DURATION_BOUNDS)
     assert total == 0.0002 + 0.0003 + 0.0005
+
+
+def test_a_tap_that_raises_is_logged_and_never_breaks_the_call_that_folds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from datapunk_recovery import retry
+    from datapunk_recovery._core.stats import FOLD_AT, add_tap, remove_tap
+    from datapunk_recovery.telemetry.prometheus import PrometheusExporter
+
+    taken: list[int] = []
+
+    def broken(stats: object, durations: list[float]) -> None:
+        raise RuntimeError("tap broke")
+
+    def counting(stats: object, durations: list[float]) -> None:
+        taken.append(len(durations))
+
+    @retry(name="tapped")
+    def call() -> str:
+        return "ok"
+
+    add_tap(broken)
+    add_tap(counting)
+    try:
+        with PrometheusExporter(CollectorRegistry()).install():  # attempts are timed
+            results = [call() for _ in range(FOLD_AT + 1)]  # the fast path folds once
+    finally:
+        remove_tap(broken)
+        remove_tap(counting)
+    assert results == ["ok"] * (FOLD_AT + 1)
+    assert sum(taken) == FOLD_AT + 1  # the next tap still got every duration
+    assert "tap broke" in caplog.text

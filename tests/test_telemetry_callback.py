@@ -96,3 +96,38 @@ def test_a_callback_is_required() -> None:
         CallbackExporter()
     with pytest.raises(TypeError, match="expected a callable"):
         CallbackExporter(on_event="print")  # type: ignore[arg-type]
+
+
+def test_the_exporter_asks_only_for_the_kinds_it_measures_or_names() -> None:
+    from datapunk_recovery._core.events import global_bus
+
+    with CallbackExporter(on_update=lambda u: None).install():
+        assert global_bus.wants("retry.call") and global_bus.wants("bulkhead.rejected")
+        assert not global_bus.wants("pipeline.stage")  # measures nothing
+    with CallbackExporter(on_event=lambda f: None, names={"breaker.state"}).install():
+        assert global_bus.wants("breaker.state") and not global_bus.wants("breaker.rejected")
+        assert global_bus.mode == 0  # a successful call stays on the engine's fast path
+    with CallbackExporter(on_event=lambda f: None).install():
+        assert global_bus.wants("pipeline.stage") and global_bus.mode == 2
+
+
+def test_each_event_class_is_compiled_once_and_labels_worked_out_once_per_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from datapunk_recovery.flow.bulkhead import BulkheadRejected
+    from datapunk_recovery.telemetry.labels import Labeler
+
+    asked: list[tuple[str, object]] = []
+    label = Labeler.__call__
+
+    def counting(self: Labeler, name: str, raw: object) -> str:
+        asked.append((name, raw))
+        return label(self, name, raw)
+
+    monkeypatch.setattr(Labeler, "__call__", counting)
+    updates: list[Update] = []
+    exporter = CallbackExporter(on_update=updates.append)
+    for at in range(50):
+        exporter(BulkheadRejected(operation="db", at=float(at), reason="full", active=4, queued=0))
+    assert asked == [("bulkhead", "db")]
+    assert len(updates) == 50 and updates[-1].attributes == {"bulkhead": "db"}

@@ -150,3 +150,133 @@ def test_level_rules_are_validated() -> None:
         Level(True)
     with pytest.raises(ValueError, match="together"):
         Level(logging.INFO, "state")
+
+
+@pytest.fixture
+def levels() -> Iterator[dict[str, logging.Logger]]:
+    """The library's retry logger, its parent and the root; their settings put back after."""
+    loggers = {
+        "retry": logging.getLogger("datapunk_recovery.retry"),
+        "parent": logging.getLogger("datapunk_recovery"),
+        "root": logging.getLogger(),
+    }
+    saved = [(lg, lg.level, lg.disabled, list(lg.filters)) for lg in loggers.values()]
+    disabled = logging.root.manager.disable
+    loggers["retry"].setLevel(logging.NOTSET)
+    loggers["parent"].setLevel(logging.NOTSET)
+    loggers["root"].setLevel(logging.WARNING)
+    try:
+        yield loggers
+    finally:
+        logging.disable(disabled)
+        for logger, level, was_disabled, filters in saved:
+            logger.disabled = was_disabled
+            logger.filters[:] = filters
+            logger.setLevel(level)
+
+
+def succeeds(name: str) -> object:
+    @retry(name=name)
+    def call() -> str:
+        return "ok"
+
+    return call
+
+
+class Kept(logging.Handler):
+    """A handler keeping the messages of the records that reach it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage().split()[0])
+
+
+@pytest.mark.parametrize("who", ["retry", "parent", "root"])
+def test_a_level_change_on_the_logger_a_parent_or_the_root_is_seen_at_once(
+    levels: dict[str, logging.Logger], who: str
+) -> None:
+    from datapunk_recovery._core.events import global_bus
+
+    call, kept = succeeds(f"level-{who}"), Kept()
+    levels["retry"].addHandler(kept)
+    try:
+        with LoggingExporter().install():
+            call()  # type: ignore[operator]
+            assert global_bus.mode == 0  # at WARNING: the success builds nothing
+            levels[who].setLevel(logging.DEBUG)
+            assert global_bus.mode == 2
+            call()  # type: ignore[operator]
+            levels[who].setLevel(logging.WARNING if who == "root" else logging.NOTSET)
+            assert global_bus.mode == 0
+            call()  # type: ignore[operator]
+    finally:
+        levels["retry"].removeHandler(kept)
+    assert kept.messages == ["retry.call"]
+
+
+def test_logging_disable_stops_asking_and_undoing_it_asks_again(
+    levels: dict[str, logging.Logger],
+) -> None:
+    from datapunk_recovery._core.events import global_bus
+
+    call, kept = succeeds("disabled"), Kept()
+    levels["retry"].addHandler(kept)
+    levels["retry"].setLevel(logging.DEBUG)
+    try:
+        with LoggingExporter().install():
+            assert global_bus.mode == 2
+            logging.disable(logging.INFO)
+            assert global_bus.mode == 0
+            call()  # type: ignore[operator]
+            logging.disable(logging.NOTSET)
+            assert global_bus.mode == 2
+            call()  # type: ignore[operator]
+    finally:
+        levels["retry"].removeHandler(kept)
+    assert kept.messages == ["retry.call"]
+
+
+def test_a_handler_with_a_filter_decides_what_is_logged_never_the_exporter(
+    levels: dict[str, logging.Logger],
+) -> None:
+    # A filter cannot be asked before a record exists: the exporter keeps
+    # asking for what the levels let through, and the filter drops records.
+    call, kept = succeeds("filtered"), Kept()
+    kept.addFilter(lambda record: record.__dict__.get("attempts") == 1)
+    levels["retry"].setLevel(logging.DEBUG)
+    levels["retry"].addHandler(kept)
+    try:
+        with LoggingExporter().install():
+            call()  # type: ignore[operator]
+            with pytest.raises(ConnectionError):
+                flaky("filtered-out", failures=5, attempts=2)()  # type: ignore[operator]
+    finally:
+        levels["retry"].removeHandler(kept)
+    # the first call's one event passes; the failing call's events carry no
+    # attempts field or attempts=2
+    assert kept.messages == ["retry.call"]
+
+
+def test_a_logger_disabled_then_enabled_again_is_asked_again(
+    levels: dict[str, logging.Logger],
+) -> None:
+    # logging.config.dictConfig disables existing loggers, and enables a
+    # logger it configures after setting its level: no cache clearing follows
+    # ``logger.disabled = False``, so the exporter must not have decided on it.
+    call, kept = succeeds("re-enabled"), Kept()
+    retry_logger = levels["retry"]
+    retry_logger.setLevel(logging.DEBUG)
+    retry_logger.addHandler(kept)
+    try:
+        with LoggingExporter().install():
+            retry_logger.disabled = True
+            levels["root"].setLevel(logging.ERROR)  # any level change, while disabled
+            call()  # type: ignore[operator]
+            retry_logger.disabled = False
+            call()  # type: ignore[operator]
+    finally:
+        retry_logger.removeHandler(kept)
+    assert kept.messages == ["retry.call"]

@@ -210,3 +210,69 @@ def test_a_router_compiles_one_handler_per_event_class() -> None:
         ("bulkhead.rejections", ("db",), 1.0),
         ("calls", ("op", "success_after_retry"), 1.0),
     ]
+
+
+def _doc_rows(first_cell: str) -> list[list[str]]:
+    """The rows of docs/observability.md's tables whose first cell starts with ``first_cell``."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "observability.md").read_text()
+    rows = []
+    for line in text.splitlines():
+        if line.startswith(f"| `{first_cell}"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_the_metric_table_of_the_docs_is_the_declared_metrics() -> None:
+    documented = {}
+    for prometheus, otel, kind, labels, _ in _doc_rows("datapunk_recovery_"):
+        documented[prometheus.strip("`").removesuffix("_total")] = (
+            otel.split()[0].strip("`"),
+            "s" if otel.endswith("(s)") else "1",
+            kind,
+            tuple(label.strip() for label in labels.split(",")),
+            prometheus.endswith("_total`"),
+        )
+    declared = {
+        m.prometheus_name: (
+            m.otel_name,
+            m.otel_unit,
+            "gauge" if m.kind is MetricKind.STATE else m.kind.value,
+            m.labels,
+            m.kind is MetricKind.COUNTER,
+        )
+        for m in METRICS
+    }
+    assert documented == declared
+
+
+def test_the_measure_table_of_the_docs_is_the_declared_measures() -> None:
+    documented = set()
+    for row in _doc_rows(""):
+        if len(row) != 5 or row[0].startswith("`datapunk"):
+            continue  # another table, or the metric table
+        event, metric, labels, number, when = row
+        pairs = []
+        for part in labels.split(", "):
+            label, _, source = part.replace("=", "←").partition("←")
+            fixed = source.startswith("`")
+            pairs.append((label, source.strip("`"), fixed))
+        documented.add(
+            (
+                event.strip("`"),
+                metric,
+                tuple(sorted(pairs)),
+                number,
+                when.split("`")[1] if when else "",
+            )
+        )
+    declared = set()
+    for event, measures in MEASURES.items():
+        for m in measures:
+            pairs = [(label, attr, False) for label, attr in m.labels.items()]
+            pairs += [(label, value, True) for label, value in m.fixed.items()]
+            number = "(state)" if m.metric.kind is MetricKind.STATE else (m.value or "1")
+            documented_when = m.when or ""
+            declared.add((event, m.metric.name, tuple(sorted(pairs)), number, documented_when))
+    assert documented == declared

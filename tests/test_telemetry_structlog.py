@@ -71,3 +71,25 @@ def test_a_level_between_the_standard_ones_uses_the_one_below() -> None:
     with capture_logs() as logs:
         exporter(AttemptFinished(operation="op", at=0.0, attempt=1, duration=0.1, succeeded=True))
     assert logs[0]["log_level"] == "warning"
+
+
+def test_structlog_asks_for_every_kind_whatever_stdlib_levels_say() -> None:
+    # structlog filters in its own processors, out of the exporter's sight: it
+    # asks for everything (a successful call leaves the fast path) and a
+    # first-try success is still one entry, the call's.
+    from datapunk_recovery._core.events import global_bus
+
+    @retry(name="quick")
+    def quick() -> str:
+        return "ok"
+
+    retry_logger = logging.getLogger("datapunk_recovery.retry")
+    saved = retry_logger.level
+    retry_logger.setLevel(logging.ERROR)
+    try:
+        with capture_logs() as logs, StructlogExporter().install():
+            assert global_bus.mode == 2
+            quick()
+    finally:
+        retry_logger.setLevel(saved)
+    assert [(entry["event"], entry["attempts"]) for entry in logs] == [("retry.call", 1)]

@@ -26,6 +26,7 @@ whoever reads, or by the call that finds more than
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import weakref
 from bisect import bisect_right
@@ -80,6 +81,8 @@ OVERFLOW: Final = "\x00overflow"
 
 Metrics readers report it as their label policy's ``other`` value.
 """
+
+_log = logging.getLogger("datapunk_recovery.events")
 
 FOLD_AT: Final = 256
 """Pending attempt durations past which the call that adds one folds them (a power of two)."""
@@ -271,7 +274,12 @@ class _Tally:
                     below = upto
                 buckets[-1] += n - below
         for tap in _taps:
-            tap(owner, batch)
+            # A fold runs inside a user's call (every FOLD_AT-th) or a scrape:
+            # a reader's failure is logged, never raised into either.
+            try:
+                tap(owner, batch)
+            except Exception:
+                _log.exception("attempt-duration tap %r failed on %d durations", tap, n)
 
 
 Tap = Callable[[OperationStats, list[float]], None]
@@ -284,7 +292,9 @@ def add_tap(tap: Tap) -> None:
     """Have ``tap`` receive every attempt duration folded from now on (a batch at a time).
 
     For a metrics reader that needs the durations themselves (an
-    OpenTelemetry histogram) rather than the buckets; called outside any lock.
+    OpenTelemetry histogram) rather than the buckets; called outside any lock,
+    in the thread that folds (a call or a scrape).  A tap that raises is
+    logged (``datapunk_recovery.events``) and the others still run.
     """
     global _taps
     with _registry_lock:

@@ -42,7 +42,7 @@ from .._core import clock
 from .._core.context import CURRENT
 from .._core.decorate import CallDecorator
 from .._core.errors import DeadlineExceeded, ErrorCategory, RecoveryError
-from .._core.events import Event, EventBus, emit, global_bus
+from .._core.events import Event, EventBus, emit, global_bus, listening
 from .._core.validate import check_seconds
 from . import runtime as _runtime
 
@@ -148,7 +148,8 @@ class AttemptTimeout(CallDecorator):
             result = fn(*args, **kwargs)
         finally:
             CURRENT.reset(token)
-            if global_bus.active or self.bus.active:
+            # Per call: the clock is read only for a subscriber of overruns.
+            if (global_bus.active or self.bus.active) and listening(self.bus, AttemptOverran):
                 duration = clock.now() - start
                 if duration > limit:
                     emit(
@@ -174,7 +175,7 @@ class AttemptTimeout(CallDecorator):
             CURRENT.reset(token)
         if not timed_out:
             return cast(T, result)
-        if global_bus.active or self.bus.active:
+        if (global_bus.active or self.bus.active) and listening(self.bus, AttemptTimeoutExpired):
             emit(
                 AttemptTimeoutExpired(
                     operation=self.name, at=clock.now(), seconds=limit, by_deadline=by_deadline

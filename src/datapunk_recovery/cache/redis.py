@@ -44,9 +44,10 @@ class RedisCache:
     ``master_for(...)`` client (see the module docs for what a cluster
     changes).  The client must return bytes (``decode_responses=False``, the
     default).  The client's own re-send of a failed command is turned off
-    (``stores.clients.no_hidden_resend()``, for every user of that client): a lost reply to ``INCR`` would otherwise
-    bump a generation twice, and ten silent re-sends of a read hide an outage
-    from the recovery's breaker for ten timeouts.
+    (``stores.clients.no_hidden_resend()``, for every user of that client):
+    a lost reply to ``INCR`` would otherwise bump a generation twice, and ten
+    silent re-sends of a read hide an outage from the recovery's breaker for
+    ten timeouts.
     """
 
     __slots__ = ("_also_close", "_cluster", "client", "codec", "label")

@@ -808,7 +808,7 @@ class ManagedPool:
             try:
                 conn = await driver.acquire(timeout)
             except _Timeout:
-                if listening(self.bus):
+                if listening(self.bus) and listening(self.bus, PoolStatus):
                     self._report("timed_out")
                 s = driver.snapshot(self._waiting - 1)
                 where = f" at {self.address}" if self.address else ""
@@ -846,7 +846,7 @@ class ManagedPool:
                 raise
             self._last_ok = clock.now()
             break
-        if listening(self.bus):
+        if listening(self.bus) and listening(self.bus, PoolStatus):
             self._report("acquired")
         return conn
 
@@ -887,7 +887,7 @@ class ManagedPool:
             # after the work succeeded): the work stands, the connection goes.
             await self.discard(conn, exc)
             return
-        if listening(self.bus):
+        if listening(self.bus) and listening(self.bus, PoolStatus):
             self._report("released")
 
     async def discard(self, conn: Any, error: BaseException | None) -> None:

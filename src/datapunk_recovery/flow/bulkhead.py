@@ -42,7 +42,7 @@ from .._core.context import CALLER as _CALLER
 from .._core.context import CURRENT
 from .._core.decorate import CallDecorator
 from .._core.errors import DeadlineExceeded, ErrorCategory, RecoveryError
-from .._core.events import Event, EventBus, emit, global_bus
+from .._core.events import Event, EventBus, emit, global_bus, listening
 from .._core.validate import check_count, check_seconds, shown
 from .._execution import runtime as _runtime
 
@@ -361,7 +361,9 @@ class SlotPool:
             woken = self._grant_waiters() if self._queue else []
         for waiter in woken:
             waiter.wake()
-        if global_bus.active or self.bus.active:
+        # Per call: built only for a subscriber that wants it (an exporter
+        # of the rare kinds, or a logger at WARNING, does not).
+        if (global_bus.active or self.bus.active) and listening(self.bus, BulkheadReleased):
             emit(BulkheadReleased(operation=self.name, at=clock.now(), active=active), self.bus)
 
     def set_limit(self, limit: int) -> None:
@@ -425,7 +427,7 @@ class SlotPool:
         self.release(waiter.caller)
 
     def _admitted(self, start: float | None) -> None:
-        if global_bus.active or self.bus.active:
+        if (global_bus.active or self.bus.active) and listening(self.bus, BulkheadAdmitted):
             now = clock.now()
             emit(
                 BulkheadAdmitted(

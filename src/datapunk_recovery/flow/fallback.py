@@ -28,7 +28,7 @@ from datapunk_recovery._core.validate import shown
 
 from .._core import clock
 from .._core.decorate import CallDecorator
-from .._core.events import Event, EventBus, emit, global_bus
+from .._core.events import Event, EventBus, emit, global_bus, listening
 
 __all__ = ["Fallback", "FallbackReason", "FallbackUsed"]
 
@@ -119,7 +119,7 @@ class Fallback(CallDecorator, Generic[T]):
         return bool(self._on_pred(exc))
 
     def _answer(self, error: Exception | None, result: Any) -> T | Awaitable[T]:
-        if global_bus.active or self.bus.active:
+        if (global_bus.active or self.bus.active) and listening(self.bus, FallbackUsed):
             emit(
                 FallbackUsed(
                     operation=self.name,

@@ -44,7 +44,7 @@ from typing import Any, ClassVar, ParamSpec, TypeVar, cast
 from .._core import clock
 from .._core.context import CURRENT, RACE, RaceEntry, reported_outside
 from .._core.errors import classify, final_reason
-from .._core.events import Event, EventBus, emit, global_bus
+from .._core.events import Event, EventBus, emit, global_bus, listening
 from .._core.policy import RetryGate
 from .._core.validate import check_count, check_fraction, check_seconds, shown
 from .._execution import runtime as _runtime
@@ -257,15 +257,15 @@ class Hedger:
         observed = global_bus.active or self.bus.active
         ctx = CURRENT.get()
         if ctx is not None and ctx[0] is not None and clock.now() >= ctx[0]:
-            if observed:
+            if observed and listening(self.bus, HedgeRefused):
                 emit(HedgeRefused(operation=self.name, at=clock.now(), reason="deadline"), self.bus)
             return False
         budget = self.budget
         if budget is not None and not budget.allow_retry():
-            if observed:
+            if observed and listening(self.bus, HedgeRefused):
                 emit(HedgeRefused(operation=self.name, at=clock.now(), reason="budget"), self.bus)
             return False
-        if observed:
+        if observed and listening(self.bus, HedgeStarted):
             emit(
                 HedgeStarted(
                     operation=self.name, at=clock.now(), hedge=n, reason=reason, delay=delay
@@ -291,7 +291,11 @@ class Hedger:
             self.budget.on_attempt(outcome.error is None)
         if outcome.error is None:
             self.record(outcome.duration)
-            if outcome.n > 0 and (global_bus.active or self.bus.active):
+            if (
+                outcome.n > 0
+                and (global_bus.active or self.bus.active)
+                and listening(self.bus, HedgeWon)
+            ):
                 now = clock.now()
                 emit(
                     HedgeWon(operation=self.name, at=now, attempt=outcome.n, latency=now - start),

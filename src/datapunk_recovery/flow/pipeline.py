@@ -32,8 +32,9 @@ and the
 stage classes.
 Each stage costs little on the happy path: the retry stage makes the first
 attempt itself and hands over to the retry engine only on a failure (or when
-someone listens to events, so that every event is emitted).  With anybody
-listening, the pipeline also emits [`StageEntered`][datapunk_recovery.flow.pipeline.StageEntered]
+a subscriber wants a successful call's events, or a metrics reader times
+attempts: the engine's own test).  For a subscriber that wants it, the
+pipeline also emits [`StageEntered`][datapunk_recovery.flow.pipeline.StageEntered]
 as each
 stage is
 entered, which shows the order.
@@ -52,7 +53,7 @@ from .._core import clock
 from .._core.backoff import RetryConfig
 from .._core.context import CALLER as _CALLER
 from .._core.context import CURRENT, REPORTING
-from .._core.events import Event, EventBus, emit, global_bus
+from .._core.events import Event, EventBus, emit, global_bus, listening
 from .._core.policy import RetryGate, RetryPolicy
 from .._core.stats import Statistics, count_value
 from .._core.validate import check_seconds, shown
@@ -94,7 +95,7 @@ ARun = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Awaitable
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StageEntered(Event):
-    """A call entered stage ``stage`` of pipeline ``operation`` (only while someone listens)."""
+    """A call entered stage ``stage`` of pipeline ``operation`` (built only if wanted)."""
 
     name: ClassVar[str] = "pipeline.stage"
     area: ClassVar[str] = "pipeline"
@@ -473,7 +474,14 @@ class RetryStage(StageAliases):
         engine_bus = retried.events
 
         def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if not fast or global_bus.active or engine_bus.active:
+            # As the engine's own fast path: the engine takes the call when a
+            # subscriber wants a successful call's events or a metrics reader
+            # times attempts (mode), not because someone listens for other
+            # kinds.  ``active`` (a bool: the cheapest truth test) first, so
+            # the unobserved path reads no int.
+            if not fast or (
+                (global_bus.active or engine_bus.active) and (global_bus.mode or engine_bus.mode)
+            ):
                 return retried([], nxt, fn, args, kwargs)
             # This stage reports the first attempt to the budget (the engine
             # the others): the stages inside must not report it again.
@@ -498,7 +506,9 @@ class RetryStage(StageAliases):
         engine_bus = retried.events
 
         async def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if not fast or global_bus.active or engine_bus.active:
+            if not fast or (  # see wrap()
+                (global_bus.active or engine_bus.active) and (global_bus.mode or engine_bus.mode)
+            ):
                 return await retried([], nxt, fn, args, kwargs)
             reporting = None if budget is None else REPORTING.set((*REPORTING.get(), budget))
             try:  # see sync()
@@ -737,7 +747,7 @@ class Pipeline:
 
     def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn(*args, **kwargs)`` through every stage."""
-        if global_bus.active or self.bus.active:
+        if (global_bus.active or self.bus.active) and listening(self.bus, StageEntered):
             return cast(T, self._sync_observed(fn, args, kwargs))
         return cast(T, self._sync(fn, args, kwargs))
 
@@ -745,7 +755,7 @@ class Pipeline:
         self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
         """Await ``fn(*args, **kwargs)`` through every stage."""
-        if global_bus.active or self.bus.active:
+        if (global_bus.active or self.bus.active) and listening(self.bus, StageEntered):
             return cast(T, await self._async_observed(fn, args, kwargs))
         return cast(T, await self._async(fn, args, kwargs))
 
@@ -764,7 +774,7 @@ class Pipeline:
 
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                if global_bus.active or bus.active:
+                if (global_bus.active or bus.active) and listening(bus, StageEntered):
                     return await aobserved(fn, args, kwargs)
                 return await arun(fn, args, kwargs)
 
@@ -774,7 +784,7 @@ class Pipeline:
 
         @functools.wraps(fn)
         def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            if global_bus.active or bus.active:
+            if (global_bus.active or bus.active) and listening(bus, StageEntered):
                 return observed(fn, args, kwargs)
             return run(fn, args, kwargs)
 

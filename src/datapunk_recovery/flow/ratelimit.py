@@ -48,7 +48,7 @@ from .._core.context import CALLER as _CALLER
 from .._core.context import CURRENT
 from .._core.decorate import CallDecorator
 from .._core.errors import DeadlineExceeded, ErrorCategory, RecoveryError, classify
-from .._core.events import Event, EventBus, HintIgnored, emit, global_bus
+from .._core.events import Event, EventBus, HintIgnored, emit, global_bus, listening
 from .._core.redact import safe_repr
 from .._core.validate import check_count, check_number, check_seconds, shown
 from .._execution import runtime as _runtime
@@ -414,7 +414,8 @@ class RateLimiter(CallDecorator):
                 own.give_back()
 
     def _admitted(self, waited: float) -> None:
-        if global_bus.active or self.bus.active:
+        # Per call: built only for a subscriber that wants it.
+        if (global_bus.active or self.bus.active) and listening(self.bus, RateLimitAdmitted):
             emit(RateLimitAdmitted(operation=self.name, at=clock.now(), waited=waited), self.bus)
 
     # -- faces

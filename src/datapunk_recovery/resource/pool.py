@@ -543,7 +543,10 @@ class ResourcePool(Generic[T]):
         outcome: str,
         error: BaseException | None = None,
     ) -> None:
-        if listening(self._bus):
+        if not listening(self._bus):
+            return
+        # Per acquisition: each event built only for a subscriber that wants it.
+        if listening(self._bus, PoolAcquisition):
             at = clock.now()
             emit(
                 PoolAcquisition(
@@ -558,10 +561,10 @@ class ResourcePool(Generic[T]):
                 ),
                 self._bus,
             )
-            self._usage()
+        self._usage()
 
     def _usage(self) -> None:
-        if listening(self._bus):
+        if listening(self._bus) and listening(self._bus, PoolUsage):
             emit(
                 PoolUsage(
                     operation=self.kind,

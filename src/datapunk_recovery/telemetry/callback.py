@@ -12,7 +12,9 @@ test), give it a function::
 of [`MEASURES`][datapunk_recovery.telemetry.metrics.MEASURES], labels bounded
 like Prometheus labels; ``on_event`` receives each event as its flat,
 redacted fields ([`event_fields()`][datapunk_recovery.telemetry.fields.event_fields]),
-optionally only the event names in ``names``.  A subscriber that wants the
+optionally only the event names in ``names``.  The exporter asks its buses
+for those kinds only (`wants()`), so a call reporting nothing it uses builds
+no event.  A subscriber that wants the
 event objects themselves needs no exporter: ``events.subscribe(fn)``.
 """
 
@@ -26,7 +28,7 @@ from datapunk_recovery._core.validate import shown
 from .exporter import Exporter
 from .fields import FieldValue, event_fields
 from .labels import Labeler, LabelPolicy
-from .metrics import MEASURES, Measure, Router, Update
+from .metrics import MEASURES, Measure, Metric, Router, Update
 
 __all__ = ["CallbackExporter"]
 
@@ -54,10 +56,23 @@ class CallbackExporter(Exporter):
         self._names = None if names is None else frozenset(names)
         self.labeler = Labeler(labels)
         self._router = Router(self.labeler, measures)
+        self._recorder = self._updater  # one bound method: the router keeps its handlers
+
+    def _updater(self, metric: Metric, labels: tuple[str, ...]) -> Callable[[float], None]:
+        """The function sending ``metric`` at ``labels`` changed by a number as an `Update`."""
+        on_update = self._on_update
+        assert on_update is not None
+        return lambda value: on_update(Update(metric, labels, float(value)))
+
+    def wants(self, name: str) -> bool:
+        """Whether events named ``name`` make an update or are passed on (the rest is not built)."""
+        if self._on_event is not None and (self._names is None or name in self._names):
+            return True
+        return self._on_update is not None and bool(self._router.get(name))
 
     def __call__(self, event: Event) -> None:
         if self._on_update is not None:
-            for update in self._router.updates(event):
-                self._on_update(update)
+            # Compiled once per event class; labels worked out once per raw value.
+            self._router.handler(type(event), self._recorder)(event)
         if self._on_event is not None and (self._names is None or event.name in self._names):
             self._on_event(event_fields(event))

@@ -23,7 +23,7 @@ WARNING, a call that succeeds at once
 builds no event and stays on the engine's fast path.  The answer is worked
 out again whenever ``logging`` levels change (``Logger.setLevel``,
 ``logging.disable``: both clear ``logging``'s own caches, and the exporter
-hooks that clearing).
+hooks that clearing; a logger's ``disabled`` flag is left to the logger).
 """
 
 from __future__ import annotations
@@ -107,7 +107,13 @@ class LoggingExporter(Exporter):
             return True  # a kind not defined yet: ask again when it is
         level = self._levels.get(name)
         lowest = logging.DEBUG if level is None else min([level.default, *level.by_value.values()])
-        return self._logger(kind.area).isEnabledFor(lowest)
+        # What ``isEnabledFor`` decides from levels and ``logging.disable``,
+        # both of which clear logging's cache (and so call us again); not
+        # ``Logger.disabled``, which changes with no such call (dictConfig
+        # enables a logger it configures after setting its level): a disabled
+        # logger is still asked for, and `__call__` drops its events.
+        logger = self._logger(kind.area)
+        return logger.manager.disable < lowest and lowest >= logger.getEffectiveLevel()
 
     def install(self, *buses: EventBus) -> Self:
         """Subscribe to ``buses`` (or globally), for the kinds its loggers would emit."""

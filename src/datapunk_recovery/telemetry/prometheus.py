@@ -91,12 +91,20 @@ class PrometheusExporter(Exporter):
             and measures.get(name) == MEASURES.get(name)
             and (metric is not ATTEMPT_DURATION or served is not None)
         }
-        pushed = {name: m for name, m in measures.items() if name not in pulled}
+        pulled_metrics = set(pulled.values())
+        # An event whose metric is pulled may still feed one that is not: a
+        # first-try success's CallFinished is its attempt's duration when the
+        # buckets are our own (then the engine builds that one event, not an
+        # AttemptFinished too for us while others take the CallFinished).
+        pushed = {
+            name: tuple(m for m in entries if name not in pulled or m.metric not in pulled_metrics)
+            for name, entries in measures.items()
+        }
+        pushed = {name: entries for name, entries in pushed.items() if entries}
         self._pushed = frozenset(pushed)
         self._router = Router(self.labeler, pushed)
-        self._puller = Puller(self.labeler, time_attempts=ATTEMPT_DURATION in pulled.values())
+        self._puller = Puller(self.labeler, time_attempts=ATTEMPT_DURATION in pulled_metrics)
         self._instruments: dict[Metric, Any] = {}
-        pulled_metrics = set(pulled.values())
         if pulled_metrics:
             registry.register(
                 _Collector(client, self._puller, pulled_metrics, served or (), time.time())
