@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import typing
+from collections.abc import Callable
 
 import pytest
 
@@ -410,3 +411,65 @@ def test_a_first_try_success_builds_one_event_whatever_is_installed(
             exporter.close()
         logger.setLevel(saved)
     assert built == ["retry.attempt"] and len(attempts_only) == 1
+
+
+@pytest.mark.parametrize("round", range(4))  # more chances for the threads to interleave
+def test_threads_subscribing_and_unsubscribing_at_once_lose_no_change(round: int) -> None:
+    import sys
+    import threading
+
+    bus = EventBus()
+    old = [(lambda event, i=i: None) for i in range(400)]
+    new = [(lambda event, i=i: None) for i in range(400)]
+    for subscriber in old:
+        bus.subscribe(subscriber, kinds=("retry.scheduled",))
+    start = threading.Barrier(4)
+
+    def adding(mine: list[Callable[[Event], None]]) -> None:
+        start.wait()
+        for subscriber in mine:
+            bus.subscribe(subscriber, kinds=("retry.scheduled",))
+            bus.time_attempts(True)
+
+    def removing(mine: list[Callable[[Event], None]]) -> None:
+        start.wait()
+        for subscriber in mine:
+            bus.unsubscribe(subscriber)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        threads = [
+            threading.Thread(target=adding, args=(new[:200],)),
+            threading.Thread(target=adding, args=(new[200:],)),
+            threading.Thread(target=removing, args=(old[:200],)),
+            threading.Thread(target=removing, args=(old[200:],)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert {id(s) for s, _ in bus.subscriptions()} == {id(s) for s in new}
+    assert len(bus.route("retry.scheduled")) == 400
+    for _ in range(400):
+        bus.time_attempts(False)
+    assert bus.mode == 0  # every timer counted, so every one is taken back
+
+
+def test_a_subscribers_wants_may_itself_subscribe_without_hanging_the_bus() -> None:
+    """refresh() asks ``wants`` outside the bus's lock (a ``wants`` may take other locks)."""
+    bus = EventBus()
+    late: list[str] = []
+
+    def wants(name: str) -> bool:
+        if not late:
+            late.append(name)
+            bus.subscribe(lambda event: None, kinds=("retry.gave_up",))
+        return name == "retry.scheduled"
+
+    bus.subscribe(lambda event: None, kinds=wants)
+    assert len(bus.subscriptions()) == 2
+    assert len(bus.route("retry.gave_up")) == 1
+    assert len(bus.route("retry.scheduled")) == 1

@@ -34,6 +34,7 @@ messages, keys or connection strings: a message may hold a secret.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Collection
 from enum import StrEnum
 from typing import Any, ClassVar, dataclass_transform
@@ -357,6 +358,7 @@ class EventBus:
 
     __slots__ = (
         "__weakref__",
+        "_changing",
         "_entries",
         "routes",
         "_timers",
@@ -366,6 +368,10 @@ class EventBus:
     )
 
     def __init__(self) -> None:
+        # Held while the subscriptions or the timers change, never by emit
+        # nor around a subscriber's code (``wants``: logging's own lock may be
+        # taken there): two threads subscribing at once lose neither.
+        self._changing = threading.Lock()
         self._entries: tuple[tuple[Subscriber, Callable[[str], bool] | None], ...] = ()
         #: The subscribers per kind name, filled by
         #: [`route()`][datapunk_recovery._core.events.EventBus.route] and emptied
@@ -394,13 +400,15 @@ class EventBus:
         if kinds is None:
             kinds = getattr(subscriber, "wants", None)
         wants = _predicate(kinds)
-        self._entries = (*self._entries, (subscriber, wants))
+        with self._changing:
+            self._entries = (*self._entries, (subscriber, wants))
         self.refresh()
         return lambda: self.unsubscribe(subscriber)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Remove ``subscriber`` (no error if it is not there)."""
-        self._entries = tuple(e for e in self._entries if e[0] is not subscriber)
+        with self._changing:
+            self._entries = tuple(e for e in self._entries if e[0] is not subscriber)
         self.refresh()
 
     def subscriptions(self) -> tuple[tuple[Subscriber, Callable[[str], bool] | None], ...]:
@@ -415,20 +423,30 @@ class EventBus:
         self, subscriptions: tuple[tuple[Subscriber, Callable[[str], bool] | None], ...]
     ) -> None:
         """Put back the subscriptions that ``subscriptions()`` returned."""
-        self._entries = subscriptions
+        with self._changing:
+            self._entries = subscriptions
         self.refresh()
 
     def refresh(self) -> None:
         """Ask the subscribers again which kinds they want (their wishes changed)."""
-        self.routes = {}
-        self._unless = {}
-        self.active = bool(self._entries)
-        hot = any(self.route(kind) for kind in _HOT_KINDS)
-        self.mode = 2 if hot else 1 if self._timers else 0
+        # Lock-free, so that a ``wants`` may take any lock; a change made
+        # meanwhile by another thread is caught by the check and worked out
+        # again.  ``routes`` is emptied after the change it follows, so a
+        # route() filling it reads subscriptions at least as new as it.
+        while True:
+            entries, timers = self._entries, self._timers
+            self.routes = {}
+            self._unless = {}
+            self.active = bool(entries)
+            hot = any(self.route(kind) for kind in _HOT_KINDS)
+            self.mode = 2 if hot else 1 if timers else 0
+            if entries is self._entries and timers == self._timers:
+                return
 
     def time_attempts(self, on: bool) -> None:
         """A metrics reader starts (``True``) or stops wanting the engine to time attempts."""
-        self._timers += 1 if on else -1
+        with self._changing:
+            self._timers += 1 if on else -1
         self.refresh()
 
     def route(self, name: str) -> tuple[Subscriber, ...]:
