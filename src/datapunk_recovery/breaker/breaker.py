@@ -242,17 +242,15 @@ class CircuitBreaker:
     def state_unless_busy(self) -> BreakerState | None:
         """The state now, or ``None`` while another thread holds the breaker's lock.
 
-        Never waits for that lock: for a caller that holds a lock of its own
-        which the breaker's event subscribers may take (a registry), waiting
-        could deadlock.
+        Never waits for that lock, changes nothing and emits nothing: for a
+        caller that holds a lock of its own which the breaker's event
+        subscribers may take (a registry), waiting or emitting could
+        deadlock.  A transition time has made due is reported without being
+        applied (an open breaker whose time is up reads ``HALF_OPEN``).
         """
-        lock = self._core.lock
-        if not lock.acquire(blocking=False):
-            return None
-        try:
-            return self.state
-        finally:
-            lock.release()
+        if self._link is not None:
+            return self._link.state_unless_busy()
+        return self._core.state_unless_busy()
 
     def retry_after(self) -> float:
         """Seconds until the breaker may admit a call: 0 when it admits now, inf when isolated."""
