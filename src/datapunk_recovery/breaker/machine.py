@@ -435,28 +435,31 @@ class Machine:
                 plain = False
             else:
                 self.consecutive = 0
-                # CountWindow.add(False, False, now), inlined.
+                # CountWindow.add(False, False, now), inlined; a success that
+                # replaces a success (the usual case) leaves the ring alone.
                 window: CountWindow = self.window  # type: ignore[assignment]
                 ring = window.ring
                 i = window.pos
                 old = ring[i]
-                if not old:
-                    window.calls += 1
-                elif old != 4:  # the slot held a failed or slow call
-                    window.failures -= old & 1
-                    window.slow -= (old & 2) >> 1
-                ring[i] = 4
+                if old != 4:
+                    if old:  # the slot held a failed or slow call
+                        window.failures -= old & 1
+                        window.slow -= (old & 2) >> 1
+                    else:
+                        window.calls += 1
+                    ring[i] = 4
                 i += 1
                 window.pos = 0 if i == window.size else i
-                if not window.failures and not window.slow:
+                if window.failures or window.slow:
+                    if self.judged and (old or window.calls != self.config.minimum_calls):
+                        # The rates are no higher than when they were last judged
+                        # (no verdict): the same calls with fewer failed or slow,
+                        # or one more call above ``minimum_calls``.
+                        return
+                else:
                     self.shadow_tripped = False  # what `_conclude()` does with no verdict
                     self.settled = window.calls == window.size
                     self.judged = True
-                    return
-                if self.judged and (old or window.calls != self.config.minimum_calls):
-                    # The rates are no higher than when they were last judged
-                    # (no verdict): the same calls with fewer failed or slow,
-                    # or one more call above ``minimum_calls``.
                     return
                 now = clock.now()
                 reason = self._judge(now, False)
