@@ -299,6 +299,20 @@ class Machine:
     # -- admission -----------------------------------------------------------------
     def admit(self) -> tuple[int, bool]:
         """``(generation, is_probe)`` of a granted call; raises CircuitOpenError otherwise."""
+        granted = self.admission()
+        if isinstance(granted, float):
+            raise CircuitOpenError(self.name, granted)
+        return granted
+
+    def admission(self) -> tuple[int, bool] | float:
+        """`admit()` that returns a refusal: the seconds until the breaker may admit.
+
+        The faces raise ``CircuitOpenError(name, seconds)`` themselves: every
+        frame an exception leaves adds a traceback entry (and makes its frame
+        an object), which a refused call pays for.  They hold the seconds,
+        not the error: a frame that held the error its traceback holds would
+        make a reference cycle, left to the garbage collector.
+        """
         state = self.state
         if state in PASSING_STATES:
             return self.gen, False
@@ -318,7 +332,8 @@ class Machine:
                 granted = probe = True
             else:
                 granted = False
-                remaining = self._remaining(now)
+                # `_remaining()`, inlined for the usual refusal (open: its time is not up).
+                remaining = self.open_until - now if state is _OPEN else self._remaining(now)
                 self.rejected += 1
                 # `self.listening()` inlined: a refusal is a hot path of its own.
                 if (global_bus.active or self.bus.active) and listening(self.bus, CallRejected):
@@ -330,7 +345,7 @@ class Machine:
             self.deliver()
         if granted:
             return gen, probe
-        raise CircuitOpenError(self.name, remaining)
+        return remaining
 
     def _remaining(self, now: float) -> float:
         state = self.state
