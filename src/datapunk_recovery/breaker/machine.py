@@ -73,7 +73,7 @@ class Machine:
     posts its events to ``outbox`` (in the order they happen, which the lock
     makes one order), and `deliver()` emits them after the lock is released,
     one thread at a time (``delivering``).  A subscriber may therefore read,
-    call, reset or force the breaker it hears from: the events that causes
+    call, reset or force the breaker it hears from: the events its use posts
     are delivered after its own returns, by the thread already delivering.
     """
 
