@@ -662,11 +662,14 @@ class CircuitBreaker:
             else:
                 self._quick_success(gen, start)
             return result
-        # `allow()`, inlined: a refusal is raised from here, two frames fewer to leave.
-        granted = core.admission()
-        if isinstance(granted, float):
-            raise CircuitOpenError(self.name, granted)
-        permit = Permit(self, *granted, False, clock.now() if core.config.timed else None)
+        if self._link is not None:
+            permit = self.allow()  # raises TypeError: an async store
+        else:
+            # `allow()`, inlined: a refusal is raised from here, two frames fewer to leave.
+            granted = core.admission()
+            if isinstance(granted, float):
+                raise CircuitOpenError(self.name, granted)
+            permit = Permit(self, *granted, False, clock.now() if core.config.timed else None)
         try:
             result = fn(*args, **kwargs)
         except Exception as exc:
