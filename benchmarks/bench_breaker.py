@@ -13,8 +13,15 @@ Groups (ns per call; ``bare`` is the undecorated call, the baseline):
   window with a subscriber that wants only other kinds (``rate_count_other_kinds``:
   an installed exporter), and ``hand_window``: a minimal hand-written
   failure-rate check over a 100-call ring under a lock, the floor for ``rate_count``.
+  ``rate_count_one_failure`` is ``rate_count`` over a function that fails once
+  every 100 calls, so that its 100-call window always holds one failure (a
+  production service's usual state); beside it ``bare_one_failure`` (the same
+  function, caught, unguarded) and ``hand_window_one_failure`` (the same
+  function through ``hand_window``'s check).
 - ``breaker-open-sync`` / ``breaker-open-async``: refusing a call while open
-  (raise and catch the library's open error).
+  (raise and catch the library's open error).  Every breaker stays open for
+  30 s (ours with ``open_duration=30``: its default 1 s would end during a
+  worker's run and time closed calls instead).
 - ``breaker-redis-async`` (only with ``--redis-url URL``): a call through a
   closed breaker whose state lives in Redis, with the store's defaults, on
   the path users run: the called function yields to the event loop once (as
@@ -86,6 +93,19 @@ async def aok() -> int:
 
 def boom() -> int:
     raise ConnectionError
+
+
+def one_in(n: int) -> Callable[[], int]:
+    """Fails once every ``n`` calls: a count window of ``n`` calls always holds one failure."""
+    count = [0]
+
+    def call() -> int:
+        count[0] += 1
+        if count[0] % n == 0:
+            raise ConnectionError
+        return 1
+
+    return call
 
 
 async def aboom() -> int:
@@ -181,10 +201,16 @@ def policies_sync() -> dict[str, Callable[[], Any]]:
     others.events.subscribe(lambda event: None, kinds=("retry.giveup", "breaker.state"))
     cases["rate_count_other_kinds"] = others(ok)
     cases["hand_window"] = _hand_window()
+    # The window always holds one failure; each failure is raised and caught.
+    cases["bare_one_failure"] = _refusing_sync(one_in(100), ConnectionError)
+    cases["rate_count_one_failure"] = _refusing_sync(
+        CircuitBreaker("one", POLICIES["rate_count"])(one_in(100)), ConnectionError
+    )
+    cases["hand_window_one_failure"] = _refusing_sync(_hand_window(one_in(100)), ConnectionError)
     return cases
 
 
-def _hand_window() -> Callable[[], Any]:
+def _hand_window(fn: Callable[[], int] = ok) -> Callable[[], Any]:
     """A minimal hand-written failure-rate check over a 100-call ring, under a lock."""
     import threading
 
@@ -194,7 +220,7 @@ def _hand_window() -> Callable[[], Any]:
 
     def call() -> int:
         try:
-            result = ok()
+            result = fn()
         except Exception:
             failed = 1
             raise
@@ -235,8 +261,8 @@ def policies_async() -> dict[str, Callable[[], Callable[[], Awaitable[Any]]]]:
 # open: refusing
 
 
-def _open_ours(config: BreakerConfig | None = None) -> CircuitBreaker:
-    b = CircuitBreaker("bench", config)
+def _open_ours() -> CircuitBreaker:
+    b = CircuitBreaker("bench", BreakerConfig(open_duration=30.0))  # as the peers: 30 s
     for _ in range(5):
         with contextlib.suppress(ConnectionError):
             b.call(boom)

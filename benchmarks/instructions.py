@@ -95,6 +95,47 @@ def flaky() -> Callable[[], int]:
     return call
 
 
+def one_in(n: int) -> Callable[[], int]:
+    """Fails once every ``n`` calls: a count window of ``n`` calls always holds one failure."""
+    state = [0]
+
+    def call() -> int:
+        state[0] += 1
+        if state[0] % n == 0:
+            raise ConnectionError
+        return 1
+
+    return call
+
+
+def boom() -> int:
+    raise ConnectionError
+
+
+async def aboom() -> int:
+    raise ConnectionError
+
+
+def _catching(fn: Callable[[], Any], error: type[BaseException]) -> Sync:
+    def call() -> None:
+        try:  # noqa: SIM105 - contextlib.suppress would add its own cost to what is counted
+            fn()
+        except error:
+            pass
+
+    return call
+
+
+def _acatching(fn: Callable[[], Awaitable[Any]], error: type[BaseException]) -> Async:
+    async def call() -> None:
+        try:  # noqa: SIM105 - as above
+            await fn()
+        except error:
+            pass
+
+    return call
+
+
 # ---------------------------------------------------------------------------
 # cases: name -> (bare case subtracted, builder).  Sync builders return the
 # callable to call; async builders (run on the event loop) return a
@@ -118,6 +159,18 @@ def _bare_async() -> Async:
 
 def _bare_async_arg() -> Async:
     return lambda: aanswer(1)
+
+
+def _bare_sync_one_in_100() -> Sync:
+    return _catching(one_in(100), ConnectionError)
+
+
+def _bare_sync_raising() -> Sync:
+    return _catching(boom, ConnectionError)
+
+
+def _bare_async_raising() -> Async:
+    return _acatching(aboom, ConnectionError)
 
 
 def _control() -> Sync:
@@ -174,6 +227,41 @@ def _breaker_rate_sync() -> Sync:
     return dr.CircuitBreaker("bench", config)(ok)
 
 
+def _breaker_rate_one_failure_sync() -> Sync:
+    import datapunk_recovery as dr
+
+    config = dr.BreakerConfig(
+        consecutive_failures=None, failure_rate_threshold=0.5, window_size=100
+    )
+    return _catching(dr.CircuitBreaker("bench", config)(one_in(100)), ConnectionError)
+
+
+def _open_breaker() -> Any:
+    import datapunk_recovery as dr
+
+    # Open for 30 s (the peers' setting in bench_breaker.py): the default's 1 s
+    # would end within the counted loop and measure half-open and closed calls.
+    breaker = dr.CircuitBreaker("bench", dr.BreakerConfig(open_duration=30.0))
+    for _ in range(5):  # the default opens after 5 consecutive failures
+        try:  # noqa: SIM105 - as above
+            breaker.call(boom)
+        except ConnectionError:
+            pass
+    return breaker
+
+
+def _breaker_open_sync() -> Sync:
+    import datapunk_recovery as dr
+
+    return _catching(_open_breaker()(ok), dr.CircuitOpenError)
+
+
+def _breaker_open_async() -> Async:
+    import datapunk_recovery as dr
+
+    return _acatching(_open_breaker()(aok), dr.CircuitOpenError)
+
+
 def _pipeline_sync() -> Sync:
     import datapunk_recovery as dr
 
@@ -210,6 +298,9 @@ BARES: dict[str, tuple[bool, Callable[[], Any]]] = {
     "bare sync f(x)": (False, _bare_sync_arg),
     "bare async": (True, _bare_async),
     "bare async f(x)": (True, _bare_async_arg),
+    "bare sync, 1 call in 100 failing": (False, _bare_sync_one_in_100),
+    "bare sync raising": (False, _bare_sync_raising),
+    "bare async raising": (True, _bare_async_raising),
 }
 
 # name -> (bare subtracted, async?, builder)
@@ -221,6 +312,21 @@ CASES: dict[str, tuple[str, bool, Callable[[], Any]]] = {
     "breaker closed sync (@breaker default)": ("bare sync", False, _breaker_closed_sync),
     "breaker closed async (@breaker default)": ("bare async", True, _breaker_closed_async),
     "breaker failure rate, 100-call window, sync": ("bare sync", False, _breaker_rate_sync),
+    "breaker failure rate, window holds 1 failure (1 call in 100 fails), sync": (
+        "bare sync, 1 call in 100 failing",
+        False,
+        _breaker_rate_one_failure_sync,
+    ),
+    "breaker open, refusing, sync (@breaker default)": (
+        "bare sync raising",
+        False,
+        _breaker_open_sync,
+    ),
+    "breaker open, refusing, async (@breaker default)": (
+        "bare async raising",
+        True,
+        _breaker_open_async,
+    ),
     "pipeline default sync": ("bare sync f(x)", False, _pipeline_sync),
     "pipeline default async": ("bare async f(x)", True, _pipeline_async),
     "router one endpoint async": ("bare async f(x)", True, _router_async),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -26,6 +27,7 @@ from datapunk_recovery.breaker import (
     BreakerStateChanged,
     CircuitBreaker,
     OutcomeRecorded,
+    Permit,
 )
 from datapunk_recovery.testing import fake_clock
 
@@ -117,18 +119,13 @@ def test_a_subscriber_wanting_other_kinds_keeps_calls_off_the_permit_path(
     fake: FakeClock, monkeypatch: pytest.MonkeyPatch, config: BreakerConfig
 ) -> None:
     permits: list[object] = []
-    allow, allow_async = CircuitBreaker.allow, CircuitBreaker.allow_async
+    make_permit = Permit.__init__
 
-    def counting_allow(self: CircuitBreaker) -> object:
-        permits.append(self)
-        return allow(self)
+    def counting_permit(self: Permit, breaker: CircuitBreaker, *args: Any) -> None:
+        permits.append(breaker)
+        make_permit(self, breaker, *args)
 
-    async def counting_allow_async(self: CircuitBreaker) -> object:
-        permits.append(self)
-        return await allow_async(self)
-
-    monkeypatch.setattr(CircuitBreaker, "allow", counting_allow)
-    monkeypatch.setattr(CircuitBreaker, "allow_async", counting_allow_async)
+    monkeypatch.setattr(Permit, "__init__", counting_permit)
     seen: list[Event] = []
     unsubscribe = events.subscribe(seen.append, kinds=("retry.giveup", BreakerStateChanged))
     try:

@@ -140,11 +140,17 @@ class CircuitOpenError(RecoveryError):
     retryable = False
     do_not_retry_above = True
 
+    # Built on every refused call: keep it cheap.  The fields live in slots
+    # (no instance dict to make), ``args`` is set by ``BaseException.__new__``
+    # from the positional arguments (only keywords need setting it here), and
+    # the message is formatted lazily.
+    __slots__ = ("breaker", "remaining")
+
     def __init__(self, breaker: str, remaining: float) -> None:
-        # Built on every refused call: keep it cheap, format the message lazily.
-        Exception.__init__(self, breaker, remaining)
         self.breaker = breaker
         self.remaining = remaining
+        if not self.args:  # made with keywords: ``args`` as if positional
+            self.args = (breaker, remaining)
 
     def __str__(self) -> str:
         return (

@@ -19,7 +19,7 @@ from typing import Any, Final, ParamSpec, TypeVar, cast
 from .._core import clock
 from .._core.backoff import server_delay
 from .._core.context import lost_race
-from .._core.errors import classify
+from .._core.errors import CircuitOpenError, classify
 from .._core.events import EventBus, HintIgnored, emit, global_bus
 from .._core.redact import safe_repr
 from .._core.validate import shown
@@ -242,17 +242,15 @@ class CircuitBreaker:
     def state_unless_busy(self) -> BreakerState | None:
         """The state now, or ``None`` while another thread holds the breaker's lock.
 
-        Never waits for that lock: for a caller that holds a lock of its own
-        which the breaker's event subscribers may take (a registry), waiting
-        could deadlock.
+        Never waits for that lock, changes nothing and emits nothing: for a
+        caller that holds a lock of its own which the breaker's event
+        subscribers may take (a registry), waiting or emitting could
+        deadlock.  A transition time has made due is reported without being
+        applied (an open breaker whose time is up reads ``HALF_OPEN``).
         """
-        lock = self._core.lock
-        if not lock.acquire(blocking=False):
-            return None
-        try:
-            return self.state
-        finally:
-            lock.release()
+        if self._link is not None:
+            return self._link.state_unless_busy()
+        return self._core.state_unless_busy()
 
     def retry_after(self) -> float:
         """Seconds until the breaker may admit a call: 0 when it admits now, inf when isolated."""
@@ -370,15 +368,19 @@ class CircuitBreaker:
                 "(Redis): use allow_async() / call_async() / async with"
             )
         core = self._core
-        gen, probe = core.admit()
-        return Permit(self, gen, probe, False, clock.now() if core.config.timed else None)
+        granted = core.admission()
+        if isinstance(granted, float):
+            raise CircuitOpenError(self.name, granted)
+        return Permit(self, *granted, False, clock.now() if core.config.timed else None)
 
     async def allow_async(self) -> Permit:
         """`allow()` for async code; works with every store."""
         if self._link is None:
             core = self._core
-            gen, probe = core.admit()
-            return Permit(self, gen, probe, False, clock.now() if core.config.timed else None)
+            granted = core.admission()
+            if isinstance(granted, float):
+                raise CircuitOpenError(self.name, granted)
+            return Permit(self, *granted, False, clock.now() if core.config.timed else None)
         gen, probe, remote = await self._link.allow()
         return Permit(self, gen, probe, remote, clock.now() if self.config.timed else None)
 
@@ -660,7 +662,14 @@ class CircuitBreaker:
             else:
                 self._quick_success(gen, start)
             return result
-        permit = self.allow()
+        if self._link is not None:
+            permit = self.allow()  # raises TypeError: an async store
+        else:
+            # `allow()`, inlined: a refusal is raised from here, two frames fewer to leave.
+            granted = core.admission()
+            if isinstance(granted, float):
+                raise CircuitOpenError(self.name, granted)
+            permit = Permit(self, *granted, False, clock.now() if core.config.timed else None)
         try:
             result = fn(*args, **kwargs)
         except Exception as exc:
@@ -730,7 +739,13 @@ class CircuitBreaker:
             else:
                 Permit(self, shared, False, True, start).result(result)
             return result
-        permit = await self.allow_async()
+        if link is None:  # `allow_async()`, inlined as in `_call_slow()`
+            granted = core.admission()
+            if isinstance(granted, float):
+                raise CircuitOpenError(self.name, granted)
+            permit = Permit(self, *granted, False, clock.now() if core.config.timed else None)
+        else:
+            permit = await self.allow_async()
         try:
             result = await fn(*args, **kwargs)
         except Exception as exc:

@@ -25,6 +25,15 @@ __all__ = ["FAILURE", "IGNORED", "LOST", "SUCCESS", "Machine", "judge_error"]
 #: The default random source of open-duration jitter (a breaker may bring its own).
 _RNG: Final = random.Random()
 
+# The states as module constants: reading a member off its enum class costs
+# several times a global read (CPython 3.11), on every path that compares states.
+_CLOSED: Final = BreakerState.CLOSED
+_OPEN: Final = BreakerState.OPEN
+_HALF_OPEN: Final = BreakerState.HALF_OPEN
+_FORCED_OPEN: Final = BreakerState.FORCED_OPEN
+_DISABLED: Final = BreakerState.DISABLED
+_METRICS_ONLY: Final = BreakerState.METRICS_ONLY
+
 FAILURE: Final = 0
 SUCCESS: Final = 1
 IGNORED: Final = 2
@@ -60,15 +69,19 @@ class Machine:
     verdict; `succeed()` then judges only when its call brings the window
     to ``minimum_calls`` (a success never raises a rate otherwise).
 
-    ``lock`` is re-entrant on purpose: transitions emit their event under it,
-    and a subscriber may read the breaker (``state``, ``snapshot()``) from
-    the emitting thread.
+    ``lock`` is a plain ``Lock``, never re-entered: what happens under it
+    posts its events to ``outbox`` (in the order they happen, which the lock
+    makes one order), and `deliver()` emits them after the lock is released,
+    one thread at a time (``delivering``).  A subscriber may therefore read,
+    call, reset or force the breaker it hears from: the events its use posts
+    are delivered after its own returns, by the thread already delivering.
     """
 
     __slots__ = (
         "bus",
         "config",
         "consecutive",
+        "delivering",
         "fast",
         "gen",
         "half_open_until",
@@ -79,6 +92,7 @@ class Machine:
         "name",
         "open_until",
         "opened",
+        "outbox",
         "plain",
         "policy",
         "probes_failed",
@@ -99,10 +113,12 @@ class Machine:
     def __init__(self, name: str, config: BreakerConfig, rng: random.Random | None) -> None:
         self.name = name
         self.bus = EventBus()
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
+        self.outbox: list[Event] = []
+        self.delivering = False
         self.rng = rng or _RNG
         self.config = config
-        self.state = BreakerState.CLOSED
+        self.state = _CLOSED
         self.gen = 0
         self.open_until = 0.0
         self.half_open_until = 0.0
@@ -128,6 +144,44 @@ class Machine:
             return False
         return kind is None or listening(self.bus, kind)
 
+    def deliver(self) -> None:
+        """Emit the events posted under the lock, in order; call it after releasing the lock.
+
+        One thread delivers at a time: another thread's events posted
+        meanwhile, and those a subscriber's own use of the breaker posts,
+        are delivered by the thread already delivering, after the event in
+        hand, so every subscriber sees them in the order they happened and
+        none waits for a lock held around a subscriber.
+        """
+        lock = self.lock
+        with lock:
+            batch = self.outbox
+            if self.delivering or not batch:
+                return  # the delivering thread takes these too (or another did)
+            self.outbox = []
+            self.delivering = True
+        bus = self.bus
+        done = 0
+        try:
+            while True:
+                for event in batch:
+                    done += 1
+                    emit(event, bus)
+                with lock:
+                    batch = self.outbox
+                    if not batch:
+                        self.delivering = False
+                        return
+                    self.outbox = []
+                    done = 0
+        except BaseException:
+            # A subscriber raised what emit() lets through (an interrupt):
+            # the events after the one in hand stay first in line.
+            with lock:
+                self.outbox[:0] = batch[done:]
+                self.delivering = False
+            raise
+
     # -- configuration ---------------------------------------------------------
     def configure(self, config: BreakerConfig) -> None:
         with self.lock:
@@ -140,7 +194,7 @@ class Machine:
             self.refresh_fast()
 
     def refresh_fast(self) -> None:
-        closed = self.state is BreakerState.CLOSED and self.local_only
+        closed = self.state is _CLOSED and self.local_only
         config = self.config
         self.fast = closed and config.simple
         # Closed, and no result to judge: the faces record without building a permit.
@@ -161,19 +215,18 @@ class Machine:
         self.state = new
         self.gen += 1
         self.shadow_tripped = False
-        if new is BreakerState.HALF_OPEN:
+        if new is _HALF_OPEN:
             self._start_half_open(now)
-        elif new is not BreakerState.OPEN:
+        elif new is not _OPEN:
             self._clear_counts()
-            if new is not BreakerState.FORCED_OPEN:
+            if new is not _FORCED_OPEN:
                 self.reopenings = 0
         self.refresh_fast()
         if self.listening(BreakerStateChanged):
-            emit(
+            self.outbox.append(
                 BreakerStateChanged(
                     operation=self.name, at=now, from_state=old, to_state=new, reason=reason
-                ),
-                self.bus,
+                )
             )
 
     def _start_half_open(self, now: float) -> None:
@@ -197,22 +250,22 @@ class Machine:
         self.reopenings += 1
         self.opened += 1
         self.open_until = (now if since is None else since) + duration
-        self._to(BreakerState.OPEN, reason, now)
+        self._to(_OPEN, reason, now)
 
     def _half_open_expired(self, now: float) -> None:
         # Probes are still out after the time limit: decide without them.  The
         # open period runs from the limit, not from whenever someone looked.
         if self.probes_ok and self.config.half_open_decision == "first_failure":
-            self._to(BreakerState.CLOSED, "half_open_timeout", now)
+            self._to(_CLOSED, "half_open_timeout", now)
         else:
             self._open(now, "probe_timeout", None, since=self.half_open_until)
 
     def _settle_time(self, now: float) -> None:
         """Apply the transitions that only time makes (open elapsed, half-open expired)."""
-        if self.state is BreakerState.HALF_OPEN and now >= self.half_open_until:
+        if self.state is _HALF_OPEN and now >= self.half_open_until:
             self._half_open_expired(now)
-        if self.state is BreakerState.OPEN and now >= self.open_until:
-            self._to(BreakerState.HALF_OPEN, "open_elapsed", now)
+        if self.state is _OPEN and now >= self.open_until:
+            self._to(_HALF_OPEN, "open_elapsed", now)
 
     def adopt(self, state: BreakerState, remaining: float) -> None:
         """Take a state seen in a shared store (open for ``remaining`` more seconds).
@@ -226,9 +279,9 @@ class Machine:
             self.state = state
             self.gen += 1
             self._clear_counts()
-            if state is BreakerState.OPEN:
+            if state is _OPEN:
                 self.open_until = now + remaining
-            elif state is BreakerState.HALF_OPEN:
+            elif state is _HALF_OPEN:
                 self._start_half_open(now)
             self.refresh_fast()
 
@@ -240,41 +293,68 @@ class Machine:
     def force(self, new: BreakerState, reason: str) -> None:
         with self.lock:
             self._to(new, reason, clock.now())
+        if self.outbox:
+            self.deliver()
 
     # -- admission -----------------------------------------------------------------
     def admit(self) -> tuple[int, bool]:
         """``(generation, is_probe)`` of a granted call; raises CircuitOpenError otherwise."""
+        granted = self.admission()
+        if isinstance(granted, float):
+            raise CircuitOpenError(self.name, granted)
+        return granted
+
+    def admission(self) -> tuple[int, bool] | float:
+        """`admit()` that returns a refusal: the seconds until the breaker may admit.
+
+        The faces raise ``CircuitOpenError(name, seconds)`` themselves: every
+        frame an exception leaves adds a traceback entry (and makes its frame
+        an object), which a refused call pays for.  They hold the seconds,
+        not the error: a frame that held the error its traceback holds would
+        make a reference cycle, left to the garbage collector.
+        """
         state = self.state
         if state in PASSING_STATES:
             return self.gen, False
         with self.lock:
             now = clock.now()
-            self._settle_time(now)
             state = self.state
-            if state in PASSING_STATES:
-                return self.gen, False
-            if (
-                state is BreakerState.HALF_OPEN
-                and self.probes_issued < self.config.half_open_permits
+            if (state is _OPEN and now >= self.open_until) or (
+                state is _HALF_OPEN and now >= self.half_open_until
             ):
+                self._settle_time(now)
+                state = self.state
+            if state in PASSING_STATES:
+                granted = True
+                probe = False
+            elif state is _HALF_OPEN and self.probes_issued < self.config.half_open_permits:
                 self.probes_issued += 1
-                return self.gen, True
-            remaining = self._remaining(now)
-            self.rejected += 1
-        if self.listening(CallRejected):
-            emit(
-                CallRejected(operation=self.name, at=now, state=state, remaining=remaining),
-                self.bus,
-            )
-        raise CircuitOpenError(self.name, remaining)
+                granted = probe = True
+            else:
+                granted = False
+                # `_remaining()`, inlined for the usual refusal (open: its time is not up).
+                remaining = self.open_until - now if state is _OPEN else self._remaining(now)
+                self.rejected += 1
+                # `self.listening()` inlined: a refusal is a hot path of its own.
+                if (global_bus.active or self.bus.active) and listening(self.bus, CallRejected):
+                    self.outbox.append(
+                        CallRejected(operation=self.name, at=now, state=state, remaining=remaining)
+                    )
+            gen = self.gen
+        if self.outbox:
+            self.deliver()
+        if granted:
+            return gen, probe
+        return remaining
 
     def _remaining(self, now: float) -> float:
         state = self.state
-        if state is BreakerState.FORCED_OPEN:
+        if state is _OPEN:
+            left = self.open_until - now
+            return left if left > 0.0 else 0.0
+        if state is _FORCED_OPEN:
             return math.inf
-        if state is BreakerState.OPEN:
-            return max(self.open_until - now, 0.0)
-        if state is BreakerState.HALF_OPEN:
+        if state is _HALF_OPEN:
             if self.probes_issued < self.config.half_open_permits:
                 return 0.0
             return max(self.half_open_until - now, 0.0)
@@ -286,14 +366,50 @@ class Machine:
         with self.lock:
             now = clock.now()
             self._settle_time(now)
-            return self._remaining(now)
+            remaining = self._remaining(now)
+        if self.outbox:
+            self.deliver()
+        return remaining
 
     def current_state(self) -> BreakerState:
-        if self.state in PASSING_STATES or self.state is BreakerState.FORCED_OPEN:
-            return self.state
+        state = self.state
+        if state in PASSING_STATES or state is _FORCED_OPEN:
+            return state
         with self.lock:
             self._settle_time(clock.now())
-            return self.state
+            state = self.state
+        if self.outbox:
+            self.deliver()
+        return state
+
+    def state_unless_busy(self) -> BreakerState | None:
+        """The state now, or None while another thread holds the lock; never waits, never emits.
+
+        For a caller holding a lock of its own that a subscriber may take (a
+        registry): nothing changes and no event is posted.  A transition that
+        time has made due is reported, not applied: an open breaker whose time
+        is up reads HALF_OPEN; a half-open one past its time limit reads
+        CLOSED when it would close (a probe succeeded, ``first_failure``),
+        else OPEN (it may read HALF_OPEN again once applied, when the open
+        period that follows has passed too).
+        """
+        state = self.state
+        if state in PASSING_STATES or state is _FORCED_OPEN:
+            return state
+        lock = self.lock
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            state = self.state
+            now = clock.now()
+            if state is _HALF_OPEN and now >= self.half_open_until:
+                closes = self.probes_ok and self.config.half_open_decision == "first_failure"
+                return _CLOSED if closes else _OPEN
+            if state is _OPEN and now >= self.open_until:
+                return _HALF_OPEN
+            return state
+        finally:
+            lock.release()
 
     # -- outcomes ------------------------------------------------------------------
     def release(self, gen: int, probe: bool) -> None:
@@ -301,13 +417,13 @@ class Machine:
         if not probe:
             return
         with self.lock:
-            if gen == self.gen and self.state is BreakerState.HALF_OPEN and self.probes_issued:
+            if gen == self.gen and self.state is _HALF_OPEN and self.probes_issued:
                 self.probes_issued -= 1
 
     def reset_consecutive(self, gen: int) -> None:
         """A fast-path success of generation ``gen`` while failures were counted."""
         with self.lock:
-            if gen == self.gen and self.state is BreakerState.CLOSED:
+            if gen == self.gen and self.state is _CLOSED:
                 self.consecutive = 0
 
     def succeed(self, gen: int) -> None:
@@ -330,37 +446,45 @@ class Machine:
         if self.settled:
             return
         with self.lock:
-            if self.plain and gen == self.gen:  # closed (``plain`` changes under the lock)
+            if not self.plain or gen != self.gen:  # ``plain``: closed (it changes under the lock)
+                plain = False
+            else:
                 self.consecutive = 0
-                # CountWindow.add(False, False, now), inlined.
+                # CountWindow.add(False, False, now), inlined; a success that
+                # replaces a success (the usual case) leaves the ring alone.
                 window: CountWindow = self.window  # type: ignore[assignment]
                 ring = window.ring
                 i = window.pos
                 old = ring[i]
-                if not old:
-                    window.calls += 1
-                elif old != 4:  # the slot held a failed or slow call
-                    window.failures -= old & 1
-                    window.slow -= (old & 2) >> 1
-                ring[i] = 4
+                if old != 4:
+                    if old:  # the slot held a failed or slow call
+                        window.failures -= old & 1
+                        window.slow -= (old & 2) >> 1
+                    else:
+                        window.calls += 1
+                    ring[i] = 4
                 i += 1
                 window.pos = 0 if i == window.size else i
-                if not window.failures and not window.slow:
+                if window.failures or window.slow:
+                    if self.judged and (old or window.calls != self.config.minimum_calls):
+                        # The rates are no higher than when they were last judged
+                        # (no verdict): the same calls with fewer failed or slow,
+                        # or one more call above ``minimum_calls``.
+                        return
+                else:
                     self.shadow_tripped = False  # what `_conclude()` does with no verdict
                     self.settled = window.calls == window.size
                     self.judged = True
                     return
-                if self.judged and (old or window.calls != self.config.minimum_calls):
-                    # The rates are no higher than when they were last judged
-                    # (no verdict): the same calls with fewer failed or slow,
-                    # or one more call above ``minimum_calls``.
-                    return
                 now = clock.now()
                 reason = self._judge(now, False)
-                self._conclude(now, BreakerState.CLOSED, reason, None)
+                self._conclude(now, _CLOSED, reason, None)
                 self.judged = reason is None
-                return
-        self.record(gen, False, False, False, None, None)
+                plain = True
+        if not plain:
+            self.record(gen, False, False, False, None, None)
+        elif self.outbox:
+            self.deliver()
 
     def record(
         self,
@@ -376,41 +500,55 @@ class Machine:
         ``hint`` is a validated server delay in seconds that forces the breaker open.
         """
         with self.lock:
-            now = clock.now()
+            self._record(gen, probe, failed, slow, duration, hint)
+        if self.outbox:
+            self.deliver()
+
+    def _record(
+        self,
+        gen: int,
+        probe: bool,
+        failed: bool,
+        slow: bool,
+        duration: float | None,
+        hint: float | None,
+    ) -> None:
+        # `record()` under the lock.
+        now = clock.now()
+        state = self.state
+        if state is _OPEN or state is _HALF_OPEN:
+            self._settle_time(now)  # a half-open past its time limit decides first
             state = self.state
-            if state is BreakerState.OPEN or state is BreakerState.HALF_OPEN:
-                self._settle_time(now)  # a half-open past its time limit decides first
-                state = self.state
-            if gen == -1:
-                if state is not BreakerState.CLOSED:
-                    return
-            elif gen != self.gen:
-                return  # late: granted in an earlier period
-            config = self.config
-            if state is BreakerState.HALF_OPEN:
-                if not probe:
-                    return
-                if hint is not None:
-                    self._open(now, "server_delay", hint)
-                elif config.half_open_decision == "rate":
-                    self._record_probe_rate(now, failed, slow)
-                elif failed or (slow and config.slow_call_rate_threshold is not None):
-                    self._open(now, "probe_failed", None)
-                else:
-                    self.probes_ok += 1
-                    if self.probes_ok >= config.half_open_permits:
-                        self._to(BreakerState.CLOSED, "probes_succeeded", now)
+        if gen == -1:
+            if state is not _CLOSED:
                 return
-            if state is not BreakerState.CLOSED and state is not BreakerState.METRICS_ONLY:
+        elif gen != self.gen:
+            return  # late: granted in an earlier period
+        config = self.config
+        if state is _HALF_OPEN:
+            if not probe:
                 return
-            self.settled = False
-            self.consecutive = self.consecutive + 1 if failed else 0
-            if self.window is not None:
-                self.window.add(failed, slow, now)
-            tripped = self.policy is not None and self.policy.record(failed, slow, duration, now)
-            reason = "server_delay" if hint is not None else self._judge(now, tripped)
-            self._conclude(now, state, reason, hint)
-            self.judged = reason is None
+            if hint is not None:
+                self._open(now, "server_delay", hint)
+            elif config.half_open_decision == "rate":
+                self._record_probe_rate(now, failed, slow)
+            elif failed or (slow and config.slow_call_rate_threshold is not None):
+                self._open(now, "probe_failed", None)
+            else:
+                self.probes_ok += 1
+                if self.probes_ok >= config.half_open_permits:
+                    self._to(_CLOSED, "probes_succeeded", now)
+            return
+        if state is not _CLOSED and state is not _METRICS_ONLY:
+            return
+        self.settled = False
+        self.consecutive = self.consecutive + 1 if failed else 0
+        if self.window is not None:
+            self.window.add(failed, slow, now)
+        tripped = self.policy is not None and self.policy.record(failed, slow, duration, now)
+        reason = "server_delay" if hint is not None else self._judge(now, tripped)
+        self._conclude(now, state, reason, hint)
+        self.judged = reason is None
 
     def _conclude(
         self, now: float, state: BreakerState, reason: str | None, hint: float | None
@@ -419,14 +557,14 @@ class Machine:
         if reason is None:
             self.shadow_tripped = False
             return
-        if state is BreakerState.METRICS_ONLY:
+        if state is _METRICS_ONLY:
             # Shadow mode keeps every count (the snapshot shows the real
             # rates) and reports a would-be trip once, when the criterion
             # starts to hold; again only after it stopped holding.
             if not self.shadow_tripped:
                 self.shadow_tripped = True
                 if self.listening(ShadowTrip):
-                    emit(ShadowTrip(operation=self.name, at=now, reason=reason), self.bus)
+                    self.outbox.append(ShadowTrip(operation=self.name, at=now, reason=reason))
             return
         self._open(now, reason, hint)
 
@@ -440,34 +578,40 @@ class Machine:
         slow-call rule and is freed otherwise.
         """
         with self.lock:
-            now = clock.now()
+            self._record_lost(gen, probe, duration)
+        if self.outbox:
+            self.deliver()
+
+    def _record_lost(self, gen: int, probe: bool, duration: float | None) -> None:
+        # `record_lost()` under the lock.
+        now = clock.now()
+        state = self.state
+        if state is _OPEN or state is _HALF_OPEN:
+            self._settle_time(now)
             state = self.state
-            if state is BreakerState.OPEN or state is BreakerState.HALF_OPEN:
-                self._settle_time(now)
-                state = self.state
-            if gen != self.gen:
-                return  # late: granted in an earlier period
-            config = self.config
-            judged = config.slow_call_rate_threshold is not None
-            if state is BreakerState.HALF_OPEN:
-                if not probe:
-                    return
-                if config.half_open_decision == "rate" and judged:
-                    self._record_probe_rate(now, False, True)
-                elif judged:
-                    self._open(now, "probe_failed", None)
-                elif self.probes_issued:
-                    self.probes_issued -= 1
+        if gen != self.gen:
+            return  # late: granted in an earlier period
+        config = self.config
+        judged = config.slow_call_rate_threshold is not None
+        if state is _HALF_OPEN:
+            if not probe:
                 return
-            if state is not BreakerState.CLOSED and state is not BreakerState.METRICS_ONLY:
-                return
-            if self.window is not None and judged:
-                self.settled = False
-                self.window.add(False, True, now)
-            tripped = self.policy is not None and self.policy.record(False, True, duration, now)
-            reason = self._judge(now, tripped)
-            self._conclude(now, state, reason, None)
-            self.judged = reason is None
+            if config.half_open_decision == "rate" and judged:
+                self._record_probe_rate(now, False, True)
+            elif judged:
+                self._open(now, "probe_failed", None)
+            elif self.probes_issued:
+                self.probes_issued -= 1
+            return
+        if state is not _CLOSED and state is not _METRICS_ONLY:
+            return
+        if self.window is not None and judged:
+            self.settled = False
+            self.window.add(False, True, now)
+        tripped = self.policy is not None and self.policy.record(False, True, duration, now)
+        reason = self._judge(now, tripped)
+        self._conclude(now, state, reason, None)
+        self.judged = reason is None
 
     def _record_probe_rate(self, now: float, failed: bool, slow: bool) -> None:
         """``"rate"`` mode: count a probe; once all permitted ones are in, judge their rates."""
@@ -488,7 +632,7 @@ class Machine:
         elif srt is not None and self.probes_slow >= srt * done:
             self._open(now, "slow_call_rate", None)
         else:
-            self._to(BreakerState.CLOSED, "probes_succeeded", now)
+            self._to(_CLOSED, "probes_succeeded", now)
 
     def _judge(self, now: float, tripped: bool) -> str | None:
         config = self.config

@@ -255,6 +255,7 @@ class BreakerLink(Protocol):
     async def force(self, state: BreakerState, reason: str) -> None: ...
 
     def state(self) -> BreakerState: ...
+    def state_unless_busy(self) -> BreakerState | None: ...
 
     def retry_after(self) -> float: ...
 
@@ -919,6 +920,14 @@ class _BreakerLink:
             return BreakerState.FORCED_OPEN
         if self.down_since is not None or self.cached is None:
             return self.core.current_state()
+        return self.cached.current(clock.now())
+
+    def state_unless_busy(self) -> BreakerState | None:
+        """`state()` that never waits for the local machine's lock (see the breaker's)."""
+        if self._refusing():
+            return BreakerState.FORCED_OPEN
+        if self.down_since is not None or self.cached is None:
+            return self.core.state_unless_busy()
         return self.cached.current(clock.now())
 
     def retry_after(self) -> float:
