@@ -374,8 +374,11 @@ class Machine:
         """Record an outcome of a call granted in generation ``gen`` (-1: the current one).
 
         ``hint`` is a validated server delay in seconds that forces the breaker open.
+        A late outcome changes nothing, not even a transition time has made.
         """
         with self.lock:
+            if gen != self.gen and gen != -1:
+                return  # late: granted in an earlier period (checked again below)
             now = clock.now()
             state = self.state
             if state is BreakerState.OPEN or state is BreakerState.HALF_OPEN:
@@ -437,9 +440,11 @@ class Machine:
         failure count stays as it is, the window counts a slow call when a
         slow-call rule judges it, a custom policy sees ``(failed=False,
         slow=True)``; a lost half-open probe re-opens the breaker under a
-        slow-call rule and is freed otherwise.
+        slow-call rule and is freed otherwise.  A late one changes nothing.
         """
         with self.lock:
+            if gen != self.gen:
+                return  # late: granted in an earlier period (checked again below)
             now = clock.now()
             state = self.state
             if state is BreakerState.OPEN or state is BreakerState.HALF_OPEN:

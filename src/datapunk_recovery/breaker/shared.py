@@ -630,6 +630,12 @@ class _BreakerLink:
         duration: float | None,
         hint: float | None,
     ) -> None:
+        cached = self.cached
+        if cached is not None and gen < cached.gen:
+            # Late: granted in a period the shared state has left (generations
+            # only grow).  It counts nowhere, as the script would judge it; in
+            # a batch it would push out the newer generation's outcomes.
+            return
         store = self.store
         if self.down_since is not None or store.closing or store.closed:
             # Redis is away: the outcome still counts, on the local state, and
@@ -645,7 +651,6 @@ class _BreakerLink:
                 self.core.record(-1, False, failed, slow, duration, hint)
             return
         code = int(failed) + 2 * int(slow)
-        cached = self.cached
         if (
             code == 0
             and not self.batch
@@ -703,7 +708,11 @@ class _BreakerLink:
         self._kick()
 
     def _add(self, gen: int, code: int, n: int = 1) -> None:
-        """Aggregate ``n`` outcomes of closed calls; send when due (see RedisStore)."""
+        """Aggregate ``n`` outcomes of closed calls; send when due (see RedisStore).
+
+        ``gen`` is never older than the shared state as last read (`record`
+        drops late outcomes), so a batch of another generation is an older one.
+        """
         if self.batch and gen != self.batch_gen:
             self._kick()  # another generation: the batch so far goes now
             if self.batch:  # (a send is in flight: it will take this one first)
