@@ -296,6 +296,9 @@ class _BreakerLink:
         self.forced: BreakerState | None = None
         self.forced_reason = ""
         self.force_unsent = False  # forced while Redis was away: push it when it answers
+        # The oldest shared generation whose outcomes count: a state forced
+        # while Redis was away makes every permit Redis granted so far late.
+        self.floor = -1
         self.keeper: asyncio.Task[None] | None = None
         self.stop_keeping: _runtime.AsyncioEvent | None = None
         # Outcomes of closed calls not sent yet, as runs [code, count] in order
@@ -631,10 +634,11 @@ class _BreakerLink:
         hint: float | None,
     ) -> None:
         cached = self.cached
-        if cached is not None and gen < cached.gen:
+        if (cached is not None and gen < cached.gen) or gen < self.floor:
             # Late: granted in a period the shared state has left (generations
-            # only grow).  It counts nowhere, as the script would judge it; in
-            # a batch it would push out the newer generation's outcomes.
+            # only grow), or before a state forced here.  It counts nowhere, as
+            # the script would judge it; in a batch it would push out the newer
+            # generation's outcomes.
             return
         store = self.store
         if self.down_since is not None or store.closing or store.closed:
@@ -887,6 +891,8 @@ class _BreakerLink:
         if await self._op("force", _CODE_OF[state], reason) is None:
             self.core.force(state, reason)  # at least this process obeys
             self.force_unsent = True  # and Redis learns it when it answers again
+            if self.cached is not None:
+                self.floor = self.cached.gen + 1
         if held or self.force_unsent:
             self._keep()
 
