@@ -525,3 +525,58 @@ def test_outcomes_of_calls_admitted_before_a_reset_never_push_out_those_admitted
     ]
     log = asyncio.run(_run(redis_server.url, _RATE_OF_TWO, program, every=4))
     assert log[-1].endswith(", 1, 0, 0, 0.0)")  # both saw the one call that counts
+
+
+_PROBE_LIMITED = BreakerConfig(
+    consecutive_failures=1,
+    half_open_permits=2,
+    half_open_timeout=0.5,
+    open_duration=0.25,
+    max_open_duration=0.25,
+)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize(
+    ("config", "program"),
+    [
+        pytest.param(
+            _TRIP_ONCE,
+            [Call("failure", 0.25), Advance(16), Allow(), Force("reset"), Call("success", 0.25)]
+            + [Settle(0, "failure", 0.25), Allow(), Call("success", 0.25)],
+            id="a probe failing after a reset",
+        ),
+        pytest.param(
+            _TRIP_ONCE,
+            [Call("failure", 0.25), Advance(16), Allow(), Force("isolate")]
+            + [Settle(0, "success", 0.25), Force("reset"), Allow(), Call("failure", 0.25)],
+            id="a probe succeeding while isolated",
+        ),
+        pytest.param(
+            _PROBE_LIMITED,
+            [Call("failure", 0.25), Advance(16), Allow(), Allow(), Advance(40), Allow()]
+            + [Settle(0, "success", 0.25), Settle(0, "success", 0.25), Advance(16), Allow()],
+            id="probes ending after the half-open limit opened it again",
+        ),
+        pytest.param(
+            _RATE_OF_TWO,
+            [Allow(), Allow(), Allow(), Force("metrics_only"), Settle(0, "failure", 0.25)]
+            + [Call("success", 0.25), Force("disable"), Settle(0, "failure", 0.25)]
+            + [Force("reset"), Settle(0, "failure", 0.25), Call("success", 0.25), Allow()],
+            id="calls ending after shadow mode, disabling and a reset",
+        ),
+        pytest.param(
+            _RATE_OF_TWO,
+            [Allow(), Allow(), Call("failure", 0.25), Advance(16), Call("success", 0.25)]
+            + [Settle(0, "failure", 0.25), Settle(0, "failure", 0.25), Allow()],
+            id="calls ending after a trip and a probe closed it",
+        ),
+    ],
+)
+def test_outcomes_of_calls_admitted_before_any_transition_count_nowhere_on_both_sides(
+    redis_server: RedisServer, config: BreakerConfig, program: list[Op], every: int
+) -> None:
+    """Every forced transition, a trip, a probe's verdict and a half-open time limit
+    start a new period: what was admitted before it and ends after it is late on
+    both sides (docs/breaker.md, "Late outcomes"), flushed at every step or lagging."""
+    asyncio.run(_run(redis_server.url, config, program, every=every))
