@@ -542,33 +542,78 @@ _PROBE_LIMITED = BreakerConfig(
     [
         pytest.param(
             _TRIP_ONCE,
-            [Call("failure", 0.25), Advance(16), Allow(), Force("reset"), Call("success", 0.25)]
-            + [Settle(0, "failure", 0.25), Allow(), Call("success", 0.25)],
+            [
+                Call("failure", 0.25),
+                Advance(16),
+                Allow(),
+                Force("reset"),
+                Call("success", 0.25),
+                Settle(0, "failure", 0.25),
+                Allow(),
+                Call("success", 0.25),
+            ],
             id="a probe failing after a reset",
         ),
         pytest.param(
             _TRIP_ONCE,
-            [Call("failure", 0.25), Advance(16), Allow(), Force("isolate")]
-            + [Settle(0, "success", 0.25), Force("reset"), Allow(), Call("failure", 0.25)],
+            [
+                Call("failure", 0.25),
+                Advance(16),
+                Allow(),
+                Force("isolate"),
+                Settle(0, "success", 0.25),
+                Force("reset"),
+                Allow(),
+                Call("failure", 0.25),
+            ],
             id="a probe succeeding while isolated",
         ),
         pytest.param(
             _PROBE_LIMITED,
-            [Call("failure", 0.25), Advance(16), Allow(), Allow(), Advance(40), Allow()]
-            + [Settle(0, "success", 0.25), Settle(0, "success", 0.25), Advance(16), Allow()],
+            [
+                Call("failure", 0.25),
+                Advance(16),
+                Allow(),
+                Allow(),
+                Advance(40),
+                Allow(),
+                Settle(0, "success", 0.25),
+                Settle(0, "success", 0.25),
+                Advance(16),
+                Allow(),
+            ],
             id="probes ending after the half-open limit opened it again",
         ),
         pytest.param(
             _RATE_OF_TWO,
-            [Allow(), Allow(), Allow(), Force("metrics_only"), Settle(0, "failure", 0.25)]
-            + [Call("success", 0.25), Force("disable"), Settle(0, "failure", 0.25)]
-            + [Force("reset"), Settle(0, "failure", 0.25), Call("success", 0.25), Allow()],
+            [
+                Allow(),
+                Allow(),
+                Allow(),
+                Force("metrics_only"),
+                Settle(0, "failure", 0.25),
+                Call("success", 0.25),
+                Force("disable"),
+                Settle(0, "failure", 0.25),
+                Force("reset"),
+                Settle(0, "failure", 0.25),
+                Call("success", 0.25),
+                Allow(),
+            ],
             id="calls ending after shadow mode, disabling and a reset",
         ),
         pytest.param(
             _RATE_OF_TWO,
-            [Allow(), Allow(), Call("failure", 0.25), Advance(16), Call("success", 0.25)]
-            + [Settle(0, "failure", 0.25), Settle(0, "failure", 0.25), Allow()],
+            [
+                Allow(),
+                Allow(),
+                Call("failure", 0.25),
+                Advance(16),
+                Call("success", 0.25),
+                Settle(0, "failure", 0.25),
+                Settle(0, "failure", 0.25),
+                Allow(),
+            ],
             id="calls ending after a trip and a probe closed it",
         ),
     ],
