@@ -625,3 +625,45 @@ def test_outcomes_of_calls_admitted_before_any_transition_count_nowhere_on_both_
     start a new period: what was admitted before it and ends after it is late on
     both sides (docs/breaker.md, "Late outcomes"), flushed at every step or lagging."""
     asyncio.run(_run(redis_server.url, config, program, every=every))
+
+
+async def _reloaded(url: str) -> tuple[tuple[object, ...], tuple[object, ...]]:
+    sizes = [
+        BreakerConfig(
+            consecutive_failures=None,
+            failure_rate_threshold=1.0,
+            window_size=size,
+            minimum_calls=1,
+        )
+        for size in (4, 3, 2, 4)
+    ]
+    with fake_clock(1000.0):
+        store = RedisStore(url, cache_ttl=0.0, flush_interval=3600.0, timeout=5.0)
+        try:
+            name = f"diff-{uuid.uuid4().hex[:12]}"
+            local = CircuitBreaker(name, sizes[0])
+            shared = CircuitBreaker(name, sizes[0], store=store)
+            for breaker in (local, shared):
+                permits = [await breaker.allow_async() for _ in range(3)]
+                for permit, config in zip(permits, sizes[1:], strict=True):
+                    permit.success()  # (no await: the batches wait behind the send in flight)
+                    breaker.reconfigure(config)
+            await shared.flush_async()
+            for breaker in (local, shared):
+                (await breaker.allow_async()).cancel()  # (the shared one reads Redis)
+            return view(local), view(shared)
+        finally:
+            await store.aclose()
+
+
+def test_outcomes_counted_before_a_reload_reach_redis_under_the_configuration_they_were_judged_by(
+    redis_server: RedisServer,
+) -> None:
+    """A reload re-configures a breaker in place (a new window when its shape
+    changes); outcomes counted before it but not sent yet are judged in Redis by
+    the configuration they were counted under, as they were here: they filled
+    the window of the old shape, which the new shape then clears on both sides.
+    (They were sent with the configuration of their send: 3 calls against 0.)"""
+    here, there = asyncio.run(_reloaded(redis_server.url))
+    assert here == there
+    assert here[2] == 0  # no call counted in the window of the last shape
