@@ -19,6 +19,9 @@ so that a period ending exactly at a step ends there on both sides.
 
 Redis is reached through redis.asyncio: each example runs its own asyncio
 loop, store and breaker name (``asyncio.run``), so examples never share keys.
+Whether the shared breaker asked Redis since the clock last moved (and so
+must agree now) is read from the server's own count of scripts run, not
+guessed: a late outcome, for one, is dropped without a round trip.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, currently_in_test_context, event, example, given, settings
 from hypothesis import strategies as st
 
 from datapunk_recovery._core.clock import FakeClock
@@ -141,6 +145,12 @@ programs = st.sampled_from([False, False, True]).flatmap(
 )
 
 
+def _event(value: str) -> None:
+    """Count ``value`` in Hypothesis's statistics, under ``@given`` (plain tests run `_run` too)."""
+    if currently_in_test_context():
+        event(value)
+
+
 def view(breaker: CircuitBreaker) -> tuple[object, ...]:
     """What both breakers must agree on: state, counts, and seconds until they admit."""
     snap = breaker.snapshot()
@@ -171,43 +181,54 @@ def _settle(permit: Permit, outcome: str, duration: float) -> None:
         permit.cancel()
 
 
+async def _scripts_run(watcher: aioredis.Redis) -> int:
+    """How many scripts the Redis server has run so far (its command statistics)."""
+    stats = await watcher.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+
 async def _run(url: str, config: BreakerConfig, program: list[Op], every: int) -> list[str]:
     """Drive ``program`` through both breakers; return the log of what each step saw.
 
     ``every``: flush the shared breaker's writes after every ``every`` steps
-    (1: after each).  Asserts agreement as the docstrings of the tests say.
+    (1: after each).  Asserts agreement as the docstrings of the tests say:
+    at a flush point, when the shared breaker made a round trip since the
+    clock last moved.
     """
     log: list[str] = []
     with fake_clock(1000.0) as clock:
         store = RedisStore(  # (timeout: a busy machine is no outage here)
             url, cache_ttl=0.0, flush_interval=3600.0, flush_max=10_000, timeout=5.0
         )
+        watcher = aioredis.Redis.from_url(url)
         try:
             name = f"diff-{uuid.uuid4().hex[:12]}"
             local = CircuitBreaker(name, config)
             shared = CircuitBreaker(name, config, store=store)
             out: list[tuple[Permit, Permit]] = []
             held = 0  # clock steps held back until the next flush point (every > 1)
-            looked = False  # a round trip since the clock last moved
+            moved = await _scripts_run(watcher)  # scripts run when the clock last moved
             for i, op in enumerate(program):
                 if isinstance(op, Advance) and every > 1:
                     held += op.steps
                     log.append(f"advance {op.steps * STEP} s, held until the flush")
                 else:
-                    saw = await _step(op, local, shared, out, clock, log)
-                    looked = not isinstance(op, Advance) and (saw or looked)
+                    await _step(op, local, shared, out, clock, log)
+                    if isinstance(op, Advance):
+                        moved = await _scripts_run(watcher)
                 if (i + 1) % every:
                     continue
                 await shared.flush_async()
-                if looked:
+                if await _scripts_run(watcher) > moved:  # a round trip since the clock moved
                     here, there = view(local), view(shared)
                     log.append(f"  local {here}\n  shared {there}")
                     assert here == there, "\n".join(log)
-                    event(f"reached {here[0]}")  # (--hypothesis-show-statistics)
+                    _event(f"reached {here[0]}")  # (--hypothesis-show-statistics)
                 if held:
                     await _step(Advance(held), local, shared, out, clock, log)
-                    held, looked = 0, False
+                    held, moved = 0, await _scripts_run(watcher)
         finally:
+            await watcher.aclose()
             await store.aclose()
     return log
 
@@ -219,17 +240,17 @@ async def _step(
     out: list[tuple[Permit, Permit]],
     clock: FakeClock,
     log: list[str],
-) -> bool:
-    """Apply ``op`` to both breakers; whether the shared side made a round trip (compare)."""
+) -> None:
+    """Apply ``op`` to both breakers (both settle time at the next look, at the same time)."""
     if isinstance(op, Advance):
         clock.advance(op.steps * STEP)
         log.append(f"advance {op.steps * STEP} s -> {clock.now()}")
-        return False  # nobody looked: both settle time at the next step, at the same time
+        return
     if isinstance(op, Force):
         await getattr(local, f"{op.control}_async")()
         await getattr(shared, f"{op.control}_async")()
         log.append(f"{op.control}")
-        return True
+        return
     if isinstance(op, Allow | Call):
         a, b = await _admit(local), await _admit(shared)
         log.append(
@@ -240,23 +261,19 @@ async def _step(
         if a is not None and b is not None:
             assert a.probe == b.probe, "\n".join(log)
             if a.probe:
-                event("probe admitted")
+                _event("probe admitted")
+            out.append((a, b))
             if isinstance(op, Call):
-                out.append((a, b))
-                return await _step(
+                await _step(
                     Settle(len(out) - 1, op.outcome, op.duration), local, shared, out, clock, log
                 )
-            out.append((a, b))
-        return True
+        return
     if not out:
-        return False
+        return
     a, b = out.pop(op.which % len(out))
     log.append(f"{op.outcome} ({op.duration} s) of a {'probe' if a.probe else 'call'}")
     _settle(a, op.outcome, op.duration)
     _settle(b, op.outcome, op.duration)
-    # A cancelled call that is no probe has nothing to send: no round trip,
-    # and the shared state as last read says nothing about time since.
-    return a.probe or op.outcome != "cancel"
 
 
 _TRIP_ONCE = BreakerConfig(consecutive_failures=1, open_duration=0.25, max_open_duration=0.25)
@@ -472,3 +489,181 @@ def test_a_snapshot_taken_as_a_half_open_limit_passes_shows_the_counts_of_the_ne
     fake.advance(0.5)  # the half-open limit passes while nobody looks
     snap = breaker.snapshot()
     assert (snap.state, snap.calls, snap.failures) == ("closed", 0, 0)
+
+
+_RATE_OF_TWO = BreakerConfig(
+    consecutive_failures=None,
+    failure_rate_threshold=0.25,
+    window_size=2,
+    minimum_calls=1,
+    open_duration=0.25,
+    max_open_duration=0.25,
+)
+
+
+def test_outcomes_of_calls_admitted_before_a_reset_never_push_out_those_admitted_after_it(
+    redis_server: RedisServer,
+) -> None:
+    """Found by the differential test (flushed every 3 steps; shrunk by hand).
+
+    Two calls admitted before a reset end after it, around one admitted after
+    it: the late ones count nowhere, on both sides (docs/breaker.md, "Late
+    outcomes"), and the new one counts on both.  The shared link took the
+    second late outcome for a newer generation than its unsent batch and
+    dropped that batch, the new call's success with it: 0 calls in Redis
+    against 1 locally.
+    """
+    program: list[Op] = [
+        Allow(),
+        Allow(),
+        Force("reset"),
+        Allow(),
+        Settle(0, "success", 0.25),  # admitted before the reset: late
+        Settle(1, "success", 0.25),  # admitted after it: counts
+        Settle(0, "success", 0.25),  # admitted before the reset: late
+        Allow(),
+    ]
+    log = asyncio.run(_run(redis_server.url, _RATE_OF_TWO, program, every=4))
+    assert log[-1].endswith(", 1, 0, 0, 0.0)")  # both saw the one call that counts
+
+
+_PROBE_LIMITED = BreakerConfig(
+    consecutive_failures=1,
+    half_open_permits=2,
+    half_open_timeout=0.5,
+    open_duration=0.25,
+    max_open_duration=0.25,
+)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize(
+    ("config", "program"),
+    [
+        pytest.param(
+            _TRIP_ONCE,
+            [
+                Call("failure", 0.25),
+                Advance(16),
+                Allow(),
+                Force("reset"),
+                Call("success", 0.25),
+                Settle(0, "failure", 0.25),
+                Allow(),
+                Call("success", 0.25),
+            ],
+            id="a probe failing after a reset",
+        ),
+        pytest.param(
+            _TRIP_ONCE,
+            [
+                Call("failure", 0.25),
+                Advance(16),
+                Allow(),
+                Force("isolate"),
+                Settle(0, "success", 0.25),
+                Force("reset"),
+                Allow(),
+                Call("failure", 0.25),
+            ],
+            id="a probe succeeding while isolated",
+        ),
+        pytest.param(
+            _PROBE_LIMITED,
+            [
+                Call("failure", 0.25),
+                Advance(16),
+                Allow(),
+                Allow(),
+                Advance(40),
+                Allow(),
+                Settle(0, "success", 0.25),
+                Settle(0, "success", 0.25),
+                Advance(16),
+                Allow(),
+            ],
+            id="probes ending after the half-open limit opened it again",
+        ),
+        pytest.param(
+            _RATE_OF_TWO,
+            [
+                Allow(),
+                Allow(),
+                Allow(),
+                Force("metrics_only"),
+                Settle(0, "failure", 0.25),
+                Call("success", 0.25),
+                Force("disable"),
+                Settle(0, "failure", 0.25),
+                Force("reset"),
+                Settle(0, "failure", 0.25),
+                Call("success", 0.25),
+                Allow(),
+            ],
+            id="calls ending after shadow mode, disabling and a reset",
+        ),
+        pytest.param(
+            _RATE_OF_TWO,
+            [
+                Allow(),
+                Allow(),
+                Call("failure", 0.25),
+                Advance(16),
+                Call("success", 0.25),
+                Settle(0, "failure", 0.25),
+                Settle(0, "failure", 0.25),
+                Allow(),
+            ],
+            id="calls ending after a trip and a probe closed it",
+        ),
+    ],
+)
+def test_outcomes_of_calls_admitted_before_any_transition_count_nowhere_on_both_sides(
+    redis_server: RedisServer, config: BreakerConfig, program: list[Op], every: int
+) -> None:
+    """Every forced transition, a trip, a probe's verdict and a half-open time limit
+    start a new period: what was admitted before it and ends after it is late on
+    both sides (docs/breaker.md, "Late outcomes"), flushed at every step or lagging."""
+    asyncio.run(_run(redis_server.url, config, program, every=every))
+
+
+async def _reloaded(url: str) -> tuple[tuple[object, ...], tuple[object, ...]]:
+    sizes = [
+        BreakerConfig(
+            consecutive_failures=None,
+            failure_rate_threshold=1.0,
+            window_size=size,
+            minimum_calls=1,
+        )
+        for size in (4, 3, 2, 4)
+    ]
+    with fake_clock(1000.0):
+        store = RedisStore(url, cache_ttl=0.0, flush_interval=3600.0, timeout=5.0)
+        try:
+            name = f"diff-{uuid.uuid4().hex[:12]}"
+            local = CircuitBreaker(name, sizes[0])
+            shared = CircuitBreaker(name, sizes[0], store=store)
+            for breaker in (local, shared):
+                permits = [await breaker.allow_async() for _ in range(3)]
+                for permit, config in zip(permits, sizes[1:], strict=True):
+                    permit.success()  # (no await: the batches wait behind the send in flight)
+                    breaker.reconfigure(config)
+            await shared.flush_async()
+            for breaker in (local, shared):
+                (await breaker.allow_async()).cancel()  # (the shared one reads Redis)
+            return view(local), view(shared)
+        finally:
+            await store.aclose()
+
+
+def test_outcomes_counted_before_a_reload_reach_redis_under_the_configuration_they_were_judged_by(
+    redis_server: RedisServer,
+) -> None:
+    """A reload re-configures a breaker in place (a new window when its shape
+    changes); outcomes counted before it but not sent yet are judged in Redis by
+    the configuration they were counted under, as they were here: they filled
+    the window of the old shape, which the new shape then clears on both sides.
+    (They were sent with the configuration of their send: 3 calls against 0.)"""
+    here, there = asyncio.run(_reloaded(redis_server.url))
+    assert here == there
+    assert here[2] == 0  # no call counted in the window of the last shape

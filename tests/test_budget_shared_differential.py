@@ -275,3 +275,73 @@ def test_a_shared_ratio_budget_synced_every_few_steps_agrees_at_every_sync(
     decides on the same local window).
     """
     asyncio.run(_ratio(redis_server.url, config, program, every=every))
+
+
+async def _reconfigured(
+    url: str,
+    budgets: tuple[TokenBudget, TokenBudget] | tuple[RatioBudget, RatioBudget],
+    configs: list[TokenBudgetConfig] | list[RatioBudgetConfig],
+) -> list[tuple[object, object]]:
+    """Fail 8 attempts, then for each config: re-configure both, succeed 2; sync each time.
+
+    Returns what the local and the shared budget hold after each sync.
+    """
+    local, inner = budgets
+    held: list[tuple[object, object]] = []
+
+    def holds(budget: TokenBudget | RatioBudget) -> object:
+        return budget.tokens if isinstance(budget, TokenBudget) else budget.totals()
+
+    with fake_clock(1000.0):
+        store = RedisStore(url, timeout=5.0)
+        shared = SharedBudget(inner, store)
+        try:
+            for _ in range(8):
+                local.on_attempt(False)
+                shared.on_attempt(False)
+            assert await shared.sync()
+            held.append((holds(local), holds(inner)))
+            for config in configs:
+                local.reconfigure(config)  # type: ignore[arg-type]
+                inner.reconfigure(config)  # type: ignore[arg-type]
+                for _ in range(2):
+                    local.on_attempt(True)
+                    shared.on_attempt(True)
+                assert await shared.sync()  # (it fell back on the reply of another shape)
+                held.append((holds(local), holds(inner)))
+        finally:
+            await shared.aclose()
+            await store.aclose()
+    return held
+
+
+def test_a_shared_token_budget_follows_a_reload_of_its_budget(
+    redis_server: RedisServer,
+) -> None:
+    """A hot reload re-configures the wrapped budget in place: each sync applies its
+    figures as they are then (it applied those it was made with: a success
+    earned the old ``token_ratio`` in Redis)."""
+    name = f"diff-{uuid.uuid4().hex[:12]}"
+    start = TokenBudgetConfig(max_tokens=10.0, token_ratio=0.5)
+    budgets = TokenBudget(name, start), TokenBudget(name, start)
+    configs = [TokenBudgetConfig(max_tokens=5.0, token_ratio=1.0)]
+    held = asyncio.run(_reconfigured(redis_server.url, budgets, configs))
+    assert held == [(2.0, 2.0), (4.0, 4.0)]
+
+
+def test_a_shared_ratio_budget_follows_a_reload_that_reshapes_its_window(
+    redis_server: RedisServer,
+) -> None:
+    """A new window shape neither breaks the sync (the reply was read with the new
+    number of buckets: a fallback for good) nor hands out a fresh allowance in
+    Redis (the window started again empty): it starts from the sender's counts,
+    as the local budget keeps its own."""
+    name = f"diff-{uuid.uuid4().hex[:12]}"
+    start = RatioBudgetConfig(ratio=0.5, min_per_second=0.0, window=1.0, buckets=2)
+    budgets = RatioBudget(name, start), RatioBudget(name, start)
+    configs = [
+        RatioBudgetConfig(ratio=0.5, min_per_second=0.0, window=2.0, buckets=4),
+        RatioBudgetConfig(ratio=0.2, min_per_second=0.0, window=2.0, buckets=4),
+    ]
+    held = asyncio.run(_reconfigured(redis_server.url, budgets, configs))
+    assert held == [((8, 0), (8, 0)), ((10, 0), (10, 0)), ((12, 0), (12, 0))]

@@ -1327,6 +1327,39 @@ async def test_failures_counted_while_redis_was_down_join_the_shared_state_when_
 
 
 @pytest.mark.anyio
+async def test_outcomes_of_calls_admitted_before_a_reset_while_redis_was_down_never_join_it(
+    private_redis: RedisServer, stores: Callable[..., RedisStore], name: str, seen: list[Event]
+) -> None:
+    """A reset while Redis is away is obeyed here and pushed when it answers; the
+    calls admitted before it are late, here and in the shared state alike."""
+    config = BreakerConfig(consecutive_failures=5)
+    here = CircuitBreaker(name, config, store=stores(private_redis.url, retry_interval=0.0))
+    assert await here.call_async(aok) == "ok"
+    await here.flush_async()
+    before = [await here.allow_async()]  # admitted by Redis
+    private_redis.stop()
+    before += [await here.allow_async() for _ in range(2)]  # admitted here
+    await here.reset_async()
+    for permit in before:
+        permit.failure(Boom())  # late: they count nowhere
+    assert here.snapshot().consecutive_failures == 0
+    with pytest.raises(Boom):
+        await here.call_async(aboom)  # after the reset: counts, here and then in Redis
+    private_redis.start()  # (empty: it keeps no data)
+    for _ in range(100):  # bounded: the read that finds Redis again...
+        permit = await here.allow_async()
+        permit.cancel()
+        if any(isinstance(e, StoreResumed) for e in seen):
+            break
+        await asyncio.sleep(0.01)
+    await here.flush_async()  # ...and sends what was counted meanwhile
+    there = CircuitBreaker(name, config, store=stores(private_redis.url))
+    permit = await there.allow_async()
+    permit.cancel()
+    assert there.snapshot().consecutive_failures == 1
+
+
+@pytest.mark.anyio
 async def test_a_count_window_batch_costs_a_few_commands_not_two_per_outcome(
     private_redis: RedisServer, stores: Callable[..., RedisStore], name: str
 ) -> None:

@@ -560,8 +560,9 @@ class CircuitBreaker:
         if permit._remote and link is not None:
             link.record(permit._gen, permit._probe, failed, slow, duration, hint)
         else:
+            late = permit._gen != core.gen  # granted before a transition: counts nowhere
             core.record(permit._gen, permit._probe, failed, slow, duration, hint)
-            if link is not None and not permit._probe:
+            if link is not None and not permit._probe and not late:
                 link.missed(failed, slow)  # judged here while the store was away
 
     def _validate_hint(self, raw: object) -> float | None:

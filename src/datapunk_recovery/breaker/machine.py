@@ -498,6 +498,7 @@ class Machine:
         """Record an outcome of a call granted in generation ``gen`` (-1: the current one).
 
         ``hint`` is a validated server delay in seconds that forces the breaker open.
+        A late outcome changes nothing, not even a transition time has made.
         """
         with self.lock:
             self._record(gen, probe, failed, slow, duration, hint)
@@ -514,6 +515,8 @@ class Machine:
         hint: float | None,
     ) -> None:
         # `record()` under the lock.
+        if gen != self.gen and gen != -1:
+            return  # late: granted in an earlier period (checked again below)
         now = clock.now()
         state = self.state
         if state is _OPEN or state is _HALF_OPEN:
@@ -575,7 +578,7 @@ class Machine:
         failure count stays as it is, the window counts a slow call when a
         slow-call rule judges it, a custom policy sees ``(failed=False,
         slow=True)``; a lost half-open probe re-opens the breaker under a
-        slow-call rule and is freed otherwise.
+        slow-call rule and is freed otherwise.  A late one changes nothing.
         """
         with self.lock:
             self._record_lost(gen, probe, duration)
@@ -584,6 +587,8 @@ class Machine:
 
     def _record_lost(self, gen: int, probe: bool, duration: float | None) -> None:
         # `record_lost()` under the lock.
+        if gen != self.gen:
+            return  # late: granted in an earlier period (checked again below)
         now = clock.now()
         state = self.state
         if state is _OPEN or state is _HALF_OPEN:

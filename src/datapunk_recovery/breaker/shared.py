@@ -297,14 +297,21 @@ class _BreakerLink:
         self.forced: BreakerState | None = None
         self.forced_reason = ""
         self.force_unsent = False  # forced while Redis was away: push it when it answers
+        # The oldest shared generation whose outcomes count: a state forced
+        # while Redis was away makes every permit Redis granted so far late.
+        self.floor = -1
         self.keeper: asyncio.Task[None] | None = None
         self.stop_keeping: _runtime.AsyncioEvent | None = None
         # Outcomes of closed calls not sent yet, as runs [code, count] in order
-        # (code: 1 failed + 2 slow), all of generation batch_gen; one send in
-        # flight at a time (sending), started by a timer or at once.
+        # (code: 1 failed + 2 slow), all of generation batch_gen, judged here
+        # under batch_config; one send in flight at a time (sending), started
+        # by a timer or at once.  Batches of an earlier configuration (a
+        # reload) wait behind it in sealed, to be judged in Redis as here.
         self.batch: list[list[int]] = []
         self.batch_gen = -1
+        self.batch_config = core.config
         self.batch_n = self.batch_failed = self.batch_slow = 0
+        self.sealed: list[tuple[list[list[int]], int, BreakerConfig]] = []
         self.timer: asyncio.TimerHandle | None = None
         self.sending: asyncio.Task[None] | None = None
         # Probe results, server delays and probe releases due at once while
@@ -341,10 +348,11 @@ class _BreakerLink:
             self.script, keys, [op, cfg, repr(self.rng.random()), *args, script_time()]
         )
 
-    async def _op(self, op: str, *args: Any) -> _Shared | None:
-        """Run ``op``; on success update the cache and return it, else fall back (None)."""
+    async def _op(self, op: str, *args: Any, config: BreakerConfig | None = None) -> _Shared | None:
+        """Run ``op`` (under ``config``, else the breaker's configuration now); on
+        success update the cache and return it, else fall back (None)."""
         store, core = self.store, self.core
-        config = core.config
+        config = config or core.config
         hold = self._hold() if op != "force" else (-1, "0")
         try:
             reply = await self.op(config, op, *args, *hold)
@@ -631,6 +639,13 @@ class _BreakerLink:
         duration: float | None,
         hint: float | None,
     ) -> None:
+        cached = self.cached
+        if (cached is not None and gen < cached.gen) or gen < self.floor:
+            # Late: granted in a period the shared state has left (generations
+            # only grow), or before a state forced here.  It counts nowhere, as
+            # the script would judge it; in a batch it would push out the newer
+            # generation's outcomes.
+            return
         store = self.store
         if self.down_since is not None or store.closing or store.closed:
             # Redis is away: the outcome still counts, on the local state, and
@@ -646,7 +661,6 @@ class _BreakerLink:
                 self.core.record(-1, False, failed, slow, duration, hint)
             return
         code = int(failed) + 2 * int(slow)
-        cached = self.cached
         if (
             code == 0
             and not self.batch
@@ -704,11 +718,20 @@ class _BreakerLink:
         self._kick()
 
     def _add(self, gen: int, code: int, n: int = 1) -> None:
-        """Aggregate ``n`` outcomes of closed calls; send when due (see RedisStore)."""
-        if self.batch and gen != self.batch_gen:
-            self._kick()  # another generation: the batch so far goes now
-            if self.batch:  # (a send is in flight: it will take this one first)
+        """Aggregate ``n`` outcomes of closed calls; send when due (see RedisStore).
+
+        ``gen`` is never older than the shared state as last read (`record`
+        drops late outcomes), so a batch of another generation is an older one.
+        """
+        config = self.core.config
+        if self.batch and (gen != self.batch_gen or config is not self.batch_config):
+            self._kick()  # another generation or configuration: the batch so far goes now
+            if self.batch and gen != self.batch_gen:  # (a send is in flight)
                 self._clear_batch()
+                self.sealed.clear()  # (older generations too)
+            elif self.batch:  # (a send is in flight: the batch goes after it, as it was judged)
+                self.sealed.append(self._take())
+        self.batch_config = config
         runs = self.batch
         if runs and runs[-1][0] == code:
             runs[-1][1] += n
@@ -797,27 +820,32 @@ class _BreakerLink:
             self.timer = None
         if not self.batch or (self.sending is not None and not self.sending.done()):
             return
-        runs, gen = self._take()
-        task = _runtime.spawn(self._send(runs, gen))
+        runs, gen, config = self._take()
+        task = _runtime.spawn(self._send(runs, gen, config))
         self.sending = task
         self.pending.add(task)
         task.add_done_callback(self._done)
 
-    def _take(self) -> tuple[list[list[int]], int]:
-        runs, gen = self.batch, self.batch_gen
+    def _take(self) -> tuple[list[list[int]], int, BreakerConfig]:
+        runs, gen, config = self.batch, self.batch_gen, self.batch_config
         self.batch, self.batch_n, self.batch_failed, self.batch_slow = [], 0, 0, 0
-        return runs, gen
+        return runs, gen, config
 
-    async def _send(self, runs: list[list[int]], gen: int) -> None:
+    def _next(self) -> tuple[list[list[int]], int, BreakerConfig]:
+        """The batch the send in flight takes next: a sealed one first, in order."""
+        return self.sealed.pop(0) if self.sealed else self._take()
+
+    async def _send(self, runs: list[list[int]], gen: int, config: BreakerConfig) -> None:
         while runs:
             try:
-                got = await self._op("batch", gen, ",".join(f"{c}x{n}" for c, n in runs))
+                text = ",".join(f"{c}x{n}" for c, n in runs)
+                got = await self._op("batch", gen, text, config=config)
             except BaseException:
                 self._locally(runs)  # cancelled (the store closed): they count here
                 raise
             if got is None:
                 self._locally(runs)  # Redis is away: they count here
-            runs, gen = self._take()
+            runs, gen, config = self._next()
 
     def _locally(self, runs: list[list[int]]) -> None:
         """A batch Redis did not take: it counts here, and joins the shared state later."""
@@ -860,6 +888,9 @@ class _BreakerLink:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        for runs, _, _ in self.sealed:
+            self._locally(runs)
+        self.sealed.clear()
         if self.batch:
             self._locally(self.batch)
             self._clear_batch()
@@ -879,6 +910,8 @@ class _BreakerLink:
         if await self._op("force", _CODE_OF[state], reason) is None:
             self.core.force(state, reason)  # at least this process obeys
             self.force_unsent = True  # and Redis learns it when it answers again
+            if self.cached is not None:
+                self.floor = self.cached.gen + 1
         if held or self.force_unsent:
             self._keep()
 

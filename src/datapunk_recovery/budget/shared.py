@@ -50,7 +50,9 @@ state:
   counters ``e<i>`` epoch, ``a<i>`` attempts, ``r<i>`` retries, and ``z`` the
   window's shape), on Redis's own clock (``TIME``), so replicas agree on
   which bucket is current (on an installed fake clock's time, in tests).  A
-  batch lands in the bucket current when it arrives.  The local window
+  batch lands in the bucket current when it arrives.  A window of another
+  shape (the sender's budget was re-configured) starts again from the
+  sender's counts, as a missing one does: a reload never empties it.  The local window
   adopts the shared buckets by age (within one bucket of the others, since
   local clocks differ).
 - ``{prefix}:{budget:<name>}:link:<id>``: per process, the cumulative counts
@@ -264,8 +266,11 @@ local h = {}
 local flat = hcall('window', 'HGETALL', key)
 for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
 if h.z ~= nil and h.z ~= shape then
-  redis.call('DEL', key)  -- another window shape: start again
-  h = {}
+  -- Another window shape (the sender was re-configured): start again from
+  -- the sender's counts, as for a missing window, so that a reload never
+  -- hands out a fresh allowance (the local budget keeps its counts).
+  redis.call('DEL', key)
+  h, flat = {}, {}
 end
 local E, A, R = {}, {}, {}
 local bad = false
@@ -377,7 +382,9 @@ class SharedBudget:
     every retry, here, at once; it keeps its name, configuration and bus (its
     events are this budget's events).  Processes share a budget when they
     use the same store (Redis and ``prefix``), budget kind and name; they
-    should use the same configuration too (each sync applies the sender's).
+    should use the same configuration too (each sync applies the sender's,
+    as it is at that sync: a hot reload re-configures the wrapped budget in
+    place).
 
     Settings, in seconds: ``sync_interval`` (default 0.2) between syncs;
     ``max_unsynced`` failures (token budget) or granted retries (ratio budget)
@@ -430,11 +437,6 @@ class SharedBudget:
         self._tokens = isinstance(budget, TokenBudget)
         if isinstance(budget, TokenBudget):
             self._part = "tokens"
-            ttl = store.key_ttl
-            self._args: tuple[Any, ...] = (
-                repr(budget.config.max_tokens),
-                repr(budget.config.token_ratio),
-            )
             script = _TOKENS_LUA
         else:
             cfg = budget.config
@@ -444,11 +446,7 @@ class SharedBudget:
                     f"buckets, got {shown(cfg.buckets)}"
                 )
             self._part = "ratio"
-            ttl = max(store.key_ttl, 2 * cfg.window)
-            width_us = max(1, round(cfg.window / cfg.buckets * 1e6))
-            self._args = (cfg.buckets, width_us)
             script = _RATIO_LUA
-        self._ttl_ms = max(1, int(ttl * 1000))
         self._link_id = uuid.uuid4().hex[:16]
         self._keys = store.keys("budget", self.name, self._part, f"link:{self._link_id}")
         self._script = store.script(script)
@@ -681,6 +679,7 @@ class SharedBudget:
             with self._lock:
                 sent = (self._x, self._y)
                 here = self._here()
+                figures = self._figures()
                 self._unsynced = 0
             # Always from what Redis is known to hold: a batch whose sync failed
             # or timed out (Redis paused, blackholed, restarted) is resent by the
@@ -689,8 +688,8 @@ class SharedBudget:
             # (The link key makes a resent batch count once.)
             base = self._acked
             try:
-                reply = await self._call(base, sent, here)
-                adopt, reason = self._reading(reply)
+                reply = await self._call(figures, base, sent, here)
+                adopt, reason = self._reading(reply, figures)
             except _Corrupt as exc:
                 self._corrupt(str(exc))
                 self._fail("CorruptReply")
@@ -706,13 +705,29 @@ class SharedBudget:
             self._seen(reason)
             return True
 
-    def _reading(self, reply: Any) -> tuple[Callable[[int, int], None], str]:
-        """Parse a reply into how the local budget adopts it, and the corruption reason."""
+    def _figures(self) -> tuple[Any, ...]:
+        """The script's first arguments, from the budget's configuration as it is
+        now (a hot reload re-configures it in place): its figures, then the keys'
+        time to live in ms (for a ratio budget at least twice its window)."""
+        budget, ttl = self.budget, self.store.key_ttl
+        if isinstance(budget, TokenBudget):
+            cfg = budget.config
+            return repr(cfg.max_tokens), repr(cfg.token_ratio), max(1, int(ttl * 1000))
+        ratio = budget.config
+        width_us = max(1, round(ratio.window / ratio.buckets * 1e6))
+        ttl = max(ttl, 2 * ratio.window)
+        return ratio.buckets, width_us, max(1, int(ttl * 1000))
+
+    def _reading(
+        self, reply: Any, figures: tuple[Any, ...]
+    ) -> tuple[Callable[[int, int], None], str]:
+        """Parse a reply to a sync sent with ``figures`` into how the local budget
+        adopts it, and the corruption reason."""
         budget = self.budget
         if isinstance(budget, TokenBudget):
             tokens, reason = _parse_tokens(reply)
             return (lambda dx, dy: budget.adopt(tokens, dx, dy)), reason
-        window, reason = _parse_window(reply, budget.config.buckets)
+        window, reason = _parse_window(reply, figures[0])
         return (lambda dx, dy: budget.adopt(window, dx, dy)), reason
 
     def _has_news(self) -> bool:
@@ -729,9 +744,13 @@ class SharedBudget:
         return (str(attempts), str(retries))
 
     async def _call(
-        self, base: tuple[int, int], sent: tuple[int, int], here: tuple[str, ...] = ()
+        self,
+        figures: tuple[Any, ...],
+        base: tuple[int, int],
+        sent: tuple[int, int],
+        here: tuple[str, ...] = (),
     ) -> Any:
-        args = [*self._args, self._ttl_ms, base[0], sent[0], base[1], sent[1], *here]
+        args = [*figures, base[0], sent[0], base[1], sent[1], *here]
         if not self._tokens:
             args.append(script_time())  # which bucket is current
         # serial: a batch whose caller gave up on the reply lands before the next one
