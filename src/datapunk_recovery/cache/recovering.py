@@ -264,6 +264,18 @@ _NO_TIME: Final = math.inf
 _TIME_DECIMALS: Final = 5
 
 
+def _entry_time(fresh_until: Any) -> float | None:
+    """An envelope's ``fresh_until`` as a finite float (seconds), or None when it is garbage.
+
+    An integer too large for a float (``OverflowError``) is garbage too.
+    """
+    try:
+        until = float(fresh_until)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return until if math.isfinite(until) else None
+
+
 def _envelope(entry: Any) -> tuple[float, Any] | None:
     """``(fresh_until, value)`` of a stored entry, or None when it is not our envelope.
 
@@ -273,12 +285,10 @@ def _envelope(entry: Any) -> tuple[float, Any] | None:
     """
     try:
         fresh_until, value = entry
-        fresh_until = float(fresh_until)
     except (TypeError, ValueError):
         return None
-    if not math.isfinite(fresh_until):
-        return None
-    return fresh_until, value
+    until = _entry_time(fresh_until)
+    return None if until is None else (until, value)
 
 
 #: Seconds a cache is not asked again after it refused our login or a command
@@ -334,6 +344,7 @@ class ReadThroughCache(Generic[V]):
 
     __slots__ = (
         "_bump_pending",
+        "_calm",
         "_down",
         "_failures",
         "_flights",
@@ -357,7 +368,6 @@ class ReadThroughCache(Generic[V]):
         "_shared",
         "_stale",
         "_ttl",
-        "_untimed",
         "_wake",
         "breaker",
         "bus",
@@ -400,7 +410,6 @@ class ReadThroughCache(Generic[V]):
         self._ttl = cfg.ttl
         self._keep = cfg.ttl + cfg.stale_for
         self._refresh = cfg.generation_refresh
-        self._untimed = cfg.cache_timeout is None  # get()'s fast path awaits the cache bare
         self._gen_key = f"{cfg.namespace}:generation"
         self._gen: int | None = None
         self._gen_read_at = -math.inf
@@ -415,6 +424,11 @@ class ReadThroughCache(Generic[V]):
         self._repairing = False
         self._down = False
         self._refused_until = 0.0
+        # Whether get() may take its fast path as far as this cache's own
+        # state goes: no cache_timeout (it awaits the cache bare), no breaker
+        # refusal or login failure remembered, no repair or namespace
+        # invalidation pending.  Every change of those calls _rearm().
+        self._calm = cfg.cache_timeout is None
         self._recoveries = 0
         self._wake: _runtime.TaskEvent | None = None
         self._hits = self._misses = self._stale = self._loads = self._shared = 0
@@ -461,6 +475,7 @@ class ReadThroughCache(Generic[V]):
             # probe says how long the probe may take, not when it will answer.
             skip = min(exc.remaining, self.config.breaker.open_duration)
             self._refused_until = clock.now() + skip
+            self._rearm()
             self._failed(op, "open", "CircuitOpenError")
             return False, None
         timeout = self.config.cache_timeout
@@ -483,16 +498,25 @@ class ReadThroughCache(Generic[V]):
             kind = _failure_kind(exc)
             if kind == "auth":
                 self._refused_until = clock.now() + AUTH_RETRY_INTERVAL
+                self._rearm()
             self._failed(op, kind, type(exc).__name__)
             return False, None
         except BaseException:
             permit.cancel()
             raise
         permit.success()
-        self._refused_until = 0.0
+        if self._refused_until:
+            self._refused_until = 0.0
+            self._rearm()
         if self._down:
             self._recovered()
         return True, result
+
+    def _rearm(self) -> None:
+        """Work out ``_calm`` again after a change of what it depends on."""
+        self._calm = self.config.cache_timeout is None and not (
+            self._refused_until or self._repairs or self._bump_pending
+        )
 
     def _failed(self, op: str, kind: str, error_type: str) -> None:
         self._failures[kind] = self._failures.get(kind, 0) + 1
@@ -565,13 +589,10 @@ class ReadThroughCache(Generic[V]):
         """The value of ``key``: from the cache, else the source (``None``: no such key)."""
         now = clock.now()
         breaker = self.breaker
+        # No generation read yet leaves _gen_read_at at -inf: the time check fails.
         if not (
-            self._gen is not None
-            and not self._refused_until
-            and not self._repairs
-            and not self._bump_pending
+            self._calm
             and self.sketch is None
-            and self._untimed
             and now - self._gen_read_at < self._refresh
             and (gen := breaker.grant()) is not None
         ):
@@ -605,23 +626,23 @@ class ReadThroughCache(Generic[V]):
         breaker.granted_success(gen, now)
         if self._down:
             self._recovered()
-        if type(entry) is list and len(entry) == 2:
-            # Our envelope, as a MemoryCache keeps it and JSON gives it
-            # back: a fresh one is served here.
-            fresh_until, value = entry
-            if type(fresh_until) is float and clock.wall() < fresh_until < _NO_TIME:
+        if entry is not None:
+            try:
+                fresh_until, value = entry  # our envelope is a pair
+            except (TypeError, ValueError):
+                fresh_until = None  # not a pair: garbage (below)
+            if type(fresh_until) is float and clock.wall() < fresh_until and fresh_until < _NO_TIME:
+                # A fresh envelope as a MemoryCache keeps it and JSON gives it back.
                 self._hits += 1
                 return value
-        if entry is not None:
-            envelope = _envelope(entry)
-            if envelope is None:
+            until = _entry_time(fresh_until)
+            if until is None:
                 self._failed("get", "corrupt", "CorruptEntry")
+            elif clock.wall() < until:
+                self._hits += 1
+                return value
             else:
-                fresh_until, value = envelope
-                if clock.wall() < fresh_until:
-                    self._hits += 1
-                    return value
-                return (await self._refresh_stale(key, value, fresh_until)).value
+                return (await self._refresh_stale(key, value, until)).value
         self._misses += 1
         loaded: V | None = await self._load(key, refill=True)
         return loaded
@@ -787,6 +808,7 @@ class ReadThroughCache(Generic[V]):
         self._flights.clear()
         self._repairs.clear()
         self._bump_pending = True
+        self._rearm()
         await self.repair()
 
     async def _delete(self, key: str) -> None:
@@ -811,6 +833,7 @@ class ReadThroughCache(Generic[V]):
             self._bump_pending = True
         else:
             self._repairs[key] = None
+        self._rearm()
         if listening(self.bus):
             emit(
                 RepairQueued(
@@ -850,6 +873,7 @@ class ReadThroughCache(Generic[V]):
             return True
         finally:
             self._repairing = False
+            self._rearm()  # what was applied (a concurrent queueing kept it off)
 
     # -- warming ------------------------------------------------------------------
 
