@@ -494,12 +494,7 @@ class ReadThroughCache(Generic[V]):
             result = None
         except Exception as exc:
             permit.failure(exc)
-            self._down = True
-            kind = _failure_kind(exc)
-            if kind == "auth":
-                self._refused_until = clock.now() + AUTH_RETRY_INTERVAL
-                self._rearm()
-            self._failed(op, kind, type(exc).__name__)
+            self._unavailable(op, exc)
             return False, None
         except BaseException:
             permit.cancel()
@@ -511,6 +506,15 @@ class ReadThroughCache(Generic[V]):
         if self._down:
             self._recovered()
         return True, result
+
+    def _unavailable(self, op: str, exc: Exception) -> None:
+        """Cache call ``op`` failed with ``exc`` (its breaker is told by the caller)."""
+        self._down = True
+        kind = _failure_kind(exc)
+        if kind == "auth":
+            self._refused_until = clock.now() + AUTH_RETRY_INTERVAL
+            self._rearm()
+        self._failed(op, kind, type(exc).__name__)
 
     def _rearm(self) -> None:
         """Work out ``_calm`` again after a change of what it depends on."""
@@ -615,8 +619,7 @@ class ReadThroughCache(Generic[V]):
             entry = None
         except Exception as exc:
             breaker.granted_failure(gen, exc, now)
-            self._down = True
-            self._failed("get", _failure_kind(exc), type(exc).__name__)
+            self._unavailable("get", exc)
             self._misses += 1
             value: V | None = await self._load(key, refill=False)
             return value
