@@ -839,3 +839,25 @@ async def test_a_cache_that_refuses_our_permission_is_not_asked_again_for_the_in
     clock.advance(AUTH_RETRY_INTERVAL)
     await rtc.get("k1")
     assert flaky.calls - asked == 2
+
+
+async def test_a_subscriber_added_after_the_cache_is_built_receives_the_kinds_it_wants(
+    db: Database,
+) -> None:
+    cache = MemoryCache()
+    rtc, _ = make(db, cache)
+    await rtc.get("k1")
+    failed: list[Event] = []
+    other: list[Event] = []
+    unsubscribe = [
+        events.subscribe(failed.append, kinds=CacheFailed),
+        events.subscribe(other.append, kinds=("retry.giveup",)),
+    ]
+    try:
+        await cache.set(rtc._prefix + "k1", "garbage", 60)
+        assert await rtc.get("k1") == {"n": 1}
+    finally:
+        for undo in unsubscribe:
+            undo()
+    assert [(e.kind, e.op) for e in failed] == [("corrupt", "get")]  # type: ignore[attr-defined]
+    assert other == []

@@ -524,7 +524,7 @@ class ReadThroughCache(Generic[V]):
 
     def _failed(self, op: str, kind: str, error_type: str) -> None:
         self._failures[kind] = self._failures.get(kind, 0) + 1
-        if listening(self.bus):
+        if listening(self.bus, CacheFailed):
             emit(
                 CacheFailed(
                     operation=self.name,
@@ -541,7 +541,7 @@ class ReadThroughCache(Generic[V]):
         self._recoveries += 1
         if self._wake is not None:
             self._wake.set()
-        if listening(self.bus):
+        if listening(self.bus, CacheRecovered):
             emit(
                 CacheRecovered(
                     operation=self.name, at=clock.now(), repairs_pending=len(self._repairs)
@@ -687,7 +687,7 @@ class ReadThroughCache(Generic[V]):
         except Exception as exc:
             if clock.wall() < fresh_until + self.config.stale_for:
                 self._stale += 1
-                if listening(self.bus):
+                if listening(self.bus, StaleServed):
                     emit(
                         StaleServed(
                             operation=self.name, at=clock.now(), error_type=type(exc).__name__
@@ -837,7 +837,7 @@ class ReadThroughCache(Generic[V]):
         else:
             self._repairs[key] = None
         self._rearm()
-        if listening(self.bus):
+        if listening(self.bus, RepairQueued):
             emit(
                 RepairQueued(
                     operation=self.name,
@@ -914,7 +914,7 @@ class ReadThroughCache(Generic[V]):
                 stored += kept
             if failed:
                 break
-        if listening(self.bus):
+        if listening(self.bus, CacheWarmed):
             emit(
                 CacheWarmed(
                     operation=self.name,
