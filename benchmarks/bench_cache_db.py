@@ -12,7 +12,9 @@ Cases (time per read or query):
   is :meth:`ReadThroughCache.get` on the same Redis (breaker permit, envelope,
   freshness check).
 - ``cache-cpu``: the same two on a cache that answers at once (no network):
-  the difference is the wrapper's own CPU cost per read.
+  the difference is the wrapper's own CPU cost per read; and a hit on the
+  embedded ``MemoryCache`` (``read_through_memory_hit``) beside a dict lookup
+  in a coroutine (``dict_get``).
 - ``db-happy``: a one-value query when nothing fails: ``asyncpg_acquire_fetch``
   is ``async with pool.acquire(): fetchval`` on an ``asyncpg`` pool;
   ``managed_run`` the same through :meth:`ManagedPool.run` (bounded acquire,
@@ -23,7 +25,9 @@ else the test harness starts a private redis-server and PostgreSQL (the
 workers inherit their addresses).
 
 Run: ``python benchmarks/bench_cache_db.py --fast -o cache_db.json`` then
-``python benchmarks/report.py cache_db.json``.
+``python benchmarks/report.py cache_db.json``.  ``--only cache-cpu`` runs the
+cases whose name contains that text (no server is started when none of them
+needs one).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from datapunk_recovery.breaker import BreakerConfig
 from datapunk_recovery.cache import (
     CacheConfig,
     FunctionSource,
+    MemoryCache,
     ReadThroughCache,
     RedisCache,
 )
@@ -169,6 +174,23 @@ async def make_instant_read_through() -> Callable[[], Awaitable[Any]]:
     return lambda: rtc.get("k1")
 
 
+async def make_dict_get() -> Callable[[], Awaitable[Any]]:
+    data = {"k1": {"key": "k1", "n": 1}}
+
+    async def get() -> Any:
+        return data.get("k1")
+
+    return get
+
+
+async def make_memory_read_through() -> Callable[[], Awaitable[Any]]:
+    rtc: ReadThroughCache[Any] = ReadThroughCache(
+        FunctionSource(_source), MemoryCache(), CacheConfig(ttl=3600.0, generation_refresh=3600.0)
+    )
+    await rtc.get("k1")
+    return lambda: rtc.get("k1")
+
+
 async def _asyncpg_pool() -> Any:
     import asyncpg
 
@@ -219,10 +241,9 @@ def _start_servers() -> list[Any]:
 
 def main() -> None:
     worker = "--worker" in sys.argv
-    started = [] if worker else _start_servers()
-    if not worker:
-        sys.argv.append(f"--inherit-environ={REDIS_ENV},{PG_ENV},{PROXY_ENV}")
-    runner = pyperf.Runner()
+    runner = pyperf.Runner(add_cmdline_args=lambda cmd, args: cmd.extend(["--only", args.only]))
+    runner.argparser.add_argument("--only", default="", help="cases whose name contains this")
+    only = runner.parse_args().only
     cases = [
         ("cache-outage: read_breaker_open", make_breaker_open),
         ("cache-outage: read_waits_timeout", make_waits_timeout),
@@ -230,9 +251,21 @@ def main() -> None:
         ("cache-happy: read_through_hit", make_read_through),
         ("cache-cpu: instant_cache_get", make_instant_plain),
         ("cache-cpu: read_through_instant_hit", make_instant_read_through),
+        ("cache-cpu: dict_get", make_dict_get),
+        ("cache-cpu: read_through_memory_hit", make_memory_read_through),
         ("db-happy: asyncpg_acquire_fetch", make_asyncpg_plain),
         ("db-happy: managed_run", make_managed_run),
     ]
+    cases = [(name, make) for name, make in cases if only in name]
+    servers = any(not name.startswith("cache-cpu") for name, _ in cases)
+    started = _start_servers() if servers and not worker else []
+    if servers and not worker:
+        runner.args.inherit_environ = [
+            *(runner.args.inherit_environ or []),
+            REDIS_ENV,
+            PG_ENV,
+            PROXY_ENV,
+        ]
     try:
         for name, make in cases:
             runner.bench_time_func(name, _async_loop(make))

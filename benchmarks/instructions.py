@@ -28,8 +28,12 @@ revision's figure to the first's.  Counts repeat exactly run after run; the
 floor between revisions (1.000 expected).
 
 Cases use only names that exist at every revision of issue 15's round:
-top-level ``datapunk_recovery`` names, ``datapunk_recovery.network`` and
-``datapunk_recovery.telemetry.prometheus`` (module paths inside moved).
+top-level ``datapunk_recovery`` names, ``datapunk_recovery.network``,
+``datapunk_recovery.cache`` and ``datapunk_recovery.telemetry.prometheus``
+(module paths inside moved).  The cache hits are counted above what they
+replace: a dict lookup (``MemoryCache``) or a dict lookup plus ``json.loads``
+(a JSON cache answering at once, and ``RedisCache`` on a client answering at
+once: the recovery and the cache's own decoding, without a server).
 
 Run (from the repository, with the project's venv; valgrind installed)::
 
@@ -80,6 +84,19 @@ def answer(x: int) -> int:
 
 async def aanswer(x: Any) -> Any:
     return x
+
+
+_STORED: dict[str, Any] = {}
+_ENCODED: dict[str, bytes] = {}
+
+
+async def adict_get(key: str) -> Any:
+    return _STORED.get(key)
+
+
+async def adict_json(key: str) -> Any:
+    raw = _ENCODED.get(key)
+    return None if raw is None else json.loads(raw)
 
 
 def flaky() -> Callable[[], int]:
@@ -293,6 +310,88 @@ def _retry_prometheus_sync() -> Sync:
     return dr.retry(name="bench")(ok)
 
 
+async def _no_source(key: str) -> Any:
+    return {"key": key, "n": 1}
+
+
+def _bare_dict_get() -> Async:
+    _STORED["k1"] = {"key": "k1", "n": 1}
+    return lambda: adict_get("k1")
+
+
+def _bare_dict_json() -> Async:
+    _ENCODED["k1"] = json.dumps({"key": "k1", "n": 1}).encode()
+    return lambda: adict_json("k1")
+
+
+class _JsonDict:
+    """A cache answering at once from a dict of JSON bytes (no network, no breaker of its own)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    async def get(self, key: str) -> Any:
+        raw = self.data.get(key)
+        return None if raw is None else json.loads(raw)
+
+    async def set(self, key: str, value: Any, ttl: float) -> None:
+        self.data[key] = json.dumps(value).encode()
+
+    async def counter(self, key: str) -> int:
+        return 0
+
+
+class _InstantRedisClient:
+    """The part of a ``redis.asyncio`` client a cache read uses, answering at once."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    async def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    async def set(self, key: str, value: bytes, px: int) -> None:
+        self.data[key] = value
+
+
+# The wall-clock time the cached entry is written at: fixed, so that the
+# entry's text (how many digits its freshness time has, which is what parsing
+# it costs) is the same run after run; the reads then run on the real clocks.
+_FILLED_AT = 4_000_000_000.1234567
+
+
+def _read_through(cache: Any) -> Async:
+    from datapunk_recovery.cache import CacheConfig, FunctionSource, ReadThroughCache
+    from datapunk_recovery.testing import fake_clock
+
+    rtc: Any = ReadThroughCache(
+        FunctionSource(_no_source), cache, CacheConfig(ttl=3600.0, generation_refresh=3600.0)
+    )
+    with fake_clock(start=_FILLED_AT):
+        _drive(_complete(rtc.get("k1")))  # the miss that fills the cache
+    return lambda: rtc.get("k1")
+
+
+async def _complete(call: Awaitable[Any]) -> None:
+    await call
+
+
+def _cache_hit_memory() -> Async:
+    from datapunk_recovery.cache import MemoryCache
+
+    return _read_through(MemoryCache())
+
+
+def _cache_hit_json() -> Async:
+    return _read_through(_JsonDict())
+
+
+def _cache_hit_redis() -> Async:
+    from datapunk_recovery.cache import RedisCache
+
+    return _read_through(RedisCache(_InstantRedisClient()))
+
+
 BARES: dict[str, tuple[bool, Callable[[], Any]]] = {
     "bare sync": (False, _bare_sync),
     "bare sync f(x)": (False, _bare_sync_arg),
@@ -301,6 +400,8 @@ BARES: dict[str, tuple[bool, Callable[[], Any]]] = {
     "bare sync, 1 call in 100 failing": (False, _bare_sync_one_in_100),
     "bare sync raising": (False, _bare_sync_raising),
     "bare async raising": (True, _bare_async_raising),
+    "bare async dict get": (True, _bare_dict_get),
+    "bare async dict get + json.loads": (True, _bare_dict_json),
 }
 
 # name -> (bare subtracted, async?, builder)
@@ -331,6 +432,17 @@ CASES: dict[str, tuple[str, bool, Callable[[], Any]]] = {
     "pipeline default async": ("bare async f(x)", True, _pipeline_async),
     "router one endpoint async": ("bare async f(x)", True, _router_async),
     "retry happy sync, prometheus installed": ("bare sync", False, _retry_prometheus_sync),
+    "cache hit, MemoryCache": ("bare async dict get", True, _cache_hit_memory),
+    "cache hit, JSON cache answering at once": (
+        "bare async dict get + json.loads",
+        True,
+        _cache_hit_json,
+    ),
+    "cache hit, RedisCache on an instant client": (
+        "bare async dict get + json.loads",
+        True,
+        _cache_hit_redis,
+    ),
 }
 
 

@@ -6,6 +6,7 @@ Time is a fake clock; nothing sleeps.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ from datapunk_recovery.cache import (
     WarmHottest,
     WarmKeys,
 )
+from datapunk_recovery.cache.recovering import AUTH_RETRY_INTERVAL
 from datapunk_recovery.testing import fake_clock
 
 pytestmark = pytest.mark.anyio
@@ -615,3 +617,247 @@ async def test_a_hit_takes_a_breaker_permit_only_when_someone_wants_its_outcome(
     finally:
         unsubscribe()
     assert (rtc.stats().hits, rtc.stats().misses) == (2, 1)
+
+
+class AwaitedCache(MemoryCache):
+    """A memory cache read through its coroutine, as any cache but `MemoryCache` itself is."""
+
+    async def get(self, key: str) -> Any | None:
+        return await super().get(key)
+
+
+CACHE_KINDS = [pytest.param(MemoryCache, id="memory"), pytest.param(AwaitedCache, id="awaited")]
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+async def test_an_entry_is_a_hit_until_its_ttl_and_refreshed_exactly_at_it(
+    db: Database, clock: FakeClock, kind: type[MemoryCache]
+) -> None:
+    rtc, _ = make(db, kind(), ttl=60.0)
+    await rtc.get("k1")  # filled at 1000.0: fresh until 1060.0
+    clock.set(1059.999)
+    assert await rtc.get("k1") == {"n": 1}
+    assert db.loads == 1
+    clock.set(1060.0)
+    db.rows["k1"] = {"n": 100}
+    assert await rtc.get("k1") == {"n": 100}  # at its ttl: no longer fresh
+    assert db.loads == 2
+    assert (rtc.stats().hits, rtc.stats().misses) == (1, 2)
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+async def test_a_value_past_its_ttl_read_by_get_is_served_stale_when_the_source_fails(
+    db: Database, clock: FakeClock, kind: type[MemoryCache]
+) -> None:
+    rtc, seen = make(db, kind(), ttl=60.0, stale_for=30.0)
+    await rtc.get("k1")
+    db.failing = True
+    clock.set(1060.0)
+    assert await rtc.get("k1") == {"n": 1}
+    clock.set(1089.999)
+    assert await rtc.get("k1") == {"n": 1}
+    assert rtc.stats().stale_served == 2
+    assert [type(e) for e in seen] == [StaleServed, StaleServed]
+    clock.set(1090.0)  # past stale_for too
+    with pytest.raises(ConnectionResetError):
+        await rtc.get("k1")
+
+
+async def test_an_entrys_freshness_time_is_kept_to_ten_microseconds(db: Database) -> None:
+    cache = MemoryCache()
+    with fake_clock(start=1000.1234567) as clock:
+        rtc, _ = make(db, cache, ttl=60.0)
+        await rtc.get("k1")
+        fresh_until, value = await cache.get(rtc._prefix + "k1")
+        # 15 significant digits at most: its JSON text parses on the fast path.
+        assert (fresh_until, value) == (1060.12346, {"n": 1})
+        assert json.dumps(fresh_until) == "1060.12346"
+        clock.set(1060.123459)
+        assert await rtc.get("k1") == {"n": 1}
+        assert db.loads == 1
+        clock.set(1060.12346)
+        await rtc.get("k1")
+        assert db.loads == 2
+
+
+GARBAGE = [
+    pytest.param("not an envelope", id="text"),
+    pytest.param([float("inf"), "x"], id="infinite-time"),
+    pytest.param([float("nan"), "x"], id="nan-time"),
+    pytest.param([10**400, "x"], id="time-too-large-for-a-float"),
+    pytest.param([1.0, "x", "y"], id="three-items"),
+    pytest.param({"a": 1}, id="mapping"),
+    pytest.param(42, id="number"),
+]
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+@pytest.mark.parametrize("garbage", GARBAGE)
+async def test_garbage_read_by_get_is_a_miss_with_an_event_never_a_crash(
+    db: Database, kind: type[MemoryCache], garbage: Any
+) -> None:
+    cache = kind()
+    rtc, seen = make(db, cache)
+    await rtc.get("k1")
+    await cache.set(rtc._prefix + "k1", garbage, 60)
+    assert await rtc.get("k1") == {"n": 1}
+    assert db.loads == 2  # from the source, and the refill overwrote the garbage:
+    assert await rtc.get("k1") == {"n": 1}
+    assert db.loads == 2
+    assert rtc.stats().failures == {"corrupt": 1}
+    assert [(e.kind, e.op) for e in seen if isinstance(e, CacheFailed)] == [("corrupt", "get")]
+    assert rtc.breaker.snapshot().failures == 0
+
+
+@pytest.mark.parametrize("kind", CACHE_KINDS)
+async def test_an_envelope_of_another_shape_that_reads_as_a_time_and_value_is_served(
+    db: Database, clock: FakeClock, kind: type[MemoryCache]
+) -> None:
+    cache = kind()
+    rtc, _ = make(db, cache)
+    await rtc.get("k1")
+    await cache.set(rtc._prefix + "k1", (2000, "written by another version"), 60)
+    assert await rtc.get("k1") == "written by another version"  # an int time, in a tuple
+    assert rtc.stats().failures == {}
+
+
+async def test_a_key_read_before_the_namespace_is_invalidated_is_read_afresh_after(
+    db: Database, clock: FakeClock
+) -> None:
+    shared = MemoryCache()
+    rtc, _ = make(db, shared, generation_refresh=5.0)
+    other, _ = make(db, shared)  # another process on the same cache
+    await rtc.get("k1")
+    assert await rtc.get("k1") == {"n": 1}
+    db.rows["k1"] = {"n": 10}
+    await rtc.invalidate_all()
+    assert await rtc.get("k1") == {"n": 10}
+    db.rows["k1"] = {"n": 11}
+    await other.invalidate_all()
+    assert await rtc.get("k1") == {"n": 10}  # its generation is re-read every 5 s...
+    clock.advance(5.0)
+    assert await rtc.get("k1") == {"n": 11}  # ...then the old names are not asked for
+    assert db.loads == 3
+
+
+async def test_reads_of_more_keys_than_get_remembers_the_names_of_still_find_each_one(
+    db: Database,
+) -> None:
+    rows = {f"key{i}": i for i in range(5000)}
+    db.rows.update(rows)
+    rtc, _ = make(db)
+    for _ in range(2):
+        assert {key: await rtc.get(key) for key in rows} == rows
+    assert (rtc.stats().hits, db.loads) == (5000, 5000)
+
+
+def test_a_memory_cache_read_without_a_coroutine_expires_at_its_ttl_and_counts_as_used() -> None:
+    async def fill(cache: MemoryCache) -> None:
+        for key in ("a", "b", "c"):
+            await cache.set(key, key.upper(), 10.0)
+
+    with fake_clock(start=100.0) as clock:
+        cache = MemoryCache(max_entries=3)
+        anyio.run(fill, cache)
+        assert cache.get_nowait("a") == "A"  # "a" is now the most recently used...
+        anyio.run(cache.set, "d", "D", 10.0)
+        assert cache.get_nowait("b") is None  # ...so "b" was the one evicted
+        clock.set(109.999)
+        assert cache.get_nowait("a") == "A"
+        clock.set(110.0)
+        assert cache.get_nowait("a") is None
+        assert cache.get_nowait("missing") is None
+
+
+async def test_a_hit_takes_no_breaker_permit_again_once_pending_repairs_are_applied(
+    db: Database, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    permits: list[object] = []
+    allow = CircuitBreaker.allow
+
+    def counting(self: CircuitBreaker) -> Permit:
+        permits.append(self)
+        return allow(self)
+
+    monkeypatch.setattr(CircuitBreaker, "allow", counting)
+    flaky = FlakyCache()
+    rtc, _ = make(db, flaky)
+    await rtc.get("k1")
+    await rtc.get("k2")
+    flaky.down = True
+    await rtc.invalidate("k2")  # queued for repair
+    flaky.down = False
+    permits.clear()
+    assert await rtc.get("k1") == {"n": 1}  # the repair goes first: through permits
+    assert permits and rtc.stats().repairs_pending == 0
+    permits.clear()
+    assert await rtc.get("k1") == {"n": 1}  # nothing pending: the hit needs no permit
+    assert permits == []
+
+
+async def test_a_cache_with_a_timeout_takes_a_breaker_permit_for_every_read(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    permits: list[object] = []
+    allow = CircuitBreaker.allow
+
+    def counting(self: CircuitBreaker) -> Permit:
+        permits.append(self)
+        return allow(self)
+
+    monkeypatch.setattr(CircuitBreaker, "allow", counting)
+    rtc, _ = make(db, cache_timeout=1.0)
+    await rtc.get("k1")
+    permits.clear()
+    assert await rtc.get("k1") == {"n": 1}
+    assert permits == [rtc.breaker]  # the timeout is applied around the cache call
+
+
+class NoPermissionError(Exception):
+    """What redis-py raises for a NOPERM reply (classified by its name)."""
+
+
+async def test_a_cache_that_refuses_our_permission_is_not_asked_again_for_the_interval(
+    db: Database, clock: FakeClock
+) -> None:
+    flaky = FlakyCache()
+    rtc, _ = make(db, flaky)
+    await rtc.get("k1")
+    await rtc.get("k1")  # read by get()'s fast path from now on
+
+    def refuse() -> None:
+        flaky.calls += 1
+        raise NoPermissionError("NOPERM this user has no permissions to run the 'get' command")
+
+    flaky._check = refuse  # type: ignore[method-assign]
+    asked = flaky.calls
+    for _ in range(30):  # far past the breaker's 5 s open period
+        assert await rtc.get("k1") == {"n": 1}
+        clock.advance(1.0)
+    assert flaky.calls - asked == 1  # each ask could count as a failed login
+    assert rtc.stats().failures["auth"] == 1
+    clock.advance(AUTH_RETRY_INTERVAL)
+    await rtc.get("k1")
+    assert flaky.calls - asked == 2
+
+
+async def test_a_subscriber_added_after_the_cache_is_built_receives_the_kinds_it_wants(
+    db: Database,
+) -> None:
+    cache = MemoryCache()
+    rtc, _ = make(db, cache)
+    await rtc.get("k1")
+    failed: list[Event] = []
+    other: list[Event] = []
+    unsubscribe = [
+        events.subscribe(failed.append, kinds=CacheFailed),
+        events.subscribe(other.append, kinds=("retry.giveup",)),
+    ]
+    try:
+        await cache.set(rtc._prefix + "k1", "garbage", 60)
+        assert await rtc.get("k1") == {"n": 1}
+    finally:
+        for undo in unsubscribe:
+            undo()
+    assert [(e.kind, e.op) for e in failed] == [("corrupt", "get")]  # type: ignore[attr-defined]
+    assert other == []

@@ -16,7 +16,9 @@ from datapunk_recovery.breaker import BreakerConfig
 from datapunk_recovery.cache import (
     CacheConfig,
     CacheFailed,
+    CorruptEntry,
     FunctionSource,
+    JsonCodec,
     PickleCodec,
     ReadThroughCache,
     RedisCache,
@@ -133,3 +135,51 @@ async def test_garbage_in_redis_is_ignored_with_an_event_and_never_unpickled(
     fresh: ReadThroughCache[Any] = ReadThroughCache(FunctionSource(load), redis_cache, name="g2")
     assert (await fresh.lookup("k1")).value == {"n": 1}
     assert fresh.stats().failures == {"corrupt": 1}
+
+
+async def test_garbage_in_redis_read_by_get_is_a_miss_with_an_event_never_a_crash(
+    redis_cache: RedisCache,
+) -> None:
+    rows = {"k1": {"n": 1}}
+
+    async def load(key: str) -> Any:
+        return rows.get(key)
+
+    rtc: ReadThroughCache[Any] = ReadThroughCache(FunctionSource(load), redis_cache, name="g")
+    seen: list[Event] = []
+    rtc.bus.subscribe(seen.append)
+    await rtc.get("k1")
+    huge = b"[1" + b"0" * 400 + b", 2]"  # a time too large for a float
+    for garbage in (b"\x80\x04not json", b'"just a string"', b"[1e999, 2]", huge, b"[1.5]"):
+        await redis_cache.client.set(rtc._prefix + "k1", garbage)
+        assert await rtc.get("k1") == {"n": 1}
+        assert json.loads(await redis_cache.client.get(rtc._prefix + "k1"))[1] == {"n": 1}
+    assert rtc.stats().failures == {"corrupt": 5}
+    assert {(e.kind, e.op) for e in seen if isinstance(e, CacheFailed)} == {("corrupt", "get")}
+    assert rtc.breaker.snapshot().failures == 0
+
+
+async def test_undecodable_bytes_name_the_codec_and_never_the_bytes(
+    redis_cache: RedisCache,
+) -> None:
+    await redis_cache.client.set("bad", b"secret-token-1234 not json")
+    with pytest.raises(CorruptEntry) as caught:
+        await redis_cache.get("bad")
+    assert str(caught.value) == "JsonCodec cannot decode a cached value (JSONDecodeError)"
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+async def test_a_json_codec_subclass_decodes_with_its_own_method(
+    redis_server: RedisServer,
+) -> None:
+    class TaggedJson(JsonCodec):
+        def decode(self, data: bytes) -> Any:
+            return {"tagged": super().decode(data)}
+
+    cache = RedisCache.from_url(redis_server.url, codec=TaggedJson())
+    try:
+        await cache.set("t", [1, 2], 5.0)
+        assert await cache.get("t") == {"tagged": [1, 2]}
+        assert await cache.get_many(["t"]) == [{"tagged": [1, 2]}]
+    finally:
+        await cache.close()

@@ -17,10 +17,14 @@ from collections.abc import Callable
 
 from datapunk_recovery._core.validate import shown
 
-__all__ = ["FakeClock", "current_fake", "now", "use_clock"]
+__all__ = ["FakeClock", "current_fake", "now", "use_clock", "wall"]
 
 now: Callable[[], float] = time.monotonic
 """Monotonic seconds; rebound by `use_clock()` (read it as ``clock.now()``)."""
+
+wall: Callable[[], float] = time.time
+"""Wall-clock seconds (``time.time``), for times shared between processes; under a fake
+clock its time, as for `now`.  Rebound by `use_clock()` (read it as ``clock.wall()``)."""
 
 _fake: FakeClock | None = None
 
@@ -65,9 +69,10 @@ class FakeClock:
 
 def use_clock(fake: FakeClock | None) -> None:
     """Install ``fake`` as the library's clock, or go back to real time with ``None``."""
-    global now, _fake
+    global now, wall, _fake
     _fake = fake
     now = time.monotonic if fake is None else fake.now
+    wall = time.time if fake is None else fake.now
 
 
 def current_fake() -> FakeClock | None:

@@ -27,34 +27,44 @@ class MemoryCache:
     and are never evicted.
     """
 
-    __slots__ = ("_counters", "_entries", "max_entries")
+    __slots__ = ("_counters", "_entries", "_lookup", "_touch", "max_entries")
 
     def __init__(self, max_entries: int = 10_000) -> None:
         self.max_entries = check_count("MemoryCache", "max_entries", max_entries)
         self._entries: OrderedDict[str, tuple[float, Any]] = OrderedDict()
         self._counters: dict[str, int] = {}
+        # Bound once: a method looked up on an OrderedDict per read is not
+        # specialised by the interpreter (a generic lookup, twice per hit).
+        self._lookup = self._entries.get
+        self._touch = self._entries.move_to_end
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _get(self, key: str) -> Any | None:
-        found = self._entries.get(key)
+    def get_nowait(self, key: str) -> Any | None:
+        """The live value of ``key`` or ``None``, without a coroutine (nothing here waits).
+
+        [`ReadThroughCache`][datapunk_recovery.cache.recovering.ReadThroughCache]
+        reads a `MemoryCache` through it: an await of a coroutine that
+        never suspends costs a cache hit more than the lookup itself.
+        """
+        found = self._lookup(key)
         if found is None:
             return None
         expires, value = found
         if expires <= clock.now():
             del self._entries[key]
             return None
-        self._entries.move_to_end(key)
+        self._touch(key)
         return value
 
     async def get(self, key: str) -> Any | None:
         """The live value of ``key`` or ``None``."""
-        return self._get(key)
+        return self.get_nowait(key)
 
     async def get_many(self, keys: Sequence[str]) -> list[Any | None]:
         """The live values of ``keys``, in order."""
-        return [self._get(k) for k in keys]
+        return [self.get_nowait(k) for k in keys]
 
     async def set(self, key: str, value: Any, ttl: float) -> None:
         """Keep ``value`` for ``ttl`` seconds, evicting the least recently used beyond the bound."""

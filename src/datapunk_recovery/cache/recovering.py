@@ -41,8 +41,8 @@ may refill a key with a value it loaded before this process's write; across
 replicas the shared Redis is the truth, and such a value lives at most
 ``ttl`` seconds (see [docs/cache.md](https://datapunk.github.io/datapunk-recovery/cache/)).
 
-Freshness is judged on wall-clock seconds (``time.time()``; the fake time
-under a fake clock), because entries are shared between processes and
+Freshness is judged on wall-clock seconds (``clock.wall()``: ``time.time()``,
+or the fake time under a fake clock), because entries are shared between processes and
 monotonic clocks are not.
 """
 
@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +87,9 @@ _OWNER: Final = "CacheConfig"
 # skipped refill costs one miss later, never a stale value).
 _INVALIDATION_MEMORY: Final = 10_000
 _REPAIR_BATCH: Final = 100
+# Full key names (``namespace:generation:key``) `get()` remembers; a larger
+# set of keys in use makes it start afresh, at the cost of one string.
+_KEY_MEMORY: Final = 4096
 
 
 def _default_breaker() -> BreakerConfig:
@@ -251,13 +253,27 @@ class CacheWarmed(Event):
     stored: int
 
 
-def _wall() -> float:
-    fake = clock.current_fake()
-    return fake.now() if fake is not None else time.time()
-
-
 #: No envelope's time is this far: an infinite one is garbage (see `_envelope()`).
 _NO_TIME: Final = math.inf
+
+#: Decimals an envelope's ``fresh_until`` keeps (10 µs).  A wall-clock time
+#: of 10 integer digits then has at most 15 significant ones, which a reader
+#: of its text (JSON) turns back into a float on the fast path of float
+#: parsing, not the big-number one (~2,000 instructions per hit), and which
+#: a time that already has 5 decimals or fewer (a fake clock's) keeps exactly.
+_TIME_DECIMALS: Final = 5
+
+
+def _entry_time(fresh_until: Any) -> float | None:
+    """An envelope's ``fresh_until`` as a finite float (seconds), or None when it is garbage.
+
+    An integer too large for a float (``OverflowError``) is garbage too.
+    """
+    try:
+        until = float(fresh_until)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return until if math.isfinite(until) else None
 
 
 def _envelope(entry: Any) -> tuple[float, Any] | None:
@@ -269,12 +285,10 @@ def _envelope(entry: Any) -> tuple[float, Any] | None:
     """
     try:
         fresh_until, value = entry
-        fresh_until = float(fresh_until)
     except (TypeError, ValueError):
         return None
-    if not math.isfinite(fresh_until):
-        return None
-    return fresh_until, value
+    until = _entry_time(fresh_until)
+    return None if until is None else (until, value)
 
 
 #: Seconds a cache is not asked again after it refused our login or a command
@@ -328,6 +342,43 @@ class ReadThroughCache(Generic[V]):
     ``name`` names the cache in events and its breaker (``cache:<name>``).
     """
 
+    __slots__ = (
+        "_bump_pending",
+        "_calm",
+        "_down",
+        "_failures",
+        "_flights",
+        "_floor",
+        "_full",
+        "_gen",
+        "_gen_key",
+        "_gen_read_at",
+        "_hits",
+        "_invalidated",
+        "_keep",
+        "_loads",
+        "_misses",
+        "_prefix",
+        "_recoveries",
+        "_refresh",
+        "_refused_until",
+        "_repairing",
+        "_repairs",
+        "_seq",
+        "_shared",
+        "_stale",
+        "_ttl",
+        "_wake",
+        "breaker",
+        "bus",
+        "cache",
+        "config",
+        "name",
+        "sketch",
+        "source",
+        "warming",
+    )
+
     def __init__(
         self,
         source: Source[V],
@@ -363,6 +414,7 @@ class ReadThroughCache(Generic[V]):
         self._gen: int | None = None
         self._gen_read_at = -math.inf
         self._prefix = ""
+        self._full: dict[str, str] = {}  # key -> prefix + key, for get(); see _full_key()
         self._flights: dict[str, _Flight] = {}
         self._seq = 0
         self._invalidated: OrderedDict[str, int] = OrderedDict()
@@ -372,6 +424,11 @@ class ReadThroughCache(Generic[V]):
         self._repairing = False
         self._down = False
         self._refused_until = 0.0
+        # Whether get() may take its fast path as far as this cache's own
+        # state goes: no cache_timeout (it awaits the cache bare), no breaker
+        # refusal or login failure remembered, no repair or namespace
+        # invalidation pending.  Every change of those calls _rearm().
+        self._calm = cfg.cache_timeout is None
         self._recoveries = 0
         self._wake: _runtime.TaskEvent | None = None
         self._hits = self._misses = self._stale = self._loads = self._shared = 0
@@ -418,6 +475,7 @@ class ReadThroughCache(Generic[V]):
             # probe says how long the probe may take, not when it will answer.
             skip = min(exc.remaining, self.config.breaker.open_duration)
             self._refused_until = clock.now() + skip
+            self._rearm()
             self._failed(op, "open", "CircuitOpenError")
             return False, None
         timeout = self.config.cache_timeout
@@ -436,24 +494,37 @@ class ReadThroughCache(Generic[V]):
             result = None
         except Exception as exc:
             permit.failure(exc)
-            self._down = True
-            kind = _failure_kind(exc)
-            if kind == "auth":
-                self._refused_until = clock.now() + AUTH_RETRY_INTERVAL
-            self._failed(op, kind, type(exc).__name__)
+            self._unavailable(op, exc)
             return False, None
         except BaseException:
             permit.cancel()
             raise
         permit.success()
-        self._refused_until = 0.0
+        if self._refused_until:
+            self._refused_until = 0.0
+            self._rearm()
         if self._down:
             self._recovered()
         return True, result
 
+    def _unavailable(self, op: str, exc: Exception) -> None:
+        """Cache call ``op`` failed with ``exc`` (its breaker is told by the caller)."""
+        self._down = True
+        kind = _failure_kind(exc)
+        if kind == "auth":
+            self._refused_until = clock.now() + AUTH_RETRY_INTERVAL
+            self._rearm()
+        self._failed(op, kind, type(exc).__name__)
+
+    def _rearm(self) -> None:
+        """Work out ``_calm`` again after a change of what it depends on."""
+        self._calm = self.config.cache_timeout is None and not (
+            self._refused_until or self._repairs or self._bump_pending
+        )
+
     def _failed(self, op: str, kind: str, error_type: str) -> None:
         self._failures[kind] = self._failures.get(kind, 0) + 1
-        if listening(self.bus):
+        if listening(self.bus, CacheFailed):
             emit(
                 CacheFailed(
                     operation=self.name,
@@ -470,7 +541,7 @@ class ReadThroughCache(Generic[V]):
         self._recoveries += 1
         if self._wake is not None:
             self._wake.set()
-        if listening(self.bus):
+        if listening(self.bus, CacheRecovered):
             emit(
                 CacheRecovered(
                     operation=self.name, at=clock.now(), repairs_pending=len(self._repairs)
@@ -486,7 +557,23 @@ class ReadThroughCache(Generic[V]):
                 self._floor = self._seq
             self._gen = generation
             self._prefix = f"{self.config.namespace}:{generation}:"
+            self._full = {}  # the old names are the old namespace's
         self._gen_read_at = clock.now()
+
+    def _full_key(self, key: str) -> str:
+        """``key`` in the namespace now (``namespace:generation:key``), remembered for `get()`.
+
+        A hit then finds the name it asks the cache for without building a
+        new string (and hashing it) each time.  At most `_KEY_MEMORY` names
+        are kept; the memory starts afresh beyond, and when the generation
+        changes.
+        """
+        full = self._prefix + key
+        names = self._full
+        if len(names) >= _KEY_MEMORY:
+            names.clear()
+        names[key] = full
+        return full
 
     async def _read_prefix(self) -> str | None:
         """The key prefix to use now, or ``None`` when the cache must not be used."""
@@ -506,59 +593,62 @@ class ReadThroughCache(Generic[V]):
         """The value of ``key``: from the cache, else the source (``None``: no such key)."""
         now = clock.now()
         breaker = self.breaker
-        if (
-            self._gen is not None
-            and not self._refused_until
-            and not self._repairs
-            and not self._bump_pending
+        # No generation read yet leaves _gen_read_at at -inf: the time check fails.
+        if not (
+            self._calm
             and self.sketch is None
-            and self.config.cache_timeout is None
             and now - self._gen_read_at < self._refresh
             and (gen := breaker.grant()) is not None
         ):
-            # The fast path: what lookup() does, without a Lookup, a breaker
-            # permit (the breaker grants the call without one: closed, nobody
-            # wants its per-call event) or two coroutine frames.
-            try:
-                entry = await self.cache.get(self._prefix + key)
-            except CorruptEntry:
-                self._failed("get", "corrupt", "CorruptEntry")
-                entry = None
-            except Exception as exc:
-                breaker.granted_failure(gen, exc, now)
-                self._down = True
-                self._failed("get", _failure_kind(exc), type(exc).__name__)
-                self._misses += 1
-                value: V | None = await self._load(key, refill=False)
-                return value
-            except BaseException as exc:
-                breaker.granted_failure(gen, exc, now)  # counts as nothing
-                raise
-            breaker.granted_success(gen, now)
-            if self._down:
-                self._recovered()
-            if entry is not None:
-                fake = clock.current_fake()
-                wall = time.time() if fake is None else fake.now()  # _wall()
-                if type(entry) is list and len(entry) == 2:
-                    # Our envelope as JSON gives it back: a fresh one is served here.
-                    fresh_until, value = entry
-                    if type(fresh_until) is float and wall < fresh_until < _NO_TIME:
-                        self._hits += 1
-                        return value
-                envelope = _envelope(entry)
-                if envelope is None:
-                    self._failed("get", "corrupt", "CorruptEntry")
-                else:
-                    fresh_until, value = envelope
-                    if wall < fresh_until:
-                        self._hits += 1
-                        return value
-                    return (await self._refresh_stale(key, value, fresh_until)).value
+            return (await self.lookup(key)).value
+        # The fast path: what lookup() does, without a Lookup, a breaker
+        # permit (the breaker grants the call without one: closed, nobody
+        # wants its per-call event) or two coroutine frames; a MemoryCache
+        # (exactly: a subclass may override get) is read without a coroutine.
+        cache = self.cache
+        try:
+            full = self._full.get(key)
+            if full is None:
+                full = self._full_key(key)
+            if type(cache) is MemoryCache:
+                entry = cache.get_nowait(full)
+            else:
+                entry = await cache.get(full)
+        except CorruptEntry:
+            self._failed("get", "corrupt", "CorruptEntry")
+            entry = None
+        except Exception as exc:
+            breaker.granted_failure(gen, exc, now)
+            self._unavailable("get", exc)
             self._misses += 1
-            loaded: V | None = await self._load(key, refill=True)
-            return loaded
-        return (await self.lookup(key)).value
+            value: V | None = await self._load(key, refill=False)
+            return value
+        except BaseException as exc:
+            breaker.granted_failure(gen, exc, now)  # counts as nothing
+            raise
+        breaker.granted_success(gen, now)
+        if self._down:
+            self._recovered()
+        if entry is not None:
+            try:
+                fresh_until, value = entry  # our envelope is a pair
+            except (TypeError, ValueError):
+                fresh_until = None  # not a pair: garbage (below)
+            if type(fresh_until) is float and clock.wall() < fresh_until and fresh_until < _NO_TIME:
+                # A fresh envelope as a MemoryCache keeps it and JSON gives it back.
+                self._hits += 1
+                return value
+            until = _entry_time(fresh_until)
+            if until is None:
+                self._failed("get", "corrupt", "CorruptEntry")
+            elif clock.wall() < until:
+                self._hits += 1
+                return value
+            else:
+                return (await self._refresh_stale(key, value, until)).value
+        self._misses += 1
+        loaded: V | None = await self._load(key, refill=True)
+        return loaded
 
     async def lookup(self, key: str) -> Lookup[V]:
         """Like `get()`, and says where the value came from and whether it is stale."""
@@ -584,7 +674,7 @@ class ReadThroughCache(Generic[V]):
                 self._failed("get", "corrupt", "CorruptEntry")
             else:
                 fresh_until, value = envelope
-                if _wall() < fresh_until:
+                if clock.wall() < fresh_until:
                     self._hits += 1
                     return Lookup(value, "cache")
                 return await self._refresh_stale(key, value, fresh_until)
@@ -595,9 +685,9 @@ class ReadThroughCache(Generic[V]):
         try:
             fresh = await self._load(key, refill=True)
         except Exception as exc:
-            if _wall() < fresh_until + self.config.stale_for:
+            if clock.wall() < fresh_until + self.config.stale_for:
                 self._stale += 1
-                if listening(self.bus):
+                if listening(self.bus, StaleServed):
                     emit(
                         StaleServed(
                             operation=self.name, at=clock.now(), error_type=type(exc).__name__
@@ -656,7 +746,7 @@ class ReadThroughCache(Generic[V]):
         """
         if self._invalidated_since(key, seq) or self._gen is None:
             return False  # the value may predate a write: do not cache it
-        entry = [_wall() + self._ttl, value]
+        entry = [round(clock.wall() + self._ttl, _TIME_DECIMALS), value]
         try:
             ok, _ = await self._call(op, self.cache.set, self._prefix + key, entry, self._keep)
         except BaseException:
@@ -721,6 +811,7 @@ class ReadThroughCache(Generic[V]):
         self._flights.clear()
         self._repairs.clear()
         self._bump_pending = True
+        self._rearm()
         await self.repair()
 
     async def _delete(self, key: str) -> None:
@@ -745,7 +836,8 @@ class ReadThroughCache(Generic[V]):
             self._bump_pending = True
         else:
             self._repairs[key] = None
-        if listening(self.bus):
+        self._rearm()
+        if listening(self.bus, RepairQueued):
             emit(
                 RepairQueued(
                     operation=self.name,
@@ -784,6 +876,7 @@ class ReadThroughCache(Generic[V]):
             return True
         finally:
             self._repairing = False
+            self._rearm()  # what was applied (a concurrent queueing kept it off)
 
     # -- warming ------------------------------------------------------------------
 
@@ -821,7 +914,7 @@ class ReadThroughCache(Generic[V]):
                 stored += kept
             if failed:
                 break
-        if listening(self.bus):
+        if listening(self.bus, CacheWarmed):
             emit(
                 CacheWarmed(
                     operation=self.name,
